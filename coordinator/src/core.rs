@@ -1,0 +1,407 @@
+//! The coordinator's protocol core: two-phase commit, presumed abort, with
+//! no I/O.
+//!
+//! # The protocol
+//!
+//! A transaction's legs are split by participant. [`Core::begin`] registers
+//! it as PREPARING and asks for a prepare to be sent to each participant, all
+//! at once. Each answer comes back through [`Core::on_vote`]:
+//!
+//! - any NO (or a prepare that failed or did not answer within its deadline)
+//!   aborts the transaction at once: abort messages go to the participants,
+//!   the client hears ABORTED with the reason, and the transaction is
+//!   forgotten. Nothing is logged for an abort (presumed abort) except when
+//!   the client gave an idempotency key: then the outcome is logged before
+//!   the client hears it, so a retry gets the same answer.
+//! - when every participant voted YES, the COMMIT decision is written to the
+//!   log and fsynced ([`Action::PersistCommit`]). Only when that write is
+//!   durable ([`Core::on_commit_durable`]) do the COMMIT messages go out and
+//!   the client hear COMMITTED.
+//! - COMMIT is redelivered to each participant until it acknowledges
+//!   ([`Core::on_commit_acked`]). After the last acknowledgement an end record
+//!   replaces the decision ([`Action::PersistEnd`]); it need not be synced: if
+//!   it is lost, recovery only redelivers commits that are applied once.
+//!
+//! # Decision queries
+//!
+//! A participant that holds a prepared transaction and hears nothing asks
+//! ([`Core::query`]): PENDING while votes are being collected or the decision
+//! is being written, COMMIT once it is durable, and, for a transaction this
+//! core does not hold, whatever the log says, where no record means ABORT.
+//! A transaction id is registered before its first prepare is sent and ids
+//! are never reused, so once ABORT was answered for an id, it never commits.
+//!
+//! # Recovery
+//!
+//! A restarted coordinator reads its decision records and calls
+//! [`Core::recover`], which resumes the redelivery of each logged commit.
+//! Transactions that were preparing when it crashed have no record, so they
+//! are aborted: their participants ask and hear ABORT.
+//!
+//! # Known caveat
+//!
+//! A coordinator that stays down blocks its prepared participants: they keep
+//! the reservations until it comes back. That is the price of 2PC; sagas do
+//! not pay it (and pay in isolation instead).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use tandem::domain::{Id, Leg, TxnId};
+use tandem::Error;
+
+pub type ParticipantId = Id;
+
+/// Why a transaction aborted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortReason {
+    InsufficientFunds,
+    BalanceOverflow,
+    UnknownAccount,
+    ParticipantUnavailable,
+    Refused,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Committed,
+    Aborted(AbortReason, String),
+}
+
+/// What a participant answered to a prepare, as the driver saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VoteResult {
+    Yes,
+    No(AbortReason, String),
+}
+
+/// What the log holds for a transaction whose commit was decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommitRecord {
+    pub participants: Vec<ParticipantId>,
+    pub idempotency_key: Option<Id>,
+}
+
+/// What the driver must do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    SendPrepare { txn: TxnId, participant: ParticipantId, legs: Vec<Leg> },
+    /// Write and fsync the commit decision, then call [`Core::on_commit_durable`].
+    PersistCommit { txn: TxnId, record: CommitRecord },
+    /// Send COMMIT until acknowledged, then call [`Core::on_commit_acked`].
+    SendCommit { txn: TxnId, participant: ParticipantId },
+    /// Send ABORT once; a participant that misses it asks later.
+    SendAbort { txn: TxnId, participant: ParticipantId },
+    /// Write and fsync a keyed abort's outcome, then call [`Core::on_abort_durable`].
+    PersistAbort { txn: TxnId, key: Id, outcome: Outcome },
+    /// Answer the client.
+    Reply { txn: TxnId, outcome: Outcome },
+    /// Replace the decision with an end record (no fsync needed), then call
+    /// [`Core::on_end_durable`].
+    PersistEnd { txn: TxnId, idempotency_key: Option<Id> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Phase {
+    Preparing { waiting: BTreeSet<ParticipantId> },
+    /// Every vote was YES; the decision is being made durable.
+    Deciding,
+    Committing { pending: BTreeSet<ParticipantId> },
+    /// A keyed abort whose outcome is being logged.
+    Aborting,
+}
+
+#[derive(Debug, Clone)]
+pub struct ActiveTxn {
+    pub participants: Vec<ParticipantId>,
+    pub idempotency_key: Option<Id>,
+    pub phase: Phase,
+}
+
+/// What a participant hears when it asks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Commit,
+    Abort,
+    Pending,
+}
+
+pub struct Core {
+    active: HashMap<TxnId, ActiveTxn>,
+    keys_in_flight: HashMap<Id, TxnId>,
+    active_max: usize,
+}
+
+impl Core {
+    pub fn new(active_max: usize) -> Core {
+        assert!(active_max > 0);
+        Core { active: HashMap::new(), keys_in_flight: HashMap::new(), active_max }
+    }
+
+    /// Starts a transaction whose legs are already split by participant (at
+    /// least one participant, each with at least one leg).
+    pub fn begin(
+        &mut self,
+        txn: TxnId,
+        legs_by_participant: BTreeMap<ParticipantId, Vec<Leg>>,
+        idempotency_key: Option<Id>,
+    ) -> Result<Vec<Action>, Error> {
+        assert!(!legs_by_participant.is_empty() && legs_by_participant.values().all(|legs| !legs.is_empty()));
+        assert!(!self.active.contains_key(&txn), "transaction id {txn} reused");
+        if self.active.len() >= self.active_max {
+            return Err(Error::Busy(format!(
+                "{} transactions are in flight, the most this coordinator takes",
+                self.active_max
+            )));
+        }
+        if let Some(key) = &idempotency_key {
+            if let Some(other) = self.keys_in_flight.get(key) {
+                return Err(Error::Conflict(format!(
+                    "a transaction with idempotency key {key} is in flight ({other}); retry to get its outcome"
+                )));
+            }
+            self.keys_in_flight.insert(key.clone(), txn.clone());
+        }
+        let participants: Vec<ParticipantId> = legs_by_participant.keys().cloned().collect();
+        let actions = legs_by_participant
+            .into_iter()
+            .map(|(participant, legs)| Action::SendPrepare { txn: txn.clone(), participant, legs })
+            .collect();
+        self.active.insert(
+            txn,
+            ActiveTxn {
+                phase: Phase::Preparing { waiting: participants.iter().cloned().collect() },
+                participants,
+                idempotency_key,
+            },
+        );
+        Ok(actions)
+    }
+
+    /// A participant's vote (or the failure of its prepare). Votes for a
+    /// transaction that is no longer preparing are ignored.
+    pub fn on_vote(&mut self, txn: &TxnId, participant: &ParticipantId, vote: VoteResult) -> Vec<Action> {
+        let Some(active) = self.active.get_mut(txn) else {
+            return Vec::new();
+        };
+        let Phase::Preparing { waiting } = &mut active.phase else {
+            return Vec::new();
+        };
+        if !waiting.remove(participant) {
+            return Vec::new(); // a duplicate vote
+        }
+        match vote {
+            VoteResult::Yes if waiting.is_empty() => {
+                active.phase = Phase::Deciding;
+                let record = CommitRecord {
+                    participants: active.participants.clone(),
+                    idempotency_key: active.idempotency_key.clone(),
+                };
+                vec![Action::PersistCommit { txn: txn.clone(), record }]
+            }
+            VoteResult::Yes => Vec::new(),
+            VoteResult::No(reason, message) => {
+                let outcome = Outcome::Aborted(reason, message);
+                let mut actions: Vec<Action> = active
+                    .participants
+                    .iter()
+                    .filter(|p| *p != participant)
+                    .map(|p| Action::SendAbort { txn: txn.clone(), participant: p.clone() })
+                    .collect();
+                match active.idempotency_key.clone() {
+                    Some(key) => {
+                        active.phase = Phase::Aborting;
+                        actions.push(Action::PersistAbort { txn: txn.clone(), key, outcome });
+                    }
+                    None => {
+                        self.active.remove(txn);
+                        actions.push(Action::Reply { txn: txn.clone(), outcome });
+                    }
+                }
+                actions
+            }
+        }
+    }
+
+    /// The commit decision is durable: tell the client and the participants.
+    pub fn on_commit_durable(&mut self, txn: &TxnId) -> Vec<Action> {
+        let active = self.active.get_mut(txn).expect("a decision is persisted only for an active transaction");
+        assert_eq!(active.phase, Phase::Deciding, "{txn}: commit durable in the wrong phase");
+        active.phase = Phase::Committing { pending: active.participants.iter().cloned().collect() };
+        let mut actions = vec![Action::Reply { txn: txn.clone(), outcome: Outcome::Committed }];
+        actions.extend(
+            active.participants.iter().map(|p| Action::SendCommit { txn: txn.clone(), participant: p.clone() }),
+        );
+        actions
+    }
+
+    pub fn on_abort_durable(&mut self, txn: &TxnId, outcome: Outcome) -> Vec<Action> {
+        let active = self.active.remove(txn).expect("an abort is persisted only for an active transaction");
+        assert_eq!(active.phase, Phase::Aborting, "{txn}: abort durable in the wrong phase");
+        if let Some(key) = &active.idempotency_key {
+            self.keys_in_flight.remove(key);
+        }
+        vec![Action::Reply { txn: txn.clone(), outcome }]
+    }
+
+    pub fn on_commit_acked(&mut self, txn: &TxnId, participant: &ParticipantId) -> Vec<Action> {
+        let Some(active) = self.active.get_mut(txn) else {
+            return Vec::new();
+        };
+        let Phase::Committing { pending } = &mut active.phase else {
+            return Vec::new();
+        };
+        if pending.remove(participant) && pending.is_empty() {
+            return vec![Action::PersistEnd { txn: txn.clone(), idempotency_key: active.idempotency_key.clone() }];
+        }
+        Vec::new()
+    }
+
+    pub fn on_end_durable(&mut self, txn: &TxnId) {
+        if let Some(active) = self.active.remove(txn) {
+            if let Some(key) = &active.idempotency_key {
+                self.keys_in_flight.remove(key);
+            }
+        }
+    }
+
+    /// The answer to a participant's decision query, or `None` when this core
+    /// does not hold the transaction and the log must say.
+    pub fn query(&self, txn: &TxnId) -> Option<Decision> {
+        self.active.get(txn).map(|active| match active.phase {
+            Phase::Preparing { .. } | Phase::Deciding => Decision::Pending,
+            Phase::Committing { .. } => Decision::Commit,
+            Phase::Aborting => Decision::Abort,
+        })
+    }
+
+    pub fn get(&self, txn: &TxnId) -> Option<&ActiveTxn> {
+        self.active.get(txn)
+    }
+
+    pub fn active_count(&self) -> usize {
+        self.active.len()
+    }
+
+    /// Resumes the logged commits of a coordinator that restarted: every
+    /// participant of each is told COMMIT again until it acknowledges.
+    pub fn recover(&mut self, logged: Vec<(TxnId, CommitRecord)>) -> Vec<Action> {
+        let mut actions = Vec::new();
+        for (txn, record) in logged {
+            assert!(!record.participants.is_empty(), "{txn}: a commit record without participants");
+            actions.extend(
+                record.participants.iter().map(|p| Action::SendCommit { txn: txn.clone(), participant: p.clone() }),
+            );
+            if let Some(key) = &record.idempotency_key {
+                self.keys_in_flight.insert(key.clone(), txn.clone());
+            }
+            self.active.insert(
+                txn,
+                ActiveTxn {
+                    phase: Phase::Committing { pending: record.participants.iter().cloned().collect() },
+                    participants: record.participants,
+                    idempotency_key: record.idempotency_key,
+                },
+            );
+        }
+        actions
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(text: &str) -> Id {
+        Id::parse("id", text).unwrap()
+    }
+
+    fn two_participants() -> BTreeMap<ParticipantId, Vec<Leg>> {
+        [
+            (id("p1"), vec![Leg { account: 1, amount: -5 }]),
+            (id("p2"), vec![Leg { account: 2, amount: 5 }]),
+        ]
+        .into_iter()
+        .collect()
+    }
+
+    #[test]
+    fn the_commit_goes_out_only_after_the_decision_is_durable() {
+        let mut core = Core::new(10);
+        let actions = core.begin(id("t1"), two_participants(), None).unwrap();
+        assert_eq!(actions.len(), 2);
+        assert!(actions.iter().all(|a| matches!(a, Action::SendPrepare { .. })));
+        assert_eq!(core.query(&id("t1")), Some(Decision::Pending));
+        assert!(core.on_vote(&id("t1"), &id("p1"), VoteResult::Yes).is_empty());
+        let actions = core.on_vote(&id("t1"), &id("p2"), VoteResult::Yes);
+        assert!(matches!(&actions[..], [Action::PersistCommit { .. }]), "{actions:?}");
+        assert_eq!(core.query(&id("t1")), Some(Decision::Pending), "not COMMIT before the decision is durable");
+        let actions = core.on_commit_durable(&id("t1"));
+        assert_eq!(actions[0], Action::Reply { txn: id("t1"), outcome: Outcome::Committed });
+        assert_eq!(actions.iter().filter(|a| matches!(a, Action::SendCommit { .. })).count(), 2);
+        assert_eq!(core.query(&id("t1")), Some(Decision::Commit));
+        assert!(core.on_commit_acked(&id("t1"), &id("p1")).is_empty());
+        assert!(core.on_commit_acked(&id("t1"), &id("p1")).is_empty(), "a duplicate ack is ignored");
+        let actions = core.on_commit_acked(&id("t1"), &id("p2"));
+        assert!(matches!(&actions[..], [Action::PersistEnd { .. }]));
+        core.on_end_durable(&id("t1"));
+        assert_eq!(core.query(&id("t1")), None, "finished: the log answers");
+        assert_eq!(core.active_count(), 0);
+    }
+
+    #[test]
+    fn one_no_aborts_at_once_and_later_votes_are_ignored() {
+        let mut core = Core::new(10);
+        core.begin(id("t1"), two_participants(), None).unwrap();
+        let actions =
+            core.on_vote(&id("t1"), &id("p1"), VoteResult::No(AbortReason::InsufficientFunds, "poor".into()));
+        assert!(actions.contains(&Action::SendAbort { txn: id("t1"), participant: id("p2") }));
+        assert!(actions.iter().any(|a| matches!(
+            a,
+            Action::Reply { outcome: Outcome::Aborted(AbortReason::InsufficientFunds, _), .. }
+        )));
+        assert!(!actions.iter().any(|a| matches!(a, Action::PersistCommit { .. } | Action::PersistAbort { .. })));
+        assert!(core.on_vote(&id("t1"), &id("p2"), VoteResult::Yes).is_empty());
+        assert_eq!(core.query(&id("t1")), None, "no record: presumed abort");
+    }
+
+    #[test]
+    fn a_keyed_abort_is_logged_before_the_reply_and_the_key_is_busy_meanwhile() {
+        let mut core = Core::new(10);
+        core.begin(id("t1"), two_participants(), Some(id("k1"))).unwrap();
+        assert!(matches!(core.begin(id("t2"), two_participants(), Some(id("k1"))), Err(Error::Conflict(_))));
+        let actions = core.on_vote(
+            &id("t1"),
+            &id("p2"),
+            VoteResult::No(AbortReason::ParticipantUnavailable, "timeout".into()),
+        );
+        assert!(!actions.iter().any(|a| matches!(a, Action::Reply { .. })));
+        let Some(Action::PersistAbort { outcome, .. }) = actions.last().cloned() else { panic!("{actions:?}") };
+        assert_eq!(core.query(&id("t1")), Some(Decision::Abort));
+        let actions = core.on_abort_durable(&id("t1"), outcome);
+        assert!(matches!(&actions[..], [Action::Reply { .. }]));
+        assert!(core.begin(id("t3"), two_participants(), Some(id("k1"))).is_ok());
+    }
+
+    #[test]
+    fn recovery_redelivers_every_logged_commit() {
+        let mut core = Core::new(10);
+        let record = CommitRecord { participants: vec![id("p1"), id("p2")], idempotency_key: None };
+        let actions = core.recover(vec![(id("t1"), record)]);
+        assert_eq!(
+            actions,
+            vec![
+                Action::SendCommit { txn: id("t1"), participant: id("p1") },
+                Action::SendCommit { txn: id("t1"), participant: id("p2") },
+            ]
+        );
+        assert_eq!(core.query(&id("t1")), Some(Decision::Commit));
+        core.on_commit_acked(&id("t1"), &id("p1"));
+        assert_eq!(core.on_commit_acked(&id("t1"), &id("p2")).len(), 1);
+    }
+
+    #[test]
+    fn the_number_of_transactions_in_flight_is_bounded() {
+        let mut core = Core::new(1);
+        core.begin(id("t1"), two_participants(), None).unwrap();
+        assert!(matches!(core.begin(id("t2"), two_participants(), None), Err(Error::Busy(_))));
+    }
+}

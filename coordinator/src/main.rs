@@ -1,0 +1,88 @@
+//! `coordinator`: the transaction coordinator of a tandem cluster.
+
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tandem::domain::Id;
+use tandem_coordinator::directory::Shard;
+use tandem_coordinator::node::{Node, NodeConfig};
+
+/// A tandem coordinator: runs transfers over the participants with
+/// two-phase commit (presumed abort) and a durable decision log. Prints
+/// `listening on ADDR` on stdout once it serves.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Address to serve gRPC on (port 0: the kernel picks one).
+    #[arg(long, default_value = "127.0.0.1:7100")]
+    listen: SocketAddr,
+    /// Directory of the decision log (RocksDB); created if missing, reused on
+    /// restart to finish logged commits.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// This coordinator's id; participants must be started with it
+    /// (--coordinator ID=URL). At most 24 characters.
+    #[arg(long, default_value = "c1")]
+    node_id: String,
+    /// A participant and the accounts it owns, as NAME=URL@FIRST..END (END
+    /// exclusive), for example p1=http://127.0.0.1:7101@0..1000. Repeat for
+    /// each participant; ranges may not overlap.
+    #[arg(long = "participant", value_name = "NAME=URL@FIRST..END", required = true)]
+    participants: Vec<String>,
+    /// A participant that has not voted within this bound makes the
+    /// transaction abort.
+    #[arg(long, default_value_t = 1_000)]
+    prepare_timeout_ms: u64,
+    /// Deadline of each COMMIT, ABORT and balance read sent to a participant
+    /// (COMMITs are redelivered until acknowledged).
+    #[arg(long, default_value_t = 1_000)]
+    call_timeout_ms: u64,
+    /// How long an audit waits for in-flight commits to be applied.
+    #[arg(long, default_value_t = 2_000)]
+    audit_timeout_ms: u64,
+    /// Most transactions in flight at once; more get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 10_000)]
+    active_max: usize,
+    /// Most finished transactions remembered for status lookups and
+    /// idempotency keys; the oldest are forgotten first.
+    #[arg(long, default_value_t = 1_000_000)]
+    finished_retained_max: u64,
+    /// Log filter: error, warn, info, debug or trace (RUST_LOG overrides).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tandem::server::init_tracing(&args.log_level);
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("coordinator: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let shards = args.participants.iter().map(|p| Shard::parse(p)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+    let node_id = Id::parse("node id", &args.node_id).map_err(|e| e.to_string())?;
+    let (node, recovered) = Node::open(NodeConfig {
+        node_id: node_id.clone(),
+        data_dir: args.data_dir,
+        shards,
+        prepare_timeout_ms: args.prepare_timeout_ms,
+        call_timeout_ms: args.call_timeout_ms,
+        audit_timeout_ms: args.audit_timeout_ms,
+        active_max: args.active_max,
+        finished_retained_max: args.finished_retained_max,
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let (listener, addr) =
+        tandem::server::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    tracing::info!(node = %node_id, %addr, "coordinator serving");
+    println!("listening on {addr}");
+    node.run(listener, recovered, tandem::server::shutdown_signal()).await.map_err(|e| e.to_string())
+}

@@ -1,0 +1,605 @@
+//! The coordinator's driver: gRPC handlers, the decision log, the clients of
+//! the participants, and the executor of the core's [`Action`]s.
+//!
+//! The core decides; this module only carries out. Each action becomes a
+//! task (a prepare RPC, a synced log write, a commit redelivery loop) whose
+//! result is fed back into the core under its lock, and the actions that
+//! come out are executed in turn.
+//!
+//! The commit fence serves the audit (see `Coordinator.Audit` in the proto):
+//! a transaction holds a shared guard from just before its decision is
+//! written until every participant acknowledged its COMMIT. The audit takes
+//! the fence exclusively, so while it reads, no commit is half applied.
+
+use crate::core::{AbortReason, Action, Core, Decision, Outcome, Phase, VoteResult};
+use crate::directory::{Directory, Shard};
+use crate::log;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tandem::domain::{validate_balanced, validate_legs, Id, Leg, TxnId};
+use tandem::pb;
+use tandem::pb::coordinator_server::{Coordinator, CoordinatorServer};
+use tandem::pb::participant_client::ParticipantClient;
+use tandem::store::Store;
+use tandem::Error;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, OwnedRwLockReadGuard, RwLock};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+use tracing::{debug, error, info, warn};
+
+/// The first wait before a COMMIT is redelivered; it doubles up to the max.
+pub const COMMIT_RETRY_INITIAL_MS: u64 = 10;
+pub const COMMIT_RETRY_MAX_MS: u64 = 1_000;
+/// How often finished records are trimmed to `finished_retained_max`.
+pub const GC_INTERVAL_MS: u64 = 5_000;
+/// Most finished records removed in one round.
+pub const GC_BATCH_MAX: usize = 100_000;
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node_id: Id,
+    pub data_dir: PathBuf,
+    pub shards: Vec<Shard>,
+    /// A participant that has not voted within this bound votes NO for it.
+    pub prepare_timeout_ms: u64,
+    /// Deadline of one COMMIT, ABORT or ReadBalances call.
+    pub call_timeout_ms: u64,
+    /// How long an audit waits for the commit fence.
+    pub audit_timeout_ms: u64,
+    /// Most transactions in flight; past it, new ones get RESOURCE_EXHAUSTED.
+    pub active_max: usize,
+    /// Most finished transactions remembered for status lookups.
+    pub finished_retained_max: u64,
+}
+
+struct Waiter {
+    reply: oneshot::Sender<Result<Outcome, Error>>,
+    fingerprint: u64,
+}
+
+/// A running coordinator. Cheap to clone.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: NodeConfig,
+    generation: u64,
+    next_sequence: AtomicU64,
+    core: Mutex<Core>,
+    store: Store,
+    directory: Directory,
+    participants: BTreeMap<Id, ParticipantClient<Channel>>,
+    waiters: Mutex<HashMap<TxnId, Waiter>>,
+    /// Serialises the check of an idempotency key with the start of its
+    /// transaction, so two requests with one key cannot both start.
+    keys: Mutex<()>,
+    fence: Arc<RwLock<()>>,
+    fence_guards: Mutex<HashMap<TxnId, OwnedRwLockReadGuard<()>>>,
+    finished_count: AtomicU64,
+}
+
+impl Node {
+    /// Opens the decision log, raises the generation, and recovers the
+    /// logged commits (their redelivery starts in [`Node::run`]).
+    pub async fn open(config: NodeConfig) -> Result<(Node, Vec<Action>), Error> {
+        if config.node_id.as_str().len() > 24 {
+            return Err(Error::InvalidInput("the coordinator id has at most 24 characters".into()));
+        }
+        let directory = Directory::new(config.shards.clone())?;
+        let mut participants = BTreeMap::new();
+        for shard in directory.shards() {
+            participants.insert(shard.participant.clone(), ParticipantClient::new(tandem::server::channel(&shard.url)?));
+        }
+        let store = Store::open(&config.data_dir)?;
+        let generation = match store.get(log::GENERATION_KEY)? {
+            Some(bytes) => u64::from_le_bytes(bytes.try_into().expect("corrupt generation record")) + 1,
+            None => 1,
+        };
+        store
+            .write(vec![tandem::store::Op::Put(log::GENERATION_KEY.to_vec(), generation.to_le_bytes().to_vec())])
+            .await?;
+        let logged: Vec<_> = store
+            .scan_prefix(log::DECISION_PREFIX)?
+            .into_iter()
+            .map(|(key, value)| (log::id_from_key(log::DECISION_PREFIX, &key), log::decode_commit(&value)))
+            .collect();
+        let finished_count = store.scan_prefix(log::FINISHED_PREFIX)?.len() as u64;
+        let fence = Arc::new(RwLock::new(()));
+        let mut fence_guards = HashMap::new();
+        for (txn, _) in &logged {
+            fence_guards.insert(txn.clone(), fence.clone().try_read_owned().expect("no audit runs before start"));
+        }
+        let mut core = Core::new(config.active_max);
+        info!(node = %config.node_id, generation, commits_to_finish = logged.len(), "recovered the decision log");
+        let actions = core.recover(logged);
+        let node = Node {
+            inner: Arc::new(Inner {
+                generation,
+                next_sequence: AtomicU64::new(1),
+                core: Mutex::new(core),
+                store,
+                directory,
+                participants,
+                waiters: Mutex::new(HashMap::new()),
+                keys: Mutex::new(()),
+                fence,
+                fence_guards: Mutex::new(fence_guards),
+                finished_count: AtomicU64::new(finished_count),
+                config,
+            }),
+        };
+        Ok((node, actions))
+    }
+
+    fn core(&self) -> std::sync::MutexGuard<'_, Core> {
+        self.inner.core.lock().expect("core lock poisoned")
+    }
+
+    fn next_txn_id(&self) -> TxnId {
+        let sequence = self.inner.next_sequence.fetch_add(1, Ordering::Relaxed);
+        // Zero-padded so that ids sort by age (the finished records rely on it).
+        let text = format!("{}-{:06}-{:012}", self.inner.config.node_id, self.inner.generation, sequence);
+        Id::parse("txn id", &text).expect("generated ids are valid")
+    }
+
+    /// Runs one transaction to its outcome. `Err` is bad input or an
+    /// unavailable coordinator; a refusal is `Ok(Outcome::Aborted)`.
+    pub async fn run_transaction(&self, legs: Vec<Leg>, key: Option<Id>) -> Result<(TxnId, Outcome), Error> {
+        validate_legs(&legs)?;
+        validate_balanced(&legs)?;
+        let mut by_participant: BTreeMap<Id, Vec<Leg>> = BTreeMap::new();
+        for leg in &legs {
+            by_participant.entry(self.inner.directory.owner(leg.account)?.clone()).or_default().push(*leg);
+        }
+        let fingerprint = log::fingerprint(&legs);
+        let txn = self.next_txn_id();
+        let (reply, outcome) = oneshot::channel();
+        self.inner.waiters.lock().expect("waiters lock poisoned").insert(txn.clone(), Waiter { reply, fingerprint });
+        let started = match &key {
+            Some(key) => {
+                let _serialised = self.inner.keys.lock().expect("keys lock poisoned");
+                match self.inner.store.get(&log::key(log::KEY_PREFIX, key))? {
+                    Some(bytes) => {
+                        self.inner.waiters.lock().expect("waiters lock poisoned").remove(&txn);
+                        let earlier = log::decode_keyed(&bytes);
+                        if earlier.fingerprint != fingerprint {
+                            return Err(Error::InvalidInput(format!(
+                                "idempotency key {key} was used for a different request ({})",
+                                earlier.txn
+                            )));
+                        }
+                        return Ok((earlier.txn, earlier.outcome));
+                    }
+                    None => self.core().begin(txn.clone(), by_participant, Some(key.clone())),
+                }
+            }
+            None => self.core().begin(txn.clone(), by_participant, None),
+        };
+        match started {
+            Ok(actions) => self.execute(actions),
+            Err(error) => {
+                self.inner.waiters.lock().expect("waiters lock poisoned").remove(&txn);
+                return Err(error);
+            }
+        }
+        let outcome = outcome.await.unwrap_or_else(|_| Err(Error::Unavailable("the coordinator is stopping".into())))?;
+        Ok((txn, outcome))
+    }
+
+    /// Carries out the core's actions; results come back into the core.
+    fn execute(&self, actions: Vec<Action>) {
+        for action in actions {
+            debug!(?action, "execute");
+            match action {
+                Action::SendPrepare { txn, participant, legs } => {
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        let vote = node.send_prepare(&txn, &participant, legs).await;
+                        let next = node.core().on_vote(&txn, &participant, vote);
+                        node.execute(next);
+                    });
+                }
+                Action::PersistCommit { txn, record } => {
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        let guard = node.inner.fence.clone().read_owned().await;
+                        node.inner.fence_guards.lock().expect("guards lock poisoned").insert(txn.clone(), guard);
+                        let fingerprint = node.waiter_fingerprint(&txn);
+                        match node.inner.store.write(log::commit_ops(&txn, &record, fingerprint)).await {
+                            Ok(()) => {
+                                let next = node.core().on_commit_durable(&txn);
+                                node.execute(next);
+                            }
+                            Err(error) => {
+                                // The decision may or may not be on disk: the
+                                // client must not hear either outcome. A restart
+                                // reads the log and finishes whichever it is.
+                                error!(%txn, %error, "writing a commit decision failed; outcome unknown until restart");
+                                node.reply(&txn, Err(Error::Unavailable(format!(
+                                    "{txn}: the decision log failed ({error}); the outcome is unknown until the coordinator restarts"
+                                ))));
+                            }
+                        }
+                    });
+                }
+                Action::SendCommit { txn, participant } => {
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        node.deliver_commit(&txn, &participant).await;
+                        let next = node.core().on_commit_acked(&txn, &participant);
+                        node.execute(next);
+                    });
+                }
+                Action::SendAbort { txn, participant } => {
+                    let node = self.clone();
+                    tokio::spawn(async move { node.send_abort(&txn, &participant).await });
+                }
+                Action::PersistAbort { txn, key, outcome } => {
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        let fingerprint = node.waiter_fingerprint(&txn);
+                        match node.inner.store.write(log::abort_ops(&txn, &key, &outcome, fingerprint)).await {
+                            Ok(()) => {
+                                node.inner.finished_count.fetch_add(1, Ordering::Relaxed);
+                                let next = node.core().on_abort_durable(&txn, outcome);
+                                node.execute(next);
+                            }
+                            Err(error) => node.reply(&txn, Err(error)),
+                        }
+                    });
+                }
+                Action::Reply { txn, outcome } => self.reply(&txn, Ok(outcome)),
+                Action::PersistEnd { txn, idempotency_key } => {
+                    self.inner.fence_guards.lock().expect("guards lock poisoned").remove(&txn);
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        // Unsynced: a lost end record only means commits are
+                        // redelivered after a restart, and applied once.
+                        let written = node.inner.store.submit(log::end_ops(&txn, idempotency_key), false);
+                        let result = match written {
+                            Ok(wait) => wait.await.unwrap_or_else(|_| Err(Error::Fatal("writer stopped".into()))),
+                            Err(error) => Err(error),
+                        };
+                        match result {
+                            Ok(()) => {
+                                node.inner.finished_count.fetch_add(1, Ordering::Relaxed);
+                                node.core().on_end_durable(&txn);
+                            }
+                            Err(error) => error!(%txn, %error, "writing an end record failed"),
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    fn waiter_fingerprint(&self, txn: &TxnId) -> u64 {
+        self.inner.waiters.lock().expect("waiters lock poisoned").get(txn).map(|w| w.fingerprint).unwrap_or(0)
+    }
+
+    fn reply(&self, txn: &TxnId, result: Result<Outcome, Error>) {
+        let waiter = self.inner.waiters.lock().expect("waiters lock poisoned").remove(txn);
+        if let Some(waiter) = waiter {
+            // A client that went away no longer listens; the outcome stands.
+            let _ = waiter.reply.send(result);
+        }
+    }
+
+    fn client(&self, participant: &Id) -> ParticipantClient<Channel> {
+        self.inner.participants.get(participant).expect("the core only names directory participants").clone()
+    }
+
+    async fn send_prepare(&self, txn: &TxnId, participant: &Id, legs: Vec<Leg>) -> VoteResult {
+        let timeout = Duration::from_millis(self.inner.config.prepare_timeout_ms);
+        let mut request = Request::new(pb::PrepareRequest {
+            txn_id: txn.to_string(),
+            coordinator_id: self.inner.config.node_id.to_string(),
+            legs: legs.into_iter().map(pb::Leg::from).collect(),
+        });
+        request.set_timeout(timeout);
+        let answer = tokio::time::timeout(timeout, self.client(participant).prepare(request)).await;
+        let vote = match answer {
+            Ok(Ok(response)) => {
+                let response = response.into_inner();
+                match pb::Vote::try_from(response.vote) {
+                    Ok(pb::Vote::Yes) => VoteResult::Yes,
+                    _ => {
+                        let reason = match pb::Refusal::try_from(response.refusal) {
+                            Ok(pb::Refusal::InsufficientFunds) => AbortReason::InsufficientFunds,
+                            Ok(pb::Refusal::BalanceOverflow) => AbortReason::BalanceOverflow,
+                            Ok(pb::Refusal::UnknownAccount) => AbortReason::UnknownAccount,
+                            _ => AbortReason::Refused,
+                        };
+                        VoteResult::No(reason, format!("{participant}: {}", response.reason))
+                    }
+                }
+            }
+            Ok(Err(status)) => VoteResult::No(
+                AbortReason::ParticipantUnavailable,
+                format!("{participant} failed the prepare: {:?} {}", status.code(), status.message()),
+            ),
+            Err(_) => VoteResult::No(
+                AbortReason::ParticipantUnavailable,
+                format!("{participant} did not answer the prepare within {} ms", timeout.as_millis()),
+            ),
+        };
+        debug!(%txn, %participant, ?vote, "vote");
+        vote
+    }
+
+    /// Sends COMMIT until the participant acknowledges it.
+    async fn deliver_commit(&self, txn: &TxnId, participant: &Id) {
+        let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
+        let mut backoff_ms = COMMIT_RETRY_INITIAL_MS;
+        let mut attempts = 0u64;
+        loop {
+            attempts += 1;
+            let mut request = Request::new(pb::DecisionRequest { txn_id: txn.to_string() });
+            request.set_timeout(timeout);
+            match tokio::time::timeout(timeout, self.client(participant).commit(request)).await {
+                Ok(Ok(_)) => {
+                    if attempts > 1 {
+                        info!(%txn, %participant, attempts, "commit delivered after retries");
+                    }
+                    return;
+                }
+                Ok(Err(status)) if attempts == 1 || status.code() != tonic::Code::Unavailable => {
+                    warn!(%txn, %participant, code = ?status.code(), error = %status.message(), "commit not acknowledged; will redeliver")
+                }
+                Ok(Err(_)) => {}
+                Err(_) if attempts == 1 => warn!(%txn, %participant, "commit timed out; will redeliver"),
+                Err(_) => {}
+            }
+            tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+            backoff_ms = (backoff_ms * 2).min(COMMIT_RETRY_MAX_MS);
+        }
+    }
+
+    async fn send_abort(&self, txn: &TxnId, participant: &Id) {
+        let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
+        let mut request = Request::new(pb::DecisionRequest { txn_id: txn.to_string() });
+        request.set_timeout(timeout);
+        if let Ok(Err(status)) | Err(status) = tokio::time::timeout(timeout, self.client(participant).abort(request))
+            .await
+            .map_err(|_| Status::deadline_exceeded("timeout"))
+        {
+            debug!(%txn, %participant, error = %status.message(), "abort not delivered; the participant will ask");
+        }
+    }
+
+    /// The decision for a participant's query.
+    pub fn decision(&self, txn: &TxnId) -> Result<Decision, Error> {
+        if let Some(decision) = self.core().query(txn) {
+            return Ok(decision);
+        }
+        if self.inner.store.get(&log::key(log::DECISION_PREFIX, txn))?.is_some() {
+            return Ok(Decision::Commit);
+        }
+        Ok(match self.inner.store.get(&log::key(log::FINISHED_PREFIX, txn))? {
+            Some(bytes) if log::decode_finished(&bytes).committed => Decision::Commit,
+            _ => Decision::Abort,
+        })
+    }
+
+    /// Serves the coordinator, health and reflection services on `listener`
+    /// until `shutdown` resolves, after resuming `recovered` actions.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        recovered: Vec<Action>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error> {
+        self.execute(recovered);
+        let (health_reporter, health_service) = tonic_health::server::health_reporter();
+        health_reporter.set_serving::<CoordinatorServer<Node>>().await;
+        let collector = tokio::spawn(self.clone().collect_garbage());
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let result = tandem::server::server_builder()
+            .add_service(health_service)
+            .add_service(tandem::server::reflection_service())
+            .add_service(CoordinatorServer::new(self.clone()).max_encoding_message_size(64 * 1024 * 1024))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await;
+        collector.abort();
+        self.inner.store.close();
+        info!(node = %self.inner.config.node_id, in_flight = self.core().active_count(), "stopped");
+        result.map_err(|e| Error::Unavailable(format!("the server failed: {e}")))
+    }
+
+    /// Keeps the finished records (and their idempotency keys) to the most
+    /// recent `finished_retained_max`.
+    async fn collect_garbage(self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(GC_INTERVAL_MS));
+        loop {
+            tick.tick().await;
+            let count = self.inner.finished_count.load(Ordering::Relaxed);
+            let excess = count.saturating_sub(self.inner.config.finished_retained_max) as usize;
+            if excess == 0 {
+                continue;
+            }
+            let oldest = match self.inner.store.scan_prefix_first(log::FINISHED_PREFIX, excess.min(GC_BATCH_MAX)) {
+                Ok(rows) => rows,
+                Err(error) => {
+                    warn!(%error, "garbage collection could not read the log");
+                    continue;
+                }
+            };
+            let mut ops = Vec::with_capacity(oldest.len() * 2);
+            for (key, value) in &oldest {
+                if let Some(idem) = log::decode_finished(value).idempotency_key {
+                    ops.push(tandem::store::Op::Delete(log::key(log::KEY_PREFIX, &idem)));
+                }
+                ops.push(tandem::store::Op::Delete(key.clone()));
+            }
+            match self.inner.store.submit(ops, false) {
+                Ok(wait) => {
+                    if let Ok(Ok(())) = wait.await {
+                        self.inner.finished_count.fetch_sub(oldest.len() as u64, Ordering::Relaxed);
+                        debug!(removed = oldest.len(), "finished records collected");
+                    }
+                }
+                Err(error) => warn!(%error, "garbage collection could not write"),
+            }
+        }
+    }
+
+    async fn audit(&self, include_accounts: bool) -> Result<pb::AuditResponse, Error> {
+        let timeout = Duration::from_millis(self.inner.config.audit_timeout_ms);
+        let fence = tokio::time::timeout(timeout, self.inner.fence.write()).await.map_err(|_| {
+            let pending: Vec<String> =
+                self.inner.fence_guards.lock().expect("guards lock poisoned").keys().take(5).map(|t| t.to_string()).collect();
+            Error::Unavailable(format!(
+                "the audit waited {} ms for commits still being delivered (for example {pending:?}); retry when the participants are back",
+                timeout.as_millis()
+            ))
+        })?;
+        let call_timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
+        let reads: Vec<_> = self.inner.participants.iter().map(|(id, client)| {
+            let mut client = client.clone();
+            let id = id.clone();
+            let mut request = Request::new(pb::ReadBalancesRequest { include_accounts });
+            request.set_timeout(call_timeout);
+            tokio::spawn(async move {
+                match tokio::time::timeout(call_timeout, client.read_balances(request)).await {
+                    Ok(Ok(response)) => Ok(response.into_inner()),
+                    Ok(Err(status)) => Err(Error::Unavailable(format!("{id}: {}", status.message()))),
+                    Err(_) => Err(Error::Unavailable(format!("{id} did not answer within {} ms", call_timeout.as_millis()))),
+                }
+            })
+        }).collect();
+        let mut results = Vec::with_capacity(reads.len());
+        for read in reads {
+            results.push(read.await.unwrap_or_else(|e| Err(Error::Unavailable(format!("a balance read failed: {e}")))));
+        }
+        drop(fence);
+        let mut response = pb::AuditResponse::default();
+        for result in results {
+            let balances = result?;
+            response.total_posted += balances.total_posted;
+            response.total_reserved += balances.total_reserved;
+            response.account_count += balances.account_count;
+            response.participants.push(balances);
+        }
+        Ok(response)
+    }
+
+    pub fn status(&self, txn: &TxnId) -> Result<pb::TransactionStatus, Error> {
+        let mut status = pb::TransactionStatus { txn_id: txn.to_string(), ..Default::default() };
+        if let Some(active) = self.core().get(txn) {
+            let state = match &active.phase {
+                Phase::Preparing { waiting } => {
+                    status.detail = format!("waiting for the votes of {waiting:?}");
+                    pb::TransactionState::Preparing
+                }
+                Phase::Deciding => {
+                    status.detail = "every participant voted YES; the decision is being logged".into();
+                    pb::TransactionState::Preparing
+                }
+                Phase::Committing { pending } => {
+                    status.pending_participants = pending.iter().map(|p| p.to_string()).collect();
+                    status.detail = "committed; waiting for acknowledgements".into();
+                    pb::TransactionState::Committing
+                }
+                Phase::Aborting => pb::TransactionState::Aborted,
+            };
+            status.state = state as i32;
+            return Ok(status);
+        }
+        let state = if self.inner.store.get(&log::key(log::DECISION_PREFIX, txn))?.is_some() {
+            pb::TransactionState::Committing
+        } else {
+            match self.inner.store.get(&log::key(log::FINISHED_PREFIX, txn))? {
+                Some(bytes) if log::decode_finished(&bytes).committed => pb::TransactionState::Committed,
+                Some(_) => pb::TransactionState::Aborted,
+                None => {
+                    status.detail = "no record: never committed (presumed abort), or finished and forgotten".into();
+                    pb::TransactionState::Unknown
+                }
+            }
+        };
+        status.state = state as i32;
+        Ok(status)
+    }
+}
+
+fn result_to_pb(txn: &TxnId, outcome: Outcome) -> Result<pb::TransactionResult, Status> {
+    let (outcome, abort_reason, reason) = match outcome {
+        Outcome::Committed => (pb::Outcome::Committed, pb::AbortReason::Unspecified, String::new()),
+        Outcome::Aborted(AbortReason::UnknownAccount, message) => {
+            return Err(Status::not_found(format!("{txn} aborted: {message}")))
+        }
+        Outcome::Aborted(reason, message) => (
+            pb::Outcome::Aborted,
+            match reason {
+                AbortReason::InsufficientFunds => pb::AbortReason::InsufficientFunds,
+                AbortReason::BalanceOverflow => pb::AbortReason::BalanceOverflow,
+                AbortReason::ParticipantUnavailable => pb::AbortReason::ParticipantUnavailable,
+                AbortReason::Refused | AbortReason::UnknownAccount => pb::AbortReason::Refused,
+            },
+            message,
+        ),
+    };
+    Ok(pb::TransactionResult { txn_id: txn.to_string(), outcome: outcome as i32, abort_reason: abort_reason as i32, reason })
+}
+
+fn optional_key(text: &str) -> Result<Option<Id>, Error> {
+    if text.is_empty() {
+        Ok(None)
+    } else {
+        Id::parse("idempotency_key", text).map(Some)
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for Node {
+    async fn transfer(&self, request: Request<pb::TransferRequest>) -> Result<Response<pb::TransactionResult>, Status> {
+        let request = request.into_inner();
+        let legs = tandem::domain::transfer_legs(request.from_account, request.to_account, request.amount)?;
+        let key = optional_key(&request.idempotency_key)?;
+        let (txn, outcome) = self.run_transaction(legs.to_vec(), key).await?;
+        Ok(Response::new(result_to_pb(&txn, outcome)?))
+    }
+
+    async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::TransactionResult>, Status> {
+        let request = request.into_inner();
+        let legs: Vec<Leg> = request.legs.iter().map(Leg::from).collect();
+        let key = optional_key(&request.idempotency_key)?;
+        let (txn, outcome) = self.run_transaction(legs, key).await?;
+        Ok(Response::new(result_to_pb(&txn, outcome)?))
+    }
+
+    async fn get_transaction(
+        &self,
+        request: Request<pb::GetTransactionRequest>,
+    ) -> Result<Response<pb::TransactionStatus>, Status> {
+        let txn = Id::parse("txn_id", &request.into_inner().txn_id)?;
+        Ok(Response::new(self.status(&txn)?))
+    }
+
+    async fn query_decision(
+        &self,
+        request: Request<pb::QueryDecisionRequest>,
+    ) -> Result<Response<pb::QueryDecisionResponse>, Status> {
+        let request = request.into_inner();
+        let txn = Id::parse("txn_id", &request.txn_id)?;
+        let decision = self.decision(&txn)?;
+        debug!(%txn, participant = %request.participant_id, ?decision, "decision query");
+        let decision = match decision {
+            Decision::Commit => pb::Decision::Commit,
+            Decision::Abort => pb::Decision::Abort,
+            Decision::Pending => pb::Decision::Pending,
+        };
+        Ok(Response::new(pb::QueryDecisionResponse { decision: decision as i32 }))
+    }
+
+    async fn audit(&self, request: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
+        Ok(Response::new(Node::audit(self, request.into_inner().include_accounts).await?))
+    }
+}

@@ -1,0 +1,519 @@
+//! The participant's protocol core: the ledger of one bank shard and its
+//! side of two-phase commit (presumed abort), with no I/O.
+//!
+//! # The protocol, from here
+//!
+//! Every call takes the current state and a request, changes the state in
+//! memory, and returns the answer together with the [`Op`]s that must reach
+//! the store, and whether they must be fsynced before the answer is sent
+//! ([`Effects`]). The driver (`node.rs`) submits the ops to the store under
+//! the same lock that guards this core, so disk and memory change in the same
+//! order, and sends the answer only once the store says the ops are durable.
+//!
+//! - **Prepare** validates the legs, reserves the debits and promises the
+//!   credits, and records the transaction as PREPARED. A YES vote is sent
+//!   only after that record is fsynced. A NO vote records an ABORTED
+//!   tombstone (unsynced: losing it is safe, the coordinator aborts anyway)
+//!   so that duplicates of the prepare keep getting NO.
+//! - **Commit** posts the legs, releases the reservation, records COMMITTED,
+//!   and is acknowledged after the fsync: once acknowledged, the coordinator
+//!   may forget the transaction, so this node must never ask again.
+//! - **Abort** releases the reservation and records ABORTED (unsynced: if it
+//!   is lost, the node comes back PREPARED, asks the coordinator, and hears
+//!   ABORT). An abort for an unknown transaction leaves an ABORTED tombstone
+//!   so a late prepare cannot reserve funds.
+//! - After a YES vote this node never decides alone. A transaction that stays
+//!   PREPARED longer than `in_doubt_after_ms` is in doubt:
+//!   [`Core::due_queries`] names those to ask the coordinator about, with
+//!   exponential backoff per transaction.
+//!
+//! # Escrow
+//!
+//! Funds are reserved, not locked. An account has a `posted` balance, a
+//! `reserved` amount held by prepared debits, and an `incoming` amount
+//! promised by prepared credits. A debit prepares if `posted - reserved`
+//! (the available balance) covers it; concurrent transfers on the same
+//! account go on while it does. Incoming credits are not spendable before
+//! commit. Invariants, asserted after every change: `0 <= reserved <=
+//! posted`, `incoming >= 0`, and `posted + incoming` fits in an `i64` (so a
+//! commit can never overflow).
+//!
+//! # Durable records
+//!
+//! `a/<account: u64 BE>` holds an account's posted balance; `t/<txn id>` holds
+//! a transaction's state, coordinator and legs. Reservations are not stored:
+//! [`Core::recover`] recomputes them from the PREPARED records.
+//!
+//! # Known caveat
+//!
+//! Finished records (COMMITTED, ABORTED) are kept for `finished_retention_ms`
+//! and then deleted. A duplicate of a prepare delayed longer than that would
+//! be seen as new. The coordinator never sends a prepare twice, and TCP does
+//! not duplicate, so only a network element that replays messages that late
+//! could cause it.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use tandem::domain::{validate_legs, AccountId, Amount, Id, Leg, TxnId};
+use tandem::store::Op;
+use tandem::Error;
+
+/// How long, at first, between two decision queries for one in-doubt transaction.
+pub const QUERY_BACKOFF_INITIAL_MS: u64 = 100;
+/// The longest wait between two decision queries for one transaction.
+pub const QUERY_BACKOFF_MAX_MS: u64 = 5_000;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Account {
+    pub posted: Amount,
+    pub reserved: Amount,
+    pub incoming: Amount,
+}
+
+impl Account {
+    pub fn available(&self) -> Amount {
+        self.posted - self.reserved
+    }
+
+    fn assert_invariants(&self, id: AccountId) {
+        assert!(
+            self.reserved >= 0 && self.reserved <= self.posted && self.incoming >= 0,
+            "account {id} broke its invariants: {self:?}"
+        );
+        assert!(self.posted.checked_add(self.incoming).is_some(), "account {id} can overflow on commit: {self:?}");
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxnState {
+    Prepared,
+    Committed,
+    Aborted,
+}
+
+#[derive(Debug, Clone)]
+pub struct Txn {
+    pub state: TxnState,
+    pub coordinator: Id,
+    /// Kept while PREPARED; dropped once finished.
+    pub legs: Vec<Leg>,
+    /// When this node voted YES (or recovered the record), in the core's ms clock.
+    pub prepared_at_ms: u64,
+    next_query_ms: u64,
+    query_backoff_ms: u64,
+}
+
+/// Why a prepare got NO.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    InsufficientFunds,
+    UnknownAccount,
+    BalanceOverflow,
+    AlreadyAborted,
+    UnknownCoordinator,
+    ConflictingPrepare,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Vote {
+    Yes,
+    No(Refusal, String),
+}
+
+/// What the driver must write, and whether the answer waits for an fsync.
+/// An empty `ops` still goes through the store, so the answer is not sent
+/// before the writes queued ahead of it are durable.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Effects {
+    pub ops: Vec<Op>,
+    pub sync: bool,
+}
+
+impl Effects {
+    fn none() -> Effects {
+        Effects::default()
+    }
+}
+
+/// Most store operations one call can produce, apart from OpenAccounts and GC.
+pub const OPS_PER_CALL_MAX: usize = tandem::domain::LEGS_MAX + 1;
+
+#[derive(Debug)]
+pub struct Config {
+    pub node_id: Id,
+    pub coordinators: BTreeSet<Id>,
+    pub in_doubt_after_ms: u64,
+    pub finished_retention_ms: u64,
+}
+
+pub struct Core {
+    config: Config,
+    accounts: BTreeMap<AccountId, Account>,
+    txns: HashMap<TxnId, Txn>,
+    /// Finished transactions in the order they finished, for garbage collection.
+    finished: VecDeque<(u64, TxnId)>,
+}
+
+fn account_key(account: AccountId) -> Vec<u8> {
+    let mut key = b"a/".to_vec();
+    key.extend_from_slice(&account.to_be_bytes());
+    key
+}
+
+fn txn_key(txn: &TxnId) -> Vec<u8> {
+    let mut key = b"t/".to_vec();
+    key.extend_from_slice(txn.as_str().as_bytes());
+    key
+}
+
+fn encode_txn(txn: &Txn) -> Vec<u8> {
+    let state = match txn.state {
+        TxnState::Prepared => 1u8,
+        TxnState::Committed => 2,
+        TxnState::Aborted => 3,
+    };
+    let coordinator = txn.coordinator.as_str().as_bytes();
+    let mut out = Vec::with_capacity(3 + coordinator.len() + 16 * txn.legs.len());
+    out.push(state);
+    out.push(coordinator.len() as u8);
+    out.extend_from_slice(coordinator);
+    out.push(txn.legs.len() as u8);
+    for leg in &txn.legs {
+        out.extend_from_slice(&leg.account.to_le_bytes());
+        out.extend_from_slice(&leg.amount.to_le_bytes());
+    }
+    out
+}
+
+fn decode_txn(bytes: &[u8], now_ms: u64) -> Result<Txn, String> {
+    let state = match bytes.first() {
+        Some(1) => TxnState::Prepared,
+        Some(2) => TxnState::Committed,
+        Some(3) => TxnState::Aborted,
+        other => return Err(format!("bad state byte {other:?}")),
+    };
+    let coordinator_len = *bytes.get(1).ok_or("truncated")? as usize;
+    let coordinator = std::str::from_utf8(bytes.get(2..2 + coordinator_len).ok_or("truncated coordinator")?)
+        .map_err(|e| e.to_string())?;
+    let coordinator = Id::parse("coordinator id", coordinator).map_err(|e| e.to_string())?;
+    let mut at = 2 + coordinator_len;
+    let leg_count = *bytes.get(at).ok_or("truncated leg count")? as usize;
+    at += 1;
+    if bytes.len() != at + leg_count * 16 {
+        return Err(format!("{} bytes for {leg_count} legs", bytes.len() - at));
+    }
+    let legs = (0..leg_count)
+        .map(|i| {
+            let base = at + i * 16;
+            Leg {
+                account: u64::from_le_bytes(bytes[base..base + 8].try_into().unwrap()),
+                amount: i64::from_le_bytes(bytes[base + 8..base + 16].try_into().unwrap()),
+            }
+        })
+        .collect();
+    Ok(Txn { state, coordinator, legs, prepared_at_ms: now_ms, next_query_ms: 0, query_backoff_ms: 0 })
+}
+
+impl Core {
+    pub fn new(config: Config) -> Core {
+        Core { config, accounts: BTreeMap::new(), txns: HashMap::new(), finished: VecDeque::new() }
+    }
+
+    /// Rebuilds the core from the store's records (every `a/` and `t/` key),
+    /// recomputing the reservations of PREPARED transactions. Panics on a
+    /// record that does not decode or breaks an invariant: the store is
+    /// corrupt and guessing would be worse than stopping.
+    pub fn recover(config: Config, records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>, now_ms: u64) -> Core {
+        let mut core = Core::new(config);
+        let mut prepared = Vec::new();
+        for (key, value) in records {
+            if let Some(account) = key.strip_prefix(b"a/") {
+                let account = u64::from_be_bytes(account.try_into().expect("corrupt account key"));
+                let posted = i64::from_le_bytes(value.as_slice().try_into().expect("corrupt account record"));
+                core.accounts.insert(account, Account { posted, reserved: 0, incoming: 0 });
+            } else if let Some(txn) = key.strip_prefix(b"t/") {
+                let txn = Id::parse("txn id", std::str::from_utf8(txn).expect("corrupt txn key")).expect("corrupt txn key");
+                let record = decode_txn(&value, now_ms).unwrap_or_else(|e| panic!("corrupt record of {txn}: {e}"));
+                match record.state {
+                    TxnState::Prepared => prepared.push(txn.clone()),
+                    TxnState::Committed | TxnState::Aborted => core.finished.push_back((now_ms, txn.clone())),
+                }
+                core.txns.insert(txn, record);
+            }
+        }
+        for txn in prepared {
+            let legs = core.txns[&txn].legs.clone();
+            for leg in legs {
+                let account = core.accounts.get_mut(&leg.account).unwrap_or_else(|| {
+                    panic!("prepared {txn} names account {} that has no record", leg.account)
+                });
+                if leg.is_debit() {
+                    account.reserved += -leg.amount;
+                } else {
+                    account.incoming += leg.amount;
+                }
+            }
+        }
+        for (id, account) in &core.accounts {
+            account.assert_invariants(*id);
+        }
+        core
+    }
+
+    pub fn node_id(&self) -> &Id {
+        &self.config.node_id
+    }
+
+    /// Phase one. `Err` is bad input (a gRPC status); a business refusal is
+    /// `Ok(Vote::No)`.
+    pub fn prepare(&mut self, txn_id: TxnId, coordinator: Id, legs: Vec<Leg>, now_ms: u64) -> Result<(Vote, Effects), Error> {
+        validate_legs(&legs)?;
+        if let Some(existing) = self.txns.get(&txn_id) {
+            return Ok(match existing.state {
+                TxnState::Prepared if existing.legs == legs => (Vote::Yes, Effects::none()),
+                TxnState::Prepared => (
+                    Vote::No(Refusal::ConflictingPrepare, format!("{txn_id} was prepared here with other legs")),
+                    Effects::none(),
+                ),
+                // A duplicate of a prepare whose transaction committed since.
+                TxnState::Committed => (Vote::Yes, Effects::none()),
+                TxnState::Aborted => (
+                    Vote::No(Refusal::AlreadyAborted, format!("{txn_id} was aborted here before this prepare")),
+                    Effects::none(),
+                ),
+            });
+        }
+        if let Some(refusal) = self.check_prepare(&coordinator, &legs) {
+            // Voting NO is this node's one unilateral decision: remember it.
+            let effects = self.finish(txn_id, coordinator, TxnState::Aborted, now_ms);
+            return Ok((Vote::No(refusal.0, refusal.1), effects));
+        }
+        for leg in &legs {
+            let account = self.accounts.get_mut(&leg.account).expect("checked above");
+            if leg.is_debit() {
+                account.reserved += -leg.amount;
+            } else {
+                account.incoming += leg.amount;
+            }
+            account.assert_invariants(leg.account);
+        }
+        let txn = Txn {
+            state: TxnState::Prepared,
+            coordinator,
+            legs,
+            prepared_at_ms: now_ms,
+            next_query_ms: now_ms + self.config.in_doubt_after_ms,
+            query_backoff_ms: QUERY_BACKOFF_INITIAL_MS,
+        };
+        let ops = vec![Op::Put(txn_key(&txn_id), encode_txn(&txn))];
+        self.txns.insert(txn_id, txn);
+        Ok((Vote::Yes, Effects { ops, sync: true }))
+    }
+
+    fn check_prepare(&self, coordinator: &Id, legs: &[Leg]) -> Option<(Refusal, String)> {
+        if !self.config.coordinators.contains(coordinator) {
+            return Some((
+                Refusal::UnknownCoordinator,
+                format!("coordinator {coordinator} is not one this participant was started with"),
+            ));
+        }
+        for leg in legs {
+            let Some(account) = self.accounts.get(&leg.account) else {
+                return Some((
+                    Refusal::UnknownAccount,
+                    format!("account {} does not exist on {}", leg.account, self.config.node_id),
+                ));
+            };
+            if leg.is_debit() {
+                if account.available() < -leg.amount {
+                    return Some((
+                        Refusal::InsufficientFunds,
+                        format!(
+                            "account {} has {} available, the debit needs {}",
+                            leg.account,
+                            account.available(),
+                            -leg.amount
+                        ),
+                    ));
+                }
+            } else if account.posted.checked_add(account.incoming).and_then(|sum| sum.checked_add(leg.amount)).is_none() {
+                return Some((
+                    Refusal::BalanceOverflow,
+                    format!("crediting {} to account {} would overflow its balance", leg.amount, leg.account),
+                ));
+            }
+        }
+        None
+    }
+
+    /// Phase two, COMMIT. Applies the legs once; a duplicate, or a commit
+    /// for a transaction whose record was garbage-collected, changes nothing.
+    pub fn commit(&mut self, txn_id: &TxnId, now_ms: u64) -> Result<Effects, Error> {
+        let Some(txn) = self.txns.get(txn_id) else {
+            return Ok(Effects::none());
+        };
+        match txn.state {
+            TxnState::Committed => return Ok(Effects::none()),
+            TxnState::Aborted => {
+                return Err(Error::InvalidInput(format!(
+                    "{txn_id} is aborted here; a commit for it breaks the protocol"
+                )))
+            }
+            TxnState::Prepared => {}
+        }
+        let legs = txn.legs.clone();
+        let coordinator = txn.coordinator.clone();
+        let mut ops = Vec::with_capacity(legs.len() + 1);
+        for leg in &legs {
+            let account = self.accounts.get_mut(&leg.account).expect("a prepared leg's account exists");
+            if leg.is_debit() {
+                account.reserved -= -leg.amount;
+                account.posted -= -leg.amount;
+            } else {
+                account.incoming -= leg.amount;
+                account.posted += leg.amount;
+            }
+            account.assert_invariants(leg.account);
+            ops.push(Op::Put(account_key(leg.account), account.posted.to_le_bytes().to_vec()));
+        }
+        let mut effects = self.finish(txn_id.clone(), coordinator, TxnState::Committed, now_ms);
+        ops.append(&mut effects.ops);
+        Ok(Effects { ops, sync: true })
+    }
+
+    /// Phase two, ABORT. Releases a prepared reservation; leaves a tombstone
+    /// for an unknown transaction.
+    pub fn abort(&mut self, txn_id: &TxnId, now_ms: u64) -> Result<Effects, Error> {
+        let Some(txn) = self.txns.get(txn_id) else {
+            // Abort before prepare: the tombstone makes a late prepare vote NO.
+            // The coordinator id is unknown here; the tombstone never asks.
+            let coordinator = self.config.node_id.clone();
+            return Ok(self.finish(txn_id.clone(), coordinator, TxnState::Aborted, now_ms));
+        };
+        match txn.state {
+            TxnState::Aborted => return Ok(Effects::none()),
+            TxnState::Committed => {
+                return Err(Error::InvalidInput(format!(
+                    "{txn_id} is committed here; an abort for it breaks the protocol"
+                )))
+            }
+            TxnState::Prepared => {}
+        }
+        let legs = txn.legs.clone();
+        let coordinator = txn.coordinator.clone();
+        for leg in &legs {
+            let account = self.accounts.get_mut(&leg.account).expect("a prepared leg's account exists");
+            if leg.is_debit() {
+                account.reserved -= -leg.amount;
+            } else {
+                account.incoming -= leg.amount;
+            }
+            account.assert_invariants(leg.account);
+        }
+        Ok(self.finish(txn_id.clone(), coordinator, TxnState::Aborted, now_ms))
+    }
+
+    /// Records a finished transaction (legs dropped) for garbage collection.
+    fn finish(&mut self, txn_id: TxnId, coordinator: Id, state: TxnState, now_ms: u64) -> Effects {
+        let txn = Txn { state, coordinator, legs: Vec::new(), prepared_at_ms: now_ms, next_query_ms: 0, query_backoff_ms: 0 };
+        let ops = vec![Op::Put(txn_key(&txn_id), encode_txn(&txn))];
+        self.txns.insert(txn_id.clone(), txn);
+        self.finished.push_back((now_ms, txn_id));
+        // Only a commit must be durable before it is acknowledged.
+        Effects { ops, sync: state == TxnState::Committed }
+    }
+
+    /// Opens accounts, all or none.
+    pub fn open_accounts(&mut self, accounts: &[(AccountId, Amount)]) -> Result<Effects, Error> {
+        if accounts.is_empty() || accounts.len() > tandem::domain::OPEN_ACCOUNTS_MAX {
+            return Err(Error::InvalidInput(format!(
+                "open between 1 and {} accounts at a time; this request has {}",
+                tandem::domain::OPEN_ACCOUNTS_MAX,
+                accounts.len()
+            )));
+        }
+        let mut seen = BTreeSet::new();
+        for (id, balance) in accounts {
+            if *balance < 0 {
+                return Err(Error::InvalidInput(format!("account {id}: the initial balance {balance} is negative")));
+            }
+            if !seen.insert(*id) {
+                return Err(Error::InvalidInput(format!("account {id} appears twice in the request")));
+            }
+            if self.accounts.contains_key(id) {
+                return Err(Error::AlreadyExists(format!("account {id} exists already on {}", self.config.node_id)));
+            }
+        }
+        let mut ops = Vec::with_capacity(accounts.len());
+        for (id, balance) in accounts {
+            self.accounts.insert(*id, Account { posted: *balance, reserved: 0, incoming: 0 });
+            ops.push(Op::Put(account_key(*id), balance.to_le_bytes().to_vec()));
+        }
+        Ok(Effects { ops, sync: true })
+    }
+
+    pub fn account(&self, id: AccountId) -> Result<Account, Error> {
+        self.accounts
+            .get(&id)
+            .copied()
+            .ok_or_else(|| Error::NotFound(format!("account {id} does not exist on {}", self.config.node_id)))
+    }
+
+    pub fn accounts(&self) -> &BTreeMap<AccountId, Account> {
+        &self.accounts
+    }
+
+    pub fn txn(&self, id: &TxnId) -> Option<&Txn> {
+        self.txns.get(id)
+    }
+
+    /// Prepared (in-doubt) transactions, oldest first.
+    pub fn prepared(&self) -> Vec<(&TxnId, &Txn)> {
+        let mut list: Vec<_> = self.txns.iter().filter(|(_, txn)| txn.state == TxnState::Prepared).collect();
+        list.sort_by(|a, b| (a.1.prepared_at_ms, a.0).cmp(&(b.1.prepared_at_ms, b.0)));
+        list
+    }
+
+    pub fn prepared_count(&self) -> usize {
+        self.txns.values().filter(|txn| txn.state == TxnState::Prepared).count()
+    }
+
+    /// The in-doubt transactions whose decision query is due now, at most
+    /// `limit`, with their coordinators. Each one's next query is pushed back
+    /// by its backoff, which doubles up to [`QUERY_BACKOFF_MAX_MS`].
+    pub fn due_queries(&mut self, now_ms: u64, limit: usize) -> Vec<(TxnId, Id)> {
+        let mut due: Vec<(TxnId, Id)> = Vec::new();
+        for (id, txn) in self.txns.iter_mut() {
+            if due.len() >= limit {
+                break;
+            }
+            if txn.state == TxnState::Prepared && txn.next_query_ms <= now_ms {
+                due.push((id.clone(), txn.coordinator.clone()));
+                txn.next_query_ms = now_ms + txn.query_backoff_ms;
+                txn.query_backoff_ms = (txn.query_backoff_ms * 2).clamp(QUERY_BACKOFF_INITIAL_MS, QUERY_BACKOFF_MAX_MS);
+            }
+        }
+        due.sort();
+        due
+    }
+
+    /// Deletes finished records older than the retention.
+    pub fn collect_garbage(&mut self, now_ms: u64) -> Effects {
+        let mut ops = Vec::new();
+        while let Some((finished_at, _)) = self.finished.front() {
+            if finished_at + self.config.finished_retention_ms > now_ms || ops.len() >= 10_000 {
+                break;
+            }
+            let (_, txn_id) = self.finished.pop_front().expect("front exists");
+            // The record may have been replaced since (an abort tombstone
+            // cannot turn into anything else, but stay safe).
+            if matches!(self.txns.get(&txn_id), Some(txn) if txn.state != TxnState::Prepared) {
+                self.txns.remove(&txn_id);
+                ops.push(Op::Delete(txn_key(&txn_id)));
+            }
+        }
+        Effects { ops, sync: false }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,74 @@
+//! `participant`: one bank shard of a tandem cluster.
+
+use clap::Parser;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use tandem::domain::Id;
+use tandem_participant::node::{Node, NodeConfig};
+
+/// A tandem participant: holds the accounts of one shard and takes part in
+/// two-phase commit. Prints `listening on ADDR` on stdout once it serves.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Address to serve gRPC on (port 0: the kernel picks one).
+    #[arg(long, default_value = "127.0.0.1:7101")]
+    listen: SocketAddr,
+    /// Directory of this node's RocksDB; created if missing, reused on restart.
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// This participant's id, as the coordinator's directory names it.
+    #[arg(long, default_value = "p1")]
+    node_id: String,
+    /// A coordinator this node takes transactions from, as ID=URL (for
+    /// example c1=http://127.0.0.1:7100); repeat for several. In-doubt
+    /// transactions are resolved by asking it.
+    #[arg(long = "coordinator", value_name = "ID=URL", required = true)]
+    coordinators: Vec<String>,
+    /// A prepared transaction with no decision after this long is in doubt,
+    /// and this node starts asking its coordinator.
+    #[arg(long, default_value_t = 500)]
+    in_doubt_after_ms: u64,
+    /// How long finished transactions are remembered (duplicate detection).
+    #[arg(long, default_value_t = 300_000)]
+    finished_retention_ms: u64,
+    /// Log filter: error, warn, info, debug or trace (RUST_LOG overrides).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn parse_peer(text: &str) -> Result<(Id, String), String> {
+    let (id, url) = text.split_once('=').ok_or_else(|| format!("{text:?} is not ID=URL"))?;
+    Ok((Id::parse("coordinator id", id).map_err(|e| e.to_string())?, url.to_string()))
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    tandem::server::init_tracing(&args.log_level);
+    match run(args).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("participant: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let node_id = Id::parse("node id", &args.node_id).map_err(|e| e.to_string())?;
+    let coordinators = args.coordinators.iter().map(|c| parse_peer(c)).collect::<Result<Vec<_>, _>>()?;
+    let node = Node::open(NodeConfig {
+        node_id: node_id.clone(),
+        data_dir: args.data_dir,
+        coordinators,
+        in_doubt_after_ms: args.in_doubt_after_ms,
+        finished_retention_ms: args.finished_retention_ms,
+    })
+    .map_err(|e| e.to_string())?;
+    let (listener, addr) =
+        tandem::server::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    tracing::info!(node = %node_id, %addr, "participant serving");
+    println!("listening on {addr}");
+    node.run(listener, tandem::server::shutdown_signal()).await.map_err(|e| e.to_string())
+}

@@ -1,0 +1,163 @@
+//! Domain types shared by every node, validated once at the edge.
+//!
+//! Money is an `i64` count of minor units (cents). A [`Leg`] is one account's
+//! part in a transaction: negative debits, positive credits. A transaction's
+//! legs sum to zero: tandem moves money, it never makes or destroys it.
+
+use crate::Error;
+use std::collections::BTreeSet;
+use std::fmt;
+
+pub type AccountId = u64;
+pub type Amount = i64;
+
+/// Most legs in one transaction.
+pub const LEGS_MAX: usize = 16;
+/// Longest transaction id, participant id or idempotency key, in bytes.
+pub const ID_LEN_MAX: usize = 64;
+/// Most accounts opened by one OpenAccounts call.
+pub const OPEN_ACCOUNTS_MAX: usize = 100_000;
+
+/// A validated identifier: 1 to [`ID_LEN_MAX`] characters of
+/// `[A-Za-z0-9._:-]`. Used for transaction ids, node ids and idempotency keys.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Id(String);
+
+impl Id {
+    pub fn parse(what: &str, text: &str) -> Result<Id, Error> {
+        if text.is_empty() {
+            return Err(Error::InvalidInput(format!("{what} is empty")));
+        }
+        if text.len() > ID_LEN_MAX {
+            return Err(Error::InvalidInput(format!(
+                "{what} is {} bytes long; the most is {ID_LEN_MAX}",
+                text.len()
+            )));
+        }
+        if let Some(bad) = text.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))) {
+            return Err(Error::InvalidInput(format!(
+                "{what} {text:?} has the character {bad:?}; only A-Z a-z 0-9 . _ : - are allowed"
+            )));
+        }
+        Ok(Id(text.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+pub type TxnId = Id;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Leg {
+    pub account: AccountId,
+    pub amount: Amount,
+}
+
+impl Leg {
+    pub fn is_debit(&self) -> bool {
+        self.amount < 0
+    }
+}
+
+/// Checks the shape of a set of legs: 1 to [`LEGS_MAX`], no zero amount, no
+/// `i64::MIN` (its negation overflows), each account at most once. Whether
+/// they sum to zero is the coordinator's rule (a participant sees only its
+/// own share of a transaction).
+pub fn validate_legs(legs: &[Leg]) -> Result<(), Error> {
+    if legs.is_empty() {
+        return Err(Error::InvalidInput("a transaction needs at least one leg".into()));
+    }
+    if legs.len() > LEGS_MAX {
+        return Err(Error::InvalidInput(format!(
+            "a transaction has at most {LEGS_MAX} legs; this one has {}",
+            legs.len()
+        )));
+    }
+    let mut seen = BTreeSet::new();
+    for leg in legs {
+        if leg.amount == 0 {
+            return Err(Error::InvalidInput(format!("the leg on account {} has amount zero", leg.account)));
+        }
+        if leg.amount == i64::MIN {
+            return Err(Error::InvalidInput(format!("the leg on account {} has an amount out of range", leg.account)));
+        }
+        if !seen.insert(leg.account) {
+            return Err(Error::InvalidInput(format!("account {} appears in more than one leg", leg.account)));
+        }
+    }
+    Ok(())
+}
+
+/// Checks that the legs move money without making any: their sum is zero
+/// (computed without overflow).
+pub fn validate_balanced(legs: &[Leg]) -> Result<(), Error> {
+    let sum: i128 = legs.iter().map(|leg| leg.amount as i128).sum();
+    if sum != 0 {
+        return Err(Error::InvalidInput(format!("the legs must sum to zero; they sum to {sum}")));
+    }
+    Ok(())
+}
+
+/// The two legs of a transfer, after its own checks.
+pub fn transfer_legs(from: AccountId, to: AccountId, amount: Amount) -> Result<[Leg; 2], Error> {
+    if amount <= 0 {
+        return Err(Error::InvalidInput(format!("the amount must be positive; it is {amount}")));
+    }
+    if from == to {
+        return Err(Error::InvalidInput(format!("the source and the target are the same account ({from})")));
+    }
+    Ok([Leg { account: from, amount: -amount }, Leg { account: to, amount }])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_accept_the_documented_alphabet_and_reject_the_rest() {
+        assert!(Id::parse("id", "c1-000001-0000000042").is_ok());
+        assert!(Id::parse("id", "a.b_c:d").is_ok());
+        assert!(matches!(Id::parse("id", ""), Err(Error::InvalidInput(_))));
+        assert!(matches!(Id::parse("id", "has space"), Err(Error::InvalidInput(_))));
+        assert!(matches!(Id::parse("id", "é"), Err(Error::InvalidInput(_))));
+        assert!(Id::parse("id", &"x".repeat(ID_LEN_MAX)).is_ok());
+        assert!(matches!(Id::parse("id", &"x".repeat(ID_LEN_MAX + 1)), Err(Error::InvalidInput(_))));
+    }
+
+    #[test]
+    fn legs_are_checked_for_shape_and_balance() {
+        let ok = [Leg { account: 1, amount: -5 }, Leg { account: 2, amount: 5 }];
+        assert!(validate_legs(&ok).is_ok());
+        assert!(validate_balanced(&ok).is_ok());
+        assert!(validate_legs(&[]).is_err());
+        assert!(validate_legs(&[Leg { account: 1, amount: 0 }]).is_err());
+        assert!(validate_legs(&[Leg { account: 1, amount: i64::MIN }]).is_err());
+        assert!(validate_legs(&[Leg { account: 1, amount: 1 }, Leg { account: 1, amount: -1 }]).is_err());
+        let many: Vec<Leg> = (0..=LEGS_MAX as u64).map(|a| Leg { account: a, amount: 1 }).collect();
+        assert!(validate_legs(&many).is_err());
+        assert!(validate_balanced(&[Leg { account: 1, amount: i64::MAX }, Leg { account: 2, amount: i64::MAX }]).is_err());
+        assert!(validate_balanced(&[Leg { account: 1, amount: -5 }, Leg { account: 2, amount: 4 }]).is_err());
+    }
+
+    #[test]
+    fn transfers_reject_non_positive_amounts_and_self_transfers() {
+        assert!(transfer_legs(1, 2, 10).is_ok());
+        assert!(transfer_legs(1, 2, 0).is_err());
+        assert!(transfer_legs(1, 2, -3).is_err());
+        assert!(transfer_legs(1, 1, 3).is_err());
+    }
+}

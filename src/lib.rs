@@ -1,0 +1,16 @@
+//! tandem's shared library: the gRPC code generated from `proto/`, the domain
+//! types every binary uses, the error type that classifies failures, the
+//! group-committing RocksDB store, and the plumbing every server shares
+//! (health, reflection, tracing, graceful shutdown).
+//!
+//! Protobuf stays at the edge: the protocol cores in `coordinator` and
+//! `participant` see only the types of [`domain`]; [`pb`] and its conversions
+//! are used by the thin gRPC handlers.
+
+pub mod domain;
+pub mod error;
+pub mod pb;
+pub mod server;
+pub mod store;
+
+pub use error::Error;

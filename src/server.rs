@@ -1,0 +1,76 @@
+//! What every tandem server shares: logging, graceful shutdown, and the
+//! standard gRPC health and reflection services.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// Installs a `tracing` subscriber that writes to stderr at `level` (a
+/// `tracing` filter such as `info` or `tandem_participant=debug`), unless
+/// `RUST_LOG` says otherwise.
+pub fn init_tracing(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+/// Resolves when the process receives SIGTERM or SIGINT (Ctrl-C).
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("received Ctrl-C; shutting down"),
+        _ = terminate => tracing::info!("received SIGTERM; shutting down"),
+    }
+}
+
+/// Binds `addr` and returns the listener with the address it got (the port
+/// is chosen by the kernel when `addr` has port 0).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
+/// The server reflection service (v1) describing every tandem service.
+pub fn reflection_service(
+) -> tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the embedded descriptor sets are valid")
+}
+
+/// A tonic server builder with the settings every tandem server uses.
+pub fn server_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .concurrency_limit_per_connection(4096)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .timeout(Duration::from_secs(30))
+}
+
+/// A lazily connecting channel to `url` with the settings every tandem client
+/// uses. Each call still carries its own deadline.
+pub fn channel(url: &str) -> Result<tonic::transport::Channel, crate::Error> {
+    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+        .map_err(|e| crate::Error::InvalidInput(format!("{url:?} is not a valid URL: {e}")))?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_millis(500))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5));
+    Ok(endpoint.connect_lazy())
+}

@@ -1,0 +1,263 @@
+//! The durable store of a node: RocksDB on disk behind one writer thread
+//! that commits in groups.
+//!
+//! Contract: when the future returned by [`Store::write`] (or the receiver
+//! from [`Store::submit`]) yields `Ok`, the write is in RocksDB's WAL and the
+//! WAL is fsynced. Writes are applied in the order they were submitted, so a
+//! caller that mutates its memory and submits under one lock keeps memory
+//! and disk in the same order.
+//!
+//! Group commit: while one synced write is in progress, later submissions
+//! queue; the writer takes everything queued (up to [`GROUP_OPS_MAX`]
+//! operations) into one `WriteBatch` and one fsync, then answers every
+//! submitter of the group. Nothing is answered before its group's fsync
+//! returns. If a write or fsync fails, the store turns failed: that group and
+//! every later submission get [`Error::Fatal`], and the node stops
+//! acknowledging. A failed fsync is never retried and assumed to have worked.
+//!
+//! The queue is bounded ([`QUEUE_OPS_MAX`] operations): past it a submission
+//! gets [`Error::Busy`] and changes nothing.
+
+use crate::Error;
+use rocksdb::{Options, WriteBatch, WriteOptions, DB};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use tokio::sync::oneshot;
+
+/// Most operations merged into one group (one WriteBatch, one fsync).
+pub const GROUP_OPS_MAX: usize = 16_384;
+/// Most operations waiting for the writer.
+pub const QUEUE_OPS_MAX: usize = 262_144;
+
+/// One change to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Put(Vec<u8>, Vec<u8>),
+    Delete(Vec<u8>),
+}
+
+type Completion = oneshot::Sender<Result<(), Error>>;
+
+struct Pending {
+    ops: Vec<Op>,
+    sync: bool,
+    done: Completion,
+}
+
+#[derive(Default)]
+struct Queue {
+    pending: Vec<Pending>,
+    ops_queued: usize,
+    closed: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wake_writer: Condvar,
+    failed: AtomicBool,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// A RocksDB database with a group-committing writer thread. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+    shared: Arc<Shared>,
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path` and starts the writer.
+    pub fn open(path: &Path) -> Result<Store, Error> {
+        std::fs::create_dir_all(path)
+            .map_err(|e| Error::Fatal(format!("cannot create the data directory {}: {e}", path.display())))?;
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.set_max_background_jobs(2);
+        options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        let db = DB::open(&options, path)
+            .map_err(|e| Error::Fatal(format!("cannot open RocksDB at {}: {e}", path.display())))?;
+        let store = Store {
+            db: Arc::new(db),
+            shared: Arc::new(Shared {
+                queue: Mutex::new(Queue::default()),
+                wake_writer: Condvar::new(),
+                failed: AtomicBool::new(false),
+                writer: Mutex::new(None),
+            }),
+        };
+        let writer = store.clone();
+        let handle = std::thread::Builder::new()
+            .name("store-writer".into())
+            .spawn(move || writer.run_writer())
+            .map_err(|e| Error::Fatal(format!("cannot start the writer thread: {e}")))?;
+        *store.shared.writer.lock().expect("writer handle lock poisoned") = Some(handle);
+        Ok(store)
+    }
+
+    /// Queues `ops` for the writer. The receiver yields once the group that
+    /// holds them is written (and fsynced, if `sync` or any other member of
+    /// the group asked for it). Fails at once if the store has failed or the
+    /// queue is full; then nothing was queued.
+    pub fn submit(&self, ops: Vec<Op>, sync: bool) -> Result<oneshot::Receiver<Result<(), Error>>, Error> {
+        if self.shared.failed.load(Ordering::Acquire) {
+            return Err(Error::Fatal("the store failed earlier; this node no longer acknowledges writes".into()));
+        }
+        let (done, receiver) = oneshot::channel();
+        let mut queue = self.shared.queue.lock().expect("store queue lock poisoned");
+        if queue.closed {
+            return Err(Error::Unavailable("the node is shutting down".into()));
+        }
+        if queue.ops_queued + ops.len() > QUEUE_OPS_MAX {
+            return Err(Error::Busy(format!("the write queue is full ({QUEUE_OPS_MAX} operations)")));
+        }
+        queue.ops_queued += ops.len();
+        queue.pending.push(Pending { ops, sync, done });
+        drop(queue);
+        self.shared.wake_writer.notify_one();
+        Ok(receiver)
+    }
+
+    /// Fails with [`Error::Busy`] unless `ops_count` more operations fit in
+    /// the queue. A caller that serialises all its submissions under one lock
+    /// calls this before changing its memory, so a later `submit` cannot be
+    /// refused for room.
+    pub fn check_room(&self, ops_count: usize) -> Result<(), Error> {
+        if self.shared.failed.load(Ordering::Acquire) {
+            return Err(Error::Fatal("the store failed earlier; this node no longer acknowledges writes".into()));
+        }
+        let queue = self.shared.queue.lock().expect("store queue lock poisoned");
+        if queue.ops_queued + ops_count > QUEUE_OPS_MAX {
+            return Err(Error::Busy(format!("the write queue is full ({QUEUE_OPS_MAX} operations)")));
+        }
+        Ok(())
+    }
+
+    /// Submits `ops` with `sync` and waits until they are durable.
+    pub async fn write(&self, ops: Vec<Op>) -> Result<(), Error> {
+        let receiver = self.submit(ops, true)?;
+        receiver.await.unwrap_or_else(|_| Err(Error::Fatal("the writer thread stopped".into())))
+    }
+
+    /// Point read of what is written (durable or about to be).
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self.db.get(key)?)
+    }
+
+    /// Every key and value whose key starts with `prefix`, in key order.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+        self.scan_prefix_first(prefix, usize::MAX)
+    }
+
+    /// The first `limit` keys and values whose key starts with `prefix`.
+    pub fn scan_prefix_first(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+        let mut out = Vec::new();
+        let iter = self.db.iterator(rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward));
+        for item in iter {
+            let (key, value) = item?;
+            if !key.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Whether a write or fsync has failed; then the node must not acknowledge.
+    pub fn has_failed(&self) -> bool {
+        self.shared.failed.load(Ordering::Acquire)
+    }
+
+    /// Stops taking writes, writes those already queued, and waits for the
+    /// writer thread to finish.
+    pub fn close(&self) {
+        self.shared.queue.lock().expect("store queue lock poisoned").closed = true;
+        self.shared.wake_writer.notify_one();
+        let handle = self.shared.writer.lock().expect("writer handle lock poisoned").take();
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+
+    fn run_writer(self) {
+        let mut write_options = WriteOptions::default();
+        let mut group: Vec<Pending> = Vec::new();
+        loop {
+            {
+                let mut queue = self.shared.queue.lock().expect("store queue lock poisoned");
+                while queue.pending.is_empty() {
+                    if queue.closed {
+                        return;
+                    }
+                    queue = self.shared.wake_writer.wait(queue).expect("store queue lock poisoned");
+                }
+                // Take the oldest submissions up to GROUP_OPS_MAX operations
+                // (at least one, however large), keeping their order.
+                let mut ops_taken = 0;
+                let mut count = 0;
+                for pending in &queue.pending {
+                    if count > 0 && ops_taken + pending.ops.len() > GROUP_OPS_MAX {
+                        break;
+                    }
+                    ops_taken += pending.ops.len();
+                    count += 1;
+                }
+                group.extend(queue.pending.drain(..count));
+                queue.ops_queued -= ops_taken;
+            }
+            let sync = group.iter().any(|pending| pending.sync);
+            let mut batch = WriteBatch::default();
+            for pending in &group {
+                for op in &pending.ops {
+                    match op {
+                        Op::Put(key, value) => batch.put(key, value),
+                        Op::Delete(key) => batch.delete(key),
+                    }
+                }
+            }
+            write_options.set_sync(sync);
+            let result = if self.shared.failed.load(Ordering::Acquire) {
+                Err(Error::Fatal("the store failed earlier".into()))
+            } else {
+                self.db.write_opt(batch, &write_options).map_err(|e| {
+                    tracing::error!(error = %e, "a write to the store failed; this node stops acknowledging");
+                    self.shared.failed.store(true, Ordering::Release);
+                    Error::Fatal(e.to_string())
+                })
+            };
+            for pending in group.drain(..) {
+                // A submitter that went away no longer waits; nothing to tell.
+                let _ = pending.done.send(result.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn writes_are_readable_after_reopen_and_keep_their_order() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let mut waits = Vec::new();
+            for i in 0..100u32 {
+                waits.push(store.submit(vec![Op::Put(b"k/same".to_vec(), i.to_be_bytes().to_vec())], true).unwrap());
+                waits.push(store.submit(vec![Op::Put(format!("k/{i:03}").into_bytes(), vec![1])], true).unwrap());
+            }
+            for wait in waits {
+                wait.await.unwrap().unwrap();
+            }
+            store.write(vec![Op::Delete(b"k/000".to_vec())]).await.unwrap();
+            store.close();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.get(b"k/same").unwrap(), Some(99u32.to_be_bytes().to_vec()), "the last submitted write wins");
+        assert_eq!(store.get(b"k/000").unwrap(), None);
+        let rows = store.scan_prefix(b"k/0").unwrap();
+        assert_eq!(rows.len(), 99);
+        assert!(rows.windows(2).all(|w| w[0].0 < w[1].0));
+    }
+}
