@@ -10,7 +10,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("tandem_descriptor.bin"))
         .compile_protos(
-            &["proto/tandem/v1/participant.proto", "proto/tandem/v1/coordinator.proto"],
+            &[
+                "proto/tandem/v1/participant.proto",
+                "proto/tandem/v1/coordinator.proto",
+            ],
             &["proto"],
         )?;
     println!("cargo:rerun-if-changed=proto");

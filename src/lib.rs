@@ -7,9 +7,11 @@
 //! `participant` see only the types of [`domain`]; [`pb`] and its conversions
 //! are used by the thin gRPC handlers.
 
+pub mod cluster;
 pub mod domain;
 pub mod error;
 pub mod pb;
+pub mod rng;
 pub mod server;
 pub mod store;
 

@@ -69,8 +69,12 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the database at `path` and starts the writer.
     pub fn open(path: &Path) -> Result<Store, Error> {
-        std::fs::create_dir_all(path)
-            .map_err(|e| Error::Fatal(format!("cannot create the data directory {}: {e}", path.display())))?;
+        std::fs::create_dir_all(path).map_err(|e| {
+            Error::Fatal(format!(
+                "cannot create the data directory {}: {e}",
+                path.display()
+            ))
+        })?;
         let mut options = Options::default();
         options.create_if_missing(true);
         options.set_max_background_jobs(2);
@@ -91,7 +95,11 @@ impl Store {
             .name("store-writer".into())
             .spawn(move || writer.run_writer())
             .map_err(|e| Error::Fatal(format!("cannot start the writer thread: {e}")))?;
-        *store.shared.writer.lock().expect("writer handle lock poisoned") = Some(handle);
+        *store
+            .shared
+            .writer
+            .lock()
+            .expect("writer handle lock poisoned") = Some(handle);
         Ok(store)
     }
 
@@ -99,9 +107,15 @@ impl Store {
     /// holds them is written (and fsynced, if `sync` or any other member of
     /// the group asked for it). Fails at once if the store has failed or the
     /// queue is full; then nothing was queued.
-    pub fn submit(&self, ops: Vec<Op>, sync: bool) -> Result<oneshot::Receiver<Result<(), Error>>, Error> {
+    pub fn submit(
+        &self,
+        ops: Vec<Op>,
+        sync: bool,
+    ) -> Result<oneshot::Receiver<Result<(), Error>>, Error> {
         if self.shared.failed.load(Ordering::Acquire) {
-            return Err(Error::Fatal("the store failed earlier; this node no longer acknowledges writes".into()));
+            return Err(Error::Fatal(
+                "the store failed earlier; this node no longer acknowledges writes".into(),
+            ));
         }
         let (done, receiver) = oneshot::channel();
         let mut queue = self.shared.queue.lock().expect("store queue lock poisoned");
@@ -109,7 +123,9 @@ impl Store {
             return Err(Error::Unavailable("the node is shutting down".into()));
         }
         if queue.ops_queued + ops.len() > QUEUE_OPS_MAX {
-            return Err(Error::Busy(format!("the write queue is full ({QUEUE_OPS_MAX} operations)")));
+            return Err(Error::Busy(format!(
+                "the write queue is full ({QUEUE_OPS_MAX} operations)"
+            )));
         }
         queue.ops_queued += ops.len();
         queue.pending.push(Pending { ops, sync, done });
@@ -124,11 +140,15 @@ impl Store {
     /// refused for room.
     pub fn check_room(&self, ops_count: usize) -> Result<(), Error> {
         if self.shared.failed.load(Ordering::Acquire) {
-            return Err(Error::Fatal("the store failed earlier; this node no longer acknowledges writes".into()));
+            return Err(Error::Fatal(
+                "the store failed earlier; this node no longer acknowledges writes".into(),
+            ));
         }
         let queue = self.shared.queue.lock().expect("store queue lock poisoned");
         if queue.ops_queued + ops_count > QUEUE_OPS_MAX {
-            return Err(Error::Busy(format!("the write queue is full ({QUEUE_OPS_MAX} operations)")));
+            return Err(Error::Busy(format!(
+                "the write queue is full ({QUEUE_OPS_MAX} operations)"
+            )));
         }
         Ok(())
     }
@@ -136,7 +156,9 @@ impl Store {
     /// Submits `ops` with `sync` and waits until they are durable.
     pub async fn write(&self, ops: Vec<Op>) -> Result<(), Error> {
         let receiver = self.submit(ops, true)?;
-        receiver.await.unwrap_or_else(|_| Err(Error::Fatal("the writer thread stopped".into())))
+        receiver
+            .await
+            .unwrap_or_else(|_| Err(Error::Fatal("the writer thread stopped".into())))
     }
 
     /// Point read of what is written (durable or about to be).
@@ -150,9 +172,16 @@ impl Store {
     }
 
     /// The first `limit` keys and values whose key starts with `prefix`.
-    pub fn scan_prefix_first(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+    pub fn scan_prefix_first(
+        &self,
+        prefix: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
         let mut out = Vec::new();
-        let iter = self.db.iterator(rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward));
+        let iter = self.db.iterator(rocksdb::IteratorMode::From(
+            prefix,
+            rocksdb::Direction::Forward,
+        ));
         for item in iter {
             let (key, value) = item?;
             if !key.starts_with(prefix) || out.len() >= limit {
@@ -171,9 +200,18 @@ impl Store {
     /// Stops taking writes, writes those already queued, and waits for the
     /// writer thread to finish.
     pub fn close(&self) {
-        self.shared.queue.lock().expect("store queue lock poisoned").closed = true;
+        self.shared
+            .queue
+            .lock()
+            .expect("store queue lock poisoned")
+            .closed = true;
         self.shared.wake_writer.notify_one();
-        let handle = self.shared.writer.lock().expect("writer handle lock poisoned").take();
+        let handle = self
+            .shared
+            .writer
+            .lock()
+            .expect("writer handle lock poisoned")
+            .take();
         if let Some(handle) = handle {
             let _ = handle.join();
         }
@@ -189,7 +227,11 @@ impl Store {
                     if queue.closed {
                         return;
                     }
-                    queue = self.shared.wake_writer.wait(queue).expect("store queue lock poisoned");
+                    queue = self
+                        .shared
+                        .wake_writer
+                        .wait(queue)
+                        .expect("store queue lock poisoned");
                 }
                 // Take the oldest submissions up to GROUP_OPS_MAX operations
                 // (at least one, however large), keeping their order.
@@ -244,17 +286,38 @@ mod tests {
             let store = Store::open(dir.path()).unwrap();
             let mut waits = Vec::new();
             for i in 0..100u32 {
-                waits.push(store.submit(vec![Op::Put(b"k/same".to_vec(), i.to_be_bytes().to_vec())], true).unwrap());
-                waits.push(store.submit(vec![Op::Put(format!("k/{i:03}").into_bytes(), vec![1])], true).unwrap());
+                waits.push(
+                    store
+                        .submit(
+                            vec![Op::Put(b"k/same".to_vec(), i.to_be_bytes().to_vec())],
+                            true,
+                        )
+                        .unwrap(),
+                );
+                waits.push(
+                    store
+                        .submit(
+                            vec![Op::Put(format!("k/{i:03}").into_bytes(), vec![1])],
+                            true,
+                        )
+                        .unwrap(),
+                );
             }
             for wait in waits {
                 wait.await.unwrap().unwrap();
             }
-            store.write(vec![Op::Delete(b"k/000".to_vec())]).await.unwrap();
+            store
+                .write(vec![Op::Delete(b"k/000".to_vec())])
+                .await
+                .unwrap();
             store.close();
         }
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.get(b"k/same").unwrap(), Some(99u32.to_be_bytes().to_vec()), "the last submitted write wins");
+        assert_eq!(
+            store.get(b"k/same").unwrap(),
+            Some(99u32.to_be_bytes().to_vec()),
+            "the last submitted write wins"
+        );
         assert_eq!(store.get(b"k/000").unwrap(), None);
         let rows = store.scan_prefix(b"k/0").unwrap();
         assert_eq!(rows.len(), 99);

@@ -90,31 +90,52 @@ impl Node {
     /// logged commits (their redelivery starts in [`Node::run`]).
     pub async fn open(config: NodeConfig) -> Result<(Node, Vec<Action>), Error> {
         if config.node_id.as_str().len() > 24 {
-            return Err(Error::InvalidInput("the coordinator id has at most 24 characters".into()));
+            return Err(Error::InvalidInput(
+                "the coordinator id has at most 24 characters".into(),
+            ));
         }
         let directory = Directory::new(config.shards.clone())?;
         let mut participants = BTreeMap::new();
         for shard in directory.shards() {
-            participants.insert(shard.participant.clone(), ParticipantClient::new(tandem::server::channel(&shard.url)?));
+            participants.insert(
+                shard.participant.clone(),
+                ParticipantClient::new(tandem::server::channel(&shard.url)?),
+            );
         }
         let store = Store::open(&config.data_dir)?;
         let generation = match store.get(log::GENERATION_KEY)? {
-            Some(bytes) => u64::from_le_bytes(bytes.try_into().expect("corrupt generation record")) + 1,
+            Some(bytes) => {
+                u64::from_le_bytes(bytes.try_into().expect("corrupt generation record")) + 1
+            }
             None => 1,
         };
         store
-            .write(vec![tandem::store::Op::Put(log::GENERATION_KEY.to_vec(), generation.to_le_bytes().to_vec())])
+            .write(vec![tandem::store::Op::Put(
+                log::GENERATION_KEY.to_vec(),
+                generation.to_le_bytes().to_vec(),
+            )])
             .await?;
         let logged: Vec<_> = store
             .scan_prefix(log::DECISION_PREFIX)?
             .into_iter()
-            .map(|(key, value)| (log::id_from_key(log::DECISION_PREFIX, &key), log::decode_commit(&value)))
+            .map(|(key, value)| {
+                (
+                    log::id_from_key(log::DECISION_PREFIX, &key),
+                    log::decode_commit(&value),
+                )
+            })
             .collect();
         let finished_count = store.scan_prefix(log::FINISHED_PREFIX)?.len() as u64;
         let fence = Arc::new(RwLock::new(()));
         let mut fence_guards = HashMap::new();
         for (txn, _) in &logged {
-            fence_guards.insert(txn.clone(), fence.clone().try_read_owned().expect("no audit runs before start"));
+            fence_guards.insert(
+                txn.clone(),
+                fence
+                    .clone()
+                    .try_read_owned()
+                    .expect("no audit runs before start"),
+            );
         }
         let mut core = Core::new(config.active_max);
         info!(node = %config.node_id, generation, commits_to_finish = logged.len(), "recovered the decision log");
@@ -145,29 +166,47 @@ impl Node {
     fn next_txn_id(&self) -> TxnId {
         let sequence = self.inner.next_sequence.fetch_add(1, Ordering::Relaxed);
         // Zero-padded so that ids sort by age (the finished records rely on it).
-        let text = format!("{}-{:06}-{:012}", self.inner.config.node_id, self.inner.generation, sequence);
+        let text = format!(
+            "{}-{:06}-{:012}",
+            self.inner.config.node_id, self.inner.generation, sequence
+        );
         Id::parse("txn id", &text).expect("generated ids are valid")
     }
 
     /// Runs one transaction to its outcome. `Err` is bad input or an
     /// unavailable coordinator; a refusal is `Ok(Outcome::Aborted)`.
-    pub async fn run_transaction(&self, legs: Vec<Leg>, key: Option<Id>) -> Result<(TxnId, Outcome), Error> {
+    pub async fn run_transaction(
+        &self,
+        legs: Vec<Leg>,
+        key: Option<Id>,
+    ) -> Result<(TxnId, Outcome), Error> {
         validate_legs(&legs)?;
         validate_balanced(&legs)?;
         let mut by_participant: BTreeMap<Id, Vec<Leg>> = BTreeMap::new();
         for leg in &legs {
-            by_participant.entry(self.inner.directory.owner(leg.account)?.clone()).or_default().push(*leg);
+            by_participant
+                .entry(self.inner.directory.owner(leg.account)?.clone())
+                .or_default()
+                .push(*leg);
         }
         let fingerprint = log::fingerprint(&legs);
         let txn = self.next_txn_id();
         let (reply, outcome) = oneshot::channel();
-        self.inner.waiters.lock().expect("waiters lock poisoned").insert(txn.clone(), Waiter { reply, fingerprint });
+        self.inner
+            .waiters
+            .lock()
+            .expect("waiters lock poisoned")
+            .insert(txn.clone(), Waiter { reply, fingerprint });
         let started = match &key {
             Some(key) => {
                 let _serialised = self.inner.keys.lock().expect("keys lock poisoned");
                 match self.inner.store.get(&log::key(log::KEY_PREFIX, key))? {
                     Some(bytes) => {
-                        self.inner.waiters.lock().expect("waiters lock poisoned").remove(&txn);
+                        self.inner
+                            .waiters
+                            .lock()
+                            .expect("waiters lock poisoned")
+                            .remove(&txn);
                         let earlier = log::decode_keyed(&bytes);
                         if earlier.fingerprint != fingerprint {
                             return Err(Error::InvalidInput(format!(
@@ -177,7 +216,9 @@ impl Node {
                         }
                         return Ok((earlier.txn, earlier.outcome));
                     }
-                    None => self.core().begin(txn.clone(), by_participant, Some(key.clone())),
+                    None => self
+                        .core()
+                        .begin(txn.clone(), by_participant, Some(key.clone())),
                 }
             }
             None => self.core().begin(txn.clone(), by_participant, None),
@@ -185,11 +226,17 @@ impl Node {
         match started {
             Ok(actions) => self.execute(actions),
             Err(error) => {
-                self.inner.waiters.lock().expect("waiters lock poisoned").remove(&txn);
+                self.inner
+                    .waiters
+                    .lock()
+                    .expect("waiters lock poisoned")
+                    .remove(&txn);
                 return Err(error);
             }
         }
-        let outcome = outcome.await.unwrap_or_else(|_| Err(Error::Unavailable("the coordinator is stopping".into())))?;
+        let outcome = outcome
+            .await
+            .unwrap_or_else(|_| Err(Error::Unavailable("the coordinator is stopping".into())))?;
         Ok((txn, outcome))
     }
 
@@ -198,7 +245,11 @@ impl Node {
         for action in actions {
             debug!(?action, "execute");
             match action {
-                Action::SendPrepare { txn, participant, legs } => {
+                Action::SendPrepare {
+                    txn,
+                    participant,
+                    legs,
+                } => {
                     let node = self.clone();
                     tokio::spawn(async move {
                         let vote = node.send_prepare(&txn, &participant, legs).await;
@@ -210,9 +261,18 @@ impl Node {
                     let node = self.clone();
                     tokio::spawn(async move {
                         let guard = node.inner.fence.clone().read_owned().await;
-                        node.inner.fence_guards.lock().expect("guards lock poisoned").insert(txn.clone(), guard);
+                        node.inner
+                            .fence_guards
+                            .lock()
+                            .expect("guards lock poisoned")
+                            .insert(txn.clone(), guard);
                         let fingerprint = node.waiter_fingerprint(&txn);
-                        match node.inner.store.write(log::commit_ops(&txn, &record, fingerprint)).await {
+                        match node
+                            .inner
+                            .store
+                            .write(log::commit_ops(&txn, &record, fingerprint))
+                            .await
+                        {
                             Ok(()) => {
                                 let next = node.core().on_commit_durable(&txn);
                                 node.execute(next);
@@ -245,7 +305,12 @@ impl Node {
                     let node = self.clone();
                     tokio::spawn(async move {
                         let fingerprint = node.waiter_fingerprint(&txn);
-                        match node.inner.store.write(log::abort_ops(&txn, &key, &outcome, fingerprint)).await {
+                        match node
+                            .inner
+                            .store
+                            .write(log::abort_ops(&txn, &key, &outcome, fingerprint))
+                            .await
+                        {
                             Ok(()) => {
                                 node.inner.finished_count.fetch_add(1, Ordering::Relaxed);
                                 let next = node.core().on_abort_durable(&txn, outcome);
@@ -256,15 +321,27 @@ impl Node {
                     });
                 }
                 Action::Reply { txn, outcome } => self.reply(&txn, Ok(outcome)),
-                Action::PersistEnd { txn, idempotency_key } => {
-                    self.inner.fence_guards.lock().expect("guards lock poisoned").remove(&txn);
+                Action::PersistEnd {
+                    txn,
+                    idempotency_key,
+                } => {
+                    self.inner
+                        .fence_guards
+                        .lock()
+                        .expect("guards lock poisoned")
+                        .remove(&txn);
                     let node = self.clone();
                     tokio::spawn(async move {
                         // Unsynced: a lost end record only means commits are
                         // redelivered after a restart, and applied once.
-                        let written = node.inner.store.submit(log::end_ops(&txn, idempotency_key), false);
+                        let written = node
+                            .inner
+                            .store
+                            .submit(log::end_ops(&txn, idempotency_key), false);
                         let result = match written {
-                            Ok(wait) => wait.await.unwrap_or_else(|_| Err(Error::Fatal("writer stopped".into()))),
+                            Ok(wait) => wait
+                                .await
+                                .unwrap_or_else(|_| Err(Error::Fatal("writer stopped".into()))),
                             Err(error) => Err(error),
                         };
                         match result {
@@ -281,11 +358,22 @@ impl Node {
     }
 
     fn waiter_fingerprint(&self, txn: &TxnId) -> u64 {
-        self.inner.waiters.lock().expect("waiters lock poisoned").get(txn).map(|w| w.fingerprint).unwrap_or(0)
+        self.inner
+            .waiters
+            .lock()
+            .expect("waiters lock poisoned")
+            .get(txn)
+            .map(|w| w.fingerprint)
+            .unwrap_or(0)
     }
 
     fn reply(&self, txn: &TxnId, result: Result<Outcome, Error>) {
-        let waiter = self.inner.waiters.lock().expect("waiters lock poisoned").remove(txn);
+        let waiter = self
+            .inner
+            .waiters
+            .lock()
+            .expect("waiters lock poisoned")
+            .remove(txn);
         if let Some(waiter) = waiter {
             // A client that went away no longer listens; the outcome stands.
             let _ = waiter.reply.send(result);
@@ -293,7 +381,11 @@ impl Node {
     }
 
     fn client(&self, participant: &Id) -> ParticipantClient<Channel> {
-        self.inner.participants.get(participant).expect("the core only names directory participants").clone()
+        self.inner
+            .participants
+            .get(participant)
+            .expect("the core only names directory participants")
+            .clone()
     }
 
     async fn send_prepare(&self, txn: &TxnId, participant: &Id, legs: Vec<Leg>) -> VoteResult {
@@ -323,11 +415,18 @@ impl Node {
             }
             Ok(Err(status)) => VoteResult::No(
                 AbortReason::ParticipantUnavailable,
-                format!("{participant} failed the prepare: {:?} {}", status.code(), status.message()),
+                format!(
+                    "{participant} failed the prepare: {:?} {}",
+                    status.code(),
+                    status.message()
+                ),
             ),
             Err(_) => VoteResult::No(
                 AbortReason::ParticipantUnavailable,
-                format!("{participant} did not answer the prepare within {} ms", timeout.as_millis()),
+                format!(
+                    "{participant} did not answer the prepare within {} ms",
+                    timeout.as_millis()
+                ),
             ),
         };
         debug!(%txn, %participant, ?vote, "vote");
@@ -341,7 +440,9 @@ impl Node {
         let mut attempts = 0u64;
         loop {
             attempts += 1;
-            let mut request = Request::new(pb::DecisionRequest { txn_id: txn.to_string() });
+            let mut request = Request::new(pb::DecisionRequest {
+                txn_id: txn.to_string(),
+            });
             request.set_timeout(timeout);
             match tokio::time::timeout(timeout, self.client(participant).commit(request)).await {
                 Ok(Ok(_)) => {
@@ -354,7 +455,9 @@ impl Node {
                     warn!(%txn, %participant, code = ?status.code(), error = %status.message(), "commit not acknowledged; will redeliver")
                 }
                 Ok(Err(_)) => {}
-                Err(_) if attempts == 1 => warn!(%txn, %participant, "commit timed out; will redeliver"),
+                Err(_) if attempts == 1 => {
+                    warn!(%txn, %participant, "commit timed out; will redeliver")
+                }
                 Err(_) => {}
             }
             tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
@@ -364,11 +467,14 @@ impl Node {
 
     async fn send_abort(&self, txn: &TxnId, participant: &Id) {
         let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
-        let mut request = Request::new(pb::DecisionRequest { txn_id: txn.to_string() });
+        let mut request = Request::new(pb::DecisionRequest {
+            txn_id: txn.to_string(),
+        });
         request.set_timeout(timeout);
-        if let Ok(Err(status)) | Err(status) = tokio::time::timeout(timeout, self.client(participant).abort(request))
-            .await
-            .map_err(|_| Status::deadline_exceeded("timeout"))
+        if let Ok(Err(status)) | Err(status) =
+            tokio::time::timeout(timeout, self.client(participant).abort(request))
+                .await
+                .map_err(|_| Status::deadline_exceeded("timeout"))
         {
             debug!(%txn, %participant, error = %status.message(), "abort not delivered; the participant will ask");
         }
@@ -379,13 +485,20 @@ impl Node {
         if let Some(decision) = self.core().query(txn) {
             return Ok(decision);
         }
-        if self.inner.store.get(&log::key(log::DECISION_PREFIX, txn))?.is_some() {
+        if self
+            .inner
+            .store
+            .get(&log::key(log::DECISION_PREFIX, txn))?
+            .is_some()
+        {
             return Ok(Decision::Commit);
         }
-        Ok(match self.inner.store.get(&log::key(log::FINISHED_PREFIX, txn))? {
-            Some(bytes) if log::decode_finished(&bytes).committed => Decision::Commit,
-            _ => Decision::Abort,
-        })
+        Ok(
+            match self.inner.store.get(&log::key(log::FINISHED_PREFIX, txn))? {
+                Some(bytes) if log::decode_finished(&bytes).committed => Decision::Commit,
+                _ => Decision::Abort,
+            },
+        )
     }
 
     /// Serves the coordinator, health and reflection services on `listener`
@@ -398,13 +511,17 @@ impl Node {
     ) -> Result<(), Error> {
         self.execute(recovered);
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter.set_serving::<CoordinatorServer<Node>>().await;
+        health_reporter
+            .set_serving::<CoordinatorServer<Node>>()
+            .await;
         let collector = tokio::spawn(self.clone().collect_garbage());
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let result = tandem::server::server_builder()
             .add_service(health_service)
             .add_service(tandem::server::reflection_service())
-            .add_service(CoordinatorServer::new(self.clone()).max_encoding_message_size(64 * 1024 * 1024))
+            .add_service(
+                CoordinatorServer::new(self.clone()).max_encoding_message_size(64 * 1024 * 1024),
+            )
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         collector.abort();
@@ -424,7 +541,11 @@ impl Node {
             if excess == 0 {
                 continue;
             }
-            let oldest = match self.inner.store.scan_prefix_first(log::FINISHED_PREFIX, excess.min(GC_BATCH_MAX)) {
+            let oldest = match self
+                .inner
+                .store
+                .scan_prefix_first(log::FINISHED_PREFIX, excess.min(GC_BATCH_MAX))
+            {
                 Ok(rows) => rows,
                 Err(error) => {
                     warn!(%error, "garbage collection could not read the log");
@@ -441,7 +562,9 @@ impl Node {
             match self.inner.store.submit(ops, false) {
                 Ok(wait) => {
                     if let Ok(Ok(())) = wait.await {
-                        self.inner.finished_count.fetch_sub(oldest.len() as u64, Ordering::Relaxed);
+                        self.inner
+                            .finished_count
+                            .fetch_sub(oldest.len() as u64, Ordering::Relaxed);
                         debug!(removed = oldest.len(), "finished records collected");
                     }
                 }
@@ -461,22 +584,34 @@ impl Node {
             ))
         })?;
         let call_timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
-        let reads: Vec<_> = self.inner.participants.iter().map(|(id, client)| {
-            let mut client = client.clone();
-            let id = id.clone();
-            let mut request = Request::new(pb::ReadBalancesRequest { include_accounts });
-            request.set_timeout(call_timeout);
-            tokio::spawn(async move {
-                match tokio::time::timeout(call_timeout, client.read_balances(request)).await {
-                    Ok(Ok(response)) => Ok(response.into_inner()),
-                    Ok(Err(status)) => Err(Error::Unavailable(format!("{id}: {}", status.message()))),
-                    Err(_) => Err(Error::Unavailable(format!("{id} did not answer within {} ms", call_timeout.as_millis()))),
-                }
+        let reads: Vec<_> = self
+            .inner
+            .participants
+            .iter()
+            .map(|(id, client)| {
+                let mut client = client.clone();
+                let id = id.clone();
+                let mut request = Request::new(pb::ReadBalancesRequest { include_accounts });
+                request.set_timeout(call_timeout);
+                tokio::spawn(async move {
+                    match tokio::time::timeout(call_timeout, client.read_balances(request)).await {
+                        Ok(Ok(response)) => Ok(response.into_inner()),
+                        Ok(Err(status)) => {
+                            Err(Error::Unavailable(format!("{id}: {}", status.message())))
+                        }
+                        Err(_) => Err(Error::Unavailable(format!(
+                            "{id} did not answer within {} ms",
+                            call_timeout.as_millis()
+                        ))),
+                    }
+                })
             })
-        }).collect();
+            .collect();
         let mut results = Vec::with_capacity(reads.len());
         for read in reads {
-            results.push(read.await.unwrap_or_else(|e| Err(Error::Unavailable(format!("a balance read failed: {e}")))));
+            results.push(read.await.unwrap_or_else(|e| {
+                Err(Error::Unavailable(format!("a balance read failed: {e}")))
+            }));
         }
         drop(fence);
         let mut response = pb::AuditResponse::default();
@@ -491,7 +626,10 @@ impl Node {
     }
 
     pub fn status(&self, txn: &TxnId) -> Result<pb::TransactionStatus, Error> {
-        let mut status = pb::TransactionStatus { txn_id: txn.to_string(), ..Default::default() };
+        let mut status = pb::TransactionStatus {
+            txn_id: txn.to_string(),
+            ..Default::default()
+        };
         if let Some(active) = self.core().get(txn) {
             let state = match &active.phase {
                 Phase::Preparing { waiting } => {
@@ -499,7 +637,8 @@ impl Node {
                     pb::TransactionState::Preparing
                 }
                 Phase::Deciding => {
-                    status.detail = "every participant voted YES; the decision is being logged".into();
+                    status.detail =
+                        "every participant voted YES; the decision is being logged".into();
                     pb::TransactionState::Preparing
                 }
                 Phase::Committing { pending } => {
@@ -512,14 +651,23 @@ impl Node {
             status.state = state as i32;
             return Ok(status);
         }
-        let state = if self.inner.store.get(&log::key(log::DECISION_PREFIX, txn))?.is_some() {
+        let state = if self
+            .inner
+            .store
+            .get(&log::key(log::DECISION_PREFIX, txn))?
+            .is_some()
+        {
             pb::TransactionState::Committing
         } else {
             match self.inner.store.get(&log::key(log::FINISHED_PREFIX, txn))? {
-                Some(bytes) if log::decode_finished(&bytes).committed => pb::TransactionState::Committed,
+                Some(bytes) if log::decode_finished(&bytes).committed => {
+                    pb::TransactionState::Committed
+                }
                 Some(_) => pb::TransactionState::Aborted,
                 None => {
-                    status.detail = "no record: never committed (presumed abort), or finished and forgotten".into();
+                    status.detail =
+                        "no record: never committed (presumed abort), or finished and forgotten"
+                            .into();
                     pb::TransactionState::Unknown
                 }
             }
@@ -531,7 +679,11 @@ impl Node {
 
 fn result_to_pb(txn: &TxnId, outcome: Outcome) -> Result<pb::TransactionResult, Status> {
     let (outcome, abort_reason, reason) = match outcome {
-        Outcome::Committed => (pb::Outcome::Committed, pb::AbortReason::Unspecified, String::new()),
+        Outcome::Committed => (
+            pb::Outcome::Committed,
+            pb::AbortReason::Unspecified,
+            String::new(),
+        ),
         Outcome::Aborted(AbortReason::UnknownAccount, message) => {
             return Err(Status::not_found(format!("{txn} aborted: {message}")))
         }
@@ -546,7 +698,12 @@ fn result_to_pb(txn: &TxnId, outcome: Outcome) -> Result<pb::TransactionResult, 
             message,
         ),
     };
-    Ok(pb::TransactionResult { txn_id: txn.to_string(), outcome: outcome as i32, abort_reason: abort_reason as i32, reason })
+    Ok(pb::TransactionResult {
+        txn_id: txn.to_string(),
+        outcome: outcome as i32,
+        abort_reason: abort_reason as i32,
+        reason,
+    })
 }
 
 fn optional_key(text: &str) -> Result<Option<Id>, Error> {
@@ -559,15 +716,25 @@ fn optional_key(text: &str) -> Result<Option<Id>, Error> {
 
 #[tonic::async_trait]
 impl Coordinator for Node {
-    async fn transfer(&self, request: Request<pb::TransferRequest>) -> Result<Response<pb::TransactionResult>, Status> {
+    async fn transfer(
+        &self,
+        request: Request<pb::TransferRequest>,
+    ) -> Result<Response<pb::TransactionResult>, Status> {
         let request = request.into_inner();
-        let legs = tandem::domain::transfer_legs(request.from_account, request.to_account, request.amount)?;
+        let legs = tandem::domain::transfer_legs(
+            request.from_account,
+            request.to_account,
+            request.amount,
+        )?;
         let key = optional_key(&request.idempotency_key)?;
         let (txn, outcome) = self.run_transaction(legs.to_vec(), key).await?;
         Ok(Response::new(result_to_pb(&txn, outcome)?))
     }
 
-    async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::TransactionResult>, Status> {
+    async fn execute(
+        &self,
+        request: Request<pb::ExecuteRequest>,
+    ) -> Result<Response<pb::TransactionResult>, Status> {
         let request = request.into_inner();
         let legs: Vec<Leg> = request.legs.iter().map(Leg::from).collect();
         let key = optional_key(&request.idempotency_key)?;
@@ -596,10 +763,17 @@ impl Coordinator for Node {
             Decision::Abort => pb::Decision::Abort,
             Decision::Pending => pb::Decision::Pending,
         };
-        Ok(Response::new(pb::QueryDecisionResponse { decision: decision as i32 }))
+        Ok(Response::new(pb::QueryDecisionResponse {
+            decision: decision as i32,
+        }))
     }
 
-    async fn audit(&self, request: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
-        Ok(Response::new(Node::audit(self, request.into_inner().include_accounts).await?))
+    async fn audit(
+        &self,
+        request: Request<pb::AuditRequest>,
+    ) -> Result<Response<pb::AuditResponse>, Status> {
+        Ok(Response::new(
+            Node::audit(self, request.into_inner().include_accounts).await?,
+        ))
     }
 }

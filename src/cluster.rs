@@ -1,0 +1,460 @@
+//! A local cluster of the real binaries: one `coordinator` and N
+//! `participant` processes on loopback, each with its own port and data
+//! directory. Used by the bench and by the cluster tests.
+//!
+//! Participant `i` (named `p{i+1}`) owns the accounts
+//! `i * accounts_per_participant .. (i + 1) * accounts_per_participant`.
+//! A node is ready when it has printed `listening on ADDR` and its
+//! `grpc.health.v1` check answers SERVING, within a deadline. A node can be
+//! killed (SIGKILL), restarted on the same port and data directory, paused
+//! (SIGSTOP) and resumed (SIGCONT). Every child is killed when the cluster is
+//! dropped, so a failing test leaves no process behind.
+
+use crate::pb::coordinator_client::CoordinatorClient;
+use crate::pb::participant_client::ParticipantClient;
+use crate::{pb, Error};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+
+/// Most accounts opened by one call.
+const OPEN_CHUNK: u64 = 50_000;
+
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    /// Where the `coordinator` and `participant` binaries are.
+    pub bin_dir: PathBuf,
+    /// Parent of every node's data directory and log file.
+    pub data_dir: PathBuf,
+    pub participants: usize,
+    pub accounts_per_participant: u64,
+    pub initial_balance: i64,
+    pub log_level: String,
+    pub coordinator_args: Vec<String>,
+    pub participant_args: Vec<String>,
+    pub ready_timeout: Duration,
+}
+
+impl ClusterSpec {
+    pub fn new(bin_dir: PathBuf, data_dir: PathBuf) -> ClusterSpec {
+        ClusterSpec {
+            bin_dir,
+            data_dir,
+            participants: 2,
+            accounts_per_participant: 100,
+            initial_balance: 1_000,
+            log_level: "warn".into(),
+            coordinator_args: Vec::new(),
+            participant_args: Vec::new(),
+            ready_timeout: Duration::from_secs(20),
+        }
+    }
+
+    pub fn total_money(&self) -> i64 {
+        self.initial_balance * (self.accounts_per_participant * self.participants as u64) as i64
+    }
+}
+
+/// The directory of the binaries built beside the running executable:
+/// `target/<profile>/` for a test (which runs from `target/<profile>/deps/`)
+/// or for the bench itself.
+pub fn default_bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("the path of the running executable");
+    let dir = exe
+        .parent()
+        .expect("an executable lives in a directory")
+        .to_path_buf();
+    if dir.file_name().is_some_and(|name| name == "deps") {
+        dir.parent().expect("deps has a parent").to_path_buf()
+    } else {
+        dir
+    }
+}
+
+/// Which node of the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum NodeRef {
+    Coordinator,
+    Participant(usize),
+}
+
+impl fmt::Display for NodeRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NodeRef::Coordinator => f.write_str("c1"),
+            NodeRef::Participant(i) => write!(f, "p{}", i + 1),
+        }
+    }
+}
+
+pub struct NodeProcess {
+    pub node: NodeRef,
+    pub addr: SocketAddr,
+    binary: PathBuf,
+    args: Vec<String>,
+    pub data_dir: PathBuf,
+    pub log_path: PathBuf,
+    child: Option<Child>,
+    pub paused: bool,
+}
+
+impl NodeProcess {
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|child| child.id())
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    async fn spawn(&mut self, ready_timeout: Duration) -> Result<(), Error> {
+        assert!(self.child.is_none(), "{} is already running", self.node);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .map_err(|e| Error::Fatal(format!("cannot open {}: {e}", self.log_path.display())))?;
+        let mut child = Command::new(&self.binary)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| {
+                Error::Fatal(format!(
+                    "cannot start {} ({e}); build the binaries first: cargo build --release --workspace",
+                    self.binary.display()
+                ))
+            })?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let deadline = Instant::now() + ready_timeout;
+        let mut lines = BufReader::new(stdout).lines();
+        let announced = tokio::time::timeout(ready_timeout, lines.next_line()).await;
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        match announced {
+            Ok(Ok(Some(line))) if line.starts_with("listening on") => {}
+            other => {
+                let _ = child.start_kill();
+                return Err(Error::Unavailable(format!(
+                    "{} did not start ({other:?}); see {}",
+                    self.node,
+                    self.log_path.display()
+                )));
+            }
+        }
+        self.child = Some(child);
+        self.paused = false;
+        wait_serving(&self.url(), deadline).await.map_err(|e| {
+            Error::Unavailable(format!(
+                "{} is not healthy: {e}; see {}",
+                self.node,
+                self.log_path.display()
+            ))
+        })
+    }
+
+    /// SIGKILL, and reap the process.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            if self.paused {
+                signal(&child, libc::SIGCONT);
+            }
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+        self.paused = false;
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within `grace`.
+    pub async fn stop(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        if self.paused {
+            signal(&child, libc::SIGCONT);
+            self.paused = false;
+        }
+        signal(&child, libc::SIGTERM);
+        match tokio::time::timeout(grace, child.wait()).await {
+            Ok(Ok(status)) => Some(status),
+            _ => {
+                let _ = child.start_kill();
+                child.wait().await.ok()
+            }
+        }
+    }
+
+    pub fn pause(&mut self) {
+        if let Some(child) = &self.child {
+            signal(child, libc::SIGSTOP);
+            self.paused = true;
+        }
+    }
+
+    pub fn resume(&mut self) {
+        if let Some(child) = &self.child {
+            signal(child, libc::SIGCONT);
+            self.paused = false;
+        }
+    }
+
+    /// `Some(status)` if the process exited on its own.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        let status = self.child.as_mut()?.try_wait().ok()??;
+        self.child = None;
+        Some(status)
+    }
+}
+
+fn signal(child: &Child, signal: libc::c_int) {
+    if let Some(pid) = child.id() {
+        // SAFETY: kill(2) with a pid this process spawned and has not reaped.
+        unsafe {
+            libc::kill(pid as libc::pid_t, signal);
+        }
+    }
+}
+
+/// Polls `grpc.health.v1` at `url` until it answers SERVING or `deadline`.
+pub async fn wait_serving(url: &str, deadline: Instant) -> Result<(), Error> {
+    let channel = crate::server::channel(url)?;
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut last = String::from("no answer");
+    while Instant::now() < deadline {
+        let mut request = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        });
+        request.set_timeout(Duration::from_millis(500));
+        match client.check(request).await {
+            Ok(response)
+                if response.get_ref().status
+                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32 =>
+            {
+                return Ok(())
+            }
+            Ok(response) => last = format!("status {}", response.get_ref().status),
+            Err(status) => last = status.message().to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(Error::Timeout(last))
+}
+
+fn free_port() -> Result<u16, Error> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")
+        .map_err(|e| Error::Unavailable(format!("cannot find a free port: {e}")))?;
+    Ok(listener
+        .local_addr()
+        .map_err(|e| Error::Unavailable(e.to_string()))?
+        .port())
+}
+
+pub struct Cluster {
+    pub spec: ClusterSpec,
+    pub coordinator: NodeProcess,
+    pub participants: Vec<NodeProcess>,
+}
+
+impl Cluster {
+    /// Starts the coordinator and the participants, waits until each is
+    /// healthy, and opens the accounts.
+    pub async fn start(spec: ClusterSpec) -> Result<Cluster, Error> {
+        assert!(spec.participants > 0 && spec.accounts_per_participant > 0);
+        std::fs::create_dir_all(&spec.data_dir)
+            .map_err(|e| Error::Fatal(format!("cannot create {}: {e}", spec.data_dir.display())))?;
+        for binary in ["coordinator", "participant"] {
+            if !spec.bin_dir.join(binary).exists() {
+                return Err(Error::NotFound(format!(
+                    "{} is missing; build the binaries first: cargo build --release --workspace",
+                    spec.bin_dir.join(binary).display()
+                )));
+            }
+        }
+        let coordinator_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?)
+            .parse()
+            .expect("valid address");
+        let mut participants = Vec::new();
+        let mut shards = Vec::new();
+        for i in 0..spec.participants {
+            let node = NodeRef::Participant(i);
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?)
+                .parse()
+                .expect("valid address");
+            let first = i as u64 * spec.accounts_per_participant;
+            shards.push(format!(
+                "{node}=http://{addr}@{first}..{}",
+                first + spec.accounts_per_participant
+            ));
+            let data_dir = spec.data_dir.join(node.to_string());
+            let mut args = vec![
+                "--listen".into(),
+                addr.to_string(),
+                "--data-dir".into(),
+                data_dir.display().to_string(),
+                "--node-id".into(),
+                node.to_string(),
+                "--coordinator".into(),
+                format!("c1=http://{coordinator_addr}"),
+                "--log-level".into(),
+                spec.log_level.clone(),
+            ];
+            args.extend(spec.participant_args.iter().cloned());
+            participants.push(NodeProcess {
+                node,
+                addr,
+                binary: spec.bin_dir.join("participant"),
+                args,
+                log_path: spec.data_dir.join(format!("{node}.log")),
+                data_dir,
+                child: None,
+                paused: false,
+            });
+        }
+        let data_dir = spec.data_dir.join("c1");
+        let mut args = vec![
+            "--listen".into(),
+            coordinator_addr.to_string(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--node-id".into(),
+            "c1".into(),
+            "--log-level".into(),
+            spec.log_level.clone(),
+        ];
+        for shard in shards {
+            args.push("--participant".into());
+            args.push(shard);
+        }
+        args.extend(spec.coordinator_args.iter().cloned());
+        let coordinator = NodeProcess {
+            node: NodeRef::Coordinator,
+            addr: coordinator_addr,
+            binary: spec.bin_dir.join("coordinator"),
+            args,
+            log_path: spec.data_dir.join("c1.log"),
+            data_dir,
+            child: None,
+            paused: false,
+        };
+        let mut cluster = Cluster {
+            spec,
+            coordinator,
+            participants,
+        };
+        for i in 0..cluster.participants.len() {
+            cluster.participants[i]
+                .spawn(cluster.spec.ready_timeout)
+                .await?;
+        }
+        cluster
+            .coordinator
+            .spawn(cluster.spec.ready_timeout)
+            .await?;
+        cluster.open_accounts().await?;
+        Ok(cluster)
+    }
+
+    async fn open_accounts(&self) -> Result<(), Error> {
+        for (i, participant) in self.participants.iter().enumerate() {
+            let mut client = ParticipantClient::new(crate::server::channel(&participant.url())?)
+                .max_encoding_message_size(64 * 1024 * 1024);
+            let first = i as u64 * self.spec.accounts_per_participant;
+            let end = first + self.spec.accounts_per_participant;
+            let mut start = first;
+            while start < end {
+                let stop = (start + OPEN_CHUNK).min(end);
+                let accounts = (start..stop)
+                    .map(|account| pb::NewAccount {
+                        account,
+                        initial_balance: self.spec.initial_balance,
+                    })
+                    .collect();
+                match client
+                    .open_accounts(pb::OpenAccountsRequest { accounts })
+                    .await
+                {
+                    Ok(_) => {}
+                    // Reopening a kept cluster: the accounts are there.
+                    Err(status) if status.code() == tonic::Code::AlreadyExists => return Ok(()),
+                    Err(status) => return Err(Error::from(status)),
+                }
+                start = stop;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn node(&mut self, node: NodeRef) -> &mut NodeProcess {
+        match node {
+            NodeRef::Coordinator => &mut self.coordinator,
+            NodeRef::Participant(i) => &mut self.participants[i],
+        }
+    }
+
+    pub fn nodes(&self) -> Vec<NodeRef> {
+        let mut nodes = vec![NodeRef::Coordinator];
+        nodes.extend((0..self.participants.len()).map(NodeRef::Participant));
+        nodes
+    }
+
+    /// Every account id of the cluster, in order.
+    pub fn accounts(&self) -> std::ops::Range<u64> {
+        0..self.spec.accounts_per_participant * self.participants.len() as u64
+    }
+
+    pub fn coordinator_client(&self) -> Result<CoordinatorClient<Channel>, Error> {
+        Ok(
+            CoordinatorClient::new(crate::server::channel(&self.coordinator.url())?)
+                .max_decoding_message_size(64 * 1024 * 1024),
+        )
+    }
+
+    pub fn participant_client(&self, i: usize) -> Result<ParticipantClient<Channel>, Error> {
+        Ok(
+            ParticipantClient::new(crate::server::channel(&self.participants[i].url())?)
+                .max_decoding_message_size(64 * 1024 * 1024),
+        )
+    }
+
+    pub async fn kill(&mut self, node: NodeRef) {
+        self.node(node).kill().await;
+    }
+
+    pub async fn restart(&mut self, node: NodeRef) -> Result<(), Error> {
+        let timeout = self.spec.ready_timeout;
+        let process = self.node(node);
+        process.kill().await;
+        process.spawn(timeout).await
+    }
+
+    /// Nodes that exited without being told to, with their exit status.
+    pub fn crashed(&mut self) -> Vec<(NodeRef, std::process::ExitStatus)> {
+        let mut crashed = Vec::new();
+        for node in self.nodes() {
+            if let Some(status) = self.node(node).exited() {
+                crashed.push((node, status));
+            }
+        }
+        crashed
+    }
+
+    /// SIGTERM to every node (participants first), SIGKILL after 5 s.
+    pub async fn stop(&mut self) {
+        for node in self.nodes().into_iter().rev() {
+            self.node(node).stop(Duration::from_secs(5)).await;
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.spec.data_dir
+    }
+}
