@@ -9,13 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("tandem_descriptor.bin"))
-        .compile_protos(
-            &[
-                "proto/tandem/v1/participant.proto",
-                "proto/tandem/v1/coordinator.proto",
-            ],
-            &["proto"],
-        )?;
+        .compile_protos(&["proto/tandem/v1/participant.proto", "proto/tandem/v1/coordinator.proto"], &["proto"])?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -65,10 +65,7 @@ impl ClusterSpec {
 /// or for the bench itself.
 pub fn default_bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("the path of the running executable");
-    let dir = exe
-        .parent()
-        .expect("an executable lives in a directory")
-        .to_path_buf();
+    let dir = exe.parent().expect("an executable lives in a directory").to_path_buf();
     if dir.file_name().is_some_and(|name| name == "deps") {
         dir.parent().expect("deps has a parent").to_path_buf()
     } else {
@@ -156,11 +153,7 @@ impl NodeProcess {
         self.child = Some(child);
         self.paused = false;
         wait_serving(&self.url(), deadline).await.map_err(|e| {
-            Error::Unavailable(format!(
-                "{} is not healthy: {e}; see {}",
-                self.node,
-                self.log_path.display()
-            ))
+            Error::Unavailable(format!("{} is not healthy: {e}; see {}", self.node, self.log_path.display()))
         })
     }
 
@@ -230,9 +223,7 @@ pub async fn wait_serving(url: &str, deadline: Instant) -> Result<(), Error> {
     let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
     let mut last = String::from("no answer");
     while Instant::now() < deadline {
-        let mut request = tonic::Request::new(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
-        });
+        let mut request = tonic::Request::new(tonic_health::pb::HealthCheckRequest { service: String::new() });
         request.set_timeout(Duration::from_millis(500));
         match client.check(request).await {
             Ok(response)
@@ -252,10 +243,7 @@ pub async fn wait_serving(url: &str, deadline: Instant) -> Result<(), Error> {
 fn free_port() -> Result<u16, Error> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|e| Error::Unavailable(format!("cannot find a free port: {e}")))?;
-    Ok(listener
-        .local_addr()
-        .map_err(|e| Error::Unavailable(e.to_string()))?
-        .port())
+    Ok(listener.local_addr().map_err(|e| Error::Unavailable(e.to_string()))?.port())
 }
 
 pub struct Cluster {
@@ -279,21 +267,14 @@ impl Cluster {
                 )));
             }
         }
-        let coordinator_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?)
-            .parse()
-            .expect("valid address");
+        let coordinator_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse().expect("valid address");
         let mut participants = Vec::new();
         let mut shards = Vec::new();
         for i in 0..spec.participants {
             let node = NodeRef::Participant(i);
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?)
-                .parse()
-                .expect("valid address");
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse().expect("valid address");
             let first = i as u64 * spec.accounts_per_participant;
-            shards.push(format!(
-                "{node}=http://{addr}@{first}..{}",
-                first + spec.accounts_per_participant
-            ));
+            shards.push(format!("{node}=http://{addr}@{first}..{}", first + spec.accounts_per_participant));
             let data_dir = spec.data_dir.join(node.to_string());
             let mut args = vec![
                 "--listen".into(),
@@ -345,20 +326,11 @@ impl Cluster {
             child: None,
             paused: false,
         };
-        let mut cluster = Cluster {
-            spec,
-            coordinator,
-            participants,
-        };
+        let mut cluster = Cluster { spec, coordinator, participants };
         for i in 0..cluster.participants.len() {
-            cluster.participants[i]
-                .spawn(cluster.spec.ready_timeout)
-                .await?;
+            cluster.participants[i].spawn(cluster.spec.ready_timeout).await?;
         }
-        cluster
-            .coordinator
-            .spawn(cluster.spec.ready_timeout)
-            .await?;
+        cluster.coordinator.spawn(cluster.spec.ready_timeout).await?;
         cluster.open_accounts().await?;
         Ok(cluster)
     }
@@ -373,15 +345,9 @@ impl Cluster {
             while start < end {
                 let stop = (start + OPEN_CHUNK).min(end);
                 let accounts = (start..stop)
-                    .map(|account| pb::NewAccount {
-                        account,
-                        initial_balance: self.spec.initial_balance,
-                    })
+                    .map(|account| pb::NewAccount { account, initial_balance: self.spec.initial_balance })
                     .collect();
-                match client
-                    .open_accounts(pb::OpenAccountsRequest { accounts })
-                    .await
-                {
+                match client.open_accounts(pb::OpenAccountsRequest { accounts }).await {
                     Ok(_) => {}
                     // Reopening a kept cluster: the accounts are there.
                     Err(status) if status.code() == tonic::Code::AlreadyExists => return Ok(()),
@@ -412,17 +378,13 @@ impl Cluster {
     }
 
     pub fn coordinator_client(&self) -> Result<CoordinatorClient<Channel>, Error> {
-        Ok(
-            CoordinatorClient::new(crate::server::channel(&self.coordinator.url())?)
-                .max_decoding_message_size(64 * 1024 * 1024),
-        )
+        Ok(CoordinatorClient::new(crate::server::channel(&self.coordinator.url())?)
+            .max_decoding_message_size(64 * 1024 * 1024))
     }
 
     pub fn participant_client(&self, i: usize) -> Result<ParticipantClient<Channel>, Error> {
-        Ok(
-            ParticipantClient::new(crate::server::channel(&self.participants[i].url())?)
-                .max_decoding_message_size(64 * 1024 * 1024),
-        )
+        Ok(ParticipantClient::new(crate::server::channel(&self.participants[i].url())?)
+            .max_decoding_message_size(64 * 1024 * 1024))
     }
 
     pub async fn kill(&mut self, node: NodeRef) {

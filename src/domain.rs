@@ -29,15 +29,9 @@ impl Id {
             return Err(Error::InvalidInput(format!("{what} is empty")));
         }
         if text.len() > ID_LEN_MAX {
-            return Err(Error::InvalidInput(format!(
-                "{what} is {} bytes long; the most is {ID_LEN_MAX}",
-                text.len()
-            )));
+            return Err(Error::InvalidInput(format!("{what} is {} bytes long; the most is {ID_LEN_MAX}", text.len())));
         }
-        if let Some(bad) = text
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')))
-        {
+        if let Some(bad) = text.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))) {
             return Err(Error::InvalidInput(format!(
                 "{what} {text:?} has the character {bad:?}; only A-Z a-z 0-9 . _ : - are allowed"
             )));
@@ -82,9 +76,7 @@ impl Leg {
 /// own share of a transaction).
 pub fn validate_legs(legs: &[Leg]) -> Result<(), Error> {
     if legs.is_empty() {
-        return Err(Error::InvalidInput(
-            "a transaction needs at least one leg".into(),
-        ));
+        return Err(Error::InvalidInput("a transaction needs at least one leg".into()));
     }
     if legs.len() > LEGS_MAX {
         return Err(Error::InvalidInput(format!(
@@ -95,22 +87,13 @@ pub fn validate_legs(legs: &[Leg]) -> Result<(), Error> {
     let mut seen = BTreeSet::new();
     for leg in legs {
         if leg.amount == 0 {
-            return Err(Error::InvalidInput(format!(
-                "the leg on account {} has amount zero",
-                leg.account
-            )));
+            return Err(Error::InvalidInput(format!("the leg on account {} has amount zero", leg.account)));
         }
         if leg.amount == i64::MIN {
-            return Err(Error::InvalidInput(format!(
-                "the leg on account {} has an amount out of range",
-                leg.account
-            )));
+            return Err(Error::InvalidInput(format!("the leg on account {} has an amount out of range", leg.account)));
         }
         if !seen.insert(leg.account) {
-            return Err(Error::InvalidInput(format!(
-                "account {} appears in more than one leg",
-                leg.account
-            )));
+            return Err(Error::InvalidInput(format!("account {} appears in more than one leg", leg.account)));
         }
     }
     Ok(())
@@ -121,9 +104,7 @@ pub fn validate_legs(legs: &[Leg]) -> Result<(), Error> {
 pub fn validate_balanced(legs: &[Leg]) -> Result<(), Error> {
     let sum: i128 = legs.iter().map(|leg| leg.amount as i128).sum();
     if sum != 0 {
-        return Err(Error::InvalidInput(format!(
-            "the legs must sum to zero; they sum to {sum}"
-        )));
+        return Err(Error::InvalidInput(format!("the legs must sum to zero; they sum to {sum}")));
     }
     Ok(())
 }
@@ -131,25 +112,12 @@ pub fn validate_balanced(legs: &[Leg]) -> Result<(), Error> {
 /// The two legs of a transfer, after its own checks.
 pub fn transfer_legs(from: AccountId, to: AccountId, amount: Amount) -> Result<[Leg; 2], Error> {
     if amount <= 0 {
-        return Err(Error::InvalidInput(format!(
-            "the amount must be positive; it is {amount}"
-        )));
+        return Err(Error::InvalidInput(format!("the amount must be positive; it is {amount}")));
     }
     if from == to {
-        return Err(Error::InvalidInput(format!(
-            "the source and the target are the same account ({from})"
-        )));
+        return Err(Error::InvalidInput(format!("the source and the target are the same account ({from})")));
     }
-    Ok([
-        Leg {
-            account: from,
-            amount: -amount,
-        },
-        Leg {
-            account: to,
-            amount,
-        },
-    ])
+    Ok([Leg { account: from, amount: -amount }, Leg { account: to, amount }])
 }
 
 #[cfg(test)]
@@ -161,83 +129,27 @@ mod tests {
         assert!(Id::parse("id", "c1-000001-0000000042").is_ok());
         assert!(Id::parse("id", "a.b_c:d").is_ok());
         assert!(matches!(Id::parse("id", ""), Err(Error::InvalidInput(_))));
-        assert!(matches!(
-            Id::parse("id", "has space"),
-            Err(Error::InvalidInput(_))
-        ));
+        assert!(matches!(Id::parse("id", "has space"), Err(Error::InvalidInput(_))));
         assert!(matches!(Id::parse("id", "é"), Err(Error::InvalidInput(_))));
         assert!(Id::parse("id", &"x".repeat(ID_LEN_MAX)).is_ok());
-        assert!(matches!(
-            Id::parse("id", &"x".repeat(ID_LEN_MAX + 1)),
-            Err(Error::InvalidInput(_))
-        ));
+        assert!(matches!(Id::parse("id", &"x".repeat(ID_LEN_MAX + 1)), Err(Error::InvalidInput(_))));
     }
 
     #[test]
     fn legs_are_checked_for_shape_and_balance() {
-        let ok = [
-            Leg {
-                account: 1,
-                amount: -5,
-            },
-            Leg {
-                account: 2,
-                amount: 5,
-            },
-        ];
+        let ok = [Leg { account: 1, amount: -5 }, Leg { account: 2, amount: 5 }];
         assert!(validate_legs(&ok).is_ok());
         assert!(validate_balanced(&ok).is_ok());
         assert!(validate_legs(&[]).is_err());
-        assert!(validate_legs(&[Leg {
-            account: 1,
-            amount: 0
-        }])
-        .is_err());
-        assert!(validate_legs(&[Leg {
-            account: 1,
-            amount: i64::MIN
-        }])
-        .is_err());
-        assert!(validate_legs(&[
-            Leg {
-                account: 1,
-                amount: 1
-            },
-            Leg {
-                account: 1,
-                amount: -1
-            }
-        ])
-        .is_err());
-        let many: Vec<Leg> = (0..=LEGS_MAX as u64)
-            .map(|a| Leg {
-                account: a,
-                amount: 1,
-            })
-            .collect();
+        assert!(validate_legs(&[Leg { account: 1, amount: 0 }]).is_err());
+        assert!(validate_legs(&[Leg { account: 1, amount: i64::MIN }]).is_err());
+        assert!(validate_legs(&[Leg { account: 1, amount: 1 }, Leg { account: 1, amount: -1 }]).is_err());
+        let many: Vec<Leg> = (0..=LEGS_MAX as u64).map(|a| Leg { account: a, amount: 1 }).collect();
         assert!(validate_legs(&many).is_err());
-        assert!(validate_balanced(&[
-            Leg {
-                account: 1,
-                amount: i64::MAX
-            },
-            Leg {
-                account: 2,
-                amount: i64::MAX
-            }
-        ])
-        .is_err());
-        assert!(validate_balanced(&[
-            Leg {
-                account: 1,
-                amount: -5
-            },
-            Leg {
-                account: 2,
-                amount: 4
-            }
-        ])
-        .is_err());
+        assert!(
+            validate_balanced(&[Leg { account: 1, amount: i64::MAX }, Leg { account: 2, amount: i64::MAX }]).is_err()
+        );
+        assert!(validate_balanced(&[Leg { account: 1, amount: -5 }, Leg { account: 2, amount: 4 }]).is_err());
     }
 
     #[test]

@@ -36,10 +36,7 @@ pub enum Error {
 impl Error {
     /// Whether trying the same request again later may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            Error::Conflict(_) | Error::Unavailable(_) | Error::Busy(_) | Error::Timeout(_)
-        )
+        matches!(self, Error::Conflict(_) | Error::Unavailable(_) | Error::Busy(_) | Error::Timeout(_))
     }
 }
 
@@ -64,9 +61,7 @@ impl From<Status> for Error {
     fn from(status: Status) -> Error {
         let message = status.message().to_string();
         match status.code() {
-            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
-                Error::InvalidInput(message)
-            }
+            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => Error::InvalidInput(message),
             Code::NotFound => Error::NotFound(message),
             Code::AlreadyExists => Error::AlreadyExists(message),
             Code::Aborted => Error::Conflict(message),

@@ -12,18 +12,12 @@ use crate::domain;
 
 impl From<domain::Leg> for Leg {
     fn from(leg: domain::Leg) -> Self {
-        Leg {
-            account: leg.account,
-            amount: leg.amount,
-        }
+        Leg { account: leg.account, amount: leg.amount }
     }
 }
 
 impl From<&Leg> for domain::Leg {
     fn from(leg: &Leg) -> Self {
-        domain::Leg {
-            account: leg.account,
-            amount: leg.amount,
-        }
+        domain::Leg { account: leg.account, amount: leg.amount }
     }
 }

@@ -1,19 +1,30 @@
 //! The durable store of a node: RocksDB on disk behind one writer thread
 //! that commits in groups.
 //!
-//! Contract: when the future returned by [`Store::write`] (or the receiver
-//! from [`Store::submit`]) yields `Ok`, the write is in RocksDB's WAL and the
-//! WAL is fsynced. Writes are applied in the order they were submitted, so a
-//! caller that mutates its memory and submits under one lock keeps memory
-//! and disk in the same order.
+//! Contract: a submission completes (the future of [`Store::write`], the
+//! receiver of [`Store::submit`]) according to its [`Durability`]:
+//! - [`Durability::Fsync`]: after its ops are in RocksDB's WAL and the WAL
+//!   is fsynced;
+//! - [`Durability::Lazy`]: also only after an fsync covers its ops, but it
+//!   does not ask for one of its own: it rides on the next `Fsync` group, and
+//!   if none comes within [`LAZY_LINGER_US`], the writer fsyncs for it;
+//! - [`Durability::Buffered`]: once its ops are written to the WAL (they
+//!   survive a crash of the process, not of the machine).
 //!
-//! Group commit: while one synced write is in progress, later submissions
-//! queue; the writer takes everything queued (up to [`GROUP_OPS_MAX`]
-//! operations) into one `WriteBatch` and one fsync, then answers every
-//! submitter of the group. Nothing is answered before its group's fsync
-//! returns. If a write or fsync fails, the store turns failed: that group and
-//! every later submission get [`Error::Fatal`], and the node stops
-//! acknowledging. A failed fsync is never retried and assumed to have worked.
+//! Writes are applied in the order they were submitted, so a caller that
+//! mutates its memory and submits under one lock keeps memory and disk in
+//! the same order. Because the WAL is one append-only log, an fsync makes
+//! every earlier write durable too; that is what lets lazy submissions ride
+//! on later ones.
+//!
+//! Group commit: while one group is being written, later submissions queue;
+//! the writer takes everything queued (up to [`GROUP_OPS_MAX`] operations)
+//! into one `WriteBatch` and at most one fsync, then completes every
+//! submission the write made durable. Nothing is completed before its
+//! durability holds. If a write or fsync fails, the store turns failed: the
+//! waiting submissions and every later one get [`Error::Fatal`], and the
+//! node stops acknowledging. A failed fsync is never retried and assumed to
+//! have worked.
 //!
 //! The queue is bounded ([`QUEUE_OPS_MAX`] operations): past it a submission
 //! gets [`Error::Busy`] and changes nothing.
@@ -23,12 +34,24 @@ use rocksdb::{Options, WriteBatch, WriteOptions, DB};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 /// Most operations merged into one group (one WriteBatch, one fsync).
 pub const GROUP_OPS_MAX: usize = 16_384;
 /// Most operations waiting for the writer.
 pub const QUEUE_OPS_MAX: usize = 262_144;
+/// Longest a [`Durability::Lazy`] submission waits for another group's
+/// fsync before the writer fsyncs for it.
+pub const LAZY_LINGER_US: u64 = 1_000;
+
+/// When a submission completes; see the module documentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    Fsync,
+    Lazy,
+    Buffered,
+}
 
 /// One change to the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,7 +64,7 @@ type Completion = oneshot::Sender<Result<(), Error>>;
 
 struct Pending {
     ops: Vec<Op>,
-    sync: bool,
+    durability: Durability,
     done: Completion,
 }
 
@@ -69,12 +92,8 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the database at `path` and starts the writer.
     pub fn open(path: &Path) -> Result<Store, Error> {
-        std::fs::create_dir_all(path).map_err(|e| {
-            Error::Fatal(format!(
-                "cannot create the data directory {}: {e}",
-                path.display()
-            ))
-        })?;
+        std::fs::create_dir_all(path)
+            .map_err(|e| Error::Fatal(format!("cannot create the data directory {}: {e}", path.display())))?;
         let mut options = Options::default();
         options.create_if_missing(true);
         options.set_max_background_jobs(2);
@@ -95,27 +114,16 @@ impl Store {
             .name("store-writer".into())
             .spawn(move || writer.run_writer())
             .map_err(|e| Error::Fatal(format!("cannot start the writer thread: {e}")))?;
-        *store
-            .shared
-            .writer
-            .lock()
-            .expect("writer handle lock poisoned") = Some(handle);
+        *store.shared.writer.lock().expect("writer handle lock poisoned") = Some(handle);
         Ok(store)
     }
 
-    /// Queues `ops` for the writer. The receiver yields once the group that
-    /// holds them is written (and fsynced, if `sync` or any other member of
-    /// the group asked for it). Fails at once if the store has failed or the
-    /// queue is full; then nothing was queued.
-    pub fn submit(
-        &self,
-        ops: Vec<Op>,
-        sync: bool,
-    ) -> Result<oneshot::Receiver<Result<(), Error>>, Error> {
+    /// Queues `ops` for the writer. The receiver yields once `durability`
+    /// holds for them. Fails at once if the store has failed or the queue is
+    /// full; then nothing was queued.
+    pub fn submit(&self, ops: Vec<Op>, durability: Durability) -> Result<oneshot::Receiver<Result<(), Error>>, Error> {
         if self.shared.failed.load(Ordering::Acquire) {
-            return Err(Error::Fatal(
-                "the store failed earlier; this node no longer acknowledges writes".into(),
-            ));
+            return Err(Error::Fatal("the store failed earlier; this node no longer acknowledges writes".into()));
         }
         let (done, receiver) = oneshot::channel();
         let mut queue = self.shared.queue.lock().expect("store queue lock poisoned");
@@ -123,12 +131,10 @@ impl Store {
             return Err(Error::Unavailable("the node is shutting down".into()));
         }
         if queue.ops_queued + ops.len() > QUEUE_OPS_MAX {
-            return Err(Error::Busy(format!(
-                "the write queue is full ({QUEUE_OPS_MAX} operations)"
-            )));
+            return Err(Error::Busy(format!("the write queue is full ({QUEUE_OPS_MAX} operations)")));
         }
         queue.ops_queued += ops.len();
-        queue.pending.push(Pending { ops, sync, done });
+        queue.pending.push(Pending { ops, durability, done });
         drop(queue);
         self.shared.wake_writer.notify_one();
         Ok(receiver)
@@ -140,25 +146,19 @@ impl Store {
     /// refused for room.
     pub fn check_room(&self, ops_count: usize) -> Result<(), Error> {
         if self.shared.failed.load(Ordering::Acquire) {
-            return Err(Error::Fatal(
-                "the store failed earlier; this node no longer acknowledges writes".into(),
-            ));
+            return Err(Error::Fatal("the store failed earlier; this node no longer acknowledges writes".into()));
         }
         let queue = self.shared.queue.lock().expect("store queue lock poisoned");
         if queue.ops_queued + ops_count > QUEUE_OPS_MAX {
-            return Err(Error::Busy(format!(
-                "the write queue is full ({QUEUE_OPS_MAX} operations)"
-            )));
+            return Err(Error::Busy(format!("the write queue is full ({QUEUE_OPS_MAX} operations)")));
         }
         Ok(())
     }
 
-    /// Submits `ops` with `sync` and waits until they are durable.
+    /// Submits `ops` and waits until they are fsynced.
     pub async fn write(&self, ops: Vec<Op>) -> Result<(), Error> {
-        let receiver = self.submit(ops, true)?;
-        receiver
-            .await
-            .unwrap_or_else(|_| Err(Error::Fatal("the writer thread stopped".into())))
+        let receiver = self.submit(ops, Durability::Fsync)?;
+        receiver.await.unwrap_or_else(|_| Err(Error::Fatal("the writer thread stopped".into())))
     }
 
     /// Point read of what is written (durable or about to be).
@@ -172,16 +172,9 @@ impl Store {
     }
 
     /// The first `limit` keys and values whose key starts with `prefix`.
-    pub fn scan_prefix_first(
-        &self,
-        prefix: &[u8],
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+    pub fn scan_prefix_first(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
         let mut out = Vec::new();
-        let iter = self.db.iterator(rocksdb::IteratorMode::From(
-            prefix,
-            rocksdb::Direction::Forward,
-        ));
+        let iter = self.db.iterator(rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward));
         for item in iter {
             let (key, value) = item?;
             if !key.starts_with(prefix) || out.len() >= limit {
@@ -200,18 +193,9 @@ impl Store {
     /// Stops taking writes, writes those already queued, and waits for the
     /// writer thread to finish.
     pub fn close(&self) {
-        self.shared
-            .queue
-            .lock()
-            .expect("store queue lock poisoned")
-            .closed = true;
+        self.shared.queue.lock().expect("store queue lock poisoned").closed = true;
         self.shared.wake_writer.notify_one();
-        let handle = self
-            .shared
-            .writer
-            .lock()
-            .expect("writer handle lock poisoned")
-            .take();
+        let handle = self.shared.writer.lock().expect("writer handle lock poisoned").take();
         if let Some(handle) = handle {
             let _ = handle.join();
         }
@@ -220,19 +204,38 @@ impl Store {
     fn run_writer(self) {
         let mut write_options = WriteOptions::default();
         let mut group: Vec<Pending> = Vec::new();
+        // Lazy submissions written but not yet covered by an fsync, and when
+        // the writer must fsync for them at the latest.
+        let mut parked: Vec<Completion> = Vec::new();
+        let mut parked_deadline: Option<Instant> = None;
         loop {
+            let closing;
             {
                 let mut queue = self.shared.queue.lock().expect("store queue lock poisoned");
-                while queue.pending.is_empty() {
+                loop {
+                    if !queue.pending.is_empty() || (queue.closed && !parked.is_empty()) {
+                        break;
+                    }
                     if queue.closed {
                         return;
                     }
-                    queue = self
-                        .shared
-                        .wake_writer
-                        .wait(queue)
-                        .expect("store queue lock poisoned");
+                    match parked_deadline {
+                        None => queue = self.shared.wake_writer.wait(queue).expect("store queue lock poisoned"),
+                        Some(deadline) => {
+                            let now = Instant::now();
+                            if now >= deadline {
+                                break;
+                            }
+                            queue = self
+                                .shared
+                                .wake_writer
+                                .wait_timeout(queue, deadline - now)
+                                .expect("store queue lock poisoned")
+                                .0;
+                        }
+                    }
                 }
+                closing = queue.closed;
                 // Take the oldest submissions up to GROUP_OPS_MAX operations
                 // (at least one, however large), keeping their order.
                 let mut ops_taken = 0;
@@ -247,29 +250,45 @@ impl Store {
                 group.extend(queue.pending.drain(..count));
                 queue.ops_queued -= ops_taken;
             }
-            let sync = group.iter().any(|pending| pending.sync);
-            let mut batch = WriteBatch::default();
-            for pending in &group {
-                for op in &pending.ops {
-                    match op {
-                        Op::Put(key, value) => batch.put(key, value),
-                        Op::Delete(key) => batch.delete(key),
-                    }
-                }
-            }
-            write_options.set_sync(sync);
+            let overdue = parked_deadline.is_some_and(|deadline| Instant::now() >= deadline) || closing;
+            let sync =
+                group.iter().any(|pending| pending.durability == Durability::Fsync) || (overdue && !parked.is_empty());
             let result = if self.shared.failed.load(Ordering::Acquire) {
                 Err(Error::Fatal("the store failed earlier".into()))
+            } else if group.is_empty() {
+                self.db.flush_wal(true).map_err(Error::from)
             } else {
-                self.db.write_opt(batch, &write_options).map_err(|e| {
-                    tracing::error!(error = %e, "a write to the store failed; this node stops acknowledging");
-                    self.shared.failed.store(true, Ordering::Release);
-                    Error::Fatal(e.to_string())
-                })
+                let mut batch = WriteBatch::default();
+                for pending in &group {
+                    for op in &pending.ops {
+                        match op {
+                            Op::Put(key, value) => batch.put(key, value),
+                            Op::Delete(key) => batch.delete(key),
+                        }
+                    }
+                }
+                write_options.set_sync(sync);
+                self.db.write_opt(batch, &write_options).map_err(Error::from)
             };
+            if let Err(error) = &result {
+                tracing::error!(%error, "a write to the store failed; this node stops acknowledging");
+                self.shared.failed.store(true, Ordering::Release);
+            }
+            let failed = result.is_err();
             for pending in group.drain(..) {
-                // A submitter that went away no longer waits; nothing to tell.
-                let _ = pending.done.send(result.clone());
+                if pending.durability == Durability::Lazy && !sync && !failed {
+                    parked.push(pending.done);
+                    parked_deadline.get_or_insert_with(|| Instant::now() + Duration::from_micros(LAZY_LINGER_US));
+                } else {
+                    // A submitter that went away no longer waits; nothing to tell.
+                    let _ = pending.done.send(result.clone());
+                }
+            }
+            if sync || failed {
+                for done in parked.drain(..) {
+                    let _ = done.send(result.clone());
+                }
+                parked_deadline = None;
             }
         }
     }
@@ -288,39 +307,42 @@ mod tests {
             for i in 0..100u32 {
                 waits.push(
                     store
-                        .submit(
-                            vec![Op::Put(b"k/same".to_vec(), i.to_be_bytes().to_vec())],
-                            true,
-                        )
+                        .submit(vec![Op::Put(b"k/same".to_vec(), i.to_be_bytes().to_vec())], Durability::Lazy)
                         .unwrap(),
                 );
                 waits.push(
-                    store
-                        .submit(
-                            vec![Op::Put(format!("k/{i:03}").into_bytes(), vec![1])],
-                            true,
-                        )
-                        .unwrap(),
+                    store.submit(vec![Op::Put(format!("k/{i:03}").into_bytes(), vec![1])], Durability::Fsync).unwrap(),
                 );
             }
             for wait in waits {
                 wait.await.unwrap().unwrap();
             }
-            store
-                .write(vec![Op::Delete(b"k/000".to_vec())])
-                .await
-                .unwrap();
+            store.write(vec![Op::Delete(b"k/000".to_vec())]).await.unwrap();
             store.close();
         }
         let store = Store::open(dir.path()).unwrap();
-        assert_eq!(
-            store.get(b"k/same").unwrap(),
-            Some(99u32.to_be_bytes().to_vec()),
-            "the last submitted write wins"
-        );
+        assert_eq!(store.get(b"k/same").unwrap(), Some(99u32.to_be_bytes().to_vec()), "the last submitted write wins");
         assert_eq!(store.get(b"k/000").unwrap(), None);
         let rows = store.scan_prefix(b"k/0").unwrap();
         assert_eq!(rows.len(), 99);
         assert!(rows.windows(2).all(|w| w[0].0 < w[1].0));
+    }
+}
+
+#[cfg(test)]
+mod lazy_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_lazy_write_alone_is_fsynced_after_the_linger_and_buffered_writes_complete_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let began = Instant::now();
+        store.submit(vec![Op::Put(b"b".to_vec(), vec![1])], Durability::Buffered).unwrap().await.unwrap().unwrap();
+        let lazy = store.submit(vec![Op::Put(b"l".to_vec(), vec![1])], Durability::Lazy).unwrap();
+        lazy.await.unwrap().unwrap();
+        assert!(began.elapsed() >= Duration::from_micros(LAZY_LINGER_US), "the lazy write waited for its fsync");
+        assert_eq!(store.get(b"l").unwrap(), Some(vec![1]));
+        store.close();
     }
 }

@@ -25,24 +25,14 @@ async fn start_cluster(participants: usize, accounts_each: u64) -> (Cluster, tem
     spec.accounts_per_participant = accounts_each;
     spec.initial_balance = INITIAL_BALANCE;
     spec.log_level = "info".into();
-    spec.coordinator_args = vec![
-        "--prepare-timeout-ms".into(),
-        "300".into(),
-        "--call-timeout-ms".into(),
-        "300".into(),
-    ];
+    spec.coordinator_args = vec!["--prepare-timeout-ms".into(), "300".into(), "--call-timeout-ms".into(), "300".into()];
     spec.participant_args = vec!["--in-doubt-after-ms".into(), "200".into()];
     let cluster = Cluster::start(spec).await.expect("the cluster starts");
     (cluster, dir)
 }
 
 fn transfer(from: u64, to: u64, amount: i64, key: &str) -> pb::TransferRequest {
-    pb::TransferRequest {
-        from_account: from,
-        to_account: to,
-        amount,
-        idempotency_key: key.into(),
-    }
+    pb::TransferRequest { from_account: from, to_account: to, amount, idempotency_key: key.into() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -51,52 +41,24 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
     let mut client = cluster.coordinator_client().unwrap();
 
     // A cross-participant transfer commits and moves the money.
-    let result = client
-        .transfer(transfer(0, 15, 300, ""))
-        .await
-        .unwrap()
-        .into_inner();
+    let result = client.transfer(transfer(0, 15, 300, "")).await.unwrap().into_inner();
     assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
     let mut p1 = cluster.participant_client(0).unwrap();
     let mut p2 = cluster.participant_client(1).unwrap();
-    let b0 = p1
-        .get_balance(pb::GetBalanceRequest { account: 0 })
-        .await
-        .unwrap()
-        .into_inner();
-    let b15 = p2
-        .get_balance(pb::GetBalanceRequest { account: 15 })
-        .await
-        .unwrap()
-        .into_inner();
+    let b0 = p1.get_balance(pb::GetBalanceRequest { account: 0 }).await.unwrap().into_inner();
+    let b15 = p2.get_balance(pb::GetBalanceRequest { account: 15 }).await.unwrap().into_inner();
     assert_eq!((b0.posted, b0.available, b15.posted), (700, 700, 1_300));
 
     // Insufficient funds: an ABORTED outcome with that reason, nothing moved.
-    let result = client
-        .transfer(transfer(0, 15, 701, ""))
-        .await
-        .unwrap()
-        .into_inner();
+    let result = client.transfer(transfer(0, 15, 701, "")).await.unwrap().into_inner();
     assert_eq!(result.outcome, pb::Outcome::Aborted as i32);
-    assert_eq!(
-        result.abort_reason,
-        pb::AbortReason::InsufficientFunds as i32
-    );
+    assert_eq!(result.abort_reason, pb::AbortReason::InsufficientFunds as i32);
     assert!(result.reason.contains("available"), "{}", result.reason);
 
     // The status lookup knows the commit; an unknown id is presumed aborted.
-    let status = client
-        .get_transaction(pb::GetTransactionRequest {
-            txn_id: result.txn_id.clone(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        status.state,
-        pb::TransactionState::Unknown as i32,
-        "an unkeyed abort leaves no record"
-    );
+    let status =
+        client.get_transaction(pb::GetTransactionRequest { txn_id: result.txn_id.clone() }).await.unwrap().into_inner();
+    assert_eq!(status.state, pb::TransactionState::Unknown as i32, "an unkeyed abort leaves no record");
 
     // Bad input gets a clear status and changes nothing.
     let cases: Vec<(pb::TransferRequest, Code)> = vec![
@@ -113,53 +75,23 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
         assert!(!status.message().is_empty());
     }
     let legs = |pairs: &[(u64, i64)]| {
-        pairs
-            .iter()
-            .map(|(account, amount)| pb::Leg {
-                account: *account,
-                amount: *amount,
-            })
-            .collect()
+        pairs.iter().map(|(account, amount)| pb::Leg { account: *account, amount: *amount }).collect()
     };
     for (request, code) in [
         (legs(&[(1, -5), (12, 4)]), Code::InvalidArgument), // does not sum to zero
-        (
-            legs(&[(1, i64::MAX), (12, i64::MAX)]),
-            Code::InvalidArgument,
-        ), // overflow
-        (
-            (0..17)
-                .map(|a| pb::Leg {
-                    account: a,
-                    amount: 1,
-                })
-                .collect(),
-            Code::InvalidArgument,
-        ), // too many legs
+        (legs(&[(1, i64::MAX), (12, i64::MAX)]), Code::InvalidArgument), // overflow
+        ((0..17).map(|a| pb::Leg { account: a, amount: 1 }).collect(), Code::InvalidArgument), // too many legs
     ] {
-        let status = client
-            .execute(pb::ExecuteRequest {
-                legs: request,
-                idempotency_key: String::new(),
-            })
-            .await
-            .unwrap_err();
+        let status =
+            client.execute(pb::ExecuteRequest { legs: request, idempotency_key: String::new() }).await.unwrap_err();
         assert_eq!(status.code(), code, "{}", status.message());
     }
-    let status = client
-        .get_transaction(pb::GetTransactionRequest {
-            txn_id: "no spaces".into(),
-        })
-        .await
-        .unwrap_err();
+    let status = client.get_transaction(pb::GetTransactionRequest { txn_id: "no spaces".into() }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
 
     // A general transaction over three accounts on two participants.
     let result = client
-        .execute(pb::ExecuteRequest {
-            legs: legs(&[(1, -100), (2, -50), (12, 150)]),
-            idempotency_key: String::new(),
-        })
+        .execute(pb::ExecuteRequest { legs: legs(&[(1, -100), (2, -50), (12, 150)]), idempotency_key: String::new() })
         .await
         .unwrap()
         .into_inner();
@@ -167,76 +99,33 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
 
     // Idempotency: the same key gets the first result; reused for another
     // request, it is refused.
-    let first = client
-        .transfer(transfer(4, 14, 10, "order-1"))
-        .await
-        .unwrap()
-        .into_inner();
-    let again = client
-        .transfer(transfer(4, 14, 10, "order-1"))
-        .await
-        .unwrap()
-        .into_inner();
+    let first = client.transfer(transfer(4, 14, 10, "order-1")).await.unwrap().into_inner();
+    let again = client.transfer(transfer(4, 14, 10, "order-1")).await.unwrap().into_inner();
     assert_eq!(first, again);
-    let misuse = client
-        .transfer(transfer(4, 14, 11, "order-1"))
-        .await
-        .unwrap_err();
+    let misuse = client.transfer(transfer(4, 14, 11, "order-1")).await.unwrap_err();
     assert_eq!(misuse.code(), Code::InvalidArgument);
-    let b4 = p1
-        .get_balance(pb::GetBalanceRequest { account: 4 })
-        .await
-        .unwrap()
-        .into_inner();
+    let b4 = p1.get_balance(pb::GetBalanceRequest { account: 4 }).await.unwrap().into_inner();
     assert_eq!(b4.posted, 990, "applied once");
-    let status = client
-        .get_transaction(pb::GetTransactionRequest {
-            txn_id: first.txn_id,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let status = client.get_transaction(pb::GetTransactionRequest { txn_id: first.txn_id }).await.unwrap().into_inner();
     assert!(
         status.state == pb::TransactionState::Committed as i32
             || status.state == pb::TransactionState::Committing as i32
     );
 
     // The audit sees all the money, and nothing prepared.
-    let audit = client
-        .audit(pb::AuditRequest {
-            include_accounts: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let audit = client.audit(pb::AuditRequest { include_accounts: true }).await.unwrap().into_inner();
     assert_eq!(audit.total_posted, 20 * INITIAL_BALANCE);
     assert_eq!(audit.account_count, 20);
-    assert_eq!(
-        audit
-            .participants
-            .iter()
-            .map(|p| p.accounts.len())
-            .sum::<usize>(),
-        20
-    );
+    assert_eq!(audit.participants.iter().map(|p| p.accounts.len()).sum::<usize>(), 20);
 
     // A participant rejects malformed calls itself, too.
     let status = p1
-        .prepare(pb::PrepareRequest {
-            txn_id: "".into(),
-            coordinator_id: "c1".into(),
-            legs: legs(&[(0, -1)]),
-        })
+        .prepare(pb::PrepareRequest { txn_id: "".into(), coordinator_id: "c1".into(), legs: legs(&[(0, -1)]) })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     let status = p1
-        .open_accounts(pb::OpenAccountsRequest {
-            accounts: vec![pb::NewAccount {
-                account: 0,
-                initial_balance: 5,
-            }],
-        })
+        .open_accounts(pb::OpenAccountsRequest { accounts: vec![pb::NewAccount { account: 0, initial_balance: 5 }] })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::AlreadyExists);
@@ -246,66 +135,30 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
 async fn an_abort_before_the_prepare_leaves_a_tombstone_and_prepared_transfers_are_listed() {
     let (cluster, _dir) = start_cluster(1, 2).await;
     let mut p1 = cluster.participant_client(0).unwrap();
-    let legs = vec![
-        pb::Leg {
-            account: 0,
-            amount: -10,
-        },
-        pb::Leg {
-            account: 1,
-            amount: 10,
-        },
-    ];
-    p1.abort(pb::DecisionRequest {
-        txn_id: "manual-1".into(),
-    })
-    .await
-    .unwrap();
+    let legs = vec![pb::Leg { account: 0, amount: -10 }, pb::Leg { account: 1, amount: 10 }];
+    p1.abort(pb::DecisionRequest { txn_id: "manual-1".into() }).await.unwrap();
     let vote = p1
-        .prepare(pb::PrepareRequest {
-            txn_id: "manual-1".into(),
-            coordinator_id: "c1".into(),
-            legs: legs.clone(),
-        })
+        .prepare(pb::PrepareRequest { txn_id: "manual-1".into(), coordinator_id: "c1".into(), legs: legs.clone() })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        (vote.vote, vote.refusal),
-        (pb::Vote::No as i32, pb::Refusal::AlreadyAborted as i32)
-    );
+    assert_eq!((vote.vote, vote.refusal), (pb::Vote::No as i32, pb::Refusal::AlreadyAborted as i32));
 
     // A prepare the coordinator never ran: listed, then resolved by asking the
     // coordinator, which has no record and answers ABORT.
     let vote = p1
-        .prepare(pb::PrepareRequest {
-            txn_id: "manual-2".into(),
-            coordinator_id: "c1".into(),
-            legs,
-        })
+        .prepare(pb::PrepareRequest { txn_id: "manual-2".into(), coordinator_id: "c1".into(), legs })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(vote.vote, pb::Vote::Yes as i32);
-    let listed = p1
-        .list_prepared(pb::ListPreparedRequest { limit: 0 })
-        .await
-        .unwrap()
-        .into_inner();
+    let listed = p1.list_prepared(pb::ListPreparedRequest { limit: 0 }).await.unwrap().into_inner();
     assert_eq!(listed.total, 1);
     assert_eq!(listed.prepared[0].txn_id, "manual-2");
-    let balance = p1
-        .get_balance(pb::GetBalanceRequest { account: 0 })
-        .await
-        .unwrap()
-        .into_inner();
+    let balance = p1.get_balance(pb::GetBalanceRequest { account: 0 }).await.unwrap().into_inner();
     assert_eq!((balance.reserved, balance.available), (10, 990));
     wait_until_settled(&cluster, Duration::from_secs(10)).await;
-    let balance = p1
-        .get_balance(pb::GetBalanceRequest { account: 0 })
-        .await
-        .unwrap()
-        .into_inner();
+    let balance = p1.get_balance(pb::GetBalanceRequest { account: 0 }).await.unwrap().into_inner();
     assert_eq!((balance.posted, balance.reserved), (1_000, 0));
 }
 
@@ -339,19 +192,13 @@ fn spawn_load(
                     let to = (from + 1 + rng.below(accounts - 1)) % accounts;
                     let amount = 1 + rng.below(300) as i64;
                     let key = format!("c{c}-{n}");
-                    ledger
-                        .lock()
-                        .unwrap()
-                        .transfers
-                        .insert(key.clone(), (from, to, amount, None));
+                    ledger.lock().unwrap().transfers.insert(key.clone(), (from, to, amount, None));
                     let mut request = tonic::Request::new(transfer(from, to, amount, &key));
                     request.set_timeout(Duration::from_secs(3));
                     match client.transfer(request).await {
                         Ok(result) => {
-                            let committed =
-                                result.get_ref().outcome == pb::Outcome::Committed as i32;
-                            ledger.lock().unwrap().transfers.get_mut(&key).unwrap().3 =
-                                Some(committed);
+                            let committed = result.get_ref().outcome == pb::Outcome::Committed as i32;
+                            ledger.lock().unwrap().transfers.get_mut(&key).unwrap().3 = Some(committed);
                         }
                         // Unavailable, timed out: the outcome is unknown for now.
                         Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
@@ -369,16 +216,10 @@ async fn wait_until_settled(cluster: &Cluster, limit: Duration) {
         let mut settled = true;
         for i in 0..cluster.participants.len() {
             let mut client = cluster.participant_client(i).unwrap();
-            match client
-                .read_balances(pb::ReadBalancesRequest {
-                    include_accounts: false,
-                })
-                .await
-            {
+            match client.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await {
                 Ok(balances) => {
                     let b = balances.into_inner();
-                    settled &=
-                        b.prepared_count == 0 && b.total_reserved == 0 && b.total_incoming == 0;
+                    settled &= b.prepared_count == 0 && b.total_reserved == 0 && b.total_incoming == 0;
                 }
                 Err(_) => settled = false,
             }
@@ -386,10 +227,7 @@ async fn wait_until_settled(cluster: &Cluster, limit: Duration) {
         if settled {
             return;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the cluster did not settle within {limit:?}"
-        );
+        assert!(Instant::now() < deadline, "the cluster did not settle within {limit:?}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -398,8 +236,7 @@ async fn wait_until_settled(cluster: &Cluster, limit: Duration) {
 /// checks the ledger exactly.
 async fn check_ledger(cluster: &Cluster, ledger: &Ledger) {
     let mut client = cluster.coordinator_client().unwrap();
-    let mut expected: BTreeMap<u64, i64> =
-        cluster.accounts().map(|a| (a, INITIAL_BALANCE)).collect();
+    let mut expected: BTreeMap<u64, i64> = cluster.accounts().map(|a| (a, INITIAL_BALANCE)).collect();
     let mut unknown_resolved = 0;
     let (mut committed_count, mut aborted_count) = (0, 0);
     for (key, (from, to, amount, outcome)) in &ledger.transfers {
@@ -410,9 +247,7 @@ async fn check_ledger(cluster: &Cluster, ledger: &Ledger) {
                 let deadline = Instant::now() + Duration::from_secs(10);
                 loop {
                     match client.transfer(transfer(*from, *to, *amount, key)).await {
-                        Ok(result) => {
-                            break result.into_inner().outcome == pb::Outcome::Committed as i32
-                        }
+                        Ok(result) => break result.into_inner().outcome == pb::Outcome::Committed as i32,
                         Err(status) if Instant::now() < deadline => {
                             eprintln!("retrying {key}: {}", status.message());
                             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -434,23 +269,10 @@ async fn check_ledger(cluster: &Cluster, ledger: &Ledger) {
         "{} transfers: {committed_count} committed, {aborted_count} aborted, {unknown_resolved} resolved after healing",
         ledger.transfers.len()
     );
-    assert!(
-        committed_count > 50,
-        "the load did run: {committed_count} commits"
-    );
+    assert!(committed_count > 50, "the load did run: {committed_count} commits");
     wait_until_settled(cluster, Duration::from_secs(15)).await;
-    let audit = client
-        .audit(pb::AuditRequest {
-            include_accounts: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        audit.total_posted,
-        cluster.spec.total_money(),
-        "money is conserved"
-    );
+    let audit = client.audit(pb::AuditRequest { include_accounts: true }).await.unwrap().into_inner();
+    assert_eq!(audit.total_posted, cluster.spec.total_money(), "money is conserved");
     assert_eq!(audit.total_reserved, 0);
     for participant in &audit.participants {
         assert_eq!(participant.prepared_count, 0);
@@ -473,10 +295,7 @@ async fn crash_and_heal(victim: NodeRef, seed: u64) {
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     cluster.kill(victim).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
-    cluster
-        .restart(victim)
-        .await
-        .expect("the victim restarts on its data");
+    cluster.restart(victim).await.expect("the victim restarts on its data");
     tokio::time::sleep(Duration::from_millis(1_200)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for task in load {
@@ -502,48 +321,25 @@ async fn concurrent_transfers_survive_a_coordinator_sigkill_and_restart() {
 async fn servers_answer_standard_health_and_reflection_and_stop_on_sigterm() {
     let (mut cluster, _dir) = start_cluster(1, 1).await;
     let channel = tandem::server::channel(&cluster.coordinator.url()).unwrap();
-    let mut reflection =
-        tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let mut reflection = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
     let request = tonic_reflection::pb::v1::ServerReflectionRequest {
         host: String::new(),
-        message_request: Some(
-            tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
-                String::new(),
-            ),
-        ),
+        message_request: Some(tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
     };
-    let mut stream = reflection
-        .server_reflection_info(tokio_stream::once(request))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = reflection.server_reflection_info(tokio_stream::once(request)).await.unwrap().into_inner();
     let response = stream.message().await.unwrap().unwrap();
-    let Some(
-        tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(
-            list,
-        ),
-    ) = response.message_response
+    let Some(tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        response.message_response
     else {
         panic!("{response:?}")
     };
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(
-        names.contains(&"tandem.v1.Coordinator".to_string()),
-        "{names:?}"
-    );
-    assert!(
-        names.contains(&"grpc.health.v1.Health".to_string()),
-        "{names:?}"
-    );
+    assert!(names.contains(&"tandem.v1.Coordinator".to_string()), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
     for node in cluster.nodes() {
-        let status = cluster
-            .node(node)
-            .stop(Duration::from_secs(5))
-            .await
-            .unwrap();
-        assert!(
-            status.success(),
-            "{node} exits cleanly on SIGTERM: {status:?}"
-        );
+        let status = cluster.node(node).stop(Duration::from_secs(5)).await.unwrap();
+        assert!(status.success(), "{node} exits cleanly on SIGTERM: {status:?}");
     }
 }

@@ -1,1 +1,254 @@
-fn main() {}
+//! `bench`: launch a local tandem cluster, drive bank-transfer workloads,
+//! inject faults, and compare the protocols side by side.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tandem::cluster::{default_bin_dir, Cluster, ClusterSpec};
+use tandem_bench::report::{self, RunReport};
+use tandem_bench::run::{run_protocol, RunOptions};
+use tandem_bench::scenario::{self, LoopMode, Protocol, Skew};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "tandem's benchmark harness: local clusters of the real binaries, bank-transfer workloads, faults, invariants, reports"
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a scenario: each protocol on a fresh local cluster with the same
+    /// seed, then check the invariants and write the report. Exits non-zero
+    /// if an invariant is violated.
+    Run(RunArgs),
+    /// Manage a local cluster by hand.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// List the preset scenarios.
+    Scenarios,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// A preset name (see `bench scenarios`) or a TOML file.
+    #[arg(long, default_value = "default")]
+    scenario: String,
+    /// Run only this protocol (repeat for several): 2pc.
+    #[arg(long = "protocol", value_parser = Protocol::parse)]
+    protocols: Vec<Protocol>,
+    /// Override the measured duration of each protocol's run, in seconds.
+    #[arg(long)]
+    duration_s: Option<f64>,
+    /// Override: closed loop with this many concurrent clients.
+    #[arg(long)]
+    clients: Option<usize>,
+    /// Override: open loop at this many transfers per second.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Override the number of participants.
+    #[arg(long)]
+    participants: Option<usize>,
+    /// Override the accounts per participant.
+    #[arg(long)]
+    accounts: Option<u64>,
+    /// Override: Zipf-skewed account choice with this exponent.
+    #[arg(long)]
+    zipf: Option<f64>,
+    /// Override the seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Drop the scenario's faults.
+    #[arg(long)]
+    no_faults: bool,
+    /// Where results go (default: bench-results/<scenario>-<time>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Keep the clusters' data directories after the run.
+    #[arg(long)]
+    keep_data: bool,
+    /// Where the coordinator and participant binaries are (default: beside bench).
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCommand {
+    /// Start a coordinator and participants, open the accounts, print the
+    /// endpoints, and run until Ctrl-C.
+    Up {
+        #[arg(long, default_value_t = 2)]
+        participants: usize,
+        #[arg(long, default_value_t = 1_000)]
+        accounts: u64,
+        #[arg(long, default_value_t = 1_000_000)]
+        initial_balance: i64,
+        /// Data directory (default: a fresh one under bench-results/).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Keep the data directory when stopping.
+        #[arg(long)]
+        keep_data: bool,
+        #[arg(long)]
+        bin_dir: Option<PathBuf>,
+        /// Log level of the nodes.
+        #[arg(long, default_value = "info")]
+        log_level: String,
+    },
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tandem::server::init_tracing("warn");
+    let args = Args::parse();
+    let result = match args.command {
+        Command::Run(run) => run_command(run).await,
+        Command::Cluster {
+            command:
+                ClusterCommand::Up { participants, accounts, initial_balance, data_dir, keep_data, bin_dir, log_level },
+        } => cluster_up(participants, accounts, initial_balance, data_dir, keep_data, bin_dir, log_level).await,
+        Command::Scenarios => {
+            for (name, text) in scenario::PRESETS {
+                let description = scenario::Scenario::from_toml(text, name).map(|s| s.description).unwrap_or_default();
+                println!("{name:>18}  {description}");
+            }
+            Ok(true)
+        }
+    };
+    match result {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(2),
+        Err(error) => {
+            eprintln!("bench: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_command(args: RunArgs) -> Result<bool, String> {
+    let mut scenario = scenario::resolve(&args.scenario)?;
+    if !args.protocols.is_empty() {
+        scenario.protocols = args.protocols.clone();
+    }
+    if let Some(d) = args.duration_s {
+        scenario.duration_s = d;
+        scenario.faults.retain(|f| f.at_s < d);
+    }
+    if let Some(c) = args.clients {
+        scenario.workload.mode = LoopMode::Closed;
+        scenario.workload.clients = c;
+    }
+    if let Some(r) = args.rate {
+        scenario.workload.mode = LoopMode::Open;
+        scenario.workload.rate_per_s = r;
+    }
+    if let Some(p) = args.participants {
+        scenario.cluster.participants = p;
+    }
+    if let Some(a) = args.accounts {
+        scenario.cluster.accounts_per_participant = a;
+    }
+    if let Some(z) = args.zipf {
+        scenario.workload.skew = Skew::Zipf;
+        scenario.workload.zipf_exponent = z;
+    }
+    if let Some(s) = args.seed {
+        scenario.seed = s;
+    }
+    if args.no_faults {
+        scenario.faults.clear();
+    }
+    scenario.validate().map_err(|e| format!("after the command-line overrides: {e}"))?;
+    let out_dir =
+        args.out.unwrap_or_else(|| PathBuf::from("bench-results").join(format!("{}-{}", scenario.name, unix_now())));
+    std::fs::create_dir_all(&out_dir).map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+    let options = RunOptions {
+        out_dir: out_dir.clone(),
+        bin_dir: args.bin_dir.unwrap_or_else(default_bin_dir),
+        keep_data: args.keep_data,
+        progress: true,
+    };
+    let started_unix_s = unix_now();
+    let mut results = Vec::new();
+    for protocol in scenario.protocols.clone() {
+        eprintln!("{protocol}: starting a fresh cluster");
+        results.push(run_protocol(&scenario, protocol, &options).await?);
+    }
+    let report = RunReport {
+        scenario,
+        started_unix_s,
+        cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        results,
+    };
+    println!("\n{}", report::table(&report));
+    let path = report::write_all(&report, &out_dir)?;
+    println!("report: {}", path.display());
+    Ok(report.passed())
+}
+
+async fn cluster_up(
+    participants: usize,
+    accounts: u64,
+    initial_balance: i64,
+    data_dir: Option<PathBuf>,
+    keep_data: bool,
+    bin_dir: Option<PathBuf>,
+    log_level: String,
+) -> Result<bool, String> {
+    if participants == 0 || accounts == 0 || initial_balance < 0 {
+        return Err("--participants and --accounts must be positive, --initial-balance not negative".into());
+    }
+    let data_dir = data_dir.unwrap_or_else(|| PathBuf::from("bench-results").join(format!("cluster-{}", unix_now())));
+    let mut spec = ClusterSpec::new(bin_dir.unwrap_or_else(default_bin_dir), data_dir.clone());
+    spec.participants = participants;
+    spec.accounts_per_participant = accounts;
+    spec.initial_balance = initial_balance;
+    spec.log_level = log_level;
+    let mut cluster = Cluster::start(spec).await.map_err(|e| e.to_string())?;
+    println!("tandem cluster up (data and logs in {}):", data_dir.display());
+    println!("  coordinator c1  {}  (pid {})", cluster.coordinator.url(), cluster.coordinator.pid().unwrap_or(0));
+    for (i, p) in cluster.participants.iter().enumerate() {
+        let first = i as u64 * accounts;
+        println!(
+            "  participant p{}  {}  accounts {}..{}  (pid {})",
+            i + 1,
+            p.url(),
+            first,
+            first + accounts,
+            p.pid().unwrap_or(0)
+        );
+    }
+    let addr = cluster.coordinator.addr;
+    println!("\nTry, with grpcurl (reflection is on):");
+    println!("  grpcurl -plaintext -d '{{\"from_account\": 0, \"to_account\": {accounts}, \"amount\": 100}}' {addr} tandem.v1.Coordinator/Transfer");
+    println!("  grpcurl -plaintext -d '{{}}' {addr} tandem.v1.Coordinator/Audit");
+    println!("\nCtrl-C stops the cluster.");
+    let mut check = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tokio::select! {
+            _ = tandem::server::shutdown_signal() => break,
+            _ = check.tick() => {
+                for (node, status) in cluster.crashed() {
+                    eprintln!("{node} exited: {status}; see {}", cluster.data_dir().join(format!("{node}.log")).display());
+                }
+            }
+        }
+    }
+    cluster.stop().await;
+    if keep_data {
+        println!("stopped; data kept in {}", data_dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&data_dir);
+        println!("stopped; data removed");
+    }
+    Ok(true)
+}

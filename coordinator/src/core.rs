@@ -89,7 +89,10 @@ pub enum Action {
         legs: Vec<Leg>,
     },
     /// Write and fsync the commit decision, then call [`Core::on_commit_durable`].
-    PersistCommit { txn: TxnId, record: CommitRecord },
+    PersistCommit {
+        txn: TxnId,
+        record: CommitRecord,
+    },
     /// Send COMMIT until acknowledged, then call [`Core::on_commit_acked`].
     SendCommit {
         txn: TxnId,
@@ -107,7 +110,10 @@ pub enum Action {
         outcome: Outcome,
     },
     /// Answer the client.
-    Reply { txn: TxnId, outcome: Outcome },
+    Reply {
+        txn: TxnId,
+        outcome: Outcome,
+    },
     /// Replace the decision with an end record (no fsync needed), then call
     /// [`Core::on_end_durable`].
     PersistEnd {
@@ -154,11 +160,7 @@ pub struct Core {
 impl Core {
     pub fn new(active_max: usize) -> Core {
         assert!(active_max > 0);
-        Core {
-            active: HashMap::new(),
-            keys_in_flight: HashMap::new(),
-            active_max,
-        }
+        Core { active: HashMap::new(), keys_in_flight: HashMap::new(), active_max }
     }
 
     /// Starts a transaction whose legs are already split by participant (at
@@ -169,14 +171,8 @@ impl Core {
         legs_by_participant: BTreeMap<ParticipantId, Vec<Leg>>,
         idempotency_key: Option<Id>,
     ) -> Result<Vec<Action>, Error> {
-        assert!(
-            !legs_by_participant.is_empty()
-                && legs_by_participant.values().all(|legs| !legs.is_empty())
-        );
-        assert!(
-            !self.active.contains_key(&txn),
-            "transaction id {txn} reused"
-        );
+        assert!(!legs_by_participant.is_empty() && legs_by_participant.values().all(|legs| !legs.is_empty()));
+        assert!(!self.active.contains_key(&txn), "transaction id {txn} reused");
         if self.active.len() >= self.active_max {
             return Err(Error::Busy(format!(
                 "{} transactions are in flight, the most this coordinator takes",
@@ -194,18 +190,12 @@ impl Core {
         let participants: Vec<ParticipantId> = legs_by_participant.keys().cloned().collect();
         let actions = legs_by_participant
             .into_iter()
-            .map(|(participant, legs)| Action::SendPrepare {
-                txn: txn.clone(),
-                participant,
-                legs,
-            })
+            .map(|(participant, legs)| Action::SendPrepare { txn: txn.clone(), participant, legs })
             .collect();
         self.active.insert(
             txn,
             ActiveTxn {
-                phase: Phase::Preparing {
-                    waiting: participants.iter().cloned().collect(),
-                },
+                phase: Phase::Preparing { waiting: participants.iter().cloned().collect() },
                 participants,
                 idempotency_key,
             },
@@ -215,12 +205,7 @@ impl Core {
 
     /// A participant's vote (or the failure of its prepare). Votes for a
     /// transaction that is no longer preparing are ignored.
-    pub fn on_vote(
-        &mut self,
-        txn: &TxnId,
-        participant: &ParticipantId,
-        vote: VoteResult,
-    ) -> Vec<Action> {
+    pub fn on_vote(&mut self, txn: &TxnId, participant: &ParticipantId, vote: VoteResult) -> Vec<Action> {
         let Some(active) = self.active.get_mut(txn) else {
             return Vec::new();
         };
@@ -237,10 +222,7 @@ impl Core {
                     participants: active.participants.clone(),
                     idempotency_key: active.idempotency_key.clone(),
                 };
-                vec![Action::PersistCommit {
-                    txn: txn.clone(),
-                    record,
-                }]
+                vec![Action::PersistCommit { txn: txn.clone(), record }]
             }
             VoteResult::Yes => Vec::new(),
             VoteResult::No(reason, message) => {
@@ -249,26 +231,16 @@ impl Core {
                     .participants
                     .iter()
                     .filter(|p| *p != participant)
-                    .map(|p| Action::SendAbort {
-                        txn: txn.clone(),
-                        participant: p.clone(),
-                    })
+                    .map(|p| Action::SendAbort { txn: txn.clone(), participant: p.clone() })
                     .collect();
                 match active.idempotency_key.clone() {
                     Some(key) => {
                         active.phase = Phase::Aborting;
-                        actions.push(Action::PersistAbort {
-                            txn: txn.clone(),
-                            key,
-                            outcome,
-                        });
+                        actions.push(Action::PersistAbort { txn: txn.clone(), key, outcome });
                     }
                     None => {
                         self.active.remove(txn);
-                        actions.push(Action::Reply {
-                            txn: txn.clone(),
-                            outcome,
-                        });
+                        actions.push(Action::Reply { txn: txn.clone(), outcome });
                     }
                 }
                 actions
@@ -278,46 +250,23 @@ impl Core {
 
     /// The commit decision is durable: tell the client and the participants.
     pub fn on_commit_durable(&mut self, txn: &TxnId) -> Vec<Action> {
-        let active = self
-            .active
-            .get_mut(txn)
-            .expect("a decision is persisted only for an active transaction");
-        assert_eq!(
-            active.phase,
-            Phase::Deciding,
-            "{txn}: commit durable in the wrong phase"
+        let active = self.active.get_mut(txn).expect("a decision is persisted only for an active transaction");
+        assert_eq!(active.phase, Phase::Deciding, "{txn}: commit durable in the wrong phase");
+        active.phase = Phase::Committing { pending: active.participants.iter().cloned().collect() };
+        let mut actions = vec![Action::Reply { txn: txn.clone(), outcome: Outcome::Committed }];
+        actions.extend(
+            active.participants.iter().map(|p| Action::SendCommit { txn: txn.clone(), participant: p.clone() }),
         );
-        active.phase = Phase::Committing {
-            pending: active.participants.iter().cloned().collect(),
-        };
-        let mut actions = vec![Action::Reply {
-            txn: txn.clone(),
-            outcome: Outcome::Committed,
-        }];
-        actions.extend(active.participants.iter().map(|p| Action::SendCommit {
-            txn: txn.clone(),
-            participant: p.clone(),
-        }));
         actions
     }
 
     pub fn on_abort_durable(&mut self, txn: &TxnId, outcome: Outcome) -> Vec<Action> {
-        let active = self
-            .active
-            .remove(txn)
-            .expect("an abort is persisted only for an active transaction");
-        assert_eq!(
-            active.phase,
-            Phase::Aborting,
-            "{txn}: abort durable in the wrong phase"
-        );
+        let active = self.active.remove(txn).expect("an abort is persisted only for an active transaction");
+        assert_eq!(active.phase, Phase::Aborting, "{txn}: abort durable in the wrong phase");
         if let Some(key) = &active.idempotency_key {
             self.keys_in_flight.remove(key);
         }
-        vec![Action::Reply {
-            txn: txn.clone(),
-            outcome,
-        }]
+        vec![Action::Reply { txn: txn.clone(), outcome }]
     }
 
     pub fn on_commit_acked(&mut self, txn: &TxnId, participant: &ParticipantId) -> Vec<Action> {
@@ -328,10 +277,7 @@ impl Core {
             return Vec::new();
         };
         if pending.remove(participant) && pending.is_empty() {
-            return vec![Action::PersistEnd {
-                txn: txn.clone(),
-                idempotency_key: active.idempotency_key.clone(),
-            }];
+            return vec![Action::PersistEnd { txn: txn.clone(), idempotency_key: active.idempotency_key.clone() }];
         }
         Vec::new()
     }
@@ -367,23 +313,17 @@ impl Core {
     pub fn recover(&mut self, logged: Vec<(TxnId, CommitRecord)>) -> Vec<Action> {
         let mut actions = Vec::new();
         for (txn, record) in logged {
-            assert!(
-                !record.participants.is_empty(),
-                "{txn}: a commit record without participants"
+            assert!(!record.participants.is_empty(), "{txn}: a commit record without participants");
+            actions.extend(
+                record.participants.iter().map(|p| Action::SendCommit { txn: txn.clone(), participant: p.clone() }),
             );
-            actions.extend(record.participants.iter().map(|p| Action::SendCommit {
-                txn: txn.clone(),
-                participant: p.clone(),
-            }));
             if let Some(key) = &record.idempotency_key {
                 self.keys_in_flight.insert(key.clone(), txn.clone());
             }
             self.active.insert(
                 txn,
                 ActiveTxn {
-                    phase: Phase::Committing {
-                        pending: record.participants.iter().cloned().collect(),
-                    },
+                    phase: Phase::Committing { pending: record.participants.iter().cloned().collect() },
                     participants: record.participants,
                     idempotency_key: record.idempotency_key,
                 },
@@ -402,24 +342,9 @@ mod tests {
     }
 
     fn two_participants() -> BTreeMap<ParticipantId, Vec<Leg>> {
-        [
-            (
-                id("p1"),
-                vec![Leg {
-                    account: 1,
-                    amount: -5,
-                }],
-            ),
-            (
-                id("p2"),
-                vec![Leg {
-                    account: 2,
-                    amount: 5,
-                }],
-            ),
-        ]
-        .into_iter()
-        .collect()
+        [(id("p1"), vec![Leg { account: 1, amount: -5 }]), (id("p2"), vec![Leg { account: 2, amount: 5 }])]
+            .into_iter()
+            .collect()
     }
 
     #[test]
@@ -427,44 +352,18 @@ mod tests {
         let mut core = Core::new(10);
         let actions = core.begin(id("t1"), two_participants(), None).unwrap();
         assert_eq!(actions.len(), 2);
-        assert!(actions
-            .iter()
-            .all(|a| matches!(a, Action::SendPrepare { .. })));
+        assert!(actions.iter().all(|a| matches!(a, Action::SendPrepare { .. })));
         assert_eq!(core.query(&id("t1")), Some(Decision::Pending));
-        assert!(core
-            .on_vote(&id("t1"), &id("p1"), VoteResult::Yes)
-            .is_empty());
+        assert!(core.on_vote(&id("t1"), &id("p1"), VoteResult::Yes).is_empty());
         let actions = core.on_vote(&id("t1"), &id("p2"), VoteResult::Yes);
-        assert!(
-            matches!(&actions[..], [Action::PersistCommit { .. }]),
-            "{actions:?}"
-        );
-        assert_eq!(
-            core.query(&id("t1")),
-            Some(Decision::Pending),
-            "not COMMIT before the decision is durable"
-        );
+        assert!(matches!(&actions[..], [Action::PersistCommit { .. }]), "{actions:?}");
+        assert_eq!(core.query(&id("t1")), Some(Decision::Pending), "not COMMIT before the decision is durable");
         let actions = core.on_commit_durable(&id("t1"));
-        assert_eq!(
-            actions[0],
-            Action::Reply {
-                txn: id("t1"),
-                outcome: Outcome::Committed
-            }
-        );
-        assert_eq!(
-            actions
-                .iter()
-                .filter(|a| matches!(a, Action::SendCommit { .. }))
-                .count(),
-            2
-        );
+        assert_eq!(actions[0], Action::Reply { txn: id("t1"), outcome: Outcome::Committed });
+        assert_eq!(actions.iter().filter(|a| matches!(a, Action::SendCommit { .. })).count(), 2);
         assert_eq!(core.query(&id("t1")), Some(Decision::Commit));
         assert!(core.on_commit_acked(&id("t1"), &id("p1")).is_empty());
-        assert!(
-            core.on_commit_acked(&id("t1"), &id("p1")).is_empty(),
-            "a duplicate ack is ignored"
-        );
+        assert!(core.on_commit_acked(&id("t1"), &id("p1")).is_empty(), "a duplicate ack is ignored");
         let actions = core.on_commit_acked(&id("t1"), &id("p2"));
         assert!(matches!(&actions[..], [Action::PersistEnd { .. }]));
         core.on_end_durable(&id("t1"));
@@ -476,77 +375,41 @@ mod tests {
     fn one_no_aborts_at_once_and_later_votes_are_ignored() {
         let mut core = Core::new(10);
         core.begin(id("t1"), two_participants(), None).unwrap();
-        let actions = core.on_vote(
-            &id("t1"),
-            &id("p1"),
-            VoteResult::No(AbortReason::InsufficientFunds, "poor".into()),
-        );
-        assert!(actions.contains(&Action::SendAbort {
-            txn: id("t1"),
-            participant: id("p2")
-        }));
-        assert!(actions.iter().any(|a| matches!(
-            a,
-            Action::Reply {
-                outcome: Outcome::Aborted(AbortReason::InsufficientFunds, _),
-                ..
-            }
-        )));
-        assert!(!actions.iter().any(|a| matches!(
-            a,
-            Action::PersistCommit { .. } | Action::PersistAbort { .. }
-        )));
-        assert!(core
-            .on_vote(&id("t1"), &id("p2"), VoteResult::Yes)
-            .is_empty());
+        let actions = core.on_vote(&id("t1"), &id("p1"), VoteResult::No(AbortReason::InsufficientFunds, "poor".into()));
+        assert!(actions.contains(&Action::SendAbort { txn: id("t1"), participant: id("p2") }));
+        assert!(actions
+            .iter()
+            .any(|a| matches!(a, Action::Reply { outcome: Outcome::Aborted(AbortReason::InsufficientFunds, _), .. })));
+        assert!(!actions.iter().any(|a| matches!(a, Action::PersistCommit { .. } | Action::PersistAbort { .. })));
+        assert!(core.on_vote(&id("t1"), &id("p2"), VoteResult::Yes).is_empty());
         assert_eq!(core.query(&id("t1")), None, "no record: presumed abort");
     }
 
     #[test]
     fn a_keyed_abort_is_logged_before_the_reply_and_the_key_is_busy_meanwhile() {
         let mut core = Core::new(10);
-        core.begin(id("t1"), two_participants(), Some(id("k1")))
-            .unwrap();
-        assert!(matches!(
-            core.begin(id("t2"), two_participants(), Some(id("k1"))),
-            Err(Error::Conflict(_))
-        ));
-        let actions = core.on_vote(
-            &id("t1"),
-            &id("p2"),
-            VoteResult::No(AbortReason::ParticipantUnavailable, "timeout".into()),
-        );
+        core.begin(id("t1"), two_participants(), Some(id("k1"))).unwrap();
+        assert!(matches!(core.begin(id("t2"), two_participants(), Some(id("k1"))), Err(Error::Conflict(_))));
+        let actions =
+            core.on_vote(&id("t1"), &id("p2"), VoteResult::No(AbortReason::ParticipantUnavailable, "timeout".into()));
         assert!(!actions.iter().any(|a| matches!(a, Action::Reply { .. })));
-        let Some(Action::PersistAbort { outcome, .. }) = actions.last().cloned() else {
-            panic!("{actions:?}")
-        };
+        let Some(Action::PersistAbort { outcome, .. }) = actions.last().cloned() else { panic!("{actions:?}") };
         assert_eq!(core.query(&id("t1")), Some(Decision::Abort));
         let actions = core.on_abort_durable(&id("t1"), outcome);
         assert!(matches!(&actions[..], [Action::Reply { .. }]));
-        assert!(core
-            .begin(id("t3"), two_participants(), Some(id("k1")))
-            .is_ok());
+        assert!(core.begin(id("t3"), two_participants(), Some(id("k1"))).is_ok());
     }
 
     #[test]
     fn recovery_redelivers_every_logged_commit() {
         let mut core = Core::new(10);
-        let record = CommitRecord {
-            participants: vec![id("p1"), id("p2")],
-            idempotency_key: None,
-        };
+        let record = CommitRecord { participants: vec![id("p1"), id("p2")], idempotency_key: None };
         let actions = core.recover(vec![(id("t1"), record)]);
         assert_eq!(
             actions,
             vec![
-                Action::SendCommit {
-                    txn: id("t1"),
-                    participant: id("p1")
-                },
-                Action::SendCommit {
-                    txn: id("t1"),
-                    participant: id("p2")
-                },
+                Action::SendCommit { txn: id("t1"), participant: id("p1") },
+                Action::SendCommit { txn: id("t1"), participant: id("p2") },
             ]
         );
         assert_eq!(core.query(&id("t1")), Some(Decision::Commit));
@@ -558,9 +421,6 @@ mod tests {
     fn the_number_of_transactions_in_flight_is_bounded() {
         let mut core = Core::new(1);
         core.begin(id("t1"), two_participants(), None).unwrap();
-        assert!(matches!(
-            core.begin(id("t2"), two_participants(), None),
-            Err(Error::Busy(_))
-        ));
+        assert!(matches!(core.begin(id("t2"), two_participants(), None), Err(Error::Busy(_))));
     }
 }

@@ -19,16 +19,10 @@ pub struct Shard {
 impl Shard {
     /// Parses `NAME=URL@FIRST..END`.
     pub fn parse(text: &str) -> Result<Shard, Error> {
-        let bad = |why: &str| {
-            Error::InvalidInput(format!(
-                "participant {text:?}: {why}; expected NAME=URL@FIRST..END"
-            ))
-        };
+        let bad = |why: &str| Error::InvalidInput(format!("participant {text:?}: {why}; expected NAME=URL@FIRST..END"));
         let (name, rest) = text.split_once('=').ok_or_else(|| bad("no '='"))?;
         let (url, range) = rest.rsplit_once('@').ok_or_else(|| bad("no '@'"))?;
-        let (first, end) = range
-            .split_once("..")
-            .ok_or_else(|| bad("no '..' in the account range"))?;
+        let (first, end) = range.split_once("..").ok_or_else(|| bad("no '..' in the account range"))?;
         let first: AccountId = first.parse().map_err(|_| bad("FIRST is not a number"))?;
         let end: AccountId = end.parse().map_err(|_| bad("END is not a number"))?;
         if first >= end {
@@ -37,12 +31,7 @@ impl Shard {
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(bad("the URL must start with http:// or https://"));
         }
-        Ok(Shard {
-            participant: Id::parse("participant name", name)?,
-            url: url.to_string(),
-            first,
-            end,
-        })
+        Ok(Shard { participant: Id::parse("participant name", name)?, url: url.to_string(), first, end })
     }
 }
 
@@ -55,18 +44,13 @@ pub struct Directory {
 impl Directory {
     pub fn new(shards: Vec<Shard>) -> Result<Directory, Error> {
         if shards.is_empty() {
-            return Err(Error::InvalidInput(
-                "the directory needs at least one participant".into(),
-            ));
+            return Err(Error::InvalidInput("the directory needs at least one participant".into()));
         }
         let mut ranges = BTreeMap::new();
         let mut names = std::collections::BTreeSet::new();
         for shard in shards {
             if !names.insert(shard.participant.clone()) {
-                return Err(Error::InvalidInput(format!(
-                    "participant {} is listed twice",
-                    shard.participant
-                )));
+                return Err(Error::InvalidInput(format!("participant {} is listed twice", shard.participant)));
             }
             ranges.insert(shard.first, shard);
         }
@@ -86,9 +70,7 @@ impl Directory {
     pub fn owner(&self, account: AccountId) -> Result<&Id, Error> {
         match self.ranges.range(..=account).next_back() {
             Some((_, shard)) if account < shard.end => Ok(&shard.participant),
-            _ => Err(Error::NotFound(format!(
-                "account {account} is in no participant's range of the directory"
-            ))),
+            _ => Err(Error::NotFound(format!("account {account} is in no participant's range of the directory"))),
         }
     }
 
@@ -114,18 +96,9 @@ mod tests {
 
     #[test]
     fn bad_shards_are_refused_with_a_reason() {
-        for bad in [
-            "p1",
-            "p1=http://x",
-            "p1=http://x@5..5",
-            "p1=ftp://x@0..5",
-            "p 1=http://x@0..5",
-            "p1=http://x@a..5",
-        ] {
-            assert!(
-                matches!(Shard::parse(bad), Err(Error::InvalidInput(_))),
-                "{bad}"
-            );
+        for bad in ["p1", "p1=http://x", "p1=http://x@5..5", "p1=ftp://x@0..5", "p 1=http://x@0..5", "p1=http://x@a..5"]
+        {
+            assert!(matches!(Shard::parse(bad), Err(Error::InvalidInput(_))), "{bad}");
         }
         let a = Shard::parse("p1=http://x@0..10").unwrap();
         let b = Shard::parse("p2=http://y@5..20").unwrap();

@@ -71,11 +71,7 @@ impl Reader<'_> {
         u64::from_le_bytes(self.take(8).try_into().unwrap())
     }
     fn done(&self) {
-        assert!(
-            self.0.is_empty(),
-            "corrupt log record: {} trailing bytes",
-            self.0.len()
-        );
+        assert!(self.0.is_empty(), "corrupt log record: {} trailing bytes", self.0.len());
     }
 }
 
@@ -85,13 +81,7 @@ fn optional_id(text: String) -> Option<Id> {
 
 pub fn encode_commit(record: &CommitRecord) -> Vec<u8> {
     let mut w = Writer(Vec::new());
-    w.text(
-        record
-            .idempotency_key
-            .as_ref()
-            .map(Id::as_str)
-            .unwrap_or(""),
-    );
+    w.text(record.idempotency_key.as_ref().map(Id::as_str).unwrap_or(""));
     w.byte(u8::try_from(record.participants.len()).expect("at most 16 participants"));
     for participant in &record.participants {
         w.text(participant.as_str());
@@ -103,14 +93,9 @@ pub fn decode_commit(bytes: &[u8]) -> CommitRecord {
     let mut r = Reader(bytes);
     let idempotency_key = optional_id(r.text());
     let count = r.byte() as usize;
-    let participants = (0..count)
-        .map(|_| Id::parse("participant", &r.text()).expect("corrupt log record"))
-        .collect();
+    let participants = (0..count).map(|_| Id::parse("participant", &r.text()).expect("corrupt log record")).collect();
     r.done();
-    CommitRecord {
-        participants,
-        idempotency_key,
-    }
+    CommitRecord { participants, idempotency_key }
 }
 
 /// A finished transaction as remembered: its outcome and its key.
@@ -123,13 +108,7 @@ pub struct Finished {
 pub fn encode_finished(finished: &Finished) -> Vec<u8> {
     let mut w = Writer(Vec::new());
     w.byte(finished.committed as u8);
-    w.text(
-        finished
-            .idempotency_key
-            .as_ref()
-            .map(Id::as_str)
-            .unwrap_or(""),
-    );
+    w.text(finished.idempotency_key.as_ref().map(Id::as_str).unwrap_or(""));
     w.0
 }
 
@@ -138,10 +117,7 @@ pub fn decode_finished(bytes: &[u8]) -> Finished {
     let committed = r.byte() == 1;
     let idempotency_key = optional_id(r.text());
     r.done();
-    Finished {
-        committed,
-        idempotency_key,
-    }
+    Finished { committed, idempotency_key }
 }
 
 /// What an idempotency key maps to.
@@ -196,11 +172,7 @@ pub fn decode_keyed(bytes: &[u8]) -> KeyedResult {
         code => Outcome::Aborted(reason_from_code(code), r.text()),
     };
     r.done();
-    KeyedResult {
-        txn,
-        outcome,
-        fingerprint,
-    }
+    KeyedResult { txn, outcome, fingerprint }
 }
 
 /// A fingerprint of a request's legs (FNV-1a over their canonical order), so
@@ -210,12 +182,7 @@ pub fn fingerprint(legs: &[Leg]) -> u64 {
     sorted.sort();
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for leg in sorted {
-        for byte in leg
-            .account
-            .to_le_bytes()
-            .into_iter()
-            .chain(leg.amount.to_le_bytes())
-        {
+        for byte in leg.account.to_le_bytes().into_iter().chain(leg.amount.to_le_bytes()) {
             hash ^= byte as u64;
             hash = hash.wrapping_mul(0x0100_0000_01b3);
         }
@@ -227,11 +194,7 @@ pub fn fingerprint(legs: &[Leg]) -> u64 {
 pub fn commit_ops(txn: &TxnId, record: &CommitRecord, fingerprint: u64) -> Vec<Op> {
     let mut ops = vec![Op::Put(key(DECISION_PREFIX, txn), encode_commit(record))];
     if let Some(idem) = &record.idempotency_key {
-        let result = KeyedResult {
-            txn: txn.clone(),
-            outcome: Outcome::Committed,
-            fingerprint,
-        };
+        let result = KeyedResult { txn: txn.clone(), outcome: Outcome::Committed, fingerprint };
         ops.push(Op::Put(key(KEY_PREFIX, idem), encode_keyed(&result)));
     }
     ops
@@ -242,31 +205,18 @@ pub fn commit_ops(txn: &TxnId, record: &CommitRecord, fingerprint: u64) -> Vec<O
 pub fn end_ops(txn: &TxnId, idempotency_key: Option<Id>) -> Vec<Op> {
     vec![
         Op::Delete(key(DECISION_PREFIX, txn)),
-        Op::Put(
-            key(FINISHED_PREFIX, txn),
-            encode_finished(&Finished {
-                committed: true,
-                idempotency_key,
-            }),
-        ),
+        Op::Put(key(FINISHED_PREFIX, txn), encode_finished(&Finished { committed: true, idempotency_key })),
     ]
 }
 
 /// The ops that log a keyed abort.
 pub fn abort_ops(txn: &TxnId, idem: &Id, outcome: &Outcome, fingerprint: u64) -> Vec<Op> {
-    let result = KeyedResult {
-        txn: txn.clone(),
-        outcome: outcome.clone(),
-        fingerprint,
-    };
+    let result = KeyedResult { txn: txn.clone(), outcome: outcome.clone(), fingerprint };
     vec![
         Op::Put(key(KEY_PREFIX, idem), encode_keyed(&result)),
         Op::Put(
             key(FINISHED_PREFIX, txn),
-            encode_finished(&Finished {
-                committed: false,
-                idempotency_key: Some(idem.clone()),
-            }),
+            encode_finished(&Finished { committed: false, idempotency_key: Some(idem.clone()) }),
         ),
     ]
 }
@@ -281,30 +231,14 @@ mod tests {
 
     #[test]
     fn records_round_trip() {
-        let record = CommitRecord {
-            participants: vec![id("p1"), id("p2")],
-            idempotency_key: Some(id("k")),
-        };
+        let record = CommitRecord { participants: vec![id("p1"), id("p2")], idempotency_key: Some(id("k")) };
         assert_eq!(decode_commit(&encode_commit(&record)), record);
-        let record = CommitRecord {
-            participants: vec![id("p1")],
-            idempotency_key: None,
-        };
+        let record = CommitRecord { participants: vec![id("p1")], idempotency_key: None };
         assert_eq!(decode_commit(&encode_commit(&record)), record);
-        let finished = Finished {
-            committed: true,
-            idempotency_key: None,
-        };
+        let finished = Finished { committed: true, idempotency_key: None };
         assert_eq!(decode_finished(&encode_finished(&finished)), finished);
-        for outcome in [
-            Outcome::Committed,
-            Outcome::Aborted(AbortReason::InsufficientFunds, "poor".into()),
-        ] {
-            let keyed = KeyedResult {
-                txn: id("t1"),
-                outcome,
-                fingerprint: 42,
-            };
+        for outcome in [Outcome::Committed, Outcome::Aborted(AbortReason::InsufficientFunds, "poor".into())] {
+            let keyed = KeyedResult { txn: id("t1"), outcome, fingerprint: 42 };
             assert_eq!(decode_keyed(&encode_keyed(&keyed)), keyed);
         }
     }
@@ -312,36 +246,15 @@ mod tests {
     #[test]
     #[should_panic(expected = "corrupt log record")]
     fn a_truncated_record_stops_the_coordinator() {
-        let bytes = encode_commit(&CommitRecord {
-            participants: vec![id("p1")],
-            idempotency_key: None,
-        });
+        let bytes = encode_commit(&CommitRecord { participants: vec![id("p1")], idempotency_key: None });
         decode_commit(&bytes[..bytes.len() - 1]);
     }
 
     #[test]
     fn fingerprints_ignore_leg_order_but_not_amounts() {
-        let a = [
-            Leg {
-                account: 1,
-                amount: -5,
-            },
-            Leg {
-                account: 2,
-                amount: 5,
-            },
-        ];
+        let a = [Leg { account: 1, amount: -5 }, Leg { account: 2, amount: 5 }];
         let b = [a[1], a[0]];
-        let c = [
-            Leg {
-                account: 1,
-                amount: -6,
-            },
-            Leg {
-                account: 2,
-                amount: 6,
-            },
-        ];
+        let c = [Leg { account: 1, amount: -6 }, Leg { account: 2, amount: 6 }];
         assert_eq!(fingerprint(&a), fingerprint(&b));
         assert_ne!(fingerprint(&a), fingerprint(&c));
     }

@@ -27,11 +27,7 @@ struct Args {
     /// A participant and the accounts it owns, as NAME=URL@FIRST..END (END
     /// exclusive), for example p1=http://127.0.0.1:7101@0..1000. Repeat for
     /// each participant; ranges may not overlap.
-    #[arg(
-        long = "participant",
-        value_name = "NAME=URL@FIRST..END",
-        required = true
-    )]
+    #[arg(long = "participant", value_name = "NAME=URL@FIRST..END", required = true)]
     participants: Vec<String>,
     /// A participant that has not voted within this bound makes the
     /// transaction abort.
@@ -70,12 +66,8 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<(), String> {
-    let shards = args
-        .participants
-        .iter()
-        .map(|p| Shard::parse(p))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
+    let shards =
+        args.participants.iter().map(|p| Shard::parse(p)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
     let node_id = Id::parse("node id", &args.node_id).map_err(|e| e.to_string())?;
     let (node, recovered) = Node::open(NodeConfig {
         node_id: node_id.clone(),
@@ -89,12 +81,9 @@ async fn run(args: Args) -> Result<(), String> {
     })
     .await
     .map_err(|e| e.to_string())?;
-    let (listener, addr) = tandem::server::bind(args.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let (listener, addr) =
+        tandem::server::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     tracing::info!(node = %node_id, %addr, "coordinator serving");
     println!("listening on {addr}");
-    node.run(listener, recovered, tandem::server::shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())
+    node.run(listener, recovered, tandem::server::shutdown_signal()).await.map_err(|e| e.to_string())
 }

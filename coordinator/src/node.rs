@@ -24,7 +24,7 @@ use tandem::domain::{validate_balanced, validate_legs, Id, Leg, TxnId};
 use tandem::pb;
 use tandem::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use tandem::pb::participant_client::ParticipantClient;
-use tandem::store::Store;
+use tandem::store::{Durability, Store};
 use tandem::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, OwnedRwLockReadGuard, RwLock};
@@ -90,52 +90,32 @@ impl Node {
     /// logged commits (their redelivery starts in [`Node::run`]).
     pub async fn open(config: NodeConfig) -> Result<(Node, Vec<Action>), Error> {
         if config.node_id.as_str().len() > 24 {
-            return Err(Error::InvalidInput(
-                "the coordinator id has at most 24 characters".into(),
-            ));
+            return Err(Error::InvalidInput("the coordinator id has at most 24 characters".into()));
         }
         let directory = Directory::new(config.shards.clone())?;
         let mut participants = BTreeMap::new();
         for shard in directory.shards() {
-            participants.insert(
-                shard.participant.clone(),
-                ParticipantClient::new(tandem::server::channel(&shard.url)?),
-            );
+            participants
+                .insert(shard.participant.clone(), ParticipantClient::new(tandem::server::channel(&shard.url)?));
         }
         let store = Store::open(&config.data_dir)?;
         let generation = match store.get(log::GENERATION_KEY)? {
-            Some(bytes) => {
-                u64::from_le_bytes(bytes.try_into().expect("corrupt generation record")) + 1
-            }
+            Some(bytes) => u64::from_le_bytes(bytes.try_into().expect("corrupt generation record")) + 1,
             None => 1,
         };
         store
-            .write(vec![tandem::store::Op::Put(
-                log::GENERATION_KEY.to_vec(),
-                generation.to_le_bytes().to_vec(),
-            )])
+            .write(vec![tandem::store::Op::Put(log::GENERATION_KEY.to_vec(), generation.to_le_bytes().to_vec())])
             .await?;
         let logged: Vec<_> = store
             .scan_prefix(log::DECISION_PREFIX)?
             .into_iter()
-            .map(|(key, value)| {
-                (
-                    log::id_from_key(log::DECISION_PREFIX, &key),
-                    log::decode_commit(&value),
-                )
-            })
+            .map(|(key, value)| (log::id_from_key(log::DECISION_PREFIX, &key), log::decode_commit(&value)))
             .collect();
         let finished_count = store.scan_prefix(log::FINISHED_PREFIX)?.len() as u64;
         let fence = Arc::new(RwLock::new(()));
         let mut fence_guards = HashMap::new();
         for (txn, _) in &logged {
-            fence_guards.insert(
-                txn.clone(),
-                fence
-                    .clone()
-                    .try_read_owned()
-                    .expect("no audit runs before start"),
-            );
+            fence_guards.insert(txn.clone(), fence.clone().try_read_owned().expect("no audit runs before start"));
         }
         let mut core = Core::new(config.active_max);
         info!(node = %config.node_id, generation, commits_to_finish = logged.len(), "recovered the decision log");
@@ -166,47 +146,29 @@ impl Node {
     fn next_txn_id(&self) -> TxnId {
         let sequence = self.inner.next_sequence.fetch_add(1, Ordering::Relaxed);
         // Zero-padded so that ids sort by age (the finished records rely on it).
-        let text = format!(
-            "{}-{:06}-{:012}",
-            self.inner.config.node_id, self.inner.generation, sequence
-        );
+        let text = format!("{}-{:06}-{:012}", self.inner.config.node_id, self.inner.generation, sequence);
         Id::parse("txn id", &text).expect("generated ids are valid")
     }
 
     /// Runs one transaction to its outcome. `Err` is bad input or an
     /// unavailable coordinator; a refusal is `Ok(Outcome::Aborted)`.
-    pub async fn run_transaction(
-        &self,
-        legs: Vec<Leg>,
-        key: Option<Id>,
-    ) -> Result<(TxnId, Outcome), Error> {
+    pub async fn run_transaction(&self, legs: Vec<Leg>, key: Option<Id>) -> Result<(TxnId, Outcome), Error> {
         validate_legs(&legs)?;
         validate_balanced(&legs)?;
         let mut by_participant: BTreeMap<Id, Vec<Leg>> = BTreeMap::new();
         for leg in &legs {
-            by_participant
-                .entry(self.inner.directory.owner(leg.account)?.clone())
-                .or_default()
-                .push(*leg);
+            by_participant.entry(self.inner.directory.owner(leg.account)?.clone()).or_default().push(*leg);
         }
         let fingerprint = log::fingerprint(&legs);
         let txn = self.next_txn_id();
         let (reply, outcome) = oneshot::channel();
-        self.inner
-            .waiters
-            .lock()
-            .expect("waiters lock poisoned")
-            .insert(txn.clone(), Waiter { reply, fingerprint });
+        self.inner.waiters.lock().expect("waiters lock poisoned").insert(txn.clone(), Waiter { reply, fingerprint });
         let started = match &key {
             Some(key) => {
                 let _serialised = self.inner.keys.lock().expect("keys lock poisoned");
                 match self.inner.store.get(&log::key(log::KEY_PREFIX, key))? {
                     Some(bytes) => {
-                        self.inner
-                            .waiters
-                            .lock()
-                            .expect("waiters lock poisoned")
-                            .remove(&txn);
+                        self.inner.waiters.lock().expect("waiters lock poisoned").remove(&txn);
                         let earlier = log::decode_keyed(&bytes);
                         if earlier.fingerprint != fingerprint {
                             return Err(Error::InvalidInput(format!(
@@ -216,9 +178,7 @@ impl Node {
                         }
                         return Ok((earlier.txn, earlier.outcome));
                     }
-                    None => self
-                        .core()
-                        .begin(txn.clone(), by_participant, Some(key.clone())),
+                    None => self.core().begin(txn.clone(), by_participant, Some(key.clone())),
                 }
             }
             None => self.core().begin(txn.clone(), by_participant, None),
@@ -226,17 +186,12 @@ impl Node {
         match started {
             Ok(actions) => self.execute(actions),
             Err(error) => {
-                self.inner
-                    .waiters
-                    .lock()
-                    .expect("waiters lock poisoned")
-                    .remove(&txn);
+                self.inner.waiters.lock().expect("waiters lock poisoned").remove(&txn);
                 return Err(error);
             }
         }
-        let outcome = outcome
-            .await
-            .unwrap_or_else(|_| Err(Error::Unavailable("the coordinator is stopping".into())))?;
+        let outcome =
+            outcome.await.unwrap_or_else(|_| Err(Error::Unavailable("the coordinator is stopping".into())))?;
         Ok((txn, outcome))
     }
 
@@ -245,11 +200,7 @@ impl Node {
         for action in actions {
             debug!(?action, "execute");
             match action {
-                Action::SendPrepare {
-                    txn,
-                    participant,
-                    legs,
-                } => {
+                Action::SendPrepare { txn, participant, legs } => {
                     let node = self.clone();
                     tokio::spawn(async move {
                         let vote = node.send_prepare(&txn, &participant, legs).await;
@@ -261,18 +212,9 @@ impl Node {
                     let node = self.clone();
                     tokio::spawn(async move {
                         let guard = node.inner.fence.clone().read_owned().await;
-                        node.inner
-                            .fence_guards
-                            .lock()
-                            .expect("guards lock poisoned")
-                            .insert(txn.clone(), guard);
+                        node.inner.fence_guards.lock().expect("guards lock poisoned").insert(txn.clone(), guard);
                         let fingerprint = node.waiter_fingerprint(&txn);
-                        match node
-                            .inner
-                            .store
-                            .write(log::commit_ops(&txn, &record, fingerprint))
-                            .await
-                        {
+                        match node.inner.store.write(log::commit_ops(&txn, &record, fingerprint)).await {
                             Ok(()) => {
                                 let next = node.core().on_commit_durable(&txn);
                                 node.execute(next);
@@ -305,12 +247,7 @@ impl Node {
                     let node = self.clone();
                     tokio::spawn(async move {
                         let fingerprint = node.waiter_fingerprint(&txn);
-                        match node
-                            .inner
-                            .store
-                            .write(log::abort_ops(&txn, &key, &outcome, fingerprint))
-                            .await
-                        {
+                        match node.inner.store.write(log::abort_ops(&txn, &key, &outcome, fingerprint)).await {
                             Ok(()) => {
                                 node.inner.finished_count.fetch_add(1, Ordering::Relaxed);
                                 let next = node.core().on_abort_durable(&txn, outcome);
@@ -321,27 +258,16 @@ impl Node {
                     });
                 }
                 Action::Reply { txn, outcome } => self.reply(&txn, Ok(outcome)),
-                Action::PersistEnd {
-                    txn,
-                    idempotency_key,
-                } => {
-                    self.inner
-                        .fence_guards
-                        .lock()
-                        .expect("guards lock poisoned")
-                        .remove(&txn);
+                Action::PersistEnd { txn, idempotency_key } => {
+                    self.inner.fence_guards.lock().expect("guards lock poisoned").remove(&txn);
                     let node = self.clone();
                     tokio::spawn(async move {
                         // Unsynced: a lost end record only means commits are
                         // redelivered after a restart, and applied once.
-                        let written = node
-                            .inner
-                            .store
-                            .submit(log::end_ops(&txn, idempotency_key), false);
+                        let written =
+                            node.inner.store.submit(log::end_ops(&txn, idempotency_key), Durability::Buffered);
                         let result = match written {
-                            Ok(wait) => wait
-                                .await
-                                .unwrap_or_else(|_| Err(Error::Fatal("writer stopped".into()))),
+                            Ok(wait) => wait.await.unwrap_or_else(|_| Err(Error::Fatal("writer stopped".into()))),
                             Err(error) => Err(error),
                         };
                         match result {
@@ -358,22 +284,11 @@ impl Node {
     }
 
     fn waiter_fingerprint(&self, txn: &TxnId) -> u64 {
-        self.inner
-            .waiters
-            .lock()
-            .expect("waiters lock poisoned")
-            .get(txn)
-            .map(|w| w.fingerprint)
-            .unwrap_or(0)
+        self.inner.waiters.lock().expect("waiters lock poisoned").get(txn).map(|w| w.fingerprint).unwrap_or(0)
     }
 
     fn reply(&self, txn: &TxnId, result: Result<Outcome, Error>) {
-        let waiter = self
-            .inner
-            .waiters
-            .lock()
-            .expect("waiters lock poisoned")
-            .remove(txn);
+        let waiter = self.inner.waiters.lock().expect("waiters lock poisoned").remove(txn);
         if let Some(waiter) = waiter {
             // A client that went away no longer listens; the outcome stands.
             let _ = waiter.reply.send(result);
@@ -381,11 +296,7 @@ impl Node {
     }
 
     fn client(&self, participant: &Id) -> ParticipantClient<Channel> {
-        self.inner
-            .participants
-            .get(participant)
-            .expect("the core only names directory participants")
-            .clone()
+        self.inner.participants.get(participant).expect("the core only names directory participants").clone()
     }
 
     async fn send_prepare(&self, txn: &TxnId, participant: &Id, legs: Vec<Leg>) -> VoteResult {
@@ -415,18 +326,11 @@ impl Node {
             }
             Ok(Err(status)) => VoteResult::No(
                 AbortReason::ParticipantUnavailable,
-                format!(
-                    "{participant} failed the prepare: {:?} {}",
-                    status.code(),
-                    status.message()
-                ),
+                format!("{participant} failed the prepare: {:?} {}", status.code(), status.message()),
             ),
             Err(_) => VoteResult::No(
                 AbortReason::ParticipantUnavailable,
-                format!(
-                    "{participant} did not answer the prepare within {} ms",
-                    timeout.as_millis()
-                ),
+                format!("{participant} did not answer the prepare within {} ms", timeout.as_millis()),
             ),
         };
         debug!(%txn, %participant, ?vote, "vote");
@@ -440,9 +344,7 @@ impl Node {
         let mut attempts = 0u64;
         loop {
             attempts += 1;
-            let mut request = Request::new(pb::DecisionRequest {
-                txn_id: txn.to_string(),
-            });
+            let mut request = Request::new(pb::DecisionRequest { txn_id: txn.to_string() });
             request.set_timeout(timeout);
             match tokio::time::timeout(timeout, self.client(participant).commit(request)).await {
                 Ok(Ok(_)) => {
@@ -467,14 +369,11 @@ impl Node {
 
     async fn send_abort(&self, txn: &TxnId, participant: &Id) {
         let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
-        let mut request = Request::new(pb::DecisionRequest {
-            txn_id: txn.to_string(),
-        });
+        let mut request = Request::new(pb::DecisionRequest { txn_id: txn.to_string() });
         request.set_timeout(timeout);
-        if let Ok(Err(status)) | Err(status) =
-            tokio::time::timeout(timeout, self.client(participant).abort(request))
-                .await
-                .map_err(|_| Status::deadline_exceeded("timeout"))
+        if let Ok(Err(status)) | Err(status) = tokio::time::timeout(timeout, self.client(participant).abort(request))
+            .await
+            .map_err(|_| Status::deadline_exceeded("timeout"))
         {
             debug!(%txn, %participant, error = %status.message(), "abort not delivered; the participant will ask");
         }
@@ -485,20 +384,13 @@ impl Node {
         if let Some(decision) = self.core().query(txn) {
             return Ok(decision);
         }
-        if self
-            .inner
-            .store
-            .get(&log::key(log::DECISION_PREFIX, txn))?
-            .is_some()
-        {
+        if self.inner.store.get(&log::key(log::DECISION_PREFIX, txn))?.is_some() {
             return Ok(Decision::Commit);
         }
-        Ok(
-            match self.inner.store.get(&log::key(log::FINISHED_PREFIX, txn))? {
-                Some(bytes) if log::decode_finished(&bytes).committed => Decision::Commit,
-                _ => Decision::Abort,
-            },
-        )
+        Ok(match self.inner.store.get(&log::key(log::FINISHED_PREFIX, txn))? {
+            Some(bytes) if log::decode_finished(&bytes).committed => Decision::Commit,
+            _ => Decision::Abort,
+        })
     }
 
     /// Serves the coordinator, health and reflection services on `listener`
@@ -511,17 +403,13 @@ impl Node {
     ) -> Result<(), Error> {
         self.execute(recovered);
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<CoordinatorServer<Node>>()
-            .await;
+        health_reporter.set_serving::<CoordinatorServer<Node>>().await;
         let collector = tokio::spawn(self.clone().collect_garbage());
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = tandem::server::server_builder()
             .add_service(health_service)
             .add_service(tandem::server::reflection_service())
-            .add_service(
-                CoordinatorServer::new(self.clone()).max_encoding_message_size(64 * 1024 * 1024),
-            )
+            .add_service(CoordinatorServer::new(self.clone()).max_encoding_message_size(64 * 1024 * 1024))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         collector.abort();
@@ -541,11 +429,7 @@ impl Node {
             if excess == 0 {
                 continue;
             }
-            let oldest = match self
-                .inner
-                .store
-                .scan_prefix_first(log::FINISHED_PREFIX, excess.min(GC_BATCH_MAX))
-            {
+            let oldest = match self.inner.store.scan_prefix_first(log::FINISHED_PREFIX, excess.min(GC_BATCH_MAX)) {
                 Ok(rows) => rows,
                 Err(error) => {
                     warn!(%error, "garbage collection could not read the log");
@@ -559,12 +443,10 @@ impl Node {
                 }
                 ops.push(tandem::store::Op::Delete(key.clone()));
             }
-            match self.inner.store.submit(ops, false) {
+            match self.inner.store.submit(ops, Durability::Buffered) {
                 Ok(wait) => {
                     if let Ok(Ok(())) = wait.await {
-                        self.inner
-                            .finished_count
-                            .fetch_sub(oldest.len() as u64, Ordering::Relaxed);
+                        self.inner.finished_count.fetch_sub(oldest.len() as u64, Ordering::Relaxed);
                         debug!(removed = oldest.len(), "finished records collected");
                     }
                 }
@@ -596,9 +478,7 @@ impl Node {
                 tokio::spawn(async move {
                     match tokio::time::timeout(call_timeout, client.read_balances(request)).await {
                         Ok(Ok(response)) => Ok(response.into_inner()),
-                        Ok(Err(status)) => {
-                            Err(Error::Unavailable(format!("{id}: {}", status.message())))
-                        }
+                        Ok(Err(status)) => Err(Error::Unavailable(format!("{id}: {}", status.message()))),
                         Err(_) => Err(Error::Unavailable(format!(
                             "{id} did not answer within {} ms",
                             call_timeout.as_millis()
@@ -609,9 +489,7 @@ impl Node {
             .collect();
         let mut results = Vec::with_capacity(reads.len());
         for read in reads {
-            results.push(read.await.unwrap_or_else(|e| {
-                Err(Error::Unavailable(format!("a balance read failed: {e}")))
-            }));
+            results.push(read.await.unwrap_or_else(|e| Err(Error::Unavailable(format!("a balance read failed: {e}")))));
         }
         drop(fence);
         let mut response = pb::AuditResponse::default();
@@ -626,10 +504,7 @@ impl Node {
     }
 
     pub fn status(&self, txn: &TxnId) -> Result<pb::TransactionStatus, Error> {
-        let mut status = pb::TransactionStatus {
-            txn_id: txn.to_string(),
-            ..Default::default()
-        };
+        let mut status = pb::TransactionStatus { txn_id: txn.to_string(), ..Default::default() };
         if let Some(active) = self.core().get(txn) {
             let state = match &active.phase {
                 Phase::Preparing { waiting } => {
@@ -637,8 +512,7 @@ impl Node {
                     pb::TransactionState::Preparing
                 }
                 Phase::Deciding => {
-                    status.detail =
-                        "every participant voted YES; the decision is being logged".into();
+                    status.detail = "every participant voted YES; the decision is being logged".into();
                     pb::TransactionState::Preparing
                 }
                 Phase::Committing { pending } => {
@@ -651,23 +525,14 @@ impl Node {
             status.state = state as i32;
             return Ok(status);
         }
-        let state = if self
-            .inner
-            .store
-            .get(&log::key(log::DECISION_PREFIX, txn))?
-            .is_some()
-        {
+        let state = if self.inner.store.get(&log::key(log::DECISION_PREFIX, txn))?.is_some() {
             pb::TransactionState::Committing
         } else {
             match self.inner.store.get(&log::key(log::FINISHED_PREFIX, txn))? {
-                Some(bytes) if log::decode_finished(&bytes).committed => {
-                    pb::TransactionState::Committed
-                }
+                Some(bytes) if log::decode_finished(&bytes).committed => pb::TransactionState::Committed,
                 Some(_) => pb::TransactionState::Aborted,
                 None => {
-                    status.detail =
-                        "no record: never committed (presumed abort), or finished and forgotten"
-                            .into();
+                    status.detail = "no record: never committed (presumed abort), or finished and forgotten".into();
                     pb::TransactionState::Unknown
                 }
             }
@@ -679,11 +544,7 @@ impl Node {
 
 fn result_to_pb(txn: &TxnId, outcome: Outcome) -> Result<pb::TransactionResult, Status> {
     let (outcome, abort_reason, reason) = match outcome {
-        Outcome::Committed => (
-            pb::Outcome::Committed,
-            pb::AbortReason::Unspecified,
-            String::new(),
-        ),
+        Outcome::Committed => (pb::Outcome::Committed, pb::AbortReason::Unspecified, String::new()),
         Outcome::Aborted(AbortReason::UnknownAccount, message) => {
             return Err(Status::not_found(format!("{txn} aborted: {message}")))
         }
@@ -716,25 +577,15 @@ fn optional_key(text: &str) -> Result<Option<Id>, Error> {
 
 #[tonic::async_trait]
 impl Coordinator for Node {
-    async fn transfer(
-        &self,
-        request: Request<pb::TransferRequest>,
-    ) -> Result<Response<pb::TransactionResult>, Status> {
+    async fn transfer(&self, request: Request<pb::TransferRequest>) -> Result<Response<pb::TransactionResult>, Status> {
         let request = request.into_inner();
-        let legs = tandem::domain::transfer_legs(
-            request.from_account,
-            request.to_account,
-            request.amount,
-        )?;
+        let legs = tandem::domain::transfer_legs(request.from_account, request.to_account, request.amount)?;
         let key = optional_key(&request.idempotency_key)?;
         let (txn, outcome) = self.run_transaction(legs.to_vec(), key).await?;
         Ok(Response::new(result_to_pb(&txn, outcome)?))
     }
 
-    async fn execute(
-        &self,
-        request: Request<pb::ExecuteRequest>,
-    ) -> Result<Response<pb::TransactionResult>, Status> {
+    async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::TransactionResult>, Status> {
         let request = request.into_inner();
         let legs: Vec<Leg> = request.legs.iter().map(Leg::from).collect();
         let key = optional_key(&request.idempotency_key)?;
@@ -763,17 +614,10 @@ impl Coordinator for Node {
             Decision::Abort => pb::Decision::Abort,
             Decision::Pending => pb::Decision::Pending,
         };
-        Ok(Response::new(pb::QueryDecisionResponse {
-            decision: decision as i32,
-        }))
+        Ok(Response::new(pb::QueryDecisionResponse { decision: decision as i32 }))
     }
 
-    async fn audit(
-        &self,
-        request: Request<pb::AuditRequest>,
-    ) -> Result<Response<pb::AuditResponse>, Status> {
-        Ok(Response::new(
-            Node::audit(self, request.into_inner().include_accounts).await?,
-        ))
+    async fn audit(&self, request: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
+        Ok(Response::new(Node::audit(self, request.into_inner().include_accounts).await?))
     }
 }

@@ -17,9 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use tandem::domain::{AccountId, Amount, Id, Leg, TxnId};
 use tandem::rng::SplitMix64 as Rng;
 use tandem::store::Op;
-use tandem_coordinator::core::{
-    AbortReason, Action, CommitRecord, Core as Coordinator, Decision, Outcome, VoteResult,
-};
+use tandem_coordinator::core::{AbortReason, Action, CommitRecord, Core as Coordinator, Decision, Outcome, VoteResult};
 use tandem_participant::core::{Config, Core as Participant, TxnState, Vote};
 
 fn id(text: &str) -> Id {
@@ -131,13 +129,9 @@ impl World {
         };
         for p in 0..participants {
             let name = format!("p{}", p + 1);
-            let mut node = ParticipantNode {
-                core: Participant::new(participant_config(&name)),
-                disk: BTreeMap::new(),
-            };
-            let accounts: Vec<(AccountId, Amount)> = (0..accounts_each)
-                .map(|a| (p as u64 * 1_000 + a, balance))
-                .collect();
+            let mut node = ParticipantNode { core: Participant::new(participant_config(&name)), disk: BTreeMap::new() };
+            let accounts: Vec<(AccountId, Amount)> =
+                (0..accounts_each).map(|a| (p as u64 * 1_000 + a, balance)).collect();
             let effects = node.core.open_accounts(&accounts).unwrap();
             node.write(&effects.ops);
             for (account, _) in &accounts {
@@ -152,16 +146,10 @@ impl World {
     fn begin(&mut self, txn: &str, legs: Vec<Leg>) {
         let mut by_participant: BTreeMap<Id, Vec<Leg>> = BTreeMap::new();
         for leg in &legs {
-            by_participant
-                .entry(self.owners[&leg.account].clone())
-                .or_default()
-                .push(*leg);
+            by_participant.entry(self.owners[&leg.account].clone()).or_default().push(*leg);
         }
         self.transactions.insert(id(txn), legs);
-        let actions = self
-            .coordinator
-            .begin(id(txn), by_participant, None)
-            .unwrap();
+        let actions = self.coordinator.begin(id(txn), by_participant, None).unwrap();
         self.steps.extend(actions.into_iter().map(Step::Act));
     }
 
@@ -171,27 +159,18 @@ impl World {
         self.log.push(format!("{step:?}"));
         match step {
             Step::Act(action) => self.act(action),
-            Step::Deliver {
-                participant,
-                txn,
-                request,
-            } => {
+            Step::Deliver { participant, txn, request } => {
                 let now = self.now_ms;
                 let node = self.participants.get_mut(&participant).unwrap();
                 match request {
                     Request::Prepare(legs) => {
-                        let (vote, effects) =
-                            node.core.prepare(txn.clone(), id("c1"), legs, now).unwrap();
+                        let (vote, effects) = node.core.prepare(txn.clone(), id("c1"), legs, now).unwrap();
                         node.write(&effects.ops);
                         let vote = match vote {
                             Vote::Yes => VoteResult::Yes,
                             Vote::No(_, reason) => VoteResult::No(AbortReason::Refused, reason),
                         };
-                        self.steps.push_back(Step::Vote {
-                            participant,
-                            txn,
-                            vote,
-                        });
+                        self.steps.push_back(Step::Vote { participant, txn, vote });
                     }
                     Request::Commit => {
                         let effects = node.core.commit(&txn, now).unwrap();
@@ -204,11 +183,7 @@ impl World {
                     }
                 }
             }
-            Step::Vote {
-                participant,
-                txn,
-                vote,
-            } => {
+            Step::Vote { participant, txn, vote } => {
                 let actions = self.coordinator.on_vote(&txn, &participant, vote);
                 self.steps.extend(actions.into_iter().map(Step::Act));
             }
@@ -221,45 +196,29 @@ impl World {
 
     fn act(&mut self, action: Action) {
         match action {
-            Action::SendPrepare {
-                txn,
-                participant,
-                legs,
-            } => self.steps.push_back(Step::Deliver {
-                participant,
-                txn,
-                request: Request::Prepare(legs),
-            }),
+            Action::SendPrepare { txn, participant, legs } => {
+                self.steps.push_back(Step::Deliver { participant, txn, request: Request::Prepare(legs) })
+            }
             Action::PersistCommit { txn, record } => {
                 self.decisions.insert(txn.clone(), record);
                 let actions = self.coordinator.on_commit_durable(&txn);
                 self.steps.extend(actions.into_iter().map(Step::Act));
             }
-            Action::SendCommit { txn, participant } => self.steps.push_back(Step::Deliver {
-                participant,
-                txn,
-                request: Request::Commit,
-            }),
-            Action::SendAbort { txn, participant } => self.steps.push_back(Step::Deliver {
-                participant,
-                txn,
-                request: Request::Abort,
-            }),
+            Action::SendCommit { txn, participant } => {
+                self.steps.push_back(Step::Deliver { participant, txn, request: Request::Commit })
+            }
+            Action::SendAbort { txn, participant } => {
+                self.steps.push_back(Step::Deliver { participant, txn, request: Request::Abort })
+            }
             Action::PersistAbort { txn, outcome, .. } => {
                 let actions = self.coordinator.on_abort_durable(&txn, outcome);
                 self.steps.extend(actions.into_iter().map(Step::Act));
             }
             Action::Reply { txn, outcome } => {
-                assert!(
-                    self.replies.insert(txn.clone(), outcome).is_none(),
-                    "{txn} answered twice"
-                );
+                assert!(self.replies.insert(txn.clone(), outcome).is_none(), "{txn} answered twice");
             }
             Action::PersistEnd { txn, .. } => {
-                assert!(
-                    self.decisions.remove(&txn).is_some(),
-                    "{txn} ended without a decision"
-                );
+                assert!(self.decisions.remove(&txn).is_some(), "{txn} ended without a decision");
                 self.ended.insert(txn.clone());
                 self.coordinator.on_end_durable(&txn);
             }
@@ -272,68 +231,36 @@ impl World {
     fn lose(&mut self, step: Step) {
         self.log.push(format!("lost {step:?}"));
         match step {
-            Step::Deliver {
-                participant,
-                txn,
-                request: Request::Prepare(_),
-            }
-            | Step::Vote {
-                participant, txn, ..
-            } => {
+            Step::Deliver { participant, txn, request: Request::Prepare(_) } | Step::Vote { participant, txn, .. } => {
                 let vote = VoteResult::No(AbortReason::ParticipantUnavailable, "lost".into());
-                self.steps.push_back(Step::Vote {
-                    participant,
-                    txn,
-                    vote,
-                });
+                self.steps.push_back(Step::Vote { participant, txn, vote });
             }
-            Step::Deliver {
-                participant,
-                txn,
-                request: Request::Commit,
+            Step::Deliver { participant, txn, request: Request::Commit } | Step::CommitAck { participant, txn } => {
+                self.steps.push_back(Step::Act(Action::SendCommit { txn, participant }));
             }
-            | Step::CommitAck { participant, txn } => {
-                self.steps
-                    .push_back(Step::Act(Action::SendCommit { txn, participant }));
-            }
-            Step::Deliver {
-                request: Request::Abort,
-                ..
-            } => {}
+            Step::Deliver { request: Request::Abort, .. } => {}
             Step::Act(_) => unreachable!("coordinator actions are not lost in transit"),
         }
     }
 
     fn crash_participant(&mut self, name: &Id) {
         self.log.push(format!("crash {name}"));
-        let (mine, others): (Vec<Step>, Vec<Step>) = self
-            .steps
-            .drain(..)
-            .partition(|step| step.node() == Some(name));
+        let (mine, others): (Vec<Step>, Vec<Step>) = self.steps.drain(..).partition(|step| step.node() == Some(name));
         self.steps = others.into();
         for step in mine {
             self.lose(step);
         }
         let node = self.participants.get_mut(name).unwrap();
-        node.core = Participant::recover(
-            participant_config(name.as_str()),
-            node.disk.clone(),
-            self.now_ms,
-        );
+        node.core = Participant::recover(participant_config(name.as_str()), node.disk.clone(), self.now_ms);
     }
 
     fn crash_coordinator(&mut self) {
         self.log.push("crash c1".into());
         // Its pending actions and the answers on their way to it are gone;
         // requests already on the wire to participants still arrive.
-        self.steps
-            .retain(|step| matches!(step, Step::Deliver { .. }));
+        self.steps.retain(|step| matches!(step, Step::Deliver { .. }));
         self.coordinator = Coordinator::new(10_000);
-        let logged: Vec<_> = self
-            .decisions
-            .iter()
-            .map(|(t, r)| (t.clone(), r.clone()))
-            .collect();
+        let logged: Vec<_> = self.decisions.iter().map(|(t, r)| (t.clone(), r.clone())).collect();
         let actions = self.coordinator.recover(logged);
         self.steps.extend(actions.into_iter().map(Step::Act));
     }
@@ -342,9 +269,7 @@ impl World {
     fn decision(&self, txn: &TxnId) -> Decision {
         match self.coordinator.query(txn) {
             Some(decision) => decision,
-            None if self.decisions.contains_key(txn) || self.ended.contains(txn) => {
-                Decision::Commit
-            }
+            None if self.decisions.contains_key(txn) || self.ended.contains(txn) => Decision::Commit,
             None => Decision::Abort,
         }
     }
@@ -361,12 +286,7 @@ impl World {
             let names: Vec<Id> = self.participants.keys().cloned().collect();
             for name in names {
                 let now = self.now_ms;
-                let due = self
-                    .participants
-                    .get_mut(&name)
-                    .unwrap()
-                    .core
-                    .due_queries(now, usize::MAX);
+                let due = self.participants.get_mut(&name).unwrap().core.due_queries(now, usize::MAX);
                 for (txn, _) in due {
                     asked = true;
                     let decision = self.decision(&txn);
@@ -401,35 +321,15 @@ impl World {
                     "{name}/{account} holds a reservation\n{}",
                     context()
                 );
-                assert!(
-                    balance.posted >= 0,
-                    "{name}/{account} is negative\n{}",
-                    context()
-                );
+                assert!(balance.posted >= 0, "{name}/{account} is negative\n{}", context());
                 total += balance.posted;
             }
-            assert_eq!(
-                node.core.prepared_count(),
-                0,
-                "{name} is still in doubt\n{}",
-                context()
-            );
+            assert_eq!(node.core.prepared_count(), 0, "{name} is still in doubt\n{}", context());
             // What survives a restart is the same as what is in memory.
-            let reloaded =
-                Participant::recover(participant_config(name.as_str()), node.disk.clone(), 0);
-            assert_eq!(
-                reloaded.accounts(),
-                node.core.accounts(),
-                "{name}: memory and disk differ\n{}",
-                context()
-            );
+            let reloaded = Participant::recover(participant_config(name.as_str()), node.disk.clone(), 0);
+            assert_eq!(reloaded.accounts(), node.core.accounts(), "{name}: memory and disk differ\n{}", context());
         }
-        assert_eq!(
-            total,
-            self.initial_total,
-            "money was created or destroyed\n{}",
-            context()
-        );
+        assert_eq!(total, self.initial_total, "money was created or destroyed\n{}", context());
         for (txn, legs) in &self.transactions {
             let owners: BTreeSet<&Id> = legs.iter().map(|leg| &self.owners[&leg.account]).collect();
             let committed_at: Vec<bool> = owners
@@ -438,44 +338,19 @@ impl World {
                 .collect();
             let all = committed_at.iter().all(|c| *c);
             let none = committed_at.iter().all(|c| !*c);
-            assert!(
-                all || none,
-                "{txn} is half committed: {committed_at:?}\n{}",
-                context()
-            );
+            assert!(all || none, "{txn} is half committed: {committed_at:?}\n{}", context());
             match self.replies.get(txn) {
-                Some(Outcome::Committed) => assert!(
-                    all,
-                    "{txn} was answered COMMITTED but not applied\n{}",
-                    context()
-                ),
-                Some(Outcome::Aborted(..)) => assert!(
-                    none,
-                    "{txn} was answered ABORTED but applied\n{}",
-                    context()
-                ),
+                Some(Outcome::Committed) => assert!(all, "{txn} was answered COMMITTED but not applied\n{}", context()),
+                Some(Outcome::Aborted(..)) => assert!(none, "{txn} was answered ABORTED but applied\n{}", context()),
                 None => {}
             }
-            assert!(
-                self.decisions.is_empty(),
-                "decisions left without an end record\n{}",
-                context()
-            );
+            assert!(self.decisions.is_empty(), "decisions left without an end record\n{}", context());
         }
     }
 }
 
 fn transfer(from: AccountId, to: AccountId, amount: Amount) -> Vec<Leg> {
-    vec![
-        Leg {
-            account: from,
-            amount: -amount,
-        },
-        Leg {
-            account: to,
-            amount,
-        },
-    ]
+    vec![Leg { account: from, amount: -amount }, Leg { account: to, amount }]
 }
 
 /// The steps of one failure-free two-participant transfer.
@@ -495,10 +370,7 @@ fn failure_free_step_count() -> usize {
 #[test]
 fn every_crash_point_of_one_transfer_heals_to_all_or_nothing() {
     let steps = failure_free_step_count();
-    assert!(
-        steps >= 9,
-        "prepare x2, votes x2, persist, commit x2, acks x2, end...: got {steps}"
-    );
+    assert!(steps >= 9, "prepare x2, votes x2, persist, commit x2, acks x2, end...: got {steps}");
     let mut outcomes = BTreeMap::new();
     for crash_before in 0..=steps {
         for victim in ["c1", "p1", "p2"] {
@@ -517,31 +389,16 @@ fn every_crash_point_of_one_transfer_heals_to_all_or_nothing() {
             }
             world.heal();
             world.check_invariants();
-            let committed = world.participants[&id("p1")]
-                .core
-                .account(0)
-                .unwrap()
-                .posted
-                == 70;
+            let committed = world.participants[&id("p1")].core.account(0).unwrap().posted == 70;
             outcomes.insert((crash_before, victim), committed);
         }
     }
     // Sanity of the enumeration itself: early crashes abort, late ones commit.
     // After both SendPrepare actions (steps 0 and 1), the prepares are on the
     // wire: a participant that crashes then loses its prepare, which aborts.
-    assert!(
-        !outcomes[&(2, "p1")],
-        "a participant that crashed with its prepare in flight aborts the transfer"
-    );
-    assert!(
-        outcomes[&(0, "p1")],
-        "a participant that restarted before its prepare was sent still commits"
-    );
-    assert_eq!(
-        outcomes[&(steps, "c1")],
-        true,
-        "a crash after the end record keeps the commit"
-    );
+    assert!(!outcomes[&(2, "p1")], "a participant that crashed with its prepare in flight aborts the transfer");
+    assert!(outcomes[&(0, "p1")], "a participant that restarted before its prepare was sent still commits");
+    assert_eq!(outcomes[&(steps, "c1")], true, "a crash after the end record keeps the commit");
     assert!(outcomes.values().any(|c| *c) && outcomes.values().any(|c| !*c));
 }
 
@@ -550,30 +407,16 @@ fn coordinator_crash_before_the_decision_is_durable_aborts_by_presumption() {
     let mut world = World::new(2, 1, 100);
     world.begin("t1", transfer(0, 1_000, 30));
     // Run until the decision is about to be written.
-    while !matches!(
-        world.steps.front(),
-        Some(Step::Act(Action::PersistCommit { .. }))
-    ) {
+    while !matches!(world.steps.front(), Some(Step::Act(Action::PersistCommit { .. }))) {
         let step = world.steps.pop_front().unwrap();
         world.run_step(step);
     }
-    assert_eq!(
-        world.participants[&id("p1")].core.prepared_count(),
-        1,
-        "p1 is prepared and in doubt"
-    );
+    assert_eq!(world.participants[&id("p1")].core.prepared_count(), 1, "p1 is prepared and in doubt");
     world.crash_coordinator();
     assert_eq!(world.decision(&id("t1")), Decision::Abort);
     world.heal();
     world.check_invariants();
-    assert_eq!(
-        world.participants[&id("p1")]
-            .core
-            .account(0)
-            .unwrap()
-            .posted,
-        100
-    );
+    assert_eq!(world.participants[&id("p1")].core.account(0).unwrap().posted, 100);
     assert!(world.replies.is_empty(), "the client heard nothing");
 }
 
@@ -584,13 +427,7 @@ fn coordinator_crash_in_the_middle_of_the_fan_out_finishes_the_commit() {
     // Run until the first commit has been applied by a participant.
     loop {
         let step = world.steps.pop_front().unwrap();
-        let was_commit = matches!(
-            step,
-            Step::Deliver {
-                request: Request::Commit,
-                ..
-            }
-        );
+        let was_commit = matches!(step, Step::Deliver { request: Request::Commit, .. });
         world.run_step(step);
         if was_commit {
             break;
@@ -601,14 +438,7 @@ fn coordinator_crash_in_the_middle_of_the_fan_out_finishes_the_commit() {
     assert_eq!(world.decision(&id("t1")), Decision::Commit);
     world.heal();
     world.check_invariants();
-    assert_eq!(
-        world.participants[&id("p2")]
-            .core
-            .account(1_000)
-            .unwrap()
-            .posted,
-        130
-    );
+    assert_eq!(world.participants[&id("p2")].core.account(1_000).unwrap().posted, 130);
 }
 
 #[test]
@@ -624,22 +454,13 @@ fn duplicated_late_and_reordered_messages_change_nothing() {
     }
     // Every request again, in reverse order, long after the end.
     for step in delivered.into_iter().rev() {
-        if let Step::Deliver {
-            participant,
-            txn,
-            request,
-        } = step
-        {
+        if let Step::Deliver { participant, txn, request } = step {
             let now = world.now_ms;
             let node = world.participants.get_mut(&participant).unwrap();
             let effects = match request {
                 Request::Prepare(legs) => {
                     let (vote, effects) = node.core.prepare(txn, id("c1"), legs, now).unwrap();
-                    assert_eq!(
-                        vote,
-                        Vote::Yes,
-                        "a late duplicate prepare of a committed transaction"
-                    );
+                    assert_eq!(vote, Vote::Yes, "a late duplicate prepare of a committed transaction");
                     effects
                 }
                 Request::Commit => node.core.commit(&txn, now).unwrap(),
@@ -649,14 +470,7 @@ fn duplicated_late_and_reordered_messages_change_nothing() {
         }
     }
     world.check_invariants();
-    assert_eq!(
-        world.participants[&id("p1")]
-            .core
-            .account(0)
-            .unwrap()
-            .posted,
-        70
-    );
+    assert_eq!(world.participants[&id("p1")].core.account(0).unwrap().posted, 70);
 }
 
 #[test]
@@ -664,7 +478,11 @@ fn an_abort_that_overtakes_its_prepare_wins() {
     let mut world = World::new(2, 1, 100);
     // p2 has no account 1_005: it votes NO; the abort to p1 overtakes p1's prepare.
     world.begin("t1", transfer(0, 1_000, 30));
-    let prepare_p1 = world.steps.iter().position(|s| matches!(s, Step::Act(Action::SendPrepare { participant, .. }) if participant.as_str() == "p1")).unwrap();
+    let prepare_p1 = world
+        .steps
+        .iter()
+        .position(|s| matches!(s, Step::Act(Action::SendPrepare { participant, .. }) if participant.as_str() == "p1"))
+        .unwrap();
     let held = world.steps.remove(prepare_p1).unwrap();
     world.steps.push_front(Step::Vote {
         participant: id("p2"),
@@ -672,27 +490,19 @@ fn an_abort_that_overtakes_its_prepare_wins() {
         vote: VoteResult::No(AbortReason::Refused, "no".into()),
     });
     // Drop p2's real prepare so the NO above is its only vote.
-    world.steps.retain(|s| !matches!(s, Step::Act(Action::SendPrepare { participant, .. }) if participant.as_str() == "p2"));
+    world
+        .steps
+        .retain(|s| !matches!(s, Step::Act(Action::SendPrepare { participant, .. }) if participant.as_str() == "p2"));
     while let Some(step) = world.steps.pop_front() {
         world.run_step(step);
     }
-    assert!(matches!(
-        world.replies.get(&id("t1")),
-        Some(Outcome::Aborted(..))
-    ));
+    assert!(matches!(world.replies.get(&id("t1")), Some(Outcome::Aborted(..))));
     // The late prepare arrives after the abort's tombstone.
     world.run_step(held);
     while let Some(step) = world.steps.pop_front() {
         world.run_step(step);
     }
-    assert_eq!(
-        world.participants[&id("p1")]
-            .core
-            .account(0)
-            .unwrap()
-            .reserved,
-        0
-    );
+    assert_eq!(world.participants[&id("p1")].core.account(0).unwrap().reserved, 0);
     world.heal();
     world.check_invariants();
 }
@@ -713,13 +523,9 @@ fn chaos(seed: u64) -> (usize, usize, usize) {
             let from = accounts[rng.below(accounts.len() as u64) as usize];
             let mut to = accounts[rng.below(accounts.len() as u64) as usize];
             if to == from {
-                to = accounts
-                    [(accounts.iter().position(|a| *a == from).unwrap() + 1) % accounts.len()];
+                to = accounts[(accounts.iter().position(|a| *a == from).unwrap() + 1) % accounts.len()];
             }
-            world.begin(
-                &format!("t{started}"),
-                transfer(from, to, 1 + rng.below(40) as i64),
-            );
+            world.begin(&format!("t{started}"), transfer(from, to, 1 + rng.below(40) as i64));
             started += 1;
             continue;
         }
@@ -750,19 +556,12 @@ fn chaos(seed: u64) -> (usize, usize, usize) {
     }
     world.heal();
     world.check_invariants();
-    let committed = world
-        .replies
-        .values()
-        .filter(|o| **o == Outcome::Committed)
-        .count();
+    let committed = world.replies.values().filter(|o| **o == Outcome::Committed).count();
     let applied = world
         .transactions
         .keys()
         .filter(|t| {
-            world
-                .participants
-                .values()
-                .any(|p| matches!(p.core.txn(t), Some(x) if x.state == TxnState::Committed))
+            world.participants.values().any(|p| matches!(p.core.txn(t), Some(x) if x.state == TxnState::Committed))
         })
         .count();
     (committed, applied, crashes)
@@ -770,10 +569,7 @@ fn chaos(seed: u64) -> (usize, usize, usize) {
 
 #[test]
 fn seeded_chaos_keeps_every_invariant() {
-    let seeds: u64 = std::env::var("TANDEM_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
+    let seeds: u64 = std::env::var("TANDEM_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
     let (mut committed, mut applied, mut crashes) = (0, 0, 0);
     for seed in 0..seeds {
         let result = std::panic::catch_unwind(|| chaos(seed));
@@ -790,18 +586,13 @@ fn seeded_chaos_keeps_every_invariant() {
         }
     }
     // The runs did exercise the protocol: commits, unanswered commits, crashes.
-    eprintln!(
-        "{seeds} seeds: {committed} answered COMMITTED, {applied} applied, {crashes} crashes"
-    );
+    eprintln!("{seeds} seeds: {committed} answered COMMITTED, {applied} applied, {crashes} crashes");
     assert!(committed > 0 && applied > committed && crashes > seeds as usize);
 }
 
 #[test]
 fn one_seed() {
     // Reruns one seed of the chaos test (TANDEM_SIM_SEED), by default seed 7.
-    let seed = std::env::var("TANDEM_SIM_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(7);
+    let seed = std::env::var("TANDEM_SIM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
     chaos(seed);
 }

@@ -16,8 +16,11 @@
 //!   tombstone (unsynced: losing it is safe, the coordinator aborts anyway)
 //!   so that duplicates of the prepare keep getting NO.
 //! - **Commit** posts the legs, releases the reservation, records COMMITTED,
-//!   and is acknowledged after the fsync: once acknowledged, the coordinator
-//!   may forget the transaction, so this node must never ask again.
+//!   and is acknowledged only once that record is fsynced: once acknowledged,
+//!   the coordinator may forget the transaction, so this node must never ask
+//!   again. The record does not force an fsync of its own: it rides on the
+//!   next prepare's fsync (the store's lazy durability), so at one client
+//!   the next transaction's prepare does not wait behind a commit's fsync.
 //! - **Abort** releases the reservation and records ABORTED (unsynced: if it
 //!   is lost, the node comes back PREPARED, asks the coordinator, and hears
 //!   ABORT). An abort for an unknown transaction leaves an ABORTED tombstone
@@ -54,7 +57,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use tandem::domain::{validate_legs, AccountId, Amount, Id, Leg, TxnId};
-use tandem::store::Op;
+use tandem::store::{Durability, Op};
 use tandem::Error;
 
 /// How long, at first, between two decision queries for one in-doubt transaction.
@@ -79,10 +82,7 @@ impl Account {
             self.reserved >= 0 && self.reserved <= self.posted && self.incoming >= 0,
             "account {id} broke its invariants: {self:?}"
         );
-        assert!(
-            self.posted.checked_add(self.incoming).is_some(),
-            "account {id} can overflow on commit: {self:?}"
-        );
+        assert!(self.posted.checked_add(self.incoming).is_some(), "account {id} can overflow on commit: {self:?}");
     }
 }
 
@@ -122,18 +122,26 @@ pub enum Vote {
     No(Refusal, String),
 }
 
-/// What the driver must write, and whether the answer waits for an fsync.
-/// An empty `ops` still goes through the store, so the answer is not sent
-/// before the writes queued ahead of it are durable.
-#[derive(Debug, Default, PartialEq, Eq)]
+/// What the driver must write, and when the answer may be sent. An empty
+/// `ops` still goes through the store, so the answer is not sent before the
+/// writes queued ahead of it have the durability it asks for.
+#[derive(Debug, PartialEq, Eq)]
 pub struct Effects {
     pub ops: Vec<Op>,
-    pub sync: bool,
+    pub durability: Durability,
 }
 
 impl Effects {
+    /// Nothing to write; the answer needs nothing durable.
     fn none() -> Effects {
-        Effects::default()
+        Effects { ops: Vec::new(), durability: Durability::Buffered }
+    }
+
+    /// Nothing to write, but the answer repeats one that must not be sent
+    /// before the earlier write behind it is fsynced (a duplicate YES or
+    /// commit acknowledgement whose first write may still be in flight).
+    fn after_earlier_writes_are_durable() -> Effects {
+        Effects { ops: Vec::new(), durability: Durability::Lazy }
     }
 }
 
@@ -195,12 +203,8 @@ fn decode_txn(bytes: &[u8], now_ms: u64) -> Result<Txn, String> {
         other => return Err(format!("bad state byte {other:?}")),
     };
     let coordinator_len = *bytes.get(1).ok_or("truncated")? as usize;
-    let coordinator = std::str::from_utf8(
-        bytes
-            .get(2..2 + coordinator_len)
-            .ok_or("truncated coordinator")?,
-    )
-    .map_err(|e| e.to_string())?;
+    let coordinator = std::str::from_utf8(bytes.get(2..2 + coordinator_len).ok_or("truncated coordinator")?)
+        .map_err(|e| e.to_string())?;
     let coordinator = Id::parse("coordinator id", coordinator).map_err(|e| e.to_string())?;
     let mut at = 2 + coordinator_len;
     let leg_count = *bytes.get(at).ok_or("truncated leg count")? as usize;
@@ -223,55 +227,34 @@ fn decode_txn(bytes: &[u8], now_ms: u64) -> Result<Txn, String> {
         legs,
         prepared_at_ms: now_ms,
         next_query_ms: 0,
-        query_backoff_ms: 0,
+        query_backoff_ms: QUERY_BACKOFF_INITIAL_MS,
     })
 }
 
 impl Core {
     pub fn new(config: Config) -> Core {
-        Core {
-            config,
-            accounts: BTreeMap::new(),
-            txns: HashMap::new(),
-            finished: VecDeque::new(),
-        }
+        Core { config, accounts: BTreeMap::new(), txns: HashMap::new(), finished: VecDeque::new() }
     }
 
     /// Rebuilds the core from the store's records (every `a/` and `t/` key),
     /// recomputing the reservations of PREPARED transactions. Panics on a
     /// record that does not decode or breaks an invariant: the store is
     /// corrupt and guessing would be worse than stopping.
-    pub fn recover(
-        config: Config,
-        records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
-        now_ms: u64,
-    ) -> Core {
+    pub fn recover(config: Config, records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>, now_ms: u64) -> Core {
         let mut core = Core::new(config);
         let mut prepared = Vec::new();
         for (key, value) in records {
             if let Some(account) = key.strip_prefix(b"a/") {
                 let account = u64::from_be_bytes(account.try_into().expect("corrupt account key"));
-                let posted = i64::from_le_bytes(
-                    value.as_slice().try_into().expect("corrupt account record"),
-                );
-                core.accounts.insert(
-                    account,
-                    Account {
-                        posted,
-                        reserved: 0,
-                        incoming: 0,
-                    },
-                );
+                let posted = i64::from_le_bytes(value.as_slice().try_into().expect("corrupt account record"));
+                core.accounts.insert(account, Account { posted, reserved: 0, incoming: 0 });
             } else if let Some(txn) = key.strip_prefix(b"t/") {
-                let txn = Id::parse("txn id", std::str::from_utf8(txn).expect("corrupt txn key"))
-                    .expect("corrupt txn key");
-                let record = decode_txn(&value, now_ms)
-                    .unwrap_or_else(|e| panic!("corrupt record of {txn}: {e}"));
+                let txn =
+                    Id::parse("txn id", std::str::from_utf8(txn).expect("corrupt txn key")).expect("corrupt txn key");
+                let record = decode_txn(&value, now_ms).unwrap_or_else(|e| panic!("corrupt record of {txn}: {e}"));
                 match record.state {
                     TxnState::Prepared => prepared.push(txn.clone()),
-                    TxnState::Committed | TxnState::Aborted => {
-                        core.finished.push_back((now_ms, txn.clone()))
-                    }
+                    TxnState::Committed | TxnState::Aborted => core.finished.push_back((now_ms, txn.clone())),
                 }
                 core.txns.insert(txn, record);
             }
@@ -279,12 +262,10 @@ impl Core {
         for txn in prepared {
             let legs = core.txns[&txn].legs.clone();
             for leg in legs {
-                let account = core.accounts.get_mut(&leg.account).unwrap_or_else(|| {
-                    panic!(
-                        "prepared {txn} names account {} that has no record",
-                        leg.account
-                    )
-                });
+                let account = core
+                    .accounts
+                    .get_mut(&leg.account)
+                    .unwrap_or_else(|| panic!("prepared {txn} names account {} that has no record", leg.account));
                 if leg.is_debit() {
                     account.reserved += -leg.amount;
                 } else {
@@ -314,21 +295,15 @@ impl Core {
         validate_legs(&legs)?;
         if let Some(existing) = self.txns.get(&txn_id) {
             return Ok(match existing.state {
-                TxnState::Prepared if existing.legs == legs => (Vote::Yes, Effects::none()),
+                TxnState::Prepared if existing.legs == legs => (Vote::Yes, Effects::after_earlier_writes_are_durable()),
                 TxnState::Prepared => (
-                    Vote::No(
-                        Refusal::ConflictingPrepare,
-                        format!("{txn_id} was prepared here with other legs"),
-                    ),
+                    Vote::No(Refusal::ConflictingPrepare, format!("{txn_id} was prepared here with other legs")),
                     Effects::none(),
                 ),
                 // A duplicate of a prepare whose transaction committed since.
-                TxnState::Committed => (Vote::Yes, Effects::none()),
+                TxnState::Committed => (Vote::Yes, Effects::after_earlier_writes_are_durable()),
                 TxnState::Aborted => (
-                    Vote::No(
-                        Refusal::AlreadyAborted,
-                        format!("{txn_id} was aborted here before this prepare"),
-                    ),
+                    Vote::No(Refusal::AlreadyAborted, format!("{txn_id} was aborted here before this prepare")),
                     Effects::none(),
                 ),
             });
@@ -357,7 +332,7 @@ impl Core {
         };
         let ops = vec![Op::Put(txn_key(&txn_id), encode_txn(&txn))];
         self.txns.insert(txn_id, txn);
-        Ok((Vote::Yes, Effects { ops, sync: true }))
+        Ok((Vote::Yes, Effects { ops, durability: Durability::Fsync }))
     }
 
     fn check_prepare(&self, coordinator: &Id, legs: &[Leg]) -> Option<(Refusal, String)> {
@@ -371,10 +346,7 @@ impl Core {
             let Some(account) = self.accounts.get(&leg.account) else {
                 return Some((
                     Refusal::UnknownAccount,
-                    format!(
-                        "account {} does not exist on {}",
-                        leg.account, self.config.node_id
-                    ),
+                    format!("account {} does not exist on {}", leg.account, self.config.node_id),
                 ));
             };
             if leg.is_debit() {
@@ -389,18 +361,11 @@ impl Core {
                         ),
                     ));
                 }
-            } else if account
-                .posted
-                .checked_add(account.incoming)
-                .and_then(|sum| sum.checked_add(leg.amount))
-                .is_none()
+            } else if account.posted.checked_add(account.incoming).and_then(|sum| sum.checked_add(leg.amount)).is_none()
             {
                 return Some((
                     Refusal::BalanceOverflow,
-                    format!(
-                        "crediting {} to account {} would overflow its balance",
-                        leg.amount, leg.account
-                    ),
+                    format!("crediting {} to account {} would overflow its balance", leg.amount, leg.account),
                 ));
             }
         }
@@ -414,7 +379,7 @@ impl Core {
             return Ok(Effects::none());
         };
         match txn.state {
-            TxnState::Committed => return Ok(Effects::none()),
+            TxnState::Committed => return Ok(Effects::after_earlier_writes_are_durable()),
             TxnState::Aborted => {
                 return Err(Error::InvalidInput(format!(
                     "{txn_id} is aborted here; a commit for it breaks the protocol"
@@ -426,10 +391,7 @@ impl Core {
         let coordinator = txn.coordinator.clone();
         let mut ops = Vec::with_capacity(legs.len() + 1);
         for leg in &legs {
-            let account = self
-                .accounts
-                .get_mut(&leg.account)
-                .expect("a prepared leg's account exists");
+            let account = self.accounts.get_mut(&leg.account).expect("a prepared leg's account exists");
             if leg.is_debit() {
                 account.reserved -= -leg.amount;
                 account.posted -= -leg.amount;
@@ -438,14 +400,11 @@ impl Core {
                 account.posted += leg.amount;
             }
             account.assert_invariants(leg.account);
-            ops.push(Op::Put(
-                account_key(leg.account),
-                account.posted.to_le_bytes().to_vec(),
-            ));
+            ops.push(Op::Put(account_key(leg.account), account.posted.to_le_bytes().to_vec()));
         }
         let mut effects = self.finish(txn_id.clone(), coordinator, TxnState::Committed, now_ms);
         ops.append(&mut effects.ops);
-        Ok(Effects { ops, sync: true })
+        Ok(Effects { ops, durability: effects.durability })
     }
 
     /// Phase two, ABORT. Releases a prepared reservation; leaves a tombstone
@@ -469,10 +428,7 @@ impl Core {
         let legs = txn.legs.clone();
         let coordinator = txn.coordinator.clone();
         for leg in &legs {
-            let account = self
-                .accounts
-                .get_mut(&leg.account)
-                .expect("a prepared leg's account exists");
+            let account = self.accounts.get_mut(&leg.account).expect("a prepared leg's account exists");
             if leg.is_debit() {
                 account.reserved -= -leg.amount;
             } else {
@@ -485,22 +441,16 @@ impl Core {
 
     /// Records a finished transaction (legs dropped) for garbage collection.
     fn finish(&mut self, txn_id: TxnId, coordinator: Id, state: TxnState, now_ms: u64) -> Effects {
-        let txn = Txn {
-            state,
-            coordinator,
-            legs: Vec::new(),
-            prepared_at_ms: now_ms,
-            next_query_ms: 0,
-            query_backoff_ms: 0,
-        };
+        let txn =
+            Txn { state, coordinator, legs: Vec::new(), prepared_at_ms: now_ms, next_query_ms: 0, query_backoff_ms: 0 };
         let ops = vec![Op::Put(txn_key(&txn_id), encode_txn(&txn))];
         self.txns.insert(txn_id.clone(), txn);
         self.finished.push_back((now_ms, txn_id));
-        // Only a commit must be durable before it is acknowledged.
-        Effects {
-            ops,
-            sync: state == TxnState::Committed,
-        }
+        // Only a commit must be durable before it is acknowledged. It need not
+        // pay for an fsync of its own: it rides on the next prepare's (the
+        // WAL is one log), or the store fsyncs for it within its linger.
+        let durability = if state == TxnState::Committed { Durability::Lazy } else { Durability::Buffered };
+        Effects { ops, durability }
     }
 
     /// Opens accounts, all or none.
@@ -515,44 +465,28 @@ impl Core {
         let mut seen = BTreeSet::new();
         for (id, balance) in accounts {
             if *balance < 0 {
-                return Err(Error::InvalidInput(format!(
-                    "account {id}: the initial balance {balance} is negative"
-                )));
+                return Err(Error::InvalidInput(format!("account {id}: the initial balance {balance} is negative")));
             }
             if !seen.insert(*id) {
-                return Err(Error::InvalidInput(format!(
-                    "account {id} appears twice in the request"
-                )));
+                return Err(Error::InvalidInput(format!("account {id} appears twice in the request")));
             }
             if self.accounts.contains_key(id) {
-                return Err(Error::AlreadyExists(format!(
-                    "account {id} exists already on {}",
-                    self.config.node_id
-                )));
+                return Err(Error::AlreadyExists(format!("account {id} exists already on {}", self.config.node_id)));
             }
         }
         let mut ops = Vec::with_capacity(accounts.len());
         for (id, balance) in accounts {
-            self.accounts.insert(
-                *id,
-                Account {
-                    posted: *balance,
-                    reserved: 0,
-                    incoming: 0,
-                },
-            );
+            self.accounts.insert(*id, Account { posted: *balance, reserved: 0, incoming: 0 });
             ops.push(Op::Put(account_key(*id), balance.to_le_bytes().to_vec()));
         }
-        Ok(Effects { ops, sync: true })
+        Ok(Effects { ops, durability: Durability::Fsync })
     }
 
     pub fn account(&self, id: AccountId) -> Result<Account, Error> {
-        self.accounts.get(&id).copied().ok_or_else(|| {
-            Error::NotFound(format!(
-                "account {id} does not exist on {}",
-                self.config.node_id
-            ))
-        })
+        self.accounts
+            .get(&id)
+            .copied()
+            .ok_or_else(|| Error::NotFound(format!("account {id} does not exist on {}", self.config.node_id)))
     }
 
     pub fn accounts(&self) -> &BTreeMap<AccountId, Account> {
@@ -565,20 +499,13 @@ impl Core {
 
     /// Prepared (in-doubt) transactions, oldest first.
     pub fn prepared(&self) -> Vec<(&TxnId, &Txn)> {
-        let mut list: Vec<_> = self
-            .txns
-            .iter()
-            .filter(|(_, txn)| txn.state == TxnState::Prepared)
-            .collect();
+        let mut list: Vec<_> = self.txns.iter().filter(|(_, txn)| txn.state == TxnState::Prepared).collect();
         list.sort_by(|a, b| (a.1.prepared_at_ms, a.0).cmp(&(b.1.prepared_at_ms, b.0)));
         list
     }
 
     pub fn prepared_count(&self) -> usize {
-        self.txns
-            .values()
-            .filter(|txn| txn.state == TxnState::Prepared)
-            .count()
+        self.txns.values().filter(|txn| txn.state == TxnState::Prepared).count()
     }
 
     /// The in-doubt transactions whose decision query is due now, at most
@@ -593,8 +520,7 @@ impl Core {
             if txn.state == TxnState::Prepared && txn.next_query_ms <= now_ms {
                 due.push((id.clone(), txn.coordinator.clone()));
                 txn.next_query_ms = now_ms + txn.query_backoff_ms;
-                txn.query_backoff_ms = (txn.query_backoff_ms * 2)
-                    .clamp(QUERY_BACKOFF_INITIAL_MS, QUERY_BACKOFF_MAX_MS);
+                txn.query_backoff_ms = (txn.query_backoff_ms * 2).clamp(QUERY_BACKOFF_INITIAL_MS, QUERY_BACKOFF_MAX_MS);
             }
         }
         due.sort();
@@ -616,7 +542,7 @@ impl Core {
                 ops.push(Op::Delete(txn_key(&txn_id)));
             }
         }
-        Effects { ops, sync: false }
+        Effects { ops, durability: Durability::Buffered }
     }
 }
 

@@ -38,13 +38,8 @@ struct Args {
 }
 
 fn parse_peer(text: &str) -> Result<(Id, String), String> {
-    let (id, url) = text
-        .split_once('=')
-        .ok_or_else(|| format!("{text:?} is not ID=URL"))?;
-    Ok((
-        Id::parse("coordinator id", id).map_err(|e| e.to_string())?,
-        url.to_string(),
-    ))
+    let (id, url) = text.split_once('=').ok_or_else(|| format!("{text:?} is not ID=URL"))?;
+    Ok((Id::parse("coordinator id", id).map_err(|e| e.to_string())?, url.to_string()))
 }
 
 #[tokio::main]
@@ -62,11 +57,7 @@ async fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<(), String> {
     let node_id = Id::parse("node id", &args.node_id).map_err(|e| e.to_string())?;
-    let coordinators = args
-        .coordinators
-        .iter()
-        .map(|c| parse_peer(c))
-        .collect::<Result<Vec<_>, _>>()?;
+    let coordinators = args.coordinators.iter().map(|c| parse_peer(c)).collect::<Result<Vec<_>, _>>()?;
     let node = Node::open(NodeConfig {
         node_id: node_id.clone(),
         data_dir: args.data_dir,
@@ -75,12 +66,9 @@ async fn run(args: Args) -> Result<(), String> {
         finished_retention_ms: args.finished_retention_ms,
     })
     .map_err(|e| e.to_string())?;
-    let (listener, addr) = tandem::server::bind(args.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let (listener, addr) =
+        tandem::server::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     tracing::info!(node = %node_id, %addr, "participant serving");
     println!("listening on {addr}");
-    node.run(listener, tandem::server::shutdown_signal())
-        .await
-        .map_err(|e| e.to_string())
+    node.run(listener, tandem::server::shutdown_signal()).await.map_err(|e| e.to_string())
 }

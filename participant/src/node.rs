@@ -66,10 +66,7 @@ impl Node {
         records.extend(store.scan_prefix(b"t/")?);
         let mut coordinators = BTreeMap::new();
         for (id, url) in &config.coordinators {
-            coordinators.insert(
-                id.clone(),
-                CoordinatorClient::new(tandem::server::channel(url)?),
-            );
+            coordinators.insert(id.clone(), CoordinatorClient::new(tandem::server::channel(url)?));
         }
         let core_config = Config {
             node_id: config.node_id.clone(),
@@ -111,62 +108,38 @@ impl Node {
             let mut core = self.inner.core.lock().expect("core lock poisoned");
             self.inner.store.check_room(ops_max)?;
             let (value, effects) = step(&mut core, now_ms)?;
-            let written = self.inner.store.submit(effects.ops, effects.sync)?;
+            let written = self.inner.store.submit(effects.ops, effects.durability)?;
             (value, written)
         };
-        written
-            .await
-            .unwrap_or_else(|_| Err(Error::Fatal("the writer thread stopped".into())))?;
+        written.await.unwrap_or_else(|_| Err(Error::Fatal("the writer thread stopped".into())))?;
         Ok(value)
     }
 
-    pub async fn prepare(
-        &self,
-        txn: TxnId,
-        coordinator: Id,
-        legs: Vec<Leg>,
-    ) -> Result<Vote, Error> {
-        self.apply(OPS_PER_CALL_MAX, |core, now| {
-            core.prepare(txn, coordinator, legs, now)
-        })
-        .await
+    pub async fn prepare(&self, txn: TxnId, coordinator: Id, legs: Vec<Leg>) -> Result<Vote, Error> {
+        self.apply(OPS_PER_CALL_MAX, |core, now| core.prepare(txn, coordinator, legs, now)).await
     }
 
     pub async fn commit(&self, txn: &TxnId) -> Result<(), Error> {
-        self.apply(OPS_PER_CALL_MAX, |core, now| {
-            Ok(((), core.commit(txn, now)?))
-        })
-        .await
+        self.apply(OPS_PER_CALL_MAX, |core, now| Ok(((), core.commit(txn, now)?))).await
     }
 
     pub async fn abort(&self, txn: &TxnId) -> Result<(), Error> {
-        self.apply(OPS_PER_CALL_MAX, |core, now| {
-            Ok(((), core.abort(txn, now)?))
-        })
-        .await
+        self.apply(OPS_PER_CALL_MAX, |core, now| Ok(((), core.abort(txn, now)?))).await
     }
 
     /// Serves the participant, health and reflection services on `listener`
     /// until `shutdown` resolves, with the background tasks running; then
     /// stops taking calls, lets the store write what is queued, and returns.
-    pub async fn run(
-        self,
-        listener: TcpListener,
-        shutdown: impl Future<Output = ()>,
-    ) -> Result<(), Error> {
+    pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter
-            .set_serving::<ParticipantServer<Node>>()
-            .await;
+        health_reporter.set_serving::<ParticipantServer<Node>>().await;
         let resolver = tokio::spawn(self.clone().resolve_in_doubt());
         let collector = tokio::spawn(self.clone().collect_garbage());
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = tandem::server::server_builder()
             .add_service(health_service)
             .add_service(tandem::server::reflection_service())
-            .add_service(
-                ParticipantServer::new(self.clone()).max_decoding_message_size(16 * 1024 * 1024),
-            )
+            .add_service(ParticipantServer::new(self.clone()).max_decoding_message_size(16 * 1024 * 1024))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         resolver.abort();
@@ -185,11 +158,7 @@ impl Node {
             tick.tick().await;
             let due = {
                 let now = self.now_ms();
-                self.inner
-                    .core
-                    .lock()
-                    .expect("core lock poisoned")
-                    .due_queries(now, QUERIES_PER_TICK_MAX)
+                self.inner.core.lock().expect("core lock poisoned").due_queries(now, QUERIES_PER_TICK_MAX)
             };
             for (txn, coordinator) in due {
                 let node = self.clone();
@@ -210,8 +179,7 @@ impl Node {
         request.set_timeout(Duration::from_millis(QUERY_TIMEOUT_MS));
         let answer = client.clone().query_decision(request).await;
         let decision = match answer {
-            Ok(response) => pb::Decision::try_from(response.into_inner().decision)
-                .unwrap_or(pb::Decision::Unspecified),
+            Ok(response) => pb::Decision::try_from(response.into_inner().decision).unwrap_or(pb::Decision::Unspecified),
             Err(status) => {
                 debug!(%txn, %coordinator, error = %status.message(), "decision query failed; will ask again");
                 return;
@@ -236,9 +204,7 @@ impl Node {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
-            let result = self
-                .apply(10_000, |core, now| Ok(((), core.collect_garbage(now))))
-                .await;
+            let result = self.apply(10_000, |core, now| Ok(((), core.collect_garbage(now)))).await;
             if let Err(error) = result {
                 warn!(%error, "garbage collection failed");
             }
@@ -269,10 +235,7 @@ fn balance_to_pb(account: AccountId, balance: &crate::core::Account) -> pb::Bala
 
 #[tonic::async_trait]
 impl Participant for Node {
-    async fn prepare(
-        &self,
-        request: Request<pb::PrepareRequest>,
-    ) -> Result<Response<pb::PrepareResponse>, Status> {
+    async fn prepare(&self, request: Request<pb::PrepareRequest>) -> Result<Response<pb::PrepareResponse>, Status> {
         let request = request.into_inner();
         let txn = Id::parse("txn_id", &request.txn_id)?;
         let coordinator = Id::parse("coordinator_id", &request.coordinator_id)?;
@@ -280,33 +243,21 @@ impl Participant for Node {
         let vote = Node::prepare(self, txn.clone(), coordinator, legs).await?;
         debug!(%txn, ?vote, "prepare answered");
         Ok(Response::new(match vote {
-            Vote::Yes => pb::PrepareResponse {
-                vote: pb::Vote::Yes as i32,
-                refusal: 0,
-                reason: String::new(),
-            },
-            Vote::No(refusal, reason) => pb::PrepareResponse {
-                vote: pb::Vote::No as i32,
-                refusal: refusal_to_pb(refusal) as i32,
-                reason,
-            },
+            Vote::Yes => pb::PrepareResponse { vote: pb::Vote::Yes as i32, refusal: 0, reason: String::new() },
+            Vote::No(refusal, reason) => {
+                pb::PrepareResponse { vote: pb::Vote::No as i32, refusal: refusal_to_pb(refusal) as i32, reason }
+            }
         }))
     }
 
-    async fn commit(
-        &self,
-        request: Request<pb::DecisionRequest>,
-    ) -> Result<Response<pb::DecisionResponse>, Status> {
+    async fn commit(&self, request: Request<pb::DecisionRequest>) -> Result<Response<pb::DecisionResponse>, Status> {
         let txn = Id::parse("txn_id", &request.into_inner().txn_id)?;
         Node::commit(self, &txn).await?;
         debug!(%txn, "commit acknowledged");
         Ok(Response::new(pb::DecisionResponse {}))
     }
 
-    async fn abort(
-        &self,
-        request: Request<pb::DecisionRequest>,
-    ) -> Result<Response<pb::DecisionResponse>, Status> {
+    async fn abort(&self, request: Request<pb::DecisionRequest>) -> Result<Response<pb::DecisionResponse>, Status> {
         let txn = Id::parse("txn_id", &request.into_inner().txn_id)?;
         Node::abort(self, &txn).await?;
         debug!(%txn, "abort acknowledged");
@@ -317,32 +268,17 @@ impl Participant for Node {
         &self,
         request: Request<pb::OpenAccountsRequest>,
     ) -> Result<Response<pb::OpenAccountsResponse>, Status> {
-        let accounts: Vec<(AccountId, Amount)> = request
-            .into_inner()
-            .accounts
-            .iter()
-            .map(|a| (a.account, a.initial_balance))
-            .collect();
+        let accounts: Vec<(AccountId, Amount)> =
+            request.into_inner().accounts.iter().map(|a| (a.account, a.initial_balance)).collect();
         let count = accounts.len();
-        self.apply(count, |core, _| Ok(((), core.open_accounts(&accounts)?)))
-            .await?;
+        self.apply(count, |core, _| Ok(((), core.open_accounts(&accounts)?))).await?;
         info!(count, "accounts opened");
-        Ok(Response::new(pb::OpenAccountsResponse {
-            opened: count as u32,
-        }))
+        Ok(Response::new(pb::OpenAccountsResponse { opened: count as u32 }))
     }
 
-    async fn get_balance(
-        &self,
-        request: Request<pb::GetBalanceRequest>,
-    ) -> Result<Response<pb::Balance>, Status> {
+    async fn get_balance(&self, request: Request<pb::GetBalanceRequest>) -> Result<Response<pb::Balance>, Status> {
         let account = request.into_inner().account;
-        let balance = self
-            .inner
-            .core
-            .lock()
-            .expect("core lock poisoned")
-            .account(account)?;
+        let balance = self.inner.core.lock().expect("core lock poisoned").account(account)?;
         Ok(Response::new(balance_to_pb(account, &balance)))
     }
 

@@ -50,10 +50,7 @@ fn restart(disk: &Disk, now_ms: u64) -> Core {
 }
 
 fn debit(account: AccountId, amount: Amount) -> Leg {
-    Leg {
-        account,
-        amount: -amount,
-    }
+    Leg { account, amount: -amount }
 }
 
 fn credit(account: AccountId, amount: Amount) -> Leg {
@@ -63,29 +60,14 @@ fn credit(account: AccountId, amount: Amount) -> Leg {
 #[test]
 fn escrow_lets_concurrent_debits_proceed_while_the_available_balance_allows() {
     let (mut core, _) = setup();
-    let (vote, effects) = core
-        .prepare(id("t1"), id("c1"), vec![debit(1, 60)], 0)
-        .unwrap();
+    let (vote, effects) = core.prepare(id("t1"), id("c1"), vec![debit(1, 60)], 0).unwrap();
     assert_eq!(vote, Vote::Yes);
-    assert!(effects.sync, "a YES vote waits for the fsync of its record");
-    assert_eq!(
-        core.prepare(id("t2"), id("c1"), vec![debit(1, 40)], 0)
-            .unwrap()
-            .0,
-        Vote::Yes
-    );
-    let (vote, _) = core
-        .prepare(id("t3"), id("c1"), vec![debit(1, 1)], 0)
-        .unwrap();
-    assert!(
-        matches!(vote, Vote::No(Refusal::InsufficientFunds, _)),
-        "{vote:?}"
-    );
+    assert_eq!(effects.durability, Durability::Fsync, "a YES vote waits for the fsync of its record");
+    assert_eq!(core.prepare(id("t2"), id("c1"), vec![debit(1, 40)], 0).unwrap().0, Vote::Yes);
+    let (vote, _) = core.prepare(id("t3"), id("c1"), vec![debit(1, 1)], 0).unwrap();
+    assert!(matches!(vote, Vote::No(Refusal::InsufficientFunds, _)), "{vote:?}");
     let account = core.account(1).unwrap();
-    assert_eq!(
-        (account.posted, account.reserved, account.available()),
-        (100, 100, 0)
-    );
+    assert_eq!((account.posted, account.reserved, account.available()), (100, 100, 0));
     core.abort(&id("t2"), 1).unwrap();
     assert_eq!(core.account(1).unwrap().available(), 40);
 }
@@ -93,75 +75,42 @@ fn escrow_lets_concurrent_debits_proceed_while_the_available_balance_allows() {
 #[test]
 fn incoming_credits_are_not_spendable_before_commit() {
     let (mut core, _) = setup();
-    assert_eq!(
-        core.prepare(id("t1"), id("c1"), vec![credit(2, 50)], 0)
-            .unwrap()
-            .0,
-        Vote::Yes
-    );
-    let (vote, _) = core
-        .prepare(id("t2"), id("c1"), vec![debit(2, 10)], 0)
-        .unwrap();
+    assert_eq!(core.prepare(id("t1"), id("c1"), vec![credit(2, 50)], 0).unwrap().0, Vote::Yes);
+    let (vote, _) = core.prepare(id("t2"), id("c1"), vec![debit(2, 10)], 0).unwrap();
     assert!(matches!(vote, Vote::No(Refusal::InsufficientFunds, _)));
     assert_eq!(core.account(2).unwrap().incoming, 50);
     core.commit(&id("t1"), 1).unwrap();
-    assert_eq!(
-        core.prepare(id("t3"), id("c1"), vec![debit(2, 10)], 2)
-            .unwrap()
-            .0,
-        Vote::Yes
-    );
+    assert_eq!(core.prepare(id("t3"), id("c1"), vec![debit(2, 10)], 2).unwrap().0, Vote::Yes);
 }
 
 #[test]
 fn commit_is_applied_exactly_once_whatever_the_number_of_deliveries() {
     let (mut core, _) = setup();
-    core.prepare(id("t1"), id("c1"), vec![debit(1, 30), credit(2, 30)], 0)
-        .unwrap();
+    core.prepare(id("t1"), id("c1"), vec![debit(1, 30), credit(2, 30)], 0).unwrap();
     let first = core.commit(&id("t1"), 1).unwrap();
-    assert!(first.sync && !first.ops.is_empty());
+    assert!(first.durability != Durability::Buffered && !first.ops.is_empty(), "a commit is acknowledged once durable");
     for _ in 0..3 {
-        assert_eq!(core.commit(&id("t1"), 2).unwrap(), Effects::none());
+        let again = core.commit(&id("t1"), 2).unwrap();
+        assert!(again.ops.is_empty());
+        assert_eq!(again.durability, Durability::Lazy, "a duplicate's ack also waits for the first write's fsync");
     }
-    assert_eq!(
-        core.account(1).unwrap(),
-        Account {
-            posted: 70,
-            reserved: 0,
-            incoming: 0
-        }
-    );
-    assert_eq!(
-        core.account(2).unwrap(),
-        Account {
-            posted: 30,
-            reserved: 0,
-            incoming: 0
-        }
-    );
+    assert_eq!(core.account(1).unwrap(), Account { posted: 70, reserved: 0, incoming: 0 });
+    assert_eq!(core.account(2).unwrap(), Account { posted: 30, reserved: 0, incoming: 0 });
     // A late duplicate prepare of a committed transaction reserves nothing.
-    assert_eq!(
-        core.prepare(id("t1"), id("c1"), vec![debit(1, 30), credit(2, 30)], 3)
-            .unwrap()
-            .0,
-        Vote::Yes
-    );
+    assert_eq!(core.prepare(id("t1"), id("c1"), vec![debit(1, 30), credit(2, 30)], 3).unwrap().0, Vote::Yes);
     assert_eq!(core.account(1).unwrap().reserved, 0);
 }
 
 #[test]
 fn duplicate_prepare_votes_yes_again_without_reserving_twice() {
     let (mut core, _) = setup();
-    core.prepare(id("t1"), id("c1"), vec![debit(1, 30)], 0)
-        .unwrap();
-    let (vote, effects) = core
-        .prepare(id("t1"), id("c1"), vec![debit(1, 30)], 1)
-        .unwrap();
-    assert_eq!((vote, effects), (Vote::Yes, Effects::none()));
+    core.prepare(id("t1"), id("c1"), vec![debit(1, 30)], 0).unwrap();
+    let (vote, effects) = core.prepare(id("t1"), id("c1"), vec![debit(1, 30)], 1).unwrap();
+    assert_eq!(vote, Vote::Yes);
+    assert!(effects.ops.is_empty());
+    assert_eq!(effects.durability, Durability::Lazy, "the duplicate YES waits until the first record is durable");
     assert_eq!(core.account(1).unwrap().reserved, 30);
-    let (vote, _) = core
-        .prepare(id("t1"), id("c1"), vec![debit(1, 31)], 1)
-        .unwrap();
+    let (vote, _) = core.prepare(id("t1"), id("c1"), vec![debit(1, 31)], 1).unwrap();
     assert!(matches!(vote, Vote::No(Refusal::ConflictingPrepare, _)));
 }
 
@@ -170,88 +119,54 @@ fn abort_before_prepare_leaves_a_tombstone_that_refuses_the_late_prepare() {
     let (mut core, _) = setup();
     let effects = core.abort(&id("t1"), 0).unwrap();
     assert_eq!(effects.ops.len(), 1, "the tombstone is written");
-    let (vote, _) = core
-        .prepare(id("t1"), id("c1"), vec![debit(1, 10)], 1)
-        .unwrap();
+    let (vote, _) = core.prepare(id("t1"), id("c1"), vec![debit(1, 10)], 1).unwrap();
     assert!(matches!(vote, Vote::No(Refusal::AlreadyAborted, _)));
     assert_eq!(core.account(1).unwrap().reserved, 0);
     // Duplicated aborts change nothing.
-    assert_eq!(core.abort(&id("t1"), 2).unwrap(), Effects::none());
+    assert!(core.abort(&id("t1"), 2).unwrap().ops.is_empty());
 }
 
 #[test]
 fn a_no_vote_is_remembered_so_duplicates_of_the_prepare_stay_no() {
     let (mut core, _) = setup();
-    let (vote, _) = core
-        .prepare(id("t1"), id("c1"), vec![debit(1, 500)], 0)
-        .unwrap();
+    let (vote, _) = core.prepare(id("t1"), id("c1"), vec![debit(1, 500)], 0).unwrap();
     assert!(matches!(vote, Vote::No(Refusal::InsufficientFunds, _)));
     core.open_accounts(&[(3, 1_000)]).unwrap();
-    let (vote, _) = core
-        .prepare(id("t1"), id("c1"), vec![debit(1, 500)], 1)
-        .unwrap();
+    let (vote, _) = core.prepare(id("t1"), id("c1"), vec![debit(1, 500)], 1).unwrap();
     assert!(matches!(vote, Vote::No(Refusal::AlreadyAborted, _)));
 }
 
 #[test]
 fn commit_and_abort_of_the_other_outcome_are_refused() {
     let (mut core, _) = setup();
-    core.prepare(id("t1"), id("c1"), vec![debit(1, 10)], 0)
-        .unwrap();
+    core.prepare(id("t1"), id("c1"), vec![debit(1, 10)], 0).unwrap();
     core.commit(&id("t1"), 1).unwrap();
-    assert!(matches!(
-        core.abort(&id("t1"), 2),
-        Err(Error::InvalidInput(_))
-    ));
+    assert!(matches!(core.abort(&id("t1"), 2), Err(Error::InvalidInput(_))));
     core.abort(&id("t2"), 2).unwrap();
-    assert!(matches!(
-        core.commit(&id("t2"), 3),
-        Err(Error::InvalidInput(_))
-    ));
+    assert!(matches!(core.commit(&id("t2"), 3), Err(Error::InvalidInput(_))));
     assert_eq!(core.account(1).unwrap().posted, 90);
 }
 
 #[test]
 fn bad_input_is_an_error_and_changes_nothing() {
     let (mut core, _) = setup();
-    assert!(matches!(
-        core.prepare(id("t1"), id("c1"), vec![], 0),
-        Err(Error::InvalidInput(_))
-    ));
-    assert!(matches!(
-        core.prepare(id("t1"), id("c1"), vec![credit(1, 0)], 0),
-        Err(Error::InvalidInput(_))
-    ));
+    assert!(matches!(core.prepare(id("t1"), id("c1"), vec![], 0), Err(Error::InvalidInput(_))));
+    assert!(matches!(core.prepare(id("t1"), id("c1"), vec![credit(1, 0)], 0), Err(Error::InvalidInput(_))));
     assert!(matches!(
         core.prepare(id("t1"), id("c1"), vec![debit(1, 1), credit(1, 1)], 0),
         Err(Error::InvalidInput(_))
     ));
     assert!(core.txn(&id("t1")).is_none());
-    let (vote, _) = core
-        .prepare(id("t2"), id("c1"), vec![debit(99, 1)], 0)
-        .unwrap();
+    let (vote, _) = core.prepare(id("t2"), id("c1"), vec![debit(99, 1)], 0).unwrap();
     assert!(matches!(vote, Vote::No(Refusal::UnknownAccount, _)));
-    let (vote, _) = core
-        .prepare(id("t3"), id("c9"), vec![debit(1, 1)], 0)
-        .unwrap();
+    let (vote, _) = core.prepare(id("t3"), id("c9"), vec![debit(1, 1)], 0).unwrap();
     assert!(matches!(vote, Vote::No(Refusal::UnknownCoordinator, _)));
     core.open_accounts(&[(5, i64::MAX)]).unwrap();
-    let (vote, _) = core
-        .prepare(id("t4"), id("c1"), vec![credit(5, 1)], 0)
-        .unwrap();
+    let (vote, _) = core.prepare(id("t4"), id("c1"), vec![credit(5, 1)], 0).unwrap();
     assert!(matches!(vote, Vote::No(Refusal::BalanceOverflow, _)));
-    assert!(matches!(
-        core.open_accounts(&[(1, 5)]),
-        Err(Error::AlreadyExists(_))
-    ));
-    assert!(matches!(
-        core.open_accounts(&[(7, -5)]),
-        Err(Error::InvalidInput(_))
-    ));
-    assert!(matches!(
-        core.open_accounts(&[(8, 5), (8, 5)]),
-        Err(Error::InvalidInput(_))
-    ));
+    assert!(matches!(core.open_accounts(&[(1, 5)]), Err(Error::AlreadyExists(_))));
+    assert!(matches!(core.open_accounts(&[(7, -5)]), Err(Error::InvalidInput(_))));
+    assert!(matches!(core.open_accounts(&[(8, 5), (8, 5)]), Err(Error::InvalidInput(_))));
     assert!(core.account(8).is_err(), "a rejected open opens nothing");
     for id_ in [1, 2] {
         let account = core.account(id_).unwrap();
@@ -263,9 +178,7 @@ fn bad_input_is_an_error_and_changes_nothing() {
 fn crash_before_the_prepared_record_is_durable_forgets_the_prepare() {
     let (mut core, disk) = setup();
     // The vote was never sent: the record did not reach the disk.
-    let _ = core
-        .prepare(id("t1"), id("c1"), vec![debit(1, 10)], 0)
-        .unwrap();
+    let _ = core.prepare(id("t1"), id("c1"), vec![debit(1, 10)], 0).unwrap();
     let core = restart(&disk, 10);
     assert!(core.txn(&id("t1")).is_none());
     assert_eq!(core.account(1).unwrap().available(), 100);
@@ -274,44 +187,19 @@ fn crash_before_the_prepared_record_is_durable_forgets_the_prepare() {
 #[test]
 fn crash_after_the_prepared_record_is_durable_keeps_the_reservation_and_asks() {
     let (mut core, mut disk) = setup();
-    let (vote, effects) = core
-        .prepare(id("t1"), id("c1"), vec![debit(1, 10), credit(2, 10)], 0)
-        .unwrap();
+    let (vote, effects) = core.prepare(id("t1"), id("c1"), vec![debit(1, 10), credit(2, 10)], 0).unwrap();
     assert_eq!(vote, Vote::Yes);
     disk.apply(&effects);
     // Crash before or after the vote left: the same state comes back.
     let mut core = restart(&disk, 10);
     assert_eq!(core.txn(&id("t1")).unwrap().state, TxnState::Prepared);
-    assert_eq!(
-        core.account(1).unwrap(),
-        Account {
-            posted: 100,
-            reserved: 10,
-            incoming: 0
-        }
-    );
-    assert_eq!(
-        core.account(2).unwrap(),
-        Account {
-            posted: 0,
-            reserved: 0,
-            incoming: 10
-        }
-    );
+    assert_eq!(core.account(1).unwrap(), Account { posted: 100, reserved: 10, incoming: 0 });
+    assert_eq!(core.account(2).unwrap(), Account { posted: 0, reserved: 0, incoming: 10 });
     // It asks at once after a restart, then backs off.
     assert_eq!(core.due_queries(10, 100), vec![(id("t1"), id("c1"))]);
-    assert!(core
-        .due_queries(10 + QUERY_BACKOFF_INITIAL_MS - 1, 100)
-        .is_empty());
-    assert_eq!(
-        core.due_queries(10 + QUERY_BACKOFF_INITIAL_MS, 100).len(),
-        1
-    );
-    assert!(
-        core.due_queries(10 + 2 * QUERY_BACKOFF_INITIAL_MS, 100)
-            .is_empty(),
-        "the backoff doubled"
-    );
+    assert!(core.due_queries(10 + QUERY_BACKOFF_INITIAL_MS - 1, 100).is_empty());
+    assert_eq!(core.due_queries(10 + QUERY_BACKOFF_INITIAL_MS, 100).len(), 1);
+    assert!(core.due_queries(10 + 2 * QUERY_BACKOFF_INITIAL_MS, 100).is_empty(), "the backoff doubled");
     // It never decides alone: however long it waits, the reservation stays.
     assert!(core.collect_garbage(1_000_000).ops.is_empty());
     assert_eq!(core.account(1).unwrap().reserved, 10);
@@ -320,43 +208,25 @@ fn crash_after_the_prepared_record_is_durable_keeps_the_reservation_and_asks() {
 #[test]
 fn crash_after_applying_a_commit_before_acknowledging_applies_it_once() {
     let (mut core, mut disk) = setup();
-    let (_, effects) = core
-        .prepare(id("t1"), id("c1"), vec![debit(1, 10), credit(2, 10)], 0)
-        .unwrap();
+    let (_, effects) = core.prepare(id("t1"), id("c1"), vec![debit(1, 10), credit(2, 10)], 0).unwrap();
     disk.apply(&effects);
     let effects = core.commit(&id("t1"), 1).unwrap();
     disk.apply(&effects);
     // The acknowledgement was lost; the coordinator redelivers after the restart.
     let mut core = restart(&disk, 10);
-    assert_eq!(core.commit(&id("t1"), 11).unwrap(), Effects::none());
-    assert_eq!(
-        core.account(1).unwrap(),
-        Account {
-            posted: 90,
-            reserved: 0,
-            incoming: 0
-        }
-    );
-    assert_eq!(
-        core.account(2).unwrap(),
-        Account {
-            posted: 10,
-            reserved: 0,
-            incoming: 0
-        }
-    );
+    assert!(core.commit(&id("t1"), 11).unwrap().ops.is_empty());
+    assert_eq!(core.account(1).unwrap(), Account { posted: 90, reserved: 0, incoming: 0 });
+    assert_eq!(core.account(2).unwrap(), Account { posted: 10, reserved: 0, incoming: 0 });
     assert!(core.due_queries(1_000_000, 100).is_empty());
 }
 
 #[test]
 fn a_lost_abort_record_comes_back_prepared_and_is_resolved_by_asking() {
     let (mut core, mut disk) = setup();
-    let (_, effects) = core
-        .prepare(id("t1"), id("c1"), vec![debit(1, 10)], 0)
-        .unwrap();
+    let (_, effects) = core.prepare(id("t1"), id("c1"), vec![debit(1, 10)], 0).unwrap();
     disk.apply(&effects);
     let abort = core.abort(&id("t1"), 1).unwrap();
-    assert!(!abort.sync, "an abort need not be fsynced");
+    assert_eq!(abort.durability, Durability::Buffered, "an abort need not be fsynced");
     let mut core = restart(&disk, 10);
     assert_eq!(core.due_queries(10, 10).len(), 1);
     core.abort(&id("t1"), 11).unwrap();
@@ -366,9 +236,7 @@ fn a_lost_abort_record_comes_back_prepared_and_is_resolved_by_asking() {
 #[test]
 fn finished_records_are_collected_after_the_retention() {
     let (mut core, mut disk) = setup();
-    let (_, effects) = core
-        .prepare(id("t1"), id("c1"), vec![debit(1, 10)], 0)
-        .unwrap();
+    let (_, effects) = core.prepare(id("t1"), id("c1"), vec![debit(1, 10)], 0).unwrap();
     disk.apply(&effects);
     disk.apply(&core.commit(&id("t1"), 100).unwrap());
     assert!(core.collect_garbage(500).ops.is_empty());

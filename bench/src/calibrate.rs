@@ -1,0 +1,62 @@
+//! Calibration in the same run: this machine's fsync latency and gRPC round
+//! trip, measured just before the workload, so each protocol's latency can
+//! be read as a ratio to the floor of its critical path.
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::path::Path;
+use std::time::Instant;
+use tandem::pb;
+use tandem::pb::participant_client::ParticipantClient;
+use tonic::transport::Channel;
+
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Calibration {
+    /// p50 of one RocksDB put with sync=true, one writer, in microseconds.
+    pub fsync_p50_us: f64,
+    /// p50 of one tonic unary call on loopback, one at a time, in microseconds.
+    pub rtt_p50_us: f64,
+}
+
+impl Calibration {
+    /// 2PC: client to coordinator and coordinator to participants (two round
+    /// trips), the participants' prepare fsync and the decision fsync.
+    pub fn floor_2pc_us(&self) -> f64 {
+        2.0 * self.rtt_p50_us + 2.0 * self.fsync_p50_us
+    }
+}
+
+const SAMPLES: usize = 300;
+
+/// Sync puts into a scratch RocksDB under `dir` (removed afterwards).
+pub fn fsync_p50_us(dir: &Path) -> Result<f64, String> {
+    let path = dir.join("calibration-db");
+    let mut options = rocksdb::Options::default();
+    options.create_if_missing(true);
+    let db = rocksdb::DB::open(&options, &path).map_err(|e| format!("calibration RocksDB: {e}"))?;
+    let mut write_options = rocksdb::WriteOptions::default();
+    write_options.set_sync(true);
+    let mut histogram = Histogram::<u64>::new(3).unwrap();
+    for i in 0..SAMPLES {
+        let began = Instant::now();
+        db.put_opt(format!("k{i}"), [0u8; 64], &write_options).map_err(|e| e.to_string())?;
+        histogram.record(began.elapsed().as_micros().max(1) as u64).unwrap();
+    }
+    drop(db);
+    let _ = std::fs::remove_dir_all(&path);
+    Ok(histogram.value_at_quantile(0.5) as f64)
+}
+
+/// Sequential GetBalance calls to a participant: a real tonic unary round
+/// trip with next to no work on the server.
+pub async fn rtt_p50_us(client: &mut ParticipantClient<Channel>, account: u64) -> Result<f64, String> {
+    let mut histogram = Histogram::<u64>::new(3).unwrap();
+    for i in 0..SAMPLES + 50 {
+        let began = Instant::now();
+        client.get_balance(pb::GetBalanceRequest { account }).await.map_err(|e| e.message().to_string())?;
+        if i >= 50 {
+            histogram.record(began.elapsed().as_micros().max(1) as u64).unwrap();
+        }
+    }
+    Ok(histogram.value_at_quantile(0.5) as f64)
+}

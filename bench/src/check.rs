@@ -1,0 +1,171 @@
+//! The invariant checker, run after the workload stops and the faults heal.
+//!
+//! 1. Settle: wait until no participant holds a prepared transfer, a
+//!    reservation or an incoming credit (2PC in-doubt transactions resolve
+//!    by the participants' decision queries).
+//! 2. Resolve: every operation whose outcome the client did not learn is
+//!    sent again with its idempotency key until it has a definite outcome.
+//! 3. Account: each account's posted balance must equal its initial balance
+//!    plus every committed transfer, exactly. That one equation checks money
+//!    conservation, all-or-nothing per transaction (a half-applied transfer
+//!    leaves one side off), nothing applied twice, and every acknowledged
+//!    commit applied. Nothing may be reserved, and no available balance
+//!    negative.
+//!
+//! A violation names the account or node and what is wrong.
+
+use crate::scenario::Protocol;
+use crate::workload::{send_transfer, HistoryEntry, OpOutcome};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tandem::cluster::Cluster;
+use tandem::pb;
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CheckReport {
+    pub violations: Vec<String>,
+    /// Operations whose outcome was learned only after the run.
+    pub resolved_after_run: u64,
+    pub committed: u64,
+    pub settle_ms: u64,
+    pub total_posted: i64,
+    pub expected_total: i64,
+}
+
+impl CheckReport {
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+/// Waits until every participant is quiet; returns what is still held if not.
+async fn settle(cluster: &Cluster, limit: Duration) -> Result<Duration, String> {
+    let began = Instant::now();
+    loop {
+        let mut held = Vec::new();
+        for i in 0..cluster.participants.len() {
+            let mut client = cluster.participant_client(i).map_err(|e| e.to_string())?;
+            match client.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await {
+                Ok(balances) => {
+                    let b = balances.into_inner();
+                    if b.prepared_count > 0 || b.total_reserved != 0 || b.total_incoming != 0 {
+                        held.push(format!(
+                            "{}: {} prepared, {} reserved, {} incoming",
+                            b.participant_id, b.prepared_count, b.total_reserved, b.total_incoming
+                        ));
+                    }
+                }
+                Err(status) => held.push(format!("p{}: unreachable ({})", i + 1, status.message())),
+            }
+        }
+        if held.is_empty() {
+            return Ok(began.elapsed());
+        }
+        if began.elapsed() > limit {
+            return Err(held.join("; "));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn check(cluster: &Cluster, protocol: Protocol, history: &mut [HistoryEntry]) -> CheckReport {
+    let mut report = CheckReport { expected_total: cluster.spec.total_money(), ..Default::default() };
+    match settle(cluster, Duration::from_secs(30)).await {
+        Ok(took) => report.settle_ms = took.as_millis() as u64,
+        Err(held) => report.violations.push(format!("not settled 30 s after the run: {held}")),
+    }
+    let mut client = match cluster.coordinator_client() {
+        Ok(client) => client,
+        Err(error) => {
+            report.violations.push(format!("cannot reach the coordinator: {error}"));
+            return report;
+        }
+    };
+    // Resolve unknown outcomes by asking again with the same key.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for entry in history.iter_mut() {
+        if entry.outcome.is_definite() || entry.outcome == OpOutcome::Dropped {
+            continue;
+        }
+        report.resolved_after_run += 1;
+        loop {
+            let (outcome, txn_id, detail) = send_transfer(
+                &mut client,
+                protocol,
+                entry.from,
+                entry.to,
+                entry.amount,
+                &entry.key,
+                Duration::from_secs(5),
+            )
+            .await;
+            if outcome.is_definite() {
+                entry.detail = format!("resolved after the run as {outcome:?} ({txn_id}); first: {}", entry.detail);
+                entry.outcome = outcome;
+                entry.txn_id = txn_id;
+                break;
+            }
+            if Instant::now() > deadline {
+                report.violations.push(format!("{}: no definite outcome after the run: {detail}", entry.key));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    if let Err(held) = settle(cluster, Duration::from_secs(30)).await {
+        report.violations.push(format!("not settled after resolving outcomes: {held}"));
+    }
+    let accounts = cluster.accounts();
+    let mut expected: BTreeMap<u64, i64> = accounts.clone().map(|a| (a, cluster.spec.initial_balance)).collect();
+    for entry in history.iter() {
+        if entry.outcome == OpOutcome::Committed {
+            report.committed += 1;
+            *expected.get_mut(&entry.from).expect("a known account") -= entry.amount;
+            *expected.get_mut(&entry.to).expect("a known account") += entry.amount;
+        }
+    }
+    let mut seen = 0u64;
+    for i in 0..cluster.participants.len() {
+        let mut participant = match cluster.participant_client(i) {
+            Ok(p) => p,
+            Err(error) => {
+                report.violations.push(format!("p{}: {error}", i + 1));
+                continue;
+            }
+        };
+        let balances = match participant.read_balances(pb::ReadBalancesRequest { include_accounts: true }).await {
+            Ok(b) => b.into_inner(),
+            Err(status) => {
+                report.violations.push(format!("p{}: cannot read balances: {}", i + 1, status.message()));
+                continue;
+            }
+        };
+        report.total_posted += balances.total_posted;
+        for balance in &balances.accounts {
+            seen += 1;
+            let want = expected.get(&balance.account).copied();
+            if want != Some(balance.posted) && report.violations.len() < 50 {
+                report.violations.push(format!(
+                    "account {} on {}: posted {} but the committed transfers say {:?}",
+                    balance.account, balances.participant_id, balance.posted, want
+                ));
+            }
+            if balance.available < 0 || balance.reserved != 0 {
+                report.violations.push(format!(
+                    "account {} on {}: available {}, reserved {}",
+                    balance.account, balances.participant_id, balance.available, balance.reserved
+                ));
+            }
+        }
+    }
+    if seen != accounts.end - accounts.start {
+        report.violations.push(format!("{} accounts exist, {} were read", accounts.end - accounts.start, seen));
+    }
+    if report.total_posted != report.expected_total {
+        report
+            .violations
+            .push(format!("money not conserved: {} posted, {} expected", report.total_posted, report.expected_total));
+    }
+    report
+}

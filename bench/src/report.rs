@@ -1,0 +1,387 @@
+//! What a run leaves behind: a table in the terminal, `results.json`, a
+//! history file per protocol, plots (SVG, and PNG when a font is found) and
+//! `report.md` that gathers them.
+
+use crate::run::ProtocolResult;
+use crate::scenario::Scenario;
+use plotters::prelude::*;
+use serde::Serialize;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub scenario: Scenario,
+    /// Seconds since the Unix epoch when the run started.
+    pub started_unix_s: u64,
+    pub cores: usize,
+    pub results: Vec<ProtocolResult>,
+}
+
+impl RunReport {
+    pub fn passed(&self) -> bool {
+        self.results.iter().all(|r| r.passed())
+    }
+}
+
+fn ms(value: f64) -> String {
+    if value >= 100.0 {
+        format!("{value:.0}")
+    } else if value >= 10.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+/// The table a person reads at a glance.
+pub fn table(report: &RunReport) -> String {
+    let mut out = String::new();
+    let s = &report.scenario;
+    let _ = writeln!(
+        out,
+        "scenario {}: {} | {} s per protocol, {:?} loop, {} clients, {} participants x {} accounts, seed {}",
+        s.name,
+        s.description,
+        s.duration_s,
+        s.workload.mode,
+        s.workload.clients,
+        s.cluster.participants,
+        s.cluster.accounts_per_participant,
+        s.seed
+    );
+    if let Some(first) = report.results.first() {
+        let _ = writeln!(
+            out,
+            "calibration: fsync p50 {:.0} us, gRPC round trip p50 {:.0} us (latency floors below use these)",
+            first.calibration.fsync_p50_us, first.calibration.rtt_p50_us
+        );
+    }
+    let _ = writeln!(out);
+    let header = [
+        "protocol",
+        "commits/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "p99.9 ms",
+        "max ms",
+        "floor ms",
+        "p50/floor",
+        "aborted",
+        "unknown",
+        "audits wrong",
+        "in-doubt max",
+        "recovery",
+        "invariants",
+    ];
+    let mut rows: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for r in &report.results {
+        let aborted: u64 = r.outcomes.iter().filter(|(k, _)| k.starts_with("aborted")).map(|(_, v)| v).sum();
+        let unknown: u64 =
+            r.outcomes.iter().filter(|(k, _)| *k == "timed_out" || *k == "unknown").map(|(_, v)| v).sum();
+        let recovery = r
+            .faults
+            .iter()
+            .map(|f| f.recovery_ms.map(|ms| format!("{ms:.0} ms")).unwrap_or_else(|| "never".into()))
+            .collect::<Vec<_>>()
+            .join(",");
+        rows.push(vec![
+            r.protocol.to_string(),
+            format!("{:.0}", r.commits_per_s),
+            ms(r.latency.p50_ms),
+            ms(r.latency.p90_ms),
+            ms(r.latency.p99_ms),
+            ms(r.latency.p999_ms),
+            ms(r.latency.max_ms),
+            ms(r.floor_ms),
+            format!("{:.2}", if r.floor_ms > 0.0 { r.latency.p50_ms / r.floor_ms } else { 0.0 }),
+            aborted.to_string(),
+            unknown.to_string(),
+            format!("{}/{}", r.audits.wrong_total, r.audits.reads),
+            format!("{} ms", r.in_doubt.max_ms),
+            if recovery.is_empty() { "-".into() } else { recovery },
+            if r.passed() { "OK".into() } else { "VIOLATED".into() },
+        ]);
+    }
+    let widths: Vec<usize> =
+        (0..header.len()).map(|c| rows.iter().map(|row| row[c].len()).max().unwrap_or(0)).collect();
+    for (i, row) in rows.iter().enumerate() {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(
+                |(c, cell)| {
+                    if c == 0 {
+                        format!("{cell:<w$}", w = widths[c])
+                    } else {
+                        format!("{cell:>w$}", w = widths[c])
+                    }
+                },
+            )
+            .collect();
+        let _ = writeln!(out, "{}", line.join("  "));
+        if i == 0 {
+            let _ = writeln!(out, "{}", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
+        }
+    }
+    let with_faults: Vec<&ProtocolResult> = report.results.iter().filter(|r| !r.faults.is_empty()).collect();
+    if !with_faults.is_empty() {
+        let _ = writeln!(out);
+        for r in with_faults {
+            let _ = writeln!(
+                out,
+                "{:>13}: p50/p99 {} / {} ms outside fault windows, {} / {} ms inside ({} commits inside)",
+                r.protocol.to_string(),
+                ms(r.latency_outside_faults.p50_ms),
+                ms(r.latency_outside_faults.p99_ms),
+                ms(r.latency_in_faults.p50_ms),
+                ms(r.latency_in_faults.p99_ms),
+                r.latency_in_faults.count
+            );
+        }
+    }
+    for r in &report.results {
+        for violation in r.check.violations.iter().chain(r.crashed_nodes.iter()) {
+            let _ = writeln!(out, "VIOLATION {}: {violation}", r.protocol);
+        }
+        if r.protocol == crate::scenario::Protocol::TwoPhaseCommit && r.audits.wrong_total > 0 {
+            let _ = writeln!(out, "VIOLATION 2pc: {} audits saw a wrong total", r.audits.wrong_total);
+        }
+    }
+    out
+}
+
+const COLORS: [RGBColor; 4] =
+    [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189)];
+
+type DrawResult = Result<(), String>;
+
+fn latency_over_time<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    report: &RunReport,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let duration = report.scenario.duration_s;
+    let max = report.results.iter().flat_map(|r| r.timeline.iter().map(|p| p.p99_ms)).fold(1.0_f64, f64::max) * 1.5;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("latency of committed transfers over time (p50 solid, p99 thin; faults shaded)", ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..duration, (0.05..max).log_scale())
+        .map_err(|e| e.to_string())?;
+    chart.configure_mesh().x_desc("seconds").y_desc("ms (log)").draw().map_err(|e| e.to_string())?;
+    for fault in &report.scenario.faults {
+        let end = (fault.at_s + fault.duration_s).min(duration);
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(fault.at_s, 0.05), (end, max)],
+                RGBColor(255, 200, 120).mix(0.35).filled(),
+            )))
+            .map_err(|e| e.to_string())?;
+    }
+    for (i, r) in report.results.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let p50: Vec<(f64, f64)> = r.timeline.iter().filter(|p| p.p50_ms > 0.0).map(|p| (p.t_s, p.p50_ms)).collect();
+        let p99: Vec<(f64, f64)> = r.timeline.iter().filter(|p| p.p99_ms > 0.0).map(|p| (p.t_s, p.p99_ms)).collect();
+        chart
+            .draw_series(LineSeries::new(p50, color.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(format!("{} p50", r.protocol))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(LineSeries::new(p99, color.mix(0.6).stroke_width(1))).map_err(|e| e.to_string())?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
+fn throughput_over_time<DB: DrawingBackend>(
+    root: DrawingArea<DB, plotters::coord::Shift>,
+    report: &RunReport,
+) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let duration = report.scenario.duration_s;
+    let max =
+        report.results.iter().flat_map(|r| r.timeline.iter().map(|p| p.commits_per_s)).fold(10.0_f64, f64::max) * 1.15;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("commits per second over time (100 ms buckets; faults shaded)", ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d(0.0..duration, 0.0..max)
+        .map_err(|e| e.to_string())?;
+    chart.configure_mesh().x_desc("seconds").y_desc("commits/s").draw().map_err(|e| e.to_string())?;
+    for fault in &report.scenario.faults {
+        let end = (fault.at_s + fault.duration_s).min(duration);
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [(fault.at_s, 0.0), (end, max)],
+                RGBColor(255, 200, 120).mix(0.35).filled(),
+            )))
+            .map_err(|e| e.to_string())?;
+    }
+    for (i, r) in report.results.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(r.timeline.iter().map(|p| (p.t_s, p.commits_per_s)), color.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(r.protocol.to_string())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
+fn percentiles<DB: DrawingBackend>(root: DrawingArea<DB, plotters::coord::Shift>, report: &RunReport) -> DrawResult
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let labels = ["p50", "p90", "p99", "p99.9", "max"];
+    let max = report.results.iter().map(|r| r.latency.max_ms).fold(1.0_f64, f64::max) * 2.0;
+    let n = report.results.len().max(1);
+    let mut chart = ChartBuilder::on(&root)
+        .caption("latency percentiles of committed transfers, with each protocol's floor (dashed)", ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0.0..labels.len() as f64, (0.05..max).log_scale())
+        .map_err(|e| e.to_string())?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(labels.len() * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - x.floor() - 0.5).abs() < 0.01 && i < labels.len() {
+                labels[i].to_string()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("ms (log)")
+        .draw()
+        .map_err(|e| e.to_string())?;
+    for (i, r) in report.results.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let values = [r.latency.p50_ms, r.latency.p90_ms, r.latency.p99_ms, r.latency.p999_ms, r.latency.max_ms];
+        let width = 0.8 / n as f64;
+        chart
+            .draw_series(values.iter().enumerate().map(|(k, v)| {
+                let x0 = k as f64 + 0.1 + i as f64 * width;
+                Rectangle::new([(x0, 0.05), (x0 + width * 0.9, v.max(0.05))], color.filled())
+            }))
+            .map_err(|e| e.to_string())?
+            .label(format!("{} (floor {:.2} ms)", r.protocol, r.floor_ms))
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+        let floor = r.floor_ms.max(0.05);
+        chart
+            .draw_series(DashedLineSeries::new(
+                vec![(0.0, floor), (labels.len() as f64, floor)],
+                6,
+                4,
+                color.stroke_width(1),
+            ))
+            .map_err(|e| e.to_string())?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| e.to_string())?;
+    root.present().map_err(|e| e.to_string())
+}
+
+/// Registers a system TrueType font for the plots' text (plotters lays text
+/// out with it, for SVG too); `false` if none is found.
+fn register_png_font() -> bool {
+    static REGISTERED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *REGISTERED.get_or_init(|| {
+        for path in [
+            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+            "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+            "/usr/share/fonts/TTF/DejaVuSans.ttf",
+        ] {
+            if let Ok(bytes) = std::fs::read(path) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+/// Writes one plot as SVG (always) and PNG (when a font is available).
+macro_rules! plot {
+    ($dir:expr, $name:expr, $report:expr, $draw:ident) => {{
+        let svg_path = $dir.join(format!("{}.svg", $name));
+        if !register_png_font() {
+            return Err("no TrueType font found to lay out the plots' text; install fonts-dejavu-core".into());
+        }
+        $draw(SVGBackend::new(&svg_path, (1000, 500)).into_drawing_area(), $report)?;
+        let png_path = $dir.join(format!("{}.png", $name));
+        let png_written = register_png_font()
+            && $draw(BitMapBackend::new(&png_path, (1000, 500)).into_drawing_area(), $report).is_ok();
+        (svg_path, png_written.then_some(png_path))
+    }};
+}
+
+/// Writes `results.json`, the plots and `report.md` into `dir`; returns the
+/// report's path.
+pub fn write_all(report: &RunReport, dir: &Path) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let json = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join("results.json"), json).map_err(|e| e.to_string())?;
+    let plots = [
+        ("latency-over-time", plot!(dir, "latency-over-time", report, latency_over_time)),
+        ("throughput-over-time", plot!(dir, "throughput-over-time", report, throughput_over_time)),
+        ("percentiles", plot!(dir, "percentiles", report, percentiles)),
+    ];
+    let mut md = String::new();
+    let _ = writeln!(md, "# tandem bench: {}\n", report.scenario.name);
+    let _ = writeln!(md, "{}\n", report.scenario.description);
+    let _ =
+        writeln!(md, "Result: **{}**\n", if report.passed() { "every invariant held" } else { "INVARIANTS VIOLATED" });
+    let _ = writeln!(md, "```\n{}```\n", table(report));
+    for (name, (svg, png)) in &plots {
+        let file = png.as_ref().unwrap_or(svg).file_name().unwrap().to_string_lossy().to_string();
+        let _ = writeln!(md, "## {name}\n\n![{name}]({file})\n");
+        let _ = writeln!(md, "SVG: [{0}]({0})\n", svg.file_name().unwrap().to_string_lossy());
+    }
+    let _ = writeln!(md, "## How to read this\n");
+    let _ = writeln!(
+        md,
+        "- *floor* is the latency the protocol's critical path cannot beat on this machine, from the calibration \
+         measured in the same run (2PC: two gRPC round trips and two fsyncs). *p50/floor* near 1 means the \
+         implementation adds little on top of the hardware.\n\
+         - *unknown* counts calls that failed or timed out during faults; after the run each is asked again with \
+         its idempotency key and gets its real outcome, so the invariant check accounts for every cent.\n\
+         - *audits wrong* counts audit reads whose total differed from the money in the system: 2PC must show 0.\n\
+         - *in-doubt max* is the longest a participant held a prepared transfer without knowing its outcome.\n\
+         - *recovery* is how long after the fault healed the throughput came back to half its earlier level.\n\
+         - Per-operation records are in the history files; everything above is in `results.json`."
+    );
+    let path = dir.join("report.md");
+    std::fs::write(&path, md).map_err(|e| e.to_string())?;
+    Ok(path)
+}

@@ -1,0 +1,396 @@
+//! One bench run: for each protocol of the scenario, a fresh local cluster,
+//! calibration, the workload with audit readers and an in-doubt sampler
+//! beside it, the fault schedule, then the invariant check.
+
+use crate::calibrate::{self, Calibration};
+use crate::check::{self, CheckReport};
+use crate::scenario::{FaultKind, Protocol, Scenario};
+use crate::workload::{self, Recorder, Target, BUCKET_MS};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tandem::cluster::{Cluster, ClusterSpec, NodeRef};
+use tandem::pb;
+
+/// A fault as it happened.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppliedFault {
+    pub kind: FaultKind,
+    pub node: String,
+    pub at_s: f64,
+    pub healed_at_s: f64,
+    /// From the heal until throughput is back to half its level before the
+    /// fault; `None` if it never came back within the run.
+    pub recovery_ms: Option<f64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AuditStats {
+    pub reads: u64,
+    /// Reads whose total differed from the money in the system.
+    pub wrong_total: u64,
+    /// Reads that failed (unavailable, timed out).
+    pub failed: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct InDoubtStats {
+    /// Longest time a transaction was seen prepared without a decision.
+    pub max_ms: u64,
+    /// Most prepared transactions seen at once over all participants.
+    pub max_count: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Percentiles {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    pub fn of(histogram: &hdrhistogram::Histogram<u64>) -> Percentiles {
+        let q = |q: f64| if histogram.is_empty() { 0.0 } else { histogram.value_at_quantile(q) as f64 / 1_000.0 };
+        Percentiles {
+            count: histogram.len(),
+            p50_ms: q(0.5),
+            p90_ms: q(0.9),
+            p99_ms: q(0.99),
+            p999_ms: q(0.999),
+            max_ms: if histogram.is_empty() { 0.0 } else { histogram.max() as f64 / 1_000.0 },
+        }
+    }
+}
+
+/// Per bucket of the run: commits/s and latency percentiles.
+#[derive(Debug, Clone, Serialize)]
+pub struct TimelinePoint {
+    pub t_s: f64,
+    pub commits_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProtocolResult {
+    pub protocol: Protocol,
+    pub duration_s: f64,
+    pub calibration: Calibration,
+    /// The latency floor of this protocol's critical path on this machine.
+    pub floor_ms: f64,
+    pub commits_per_s: f64,
+    pub outcomes: std::collections::BTreeMap<String, u64>,
+    pub latency: Percentiles,
+    pub latency_in_faults: Percentiles,
+    pub latency_outside_faults: Percentiles,
+    pub timeline: Vec<TimelinePoint>,
+    pub faults: Vec<AppliedFault>,
+    pub audits: AuditStats,
+    pub in_doubt: InDoubtStats,
+    pub check: CheckReport,
+    pub crashed_nodes: Vec<String>,
+    pub history_file: PathBuf,
+}
+
+impl ProtocolResult {
+    pub fn passed(&self) -> bool {
+        self.check.passed()
+            && self.crashed_nodes.is_empty()
+            && (self.protocol != Protocol::TwoPhaseCommit || self.audits.wrong_total == 0)
+    }
+}
+
+fn node_ref(name: &str) -> NodeRef {
+    if name == "c1" {
+        NodeRef::Coordinator
+    } else {
+        NodeRef::Participant(name[1..].parse::<usize>().expect("validated node name") - 1)
+    }
+}
+
+/// Runs the fault schedule against the cluster; heals whatever is still
+/// broken at the end of the run.
+async fn run_faults(mut cluster: Cluster, scenario: Scenario, start: Instant) -> (Cluster, Vec<AppliedFault>) {
+    let mut events: Vec<(f64, usize, bool)> = Vec::new();
+    for (i, fault) in scenario.faults.iter().enumerate() {
+        events.push((fault.at_s, i, true));
+        events.push(((fault.at_s + fault.duration_s).min(scenario.duration_s), i, false));
+    }
+    events.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let mut applied: Vec<AppliedFault> = scenario
+        .faults
+        .iter()
+        .map(|f| AppliedFault {
+            kind: f.kind,
+            node: f.node.clone(),
+            at_s: f.at_s,
+            healed_at_s: 0.0,
+            recovery_ms: None,
+            error: None,
+        })
+        .collect();
+    for (at_s, i, begins) in events {
+        tokio::time::sleep_until((start + Duration::from_secs_f64(at_s)).into()).await;
+        let fault = &scenario.faults[i];
+        let node = node_ref(&fault.node);
+        let now_s = start.elapsed().as_secs_f64();
+        match (fault.kind, begins) {
+            (FaultKind::Kill, true) => {
+                cluster.kill(node).await;
+                applied[i].at_s = now_s;
+            }
+            (FaultKind::Kill, false) => {
+                if let Err(error) = cluster.restart(node).await {
+                    applied[i].error = Some(format!("restart failed: {error}"));
+                }
+                applied[i].healed_at_s = start.elapsed().as_secs_f64();
+            }
+            (FaultKind::Pause, true) => {
+                cluster.node(node).pause();
+                applied[i].at_s = now_s;
+            }
+            (FaultKind::Pause, false) => {
+                cluster.node(node).resume();
+                applied[i].healed_at_s = now_s;
+            }
+        }
+    }
+    (cluster, applied)
+}
+
+/// Reads every balance through the coordinator's audit, again and again,
+/// and counts totals that differ from the money in the system.
+async fn audit_reader(cluster_url: String, expected: i64, interval: Duration, stop: Arc<AtomicBool>) -> AuditStats {
+    let mut stats = AuditStats::default();
+    let Ok(channel) = tandem::server::channel(&cluster_url) else { return stats };
+    let mut client = pb::coordinator_client::CoordinatorClient::new(channel);
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(interval).await;
+        let mut request = tonic::Request::new(pb::AuditRequest { include_accounts: false });
+        request.set_timeout(Duration::from_secs(3));
+        match client.audit(request).await {
+            Ok(response) => {
+                stats.reads += 1;
+                if response.get_ref().total_posted != expected {
+                    stats.wrong_total += 1;
+                }
+            }
+            Err(_) => stats.failed += 1,
+        }
+    }
+    stats
+}
+
+/// Samples the participants' prepared transfers.
+async fn in_doubt_sampler(urls: Vec<String>, stop: Arc<AtomicBool>) -> InDoubtStats {
+    let mut stats = InDoubtStats::default();
+    let clients: Vec<_> = urls
+        .iter()
+        .filter_map(|url| tandem::server::channel(url).ok())
+        .map(pb::participant_client::ParticipantClient::new)
+        .collect();
+    while !stop.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut count = 0;
+        for client in &clients {
+            let mut request = tonic::Request::new(pb::ListPreparedRequest { limit: 1_000 });
+            request.set_timeout(Duration::from_millis(500));
+            if let Ok(response) = client.clone().list_prepared(request).await {
+                let listed = response.into_inner();
+                count += listed.total;
+                if let Some(max) = listed.prepared.iter().map(|p| p.prepared_for_ms).max() {
+                    stats.max_ms = stats.max_ms.max(max);
+                }
+            }
+        }
+        stats.max_count = stats.max_count.max(count);
+    }
+    stats
+}
+
+/// Commits per bucket, from the per-bucket latency histograms.
+fn timeline(recorder: &Recorder, duration_s: f64) -> Vec<TimelinePoint> {
+    let buckets = ((duration_s * 1_000.0) / BUCKET_MS as f64).ceil() as usize;
+    recorder
+        .buckets
+        .iter()
+        .take(buckets)
+        .enumerate()
+        .map(|(i, h)| TimelinePoint {
+            t_s: (i as u64 * BUCKET_MS) as f64 / 1_000.0,
+            commits_per_s: h.len() as f64 * 1_000.0 / BUCKET_MS as f64,
+            p50_ms: if h.is_empty() { 0.0 } else { h.value_at_quantile(0.5) as f64 / 1_000.0 },
+            p99_ms: if h.is_empty() { 0.0 } else { h.value_at_quantile(0.99) as f64 / 1_000.0 },
+        })
+        .collect()
+}
+
+/// How long after `healed_at_s` the throughput came back to half of its
+/// level before `fault_at_s`.
+fn recovery_ms(timeline: &[TimelinePoint], fault_at_s: f64, healed_at_s: f64) -> Option<f64> {
+    let before: Vec<f64> = timeline
+        .iter()
+        .filter(|p| p.t_s >= 0.5 && p.t_s + BUCKET_MS as f64 / 1_000.0 <= fault_at_s)
+        .map(|p| p.commits_per_s)
+        .collect();
+    if before.is_empty() {
+        return None;
+    }
+    let level = before.iter().sum::<f64>() / before.len() as f64;
+    timeline
+        .iter()
+        .find(|p| p.t_s >= healed_at_s - BUCKET_MS as f64 / 1_000.0 && p.commits_per_s >= level / 2.0)
+        .map(|p| ((p.t_s - healed_at_s).max(0.0)) * 1_000.0)
+}
+
+pub struct RunOptions {
+    pub out_dir: PathBuf,
+    pub bin_dir: PathBuf,
+    pub keep_data: bool,
+    pub progress: bool,
+}
+
+pub async fn run_protocol(
+    scenario: &Scenario,
+    protocol: Protocol,
+    options: &RunOptions,
+) -> Result<ProtocolResult, String> {
+    let data_dir = options.out_dir.join(format!("cluster-{protocol}"));
+    let _ = std::fs::remove_dir_all(&data_dir);
+    let mut spec = ClusterSpec::new(options.bin_dir.clone(), data_dir.clone());
+    spec.participants = scenario.cluster.participants;
+    spec.accounts_per_participant = scenario.cluster.accounts_per_participant;
+    spec.initial_balance = scenario.cluster.initial_balance;
+    spec.coordinator_args = scenario.cluster.coordinator_args.clone();
+    spec.participant_args = scenario.cluster.participant_args.clone();
+    let cluster = Cluster::start(spec).await.map_err(|e| format!("{protocol}: the cluster did not start: {e}"))?;
+
+    let calibration = Calibration {
+        fsync_p50_us: calibrate::fsync_p50_us(&options.out_dir)?,
+        rtt_p50_us: calibrate::rtt_p50_us(&mut cluster.participant_client(0).map_err(|e| e.to_string())?, 0).await?,
+    };
+    let floor_ms = match protocol {
+        Protocol::TwoPhaseCommit => calibration.floor_2pc_us(),
+    } / 1_000.0;
+
+    let target = Target::new(&cluster.coordinator.url(), scenario.workload.clients).map_err(|e| e.to_string())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let auditor = (scenario.workload.audit_interval_ms > 0).then(|| {
+        tokio::spawn(audit_reader(
+            cluster.coordinator.url(),
+            cluster.spec.total_money(),
+            Duration::from_millis(scenario.workload.audit_interval_ms),
+            stop.clone(),
+        ))
+    });
+    let sampler = tokio::spawn(in_doubt_sampler(cluster.participants.iter().map(|p| p.url()).collect(), stop.clone()));
+    let windows: Vec<(f64, f64)> = scenario.faults.iter().map(|f| (f.at_s, f.at_s + f.duration_s)).collect();
+    let progress = Arc::new(AtomicUsize::new(0));
+    let bar = options.progress.then(|| progress_bar(protocol, scenario.duration_s, progress.clone()));
+
+    let start = Instant::now();
+    let faults = tokio::spawn(run_faults(cluster, scenario.clone(), start));
+    let mut recorder = workload::drive(scenario, protocol, &target, start, windows, progress).await;
+    let (mut cluster, mut applied) = faults.await.map_err(|e| format!("the fault task failed: {e}"))?;
+    stop.store(true, Ordering::Relaxed);
+    if let Some(bar) = bar {
+        let _ = bar.await;
+    }
+    let audits = match auditor {
+        Some(task) => task.await.unwrap_or_default(),
+        None => AuditStats::default(),
+    };
+    let in_doubt = sampler.await.unwrap_or_default();
+    let crashed_nodes: Vec<String> =
+        cluster.crashed().into_iter().map(|(node, status)| format!("{node} exited on its own: {status}")).collect();
+
+    let check = check::check(&cluster, protocol, &mut recorder.history).await;
+    cluster.stop().await;
+
+    let timeline = timeline(&recorder, scenario.duration_s);
+    for fault in &mut applied {
+        fault.recovery_ms = recovery_ms(&timeline, fault.at_s, fault.healed_at_s);
+    }
+    let history_file = options.out_dir.join(format!("history-{protocol}.jsonl"));
+    write_history(&history_file, &recorder)?;
+    if !options.keep_data {
+        let _ = std::fs::remove_dir_all(&data_dir);
+    }
+    let committed = recorder.outcomes.get(&workload::OpOutcome::Committed).copied().unwrap_or(0);
+    Ok(ProtocolResult {
+        protocol,
+        duration_s: scenario.duration_s,
+        calibration,
+        floor_ms,
+        commits_per_s: committed as f64 / scenario.duration_s,
+        outcomes: recorder
+            .outcomes
+            .iter()
+            .map(|(k, v)| (serde_json::to_value(k).unwrap().as_str().unwrap().to_string(), *v))
+            .collect(),
+        latency: Percentiles::of(&recorder.overall),
+        latency_in_faults: Percentiles::of(&recorder.in_fault),
+        latency_outside_faults: Percentiles::of(&recorder.outside_fault),
+        timeline,
+        faults: applied,
+        audits,
+        in_doubt,
+        check,
+        crashed_nodes,
+        history_file,
+    })
+}
+
+fn write_history(path: &Path, recorder: &Recorder) -> Result<(), String> {
+    use std::io::Write;
+    let file = std::fs::File::create(path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    let mut out = std::io::BufWriter::new(file);
+    for entry in &recorder.history {
+        serde_json::to_writer(&mut out, entry).map_err(|e| e.to_string())?;
+        out.write_all(b"\n").map_err(|e| e.to_string())?;
+    }
+    out.flush().map_err(|e| e.to_string())
+}
+
+/// A progress line on stderr, updated twice a second, while the run lasts.
+/// The task ends with the run.
+fn progress_bar(protocol: Protocol, duration_s: f64, ops: Arc<AtomicUsize>) -> tokio::task::JoinHandle<()> {
+    use std::io::IsTerminal;
+    let interactive = std::io::stderr().is_terminal();
+    let started = Instant::now();
+    let task = tokio::spawn(async move {
+        let mut last_ops = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let elapsed = started.elapsed().as_secs_f64().min(duration_s);
+            let done = ops.load(Ordering::Relaxed);
+            let width = 30;
+            let filled = ((elapsed / duration_s) * width as f64) as usize;
+            let line = format!(
+                "{protocol:>13} [{}{}] {elapsed:4.1}/{duration_s:.0} s  {done} ops  {:.0} ops/s",
+                "#".repeat(filled),
+                "-".repeat(width - filled.min(width)),
+                (done - last_ops) as f64 * 2.0
+            );
+            last_ops = done;
+            if interactive {
+                eprint!("\r{line}\x1b[K");
+            } else if (elapsed * 2.0) as u64 % 4 == 0 {
+                eprintln!("{line}");
+            }
+            if elapsed >= duration_s {
+                if interactive {
+                    eprintln!();
+                }
+                return;
+            }
+        }
+    });
+    task
+}

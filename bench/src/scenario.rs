@@ -1,0 +1,334 @@
+//! Scenarios: what a bench run does, read from a TOML file (presets live in
+//! `bench/scenarios/`) and overridable from the command line.
+//!
+//! A scenario names the protocols to compare, the cluster, the workload and
+//! a schedule of faults. Every field has a default, so an empty file is a
+//! valid scenario. A bad file is refused with a message that names the field
+//! and says what is wrong; unknown fields are refused too (a typo must not
+//! silently run another experiment).
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::Path;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord, Hash)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    #[serde(rename = "2pc")]
+    TwoPhaseCommit,
+}
+
+impl Protocol {
+    pub const ALL: &'static [Protocol] = &[Protocol::TwoPhaseCommit];
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Protocol::TwoPhaseCommit => "2pc",
+        }
+    }
+
+    pub fn parse(text: &str) -> Result<Protocol, String> {
+        Protocol::ALL.iter().copied().find(|p| p.name() == text).ok_or_else(|| {
+            format!(
+                "unknown protocol {text:?}; known: {}",
+                Protocol::ALL.iter().map(|p| p.name()).collect::<Vec<_>>().join(", ")
+            )
+        })
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Scenario {
+    pub name: String,
+    pub description: String,
+    /// Run one after the other, each on a fresh cluster with the same seed.
+    pub protocols: Vec<Protocol>,
+    pub duration_s: f64,
+    pub seed: u64,
+    pub cluster: ClusterSection,
+    pub workload: WorkloadSection,
+    #[serde(rename = "fault")]
+    pub faults: Vec<Fault>,
+}
+
+impl Default for Scenario {
+    fn default() -> Scenario {
+        Scenario {
+            name: "custom".into(),
+            description: String::new(),
+            protocols: Protocol::ALL.to_vec(),
+            duration_s: 10.0,
+            seed: 42,
+            cluster: ClusterSection::default(),
+            workload: WorkloadSection::default(),
+            faults: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSection {
+    pub participants: usize,
+    pub accounts_per_participant: u64,
+    pub initial_balance: i64,
+    /// Passed to the coordinator as is, e.g. ["--prepare-timeout-ms", "500"].
+    pub coordinator_args: Vec<String>,
+    pub participant_args: Vec<String>,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            participants: 2,
+            accounts_per_participant: 10_000,
+            initial_balance: 1_000_000,
+            coordinator_args: Vec::new(),
+            participant_args: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoopMode {
+    /// `clients` concurrent clients, each starting a transfer when its last
+    /// one ends.
+    Closed,
+    /// Transfers start at `rate_per_s`, whatever the answers; latency counts
+    /// from the intended start, so queueing is not hidden.
+    Open,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Skew {
+    Uniform,
+    Zipf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkloadSection {
+    pub mode: LoopMode,
+    pub clients: usize,
+    pub rate_per_s: f64,
+    /// Most transfers in flight in open loop; past it a start is counted as
+    /// dropped (the system is overloaded).
+    pub in_flight_max: usize,
+    pub skew: Skew,
+    pub zipf_exponent: f64,
+    pub amount_min: i64,
+    pub amount_max: i64,
+    /// Share of transfers (0..1) that ask for more than any account holds,
+    /// and so must abort for lack of funds.
+    pub overdraft_share: f64,
+    /// How often the audit reader reads every balance; 0 turns it off.
+    pub audit_interval_ms: u64,
+    /// Deadline of one client call.
+    pub call_timeout_ms: u64,
+}
+
+impl Default for WorkloadSection {
+    fn default() -> Self {
+        WorkloadSection {
+            mode: LoopMode::Closed,
+            clients: 16,
+            rate_per_s: 1_000.0,
+            in_flight_max: 1_024,
+            skew: Skew::Uniform,
+            zipf_exponent: 1.0,
+            amount_min: 1,
+            amount_max: 100,
+            overdraft_share: 0.0,
+            audit_interval_ms: 250,
+            call_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    /// SIGKILL the node; restart it on the same data after `duration_s`.
+    Kill,
+    /// SIGSTOP the node; SIGCONT after `duration_s`.
+    Pause,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    pub kind: FaultKind,
+    /// "c1" (the coordinator) or "p1", "p2", ...
+    pub node: String,
+    /// Seconds after the start of the measured run.
+    pub at_s: f64,
+    /// How long the fault lasts.
+    pub duration_s: f64,
+}
+
+impl Scenario {
+    pub fn from_toml(text: &str, origin: &str) -> Result<Scenario, String> {
+        let scenario: Scenario = toml::from_str(text).map_err(|e| format!("{origin}: {e}"))?;
+        scenario.validate().map_err(|e| format!("{origin}: {e}"))?;
+        Ok(scenario)
+    }
+
+    pub fn load(path: &Path) -> Result<Scenario, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Scenario::from_toml(&text, &path.display().to_string())
+    }
+
+    /// Checks what the types cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.protocols.is_empty() {
+            return Err("protocols: name at least one".into());
+        }
+        if !(self.duration_s > 0.0 && self.duration_s <= 3_600.0) {
+            return Err(format!("duration_s = {}: must be in (0, 3600]", self.duration_s));
+        }
+        let c = &self.cluster;
+        if c.participants == 0 || c.participants > 16 {
+            return Err(format!("cluster.participants = {}: must be 1 to 16", c.participants));
+        }
+        if c.accounts_per_participant < 2 || c.accounts_per_participant > 10_000_000 {
+            return Err(format!(
+                "cluster.accounts_per_participant = {}: must be 2 to 10,000,000",
+                c.accounts_per_participant
+            ));
+        }
+        if c.initial_balance <= 0 {
+            return Err(format!("cluster.initial_balance = {}: must be positive", c.initial_balance));
+        }
+        let total = (c.initial_balance as i128) * (c.accounts_per_participant as i128) * (c.participants as i128);
+        if total > i64::MAX as i128 / 2 {
+            return Err("cluster: the total money overflows; lower initial_balance or the account count".into());
+        }
+        let w = &self.workload;
+        if w.mode == LoopMode::Closed && (w.clients == 0 || w.clients > 4_096) {
+            return Err(format!("workload.clients = {}: must be 1 to 4096", w.clients));
+        }
+        if w.mode == LoopMode::Open && !(w.rate_per_s > 0.0 && w.rate_per_s <= 1_000_000.0) {
+            return Err(format!("workload.rate_per_s = {}: must be in (0, 1000000] in open loop", w.rate_per_s));
+        }
+        if w.in_flight_max == 0 {
+            return Err("workload.in_flight_max: must be positive".into());
+        }
+        if w.skew == Skew::Zipf && !(w.zipf_exponent > 0.0 && w.zipf_exponent <= 5.0) {
+            return Err(format!("workload.zipf_exponent = {}: must be in (0, 5]", w.zipf_exponent));
+        }
+        if w.amount_min <= 0 || w.amount_max < w.amount_min {
+            return Err(format!(
+                "workload.amount_min = {}, amount_max = {}: need 0 < amount_min <= amount_max",
+                w.amount_min, w.amount_max
+            ));
+        }
+        if !(0.0..=1.0).contains(&w.overdraft_share) {
+            return Err(format!("workload.overdraft_share = {}: must be in [0, 1]", w.overdraft_share));
+        }
+        if w.call_timeout_ms == 0 {
+            return Err("workload.call_timeout_ms: must be positive".into());
+        }
+        for (i, fault) in self.faults.iter().enumerate() {
+            let at = format!("fault[{i}]");
+            let valid_node = fault.node == "c1"
+                || fault
+                    .node
+                    .strip_prefix('p')
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .is_some_and(|n| n >= 1 && n <= c.participants);
+            if !valid_node {
+                return Err(format!("{at}.node = {:?}: must be \"c1\" or \"p1\"..\"p{}\"", fault.node, c.participants));
+            }
+            if !(fault.at_s >= 0.0 && fault.at_s < self.duration_s) {
+                return Err(format!("{at}.at_s = {}: must be within the run (0 to {})", fault.at_s, self.duration_s));
+            }
+            if !(fault.duration_s > 0.0) {
+                return Err(format!("{at}.duration_s = {}: must be positive", fault.duration_s));
+            }
+        }
+        let mut windows: Vec<(&str, f64, f64)> =
+            self.faults.iter().map(|f| (f.node.as_str(), f.at_s, f.at_s + f.duration_s)).collect();
+        windows.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        for pair in windows.windows(2) {
+            if pair[0].0 == pair[1].0 && pair[1].1 < pair[0].2 {
+                return Err(format!("faults on {} overlap in time; one fault per node at a time", pair[0].0));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Names of the presets shipped in `bench/scenarios/`, with their text.
+pub const PRESETS: &[(&str, &str)] = &[
+    ("default", include_str!("../scenarios/default.toml")),
+    ("no-faults", include_str!("../scenarios/no-faults.toml")),
+    ("coordinator-crash", include_str!("../scenarios/coordinator-crash.toml")),
+    ("pause", include_str!("../scenarios/pause.toml")),
+    ("smoke", include_str!("../scenarios/smoke.toml")),
+];
+
+/// A preset by name, or a file by path.
+pub fn resolve(name_or_path: &str) -> Result<Scenario, String> {
+    if let Some((name, text)) = PRESETS.iter().find(|(name, _)| *name == name_or_path) {
+        return Scenario::from_toml(text, &format!("preset {name}"));
+    }
+    let path = Path::new(name_or_path);
+    if path.exists() {
+        return Scenario::load(path);
+    }
+    Err(format!(
+        "{name_or_path:?} is neither a preset ({}) nor a file",
+        PRESETS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_preset_parses_and_validates() {
+        for (name, text) in PRESETS {
+            Scenario::from_toml(text, name).unwrap_or_else(|e| panic!("{e}"));
+        }
+    }
+
+    #[test]
+    fn an_empty_file_is_the_default_scenario() {
+        assert_eq!(Scenario::from_toml("", "empty").unwrap(), Scenario::default());
+    }
+
+    fn rejected(text: &str) -> String {
+        Scenario::from_toml(text, "test.toml").expect_err(text)
+    }
+
+    #[test]
+    fn bad_scenarios_are_rejected_with_a_message_naming_the_problem() {
+        assert!(rejected("durration_s = 5").contains("durration_s"), "unknown fields are refused");
+        assert!(rejected("duration_s = -1").contains("duration_s"));
+        assert!(rejected("protocols = [\"3pc\"]").contains("3pc"));
+        assert!(rejected("protocols = []").contains("protocols"));
+        assert!(rejected("[workload]\nclients = 0").contains("clients"));
+        assert!(rejected("[workload]\namount_min = 10\namount_max = 5").contains("amount_max"));
+        assert!(rejected("[workload]\noverdraft_share = 1.5").contains("overdraft_share"));
+        assert!(rejected("[workload]\nmode = \"sideways\"").contains("sideways"));
+        assert!(rejected("[cluster]\nparticipants = 0").contains("participants"));
+        let fault = |body: &str| format!("duration_s = 10\n[[fault]]\n{body}");
+        assert!(rejected(&fault("kind = \"kill\"\nnode = \"p9\"\nat_s = 1\nduration_s = 1")).contains("p9"));
+        assert!(rejected(&fault("kind = \"kill\"\nnode = \"p1\"\nat_s = 11\nduration_s = 1")).contains("at_s"));
+        assert!(rejected(&fault("kind = \"explode\"\nnode = \"p1\"\nat_s = 1\nduration_s = 1")).contains("explode"));
+        assert!(rejected(&fault("kind = \"kill\"\nnode = \"p1\"\nat_s = 1")).contains("duration_s"));
+        let overlapping = "duration_s = 10\n[[fault]]\nkind = \"kill\"\nnode = \"p1\"\nat_s = 1\nduration_s = 3\n[[fault]]\nkind = \"pause\"\nnode = \"p1\"\nat_s = 2\nduration_s = 1";
+        assert!(rejected(overlapping).contains("overlap"));
+        assert!(rejected("this is not toml").contains("test.toml"));
+    }
+}

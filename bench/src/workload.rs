@@ -1,0 +1,429 @@
+//! The bank-transfer workload: which accounts, which amounts, how fast, and
+//! what every operation did.
+//!
+//! Every transfer carries an idempotency key, so that after the run an
+//! operation whose outcome the client never learned (the call failed or
+//! timed out) can be asked again and get its real outcome: the invariant
+//! checker needs every outcome to account for every cent.
+
+use crate::scenario::{LoopMode, Protocol, Scenario, Skew};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tandem::pb;
+use tandem::pb::coordinator_client::CoordinatorClient;
+use tandem::rng::SplitMix64;
+use tonic::transport::Channel;
+
+/// Width of one throughput/latency bucket over time.
+pub const BUCKET_MS: u64 = 100;
+/// Most channels (HTTP/2 connections) the clients share.
+pub const CHANNELS_MAX: usize = 8;
+
+/// What one operation ended as, from the client's side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Hash)]
+#[serde(rename_all = "snake_case")]
+pub enum OpOutcome {
+    Committed,
+    /// Aborted for lack of funds (expected for overdrafts).
+    AbortedInsufficientFunds,
+    /// Aborted for another reason (a participant unavailable, ...).
+    AbortedOther,
+    /// The call hit its deadline: outcome unknown until resolved.
+    TimedOut,
+    /// The call failed (unavailable, ...): outcome unknown until resolved.
+    Unknown,
+    /// Open loop only: not started, too many in flight.
+    Dropped,
+}
+
+impl OpOutcome {
+    pub fn is_definite(&self) -> bool {
+        matches!(self, OpOutcome::Committed | OpOutcome::AbortedInsufficientFunds | OpOutcome::AbortedOther)
+    }
+}
+
+/// One line of the history file.
+#[derive(Debug, Clone, Serialize)]
+pub struct HistoryEntry {
+    pub client: usize,
+    pub key: String,
+    pub from: u64,
+    pub to: u64,
+    pub amount: i64,
+    /// Microseconds since the start of the measured run (the intended start
+    /// in open loop).
+    pub start_us: u64,
+    pub end_us: u64,
+    pub outcome: OpOutcome,
+    pub txn_id: String,
+    pub detail: String,
+}
+
+/// Chooses accounts and amounts, deterministically from a seed.
+pub struct Chooser {
+    accounts: u64,
+    participants: u64,
+    per_participant: u64,
+    /// Cumulative weights of the Zipf ranks; empty when uniform.
+    zipf_cdf: Vec<f64>,
+    amount_min: i64,
+    amount_max: i64,
+    overdraft_share: f64,
+    overdraft_amount: i64,
+}
+
+impl Chooser {
+    pub fn new(scenario: &Scenario) -> Chooser {
+        let per_participant = scenario.cluster.accounts_per_participant;
+        let participants = scenario.cluster.participants as u64;
+        let accounts = per_participant * participants;
+        let zipf_cdf = match scenario.workload.skew {
+            Skew::Uniform => Vec::new(),
+            Skew::Zipf => {
+                let mut total = 0.0;
+                let mut cdf = Vec::with_capacity(accounts as usize);
+                for rank in 1..=accounts {
+                    total += 1.0 / (rank as f64).powf(scenario.workload.zipf_exponent);
+                    cdf.push(total);
+                }
+                cdf.iter_mut().for_each(|w| *w /= total);
+                cdf
+            }
+        };
+        let total_money = scenario.cluster.initial_balance * accounts as i64;
+        Chooser {
+            accounts,
+            participants,
+            per_participant,
+            zipf_cdf,
+            amount_min: scenario.workload.amount_min,
+            amount_max: scenario.workload.amount_max,
+            overdraft_share: scenario.workload.overdraft_share,
+            overdraft_amount: total_money + 1,
+        }
+    }
+
+    fn account(&self, rng: &mut SplitMix64) -> u64 {
+        if self.zipf_cdf.is_empty() {
+            return rng.below(self.accounts);
+        }
+        let u = rng.unit();
+        let rank = self.zipf_cdf.partition_point(|w| *w < u) as u64;
+        let rank = rank.min(self.accounts - 1);
+        // Hot ranks are spread over the participants round-robin.
+        (rank % self.participants) * self.per_participant + rank / self.participants
+    }
+
+    /// (from, to, amount): two different accounts.
+    pub fn transfer(&self, rng: &mut SplitMix64) -> (u64, u64, i64) {
+        let from = self.account(rng);
+        let mut to = self.account(rng);
+        if to == from {
+            to = (from + 1) % self.accounts;
+        }
+        let amount = if self.overdraft_share > 0.0 && rng.unit() < self.overdraft_share {
+            self.overdraft_amount
+        } else {
+            self.amount_min + rng.below((self.amount_max - self.amount_min + 1) as u64) as i64
+        };
+        (from, to, amount)
+    }
+}
+
+/// Latency and outcome records of one client, merged at the end.
+pub struct Recorder {
+    pub overall: Histogram<u64>,
+    pub in_fault: Histogram<u64>,
+    pub outside_fault: Histogram<u64>,
+    /// Per bucket of [`BUCKET_MS`]: latency of committed transfers.
+    pub buckets: Vec<Histogram<u64>>,
+    pub outcomes: BTreeMap<OpOutcome, u64>,
+    pub history: Vec<HistoryEntry>,
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 120_000_000, 3).expect("valid histogram bounds")
+}
+
+impl Recorder {
+    pub fn new(duration: Duration) -> Recorder {
+        let buckets = (duration.as_millis() as u64 / BUCKET_MS + 1) as usize;
+        Recorder {
+            overall: histogram(),
+            in_fault: histogram(),
+            outside_fault: histogram(),
+            buckets: (0..buckets).map(|_| Histogram::new_with_bounds(1, 120_000_000, 2).unwrap()).collect(),
+            outcomes: BTreeMap::new(),
+            history: Vec::new(),
+        }
+    }
+
+    pub fn record(&mut self, entry: HistoryEntry, fault_windows: &[(f64, f64)]) {
+        *self.outcomes.entry(entry.outcome).or_default() += 1;
+        if entry.outcome == OpOutcome::Committed {
+            let latency = (entry.end_us - entry.start_us).max(1);
+            self.overall.saturating_record(latency);
+            let start_s = entry.start_us as f64 / 1e6;
+            if fault_windows.iter().any(|(from, to)| start_s >= *from && start_s < *to) {
+                self.in_fault.saturating_record(latency);
+            } else {
+                self.outside_fault.saturating_record(latency);
+            }
+            let bucket = (entry.start_us / 1_000 / BUCKET_MS) as usize;
+            if let Some(histogram) = self.buckets.get_mut(bucket) {
+                histogram.saturating_record(latency);
+            }
+        }
+        self.history.push(entry);
+    }
+
+    pub fn merge(&mut self, other: Recorder) {
+        self.overall.add(&other.overall).expect("same bounds");
+        self.in_fault.add(&other.in_fault).expect("same bounds");
+        self.outside_fault.add(&other.outside_fault).expect("same bounds");
+        for (mine, theirs) in self.buckets.iter_mut().zip(other.buckets.iter()) {
+            mine.add(theirs).expect("same bounds");
+        }
+        for (outcome, count) in other.outcomes {
+            *self.outcomes.entry(outcome).or_default() += count;
+        }
+        self.history.extend(other.history);
+    }
+}
+
+/// Sends one transfer by the given protocol.
+pub async fn send_transfer(
+    client: &mut CoordinatorClient<Channel>,
+    protocol: Protocol,
+    from: u64,
+    to: u64,
+    amount: i64,
+    key: &str,
+    timeout: Duration,
+) -> (OpOutcome, String, String) {
+    match protocol {
+        Protocol::TwoPhaseCommit => {
+            let mut request = tonic::Request::new(pb::TransferRequest {
+                from_account: from,
+                to_account: to,
+                amount,
+                idempotency_key: key.to_string(),
+            });
+            request.set_timeout(timeout);
+            match tokio::time::timeout(timeout, client.transfer(request)).await {
+                Ok(Ok(response)) => {
+                    let result = response.into_inner();
+                    let outcome = if result.outcome == pb::Outcome::Committed as i32 {
+                        OpOutcome::Committed
+                    } else if result.abort_reason == pb::AbortReason::InsufficientFunds as i32 {
+                        OpOutcome::AbortedInsufficientFunds
+                    } else {
+                        OpOutcome::AbortedOther
+                    };
+                    (outcome, result.txn_id, result.reason)
+                }
+                Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
+                    (OpOutcome::TimedOut, String::new(), status.message().to_string())
+                }
+                Ok(Err(status)) => {
+                    (OpOutcome::Unknown, String::new(), format!("{:?}: {}", status.code(), status.message()))
+                }
+                Err(_) => (OpOutcome::TimedOut, String::new(), "client deadline".into()),
+            }
+        }
+    }
+}
+
+/// What the workload needs to reach the cluster.
+pub struct Target {
+    pub channels: Vec<Channel>,
+}
+
+impl Target {
+    pub fn new(coordinator_url: &str, clients: usize) -> Result<Target, tandem::Error> {
+        let count = clients.clamp(1, CHANNELS_MAX);
+        let channels = (0..count).map(|_| tandem::server::channel(coordinator_url)).collect::<Result<_, _>>()?;
+        Ok(Target { channels })
+    }
+
+    fn client(&self, i: usize) -> CoordinatorClient<Channel> {
+        CoordinatorClient::new(self.channels[i % self.channels.len()].clone())
+    }
+}
+
+/// Drives the workload for the scenario's duration and returns the merged
+/// records. `start` is the instant the measured run began (fault times count
+/// from it).
+pub async fn drive(
+    scenario: &Scenario,
+    protocol: Protocol,
+    target: &Target,
+    start: Instant,
+    fault_windows: Vec<(f64, f64)>,
+    progress: Arc<AtomicUsize>,
+) -> Recorder {
+    let duration = Duration::from_secs_f64(scenario.duration_s);
+    let deadline = start + duration;
+    let chooser = Arc::new(Chooser::new(scenario));
+    let windows = Arc::new(fault_windows);
+    let timeout = Duration::from_millis(scenario.workload.call_timeout_ms);
+    let key_prefix = format!("{}-{}", protocol, scenario.seed);
+    let mut merged = Recorder::new(duration);
+    match scenario.workload.mode {
+        LoopMode::Closed => {
+            let tasks: Vec<_> = (0..scenario.workload.clients)
+                .map(|c| {
+                    let mut client = target.client(c);
+                    let chooser = chooser.clone();
+                    let windows = windows.clone();
+                    let progress = progress.clone();
+                    let key_prefix = key_prefix.clone();
+                    let mut rng = SplitMix64::new(scenario.seed.wrapping_mul(1_000_003).wrapping_add(c as u64));
+                    tokio::spawn(async move {
+                        let mut recorder = Recorder::new(duration);
+                        let mut n = 0u64;
+                        while Instant::now() < deadline {
+                            n += 1;
+                            let (from, to, amount) = chooser.transfer(&mut rng);
+                            let key = format!("{key_prefix}-{c}-{n}");
+                            let began = Instant::now();
+                            let (outcome, txn_id, detail) =
+                                send_transfer(&mut client, protocol, from, to, amount, &key, timeout).await;
+                            let ended = Instant::now();
+                            let entry = HistoryEntry {
+                                client: c,
+                                key,
+                                from,
+                                to,
+                                amount,
+                                start_us: began.duration_since(start).as_micros() as u64,
+                                end_us: ended.duration_since(start).as_micros() as u64,
+                                outcome,
+                                txn_id,
+                                detail,
+                            };
+                            recorder.record(entry, &windows);
+                            progress.fetch_add(1, Ordering::Relaxed);
+                            if !outcome.is_definite() {
+                                // Do not spin against a node that is down.
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
+                        }
+                        recorder
+                    })
+                })
+                .collect();
+            for task in tasks {
+                merged.merge(task.await.expect("a client task panicked"));
+            }
+        }
+        LoopMode::Open => {
+            let interval = Duration::from_secs_f64(1.0 / scenario.workload.rate_per_s);
+            let in_flight = Arc::new(AtomicUsize::new(0));
+            let finished = Arc::new(Mutex::new(Recorder::new(duration)));
+            let mut rng = SplitMix64::new(scenario.seed);
+            let mut n = 0u64;
+            let mut tasks = Vec::new();
+            let stopped = Arc::new(AtomicBool::new(false));
+            loop {
+                let intended = start + interval.mul_f64(n as f64);
+                if intended >= deadline {
+                    break;
+                }
+                tokio::time::sleep_until(intended.into()).await;
+                n += 1;
+                let (from, to, amount) = chooser.transfer(&mut rng);
+                let key = format!("{key_prefix}-open-{n}");
+                let start_us = intended.duration_since(start).as_micros() as u64;
+                if in_flight.load(Ordering::Relaxed) >= scenario.workload.in_flight_max {
+                    let entry = HistoryEntry {
+                        client: 0,
+                        key,
+                        from,
+                        to,
+                        amount,
+                        start_us,
+                        end_us: start_us,
+                        outcome: OpOutcome::Dropped,
+                        txn_id: String::new(),
+                        detail: "too many in flight".into(),
+                    };
+                    finished.lock().unwrap().record(entry, &windows);
+                    continue;
+                }
+                in_flight.fetch_add(1, Ordering::Relaxed);
+                let mut client = target.client(n as usize);
+                let (in_flight, finished, windows, progress, _stopped) =
+                    (in_flight.clone(), finished.clone(), windows.clone(), progress.clone(), stopped.clone());
+                tasks.push(tokio::spawn(async move {
+                    let (outcome, txn_id, detail) =
+                        send_transfer(&mut client, protocol, from, to, amount, &key, timeout).await;
+                    let end_us = start.elapsed().as_micros() as u64;
+                    let entry =
+                        HistoryEntry { client: 0, key, from, to, amount, start_us, end_us, outcome, txn_id, detail };
+                    finished.lock().unwrap().record(entry, &windows);
+                    in_flight.fetch_sub(1, Ordering::Relaxed);
+                    progress.fetch_add(1, Ordering::Relaxed);
+                }));
+            }
+            stopped.store(true, Ordering::Relaxed);
+            for task in tasks {
+                let _ = task.await;
+            }
+            let recorder = std::mem::replace(&mut *finished.lock().unwrap(), Recorder::new(duration));
+            merged.merge(recorder);
+        }
+    }
+    merged.history.sort_by_key(|e| (e.start_us, e.client));
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_chooser_is_seeded_picks_two_accounts_and_honours_the_overdraft_share() {
+        let mut scenario = Scenario::default();
+        scenario.cluster.accounts_per_participant = 50;
+        scenario.workload.overdraft_share = 0.25;
+        let chooser = Chooser::new(&scenario);
+        let mut a = SplitMix64::new(1);
+        let mut b = SplitMix64::new(1);
+        let mut overdrafts = 0;
+        for _ in 0..4_000 {
+            let t = chooser.transfer(&mut a);
+            assert_eq!(t, chooser.transfer(&mut b));
+            assert!(t.0 != t.1 && t.0 < 100 && t.1 < 100);
+            if t.2 > 100 {
+                overdrafts += 1;
+                assert!(t.2 > scenario.cluster.initial_balance * 100);
+            } else {
+                assert!((1..=100).contains(&t.2));
+            }
+        }
+        assert!((800..1_200).contains(&overdrafts), "{overdrafts}");
+    }
+
+    #[test]
+    fn zipf_makes_some_accounts_hot() {
+        let mut scenario = Scenario::default();
+        scenario.cluster.accounts_per_participant = 500;
+        scenario.workload.skew = Skew::Zipf;
+        scenario.workload.zipf_exponent = 1.2;
+        let chooser = Chooser::new(&scenario);
+        let mut rng = SplitMix64::new(3);
+        let mut counts = vec![0u32; 1_000];
+        for _ in 0..20_000 {
+            counts[chooser.account(&mut rng) as usize] += 1;
+        }
+        // The hottest rank (account 0) and the second (first of p2).
+        assert!(counts[0] > 2_000, "{}", counts[0]);
+        assert!(counts[500] > 700, "{}", counts[500]);
+        assert!(counts[499] < 50);
+    }
+}
