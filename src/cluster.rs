@@ -287,6 +287,10 @@ impl Cluster {
                 format!("c1=http://{coordinator_addr}"),
                 "--log-level".into(),
                 spec.log_level.clone(),
+                // Every node shares this machine's cores: one worker each
+                // avoids the runtimes waking each other's idle workers.
+                "--worker-threads".into(),
+                "1".into(),
             ];
             args.extend(spec.participant_args.iter().cloned());
             participants.push(NodeProcess {
@@ -310,6 +314,8 @@ impl Cluster {
             "c1".into(),
             "--log-level".into(),
             spec.log_level.clone(),
+            "--worker-threads".into(),
+            "1".into(),
         ];
         for shard in shards {
             args.push("--participant".into());

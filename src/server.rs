@@ -75,3 +75,13 @@ pub fn channel(url: &str) -> Result<tonic::transport::Channel, crate::Error> {
         .keep_alive_timeout(Duration::from_secs(5));
     Ok(endpoint.connect_lazy())
 }
+
+/// A multi-threaded tokio runtime with `worker_threads` workers (default:
+/// one per core).
+pub fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = worker_threads {
+        builder.worker_threads(threads.max(1));
+    }
+    builder.enable_all().build()
+}

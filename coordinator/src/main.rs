@@ -47,16 +47,26 @@ struct Args {
     /// idempotency keys; the oldest are forgotten first.
     #[arg(long, default_value_t = 1_000_000)]
     finished_retained_max: u64,
+    /// Threads of the async runtime (default: one per core). A local cluster
+    /// runs every node on one machine and gives each one thread.
+    #[arg(long)]
+    worker_threads: Option<usize>,
     /// Log filter: error, warn, info, debug or trace (RUST_LOG overrides).
     #[arg(long, default_value = "info")]
     log_level: String,
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
     tandem::server::init_tracing(&args.log_level);
-    match run(args).await {
+    let runtime = match tandem::server::runtime(args.worker_threads) {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("coordinator: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("coordinator: {error}");

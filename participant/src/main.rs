@@ -32,6 +32,10 @@ struct Args {
     /// How long finished transactions are remembered (duplicate detection).
     #[arg(long, default_value_t = 300_000)]
     finished_retention_ms: u64,
+    /// Threads of the async runtime (default: one per core). A local cluster
+    /// runs every node on one machine and gives each one thread.
+    #[arg(long)]
+    worker_threads: Option<usize>,
     /// Log filter: error, warn, info, debug or trace (RUST_LOG overrides).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -42,11 +46,17 @@ fn parse_peer(text: &str) -> Result<(Id, String), String> {
     Ok((Id::parse("coordinator id", id).map_err(|e| e.to_string())?, url.to_string()))
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let args = Args::parse();
     tandem::server::init_tracing(&args.log_level);
-    match run(args).await {
+    let runtime = match tandem::server::runtime(args.worker_threads) {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("participant: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("participant: {error}");

@@ -240,6 +240,7 @@ impl Participant for Node {
         let txn = Id::parse("txn_id", &request.txn_id)?;
         let coordinator = Id::parse("coordinator_id", &request.coordinator_id)?;
         let legs: Vec<Leg> = request.legs.iter().map(Leg::from).collect();
+        debug!(%txn, %coordinator, ?legs, "prepare received");
         let vote = Node::prepare(self, txn.clone(), coordinator, legs).await?;
         debug!(%txn, ?vote, "prepare answered");
         Ok(Response::new(match vote {
