@@ -270,9 +270,19 @@ impl Cluster {
         let coordinator_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse().expect("valid address");
         let mut participants = Vec::new();
         let mut shards = Vec::new();
-        for i in 0..spec.participants {
+        let mut addrs = Vec::new();
+        for _ in 0..spec.participants {
+            addrs.push(format!("127.0.0.1:{}", free_port()?).parse::<SocketAddr>().expect("valid address"));
+        }
+        // Every participant knows every other (choreographed sagas send
+        // events between them).
+        let peers: Vec<String> = addrs
+            .iter()
+            .enumerate()
+            .flat_map(|(i, addr)| ["--peer".to_string(), format!("{}=http://{addr}", NodeRef::Participant(i))])
+            .collect();
+        for (i, addr) in addrs.into_iter().enumerate() {
             let node = NodeRef::Participant(i);
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse().expect("valid address");
             let first = i as u64 * spec.accounts_per_participant;
             shards.push(format!("{node}=http://{addr}@{first}..{}", first + spec.accounts_per_participant));
             let data_dir = spec.data_dir.join(node.to_string());
@@ -292,6 +302,7 @@ impl Cluster {
                 "--worker-threads".into(),
                 "1".into(),
             ];
+            args.extend(peers.iter().cloned());
             args.extend(spec.participant_args.iter().cloned());
             participants.push(NodeProcess {
                 node,
@@ -376,6 +387,11 @@ impl Cluster {
         let mut nodes = vec![NodeRef::Coordinator];
         nodes.extend((0..self.participants.len()).map(NodeRef::Participant));
         nodes
+    }
+
+    /// The participant that owns `account`.
+    pub fn owner(&self, account: u64) -> NodeRef {
+        NodeRef::Participant((account / self.spec.accounts_per_participant) as usize)
     }
 
     /// Every account id of the cluster, in order.

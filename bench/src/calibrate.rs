@@ -19,10 +19,28 @@ pub struct Calibration {
 }
 
 impl Calibration {
-    /// 2PC: client to coordinator and coordinator to participants (two round
-    /// trips), the participants' prepare fsync and the decision fsync.
-    pub fn floor_2pc_us(&self) -> f64 {
-        2.0 * self.rtt_p50_us + 2.0 * self.fsync_p50_us
+    /// The latency floor of one transfer's critical path, in microseconds.
+    ///
+    /// - 2PC: client to coordinator, coordinator to the participants (two
+    ///   round trips; the prepares go out in parallel), the prepare fsync and
+    ///   the decision fsync.
+    /// - Orchestrated saga: client to coordinator, then the debit and the
+    ///   credit one after the other (three round trips); the saga log's start
+    ///   record, the debit and the credit (three fsyncs). The saga log adds
+    ///   one fsync: without it, a coordinator crash after the debit would lose
+    ///   track of the money.
+    /// - Choreographed saga: client to the source participant, the
+    ///   TransferDebited event to the target and TransferCredited back (three
+    ///   round trips); the debit, the credit and the completion (three
+    ///   fsyncs: each event is made durable with its effects before it is
+    ///   acknowledged).
+    pub fn floor_us(&self, protocol: crate::scenario::Protocol) -> f64 {
+        match protocol {
+            crate::scenario::Protocol::TwoPhaseCommit => 2.0 * self.rtt_p50_us + 2.0 * self.fsync_p50_us,
+            crate::scenario::Protocol::Orchestrated | crate::scenario::Protocol::Choreographed => {
+                3.0 * self.rtt_p50_us + 3.0 * self.fsync_p50_us
+            }
+        }
     }
 }
 

@@ -9,13 +9,14 @@
 //!    plus every committed transfer, exactly. That one equation checks money
 //!    conservation, all-or-nothing per transaction (a half-applied transfer
 //!    leaves one side off), nothing applied twice, and every acknowledged
-//!    commit applied. Nothing may be reserved, and no available balance
-//!    negative.
+//!    commit applied; a dead-lettered saga's money must be in its source
+//!    participant's suspense account. Nothing may be reserved or in flight,
+//!    and no available balance negative.
 //!
 //! A violation names the account or node and what is wrong.
 
 use crate::scenario::Protocol;
-use crate::workload::{send_transfer, HistoryEntry, OpOutcome};
+use crate::workload::{Client, HistoryEntry, OpOutcome};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -30,6 +31,7 @@ pub struct CheckReport {
     pub committed: u64,
     pub settle_ms: u64,
     pub total_posted: i64,
+    pub total_suspense: i64,
     pub expected_total: i64,
 }
 
@@ -49,10 +51,20 @@ async fn settle(cluster: &Cluster, limit: Duration) -> Result<Duration, String> 
             match client.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await {
                 Ok(balances) => {
                     let b = balances.into_inner();
-                    if b.prepared_count > 0 || b.total_reserved != 0 || b.total_incoming != 0 {
+                    if b.prepared_count > 0
+                        || b.total_reserved != 0
+                        || b.total_incoming != 0
+                        || b.transfers_in_flight > 0
+                        || b.outbox_pending > 0
+                    {
                         held.push(format!(
-                            "{}: {} prepared, {} reserved, {} incoming",
-                            b.participant_id, b.prepared_count, b.total_reserved, b.total_incoming
+                            "{}: {} prepared, {} reserved, {} incoming, {} choreographed transfers in flight, {} events undelivered",
+                            b.participant_id,
+                            b.prepared_count,
+                            b.total_reserved,
+                            b.total_incoming,
+                            b.transfers_in_flight,
+                            b.outbox_pending
                         ));
                     }
                 }
@@ -75,10 +87,17 @@ pub async fn check(cluster: &Cluster, protocol: Protocol, history: &mut [History
         Ok(took) => report.settle_ms = took.as_millis() as u64,
         Err(held) => report.violations.push(format!("not settled 30 s after the run: {held}")),
     }
-    let mut client = match cluster.coordinator_client() {
-        Ok(client) => client,
+    let channels = std::iter::once(cluster.coordinator.url())
+        .chain(cluster.participants.iter().map(|p| p.url()))
+        .map(|url| tandem::server::channel(&url))
+        .collect::<Result<Vec<_>, _>>();
+    let mut client = match channels {
+        Ok(mut channels) => {
+            let coordinator = channels.remove(0);
+            Client::new(coordinator, channels, cluster.spec.accounts_per_participant)
+        }
         Err(error) => {
-            report.violations.push(format!("cannot reach the coordinator: {error}"));
+            report.violations.push(format!("cannot reach the cluster: {error}"));
             return report;
         }
     };
@@ -90,16 +109,8 @@ pub async fn check(cluster: &Cluster, protocol: Protocol, history: &mut [History
         }
         report.resolved_after_run += 1;
         loop {
-            let (outcome, txn_id, detail) = send_transfer(
-                &mut client,
-                protocol,
-                entry.from,
-                entry.to,
-                entry.amount,
-                &entry.key,
-                Duration::from_secs(5),
-            )
-            .await;
+            let (outcome, txn_id, detail) =
+                client.transfer(protocol, entry.from, entry.to, entry.amount, &entry.key, Duration::from_secs(5)).await;
             if outcome.is_definite() {
                 entry.detail = format!("resolved after the run as {outcome:?} ({txn_id}); first: {}", entry.detail);
                 entry.outcome = outcome;
@@ -118,11 +129,20 @@ pub async fn check(cluster: &Cluster, protocol: Protocol, history: &mut [History
     }
     let accounts = cluster.accounts();
     let mut expected: BTreeMap<u64, i64> = accounts.clone().map(|a| (a, cluster.spec.initial_balance)).collect();
+    let mut expected_suspense = vec![0i64; cluster.participants.len()];
     for entry in history.iter() {
-        if entry.outcome == OpOutcome::Committed {
-            report.committed += 1;
-            *expected.get_mut(&entry.from).expect("a known account") -= entry.amount;
-            *expected.get_mut(&entry.to).expect("a known account") += entry.amount;
+        match entry.outcome {
+            OpOutcome::Committed => {
+                report.committed += 1;
+                *expected.get_mut(&entry.from).expect("a known account") -= entry.amount;
+                *expected.get_mut(&entry.to).expect("a known account") += entry.amount;
+            }
+            // The debit stands; its money waits in the source's suspense.
+            OpOutcome::DeadLettered => {
+                *expected.get_mut(&entry.from).expect("a known account") -= entry.amount;
+                expected_suspense[(entry.from / cluster.spec.accounts_per_participant) as usize] += entry.amount;
+            }
+            _ => {}
         }
     }
     let mut seen = 0u64;
@@ -142,6 +162,13 @@ pub async fn check(cluster: &Cluster, protocol: Protocol, history: &mut [History
             }
         };
         report.total_posted += balances.total_posted;
+        report.total_suspense += balances.suspense;
+        if balances.suspense != expected_suspense[i] {
+            report.violations.push(format!(
+                "{}: suspense holds {} but the dead-lettered transfers say {}",
+                balances.participant_id, balances.suspense, expected_suspense[i]
+            ));
+        }
         for balance in &balances.accounts {
             seen += 1;
             let want = expected.get(&balance.account).copied();

@@ -177,7 +177,7 @@ async fn audit_reader(cluster_url: String, expected: i64, interval: Duration, st
         match client.audit(request).await {
             Ok(response) => {
                 stats.reads += 1;
-                if response.get_ref().total_posted != expected {
+                if response.get_ref().total_posted + response.get_ref().total_suspense != expected {
                     stats.wrong_total += 1;
                 }
             }
@@ -275,11 +275,16 @@ pub async fn run_protocol(
         fsync_p50_us: calibrate::fsync_p50_us(&options.out_dir)?,
         rtt_p50_us: calibrate::rtt_p50_us(&mut cluster.participant_client(0).map_err(|e| e.to_string())?, 0).await?,
     };
-    let floor_ms = match protocol {
-        Protocol::TwoPhaseCommit => calibration.floor_2pc_us(),
-    } / 1_000.0;
+    let floor_ms = calibration.floor_us(protocol) / 1_000.0;
 
-    let target = Target::new(&cluster.coordinator.url(), scenario.workload.clients).map_err(|e| e.to_string())?;
+    let participant_urls: Vec<String> = cluster.participants.iter().map(|p| p.url()).collect();
+    let target = Target::new(
+        &cluster.coordinator.url(),
+        &participant_urls,
+        cluster.spec.accounts_per_participant,
+        scenario.workload.clients,
+    )
+    .map_err(|e| e.to_string())?;
     let stop = Arc::new(AtomicBool::new(false));
     let auditor = (scenario.workload.audit_interval_ms > 0).then(|| {
         tokio::spawn(audit_reader(

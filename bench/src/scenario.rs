@@ -16,14 +16,20 @@ use std::path::Path;
 pub enum Protocol {
     #[serde(rename = "2pc")]
     TwoPhaseCommit,
+    /// Saga orchestrated by the coordinator (backward recovery).
+    Orchestrated,
+    /// Saga choreographed by the participants (outbox, inbox).
+    Choreographed,
 }
 
 impl Protocol {
-    pub const ALL: &'static [Protocol] = &[Protocol::TwoPhaseCommit];
+    pub const ALL: &'static [Protocol] = &[Protocol::TwoPhaseCommit, Protocol::Orchestrated, Protocol::Choreographed];
 
     pub fn name(&self) -> &'static str {
         match self {
             Protocol::TwoPhaseCommit => "2pc",
+            Protocol::Orchestrated => "orchestrated",
+            Protocol::Choreographed => "choreographed",
         }
     }
 

@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tandem::pb;
 use tandem::pb::coordinator_client::CoordinatorClient;
+use tandem::pb::participant_client::ParticipantClient;
 use tandem::rng::SplitMix64;
 use tonic::transport::Channel;
 
@@ -32,6 +33,10 @@ pub enum OpOutcome {
     AbortedInsufficientFunds,
     /// Aborted for another reason (a participant unavailable, ...).
     AbortedOther,
+    /// Saga: the credit failed and the debit was refunded.
+    Compensated,
+    /// Saga: the refund failed; the money is parked in suspense.
+    DeadLettered,
     /// The call hit its deadline: outcome unknown until resolved.
     TimedOut,
     /// The call failed (unavailable, ...): outcome unknown until resolved.
@@ -42,7 +47,14 @@ pub enum OpOutcome {
 
 impl OpOutcome {
     pub fn is_definite(&self) -> bool {
-        matches!(self, OpOutcome::Committed | OpOutcome::AbortedInsufficientFunds | OpOutcome::AbortedOther)
+        matches!(
+            self,
+            OpOutcome::Committed
+                | OpOutcome::AbortedInsufficientFunds
+                | OpOutcome::AbortedOther
+                | OpOutcome::Compensated
+                | OpOutcome::DeadLettered
+        )
     }
 }
 
@@ -195,44 +207,112 @@ impl Recorder {
     }
 }
 
-/// Sends one transfer by the given protocol.
-pub async fn send_transfer(
-    client: &mut CoordinatorClient<Channel>,
-    protocol: Protocol,
-    from: u64,
-    to: u64,
-    amount: i64,
-    key: &str,
-    timeout: Duration,
-) -> (OpOutcome, String, String) {
-    match protocol {
-        Protocol::TwoPhaseCommit => {
-            let mut request = tonic::Request::new(pb::TransferRequest {
-                from_account: from,
-                to_account: to,
-                amount,
-                idempotency_key: key.to_string(),
-            });
-            request.set_timeout(timeout);
-            match tokio::time::timeout(timeout, client.transfer(request)).await {
-                Ok(Ok(response)) => {
-                    let result = response.into_inner();
-                    let outcome = if result.outcome == pb::Outcome::Committed as i32 {
-                        OpOutcome::Committed
-                    } else if result.abort_reason == pb::AbortReason::InsufficientFunds as i32 {
-                        OpOutcome::AbortedInsufficientFunds
+/// What one client needs to send a transfer by any protocol: the
+/// coordinator, and the participants (choreographed sagas start at the
+/// source account's participant).
+#[derive(Clone)]
+pub struct Client {
+    coordinator: CoordinatorClient<Channel>,
+    participants: Vec<ParticipantClient<Channel>>,
+    accounts_per_participant: u64,
+}
+
+impl Client {
+    pub fn new(coordinator: Channel, participants: Vec<Channel>, accounts_per_participant: u64) -> Client {
+        Client {
+            coordinator: CoordinatorClient::new(coordinator),
+            participants: participants.into_iter().map(ParticipantClient::new).collect(),
+            accounts_per_participant,
+        }
+    }
+
+    fn owner(&self, account: u64) -> usize {
+        (account / self.accounts_per_participant) as usize
+    }
+
+    /// Sends one transfer by `protocol` and waits for its terminal outcome
+    /// (or `timeout`). Returns the outcome, the transaction or saga id, and a
+    /// detail for the history.
+    pub async fn transfer(
+        &mut self,
+        protocol: Protocol,
+        from: u64,
+        to: u64,
+        amount: i64,
+        key: &str,
+        timeout: Duration,
+    ) -> (OpOutcome, String, String) {
+        match protocol {
+            Protocol::TwoPhaseCommit | Protocol::Orchestrated => {
+                let mut request = tonic::Request::new(pb::TransferRequest {
+                    from_account: from,
+                    to_account: to,
+                    amount,
+                    idempotency_key: key.to_string(),
+                    protocol: if protocol == Protocol::Orchestrated {
+                        pb::Protocol::SagaOrchestrated
                     } else {
-                        OpOutcome::AbortedOther
-                    };
-                    (outcome, result.txn_id, result.reason)
+                        pb::Protocol::TwoPhaseCommit
+                    } as i32,
+                    recovery: pb::Recovery::Backward as i32,
+                });
+                request.set_timeout(timeout);
+                match tokio::time::timeout(timeout, self.coordinator.transfer(request)).await {
+                    Ok(Ok(response)) => {
+                        let result = response.into_inner();
+                        let outcome = match pb::Outcome::try_from(result.outcome) {
+                            Ok(pb::Outcome::Committed) => OpOutcome::Committed,
+                            Ok(pb::Outcome::Compensated) => OpOutcome::Compensated,
+                            Ok(pb::Outcome::DeadLettered) => OpOutcome::DeadLettered,
+                            _ if result.abort_reason == pb::AbortReason::InsufficientFunds as i32 => {
+                                OpOutcome::AbortedInsufficientFunds
+                            }
+                            _ => OpOutcome::AbortedOther,
+                        };
+                        (outcome, result.txn_id, result.reason)
+                    }
+                    Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
+                        (OpOutcome::TimedOut, String::new(), status.message().to_string())
+                    }
+                    Ok(Err(status)) => {
+                        (OpOutcome::Unknown, String::new(), format!("{:?}: {}", status.code(), status.message()))
+                    }
+                    Err(_) => (OpOutcome::TimedOut, String::new(), "client deadline".into()),
                 }
-                Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
-                    (OpOutcome::TimedOut, String::new(), status.message().to_string())
+            }
+            Protocol::Choreographed => {
+                let source = self.owner(from);
+                let target = self.owner(to);
+                let mut request = tonic::Request::new(pb::StartTransferRequest {
+                    saga_id: key.to_string(),
+                    from_account: from,
+                    to_account: to,
+                    amount,
+                    target_participant: format!("p{}", target + 1),
+                    wait_ms: timeout.as_millis() as u32,
+                });
+                request.set_timeout(timeout + Duration::from_millis(500));
+                let call = self.participants[source].start_transfer(request);
+                match tokio::time::timeout(timeout + Duration::from_millis(500), call).await {
+                    Ok(Ok(response)) => {
+                        let status = response.into_inner();
+                        let outcome = match pb::TransferState::try_from(status.state) {
+                            Ok(pb::TransferState::Completed) => OpOutcome::Committed,
+                            Ok(pb::TransferState::Rejected) if status.reason.contains("available") => {
+                                OpOutcome::AbortedInsufficientFunds
+                            }
+                            Ok(pb::TransferState::Rejected) => OpOutcome::AbortedOther,
+                            Ok(pb::TransferState::Compensated) => OpOutcome::Compensated,
+                            Ok(pb::TransferState::DeadLettered) => OpOutcome::DeadLettered,
+                            _ => OpOutcome::TimedOut,
+                        };
+                        (outcome, status.saga_id, status.reason)
+                    }
+                    Ok(Err(status)) => {
+                        (OpOutcome::Unknown, String::new(), format!("{:?}: {}", status.code(), status.message()))
+                    }
+                    Err(_) => (OpOutcome::TimedOut, String::new(), "client deadline".into()),
                 }
-                Ok(Err(status)) => {
-                    (OpOutcome::Unknown, String::new(), format!("{:?}: {}", status.code(), status.message()))
-                }
-                Err(_) => (OpOutcome::TimedOut, String::new(), "client deadline".into()),
             }
         }
     }
@@ -240,18 +320,30 @@ pub async fn send_transfer(
 
 /// What the workload needs to reach the cluster.
 pub struct Target {
-    pub channels: Vec<Channel>,
+    pub coordinator: Vec<Channel>,
+    pub participants: Vec<Channel>,
+    pub accounts_per_participant: u64,
 }
 
 impl Target {
-    pub fn new(coordinator_url: &str, clients: usize) -> Result<Target, tandem::Error> {
+    pub fn new(
+        coordinator_url: &str,
+        participant_urls: &[String],
+        accounts_per_participant: u64,
+        clients: usize,
+    ) -> Result<Target, tandem::Error> {
         let count = clients.clamp(1, CHANNELS_MAX);
-        let channels = (0..count).map(|_| tandem::server::channel(coordinator_url)).collect::<Result<_, _>>()?;
-        Ok(Target { channels })
+        let coordinator = (0..count).map(|_| tandem::server::channel(coordinator_url)).collect::<Result<_, _>>()?;
+        let participants = participant_urls.iter().map(|url| tandem::server::channel(url)).collect::<Result<_, _>>()?;
+        Ok(Target { coordinator, participants, accounts_per_participant })
     }
 
-    fn client(&self, i: usize) -> CoordinatorClient<Channel> {
-        CoordinatorClient::new(self.channels[i % self.channels.len()].clone())
+    pub fn client(&self, i: usize) -> Client {
+        Client::new(
+            self.coordinator[i % self.coordinator.len()].clone(),
+            self.participants.clone(),
+            self.accounts_per_participant,
+        )
     }
 }
 
@@ -292,7 +384,7 @@ pub async fn drive(
                             let key = format!("{key_prefix}-{c}-{n}");
                             let began = Instant::now();
                             let (outcome, txn_id, detail) =
-                                send_transfer(&mut client, protocol, from, to, amount, &key, timeout).await;
+                                client.transfer(protocol, from, to, amount, &key, timeout).await;
                             let ended = Instant::now();
                             let entry = HistoryEntry {
                                 client: c,
@@ -360,8 +452,7 @@ pub async fn drive(
                 let (in_flight, finished, windows, progress, _stopped) =
                     (in_flight.clone(), finished.clone(), windows.clone(), progress.clone(), stopped.clone());
                 tasks.push(tokio::spawn(async move {
-                    let (outcome, txn_id, detail) =
-                        send_transfer(&mut client, protocol, from, to, amount, &key, timeout).await;
+                    let (outcome, txn_id, detail) = client.transfer(protocol, from, to, amount, &key, timeout).await;
                     let end_us = start.elapsed().as_micros() as u64;
                     let entry =
                         HistoryEntry { client: 0, key, from, to, amount, start_us, end_us, outcome, txn_id, detail };

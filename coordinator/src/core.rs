@@ -62,8 +62,13 @@ pub enum AbortReason {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
+    /// 2PC committed, or a saga completed.
     Committed,
     Aborted(AbortReason, String),
+    /// Sagas only: the credit failed and the debit was refunded.
+    Compensated(String),
+    /// Sagas only: the refund failed; the money is parked in suspense.
+    DeadLettered(String),
 }
 
 /// What a participant answered to a prepare, as the driver saw it.
@@ -298,6 +303,11 @@ impl Core {
             Phase::Committing { .. } => Decision::Commit,
             Phase::Aborting => Decision::Abort,
         })
+    }
+
+    /// The transaction running with this idempotency key, if any.
+    pub fn key_in_flight(&self, key: &Id) -> Option<&TxnId> {
+        self.keys_in_flight.get(key)
     }
 
     pub fn get(&self, txn: &TxnId) -> Option<&ActiveTxn> {

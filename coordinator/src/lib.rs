@@ -7,3 +7,5 @@ pub mod core;
 pub mod directory;
 pub mod log;
 pub mod node;
+pub mod saga;
+mod saga_node;

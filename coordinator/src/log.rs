@@ -11,11 +11,16 @@
 //!   key order is age order.
 //! - `k/<idempotency key>`: the result given for that key, and a fingerprint
 //!   of the request so that a key reused for another request is refused.
+//! - `s/<saga id>`: an orchestrated saga that is running or dead-lettered:
+//!   its transfer and its stage. The start record is fsynced before the
+//!   first step; stage changes are buffered (a lost stage is redone, and
+//!   steps are idempotent).
 //!
 //! Every decoder checks lengths and panics on a record that does not decode:
 //! the log is corrupt and the coordinator must stop, not guess.
 
 use crate::core::{AbortReason, CommitRecord, Outcome};
+use crate::saga::{Recovery, SagaRecord, SagaSpec, Stage};
 use tandem::domain::{Id, Leg, TxnId};
 use tandem::store::Op;
 
@@ -23,6 +28,7 @@ pub const GENERATION_KEY: &[u8] = b"m/generation";
 pub const DECISION_PREFIX: &[u8] = b"d/";
 pub const FINISHED_PREFIX: &[u8] = b"f/";
 pub const KEY_PREFIX: &[u8] = b"k/";
+pub const SAGA_PREFIX: &[u8] = b"s/";
 
 pub fn key(prefix: &[u8], id: &Id) -> Vec<u8> {
     let mut key = prefix.to_vec();
@@ -49,6 +55,9 @@ impl Writer {
     fn u64(&mut self, value: u64) {
         self.0.extend_from_slice(&value.to_le_bytes());
     }
+    fn i64(&mut self, value: i64) {
+        self.0.extend_from_slice(&value.to_le_bytes());
+    }
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -69,6 +78,9 @@ impl Reader<'_> {
     }
     fn u64(&mut self) -> u64 {
         u64::from_le_bytes(self.take(8).try_into().unwrap())
+    }
+    fn i64(&mut self) -> i64 {
+        i64::from_le_bytes(self.take(8).try_into().unwrap())
     }
     fn done(&self) {
         assert!(self.0.is_empty(), "corrupt log record: {} trailing bytes", self.0.len());
@@ -98,26 +110,53 @@ pub fn decode_commit(bytes: &[u8]) -> CommitRecord {
     CommitRecord { participants, idempotency_key }
 }
 
-/// A finished transaction as remembered: its outcome and its key.
+/// How a remembered transaction or saga ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishedAs {
+    Aborted,
+    Committed,
+    Compensated,
+    /// A dead letter an operator resolved.
+    Resolved,
+}
+
+/// A finished transaction or saga as remembered: its outcome and its key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Finished {
-    pub committed: bool,
+    pub outcome: FinishedAs,
     pub idempotency_key: Option<Id>,
+}
+
+impl Finished {
+    pub fn committed(&self) -> bool {
+        self.outcome == FinishedAs::Committed
+    }
 }
 
 pub fn encode_finished(finished: &Finished) -> Vec<u8> {
     let mut w = Writer(Vec::new());
-    w.byte(finished.committed as u8);
+    w.byte(match finished.outcome {
+        FinishedAs::Aborted => 0,
+        FinishedAs::Committed => 1,
+        FinishedAs::Compensated => 2,
+        FinishedAs::Resolved => 3,
+    });
     w.text(finished.idempotency_key.as_ref().map(Id::as_str).unwrap_or(""));
     w.0
 }
 
 pub fn decode_finished(bytes: &[u8]) -> Finished {
     let mut r = Reader(bytes);
-    let committed = r.byte() == 1;
+    let outcome = match r.byte() {
+        0 => FinishedAs::Aborted,
+        1 => FinishedAs::Committed,
+        2 => FinishedAs::Compensated,
+        3 => FinishedAs::Resolved,
+        other => panic!("corrupt log record: finished as {other}"),
+    };
     let idempotency_key = optional_id(r.text());
     r.done();
-    Finished { committed, idempotency_key }
+    Finished { outcome, idempotency_key }
 }
 
 /// What an idempotency key maps to.
@@ -159,6 +198,14 @@ pub fn encode_keyed(result: &KeyedResult) -> Vec<u8> {
             w.byte(reason_code(*reason));
             w.text(message);
         }
+        Outcome::Compensated(message) => {
+            w.byte(100);
+            w.text(message);
+        }
+        Outcome::DeadLettered(message) => {
+            w.byte(101);
+            w.text(message);
+        }
     }
     w.0
 }
@@ -169,6 +216,8 @@ pub fn decode_keyed(bytes: &[u8]) -> KeyedResult {
     let fingerprint = r.u64();
     let outcome = match r.byte() {
         0 => Outcome::Committed,
+        100 => Outcome::Compensated(r.text()),
+        101 => Outcome::DeadLettered(r.text()),
         code => Outcome::Aborted(reason_from_code(code), r.text()),
     };
     r.done();
@@ -205,7 +254,10 @@ pub fn commit_ops(txn: &TxnId, record: &CommitRecord, fingerprint: u64) -> Vec<O
 pub fn end_ops(txn: &TxnId, idempotency_key: Option<Id>) -> Vec<Op> {
     vec![
         Op::Delete(key(DECISION_PREFIX, txn)),
-        Op::Put(key(FINISHED_PREFIX, txn), encode_finished(&Finished { committed: true, idempotency_key })),
+        Op::Put(
+            key(FINISHED_PREFIX, txn),
+            encode_finished(&Finished { outcome: FinishedAs::Committed, idempotency_key }),
+        ),
     ]
 }
 
@@ -216,9 +268,106 @@ pub fn abort_ops(txn: &TxnId, idem: &Id, outcome: &Outcome, fingerprint: u64) ->
         Op::Put(key(KEY_PREFIX, idem), encode_keyed(&result)),
         Op::Put(
             key(FINISHED_PREFIX, txn),
-            encode_finished(&Finished { committed: false, idempotency_key: Some(idem.clone()) }),
+            encode_finished(&Finished { outcome: FinishedAs::Aborted, idempotency_key: Some(idem.clone()) }),
         ),
     ]
+}
+
+fn stage_code(stage: Stage) -> u8 {
+    match stage {
+        Stage::Starting => 1,
+        Stage::Debiting => 2,
+        Stage::Crediting => 3,
+        Stage::CompensatingCredit => 4,
+        Stage::CompensatingDebit => 5,
+        Stage::Parking => 6,
+        Stage::DeadLettered => 7,
+        Stage::Releasing => 8,
+    }
+}
+
+fn stage_from_code(code: u8) -> Stage {
+    match code {
+        1 => Stage::Starting,
+        2 => Stage::Debiting,
+        3 => Stage::Crediting,
+        4 => Stage::CompensatingCredit,
+        5 => Stage::CompensatingDebit,
+        6 => Stage::Parking,
+        7 => Stage::DeadLettered,
+        8 => Stage::Releasing,
+        other => panic!("corrupt saga record: stage {other}"),
+    }
+}
+
+pub fn encode_saga(record: &SagaRecord) -> Vec<u8> {
+    let mut w = Writer(Vec::new());
+    let spec = &record.spec;
+    w.byte(stage_code(record.stage));
+    w.u64(spec.from);
+    w.u64(spec.to);
+    w.i64(spec.amount);
+    w.text(spec.from_participant.as_str());
+    w.text(spec.to_participant.as_str());
+    w.byte(matches!(spec.recovery, Recovery::Forward) as u8);
+    w.text(spec.idempotency_key.as_ref().map(Id::as_str).unwrap_or(""));
+    w.u64(spec.fingerprint);
+    w.text(&record.reason);
+    w.i64(record.parked);
+    w.0
+}
+
+pub fn decode_saga(bytes: &[u8]) -> SagaRecord {
+    let mut r = Reader(bytes);
+    let stage = stage_from_code(r.byte());
+    let spec = SagaSpec {
+        from: r.u64(),
+        to: r.u64(),
+        amount: r.i64(),
+        from_participant: Id::parse("participant", &r.text()).expect("corrupt saga record"),
+        to_participant: Id::parse("participant", &r.text()).expect("corrupt saga record"),
+        recovery: if r.byte() == 1 { Recovery::Forward } else { Recovery::Backward },
+        idempotency_key: optional_id(r.text()),
+        fingerprint: r.u64(),
+    };
+    let reason = r.text();
+    let parked = r.i64();
+    r.done();
+    SagaRecord { spec, stage, reason, parked }
+}
+
+/// The ops that end a saga: its record goes, its outcome (and its key's)
+/// is remembered.
+pub fn saga_finish_ops(saga: &Id, spec: &SagaSpec, outcome: &Outcome) -> Vec<Op> {
+    let finished_as = match outcome {
+        Outcome::Committed => FinishedAs::Committed,
+        Outcome::Aborted(..) => FinishedAs::Aborted,
+        Outcome::Compensated(_) => FinishedAs::Compensated,
+        Outcome::DeadLettered(_) => FinishedAs::Resolved,
+    };
+    let mut ops = vec![
+        Op::Delete(key(SAGA_PREFIX, saga)),
+        Op::Put(
+            key(FINISHED_PREFIX, saga),
+            encode_finished(&Finished { outcome: finished_as, idempotency_key: spec.idempotency_key.clone() }),
+        ),
+    ];
+    if let Some(idem) = &spec.idempotency_key {
+        let result = KeyedResult { txn: saga.clone(), outcome: outcome.clone(), fingerprint: spec.fingerprint };
+        ops.push(Op::Put(key(KEY_PREFIX, idem), encode_keyed(&result)));
+    }
+    ops
+}
+
+/// The ops that make a saga a dead letter: its record stays (listed for
+/// an operator), its key's outcome is remembered.
+pub fn dead_letter_ops(saga: &Id, record: &SagaRecord, outcome: &Outcome) -> Vec<Op> {
+    let mut ops = vec![Op::Put(key(SAGA_PREFIX, saga), encode_saga(record))];
+    if let Some(idem) = &record.spec.idempotency_key {
+        let result = KeyedResult { txn: saga.clone(), outcome: outcome.clone(), fingerprint: record.spec.fingerprint };
+        ops.push(Op::Put(key(KEY_PREFIX, idem), encode_keyed(&result)));
+    }
+    ops
 }
 
 #[cfg(test)]
@@ -235,12 +384,37 @@ mod tests {
         assert_eq!(decode_commit(&encode_commit(&record)), record);
         let record = CommitRecord { participants: vec![id("p1")], idempotency_key: None };
         assert_eq!(decode_commit(&encode_commit(&record)), record);
-        let finished = Finished { committed: true, idempotency_key: None };
+        let finished = Finished { outcome: FinishedAs::Committed, idempotency_key: None };
         assert_eq!(decode_finished(&encode_finished(&finished)), finished);
-        for outcome in [Outcome::Committed, Outcome::Aborted(AbortReason::InsufficientFunds, "poor".into())] {
+        for outcome in [
+            Outcome::Committed,
+            Outcome::Aborted(AbortReason::InsufficientFunds, "poor".into()),
+            Outcome::Compensated("refunded".into()),
+            Outcome::DeadLettered("parked".into()),
+        ] {
             let keyed = KeyedResult { txn: id("t1"), outcome, fingerprint: 42 };
             assert_eq!(decode_keyed(&encode_keyed(&keyed)), keyed);
         }
+    }
+
+    #[test]
+    fn saga_records_round_trip() {
+        let record = SagaRecord {
+            spec: SagaSpec {
+                from: 1,
+                to: 2,
+                amount: 30,
+                from_participant: id("p1"),
+                to_participant: id("p2"),
+                recovery: Recovery::Forward,
+                idempotency_key: Some(id("k1")),
+                fingerprint: 7,
+            },
+            stage: Stage::CompensatingDebit,
+            reason: "the credit was refused".into(),
+            parked: 0,
+        };
+        assert_eq!(decode_saga(&encode_saga(&record)), record);
     }
 
     #[test]

@@ -51,6 +51,10 @@ struct Args {
     /// runs every node on one machine and gives each one thread.
     #[arg(long)]
     worker_threads: Option<usize>,
+    /// Attempts of one orchestrated saga step before its transient failures
+    /// count as a failure (then the saga compensates or dead-letters).
+    #[arg(long, default_value_t = 8)]
+    saga_step_attempts: u32,
     /// Log filter: error, warn, info, debug or trace (RUST_LOG overrides).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -88,6 +92,7 @@ async fn run(args: Args) -> Result<(), String> {
         audit_timeout_ms: args.audit_timeout_ms,
         active_max: args.active_max,
         finished_retained_max: args.finished_retained_max,
+        saga_step_attempts: args.saga_step_attempts.max(1),
     })
     .await
     .map_err(|e| e.to_string())?;

@@ -14,6 +14,7 @@
 use crate::core::{AbortReason, Action, Core, Decision, Outcome, Phase, VoteResult};
 use crate::directory::{Directory, Shard};
 use crate::log;
+use crate::saga::{Recovery, SagaAction, SagaCore, SagaId};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
@@ -55,40 +56,53 @@ pub struct NodeConfig {
     pub active_max: usize,
     /// Most finished transactions remembered for status lookups.
     pub finished_retained_max: u64,
+    /// Attempts of one saga step before its transient failures count as
+    /// failure (forward credits, credit compensations and parking retry
+    /// until they succeed).
+    pub saga_step_attempts: u32,
 }
 
-struct Waiter {
-    reply: oneshot::Sender<Result<Outcome, Error>>,
-    fingerprint: u64,
+pub(crate) struct Waiter {
+    pub(crate) reply: oneshot::Sender<Result<Outcome, Error>>,
+    pub(crate) fingerprint: u64,
 }
 
 /// A running coordinator. Cheap to clone.
 #[derive(Clone)]
 pub struct Node {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    config: NodeConfig,
-    generation: u64,
-    next_sequence: AtomicU64,
-    core: Mutex<Core>,
-    store: Store,
-    directory: Directory,
-    participants: BTreeMap<Id, ParticipantClient<Channel>>,
-    waiters: Mutex<HashMap<TxnId, Waiter>>,
+/// What a restarted coordinator resumes: logged commits and sagas.
+pub struct Recovered {
+    pub commits: Vec<Action>,
+    pub sagas: Vec<SagaAction>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) config: NodeConfig,
+    pub(crate) generation: u64,
+    pub(crate) next_sequence: AtomicU64,
+    pub(crate) core: Mutex<Core>,
+    pub(crate) store: Store,
+    pub(crate) directory: Directory,
+    pub(crate) participants: BTreeMap<Id, ParticipantClient<Channel>>,
+    pub(crate) waiters: Mutex<HashMap<TxnId, Waiter>>,
     /// Serialises the check of an idempotency key with the start of its
     /// transaction, so two requests with one key cannot both start.
-    keys: Mutex<()>,
-    fence: Arc<RwLock<()>>,
-    fence_guards: Mutex<HashMap<TxnId, OwnedRwLockReadGuard<()>>>,
-    finished_count: AtomicU64,
+    pub(crate) keys: Mutex<()>,
+    pub(crate) fence: Arc<RwLock<()>>,
+    pub(crate) fence_guards: Mutex<HashMap<TxnId, OwnedRwLockReadGuard<()>>>,
+    pub(crate) finished_count: AtomicU64,
+    pub(crate) sagas: Mutex<SagaCore>,
+    /// Operators waiting for a dead letter's release.
+    pub(crate) resolve_waiters: Mutex<HashMap<SagaId, oneshot::Sender<Result<(), Error>>>>,
 }
 
 impl Node {
     /// Opens the decision log, raises the generation, and recovers the
     /// logged commits (their redelivery starts in [`Node::run`]).
-    pub async fn open(config: NodeConfig) -> Result<(Node, Vec<Action>), Error> {
+    pub async fn open(config: NodeConfig) -> Result<(Node, Recovered), Error> {
         if config.node_id.as_str().len() > 24 {
             return Err(Error::InvalidInput("the coordinator id has at most 24 characters".into()));
         }
@@ -117,9 +131,21 @@ impl Node {
         for (txn, _) in &logged {
             fence_guards.insert(txn.clone(), fence.clone().try_read_owned().expect("no audit runs before start"));
         }
+        let logged_sagas: Vec<_> = store
+            .scan_prefix(log::SAGA_PREFIX)?
+            .into_iter()
+            .map(|(key, value)| (log::id_from_key(log::SAGA_PREFIX, &key), log::decode_saga(&value)))
+            .collect();
         let mut core = Core::new(config.active_max);
-        info!(node = %config.node_id, generation, commits_to_finish = logged.len(), "recovered the decision log");
-        let actions = core.recover(logged);
+        let mut sagas = SagaCore::new(config.active_max);
+        info!(
+            node = %config.node_id,
+            generation,
+            commits_to_finish = logged.len(),
+            sagas_to_resume = logged_sagas.len(),
+            "recovered the decision log"
+        );
+        let recovered = Recovered { commits: core.recover(logged), sagas: sagas.recover(logged_sagas) };
         let node = Node {
             inner: Arc::new(Inner {
                 generation,
@@ -133,17 +159,19 @@ impl Node {
                 fence,
                 fence_guards: Mutex::new(fence_guards),
                 finished_count: AtomicU64::new(finished_count),
+                sagas: Mutex::new(sagas),
+                resolve_waiters: Mutex::new(HashMap::new()),
                 config,
             }),
         };
-        Ok((node, actions))
+        Ok((node, recovered))
     }
 
     fn core(&self) -> std::sync::MutexGuard<'_, Core> {
         self.inner.core.lock().expect("core lock poisoned")
     }
 
-    fn next_txn_id(&self) -> TxnId {
+    pub(crate) fn next_txn_id(&self) -> TxnId {
         let sequence = self.inner.next_sequence.fetch_add(1, Ordering::Relaxed);
         // Zero-padded so that ids sort by age (the finished records rely on it).
         let text = format!("{}-{:06}-{:012}", self.inner.config.node_id, self.inner.generation, sequence);
@@ -178,7 +206,12 @@ impl Node {
                         }
                         return Ok((earlier.txn, earlier.outcome));
                     }
-                    None => self.core().begin(txn.clone(), by_participant, Some(key.clone())),
+                    None => match self.inner.sagas.lock().expect("saga lock poisoned").key_in_flight(key) {
+                        Some(saga) => Err(Error::Conflict(format!(
+                            "a saga with idempotency key {key} is running ({saga}); retry to get its outcome"
+                        ))),
+                        None => self.core().begin(txn.clone(), by_participant, Some(key.clone())),
+                    },
                 }
             }
             None => self.core().begin(txn.clone(), by_participant, None),
@@ -287,7 +320,7 @@ impl Node {
         self.inner.waiters.lock().expect("waiters lock poisoned").get(txn).map(|w| w.fingerprint).unwrap_or(0)
     }
 
-    fn reply(&self, txn: &TxnId, result: Result<Outcome, Error>) {
+    pub(crate) fn reply(&self, txn: &TxnId, result: Result<Outcome, Error>) {
         let waiter = self.inner.waiters.lock().expect("waiters lock poisoned").remove(txn);
         if let Some(waiter) = waiter {
             // A client that went away no longer listens; the outcome stands.
@@ -295,7 +328,7 @@ impl Node {
         }
     }
 
-    fn client(&self, participant: &Id) -> ParticipantClient<Channel> {
+    pub(crate) fn client(&self, participant: &Id) -> ParticipantClient<Channel> {
         self.inner.participants.get(participant).expect("the core only names directory participants").clone()
     }
 
@@ -388,7 +421,7 @@ impl Node {
             return Ok(Decision::Commit);
         }
         Ok(match self.inner.store.get(&log::key(log::FINISHED_PREFIX, txn))? {
-            Some(bytes) if log::decode_finished(&bytes).committed => Decision::Commit,
+            Some(bytes) if log::decode_finished(&bytes).committed() => Decision::Commit,
             _ => Decision::Abort,
         })
     }
@@ -398,10 +431,11 @@ impl Node {
     pub async fn run(
         self,
         listener: TcpListener,
-        recovered: Vec<Action>,
+        recovered: Recovered,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
-        self.execute(recovered);
+        self.execute(recovered.commits);
+        self.execute_saga(recovered.sagas);
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<CoordinatorServer<Node>>().await;
         let collector = tokio::spawn(self.clone().collect_garbage());
@@ -497,6 +531,7 @@ impl Node {
             let balances = result?;
             response.total_posted += balances.total_posted;
             response.total_reserved += balances.total_reserved;
+            response.total_suspense += balances.suspense;
             response.account_count += balances.account_count;
             response.participants.push(balances);
         }
@@ -505,6 +540,17 @@ impl Node {
 
     pub fn status(&self, txn: &TxnId) -> Result<pb::TransactionStatus, Error> {
         let mut status = pb::TransactionStatus { txn_id: txn.to_string(), ..Default::default() };
+        if let Some(saga) = self.saga_status_by_id(txn) {
+            status.state = if saga.state == pb::SagaState::DeadLettered as i32 {
+                pb::TransactionState::Aborted
+            } else {
+                pb::TransactionState::Preparing
+            } as i32;
+            status.detail =
+                format!("orchestrated saga: {}", if saga.reason.is_empty() { "running" } else { &saga.reason });
+            status.saga = Some(saga);
+            return Ok(status);
+        }
         if let Some(active) = self.core().get(txn) {
             let state = match &active.phase {
                 Phase::Preparing { waiting } => {
@@ -529,8 +575,15 @@ impl Node {
             pb::TransactionState::Committing
         } else {
             match self.inner.store.get(&log::key(log::FINISHED_PREFIX, txn))? {
-                Some(bytes) if log::decode_finished(&bytes).committed => pb::TransactionState::Committed,
-                Some(_) => pb::TransactionState::Aborted,
+                Some(bytes) => {
+                    let finished = log::decode_finished(&bytes);
+                    status.detail = format!("finished as {:?}", finished.outcome);
+                    if finished.committed() {
+                        pb::TransactionState::Committed
+                    } else {
+                        pb::TransactionState::Aborted
+                    }
+                }
                 None => {
                     status.detail = "no record: never committed (presumed abort), or finished and forgotten".into();
                     pb::TransactionState::Unknown
@@ -542,9 +595,11 @@ impl Node {
     }
 }
 
-fn result_to_pb(txn: &TxnId, outcome: Outcome) -> Result<pb::TransactionResult, Status> {
+pub(crate) fn result_to_pb(txn: &TxnId, outcome: Outcome) -> Result<pb::TransactionResult, Status> {
     let (outcome, abort_reason, reason) = match outcome {
         Outcome::Committed => (pb::Outcome::Committed, pb::AbortReason::Unspecified, String::new()),
+        Outcome::Compensated(reason) => (pb::Outcome::Compensated, pb::AbortReason::Unspecified, reason),
+        Outcome::DeadLettered(reason) => (pb::Outcome::DeadLettered, pb::AbortReason::Unspecified, reason),
         Outcome::Aborted(AbortReason::UnknownAccount, message) => {
             return Err(Status::not_found(format!("{txn} aborted: {message}")))
         }
@@ -581,7 +636,18 @@ impl Coordinator for Node {
         let request = request.into_inner();
         let legs = tandem::domain::transfer_legs(request.from_account, request.to_account, request.amount)?;
         let key = optional_key(&request.idempotency_key)?;
-        let (txn, outcome) = self.run_transaction(legs.to_vec(), key).await?;
+        let (txn, outcome) = match pb::Protocol::try_from(request.protocol) {
+            Ok(pb::Protocol::TwoPhaseCommit) => self.run_transaction(legs.to_vec(), key).await?,
+            Ok(pb::Protocol::SagaOrchestrated) => {
+                let recovery = match pb::Recovery::try_from(request.recovery) {
+                    Ok(pb::Recovery::Backward) => Recovery::Backward,
+                    Ok(pb::Recovery::Forward) => Recovery::Forward,
+                    Err(_) => return Err(Status::invalid_argument(format!("unknown recovery {}", request.recovery))),
+                };
+                self.run_saga(request.from_account, request.to_account, request.amount, recovery, key).await?
+            }
+            Err(_) => return Err(Status::invalid_argument(format!("unknown protocol {}", request.protocol))),
+        };
         Ok(Response::new(result_to_pb(&txn, outcome)?))
     }
 
@@ -619,5 +685,21 @@ impl Coordinator for Node {
 
     async fn audit(&self, request: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
         Ok(Response::new(Node::audit(self, request.into_inner().include_accounts).await?))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        _request: Request<pb::ListDeadLettersRequest>,
+    ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        Ok(Response::new(pb::ListDeadLettersResponse { dead_letters: self.dead_letters() }))
+    }
+
+    async fn resolve_dead_letter(
+        &self,
+        request: Request<pb::ResolveDeadLetterRequest>,
+    ) -> Result<Response<pb::SagaStatus>, Status> {
+        let request = request.into_inner();
+        let saga = Id::parse("saga_id", &request.saga_id)?;
+        Ok(Response::new(self.resolve_dead_letter(&saga, request.to_account).await?))
     }
 }

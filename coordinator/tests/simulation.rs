@@ -342,6 +342,7 @@ impl World {
             match self.replies.get(txn) {
                 Some(Outcome::Committed) => assert!(all, "{txn} was answered COMMITTED but not applied\n{}", context()),
                 Some(Outcome::Aborted(..)) => assert!(none, "{txn} was answered ABORTED but applied\n{}", context()),
+                Some(other) => panic!("2PC answered a saga outcome: {other:?}"),
                 None => {}
             }
             assert!(self.decisions.is_empty(), "decisions left without an end record\n{}", context());

@@ -70,6 +70,8 @@ pub struct Account {
     pub posted: Amount,
     pub reserved: Amount,
     pub incoming: Amount,
+    /// A closed account refuses debits, credits and prepares.
+    pub closed: bool,
 }
 
 impl Account {
@@ -77,7 +79,7 @@ impl Account {
         self.posted - self.reserved
     }
 
-    fn assert_invariants(&self, id: AccountId) {
+    pub(crate) fn assert_invariants(&self, id: AccountId) {
         assert!(
             self.reserved >= 0 && self.reserved <= self.posted && self.incoming >= 0,
             "account {id} broke its invariants: {self:?}"
@@ -114,6 +116,7 @@ pub enum Refusal {
     AlreadyAborted,
     UnknownCoordinator,
     ConflictingPrepare,
+    AccountClosed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,17 +160,34 @@ pub struct Config {
 }
 
 pub struct Core {
-    config: Config,
-    accounts: BTreeMap<AccountId, Account>,
+    pub(crate) config: Config,
+    pub(crate) accounts: BTreeMap<AccountId, Account>,
     txns: HashMap<TxnId, Txn>,
-    /// Finished transactions in the order they finished, for garbage collection.
-    finished: VecDeque<(u64, TxnId)>,
+    /// Finished records in the order they finished, for garbage collection.
+    pub(crate) finished: VecDeque<(u64, Retained)>,
+    /// Saga state: barriers, choreographed transfers, inbox, outbox, suspense.
+    pub(crate) sagas: crate::saga::SagaState,
 }
 
-fn account_key(account: AccountId) -> Vec<u8> {
+/// A finished record kept for duplicate detection until its retention ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Retained {
+    Txn(TxnId),
+    /// Any other record, by its key (barriers, inbox entries, transfers).
+    Key(Vec<u8>),
+}
+
+pub(crate) fn account_key(account: AccountId) -> Vec<u8> {
     let mut key = b"a/".to_vec();
     key.extend_from_slice(&account.to_be_bytes());
     key
+}
+
+/// The stored form of an account: its posted balance, and a closed flag.
+pub(crate) fn account_put(id: AccountId, account: &Account) -> Op {
+    let mut value = account.posted.to_le_bytes().to_vec();
+    value.push(account.closed as u8);
+    Op::Put(account_key(id), value)
 }
 
 fn txn_key(txn: &TxnId) -> Vec<u8> {
@@ -233,7 +253,13 @@ fn decode_txn(bytes: &[u8], now_ms: u64) -> Result<Txn, String> {
 
 impl Core {
     pub fn new(config: Config) -> Core {
-        Core { config, accounts: BTreeMap::new(), txns: HashMap::new(), finished: VecDeque::new() }
+        Core {
+            config,
+            accounts: BTreeMap::new(),
+            txns: HashMap::new(),
+            finished: VecDeque::new(),
+            sagas: crate::saga::SagaState::default(),
+        }
     }
 
     /// Rebuilds the core from the store's records (every `a/` and `t/` key),
@@ -246,17 +272,23 @@ impl Core {
         for (key, value) in records {
             if let Some(account) = key.strip_prefix(b"a/") {
                 let account = u64::from_be_bytes(account.try_into().expect("corrupt account key"));
-                let posted = i64::from_le_bytes(value.as_slice().try_into().expect("corrupt account record"));
-                core.accounts.insert(account, Account { posted, reserved: 0, incoming: 0 });
+                assert!(value.len() == 8 || value.len() == 9, "corrupt account record of {account}");
+                let posted = i64::from_le_bytes(value[..8].try_into().expect("eight bytes"));
+                let closed = value.get(8) == Some(&1);
+                core.accounts.insert(account, Account { posted, reserved: 0, incoming: 0, closed });
             } else if let Some(txn) = key.strip_prefix(b"t/") {
                 let txn =
                     Id::parse("txn id", std::str::from_utf8(txn).expect("corrupt txn key")).expect("corrupt txn key");
                 let record = decode_txn(&value, now_ms).unwrap_or_else(|e| panic!("corrupt record of {txn}: {e}"));
                 match record.state {
                     TxnState::Prepared => prepared.push(txn.clone()),
-                    TxnState::Committed | TxnState::Aborted => core.finished.push_back((now_ms, txn.clone())),
+                    TxnState::Committed | TxnState::Aborted => {
+                        core.finished.push_back((now_ms, Retained::Txn(txn.clone())))
+                    }
                 }
                 core.txns.insert(txn, record);
+            } else {
+                core.recover_saga_record(&key, &value, now_ms);
             }
         }
         for txn in prepared {
@@ -349,6 +381,9 @@ impl Core {
                     format!("account {} does not exist on {}", leg.account, self.config.node_id),
                 ));
             };
+            if account.closed {
+                return Some((Refusal::AccountClosed, format!("account {} is closed", leg.account)));
+            }
             if leg.is_debit() {
                 if account.available() < -leg.amount {
                     return Some((
@@ -400,7 +435,7 @@ impl Core {
                 account.posted += leg.amount;
             }
             account.assert_invariants(leg.account);
-            ops.push(Op::Put(account_key(leg.account), account.posted.to_le_bytes().to_vec()));
+            ops.push(account_put(leg.account, account));
         }
         let mut effects = self.finish(txn_id.clone(), coordinator, TxnState::Committed, now_ms);
         ops.append(&mut effects.ops);
@@ -445,7 +480,7 @@ impl Core {
             Txn { state, coordinator, legs: Vec::new(), prepared_at_ms: now_ms, next_query_ms: 0, query_backoff_ms: 0 };
         let ops = vec![Op::Put(txn_key(&txn_id), encode_txn(&txn))];
         self.txns.insert(txn_id.clone(), txn);
-        self.finished.push_back((now_ms, txn_id));
+        self.finished.push_back((now_ms, Retained::Txn(txn_id)));
         // Only a commit must be durable before it is acknowledged. It need not
         // pay for an fsync of its own: it rides on the next prepare's (the
         // WAL is one log), or the store fsyncs for it within its linger.
@@ -476,8 +511,9 @@ impl Core {
         }
         let mut ops = Vec::with_capacity(accounts.len());
         for (id, balance) in accounts {
-            self.accounts.insert(*id, Account { posted: *balance, reserved: 0, incoming: 0 });
-            ops.push(Op::Put(account_key(*id), balance.to_le_bytes().to_vec()));
+            let account = Account { posted: *balance, reserved: 0, incoming: 0, closed: false };
+            ops.push(account_put(*id, &account));
+            self.accounts.insert(*id, account);
         }
         Ok(Effects { ops, durability: Durability::Fsync })
     }
@@ -534,15 +570,34 @@ impl Core {
             if finished_at + self.config.finished_retention_ms > now_ms || ops.len() >= 10_000 {
                 break;
             }
-            let (_, txn_id) = self.finished.pop_front().expect("front exists");
-            // The record may have been replaced since (an abort tombstone
-            // cannot turn into anything else, but stay safe).
-            if matches!(self.txns.get(&txn_id), Some(txn) if txn.state != TxnState::Prepared) {
-                self.txns.remove(&txn_id);
-                ops.push(Op::Delete(txn_key(&txn_id)));
+            let (_, retained) = self.finished.pop_front().expect("front exists");
+            match retained {
+                Retained::Txn(txn_id) => {
+                    if matches!(self.txns.get(&txn_id), Some(txn) if txn.state != TxnState::Prepared) {
+                        self.txns.remove(&txn_id);
+                        ops.push(Op::Delete(txn_key(&txn_id)));
+                    }
+                }
+                Retained::Key(key) => {
+                    if self.forget_saga_record(&key) {
+                        ops.push(Op::Delete(key));
+                    }
+                }
             }
         }
         Effects { ops, durability: Durability::Buffered }
+    }
+
+    /// Closes or reopens an account.
+    pub fn set_closed(&mut self, id: AccountId, closed: bool) -> Result<(Account, Effects), Error> {
+        let node = self.config.node_id.clone();
+        let account = self
+            .accounts
+            .get_mut(&id)
+            .ok_or_else(|| Error::NotFound(format!("account {id} does not exist on {node}")))?;
+        account.closed = closed;
+        let account = *account;
+        Ok((account, Effects { ops: vec![account_put(id, &account)], durability: Durability::Fsync }))
     }
 }
 

@@ -25,6 +25,10 @@ struct Args {
     /// transactions are resolved by asking it.
     #[arg(long = "coordinator", value_name = "ID=URL", required = true)]
     coordinators: Vec<String>,
+    /// Another participant, as NAME=URL, to which choreographed sagas send
+    /// their events; repeat for each (this node itself may be listed).
+    #[arg(long = "peer", value_name = "NAME=URL")]
+    peers: Vec<String>,
     /// A prepared transaction with no decision after this long is in doubt,
     /// and this node starts asking its coordinator.
     #[arg(long, default_value_t = 500)]
@@ -43,7 +47,7 @@ struct Args {
 
 fn parse_peer(text: &str) -> Result<(Id, String), String> {
     let (id, url) = text.split_once('=').ok_or_else(|| format!("{text:?} is not ID=URL"))?;
-    Ok((Id::parse("coordinator id", id).map_err(|e| e.to_string())?, url.to_string()))
+    Ok((Id::parse("node id", id).map_err(|e| e.to_string())?, url.to_string()))
 }
 
 fn main() -> std::process::ExitCode {
@@ -68,10 +72,12 @@ fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> Result<(), String> {
     let node_id = Id::parse("node id", &args.node_id).map_err(|e| e.to_string())?;
     let coordinators = args.coordinators.iter().map(|c| parse_peer(c)).collect::<Result<Vec<_>, _>>()?;
+    let peers = args.peers.iter().map(|c| parse_peer(c)).collect::<Result<Vec<_>, _>>()?;
     let node = Node::open(NodeConfig {
         node_id: node_id.clone(),
         data_dir: args.data_dir,
         coordinators,
+        peers,
         in_doubt_after_ms: args.in_doubt_after_ms,
         finished_retention_ms: args.finished_retention_ms,
     })

@@ -9,7 +9,8 @@
 //! says so; if the store fails, every later call fails too.
 
 use crate::core::{Config, Core, Effects, Refusal, TxnState, Vote, OPS_PER_CALL_MAX};
-use std::collections::BTreeMap;
+use crate::saga::{Event, EventKind, StepKind, StepOutcome, StepPhase, Transfer, TransferState};
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -17,10 +18,12 @@ use std::time::{Duration, Instant};
 use tandem::domain::{AccountId, Amount, Id, Leg, TxnId};
 use tandem::pb;
 use tandem::pb::coordinator_client::CoordinatorClient;
+use tandem::pb::participant_client::ParticipantClient;
 use tandem::pb::participant_server::{Participant, ParticipantServer};
 use tandem::store::Store;
 use tandem::Error;
 use tokio::net::TcpListener;
+use tokio::sync::{oneshot, Notify};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
@@ -33,6 +36,12 @@ pub const RESOLVER_TICK_MS: u64 = 50;
 pub const QUERIES_PER_TICK_MAX: usize = 256;
 /// Most transactions listed by ListPrepared.
 pub const LIST_PREPARED_MAX: usize = 1_000;
+/// Most outbox events being delivered at once.
+pub const RELAY_IN_FLIGHT_MAX: usize = 256;
+/// Deadline of one event delivery to a peer.
+pub const DELIVERY_TIMEOUT_MS: u64 = 1_000;
+/// Longest a StartTransfer waits for a terminal state.
+pub const TRANSFER_WAIT_MAX_MS: u32 = 30_000;
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -40,6 +49,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Coordinator ids and the URLs where they answer decision queries.
     pub coordinators: Vec<(Id, String)>,
+    /// Other participants (and possibly this one), for choreographed sagas.
+    pub peers: Vec<(Id, String)>,
     pub in_doubt_after_ms: u64,
     pub finished_retention_ms: u64,
 }
@@ -55,18 +66,28 @@ struct Inner {
     core: Mutex<Core>,
     store: Store,
     coordinators: BTreeMap<Id, CoordinatorClient<Channel>>,
+    peers: BTreeMap<Id, ParticipantClient<Channel>>,
     clock: Instant,
+    /// Clients waiting for a choreographed transfer to become terminal.
+    transfer_waiters: Mutex<HashMap<Id, Vec<oneshot::Sender<()>>>>,
+    /// Wakes the outbox relay when an event was written.
+    relay_wake: Notify,
 }
 
 impl Node {
     /// Opens the store and recovers the core from it.
     pub fn open(config: NodeConfig) -> Result<Node, Error> {
         let store = Store::open(&config.data_dir)?;
-        let mut records = store.scan_prefix(b"a/")?;
-        records.extend(store.scan_prefix(b"t/")?);
+        // Every record: accounts, transactions, barriers, transfers, inbox,
+        // outbox, suspense.
+        let records = store.scan_prefix(b"")?;
         let mut coordinators = BTreeMap::new();
         for (id, url) in &config.coordinators {
             coordinators.insert(id.clone(), CoordinatorClient::new(tandem::server::channel(url)?));
+        }
+        let mut peers = BTreeMap::new();
+        for (id, url) in &config.peers {
+            peers.insert(id.clone(), ParticipantClient::new(tandem::server::channel(url)?));
         }
         let core_config = Config {
             node_id: config.node_id.clone(),
@@ -88,7 +109,10 @@ impl Node {
                 core: Mutex::new(core),
                 store,
                 coordinators,
+                peers,
                 clock: Instant::now(),
+                transfer_waiters: Mutex::new(HashMap::new()),
+                relay_wake: Notify::new(),
             }),
         })
     }
@@ -104,14 +128,20 @@ impl Node {
         step: impl FnOnce(&mut Core, u64) -> Result<(T, Effects), Error>,
     ) -> Result<T, Error> {
         let now_ms = self.now_ms();
-        let (value, written) = {
+        let (value, written, outbox_written, fsynced) = {
             let mut core = self.inner.core.lock().expect("core lock poisoned");
             self.inner.store.check_room(ops_max)?;
             let (value, effects) = step(&mut core, now_ms)?;
+            let fsynced = effects.durability == tandem::store::Durability::Fsync;
             let written = self.inner.store.submit(effects.ops, effects.durability)?;
-            (value, written)
+            (value, written, core.outbox_end(), fsynced)
         };
         written.await.unwrap_or_else(|_| Err(Error::Fatal("the writer thread stopped".into())))?;
+        if fsynced {
+            // Writes complete in order: every outbox event allocated before
+            // this submission is on disk now, and may be relayed.
+            self.inner.core.lock().expect("core lock poisoned").mark_outbox_durable(outbox_written);
+        }
         Ok(value)
     }
 
@@ -135,6 +165,7 @@ impl Node {
         health_reporter.set_serving::<ParticipantServer<Node>>().await;
         let resolver = tokio::spawn(self.clone().resolve_in_doubt());
         let collector = tokio::spawn(self.clone().collect_garbage());
+        let relay = tokio::spawn(self.clone().relay_outbox());
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = tandem::server::server_builder()
             .add_service(health_service)
@@ -144,6 +175,7 @@ impl Node {
             .await;
         resolver.abort();
         collector.abort();
+        relay.abort();
         self.inner.store.close();
         info!(node = %self.inner.node_id, "stopped");
         result.map_err(|e| Error::Unavailable(format!("the server failed: {e}")))
@@ -212,6 +244,155 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Delivers outbox events to their peers, at least once: an event is
+    /// forgotten only after the peer acknowledged it (and the peer
+    /// acknowledges only once the event's effects and its inbox record are
+    /// durable). A crash between the acknowledgement and the forgetting
+    /// redelivers the event; the peer's inbox drops it.
+    async fn relay_outbox(self) {
+        let in_flight: Arc<Mutex<std::collections::BTreeSet<u64>>> = Default::default();
+        let mut retry_at: HashMap<u64, (Instant, u64)> = HashMap::new();
+        loop {
+            tokio::select! {
+                _ = self.inner.relay_wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+            let events = self.inner.core.lock().expect("core lock poisoned").outbox();
+            let now = Instant::now();
+            retry_at.retain(|seq, _| events.iter().any(|(s, _)| s == seq));
+            for (seq, event) in events {
+                if in_flight.lock().expect("relay lock poisoned").len() >= RELAY_IN_FLIGHT_MAX {
+                    break;
+                }
+                if retry_at.get(&seq).is_some_and(|(at, _)| *at > now) {
+                    continue;
+                }
+                if !in_flight.lock().expect("relay lock poisoned").insert(seq) {
+                    continue;
+                }
+                // Back off per event: 50 ms doubling to 2 s, reset on success.
+                let backoff = retry_at.get(&seq).map(|(_, b)| (*b * 2).min(2_000)).unwrap_or(50);
+                retry_at.insert(seq, (now + Duration::from_millis(backoff), backoff));
+                let node = self.clone();
+                let in_flight = in_flight.clone();
+                tokio::spawn(async move {
+                    if node.deliver(&event).await {
+                        if let Err(error) = node.apply(1, |core, _| Ok(((), core.outbox_delivered(seq)))).await {
+                            warn!(%error, "could not forget a delivered event; it will be redelivered");
+                        }
+                        node.inner.relay_wake.notify_one();
+                    }
+                    in_flight.lock().expect("relay lock poisoned").remove(&seq);
+                });
+            }
+        }
+    }
+
+    async fn deliver(&self, event: &Event) -> bool {
+        let Some(peer) = self.inner.peers.get(event.destination()) else {
+            warn!(event = %event.id, destination = %event.destination(), "no peer by that name; the event waits");
+            return false;
+        };
+        let mut request = Request::new(event_to_pb(event));
+        request.set_timeout(Duration::from_millis(DELIVERY_TIMEOUT_MS));
+        match tokio::time::timeout(Duration::from_millis(DELIVERY_TIMEOUT_MS), peer.clone().deliver_event(request))
+            .await
+        {
+            Ok(Ok(_)) => {
+                debug!(event = %event.id, destination = %event.destination(), "event delivered");
+                true
+            }
+            Ok(Err(status)) => {
+                debug!(event = %event.id, error = %status.message(), "event not delivered; will retry");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn notify_terminal(&self, saga: &Id) {
+        let waiters = self.inner.transfer_waiters.lock().expect("waiters lock poisoned").remove(saga);
+        for waiter in waiters.into_iter().flatten() {
+            let _ = waiter.send(());
+        }
+    }
+
+    fn transfer_status(&self, saga: &Id) -> pb::TransferStatus {
+        let core = self.inner.core.lock().expect("core lock poisoned");
+        transfer_to_pb(saga, core.transfer(saga))
+    }
+}
+
+fn transfer_to_pb(saga: &Id, transfer: Option<&Transfer>) -> pb::TransferStatus {
+    let (state, reason) = match transfer.map(|t| &t.state) {
+        None => (pb::TransferState::Unknown, String::new()),
+        Some(TransferState::Debited) => (pb::TransferState::Debited, String::new()),
+        Some(TransferState::Completed) => (pb::TransferState::Completed, String::new()),
+        Some(TransferState::Rejected(r)) => (pb::TransferState::Rejected, r.clone()),
+        Some(TransferState::Compensated(r)) => (pb::TransferState::Compensated, r.clone()),
+        Some(TransferState::DeadLettered(r)) => (pb::TransferState::DeadLettered, r.clone()),
+    };
+    pb::TransferStatus {
+        saga_id: saga.to_string(),
+        state: state as i32,
+        reason,
+        terminal: transfer.is_some_and(|t| t.state.is_terminal()),
+    }
+}
+
+pub fn event_to_pb(event: &Event) -> pb::ChoreographyEvent {
+    pb::ChoreographyEvent {
+        version: event.version,
+        event_id: event.id.clone(),
+        kind: match event.kind {
+            EventKind::TransferDebited => pb::EventKind::TransferDebited,
+            EventKind::TransferCredited => pb::EventKind::TransferCredited,
+            EventKind::TransferRejected => pb::EventKind::TransferRejected,
+        } as i32,
+        saga_id: event.saga.to_string(),
+        from_account: event.from,
+        to_account: event.to,
+        amount: event.amount,
+        source_participant: event.source.to_string(),
+        target_participant: event.target.to_string(),
+        reason: event.reason.clone(),
+    }
+}
+
+/// Reads an event of any schema version whose kind this node knows.
+pub fn event_from_pb(event: &pb::ChoreographyEvent) -> Result<Event, Error> {
+    let kind = match pb::EventKind::try_from(event.kind) {
+        Ok(pb::EventKind::TransferDebited) => EventKind::TransferDebited,
+        Ok(pb::EventKind::TransferCredited) => EventKind::TransferCredited,
+        Ok(pb::EventKind::TransferRejected) => EventKind::TransferRejected,
+        _ => {
+            return Err(Error::InvalidInput(format!(
+                "event {} has kind {} (version {}), which this node does not know",
+                event.event_id, event.kind, event.version
+            )))
+        }
+    };
+    if event.event_id.is_empty() || event.event_id.len() > 2 * tandem::domain::ID_LEN_MAX {
+        return Err(Error::InvalidInput("an event id has 1 to 128 characters".into()));
+    }
+    if event.amount <= 0 {
+        return Err(Error::InvalidInput(format!("event {} has a non-positive amount", event.event_id)));
+    }
+    Ok(Event {
+        version: event.version,
+        id: event.event_id.clone(),
+        kind,
+        saga: Id::parse("saga_id", &event.saga_id)?,
+        from: event.from_account,
+        to: event.to_account,
+        amount: event.amount,
+        source: Id::parse("source_participant", &event.source_participant)?,
+        target: Id::parse("target_participant", &event.target_participant)?,
+        reason: event.reason.clone(),
+    })
+}
+
 fn refusal_to_pb(refusal: Refusal) -> pb::Refusal {
     match refusal {
         Refusal::InsufficientFunds => pb::Refusal::InsufficientFunds,
@@ -220,6 +401,7 @@ fn refusal_to_pb(refusal: Refusal) -> pb::Refusal {
         Refusal::AlreadyAborted => pb::Refusal::AlreadyAborted,
         Refusal::UnknownCoordinator => pb::Refusal::UnknownCoordinator,
         Refusal::ConflictingPrepare => pb::Refusal::ConflictingPrepare,
+        Refusal::AccountClosed => pb::Refusal::AccountClosed,
     }
 }
 
@@ -230,6 +412,7 @@ fn balance_to_pb(account: AccountId, balance: &crate::core::Account) -> pb::Bala
         reserved: balance.reserved,
         incoming: balance.incoming,
         available: balance.available(),
+        closed: balance.closed,
     }
 }
 
@@ -293,6 +476,9 @@ impl Participant for Node {
             participant_id: self.inner.node_id.to_string(),
             account_count: core.accounts().len() as u64,
             prepared_count: core.prepared_count() as u64,
+            suspense: core.suspense(),
+            transfers_in_flight: core.transfers_in_flight() as u64,
+            outbox_pending: core.outbox_len() as u64,
             ..Default::default()
         };
         for (id, account) in core.accounts() {
@@ -332,5 +518,113 @@ impl Participant for Node {
             })
             .collect();
         Ok(Response::new(pb::ListPreparedResponse { prepared, total }))
+    }
+
+    async fn set_account_closed(
+        &self,
+        request: Request<pb::SetAccountClosedRequest>,
+    ) -> Result<Response<pb::Balance>, Status> {
+        let request = request.into_inner();
+        let account = self.apply(1, |core, _| core.set_closed(request.account, request.closed)).await?;
+        info!(account = request.account, closed = request.closed, "account closed flag set");
+        Ok(Response::new(balance_to_pb(request.account, &account)))
+    }
+
+    async fn saga_step(&self, request: Request<pb::SagaStepRequest>) -> Result<Response<pb::SagaStepResponse>, Status> {
+        let request = request.into_inner();
+        let saga = Id::parse("saga_id", &request.saga_id)?;
+        let kind = match pb::StepKind::try_from(request.kind) {
+            Ok(pb::StepKind::Debit) => StepKind::Debit,
+            Ok(pb::StepKind::Credit) => StepKind::Credit,
+            Ok(pb::StepKind::Release) => StepKind::Release,
+            _ => return Err(Status::invalid_argument(format!("unknown step kind {}", request.kind))),
+        };
+        let phase = match pb::StepPhase::try_from(request.phase) {
+            Ok(pb::StepPhase::Action) => StepPhase::Action,
+            Ok(pb::StepPhase::Compensation) => StepPhase::Compensation,
+            Ok(pb::StepPhase::CompensateToSuspense) => StepPhase::CompensateToSuspense,
+            _ => return Err(Status::invalid_argument(format!("unknown step phase {}", request.phase))),
+        };
+        let answer = self
+            .apply(3, |core, now| core.saga_step(saga.clone(), kind, phase, request.account, request.amount, now))
+            .await?;
+        debug!(%saga, ?kind, ?phase, ?answer, "saga step answered");
+        let (outcome, reason) = match answer.outcome {
+            StepOutcome::Applied => (pb::StepOutcome::Applied, String::new()),
+            StepOutcome::Refused(reason) => (pb::StepOutcome::Refused, reason),
+            StepOutcome::EmptyCompensation => (pb::StepOutcome::EmptyCompensation, String::new()),
+            StepOutcome::HangingIgnored => (pb::StepOutcome::HangingIgnored, String::new()),
+        };
+        Ok(Response::new(pb::SagaStepResponse { outcome: outcome as i32, reason, duplicate: answer.duplicate }))
+    }
+
+    async fn start_transfer(
+        &self,
+        request: Request<pb::StartTransferRequest>,
+    ) -> Result<Response<pb::TransferStatus>, Status> {
+        let request = request.into_inner();
+        let saga = Id::parse("saga_id", &request.saga_id)?;
+        let target = Id::parse("target_participant", &request.target_participant)?;
+        if !self.inner.peers.contains_key(&target) {
+            return Err(Status::invalid_argument(format!(
+                "participant {target} is not a peer of {} (--peer)",
+                self.inner.node_id
+            )));
+        }
+        let transfer = self
+            .apply(OPS_PER_CALL_MAX, |core, now| {
+                core.start_transfer(saga.clone(), request.from_account, request.to_account, request.amount, target, now)
+            })
+            .await?;
+        self.inner.relay_wake.notify_one();
+        debug!(%saga, state = ?transfer.state, "transfer started");
+        let wait_ms = request.wait_ms.min(TRANSFER_WAIT_MAX_MS);
+        if wait_ms > 0 && !transfer.state.is_terminal() {
+            // Checked and registered under the core lock, so the terminal
+            // state cannot slip in between.
+            let waiting = {
+                let core = self.inner.core.lock().expect("core lock poisoned");
+                if core.transfer(&saga).is_some_and(|t| t.state.is_terminal()) {
+                    None
+                } else {
+                    let (notify, notified) = oneshot::channel();
+                    self.inner
+                        .transfer_waiters
+                        .lock()
+                        .expect("waiters lock poisoned")
+                        .entry(saga.clone())
+                        .or_default()
+                        .push(notify);
+                    Some(notified)
+                }
+            };
+            if let Some(notified) = waiting {
+                let _ = tokio::time::timeout(Duration::from_millis(wait_ms as u64), notified).await;
+            }
+        }
+        Ok(Response::new(self.transfer_status(&saga)))
+    }
+
+    async fn get_transfer_status(
+        &self,
+        request: Request<pb::GetTransferStatusRequest>,
+    ) -> Result<Response<pb::TransferStatus>, Status> {
+        let saga = Id::parse("saga_id", &request.into_inner().saga_id)?;
+        Ok(Response::new(self.transfer_status(&saga)))
+    }
+
+    async fn deliver_event(
+        &self,
+        request: Request<pb::ChoreographyEvent>,
+    ) -> Result<Response<pb::DeliverEventResponse>, Status> {
+        let event = event_from_pb(&request.into_inner())?;
+        let id = event.id.clone();
+        let (duplicate, finished) = self.apply(4, |core, now| core.deliver_event(event, now)).await?;
+        debug!(event = %id, duplicate, "event received");
+        if let Some(saga) = finished {
+            self.notify_terminal(&saga);
+        }
+        self.inner.relay_wake.notify_one();
+        Ok(Response::new(pb::DeliverEventResponse { duplicate }))
     }
 }

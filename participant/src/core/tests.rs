@@ -94,8 +94,8 @@ fn commit_is_applied_exactly_once_whatever_the_number_of_deliveries() {
         assert!(again.ops.is_empty());
         assert_eq!(again.durability, Durability::Lazy, "a duplicate's ack also waits for the first write's fsync");
     }
-    assert_eq!(core.account(1).unwrap(), Account { posted: 70, reserved: 0, incoming: 0 });
-    assert_eq!(core.account(2).unwrap(), Account { posted: 30, reserved: 0, incoming: 0 });
+    assert_eq!(core.account(1).unwrap(), Account { posted: 70, reserved: 0, incoming: 0, closed: false });
+    assert_eq!(core.account(2).unwrap(), Account { posted: 30, reserved: 0, incoming: 0, closed: false });
     // A late duplicate prepare of a committed transaction reserves nothing.
     assert_eq!(core.prepare(id("t1"), id("c1"), vec![debit(1, 30), credit(2, 30)], 3).unwrap().0, Vote::Yes);
     assert_eq!(core.account(1).unwrap().reserved, 0);
@@ -193,8 +193,8 @@ fn crash_after_the_prepared_record_is_durable_keeps_the_reservation_and_asks() {
     // Crash before or after the vote left: the same state comes back.
     let mut core = restart(&disk, 10);
     assert_eq!(core.txn(&id("t1")).unwrap().state, TxnState::Prepared);
-    assert_eq!(core.account(1).unwrap(), Account { posted: 100, reserved: 10, incoming: 0 });
-    assert_eq!(core.account(2).unwrap(), Account { posted: 0, reserved: 0, incoming: 10 });
+    assert_eq!(core.account(1).unwrap(), Account { posted: 100, reserved: 10, incoming: 0, closed: false });
+    assert_eq!(core.account(2).unwrap(), Account { posted: 0, reserved: 0, incoming: 10, closed: false });
     // It asks at once after a restart, then backs off.
     assert_eq!(core.due_queries(10, 100), vec![(id("t1"), id("c1"))]);
     assert!(core.due_queries(10 + QUERY_BACKOFF_INITIAL_MS - 1, 100).is_empty());
@@ -215,8 +215,8 @@ fn crash_after_applying_a_commit_before_acknowledging_applies_it_once() {
     // The acknowledgement was lost; the coordinator redelivers after the restart.
     let mut core = restart(&disk, 10);
     assert!(core.commit(&id("t1"), 11).unwrap().ops.is_empty());
-    assert_eq!(core.account(1).unwrap(), Account { posted: 90, reserved: 0, incoming: 0 });
-    assert_eq!(core.account(2).unwrap(), Account { posted: 10, reserved: 0, incoming: 0 });
+    assert_eq!(core.account(1).unwrap(), Account { posted: 90, reserved: 0, incoming: 0, closed: false });
+    assert_eq!(core.account(2).unwrap(), Account { posted: 10, reserved: 0, incoming: 0, closed: false });
     assert!(core.due_queries(1_000_000, 100).is_empty());
 }
 

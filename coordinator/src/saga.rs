@@ -1,0 +1,435 @@
+//! The saga orchestrator's core: orchestrated transfer sagas over the same
+//! participants as 2PC, with no I/O.
+//!
+//! # The saga
+//!
+//! A transfer saga has two steps, each a local atomic write at its
+//! participant with barrier semantics (see `participant/src/saga.rs`):
+//! debit the source, then credit the target. The saga log records each
+//! saga's intent and its stage:
+//!
+//! - the start record is fsynced before the debit is sent: without it, a
+//!   coordinator that crashed after the debit would forget money it took.
+//!   That fsync is what the saga log adds to the critical path; later stage
+//!   records are only buffered, because a stage lost in a machine crash is
+//!   redone, and every step is idempotent (a redone step is a duplicate, a
+//!   redone action after its compensation is a hanging step);
+//! - debit refused (insufficient funds, unknown or closed account): the saga
+//!   aborts, nothing moved;
+//! - credit refused for a business reason: backward recovery refunds the
+//!   debit (the compensation); forward recovery cannot complete and
+//!   dead-letters;
+//! - a step that fails transiently (unavailable, timeout) is retried with
+//!   capped exponential backoff up to its budget (the driver does that) and
+//!   then counts as failed with an unknown effect: a debit whose fate is
+//!   unknown is compensated (an empty compensation if it never ran); a
+//!   credit whose fate is unknown is compensated first (if it ran, it is
+//!   taken back; if the target already spent it, the transfer stands and
+//!   the saga completes), then the debit. Forward recovery retries the
+//!   credit without a budget.
+//! - a refund that keeps failing (budget spent, or refused: the source was
+//!   closed) makes the saga a dead letter: the debit is compensated into the
+//!   source participant's suspense account instead (retried until it
+//!   succeeds; it parks nothing if the debit never ran). Dead letters stay in
+//!   the log, listed for an operator, who releases the money to an account.
+//!
+//! The client hears the outcome once the saga is terminal: COMMITTED
+//! (completed), ABORTED, COMPENSATED or DEAD_LETTERED.
+//!
+//! # Recovery
+//!
+//! A restarted coordinator resumes every saga in its log from its stage by
+//! resending that stage's step.
+//!
+//! # Isolation
+//!
+//! None: between the debit and the credit, the money is in no account. An
+//! audit that reads all balances then sees less money than there is. The
+//! bench measures how often.
+
+use crate::core::{AbortReason, Outcome};
+use std::collections::HashMap;
+use tandem::domain::{AccountId, Amount, Id};
+use tandem::Error;
+
+pub type SagaId = Id;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    Backward,
+    Forward,
+}
+
+/// What a saga moves, where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SagaSpec {
+    pub from: AccountId,
+    pub to: AccountId,
+    pub amount: Amount,
+    pub from_participant: Id,
+    pub to_participant: Id,
+    pub recovery: Recovery,
+    pub idempotency_key: Option<Id>,
+    /// Fingerprint of the request, for the idempotency record.
+    pub fingerprint: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// The start record is being fsynced.
+    Starting,
+    Debiting,
+    Crediting,
+    CompensatingCredit,
+    CompensatingDebit,
+    /// Dead letter: compensating the debit into suspense.
+    Parking,
+    /// Dead letter, money parked (or nothing to park).
+    DeadLettered,
+    /// An operator's release from suspense is under way.
+    Releasing,
+}
+
+/// The saga log's record of one saga.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SagaRecord {
+    pub spec: SagaSpec,
+    pub stage: Stage,
+    /// Why the saga left its happy path (empty while it is on it).
+    pub reason: String,
+    /// Amount parked in suspense (dead letters).
+    pub parked: Amount,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepKind {
+    Debit,
+    Credit,
+    Release,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepPhase {
+    Action,
+    Compensation,
+    CompensateToSuspense,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Transient failures are retried up to the step budget.
+    Budgeted,
+    /// Transient failures are retried until the step succeeds.
+    Forever,
+}
+
+/// What a step came to, as the driver saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepResult {
+    Applied,
+    /// A compensation with nothing to undo.
+    Empty,
+    /// Refused for a business reason (or a hanging action): definite.
+    Refused(String),
+    /// Transient failures past the budget: the effect is unknown.
+    Exhausted(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SagaAction {
+    /// Write the saga's record: fsynced for the start (then call
+    /// [`SagaCore::on_started`]), buffered otherwise.
+    Persist { saga: SagaId, record: SagaRecord, fsync: bool },
+    /// Send one step, retrying transient failures by `retry`, then call
+    /// [`SagaCore::on_step`].
+    Step {
+        saga: SagaId,
+        participant: Id,
+        kind: StepKind,
+        phase: StepPhase,
+        account: AccountId,
+        amount: Amount,
+        retry: Retry,
+    },
+    /// The saga is terminal: remove its record, remember its outcome (and
+    /// its key's), then answer the client.
+    Finish { saga: SagaId, spec: SagaSpec, outcome: Outcome },
+    /// The saga became a dead letter: keep its record (stage DeadLettered),
+    /// remember its key's outcome, answer the client.
+    DeadLetter { saga: SagaId, record: SagaRecord, outcome: Outcome },
+    /// Answer the operator who asked for a release.
+    ResolveReply { saga: SagaId, result: Result<(), Error> },
+}
+
+pub struct SagaCore {
+    sagas: HashMap<SagaId, SagaRecord>,
+    keys_in_flight: HashMap<Id, SagaId>,
+    active_max: usize,
+}
+
+impl SagaCore {
+    pub fn new(active_max: usize) -> SagaCore {
+        SagaCore { sagas: HashMap::new(), keys_in_flight: HashMap::new(), active_max }
+    }
+
+    pub fn key_in_flight(&self, key: &Id) -> Option<&SagaId> {
+        self.keys_in_flight.get(key)
+    }
+
+    pub fn begin(&mut self, saga: SagaId, spec: SagaSpec) -> Result<Vec<SagaAction>, Error> {
+        assert!(!self.sagas.contains_key(&saga), "saga id {saga} reused");
+        let running = self.sagas.values().filter(|r| r.stage != Stage::DeadLettered).count();
+        if running >= self.active_max {
+            return Err(Error::Busy(format!("{running} sagas are running, the most this coordinator takes")));
+        }
+        if let Some(key) = &spec.idempotency_key {
+            if let Some(other) = self.keys_in_flight.get(key) {
+                return Err(Error::Conflict(format!(
+                    "a saga with idempotency key {key} is running ({other}); retry to get its outcome"
+                )));
+            }
+            self.keys_in_flight.insert(key.clone(), saga.clone());
+        }
+        let record = SagaRecord { spec, stage: Stage::Starting, reason: String::new(), parked: 0 };
+        self.sagas.insert(saga.clone(), record.clone());
+        Ok(vec![SagaAction::Persist { saga, record, fsync: true }])
+    }
+
+    /// The start record is durable: the debit may go.
+    pub fn on_started(&mut self, saga: &SagaId) -> Vec<SagaAction> {
+        let record = self.sagas.get_mut(saga).expect("a started saga is known");
+        assert_eq!(record.stage, Stage::Starting);
+        record.stage = Stage::Debiting;
+        let mut actions = vec![SagaAction::Persist { saga: saga.clone(), record: record.clone(), fsync: false }];
+        actions.push(Self::stage_step(saga, record));
+        actions
+    }
+
+    /// The step that a stage sends (and resends after a restart).
+    fn stage_step(saga: &SagaId, record: &SagaRecord) -> SagaAction {
+        let spec = &record.spec;
+        let (participant, kind, phase, account, retry) = match record.stage {
+            Stage::Debiting => (&spec.from_participant, StepKind::Debit, StepPhase::Action, spec.from, Retry::Budgeted),
+            Stage::Crediting => {
+                let retry = if spec.recovery == Recovery::Forward { Retry::Forever } else { Retry::Budgeted };
+                (&spec.to_participant, StepKind::Credit, StepPhase::Action, spec.to, retry)
+            }
+            // Its effect must be known before the debit is refunded.
+            Stage::CompensatingCredit => {
+                (&spec.to_participant, StepKind::Credit, StepPhase::Compensation, spec.to, Retry::Forever)
+            }
+            Stage::CompensatingDebit => {
+                (&spec.from_participant, StepKind::Debit, StepPhase::Compensation, spec.from, Retry::Budgeted)
+            }
+            Stage::Parking => {
+                (&spec.from_participant, StepKind::Debit, StepPhase::CompensateToSuspense, spec.from, Retry::Forever)
+            }
+            Stage::Starting | Stage::DeadLettered | Stage::Releasing => {
+                unreachable!("stage {:?} sends no step of its own", record.stage)
+            }
+        };
+        SagaAction::Step {
+            saga: saga.clone(),
+            participant: participant.clone(),
+            kind,
+            phase,
+            account,
+            amount: spec.amount,
+            retry,
+        }
+    }
+
+    fn move_to(&mut self, saga: &SagaId, stage: Stage, reason: Option<String>) -> Vec<SagaAction> {
+        let record = self.sagas.get_mut(saga).expect("known saga");
+        record.stage = stage;
+        if let Some(reason) = reason {
+            record.reason = reason;
+        }
+        vec![
+            SagaAction::Persist { saga: saga.clone(), record: record.clone(), fsync: false },
+            Self::stage_step(saga, record),
+        ]
+    }
+
+    fn finish(&mut self, saga: &SagaId, outcome: Outcome) -> Vec<SagaAction> {
+        let record = self.sagas.remove(saga).expect("known saga");
+        if let Some(key) = &record.spec.idempotency_key {
+            self.keys_in_flight.remove(key);
+        }
+        vec![SagaAction::Finish { saga: saga.clone(), spec: record.spec, outcome }]
+    }
+
+    /// A step's result.
+    pub fn on_step(&mut self, saga: &SagaId, kind: StepKind, phase: StepPhase, result: StepResult) -> Vec<SagaAction> {
+        let Some(record) = self.sagas.get(saga) else { return Vec::new() };
+        let stage = record.stage;
+        let amount = record.spec.amount;
+        let backward = record.spec.recovery == Recovery::Backward;
+        match (stage, kind, phase, result) {
+            (Stage::Debiting, StepKind::Debit, StepPhase::Action, StepResult::Applied) => {
+                self.move_to(saga, Stage::Crediting, None)
+            }
+            (Stage::Debiting, StepKind::Debit, StepPhase::Action, StepResult::Refused(reason)) => {
+                let why = if reason.contains("available") {
+                    AbortReason::InsufficientFunds
+                } else if reason.contains("does not exist") {
+                    AbortReason::UnknownAccount
+                } else {
+                    AbortReason::Refused
+                };
+                self.finish(saga, Outcome::Aborted(why, reason))
+            }
+            (Stage::Debiting, StepKind::Debit, StepPhase::Action, StepResult::Exhausted(error)) => {
+                self.move_to(saga, Stage::CompensatingDebit, Some(format!("the debit's outcome is unknown: {error}")))
+            }
+            (Stage::Crediting, StepKind::Credit, StepPhase::Action, StepResult::Applied) => {
+                self.finish(saga, Outcome::Committed)
+            }
+            (Stage::Crediting, StepKind::Credit, StepPhase::Action, StepResult::Refused(reason)) if backward => {
+                self.move_to(saga, Stage::CompensatingDebit, Some(format!("the credit was refused: {reason}")))
+            }
+            (Stage::Crediting, StepKind::Credit, StepPhase::Action, StepResult::Refused(reason)) => {
+                self.move_to(saga, Stage::Parking, Some(format!("the credit was refused (forward recovery): {reason}")))
+            }
+            (Stage::Crediting, StepKind::Credit, StepPhase::Action, StepResult::Exhausted(error)) => {
+                self.move_to(saga, Stage::CompensatingCredit, Some(format!("the credit's outcome is unknown: {error}")))
+            }
+            (
+                Stage::CompensatingCredit,
+                StepKind::Credit,
+                StepPhase::Compensation,
+                StepResult::Applied | StepResult::Empty,
+            ) => self.move_to(saga, Stage::CompensatingDebit, None),
+            // The credit ran and its money was spent already: the transfer stands.
+            (Stage::CompensatingCredit, StepKind::Credit, StepPhase::Compensation, StepResult::Refused(_)) => {
+                self.finish(saga, Outcome::Committed)
+            }
+            (
+                Stage::CompensatingDebit,
+                StepKind::Debit,
+                StepPhase::Compensation,
+                StepResult::Applied | StepResult::Empty,
+            ) => {
+                let reason = self.sagas[saga].reason.clone();
+                self.finish(saga, Outcome::Compensated(reason))
+            }
+            (
+                Stage::CompensatingDebit,
+                StepKind::Debit,
+                StepPhase::Compensation,
+                StepResult::Refused(why) | StepResult::Exhausted(why),
+            ) => {
+                let reason = format!("{}; the refund failed: {why}", self.sagas[saga].reason);
+                self.move_to(saga, Stage::Parking, Some(reason))
+            }
+            (Stage::Parking, StepKind::Debit, StepPhase::CompensateToSuspense, StepResult::Applied) => {
+                let record = self.sagas.get_mut(saga).expect("known saga");
+                record.stage = Stage::DeadLettered;
+                record.parked = amount;
+                if let Some(key) = &record.spec.idempotency_key {
+                    self.keys_in_flight.remove(key);
+                }
+                let outcome = Outcome::DeadLettered(format!("{}; {amount} parked in suspense", record.reason));
+                vec![SagaAction::DeadLetter { saga: saga.clone(), record: record.clone(), outcome }]
+            }
+            // The debit never ran: nothing moved after all.
+            (Stage::Parking, StepKind::Debit, StepPhase::CompensateToSuspense, StepResult::Empty) => {
+                let reason = self.sagas[saga].reason.clone();
+                self.finish(saga, Outcome::Compensated(reason))
+            }
+            (Stage::Releasing, StepKind::Release, StepPhase::Action, StepResult::Applied) => {
+                let record = self.sagas.remove(saga).expect("known saga");
+                let mut actions = vec![SagaAction::Finish {
+                    saga: saga.clone(),
+                    spec: record.spec,
+                    outcome: Outcome::DeadLettered(format!("{}; resolved by an operator", record.reason)),
+                }];
+                actions.push(SagaAction::ResolveReply { saga: saga.clone(), result: Ok(()) });
+                actions
+            }
+            (
+                Stage::Releasing,
+                StepKind::Release,
+                StepPhase::Action,
+                StepResult::Refused(why) | StepResult::Exhausted(why),
+            ) => {
+                self.sagas.get_mut(saga).expect("known saga").stage = Stage::DeadLettered;
+                vec![SagaAction::ResolveReply {
+                    saga: saga.clone(),
+                    result: Err(Error::Unavailable(format!("the release failed: {why}"))),
+                }]
+            }
+            (stage, kind, phase, result) => {
+                // A result for a step this stage no longer waits for (a
+                // duplicate after a restart): nothing to do.
+                tracing::debug!(%saga, ?stage, ?kind, ?phase, ?result, "stale step result ignored");
+                Vec::new()
+            }
+        }
+    }
+
+    /// An operator releases a dead letter's money to `to_account` (on the
+    /// suspense participant).
+    pub fn resolve(&mut self, saga: &SagaId, to_account: AccountId) -> Result<Vec<SagaAction>, Error> {
+        let record = self.sagas.get_mut(saga).ok_or_else(|| Error::NotFound(format!("no dead letter {saga}")))?;
+        match record.stage {
+            Stage::DeadLettered => {}
+            Stage::Releasing => return Err(Error::Conflict(format!("{saga} is being resolved"))),
+            _ => return Err(Error::InvalidInput(format!("{saga} is not a dead letter (stage {:?})", record.stage))),
+        }
+        record.stage = Stage::Releasing;
+        Ok(vec![SagaAction::Step {
+            saga: saga.clone(),
+            participant: record.spec.from_participant.clone(),
+            kind: StepKind::Release,
+            phase: StepPhase::Action,
+            account: to_account,
+            amount: record.parked,
+            retry: Retry::Budgeted,
+        }])
+    }
+
+    pub fn get(&self, saga: &SagaId) -> Option<&SagaRecord> {
+        self.sagas.get(saga)
+    }
+
+    pub fn dead_letters(&self) -> Vec<(SagaId, SagaRecord)> {
+        let mut list: Vec<_> = self
+            .sagas
+            .iter()
+            .filter(|(_, r)| matches!(r.stage, Stage::DeadLettered | Stage::Releasing))
+            .map(|(id, r)| (id.clone(), r.clone()))
+            .collect();
+        list.sort_by(|a, b| a.0.cmp(&b.0));
+        list
+    }
+
+    pub fn running_count(&self) -> usize {
+        self.sagas.values().filter(|r| !matches!(r.stage, Stage::DeadLettered)).count()
+    }
+
+    /// Resumes the sagas of a restarted coordinator from their logged stage.
+    pub fn recover(&mut self, logged: Vec<(SagaId, SagaRecord)>) -> Vec<SagaAction> {
+        let mut actions = Vec::new();
+        for (saga, mut record) in logged {
+            match record.stage {
+                // The start record is durable; the debit may have been sent.
+                Stage::Starting => record.stage = Stage::Debiting,
+                // The operator asks again.
+                Stage::Releasing => record.stage = Stage::DeadLettered,
+                _ => {}
+            }
+            if record.stage != Stage::DeadLettered {
+                actions.push(Self::stage_step(&saga, &record));
+                if let Some(key) = &record.spec.idempotency_key {
+                    self.keys_in_flight.insert(key.clone(), saga.clone());
+                }
+            }
+            self.sagas.insert(saga, record);
+        }
+        actions
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,187 @@
+//! Tests of the saga orchestrator's core: each path of the saga, and
+//! recovery from each stage.
+
+use super::*;
+
+fn id(text: &str) -> Id {
+    Id::parse("id", text).unwrap()
+}
+
+fn spec(recovery: Recovery) -> SagaSpec {
+    SagaSpec {
+        from: 1,
+        to: 1_001,
+        amount: 30,
+        from_participant: id("p1"),
+        to_participant: id("p2"),
+        recovery,
+        idempotency_key: Some(id("k1")),
+        fingerprint: 1,
+    }
+}
+
+/// Starts a saga and returns the core with the debit step sent.
+fn started(recovery: Recovery) -> SagaCore {
+    let mut core = SagaCore::new(10);
+    let actions = core.begin(id("s1"), spec(recovery)).unwrap();
+    assert!(matches!(&actions[..], [SagaAction::Persist { fsync: true, .. }]), "the start record is fsynced first");
+    let actions = core.on_started(&id("s1"));
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, SagaAction::Step { kind: StepKind::Debit, phase: StepPhase::Action, .. })));
+    core
+}
+
+fn step_of(actions: &[SagaAction]) -> (StepKind, StepPhase, Retry) {
+    actions
+        .iter()
+        .find_map(|a| match a {
+            SagaAction::Step { kind, phase, retry, .. } => Some((*kind, *phase, *retry)),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("no step in {actions:?}"))
+}
+
+fn finish_of(actions: &[SagaAction]) -> Outcome {
+    actions
+        .iter()
+        .find_map(|a| match a {
+            SagaAction::Finish { outcome, .. } | SagaAction::DeadLetter { outcome, .. } => Some(outcome.clone()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("not finished: {actions:?}"))
+}
+
+#[test]
+fn the_happy_path_debits_then_credits_then_finishes() {
+    let mut core = started(Recovery::Backward);
+    let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
+    assert_eq!(step_of(&a), (StepKind::Credit, StepPhase::Action, Retry::Budgeted));
+    let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, StepResult::Applied);
+    assert_eq!(finish_of(&a), Outcome::Committed);
+    assert!(core.get(&id("s1")).is_none());
+    assert!(core.key_in_flight(&id("k1")).is_none());
+}
+
+#[test]
+fn a_refused_debit_aborts_with_its_reason() {
+    let mut core = started(Recovery::Backward);
+    let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Refused("has 5 available".into()));
+    assert!(matches!(finish_of(&a), Outcome::Aborted(AbortReason::InsufficientFunds, _)));
+}
+
+#[test]
+fn a_refused_credit_is_compensated_backward() {
+    let mut core = started(Recovery::Backward);
+    core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
+    let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, StepResult::Refused("closed".into()));
+    assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::Compensation, Retry::Budgeted));
+    let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, StepResult::Applied);
+    assert!(matches!(finish_of(&a), Outcome::Compensated(ref r) if r.contains("closed")));
+}
+
+#[test]
+fn forward_recovery_retries_the_credit_forever_and_dead_letters_a_refusal() {
+    let mut core = started(Recovery::Forward);
+    let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
+    assert_eq!(step_of(&a), (StepKind::Credit, StepPhase::Action, Retry::Forever));
+    let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, StepResult::Refused("closed".into()));
+    assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::CompensateToSuspense, Retry::Forever));
+    let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::CompensateToSuspense, StepResult::Applied);
+    assert!(matches!(finish_of(&a), Outcome::DeadLettered(_)));
+    assert_eq!(core.dead_letters().len(), 1);
+}
+
+#[test]
+fn a_credit_of_unknown_fate_is_compensated_before_the_refund() {
+    let mut core = started(Recovery::Backward);
+    core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
+    let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, StepResult::Exhausted("timeout".into()));
+    assert_eq!(step_of(&a), (StepKind::Credit, StepPhase::Compensation, Retry::Forever));
+    let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Compensation, StepResult::Empty);
+    assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::Compensation, Retry::Budgeted));
+    let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, StepResult::Applied);
+    assert!(matches!(finish_of(&a), Outcome::Compensated(_)));
+}
+
+#[test]
+fn a_credit_that_cannot_be_taken_back_stands() {
+    let mut core = started(Recovery::Backward);
+    core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
+    core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, StepResult::Exhausted("timeout".into()));
+    let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Compensation, StepResult::Refused("spent".into()));
+    assert_eq!(finish_of(&a), Outcome::Committed);
+}
+
+#[test]
+fn a_failing_refund_dead_letters_and_an_operator_resolves_it() {
+    let mut core = started(Recovery::Backward);
+    core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
+    core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, StepResult::Refused("closed".into()));
+    let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, StepResult::Exhausted("down".into()));
+    assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::CompensateToSuspense, Retry::Forever));
+    core.on_step(&id("s1"), StepKind::Debit, StepPhase::CompensateToSuspense, StepResult::Applied);
+    let listed = core.dead_letters();
+    assert_eq!((listed.len(), listed[0].1.parked), (1, 30));
+    assert!(core.key_in_flight(&id("k1")).is_none(), "the client has its answer");
+    let a = core.resolve(&id("s1"), 1).unwrap();
+    assert_eq!(step_of(&a), (StepKind::Release, StepPhase::Action, Retry::Budgeted));
+    assert!(matches!(core.resolve(&id("s1"), 1), Err(Error::Conflict(_))));
+    let a = core.on_step(&id("s1"), StepKind::Release, StepPhase::Action, StepResult::Applied);
+    assert!(a.iter().any(|x| matches!(x, SagaAction::ResolveReply { result: Ok(()), .. })));
+    assert!(core.dead_letters().is_empty() && core.get(&id("s1")).is_none());
+}
+
+#[test]
+fn a_failed_release_leaves_the_dead_letter_for_another_try() {
+    let mut core = started(Recovery::Backward);
+    core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
+    core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, StepResult::Refused("closed".into()));
+    core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, StepResult::Refused("closed".into()));
+    core.on_step(&id("s1"), StepKind::Debit, StepPhase::CompensateToSuspense, StepResult::Applied);
+    core.resolve(&id("s1"), 1).unwrap();
+    let a = core.on_step(&id("s1"), StepKind::Release, StepPhase::Action, StepResult::Refused("closed".into()));
+    assert!(a.iter().any(|x| matches!(x, SagaAction::ResolveReply { result: Err(_), .. })));
+    assert_eq!(core.dead_letters().len(), 1);
+}
+
+#[test]
+fn recovery_resends_the_step_of_each_logged_stage() {
+    for (stage, expected) in [
+        (Stage::Starting, Some((StepKind::Debit, StepPhase::Action))),
+        (Stage::Debiting, Some((StepKind::Debit, StepPhase::Action))),
+        (Stage::Crediting, Some((StepKind::Credit, StepPhase::Action))),
+        (Stage::CompensatingCredit, Some((StepKind::Credit, StepPhase::Compensation))),
+        (Stage::CompensatingDebit, Some((StepKind::Debit, StepPhase::Compensation))),
+        (Stage::Parking, Some((StepKind::Debit, StepPhase::CompensateToSuspense))),
+        (Stage::DeadLettered, None),
+        (Stage::Releasing, None),
+    ] {
+        let mut core = SagaCore::new(10);
+        let record = SagaRecord { spec: spec(Recovery::Backward), stage, reason: String::new(), parked: 30 };
+        let actions = core.recover(vec![(id("s1"), record)]);
+        match expected {
+            Some((kind, phase)) => {
+                let (k, p, _) = step_of(&actions);
+                assert_eq!((k, p), (kind, phase), "{stage:?}");
+                assert!(core.key_in_flight(&id("k1")).is_some());
+            }
+            None => {
+                assert!(actions.is_empty(), "{stage:?}");
+                assert_eq!(core.dead_letters().len(), 1);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_key_in_flight_is_refused_and_the_number_of_sagas_is_bounded() {
+    let mut core = started(Recovery::Backward);
+    assert!(matches!(core.begin(id("s2"), spec(Recovery::Backward)), Err(Error::Conflict(_))));
+    let mut small = SagaCore::new(1);
+    small.begin(id("a"), SagaSpec { idempotency_key: None, ..spec(Recovery::Backward) }).unwrap();
+    assert!(matches!(
+        small.begin(id("b"), SagaSpec { idempotency_key: None, ..spec(Recovery::Backward) }),
+        Err(Error::Busy(_))
+    ));
+}

@@ -1,0 +1,297 @@
+//! The orchestrator's driver: runs orchestrated sagas by executing the
+//! [`SagaCore`](crate::saga::SagaCore)'s actions over gRPC and the saga log,
+//! and feeding step results back into it. Transient step failures are
+//! retried here, with capped exponential backoff, up to the step budget.
+
+use crate::core::Outcome;
+use crate::log;
+use crate::node::{Node, Waiter};
+use crate::saga::{Recovery, Retry, SagaAction, SagaId, SagaRecord, SagaSpec, Stage, StepKind, StepPhase, StepResult};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tandem::domain::{AccountId, Amount, Id};
+use tandem::pb;
+use tandem::store::Durability;
+use tandem::Error;
+use tokio::sync::oneshot;
+use tonic::Request;
+use tracing::{debug, info, warn};
+
+/// The first wait before a failed saga step is retried; it doubles up to the max.
+pub const STEP_RETRY_INITIAL_MS: u64 = 10;
+pub const STEP_RETRY_MAX_MS: u64 = 1_000;
+
+impl Node {
+    fn saga_core(&self) -> std::sync::MutexGuard<'_, crate::saga::SagaCore> {
+        self.inner.sagas.lock().expect("saga lock poisoned")
+    }
+
+    /// Runs one orchestrated transfer saga to a terminal outcome.
+    pub async fn run_saga(
+        &self,
+        from: AccountId,
+        to: AccountId,
+        amount: Amount,
+        recovery: Recovery,
+        key: Option<Id>,
+    ) -> Result<(SagaId, Outcome), Error> {
+        let legs = tandem::domain::transfer_legs(from, to, amount)?;
+        let spec = SagaSpec {
+            from,
+            to,
+            amount,
+            from_participant: self.inner.directory.owner(from)?.clone(),
+            to_participant: self.inner.directory.owner(to)?.clone(),
+            recovery,
+            idempotency_key: key.clone(),
+            fingerprint: log::fingerprint(&legs) ^ (recovery as u64).wrapping_mul(0x9e37_79b9),
+        };
+        let saga = self.next_txn_id();
+        let (reply, outcome) = oneshot::channel();
+        self.inner
+            .waiters
+            .lock()
+            .expect("waiters lock poisoned")
+            .insert(saga.clone(), Waiter { reply, fingerprint: spec.fingerprint });
+        let started = {
+            let _serialised = key.as_ref().map(|_| self.inner.keys.lock().expect("keys lock poisoned"));
+            let earlier = match &key {
+                Some(key) => self.inner.store.get(&log::key(log::KEY_PREFIX, key))?,
+                None => None,
+            };
+            if let Some(bytes) = earlier {
+                self.inner.waiters.lock().expect("waiters lock poisoned").remove(&saga);
+                let earlier = log::decode_keyed(&bytes);
+                if earlier.fingerprint != spec.fingerprint {
+                    return Err(Error::InvalidInput(format!(
+                        "idempotency key {} was used for a different request ({})",
+                        key.as_ref().expect("keyed"),
+                        earlier.txn
+                    )));
+                }
+                return Ok((earlier.txn, earlier.outcome));
+            }
+            let in_2pc = key
+                .as_ref()
+                .and_then(|k| self.inner.core.lock().expect("core lock poisoned").key_in_flight(k).cloned());
+            match in_2pc {
+                Some(txn) => {
+                    Err(Error::Conflict(format!("a transaction with this idempotency key is in flight ({txn})")))
+                }
+                None => self.saga_core().begin(saga.clone(), spec),
+            }
+        };
+        match started {
+            Ok(actions) => self.execute_saga(actions),
+            Err(error) => {
+                self.inner.waiters.lock().expect("waiters lock poisoned").remove(&saga);
+                return Err(error);
+            }
+        }
+        let outcome =
+            outcome.await.unwrap_or_else(|_| Err(Error::Unavailable("the coordinator is stopping".into())))?;
+        Ok((saga, outcome))
+    }
+
+    /// Carries out the saga core's actions; step results come back into it.
+    pub(crate) fn execute_saga(&self, actions: Vec<SagaAction>) {
+        for action in actions {
+            debug!(?action, "execute saga action");
+            match action {
+                SagaAction::Persist { saga, record, fsync: true } => {
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        let ops =
+                            vec![tandem::store::Op::Put(log::key(log::SAGA_PREFIX, &saga), log::encode_saga(&record))];
+                        match node.inner.store.write(ops).await {
+                            Ok(()) => {
+                                let next = node.saga_core().on_started(&saga);
+                                node.execute_saga(next);
+                            }
+                            Err(error) => node.reply(&saga, Err(error)),
+                        }
+                    });
+                }
+                SagaAction::Persist { saga, record, fsync: false } => {
+                    let ops =
+                        vec![tandem::store::Op::Put(log::key(log::SAGA_PREFIX, &saga), log::encode_saga(&record))];
+                    // Ordered behind the earlier writes of this saga; a
+                    // lost stage is redone after a restart.
+                    if let Err(error) = self.inner.store.submit(ops, Durability::Buffered) {
+                        warn!(%saga, %error, "could not log a saga stage");
+                    }
+                }
+                SagaAction::Step { saga, participant, kind, phase, account, amount, retry } => {
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        let result = node.send_step(&saga, &participant, kind, phase, account, amount, retry).await;
+                        let next = node.saga_core().on_step(&saga, kind, phase, result);
+                        node.execute_saga(next);
+                    });
+                }
+                SagaAction::Finish { saga, spec, outcome } => {
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        let result = match node
+                            .inner
+                            .store
+                            .submit(log::saga_finish_ops(&saga, &spec, &outcome), Durability::Buffered)
+                        {
+                            Ok(wait) => wait.await.unwrap_or_else(|_| Err(Error::Fatal("the writer stopped".into()))),
+                            Err(error) => Err(error),
+                        };
+                        node.inner.finished_count.fetch_add(1, Ordering::Relaxed);
+                        node.reply(&saga, result.map(|()| outcome));
+                    });
+                }
+                SagaAction::DeadLetter { saga, record, outcome } => {
+                    info!(%saga, reason = %record.reason, parked = record.parked, "saga dead-lettered");
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        let result = match node
+                            .inner
+                            .store
+                            .submit(log::dead_letter_ops(&saga, &record, &outcome), Durability::Buffered)
+                        {
+                            Ok(wait) => wait.await.unwrap_or_else(|_| Err(Error::Fatal("the writer stopped".into()))),
+                            Err(error) => Err(error),
+                        };
+                        node.reply(&saga, result.map(|()| outcome));
+                    });
+                }
+                SagaAction::ResolveReply { saga, result } => {
+                    let waiter = self.inner.resolve_waiters.lock().expect("resolve lock poisoned").remove(&saga);
+                    if let Some(waiter) = waiter {
+                        let _ = waiter.send(result);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends one saga step, retrying transient failures by `retry`.
+    #[allow(clippy::too_many_arguments)]
+    async fn send_step(
+        &self,
+        saga: &SagaId,
+        participant: &Id,
+        kind: StepKind,
+        phase: StepPhase,
+        account: AccountId,
+        amount: Amount,
+        retry: Retry,
+    ) -> StepResult {
+        let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
+        let mut backoff_ms = STEP_RETRY_INITIAL_MS;
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let mut request = Request::new(pb::SagaStepRequest {
+                saga_id: saga.to_string(),
+                kind: match kind {
+                    StepKind::Debit => pb::StepKind::Debit,
+                    StepKind::Credit => pb::StepKind::Credit,
+                    StepKind::Release => pb::StepKind::Release,
+                } as i32,
+                phase: match phase {
+                    StepPhase::Action => pb::StepPhase::Action,
+                    StepPhase::Compensation => pb::StepPhase::Compensation,
+                    StepPhase::CompensateToSuspense => pb::StepPhase::CompensateToSuspense,
+                } as i32,
+                account,
+                amount,
+            });
+            request.set_timeout(timeout);
+            let error = match tokio::time::timeout(timeout, self.client(participant).saga_step(request)).await {
+                Ok(Ok(response)) => {
+                    let response = response.into_inner();
+                    return match pb::StepOutcome::try_from(response.outcome) {
+                        Ok(pb::StepOutcome::Applied) => StepResult::Applied,
+                        Ok(pb::StepOutcome::EmptyCompensation) => StepResult::Empty,
+                        Ok(pb::StepOutcome::HangingIgnored) => {
+                            StepResult::Refused("the step arrived after its compensation".into())
+                        }
+                        _ => StepResult::Refused(format!("{participant}: {}", response.reason)),
+                    };
+                }
+                Ok(Err(status))
+                    if matches!(
+                        status.code(),
+                        tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition
+                    ) =>
+                {
+                    return StepResult::Refused(format!("{participant}: {}", status.message()));
+                }
+                Ok(Err(status)) => format!("{participant}: {:?} {}", status.code(), status.message()),
+                Err(_) => format!("{participant} did not answer within {} ms", timeout.as_millis()),
+            };
+            if retry == Retry::Budgeted && attempts >= self.inner.config.saga_step_attempts {
+                warn!(%saga, ?kind, ?phase, attempts, %error, "saga step budget spent");
+                return StepResult::Exhausted(format!("{error} ({attempts} attempts)"));
+            }
+            debug!(%saga, ?kind, ?phase, attempts, %error, "saga step failed; retrying");
+            tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+            backoff_ms = (backoff_ms * 2).min(STEP_RETRY_MAX_MS);
+        }
+    }
+
+    pub(crate) fn saga_status(&self, saga: &SagaId, record: &SagaRecord) -> pb::SagaStatus {
+        let state = match record.stage {
+            Stage::DeadLettered | Stage::Releasing => pb::SagaState::DeadLettered,
+            _ => pb::SagaState::Running,
+        };
+        pb::SagaStatus {
+            saga_id: saga.to_string(),
+            state: state as i32,
+            from_account: record.spec.from,
+            to_account: record.spec.to,
+            amount: record.spec.amount,
+            reason: record.reason.clone(),
+            suspense_participant: record.spec.from_participant.to_string(),
+            parked: record.parked > 0,
+        }
+    }
+
+    pub(crate) fn saga_status_by_id(&self, saga: &SagaId) -> Option<pb::SagaStatus> {
+        let record = self.saga_core().get(saga).cloned()?;
+        Some(self.saga_status(saga, &record))
+    }
+
+    pub(crate) fn dead_letters(&self) -> Vec<pb::SagaStatus> {
+        let list = self.saga_core().dead_letters();
+        list.iter().map(|(saga, record)| self.saga_status(saga, record)).collect()
+    }
+
+    /// An operator releases a dead letter's parked money to `to_account`
+    /// (0: the saga's source account).
+    pub(crate) async fn resolve_dead_letter(
+        &self,
+        saga: &SagaId,
+        to_account: AccountId,
+    ) -> Result<pb::SagaStatus, Error> {
+        let (record, actions) = {
+            let mut core = self.saga_core();
+            let record = core.get(saga).cloned().ok_or_else(|| Error::NotFound(format!("no dead letter {saga}")))?;
+            let to_account = if to_account == 0 { record.spec.from } else { to_account };
+            if self.inner.directory.owner(to_account)? != &record.spec.from_participant {
+                return Err(Error::InvalidInput(format!(
+                    "account {to_account} is not on {}, whose suspense account holds the money",
+                    record.spec.from_participant
+                )));
+            }
+            if record.parked == 0 && record.stage == Stage::DeadLettered {
+                return Err(Error::InvalidInput(format!("{saga} has nothing parked")));
+            }
+            (record, core.resolve(saga, to_account)?)
+        };
+        let (reply, answer) = oneshot::channel();
+        self.inner.resolve_waiters.lock().expect("resolve lock poisoned").insert(saga.clone(), reply);
+        self.execute_saga(actions);
+        answer.await.unwrap_or_else(|_| Err(Error::Unavailable("the coordinator is stopping".into())))?;
+        info!(%saga, to_account, "dead letter resolved");
+        let mut status = self.saga_status(saga, &record);
+        status.state = pb::SagaState::Resolved as i32;
+        status.parked = false;
+        Ok(status)
+    }
+}

@@ -1,0 +1,275 @@
+//! Tests of the participant's saga steps (barrier semantics) and of the
+//! choreography (outbox, inbox, compensation, suspense), including restarts
+//! from what reached the disk.
+
+use super::*;
+use crate::core::{Config, Core};
+use std::collections::BTreeMap;
+
+fn id(text: &str) -> Id {
+    Id::parse("id", text).unwrap()
+}
+
+fn config(name: &str) -> Config {
+    Config {
+        node_id: id(name),
+        coordinators: [id("c1")].into_iter().collect(),
+        in_doubt_after_ms: 500,
+        finished_retention_ms: 60_000,
+    }
+}
+
+#[derive(Default, Clone)]
+struct Disk(BTreeMap<Vec<u8>, Vec<u8>>);
+
+impl Disk {
+    fn apply(&mut self, effects: &Effects) {
+        for op in &effects.ops {
+            match op {
+                Op::Put(k, v) => {
+                    self.0.insert(k.clone(), v.clone());
+                }
+                Op::Delete(k) => {
+                    self.0.remove(k);
+                }
+            }
+        }
+    }
+}
+
+/// A participant with accounts 1 (100) and 2 (0).
+fn node(name: &str) -> (Core, Disk) {
+    let mut core = Core::new(config(name));
+    let mut disk = Disk::default();
+    disk.apply(&core.open_accounts(&[(1, 100), (2, 0)]).unwrap());
+    (core, disk)
+}
+
+fn step(core: &mut Core, disk: &mut Disk, kind: StepKind, phase: StepPhase, account: u64, amount: i64) -> StepAnswer {
+    let (answer, effects) = core.saga_step(id("s1"), kind, phase, account, amount, 0).unwrap();
+    disk.apply(&effects);
+    answer
+}
+
+#[test]
+fn a_duplicate_step_does_nothing_and_gets_the_first_answer() {
+    let (mut core, mut disk) = node("p1");
+    let first = step(&mut core, &mut disk, StepKind::Debit, StepPhase::Action, 1, 30);
+    assert_eq!(first, StepAnswer { outcome: StepOutcome::Applied, duplicate: false });
+    let again = step(&mut core, &mut disk, StepKind::Debit, StepPhase::Action, 1, 30);
+    assert_eq!(again, StepAnswer { outcome: StepOutcome::Applied, duplicate: true });
+    assert_eq!(core.account(1).unwrap().posted, 70, "applied once");
+}
+
+#[test]
+fn an_empty_compensation_succeeds_and_the_hanging_step_after_it_does_nothing() {
+    let (mut core, mut disk) = node("p1");
+    let compensation = step(&mut core, &mut disk, StepKind::Debit, StepPhase::Compensation, 1, 30);
+    assert_eq!(compensation.outcome, StepOutcome::EmptyCompensation);
+    assert_eq!(core.account(1).unwrap().posted, 100, "nothing refunded that was never taken");
+    let hanging = step(&mut core, &mut disk, StepKind::Debit, StepPhase::Action, 1, 30);
+    assert_eq!(hanging.outcome, StepOutcome::HangingIgnored);
+    assert_eq!(core.account(1).unwrap().posted, 100, "the hanging debit took nothing");
+}
+
+#[test]
+fn a_compensation_undoes_its_step_once() {
+    let (mut core, mut disk) = node("p1");
+    step(&mut core, &mut disk, StepKind::Credit, StepPhase::Action, 2, 40);
+    assert_eq!(core.account(2).unwrap().posted, 40);
+    assert_eq!(
+        step(&mut core, &mut disk, StepKind::Credit, StepPhase::Compensation, 2, 40).outcome,
+        StepOutcome::Applied
+    );
+    let again = step(&mut core, &mut disk, StepKind::Credit, StepPhase::Compensation, 2, 40);
+    assert_eq!(again, StepAnswer { outcome: StepOutcome::Applied, duplicate: true });
+    assert_eq!(core.account(2).unwrap().posted, 0);
+}
+
+#[test]
+fn a_refused_step_stays_refused_and_its_compensation_is_empty() {
+    let (mut core, mut disk) = node("p1");
+    let refused = step(&mut core, &mut disk, StepKind::Debit, StepPhase::Action, 1, 500);
+    assert!(matches!(refused.outcome, StepOutcome::Refused(ref r) if r.contains("available")), "{refused:?}");
+    let again = step(&mut core, &mut disk, StepKind::Debit, StepPhase::Action, 1, 500);
+    assert!(again.duplicate && matches!(again.outcome, StepOutcome::Refused(_)));
+    let compensation = step(&mut core, &mut disk, StepKind::Debit, StepPhase::Compensation, 1, 500);
+    assert_eq!(compensation.outcome, StepOutcome::EmptyCompensation);
+    assert_eq!(core.account(1).unwrap().posted, 100);
+}
+
+#[test]
+fn a_refund_to_a_closed_account_is_refused_unrecorded_and_can_be_retried_or_parked() {
+    let (mut core, mut disk) = node("p1");
+    step(&mut core, &mut disk, StepKind::Debit, StepPhase::Action, 1, 30);
+    disk.apply(&core.set_closed(1, true).unwrap().1);
+    let refund = step(&mut core, &mut disk, StepKind::Debit, StepPhase::Compensation, 1, 30);
+    assert!(matches!(refund.outcome, StepOutcome::Refused(_)));
+    // Compensating into suspense instead parks the money.
+    let parked = step(&mut core, &mut disk, StepKind::Debit, StepPhase::CompensateToSuspense, 1, 30);
+    assert_eq!(parked.outcome, StepOutcome::Applied);
+    assert_eq!((core.account(1).unwrap().posted, core.suspense()), (70, 30));
+    // The refund cannot happen twice now: it is a duplicate of the parking.
+    disk.apply(&core.set_closed(1, false).unwrap().1);
+    let late = step(&mut core, &mut disk, StepKind::Debit, StepPhase::Compensation, 1, 30);
+    assert!(late.duplicate);
+    assert_eq!((core.account(1).unwrap().posted, core.suspense()), (70, 30));
+    // An operator releases it.
+    assert_eq!(step(&mut core, &mut disk, StepKind::Release, StepPhase::Action, 1, 30).outcome, StepOutcome::Applied);
+    assert_eq!((core.account(1).unwrap().posted, core.suspense()), (100, 0));
+    // Everything survives a restart.
+    let core = Core::recover(config("p1"), disk.0.clone(), 0);
+    assert_eq!((core.account(1).unwrap().posted, core.suspense()), (100, 0));
+}
+
+#[test]
+fn compensating_into_suspense_parks_nothing_when_the_debit_never_ran() {
+    let (mut core, mut disk) = node("p1");
+    let parked = step(&mut core, &mut disk, StepKind::Debit, StepPhase::CompensateToSuspense, 1, 30);
+    assert_eq!(parked.outcome, StepOutcome::EmptyCompensation);
+    assert_eq!(core.suspense(), 0);
+    assert_eq!(
+        step(&mut core, &mut disk, StepKind::Debit, StepPhase::Action, 1, 30).outcome,
+        StepOutcome::HangingIgnored
+    );
+}
+
+#[test]
+fn bad_steps_are_errors() {
+    let (mut core, _) = node("p1");
+    assert!(core.saga_step(id("s1"), StepKind::Debit, StepPhase::Action, 1, 0, 0).is_err());
+    assert!(core.saga_step(id("s1"), StepKind::Credit, StepPhase::CompensateToSuspense, 1, 5, 0).is_err());
+    assert!(core.saga_step(id("s1"), StepKind::Release, StepPhase::Compensation, 1, 5, 0).is_err());
+}
+
+#[test]
+fn steps_survive_a_restart_with_their_barriers() {
+    let (mut core, mut disk) = node("p1");
+    step(&mut core, &mut disk, StepKind::Debit, StepPhase::Action, 1, 30);
+    let mut core = Core::recover(config("p1"), disk.0.clone(), 0);
+    // The retry after the crash (the participant died before replying) applies once.
+    let retry = step(&mut core, &mut disk, StepKind::Debit, StepPhase::Action, 1, 30);
+    assert!(retry.duplicate);
+    assert_eq!(core.account(1).unwrap().posted, 70);
+}
+
+/// Moves every durable outbox event of `from` to `to`, as the relay does,
+/// returning how many were delivered.
+fn relay(from: &mut (Core, Disk), to: &mut (Core, Disk)) -> usize {
+    let events = from.0.outbox();
+    for (seq, event) in &events {
+        let (_, effects) = to.0.deliver_event(event.clone(), 0).unwrap();
+        to.1.apply(&effects);
+        to.0.mark_outbox_durable(to.0.outbox_end());
+        let effects = from.0.outbox_delivered(*seq);
+        from.1.apply(&effects);
+    }
+    events.len()
+}
+
+fn start(source: &mut (Core, Disk), saga: &str, from: u64, to: u64, amount: i64) -> Transfer {
+    let (transfer, effects) = source.0.start_transfer(id(saga), from, to, amount, id("p2"), 0).unwrap();
+    source.1.apply(&effects);
+    source.0.mark_outbox_durable(source.0.outbox_end());
+    transfer
+}
+
+#[test]
+fn a_choreographed_transfer_debits_credits_and_completes() {
+    let mut p1 = node("p1");
+    let mut p2 = node("p2");
+    let transfer = start(&mut p1, "s1", 1, 2, 30);
+    assert_eq!(transfer.state, TransferState::Debited);
+    assert_eq!(p1.0.account(1).unwrap().posted, 70);
+    assert_eq!(relay(&mut p1, &mut p2), 1);
+    assert_eq!(p2.0.account(2).unwrap().posted, 30);
+    assert_eq!(relay(&mut p2, &mut p1), 1);
+    assert_eq!(p1.0.transfer(&id("s1")).unwrap().state, TransferState::Completed);
+    assert!(p1.0.outbox().is_empty() && p2.0.outbox().is_empty());
+    // A retried start gets the same transfer, not a second one.
+    let again = start(&mut p1, "s1", 1, 2, 30);
+    assert_eq!(again.state, TransferState::Completed);
+    assert_eq!(p1.0.account(1).unwrap().posted, 70);
+}
+
+#[test]
+fn an_event_is_not_relayed_before_it_is_durable() {
+    let mut p1 = node("p1");
+    let (_, effects) = p1.0.start_transfer(id("s1"), 1, 2, 30, id("p2"), 0).unwrap();
+    assert!(p1.0.outbox().is_empty(), "the debit and its event are not on disk yet");
+    p1.1.apply(&effects);
+    p1.0.mark_outbox_durable(p1.0.outbox_end());
+    assert_eq!(p1.0.outbox().len(), 1);
+}
+
+#[test]
+fn a_redelivered_event_is_dropped_by_the_inbox() {
+    let mut p1 = node("p1");
+    let mut p2 = node("p2");
+    start(&mut p1, "s1", 1, 2, 30);
+    let (_, event) = p1.0.outbox()[0].clone();
+    // The relay delivered, then crashed before marking it delivered.
+    let (_, effects) = p2.0.deliver_event(event.clone(), 0).unwrap();
+    p2.1.apply(&effects);
+    let mut p1_restarted = (Core::recover(config("p1"), p1.1 .0.clone(), 0), p1.1.clone());
+    assert_eq!(p1_restarted.0.outbox().len(), 1, "the event is still in the outbox after the restart");
+    let mut p2_restarted = (Core::recover(config("p2"), p2.1 .0.clone(), 0), p2.1.clone());
+    assert_eq!(relay(&mut p1_restarted, &mut p2_restarted), 1);
+    assert_eq!(p2_restarted.0.account(2).unwrap().posted, 30, "credited once");
+    let ((duplicate, _), _) = p2_restarted.0.deliver_event(event, 0).unwrap();
+    assert!(duplicate);
+}
+
+#[test]
+fn a_rejected_credit_refunds_or_parks_the_money_in_suspense() {
+    let mut p1 = node("p1");
+    let mut p2 = node("p2");
+    p2.1.apply(&p2.0.set_closed(2, true).unwrap().1);
+    start(&mut p1, "s1", 1, 2, 30);
+    relay(&mut p1, &mut p2);
+    relay(&mut p2, &mut p1);
+    assert!(matches!(p1.0.transfer(&id("s1")).unwrap().state, TransferState::Compensated(_)));
+    assert_eq!(p1.0.account(1).unwrap().posted, 100);
+    // Now the refund fails too: the source account closes meanwhile.
+    start(&mut p1, "s2", 1, 2, 40);
+    p1.1.apply(&p1.0.set_closed(1, true).unwrap().1);
+    relay(&mut p1, &mut p2);
+    relay(&mut p2, &mut p1);
+    assert!(matches!(p1.0.transfer(&id("s2")).unwrap().state, TransferState::DeadLettered(_)));
+    assert_eq!((p1.0.account(1).unwrap().posted, p1.0.suspense()), (60, 40));
+    let restarted = Core::recover(config("p1"), p1.1 .0.clone(), 0);
+    assert_eq!(restarted.suspense(), 40);
+    assert!(matches!(restarted.transfer(&id("s2")).unwrap().state, TransferState::DeadLettered(_)));
+}
+
+#[test]
+fn a_refused_debit_rejects_the_transfer_and_sends_nothing() {
+    let mut p1 = node("p1");
+    let transfer = start(&mut p1, "s1", 1, 2, 500);
+    assert!(matches!(transfer.state, TransferState::Rejected(ref r) if r.contains("available")));
+    assert!(p1.0.outbox().is_empty());
+    assert!(p1.0.start_transfer(id("s2"), 1, 1, 5, id("p2"), 0).is_err(), "the same account on both sides");
+    assert!(p1.0.start_transfer(id("s3"), 99, 2, 5, id("p2"), 0).is_err(), "an unknown source account");
+}
+
+#[test]
+fn events_round_trip_and_a_newer_version_with_a_known_kind_is_read() {
+    let event = Event {
+        version: 7,
+        id: "s1:debited".into(),
+        kind: EventKind::TransferDebited,
+        saga: id("s1"),
+        from: 1,
+        to: 2,
+        amount: 30,
+        source: id("p1"),
+        target: id("p2"),
+        reason: String::new(),
+    };
+    assert_eq!(decode_event(&encode_event(&event)), event);
+    let mut p2 = node("p2");
+    let ((duplicate, _), effects) = p2.0.deliver_event(event, 0).unwrap();
+    p2.1.apply(&effects);
+    assert!(!duplicate);
+    assert_eq!(p2.0.account(2).unwrap().posted, 30);
+}
