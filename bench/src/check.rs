@@ -15,7 +15,6 @@
 //!
 //! A violation names the account or node and what is wrong.
 
-use crate::scenario::Protocol;
 use crate::workload::{Client, HistoryEntry, OpOutcome};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -81,7 +80,9 @@ async fn settle(cluster: &Cluster, limit: Duration) -> Result<Duration, String> 
     }
 }
 
-pub async fn check(cluster: &Cluster, protocol: Protocol, history: &mut [HistoryEntry]) -> CheckReport {
+/// Checks the cluster against the history of every client operation (of
+/// any protocols: each entry says which).
+pub async fn check(cluster: &Cluster, history: &mut [HistoryEntry]) -> CheckReport {
     let mut report = CheckReport { expected_total: cluster.spec.total_money(), ..Default::default() };
     match settle(cluster, Duration::from_secs(30)).await {
         Ok(took) => report.settle_ms = took.as_millis() as u64,
@@ -110,7 +111,7 @@ pub async fn check(cluster: &Cluster, protocol: Protocol, history: &mut [History
         report.resolved_after_run += 1;
         loop {
             let (outcome, txn_id, detail) =
-                client.transfer(protocol, entry.from, entry.to, entry.amount, &entry.key, Duration::from_secs(5)).await;
+                client.transfer(entry.protocol, entry.from, entry.to, entry.amount, &entry.key, Duration::from_secs(5)).await;
             if outcome.is_definite() {
                 entry.detail = format!("resolved after the run as {outcome:?} ({txn_id}); first: {}", entry.detail);
                 entry.outcome = outcome;

@@ -315,7 +315,7 @@ pub async fn run_protocol(
     let crashed_nodes: Vec<String> =
         cluster.crashed().into_iter().map(|(node, status)| format!("{node} exited on its own: {status}")).collect();
 
-    let check = check::check(&cluster, protocol, &mut recorder.history).await;
+    let check = check::check(&cluster, &mut recorder.history).await;
     cluster.stop().await;
 
     let timeline = timeline(&recorder, scenario.duration_s);

@@ -61,6 +61,7 @@ impl OpOutcome {
 /// One line of the history file.
 #[derive(Debug, Clone, Serialize)]
 pub struct HistoryEntry {
+    pub protocol: Protocol,
     pub client: usize,
     pub key: String,
     pub from: u64,
@@ -387,6 +388,7 @@ pub async fn drive(
                                 client.transfer(protocol, from, to, amount, &key, timeout).await;
                             let ended = Instant::now();
                             let entry = HistoryEntry {
+                                protocol,
                                 client: c,
                                 key,
                                 from,
@@ -433,6 +435,7 @@ pub async fn drive(
                 let start_us = intended.duration_since(start).as_micros() as u64;
                 if in_flight.load(Ordering::Relaxed) >= scenario.workload.in_flight_max {
                     let entry = HistoryEntry {
+                        protocol,
                         client: 0,
                         key,
                         from,
@@ -455,7 +458,7 @@ pub async fn drive(
                     let (outcome, txn_id, detail) = client.transfer(protocol, from, to, amount, &key, timeout).await;
                     let end_us = start.elapsed().as_micros() as u64;
                     let entry =
-                        HistoryEntry { client: 0, key, from, to, amount, start_us, end_us, outcome, txn_id, detail };
+                        HistoryEntry { protocol, client: 0, key, from, to, amount, start_us, end_us, outcome, txn_id, detail };
                     finished.lock().unwrap().record(entry, &windows);
                     in_flight.fetch_sub(1, Ordering::Relaxed);
                     progress.fetch_add(1, Ordering::Relaxed);

@@ -1,0 +1,78 @@
+//! The `bench` binary end to end: the short `smoke` scenario (every
+//! protocol, a participant SIGKILLed and restarted) runs on real processes,
+//! its invariants hold, and its report files are produced and well formed;
+//! a bad scenario file is refused with a message that names the problem.
+
+use std::path::Path;
+use std::process::Command;
+
+fn bench() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_bench"))
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn the_smoke_scenario_runs_with_a_participant_kill_and_every_invariant_holds() {
+    let out = tempfile::tempdir().unwrap();
+    let output = bench().args(["run", "--scenario", "smoke", "--out"]).arg(out.path()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench failed ({:?}):\n{stdout}\n{stderr}", output.status);
+    assert!(stdout.contains("invariants") && stdout.contains("report:"), "{stdout}");
+
+    let results: serde_json::Value = serde_json::from_str(&read(&out.path().join("results.json"))).unwrap();
+    let protocols = results["results"].as_array().unwrap();
+    let names: Vec<&str> = protocols.iter().map(|r| r["protocol"].as_str().unwrap()).collect();
+    assert_eq!(names, ["2pc", "orchestrated", "choreographed"]);
+    for result in protocols {
+        let name = result["protocol"].as_str().unwrap();
+        assert_eq!(result["check"]["violations"].as_array().unwrap().len(), 0, "{name}: {}", result["check"]);
+        assert!(result["outcomes"]["committed"].as_u64().unwrap() > 0, "{name} committed nothing");
+        let fault = &result["faults"][0];
+        assert_eq!(fault["node"], "p1");
+        assert!(fault["healed_at_s"].as_f64().unwrap() > fault["at_s"].as_f64().unwrap(), "{name}: {fault}");
+        assert!(fault["error"].is_null(), "{name}: the restart failed: {fault}");
+        assert!(result["floor_ms"].as_f64().unwrap() > 0.0);
+        // The history has one line per operation, each a JSON object.
+        let history = read(Path::new(result["history_file"].as_str().unwrap()));
+        let lines: Vec<serde_json::Value> = history.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let counted: u64 = result["outcomes"].as_object().unwrap().values().map(|v| v.as_u64().unwrap()).sum();
+        assert_eq!(lines.len() as u64, counted, "{name}");
+        assert!(lines.iter().all(|l| l["protocol"] == name && l["end_us"].as_u64() >= l["start_us"].as_u64()));
+    }
+    assert_eq!(protocols[0]["audits"]["wrong_total"], 0, "2PC audits never see a wrong total");
+    assert!(protocols[0]["audits"]["reads"].as_u64().unwrap() > 0);
+
+    let report = read(&out.path().join("report.md"));
+    assert!(report.contains("every invariant held"), "{report}");
+    for plot in ["latency-over-time", "throughput-over-time", "percentiles"] {
+        let svg = read(&out.path().join(format!("{plot}.svg")));
+        assert!(svg.contains("<svg") && svg.trim_end().ends_with("</svg>"), "{plot}.svg is not a whole SVG");
+        assert!(report.contains(&format!("{plot}.svg")), "report.md links {plot}.svg");
+        let png = std::fs::read(out.path().join(format!("{plot}.png"))).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{plot}.png is a PNG");
+    }
+}
+
+#[test]
+fn a_bad_scenario_file_is_refused_with_a_message_that_names_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, expected) in [
+        ("[workload]\nclients = 0\n", "clients"),
+        ("duration_s = 5\n[[fault]]\nkind = \"kill\"\nnode = \"p7\"\nat_s = 1\nduration_s = 1\n", "p7"),
+        ("durationn_s = 5\n", "durationn_s"),
+    ] {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let output = bench().args(["run", "--scenario"]).arg(&path).arg("--out").arg(dir.path()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{text} was accepted");
+        assert!(stderr.contains(expected) && stderr.contains("bad.toml"), "{text}: {stderr}");
+    }
+    let output = bench().args(["run", "--scenario", "no-such-preset"]).output().unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("neither a preset"));
+}

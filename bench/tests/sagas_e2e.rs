@@ -1,0 +1,237 @@
+//! Sagas end to end, on real processes: orchestrated and choreographed
+//! transfers running together while a participant, or the coordinator, is
+//! SIGKILLed and restarted; then the invariant checker (the bench's own)
+//! resolves every outcome and checks the ledger exactly, suspense included.
+//! Also: a dead letter that an operator resolves, and compensation of a
+//! credit refused by a closed account, for both kinds of saga.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tandem::cluster::{default_bin_dir, Cluster, ClusterSpec, NodeRef};
+use tandem::pb;
+use tandem::rng::SplitMix64;
+use tandem_bench::check::check;
+use tandem_bench::scenario::Protocol;
+use tandem_bench::workload::{Client, HistoryEntry, OpOutcome};
+
+const BALANCE: i64 = 1_000;
+
+async fn start(participants: usize, accounts: u64) -> (Cluster, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(default_bin_dir(), dir.path().to_path_buf());
+    spec.participants = participants;
+    spec.accounts_per_participant = accounts;
+    spec.initial_balance = BALANCE;
+    spec.log_level = "info".into();
+    spec.coordinator_args = vec!["--call-timeout-ms".into(), "300".into(), "--saga-step-attempts".into(), "6".into()];
+    spec.participant_args = vec!["--in-doubt-after-ms".into(), "200".into()];
+    (Cluster::start(spec).await.expect("the cluster starts"), dir)
+}
+
+fn client(cluster: &Cluster) -> Client {
+    let coordinator = tandem::server::channel(&cluster.coordinator.url()).unwrap();
+    let participants = cluster.participants.iter().map(|p| tandem::server::channel(&p.url()).unwrap()).collect();
+    Client::new(coordinator, participants, cluster.spec.accounts_per_participant)
+}
+
+/// Runs `clients` loops of random transfers, alternating the protocols,
+/// until `stop`; returns every operation.
+fn load(cluster: &Cluster, clients: usize, protocols: &'static [Protocol], stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<Vec<HistoryEntry>>> {
+    let accounts = cluster.accounts().end;
+    let started = Instant::now();
+    (0..clients)
+        .map(|c| {
+            let mut client = client(cluster);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut rng = SplitMix64::new(c as u64 + 11);
+                let mut history = Vec::new();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let protocol = protocols[n % protocols.len()];
+                    let from = rng.below(accounts);
+                    let to = (from + 1 + rng.below(accounts - 1)) % accounts;
+                    let amount = 1 + rng.below(200) as i64;
+                    let key = format!("{}-{c}-{n}", protocol.name());
+                    let start_us = started.elapsed().as_micros() as u64;
+                    let (outcome, txn_id, detail) =
+                        client.transfer(protocol, from, to, amount, &key, Duration::from_secs(3)).await;
+                    history.push(HistoryEntry {
+                        protocol,
+                        client: c,
+                        key,
+                        from,
+                        to,
+                        amount,
+                        start_us,
+                        end_us: started.elapsed().as_micros() as u64,
+                        outcome,
+                        txn_id,
+                        detail,
+                    });
+                    if !outcome.is_definite() {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+                history
+            })
+        })
+        .collect()
+}
+
+async fn kill_restart_and_check(victim: NodeRef, protocols: &'static [Protocol]) {
+    let (mut cluster, _dir) = start(3, 30).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = load(&cluster, 8, protocols, stop.clone());
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    cluster.kill(victim).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    cluster.restart(victim).await.expect("the victim restarts on its data");
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut history = Vec::new();
+    for task in tasks {
+        history.extend(task.await.unwrap());
+    }
+    assert!(cluster.crashed().is_empty(), "no node crashed on its own");
+    let unknown = history.iter().filter(|e| !e.outcome.is_definite()).count();
+    let report = check(&cluster, &mut history).await;
+    assert!(report.passed(), "{:#?}", report.violations);
+    for protocol in protocols {
+        let committed = history.iter().filter(|e| e.protocol == *protocol && e.outcome == OpOutcome::Committed).count();
+        assert!(committed > 20, "{protocol}: only {committed} committed");
+    }
+    assert!(history.iter().all(|e| e.outcome.is_definite()), "every saga ended");
+    eprintln!(
+        "{} operations, {unknown} with an outcome learned after healing; money {} posted + {} in suspense",
+        history.len(),
+        report.total_posted,
+        report.total_suspense
+    );
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchestrated_and_choreographed_sagas_survive_a_participant_sigkill() {
+    kill_restart_and_check(NodeRef::Participant(1), &[Protocol::Orchestrated, Protocol::Choreographed]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchestrated_sagas_resume_after_the_coordinator_is_sigkilled() {
+    kill_restart_and_check(NodeRef::Coordinator, &[Protocol::Orchestrated, Protocol::Choreographed]).await;
+}
+
+fn saga_transfer(from: u64, to: u64, amount: i64, recovery: pb::Recovery, key: &str) -> pb::TransferRequest {
+    pb::TransferRequest {
+        from_account: from,
+        to_account: to,
+        amount,
+        idempotency_key: key.into(),
+        protocol: pb::Protocol::SagaOrchestrated as i32,
+        recovery: recovery as i32,
+    }
+}
+
+async fn posted(cluster: &Cluster, account: u64) -> i64 {
+    let owner = (account / cluster.spec.accounts_per_participant) as usize;
+    let mut client = cluster.participant_client(owner).unwrap();
+    client.get_balance(pb::GetBalanceRequest { account }).await.unwrap().into_inner().posted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_credit_is_compensated_and_a_failed_one_forward_is_dead_lettered_then_resolved() {
+    let (cluster, _dir) = start(2, 10).await;
+    let mut coordinator = cluster.coordinator_client().unwrap();
+    let mut p2 = cluster.participant_client(1).unwrap();
+    p2.set_account_closed(pb::SetAccountClosedRequest { account: 15, closed: true }).await.unwrap();
+
+    // Backward: the credit to the closed account is refused, the debit refunded.
+    let result = coordinator.transfer(saga_transfer(3, 15, 100, pb::Recovery::Backward, "b1")).await.unwrap().into_inner();
+    assert_eq!(result.outcome, pb::Outcome::Compensated as i32, "{result:?}");
+    assert!(result.reason.contains("closed"), "{}", result.reason);
+    assert_eq!(posted(&cluster, 3).await, BALANCE);
+
+    // Choreographed, the same: the target rejects, the source refunds.
+    let mut client = client(&cluster);
+    let (outcome, _, detail) =
+        client.transfer(Protocol::Choreographed, 4, 15, 100, "c1", Duration::from_secs(5)).await;
+    assert_eq!(outcome, OpOutcome::Compensated, "{detail}");
+    assert_eq!(posted(&cluster, 4).await, BALANCE);
+
+    // Forward: the credit cannot succeed; the money is parked in suspense.
+    let result = coordinator.transfer(saga_transfer(3, 15, 250, pb::Recovery::Forward, "f1")).await.unwrap().into_inner();
+    assert_eq!(result.outcome, pb::Outcome::DeadLettered as i32, "{result:?}");
+    assert_eq!(posted(&cluster, 3).await, BALANCE - 250);
+    let listed = coordinator.list_dead_letters(pb::ListDeadLettersRequest {}).await.unwrap().into_inner();
+    assert_eq!(listed.dead_letters.len(), 1);
+    let dead = &listed.dead_letters[0];
+    assert_eq!((dead.saga_id.as_str(), dead.amount, dead.parked), (result.txn_id.as_str(), 250, true));
+    assert_eq!(dead.suspense_participant, "p1");
+    // Conservation holds with suspense counted.
+    let audit = coordinator.audit(pb::AuditRequest { include_accounts: false }).await.unwrap().into_inner();
+    assert_eq!((audit.total_posted, audit.total_suspense), (cluster.spec.total_money() - 250, 250));
+    // The same key gets the same answer, without a second saga.
+    let again = coordinator.transfer(saga_transfer(3, 15, 250, pb::Recovery::Forward, "f1")).await.unwrap().into_inner();
+    assert_eq!(again, result);
+    assert_eq!(posted(&cluster, 3).await, BALANCE - 250);
+
+    // Resolving to an account on another participant is refused.
+    let status = coordinator
+        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: result.txn_id.clone(), to_account: 15 })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{}", status.message());
+    // The operator releases the money back to the source.
+    let resolved = coordinator
+        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: result.txn_id.clone(), to_account: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resolved.state, pb::SagaState::Resolved as i32);
+    assert_eq!(posted(&cluster, 3).await, BALANCE);
+    let audit = coordinator.audit(pb::AuditRequest { include_accounts: false }).await.unwrap().into_inner();
+    assert_eq!((audit.total_posted, audit.total_suspense), (cluster.spec.total_money(), 0));
+    assert!(coordinator.list_dead_letters(pb::ListDeadLettersRequest {}).await.unwrap().into_inner().dead_letters.is_empty());
+    let status = coordinator
+        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: result.txn_id, to_account: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saga_steps_on_the_wire_keep_their_barrier_semantics() {
+    let (cluster, _dir) = start(1, 4).await;
+    let mut p1 = cluster.participant_client(0).unwrap();
+    let step = |phase: pb::StepPhase| pb::SagaStepRequest {
+        saga_id: "manual-1".into(),
+        kind: pb::StepKind::Debit as i32,
+        phase: phase as i32,
+        account: 1,
+        amount: 40,
+    };
+    // Empty compensation first, then the hanging step does nothing.
+    let answer = p1.saga_step(step(pb::StepPhase::Compensation)).await.unwrap().into_inner();
+    assert_eq!(answer.outcome, pb::StepOutcome::EmptyCompensation as i32);
+    let answer = p1.saga_step(step(pb::StepPhase::Action)).await.unwrap().into_inner();
+    assert_eq!(answer.outcome, pb::StepOutcome::HangingIgnored as i32);
+    assert_eq!(posted(&cluster, 1).await, BALANCE);
+    // Bad input is an error status and changes nothing.
+    let mut bad = step(pb::StepPhase::Action);
+    bad.amount = -5;
+    bad.saga_id = "manual-2".into();
+    assert_eq!(p1.saga_step(bad).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    let mut bad = step(pb::StepPhase::Action);
+    bad.saga_id = "white space".into();
+    assert_eq!(p1.saga_step(bad).await.unwrap_err().code(), tonic::Code::InvalidArgument);
+    // A duplicated step applies once.
+    let mut once = step(pb::StepPhase::Action);
+    once.saga_id = "manual-3".into();
+    let first = p1.saga_step(once.clone()).await.unwrap().into_inner();
+    let second = p1.saga_step(once).await.unwrap().into_inner();
+    assert_eq!((first.outcome, first.duplicate), (pb::StepOutcome::Applied as i32, false));
+    assert_eq!((second.outcome, second.duplicate), (pb::StepOutcome::Applied as i32, true));
+    assert_eq!(posted(&cluster, 1).await, BALANCE - 40);
+}
