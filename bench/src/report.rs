@@ -186,14 +186,21 @@ where
     }
     for (i, r) in report.results.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
-        let p50: Vec<(f64, f64)> = r.timeline.iter().filter(|p| p.p50_ms > 0.0).map(|p| (p.t_s, p.p50_ms)).collect();
-        let p99: Vec<(f64, f64)> = r.timeline.iter().filter(|p| p.p99_ms > 0.0).map(|p| (p.t_s, p.p99_ms)).collect();
-        chart
-            .draw_series(LineSeries::new(p50, color.stroke_width(2)))
-            .map_err(|e| e.to_string())?
-            .label(format!("{} p50", r.protocol))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
-        chart.draw_series(LineSeries::new(p99, color.mix(0.6).stroke_width(1))).map_err(|e| e.to_string())?;
+        // A bucket without commits has no latency: the line breaks there
+        // rather than drawing a slope across the gap.
+        let p50 = segments(r.timeline.iter().map(|p| (p.t_s, p.p50_ms)));
+        let p99 = segments(r.timeline.iter().map(|p| (p.t_s, p.p99_ms)));
+        for (k, segment) in p50.into_iter().enumerate() {
+            let drawn = chart.draw_series(LineSeries::new(segment, color.stroke_width(2)).point_size(1)).map_err(|e| e.to_string())?;
+            if k == 0 {
+                drawn
+                    .label(format!("{} p50", r.protocol))
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+            }
+        }
+        for segment in p99 {
+            chart.draw_series(LineSeries::new(segment, color.mix(0.6).stroke_width(1))).map_err(|e| e.to_string())?;
+        }
     }
     chart
         .configure_series_labels()
@@ -202,6 +209,20 @@ where
         .draw()
         .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
+}
+
+/// Splits a series at its zero values into runs of positive ones.
+fn segments(points: impl Iterator<Item = (f64, f64)>) -> Vec<Vec<(f64, f64)>> {
+    let mut out: Vec<Vec<(f64, f64)>> = vec![Vec::new()];
+    for (x, y) in points {
+        if y > 0.0 {
+            out.last_mut().expect("never empty").push((x, y));
+        } else if !out.last().expect("never empty").is_empty() {
+            out.push(Vec::new());
+        }
+    }
+    out.retain(|s| !s.is_empty());
+    out
 }
 
 fn throughput_over_time<DB: DrawingBackend>(

@@ -37,8 +37,10 @@ struct Args {
     /// (COMMITs are redelivered until acknowledged).
     #[arg(long, default_value_t = 1_000)]
     call_timeout_ms: u64,
-    /// How long an audit waits for in-flight commits to be applied.
-    #[arg(long, default_value_t = 2_000)]
+    /// How long an audit waits for in-flight commits to be applied (new
+    /// commit decisions wait while it does). A commit pending longer than
+    /// this (its participant is down) makes audits fail at once.
+    #[arg(long, default_value_t = 100)]
     audit_timeout_ms: u64,
     /// Most transactions in flight at once; more get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 10_000)]

@@ -20,7 +20,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tandem::domain::{validate_balanced, validate_legs, Id, Leg, TxnId};
 use tandem::pb;
 use tandem::pb::coordinator_server::{Coordinator, CoordinatorServer};
@@ -92,7 +92,8 @@ pub(crate) struct Inner {
     /// transaction, so two requests with one key cannot both start.
     pub(crate) keys: Mutex<()>,
     pub(crate) fence: Arc<RwLock<()>>,
-    pub(crate) fence_guards: Mutex<HashMap<TxnId, OwnedRwLockReadGuard<()>>>,
+    /// Each commit's shared hold on the fence, and since when it holds it.
+    pub(crate) fence_guards: Mutex<HashMap<TxnId, (Instant, OwnedRwLockReadGuard<()>)>>,
     pub(crate) finished_count: AtomicU64,
     pub(crate) sagas: Mutex<SagaCore>,
     /// Operators waiting for a dead letter's release.
@@ -129,7 +130,8 @@ impl Node {
         let fence = Arc::new(RwLock::new(()));
         let mut fence_guards = HashMap::new();
         for (txn, _) in &logged {
-            fence_guards.insert(txn.clone(), fence.clone().try_read_owned().expect("no audit runs before start"));
+            let guard = fence.clone().try_read_owned().expect("no audit runs before start");
+            fence_guards.insert(txn.clone(), (Instant::now(), guard));
         }
         let logged_sagas: Vec<_> = store
             .scan_prefix(log::SAGA_PREFIX)?
@@ -245,7 +247,11 @@ impl Node {
                     let node = self.clone();
                     tokio::spawn(async move {
                         let guard = node.inner.fence.clone().read_owned().await;
-                        node.inner.fence_guards.lock().expect("guards lock poisoned").insert(txn.clone(), guard);
+                        node.inner
+                            .fence_guards
+                            .lock()
+                            .expect("guards lock poisoned")
+                            .insert(txn.clone(), (Instant::now(), guard));
                         let fingerprint = node.waiter_fingerprint(&txn);
                         match node.inner.store.write(log::commit_ops(&txn, &record, fingerprint)).await {
                             Ok(()) => {
@@ -490,12 +496,30 @@ impl Node {
     }
 
     async fn audit(&self, include_accounts: bool) -> Result<pb::AuditResponse, Error> {
+        // While the audit waits for the fence, new commit decisions wait
+        // behind it (the lock is fair). So it does not wait for commits that
+        // are stuck (a participant is down): it refuses at once, and it waits
+        // for the others at most `audit_timeout_ms`.
         let timeout = Duration::from_millis(self.inner.config.audit_timeout_ms);
+        let stuck: Vec<String> = self
+            .inner
+            .fence_guards
+            .lock()
+            .expect("guards lock poisoned")
+            .iter()
+            .filter(|(_, (since, _))| since.elapsed() > timeout)
+            .take(3)
+            .map(|(txn, (since, _))| format!("{txn} for {} ms", since.elapsed().as_millis()))
+            .collect();
+        if !stuck.is_empty() {
+            return Err(Error::Unavailable(format!(
+                "commits are waiting for a participant to acknowledge ({}); the audit needs every decided commit applied, retry later",
+                stuck.join(", ")
+            )));
+        }
         let fence = tokio::time::timeout(timeout, self.inner.fence.write()).await.map_err(|_| {
-            let pending: Vec<String> =
-                self.inner.fence_guards.lock().expect("guards lock poisoned").keys().take(5).map(|t| t.to_string()).collect();
             Error::Unavailable(format!(
-                "the audit waited {} ms for commits still being delivered (for example {pending:?}); retry when the participants are back",
+                "the audit waited {} ms for commits still being delivered; retry later",
                 timeout.as_millis()
             ))
         })?;
