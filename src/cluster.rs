@@ -9,10 +9,19 @@
 //! killed (SIGKILL), restarted on the same port and data directory, paused
 //! (SIGSTOP) and resumed (SIGCONT). Every child is killed when the cluster is
 //! dropped, so a failing test leaves no process behind.
+//!
+//! With `ClusterSpec::proxied_links`, every directed link between two nodes
+//! (c1→pi, pi→c1, pi→pj) goes through its own [`LinkProxy`]: the node's
+//! flag names the proxy's address, the proxy forwards to the peer's fixed
+//! address, so a link can be delayed or cut (see [`crate::proxy`]) and a
+//! restarted node is reached through the same proxy. The bench's clients and
+//! the health checks talk to the nodes directly, never through a proxy.
 
 use crate::pb::coordinator_client::CoordinatorClient;
 use crate::pb::participant_client::ParticipantClient;
+use crate::proxy::LinkProxy;
 use crate::{pb, Error};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -38,6 +47,9 @@ pub struct ClusterSpec {
     pub coordinator_args: Vec<String>,
     pub participant_args: Vec<String>,
     pub ready_timeout: Duration,
+    /// Route every link between two nodes through its own [`LinkProxy`], so
+    /// that links can be delayed and cut.
+    pub proxied_links: bool,
 }
 
 impl ClusterSpec {
@@ -52,6 +64,7 @@ impl ClusterSpec {
             coordinator_args: Vec::new(),
             participant_args: Vec::new(),
             ready_timeout: Duration::from_secs(20),
+            proxied_links: false,
         }
     }
 
@@ -250,6 +263,9 @@ pub struct Cluster {
     pub spec: ClusterSpec,
     pub coordinator: NodeProcess,
     pub participants: Vec<NodeProcess>,
+    /// The proxy of each directed link `(from, to)`, when the links are
+    /// proxied; empty otherwise.
+    links: BTreeMap<(NodeRef, NodeRef), LinkProxy>,
 }
 
 impl Cluster {
@@ -274,17 +290,37 @@ impl Cluster {
         for _ in 0..spec.participants {
             addrs.push(format!("127.0.0.1:{}", free_port()?).parse::<SocketAddr>().expect("valid address"));
         }
-        // Every participant knows every other (choreographed sagas send
-        // events between them).
-        let peers: Vec<String> = addrs
-            .iter()
-            .enumerate()
-            .flat_map(|(i, addr)| ["--peer".to_string(), format!("{}=http://{addr}", NodeRef::Participant(i))])
-            .collect();
-        for (i, addr) in addrs.into_iter().enumerate() {
+        let mut links = BTreeMap::new();
+        if spec.proxied_links {
+            let nodes: Vec<(NodeRef, SocketAddr)> = std::iter::once((NodeRef::Coordinator, coordinator_addr))
+                .chain(addrs.iter().enumerate().map(|(i, addr)| (NodeRef::Participant(i), *addr)))
+                .collect();
+            for (from, _) in &nodes {
+                for (to, to_addr) in &nodes {
+                    if from != to {
+                        let proxy = LinkProxy::start(*to_addr).await.map_err(|e| {
+                            Error::Unavailable(format!("cannot start the proxy of the link {from}->{to}: {e}"))
+                        })?;
+                        links.insert((*from, *to), proxy);
+                    }
+                }
+            }
+            assert_eq!(links.len(), nodes.len() * (nodes.len() - 1), "one proxy per directed link");
+        }
+        // The URL `from` uses to reach `to` at `addr`: its link's proxy, or
+        // `to` itself.
+        let url = |from: NodeRef, to: NodeRef, addr: SocketAddr| match links.get(&(from, to)) {
+            Some(proxy) => format!("http://{}", proxy.local_addr()),
+            None => format!("http://{addr}"),
+        };
+        for (i, addr) in addrs.iter().copied().enumerate() {
             let node = NodeRef::Participant(i);
             let first = i as u64 * spec.accounts_per_participant;
-            shards.push(format!("{node}=http://{addr}@{first}..{}", first + spec.accounts_per_participant));
+            shards.push(format!(
+                "{node}={}@{first}..{}",
+                url(NodeRef::Coordinator, node, addr),
+                first + spec.accounts_per_participant
+            ));
             let data_dir = spec.data_dir.join(node.to_string());
             let mut args = vec![
                 "--listen".into(),
@@ -294,7 +330,7 @@ impl Cluster {
                 "--node-id".into(),
                 node.to_string(),
                 "--coordinator".into(),
-                format!("c1=http://{coordinator_addr}"),
+                format!("c1={}", url(node, NodeRef::Coordinator, coordinator_addr)),
                 "--log-level".into(),
                 spec.log_level.clone(),
                 // Every node shares this machine's cores: one worker each
@@ -302,7 +338,13 @@ impl Cluster {
                 "--worker-threads".into(),
                 "1".into(),
             ];
-            args.extend(peers.iter().cloned());
+            // Every participant knows every other (choreographed sagas send
+            // events between them); its entry for itself stays direct.
+            for (j, peer_addr) in addrs.iter().copied().enumerate() {
+                let peer = NodeRef::Participant(j);
+                args.push("--peer".into());
+                args.push(format!("{peer}={}", url(node, peer, peer_addr)));
+            }
             args.extend(spec.participant_args.iter().cloned());
             participants.push(NodeProcess {
                 node,
@@ -343,7 +385,7 @@ impl Cluster {
             child: None,
             paused: false,
         };
-        let mut cluster = Cluster { spec, coordinator, participants };
+        let mut cluster = Cluster { spec, coordinator, participants, links };
         for i in 0..cluster.participants.len() {
             cluster.participants[i].spawn(cluster.spec.ready_timeout).await?;
         }
@@ -440,5 +482,45 @@ impl Cluster {
 
     pub fn data_dir(&self) -> &Path {
         &self.spec.data_dir
+    }
+
+    /// The proxy of the directed link `from` → `to`; `None` when the links
+    /// are not proxied, or `from == to`.
+    pub fn link(&self, from: NodeRef, to: NodeRef) -> Option<&LinkProxy> {
+        self.links.get(&(from, to))
+    }
+
+    /// Both directions of the link between `a` and `b`.
+    ///
+    /// Panics if the links are not proxied or there is no such link: a link
+    /// fault on a cluster started without `proxied_links` is a bug of the
+    /// caller.
+    fn both_directions(&self, a: NodeRef, b: NodeRef) -> [&LinkProxy; 2] {
+        assert!(self.spec.proxied_links, "link {a}-{b}: the cluster was started without proxied_links");
+        let one = |from, to| self.link(from, to).unwrap_or_else(|| panic!("there is no link {from}->{to}"));
+        [one(a, b), one(b, a)]
+    }
+
+    /// Every chunk sent either way between `a` and `b` is held `delay` (one
+    /// way: a round trip between them gains twice it).
+    pub fn set_link_delay(&self, a: NodeRef, b: NodeRef, delay: Duration) {
+        for proxy in self.both_directions(a, b) {
+            proxy.set_delay(delay);
+        }
+    }
+
+    /// Closes every connection between `a` and `b`, both ways, and refuses
+    /// new ones until [`Cluster::heal_link`].
+    pub fn cut_link(&self, a: NodeRef, b: NodeRef) {
+        for proxy in self.both_directions(a, b) {
+            proxy.cut();
+        }
+    }
+
+    /// No delay, connections allowed, both ways between `a` and `b`.
+    pub fn heal_link(&self, a: NodeRef, b: NodeRef) {
+        for proxy in self.both_directions(a, b) {
+            proxy.heal();
+        }
     }
 }

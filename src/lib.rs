@@ -1,7 +1,8 @@
 //! tandem's shared library: the gRPC code generated from `proto/`, the domain
 //! types every binary uses, the error type that classifies failures, the
 //! group-committing RocksDB store, and the plumbing every server shares
-//! (health, reflection, tracing, graceful shutdown).
+//! (health, reflection, tracing, graceful shutdown), and the local-cluster
+//! launcher with its link proxies.
 //!
 //! Protobuf stays at the edge: the protocol cores in `coordinator` and
 //! `participant` see only the types of [`domain`]; [`pb`] and its conversions
@@ -11,6 +12,7 @@ pub mod cluster;
 pub mod domain;
 pub mod error;
 pub mod pb;
+pub mod proxy;
 pub mod rng;
 pub mod server;
 pub mod store;

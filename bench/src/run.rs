@@ -19,6 +19,10 @@ use tandem::pb;
 pub struct AppliedFault {
     pub kind: FaultKind,
     pub node: String,
+    /// The other end of the link, for a link fault.
+    pub peer: Option<String>,
+    /// The one-way delay set, for a delay fault.
+    pub delay_ms: Option<u64>,
     pub at_s: f64,
     pub healed_at_s: f64,
     /// From the heal until throughput is back to half its level before the
@@ -122,13 +126,18 @@ async fn run_faults(mut cluster: Cluster, scenario: Scenario, start: Instant) ->
         events.push((fault.at_s, i, true));
         events.push(((fault.at_s + fault.duration_s).min(scenario.duration_s), i, false));
     }
-    events.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    // In time order; at the same instant, ends before beginnings, so that a
+    // fault that starts when another on the same node or link ends is not
+    // healed at once.
+    events.sort_by(|a, b| (a.0, a.2, a.1).partial_cmp(&(b.0, b.2, b.1)).unwrap());
     let mut applied: Vec<AppliedFault> = scenario
         .faults
         .iter()
         .map(|f| AppliedFault {
             kind: f.kind,
             node: f.node.clone(),
+            peer: f.peer.clone(),
+            delay_ms: f.delay_ms,
             at_s: f.at_s,
             healed_at_s: 0.0,
             recovery_ms: None,
@@ -139,6 +148,8 @@ async fn run_faults(mut cluster: Cluster, scenario: Scenario, start: Instant) ->
         tokio::time::sleep_until((start + Duration::from_secs_f64(at_s)).into()).await;
         let fault = &scenario.faults[i];
         let node = node_ref(&fault.node);
+        // Validated: a link fault names its peer.
+        let peer = || node_ref(fault.peer.as_deref().expect("a link fault has a peer"));
         let now_s = start.elapsed().as_secs_f64();
         match (fault.kind, begins) {
             (FaultKind::Kill, true) => {
@@ -157,6 +168,19 @@ async fn run_faults(mut cluster: Cluster, scenario: Scenario, start: Instant) ->
             }
             (FaultKind::Pause, false) => {
                 cluster.node(node).resume();
+                applied[i].healed_at_s = now_s;
+            }
+            (FaultKind::Delay, true) => {
+                let delay_ms = fault.delay_ms.expect("a delay fault has delay_ms");
+                cluster.set_link_delay(node, peer(), Duration::from_millis(delay_ms));
+                applied[i].at_s = now_s;
+            }
+            (FaultKind::Cut, true) => {
+                cluster.cut_link(node, peer());
+                applied[i].at_s = now_s;
+            }
+            (FaultKind::Delay | FaultKind::Cut, false) => {
+                cluster.heal_link(node, peer());
                 applied[i].healed_at_s = now_s;
             }
         }
@@ -269,6 +293,7 @@ pub async fn run_protocol(
     spec.initial_balance = scenario.cluster.initial_balance;
     spec.coordinator_args = scenario.cluster.coordinator_args.clone();
     spec.participant_args = scenario.cluster.participant_args.clone();
+    spec.proxied_links = scenario.needs_proxied_links();
     let cluster = Cluster::start(spec).await.map_err(|e| format!("{protocol}: the cluster did not start: {e}"))?;
 
     let calibration = Calibration {

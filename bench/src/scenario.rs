@@ -167,18 +167,68 @@ pub enum FaultKind {
     Kill,
     /// SIGSTOP the node; SIGCONT after `duration_s`.
     Pause,
+    /// Hold every message between `node` and `peer`, both ways, `delay_ms`
+    /// (one way: a round trip between them gains twice it); no delay after
+    /// `duration_s`. Goes through the cluster's link proxies.
+    Delay,
+    /// Cut the link between `node` and `peer`, both ways: open connections
+    /// are closed, new ones refused; healed after `duration_s`. Goes
+    /// through the cluster's link proxies.
+    Cut,
+}
+
+impl FaultKind {
+    /// A fault of one link between two nodes, rather than of one node.
+    pub fn is_link_fault(&self) -> bool {
+        matches!(self, FaultKind::Delay | FaultKind::Cut)
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            FaultKind::Kill => "kill",
+            FaultKind::Pause => "pause",
+            FaultKind::Delay => "delay",
+            FaultKind::Cut => "cut",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Fault {
     pub kind: FaultKind,
-    /// "c1" (the coordinator) or "p1", "p2", ...
+    /// "c1" (the coordinator) or "p1", "p2", ...; for a link fault, one end
+    /// of the link.
     pub node: String,
+    /// The other end of the link, for `delay` and `cut` (required there,
+    /// refused for `kill` and `pause`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// One-way delay of the link, 1 to 10,000 ms; for `delay` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
     /// Seconds after the start of the measured run.
     pub at_s: f64,
     /// How long the fault lasts.
     pub duration_s: f64,
+}
+
+/// Most delay a `delay` fault may set, one way.
+pub const FAULT_DELAY_MS_MAX: u64 = 10_000;
+
+impl Fault {
+    /// What the fault acts on, for the one-fault-at-a-time rule: the node,
+    /// or the link (its two ends in order, so that c1-p1 and p1-c1 are one
+    /// link).
+    fn target(&self) -> String {
+        match &self.peer {
+            Some(peer) if self.kind.is_link_fault() => {
+                let (a, b) = if self.node <= *peer { (&self.node, peer) } else { (peer, &self.node) };
+                format!("link {a}-{b}")
+            }
+            _ => self.node.clone(),
+        }
+    }
 }
 
 impl Scenario {
@@ -186,6 +236,12 @@ impl Scenario {
         let scenario: Scenario = toml::from_str(text).map_err(|e| format!("{origin}: {e}"))?;
         scenario.validate().map_err(|e| format!("{origin}: {e}"))?;
         Ok(scenario)
+    }
+
+    /// True if a fault acts on a link: the cluster must then route its
+    /// links through proxies.
+    pub fn needs_proxied_links(&self) -> bool {
+        self.faults.iter().any(|f| f.kind.is_link_fault())
     }
 
     pub fn load(path: &Path) -> Result<Scenario, String> {
@@ -243,16 +299,50 @@ impl Scenario {
         if w.call_timeout_ms == 0 {
             return Err("workload.call_timeout_ms: must be positive".into());
         }
+        let valid_node = |name: &str| {
+            name == "c1"
+                || name
+                    .strip_prefix('p')
+                    .filter(|n| !n.starts_with('0') && !n.starts_with('+'))
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .is_some_and(|n| n >= 1 && n <= c.participants)
+        };
         for (i, fault) in self.faults.iter().enumerate() {
             let at = format!("fault[{i}]");
-            let valid_node = fault.node == "c1"
-                || fault
-                    .node
-                    .strip_prefix('p')
-                    .and_then(|n| n.parse::<usize>().ok())
-                    .is_some_and(|n| n >= 1 && n <= c.participants);
-            if !valid_node {
+            let kind = fault.kind.name();
+            if !valid_node(&fault.node) {
                 return Err(format!("{at}.node = {:?}: must be \"c1\" or \"p1\"..\"p{}\"", fault.node, c.participants));
+            }
+            match (&fault.peer, fault.kind.is_link_fault()) {
+                (None, true) => {
+                    return Err(format!(
+                        "{at}.peer: a {kind} fault needs the other end of the link, e.g. peer = \"p2\""
+                    ))
+                }
+                (Some(peer), true) if !valid_node(peer) => {
+                    return Err(format!("{at}.peer = {peer:?}: must be \"c1\" or \"p1\"..\"p{}\"", c.participants));
+                }
+                (Some(peer), true) if *peer == fault.node => {
+                    return Err(format!("{at}.peer = {peer:?}: must differ from node; a link joins two nodes"));
+                }
+                (Some(peer), false) => {
+                    return Err(format!(
+                        "{at}.peer = {peer:?}: only delay and cut faults take a peer; a {kind} fault acts on its node"
+                    ));
+                }
+                _ => {}
+            }
+            match (fault.delay_ms, fault.kind) {
+                (None, FaultKind::Delay) => {
+                    return Err(format!("{at}.delay_ms: a delay fault needs it (1 to {FAULT_DELAY_MS_MAX})"))
+                }
+                (Some(ms), FaultKind::Delay) if !(1..=FAULT_DELAY_MS_MAX).contains(&ms) => {
+                    return Err(format!("{at}.delay_ms = {ms}: must be 1 to {FAULT_DELAY_MS_MAX}"));
+                }
+                (Some(ms), kind) if kind != FaultKind::Delay => {
+                    return Err(format!("{at}.delay_ms = {ms}: only delay faults take it, not {}", kind.name()));
+                }
+                _ => {}
             }
             if !(fault.at_s >= 0.0 && fault.at_s < self.duration_s) {
                 return Err(format!("{at}.at_s = {}: must be within the run (0 to {})", fault.at_s, self.duration_s));
@@ -261,12 +351,15 @@ impl Scenario {
                 return Err(format!("{at}.duration_s = {}: must be positive", fault.duration_s));
             }
         }
-        let mut windows: Vec<(&str, f64, f64)> =
-            self.faults.iter().map(|f| (f.node.as_str(), f.at_s, f.at_s + f.duration_s)).collect();
+        // One fault per node and one per link at a time; a node fault and a
+        // fault of a link of that node may overlap.
+        let mut windows: Vec<(String, f64, f64)> =
+            self.faults.iter().map(|f| (f.target(), f.at_s, f.at_s + f.duration_s)).collect();
         windows.sort_by(|a, b| a.partial_cmp(b).unwrap());
         for pair in windows.windows(2) {
             if pair[0].0 == pair[1].0 && pair[1].1 < pair[0].2 {
-                return Err(format!("faults on {} overlap in time; one fault per node at a time", pair[0].0));
+                let what = if pair[0].0.starts_with("link ") { "link" } else { "node" };
+                return Err(format!("faults on {} overlap in time; one fault per {what} at a time", pair[0].0));
             }
         }
         Ok(())
@@ -280,6 +373,7 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("coordinator-crash", include_str!("../scenarios/coordinator-crash.toml")),
     ("pause", include_str!("../scenarios/pause.toml")),
     ("smoke", include_str!("../scenarios/smoke.toml")),
+    ("partition", include_str!("../scenarios/partition.toml")),
 ];
 
 /// A preset by name, or a file by path.
@@ -335,6 +429,63 @@ mod tests {
         assert!(rejected(&fault("kind = \"kill\"\nnode = \"p1\"\nat_s = 1")).contains("duration_s"));
         let overlapping = "duration_s = 10\n[[fault]]\nkind = \"kill\"\nnode = \"p1\"\nat_s = 1\nduration_s = 3\n[[fault]]\nkind = \"pause\"\nnode = \"p1\"\nat_s = 2\nduration_s = 1";
         assert!(rejected(overlapping).contains("overlap"));
+
+        // Link faults: peer and delay_ms.
+        let link = |kind: &str, extra: &str| {
+            fault(&format!("kind = \"{kind}\"\nnode = \"c1\"\n{extra}at_s = 1\nduration_s = 1"))
+        };
+        let message = rejected(&link("cut", ""));
+        assert!(message.contains("fault[0].peer") && message.contains("needs"), "{message}");
+        let message = rejected(&link("delay", "delay_ms = 20\n"));
+        assert!(message.contains("fault[0].peer") && message.contains("needs"), "{message}");
+        let message = rejected(&link("cut", "peer = \"p9\"\n"));
+        assert!(message.contains("peer") && message.contains("p9"), "{message}");
+        let message = rejected(&link("cut", "peer = \"p01\"\n"));
+        assert!(message.contains("peer") && message.contains("p01"), "{message}");
+        let message = rejected(&link("cut", "peer = \"c1\"\n"));
+        assert!(message.contains("peer") && message.contains("differ"), "{message}");
+        let message = rejected(&link("kill", "peer = \"p1\"\n"));
+        assert!(message.contains("peer") && message.contains("kill"), "{message}");
+        let message = rejected(&link("pause", "peer = \"p1\"\n"));
+        assert!(message.contains("peer") && message.contains("pause"), "{message}");
+        let message = rejected(&link("delay", "peer = \"p1\"\n"));
+        assert!(message.contains("delay_ms") && message.contains("needs"), "{message}");
+        let message = rejected(&link("delay", "peer = \"p1\"\ndelay_ms = 0\n"));
+        assert!(message.contains("delay_ms = 0") && message.contains("10000"), "{message}");
+        let message = rejected(&link("delay", "peer = \"p1\"\ndelay_ms = 10001\n"));
+        assert!(message.contains("delay_ms = 10001"), "{message}");
+        let message = rejected(&link("delay", "peer = \"p1\"\ndelay_ms = -5\n"));
+        assert!(message.contains("delay_ms"), "{message}");
+        let message = rejected(&link("cut", "peer = \"p1\"\ndelay_ms = 20\n"));
+        assert!(message.contains("delay_ms") && message.contains("cut"), "{message}");
+        let message = rejected(&link("kill", "delay_ms = 20\n"));
+        assert!(message.contains("delay_ms") && message.contains("kill"), "{message}");
+        let message = rejected(&link("reroute", "peer = \"p1\"\n"));
+        assert!(message.contains("reroute"), "{message}");
+
+        // One fault per link at a time, whichever end is named first.
+        let two = |first: &str, second: &str| {
+            format!("duration_s = 10\n[[fault]]\n{first}\nat_s = 1\nduration_s = 3\n[[fault]]\n{second}\nat_s = 2\nduration_s = 1")
+        };
+        let message = rejected(&two(
+            "kind = \"delay\"\nnode = \"c1\"\npeer = \"p1\"\ndelay_ms = 20",
+            "kind = \"cut\"\nnode = \"p1\"\npeer = \"c1\"",
+        ));
+        assert!(message.contains("overlap") && message.contains("link c1-p1"), "{message}");
+        // Different links, or a node fault and a fault of one of its links,
+        // may overlap.
+        let fine = [
+            two("kind = \"cut\"\nnode = \"c1\"\npeer = \"p1\"", "kind = \"cut\"\nnode = \"p1\"\npeer = \"p2\""),
+            two("kind = \"cut\"\nnode = \"c1\"\npeer = \"p1\"", "kind = \"kill\"\nnode = \"p1\""),
+            two("kind = \"pause\"\nnode = \"p1\"", "kind = \"delay\"\nnode = \"p1\"\npeer = \"p2\"\ndelay_ms = 5"),
+        ];
+        for text in fine {
+            let scenario = Scenario::from_toml(&text, "test.toml").unwrap_or_else(|e| panic!("{e}"));
+            assert!(scenario.needs_proxied_links());
+        }
+        assert!(!Scenario::from_toml(&fault("kind = \"kill\"\nnode = \"p1\"\nat_s = 1\nduration_s = 1"), "t")
+            .unwrap()
+            .needs_proxied_links());
         assert!(rejected("this is not toml").contains("test.toml"));
     }
 }
