@@ -32,7 +32,13 @@ async fn start_cluster(participants: usize, accounts_each: u64) -> (Cluster, tem
 }
 
 fn transfer(from: u64, to: u64, amount: i64, key: &str) -> pb::TransferRequest {
-    pb::TransferRequest { from_account: from, to_account: to, amount, idempotency_key: key.into(), ..Default::default() }
+    pb::TransferRequest {
+        from_account: from,
+        to_account: to,
+        amount,
+        idempotency_key: key.into(),
+        ..Default::default()
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -191,7 +191,9 @@ where
         let p50 = segments(r.timeline.iter().map(|p| (p.t_s, p.p50_ms)));
         let p99 = segments(r.timeline.iter().map(|p| (p.t_s, p.p99_ms)));
         for (k, segment) in p50.into_iter().enumerate() {
-            let drawn = chart.draw_series(LineSeries::new(segment, color.stroke_width(2)).point_size(1)).map_err(|e| e.to_string())?;
+            let drawn = chart
+                .draw_series(LineSeries::new(segment, color.stroke_width(2)).point_size(1))
+                .map_err(|e| e.to_string())?;
             if k == 0 {
                 drawn
                     .label(format!("{} p50", r.protocol))

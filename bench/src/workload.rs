@@ -457,8 +457,19 @@ pub async fn drive(
                 tasks.push(tokio::spawn(async move {
                     let (outcome, txn_id, detail) = client.transfer(protocol, from, to, amount, &key, timeout).await;
                     let end_us = start.elapsed().as_micros() as u64;
-                    let entry =
-                        HistoryEntry { protocol, client: 0, key, from, to, amount, start_us, end_us, outcome, txn_id, detail };
+                    let entry = HistoryEntry {
+                        protocol,
+                        client: 0,
+                        key,
+                        from,
+                        to,
+                        amount,
+                        start_us,
+                        end_us,
+                        outcome,
+                        txn_id,
+                        detail,
+                    };
                     finished.lock().unwrap().record(entry, &windows);
                     in_flight.fetch_sub(1, Ordering::Relaxed);
                     progress.fetch_add(1, Ordering::Relaxed);

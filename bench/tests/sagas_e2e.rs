@@ -37,7 +37,12 @@ fn client(cluster: &Cluster) -> Client {
 
 /// Runs `clients` loops of random transfers, alternating the protocols,
 /// until `stop`; returns every operation.
-fn load(cluster: &Cluster, clients: usize, protocols: &'static [Protocol], stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<Vec<HistoryEntry>>> {
+fn load(
+    cluster: &Cluster,
+    clients: usize,
+    protocols: &'static [Protocol],
+    stop: Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<HistoryEntry>>> {
     let accounts = cluster.accounts().end;
     let started = Instant::now();
     (0..clients)
@@ -148,20 +153,21 @@ async fn a_refused_credit_is_compensated_and_a_failed_one_forward_is_dead_letter
     p2.set_account_closed(pb::SetAccountClosedRequest { account: 15, closed: true }).await.unwrap();
 
     // Backward: the credit to the closed account is refused, the debit refunded.
-    let result = coordinator.transfer(saga_transfer(3, 15, 100, pb::Recovery::Backward, "b1")).await.unwrap().into_inner();
+    let result =
+        coordinator.transfer(saga_transfer(3, 15, 100, pb::Recovery::Backward, "b1")).await.unwrap().into_inner();
     assert_eq!(result.outcome, pb::Outcome::Compensated as i32, "{result:?}");
     assert!(result.reason.contains("closed"), "{}", result.reason);
     assert_eq!(posted(&cluster, 3).await, BALANCE);
 
     // Choreographed, the same: the target rejects, the source refunds.
     let mut client = client(&cluster);
-    let (outcome, _, detail) =
-        client.transfer(Protocol::Choreographed, 4, 15, 100, "c1", Duration::from_secs(5)).await;
+    let (outcome, _, detail) = client.transfer(Protocol::Choreographed, 4, 15, 100, "c1", Duration::from_secs(5)).await;
     assert_eq!(outcome, OpOutcome::Compensated, "{detail}");
     assert_eq!(posted(&cluster, 4).await, BALANCE);
 
     // Forward: the credit cannot succeed; the money is parked in suspense.
-    let result = coordinator.transfer(saga_transfer(3, 15, 250, pb::Recovery::Forward, "f1")).await.unwrap().into_inner();
+    let result =
+        coordinator.transfer(saga_transfer(3, 15, 250, pb::Recovery::Forward, "f1")).await.unwrap().into_inner();
     assert_eq!(result.outcome, pb::Outcome::DeadLettered as i32, "{result:?}");
     assert_eq!(posted(&cluster, 3).await, BALANCE - 250);
     let listed = coordinator.list_dead_letters(pb::ListDeadLettersRequest {}).await.unwrap().into_inner();
@@ -173,7 +179,8 @@ async fn a_refused_credit_is_compensated_and_a_failed_one_forward_is_dead_letter
     let audit = coordinator.audit(pb::AuditRequest { include_accounts: false }).await.unwrap().into_inner();
     assert_eq!((audit.total_posted, audit.total_suspense), (cluster.spec.total_money() - 250, 250));
     // The same key gets the same answer, without a second saga.
-    let again = coordinator.transfer(saga_transfer(3, 15, 250, pb::Recovery::Forward, "f1")).await.unwrap().into_inner();
+    let again =
+        coordinator.transfer(saga_transfer(3, 15, 250, pb::Recovery::Forward, "f1")).await.unwrap().into_inner();
     assert_eq!(again, result);
     assert_eq!(posted(&cluster, 3).await, BALANCE - 250);
 
@@ -193,7 +200,13 @@ async fn a_refused_credit_is_compensated_and_a_failed_one_forward_is_dead_letter
     assert_eq!(posted(&cluster, 3).await, BALANCE);
     let audit = coordinator.audit(pb::AuditRequest { include_accounts: false }).await.unwrap().into_inner();
     assert_eq!((audit.total_posted, audit.total_suspense), (cluster.spec.total_money(), 0));
-    assert!(coordinator.list_dead_letters(pb::ListDeadLettersRequest {}).await.unwrap().into_inner().dead_letters.is_empty());
+    assert!(coordinator
+        .list_dead_letters(pb::ListDeadLettersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters
+        .is_empty());
     let status = coordinator
         .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: result.txn_id, to_account: 0 })
         .await

@@ -39,7 +39,13 @@
 //! # Recovery
 //!
 //! A restarted coordinator resumes every saga in its log from its stage by
-//! resending that stage's step.
+//! resending that stage's step. After a machine crash that stage may be
+//! older than the truth (later stage records were only buffered): a redone
+//! action is then a duplicate (same answer as the first time) or a hanging
+//! step, whose compensation already ran. On a hanging step the saga moves to
+//! that compensation and sends it again: the duplicate's answer says what
+//! the compensation came to (refunded, empty, or parked in suspense), so the
+//! saga ends where it had already got to and the client hears the truth.
 //!
 //! # Isolation
 //!
@@ -129,8 +135,12 @@ pub enum StepResult {
     Applied,
     /// A compensation with nothing to undo.
     Empty,
-    /// Refused for a business reason (or a hanging action): definite.
+    /// Refused for a business reason: definite.
     Refused(String),
+    /// An action that arrived after its compensation and was ignored: the
+    /// saga had gone further than this coordinator remembers (a machine
+    /// crash lost its buffered stage records).
+    Hanging,
     /// Transient failures past the budget: the effect is unknown.
     Exhausted(String),
 }
@@ -279,6 +289,16 @@ impl SagaCore {
                 };
                 self.finish(saga, Outcome::Aborted(why, reason))
             }
+            (Stage::Debiting, StepKind::Debit, StepPhase::Action, StepResult::Hanging) => self.move_to(
+                saga,
+                Stage::CompensatingDebit,
+                Some("resumed after a crash: the debit had already been compensated".into()),
+            ),
+            (Stage::Crediting, StepKind::Credit, StepPhase::Action, StepResult::Hanging) => self.move_to(
+                saga,
+                Stage::CompensatingCredit,
+                Some("resumed after a crash: the credit had already been compensated".into()),
+            ),
             (Stage::Debiting, StepKind::Debit, StepPhase::Action, StepResult::Exhausted(error)) => {
                 self.move_to(saga, Stage::CompensatingDebit, Some(format!("the debit's outcome is unknown: {error}")))
             }
@@ -332,7 +352,8 @@ impl SagaCore {
                 let outcome = Outcome::DeadLettered(format!("{}; {amount} parked in suspense", record.reason));
                 vec![SagaAction::DeadLetter { saga: saga.clone(), record: record.clone(), outcome }]
             }
-            // The debit never ran: nothing moved after all.
+            // Nothing parked: the debit never ran, or its refund went
+            // through after all (that answer had been lost).
             (Stage::Parking, StepKind::Debit, StepPhase::CompensateToSuspense, StepResult::Empty) => {
                 let reason = self.sagas[saga].reason.clone();
                 self.finish(saga, Outcome::Compensated(reason))

@@ -208,9 +208,7 @@ impl Node {
                     return match pb::StepOutcome::try_from(response.outcome) {
                         Ok(pb::StepOutcome::Applied) => StepResult::Applied,
                         Ok(pb::StepOutcome::EmptyCompensation) => StepResult::Empty,
-                        Ok(pb::StepOutcome::HangingIgnored) => {
-                            StepResult::Refused("the step arrived after its compensation".into())
-                        }
+                        Ok(pb::StepOutcome::HangingIgnored) => StepResult::Hanging,
                         _ => StepResult::Refused(format!("{participant}: {}", response.reason)),
                     };
                 }

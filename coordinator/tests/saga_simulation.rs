@@ -16,7 +16,7 @@ use tandem::domain::Id;
 use tandem::store::Op;
 use tandem_coordinator::core::Outcome;
 use tandem_coordinator::saga::{
-    Recovery, SagaAction, SagaCore, SagaRecord, SagaSpec, StepKind, StepPhase, StepResult,
+    Recovery, Retry, SagaAction, SagaCore, SagaRecord, SagaSpec, StepKind, StepPhase, StepResult,
 };
 use tandem_participant::core::{Config, Core as Participant};
 use tandem_participant::saga::{StepKind as PKind, StepOutcome, StepPhase as PPhase};
@@ -96,6 +96,10 @@ struct World {
     pending: VecDeque<SagaAction>,
     outcome: Option<Outcome>,
     plan: Plan,
+    /// The step (counted from 0 over every step sent) whose answer is lost
+    /// after the participant applied it.
+    lose_answer_of_step: Option<usize>,
+    steps_sent: usize,
     trace: Vec<String>,
 }
 
@@ -116,6 +120,8 @@ impl World {
             pending: VecDeque::new(),
             outcome: None,
             plan,
+            lose_answer_of_step: None,
+            steps_sent: 0,
             trace: Vec::new(),
         };
         let spec = SagaSpec {
@@ -147,7 +153,7 @@ impl World {
                     self.pending.extend(self.orchestrator.on_started(&saga));
                 }
             }
-            SagaAction::Step { saga, participant, kind, phase, account, amount, .. } => {
+            SagaAction::Step { saga, participant, kind, phase, account, amount, retry } => {
                 let node = if participant.as_str() == "p1" { &mut self.p1 } else { &mut self.p2 };
                 let pkind = match kind {
                     StepKind::Debit => PKind::Debit,
@@ -166,11 +172,26 @@ impl World {
                     let (_, effects) = self.p1.core.set_closed(1, true).unwrap();
                     self.p1.write(&effects.ops);
                 }
+                self.steps_sent += 1;
+                if self.lose_answer_of_step == Some(self.steps_sent - 1) {
+                    // The driver's retries all time out: a budgeted step
+                    // counts as exhausted (effect unknown), an unbudgeted
+                    // one is sent again.
+                    self.trace.push("  its answer is lost".into());
+                    if retry == Retry::Forever {
+                        let again = SagaAction::Step { saga, participant, kind, phase, account, amount, retry };
+                        self.pending.push_front(again);
+                    } else {
+                        let lost = StepResult::Exhausted("no answer".into());
+                        self.pending.extend(self.orchestrator.on_step(&saga, kind, phase, lost));
+                    }
+                    return true;
+                }
                 let result = match answer.outcome {
                     StepOutcome::Applied => StepResult::Applied,
                     StepOutcome::EmptyCompensation => StepResult::Empty,
                     StepOutcome::Refused(reason) => StepResult::Refused(reason),
-                    StepOutcome::HangingIgnored => StepResult::Refused("hanging".into()),
+                    StepOutcome::HangingIgnored => StepResult::Hanging,
                 };
                 self.pending.extend(self.orchestrator.on_step(&saga, kind, phase, result));
             }
@@ -219,6 +240,18 @@ impl World {
         assert_eq!(source + target + suspense, 100, "money not conserved: {}", context());
         let terminal_in_log = self.log.values().all(|r| r.stage == tandem_coordinator::saga::Stage::DeadLettered);
         assert!(terminal_in_log, "the saga is not terminal: {}", context());
+        // The balances say what the client heard.
+        let heard = match &self.outcome {
+            None => (100, 0, 0),
+            Some(Outcome::Committed) => (70, 30, 0),
+            Some(Outcome::Aborted(..) | Outcome::Compensated(_)) => (100, 0, 0),
+            Some(Outcome::DeadLettered(_)) => (70, 0, 30),
+        };
+        assert_eq!((source, target, suspense), heard, "outcome {:?}: {}", self.outcome, context());
+        if self.lose_answer_of_step.is_some() {
+            // A lost answer may turn the saga onto another path.
+            return;
+        }
         // Balances match the outcome exactly: nothing applied twice.
         let expected = match self.plan {
             // The orchestrator crashed before the start record was written:
@@ -273,4 +306,19 @@ fn two_crashes_in_the_middle_of_a_compensation_still_end_exact() {
     assert_eq!(crashes, 2, "the run did reach the compensation twice");
     world.check("two crashes mid-compensation");
     assert!(matches!(world.outcome, Some(Outcome::DeadLettered(_))), "{:?}", world.outcome);
+}
+
+#[test]
+fn a_step_applied_whose_answer_is_lost_still_ends_exact_on_every_path() {
+    for plan in [Plan::Happy, Plan::CreditRefused, Plan::RefundRefused] {
+        let mut reference = World::new(plan);
+        reference.run_to_end();
+        let steps = reference.steps_sent;
+        for lost in 0..steps {
+            let mut world = World::new(plan);
+            world.lose_answer_of_step = Some(lost);
+            world.run_to_end();
+            world.check(&format!("{plan:?}, the answer of step {lost} lost"));
+        }
+    }
 }

@@ -528,8 +528,20 @@ impl Core {
             }
             StepPhase::Compensation | StepPhase::CompensateToSuspense => {
                 if let Some(done) = barrier.compensation {
-                    let outcome =
-                        if done == Compensation::Empty { StepOutcome::EmptyCompensation } else { StepOutcome::Applied };
+                    // The answer says what the asked-for compensation came
+                    // to, not only that one ran: an orchestrator that asks
+                    // to park a debit already refunded (its refund's answer
+                    // was lost) must learn that nothing was parked, and one
+                    // that asks for a refund of a parked debit must learn
+                    // that the money is in suspense.
+                    let outcome = match (done, phase) {
+                        (Compensation::Empty, _) => StepOutcome::EmptyCompensation,
+                        (Compensation::Refunded, StepPhase::CompensateToSuspense) => StepOutcome::EmptyCompensation,
+                        (Compensation::Parked, StepPhase::Compensation) => StepOutcome::Refused(format!(
+                            "the debit of {saga} was compensated into the suspense account, not refunded"
+                        )),
+                        (Compensation::Refunded, _) | (Compensation::Parked, _) => StepOutcome::Applied,
+                    };
                     return lazy(outcome, true);
                 }
                 match barrier.action {

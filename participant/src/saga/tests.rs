@@ -113,6 +113,10 @@ fn a_refund_to_a_closed_account_is_refused_unrecorded_and_can_be_retried_or_park
     disk.apply(&core.set_closed(1, false).unwrap().1);
     let late = step(&mut core, &mut disk, StepKind::Debit, StepPhase::Compensation, 1, 30);
     assert!(late.duplicate);
+    assert!(
+        matches!(late.outcome, StepOutcome::Refused(ref r) if r.contains("suspense")),
+        "the refund is refused, so its asker learns the money is parked: {late:?}"
+    );
     assert_eq!((core.account(1).unwrap().posted, core.suspense()), (70, 30));
     // An operator releases it.
     assert_eq!(step(&mut core, &mut disk, StepKind::Release, StepPhase::Action, 1, 30).outcome, StepOutcome::Applied);
@@ -120,6 +124,20 @@ fn a_refund_to_a_closed_account_is_refused_unrecorded_and_can_be_retried_or_park
     // Everything survives a restart.
     let core = Core::recover(config("p1"), disk.0.clone(), 0);
     assert_eq!((core.account(1).unwrap().posted, core.suspense()), (100, 0));
+}
+
+#[test]
+fn parking_a_debit_already_refunded_parks_nothing_and_says_so() {
+    let (mut core, mut disk) = node("p1");
+    step(&mut core, &mut disk, StepKind::Debit, StepPhase::Action, 1, 30);
+    assert_eq!(
+        step(&mut core, &mut disk, StepKind::Debit, StepPhase::Compensation, 1, 30).outcome,
+        StepOutcome::Applied
+    );
+    // The refund's answer was lost; the orchestrator, out of budget, parks.
+    let parked = step(&mut core, &mut disk, StepKind::Debit, StepPhase::CompensateToSuspense, 1, 30);
+    assert_eq!(parked, StepAnswer { outcome: StepOutcome::EmptyCompensation, duplicate: true });
+    assert_eq!((core.account(1).unwrap().posted, core.suspense()), (100, 0), "refunded once, nothing parked");
 }
 
 #[test]
