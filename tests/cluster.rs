@@ -19,6 +19,16 @@ use tonic::Code;
 const INITIAL_BALANCE: i64 = 1_000;
 
 async fn start_cluster(participants: usize, accounts_each: u64) -> (Cluster, tempfile::TempDir) {
+    start_cluster_asking_after(participants, accounts_each, 200).await
+}
+
+/// A cluster whose participants ask about an in-doubt transaction after
+/// `in_doubt_after_ms`.
+async fn start_cluster_asking_after(
+    participants: usize,
+    accounts_each: u64,
+    in_doubt_after_ms: u64,
+) -> (Cluster, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut spec = ClusterSpec::new(default_bin_dir(), dir.path().to_path_buf());
     spec.participants = participants;
@@ -26,7 +36,7 @@ async fn start_cluster(participants: usize, accounts_each: u64) -> (Cluster, tem
     spec.initial_balance = INITIAL_BALANCE;
     spec.log_level = "info".into();
     spec.coordinator_args = vec!["--prepare-timeout-ms".into(), "300".into(), "--call-timeout-ms".into(), "300".into()];
-    spec.participant_args = vec!["--in-doubt-after-ms".into(), "200".into()];
+    spec.participant_args = vec!["--in-doubt-after-ms".into(), in_doubt_after_ms.to_string()];
     let cluster = Cluster::start(spec).await.expect("the cluster starts");
     (cluster, dir)
 }
@@ -51,6 +61,11 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
     assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
     let mut p1 = cluster.participant_client(0).unwrap();
     let mut p2 = cluster.participant_client(1).unwrap();
+    // At once, the debit is at least reserved: nobody can spend it twice.
+    let b0 = p1.get_balance(pb::GetBalanceRequest { account: 0 }).await.unwrap().into_inner();
+    assert_eq!(b0.available, 700);
+    // COMMITTED means decided; the participants apply it right after.
+    wait_until_settled(&cluster, Duration::from_secs(10)).await;
     let b0 = p1.get_balance(pb::GetBalanceRequest { account: 0 }).await.unwrap().into_inner();
     let b15 = p2.get_balance(pb::GetBalanceRequest { account: 15 }).await.unwrap().into_inner();
     assert_eq!((b0.posted, b0.available, b15.posted), (700, 700, 1_300));
@@ -110,6 +125,7 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
     assert_eq!(first, again);
     let misuse = client.transfer(transfer(4, 14, 11, "order-1")).await.unwrap_err();
     assert_eq!(misuse.code(), Code::InvalidArgument);
+    wait_until_settled(&cluster, Duration::from_secs(10)).await;
     let b4 = p1.get_balance(pb::GetBalanceRequest { account: 4 }).await.unwrap().into_inner();
     assert_eq!(b4.posted, 990, "applied once");
     let status = client.get_transaction(pb::GetTransactionRequest { txn_id: first.txn_id }).await.unwrap().into_inner();
@@ -139,7 +155,9 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abort_before_the_prepare_leaves_a_tombstone_and_prepared_transfers_are_listed() {
-    let (cluster, _dir) = start_cluster(1, 2).await;
+    // Long enough that the manual prepare below is still in doubt (not yet
+    // asked about) when it is listed, even on a loaded machine.
+    let (cluster, _dir) = start_cluster_asking_after(1, 2, 3_000).await;
     let mut p1 = cluster.participant_client(0).unwrap();
     let legs = vec![pb::Leg { account: 0, amount: -10 }, pb::Leg { account: 1, amount: 10 }];
     p1.abort(pb::DecisionRequest { txn_id: "manual-1".into() }).await.unwrap();
