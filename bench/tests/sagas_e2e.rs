@@ -18,6 +18,11 @@ use tandem_bench::workload::{Client, HistoryEntry, OpOutcome};
 const BALANCE: i64 = 1_000;
 
 async fn start(participants: usize, accounts: u64) -> (Cluster, tempfile::TempDir) {
+    start_with(participants, accounts, &[]).await
+}
+
+/// A cluster whose coordinator also takes `coordinator_args`.
+async fn start_with(participants: usize, accounts: u64, coordinator_args: &[&str]) -> (Cluster, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut spec = ClusterSpec::new(default_bin_dir(), dir.path().to_path_buf());
     spec.participants = participants;
@@ -25,6 +30,7 @@ async fn start(participants: usize, accounts: u64) -> (Cluster, tempfile::TempDi
     spec.initial_balance = BALANCE;
     spec.log_level = "info".into();
     spec.coordinator_args = vec!["--call-timeout-ms".into(), "300".into(), "--saga-step-attempts".into(), "6".into()];
+    spec.coordinator_args.extend(coordinator_args.iter().map(|a| a.to_string()));
     spec.participant_args = vec!["--in-doubt-after-ms".into(), "200".into()];
     (Cluster::start(spec).await.expect("the cluster starts"), dir)
 }
@@ -212,6 +218,27 @@ async fn a_refused_credit_is_compensated_and_a_failed_one_forward_is_dead_letter
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_saga_whose_credit_keeps_failing_compensates_after_its_deadline() {
+    let (mut cluster, _dir) = start_with(2, 10, &["--saga-deadline-ms", "800"]).await;
+    let mut coordinator = cluster.coordinator_client().unwrap();
+    // The target stops answering (SIGSTOP): every credit attempt times out.
+    cluster.node(NodeRef::Participant(1)).pause();
+    let saga = tokio::spawn(async move {
+        coordinator.transfer(saga_transfer(3, 15, 100, pb::Recovery::Forward, "fw1")).await.unwrap().into_inner()
+    });
+    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    assert!(!saga.is_finished(), "the credit's compensation waits for the target to answer");
+    cluster.node(NodeRef::Participant(1)).resume();
+    let result = tokio::time::timeout(Duration::from_secs(20), saga).await.expect("the saga ends").unwrap();
+    // Without the deadline, forward recovery would have committed once the
+    // target came back.
+    assert_eq!(result.outcome, pb::Outcome::Compensated as i32, "{result:?}");
+    assert!(result.reason.contains("deadline"), "{}", result.reason);
+    assert_eq!((posted(&cluster, 3).await, posted(&cluster, 15).await), (BALANCE, BALANCE));
+    cluster.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

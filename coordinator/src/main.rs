@@ -57,6 +57,12 @@ struct Args {
     /// count as a failure (then the saga compensates or dead-letters).
     #[arg(long, default_value_t = 8)]
     saga_step_attempts: u32,
+    /// How long an orchestrated saga's steps are retried (the forward
+    /// recovery of a credit included) before it compensates. Counted from
+    /// the saga's first step; a restarted coordinator starts it again.
+    /// Compensations are retried until they succeed
+    #[arg(long, default_value_t = 30_000)]
+    saga_deadline_ms: u64,
     /// Log filter: error, warn, info, debug or trace (RUST_LOG overrides).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -95,6 +101,7 @@ async fn run(args: Args) -> Result<(), String> {
         active_max: args.active_max,
         finished_retained_max: args.finished_retained_max,
         saga_step_attempts: args.saga_step_attempts.max(1),
+        saga_deadline_ms: args.saga_deadline_ms,
     })
     .await
     .map_err(|e| e.to_string())?;

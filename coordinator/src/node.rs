@@ -60,6 +60,9 @@ pub struct NodeConfig {
     /// failure (forward credits, credit compensations and parking retry
     /// until they succeed).
     pub saga_step_attempts: u32,
+    /// How long a saga's action steps are retried, from the first step this
+    /// process sent for it; past it, the saga compensates.
+    pub saga_deadline_ms: u64,
 }
 
 pub(crate) struct Waiter {
@@ -96,6 +99,8 @@ pub(crate) struct Inner {
     pub(crate) fence_guards: Mutex<HashMap<TxnId, (Instant, OwnedRwLockReadGuard<()>)>>,
     pub(crate) finished_count: AtomicU64,
     pub(crate) sagas: Mutex<SagaCore>,
+    /// When each running saga's deadline passes (set by its first step).
+    pub(crate) saga_deadlines: Mutex<HashMap<SagaId, Instant>>,
     /// Operators waiting for a dead letter's release.
     pub(crate) resolve_waiters: Mutex<HashMap<SagaId, oneshot::Sender<Result<(), Error>>>>,
 }
@@ -162,6 +167,7 @@ impl Node {
                 fence_guards: Mutex::new(fence_guards),
                 finished_count: AtomicU64::new(finished_count),
                 sagas: Mutex::new(sagas),
+                saga_deadlines: Mutex::new(HashMap::new()),
                 resolve_waiters: Mutex::new(HashMap::new()),
                 config,
             }),

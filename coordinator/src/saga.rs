@@ -20,13 +20,18 @@
 //!   debit (the compensation); forward recovery cannot complete and
 //!   dead-letters;
 //! - a step that fails transiently (unavailable, timeout) is retried with
-//!   capped exponential backoff up to its budget (the driver does that) and
-//!   then counts as failed with an unknown effect: a debit whose fate is
+//!   capped exponential backoff up to its budget of attempts and the saga
+//!   deadline (the driver does that) and then counts as failed with an
+//!   unknown effect: a debit whose fate is
 //!   unknown is compensated (an empty compensation if it never ran); a
 //!   credit whose fate is unknown is compensated first (if it ran, it is
 //!   taken back; if the target already spent it, the transfer stands and
 //!   the saga completes), then the debit. Forward recovery retries the
-//!   credit without a budget.
+//!   credit without a budget of attempts, until the saga deadline; past it
+//!   the saga compensates as backward recovery would. Compensations are not
+//!   bounded: a credit's compensation must learn whether the credit ran, and
+//!   parking must park; a participant that never comes back blocks them
+//!   (that is the saga's price, as a stuck coordinator is 2PC's).
 //! - a refund that keeps failing (budget spent, or refused: the source was
 //!   closed) makes the saga a dead letter: the debit is compensated into the
 //!   source participant's suspense account instead (retried until it
@@ -123,8 +128,11 @@ pub enum StepPhase {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retry {
-    /// Transient failures are retried up to the step budget.
+    /// Transient failures are retried up to the step's budget of attempts
+    /// and the saga deadline, whichever comes first.
     Budgeted,
+    /// Transient failures are retried until the saga deadline.
+    UntilDeadline,
     /// Transient failures are retried until the step succeeds.
     Forever,
 }
@@ -221,7 +229,7 @@ impl SagaCore {
         let (participant, kind, phase, account, retry) = match record.stage {
             Stage::Debiting => (&spec.from_participant, StepKind::Debit, StepPhase::Action, spec.from, Retry::Budgeted),
             Stage::Crediting => {
-                let retry = if spec.recovery == Recovery::Forward { Retry::Forever } else { Retry::Budgeted };
+                let retry = if spec.recovery == Recovery::Forward { Retry::UntilDeadline } else { Retry::Budgeted };
                 (&spec.to_participant, StepKind::Credit, StepPhase::Action, spec.to, retry)
             }
             // Its effect must be known before the debit is refunded.

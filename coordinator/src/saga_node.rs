@@ -8,7 +8,7 @@ use crate::log;
 use crate::node::{Node, Waiter};
 use crate::saga::{Recovery, Retry, SagaAction, SagaId, SagaRecord, SagaSpec, Stage, StepKind, StepPhase, StepResult};
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tandem::domain::{AccountId, Amount, Id};
 use tandem::pb;
 use tandem::store::Durability;
@@ -130,6 +130,7 @@ impl Node {
                     });
                 }
                 SagaAction::Finish { saga, spec, outcome } => {
+                    self.inner.saga_deadlines.lock().expect("deadline lock poisoned").remove(&saga);
                     let node = self.clone();
                     tokio::spawn(async move {
                         let result = match node
@@ -145,6 +146,7 @@ impl Node {
                     });
                 }
                 SagaAction::DeadLetter { saga, record, outcome } => {
+                    self.inner.saga_deadlines.lock().expect("deadline lock poisoned").remove(&saga);
                     info!(%saga, reason = %record.reason, parked = record.parked, "saga dead-lettered");
                     let node = self.clone();
                     tokio::spawn(async move {
@@ -182,6 +184,13 @@ impl Node {
         retry: Retry,
     ) -> StepResult {
         let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
+        let deadline = *self
+            .inner
+            .saga_deadlines
+            .lock()
+            .expect("deadline lock poisoned")
+            .entry(saga.clone())
+            .or_insert_with(|| Instant::now() + Duration::from_millis(self.inner.config.saga_deadline_ms));
         let mut backoff_ms = STEP_RETRY_INITIAL_MS;
         let mut attempts = 0u32;
         loop {
@@ -223,9 +232,19 @@ impl Node {
                 Ok(Err(status)) => format!("{participant}: {:?} {}", status.code(), status.message()),
                 Err(_) => format!("{participant} did not answer within {} ms", timeout.as_millis()),
             };
-            if retry == Retry::Budgeted && attempts >= self.inner.config.saga_step_attempts {
+            let spent = match retry {
+                Retry::Budgeted if attempts >= self.inner.config.saga_step_attempts => {
+                    Some(format!("{error} ({attempts} attempts)"))
+                }
+                Retry::Budgeted | Retry::UntilDeadline if Instant::now() >= deadline => Some(format!(
+                    "{error} ({attempts} attempts; the saga deadline of {} ms passed)",
+                    self.inner.config.saga_deadline_ms
+                )),
+                _ => None,
+            };
+            if let Some(why) = spent {
                 warn!(%saga, ?kind, ?phase, attempts, %error, "saga step budget spent");
-                return StepResult::Exhausted(format!("{error} ({attempts} attempts)"));
+                return StepResult::Exhausted(why);
             }
             debug!(%saga, ?kind, ?phase, attempts, %error, "saga step failed; retrying");
             tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
@@ -284,6 +303,8 @@ impl Node {
         };
         let (reply, answer) = oneshot::channel();
         self.inner.resolve_waiters.lock().expect("resolve lock poisoned").insert(saga.clone(), reply);
+        // Each release the operator asks for gets a full deadline.
+        self.inner.saga_deadlines.lock().expect("deadline lock poisoned").remove(saga);
         self.execute_saga(actions);
         answer.await.unwrap_or_else(|_| Err(Error::Unavailable("the coordinator is stopping".into())))?;
         info!(%saga, to_account, "dead letter resolved");

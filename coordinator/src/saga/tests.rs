@@ -81,15 +81,28 @@ fn a_refused_credit_is_compensated_backward() {
 }
 
 #[test]
-fn forward_recovery_retries_the_credit_forever_and_dead_letters_a_refusal() {
+fn forward_recovery_retries_the_credit_until_the_deadline_and_dead_letters_a_refusal() {
     let mut core = started(Recovery::Forward);
     let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
-    assert_eq!(step_of(&a), (StepKind::Credit, StepPhase::Action, Retry::Forever));
+    assert_eq!(step_of(&a), (StepKind::Credit, StepPhase::Action, Retry::UntilDeadline));
     let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, StepResult::Refused("closed".into()));
     assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::CompensateToSuspense, Retry::Forever));
     let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::CompensateToSuspense, StepResult::Applied);
     assert!(matches!(finish_of(&a), Outcome::DeadLettered(_)));
     assert_eq!(core.dead_letters().len(), 1);
+}
+
+#[test]
+fn a_forward_credit_past_the_deadline_is_compensated_then_the_debit_refunded() {
+    let mut core = started(Recovery::Forward);
+    core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
+    let past = StepResult::Exhausted("the saga deadline passed".into());
+    let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, past);
+    assert_eq!(step_of(&a), (StepKind::Credit, StepPhase::Compensation, Retry::Forever));
+    let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Compensation, StepResult::Empty);
+    assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::Compensation, Retry::Budgeted));
+    let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, StepResult::Applied);
+    assert!(matches!(finish_of(&a), Outcome::Compensated(ref r) if r.contains("deadline")));
 }
 
 #[test]
