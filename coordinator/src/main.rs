@@ -8,8 +8,9 @@ use tandem_coordinator::directory::Shard;
 use tandem_coordinator::node::{Node, NodeConfig};
 
 /// A tandem coordinator: runs transfers over the participants with
-/// two-phase commit (presumed abort) and a durable decision log. Prints
-/// `listening on ADDR` on stdout once it serves.
+/// two-phase commit (presumed abort) and a durable decision log, or as
+/// orchestrated sagas with a saga log. Prints `listening on ADDR` on stdout
+/// once it serves.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {

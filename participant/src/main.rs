@@ -6,8 +6,10 @@ use std::path::PathBuf;
 use tandem::domain::Id;
 use tandem_participant::node::{Node, NodeConfig};
 
-/// A tandem participant: holds the accounts of one shard and takes part in
-/// two-phase commit. Prints `listening on ADDR` on stdout once it serves.
+/// A tandem participant: holds the accounts of one shard, takes part in
+/// two-phase commit, applies saga steps, and runs choreographed transfers
+/// with its peers (outbox and inbox). Prints `listening on ADDR` on stdout
+/// once it serves.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
