@@ -14,6 +14,11 @@ use tonic::transport::Channel;
 pub struct Calibration {
     /// p50 of one RocksDB put with sync=true, one writer, in microseconds.
     pub fsync_p50_us: f64,
+    /// p50 of two sync puts to two databases started at the same moment,
+    /// until both are done: what two participants' prepare fsyncs cost on
+    /// this one disk. Reported beside the floor, not in it: the floor is the
+    /// protocol's, this is the local cluster's.
+    pub fsync_pair_p50_us: f64,
     /// p50 of one tonic unary call on loopback, one at a time, in microseconds.
     pub rtt_p50_us: f64,
 }
@@ -46,23 +51,56 @@ impl Calibration {
 
 const SAMPLES: usize = 300;
 
-/// Sync puts into a scratch RocksDB under `dir` (removed afterwards).
-pub fn fsync_p50_us(dir: &Path) -> Result<f64, String> {
-    let path = dir.join("calibration-db");
+fn scratch_db(path: &Path) -> Result<rocksdb::DB, String> {
     let mut options = rocksdb::Options::default();
     options.create_if_missing(true);
-    let db = rocksdb::DB::open(&options, &path).map_err(|e| format!("calibration RocksDB: {e}"))?;
+    rocksdb::DB::open(&options, path).map_err(|e| format!("calibration RocksDB: {e}"))
+}
+
+fn sync_put(db: &rocksdb::DB, i: usize) -> Result<(), String> {
     let mut write_options = rocksdb::WriteOptions::default();
     write_options.set_sync(true);
-    let mut histogram = Histogram::<u64>::new(3).unwrap();
+    db.put_opt(format!("k{i}"), [0u8; 64], &write_options).map_err(|e| e.to_string())
+}
+
+/// Sync puts into a scratch RocksDB under `dir` (removed afterwards): the
+/// p50 of one alone, and of two (in two databases) started together.
+pub fn fsync_p50_us(dir: &Path) -> Result<(f64, f64), String> {
+    let (path_a, path_b) = (dir.join("calibration-db-a"), dir.join("calibration-db-b"));
+    let (a, b) = (scratch_db(&path_a)?, scratch_db(&path_b)?);
+    let mut alone = Histogram::<u64>::new(3).unwrap();
     for i in 0..SAMPLES {
         let began = Instant::now();
-        db.put_opt(format!("k{i}"), [0u8; 64], &write_options).map_err(|e| e.to_string())?;
-        histogram.record(began.elapsed().as_micros().max(1) as u64).unwrap();
+        sync_put(&a, i)?;
+        alone.record(began.elapsed().as_micros().max(1) as u64).unwrap();
     }
-    drop(db);
-    let _ = std::fs::remove_dir_all(&path);
-    Ok(histogram.value_at_quantile(0.5) as f64)
+    let mut pair = Histogram::<u64>::new(3).unwrap();
+    let start = std::sync::Barrier::new(2);
+    let done = std::sync::Barrier::new(2);
+    std::thread::scope(|scope| -> Result<(), String> {
+        let other = scope.spawn(|| -> Result<(), String> {
+            for i in 0..SAMPLES {
+                start.wait();
+                let result = sync_put(&b, i);
+                done.wait();
+                result?;
+            }
+            Ok(())
+        });
+        for i in 0..SAMPLES {
+            start.wait();
+            let began = Instant::now();
+            let result = sync_put(&a, SAMPLES + i);
+            done.wait();
+            pair.record(began.elapsed().as_micros().max(1) as u64).unwrap();
+            result?;
+        }
+        other.join().expect("calibration thread panicked")
+    })?;
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&path_a);
+    let _ = std::fs::remove_dir_all(&path_b);
+    Ok((alone.value_at_quantile(0.5) as f64, pair.value_at_quantile(0.5) as f64))
 }
 
 /// Sequential GetBalance calls to a participant: a real tonic unary round

@@ -296,8 +296,10 @@ pub async fn run_protocol(
     spec.proxied_links = scenario.needs_proxied_links();
     let cluster = Cluster::start(spec).await.map_err(|e| format!("{protocol}: the cluster did not start: {e}"))?;
 
+    let (fsync_p50_us, fsync_pair_p50_us) = calibrate::fsync_p50_us(&options.out_dir)?;
     let calibration = Calibration {
-        fsync_p50_us: calibrate::fsync_p50_us(&options.out_dir)?,
+        fsync_p50_us,
+        fsync_pair_p50_us,
         rtt_p50_us: calibrate::rtt_p50_us(&mut cluster.participant_client(0).map_err(|e| e.to_string())?, 0).await?,
     };
     let floor_ms = calibration.floor_us(protocol) / 1_000.0;
