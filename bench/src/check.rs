@@ -13,7 +13,9 @@
 //!    participant's suspense account. Nothing may be reserved or in flight,
 //!    and no available balance negative.
 //!
-//! A violation names the account or node and what is wrong.
+//! A violation names the account or node and what is wrong, and for an
+//! account that is off, the transfers on it that moved exactly the
+//! difference: the likely culprits.
 
 use crate::workload::{Client, HistoryEntry, OpOutcome};
 use serde::Serialize;
@@ -78,6 +80,27 @@ async fn settle(cluster: &Cluster, limit: Duration) -> Result<Duration, String> 
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The transactions that most likely broke an account that is `off` from
+/// what the history says: those on it that moved exactly that much (a
+/// transfer applied on one side only, twice, or not at all), the ones whose
+/// outcome was learned after the run first.
+fn suspects(history: &[HistoryEntry], account: u64, off: i64) -> String {
+    let mut on_account: Vec<&HistoryEntry> = history
+        .iter()
+        .filter(|e| (e.from == account || e.to == account) && e.amount == off.abs() && e.outcome != OpOutcome::Dropped)
+        .collect();
+    on_account.sort_by_key(|e| !e.detail.starts_with("resolved after the run"));
+    if on_account.is_empty() {
+        return format!(" (off by {off}; no transfer on it moved exactly that)");
+    }
+    let listed: Vec<String> = on_account
+        .iter()
+        .take(5)
+        .map(|e| format!("{} {} {:?} (txn {}, {} -> {})", e.protocol, e.key, e.outcome, e.txn_id, e.from, e.to))
+        .collect();
+    format!(" (off by {off}; transfers on it that moved exactly that: {})", listed.join(", "))
 }
 
 /// Checks the cluster against the history of every client operation (of
@@ -175,8 +198,9 @@ pub async fn check(cluster: &Cluster, history: &mut [HistoryEntry]) -> CheckRepo
             seen += 1;
             let want = expected.get(&balance.account).copied();
             if want != Some(balance.posted) && report.violations.len() < 50 {
+                let suspects = suspects(history, balance.account, balance.posted - want.unwrap_or(0));
                 report.violations.push(format!(
-                    "account {} on {}: posted {} but the committed transfers say {:?}",
+                    "account {} on {}: posted {} but the committed transfers say {:?}{suspects}",
                     balance.account, balances.participant_id, balance.posted, want
                 ));
             }
@@ -199,4 +223,42 @@ pub async fn check(cluster: &Cluster, history: &mut [HistoryEntry]) -> CheckRepo
         ));
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::Protocol;
+
+    fn entry(key: &str, from: u64, to: u64, amount: i64, outcome: OpOutcome, detail: &str) -> HistoryEntry {
+        HistoryEntry {
+            protocol: Protocol::TwoPhaseCommit,
+            client: 0,
+            key: key.into(),
+            from,
+            to,
+            amount,
+            start_us: 0,
+            end_us: 1,
+            outcome,
+            txn_id: format!("c1-{key}"),
+            detail: detail.into(),
+        }
+    }
+
+    #[test]
+    fn an_account_that_is_off_names_the_transfers_that_moved_exactly_the_difference() {
+        let history = vec![
+            entry("a", 1, 2, 100, OpOutcome::Committed, ""),
+            entry("b", 3, 1, 70, OpOutcome::Committed, ""),
+            entry("c", 1, 4, 70, OpOutcome::Committed, "resolved after the run as Committed"),
+            entry("d", 5, 6, 70, OpOutcome::Committed, ""),
+        ];
+        let named = suspects(&history, 1, -70);
+        assert!(named.contains("off by -70"), "{named}");
+        let (b, c) = (named.find(" b ").expect("b is named"), named.find(" c ").expect("c is named"));
+        assert!(c < b, "the one resolved after the run comes first: {named}");
+        assert!(!named.contains(" a ") && !named.contains(" d "), "{named}");
+        assert!(suspects(&history, 1, 13).contains("no transfer on it moved exactly that"));
+    }
 }
