@@ -231,11 +231,16 @@ impl Core {
             }
             VoteResult::Yes => Vec::new(),
             VoteResult::No(reason, message) => {
+                // A participant that voted NO recorded its refusal; every
+                // other one is told ABORT, including one whose prepare failed
+                // or timed out: that prepare may still arrive, and the abort
+                // leaves a tombstone there so it cannot reserve funds.
+                let voted_no = reason != AbortReason::ParticipantUnavailable;
                 let outcome = Outcome::Aborted(reason, message);
                 let mut actions: Vec<Action> = active
                     .participants
                     .iter()
-                    .filter(|p| *p != participant)
+                    .filter(|p| !(voted_no && *p == participant))
                     .map(|p| Action::SendAbort { txn: txn.clone(), participant: p.clone() })
                     .collect();
                 match active.idempotency_key.clone() {
@@ -393,6 +398,21 @@ mod tests {
         assert!(!actions.iter().any(|a| matches!(a, Action::PersistCommit { .. } | Action::PersistAbort { .. })));
         assert!(core.on_vote(&id("t1"), &id("p2"), VoteResult::Yes).is_empty());
         assert_eq!(core.query(&id("t1")), None, "no record: presumed abort");
+        assert!(
+            !actions.contains(&Action::SendAbort { txn: id("t1"), participant: id("p1") }),
+            "the participant that voted NO recorded it"
+        );
+    }
+
+    #[test]
+    fn a_participant_whose_prepare_timed_out_is_told_abort_too() {
+        let mut core = Core::new(10);
+        core.begin(id("t1"), two_participants(), None).unwrap();
+        let actions =
+            core.on_vote(&id("t1"), &id("p1"), VoteResult::No(AbortReason::ParticipantUnavailable, "timeout".into()));
+        // Its prepare may still arrive: the abort's tombstone must be there first.
+        assert!(actions.contains(&Action::SendAbort { txn: id("t1"), participant: id("p1") }), "{actions:?}");
+        assert!(actions.contains(&Action::SendAbort { txn: id("t1"), participant: id("p2") }), "{actions:?}");
     }
 
     #[test]

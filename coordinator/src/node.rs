@@ -190,6 +190,7 @@ impl Node {
     /// unavailable coordinator; a refusal is `Ok(Outcome::Aborted)`.
     pub async fn run_transaction(&self, legs: Vec<Leg>, key: Option<Id>) -> Result<(TxnId, Outcome), Error> {
         validate_legs(&legs)?;
+        self.refuse_if_store_failed()?;
         validate_balanced(&legs)?;
         let mut by_participant: BTreeMap<Id, Vec<Leg>> = BTreeMap::new();
         for leg in &legs {
@@ -328,6 +329,19 @@ impl Node {
         }
     }
 
+    /// A coordinator whose decision log failed a write or an fsync can no
+    /// longer make a decision durable: it must not start transactions whose
+    /// participants would then hold prepared reservations until a restart.
+    pub(crate) fn refuse_if_store_failed(&self) -> Result<(), Error> {
+        if self.inner.store.has_failed() {
+            return Err(Error::Fatal(format!(
+                "the decision log of {} failed a write; it starts nothing until it is restarted",
+                self.inner.config.node_id
+            )));
+        }
+        Ok(())
+    }
+
     fn waiter_fingerprint(&self, txn: &TxnId) -> u64 {
         self.inner.waiters.lock().expect("waiters lock poisoned").get(txn).map(|w| w.fingerprint).unwrap_or(0)
     }
@@ -425,6 +439,13 @@ impl Node {
     }
 
     /// The decision for a participant's query.
+    ///
+    /// A finished transaction (its end record written) is answered ABORT
+    /// even if it committed: the end record follows the last participant's
+    /// acknowledgement, and a participant acknowledges only once its commit
+    /// is durable, so no participant can legitimately be in doubt about it.
+    /// One that asks holds a stale duplicate of the prepare, prepared anew
+    /// after it forgot the original; COMMIT would apply the transfer twice.
     pub fn decision(&self, txn: &TxnId) -> Result<Decision, Error> {
         if let Some(decision) = self.core().query(txn) {
             return Ok(decision);
@@ -432,10 +453,12 @@ impl Node {
         if self.inner.store.get(&log::key(log::DECISION_PREFIX, txn))?.is_some() {
             return Ok(Decision::Commit);
         }
-        Ok(match self.inner.store.get(&log::key(log::FINISHED_PREFIX, txn))? {
-            Some(bytes) if log::decode_finished(&bytes).committed() => Decision::Commit,
-            _ => Decision::Abort,
-        })
+        if let Some(bytes) = self.inner.store.get(&log::key(log::FINISHED_PREFIX, txn))? {
+            if log::decode_finished(&bytes).committed() {
+                warn!(%txn, "a participant asked about a transaction whose commit every participant acknowledged: a stale duplicate prepare; answering ABORT");
+            }
+        }
+        Ok(Decision::Abort)
     }
 
     /// Serves the coordinator, health and reflection services on `listener`

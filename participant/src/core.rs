@@ -101,7 +101,10 @@ pub struct Txn {
     pub coordinator: Id,
     /// Kept while PREPARED; dropped once finished.
     pub legs: Vec<Leg>,
-    /// When this node voted YES (or recovered the record), in the core's ms clock.
+    /// When this node voted YES, in the core's ms clock; stored with the
+    /// record, so that after a restart it still says how long the
+    /// transaction has been in doubt (the node's clock continues across
+    /// restarts: see `Node::now_ms`).
     pub prepared_at_ms: u64,
     next_query_ms: u64,
     query_backoff_ms: u64,
@@ -212,6 +215,7 @@ fn encode_txn(txn: &Txn) -> Vec<u8> {
         out.extend_from_slice(&leg.account.to_le_bytes());
         out.extend_from_slice(&leg.amount.to_le_bytes());
     }
+    out.extend_from_slice(&txn.prepared_at_ms.to_le_bytes());
     out
 }
 
@@ -229,9 +233,12 @@ fn decode_txn(bytes: &[u8], now_ms: u64) -> Result<Txn, String> {
     let mut at = 2 + coordinator_len;
     let leg_count = *bytes.get(at).ok_or("truncated leg count")? as usize;
     at += 1;
-    if bytes.len() != at + leg_count * 16 {
-        return Err(format!("{} bytes for {leg_count} legs", bytes.len() - at));
-    }
+    // Records written before the prepare time was stored end with the legs.
+    let prepared_at_ms = match bytes.len().checked_sub(at + leg_count * 16) {
+        Some(0) => now_ms,
+        Some(8) => u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().expect("eight bytes")),
+        _ => return Err(format!("{} bytes for {leg_count} legs", bytes.len() - at)),
+    };
     let legs = (0..leg_count)
         .map(|i| {
             let base = at + i * 16;
@@ -241,14 +248,7 @@ fn decode_txn(bytes: &[u8], now_ms: u64) -> Result<Txn, String> {
             }
         })
         .collect();
-    Ok(Txn {
-        state,
-        coordinator,
-        legs,
-        prepared_at_ms: now_ms,
-        next_query_ms: 0,
-        query_backoff_ms: QUERY_BACKOFF_INITIAL_MS,
-    })
+    Ok(Txn { state, coordinator, legs, prepared_at_ms, next_query_ms: 0, query_backoff_ms: QUERY_BACKOFF_INITIAL_MS })
 }
 
 impl Core {

@@ -68,6 +68,8 @@ struct Inner {
     coordinators: BTreeMap<Id, CoordinatorClient<Channel>>,
     peers: BTreeMap<Id, ParticipantClient<Channel>>,
     clock: Instant,
+    /// The wall clock (unix ms) when `clock` started: see [`Node::now_ms`].
+    clock_origin_ms: u64,
     /// Clients waiting for a choreographed transfer to become terminal.
     transfer_waiters: Mutex<HashMap<Id, Vec<oneshot::Sender<()>>>>,
     /// Wakes the outbox relay when an event was written.
@@ -95,7 +97,10 @@ impl Node {
             in_doubt_after_ms: config.in_doubt_after_ms,
             finished_retention_ms: config.finished_retention_ms,
         };
-        let core = Core::recover(core_config, records, 0);
+        let clock = Instant::now();
+        let clock_origin_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let core = Core::recover(core_config, records, clock_origin_ms);
         info!(
             node = %config.node_id,
             accounts = core.accounts().len(),
@@ -110,15 +115,20 @@ impl Node {
                 store,
                 coordinators,
                 peers,
-                clock: Instant::now(),
+                clock,
+                clock_origin_ms,
                 transfer_waiters: Mutex::new(HashMap::new()),
                 relay_wake: Notify::new(),
             }),
         })
     }
 
+    /// The core's clock: monotonic while the process lives (timeouts and
+    /// backoff use it), starting from the wall clock at start, so that a
+    /// time stored in a record (a prepare's) still means something after a
+    /// restart.
     fn now_ms(&self) -> u64 {
-        self.inner.clock.elapsed().as_millis() as u64
+        self.inner.clock_origin_ms + self.inner.clock.elapsed().as_millis() as u64
     }
 
     /// Runs `step` on the core and waits until its effects are durable.
@@ -208,12 +218,21 @@ impl Node {
             txn_id: txn.to_string(),
             participant_id: self.inner.node_id.to_string(),
         });
-        request.set_timeout(Duration::from_millis(QUERY_TIMEOUT_MS));
-        let answer = client.clone().query_decision(request).await;
+        // The header tells the server; the client enforces the deadline itself
+        // (a paused coordinator accepts the connection and never answers).
+        let timeout = Duration::from_millis(QUERY_TIMEOUT_MS);
+        request.set_timeout(timeout);
+        let answer = tokio::time::timeout(timeout, client.clone().query_decision(request)).await;
         let decision = match answer {
-            Ok(response) => pb::Decision::try_from(response.into_inner().decision).unwrap_or(pb::Decision::Unspecified),
-            Err(status) => {
+            Ok(Ok(response)) => {
+                pb::Decision::try_from(response.into_inner().decision).unwrap_or(pb::Decision::Unspecified)
+            }
+            Ok(Err(status)) => {
                 debug!(%txn, %coordinator, error = %status.message(), "decision query failed; will ask again");
+                return;
+            }
+            Err(_) => {
+                debug!(%txn, %coordinator, "decision query timed out; will ask again");
                 return;
             }
         };

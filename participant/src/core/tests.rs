@@ -187,12 +187,13 @@ fn crash_before_the_prepared_record_is_durable_forgets_the_prepare() {
 #[test]
 fn crash_after_the_prepared_record_is_durable_keeps_the_reservation_and_asks() {
     let (mut core, mut disk) = setup();
-    let (vote, effects) = core.prepare(id("t1"), id("c1"), vec![debit(1, 10), credit(2, 10)], 0).unwrap();
+    let (vote, effects) = core.prepare(id("t1"), id("c1"), vec![debit(1, 10), credit(2, 10)], 3).unwrap();
     assert_eq!(vote, Vote::Yes);
     disk.apply(&effects);
     // Crash before or after the vote left: the same state comes back.
     let mut core = restart(&disk, 10);
     assert_eq!(core.txn(&id("t1")).unwrap().state, TxnState::Prepared);
+    assert_eq!(core.txn(&id("t1")).unwrap().prepared_at_ms, 3, "in doubt since the vote, not since the restart");
     assert_eq!(core.account(1).unwrap(), Account { posted: 100, reserved: 10, incoming: 0, closed: false });
     assert_eq!(core.account(2).unwrap(), Account { posted: 0, reserved: 0, incoming: 10, closed: false });
     // It asks at once after a restart, then backs off.
