@@ -131,6 +131,11 @@ pub enum Retry {
     /// Transient failures are retried up to the step's budget of attempts
     /// and the saga deadline, whichever comes first.
     Budgeted,
+    /// Transient failures are retried up to the step's budget of attempts,
+    /// whatever the deadline: the deadline bounds how long a saga tries to
+    /// go forward, not how hard it tries to undo (a refund after a slow
+    /// credit still gets its whole budget before the money is parked).
+    Attempts,
     /// Transient failures are retried until the saga deadline.
     UntilDeadline,
     /// Transient failures are retried until the step succeeds.
@@ -237,7 +242,7 @@ impl SagaCore {
                 (&spec.to_participant, StepKind::Credit, StepPhase::Compensation, spec.to, Retry::Forever)
             }
             Stage::CompensatingDebit => {
-                (&spec.from_participant, StepKind::Debit, StepPhase::Compensation, spec.from, Retry::Budgeted)
+                (&spec.from_participant, StepKind::Debit, StepPhase::Compensation, spec.from, Retry::Attempts)
             }
             Stage::Parking => {
                 (&spec.from_participant, StepKind::Debit, StepPhase::CompensateToSuspense, spec.from, Retry::Forever)
@@ -414,7 +419,7 @@ impl SagaCore {
             phase: StepPhase::Action,
             account: to_account,
             amount: record.parked,
-            retry: Retry::Budgeted,
+            retry: Retry::Attempts,
         }])
     }
 

@@ -36,6 +36,7 @@ impl Node {
         key: Option<Id>,
     ) -> Result<(SagaId, Outcome), Error> {
         let legs = tandem::domain::transfer_legs(from, to, amount)?;
+        self.refuse_if_store_failed()?;
         let spec = SagaSpec {
             from,
             to,
@@ -131,16 +132,10 @@ impl Node {
                 }
                 SagaAction::Finish { saga, spec, outcome } => {
                     self.inner.saga_deadlines.lock().expect("deadline lock poisoned").remove(&saga);
+                    let written = self.write_terminal_record(log::saga_finish_ops(&saga, &spec, &outcome));
                     let node = self.clone();
                     tokio::spawn(async move {
-                        let result = match node
-                            .inner
-                            .store
-                            .submit(log::saga_finish_ops(&saga, &spec, &outcome), Durability::Buffered)
-                        {
-                            Ok(wait) => wait.await.unwrap_or_else(|_| Err(Error::Fatal("the writer stopped".into()))),
-                            Err(error) => Err(error),
-                        };
+                        let result = written.await;
                         node.inner.finished_count.fetch_add(1, Ordering::Relaxed);
                         node.reply(&saga, result.map(|()| outcome));
                     });
@@ -148,16 +143,10 @@ impl Node {
                 SagaAction::DeadLetter { saga, record, outcome } => {
                     self.inner.saga_deadlines.lock().expect("deadline lock poisoned").remove(&saga);
                     info!(%saga, reason = %record.reason, parked = record.parked, "saga dead-lettered");
+                    let written = self.write_terminal_record(log::dead_letter_ops(&saga, &record, &outcome));
                     let node = self.clone();
                     tokio::spawn(async move {
-                        let result = match node
-                            .inner
-                            .store
-                            .submit(log::dead_letter_ops(&saga, &record, &outcome), Durability::Buffered)
-                        {
-                            Ok(wait) => wait.await.unwrap_or_else(|_| Err(Error::Fatal("the writer stopped".into()))),
-                            Err(error) => Err(error),
-                        };
+                        let result = written.await;
                         node.reply(&saga, result.map(|()| outcome));
                     });
                 }
@@ -166,6 +155,34 @@ impl Node {
                     if let Some(waiter) = waiter {
                         let _ = waiter.send(result);
                     }
+                }
+            }
+        }
+    }
+
+    /// Queues a saga's terminal record now, so that it lands in the order
+    /// the core decided (a dead letter before an operator's resolution of
+    /// it), and resolves once it is written. The saga has left the core, so
+    /// this record is all that keeps its idempotency key's outcome: a full
+    /// queue is retried until it takes the write; only a failed store (which
+    /// acknowledges nothing more) gives up.
+    fn write_terminal_record(
+        &self,
+        ops: Vec<tandem::store::Op>,
+    ) -> impl std::future::Future<Output = Result<(), Error>> + Send + 'static {
+        let store = self.inner.store.clone();
+        let mut submitted = store.submit(ops.clone(), Durability::Buffered);
+        async move {
+            loop {
+                match submitted {
+                    Ok(wait) => {
+                        return wait.await.unwrap_or_else(|_| Err(Error::Fatal("the writer stopped".into())));
+                    }
+                    Err(Error::Busy(_)) => {
+                        tokio::time::sleep(Duration::from_millis(STEP_RETRY_INITIAL_MS)).await;
+                        submitted = store.submit(ops.clone(), Durability::Buffered);
+                    }
+                    Err(error) => return Err(error),
                 }
             }
         }
@@ -233,7 +250,7 @@ impl Node {
                 Err(_) => format!("{participant} did not answer within {} ms", timeout.as_millis()),
             };
             let spent = match retry {
-                Retry::Budgeted if attempts >= self.inner.config.saga_step_attempts => {
+                Retry::Budgeted | Retry::Attempts if attempts >= self.inner.config.saga_step_attempts => {
                     Some(format!("{error} ({attempts} attempts)"))
                 }
                 Retry::Budgeted | Retry::UntilDeadline if Instant::now() >= deadline => Some(format!(

@@ -33,6 +33,21 @@
 //! be applied, parks the money in suspense: a dead letter). Each event has a
 //! schema version; readers accept every version whose kind they know.
 //!
+//! # Retention
+//!
+//! Finished records are deleted after the node's retention
+//! (`finished_retention_ms`), with one exception: the barrier of a step
+//! whose action ran or was refused and that has no compensation is kept for
+//! good. This node cannot tell a completed saga from one whose orchestrator
+//! is still waiting (for a participant that is down, or to restart), and
+//! deleting that barrier would turn a late refund into an empty
+//! compensation (money lost) or a redelivered action into a second one.
+//! The price is one record per step of every saga, on disk and in memory;
+//! an orchestrator that told its participants when a saga ended would let
+//! them forget it (not built yet). Inbox and transfer records follow the
+//! retention: a redelivery later than that (a link cut for longer) would be
+//! applied again, the same caveat as for 2PC records (`core.rs`).
+//!
 //! # Invariant
 //!
 //! Money is conserved when suspense and money in flight are counted: a
@@ -392,8 +407,14 @@ impl Core {
         let sagas = &mut self.sagas;
         if let Some(rest) = key.strip_prefix(b"b/") {
             let kind = StepKind::from_code(rest[0]);
-            let saga = Id::parse("saga", std::str::from_utf8(&rest[2..]).unwrap_or("")).ok();
-            return saga.is_some_and(|saga| sagas.barriers.remove(&(saga, kind)).is_some());
+            let Ok(saga) = Id::parse("saga", std::str::from_utf8(&rest[2..]).unwrap_or("")) else { return false };
+            // Only a compensated step is finished for good. A step whose
+            // action ran (or was refused) and has no compensation may still
+            // be compensated, or redelivered by an orchestrator that restarts
+            // from its log, however late: its barrier is what makes that
+            // safe, so it is kept (see "Retention" above).
+            let closed = sagas.barriers.get(&(saga.clone(), kind)).is_some_and(|b| b.compensation.is_some());
+            return closed && sagas.barriers.remove(&(saga, kind)).is_some();
         }
         if let Some(saga) = key.strip_prefix(b"c/") {
             let Ok(saga) = Id::parse("saga", std::str::from_utf8(saga).unwrap_or("")) else { return false };
@@ -580,7 +601,9 @@ impl Core {
         };
         let key_bytes = barrier_key(&saga, kind);
         ops.push(Op::Put(key_bytes.clone(), encode_barrier(&barrier)));
-        if is_new {
+        // Queued for collection when created and again when compensated
+        // (only then can it go: see "Retention").
+        if is_new || phase != StepPhase::Action {
             self.finished.push_back((now_ms, Retained::Key(key_bytes)));
         }
         self.sagas.barriers.insert(key, barrier);

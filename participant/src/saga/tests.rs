@@ -291,3 +291,28 @@ fn events_round_trip_and_a_newer_version_with_a_known_kind_is_read() {
     assert!(!duplicate);
     assert_eq!(p2.0.account(2).unwrap().posted, 30);
 }
+
+#[test]
+fn a_step_without_compensation_keeps_its_barrier_past_the_retention() {
+    // The orchestrator may wait far longer than the retention (its target
+    // down, or itself down) before it refunds or redelivers: the barrier of
+    // an applied debit must still be there, or the refund would be "empty"
+    // and the money lost.
+    let (mut core, mut disk) = node("p1");
+    let retention = config("p1").finished_retention_ms;
+    let (answer, effects) = core.saga_step(id("s1"), StepKind::Debit, StepPhase::Action, 1, 30, 0).unwrap();
+    disk.apply(&effects);
+    assert_eq!(answer.outcome, StepOutcome::Applied);
+    let late = 10 * retention;
+    disk.apply(&core.collect_garbage(late));
+    let (again, _) = core.saga_step(id("s1"), StepKind::Debit, StepPhase::Action, 1, 30, late).unwrap();
+    assert_eq!(again, StepAnswer { outcome: StepOutcome::Applied, duplicate: true }, "not applied twice");
+    let (refund, effects) = core.saga_step(id("s1"), StepKind::Debit, StepPhase::Compensation, 1, 30, late).unwrap();
+    disk.apply(&effects);
+    assert_eq!(refund.outcome, StepOutcome::Applied, "a real refund, not an empty compensation");
+    assert_eq!(core.account(1).unwrap().posted, 100);
+    // Compensated, the step is finished for good: collected after the retention.
+    assert!(disk.0.keys().any(|k| k.starts_with(b"b/")));
+    disk.apply(&core.collect_garbage(late + retention + 1));
+    assert!(!disk.0.keys().any(|k| k.starts_with(b"b/")), "the compensated barrier is collected");
+}
