@@ -22,8 +22,9 @@ struct Args {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run a scenario: each protocol on a fresh local cluster with the same
-    /// seed, then check the invariants and write the report. Exits non-zero
-    /// if an invariant is violated.
+    /// seed, then check the invariants and write the report. Exits 1 if an
+    /// invariant is violated (the table and report say which), 2 if the run
+    /// could not be made (bad scenario, a cluster that does not start).
     Run(RunArgs),
     /// Manage a local cluster by hand.
     Cluster {
@@ -39,7 +40,8 @@ struct RunArgs {
     /// A preset name (see `bench scenarios`) or a TOML file.
     #[arg(long, default_value = "default")]
     scenario: String,
-    /// Run only this protocol (repeat for several): 2pc.
+    /// Run only this protocol (repeat for several): 2pc, orchestrated,
+    /// choreographed.
     #[arg(long = "protocol", value_parser = Protocol::parse)]
     protocols: Vec<Protocol>,
     /// Override the measured duration of each protocol's run, in seconds.
@@ -126,10 +128,10 @@ async fn main() -> std::process::ExitCode {
     };
     match result {
         Ok(true) => std::process::ExitCode::SUCCESS,
-        Ok(false) => std::process::ExitCode::from(2),
+        Ok(false) => std::process::ExitCode::FAILURE,
         Err(error) => {
             eprintln!("bench: {error}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(2)
         }
     }
 }

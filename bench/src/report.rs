@@ -126,6 +126,18 @@ pub fn table(report: &RunReport) -> String {
             let _ = writeln!(out, "{}", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
         }
     }
+    // Every outcome the clients heard, as they heard it (an unknown one is
+    // asked again after the run; the history file holds what it came to).
+    let _ = writeln!(out);
+    for r in &report.results {
+        let outcomes: Vec<String> = r
+            .outcomes
+            .iter()
+            .filter(|(_, count)| **count > 0)
+            .map(|(outcome, count)| format!("{} {count}", outcome.replace('_', " ")))
+            .collect();
+        let _ = writeln!(out, "{:>13}: {}", r.protocol.to_string(), outcomes.join(", "));
+    }
     let with_faults: Vec<&ProtocolResult> = report.results.iter().filter(|r| !r.faults.is_empty()).collect();
     if !with_faults.is_empty() {
         let _ = writeln!(out);

@@ -186,7 +186,9 @@ impl Recorder {
             } else {
                 self.outside_fault.saturating_record(latency);
             }
-            let bucket = (entry.start_us / 1_000 / BUCKET_MS) as usize;
+            // By completion: a commit counts in the throughput when it is
+            // answered (one that hangs through a fault counts after it).
+            let bucket = (entry.end_us / 1_000 / BUCKET_MS) as usize;
             if let Some(histogram) = self.buckets.get_mut(bucket) {
                 histogram.saturating_record(latency);
             }

@@ -222,14 +222,14 @@ async fn a_refused_credit_is_compensated_and_a_failed_one_forward_is_dead_letter
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forward_saga_whose_credit_keeps_failing_compensates_after_its_deadline() {
-    let (mut cluster, _dir) = start_with(2, 10, &["--saga-deadline-ms", "800"]).await;
+    let (mut cluster, _dir) = start_with(2, 10, &["--saga-deadline-ms", "1500"]).await;
     let mut coordinator = cluster.coordinator_client().unwrap();
     // The target stops answering (SIGSTOP): every credit attempt times out.
     cluster.node(NodeRef::Participant(1)).pause();
     let saga = tokio::spawn(async move {
         coordinator.transfer(saga_transfer(3, 15, 100, pb::Recovery::Forward, "fw1")).await.unwrap().into_inner()
     });
-    tokio::time::sleep(Duration::from_millis(2_000)).await;
+    tokio::time::sleep(Duration::from_millis(3_000)).await;
     assert!(!saga.is_finished(), "the credit's compensation waits for the target to answer");
     cluster.node(NodeRef::Participant(1)).resume();
     let result = tokio::time::timeout(Duration::from_secs(20), saga).await.expect("the saga ends").unwrap();
