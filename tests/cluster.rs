@@ -109,6 +109,11 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
     }
     let status = client.get_transaction(pb::GetTransactionRequest { txn_id: "no spaces".into() }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+    // A batched commit with no ids, too many, or a malformed one is refused whole.
+    for txn_ids in [vec![], vec!["t".to_string(); 1_025], vec!["ok-1".into(), "not ok".into()]] {
+        let status = p1.commit_batch(pb::DecisionBatchRequest { txn_ids }).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
+    }
 
     // A general transaction over three accounts on two participants.
     let result = client

@@ -36,6 +36,42 @@ use tracing::{debug, error, info, warn};
 /// The first wait before a COMMIT is redelivered; it doubles up to the max.
 pub const COMMIT_RETRY_INITIAL_MS: u64 = 10;
 pub const COMMIT_RETRY_MAX_MS: u64 = 1_000;
+/// Most COMMITs delivered to one participant in one call (`CommitBatch`).
+pub const COMMIT_BATCH_MAX: usize = 1_024;
+/// Most commit batches in flight to one participant at a time.
+pub const COMMIT_BATCHES_IN_FLIGHT_MAX: usize = 4;
+
+/// The COMMITs owed to one participant and not yet sent. A sender task per
+/// participant drains it: a COMMIT goes out at once when a batch slot is
+/// free, and those that arrive while every slot is busy go out together in
+/// the next batch (one call, one write at the participant), so batching
+/// costs no latency at low load and saves calls at high load.
+#[derive(Default)]
+pub(crate) struct CommitQueue {
+    waiting: Mutex<Vec<TxnId>>,
+    wake: tokio::sync::Notify,
+}
+
+impl CommitQueue {
+    fn push(&self, txn: TxnId) {
+        self.waiting.lock().expect("commit queue lock poisoned").push(txn);
+        self.wake.notify_one();
+    }
+
+    /// Up to `COMMIT_BATCH_MAX` waiting COMMITs, oldest first.
+    async fn next_batch(&self) -> Vec<TxnId> {
+        loop {
+            {
+                let mut waiting = self.waiting.lock().expect("commit queue lock poisoned");
+                if !waiting.is_empty() {
+                    let count = waiting.len().min(COMMIT_BATCH_MAX);
+                    return waiting.drain(..count).collect();
+                }
+            }
+            self.wake.notified().await;
+        }
+    }
+}
 /// How often finished records are trimmed to `finished_retained_max`.
 pub const GC_INTERVAL_MS: u64 = 5_000;
 /// Most finished records removed in one round.
@@ -90,6 +126,7 @@ pub(crate) struct Inner {
     pub(crate) store: Store,
     pub(crate) directory: Directory,
     pub(crate) participants: BTreeMap<Id, ParticipantClient<Channel>>,
+    pub(crate) commit_queues: BTreeMap<Id, Arc<CommitQueue>>,
     pub(crate) waiters: Mutex<HashMap<TxnId, Waiter>>,
     /// Serialises the check of an idempotency key with the start of its
     /// transaction, so two requests with one key cannot both start.
@@ -160,6 +197,7 @@ impl Node {
                 core: Mutex::new(core),
                 store,
                 directory,
+                commit_queues: participants.keys().map(|p| (p.clone(), Arc::default())).collect(),
                 participants,
                 waiters: Mutex::new(HashMap::new()),
                 keys: Mutex::new(()),
@@ -278,12 +316,11 @@ impl Node {
                     });
                 }
                 Action::SendCommit { txn, participant } => {
-                    let node = self.clone();
-                    tokio::spawn(async move {
-                        node.deliver_commit(&txn, &participant).await;
-                        let next = node.core().on_commit_acked(&txn, &participant);
-                        node.execute(next);
-                    });
+                    self.inner
+                        .commit_queues
+                        .get(&participant)
+                        .expect("the core only names directory participants")
+                        .push(txn);
                 }
                 Action::SendAbort { txn, participant } => {
                     let node = self.clone();
@@ -396,6 +433,75 @@ impl Node {
         vote
     }
 
+    /// Drains `participant`'s commit queue for as long as the node runs.
+    async fn send_commits(self, participant: Id) {
+        let queue = self.inner.commit_queues[&participant].clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(COMMIT_BATCHES_IN_FLIGHT_MAX));
+        loop {
+            let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+            let batch = queue.next_batch().await;
+            let node = self.clone();
+            let participant = participant.clone();
+            tokio::spawn(async move {
+                node.deliver_commit_batch(&participant, batch).await;
+                drop(slot);
+            });
+        }
+    }
+
+    /// Sends the batch until the participant acknowledges it, then feeds
+    /// each acknowledgement to the core. A batch the participant rejects
+    /// (it names a transaction the participant aborted: a broken protocol,
+    /// logged) is split, so that one bad COMMIT retries alone and does not
+    /// hold up the others.
+    async fn deliver_commit_batch(&self, participant: &Id, batch: Vec<TxnId>) {
+        if batch.len() == 1 {
+            self.deliver_commit(&batch[0], participant).await;
+        } else {
+            let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
+            let mut backoff_ms = COMMIT_RETRY_INITIAL_MS;
+            let mut attempts = 0u64;
+            loop {
+                attempts += 1;
+                let mut request =
+                    Request::new(pb::DecisionBatchRequest { txn_ids: batch.iter().map(|t| t.to_string()).collect() });
+                request.set_timeout(timeout);
+                match tokio::time::timeout(timeout, self.client(participant).commit_batch(request)).await {
+                    Ok(Ok(_)) => {
+                        debug!(%participant, count = batch.len(), first = %batch[0], attempts, "commit batch delivered");
+                        break;
+                    }
+                    Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
+                        error!(%participant, error = %status.message(), "commit batch rejected; delivering its commits one by one");
+                        for txn in batch {
+                            let node = self.clone();
+                            let participant = participant.clone();
+                            tokio::spawn(async move {
+                                node.deliver_commit(&txn, &participant).await;
+                                let next = node.core().on_commit_acked(&txn, &participant);
+                                node.execute(next);
+                            });
+                        }
+                        return;
+                    }
+                    Ok(Err(status)) if attempts == 1 => {
+                        warn!(%participant, count = batch.len(), code = ?status.code(), error = %status.message(), "commit batch not acknowledged; will redeliver")
+                    }
+                    Err(_) if attempts == 1 => {
+                        warn!(%participant, count = batch.len(), "commit batch timed out; will redeliver")
+                    }
+                    Ok(Err(_)) | Err(_) => {}
+                }
+                tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                backoff_ms = (backoff_ms * 2).min(COMMIT_RETRY_MAX_MS);
+            }
+        }
+        for txn in &batch {
+            let next = self.core().on_commit_acked(txn, participant);
+            self.execute(next);
+        }
+    }
+
     /// Sends COMMIT until the participant acknowledges it.
     async fn deliver_commit(&self, txn: &TxnId, participant: &Id) {
         let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
@@ -474,6 +580,12 @@ impl Node {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<CoordinatorServer<Node>>().await;
         let collector = tokio::spawn(self.clone().collect_garbage());
+        let commit_senders: Vec<_> = self
+            .inner
+            .commit_queues
+            .keys()
+            .map(|participant| tokio::spawn(self.clone().send_commits(participant.clone())))
+            .collect();
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = tandem::server::server_builder()
             .add_service(health_service)
@@ -482,6 +594,7 @@ impl Node {
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         collector.abort();
+        commit_senders.iter().for_each(|sender| sender.abort());
         self.inner.store.close();
         info!(node = %self.inner.config.node_id, in_flight = self.core().active_count(), "stopped");
         result.map_err(|e| Error::Unavailable(format!("the server failed: {e}")))

@@ -151,8 +151,11 @@ impl Effects {
     }
 }
 
-/// Most store operations one call can produce, apart from OpenAccounts and GC.
+/// Most store operations one call can produce, apart from OpenAccounts, GC
+/// and batched commits.
 pub const OPS_PER_CALL_MAX: usize = tandem::domain::LEGS_MAX + 1;
+/// Most transactions in one batched commit (`CommitBatch`).
+pub const COMMIT_BATCH_MAX: usize = 1_024;
 
 #[derive(Debug)]
 pub struct Config {
@@ -440,6 +443,28 @@ impl Core {
         let mut effects = self.finish(txn_id.clone(), coordinator, TxnState::Committed, now_ms);
         ops.append(&mut effects.ops);
         Ok(Effects { ops, durability: effects.durability })
+    }
+
+    /// Phase two, COMMIT, for each of `txn_ids` (see [`Core::commit`]), as
+    /// one write. Checked first, so that a transaction this node aborted
+    /// rejects the batch before any of it is applied.
+    pub fn commit_batch(&mut self, txn_ids: &[TxnId], now_ms: u64) -> Result<Effects, Error> {
+        assert!(txn_ids.len() <= COMMIT_BATCH_MAX, "the driver bounds the batch");
+        if let Some(aborted) =
+            txn_ids.iter().find(|id| matches!(self.txns.get(*id), Some(txn) if txn.state == TxnState::Aborted))
+        {
+            return Err(Error::InvalidInput(format!("{aborted} is aborted here; a commit for it breaks the protocol")));
+        }
+        let mut batch = Effects::none();
+        for txn_id in txn_ids {
+            let mut effects = self.commit(txn_id, now_ms).expect("checked above: no transaction is aborted");
+            batch.ops.append(&mut effects.ops);
+            if effects.durability != Durability::Buffered {
+                assert_eq!(effects.durability, Durability::Lazy, "a commit never asks for more than lazy durability");
+                batch.durability = Durability::Lazy;
+            }
+        }
+        Ok(batch)
     }
 
     /// Phase two, ABORT. Releases a prepared reservation; leaves a tombstone

@@ -8,7 +8,7 @@
 //! effects are durable, answer. Nothing is acknowledged before the store
 //! says so; if the store fails, every later call fails too.
 
-use crate::core::{Config, Core, Effects, Refusal, TxnState, Vote, OPS_PER_CALL_MAX};
+use crate::core::{Config, Core, Effects, Refusal, TxnState, Vote, COMMIT_BATCH_MAX, OPS_PER_CALL_MAX};
 use crate::saga::{Event, EventKind, StepKind, StepOutcome, StepPhase, Transfer, TransferState};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -161,6 +161,10 @@ impl Node {
 
     pub async fn commit(&self, txn: &TxnId) -> Result<(), Error> {
         self.apply(OPS_PER_CALL_MAX, |core, now| Ok(((), core.commit(txn, now)?))).await
+    }
+
+    pub async fn commit_batch(&self, txns: &[TxnId]) -> Result<(), Error> {
+        self.apply(txns.len() * OPS_PER_CALL_MAX, |core, now| Ok(((), core.commit_batch(txns, now)?))).await
     }
 
     pub async fn abort(&self, txn: &TxnId) -> Result<(), Error> {
@@ -457,6 +461,24 @@ impl Participant for Node {
         let txn = Id::parse("txn_id", &request.into_inner().txn_id)?;
         Node::commit(self, &txn).await?;
         debug!(%txn, "commit acknowledged");
+        Ok(Response::new(pb::DecisionResponse {}))
+    }
+
+    async fn commit_batch(
+        &self,
+        request: Request<pb::DecisionBatchRequest>,
+    ) -> Result<Response<pb::DecisionResponse>, Status> {
+        let request = request.into_inner();
+        if request.txn_ids.is_empty() || request.txn_ids.len() > COMMIT_BATCH_MAX {
+            return Err(Error::InvalidInput(format!(
+                "a commit batch names 1 to {COMMIT_BATCH_MAX} transactions, not {}",
+                request.txn_ids.len()
+            ))
+            .into());
+        }
+        let txns = request.txn_ids.iter().map(|id| Id::parse("txn_ids", id)).collect::<Result<Vec<_>, _>>()?;
+        Node::commit_batch(self, &txns).await?;
+        debug!(count = txns.len(), first = %txns[0], "commit batch acknowledged");
         Ok(Response::new(pb::DecisionResponse {}))
     }
 

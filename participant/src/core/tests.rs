@@ -148,6 +148,28 @@ fn commit_and_abort_of_the_other_outcome_are_refused() {
 }
 
 #[test]
+fn a_batched_commit_applies_each_once_and_an_aborted_member_rejects_all_of_it() {
+    let (mut core, mut disk) = setup();
+    core.prepare(id("t1"), id("c1"), vec![debit(1, 10), credit(2, 10)], 0).unwrap();
+    core.prepare(id("t2"), id("c1"), vec![debit(1, 5), credit(2, 5)], 0).unwrap();
+    core.abort(&id("t3"), 0).unwrap();
+    // t3 was aborted here: the batch is refused whole, t1 stays prepared.
+    let refused = core.commit_batch(&[id("t1"), id("t3")], 1);
+    assert!(matches!(&refused, Err(Error::InvalidInput(message)) if message.contains("t3")), "{refused:?}");
+    assert_eq!(core.txn(&id("t1")).unwrap().state, TxnState::Prepared);
+    assert_eq!(core.account(1).unwrap(), Account { posted: 100, reserved: 15, incoming: 0, closed: false });
+    // A batch with a duplicate and an unknown id (committed and forgotten).
+    let effects = core.commit_batch(&[id("t1"), id("t2"), id("t1"), id("t9")], 2).unwrap();
+    assert_eq!(effects.durability, Durability::Lazy, "acknowledged only once an fsync covers it");
+    disk.apply(&effects);
+    assert_eq!(core.account(1).unwrap(), Account { posted: 85, reserved: 0, incoming: 0, closed: false });
+    assert_eq!(core.account(2).unwrap().posted, 15);
+    let core = restart(&disk, 3);
+    assert_eq!(core.account(1).unwrap().posted, 85, "one write held the whole batch");
+    assert_eq!(core.prepared_count(), 0);
+}
+
+#[test]
 fn bad_input_is_an_error_and_changes_nothing() {
     let (mut core, _) = setup();
     assert!(matches!(core.prepare(id("t1"), id("c1"), vec![], 0), Err(Error::InvalidInput(_))));
