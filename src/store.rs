@@ -53,6 +53,22 @@ pub enum Durability {
     Buffered,
 }
 
+impl Durability {
+    /// The stronger of two: what a submission that merges both must ask for.
+    pub fn stronger(self, other: Durability) -> Durability {
+        let rank = |d: Durability| match d {
+            Durability::Buffered => 0,
+            Durability::Lazy => 1,
+            Durability::Fsync => 2,
+        };
+        if rank(other) > rank(self) {
+            other
+        } else {
+            self
+        }
+    }
+}
+
 /// One change to the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {

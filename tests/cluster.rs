@@ -109,6 +109,35 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
     }
     let status = client.get_transaction(pb::GetTransactionRequest { txn_id: "no spaces".into() }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+    // A batched prepare judges each prepare alone: a malformed one is
+    // refused with its reason, the others vote as Prepare would.
+    let prepare =
+        |txn: &str, legs: Vec<pb::Leg>| pb::PrepareRequest { txn_id: txn.into(), coordinator_id: "c1".into(), legs };
+    let votes = p1
+        .prepare_batch(pb::PrepareBatchRequest {
+            prepares: vec![
+                prepare("manual-1", legs(&[(1, -5)])),
+                prepare("bad id!", legs(&[(1, -5)])),
+                prepare("manual-2", legs(&[(1, -1_000_000)])),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .votes;
+    let summary: Vec<(i32, i32)> = votes.iter().map(|v| (v.vote, v.refusal)).collect();
+    assert_eq!(
+        summary,
+        vec![
+            (pb::Vote::Yes as i32, 0),
+            (pb::Vote::No as i32, pb::Refusal::InvalidRequest as i32),
+            (pb::Vote::No as i32, pb::Refusal::InsufficientFunds as i32),
+        ]
+    );
+    assert!(votes[1].reason.contains("txn_id"), "{}", votes[1].reason);
+    p1.abort(pb::DecisionRequest { txn_id: "manual-1".into() }).await.unwrap();
+    let status = p1.prepare_batch(pb::PrepareBatchRequest { prepares: vec![] }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
     // A batched commit with no ids, too many, or a malformed one is refused whole.
     for txn_ids in [vec![], vec!["t".to_string(); 1_025], vec!["ok-1".into(), "not ok".into()]] {
         let status = p1.commit_batch(pb::DecisionBatchRequest { txn_ids }).await.unwrap_err();

@@ -36,35 +36,47 @@ use tracing::{debug, error, info, warn};
 /// The first wait before a COMMIT is redelivered; it doubles up to the max.
 pub const COMMIT_RETRY_INITIAL_MS: u64 = 10;
 pub const COMMIT_RETRY_MAX_MS: u64 = 1_000;
+/// How often finished records are trimmed to `finished_retained_max`.
+pub const GC_INTERVAL_MS: u64 = 5_000;
+/// Most finished records removed in one round.
+pub const GC_BATCH_MAX: usize = 100_000;
 /// Most COMMITs delivered to one participant in one call (`CommitBatch`).
 pub const COMMIT_BATCH_MAX: usize = 1_024;
-/// Most commit batches in flight to one participant at a time.
-pub const COMMIT_BATCHES_IN_FLIGHT_MAX: usize = 4;
+/// Most prepares sent to one participant in one call (`PrepareBatch`).
+pub const PREPARE_BATCH_MAX: usize = 256;
+/// Most calls of one kind (prepare or commit) in flight to one participant.
+pub const BATCHES_IN_FLIGHT_MAX: usize = 4;
 
-/// The COMMITs owed to one participant and not yet sent. A sender task per
-/// participant drains it: a COMMIT goes out at once when a batch slot is
+/// Messages owed to one participant and not sent yet (its prepares, or its
+/// COMMITs). A sender task per participant and kind drains it: a message
+/// goes out at once when one of [`BATCHES_IN_FLIGHT_MAX`] call slots is
 /// free, and those that arrive while every slot is busy go out together in
-/// the next batch (one call, one write at the participant), so batching
-/// costs no latency at low load and saves calls at high load.
-#[derive(Default)]
-pub(crate) struct CommitQueue {
-    waiting: Mutex<Vec<TxnId>>,
+/// the next call (one call, one write at the participant). So batching costs
+/// no latency at low load and saves calls and CPU at high load.
+pub(crate) struct BatchQueue<T> {
+    waiting: Mutex<std::collections::VecDeque<T>>,
     wake: tokio::sync::Notify,
 }
 
-impl CommitQueue {
-    fn push(&self, txn: TxnId) {
-        self.waiting.lock().expect("commit queue lock poisoned").push(txn);
+impl<T> Default for BatchQueue<T> {
+    fn default() -> Self {
+        BatchQueue { waiting: Mutex::default(), wake: tokio::sync::Notify::new() }
+    }
+}
+
+impl<T> BatchQueue<T> {
+    fn push(&self, item: T) {
+        self.waiting.lock().expect("batch queue lock poisoned").push_back(item);
         self.wake.notify_one();
     }
 
-    /// Up to `COMMIT_BATCH_MAX` waiting COMMITs, oldest first.
-    async fn next_batch(&self) -> Vec<TxnId> {
+    /// Up to `max` waiting messages, oldest first; waits for one.
+    async fn next_batch(&self, max: usize) -> Vec<T> {
         loop {
             {
-                let mut waiting = self.waiting.lock().expect("commit queue lock poisoned");
+                let mut waiting = self.waiting.lock().expect("batch queue lock poisoned");
                 if !waiting.is_empty() {
-                    let count = waiting.len().min(COMMIT_BATCH_MAX);
+                    let count = waiting.len().min(max);
                     return waiting.drain(..count).collect();
                 }
             }
@@ -72,10 +84,20 @@ impl CommitQueue {
         }
     }
 }
-/// How often finished records are trimmed to `finished_retained_max`.
-pub const GC_INTERVAL_MS: u64 = 5_000;
-/// Most finished records removed in one round.
-pub const GC_BATCH_MAX: usize = 100_000;
+
+/// A prepare waiting for its call, and when it stops waiting for a vote.
+pub(crate) struct QueuedPrepare {
+    txn: TxnId,
+    legs: Vec<Leg>,
+    deadline: Instant,
+}
+
+/// What the coordinator owes one participant.
+#[derive(Default)]
+pub(crate) struct Outbound {
+    prepares: BatchQueue<QueuedPrepare>,
+    commits: BatchQueue<TxnId>,
+}
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -126,7 +148,7 @@ pub(crate) struct Inner {
     pub(crate) store: Store,
     pub(crate) directory: Directory,
     pub(crate) participants: BTreeMap<Id, ParticipantClient<Channel>>,
-    pub(crate) commit_queues: BTreeMap<Id, Arc<CommitQueue>>,
+    pub(crate) outbound: BTreeMap<Id, Arc<Outbound>>,
     pub(crate) waiters: Mutex<HashMap<TxnId, Waiter>>,
     /// Serialises the check of an idempotency key with the start of its
     /// transaction, so two requests with one key cannot both start.
@@ -197,7 +219,7 @@ impl Node {
                 core: Mutex::new(core),
                 store,
                 directory,
-                commit_queues: participants.keys().map(|p| (p.clone(), Arc::default())).collect(),
+                outbound: participants.keys().map(|p| (p.clone(), Arc::default())).collect(),
                 participants,
                 waiters: Mutex::new(HashMap::new()),
                 keys: Mutex::new(()),
@@ -281,12 +303,8 @@ impl Node {
             debug!(?action, "execute");
             match action {
                 Action::SendPrepare { txn, participant, legs } => {
-                    let node = self.clone();
-                    tokio::spawn(async move {
-                        let vote = node.send_prepare(&txn, &participant, legs).await;
-                        let next = node.core().on_vote(&txn, &participant, vote);
-                        node.execute(next);
-                    });
+                    let deadline = Instant::now() + Duration::from_millis(self.inner.config.prepare_timeout_ms);
+                    self.outbound(&participant).prepares.push(QueuedPrepare { txn, legs, deadline });
                 }
                 Action::PersistCommit { txn, record } => {
                     let node = self.clone();
@@ -315,13 +333,7 @@ impl Node {
                         }
                     });
                 }
-                Action::SendCommit { txn, participant } => {
-                    self.inner
-                        .commit_queues
-                        .get(&participant)
-                        .expect("the core only names directory participants")
-                        .push(txn);
-                }
+                Action::SendCommit { txn, participant } => self.outbound(&participant).commits.push(txn),
                 Action::SendAbort { txn, participant } => {
                     let node = self.clone();
                     tokio::spawn(async move { node.send_abort(&txn, &participant).await });
@@ -395,51 +407,105 @@ impl Node {
         self.inner.participants.get(participant).expect("the core only names directory participants").clone()
     }
 
-    async fn send_prepare(&self, txn: &TxnId, participant: &Id, legs: Vec<Leg>) -> VoteResult {
-        let timeout = Duration::from_millis(self.inner.config.prepare_timeout_ms);
-        let mut request = Request::new(pb::PrepareRequest {
-            txn_id: txn.to_string(),
-            coordinator_id: self.inner.config.node_id.to_string(),
-            legs: legs.into_iter().map(pb::Leg::from).collect(),
-        });
-        request.set_timeout(timeout);
-        let answer = tokio::time::timeout(timeout, self.client(participant).prepare(request)).await;
-        let vote = match answer {
-            Ok(Ok(response)) => {
-                let response = response.into_inner();
-                match pb::Vote::try_from(response.vote) {
-                    Ok(pb::Vote::Yes) => VoteResult::Yes,
-                    _ => {
-                        let reason = match pb::Refusal::try_from(response.refusal) {
-                            Ok(pb::Refusal::InsufficientFunds) => AbortReason::InsufficientFunds,
-                            Ok(pb::Refusal::BalanceOverflow) => AbortReason::BalanceOverflow,
-                            Ok(pb::Refusal::UnknownAccount) => AbortReason::UnknownAccount,
-                            _ => AbortReason::Refused,
-                        };
-                        VoteResult::No(reason, format!("{participant}: {}", response.reason))
-                    }
+    fn outbound(&self, participant: &Id) -> &Outbound {
+        self.inner.outbound.get(participant).expect("the core only names directory participants")
+    }
+
+    /// Drains `participant`'s prepare queue for as long as the node runs.
+    async fn send_prepares(self, participant: Id) {
+        let outbound = self.inner.outbound[&participant].clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT_MAX));
+        loop {
+            let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+            let batch = outbound.prepares.next_batch(PREPARE_BATCH_MAX).await;
+            let node = self.clone();
+            let participant = participant.clone();
+            tokio::spawn(async move {
+                let votes = node.send_prepare_batch(&participant, batch).await;
+                drop(slot);
+                for (txn, vote) in votes {
+                    let next = node.core().on_vote(&txn, &participant, vote);
+                    node.execute(next);
+                }
+            });
+        }
+    }
+
+    /// Sends a batch of prepares (a plain Prepare when there is one) and
+    /// returns each one's vote. A prepare whose deadline passed while it
+    /// waited for a call slot is not sent: it votes NO at once, like a
+    /// prepare that did not answer in time.
+    async fn send_prepare_batch(&self, participant: &Id, batch: Vec<QueuedPrepare>) -> Vec<(TxnId, VoteResult)> {
+        let now = Instant::now();
+        let (late, batch): (Vec<_>, Vec<_>) = batch.into_iter().partition(|p| p.deadline <= now);
+        let mut votes: Vec<(TxnId, VoteResult)> = late
+            .into_iter()
+            .map(|p| {
+                let why = format!("{participant}: the prepare waited past its deadline for a call slot");
+                (p.txn, VoteResult::No(AbortReason::ParticipantUnavailable, why))
+            })
+            .collect();
+        let Some(first) = batch.first() else { return votes };
+        // Oldest first: the first deadline is the earliest.
+        let timeout = first.deadline - now;
+        let count = batch.len();
+        let coordinator_id = self.inner.config.node_id.to_string();
+        let to_pb = |p: &QueuedPrepare| pb::PrepareRequest {
+            txn_id: p.txn.to_string(),
+            coordinator_id: coordinator_id.clone(),
+            legs: p.legs.iter().copied().map(pb::Leg::from).collect(),
+        };
+        let answers: Result<Vec<pb::PrepareResponse>, String> = if count == 1 {
+            let mut request = Request::new(to_pb(first));
+            request.set_timeout(timeout);
+            match tokio::time::timeout(timeout, self.client(participant).prepare(request)).await {
+                Ok(Ok(response)) => Ok(vec![response.into_inner()]),
+                Ok(Err(status)) => {
+                    Err(format!("{participant} failed the prepare: {:?} {}", status.code(), status.message()))
+                }
+                Err(_) => Err(format!("{participant} did not answer the prepare within {} ms", timeout.as_millis())),
+            }
+        } else {
+            let mut request = Request::new(pb::PrepareBatchRequest { prepares: batch.iter().map(to_pb).collect() });
+            request.set_timeout(timeout);
+            match tokio::time::timeout(timeout, self.client(participant).prepare_batch(request)).await {
+                Ok(Ok(response)) if response.get_ref().votes.len() == count => Ok(response.into_inner().votes),
+                Ok(Ok(response)) => {
+                    Err(format!("{participant} answered {} votes for {count} prepares", response.get_ref().votes.len()))
+                }
+                Ok(Err(status)) => {
+                    Err(format!("{participant} failed the prepare: {:?} {}", status.code(), status.message()))
+                }
+                Err(_) => Err(format!("{participant} did not answer the prepare within {} ms", timeout.as_millis())),
+            }
+        };
+        match answers {
+            Ok(answers) => {
+                for (prepare, answer) in batch.into_iter().zip(answers) {
+                    let vote = vote_from_pb(participant, answer);
+                    debug!(txn = %prepare.txn, %participant, ?vote, count, "vote");
+                    votes.push((prepare.txn, vote));
                 }
             }
-            Ok(Err(status)) => VoteResult::No(
-                AbortReason::ParticipantUnavailable,
-                format!("{participant} failed the prepare: {:?} {}", status.code(), status.message()),
-            ),
-            Err(_) => VoteResult::No(
-                AbortReason::ParticipantUnavailable,
-                format!("{participant} did not answer the prepare within {} ms", timeout.as_millis()),
-            ),
-        };
-        debug!(%txn, %participant, ?vote, "vote");
-        vote
+            Err(why) => {
+                debug!(%participant, count, %why, "prepare failed");
+                votes.extend(
+                    batch
+                        .into_iter()
+                        .map(|p| (p.txn, VoteResult::No(AbortReason::ParticipantUnavailable, why.clone()))),
+                );
+            }
+        }
+        votes
     }
 
     /// Drains `participant`'s commit queue for as long as the node runs.
     async fn send_commits(self, participant: Id) {
-        let queue = self.inner.commit_queues[&participant].clone();
-        let slots = Arc::new(tokio::sync::Semaphore::new(COMMIT_BATCHES_IN_FLIGHT_MAX));
+        let outbound = self.inner.outbound[&participant].clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT_MAX));
         loop {
             let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
-            let batch = queue.next_batch().await;
+            let batch = outbound.commits.next_batch(COMMIT_BATCH_MAX).await;
             let node = self.clone();
             let participant = participant.clone();
             tokio::spawn(async move {
@@ -580,11 +646,16 @@ impl Node {
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<CoordinatorServer<Node>>().await;
         let collector = tokio::spawn(self.clone().collect_garbage());
-        let commit_senders: Vec<_> = self
+        let senders: Vec<_> = self
             .inner
-            .commit_queues
+            .outbound
             .keys()
-            .map(|participant| tokio::spawn(self.clone().send_commits(participant.clone())))
+            .flat_map(|participant| {
+                [
+                    tokio::spawn(self.clone().send_prepares(participant.clone())),
+                    tokio::spawn(self.clone().send_commits(participant.clone())),
+                ]
+            })
             .collect();
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = tandem::server::server_builder()
@@ -594,7 +665,7 @@ impl Node {
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
         collector.abort();
-        commit_senders.iter().for_each(|sender| sender.abort());
+        senders.iter().for_each(|sender| sender.abort());
         self.inner.store.close();
         info!(node = %self.inner.config.node_id, in_flight = self.core().active_count(), "stopped");
         result.map_err(|e| Error::Unavailable(format!("the server failed: {e}")))
@@ -867,5 +938,21 @@ impl Coordinator for Node {
         let request = request.into_inner();
         let saga = Id::parse("saga_id", &request.saga_id)?;
         Ok(Response::new(self.resolve_dead_letter(&saga, request.to_account).await?))
+    }
+}
+
+/// A participant's answer to one prepare, as the core takes it.
+fn vote_from_pb(participant: &Id, response: pb::PrepareResponse) -> VoteResult {
+    match pb::Vote::try_from(response.vote) {
+        Ok(pb::Vote::Yes) => VoteResult::Yes,
+        _ => {
+            let reason = match pb::Refusal::try_from(response.refusal) {
+                Ok(pb::Refusal::InsufficientFunds) => AbortReason::InsufficientFunds,
+                Ok(pb::Refusal::BalanceOverflow) => AbortReason::BalanceOverflow,
+                Ok(pb::Refusal::UnknownAccount) => AbortReason::UnknownAccount,
+                _ => AbortReason::Refused,
+            };
+            VoteResult::No(reason, format!("{participant}: {}", response.reason))
+        }
     }
 }

@@ -156,6 +156,8 @@ impl Effects {
 pub const OPS_PER_CALL_MAX: usize = tandem::domain::LEGS_MAX + 1;
 /// Most transactions in one batched commit (`CommitBatch`).
 pub const COMMIT_BATCH_MAX: usize = 1_024;
+/// Most prepares in one batch (`PrepareBatch`).
+pub const PREPARE_BATCH_MAX: usize = 1_024;
 
 #[derive(Debug)]
 pub struct Config {
@@ -443,6 +445,29 @@ impl Core {
         let mut effects = self.finish(txn_id.clone(), coordinator, TxnState::Committed, now_ms);
         ops.append(&mut effects.ops);
         Ok(Effects { ops, durability: effects.durability })
+    }
+
+    /// Phase one for each of `prepares`, judged one by one exactly as
+    /// [`Core::prepare`] judges it, with their writes merged into one
+    /// submission as durable as the most demanding of them (so every YES in
+    /// the batch waits for the fsync that covers its record).
+    pub fn prepare_batch(
+        &mut self,
+        prepares: Vec<(TxnId, Id, Vec<Leg>)>,
+        now_ms: u64,
+    ) -> (Vec<Result<Vote, Error>>, Effects) {
+        assert!(prepares.len() <= PREPARE_BATCH_MAX, "the driver bounds the batch");
+        let mut batch = Effects::none();
+        let votes = prepares
+            .into_iter()
+            .map(|(txn_id, coordinator, legs)| {
+                let (vote, mut effects) = self.prepare(txn_id, coordinator, legs, now_ms)?;
+                batch.ops.append(&mut effects.ops);
+                batch.durability = batch.durability.stronger(effects.durability);
+                Ok(vote)
+            })
+            .collect();
+        (votes, batch)
     }
 
     /// Phase two, COMMIT, for each of `txn_ids` (see [`Core::commit`]), as

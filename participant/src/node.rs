@@ -8,7 +8,9 @@
 //! effects are durable, answer. Nothing is acknowledged before the store
 //! says so; if the store fails, every later call fails too.
 
-use crate::core::{Config, Core, Effects, Refusal, TxnState, Vote, COMMIT_BATCH_MAX, OPS_PER_CALL_MAX};
+use crate::core::{
+    Config, Core, Effects, Refusal, TxnState, Vote, COMMIT_BATCH_MAX, OPS_PER_CALL_MAX, PREPARE_BATCH_MAX,
+};
 use crate::saga::{Event, EventKind, StepKind, StepOutcome, StepPhase, Transfer, TransferState};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -157,6 +159,12 @@ impl Node {
 
     pub async fn prepare(&self, txn: TxnId, coordinator: Id, legs: Vec<Leg>) -> Result<Vote, Error> {
         self.apply(OPS_PER_CALL_MAX, |core, now| core.prepare(txn, coordinator, legs, now)).await
+    }
+
+    /// Each prepare's vote, or why it is malformed; `Err` when none could be
+    /// judged (the store failed or its queue is full).
+    pub async fn prepare_batch(&self, prepares: Vec<(TxnId, Id, Vec<Leg>)>) -> Result<Vec<Result<Vote, Error>>, Error> {
+        self.apply(prepares.len() * OPS_PER_CALL_MAX, |core, now| Ok(core.prepare_batch(prepares, now))).await
     }
 
     pub async fn commit(&self, txn: &TxnId) -> Result<(), Error> {
@@ -416,6 +424,15 @@ pub fn event_from_pb(event: &pb::ChoreographyEvent) -> Result<Event, Error> {
     })
 }
 
+fn vote_to_pb(vote: Vote) -> pb::PrepareResponse {
+    match vote {
+        Vote::Yes => pb::PrepareResponse { vote: pb::Vote::Yes as i32, refusal: 0, reason: String::new() },
+        Vote::No(refusal, reason) => {
+            pb::PrepareResponse { vote: pb::Vote::No as i32, refusal: refusal_to_pb(refusal) as i32, reason }
+        }
+    }
+}
+
 fn refusal_to_pb(refusal: Refusal) -> pb::Refusal {
     match refusal {
         Refusal::InsufficientFunds => pb::Refusal::InsufficientFunds,
@@ -449,12 +466,52 @@ impl Participant for Node {
         debug!(%txn, %coordinator, ?legs, "prepare received");
         let vote = Node::prepare(self, txn.clone(), coordinator, legs).await?;
         debug!(%txn, ?vote, "prepare answered");
-        Ok(Response::new(match vote {
-            Vote::Yes => pb::PrepareResponse { vote: pb::Vote::Yes as i32, refusal: 0, reason: String::new() },
-            Vote::No(refusal, reason) => {
-                pb::PrepareResponse { vote: pb::Vote::No as i32, refusal: refusal_to_pb(refusal) as i32, reason }
-            }
-        }))
+        Ok(Response::new(vote_to_pb(vote)))
+    }
+
+    async fn prepare_batch(
+        &self,
+        request: Request<pb::PrepareBatchRequest>,
+    ) -> Result<Response<pb::PrepareBatchResponse>, Status> {
+        let prepares = request.into_inner().prepares;
+        if prepares.is_empty() || prepares.len() > PREPARE_BATCH_MAX {
+            return Err(Error::InvalidInput(format!(
+                "a prepare batch holds 1 to {PREPARE_BATCH_MAX} prepares, not {}",
+                prepares.len()
+            ))
+            .into());
+        }
+        // Malformed ids are answered NO here; the rest go to the core together.
+        let parsed: Vec<Result<(TxnId, Id, Vec<Leg>), Error>> = prepares
+            .iter()
+            .map(|prepare| {
+                Ok((
+                    Id::parse("txn_id", &prepare.txn_id)?,
+                    Id::parse("coordinator_id", &prepare.coordinator_id)?,
+                    prepare.legs.iter().map(Leg::from).collect(),
+                ))
+            })
+            .collect();
+        let well_formed: Vec<_> = parsed.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
+        let count = well_formed.len();
+        let mut judged =
+            if well_formed.is_empty() { Vec::new() } else { Node::prepare_batch(self, well_formed).await? }.into_iter();
+        let votes = parsed
+            .into_iter()
+            .map(|p| {
+                let vote = p.and_then(|_| judged.next().expect("one vote per well-formed prepare"));
+                match vote {
+                    Ok(vote) => vote_to_pb(vote),
+                    Err(error) => pb::PrepareResponse {
+                        vote: pb::Vote::No as i32,
+                        refusal: pb::Refusal::InvalidRequest as i32,
+                        reason: error.to_string(),
+                    },
+                }
+            })
+            .collect();
+        debug!(count, "prepare batch answered");
+        Ok(Response::new(pb::PrepareBatchResponse { votes }))
     }
 
     async fn commit(&self, request: Request<pb::DecisionRequest>) -> Result<Response<pb::DecisionResponse>, Status> {
