@@ -111,6 +111,9 @@ pub struct NodeProcess {
     pub log_path: PathBuf,
     child: Option<Child>,
     pub paused: bool,
+    /// Extra environment of the process, from its next start on (tests arm
+    /// crash points with it: see [`crate::crash`]).
+    pub env: Vec<(String, String)>,
 }
 
 impl NodeProcess {
@@ -135,6 +138,7 @@ impl NodeProcess {
             .map_err(|e| Error::Fatal(format!("cannot open {}: {e}", self.log_path.display())))?;
         let mut child = Command::new(&self.binary)
             .args(&self.args)
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
@@ -355,6 +359,7 @@ impl Cluster {
                 data_dir,
                 child: None,
                 paused: false,
+                env: Vec::new(),
             });
         }
         let data_dir = spec.data_dir.join("c1");
@@ -384,6 +389,7 @@ impl Cluster {
             data_dir,
             child: None,
             paused: false,
+            env: Vec::new(),
         };
         let mut cluster = Cluster { spec, coordinator, participants, links };
         for i in 0..cluster.participants.len() {

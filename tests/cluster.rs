@@ -401,3 +401,46 @@ async fn servers_answer_standard_health_and_reflection_and_stop_on_sigterm() {
         assert!(status.success(), "{node} exits cleanly on SIGTERM: {status:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_killed_after_applying_a_commit_before_acknowledging_applies_it_once() {
+    let (mut cluster, _dir) = start_cluster(2, 10).await;
+    let target = NodeRef::Participant(1);
+    cluster.node(target).env = vec![(tandem::crash::CRASH_AT_ENV.into(), "commit-applied".into())];
+    cluster.restart(target).await.unwrap();
+    let mut client = cluster.coordinator_client().unwrap();
+    // The decision is durable, so the client hears COMMITTED; the target
+    // applies the commit durably and dies before acknowledging it.
+    let result = client.transfer(transfer(1, 11, 40, "crash-commit")).await.unwrap().into_inner();
+    assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.node(target).exited().is_none() {
+        assert!(Instant::now() < deadline, "the target never reached its crash point");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.node(target).env.clear();
+    cluster.restart(target).await.unwrap();
+    // The coordinator redelivers the COMMIT; the restarted target finds it
+    // applied and only acknowledges.
+    wait_until_settled(&cluster, Duration::from_secs(20)).await;
+    let acknowledged = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = client
+            .get_transaction(pb::GetTransactionRequest { txn_id: result.txn_id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if status.state == pb::TransactionState::Committed as i32 {
+            break;
+        }
+        assert_eq!(status.pending_participants, vec!["p2".to_string()], "{status:?}");
+        assert!(Instant::now() < acknowledged, "the redelivered commit was never acknowledged: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut p1 = cluster.participant_client(0).unwrap();
+    let mut p2 = cluster.participant_client(1).unwrap();
+    let b1 = p1.get_balance(pb::GetBalanceRequest { account: 1 }).await.unwrap().into_inner();
+    let b11 = p2.get_balance(pb::GetBalanceRequest { account: 11 }).await.unwrap().into_inner();
+    assert_eq!((b1.posted, b11.posted, b11.incoming), (INITIAL_BALANCE - 40, INITIAL_BALANCE + 40, 0));
+    cluster.stop().await;
+}

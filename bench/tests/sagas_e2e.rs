@@ -29,7 +29,10 @@ async fn start_with(participants: usize, accounts: u64, coordinator_args: &[&str
     spec.accounts_per_participant = accounts;
     spec.initial_balance = BALANCE;
     spec.log_level = "info".into();
-    spec.coordinator_args = vec!["--call-timeout-ms".into(), "300".into(), "--saga-step-attempts".into(), "6".into()];
+    spec.coordinator_args = vec!["--call-timeout-ms".into(), "300".into()];
+    if !coordinator_args.contains(&"--saga-step-attempts") {
+        spec.coordinator_args.extend(["--saga-step-attempts".into(), "6".into()]);
+    }
     spec.coordinator_args.extend(coordinator_args.iter().map(|a| a.to_string()));
     spec.participant_args = vec!["--in-doubt-after-ms".into(), "200".into()];
     (Cluster::start(spec).await.expect("the cluster starts"), dir)
@@ -274,4 +277,141 @@ async fn saga_steps_on_the_wire_keep_their_barrier_semantics() {
     assert_eq!((first.outcome, first.duplicate), (pb::StepOutcome::Applied as i32, false));
     assert_eq!((second.outcome, second.duplicate), (pb::StepOutcome::Applied as i32, true));
     assert_eq!(posted(&cluster, 1).await, BALANCE - 40);
+}
+
+/// Waits until `node` has exited on its own (a crash point fired).
+async fn wait_for_crash(cluster: &mut Cluster, node: NodeRef) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while cluster.node(node).exited().is_none() {
+        assert!(Instant::now() < deadline, "{node} did not reach its crash point");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Restarts `node` with `crash_at` armed (or disarmed, with `None`).
+async fn restart_with_crash_point(cluster: &mut Cluster, node: NodeRef, crash_at: Option<&str>) {
+    cluster.node(node).env =
+        crash_at.map(|point| vec![(tandem::crash::CRASH_AT_ENV.to_string(), point.to_string())]).unwrap_or_default();
+    cluster.restart(node).await.expect("the node restarts on its data");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_killed_after_its_step_is_written_applies_the_retry_once() {
+    // Enough attempts that the debit's retry outlasts the restart.
+    let (mut cluster, _dir) = start_with(2, 10, &["--saga-step-attempts", "200"]).await;
+    let source = NodeRef::Participant(0);
+    restart_with_crash_point(&mut cluster, source, Some("saga-step-written")).await;
+    let mut coordinator = cluster.coordinator_client().unwrap();
+    let saga = tokio::spawn(async move {
+        coordinator.transfer(saga_transfer(2, 12, 70, pb::Recovery::Backward, "once-1")).await.unwrap().into_inner()
+    });
+    // The debit is durable at the source, which dies before it answers.
+    wait_for_crash(&mut cluster, source).await;
+    restart_with_crash_point(&mut cluster, source, None).await;
+    let result = tokio::time::timeout(Duration::from_secs(30), saga).await.expect("the saga ends").unwrap();
+    assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
+    // The retried debit found its barrier: applied once, not twice.
+    assert_eq!((posted(&cluster, 2).await, posted(&cluster, 12).await), (BALANCE - 70, BALANCE + 70));
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outbox_relay_killed_between_delivery_and_forgetting_redelivers_and_the_target_applies_once() {
+    let (mut cluster, _dir) = start(2, 10).await;
+    let source = NodeRef::Participant(0);
+    restart_with_crash_point(&mut cluster, source, Some("relay-delivered")).await;
+    let mut p1 = cluster.participant_client(0).unwrap();
+    let started = p1
+        .start_transfer(pb::StartTransferRequest {
+            saga_id: "relay-1".into(),
+            from_account: 3,
+            to_account: 13,
+            amount: 90,
+            target_participant: "p2".into(),
+            wait_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(started.state, pb::TransferState::Debited as i32, "{started:?}");
+    // The target credited and acknowledged; the source dies before it
+    // forgets the event, so its restarted relay delivers it again.
+    wait_for_crash(&mut cluster, source).await;
+    restart_with_crash_point(&mut cluster, source, None).await;
+    let mut p1 = cluster.participant_client(0).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = p1
+            .get_transfer_status(pb::GetTransferStatusRequest { saga_id: "relay-1".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if status.terminal {
+            assert_eq!(status.state, pb::TransferState::Completed as i32, "{status:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the transfer never completed: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The redelivered event was dropped by the target's inbox: credited once.
+    assert_eq!((posted(&cluster, 3).await, posted(&cluster, 13).await), (BALANCE - 90, BALANCE + 90));
+    let settled = Instant::now() + Duration::from_secs(10);
+    loop {
+        let balances =
+            p1.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await.unwrap().into_inner();
+        if balances.outbox_pending == 0 {
+            break;
+        }
+        assert!(Instant::now() < settled, "the redelivered event was never forgotten");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_that_keeps_failing_is_dead_lettered_and_an_operator_resolves_it() {
+    let (mut cluster, _dir) = start(2, 10).await;
+    let mut coordinator = cluster.coordinator_client().unwrap();
+    let mut p1 = cluster.participant_client(0).unwrap();
+    let mut p2 = cluster.participant_client(1).unwrap();
+    // The credit will be refused (closed target), but only once the target
+    // answers again: meanwhile the source account is closed too, so the
+    // refund of the debit cannot be applied.
+    p2.set_account_closed(pb::SetAccountClosedRequest { account: 16, closed: true }).await.unwrap();
+    cluster.node(NodeRef::Participant(1)).pause();
+    let saga = tokio::spawn(async move {
+        coordinator.transfer(saga_transfer(5, 16, 120, pb::Recovery::Backward, "refund-1")).await.unwrap().into_inner()
+    });
+    let debited = Instant::now() + Duration::from_secs(10);
+    while posted(&cluster, 5).await != BALANCE - 120 {
+        assert!(Instant::now() < debited, "the debit never happened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    p1.set_account_closed(pb::SetAccountClosedRequest { account: 5, closed: true }).await.unwrap();
+    cluster.node(NodeRef::Participant(1)).resume();
+    let result = tokio::time::timeout(Duration::from_secs(30), saga).await.expect("the saga ends").unwrap();
+    assert_eq!(result.outcome, pb::Outcome::DeadLettered as i32, "{result:?}");
+    let mut coordinator = cluster.coordinator_client().unwrap();
+    let listed = coordinator.list_dead_letters(pb::ListDeadLettersRequest {}).await.unwrap().into_inner();
+    let dead = listed.dead_letters.iter().find(|d| d.saga_id == result.txn_id).expect("listed as a dead letter");
+    assert_eq!((dead.amount, dead.parked, dead.suspense_participant.as_str()), (120, true, "p1"));
+    let audit = coordinator.audit(pb::AuditRequest { include_accounts: false }).await.unwrap().into_inner();
+    assert_eq!((audit.total_posted, audit.total_suspense), (cluster.spec.total_money() - 120, 120));
+    // Releasing into the still closed account fails and leaves the dead letter.
+    let refused = coordinator
+        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: result.txn_id.clone(), to_account: 0 })
+        .await;
+    assert!(refused.is_err() || refused.unwrap().into_inner().state != pb::SagaState::Resolved as i32);
+    // The operator reopens the account and resolves the dead letter.
+    p1.set_account_closed(pb::SetAccountClosedRequest { account: 5, closed: false }).await.unwrap();
+    let resolved = coordinator
+        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: result.txn_id.clone(), to_account: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resolved.state, pb::SagaState::Resolved as i32);
+    assert_eq!(posted(&cluster, 5).await, BALANCE);
+    let audit = coordinator.audit(pb::AuditRequest { include_accounts: false }).await.unwrap().into_inner();
+    assert_eq!((audit.total_posted, audit.total_suspense), (cluster.spec.total_money(), 0));
+    cluster.stop().await;
 }

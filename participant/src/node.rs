@@ -309,6 +309,7 @@ impl Node {
                 let in_flight = in_flight.clone();
                 tokio::spawn(async move {
                     if node.deliver(&event).await {
+                        tandem::crash::point("relay-delivered");
                         if let Err(error) = node.apply(1, |core, _| Ok(((), core.outbox_delivered(seq)))).await {
                             warn!(%error, "could not forget a delivered event; it will be redelivered");
                         }
@@ -517,6 +518,7 @@ impl Participant for Node {
     async fn commit(&self, request: Request<pb::DecisionRequest>) -> Result<Response<pb::DecisionResponse>, Status> {
         let txn = Id::parse("txn_id", &request.into_inner().txn_id)?;
         Node::commit(self, &txn).await?;
+        tandem::crash::point("commit-applied");
         debug!(%txn, "commit acknowledged");
         Ok(Response::new(pb::DecisionResponse {}))
     }
@@ -535,6 +537,7 @@ impl Participant for Node {
         }
         let txns = request.txn_ids.iter().map(|id| Id::parse("txn_ids", id)).collect::<Result<Vec<_>, _>>()?;
         Node::commit_batch(self, &txns).await?;
+        tandem::crash::point("commit-applied");
         debug!(count = txns.len(), first = %txns[0], "commit batch acknowledged");
         Ok(Response::new(pb::DecisionResponse {}))
     }
@@ -646,6 +649,7 @@ impl Participant for Node {
         let answer = self
             .apply(3, |core, now| core.saga_step(saga.clone(), kind, phase, request.account, request.amount, now))
             .await?;
+        tandem::crash::point("saga-step-written");
         debug!(%saga, ?kind, ?phase, ?answer, "saga step answered");
         let (outcome, reason) = match answer.outcome {
             StepOutcome::Applied => (pb::StepOutcome::Applied, String::new()),
