@@ -265,11 +265,14 @@ impl World {
         self.steps.extend(actions.into_iter().map(Step::Act));
     }
 
-    /// The decision a participant hears when it asks.
+    /// The decision a participant hears when it asks, as `Node::decision`
+    /// gives it: an ended transaction is answered ABORT (every participant
+    /// acknowledged its commit durably, so none can be in doubt about it;
+    /// the chaos runs check that claim).
     fn decision(&self, txn: &TxnId) -> Decision {
         match self.coordinator.query(txn) {
             Some(decision) => decision,
-            None if self.decisions.contains_key(txn) || self.ended.contains(txn) => Decision::Commit,
+            None if self.decisions.contains_key(txn) => Decision::Commit,
             None => Decision::Abort,
         }
     }
@@ -419,6 +422,44 @@ fn coordinator_crash_before_the_decision_is_durable_aborts_by_presumption() {
     world.check_invariants();
     assert_eq!(world.participants[&id("p1")].core.account(0).unwrap().posted, 100);
     assert!(world.replies.is_empty(), "the client heard nothing");
+}
+
+#[test]
+fn coordinator_crash_after_the_decision_is_durable_before_any_commit_is_sent_finishes_it() {
+    let mut world = World::new(2, 1, 100);
+    world.begin("t1", transfer(0, 1_000, 30));
+    // Run until the decision is durable and the first COMMIT is about to go.
+    while !matches!(world.steps.front(), Some(Step::Act(Action::SendCommit { .. }))) {
+        let step = world.steps.pop_front().unwrap();
+        world.run_step(step);
+    }
+    assert!(!world.steps.iter().any(|s| matches!(s, Step::Deliver { request: Request::Commit, .. })));
+    world.crash_coordinator();
+    assert_eq!(world.decision(&id("t1")), Decision::Commit, "the logged decision survives");
+    world.heal();
+    world.check_invariants();
+    assert_eq!(world.participants[&id("p1")].core.account(0).unwrap().posted, 70);
+    assert_eq!(world.participants[&id("p2")].core.account(1_000).unwrap().posted, 130);
+}
+
+#[test]
+fn coordinator_crash_after_every_acknowledgement_before_the_end_record_redelivers_harmlessly() {
+    let mut world = World::new(2, 1, 100);
+    world.begin("t1", transfer(0, 1_000, 30));
+    while !matches!(world.steps.front(), Some(Step::Act(Action::PersistEnd { .. }))) {
+        let step = world.steps.pop_front().unwrap();
+        world.run_step(step);
+    }
+    assert_eq!(world.participants[&id("p2")].core.account(1_000).unwrap().posted, 130, "both applied");
+    world.crash_coordinator();
+    // The decision record is still there: the restarted coordinator sends
+    // COMMIT again, and each participant acknowledges without applying twice.
+    assert_eq!(world.decision(&id("t1")), Decision::Commit);
+    world.heal();
+    world.check_invariants();
+    assert!(world.ended.contains(&id("t1")), "the end record is written after the redelivery");
+    assert_eq!(world.participants[&id("p1")].core.account(0).unwrap().posted, 70);
+    assert_eq!(world.participants[&id("p2")].core.account(1_000).unwrap().posted, 130);
 }
 
 #[test]
