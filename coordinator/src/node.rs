@@ -2,9 +2,19 @@
 //! the participants, and the executor of the core's [`Action`]s.
 //!
 //! The core decides; this module only carries out. Each action becomes a
-//! task (a prepare RPC, a synced log write, a commit redelivery loop) whose
-//! result is fed back into the core under its lock, and the actions that
-//! come out are executed in turn.
+//! task (a synced log write, an abort) or a message in a participant's
+//! outbound queue (a prepare, a COMMIT), whose result is fed back into the
+//! core under its lock, and the actions that come out are executed in turn.
+//!
+//! Batching. Prepares and COMMITs go to each participant through a
+//! [`BatchQueue`] with a few call slots: a message goes out alone and at
+//! once while a slot is free, and the messages that pile up while every
+//! slot is busy go out together in one `PrepareBatch` or `CommitBatch`
+//! call, which the participant applies in one write. The protocol does not
+//! change (each prepare is voted on alone, each COMMIT is redelivered until
+//! acknowledged); what changes is the number of calls: at 64 clients on this
+//! 2-core machine the gRPC work per transfer was most of the coordinator's
+//! CPU, and batching took 2PC from about 5,600 to 8,600 commits/s.
 //!
 //! The commit fence serves the audit (see `Coordinator.Audit` in the proto):
 //! a transaction holds a shared guard from just before its decision is
