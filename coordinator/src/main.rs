@@ -54,8 +54,9 @@ struct Args {
     /// runs every node on one machine and gives each one thread.
     #[arg(long)]
     worker_threads: Option<usize>,
-    /// Attempts of one orchestrated saga step before its transient failures
-    /// count as a failure (then the saga compensates or dead-letters).
+    /// Attempts of an orchestrated saga's debit or credit before its
+    /// transient failures count as a failure (then the saga compensates).
+    /// Compensations retry until the participant answers.
     #[arg(long, default_value_t = 8)]
     saga_step_attempts: u32,
     /// How long an orchestrated saga's steps are retried (the forward

@@ -124,9 +124,9 @@ pub struct NodeConfig {
     pub active_max: usize,
     /// Most finished transactions remembered for status lookups.
     pub finished_retained_max: u64,
-    /// Attempts of one saga step before its transient failures count as
-    /// failure (forward credits, credit compensations and parking retry
-    /// until they succeed).
+    /// Attempts of one saga action (debit, credit, an operator's release)
+    /// before its transient failures count as failure (forward credits,
+    /// compensations and parking retry until they succeed).
     pub saga_step_attempts: u32,
     /// How long a saga's action steps are retried, from the first step this
     /// process sent for it; past it, the saga compensates.

@@ -32,11 +32,16 @@
 //!   bounded: a credit's compensation must learn whether the credit ran, and
 //!   parking must park; a participant that never comes back blocks them
 //!   (that is the saga's price, as a stuck coordinator is 2PC's).
-//! - a refund that keeps failing (budget spent, or refused: the source was
-//!   closed) makes the saga a dead letter: the debit is compensated into the
-//!   source participant's suspense account instead (retried until it
-//!   succeeds; it parks nothing if the debit never ran). Dead letters stay in
-//!   the log, listed for an operator, who releases the money to an account.
+//! - a refund that cannot be applied (refused: the source account was
+//!   closed meanwhile) makes the saga a dead letter: the debit is
+//!   compensated into the source participant's suspense account instead
+//!   (retried until it succeeds; it parks nothing if the debit never ran).
+//!   Dead letters stay in the log, listed for an operator, who releases the
+//!   money to an account. A refund that fails transiently is retried until
+//!   the source answers, like the parking would be: the suspense account is
+//!   on that same participant, so giving up on the refund would only turn a
+//!   participant's restart into a dead letter for an operator (it did, in
+//!   the bench's default scenario, before the refund retried).
 //!
 //! The client hears the outcome once the saga is terminal: COMMITTED
 //! (completed), ABORTED, COMPENSATED or DEAD_LETTERED.
@@ -132,9 +137,7 @@ pub enum Retry {
     /// and the saga deadline, whichever comes first.
     Budgeted,
     /// Transient failures are retried up to the step's budget of attempts,
-    /// whatever the deadline: the deadline bounds how long a saga tries to
-    /// go forward, not how hard it tries to undo (a refund after a slow
-    /// credit still gets its whole budget before the money is parked).
+    /// whatever the saga deadline (an operator's release of a dead letter).
     Attempts,
     /// Transient failures are retried until the saga deadline.
     UntilDeadline,
@@ -242,7 +245,7 @@ impl SagaCore {
                 (&spec.to_participant, StepKind::Credit, StepPhase::Compensation, spec.to, Retry::Forever)
             }
             Stage::CompensatingDebit => {
-                (&spec.from_participant, StepKind::Debit, StepPhase::Compensation, spec.from, Retry::Attempts)
+                (&spec.from_participant, StepKind::Debit, StepPhase::Compensation, spec.from, Retry::Forever)
             }
             Stage::Parking => {
                 (&spec.from_participant, StepKind::Debit, StepPhase::CompensateToSuspense, spec.from, Retry::Forever)

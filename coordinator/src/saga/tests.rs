@@ -75,7 +75,7 @@ fn a_refused_credit_is_compensated_backward() {
     let mut core = started(Recovery::Backward);
     core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
     let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, StepResult::Refused("closed".into()));
-    assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::Compensation, Retry::Attempts));
+    assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::Compensation, Retry::Forever));
     let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, StepResult::Applied);
     assert!(matches!(finish_of(&a), Outcome::Compensated(ref r) if r.contains("closed")));
 }
@@ -100,7 +100,7 @@ fn a_forward_credit_past_the_deadline_is_compensated_then_the_debit_refunded() {
     let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, past);
     assert_eq!(step_of(&a), (StepKind::Credit, StepPhase::Compensation, Retry::Forever));
     let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Compensation, StepResult::Empty);
-    assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::Compensation, Retry::Attempts));
+    assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::Compensation, Retry::Forever));
     let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, StepResult::Applied);
     assert!(matches!(finish_of(&a), Outcome::Compensated(ref r) if r.contains("deadline")));
 }
@@ -112,7 +112,7 @@ fn a_credit_of_unknown_fate_is_compensated_before_the_refund() {
     let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, StepResult::Exhausted("timeout".into()));
     assert_eq!(step_of(&a), (StepKind::Credit, StepPhase::Compensation, Retry::Forever));
     let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Compensation, StepResult::Empty);
-    assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::Compensation, Retry::Attempts));
+    assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::Compensation, Retry::Forever));
     let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, StepResult::Applied);
     assert!(matches!(finish_of(&a), Outcome::Compensated(_)));
 }
