@@ -152,6 +152,33 @@ pub fn table(report: &RunReport) -> String {
                 ms(r.latency_in_faults.p99_ms),
                 r.latency_in_faults.count
             );
+            if r.faults.len() > 1 {
+                for fault in &r.faults {
+                    let _ = writeln!(
+                        out,
+                        "{:>13}  {} {} at {:.1}-{:.1} s: p50/p99 {} / {} ms ({} commits)",
+                        "",
+                        fault.kind.name(),
+                        fault.node,
+                        fault.at_s,
+                        fault.healed_at_s,
+                        ms(fault.latency.p50_ms),
+                        ms(fault.latency.p99_ms),
+                        fault.latency.count
+                    );
+                }
+            }
+            for fault in r.faults.iter().filter(|f| f.error.is_some()) {
+                let _ = writeln!(
+                    out,
+                    "{:>13}  fault {} {} at {:.1} s FAILED: {}",
+                    "",
+                    fault.kind.name(),
+                    fault.node,
+                    fault.at_s,
+                    fault.error.as_deref().unwrap_or_default()
+                );
+            }
         }
     }
     for r in &report.results {

@@ -29,6 +29,8 @@ pub struct AppliedFault {
     /// fault; `None` if it never came back within the run.
     pub recovery_ms: Option<f64>,
     pub error: Option<String>,
+    /// Latency of the transfers committed that started inside this window.
+    pub latency: Percentiles,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -48,7 +50,7 @@ pub struct InDoubtStats {
     pub max_count: u64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Percentiles {
     pub count: u64,
     pub p50_ms: f64,
@@ -106,6 +108,9 @@ impl ProtocolResult {
     pub fn passed(&self) -> bool {
         self.check.passed()
             && self.crashed_nodes.is_empty()
+            // A fault that could not be applied (a node that would not
+            // restart) means the run did not test what it says.
+            && self.faults.iter().all(|f| f.error.is_none())
             && (self.protocol != Protocol::TwoPhaseCommit || self.audits.wrong_total == 0)
     }
 }
@@ -142,6 +147,7 @@ async fn run_faults(mut cluster: Cluster, scenario: Scenario, start: Instant) ->
             healed_at_s: 0.0,
             recovery_ms: None,
             error: None,
+            latency: Percentiles::default(),
         })
         .collect();
     for (at_s, i, begins) in events {
@@ -228,9 +234,11 @@ async fn in_doubt_sampler(urls: Vec<String>, stop: Arc<AtomicBool>) -> InDoubtSt
             if let Ok(response) = client.clone().list_prepared(request).await {
                 let listed = response.into_inner();
                 count += listed.total;
-                if let Some(max) = listed.prepared.iter().map(|p| p.prepared_for_ms).max() {
-                    stats.max_ms = stats.max_ms.max(max);
-                }
+                // Those still in doubt, and the longest one already decided
+                // (one that was in doubt across a restart is only seen so:
+                // the node is down while it waits).
+                let still_in_doubt = listed.prepared.iter().map(|p| p.prepared_for_ms).max().unwrap_or(0);
+                stats.max_ms = stats.max_ms.max(still_in_doubt).max(listed.longest_in_doubt_ms);
             }
         }
         stats.max_count = stats.max_count.max(count);
@@ -342,6 +350,18 @@ pub async fn run_protocol(
     let crashed_nodes: Vec<String> =
         cluster.crashed().into_iter().map(|(node, status)| format!("{node} exited on its own: {status}")).collect();
 
+    // Each window's latency, from what the clients saw (before the check
+    // resolves the unknown outcomes).
+    for fault in &mut applied {
+        let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("valid bounds");
+        let (from_us, to_us) = ((fault.at_s * 1e6) as u64, (fault.healed_at_s * 1e6) as u64);
+        for entry in recorder.history.iter().filter(|e| e.outcome == workload::OpOutcome::Committed) {
+            if entry.start_us >= from_us && entry.start_us < to_us {
+                histogram.saturating_record((entry.end_us - entry.start_us).max(1));
+            }
+        }
+        fault.latency = Percentiles::of(&histogram);
+    }
     let check = check::check(&cluster, &mut recorder.history).await;
     cluster.stop().await;
 

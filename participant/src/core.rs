@@ -175,6 +175,10 @@ pub struct Core {
     pub(crate) finished: VecDeque<(u64, Retained)>,
     /// Saga state: barriers, choreographed transfers, inbox, outbox, suspense.
     pub(crate) sagas: crate::saga::SagaState,
+    /// The longest a transaction stayed prepared here before its decision
+    /// arrived, among those decided since this process started (a restart's
+    /// downtime counts: the prepare time is stored).
+    pub longest_in_doubt_ms: u64,
 }
 
 /// A finished record kept for duplicate detection until its retention ends.
@@ -264,6 +268,7 @@ impl Core {
             txns: HashMap::new(),
             finished: VecDeque::new(),
             sagas: crate::saga::SagaState::default(),
+            longest_in_doubt_ms: 0,
         }
     }
 
@@ -427,6 +432,7 @@ impl Core {
             }
             TxnState::Prepared => {}
         }
+        self.longest_in_doubt_ms = self.longest_in_doubt_ms.max(now_ms.saturating_sub(txn.prepared_at_ms));
         let legs = txn.legs.clone();
         let coordinator = txn.coordinator.clone();
         let mut ops = Vec::with_capacity(legs.len() + 1);
@@ -510,6 +516,7 @@ impl Core {
             }
             TxnState::Prepared => {}
         }
+        self.longest_in_doubt_ms = self.longest_in_doubt_ms.max(now_ms.saturating_sub(txn.prepared_at_ms));
         let legs = txn.legs.clone();
         let coordinator = txn.coordinator.clone();
         for leg in &legs {

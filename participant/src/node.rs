@@ -618,7 +618,7 @@ impl Participant for Node {
                 }
             })
             .collect();
-        Ok(Response::new(pb::ListPreparedResponse { prepared, total }))
+        Ok(Response::new(pb::ListPreparedResponse { prepared, total, longest_in_doubt_ms: core.longest_in_doubt_ms }))
     }
 
     async fn set_account_closed(

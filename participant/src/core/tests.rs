@@ -252,6 +252,9 @@ fn crash_after_the_prepared_record_is_durable_keeps_the_reservation_and_asks() {
     // It never decides alone: however long it waits, the reservation stays.
     assert!(core.collect_garbage(1_000_000).ops.is_empty());
     assert_eq!(core.account(1).unwrap().reserved, 10);
+    // When the decision comes, the whole wait counts, the restart included.
+    core.commit(&id("t1"), 1_000_003).unwrap();
+    assert_eq!(core.longest_in_doubt_ms, 1_000_000);
 }
 
 #[test]
