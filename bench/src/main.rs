@@ -82,7 +82,8 @@ struct RunArgs {
 #[derive(Subcommand, Debug)]
 enum ClusterCommand {
     /// Start a coordinator and participants, open the accounts, print the
-    /// endpoints, and run until Ctrl-C.
+    /// endpoints, and run until Ctrl-C. A node that crashes meanwhile is
+    /// reported at once and makes the exit code 1.
     Up {
         #[arg(long, default_value_t = 2)]
         participants: usize,
@@ -235,22 +236,29 @@ async fn cluster_up(
     println!("  grpcurl -plaintext -d '{{}}' {addr} tandem.v1.Coordinator/Audit");
     println!("\nCtrl-C stops the cluster.");
     let mut check = tokio::time::interval(Duration::from_millis(500));
+    let mut crashed = Vec::new();
     loop {
         tokio::select! {
             _ = tandem::server::shutdown_signal() => break,
             _ = check.tick() => {
                 for (node, status) in cluster.crashed() {
                     eprintln!("{node} exited: {status}; see {}", cluster.data_dir().join(format!("{node}.log")).display());
+                    crashed.push(node);
                 }
             }
         }
     }
     cluster.stop().await;
+    if !crashed.is_empty() {
+        // Reported again at the end, and in the exit code: a crashed node is
+        // never hidden behind a clean stop.
+        eprintln!("nodes that crashed while the cluster was up: {crashed:?}");
+    }
     if keep_data {
         println!("stopped; data kept in {}", data_dir.display());
     } else {
         let _ = std::fs::remove_dir_all(&data_dir);
         println!("stopped; data removed");
     }
-    Ok(true)
+    Ok(crashed.is_empty())
 }
