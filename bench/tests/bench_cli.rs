@@ -76,3 +76,73 @@ fn a_bad_scenario_file_is_refused_with_a_message_that_names_the_problem() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("neither a preset"));
 }
+
+/// Sends `signal` (a `kill` option such as `-INT`) to `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill").args([signal, &pid.to_string()]).status().unwrap();
+    assert!(status.success(), "kill {signal} {pid} failed");
+}
+
+/// Starts `bench cluster up`, reads what it prints until it is ready, and
+/// returns the child, the coordinator's URL and each participant's pid.
+fn cluster_up(data_dir: &Path) -> (std::process::Child, String, Vec<u32>) {
+    use std::io::BufRead;
+    let mut child = bench()
+        .args(["cluster", "up", "--participants", "2", "--accounts", "10", "--data-dir"])
+        .arg(data_dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut coordinator, mut pids) = (String::new(), Vec::new());
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if line.trim_start().starts_with("coordinator c1") {
+            coordinator = words[2].to_string();
+        }
+        if line.trim_start().starts_with("participant p") {
+            pids.push(words.last().unwrap().trim_end_matches(')').parse().unwrap());
+        }
+        if line.contains("Ctrl-C stops the cluster") {
+            break;
+        }
+    }
+    // Keep draining stdout, so the child never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    assert!(coordinator.starts_with("http://") && pids.len() == 2, "{coordinator} {pids:?}");
+    (child, coordinator, pids)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_up_serves_transfers_and_reports_a_crashed_node() {
+    use tandem::pb;
+    let dir = tempfile::tempdir().unwrap();
+    // A clean run: the printed endpoint serves a transfer; Ctrl-C stops it.
+    let (mut child, coordinator, _) = cluster_up(&dir.path().join("clean"));
+    let mut client = pb::coordinator_client::CoordinatorClient::connect(coordinator).await.unwrap();
+    let request = pb::TransferRequest { from_account: 0, to_account: 10, amount: 100, ..Default::default() };
+    let result = client.transfer(request).await.unwrap().into_inner();
+    assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
+    signal(child.id(), "-INT");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!dir.path().join("clean").exists(), "the data is removed without --keep-data");
+
+    // A participant that dies is reported, and the exit code says so.
+    let (mut child, _, pids) = cluster_up(&dir.path().join("crash"));
+    signal(pids[0], "-KILL");
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    signal(child.id(), "-INT");
+    let output = tokio::task::spawn_blocking(move || {
+        let status = child.wait().unwrap();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        (status, stderr)
+    })
+    .await
+    .unwrap();
+    assert_eq!(output.0.code(), Some(1), "{}", output.1);
+    assert!(output.1.contains("p1 exited"), "{}", output.1);
+}
