@@ -146,3 +146,75 @@ async fn cluster_up_serves_transfers_and_reports_a_crashed_node() {
     assert_eq!(output.0.code(), Some(1), "{}", output.1);
     assert!(output.1.contains("p1 exited"), "{}", output.1);
 }
+
+#[test]
+fn link_faults_slow_and_cut_links_in_an_open_loop_zipf_run_and_every_invariant_holds() {
+    let out = tempfile::tempdir().unwrap();
+    let scenario = out.path().join("links.toml");
+    std::fs::write(
+        &scenario,
+        r#"
+name = "links"
+description = "open loop, Zipf, link c1-p1 delayed, link p1-p2 cut"
+duration_s = 3
+seed = 11
+
+[cluster]
+participants = 2
+accounts_per_participant = 100
+initial_balance = 10000
+coordinator_args = ["--prepare-timeout-ms", "500", "--call-timeout-ms", "500"]
+
+[workload]
+mode = "open"
+rate_per_s = 200
+skew = "zipf"
+zipf_exponent = 1.1
+audit_interval_ms = 200
+
+[[fault]]
+kind = "delay"
+node = "c1"
+peer = "p1"
+delay_ms = 25
+at_s = 0.5
+duration_s = 1
+
+[[fault]]
+kind = "cut"
+node = "p1"
+peer = "p2"
+at_s = 1.5
+duration_s = 1
+"#,
+    )
+    .unwrap();
+    let output = bench()
+        .args(["run", "--protocol", "2pc", "--protocol", "choreographed", "--scenario"])
+        .arg(&scenario)
+        .arg("--out")
+        .arg(out.path().join("results"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench failed ({:?}):\n{stdout}\n{stderr}", output.status);
+    let results: serde_json::Value =
+        serde_json::from_str(&read(&out.path().join("results").join("results.json"))).unwrap();
+    for result in results["results"].as_array().unwrap() {
+        let name = result["protocol"].as_str().unwrap();
+        assert_eq!(result["check"]["violations"].as_array().unwrap().len(), 0, "{name}: {}", result["check"]);
+        for fault in result["faults"].as_array().unwrap() {
+            assert!(fault["error"].is_null(), "{name}: {fault}");
+        }
+        if name == "2pc" {
+            // Through the delayed link a prepare to p1 takes 50 ms more
+            // (25 ms each way): the transfers that started in that window
+            // and committed are that slow at the median (most touch p1).
+            let delayed = &result["faults"][0]["latency"];
+            assert!(delayed["count"].as_u64().unwrap() > 0, "{result}");
+            assert!(delayed["p50_ms"].as_f64().unwrap() >= 50.0, "the delay did not slow the link: {delayed}");
+            assert_eq!(result["audits"]["wrong_total"], 0);
+        }
+    }
+}
