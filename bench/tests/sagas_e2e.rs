@@ -415,3 +415,65 @@ async fn a_refund_that_keeps_failing_is_dead_lettered_and_an_operator_resolves_i
     assert_eq!((audit.total_posted, audit.total_suspense), (cluster.spec.total_money(), 0));
     cluster.stop().await;
 }
+
+async fn saga_barriers(cluster: &Cluster) -> Vec<u64> {
+    let mut counts = Vec::new();
+    for i in 0..cluster.participants.len() {
+        let mut client = cluster.participant_client(i).unwrap();
+        let read = client.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await.unwrap();
+        counts.push(read.into_inner().saga_barriers);
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_barriers_of_ended_sagas_are_forgotten_and_a_dead_letters_wait_for_its_resolution() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(default_bin_dir(), dir.path().to_path_buf());
+    spec.participants = 2;
+    spec.accounts_per_participant = 10;
+    spec.initial_balance = BALANCE;
+    spec.participant_args = vec!["--finished-retention-ms".into(), "300".into()];
+    let mut cluster = Cluster::start(spec).await.expect("the cluster starts");
+    let mut coordinator = cluster.coordinator_client().unwrap();
+    let mut p2 = cluster.participant_client(1).unwrap();
+    p2.set_account_closed(pb::SetAccountClosedRequest { account: 17, closed: true }).await.unwrap();
+    let mut dead_letter = String::new();
+    for (to, key, recovery) in [
+        (11, "done-1", pb::Recovery::Backward),
+        (17, "refused-1", pb::Recovery::Backward),
+        (17, "dead-1", pb::Recovery::Forward),
+    ] {
+        let result = coordinator.transfer(saga_transfer(1, to, 10, recovery, key)).await.unwrap().into_inner();
+        dead_letter = result.txn_id;
+    }
+    // Completed and compensated sagas are forgotten: their barriers go
+    // (after the linger, the retention and a collection round). The dead
+    // letter is not over: the barrier of its refused credit stays at the
+    // target (its parked debit's barrier is compensated: it goes).
+    let wait_for = |expected: [u64; 2]| {
+        let cluster = &cluster;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            loop {
+                let counts = saga_barriers(cluster).await;
+                if counts == expected {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "barriers left: {counts:?}, expected {expected:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for([0, 1]).await;
+    // Once an operator resolves it, it is over too.
+    let resolved = coordinator
+        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: dead_letter, to_account: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resolved.state, pb::SagaState::Resolved as i32);
+    wait_for([0, 0]).await;
+    assert_eq!(posted(&cluster, 1).await, BALANCE - 10, "only the completed transfer moved money");
+    cluster.stop().await;
+}

@@ -56,6 +56,14 @@ pub const COMMIT_BATCH_MAX: usize = 1_024;
 pub const PREPARE_BATCH_MAX: usize = 256;
 /// Most calls of one kind (prepare or commit) in flight to one participant.
 pub const BATCHES_IN_FLIGHT_MAX: usize = 4;
+/// Most ended sagas in one ForgetSagas call.
+pub const FORGET_BATCH_MAX: usize = 1_024;
+/// How long ended sagas gather before they are sent in one ForgetSagas.
+pub const FORGET_LINGER_MS: u64 = 1_000;
+/// Most ended sagas waiting to be forgotten by one participant; past it
+/// (the participant is down for long) the newest are not queued, and their
+/// barriers stay there (a leak, never a double step).
+pub const FORGETS_WAITING_MAX: usize = 1_000_000;
 
 /// Messages owed to one participant and not sent yet (its prepares, or its
 /// COMMITs). A sender task per participant and kind drains it: a message
@@ -78,6 +86,25 @@ impl<T> BatchQueue<T> {
     fn push(&self, item: T) {
         self.waiting.lock().expect("batch queue lock poisoned").push_back(item);
         self.wake.notify_one();
+    }
+
+    /// Queues `item` unless `max` are waiting already; says whether it did.
+    fn push_bounded(&self, item: T, max: usize) -> bool {
+        let mut waiting = self.waiting.lock().expect("batch queue lock poisoned");
+        if waiting.len() >= max {
+            return false;
+        }
+        waiting.push_back(item);
+        drop(waiting);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Up to `max` waiting messages, without waiting.
+    fn take(&self, max: usize) -> Vec<T> {
+        let mut waiting = self.waiting.lock().expect("batch queue lock poisoned");
+        let count = waiting.len().min(max);
+        waiting.drain(..count).collect()
     }
 
     /// Up to `max` waiting messages, oldest first; waits for one.
@@ -107,6 +134,9 @@ pub(crate) struct QueuedPrepare {
 pub(crate) struct Outbound {
     prepares: BatchQueue<QueuedPrepare>,
     commits: BatchQueue<TxnId>,
+    /// Orchestrated sagas that ended, whose barriers this participant may
+    /// forget (see `Participant.ForgetSagas`).
+    forgets: BatchQueue<TxnId>,
 }
 
 #[derive(Debug, Clone)]
@@ -417,6 +447,52 @@ impl Node {
         self.inner.participants.get(participant).expect("the core only names directory participants").clone()
     }
 
+    /// Tells `participant`, later and in a batch, that `saga` ended.
+    pub(crate) fn forget_saga_later(&self, participant: &Id, saga: &TxnId) {
+        if !self.outbound(participant).forgets.push_bounded(saga.clone(), FORGETS_WAITING_MAX) {
+            warn!(%participant, %saga, "too many ended sagas wait to be forgotten; this one's barriers stay");
+        }
+    }
+
+    /// Drains `participant`'s queue of ended sagas for as long as the node
+    /// runs: every [`FORGET_LINGER_MS`], what gathered goes in one call,
+    /// once an fsync has made the sagas' outcomes durable here (a saga whose
+    /// end a crash could undo would be redone, and would need its barriers).
+    async fn send_forgets(self, participant: Id) {
+        let outbound = self.inner.outbound[&participant].clone();
+        loop {
+            let mut batch = outbound.forgets.next_batch(FORGET_BATCH_MAX).await;
+            tokio::time::sleep(Duration::from_millis(FORGET_LINGER_MS)).await;
+            batch.extend(outbound.forgets.take(FORGET_BATCH_MAX - batch.len()));
+            if let Err(error) = self.inner.store.sync().await {
+                warn!(%error, "the saga log cannot be synced; ended sagas are not forgotten");
+                continue;
+            }
+            let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
+            let mut backoff_ms = COMMIT_RETRY_INITIAL_MS;
+            loop {
+                let mut request =
+                    Request::new(pb::ForgetSagasRequest { saga_ids: batch.iter().map(|s| s.to_string()).collect() });
+                request.set_timeout(timeout);
+                match tokio::time::timeout(timeout, self.client(&participant).forget_sagas(request)).await {
+                    Ok(Ok(response)) => {
+                        let marked = response.into_inner().barriers_marked;
+                        debug!(%participant, sagas = batch.len(), marked, "ended sagas forgotten");
+                        break;
+                    }
+                    Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
+                        error!(%participant, error = %status.message(), "ForgetSagas refused; these barriers stay");
+                        break;
+                    }
+                    Ok(Err(_)) | Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+                        backoff_ms = (backoff_ms * 2).min(5 * COMMIT_RETRY_MAX_MS);
+                    }
+                }
+            }
+        }
+    }
+
     fn outbound(&self, participant: &Id) -> &Outbound {
         self.inner.outbound.get(participant).expect("the core only names directory participants")
     }
@@ -664,6 +740,7 @@ impl Node {
                 [
                     tokio::spawn(self.clone().send_prepares(participant.clone())),
                     tokio::spawn(self.clone().send_commits(participant.clone())),
+                    tokio::spawn(self.clone().send_forgets(participant.clone())),
                 ]
             })
             .collect();

@@ -136,6 +136,13 @@ impl Node {
                     let node = self.clone();
                     tokio::spawn(async move {
                         let result = written.await;
+                        if result.is_ok() {
+                            // Its participants may drop its barriers now.
+                            node.forget_saga_later(&spec.from_participant, &saga);
+                            if spec.to_participant != spec.from_participant {
+                                node.forget_saga_later(&spec.to_participant, &saga);
+                            }
+                        }
                         node.inner.finished_count.fetch_add(1, Ordering::Relaxed);
                         node.reply(&saga, result.map(|()| outcome));
                     });

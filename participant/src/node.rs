@@ -44,6 +44,8 @@ pub const RELAY_IN_FLIGHT_MAX: usize = 256;
 pub const DELIVERY_TIMEOUT_MS: u64 = 1_000;
 /// Longest a StartTransfer waits for a terminal state.
 pub const TRANSFER_WAIT_MAX_MS: u32 = 30_000;
+/// Most sagas in one ForgetSagas call.
+pub const FORGET_SAGAS_MAX: usize = 1_024;
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -580,6 +582,7 @@ impl Participant for Node {
             suspense: core.suspense(),
             transfers_in_flight: core.transfers_in_flight() as u64,
             outbox_pending: core.outbox_len() as u64,
+            saga_barriers: core.barrier_count() as u64,
             ..Default::default()
         };
         for (id, account) in core.accounts() {
@@ -658,6 +661,24 @@ impl Participant for Node {
             StepOutcome::HangingIgnored => (pb::StepOutcome::HangingIgnored, String::new()),
         };
         Ok(Response::new(pb::SagaStepResponse { outcome: outcome as i32, reason, duplicate: answer.duplicate }))
+    }
+
+    async fn forget_sagas(
+        &self,
+        request: Request<pb::ForgetSagasRequest>,
+    ) -> Result<Response<pb::ForgetSagasResponse>, Status> {
+        let ids = request.into_inner().saga_ids;
+        if ids.is_empty() || ids.len() > FORGET_SAGAS_MAX {
+            return Err(Error::InvalidInput(format!(
+                "forget 1 to {FORGET_SAGAS_MAX} sagas at a time, not {}",
+                ids.len()
+            ))
+            .into());
+        }
+        let sagas = ids.iter().map(|id| Id::parse("saga_ids", id)).collect::<Result<Vec<_>, _>>()?;
+        let marked = self.apply(sagas.len() * 3, |core, now| Ok(core.forget_sagas(&sagas, now))).await?;
+        debug!(sagas = sagas.len(), marked, "sagas forgotten");
+        Ok(Response::new(pb::ForgetSagasResponse { barriers_marked: marked }))
     }
 
     async fn start_transfer(

@@ -42,9 +42,12 @@
 //! is still waiting (for a participant that is down, or to restart), and
 //! deleting that barrier would turn a late refund into an empty
 //! compensation (money lost) or a redelivered action into a second one.
-//! The price is one record per step of every saga, on disk and in memory;
-//! an orchestrator that told its participants when a saga ended would let
-//! them forget it (not built yet). Inbox and transfer records follow the
+//! So the orchestrator tells its participants when a saga has ended (its
+//! outcome durable in its log): [`Core::forget_sagas`] marks the saga's
+//! barriers, and they go after the retention counted from then (a step of
+//! the saga still on its way meets its barrier until then). A saga whose
+//! forget never arrives (the orchestrator crashed before sending it) keeps
+//! its barriers: a leak, never a double step. Inbox and transfer records follow the
 //! retention: a redelivery later than that (a link cut for longer) would be
 //! applied again, the same caveat as for 2PC records (`core.rs`).
 //!
@@ -126,6 +129,9 @@ struct Barrier {
     /// `Some(Some(reason))`: refused.
     action: Option<Option<String>>,
     compensation: Option<Compensation>,
+    /// The orchestrator said the saga ended ([`Core::forget_sagas`]): the
+    /// barrier goes after the retention even if it has no compensation.
+    forgotten: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,6 +279,9 @@ fn encode_barrier(barrier: &Barrier) -> Vec<u8> {
         Some(Compensation::Empty) => 2,
         Some(Compensation::Parked) => 3,
     });
+    if barrier.forgotten {
+        out.push(1);
+    }
     out
 }
 
@@ -291,7 +300,9 @@ fn decode_barrier(bytes: &[u8]) -> Barrier {
         3 => Some(Compensation::Parked),
         other => panic!("corrupt barrier: compensation {other}"),
     };
-    Barrier { action, compensation }
+    // Barriers written before sagas could be forgotten end here.
+    let forgotten = !r.0.is_empty() && r.byte() == 1;
+    Barrier { action, compensation, forgotten }
 }
 
 fn encode_transfer(transfer: &Transfer) -> Vec<u8> {
@@ -408,12 +419,14 @@ impl Core {
         if let Some(rest) = key.strip_prefix(b"b/") {
             let kind = StepKind::from_code(rest[0]);
             let Ok(saga) = Id::parse("saga", std::str::from_utf8(&rest[2..]).unwrap_or("")) else { return false };
-            // Only a compensated step is finished for good. A step whose
-            // action ran (or was refused) and has no compensation may still
-            // be compensated, or redelivered by an orchestrator that restarts
-            // from its log, however late: its barrier is what makes that
-            // safe, so it is kept (see "Retention" above).
-            let closed = sagas.barriers.get(&(saga.clone(), kind)).is_some_and(|b| b.compensation.is_some());
+            // Only a compensated step, or one whose saga the orchestrator
+            // said ended, is finished for good. A step whose action ran (or
+            // was refused) and has no compensation may still be compensated,
+            // or redelivered by an orchestrator that restarts from its log,
+            // however late: its barrier is what makes that safe, so it is
+            // kept (see "Retention" above).
+            let closed =
+                sagas.barriers.get(&(saga.clone(), kind)).is_some_and(|b| b.compensation.is_some() || b.forgotten);
             return closed && sagas.barriers.remove(&(saga, kind)).is_some();
         }
         if let Some(saga) = key.strip_prefix(b"c/") {
@@ -428,6 +441,36 @@ impl Core {
             return sagas.inbox.remove(std::str::from_utf8(event_id).unwrap_or(""));
         }
         false
+    }
+
+    /// The orchestrator says these sagas ended: their barriers may go once
+    /// the retention has passed from `now_ms`. Unknown ids are ignored (a
+    /// saga whose steps never reached this node). Returns how many barriers
+    /// were marked.
+    pub fn forget_sagas(&mut self, sagas: &[Id], now_ms: u64) -> (u32, Effects) {
+        let mut ops = Vec::new();
+        let mut marked = 0;
+        for saga in sagas {
+            for kind in [StepKind::Debit, StepKind::Credit, StepKind::Release] {
+                let Some(barrier) = self.sagas.barriers.get_mut(&(saga.clone(), kind)) else { continue };
+                if barrier.forgotten {
+                    continue;
+                }
+                barrier.forgotten = true;
+                let key = barrier_key(saga, kind);
+                ops.push(Op::Put(key.clone(), encode_barrier(barrier)));
+                self.finished.push_back((now_ms, Retained::Key(key)));
+                marked += 1;
+            }
+        }
+        // Unsynced: a mark lost in a crash only keeps the barrier.
+        (marked, Effects { ops, durability: Durability::Buffered })
+    }
+
+    /// Saga step barriers held (each saga leaves one per step here until it
+    /// is compensated or forgotten, and the retention has passed).
+    pub fn barrier_count(&self) -> usize {
+        self.sagas.barriers.len()
     }
 
     pub fn suspense(&self) -> Amount {

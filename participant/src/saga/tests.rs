@@ -316,3 +316,28 @@ fn a_step_without_compensation_keeps_its_barrier_past_the_retention() {
     disk.apply(&core.collect_garbage(late + retention + 1));
     assert!(!disk.0.keys().any(|k| k.starts_with(b"b/")), "the compensated barrier is collected");
 }
+
+#[test]
+fn a_forgotten_saga_loses_its_barriers_after_the_retention_and_the_mark_survives_a_restart() {
+    let (mut core, mut disk) = node("p1");
+    let retention = config("p1").finished_retention_ms;
+    let (_, effects) = core.saga_step(id("s1"), StepKind::Debit, StepPhase::Action, 1, 30, 0).unwrap();
+    disk.apply(&effects);
+    // Past the retention, unforgotten: kept (see the test above).
+    disk.apply(&core.collect_garbage(2 * retention));
+    assert_eq!(core.barrier_count(), 1);
+    // The orchestrator says s1 ended (and names a saga never seen here).
+    let (marked, effects) = core.forget_sagas(&[id("s1"), id("never-here")], 2 * retention);
+    assert_eq!(marked, 1);
+    disk.apply(&effects);
+    // A step of s1 still on its way meets the barrier until the retention.
+    let (late, _) = core.saga_step(id("s1"), StepKind::Debit, StepPhase::Action, 1, 30, 2 * retention + 1).unwrap();
+    assert!(late.duplicate, "applied once");
+    // The mark is on disk: a restarted node forgets the barrier too.
+    let mut core = Core::recover(config("p1"), disk.0.clone(), 2 * retention);
+    assert_eq!(core.barrier_count(), 1);
+    disk.apply(&core.collect_garbage(3 * retention + 1));
+    assert_eq!(core.barrier_count(), 0);
+    assert!(!disk.0.keys().any(|k| k.starts_with(b"b/")));
+    assert_eq!(core.account(1).unwrap().posted, 70);
+}
