@@ -277,6 +277,23 @@ async fn saga_steps_on_the_wire_keep_their_barrier_semantics() {
     assert_eq!((first.outcome, first.duplicate), (pb::StepOutcome::Applied as i32, false));
     assert_eq!((second.outcome, second.duplicate), (pb::StepOutcome::Applied as i32, true));
     assert_eq!(posted(&cluster, 1).await, BALANCE - 40);
+    // A batch judges each step alone: applied, malformed, duplicate.
+    let mut batched = step(pb::StepPhase::Action);
+    batched.saga_id = "manual-4".into();
+    let mut malformed = batched.clone();
+    malformed.amount = 0;
+    let results = p1
+        .saga_step_batch(pb::SagaStepBatchRequest { steps: vec![batched.clone(), malformed, batched] })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let first = results[0].response.clone().expect("judged");
+    assert_eq!((first.outcome, first.duplicate), (pb::StepOutcome::Applied as i32, false));
+    assert_eq!((results[1].response.is_none(), results[1].error_code), (true, tonic::Code::InvalidArgument as i32));
+    assert!(results[1].error.contains("positive"), "{}", results[1].error);
+    assert!(results[2].response.as_ref().expect("judged").duplicate, "the second one in the batch is a duplicate");
+    assert_eq!(posted(&cluster, 1).await, BALANCE - 80);
 }
 
 /// Waits until `node` has exited on its own (a crash point fired).

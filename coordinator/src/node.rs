@@ -56,6 +56,8 @@ pub const COMMIT_BATCH_MAX: usize = 1_024;
 pub const PREPARE_BATCH_MAX: usize = 256;
 /// Most calls of one kind (prepare or commit) in flight to one participant.
 pub const BATCHES_IN_FLIGHT_MAX: usize = 4;
+/// Most saga steps sent to one participant in one call (`SagaStepBatch`).
+pub const STEP_BATCH_MAX: usize = 256;
 /// Most ended sagas in one ForgetSagas call.
 pub const FORGET_BATCH_MAX: usize = 1_024;
 /// How long ended sagas gather before they are sent in one ForgetSagas.
@@ -83,7 +85,7 @@ impl<T> Default for BatchQueue<T> {
 }
 
 impl<T> BatchQueue<T> {
-    fn push(&self, item: T) {
+    pub(crate) fn push(&self, item: T) {
         self.waiting.lock().expect("batch queue lock poisoned").push_back(item);
         self.wake.notify_one();
     }
@@ -129,10 +131,19 @@ pub(crate) struct QueuedPrepare {
     deadline: Instant,
 }
 
+/// A saga step waiting for its call, and where its answer goes.
+pub(crate) struct QueuedStep {
+    pub(crate) step: pb::SagaStepRequest,
+    pub(crate) deadline: Instant,
+    pub(crate) reply: oneshot::Sender<Result<pb::SagaStepResponse, Status>>,
+}
+
 /// What the coordinator owes one participant.
 #[derive(Default)]
 pub(crate) struct Outbound {
     prepares: BatchQueue<QueuedPrepare>,
+    /// Orchestrated saga steps (each retried by its saga's driver).
+    pub(crate) steps: BatchQueue<QueuedStep>,
     commits: BatchQueue<TxnId>,
     /// Orchestrated sagas that ended, whose barriers this participant may
     /// forget (see `Participant.ForgetSagas`).
@@ -493,7 +504,67 @@ impl Node {
         }
     }
 
-    fn outbound(&self, participant: &Id) -> &Outbound {
+    /// Drains `participant`'s saga step queue for as long as the node runs.
+    async fn send_steps(self, participant: Id) {
+        let outbound = self.inner.outbound[&participant].clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT_MAX));
+        loop {
+            let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+            let batch = outbound.steps.next_batch(STEP_BATCH_MAX).await;
+            let node = self.clone();
+            let participant = participant.clone();
+            tokio::spawn(async move {
+                node.send_step_batch(&participant, batch).await;
+                drop(slot);
+            });
+        }
+    }
+
+    /// Sends a batch of saga steps (a plain SagaStep when there is one) and
+    /// hands each its answer. A step whose deadline passed in the queue is
+    /// not sent (its caller stopped waiting).
+    async fn send_step_batch(&self, participant: &Id, batch: Vec<QueuedStep>) {
+        let now = Instant::now();
+        let batch: Vec<QueuedStep> = batch.into_iter().filter(|s| s.deadline > now).collect();
+        let Some(first) = batch.first() else { return };
+        let timeout = first.deadline - now;
+        if batch.len() == 1 {
+            let step = batch.into_iter().next().expect("one");
+            let mut request = Request::new(step.step);
+            request.set_timeout(timeout);
+            if let Ok(answer) = tokio::time::timeout(timeout, self.client(participant).saga_step(request)).await {
+                let _ = step.reply.send(answer.map(Response::into_inner));
+            }
+            return;
+        }
+        let (steps, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|s| (s.step, s.reply)).unzip();
+        let count = steps.len();
+        let mut request = Request::new(pb::SagaStepBatchRequest { steps });
+        request.set_timeout(timeout);
+        match tokio::time::timeout(timeout, self.client(participant).saga_step_batch(request)).await {
+            Ok(Ok(response)) if response.get_ref().results.len() == count => {
+                for (reply, result) in replies.into_iter().zip(response.into_inner().results) {
+                    let answer = match result.response {
+                        Some(response) => Ok(response),
+                        None => Err(Status::new(tonic::Code::from(result.error_code), result.error)),
+                    };
+                    let _ = reply.send(answer);
+                }
+            }
+            Ok(Ok(response)) => {
+                let status = Status::internal(format!(
+                    "{participant} answered {} results for {count} saga steps",
+                    response.get_ref().results.len()
+                ));
+                replies.into_iter().for_each(|reply| drop(reply.send(Err(status.clone()))));
+            }
+            Ok(Err(status)) => replies.into_iter().for_each(|reply| drop(reply.send(Err(status.clone())))),
+            // No answer in time: the callers time out and retry.
+            Err(_) => {}
+        }
+    }
+
+    pub(crate) fn outbound(&self, participant: &Id) -> &Outbound {
         self.inner.outbound.get(participant).expect("the core only names directory participants")
     }
 
@@ -741,6 +812,7 @@ impl Node {
                     tokio::spawn(self.clone().send_prepares(participant.clone())),
                     tokio::spawn(self.clone().send_commits(participant.clone())),
                     tokio::spawn(self.clone().send_forgets(participant.clone())),
+                    tokio::spawn(self.clone().send_steps(participant.clone())),
                 ]
             })
             .collect();

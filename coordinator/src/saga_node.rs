@@ -5,7 +5,7 @@
 
 use crate::core::Outcome;
 use crate::log;
-use crate::node::{Node, Waiter};
+use crate::node::{Node, QueuedStep, Waiter};
 use crate::saga::{Recovery, Retry, SagaAction, SagaId, SagaRecord, SagaSpec, Stage, StepKind, StepPhase, StepResult};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -14,7 +14,6 @@ use tandem::pb;
 use tandem::store::Durability;
 use tandem::Error;
 use tokio::sync::oneshot;
-use tonic::Request;
 use tracing::{debug, info, warn};
 
 /// The first wait before a failed saga step is retried; it doubles up to the max.
@@ -195,6 +194,23 @@ impl Node {
         }
     }
 
+    /// One saga step call through `participant`'s step queue (batched with
+    /// the others waiting there): its answer, the error status it failed
+    /// with, or `Err(())` when no answer came within `timeout`.
+    async fn call_step(
+        &self,
+        participant: &Id,
+        step: pb::SagaStepRequest,
+        timeout: Duration,
+    ) -> Result<Result<pb::SagaStepResponse, tonic::Status>, ()> {
+        let (reply, answer) = oneshot::channel();
+        self.outbound(participant).steps.push(QueuedStep { step, deadline: Instant::now() + timeout, reply });
+        match tokio::time::timeout(timeout, answer).await {
+            Ok(Ok(result)) => Ok(result),
+            _ => Err(()),
+        }
+    }
+
     /// Sends one saga step, retrying transient failures by `retry`.
     #[allow(clippy::too_many_arguments)]
     async fn send_step(
@@ -219,7 +235,7 @@ impl Node {
         let mut attempts = 0u32;
         loop {
             attempts += 1;
-            let mut request = Request::new(pb::SagaStepRequest {
+            let step = pb::SagaStepRequest {
                 saga_id: saga.to_string(),
                 kind: match kind {
                     StepKind::Debit => pb::StepKind::Debit,
@@ -233,11 +249,9 @@ impl Node {
                 } as i32,
                 account,
                 amount,
-            });
-            request.set_timeout(timeout);
-            let error = match tokio::time::timeout(timeout, self.client(participant).saga_step(request)).await {
+            };
+            let error = match self.call_step(participant, step, timeout).await {
                 Ok(Ok(response)) => {
-                    let response = response.into_inner();
                     return match pb::StepOutcome::try_from(response.outcome) {
                         Ok(pb::StepOutcome::Applied) => StepResult::Applied,
                         Ok(pb::StepOutcome::EmptyCompensation) => StepResult::Empty,

@@ -11,7 +11,7 @@
 use crate::core::{
     Config, Core, Effects, Refusal, TxnState, Vote, COMMIT_BATCH_MAX, OPS_PER_CALL_MAX, PREPARE_BATCH_MAX,
 };
-use crate::saga::{Event, EventKind, StepKind, StepOutcome, StepPhase, Transfer, TransferState};
+use crate::saga::{Event, EventKind, StepAnswer, StepKind, StepOutcome, StepPhase, Transfer, TransferState};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
@@ -46,6 +46,8 @@ pub const DELIVERY_TIMEOUT_MS: u64 = 1_000;
 pub const TRANSFER_WAIT_MAX_MS: u32 = 30_000;
 /// Most sagas in one ForgetSagas call.
 pub const FORGET_SAGAS_MAX: usize = 1_024;
+/// Most steps in one SagaStepBatch call.
+pub const SAGA_STEP_BATCH_MAX: usize = 1_024;
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -427,6 +429,35 @@ pub fn event_from_pb(event: &pb::ChoreographyEvent) -> Result<Event, Error> {
     })
 }
 
+type ParsedStep = (Id, StepKind, StepPhase, AccountId, Amount);
+
+fn parse_step(request: pb::SagaStepRequest) -> Result<ParsedStep, Status> {
+    let saga = Id::parse("saga_id", &request.saga_id)?;
+    let kind = match pb::StepKind::try_from(request.kind) {
+        Ok(pb::StepKind::Debit) => StepKind::Debit,
+        Ok(pb::StepKind::Credit) => StepKind::Credit,
+        Ok(pb::StepKind::Release) => StepKind::Release,
+        _ => return Err(Status::invalid_argument(format!("unknown step kind {}", request.kind))),
+    };
+    let phase = match pb::StepPhase::try_from(request.phase) {
+        Ok(pb::StepPhase::Action) => StepPhase::Action,
+        Ok(pb::StepPhase::Compensation) => StepPhase::Compensation,
+        Ok(pb::StepPhase::CompensateToSuspense) => StepPhase::CompensateToSuspense,
+        _ => return Err(Status::invalid_argument(format!("unknown step phase {}", request.phase))),
+    };
+    Ok((saga, kind, phase, request.account, request.amount))
+}
+
+fn step_answer_to_pb(answer: StepAnswer) -> pb::SagaStepResponse {
+    let (outcome, reason) = match answer.outcome {
+        StepOutcome::Applied => (pb::StepOutcome::Applied, String::new()),
+        StepOutcome::Refused(reason) => (pb::StepOutcome::Refused, reason),
+        StepOutcome::EmptyCompensation => (pb::StepOutcome::EmptyCompensation, String::new()),
+        StepOutcome::HangingIgnored => (pb::StepOutcome::HangingIgnored, String::new()),
+    };
+    pb::SagaStepResponse { outcome: outcome as i32, reason, duplicate: answer.duplicate }
+}
+
 fn vote_to_pb(vote: Vote) -> pb::PrepareResponse {
     match vote {
         Vote::Yes => pb::PrepareResponse { vote: pb::Vote::Yes as i32, refusal: 0, reason: String::new() },
@@ -635,32 +666,75 @@ impl Participant for Node {
     }
 
     async fn saga_step(&self, request: Request<pb::SagaStepRequest>) -> Result<Response<pb::SagaStepResponse>, Status> {
-        let request = request.into_inner();
-        let saga = Id::parse("saga_id", &request.saga_id)?;
-        let kind = match pb::StepKind::try_from(request.kind) {
-            Ok(pb::StepKind::Debit) => StepKind::Debit,
-            Ok(pb::StepKind::Credit) => StepKind::Credit,
-            Ok(pb::StepKind::Release) => StepKind::Release,
-            _ => return Err(Status::invalid_argument(format!("unknown step kind {}", request.kind))),
-        };
-        let phase = match pb::StepPhase::try_from(request.phase) {
-            Ok(pb::StepPhase::Action) => StepPhase::Action,
-            Ok(pb::StepPhase::Compensation) => StepPhase::Compensation,
-            Ok(pb::StepPhase::CompensateToSuspense) => StepPhase::CompensateToSuspense,
-            _ => return Err(Status::invalid_argument(format!("unknown step phase {}", request.phase))),
-        };
+        let step = parse_step(request.into_inner())?;
+        let saga = step.0.clone();
         let answer = self
-            .apply(3, |core, now| core.saga_step(saga.clone(), kind, phase, request.account, request.amount, now))
+            .apply(3, |core, now| {
+                let (saga, kind, phase, account, amount) = step;
+                core.saga_step(saga, kind, phase, account, amount, now)
+            })
             .await?;
         tandem::crash::point("saga-step-written");
-        debug!(%saga, ?kind, ?phase, ?answer, "saga step answered");
-        let (outcome, reason) = match answer.outcome {
-            StepOutcome::Applied => (pb::StepOutcome::Applied, String::new()),
-            StepOutcome::Refused(reason) => (pb::StepOutcome::Refused, reason),
-            StepOutcome::EmptyCompensation => (pb::StepOutcome::EmptyCompensation, String::new()),
-            StepOutcome::HangingIgnored => (pb::StepOutcome::HangingIgnored, String::new()),
+        debug!(%saga, ?answer, "saga step answered");
+        Ok(Response::new(step_answer_to_pb(answer)))
+    }
+
+    async fn saga_step_batch(
+        &self,
+        request: Request<pb::SagaStepBatchRequest>,
+    ) -> Result<Response<pb::SagaStepBatchResponse>, Status> {
+        let steps = request.into_inner().steps;
+        if steps.is_empty() || steps.len() > SAGA_STEP_BATCH_MAX {
+            return Err(Error::InvalidInput(format!(
+                "a saga step batch holds 1 to {SAGA_STEP_BATCH_MAX} steps, not {}",
+                steps.len()
+            ))
+            .into());
+        }
+        let parsed: Vec<Result<ParsedStep, Status>> = steps.into_iter().map(parse_step).collect();
+        let well_formed: Vec<ParsedStep> = parsed.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
+        let count = well_formed.len();
+        let judged = if well_formed.is_empty() {
+            Vec::new()
+        } else {
+            self.apply(count * 3, |core, now| {
+                let mut merged = Effects { ops: Vec::new(), durability: tandem::store::Durability::Buffered };
+                let answers = well_formed
+                    .into_iter()
+                    .map(|(saga, kind, phase, account, amount)| {
+                        let (answer, mut effects) = core.saga_step(saga, kind, phase, account, amount, now)?;
+                        merged.ops.append(&mut effects.ops);
+                        merged.durability = merged.durability.stronger(effects.durability);
+                        Ok(answer)
+                    })
+                    .collect::<Vec<Result<_, Error>>>();
+                Ok((answers, merged))
+            })
+            .await?
         };
-        Ok(Response::new(pb::SagaStepResponse { outcome: outcome as i32, reason, duplicate: answer.duplicate }))
+        tandem::crash::point("saga-step-written");
+        let mut judged = judged.into_iter();
+        let results = parsed
+            .into_iter()
+            .map(|p| {
+                let answer =
+                    p.and_then(|_| judged.next().expect("one answer per well-formed step").map_err(Status::from));
+                match answer {
+                    Ok(answer) => pb::SagaStepResult {
+                        response: Some(step_answer_to_pb(answer)),
+                        error_code: 0,
+                        error: String::new(),
+                    },
+                    Err(status) => pb::SagaStepResult {
+                        response: None,
+                        error_code: status.code() as i32,
+                        error: status.message().to_string(),
+                    },
+                }
+            })
+            .collect();
+        debug!(count, "saga step batch answered");
+        Ok(Response::new(pb::SagaStepBatchResponse { results }))
     }
 
     async fn forget_sagas(
