@@ -494,3 +494,46 @@ async fn the_barriers_of_ended_sagas_are_forgotten_and_a_dead_letters_wait_for_i
     assert_eq!(posted(&cluster, 1).await, BALANCE - 10, "only the completed transfer moved money");
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_redelivered_events_is_dropped_by_the_inbox_and_a_malformed_one_is_refused_alone() {
+    let (mut cluster, _dir) = start(2, 10).await;
+    let mut p1 = cluster.participant_client(0).unwrap();
+    let request = pb::StartTransferRequest {
+        saga_id: "wire-1".into(),
+        from_account: 1,
+        to_account: 12,
+        amount: 5,
+        target_participant: "p2".into(),
+        wait_ms: 5_000,
+    };
+    let status = p1.start_transfer(request).await.unwrap().into_inner();
+    assert_eq!(status.state, pb::TransferState::Completed as i32, "{status:?}");
+    // The relay's event, delivered twice more in one batch, with a bad one.
+    let debited = pb::ChoreographyEvent {
+        version: 1,
+        event_id: "wire-1:debited".into(),
+        kind: pb::EventKind::TransferDebited as i32,
+        saga_id: "wire-1".into(),
+        from_account: 1,
+        to_account: 12,
+        amount: 5,
+        source_participant: "p1".into(),
+        target_participant: "p2".into(),
+        reason: String::new(),
+    };
+    let mut malformed = debited.clone();
+    malformed.version = 0;
+    let mut p2 = cluster.participant_client(1).unwrap();
+    let results = p2
+        .deliver_events(pb::DeliverEventsRequest { events: vec![debited.clone(), malformed, debited] })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    let summary: Vec<(bool, bool)> = results.iter().map(|r| (r.delivered, r.duplicate)).collect();
+    assert_eq!(summary, [(true, true), (false, false), (true, true)]);
+    assert!(results[1].error.contains("version"), "{}", results[1].error);
+    assert_eq!((posted(&cluster, 1).await, posted(&cluster, 12).await), (BALANCE - 5, BALANCE + 5));
+    cluster.stop().await;
+}

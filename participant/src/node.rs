@@ -22,7 +22,7 @@ use tandem::pb;
 use tandem::pb::coordinator_client::CoordinatorClient;
 use tandem::pb::participant_client::ParticipantClient;
 use tandem::pb::participant_server::{Participant, ParticipantServer};
-use tandem::store::Store;
+use tandem::store::{Durability, Store};
 use tandem::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify};
@@ -48,6 +48,10 @@ pub const TRANSFER_WAIT_MAX_MS: u32 = 30_000;
 pub const FORGET_SAGAS_MAX: usize = 1_024;
 /// Most steps in one SagaStepBatch call.
 pub const SAGA_STEP_BATCH_MAX: usize = 1_024;
+/// Most events in one DeliverEvents call (received).
+pub const DELIVER_EVENTS_MAX: usize = 1_024;
+/// Most events the relay sends to one peer in one call.
+pub const RELAY_BATCH_MAX: usize = 256;
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -295,6 +299,7 @@ impl Node {
             }
             let events = self.inner.core.lock().expect("core lock poisoned").outbox();
             let now = Instant::now();
+            let mut by_destination: BTreeMap<Id, Vec<Vec<(u64, Event)>>> = BTreeMap::new();
             retry_at.retain(|seq, _| events.iter().any(|(s, _)| s == seq));
             for (seq, event) in events {
                 if in_flight.lock().expect("relay lock poisoned").len() >= RELAY_IN_FLIGHT_MAX {
@@ -309,19 +314,85 @@ impl Node {
                 // Back off per event: 50 ms doubling to 2 s, reset on success.
                 let backoff = retry_at.get(&seq).map(|(_, b)| (*b * 2).min(2_000)).unwrap_or(50);
                 retry_at.insert(seq, (now + Duration::from_millis(backoff), backoff));
+                let batches = by_destination.entry(event.destination().clone()).or_default();
+                match batches.last_mut() {
+                    Some(batch) if batch.len() < RELAY_BATCH_MAX => batch.push((seq, event)),
+                    _ => batches.push(vec![(seq, event)]),
+                }
+            }
+            // One call per batch: what waits for one peer goes together.
+            for batch in std::mem::take(&mut by_destination).into_values().flatten() {
                 let node = self.clone();
                 let in_flight = in_flight.clone();
                 tokio::spawn(async move {
-                    if node.deliver(&event).await {
+                    let delivered: Vec<u64> = if batch.len() == 1 {
+                        let (seq, event) = &batch[0];
+                        if node.deliver(event).await {
+                            vec![*seq]
+                        } else {
+                            Vec::new()
+                        }
+                    } else {
+                        node.deliver_batch(&batch).await
+                    };
+                    if !delivered.is_empty() {
                         tandem::crash::point("relay-delivered");
-                        if let Err(error) = node.apply(1, |core, _| Ok(((), core.outbox_delivered(seq)))).await {
-                            warn!(%error, "could not forget a delivered event; it will be redelivered");
+                        let forgotten = node
+                            .apply(delivered.len(), |core, _| {
+                                let mut merged = Effects { ops: Vec::new(), durability: Durability::Buffered };
+                                for seq in &delivered {
+                                    merged.ops.append(&mut core.outbox_delivered(*seq).ops);
+                                }
+                                Ok(((), merged))
+                            })
+                            .await;
+                        if let Err(error) = forgotten {
+                            warn!(%error, "could not forget delivered events; they will be redelivered");
                         }
                         node.inner.relay_wake.notify_one();
                     }
-                    in_flight.lock().expect("relay lock poisoned").remove(&seq);
+                    let mut in_flight = in_flight.lock().expect("relay lock poisoned");
+                    for (seq, _) in &batch {
+                        in_flight.remove(seq);
+                    }
                 });
             }
+        }
+    }
+
+    /// Delivers events to one peer in one call; returns the sequences of
+    /// those it applied (now or before).
+    async fn deliver_batch(&self, batch: &[(u64, Event)]) -> Vec<u64> {
+        let destination = batch[0].1.destination();
+        let Some(peer) = self.inner.peers.get(destination) else {
+            warn!(%destination, "no peer by that name; its events wait");
+            return Vec::new();
+        };
+        let events = batch.iter().map(|(_, event)| event_to_pb(event)).collect();
+        let mut request = Request::new(pb::DeliverEventsRequest { events });
+        request.set_timeout(Duration::from_millis(DELIVERY_TIMEOUT_MS));
+        match tokio::time::timeout(Duration::from_millis(DELIVERY_TIMEOUT_MS), peer.clone().deliver_events(request))
+            .await
+        {
+            Ok(Ok(response)) if response.get_ref().results.len() == batch.len() => batch
+                .iter()
+                .zip(response.into_inner().results)
+                .filter_map(|((seq, event), result)| {
+                    if !result.delivered {
+                        debug!(event = %event.id, error = %result.error, "event not delivered; will retry");
+                    }
+                    result.delivered.then_some(*seq)
+                })
+                .collect(),
+            Ok(Ok(_)) => {
+                warn!(%destination, "a peer answered a different number of results; the events will be redelivered");
+                Vec::new()
+            }
+            Ok(Err(status)) => {
+                debug!(%destination, count = batch.len(), error = %status.message(), "events not delivered; will retry");
+                Vec::new()
+            }
+            Err(_) => Vec::new(),
         }
     }
 
@@ -698,7 +769,7 @@ impl Participant for Node {
             Vec::new()
         } else {
             self.apply(count * 3, |core, now| {
-                let mut merged = Effects { ops: Vec::new(), durability: tandem::store::Durability::Buffered };
+                let mut merged = Effects { ops: Vec::new(), durability: Durability::Buffered };
                 let answers = well_formed
                     .into_iter()
                     .map(|(saga, kind, phase, account, amount)| {
@@ -808,6 +879,57 @@ impl Participant for Node {
     ) -> Result<Response<pb::TransferStatus>, Status> {
         let saga = Id::parse("saga_id", &request.into_inner().saga_id)?;
         Ok(Response::new(self.transfer_status(&saga)))
+    }
+
+    async fn deliver_events(
+        &self,
+        request: Request<pb::DeliverEventsRequest>,
+    ) -> Result<Response<pb::DeliverEventsResponse>, Status> {
+        let events = request.into_inner().events;
+        if events.is_empty() || events.len() > DELIVER_EVENTS_MAX {
+            return Err(Error::InvalidInput(format!(
+                "a delivery holds 1 to {DELIVER_EVENTS_MAX} events, not {}",
+                events.len()
+            ))
+            .into());
+        }
+        let parsed: Vec<Result<Event, Error>> = events.iter().map(event_from_pb).collect();
+        let well_formed: Vec<Event> = parsed.iter().filter_map(|e| e.as_ref().ok().cloned()).collect();
+        let count = well_formed.len();
+        let applied = if well_formed.is_empty() {
+            Vec::new()
+        } else {
+            self.apply(count * 4, |core, now| {
+                let mut merged = Effects { ops: Vec::new(), durability: Durability::Buffered };
+                let results = well_formed
+                    .into_iter()
+                    .map(|event| {
+                        let (answer, mut effects) = core.deliver_event(event, now)?;
+                        merged.ops.append(&mut effects.ops);
+                        merged.durability = merged.durability.stronger(effects.durability);
+                        Ok(answer)
+                    })
+                    .collect::<Vec<Result<_, Error>>>();
+                Ok((results, merged))
+            })
+            .await?
+        };
+        let mut applied = applied.into_iter();
+        let results = parsed
+            .into_iter()
+            .map(|event| match event.and_then(|_| applied.next().expect("one result per well-formed event")) {
+                Ok((duplicate, finished)) => {
+                    if let Some(saga) = finished {
+                        self.notify_terminal(&saga);
+                    }
+                    pb::DeliverEventResult { delivered: true, duplicate, error: String::new() }
+                }
+                Err(error) => pb::DeliverEventResult { delivered: false, duplicate: false, error: error.to_string() },
+            })
+            .collect();
+        debug!(count, "events received");
+        self.inner.relay_wake.notify_one();
+        Ok(Response::new(pb::DeliverEventsResponse { results }))
     }
 
     async fn deliver_event(
