@@ -327,6 +327,8 @@ impl Cluster {
             ));
             let data_dir = spec.data_dir.join(node.to_string());
             let mut args = vec![
+                "--accounts".into(),
+                format!("{first}..{}", first + spec.accounts_per_participant),
                 "--listen".into(),
                 addr.to_string(),
                 "--data-dir".into(),

@@ -314,7 +314,10 @@ impl Node {
         let started = match &key {
             Some(key) => {
                 let _serialised = self.inner.keys.lock().expect("keys lock poisoned");
-                match self.inner.store.get(&log::key(log::KEY_PREFIX, key))? {
+                let stored = self.inner.store.get(&log::key(log::KEY_PREFIX, key)).inspect_err(|_| {
+                    self.inner.waiters.lock().expect("waiters lock poisoned").remove(&txn);
+                })?;
+                match stored {
                     Some(bytes) => {
                         self.inner.waiters.lock().expect("waiters lock poisoned").remove(&txn);
                         let earlier = log::decode_keyed(&bytes);

@@ -59,7 +59,9 @@ impl Node {
         let started = {
             let _serialised = key.as_ref().map(|_| self.inner.keys.lock().expect("keys lock poisoned"));
             let earlier = match &key {
-                Some(key) => self.inner.store.get(&log::key(log::KEY_PREFIX, key))?,
+                Some(key) => self.inner.store.get(&log::key(log::KEY_PREFIX, key)).inspect_err(|_| {
+                    self.inner.waiters.lock().expect("waiters lock poisoned").remove(&saga);
+                })?,
                 None => None,
             };
             if let Some(bytes) = earlier {

@@ -59,6 +59,7 @@ fn config(name: &str) -> Config {
         coordinators: [id("c1")].into_iter().collect(),
         in_doubt_after_ms: 500,
         finished_retention_ms: u64::MAX / 4,
+        owned_accounts: None,
     }
 }
 

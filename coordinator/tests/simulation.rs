@@ -91,6 +91,7 @@ fn participant_config(name: &str) -> Config {
         coordinators: [id("c1")].into_iter().collect(),
         in_doubt_after_ms: 0,
         finished_retention_ms: u64::MAX / 4,
+        owned_accounts: None,
     }
 }
 

@@ -165,6 +165,10 @@ pub struct Config {
     pub coordinators: BTreeSet<Id>,
     pub in_doubt_after_ms: u64,
     pub finished_retention_ms: u64,
+    /// The account ids this node owns, as the coordinator's directory says
+    /// (`None`: any). An account outside them could be opened here but
+    /// never reached by a transfer, so OpenAccounts refuses it.
+    pub owned_accounts: Option<std::ops::Range<AccountId>>,
 }
 
 pub struct Core {
@@ -561,6 +565,14 @@ impl Core {
             }
             if !seen.insert(*id) {
                 return Err(Error::InvalidInput(format!("account {id} appears twice in the request")));
+            }
+            if let Some(owned) = &self.config.owned_accounts {
+                if !owned.contains(id) {
+                    return Err(Error::InvalidInput(format!(
+                        "account {id} is not one of {}'s accounts ({}..{})",
+                        self.config.node_id, owned.start, owned.end
+                    )));
+                }
             }
             if self.accounts.contains_key(id) {
                 return Err(Error::AlreadyExists(format!("account {id} exists already on {}", self.config.node_id)));

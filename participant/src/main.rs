@@ -38,6 +38,10 @@ struct Args {
     /// How long finished transactions are remembered (duplicate detection).
     #[arg(long, default_value_t = 300_000)]
     finished_retention_ms: u64,
+    /// The account ids this node owns, FIRST..END (END excluded), as in the
+    /// coordinator's directory; OpenAccounts refuses others. Default: any.
+    #[arg(long, value_name = "FIRST..END", value_parser = parse_accounts)]
+    accounts: Option<std::ops::Range<u64>>,
     /// Threads of the async runtime (default: one per core). A local cluster
     /// runs every node on one machine and gives each one thread.
     #[arg(long)]
@@ -45,6 +49,16 @@ struct Args {
     /// Log filter: error, warn, info, debug or trace (RUST_LOG overrides).
     #[arg(long, default_value = "info")]
     log_level: String,
+}
+
+fn parse_accounts(text: &str) -> Result<std::ops::Range<u64>, String> {
+    let (first, end) = text.split_once("..").ok_or_else(|| format!("{text:?} is not FIRST..END"))?;
+    let first: u64 = first.parse().map_err(|e| format!("{text:?}: FIRST: {e}"))?;
+    let end: u64 = end.parse().map_err(|e| format!("{text:?}: END: {e}"))?;
+    if first >= end {
+        return Err(format!("{text:?}: FIRST must be below END"));
+    }
+    Ok(first..end)
 }
 
 fn parse_peer(text: &str) -> Result<(Id, String), String> {
@@ -82,6 +96,7 @@ async fn run(args: Args) -> Result<(), String> {
         peers,
         in_doubt_after_ms: args.in_doubt_after_ms,
         finished_retention_ms: args.finished_retention_ms,
+        owned_accounts: args.accounts,
     })
     .map_err(|e| e.to_string())?;
     let (listener, addr) =

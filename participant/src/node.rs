@@ -63,6 +63,8 @@ pub struct NodeConfig {
     pub peers: Vec<(Id, String)>,
     pub in_doubt_after_ms: u64,
     pub finished_retention_ms: u64,
+    /// The account ids this node owns (`None`: any).
+    pub owned_accounts: Option<std::ops::Range<AccountId>>,
 }
 
 /// A running participant. Cheap to clone.
@@ -106,6 +108,7 @@ impl Node {
             coordinators: coordinators.keys().cloned().collect(),
             in_doubt_after_ms: config.in_doubt_after_ms,
             finished_retention_ms: config.finished_retention_ms,
+            owned_accounts: config.owned_accounts.clone(),
         };
         let clock = Instant::now();
         let clock_origin_ms =

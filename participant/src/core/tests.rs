@@ -34,6 +34,7 @@ fn config() -> Config {
         coordinators: [id("c1")].into_iter().collect(),
         in_doubt_after_ms: 500,
         finished_retention_ms: 1_000,
+        owned_accounts: None,
     }
 }
 
@@ -193,6 +194,20 @@ fn a_batched_commit_applies_each_once_and_an_aborted_member_rejects_all_of_it() 
     let core = restart(&disk, 3);
     assert_eq!(core.account(1).unwrap().posted, 85, "one write held the whole batch");
     assert_eq!(core.prepared_count(), 0);
+}
+
+#[test]
+fn an_account_outside_the_owned_range_is_refused_and_none_of_the_request_is_opened() {
+    let mut config = config();
+    config.owned_accounts = Some(100..200);
+    let mut core = Core::new(config);
+    let refused = core.open_accounts(&[(150, 10), (200, 10)]);
+    assert!(
+        matches!(&refused, Err(Error::InvalidInput(m)) if m.contains("200") && m.contains("100..200")),
+        "{refused:?}"
+    );
+    assert!(core.account(150).is_err(), "all or none");
+    core.open_accounts(&[(100, 10), (199, 10)]).unwrap();
 }
 
 #[test]

@@ -16,6 +16,7 @@ fn config(name: &str) -> Config {
         coordinators: [id("c1")].into_iter().collect(),
         in_doubt_after_ms: 500,
         finished_retention_ms: 60_000,
+        owned_accounts: None,
     }
 }
 
