@@ -294,6 +294,11 @@ async fn saga_steps_on_the_wire_keep_their_barrier_semantics() {
     assert!(results[1].error.contains("positive"), "{}", results[1].error);
     assert!(results[2].response.as_ref().expect("judged").duplicate, "the second one in the batch is a duplicate");
     assert_eq!(posted(&cluster, 1).await, BALANCE - 80);
+    // No choreographed transfer is parked here; resolving an unknown one is NOT_FOUND.
+    let parked = p1.list_parked_transfers(pb::ListParkedTransfersRequest {}).await.unwrap().into_inner().parked;
+    assert!(parked.is_empty());
+    let request = pb::ResolveParkedTransferRequest { saga_id: "nope".into(), to_account: 0 };
+    assert_eq!(p1.resolve_parked_transfer(request).await.unwrap_err().code(), tonic::Code::NotFound);
 }
 
 /// Waits until `node` has exited on its own (a crash point fired).

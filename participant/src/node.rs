@@ -442,6 +442,7 @@ fn transfer_to_pb(saga: &Id, transfer: Option<&Transfer>) -> pb::TransferStatus 
         Some(TransferState::Rejected(r)) => (pb::TransferState::Rejected, r.clone()),
         Some(TransferState::Compensated(r)) => (pb::TransferState::Compensated, r.clone()),
         Some(TransferState::DeadLettered(r)) => (pb::TransferState::DeadLettered, r.clone()),
+        Some(TransferState::Resolved(r)) => (pb::TransferState::Resolved, r.clone()),
     };
     pb::TransferStatus {
         saga_id: saga.to_string(),
@@ -809,6 +810,27 @@ impl Participant for Node {
             .collect();
         debug!(count, "saga step batch answered");
         Ok(Response::new(pb::SagaStepBatchResponse { results }))
+    }
+
+    async fn list_parked_transfers(
+        &self,
+        _request: Request<pb::ListParkedTransfersRequest>,
+    ) -> Result<Response<pb::ListParkedTransfersResponse>, Status> {
+        let core = self.inner.core.lock().expect("core lock poisoned");
+        let parked = core.parked_transfers().iter().map(|(saga, t)| transfer_to_pb(saga, Some(t))).collect();
+        Ok(Response::new(pb::ListParkedTransfersResponse { parked }))
+    }
+
+    async fn resolve_parked_transfer(
+        &self,
+        request: Request<pb::ResolveParkedTransferRequest>,
+    ) -> Result<Response<pb::TransferStatus>, Status> {
+        let request = request.into_inner();
+        let saga = Id::parse("saga_id", &request.saga_id)?;
+        let to = (request.to_account != 0).then_some(request.to_account);
+        let resolved = self.apply(3, |core, now| core.resolve_parked_transfer(&saga, to, now)).await?;
+        info!(%saga, "parked transfer resolved by an operator");
+        Ok(Response::new(transfer_to_pb(&saga, Some(&resolved))))
     }
 
     async fn forget_sagas(

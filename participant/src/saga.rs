@@ -141,6 +141,9 @@ pub enum TransferState {
     Rejected(String),
     Compensated(String),
     DeadLettered(String),
+    /// A dead letter an operator released from suspense (the reason says to
+    /// which account).
+    Resolved(String),
 }
 
 impl TransferState {
@@ -313,6 +316,7 @@ fn encode_transfer(transfer: &Transfer) -> Vec<u8> {
         TransferState::Rejected(r) => (3, r.as_str()),
         TransferState::Compensated(r) => (4, r.as_str()),
         TransferState::DeadLettered(r) => (5, r.as_str()),
+        TransferState::Resolved(r) => (6, r.as_str()),
     };
     out.push(code);
     put_text(&mut out, reason);
@@ -333,6 +337,7 @@ fn decode_transfer(bytes: &[u8]) -> Transfer {
         3 => TransferState::Rejected(reason),
         4 => TransferState::Compensated(reason),
         5 => TransferState::DeadLettered(reason),
+        6 => TransferState::Resolved(reason),
         other => panic!("corrupt transfer record: state {other}"),
     };
     Transfer { state, from: r.u64(), to: r.u64(), amount: r.i64(), target: r.id() }
@@ -431,7 +436,9 @@ impl Core {
         }
         if let Some(saga) = key.strip_prefix(b"c/") {
             let Ok(saga) = Id::parse("saga", std::str::from_utf8(saga).unwrap_or("")) else { return false };
-            if sagas.transfers.get(&saga).is_some_and(|t| t.state.is_terminal()) {
+            // A parked transfer stays until an operator resolves it.
+            let parked = |t: &Transfer| matches!(t.state, TransferState::DeadLettered(_));
+            if sagas.transfers.get(&saga).is_some_and(|t| t.state.is_terminal() && !parked(t)) {
                 sagas.transfers.remove(&saga);
                 return true;
             }
@@ -809,6 +816,55 @@ impl Core {
 
     pub fn outbox_len(&self) -> usize {
         self.sagas.outbox.len()
+    }
+
+    /// Choreographed transfers started here whose refund could not be
+    /// applied: their money waits in the suspense account (dead letters).
+    pub fn parked_transfers(&self) -> Vec<(Id, Transfer)> {
+        let mut parked: Vec<(Id, Transfer)> = self
+            .sagas
+            .transfers
+            .iter()
+            .filter(|(_, t)| matches!(t.state, TransferState::DeadLettered(_)))
+            .map(|(saga, t)| (saga.clone(), t.clone()))
+            .collect();
+        parked.sort_by(|a, b| a.0.cmp(&b.0));
+        parked
+    }
+
+    /// An operator releases a parked transfer's money from suspense to
+    /// `to_account` (`None`: the transfer's source account), in one write
+    /// of the balance, the suspense and the transfer, now RESOLVED.
+    pub fn resolve_parked_transfer(
+        &mut self,
+        saga: &Id,
+        to_account: Option<AccountId>,
+        now_ms: u64,
+    ) -> Result<(Transfer, Effects), Error> {
+        let node = self.config.node_id.clone();
+        let transfer = self
+            .sagas
+            .transfers
+            .get(saga)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("no transfer {saga} started on {node}")))?;
+        let TransferState::DeadLettered(reason) = &transfer.state else {
+            return Err(Error::InvalidInput(format!("{saga} is not a parked transfer ({:?})", transfer.state)));
+        };
+        let to = to_account.unwrap_or(transfer.from);
+        if let Some(why) = self.cannot_credit(to, transfer.amount) {
+            return Err(Error::InvalidInput(format!(
+                "cannot release {saga}'s {} to account {to}: {why}",
+                transfer.amount
+            )));
+        }
+        assert!(self.sagas.suspense >= transfer.amount, "the suspense account holds every parked transfer");
+        self.sagas.suspense -= transfer.amount;
+        let mut ops = vec![self.suspense_put(), self.change_posted(to, transfer.amount)];
+        let state = TransferState::Resolved(format!("{reason}; released to account {to} by an operator"));
+        let resolved = Transfer { state, ..transfer };
+        self.put_transfer(saga, resolved.clone(), now_ms, &mut ops);
+        Ok((resolved, Effects { ops, durability: Durability::Fsync }))
     }
 
     /// Transfers started here and not yet terminal.

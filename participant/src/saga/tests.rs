@@ -262,6 +262,39 @@ fn a_rejected_credit_refunds_or_parks_the_money_in_suspense() {
 }
 
 #[test]
+fn an_operator_lists_a_parked_transfer_and_releases_its_money() {
+    let mut p1 = node("p1");
+    let mut p2 = node("p2");
+    p2.1.apply(&p2.0.set_closed(2, true).unwrap().1);
+    start(&mut p1, "s1", 1, 2, 40);
+    p1.1.apply(&p1.0.set_closed(1, true).unwrap().1);
+    relay(&mut p1, &mut p2);
+    relay(&mut p2, &mut p1);
+    assert_eq!(p1.0.suspense(), 40);
+    // Parked transfers outlive the retention: they wait for the operator.
+    let retention = config("p1").finished_retention_ms;
+    p1.1.apply(&p1.0.collect_garbage(10 * retention));
+    let parked = p1.0.parked_transfers();
+    assert_eq!(parked.len(), 1);
+    assert_eq!((parked[0].0.as_str(), parked[0].1.amount), ("s1", 40));
+    // Into the closed source: refused, nothing changes.
+    assert!(matches!(p1.0.resolve_parked_transfer(&id("s1"), None, 0), Err(Error::InvalidInput(_))));
+    assert_eq!(p1.0.suspense(), 40);
+    p1.1.apply(&p1.0.set_closed(1, false).unwrap().1);
+    let (resolved, effects) = p1.0.resolve_parked_transfer(&id("s1"), None, 0).unwrap();
+    p1.1.apply(&effects);
+    assert!(matches!(resolved.state, TransferState::Resolved(ref r) if r.contains("account 1")));
+    assert_eq!((p1.0.account(1).unwrap().posted, p1.0.suspense()), (100, 0));
+    assert!(p1.0.parked_transfers().is_empty());
+    // Once: a second resolution is refused; a restart sees the same.
+    assert!(matches!(p1.0.resolve_parked_transfer(&id("s1"), None, 0), Err(Error::InvalidInput(_))));
+    assert!(matches!(p1.0.resolve_parked_transfer(&id("nope"), None, 0), Err(Error::NotFound(_))));
+    let restarted = Core::recover(config("p1"), p1.1 .0.clone(), 0);
+    assert_eq!((restarted.account(1).unwrap().posted, restarted.suspense()), (100, 0));
+    assert!(matches!(restarted.transfer(&id("s1")).unwrap().state, TransferState::Resolved(_)));
+}
+
+#[test]
 fn a_refused_debit_rejects_the_transfer_and_sends_nothing() {
     let mut p1 = node("p1");
     let transfer = start(&mut p1, "s1", 1, 2, 500);
