@@ -457,27 +457,41 @@ impl Core {
         Ok(Effects { ops, durability: effects.durability })
     }
 
-    /// Phase one for each of `prepares`, judged one by one exactly as
-    /// [`Core::prepare`] judges it, with their writes merged into one
-    /// submission as durable as the most demanding of them (so every YES in
-    /// the batch waits for the fsync that covers its record).
+    /// Judges each item of a batch exactly as `judge` judges it alone, and
+    /// merges their writes into one submission as durable as the most
+    /// demanding of them (so no answer leaves before the fsync that covers
+    /// its own record). An item that arrives as an error (malformed) keeps
+    /// it; an item `judge` refuses gets its error and changes nothing.
+    pub fn judge_each<I, A>(
+        &mut self,
+        items: Vec<Result<I, Error>>,
+        now_ms: u64,
+        judge: impl Fn(&mut Core, I, u64) -> Result<(A, Effects), Error>,
+    ) -> (Vec<Result<A, Error>>, Effects) {
+        let mut batch = Effects::none();
+        let answers = items
+            .into_iter()
+            .map(|item| {
+                let (answer, mut effects) = judge(self, item?, now_ms)?;
+                batch.ops.append(&mut effects.ops);
+                batch.durability = batch.durability.stronger(effects.durability);
+                Ok(answer)
+            })
+            .collect();
+        (answers, batch)
+    }
+
+    /// Phase one for each of `prepares` ([`Core::judge_each`] of
+    /// [`Core::prepare`]).
     pub fn prepare_batch(
         &mut self,
-        prepares: Vec<(TxnId, Id, Vec<Leg>)>,
+        prepares: Vec<Result<(TxnId, Id, Vec<Leg>), Error>>,
         now_ms: u64,
     ) -> (Vec<Result<Vote, Error>>, Effects) {
         assert!(prepares.len() <= PREPARE_BATCH_MAX, "the driver bounds the batch");
-        let mut batch = Effects::none();
-        let votes = prepares
-            .into_iter()
-            .map(|(txn_id, coordinator, legs)| {
-                let (vote, mut effects) = self.prepare(txn_id, coordinator, legs, now_ms)?;
-                batch.ops.append(&mut effects.ops);
-                batch.durability = batch.durability.stronger(effects.durability);
-                Ok(vote)
-            })
-            .collect();
-        (votes, batch)
+        self.judge_each(prepares, now_ms, |core, (txn, coordinator, legs), now| {
+            core.prepare(txn, coordinator, legs, now)
+        })
     }
 
     /// Phase two, COMMIT, for each of `txn_ids` (see [`Core::commit`]), as

@@ -174,8 +174,21 @@ impl Node {
 
     /// Each prepare's vote, or why it is malformed; `Err` when none could be
     /// judged (the store failed or its queue is full).
-    pub async fn prepare_batch(&self, prepares: Vec<(TxnId, Id, Vec<Leg>)>) -> Result<Vec<Result<Vote, Error>>, Error> {
+    pub async fn prepare_batch(
+        &self,
+        prepares: Vec<Result<(TxnId, Id, Vec<Leg>), Error>>,
+    ) -> Result<Vec<Result<Vote, Error>>, Error> {
         self.apply(prepares.len() * OPS_PER_CALL_MAX, |core, now| Ok(core.prepare_batch(prepares, now))).await
+    }
+
+    /// A batch call's items judged in one write ([`Core::judge_each`]).
+    async fn apply_each<I, A>(
+        &self,
+        items: Vec<Result<I, Error>>,
+        ops_each: usize,
+        judge: impl Fn(&mut Core, I, u64) -> Result<(A, Effects), Error>,
+    ) -> Result<Vec<Result<A, Error>>, Error> {
+        self.apply(items.len() * ops_each, |core, now| Ok(core.judge_each(items, now, judge))).await
     }
 
     pub async fn commit(&self, txn: &TxnId) -> Result<(), Error> {
@@ -506,19 +519,19 @@ pub fn event_from_pb(event: &pb::ChoreographyEvent) -> Result<Event, Error> {
 
 type ParsedStep = (Id, StepKind, StepPhase, AccountId, Amount);
 
-fn parse_step(request: pb::SagaStepRequest) -> Result<ParsedStep, Status> {
+fn parse_step(request: pb::SagaStepRequest) -> Result<ParsedStep, Error> {
     let saga = Id::parse("saga_id", &request.saga_id)?;
     let kind = match pb::StepKind::try_from(request.kind) {
         Ok(pb::StepKind::Debit) => StepKind::Debit,
         Ok(pb::StepKind::Credit) => StepKind::Credit,
         Ok(pb::StepKind::Release) => StepKind::Release,
-        _ => return Err(Status::invalid_argument(format!("unknown step kind {}", request.kind))),
+        _ => return Err(Error::InvalidInput(format!("unknown step kind {}", request.kind))),
     };
     let phase = match pb::StepPhase::try_from(request.phase) {
         Ok(pb::StepPhase::Action) => StepPhase::Action,
         Ok(pb::StepPhase::Compensation) => StepPhase::Compensation,
         Ok(pb::StepPhase::CompensateToSuspense) => StepPhase::CompensateToSuspense,
-        _ => return Err(Status::invalid_argument(format!("unknown step phase {}", request.phase))),
+        _ => return Err(Error::InvalidInput(format!("unknown step phase {}", request.phase))),
     };
     Ok((saga, kind, phase, request.account, request.amount))
 }
@@ -590,7 +603,6 @@ impl Participant for Node {
             ))
             .into());
         }
-        // Malformed ids are answered NO here; the rest go to the core together.
         let parsed: Vec<Result<(TxnId, Id, Vec<Leg>), Error>> = prepares
             .iter()
             .map(|prepare| {
@@ -601,22 +613,17 @@ impl Participant for Node {
                 ))
             })
             .collect();
-        let well_formed: Vec<_> = parsed.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
-        let count = well_formed.len();
-        let mut judged =
-            if well_formed.is_empty() { Vec::new() } else { Node::prepare_batch(self, well_formed).await? }.into_iter();
-        let votes = parsed
+        let count = parsed.len();
+        let votes = Node::prepare_batch(self, parsed)
+            .await?
             .into_iter()
-            .map(|p| {
-                let vote = p.and_then(|_| judged.next().expect("one vote per well-formed prepare"));
-                match vote {
-                    Ok(vote) => vote_to_pb(vote),
-                    Err(error) => pb::PrepareResponse {
-                        vote: pb::Vote::No as i32,
-                        refusal: pb::Refusal::InvalidRequest as i32,
-                        reason: error.to_string(),
-                    },
-                }
+            .map(|vote| match vote {
+                Ok(vote) => vote_to_pb(vote),
+                Err(error) => pb::PrepareResponse {
+                    vote: pb::Vote::No as i32,
+                    refusal: pb::Refusal::InvalidRequest as i32,
+                    reason: error.to_string(),
+                },
             })
             .collect();
         debug!(count, "prepare batch answered");
@@ -766,46 +773,27 @@ impl Participant for Node {
             ))
             .into());
         }
-        let parsed: Vec<Result<ParsedStep, Status>> = steps.into_iter().map(parse_step).collect();
-        let well_formed: Vec<ParsedStep> = parsed.iter().filter_map(|p| p.as_ref().ok().cloned()).collect();
-        let count = well_formed.len();
-        let judged = if well_formed.is_empty() {
-            Vec::new()
-        } else {
-            self.apply(count * 3, |core, now| {
-                let mut merged = Effects { ops: Vec::new(), durability: Durability::Buffered };
-                let answers = well_formed
-                    .into_iter()
-                    .map(|(saga, kind, phase, account, amount)| {
-                        let (answer, mut effects) = core.saga_step(saga, kind, phase, account, amount, now)?;
-                        merged.ops.append(&mut effects.ops);
-                        merged.durability = merged.durability.stronger(effects.durability);
-                        Ok(answer)
-                    })
-                    .collect::<Vec<Result<_, Error>>>();
-                Ok((answers, merged))
+        let count = steps.len();
+        let parsed: Vec<Result<ParsedStep, Error>> = steps.into_iter().map(parse_step).collect();
+        let answers = self
+            .apply_each(parsed, 3, |core, (saga, kind, phase, account, amount), now| {
+                core.saga_step(saga, kind, phase, account, amount, now)
             })
-            .await?
-        };
+            .await?;
         tandem::crash::point("saga-step-written");
-        let mut judged = judged.into_iter();
-        let results = parsed
+        let results = answers
             .into_iter()
-            .map(|p| {
-                let answer =
-                    p.and_then(|_| judged.next().expect("one answer per well-formed step").map_err(Status::from));
-                match answer {
-                    Ok(answer) => pb::SagaStepResult {
-                        response: Some(step_answer_to_pb(answer)),
-                        error_code: 0,
-                        error: String::new(),
-                    },
-                    Err(status) => pb::SagaStepResult {
-                        response: None,
-                        error_code: status.code() as i32,
-                        error: status.message().to_string(),
-                    },
-                }
+            .map(|answer| match answer.map_err(Status::from) {
+                Ok(answer) => pb::SagaStepResult {
+                    response: Some(step_answer_to_pb(answer)),
+                    error_code: 0,
+                    error: String::new(),
+                },
+                Err(status) => pb::SagaStepResult {
+                    response: None,
+                    error_code: status.code() as i32,
+                    error: status.message().to_string(),
+                },
             })
             .collect();
         debug!(count, "saga step batch answered");
@@ -918,31 +906,12 @@ impl Participant for Node {
             ))
             .into());
         }
+        let count = events.len();
         let parsed: Vec<Result<Event, Error>> = events.iter().map(event_from_pb).collect();
-        let well_formed: Vec<Event> = parsed.iter().filter_map(|e| e.as_ref().ok().cloned()).collect();
-        let count = well_formed.len();
-        let applied = if well_formed.is_empty() {
-            Vec::new()
-        } else {
-            self.apply(count * 4, |core, now| {
-                let mut merged = Effects { ops: Vec::new(), durability: Durability::Buffered };
-                let results = well_formed
-                    .into_iter()
-                    .map(|event| {
-                        let (answer, mut effects) = core.deliver_event(event, now)?;
-                        merged.ops.append(&mut effects.ops);
-                        merged.durability = merged.durability.stronger(effects.durability);
-                        Ok(answer)
-                    })
-                    .collect::<Vec<Result<_, Error>>>();
-                Ok((results, merged))
-            })
-            .await?
-        };
-        let mut applied = applied.into_iter();
-        let results = parsed
+        let applied = self.apply_each(parsed, 4, |core, event, now| core.deliver_event(event, now)).await?;
+        let results = applied
             .into_iter()
-            .map(|event| match event.and_then(|_| applied.next().expect("one result per well-formed event")) {
+            .map(|applied| match applied {
                 Ok((duplicate, finished)) => {
                     if let Some(saga) = finished {
                         self.notify_terminal(&saga);

@@ -153,18 +153,20 @@ fn a_batched_prepare_judges_each_alone_and_shares_one_fsync() {
     let (mut core, mut disk) = setup();
     let (votes, effects) = core.prepare_batch(
         vec![
-            (id("t1"), id("c1"), vec![debit(1, 60), credit(2, 60)]),
-            (id("t2"), id("c1"), vec![debit(1, 60), credit(2, 60)]), // only 40 left available
-            (id("t3"), id("c1"), vec![]),                            // malformed
-            (id("t1"), id("c1"), vec![debit(1, 60), credit(2, 60)]), // duplicate
+            Ok((id("t1"), id("c1"), vec![debit(1, 60), credit(2, 60)])),
+            Ok((id("t2"), id("c1"), vec![debit(1, 60), credit(2, 60)])), // only 40 left available
+            Ok((id("t3"), id("c1"), vec![])),                            // malformed legs
+            Err(Error::InvalidInput("a bad id".into())),                 // malformed before the core
+            Ok((id("t1"), id("c1"), vec![debit(1, 60), credit(2, 60)])), // duplicate
         ],
         0,
     );
-    assert_eq!(votes.len(), 4);
+    assert_eq!(votes.len(), 5);
     assert_eq!(votes[0], Ok(Vote::Yes));
     assert!(matches!(&votes[1], Ok(Vote::No(Refusal::InsufficientFunds, _))), "{:?}", votes[1]);
     assert!(matches!(&votes[2], Err(Error::InvalidInput(_))), "{:?}", votes[2]);
-    assert_eq!(votes[3], Ok(Vote::Yes), "a duplicate votes YES again");
+    assert_eq!(votes[3], Err(Error::InvalidInput("a bad id".into())));
+    assert_eq!(votes[4], Ok(Vote::Yes), "a duplicate votes YES again");
     assert_eq!(effects.durability, Durability::Fsync, "no YES before its record is fsynced");
     assert_eq!(core.account(1).unwrap().reserved, 60, "reserved once");
     assert!(core.txn(&id("t3")).is_none(), "a malformed prepare changes nothing");
