@@ -45,28 +45,14 @@ pub const QUEUE_OPS_MAX: usize = 262_144;
 /// fsync before the writer fsyncs for it.
 pub const LAZY_LINGER_US: u64 = 1_000;
 
-/// When a submission completes; see the module documentation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// When a submission completes; see the module documentation. Ordered
+/// from the weakest to the strongest, so that `max` is what a submission
+/// merging several must ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Durability {
-    Fsync,
-    Lazy,
     Buffered,
-}
-
-impl Durability {
-    /// The stronger of two: what a submission that merges both must ask for.
-    pub fn stronger(self, other: Durability) -> Durability {
-        let rank = |d: Durability| match d {
-            Durability::Buffered => 0,
-            Durability::Lazy => 1,
-            Durability::Fsync => 2,
-        };
-        if rank(other) > rank(self) {
-            other
-        } else {
-            self
-        }
-    }
+    Lazy,
+    Fsync,
 }
 
 /// One change to the store.

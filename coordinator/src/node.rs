@@ -6,11 +6,12 @@
 //! outbound queue (a prepare, a COMMIT), whose result is fed back into the
 //! core under its lock, and the actions that come out are executed in turn.
 //!
-//! Batching. Prepares and COMMITs go to each participant through a
-//! [`BatchQueue`] with a few call slots: a message goes out alone and at
-//! once while a slot is free, and the messages that pile up while every
-//! slot is busy go out together in one `PrepareBatch` or `CommitBatch`
-//! call, which the participant applies in one write. The protocol does not
+//! Batching. Prepares, COMMITs and saga steps go to each participant
+//! through a [`BatchQueue`] with a few call slots: a message goes out at
+//! once (a batch of one) while a slot is free, and the messages that pile
+//! up while every slot is busy go out together in one `PrepareBatch`,
+//! `CommitBatch` or `SagaStepBatch` call, which the participant applies in
+//! one write. The single-message calls stay in the API for other clients. The protocol does not
 //! change (each prepare is voted on alone, each COMMIT is redelivered until
 //! acknowledged); what changes is the number of calls: at 64 clients on this
 //! 2-core machine the gRPC work per transfer was most of the coordinator's
@@ -67,12 +68,12 @@ pub const FORGET_LINGER_MS: u64 = 1_000;
 /// barriers stay there (a leak, never a double step).
 pub const FORGETS_WAITING_MAX: usize = 1_000_000;
 
-/// Messages owed to one participant and not sent yet (its prepares, or its
-/// COMMITs). A sender task per participant and kind drains it: a message
-/// goes out at once when one of [`BATCHES_IN_FLIGHT_MAX`] call slots is
-/// free, and those that arrive while every slot is busy go out together in
-/// the next call (one call, one write at the participant). So batching costs
-/// no latency at low load and saves calls and CPU at high load.
+/// Messages owed to one participant and not sent yet, of one kind. A task
+/// per participant and kind drains it ([`Node::drain`]): a message goes out
+/// at once when one of [`BATCHES_IN_FLIGHT_MAX`] call slots is free, and
+/// those that arrive while every slot is busy go out together in the next
+/// call (one call, one write at the participant). So batching costs no
+/// latency at low load and saves calls and CPU at high load.
 pub(crate) struct BatchQueue<T> {
     waiting: Mutex<std::collections::VecDeque<T>>,
     wake: tokio::sync::Notify,
@@ -112,13 +113,11 @@ impl<T> BatchQueue<T> {
     /// Up to `max` waiting messages, oldest first; waits for one.
     async fn next_batch(&self, max: usize) -> Vec<T> {
         loop {
-            {
-                let mut waiting = self.waiting.lock().expect("batch queue lock poisoned");
-                if !waiting.is_empty() {
-                    let count = waiting.len().min(max);
-                    return waiting.drain(..count).collect();
-                }
+            let batch = self.take(max);
+            if !batch.is_empty() {
+                return batch;
             }
+            // A push between the take and here leaves a permit: no wake-up is lost.
             self.wake.notified().await;
         }
     }
@@ -468,10 +467,162 @@ impl Node {
         }
     }
 
-    /// Drains `participant`'s queue of ended sagas for as long as the node
-    /// runs: every [`FORGET_LINGER_MS`], what gathered goes in one call,
-    /// once an fsync has made the sagas' outcomes durable here (a saga whose
-    /// end a crash could undo would be redone, and would need its barriers).
+    pub(crate) fn outbound(&self, participant: &Id) -> &Outbound {
+        self.inner.outbound.get(participant).expect("the core only names directory participants")
+    }
+
+    /// Drains one of `participant`'s queues for as long as the node runs:
+    /// a batch goes out as soon as one of [`BATCHES_IN_FLIGHT_MAX`] call
+    /// slots is free, handled by `send` in a task of its own.
+    async fn drain<T, Fut>(
+        self,
+        participant: Id,
+        queue: fn(&Outbound) -> &BatchQueue<T>,
+        batch_max: usize,
+        send: fn(Node, Id, Vec<T>) -> Fut,
+    ) where
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let outbound = self.inner.outbound[&participant].clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT_MAX));
+        loop {
+            let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
+            let batch = queue(&outbound).next_batch(batch_max).await;
+            let sending = send(self.clone(), participant.clone(), batch);
+            tokio::spawn(async move {
+                sending.await;
+                drop(slot);
+            });
+        }
+    }
+
+    /// Sends a batch of prepares in one call and feeds each vote to the
+    /// core. A prepare whose deadline passed while it waited for a call
+    /// slot is not sent: it votes NO at once, like a prepare that did not
+    /// answer in time; a failed call is a NO from each of them.
+    async fn send_prepares(self, participant: Id, batch: Vec<QueuedPrepare>) {
+        let now = Instant::now();
+        let (late, batch): (Vec<_>, Vec<_>) = batch.into_iter().partition(|p| p.deadline <= now);
+        let mut votes: Vec<(TxnId, VoteResult)> = late
+            .into_iter()
+            .map(|p| {
+                let why = format!("{participant}: the prepare waited past its deadline for a call slot");
+                (p.txn, VoteResult::No(AbortReason::ParticipantUnavailable, why))
+            })
+            .collect();
+        // Oldest first: the first deadline is the earliest.
+        if let Some(timeout) = batch.first().map(|p| p.deadline - now) {
+            let coordinator_id = self.inner.config.node_id.to_string();
+            let prepares = batch
+                .iter()
+                .map(|p| pb::PrepareRequest {
+                    txn_id: p.txn.to_string(),
+                    coordinator_id: coordinator_id.clone(),
+                    legs: p.legs.iter().copied().map(pb::Leg::from).collect(),
+                })
+                .collect();
+            let mut client = self.client(&participant);
+            let answered = timed_call(timeout, client.prepare_batch(pb::PrepareBatchRequest { prepares })).await;
+            match answers_for(&batch, answered.map(|r| r.votes)) {
+                Ok(answers) => {
+                    for (prepare, answer) in batch.into_iter().zip(answers) {
+                        votes.push((prepare.txn, vote_from_pb(&participant, answer)));
+                    }
+                }
+                Err(status) => {
+                    let why = format!("{participant} failed the prepare: {:?} {}", status.code(), status.message());
+                    let no =
+                        |p: QueuedPrepare| (p.txn, VoteResult::No(AbortReason::ParticipantUnavailable, why.clone()));
+                    votes.extend(batch.into_iter().map(no));
+                }
+            }
+        }
+        for (txn, vote) in votes {
+            debug!(%txn, %participant, ?vote, "vote");
+            let next = self.core().on_vote(&txn, &participant, vote);
+            self.execute(next);
+        }
+    }
+
+    /// Sends a batch of saga steps in one call and hands each its answer. A
+    /// step whose deadline passed in the queue is not sent (its caller
+    /// stopped waiting); when no answer comes in time, the callers time out
+    /// and retry.
+    async fn send_steps(self, participant: Id, batch: Vec<QueuedStep>) {
+        let now = Instant::now();
+        let batch: Vec<QueuedStep> = batch.into_iter().filter(|s| s.deadline > now).collect();
+        let Some(timeout) = batch.first().map(|s| s.deadline - now) else { return };
+        let (steps, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|s| (s.step, s.reply)).unzip();
+        let mut client = self.client(&participant);
+        let answered = timed_call(timeout, client.saga_step_batch(pb::SagaStepBatchRequest { steps })).await;
+        match answers_for(&replies, answered.map(|r| r.results)) {
+            Ok(results) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let answer = match result.response {
+                        Some(response) => Ok(response),
+                        None => Err(Status::new(tonic::Code::from(result.error_code), result.error)),
+                    };
+                    let _ = reply.send(answer);
+                }
+            }
+            Err(status) if status.code() == tonic::Code::DeadlineExceeded => {}
+            Err(status) => replies.into_iter().for_each(|reply| drop(reply.send(Err(status.clone())))),
+        }
+    }
+
+    /// Delivers a batch of COMMITs in one call, redelivered until the
+    /// participant acknowledges it, then feeds each acknowledgement to the
+    /// core. A batch the participant rejects (it names a transaction the
+    /// participant aborted: a broken protocol, logged) is split, so that one
+    /// bad COMMIT retries alone and does not hold up the others.
+    async fn send_commits(self, participant: Id, batch: Vec<TxnId>) {
+        let rejectable = batch.len() > 1;
+        let delivered = self
+            .call_until_answered(
+                "commit",
+                &participant,
+                COMMIT_RETRY_MAX_MS,
+                |status| rejectable && status.code() == tonic::Code::InvalidArgument,
+                |timeout| self.commit_call(&participant, &batch, timeout),
+            )
+            .await;
+        if let Err(status) = delivered {
+            error!(%participant, error = %status.message(), "commit batch rejected; delivering its commits one by one");
+            for txn in batch {
+                let node = self.clone();
+                let participant = participant.clone();
+                tokio::spawn(async move {
+                    let alone = std::slice::from_ref(&txn);
+                    let _ = node
+                        .call_until_answered(
+                            "commit",
+                            &participant,
+                            COMMIT_RETRY_MAX_MS,
+                            |_| false,
+                            |timeout| node.commit_call(&participant, alone, timeout),
+                        )
+                        .await;
+                    let next = node.core().on_commit_acked(&txn, &participant);
+                    node.execute(next);
+                });
+            }
+            return;
+        }
+        for txn in &batch {
+            let next = self.core().on_commit_acked(txn, &participant);
+            self.execute(next);
+        }
+    }
+
+    async fn commit_call(&self, participant: &Id, txns: &[TxnId], timeout: Duration) -> Result<(), Status> {
+        let request = pb::DecisionBatchRequest { txn_ids: txns.iter().map(|t| t.to_string()).collect() };
+        timed_call(timeout, self.client(participant).commit_batch(request)).await.map(drop)
+    }
+
+    /// Tells `participant` which sagas ended, every [`FORGET_LINGER_MS`]
+    /// what gathered in one call, once an fsync has made the sagas' ends
+    /// durable here (a saga whose end a crash could undo would be redone,
+    /// and would need its barriers).
     async fn send_forgets(self, participant: Id) {
         let outbound = self.inner.outbound[&participant].clone();
         loop {
@@ -482,290 +633,73 @@ impl Node {
                 warn!(%error, "the saga log cannot be synced; ended sagas are not forgotten");
                 continue;
             }
-            let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
-            let mut backoff_ms = COMMIT_RETRY_INITIAL_MS;
-            loop {
-                let mut request =
-                    Request::new(pb::ForgetSagasRequest { saga_ids: batch.iter().map(|s| s.to_string()).collect() });
-                request.set_timeout(timeout);
-                match tokio::time::timeout(timeout, self.client(&participant).forget_sagas(request)).await {
-                    Ok(Ok(response)) => {
-                        let marked = response.into_inner().barriers_marked;
-                        debug!(%participant, sagas = batch.len(), marked, "ended sagas forgotten");
-                        break;
-                    }
-                    Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
-                        error!(%participant, error = %status.message(), "ForgetSagas refused; these barriers stay");
-                        break;
-                    }
-                    Ok(Err(_)) | Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
-                        backoff_ms = (backoff_ms * 2).min(5 * COMMIT_RETRY_MAX_MS);
-                    }
+            let saga_ids: Vec<String> = batch.iter().map(|s| s.to_string()).collect();
+            let forgotten = self
+                .call_until_answered(
+                    "forget sagas",
+                    &participant,
+                    5 * COMMIT_RETRY_MAX_MS,
+                    |status| status.code() == tonic::Code::InvalidArgument,
+                    |timeout| {
+                        let mut client = self.client(&participant);
+                        let request = pb::ForgetSagasRequest { saga_ids: saga_ids.clone() };
+                        async move { timed_call(timeout, client.forget_sagas(request)).await }
+                    },
+                )
+                .await;
+            match forgotten {
+                Ok(answer) => {
+                    debug!(%participant, sagas = batch.len(), marked = answer.barriers_marked, "ended sagas forgotten")
+                }
+                Err(status) => {
+                    error!(%participant, error = %status.message(), "ForgetSagas refused; these barriers stay")
                 }
             }
         }
     }
 
-    /// Drains `participant`'s saga step queue for as long as the node runs.
-    async fn send_steps(self, participant: Id) {
-        let outbound = self.inner.outbound[&participant].clone();
-        let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT_MAX));
-        loop {
-            let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
-            let batch = outbound.steps.next_batch(STEP_BATCH_MAX).await;
-            let node = self.clone();
-            let participant = participant.clone();
-            tokio::spawn(async move {
-                node.send_step_batch(&participant, batch).await;
-                drop(slot);
-            });
-        }
-    }
-
-    /// Sends a batch of saga steps (a plain SagaStep when there is one) and
-    /// hands each its answer. A step whose deadline passed in the queue is
-    /// not sent (its caller stopped waiting).
-    async fn send_step_batch(&self, participant: &Id, batch: Vec<QueuedStep>) {
-        let now = Instant::now();
-        let batch: Vec<QueuedStep> = batch.into_iter().filter(|s| s.deadline > now).collect();
-        let Some(first) = batch.first() else { return };
-        let timeout = first.deadline - now;
-        if batch.len() == 1 {
-            let step = batch.into_iter().next().expect("one");
-            let mut request = Request::new(step.step);
-            request.set_timeout(timeout);
-            if let Ok(answer) = tokio::time::timeout(timeout, self.client(participant).saga_step(request)).await {
-                let _ = step.reply.send(answer.map(Response::into_inner));
-            }
-            return;
-        }
-        let (steps, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|s| (s.step, s.reply)).unzip();
-        let count = steps.len();
-        let mut request = Request::new(pb::SagaStepBatchRequest { steps });
-        request.set_timeout(timeout);
-        match tokio::time::timeout(timeout, self.client(participant).saga_step_batch(request)).await {
-            Ok(Ok(response)) if response.get_ref().results.len() == count => {
-                for (reply, result) in replies.into_iter().zip(response.into_inner().results) {
-                    let answer = match result.response {
-                        Some(response) => Ok(response),
-                        None => Err(Status::new(tonic::Code::from(result.error_code), result.error)),
-                    };
-                    let _ = reply.send(answer);
-                }
-            }
-            Ok(Ok(response)) => {
-                let status = Status::internal(format!(
-                    "{participant} answered {} results for {count} saga steps",
-                    response.get_ref().results.len()
-                ));
-                replies.into_iter().for_each(|reply| drop(reply.send(Err(status.clone()))));
-            }
-            Ok(Err(status)) => replies.into_iter().for_each(|reply| drop(reply.send(Err(status.clone())))),
-            // No answer in time: the callers time out and retry.
-            Err(_) => {}
-        }
-    }
-
-    pub(crate) fn outbound(&self, participant: &Id) -> &Outbound {
-        self.inner.outbound.get(participant).expect("the core only names directory participants")
-    }
-
-    /// Drains `participant`'s prepare queue for as long as the node runs.
-    async fn send_prepares(self, participant: Id) {
-        let outbound = self.inner.outbound[&participant].clone();
-        let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT_MAX));
-        loop {
-            let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
-            let batch = outbound.prepares.next_batch(PREPARE_BATCH_MAX).await;
-            let node = self.clone();
-            let participant = participant.clone();
-            tokio::spawn(async move {
-                let votes = node.send_prepare_batch(&participant, batch).await;
-                drop(slot);
-                for (txn, vote) in votes {
-                    let next = node.core().on_vote(&txn, &participant, vote);
-                    node.execute(next);
-                }
-            });
-        }
-    }
-
-    /// Sends a batch of prepares (a plain Prepare when there is one) and
-    /// returns each one's vote. A prepare whose deadline passed while it
-    /// waited for a call slot is not sent: it votes NO at once, like a
-    /// prepare that did not answer in time.
-    async fn send_prepare_batch(&self, participant: &Id, batch: Vec<QueuedPrepare>) -> Vec<(TxnId, VoteResult)> {
-        let now = Instant::now();
-        let (late, batch): (Vec<_>, Vec<_>) = batch.into_iter().partition(|p| p.deadline <= now);
-        let mut votes: Vec<(TxnId, VoteResult)> = late
-            .into_iter()
-            .map(|p| {
-                let why = format!("{participant}: the prepare waited past its deadline for a call slot");
-                (p.txn, VoteResult::No(AbortReason::ParticipantUnavailable, why))
-            })
-            .collect();
-        let Some(first) = batch.first() else { return votes };
-        // Oldest first: the first deadline is the earliest.
-        let timeout = first.deadline - now;
-        let count = batch.len();
-        let coordinator_id = self.inner.config.node_id.to_string();
-        let to_pb = |p: &QueuedPrepare| pb::PrepareRequest {
-            txn_id: p.txn.to_string(),
-            coordinator_id: coordinator_id.clone(),
-            legs: p.legs.iter().copied().map(pb::Leg::from).collect(),
-        };
-        let answers: Result<Vec<pb::PrepareResponse>, String> = if count == 1 {
-            let mut request = Request::new(to_pb(first));
-            request.set_timeout(timeout);
-            match tokio::time::timeout(timeout, self.client(participant).prepare(request)).await {
-                Ok(Ok(response)) => Ok(vec![response.into_inner()]),
-                Ok(Err(status)) => {
-                    Err(format!("{participant} failed the prepare: {:?} {}", status.code(), status.message()))
-                }
-                Err(_) => Err(format!("{participant} did not answer the prepare within {} ms", timeout.as_millis())),
-            }
-        } else {
-            let mut request = Request::new(pb::PrepareBatchRequest { prepares: batch.iter().map(to_pb).collect() });
-            request.set_timeout(timeout);
-            match tokio::time::timeout(timeout, self.client(participant).prepare_batch(request)).await {
-                Ok(Ok(response)) if response.get_ref().votes.len() == count => Ok(response.into_inner().votes),
-                Ok(Ok(response)) => {
-                    Err(format!("{participant} answered {} votes for {count} prepares", response.get_ref().votes.len()))
-                }
-                Ok(Err(status)) => {
-                    Err(format!("{participant} failed the prepare: {:?} {}", status.code(), status.message()))
-                }
-                Err(_) => Err(format!("{participant} did not answer the prepare within {} ms", timeout.as_millis())),
-            }
-        };
-        match answers {
-            Ok(answers) => {
-                for (prepare, answer) in batch.into_iter().zip(answers) {
-                    let vote = vote_from_pb(participant, answer);
-                    debug!(txn = %prepare.txn, %participant, ?vote, count, "vote");
-                    votes.push((prepare.txn, vote));
-                }
-            }
-            Err(why) => {
-                debug!(%participant, count, %why, "prepare failed");
-                votes.extend(
-                    batch
-                        .into_iter()
-                        .map(|p| (p.txn, VoteResult::No(AbortReason::ParticipantUnavailable, why.clone()))),
-                );
-            }
-        }
-        votes
-    }
-
-    /// Drains `participant`'s commit queue for as long as the node runs.
-    async fn send_commits(self, participant: Id) {
-        let outbound = self.inner.outbound[&participant].clone();
-        let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT_MAX));
-        loop {
-            let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
-            let batch = outbound.commits.next_batch(COMMIT_BATCH_MAX).await;
-            let node = self.clone();
-            let participant = participant.clone();
-            tokio::spawn(async move {
-                node.deliver_commit_batch(&participant, batch).await;
-                drop(slot);
-            });
-        }
-    }
-
-    /// Sends the batch until the participant acknowledges it, then feeds
-    /// each acknowledgement to the core. A batch the participant rejects
-    /// (it names a transaction the participant aborted: a broken protocol,
-    /// logged) is split, so that one bad COMMIT retries alone and does not
-    /// hold up the others.
-    async fn deliver_commit_batch(&self, participant: &Id, batch: Vec<TxnId>) {
-        if batch.len() == 1 {
-            self.deliver_commit(&batch[0], participant).await;
-        } else {
-            let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
-            let mut backoff_ms = COMMIT_RETRY_INITIAL_MS;
-            let mut attempts = 0u64;
-            loop {
-                attempts += 1;
-                let mut request =
-                    Request::new(pb::DecisionBatchRequest { txn_ids: batch.iter().map(|t| t.to_string()).collect() });
-                request.set_timeout(timeout);
-                match tokio::time::timeout(timeout, self.client(participant).commit_batch(request)).await {
-                    Ok(Ok(_)) => {
-                        debug!(%participant, count = batch.len(), first = %batch[0], attempts, "commit batch delivered");
-                        break;
-                    }
-                    Ok(Err(status)) if status.code() == tonic::Code::InvalidArgument => {
-                        error!(%participant, error = %status.message(), "commit batch rejected; delivering its commits one by one");
-                        for txn in batch {
-                            let node = self.clone();
-                            let participant = participant.clone();
-                            tokio::spawn(async move {
-                                node.deliver_commit(&txn, &participant).await;
-                                let next = node.core().on_commit_acked(&txn, &participant);
-                                node.execute(next);
-                            });
-                        }
-                        return;
-                    }
-                    Ok(Err(status)) if attempts == 1 => {
-                        warn!(%participant, count = batch.len(), code = ?status.code(), error = %status.message(), "commit batch not acknowledged; will redeliver")
-                    }
-                    Err(_) if attempts == 1 => {
-                        warn!(%participant, count = batch.len(), "commit batch timed out; will redeliver")
-                    }
-                    Ok(Err(_)) | Err(_) => {}
-                }
-                tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
-                backoff_ms = (backoff_ms * 2).min(COMMIT_RETRY_MAX_MS);
-            }
-        }
-        for txn in &batch {
-            let next = self.core().on_commit_acked(txn, participant);
-            self.execute(next);
-        }
-    }
-
-    /// Sends COMMIT until the participant acknowledges it.
-    async fn deliver_commit(&self, txn: &TxnId, participant: &Id) {
+    /// Calls `call` (with the call timeout) until it answers, backing off
+    /// from [`COMMIT_RETRY_INITIAL_MS`] to `backoff_max_ms`, unless `stop`
+    /// says an error is final. The first failure is logged; so is a success
+    /// that took retries.
+    async fn call_until_answered<T, Fut>(
+        &self,
+        what: &str,
+        participant: &Id,
+        backoff_max_ms: u64,
+        stop: impl Fn(&Status) -> bool,
+        mut call: impl FnMut(Duration) -> Fut,
+    ) -> Result<T, Status>
+    where
+        Fut: Future<Output = Result<T, Status>>,
+    {
         let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
         let mut backoff_ms = COMMIT_RETRY_INITIAL_MS;
         let mut attempts = 0u64;
         loop {
             attempts += 1;
-            let mut request = Request::new(pb::DecisionRequest { txn_id: txn.to_string() });
-            request.set_timeout(timeout);
-            match tokio::time::timeout(timeout, self.client(participant).commit(request)).await {
-                Ok(Ok(_)) => {
+            match call(timeout).await {
+                Ok(answer) => {
                     if attempts > 1 {
-                        info!(%txn, %participant, attempts, "commit delivered after retries");
+                        info!(%participant, attempts, "{what} delivered after retries");
                     }
-                    return;
+                    return Ok(answer);
                 }
-                Ok(Err(status)) if attempts == 1 || status.code() != tonic::Code::Unavailable => {
-                    warn!(%txn, %participant, code = ?status.code(), error = %status.message(), "commit not acknowledged; will redeliver")
-                }
-                Ok(Err(_)) => {}
-                Err(_) if attempts == 1 => {
-                    warn!(%txn, %participant, "commit timed out; will redeliver")
+                Err(status) if stop(&status) => return Err(status),
+                Err(status) if attempts == 1 => {
+                    warn!(%participant, code = ?status.code(), error = %status.message(), "{what} not acknowledged; will redeliver")
                 }
                 Err(_) => {}
             }
             tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
-            backoff_ms = (backoff_ms * 2).min(COMMIT_RETRY_MAX_MS);
+            backoff_ms = (backoff_ms * 2).min(backoff_max_ms);
         }
     }
 
     async fn send_abort(&self, txn: &TxnId, participant: &Id) {
         let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
-        let mut request = Request::new(pb::DecisionRequest { txn_id: txn.to_string() });
-        request.set_timeout(timeout);
-        if let Ok(Err(status)) | Err(status) = tokio::time::timeout(timeout, self.client(participant).abort(request))
-            .await
-            .map_err(|_| Status::deadline_exceeded("timeout"))
-        {
+        let mut client = self.client(participant);
+        if let Err(status) = timed_call(timeout, client.abort(pb::DecisionRequest { txn_id: txn.to_string() })).await {
             debug!(%txn, %participant, error = %status.message(), "abort not delivered; the participant will ask");
         }
     }
@@ -811,11 +745,12 @@ impl Node {
             .outbound
             .keys()
             .flat_map(|participant| {
+                let p = || participant.clone();
                 [
-                    tokio::spawn(self.clone().send_prepares(participant.clone())),
-                    tokio::spawn(self.clone().send_commits(participant.clone())),
-                    tokio::spawn(self.clone().send_forgets(participant.clone())),
-                    tokio::spawn(self.clone().send_steps(participant.clone())),
+                    tokio::spawn(self.clone().drain(p(), |o| &o.prepares, PREPARE_BATCH_MAX, Node::send_prepares)),
+                    tokio::spawn(self.clone().drain(p(), |o| &o.commits, COMMIT_BATCH_MAX, Node::send_commits)),
+                    tokio::spawn(self.clone().drain(p(), |o| &o.steps, STEP_BATCH_MAX, Node::send_steps)),
+                    tokio::spawn(self.clone().send_forgets(p())),
                 ]
             })
             .collect();
@@ -1117,4 +1052,26 @@ fn vote_from_pb(participant: &Id, response: pb::PrepareResponse) -> VoteResult {
             VoteResult::No(reason, format!("{participant}: {}", response.reason))
         }
     }
+}
+
+/// One call with a deadline enforced here (the `grpc-timeout` header only
+/// tells the server): the answer, the status it failed with, or
+/// DEADLINE_EXCEEDED.
+async fn timed_call<T>(
+    timeout: Duration,
+    call: impl Future<Output = Result<Response<T>, Status>>,
+) -> Result<T, Status> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(answer) => answer.map(Response::into_inner),
+        Err(_) => Err(Status::deadline_exceeded(format!("no answer within {} ms", timeout.as_millis()))),
+    }
+}
+
+/// A batch call's answers, one per item sent, or why they cannot be used.
+fn answers_for<I, A>(sent: &[I], answers: Result<Vec<A>, Status>) -> Result<Vec<A>, Status> {
+    let answers = answers?;
+    if answers.len() != sent.len() {
+        return Err(Status::internal(format!("{} answers for {} items", answers.len(), sent.len())));
+    }
+    Ok(answers)
 }

@@ -474,7 +474,7 @@ impl Core {
             .map(|item| {
                 let (answer, mut effects) = judge(self, item?, now_ms)?;
                 batch.ops.append(&mut effects.ops);
-                batch.durability = batch.durability.stronger(effects.durability);
+                batch.durability = batch.durability.max(effects.durability);
                 Ok(answer)
             })
             .collect();
@@ -504,16 +504,11 @@ impl Core {
         {
             return Err(Error::InvalidInput(format!("{aborted} is aborted here; a commit for it breaks the protocol")));
         }
-        let mut batch = Effects::none();
-        for txn_id in txn_ids {
-            let mut effects = self.commit(txn_id, now_ms).expect("checked above: no transaction is aborted");
-            batch.ops.append(&mut effects.ops);
-            if effects.durability != Durability::Buffered {
-                assert_eq!(effects.durability, Durability::Lazy, "a commit never asks for more than lazy durability");
-                batch.durability = Durability::Lazy;
-            }
-        }
-        Ok(batch)
+        let items = txn_ids.iter().map(Ok).collect();
+        let (answers, effects) =
+            self.judge_each(items, now_ms, |core, txn_id, now| Ok(((), core.commit(txn_id, now)?)));
+        assert!(answers.iter().all(Result::is_ok), "checked above: no transaction is aborted here");
+        Ok(effects)
     }
 
     /// Phase two, ABORT. Releases a prepared reservation; leaves a tombstone

@@ -22,7 +22,7 @@ use tandem::pb;
 use tandem::pb::coordinator_client::CoordinatorClient;
 use tandem::pb::participant_client::ParticipantClient;
 use tandem::pb::participant_server::{Participant, ParticipantServer};
-use tandem::store::{Durability, Store};
+use tandem::store::Store;
 use tandem::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify};
@@ -341,27 +341,11 @@ impl Node {
                 let node = self.clone();
                 let in_flight = in_flight.clone();
                 tokio::spawn(async move {
-                    let delivered: Vec<u64> = if batch.len() == 1 {
-                        let (seq, event) = &batch[0];
-                        if node.deliver(event).await {
-                            vec![*seq]
-                        } else {
-                            Vec::new()
-                        }
-                    } else {
-                        node.deliver_batch(&batch).await
-                    };
+                    let delivered = node.deliver(&batch).await;
                     if !delivered.is_empty() {
                         tandem::crash::point("relay-delivered");
-                        let forgotten = node
-                            .apply(delivered.len(), |core, _| {
-                                let mut merged = Effects { ops: Vec::new(), durability: Durability::Buffered };
-                                for seq in &delivered {
-                                    merged.ops.append(&mut core.outbox_delivered(*seq).ops);
-                                }
-                                Ok(((), merged))
-                            })
-                            .await;
+                        let forgotten =
+                            node.apply(delivered.len(), |core, _| Ok(((), core.outbox_delivered(&delivered)))).await;
                         if let Err(error) = forgotten {
                             warn!(%error, "could not forget delivered events; they will be redelivered");
                         }
@@ -376,9 +360,9 @@ impl Node {
         }
     }
 
-    /// Delivers events to one peer in one call; returns the sequences of
-    /// those it applied (now or before).
-    async fn deliver_batch(&self, batch: &[(u64, Event)]) -> Vec<u64> {
+    /// Delivers events to one peer in one call (`DeliverEvents`); returns
+    /// the sequences of those it applied (now or before).
+    async fn deliver(&self, batch: &[(u64, Event)]) -> Vec<u64> {
         let destination = batch[0].1.destination();
         let Some(peer) = self.inner.peers.get(destination) else {
             warn!(%destination, "no peer by that name; its events wait");
@@ -409,28 +393,6 @@ impl Node {
                 Vec::new()
             }
             Err(_) => Vec::new(),
-        }
-    }
-
-    async fn deliver(&self, event: &Event) -> bool {
-        let Some(peer) = self.inner.peers.get(event.destination()) else {
-            warn!(event = %event.id, destination = %event.destination(), "no peer by that name; the event waits");
-            return false;
-        };
-        let mut request = Request::new(event_to_pb(event));
-        request.set_timeout(Duration::from_millis(DELIVERY_TIMEOUT_MS));
-        match tokio::time::timeout(Duration::from_millis(DELIVERY_TIMEOUT_MS), peer.clone().deliver_event(request))
-            .await
-        {
-            Ok(Ok(_)) => {
-                debug!(event = %event.id, destination = %event.destination(), "event delivered");
-                true
-            }
-            Ok(Err(status)) => {
-                debug!(event = %event.id, error = %status.message(), "event not delivered; will retry");
-                false
-            }
-            Err(_) => false,
         }
     }
 
@@ -517,6 +479,14 @@ pub fn event_from_pb(event: &pb::ChoreographyEvent) -> Result<Event, Error> {
     })
 }
 
+/// A batch call holds 1 to `max` items in its repeated field `field`.
+fn check_batch_len(field: &str, len: usize, max: usize) -> Result<(), Error> {
+    if len == 0 || len > max {
+        return Err(Error::InvalidInput(format!("{field}: a batch holds 1 to {max} items, not {len}")));
+    }
+    Ok(())
+}
+
 type ParsedStep = (Id, StepKind, StepPhase, AccountId, Amount);
 
 fn parse_step(request: pb::SagaStepRequest) -> Result<ParsedStep, Error> {
@@ -596,13 +566,7 @@ impl Participant for Node {
         request: Request<pb::PrepareBatchRequest>,
     ) -> Result<Response<pb::PrepareBatchResponse>, Status> {
         let prepares = request.into_inner().prepares;
-        if prepares.is_empty() || prepares.len() > PREPARE_BATCH_MAX {
-            return Err(Error::InvalidInput(format!(
-                "a prepare batch holds 1 to {PREPARE_BATCH_MAX} prepares, not {}",
-                prepares.len()
-            ))
-            .into());
-        }
+        check_batch_len("prepares", prepares.len(), PREPARE_BATCH_MAX)?;
         let parsed: Vec<Result<(TxnId, Id, Vec<Leg>), Error>> = prepares
             .iter()
             .map(|prepare| {
@@ -643,13 +607,7 @@ impl Participant for Node {
         request: Request<pb::DecisionBatchRequest>,
     ) -> Result<Response<pb::DecisionResponse>, Status> {
         let request = request.into_inner();
-        if request.txn_ids.is_empty() || request.txn_ids.len() > COMMIT_BATCH_MAX {
-            return Err(Error::InvalidInput(format!(
-                "a commit batch names 1 to {COMMIT_BATCH_MAX} transactions, not {}",
-                request.txn_ids.len()
-            ))
-            .into());
-        }
+        check_batch_len("txn_ids", request.txn_ids.len(), COMMIT_BATCH_MAX)?;
         let txns = request.txn_ids.iter().map(|id| Id::parse("txn_ids", id)).collect::<Result<Vec<_>, _>>()?;
         Node::commit_batch(self, &txns).await?;
         tandem::crash::point("commit-applied");
@@ -766,13 +724,7 @@ impl Participant for Node {
         request: Request<pb::SagaStepBatchRequest>,
     ) -> Result<Response<pb::SagaStepBatchResponse>, Status> {
         let steps = request.into_inner().steps;
-        if steps.is_empty() || steps.len() > SAGA_STEP_BATCH_MAX {
-            return Err(Error::InvalidInput(format!(
-                "a saga step batch holds 1 to {SAGA_STEP_BATCH_MAX} steps, not {}",
-                steps.len()
-            ))
-            .into());
-        }
+        check_batch_len("steps", steps.len(), SAGA_STEP_BATCH_MAX)?;
         let count = steps.len();
         let parsed: Vec<Result<ParsedStep, Error>> = steps.into_iter().map(parse_step).collect();
         let answers = self
@@ -826,13 +778,7 @@ impl Participant for Node {
         request: Request<pb::ForgetSagasRequest>,
     ) -> Result<Response<pb::ForgetSagasResponse>, Status> {
         let ids = request.into_inner().saga_ids;
-        if ids.is_empty() || ids.len() > FORGET_SAGAS_MAX {
-            return Err(Error::InvalidInput(format!(
-                "forget 1 to {FORGET_SAGAS_MAX} sagas at a time, not {}",
-                ids.len()
-            ))
-            .into());
-        }
+        check_batch_len("saga_ids", ids.len(), FORGET_SAGAS_MAX)?;
         let sagas = ids.iter().map(|id| Id::parse("saga_ids", id)).collect::<Result<Vec<_>, _>>()?;
         let marked = self.apply(sagas.len() * 3, |core, now| Ok(core.forget_sagas(&sagas, now))).await?;
         debug!(sagas = sagas.len(), marked, "sagas forgotten");
@@ -899,13 +845,7 @@ impl Participant for Node {
         request: Request<pb::DeliverEventsRequest>,
     ) -> Result<Response<pb::DeliverEventsResponse>, Status> {
         let events = request.into_inner().events;
-        if events.is_empty() || events.len() > DELIVER_EVENTS_MAX {
-            return Err(Error::InvalidInput(format!(
-                "a delivery holds 1 to {DELIVER_EVENTS_MAX} events, not {}",
-                events.len()
-            ))
-            .into());
-        }
+        check_batch_len("events", events.len(), DELIVER_EVENTS_MAX)?;
         let count = events.len();
         let parsed: Vec<Result<Event, Error>> = events.iter().map(event_from_pb).collect();
         let applied = self.apply_each(parsed, 4, |core, event, now| core.deliver_event(event, now)).await?;

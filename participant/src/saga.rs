@@ -808,9 +808,13 @@ impl Core {
         self.sagas.outbox_durable_end = self.sagas.outbox_durable_end.max(end);
     }
 
-    /// The peer acknowledged outbox event `seq`: forget it.
-    pub fn outbox_delivered(&mut self, seq: u64) -> Effects {
-        let ops = if self.sagas.outbox.remove(&seq).is_some() { vec![Op::Delete(outbox_key(seq))] } else { Vec::new() };
+    /// The peer acknowledged these outbox events: forget them.
+    pub fn outbox_delivered(&mut self, seqs: &[u64]) -> Effects {
+        let ops = seqs
+            .iter()
+            .filter(|seq| self.sagas.outbox.remove(seq).is_some())
+            .map(|seq| Op::Delete(outbox_key(*seq)))
+            .collect();
         Effects { ops, durability: Durability::Buffered }
     }
 

@@ -180,7 +180,7 @@ fn relay(from: &mut (Core, Disk), to: &mut (Core, Disk)) -> usize {
         let (_, effects) = to.0.deliver_event(event.clone(), 0).unwrap();
         to.1.apply(&effects);
         to.0.mark_outbox_durable(to.0.outbox_end());
-        let effects = from.0.outbox_delivered(*seq);
+        let effects = from.0.outbox_delivered(&[*seq]);
         from.1.apply(&effects);
     }
     events.len()
