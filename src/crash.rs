@@ -36,7 +36,10 @@ fn armed() -> Option<&'static Armed> {
         .get_or_init(|| {
             let value = std::env::var(CRASH_AT_ENV).ok()?;
             let (point, nth) = match value.split_once(':') {
-                Some((point, nth)) => (point.to_string(), nth.parse().unwrap_or(1)),
+                Some((point, nth)) => {
+                    let nth = nth.parse().unwrap_or_else(|_| panic!("{CRASH_AT_ENV}={value}: {nth:?} is not a count"));
+                    (point.to_string(), nth)
+                }
                 None => (value, 1),
             };
             assert!(

@@ -58,6 +58,18 @@ impl fmt::Debug for Id {
 
 pub type TxnId = Id;
 
+/// Parses an account range `FIRST..END` (END excluded, not empty): who owns
+/// which accounts, in the coordinator's directory and a participant's flags.
+pub fn parse_account_range(text: &str) -> Result<std::ops::Range<AccountId>, String> {
+    let (first, end) = text.split_once("..").ok_or("no '..' in the account range")?;
+    let first: AccountId = first.parse().map_err(|_| "FIRST is not a number")?;
+    let end: AccountId = end.parse().map_err(|_| "END is not a number")?;
+    if first >= end {
+        return Err("the account range is empty".into());
+    }
+    Ok(first..end)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Leg {
     pub account: AccountId,

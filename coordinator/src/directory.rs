@@ -22,12 +22,8 @@ impl Shard {
         let bad = |why: &str| Error::InvalidInput(format!("participant {text:?}: {why}; expected NAME=URL@FIRST..END"));
         let (name, rest) = text.split_once('=').ok_or_else(|| bad("no '='"))?;
         let (url, range) = rest.rsplit_once('@').ok_or_else(|| bad("no '@'"))?;
-        let (first, end) = range.split_once("..").ok_or_else(|| bad("no '..' in the account range"))?;
-        let first: AccountId = first.parse().map_err(|_| bad("FIRST is not a number"))?;
-        let end: AccountId = end.parse().map_err(|_| bad("END is not a number"))?;
-        if first >= end {
-            return Err(bad("the account range is empty"));
-        }
+        let range = tandem::domain::parse_account_range(range).map_err(|why| bad(&why))?;
+        let (first, end) = (range.start, range.end);
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(bad("the URL must start with http:// or https://"));
         }

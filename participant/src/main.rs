@@ -40,7 +40,7 @@ struct Args {
     finished_retention_ms: u64,
     /// The account ids this node owns, FIRST..END (END excluded), as in the
     /// coordinator's directory; OpenAccounts refuses others. Default: any.
-    #[arg(long, value_name = "FIRST..END", value_parser = parse_accounts)]
+    #[arg(long, value_name = "FIRST..END", value_parser = tandem::domain::parse_account_range)]
     accounts: Option<std::ops::Range<u64>>,
     /// Threads of the async runtime (default: one per core). A local cluster
     /// runs every node on one machine and gives each one thread.
@@ -49,16 +49,6 @@ struct Args {
     /// Log filter: error, warn, info, debug or trace (RUST_LOG overrides).
     #[arg(long, default_value = "info")]
     log_level: String,
-}
-
-fn parse_accounts(text: &str) -> Result<std::ops::Range<u64>, String> {
-    let (first, end) = text.split_once("..").ok_or_else(|| format!("{text:?} is not FIRST..END"))?;
-    let first: u64 = first.parse().map_err(|e| format!("{text:?}: FIRST: {e}"))?;
-    let end: u64 = end.parse().map_err(|e| format!("{text:?}: END: {e}"))?;
-    if first >= end {
-        return Err(format!("{text:?}: FIRST must be below END"));
-    }
-    Ok(first..end)
 }
 
 fn parse_peer(text: &str) -> Result<(Id, String), String> {

@@ -47,9 +47,10 @@
 //! barriers, and they go after the retention counted from then (a step of
 //! the saga still on its way meets its barrier until then). A saga whose
 //! forget never arrives (the orchestrator crashed before sending it) keeps
-//! its barriers: a leak, never a double step. Inbox and transfer records follow the
-//! retention: a redelivery later than that (a link cut for longer) would be
-//! applied again, the same caveat as for 2PC records (`core.rs`).
+//! its barriers: a leak, never a double step. Inbox and transfer records
+//! follow the retention (a parked transfer waits for its operator): a
+//! redelivery later than that (a link cut for longer) would be applied
+//! again, the same caveat as for 2PC records (`core.rs`).
 //!
 //! # Invariant
 //!
