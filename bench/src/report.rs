@@ -156,11 +156,9 @@ pub fn table(report: &RunReport) -> String {
                 for fault in &r.faults {
                     let _ = writeln!(
                         out,
-                        "{:>13}  {} {} at {:.1}-{:.1} s: p50/p99 {} / {} ms ({} commits)",
+                        "{:>13}  {}-{:.1} s: p50/p99 {} / {} ms ({} commits)",
                         "",
-                        fault.kind.name(),
-                        fault.node,
-                        fault.at_s,
+                        fault_label(fault),
                         fault.healed_at_s,
                         ms(fault.latency.p50_ms),
                         ms(fault.latency.p99_ms),
@@ -169,15 +167,8 @@ pub fn table(report: &RunReport) -> String {
                 }
             }
             for fault in r.faults.iter().filter(|f| f.error.is_some()) {
-                let _ = writeln!(
-                    out,
-                    "{:>13}  fault {} {} at {:.1} s FAILED: {}",
-                    "",
-                    fault.kind.name(),
-                    fault.node,
-                    fault.at_s,
-                    fault.error.as_deref().unwrap_or_default()
-                );
+                let error = fault.error.as_deref().unwrap_or_default();
+                let _ = writeln!(out, "{:>13}  fault {} s FAILED: {error}", "", fault_label(fault));
             }
         }
     }
@@ -190,6 +181,11 @@ pub fn table(report: &RunReport) -> String {
         }
     }
     out
+}
+
+/// "kill p1 at 3.0": what a fault line starts with.
+fn fault_label(fault: &crate::run::AppliedFault) -> String {
+    format!("{} {} at {:.1}", fault.kind.name(), fault.node, fault.at_s)
 }
 
 const COLORS: [RGBColor; 4] =

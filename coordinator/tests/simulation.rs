@@ -92,28 +92,23 @@ impl ParticipantNode {
     /// What a restarted process would read: the disk and the cache.
     fn image(&self) -> BTreeMap<Vec<u8>, Vec<u8>> {
         let mut image = self.disk.clone();
-        for op in &self.unsynced {
-            match op {
-                Op::Put(key, value) => {
-                    image.insert(key.clone(), value.clone());
-                }
-                Op::Delete(key) => {
-                    image.remove(key);
-                }
-            }
-        }
+        apply_ops(&mut image, self.unsynced.iter().cloned());
         image
     }
 
     fn sync(&mut self) {
-        for op in self.unsynced.drain(..) {
-            match op {
-                Op::Put(key, value) => {
-                    self.disk.insert(key, value);
-                }
-                Op::Delete(key) => {
-                    self.disk.remove(&key);
-                }
+        apply_ops(&mut self.disk, self.unsynced.drain(..));
+    }
+}
+
+fn apply_ops(records: &mut BTreeMap<Vec<u8>, Vec<u8>>, ops: impl IntoIterator<Item = Op>) {
+    for op in ops {
+        match op {
+            Op::Put(key, value) => {
+                records.insert(key, value);
+            }
+            Op::Delete(key) => {
+                records.remove(&key);
             }
         }
     }
