@@ -148,6 +148,22 @@ fn saga_transfer(from: u64, to: u64, amount: i64, recovery: pb::Recovery, key: &
     }
 }
 
+/// An operator resolves dead letter `saga` back to its source account
+/// `source`: the saga is RESOLVED, the account has its balance back, and
+/// nothing is left in suspense.
+async fn resolve_back_to_the_source(cluster: &Cluster, saga: &str, source: u64) {
+    let mut coordinator = cluster.coordinator_client().unwrap();
+    let resolved = coordinator
+        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: saga.into(), to_account: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resolved.state, pb::SagaState::Resolved as i32);
+    assert_eq!(posted(cluster, source).await, BALANCE);
+    let audit = coordinator.audit(pb::AuditRequest { include_accounts: false }).await.unwrap().into_inner();
+    assert_eq!((audit.total_posted, audit.total_suspense), (cluster.spec.total_money(), 0));
+}
+
 async fn posted(cluster: &Cluster, account: u64) -> i64 {
     let owner = (account / cluster.spec.accounts_per_participant) as usize;
     let mut client = cluster.participant_client(owner).unwrap();
@@ -200,15 +216,7 @@ async fn a_refused_credit_is_compensated_and_a_failed_one_forward_is_dead_letter
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{}", status.message());
     // The operator releases the money back to the source.
-    let resolved = coordinator
-        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: result.txn_id.clone(), to_account: 0 })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(resolved.state, pb::SagaState::Resolved as i32);
-    assert_eq!(posted(&cluster, 3).await, BALANCE);
-    let audit = coordinator.audit(pb::AuditRequest { include_accounts: false }).await.unwrap().into_inner();
-    assert_eq!((audit.total_posted, audit.total_suspense), (cluster.spec.total_money(), 0));
+    resolve_back_to_the_source(&cluster, &result.txn_id, 3).await;
     assert!(coordinator
         .list_dead_letters(pb::ListDeadLettersRequest {})
         .await
@@ -426,15 +434,7 @@ async fn a_refund_that_keeps_failing_is_dead_lettered_and_an_operator_resolves_i
     assert!(refused.is_err() || refused.unwrap().into_inner().state != pb::SagaState::Resolved as i32);
     // The operator reopens the account and resolves the dead letter.
     p1.set_account_closed(pb::SetAccountClosedRequest { account: 5, closed: false }).await.unwrap();
-    let resolved = coordinator
-        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: result.txn_id.clone(), to_account: 0 })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(resolved.state, pb::SagaState::Resolved as i32);
-    assert_eq!(posted(&cluster, 5).await, BALANCE);
-    let audit = coordinator.audit(pb::AuditRequest { include_accounts: false }).await.unwrap().into_inner();
-    assert_eq!((audit.total_posted, audit.total_suspense), (cluster.spec.total_money(), 0));
+    resolve_back_to_the_source(&cluster, &result.txn_id, 5).await;
     cluster.stop().await;
 }
 

@@ -487,6 +487,14 @@ fn check_batch_len(field: &str, len: usize, max: usize) -> Result<(), Error> {
     Ok(())
 }
 
+fn parse_prepare(request: &pb::PrepareRequest) -> Result<(TxnId, Id, Vec<Leg>), Error> {
+    Ok((
+        Id::parse("txn_id", &request.txn_id)?,
+        Id::parse("coordinator_id", &request.coordinator_id)?,
+        request.legs.iter().map(Leg::from).collect(),
+    ))
+}
+
 type ParsedStep = (Id, StepKind, StepPhase, AccountId, Amount);
 
 fn parse_step(request: pb::SagaStepRequest) -> Result<ParsedStep, Error> {
@@ -551,10 +559,7 @@ fn balance_to_pb(account: AccountId, balance: &crate::core::Account) -> pb::Bala
 #[tonic::async_trait]
 impl Participant for Node {
     async fn prepare(&self, request: Request<pb::PrepareRequest>) -> Result<Response<pb::PrepareResponse>, Status> {
-        let request = request.into_inner();
-        let txn = Id::parse("txn_id", &request.txn_id)?;
-        let coordinator = Id::parse("coordinator_id", &request.coordinator_id)?;
-        let legs: Vec<Leg> = request.legs.iter().map(Leg::from).collect();
+        let (txn, coordinator, legs) = parse_prepare(&request.into_inner())?;
         debug!(%txn, %coordinator, ?legs, "prepare received");
         let vote = Node::prepare(self, txn.clone(), coordinator, legs).await?;
         debug!(%txn, ?vote, "prepare answered");
@@ -567,16 +572,7 @@ impl Participant for Node {
     ) -> Result<Response<pb::PrepareBatchResponse>, Status> {
         let prepares = request.into_inner().prepares;
         check_batch_len("prepares", prepares.len(), PREPARE_BATCH_MAX)?;
-        let parsed: Vec<Result<(TxnId, Id, Vec<Leg>), Error>> = prepares
-            .iter()
-            .map(|prepare| {
-                Ok((
-                    Id::parse("txn_id", &prepare.txn_id)?,
-                    Id::parse("coordinator_id", &prepare.coordinator_id)?,
-                    prepare.legs.iter().map(Leg::from).collect(),
-                ))
-            })
-            .collect();
+        let parsed: Vec<Result<(TxnId, Id, Vec<Leg>), Error>> = prepares.iter().map(parse_prepare).collect();
         let count = parsed.len();
         let votes = Node::prepare_batch(self, parsed)
             .await?
