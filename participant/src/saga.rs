@@ -135,6 +135,14 @@ struct Barrier {
     forgotten: bool,
 }
 
+impl Barrier {
+    /// Whether it may go after the retention: its step was compensated, or
+    /// the orchestrator said the saga ended.
+    fn is_collectable(&self) -> bool {
+        self.compensation.is_some() || self.forgotten
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TransferState {
     Debited,
@@ -150,6 +158,12 @@ pub enum TransferState {
 impl TransferState {
     pub fn is_terminal(&self) -> bool {
         !matches!(self, TransferState::Debited)
+    }
+
+    /// Whether its record may go after the retention: terminal, and not a
+    /// parked transfer, which waits for its operator.
+    fn is_collectable(&self) -> bool {
+        self.is_terminal() && !matches!(self, TransferState::DeadLettered(_))
     }
 }
 
@@ -398,12 +412,15 @@ impl Core {
             let kind = StepKind::from_code(rest[0]);
             let saga =
                 Id::parse("saga", std::str::from_utf8(&rest[2..]).expect("corrupt barrier key")).expect("corrupt");
-            sagas.barriers.insert((saga, kind), decode_barrier(value));
-            self.finished.push_back((now_ms, Retained::Key(key.to_vec())));
+            let barrier = decode_barrier(value);
+            if barrier.is_collectable() {
+                self.finished.push_back((now_ms, Retained::Key(key.to_vec())));
+            }
+            sagas.barriers.insert((saga, kind), barrier);
         } else if let Some(saga) = key.strip_prefix(b"c/") {
             let saga = Id::parse("saga", std::str::from_utf8(saga).expect("corrupt transfer key")).expect("corrupt");
             let transfer = decode_transfer(value);
-            if transfer.state.is_terminal() {
+            if transfer.state.is_collectable() {
                 self.finished.push_back((now_ms, Retained::Key(key.to_vec())));
             }
             sagas.transfers.insert(saga, transfer);
@@ -431,15 +448,12 @@ impl Core {
             // or redelivered by an orchestrator that restarts from its log,
             // however late: its barrier is what makes that safe, so it is
             // kept (see "Retention" above).
-            let closed =
-                sagas.barriers.get(&(saga.clone(), kind)).is_some_and(|b| b.compensation.is_some() || b.forgotten);
+            let closed = sagas.barriers.get(&(saga.clone(), kind)).is_some_and(Barrier::is_collectable);
             return closed && sagas.barriers.remove(&(saga, kind)).is_some();
         }
         if let Some(saga) = key.strip_prefix(b"c/") {
             let Ok(saga) = Id::parse("saga", std::str::from_utf8(saga).unwrap_or("")) else { return false };
-            // A parked transfer stays until an operator resolves it.
-            let parked = |t: &Transfer| matches!(t.state, TransferState::DeadLettered(_));
-            if sagas.transfers.get(&saga).is_some_and(|t| t.state.is_terminal() && !parked(t)) {
+            if sagas.transfers.get(&saga).is_some_and(|t| t.state.is_collectable()) {
                 sagas.transfers.remove(&saga);
                 return true;
             }
@@ -544,7 +558,6 @@ impl Core {
         }
         let key = (saga.clone(), kind);
         let existing = self.sagas.barriers.get(&key).cloned();
-        let is_new = existing.is_none();
         let mut barrier = existing.unwrap_or_default();
         let lazy = |outcome, duplicate| {
             Ok((StepAnswer { outcome, duplicate }, Effects { ops: Vec::new(), durability: Durability::Lazy }))
@@ -652,9 +665,9 @@ impl Core {
         };
         let key_bytes = barrier_key(&saga, kind);
         ops.push(Op::Put(key_bytes.clone(), encode_barrier(&barrier)));
-        // Queued for collection when created and again when compensated
-        // (only then can it go: see "Retention").
-        if is_new || phase != StepPhase::Action {
+        // Queued for collection once it may go (see "Retention"); a step
+        // with no compensation is queued when its saga is forgotten.
+        if barrier.is_collectable() {
             self.finished.push_back((now_ms, Retained::Key(key_bytes)));
         }
         self.sagas.barriers.insert(key, barrier);
@@ -672,7 +685,7 @@ impl Core {
     fn put_transfer(&mut self, saga: &Id, transfer: Transfer, now_ms: u64, ops: &mut Vec<Op>) {
         let key = transfer_key(saga);
         ops.push(Op::Put(key.clone(), encode_transfer(&transfer)));
-        if transfer.state.is_terminal() {
+        if transfer.state.is_collectable() {
             self.finished.push_back((now_ms, Retained::Key(key)));
         }
         self.sagas.transfers.insert(saga.clone(), transfer);
