@@ -246,6 +246,16 @@ async fn in_doubt_sampler(urls: Vec<String>, stop: Arc<AtomicBool>) -> InDoubtSt
     stats
 }
 
+/// Latency percentiles of the committed transfers whose start (µs into the
+/// run) `started` accepts.
+fn committed_latency(history: &[workload::HistoryEntry], started: impl Fn(u64) -> bool) -> Percentiles {
+    let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("valid bounds");
+    for entry in history.iter().filter(|e| e.outcome == workload::OpOutcome::Committed && started(e.start_us)) {
+        histogram.saturating_record((entry.end_us - entry.start_us).max(1));
+    }
+    Percentiles::of(&histogram)
+}
+
 /// Commits per bucket, from the per-bucket latency histograms.
 fn timeline(recorder: &Recorder, duration_s: f64) -> Vec<TimelinePoint> {
     let buckets = ((duration_s * 1_000.0) / BUCKET_MS as f64).ceil() as usize;
@@ -330,13 +340,12 @@ pub async fn run_protocol(
         ))
     });
     let sampler = tokio::spawn(in_doubt_sampler(cluster.participants.iter().map(|p| p.url()).collect(), stop.clone()));
-    let windows: Vec<(f64, f64)> = scenario.faults.iter().map(|f| (f.at_s, f.at_s + f.duration_s)).collect();
     let progress = Arc::new(AtomicUsize::new(0));
     let bar = options.progress.then(|| progress_bar(protocol, scenario.duration_s, progress.clone()));
 
     let start = Instant::now();
     let faults = tokio::spawn(run_faults(cluster, scenario.clone(), start));
-    let mut recorder = workload::drive(scenario, protocol, &target, start, windows, progress).await;
+    let mut recorder = workload::drive(scenario, protocol, &target, start, progress).await;
     let (mut cluster, mut applied) = faults.await.map_err(|e| format!("the fault task failed: {e}"))?;
     stop.store(true, Ordering::Relaxed);
     if let Some(bar) = bar {
@@ -350,17 +359,16 @@ pub async fn run_protocol(
     let crashed_nodes: Vec<String> =
         cluster.crashed().into_iter().map(|(node, status)| format!("{node} exited on its own: {status}")).collect();
 
-    // Each window's latency, from what the clients saw (before the check
-    // resolves the unknown outcomes).
-    for fault in &mut applied {
-        let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("valid bounds");
-        let (from_us, to_us) = ((fault.at_s * 1e6) as u64, (fault.healed_at_s * 1e6) as u64);
-        for entry in recorder.history.iter().filter(|e| e.outcome == workload::OpOutcome::Committed) {
-            if entry.start_us >= from_us && entry.start_us < to_us {
-                histogram.saturating_record((entry.end_us - entry.start_us).max(1));
-            }
-        }
-        fault.latency = Percentiles::of(&histogram);
+    // Latency inside and outside the fault windows (as they were applied),
+    // from what the clients saw, before the check resolves the unknown
+    // outcomes.
+    let windows_us: Vec<(u64, u64)> =
+        applied.iter().map(|f| ((f.at_s * 1e6) as u64, (f.healed_at_s * 1e6) as u64)).collect();
+    let inside = |start_us: u64, (from, to): (u64, u64)| start_us >= from && start_us < to;
+    let latency_in_faults = committed_latency(&recorder.history, |s| windows_us.iter().any(|w| inside(s, *w)));
+    let latency_outside_faults = committed_latency(&recorder.history, |s| !windows_us.iter().any(|w| inside(s, *w)));
+    for (fault, window) in applied.iter_mut().zip(&windows_us) {
+        fault.latency = committed_latency(&recorder.history, |s| inside(s, *window));
     }
     let check = check::check(&cluster, &mut recorder.history).await;
     cluster.stop().await;
@@ -387,8 +395,8 @@ pub async fn run_protocol(
             .map(|(k, v)| (serde_json::to_value(k).unwrap().as_str().unwrap().to_string(), *v))
             .collect(),
         latency: Percentiles::of(&recorder.overall),
-        latency_in_faults: Percentiles::of(&recorder.in_fault),
-        latency_outside_faults: Percentiles::of(&recorder.outside_fault),
+        latency_in_faults,
+        latency_outside_faults,
         timeline,
         faults: applied,
         audits,

@@ -150,8 +150,6 @@ impl Chooser {
 /// Latency and outcome records of one client, merged at the end.
 pub struct Recorder {
     pub overall: Histogram<u64>,
-    pub in_fault: Histogram<u64>,
-    pub outside_fault: Histogram<u64>,
     /// Per bucket of [`BUCKET_MS`]: latency of committed transfers.
     pub buckets: Vec<Histogram<u64>>,
     pub outcomes: BTreeMap<OpOutcome, u64>,
@@ -167,25 +165,17 @@ impl Recorder {
         let buckets = (duration.as_millis() as u64 / BUCKET_MS + 1) as usize;
         Recorder {
             overall: histogram(),
-            in_fault: histogram(),
-            outside_fault: histogram(),
             buckets: (0..buckets).map(|_| Histogram::new_with_bounds(1, 120_000_000, 2).unwrap()).collect(),
             outcomes: BTreeMap::new(),
             history: Vec::new(),
         }
     }
 
-    pub fn record(&mut self, entry: HistoryEntry, fault_windows: &[(f64, f64)]) {
+    pub fn record(&mut self, entry: HistoryEntry) {
         *self.outcomes.entry(entry.outcome).or_default() += 1;
         if entry.outcome == OpOutcome::Committed {
             let latency = (entry.end_us - entry.start_us).max(1);
             self.overall.saturating_record(latency);
-            let start_s = entry.start_us as f64 / 1e6;
-            if fault_windows.iter().any(|(from, to)| start_s >= *from && start_s < *to) {
-                self.in_fault.saturating_record(latency);
-            } else {
-                self.outside_fault.saturating_record(latency);
-            }
             // By completion: a commit counts in the throughput when it is
             // answered (one that hangs through a fault counts after it).
             let bucket = (entry.end_us / 1_000 / BUCKET_MS) as usize;
@@ -198,8 +188,6 @@ impl Recorder {
 
     pub fn merge(&mut self, other: Recorder) {
         self.overall.add(&other.overall).expect("same bounds");
-        self.in_fault.add(&other.in_fault).expect("same bounds");
-        self.outside_fault.add(&other.outside_fault).expect("same bounds");
         for (mine, theirs) in self.buckets.iter_mut().zip(other.buckets.iter()) {
             mine.add(theirs).expect("same bounds");
         }
@@ -358,13 +346,11 @@ pub async fn drive(
     protocol: Protocol,
     target: &Target,
     start: Instant,
-    fault_windows: Vec<(f64, f64)>,
     progress: Arc<AtomicUsize>,
 ) -> Recorder {
     let duration = Duration::from_secs_f64(scenario.duration_s);
     let deadline = start + duration;
     let chooser = Arc::new(Chooser::new(scenario));
-    let windows = Arc::new(fault_windows);
     let timeout = Duration::from_millis(scenario.workload.call_timeout_ms);
     let key_prefix = format!("{}-{}", protocol, scenario.seed);
     let mut merged = Recorder::new(duration);
@@ -374,7 +360,6 @@ pub async fn drive(
                 .map(|c| {
                     let mut client = target.client(c);
                     let chooser = chooser.clone();
-                    let windows = windows.clone();
                     let progress = progress.clone();
                     let key_prefix = key_prefix.clone();
                     let mut rng = SplitMix64::new(scenario.seed.wrapping_mul(1_000_003).wrapping_add(c as u64));
@@ -402,7 +387,7 @@ pub async fn drive(
                                 txn_id,
                                 detail,
                             };
-                            recorder.record(entry, &windows);
+                            recorder.record(entry);
                             progress.fetch_add(1, Ordering::Relaxed);
                             if !outcome.is_definite() {
                                 // Do not spin against a node that is down.
@@ -449,13 +434,13 @@ pub async fn drive(
                         txn_id: String::new(),
                         detail: "too many in flight".into(),
                     };
-                    finished.lock().unwrap().record(entry, &windows);
+                    finished.lock().unwrap().record(entry);
                     continue;
                 }
                 in_flight.fetch_add(1, Ordering::Relaxed);
                 let mut client = target.client(n as usize);
-                let (in_flight, finished, windows, progress, _stopped) =
-                    (in_flight.clone(), finished.clone(), windows.clone(), progress.clone(), stopped.clone());
+                let (in_flight, finished, progress, _stopped) =
+                    (in_flight.clone(), finished.clone(), progress.clone(), stopped.clone());
                 tasks.push(tokio::spawn(async move {
                     let (outcome, txn_id, detail) = client.transfer(protocol, from, to, amount, &key, timeout).await;
                     let end_us = start.elapsed().as_micros() as u64;
@@ -472,7 +457,7 @@ pub async fn drive(
                         txn_id,
                         detail,
                     };
-                    finished.lock().unwrap().record(entry, &windows);
+                    finished.lock().unwrap().record(entry);
                     in_flight.fetch_sub(1, Ordering::Relaxed);
                     progress.fetch_add(1, Ordering::Relaxed);
                 }));
