@@ -15,7 +15,7 @@
 //! change (each prepare is voted on alone, each COMMIT is redelivered until
 //! acknowledged); what changes is the number of calls: at 64 clients on this
 //! 2-core machine the gRPC work per transfer was most of the coordinator's
-//! CPU, and batching took 2PC from about 5,600 to 8,600 commits/s.
+//! CPU, and batching took 2PC from about 5,600 to 8,600–9,700 commits/s.
 //!
 //! The commit fence serves the audit (see `Coordinator.Audit` in the proto):
 //! a transaction holds a shared guard from just before its decision is
