@@ -193,6 +193,22 @@ impl Store {
         Ok(out)
     }
 
+    /// Bytes free for an unprivileged writer on the filesystem that holds
+    /// `path` (statvfs).
+    pub fn free_bytes(path: &Path) -> Result<u64, Error> {
+        use std::os::unix::ffi::OsStrExt;
+        let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| Error::InvalidInput(format!("{} holds a NUL byte", path.display())))?;
+        // SAFETY: `stat` is plain old data that statvfs fills; `c_path` is a
+        // NUL-terminated string that outlives the call.
+        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) } != 0 {
+            let error = std::io::Error::last_os_error();
+            return Err(Error::Unavailable(format!("cannot read the free space of {}: {error}", path.display())));
+        }
+        Ok((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
+    }
+
     /// Whether a write or fsync has failed; then the node must not acknowledge.
     pub fn has_failed(&self) -> bool {
         self.shared.failed.load(Ordering::Acquire)

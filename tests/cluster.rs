@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use tandem::cluster::{default_bin_dir, Cluster, ClusterSpec, NodeRef};
 use tandem::pb;
 use tandem::rng::SplitMix64;
+use tandem::store::Store;
 use tonic::Code;
 
 const INITIAL_BALANCE: i64 = 1_000;
@@ -30,15 +31,28 @@ async fn start_cluster_asking_after(
     in_doubt_after_ms: u64,
 ) -> (Cluster, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let mut spec = ClusterSpec::new(default_bin_dir(), dir.path().to_path_buf());
+    let cluster = start_cluster_in(dir.path(), participants, accounts_each, in_doubt_after_ms, &[]).await;
+    (cluster, dir)
+}
+
+/// A cluster whose data (and logs) are in `dir`: a participant's in
+/// `dir/p1`, `dir/p2`, ...
+async fn start_cluster_in(
+    dir: &std::path::Path,
+    participants: usize,
+    accounts_each: u64,
+    in_doubt_after_ms: u64,
+    participant_args: &[&str],
+) -> Cluster {
+    let mut spec = ClusterSpec::new(default_bin_dir(), dir.to_path_buf());
     spec.participants = participants;
     spec.accounts_per_participant = accounts_each;
     spec.initial_balance = INITIAL_BALANCE;
     spec.log_level = "info".into();
     spec.coordinator_args = vec!["--prepare-timeout-ms".into(), "300".into(), "--call-timeout-ms".into(), "300".into()];
     spec.participant_args = vec!["--in-doubt-after-ms".into(), in_doubt_after_ms.to_string()];
-    let cluster = Cluster::start(spec).await.expect("the cluster starts");
-    (cluster, dir)
+    spec.participant_args.extend(participant_args.iter().map(|arg| arg.to_string()));
+    Cluster::start(spec).await.expect("the cluster starts")
 }
 
 fn transfer(from: u64, to: u64, amount: i64, key: &str) -> pb::TransferRequest {
@@ -373,6 +387,218 @@ async fn concurrent_transfers_survive_a_participant_sigkill_and_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_transfers_survive_a_coordinator_sigkill_and_restart() {
     crash_and_heal(NodeRef::Coordinator, 2).await;
+}
+
+/// A small tmpfs mounted on a directory for the life of the value, so that
+/// a node's disk can fill up for real. `None` where mounting is not allowed
+/// (not root, no CAP_SYS_ADMIN).
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: &std::path::Path, size_mib: u64) -> Result<SmallDisk, String> {
+        std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
+        let output = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+            .arg(path)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !output.status.success() {
+            return Err(String::from_utf8_lossy(&output.stderr).trim().to_string());
+        }
+        Ok(SmallDisk { path: path.to_path_buf() })
+    }
+
+    /// Fills the disk with a file of zeros, and keeps it full (what a node
+    /// frees, the filler takes) until [`Filler::release`].
+    fn fill(&self) -> Filler {
+        use std::io::Write;
+        let path = self.path.join("filler");
+        let mut file = std::fs::File::create(&path).unwrap();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let chunk = vec![0u8; 4096];
+        let topping_up = std::thread::spawn(move || {
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                while file.write_all(&chunk).is_ok() {}
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        });
+        // Full once the first pass has failed a write.
+        while Store::free_bytes(&self.path).unwrap() >= 4096 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Filler { path, stop, topping_up: Some(topping_up) }
+    }
+}
+
+struct Filler {
+    path: std::path::PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    topping_up: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Filler {
+    /// Stops filling and deletes the file: the disk has room again.
+    fn release(mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(thread) = self.topping_up.take() {
+            thread.join().unwrap();
+        }
+        std::fs::remove_file(&self.path).unwrap();
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        // Lazily: a node killed a moment ago may still hold a file open.
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
+async fn participant_health(cluster: &Cluster, i: usize) -> Option<i32> {
+    use tonic_health::pb::health_client::HealthClient;
+    let channel = tandem::server::channel(&cluster.participants[i].url()).unwrap();
+    let mut request =
+        tonic::Request::new(tonic_health::pb::HealthCheckRequest { service: "tandem.v1.Participant".into() });
+    request.set_timeout(Duration::from_millis(500));
+    let answer = tokio::time::timeout(Duration::from_millis(500), HealthClient::new(channel).check(request)).await;
+    match answer {
+        Ok(Ok(response)) => Some(response.into_inner().status),
+        _ => None,
+    }
+}
+
+/// Issue 8: a participant whose disk fills under load stops acknowledging
+/// and says NOT_SERVING; once there is room again it reopens its store and
+/// recovers as a restart would, with no operator, and every transfer has a
+/// definite outcome that the ledger accounts for exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_whose_disk_fills_stops_serving_and_recovers_by_itself_once_it_has_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = match SmallDisk::mount(&dir.path().join("p1"), 64) {
+        Ok(disk) => disk,
+        Err(error) => {
+            eprintln!("SKIPPED: this test fills a real disk and cannot mount a tmpfs here: {error}");
+            return;
+        }
+    };
+    let cluster = start_cluster_in(dir.path(), 2, 20, 200, &["--store-free-min-mb", "8"]).await;
+    let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+    let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
+    assert_eq!(participant_health(&cluster, 0).await, Some(serving));
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = spawn_load(&cluster, 4, 8, ledger.clone(), stop.clone());
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+
+    let filler = disk.fill();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while participant_health(&cluster, 0).await != Some(not_serving) {
+        assert!(Instant::now() < deadline, "p1 kept saying SERVING with a full disk");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // It stays down while the disk is full (it tries to reopen its store
+    // after 200 ms, then backs off).
+    let full_until = Instant::now() + Duration::from_millis(1_500);
+    while Instant::now() < full_until {
+        assert_ne!(participant_health(&cluster, 0).await, Some(serving), "p1 came back with its disk still full");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    filler.release();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while participant_health(&cluster, 0).await != Some(serving) {
+        assert!(Instant::now() < deadline, "p1 did not recover by itself once its disk had room");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A transfer from p1 to p2 commits again.
+    let mut client = cluster.coordinator_client().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for attempt in 0.. {
+        let key = format!("after-recovery-{attempt}");
+        ledger.lock().unwrap().transfers.insert(key.clone(), (0, 25, 1, None));
+        let mut request = tonic::Request::new(transfer(0, 25, 1, &key));
+        request.set_timeout(Duration::from_secs(3));
+        if let Ok(result) = client.transfer(request).await {
+            let committed = result.get_ref().outcome == pb::Outcome::Committed as i32;
+            ledger.lock().unwrap().transfers.get_mut(&key).unwrap().3 = Some(committed);
+            if committed {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "no transfer touching p1 committed after it recovered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for task in load {
+        task.await.unwrap();
+    }
+    let mut cluster = cluster;
+    assert!(cluster.crashed().is_empty(), "no node exited: p1 recovered in process");
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
+    check_ledger(&cluster, &ledger).await;
+    cluster.stop().await;
+    drop(disk);
+}
+
+/// Issue 8: a choreographed transfer's target paused (SIGSTOP) across the
+/// source relay's delivery timeout gets the event, applies the credit in a
+/// call its client already gave up, and its reply event must still be
+/// relayed with no other traffic to carry it: the transfer completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_choreographed_transfer_completes_after_its_target_was_paused_across_the_relay_timeout() {
+    let (mut cluster, _dir) = start_cluster(2, 10).await;
+    let mut source = cluster.participant_client(0).unwrap();
+    let target = NodeRef::Participant(1);
+    let timeout_ms = tandem_participant_delivery_timeout_ms();
+    for (i, pause_ms) in [timeout_ms - 50, timeout_ms, timeout_ms + 50, timeout_ms + 100].into_iter().enumerate() {
+        let saga_id = format!("paused-{i}");
+        cluster.node(target).pause();
+        let started = source
+            .start_transfer(pb::StartTransferRequest {
+                saga_id: saga_id.clone(),
+                from_account: 1,
+                to_account: 11,
+                amount: 5,
+                target_participant: "p2".into(),
+                wait_ms: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(started.state, pb::TransferState::Debited as i32, "{started:?}");
+        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+        cluster.node(target).resume();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = source
+                .get_transfer_status(pb::GetTransferStatusRequest { saga_id: saga_id.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            if status.terminal {
+                assert_eq!(status.state, pb::TransferState::Completed as i32, "{status:?}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "{saga_id} (target paused {pause_ms} ms) stuck: {status:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut p2 = cluster.participant_client(1).unwrap();
+    let credited = p2.get_balance(pb::GetBalanceRequest { account: 11 }).await.unwrap().into_inner();
+    assert_eq!(credited.posted, INITIAL_BALANCE + 4 * 5, "each transfer credited once");
+    let balances = p2.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await.unwrap().into_inner();
+    assert_eq!(balances.outbox_pending, 0, "no reply left in the target's outbox");
+    cluster.stop().await;
+}
+
+/// The source's relay gives up a delivery after this long (the
+/// participant's `DELIVERY_TIMEOUT_MS`).
+fn tandem_participant_delivery_timeout_ms() -> u64 {
+    1_000
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

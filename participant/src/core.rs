@@ -159,7 +159,7 @@ pub const COMMIT_BATCH_MAX: usize = 1_024;
 /// Most prepares in one batch (`PrepareBatch`).
 pub const PREPARE_BATCH_MAX: usize = 1_024;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Config {
     pub node_id: Id,
     pub coordinators: BTreeSet<Id>,

@@ -42,6 +42,11 @@ struct Args {
     /// coordinator's directory; OpenAccounts refuses others. Default: any.
     #[arg(long, value_name = "FIRST..END", value_parser = tandem::domain::parse_account_range)]
     accounts: Option<std::ops::Range<u64>>,
+    /// After its store failed (a full disk, a failed fsync), the node stops
+    /// serving, and reopens the store and recovers as a restart would once
+    /// the data directory's filesystem has this many MiB free.
+    #[arg(long, default_value_t = 64)]
+    store_free_min_mb: u64,
     /// Threads of the async runtime (default: one per core). A local cluster
     /// runs every node on one machine and gives each one thread.
     #[arg(long)]
@@ -87,6 +92,7 @@ async fn run(args: Args) -> Result<(), String> {
         in_doubt_after_ms: args.in_doubt_after_ms,
         finished_retention_ms: args.finished_retention_ms,
         owned_accounts: args.accounts,
+        store_free_min_bytes: args.store_free_min_mb.saturating_mul(1 << 20),
     })
     .map_err(|e| e.to_string())?;
     let (listener, addr) =

@@ -6,7 +6,19 @@
 //! it, submit its effects to the store while still holding the lock (so the
 //! store sees changes in the order memory did), unlock, wait until the
 //! effects are durable, answer. Nothing is acknowledged before the store
-//! says so; if the store fails, every later call fails too.
+//! says so.
+//!
+//! If the store fails (a write or an fsync returns an error: a full disk, a
+//! failing device), the node turns NOT_SERVING on its health service at
+//! once and every call fails; a failed fsync is never retried as if it had
+//! worked. Instead the failed store is closed and reopened, and the core is
+//! recovered from what is on disk, exactly as a restart would do it
+//! ([`Node::reopen_store`]); until that succeeds (the disk has room again)
+//! calls get UNAVAILABLE, and it is tried again with backoff. Then the node
+//! is SERVING again, and its in-doubt transactions are resolved as after a
+//! restart. No operator is needed.
+//!
+//! Lock order: `core` before `store` (the slot), before `transfer_waiters`.
 
 use crate::core::{
     Config, Core, Effects, Refusal, TxnState, Vote, COMMIT_BATCH_MAX, OPS_PER_CALL_MAX, PREPARE_BATCH_MAX,
@@ -15,14 +27,14 @@ use crate::saga::{Event, EventKind, StepAnswer, StepKind, StepOutcome, StepPhase
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 use tandem::domain::{AccountId, Amount, Id, Leg, TxnId};
 use tandem::pb;
 use tandem::pb::coordinator_client::CoordinatorClient;
 use tandem::pb::participant_client::ParticipantClient;
 use tandem::pb::participant_server::{Participant, ParticipantServer};
-use tandem::store::Store;
+use tandem::store::{Durability, Store};
 use tandem::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify};
@@ -52,6 +64,22 @@ pub const SAGA_STEP_BATCH_MAX: usize = 1_024;
 pub const DELIVER_EVENTS_MAX: usize = 1_024;
 /// Most events the relay sends to one peer in one call.
 pub const RELAY_BATCH_MAX: usize = 256;
+/// How often the store's health is looked at: a failed write turns the
+/// node NOT_SERVING within this, and starts its recovery.
+pub const STORE_CHECK_MS: u64 = 50;
+/// How long after a store failed it is first reopened (a failed disk
+/// rarely heals in less; the NOT_SERVING it says meanwhile is seen).
+pub const STORE_REOPEN_BACKOFF_INITIAL_MS: u64 = 200;
+/// The longest wait between two attempts to reopen a failed store.
+pub const STORE_REOPEN_BACKOFF_MAX_MS: u64 = 2_000;
+/// A key no record uses: reopening a failed store writes it and deletes it
+/// in one fsynced write, to see that the disk takes writes again.
+const STORE_PROBE_KEY: &[u8] = b"~probe";
+/// The size of that probe write.
+const STORE_PROBE_BYTES: usize = 4_096;
+/// Outbox events not yet known to be durable for this long get an fsync of
+/// their own, so that no event waits for some later write to be relayed.
+pub const OUTBOX_SYNC_AFTER_MS: u64 = 200;
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
@@ -65,6 +93,10 @@ pub struct NodeConfig {
     pub finished_retention_ms: u64,
     /// The account ids this node owns (`None`: any).
     pub owned_accounts: Option<std::ops::Range<AccountId>>,
+    /// A failed store is reopened only once its filesystem has this many
+    /// bytes free, so that a disk that filled up does not make the node
+    /// flap between serving and failing.
+    pub store_free_min_bytes: u64,
 }
 
 /// A running participant. Cheap to clone.
@@ -75,8 +107,13 @@ pub struct Node {
 
 struct Inner {
     node_id: Id,
+    data_dir: PathBuf,
+    /// What the core is rebuilt with when a failed store is reopened.
+    core_config: Config,
+    store_free_min_bytes: u64,
     core: Mutex<Core>,
-    store: Store,
+    /// The open store; `None` while a failed one is being reopened.
+    store: RwLock<Option<Store>>,
     coordinators: BTreeMap<Id, CoordinatorClient<Channel>>,
     peers: BTreeMap<Id, ParticipantClient<Channel>>,
     clock: Instant,
@@ -113,7 +150,7 @@ impl Node {
         let clock = Instant::now();
         let clock_origin_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let core = Core::recover(core_config, records, clock_origin_ms);
+        let core = Core::recover(core_config.clone(), records, clock_origin_ms);
         info!(
             node = %config.node_id,
             accounts = core.accounts().len(),
@@ -124,8 +161,11 @@ impl Node {
         Ok(Node {
             inner: Arc::new(Inner {
                 node_id: config.node_id,
+                data_dir: config.data_dir,
+                core_config,
+                store_free_min_bytes: config.store_free_min_bytes,
                 core: Mutex::new(core),
-                store,
+                store: RwLock::new(Some(store)),
                 coordinators,
                 peers,
                 clock,
@@ -144,6 +184,26 @@ impl Node {
         self.inner.clock_origin_ms + self.inner.clock.elapsed().as_millis() as u64
     }
 
+    fn core(&self) -> MutexGuard<'_, Core> {
+        self.inner.core.lock().expect("core lock poisoned")
+    }
+
+    /// The open store, or UNAVAILABLE once it failed, until it is reopened.
+    fn store(&self) -> Result<Store, Error> {
+        match self.inner.store.read().expect("store slot lock poisoned").as_ref() {
+            Some(store) if !store.has_failed() => Ok(store.clone()),
+            _ => Err(Error::Unavailable(format!(
+                "the store of {} failed; the node is not serving until it has reopened and recovered it",
+                self.inner.node_id
+            ))),
+        }
+    }
+
+    /// Whether the store is open and has not failed.
+    fn store_is_healthy(&self) -> bool {
+        self.inner.store.read().expect("store slot lock poisoned").as_ref().is_some_and(|store| !store.has_failed())
+    }
+
     /// Runs `step` on the core and waits until its effects are durable.
     async fn apply<T>(
         &self,
@@ -151,21 +211,141 @@ impl Node {
         step: impl FnOnce(&mut Core, u64) -> Result<(T, Effects), Error>,
     ) -> Result<T, Error> {
         let now_ms = self.now_ms();
-        let (value, written, outbox_written, fsynced) = {
-            let mut core = self.inner.core.lock().expect("core lock poisoned");
-            self.inner.store.check_room(ops_max)?;
+        let (value, written, outbox_written) = {
+            let mut core = self.core();
+            let store = self.store()?;
+            store.check_room(ops_max)?;
             let (value, effects) = step(&mut core, now_ms)?;
-            let fsynced = effects.durability == tandem::store::Durability::Fsync;
-            let written = self.inner.store.submit(effects.ops, effects.durability)?;
-            (value, written, core.outbox_end(), fsynced)
+            let fsynced = effects.durability == Durability::Fsync;
+            let written = store.submit(effects.ops, effects.durability)?;
+            // Writes complete in order: once this one is fsynced, every
+            // outbox event allocated before it is on disk, and may be relayed.
+            let outbox_written = (fsynced && core.outbox_awaits_durability()).then(|| core.outbox_end());
+            (value, written, outbox_written)
         };
-        written.await.unwrap_or_else(|_| Err(Error::Fatal("the writer thread stopped".into())))?;
-        if fsynced {
-            // Writes complete in order: every outbox event allocated before
-            // this submission is on disk now, and may be relayed.
-            self.inner.core.lock().expect("core lock poisoned").mark_outbox_durable(outbox_written);
-        }
+        let durable =
+            async move { written.await.unwrap_or_else(|_| Err(Error::Fatal("the writer thread stopped".into()))) };
+        let Some(outbox_end) = outbox_written else {
+            durable.await?;
+            return Ok(value);
+        };
+        // The relay must learn that the events are durable even if the
+        // caller stops waiting (a gRPC call whose client gave up drops this
+        // future); otherwise they would wait for some later write. So the
+        // rest runs in a task of its own, which a dropped caller does not
+        // cancel.
+        let node = self.clone();
+        tokio::spawn(async move {
+            durable.await?;
+            node.core().mark_outbox_durable(outbox_end);
+            node.inner.relay_wake.notify_one();
+            Ok::<(), Error>(())
+        })
+        .await
+        .unwrap_or_else(|e| Err(Error::Fatal(format!("the durability wait failed: {e}"))))?;
         Ok(value)
+    }
+
+    /// Closes the failed store, reopens it, and rebuilds the core from what
+    /// is on disk, exactly as a restart does: memory may hold changes whose
+    /// write failed, and a failed fsync says nothing of what reached the
+    /// disk, so only a fresh read is trusted. Fails, and is tried again
+    /// later, while the filesystem has less than `store_free_min_bytes`
+    /// free or the reopened store cannot make a write durable.
+    ///
+    /// From the moment the failed store is taken out of its slot until the
+    /// new one is put in, no call can write (they get UNAVAILABLE), so what
+    /// was read from disk is what the new core is built from.
+    async fn reopen_store(&self) -> Result<(), Error> {
+        let data_dir = &self.inner.data_dir;
+        let free = Store::free_bytes(data_dir)?;
+        if free < self.inner.store_free_min_bytes {
+            return Err(Error::Unavailable(format!(
+                "{} has {free} bytes free; the node serves again from {} (--store-free-min-mb)",
+                data_dir.display(),
+                self.inner.store_free_min_bytes
+            )));
+        }
+        let failed = {
+            let _core = self.core();
+            self.inner.store.write().expect("store slot lock poisoned").take()
+        };
+        if let Some(failed) = failed {
+            // Waits for the writer thread, which fails what is queued; the
+            // database is closed when its last handle goes, here.
+            failed.close();
+        }
+        let store = Store::open(data_dir)?;
+        let probe = vec![
+            tandem::store::Op::Put(STORE_PROBE_KEY.to_vec(), vec![0; STORE_PROBE_BYTES]),
+            tandem::store::Op::Delete(STORE_PROBE_KEY.to_vec()),
+        ];
+        let records = match store.write(probe).await.and_then(|()| store.scan_prefix(b"")) {
+            Ok(records) => records,
+            Err(error) => {
+                store.close();
+                return Err(error);
+            }
+        };
+        let mut core = self.core();
+        *core = Core::recover(self.inner.core_config.clone(), records, self.now_ms());
+        *self.inner.store.write().expect("store slot lock poisoned") = Some(store);
+        info!(
+            node = %self.inner.node_id,
+            accounts = core.accounts().len(),
+            prepared = core.prepared_count(),
+            "the store was reopened and the node recovered from {}",
+            data_dir.display()
+        );
+        Ok(())
+    }
+
+    /// Watches the store: from its first failed write the node is
+    /// NOT_SERVING, and the store is reopened with backoff until the disk
+    /// takes writes again; then the node serves again.
+    async fn watch_store(self, health: tonic_health::server::HealthReporter) {
+        let mut tick = tokio::time::interval(Duration::from_millis(STORE_CHECK_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failed_since: Option<Instant> = None;
+        let mut backoff_ms = STORE_REOPEN_BACKOFF_INITIAL_MS;
+        let mut next_attempt = Instant::now();
+        loop {
+            tick.tick().await;
+            if self.store_is_healthy() {
+                continue;
+            }
+            let since = match failed_since {
+                Some(since) => since,
+                None => {
+                    tracing::error!(
+                        node = %self.inner.node_id,
+                        "the store failed: NOT_SERVING; it will be reopened and recovered as on a restart"
+                    );
+                    health.set_not_serving::<ParticipantServer<Node>>().await;
+                    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                    next_attempt = Instant::now() + Duration::from_millis(backoff_ms);
+                    *failed_since.insert(Instant::now())
+                }
+            };
+            if Instant::now() < next_attempt {
+                continue;
+            }
+            match self.reopen_store().await {
+                Ok(()) => {
+                    info!(node = %self.inner.node_id, down_ms = since.elapsed().as_millis() as u64, "serving again");
+                    failed_since = None;
+                    backoff_ms = STORE_REOPEN_BACKOFF_INITIAL_MS;
+                    health.set_serving::<ParticipantServer<Node>>().await;
+                    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+                    self.inner.relay_wake.notify_one();
+                }
+                Err(error) => {
+                    warn!(node = %self.inner.node_id, %error, retry_in_ms = backoff_ms, "the store cannot be reopened yet");
+                    backoff_ms = (backoff_ms * 2).min(STORE_REOPEN_BACKOFF_MAX_MS);
+                    next_attempt = Instant::now() + Duration::from_millis(backoff_ms);
+                }
+            }
+        }
     }
 
     pub async fn prepare(&self, txn: TxnId, coordinator: Id, legs: Vec<Leg>) -> Result<Vote, Error> {
@@ -212,6 +392,7 @@ impl Node {
         let resolver = tokio::spawn(self.clone().resolve_in_doubt());
         let collector = tokio::spawn(self.clone().collect_garbage());
         let relay = tokio::spawn(self.clone().relay_outbox());
+        let store_watch = tokio::spawn(self.clone().watch_store(health_reporter.clone()));
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = tandem::server::server_builder()
             .add_service(health_service)
@@ -222,7 +403,10 @@ impl Node {
         resolver.abort();
         collector.abort();
         relay.abort();
-        self.inner.store.close();
+        store_watch.abort();
+        if let Some(store) = self.inner.store.read().expect("store slot lock poisoned").as_ref() {
+            store.close();
+        }
         info!(node = %self.inner.node_id, "stopped");
         result.map_err(|e| Error::Unavailable(format!("the server failed: {e}")))
     }
@@ -236,7 +420,7 @@ impl Node {
             tick.tick().await;
             let due = {
                 let now = self.now_ms();
-                self.inner.core.lock().expect("core lock poisoned").due_queries(now, QUERIES_PER_TICK_MAX)
+                self.core().due_queries(now, QUERIES_PER_TICK_MAX)
             };
             for (txn, coordinator) in due {
                 let node = self.clone();
@@ -283,6 +467,7 @@ impl Node {
                 info!(%txn, ?decision, "in-doubt transaction resolved by query")
             }
             Ok(()) => {}
+            Err(error @ Error::Unavailable(_)) => debug!(%txn, %error, "the queried decision waits for the store"),
             Err(error) => warn!(%txn, %error, "applying the queried decision failed"),
         }
     }
@@ -291,6 +476,10 @@ impl Node {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tick.tick().await;
+            if !self.store_is_healthy() {
+                // The store watch recovers it; nothing to collect meanwhile.
+                continue;
+            }
             let result = self.apply(10_000, |core, now| Ok(((), core.collect_garbage(now)))).await;
             if let Err(error) = result {
                 warn!(%error, "garbage collection failed");
@@ -308,13 +497,40 @@ impl Node {
     async fn relay_outbox(self) {
         let in_flight: Arc<Mutex<std::collections::BTreeSet<u64>>> = Default::default();
         let mut retry_at: HashMap<u64, (Instant, u64)> = HashMap::new();
+        let mut awaiting_durability_since: Option<Instant> = None;
         loop {
             tokio::select! {
                 _ = self.inner.relay_wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
-            let events = self.inner.core.lock().expect("core lock poisoned").outbox();
+            let (events, awaits_durability) = {
+                let core = self.core();
+                (core.outbox(), core.outbox_awaits_durability())
+            };
             let now = Instant::now();
+            // Events whose write was never seen fsynced (its fsync was a lazy
+            // one, or the task that should have said so is gone) get an fsync
+            // of their own after a while, so that no event waits for some
+            // later write to be relayed.
+            match awaiting_durability_since {
+                Some(since)
+                    if awaits_durability
+                        && now.duration_since(since) >= Duration::from_millis(OUTBOX_SYNC_AFTER_MS) =>
+                {
+                    awaiting_durability_since = None;
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        let synced = node
+                            .apply(0, |_, _| Ok(((), Effects { ops: Vec::new(), durability: Durability::Fsync })))
+                            .await;
+                        if let Err(error) = synced {
+                            debug!(%error, "the outbox sync failed; it is tried again");
+                        }
+                    });
+                }
+                Some(_) if awaits_durability => {}
+                _ => awaiting_durability_since = awaits_durability.then_some(now),
+            }
             let mut by_destination: BTreeMap<Id, Vec<Vec<(u64, Event)>>> = BTreeMap::new();
             retry_at.retain(|seq, _| events.iter().any(|(s, _)| s == seq));
             for (seq, event) in events {
@@ -404,7 +620,7 @@ impl Node {
     }
 
     fn transfer_status(&self, saga: &Id) -> pb::TransferStatus {
-        let core = self.inner.core.lock().expect("core lock poisoned");
+        let core = self.core();
         transfer_to_pb(saga, core.transfer(saga))
     }
 }
@@ -632,7 +848,7 @@ impl Participant for Node {
 
     async fn get_balance(&self, request: Request<pb::GetBalanceRequest>) -> Result<Response<pb::Balance>, Status> {
         let account = request.into_inner().account;
-        let balance = self.inner.core.lock().expect("core lock poisoned").account(account)?;
+        let balance = self.core().account(account)?;
         Ok(Response::new(balance_to_pb(account, &balance)))
     }
 
@@ -641,7 +857,7 @@ impl Participant for Node {
         request: Request<pb::ReadBalancesRequest>,
     ) -> Result<Response<pb::ReadBalancesResponse>, Status> {
         let include_accounts = request.into_inner().include_accounts;
-        let core = self.inner.core.lock().expect("core lock poisoned");
+        let core = self.core();
         let mut response = pb::ReadBalancesResponse {
             participant_id: self.inner.node_id.to_string(),
             account_count: core.accounts().len() as u64,
@@ -672,7 +888,7 @@ impl Participant for Node {
             n => n.min(LIST_PREPARED_MAX),
         };
         let now = self.now_ms();
-        let core = self.inner.core.lock().expect("core lock poisoned");
+        let core = self.core();
         let prepared = core.prepared();
         let total = prepared.len() as u64;
         let prepared = prepared
@@ -752,7 +968,7 @@ impl Participant for Node {
         &self,
         _request: Request<pb::ListParkedTransfersRequest>,
     ) -> Result<Response<pb::ListParkedTransfersResponse>, Status> {
-        let core = self.inner.core.lock().expect("core lock poisoned");
+        let core = self.core();
         let parked = core.parked_transfers().iter().map(|(saga, t)| transfer_to_pb(saga, Some(t))).collect();
         Ok(Response::new(pb::ListParkedTransfersResponse { parked }))
     }
@@ -806,7 +1022,7 @@ impl Participant for Node {
             // Checked and registered under the core lock, so the terminal
             // state cannot slip in between.
             let waiting = {
-                let core = self.inner.core.lock().expect("core lock poisoned");
+                let core = self.core();
                 if core.transfer(&saga).is_some_and(|t| t.state.is_terminal()) {
                     None
                 } else {

@@ -817,6 +817,12 @@ impl Core {
         self.sagas.next_outbox_seq
     }
 
+    /// Whether some outbox event is not yet known to be on disk (written,
+    /// but the fsync that covers it has not been seen by the relay).
+    pub fn outbox_awaits_durability(&self) -> bool {
+        self.sagas.outbox_durable_end < self.sagas.next_outbox_seq
+    }
+
     /// Every outbox event below `end` is on disk.
     pub fn mark_outbox_durable(&mut self, end: u64) {
         self.sagas.outbox_durable_end = self.sagas.outbox_durable_end.max(end);
