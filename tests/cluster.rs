@@ -444,3 +444,67 @@ async fn a_participant_killed_after_applying_a_commit_before_acknowledging_appli
     assert_eq!((b1.posted, b11.posted, b11.incoming), (INITIAL_BALANCE - 40, INITIAL_BALANCE + 40, 0));
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn totals_near_the_int64_limit_are_exact_or_out_of_range_never_wrapped() {
+    // Two participants with two accounts each at half the int64 limit (which
+    // OpenAccounts allows): each participant's total fits, their sum does not.
+    let half = i64::MAX / 2;
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(default_bin_dir(), dir.path().to_path_buf());
+    spec.accounts_per_participant = 2;
+    spec.initial_balance = half;
+    spec.log_level = "info".into();
+    let cluster = Cluster::start(spec).await.expect("the cluster starts");
+    let mut coordinator = cluster.coordinator_client().unwrap();
+    let mut p1 = cluster.participant_client(0).unwrap();
+    let balances = p1.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await.unwrap().into_inner();
+    assert_eq!(balances.total_posted, 2 * half, "exact while it fits");
+
+    let audit = coordinator.audit(pb::AuditRequest { include_accounts: false }).await;
+    let status = audit.expect_err("the sum over both participants does not fit an int64");
+    assert_eq!(status.code(), Code::OutOfRange, "{}", status.message());
+    let exact = (4 * half as i128).to_string();
+    assert!(status.message().contains("total_posted") && status.message().contains(&exact), "{}", status.message());
+
+    // Money moves into p1 until its own total passes the limit, although
+    // every account stays within its own.
+    let result = coordinator.transfer(transfer(2, 0, 2, "")).await.unwrap().into_inner();
+    assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        match p1.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await {
+            Err(status) => break status,
+            Ok(balances) => {
+                assert_eq!(balances.get_ref().total_posted, 2 * half, "before the commit is applied");
+                assert!(Instant::now() < deadline, "the commit was never applied");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let exact = (2 * half as i128 + 2).to_string();
+    assert_eq!(status.code(), Code::OutOfRange, "{}", status.message());
+    assert!(
+        status.message().contains("total_posted")
+            && status.message().contains("p1")
+            && status.message().contains(&exact),
+        "{}",
+        status.message()
+    );
+    let b0 = p1.get_balance(pb::GetBalanceRequest { account: 0 }).await.unwrap().into_inner();
+    assert_eq!(b0.posted, half + 2, "each account is still exact");
+
+    // The audit names the participant whose own total does not fit.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        match coordinator.audit(pb::AuditRequest { include_accounts: false }).await {
+            Err(status) if status.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(status) => break status,
+            Ok(audit) => panic!("a wrapped audit: {:?}", audit.into_inner()),
+        }
+    };
+    assert_eq!(status.code(), Code::OutOfRange, "{}", status.message());
+    assert!(status.message().contains("p1") && status.message().contains(&exact), "{}", status.message());
+}

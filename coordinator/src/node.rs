@@ -846,6 +846,10 @@ impl Node {
                 tokio::spawn(async move {
                     match tokio::time::timeout(call_timeout, client.read_balances(request)).await {
                         Ok(Ok(response)) => Ok(response.into_inner()),
+                        // A total that does not fit is an answer, not an outage.
+                        Ok(Err(status)) if status.code() == tonic::Code::OutOfRange => {
+                            Err(Error::OutOfRange(format!("{id}: {}", status.message())))
+                        }
                         Ok(Err(status)) => Err(Error::Unavailable(format!("{id}: {}", status.message()))),
                         Err(_) => Err(Error::Unavailable(format!(
                             "{id} did not answer within {} ms",
@@ -860,15 +864,22 @@ impl Node {
             results.push(read.await.unwrap_or_else(|e| Err(Error::Unavailable(format!("a balance read failed: {e}")))));
         }
         drop(fence);
+        // Summed exactly: a total that does not fit its int64 field is
+        // OUT_OF_RANGE, never a wrapped figure (see `Coordinator.Audit`).
         let mut response = pb::AuditResponse::default();
+        let mut posted = tandem::domain::Total::default();
+        let (mut reserved, mut suspense) = (posted, posted);
         for result in results {
             let balances = result?;
-            response.total_posted += balances.total_posted;
-            response.total_reserved += balances.total_reserved;
-            response.total_suspense += balances.suspense;
+            posted.add(balances.total_posted);
+            reserved.add(balances.total_reserved);
+            suspense.add(balances.suspense);
             response.account_count += balances.account_count;
             response.participants.push(balances);
         }
+        response.total_posted = posted.to_amount("the total_posted over every participant")?;
+        response.total_reserved = reserved.to_amount("the total_reserved over every participant")?;
+        response.total_suspense = suspense.to_amount("the total_suspense over every participant")?;
         Ok(response)
     }
 
