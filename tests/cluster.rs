@@ -375,27 +375,51 @@ async fn concurrent_transfers_survive_a_coordinator_sigkill_and_restart() {
     crash_and_heal(NodeRef::Coordinator, 2).await;
 }
 
+/// Asks a node's reflection service the questions a client without the
+/// proto files asks first: the services, then the file of `symbol`. Returns
+/// the services listed and the names of the files sent back.
+async fn reflect(url: &str, symbol: &str) -> (Vec<String>, Vec<String>) {
+    use prost::Message;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let channel = tandem::server::channel(url).unwrap();
+    let mut reflection = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let ask = |message| tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(message),
+    };
+    let requests = vec![
+        ask(MessageRequest::ListServices(String::new())),
+        ask(MessageRequest::FileContainingSymbol(symbol.into())),
+    ];
+    let mut stream = reflection.server_reflection_info(tokio_stream::iter(requests)).await.unwrap().into_inner();
+    let response = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else { panic!("{response:?}") };
+    let mut services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    services.sort();
+    let response = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::FileDescriptorResponse(files)) = response.message_response else {
+        panic!("{response:?}")
+    };
+    let files = files
+        .file_descriptor_proto
+        .iter()
+        .map(|encoded| prost_types::FileDescriptorProto::decode(encoded.as_slice()).unwrap().name().to_string())
+        .collect();
+    (services, files)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_answer_standard_health_and_reflection_and_stop_on_sigterm() {
     let (mut cluster, _dir) = start_cluster(1, 1).await;
-    let channel = tandem::server::channel(&cluster.coordinator.url()).unwrap();
-    let mut reflection = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
-    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
-            String::new(),
-        )),
-    };
-    let mut stream = reflection.server_reflection_info(tokio_stream::once(request)).await.unwrap().into_inner();
-    let response = stream.message().await.unwrap().unwrap();
-    let Some(tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        response.message_response
-    else {
-        panic!("{response:?}")
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"tandem.v1.Coordinator".to_string()), "{names:?}");
-    assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
+    // Each node lists what it serves, and only that; a file comes with the
+    // files it imports, so a client needs no second question to use it.
+    let (services, files) = reflect(&cluster.coordinator.url(), "tandem.v1.Coordinator").await;
+    assert_eq!(services, ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "tandem.v1.Coordinator"]);
+    assert_eq!(files, ["tandem/v1/coordinator.proto", "tandem/v1/participant.proto"]);
+    let (services, files) = reflect(&cluster.participants[0].url(), "tandem.v1.Participant").await;
+    assert_eq!(services, ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "tandem.v1.Participant"]);
+    assert_eq!(files, ["tandem/v1/participant.proto"]);
     for node in cluster.nodes() {
         let status = cluster.node(node).stop(Duration::from_secs(5)).await.unwrap();
         assert!(status.success(), "{node} exits cleanly on SIGTERM: {status:?}");

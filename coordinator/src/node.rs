@@ -757,7 +757,7 @@ impl Node {
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = tandem::server::server_builder()
             .add_service(health_service)
-            .add_service(tandem::server::reflection_service())
+            .add_service(tandem::server::reflection_service(tandem::pb::coordinator_server::SERVICE_NAME))
             .add_service(CoordinatorServer::new(self.clone()).max_encoding_message_size(64 * 1024 * 1024))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
