@@ -469,6 +469,58 @@ async fn a_participant_killed_after_applying_a_commit_before_acknowledging_appli
     cluster.stop().await;
 }
 
+/// The coordinator's health for `service` (`Err` with the status code when
+/// it has none).
+async fn health(url: &str, service: &str) -> Result<i32, Code> {
+    let channel = tandem::server::channel(url).unwrap();
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut request = tonic::Request::new(tonic_health::pb::HealthCheckRequest { service: service.into() });
+    request.set_timeout(Duration::from_secs(2));
+    client.check(request).await.map(|r| r.into_inner().status).map_err(|status| status.code())
+}
+
+/// Polls the coordinator's health for `service` until it is `want`; panics
+/// with the last answer after `limit`.
+async fn wait_health(
+    url: &str,
+    service: &str,
+    want: tonic_health::pb::health_check_response::ServingStatus,
+    limit: Duration,
+) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let answer = health(url, service).await;
+        if answer == Ok(want as i32) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{service} is {answer:?}, not {want:?}, after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_readiness_says_when_a_participant_is_paused_and_when_it_is_back() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let (mut cluster, _dir) = start_cluster(2, 2).await;
+    let url = cluster.coordinator.url();
+    let limit = Duration::from_secs(10);
+    wait_health(&url, "tandem.v1.Coordinator.ready", ServingStatus::Serving, limit).await;
+    wait_health(&url, "tandem.v1.Participant/p1", ServingStatus::Serving, limit).await;
+
+    cluster.node(NodeRef::Participant(0)).pause();
+    wait_health(&url, "tandem.v1.Coordinator.ready", ServingStatus::NotServing, limit).await;
+    wait_health(&url, "tandem.v1.Participant/p1", ServingStatus::NotServing, limit).await;
+    // Only the paused one is unreachable, and the coordinator itself is live.
+    assert_eq!(health(&url, "tandem.v1.Participant/p2").await, Ok(ServingStatus::Serving as i32));
+    assert_eq!(health(&url, "").await, Ok(ServingStatus::Serving as i32));
+    assert_eq!(health(&url, "tandem.v1.Coordinator").await, Ok(ServingStatus::Serving as i32));
+
+    cluster.node(NodeRef::Participant(0)).resume();
+    wait_health(&url, "tandem.v1.Coordinator.ready", ServingStatus::Serving, limit).await;
+    assert_eq!(health(&url, "tandem.v1.Participant/p1").await, Ok(ServingStatus::Serving as i32));
+    cluster.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn totals_near_the_int64_limit_are_exact_or_out_of_range_never_wrapped() {
     // Two participants with two accounts each at half the int64 limit (which
