@@ -121,6 +121,45 @@ pub fn validate_balanced(legs: &[Leg]) -> Result<(), Error> {
     Ok(())
 }
 
+/// An exact sum of amounts: a total of balances that is reported, never
+/// wrapped. Each term is an `i64`, so an `i128` holds the sum of fewer than
+/// 2^64 of them exactly (at most 2^64 * 2^63 in magnitude). The sum is
+/// narrowed only where it must fit an int64 field, and one that does not fit
+/// is an error naming it ([`Total::to_amount`]), not a wrong number.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Total(i128);
+
+impl Total {
+    pub fn add(&mut self, amount: Amount) {
+        self.0 += amount as i128;
+    }
+
+    pub fn exact(self) -> i128 {
+        self.0
+    }
+
+    /// The total as an `i64`, or OUT_OF_RANGE naming `what` and the exact
+    /// figure.
+    pub fn to_amount(self, what: impl fmt::Display) -> Result<Amount, Error> {
+        Amount::try_from(self.0).map_err(|_| {
+            Error::OutOfRange(format!(
+                "{what} is {}, beyond what an int64 carries ({}..={}); read the accounts one by one",
+                self.0,
+                Amount::MIN,
+                Amount::MAX
+            ))
+        })
+    }
+}
+
+impl std::iter::Sum<Amount> for Total {
+    fn sum<I: Iterator<Item = Amount>>(amounts: I) -> Total {
+        let mut total = Total::default();
+        amounts.for_each(|amount| total.add(amount));
+        total
+    }
+}
+
 /// The two legs of a transfer, after its own checks.
 pub fn transfer_legs(from: AccountId, to: AccountId, amount: Amount) -> Result<[Leg; 2], Error> {
     if amount <= 0 {
@@ -162,6 +201,33 @@ mod tests {
             validate_balanced(&[Leg { account: 1, amount: i64::MAX }, Leg { account: 2, amount: i64::MAX }]).is_err()
         );
         assert!(validate_balanced(&[Leg { account: 1, amount: -5 }, Leg { account: 2, amount: 4 }]).is_err());
+    }
+
+    #[test]
+    fn totals_are_exact_and_refuse_to_narrow_when_they_do_not_fit() {
+        let two_near_max: Total = [i64::MAX - 1, i64::MAX - 1].into_iter().sum();
+        assert_eq!(two_near_max.exact(), 2 * (i64::MAX as i128 - 1));
+        match two_near_max.to_amount("p1's total_posted") {
+            Err(Error::OutOfRange(message)) => {
+                assert!(message.contains("p1's total_posted"), "{message}");
+                assert!(message.contains("18446744073709551612"), "the exact figure: {message}");
+            }
+            other => panic!("a total beyond i64 must be OUT_OF_RANGE, not {other:?}"),
+        }
+        // Exactly at the edges it fits; one past, it does not.
+        let at_max: Total = [i64::MAX - 5, 5].into_iter().sum();
+        assert_eq!(at_max.to_amount("t"), Ok(i64::MAX));
+        let mut past_max = at_max;
+        past_max.add(1);
+        assert!(matches!(past_max.to_amount("t"), Err(Error::OutOfRange(_))));
+        let at_min: Total = [i64::MIN + 1, -1].into_iter().sum();
+        assert_eq!(at_min.to_amount("t"), Ok(i64::MIN));
+        let below_min: Total = [i64::MIN, -1].into_iter().sum();
+        assert!(matches!(below_min.to_amount("t"), Err(Error::OutOfRange(_))));
+        // Terms that cancel out after passing the edge still give the exact sum.
+        let back: Total = [i64::MAX, i64::MAX, -i64::MAX].into_iter().sum();
+        assert_eq!(back.to_amount("t"), Ok(i64::MAX));
+        assert_eq!(Total::default().to_amount("t"), Ok(0));
     }
 
     #[test]

@@ -28,6 +28,10 @@ pub enum Error {
     /// The deadline passed before the work was done.
     #[error("{0}")]
     Timeout(String),
+    /// An exact answer does not fit the field that would carry it (a total
+    /// beyond an int64); nothing was changed, and retrying gives the same.
+    #[error("{0}")]
+    OutOfRange(String),
     /// Storage failed or is corrupt. The node stops acknowledging writes.
     #[error("fatal storage failure: {0}")]
     Fatal(String),
@@ -50,6 +54,7 @@ impl From<Error> for Status {
             Error::Unavailable(_) => Code::Unavailable,
             Error::Busy(_) => Code::ResourceExhausted,
             Error::Timeout(_) => Code::DeadlineExceeded,
+            Error::OutOfRange(_) => Code::OutOfRange,
             Error::Fatal(_) => Code::Internal,
         };
         Status::new(code, error.to_string())
@@ -61,7 +66,8 @@ impl From<Status> for Error {
     fn from(status: Status) -> Error {
         let message = status.message().to_string();
         match status.code() {
-            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => Error::InvalidInput(message),
+            Code::InvalidArgument | Code::FailedPrecondition => Error::InvalidInput(message),
+            Code::OutOfRange => Error::OutOfRange(message),
             Code::NotFound => Error::NotFound(message),
             Code::AlreadyExists => Error::AlreadyExists(message),
             Code::Aborted => Error::Conflict(message),

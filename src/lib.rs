@@ -14,6 +14,7 @@ pub mod domain;
 pub mod error;
 pub mod pb;
 pub mod proxy;
+pub mod reflection;
 pub mod rng;
 pub mod server;
 pub mod store;

@@ -45,14 +45,14 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)
     Ok((listener, local))
 }
 
-/// The server reflection service (v1) describing every tandem service.
+/// The server reflection service (v1) of a node that serves `service` (a
+/// full name such as `tandem.v1.Participant`): it lists that service, health
+/// and reflection, and answers a file with its imports (see
+/// [`crate::reflection`]).
 pub fn reflection_service(
-) -> tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection> {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::pb::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("the embedded descriptor sets are valid")
+    service: &str,
+) -> tonic_reflection::pb::v1::server_reflection_server::ServerReflectionServer<crate::reflection::Reflection> {
+    crate::reflection::Reflection::for_service(service).into_server()
 }
 
 /// A tonic server builder with the settings every tandem server uses.

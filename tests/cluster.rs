@@ -544,6 +544,50 @@ async fn a_participant_whose_disk_fills_stops_serving_and_recovers_by_itself_onc
     drop(disk);
 }
 
+/// A coordinator whose decision log fails a write (a full disk) says
+/// NOT_SERVING, liveness included, and acknowledges nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_whose_disk_fills_says_not_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = match SmallDisk::mount(&dir.path().join("c1"), 64) {
+        Ok(disk) => disk,
+        Err(error) => {
+            eprintln!("SKIPPED: this test fills a real disk and cannot mount a tmpfs here: {error}");
+            return;
+        }
+    };
+    let cluster = start_cluster_in(dir.path(), 2, 10, 200, &[]).await;
+    let mut client = cluster.coordinator_client().unwrap();
+    let result = client.transfer(transfer(1, 11, 5, "before")).await.unwrap().into_inner();
+    assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
+    let filler = disk.fill();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut attempt = 0;
+    loop {
+        use tonic_health::pb::health_client::HealthClient;
+        let channel = tandem::server::channel(&cluster.coordinator.url()).unwrap();
+        let health = HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
+            .await
+            .unwrap()
+            .into_inner();
+        if health.status == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the coordinator kept saying SERVING with its log failed");
+        // Transfers write the log; those that fit in the log file's last
+        // page (or in space RocksDB preallocated) are durable and commit;
+        // the first that does not fit fails the store.
+        attempt += 1;
+        let _ = client.transfer(transfer(2, 12, 1, &format!("full-{attempt}"))).await;
+    }
+    let refused = client.transfer(transfer(3, 13, 1, "after")).await;
+    assert!(refused.is_err() || refused.unwrap().get_ref().outcome != pb::Outcome::Committed as i32);
+    filler.release();
+    drop(cluster);
+    drop(disk);
+}
+
 /// Issue 8: a choreographed transfer's target paused (SIGSTOP) across the
 /// source relay's delivery timeout gets the event, applies the credit in a
 /// call its client already gave up, and its reply event must still be
@@ -601,27 +645,51 @@ fn tandem_participant_delivery_timeout_ms() -> u64 {
     1_000
 }
 
+/// Asks a node's reflection service the questions a client without the
+/// proto files asks first: the services, then the file of `symbol`. Returns
+/// the services listed and the names of the files sent back.
+async fn reflect(url: &str, symbol: &str) -> (Vec<String>, Vec<String>) {
+    use prost::Message;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let channel = tandem::server::channel(url).unwrap();
+    let mut reflection = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
+    let ask = |message| tonic_reflection::pb::v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(message),
+    };
+    let requests = vec![
+        ask(MessageRequest::ListServices(String::new())),
+        ask(MessageRequest::FileContainingSymbol(symbol.into())),
+    ];
+    let mut stream = reflection.server_reflection_info(tokio_stream::iter(requests)).await.unwrap().into_inner();
+    let response = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else { panic!("{response:?}") };
+    let mut services: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    services.sort();
+    let response = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::FileDescriptorResponse(files)) = response.message_response else {
+        panic!("{response:?}")
+    };
+    let files = files
+        .file_descriptor_proto
+        .iter()
+        .map(|encoded| prost_types::FileDescriptorProto::decode(encoded.as_slice()).unwrap().name().to_string())
+        .collect();
+    (services, files)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_answer_standard_health_and_reflection_and_stop_on_sigterm() {
     let (mut cluster, _dir) = start_cluster(1, 1).await;
-    let channel = tandem::server::channel(&cluster.coordinator.url()).unwrap();
-    let mut reflection = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
-    let request = tonic_reflection::pb::v1::ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(tonic_reflection::pb::v1::server_reflection_request::MessageRequest::ListServices(
-            String::new(),
-        )),
-    };
-    let mut stream = reflection.server_reflection_info(tokio_stream::once(request)).await.unwrap().into_inner();
-    let response = stream.message().await.unwrap().unwrap();
-    let Some(tonic_reflection::pb::v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
-        response.message_response
-    else {
-        panic!("{response:?}")
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&"tandem.v1.Coordinator".to_string()), "{names:?}");
-    assert!(names.contains(&"grpc.health.v1.Health".to_string()), "{names:?}");
+    // Each node lists what it serves, and only that; a file comes with the
+    // files it imports, so a client needs no second question to use it.
+    let (services, files) = reflect(&cluster.coordinator.url(), "tandem.v1.Coordinator").await;
+    assert_eq!(services, ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "tandem.v1.Coordinator"]);
+    assert_eq!(files, ["tandem/v1/coordinator.proto", "tandem/v1/participant.proto"]);
+    let (services, files) = reflect(&cluster.participants[0].url(), "tandem.v1.Participant").await;
+    assert_eq!(services, ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "tandem.v1.Participant"]);
+    assert_eq!(files, ["tandem/v1/participant.proto"]);
     for node in cluster.nodes() {
         let status = cluster.node(node).stop(Duration::from_secs(5)).await.unwrap();
         assert!(status.success(), "{node} exits cleanly on SIGTERM: {status:?}");
@@ -669,4 +737,120 @@ async fn a_participant_killed_after_applying_a_commit_before_acknowledging_appli
     let b11 = p2.get_balance(pb::GetBalanceRequest { account: 11 }).await.unwrap().into_inner();
     assert_eq!((b1.posted, b11.posted, b11.incoming), (INITIAL_BALANCE - 40, INITIAL_BALANCE + 40, 0));
     cluster.stop().await;
+}
+
+/// The coordinator's health for `service` (`Err` with the status code when
+/// it has none).
+async fn health(url: &str, service: &str) -> Result<i32, Code> {
+    let channel = tandem::server::channel(url).unwrap();
+    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut request = tonic::Request::new(tonic_health::pb::HealthCheckRequest { service: service.into() });
+    request.set_timeout(Duration::from_secs(2));
+    client.check(request).await.map(|r| r.into_inner().status).map_err(|status| status.code())
+}
+
+/// Polls the coordinator's health for `service` until it is `want`; panics
+/// with the last answer after `limit`.
+async fn wait_health(
+    url: &str,
+    service: &str,
+    want: tonic_health::pb::health_check_response::ServingStatus,
+    limit: Duration,
+) {
+    let deadline = Instant::now() + limit;
+    loop {
+        let answer = health(url, service).await;
+        if answer == Ok(want as i32) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{service} is {answer:?}, not {want:?}, after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_coordinator_readiness_says_when_a_participant_is_paused_and_when_it_is_back() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let (mut cluster, _dir) = start_cluster(2, 2).await;
+    let url = cluster.coordinator.url();
+    let limit = Duration::from_secs(10);
+    wait_health(&url, "tandem.v1.Coordinator.ready", ServingStatus::Serving, limit).await;
+    wait_health(&url, "tandem.v1.Participant/p1", ServingStatus::Serving, limit).await;
+
+    cluster.node(NodeRef::Participant(0)).pause();
+    wait_health(&url, "tandem.v1.Coordinator.ready", ServingStatus::NotServing, limit).await;
+    wait_health(&url, "tandem.v1.Participant/p1", ServingStatus::NotServing, limit).await;
+    // Only the paused one is unreachable, and the coordinator itself is live.
+    assert_eq!(health(&url, "tandem.v1.Participant/p2").await, Ok(ServingStatus::Serving as i32));
+    assert_eq!(health(&url, "").await, Ok(ServingStatus::Serving as i32));
+    assert_eq!(health(&url, "tandem.v1.Coordinator").await, Ok(ServingStatus::Serving as i32));
+
+    cluster.node(NodeRef::Participant(0)).resume();
+    wait_health(&url, "tandem.v1.Coordinator.ready", ServingStatus::Serving, limit).await;
+    assert_eq!(health(&url, "tandem.v1.Participant/p1").await, Ok(ServingStatus::Serving as i32));
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn totals_near_the_int64_limit_are_exact_or_out_of_range_never_wrapped() {
+    // Two participants with two accounts each at half the int64 limit (which
+    // OpenAccounts allows): each participant's total fits, their sum does not.
+    let half = i64::MAX / 2;
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(default_bin_dir(), dir.path().to_path_buf());
+    spec.accounts_per_participant = 2;
+    spec.initial_balance = half;
+    spec.log_level = "info".into();
+    let cluster = Cluster::start(spec).await.expect("the cluster starts");
+    let mut coordinator = cluster.coordinator_client().unwrap();
+    let mut p1 = cluster.participant_client(0).unwrap();
+    let balances = p1.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await.unwrap().into_inner();
+    assert_eq!(balances.total_posted, 2 * half, "exact while it fits");
+
+    let audit = coordinator.audit(pb::AuditRequest { include_accounts: false }).await;
+    let status = audit.expect_err("the sum over both participants does not fit an int64");
+    assert_eq!(status.code(), Code::OutOfRange, "{}", status.message());
+    let exact = (4 * half as i128).to_string();
+    assert!(status.message().contains("total_posted") && status.message().contains(&exact), "{}", status.message());
+
+    // Money moves into p1 until its own total passes the limit, although
+    // every account stays within its own.
+    let result = coordinator.transfer(transfer(2, 0, 2, "")).await.unwrap().into_inner();
+    assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        match p1.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await {
+            Err(status) => break status,
+            Ok(balances) => {
+                assert_eq!(balances.get_ref().total_posted, 2 * half, "before the commit is applied");
+                assert!(Instant::now() < deadline, "the commit was never applied");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let exact = (2 * half as i128 + 2).to_string();
+    assert_eq!(status.code(), Code::OutOfRange, "{}", status.message());
+    assert!(
+        status.message().contains("total_posted")
+            && status.message().contains("p1")
+            && status.message().contains(&exact),
+        "{}",
+        status.message()
+    );
+    let b0 = p1.get_balance(pb::GetBalanceRequest { account: 0 }).await.unwrap().into_inner();
+    assert_eq!(b0.posted, half + 2, "each account is still exact");
+
+    // The audit names the participant whose own total does not fit.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        match coordinator.audit(pb::AuditRequest { include_accounts: false }).await {
+            Err(status) if status.code() == Code::Unavailable && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(status) => break status,
+            Ok(audit) => panic!("a wrapped audit: {:?}", audit.into_inner()),
+        }
+    };
+    assert_eq!(status.code(), Code::OutOfRange, "{}", status.message());
+    assert!(status.message().contains("p1") && status.message().contains(&exact), "{}", status.message());
 }

@@ -21,6 +21,16 @@
 //! a transaction holds a shared guard from just before its decision is
 //! written until every participant acknowledged its COMMIT. The audit takes
 //! the fence exclusively, so while it reads, no commit is half applied.
+//!
+//! Readiness. The health service's `""` and `tandem.v1.Coordinator` say
+//! only that this process serves. Whether it can reach its participants is
+//! [`READY_SERVICE`] and one [`participant_ready_service`] per participant,
+//! set by a loop that probes each participant's health with a short
+//! deadline (a paused participant holds the connection open and never
+//! answers: only the deadline shows it). Once the decision log has failed
+//! a write, every one of these is NOT_SERVING for good: the coordinator
+//! refuses new work and must be restarted on its data directory (unlike a
+//! participant, it does not reopen its store in process yet).
 
 use crate::core::{AbortReason, Action, Core, Decision, Outcome, Phase, VoteResult};
 use crate::directory::{Directory, Shard};
@@ -42,6 +52,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, OwnedRwLockReadGuard, RwLock};
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::server::HealthReporter;
+use tonic_health::ServingStatus;
 use tracing::{debug, error, info, warn};
 
 /// The first wait before a COMMIT is redelivered; it doubles up to the max.
@@ -63,6 +77,24 @@ pub const STEP_BATCH_MAX: usize = 256;
 pub const FORGET_BATCH_MAX: usize = 1_024;
 /// How long ended sagas gather before they are sent in one ForgetSagas.
 pub const FORGET_LINGER_MS: u64 = 1_000;
+/// The health service name (`grpc.health.v1`) that says whether this
+/// coordinator can reach every participant: SERVING when each answered its
+/// last probe in time, NOT_SERVING otherwise. `""` and `tandem.v1.Coordinator`
+/// stay liveness (this process serves).
+pub const READY_SERVICE: &str = "tandem.v1.Coordinator.ready";
+/// How often each participant's health is probed.
+pub const READY_PROBE_INTERVAL_MS: u64 = 500;
+/// How long a probe waits for a participant's answer. A paused process
+/// accepts the connection and never answers, so only this deadline (enforced
+/// here, not only sent) tells it apart from a slow one.
+pub const READY_PROBE_TIMEOUT_MS: u64 = 300;
+
+/// The health service name that says whether this coordinator reaches one
+/// participant: `tandem.v1.Participant/<participant id>`.
+pub fn participant_ready_service(participant: &Id) -> String {
+    format!("tandem.v1.Participant/{participant}")
+}
+
 /// Most ended sagas waiting to be forgotten by one participant; past it
 /// (the participant is down for long) the newest are not queued, and their
 /// barriers stay there (a leak, never a double step).
@@ -198,6 +230,8 @@ pub(crate) struct Inner {
     pub(crate) store: Store,
     pub(crate) directory: Directory,
     pub(crate) participants: BTreeMap<Id, ParticipantClient<Channel>>,
+    /// Health clients on the same channels, for the readiness probes.
+    pub(crate) participant_health: BTreeMap<Id, HealthClient<Channel>>,
     pub(crate) outbound: BTreeMap<Id, Arc<Outbound>>,
     pub(crate) waiters: Mutex<HashMap<TxnId, Waiter>>,
     /// Serialises the check of an idempotency key with the start of its
@@ -223,9 +257,11 @@ impl Node {
         }
         let directory = Directory::new(config.shards.clone())?;
         let mut participants = BTreeMap::new();
+        let mut participant_health = BTreeMap::new();
         for shard in directory.shards() {
-            participants
-                .insert(shard.participant.clone(), ParticipantClient::new(tandem::server::channel(&shard.url)?));
+            let channel = tandem::server::channel(&shard.url)?;
+            participant_health.insert(shard.participant.clone(), HealthClient::new(channel.clone()));
+            participants.insert(shard.participant.clone(), ParticipantClient::new(channel));
         }
         let store = Store::open(&config.data_dir)?;
         let generation = match store.get(log::GENERATION_KEY)? {
@@ -271,6 +307,7 @@ impl Node {
                 directory,
                 outbound: participants.keys().map(|p| (p.clone(), Arc::default())).collect(),
                 participants,
+                participant_health,
                 waiters: Mutex::new(HashMap::new()),
                 keys: Mutex::new(()),
                 fence,
@@ -739,6 +776,12 @@ impl Node {
         self.execute_saga(recovered.sagas);
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<CoordinatorServer<Node>>().await;
+        // Not ready until the first probes have answered.
+        health_reporter.set_service_status(READY_SERVICE, ServingStatus::NotServing).await;
+        for participant in self.inner.participant_health.keys() {
+            health_reporter.set_service_status(participant_ready_service(participant), ServingStatus::NotServing).await;
+        }
+        let prober = tokio::spawn(self.clone().probe_participants(health_reporter));
         let collector = tokio::spawn(self.clone().collect_garbage());
         let senders: Vec<_> = self
             .inner
@@ -757,15 +800,90 @@ impl Node {
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = tandem::server::server_builder()
             .add_service(health_service)
-            .add_service(tandem::server::reflection_service())
+            .add_service(tandem::server::reflection_service(tandem::pb::coordinator_server::SERVICE_NAME))
             .add_service(CoordinatorServer::new(self.clone()).max_encoding_message_size(64 * 1024 * 1024))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
+        prober.abort();
         collector.abort();
         senders.iter().for_each(|sender| sender.abort());
         self.inner.store.close();
         info!(node = %self.inner.config.node_id, in_flight = self.core().active_count(), "stopped");
         result.map_err(|e| Error::Unavailable(format!("the server failed: {e}")))
+    }
+
+    /// Every [`READY_PROBE_INTERVAL_MS`], asks each participant's health
+    /// (`tandem.v1.Participant`) with a [`READY_PROBE_TIMEOUT_MS`] deadline,
+    /// all at once, and reports the answers as this coordinator's readiness:
+    /// [`participant_ready_service`] per participant, [`READY_SERVICE`] for
+    /// all of them. A status is set (and logged) only when it changes.
+    async fn probe_participants(self, reporter: HealthReporter) {
+        let timeout = Duration::from_millis(READY_PROBE_TIMEOUT_MS);
+        let mut tick = tokio::time::interval(Duration::from_millis(READY_PROBE_INTERVAL_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reachable: BTreeMap<Id, bool> = BTreeMap::new();
+        let mut all_ready = false;
+        let mut log_failure_reported = false;
+        loop {
+            tick.tick().await;
+            let probes: Vec<_> = self
+                .inner
+                .participant_health
+                .iter()
+                .map(|(participant, client)| {
+                    let mut client = client.clone();
+                    let participant = participant.clone();
+                    tokio::spawn(async move {
+                        let mut request = Request::new(HealthCheckRequest {
+                            service: tandem::pb::participant_server::SERVICE_NAME.to_string(),
+                        });
+                        request.set_timeout(timeout);
+                        use tonic_health::pb::health_check_response::ServingStatus as Answer;
+                        let answer = match timed_call(timeout, client.check(request)).await {
+                            Ok(answer) if answer.status == Answer::Serving as i32 => Ok(()),
+                            Ok(answer) => Err(format!("its health is {:?}", Answer::try_from(answer.status))),
+                            Err(status) => Err(format!("{:?}: {}", status.code(), status.message())),
+                        };
+                        (participant, answer)
+                    })
+                })
+                .collect();
+            let log_failed = self.inner.store.has_failed();
+            if log_failed && !log_failure_reported {
+                error!("the decision log failed: NOT_SERVING; restart this coordinator on its data directory");
+                reporter.set_not_serving::<CoordinatorServer<Node>>().await;
+                reporter.set_service_status("", ServingStatus::NotServing).await;
+                log_failure_reported = true;
+            }
+            let mut ready = !log_failed;
+            for probe in probes {
+                let Ok((participant, answer)) = probe.await else {
+                    ready = false;
+                    continue;
+                };
+                ready &= answer.is_ok();
+                if reachable.get(&participant) == Some(&answer.is_ok()) {
+                    continue;
+                }
+                let status = match &answer {
+                    Ok(()) => {
+                        info!(%participant, "participant reachable; ready");
+                        ServingStatus::Serving
+                    }
+                    Err(error) => {
+                        warn!(%participant, %error, "participant unreachable; not ready");
+                        ServingStatus::NotServing
+                    }
+                };
+                reporter.set_service_status(participant_ready_service(&participant), status).await;
+                reachable.insert(participant, answer.is_ok());
+            }
+            if ready != all_ready {
+                let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
+                reporter.set_service_status(READY_SERVICE, status).await;
+                all_ready = ready;
+            }
+        }
     }
 
     /// Keeps the finished records (and their idempotency keys) to the most
@@ -846,6 +964,10 @@ impl Node {
                 tokio::spawn(async move {
                     match tokio::time::timeout(call_timeout, client.read_balances(request)).await {
                         Ok(Ok(response)) => Ok(response.into_inner()),
+                        // A total that does not fit is an answer, not an outage.
+                        Ok(Err(status)) if status.code() == tonic::Code::OutOfRange => {
+                            Err(Error::OutOfRange(format!("{id}: {}", status.message())))
+                        }
                         Ok(Err(status)) => Err(Error::Unavailable(format!("{id}: {}", status.message()))),
                         Err(_) => Err(Error::Unavailable(format!(
                             "{id} did not answer within {} ms",
@@ -860,15 +982,22 @@ impl Node {
             results.push(read.await.unwrap_or_else(|e| Err(Error::Unavailable(format!("a balance read failed: {e}")))));
         }
         drop(fence);
+        // Summed exactly: a total that does not fit its int64 field is
+        // OUT_OF_RANGE, never a wrapped figure (see `Coordinator.Audit`).
         let mut response = pb::AuditResponse::default();
+        let mut posted = tandem::domain::Total::default();
+        let (mut reserved, mut suspense) = (posted, posted);
         for result in results {
             let balances = result?;
-            response.total_posted += balances.total_posted;
-            response.total_reserved += balances.total_reserved;
-            response.total_suspense += balances.suspense;
+            posted.add(balances.total_posted);
+            reserved.add(balances.total_reserved);
+            suspense.add(balances.suspense);
             response.account_count += balances.account_count;
             response.participants.push(balances);
         }
+        response.total_posted = posted.to_amount("the total_posted over every participant")?;
+        response.total_reserved = reserved.to_amount("the total_reserved over every participant")?;
+        response.total_suspense = suspense.to_amount("the total_suspense over every participant")?;
         Ok(response)
     }
 

@@ -559,6 +559,15 @@ impl Core {
     }
 
     /// Opens accounts, all or none.
+    ///
+    /// Any non-negative balance up to `i64::MAX` is accepted, and the sum of
+    /// this node's balances is not bounded here, on purpose: the escrow
+    /// invariants hold per account (`posted + incoming` fits, checked on
+    /// every credit), and a bound on the node's total checked at opening
+    /// would not stay true, since credits from other participants raise it
+    /// afterwards. Totals are summed exactly where they are reported
+    /// (ReadBalances answers OUT_OF_RANGE when one does not fit an int64),
+    /// and the suspense account refuses what it cannot hold.
     pub fn open_accounts(&mut self, accounts: &[(AccountId, Amount)]) -> Result<Effects, Error> {
         if accounts.is_empty() || accounts.len() > tandem::domain::OPEN_ACCOUNTS_MAX {
             return Err(Error::InvalidInput(format!(

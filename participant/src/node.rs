@@ -396,7 +396,7 @@ impl Node {
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = tandem::server::server_builder()
             .add_service(health_service)
-            .add_service(tandem::server::reflection_service())
+            .add_service(tandem::server::reflection_service(tandem::pb::participant_server::SERVICE_NAME))
             .add_service(ParticipantServer::new(self.clone()).max_decoding_message_size(16 * 1024 * 1024))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await;
@@ -868,14 +868,22 @@ impl Participant for Node {
             saga_barriers: core.barrier_count() as u64,
             ..Default::default()
         };
+        // Summed exactly: a total that does not fit its int64 field is
+        // OUT_OF_RANGE, never a wrapped figure (see `ReadBalances`).
+        let mut posted = tandem::domain::Total::default();
+        let (mut reserved, mut incoming) = (posted, posted);
         for (id, account) in core.accounts() {
-            response.total_posted += account.posted;
-            response.total_reserved += account.reserved;
-            response.total_incoming += account.incoming;
+            posted.add(account.posted);
+            reserved.add(account.reserved);
+            incoming.add(account.incoming);
             if include_accounts {
                 response.accounts.push(balance_to_pb(*id, account));
             }
         }
+        let node = &self.inner.node_id;
+        response.total_posted = posted.to_amount(format_args!("the total_posted of {node}"))?;
+        response.total_reserved = reserved.to_amount(format_args!("the total_reserved of {node}"))?;
+        response.total_incoming = incoming.to_amount(format_args!("the total_incoming of {node}"))?;
         Ok(Response::new(response))
     }
 

@@ -787,8 +787,18 @@ impl Core {
                         ops.push(self.change_posted(transfer.from, transfer.amount));
                         TransferState::Compensated(event.reason.clone())
                     } else {
-                        // The refund cannot be applied: park the money.
-                        self.sagas.suspense += transfer.amount;
+                        // The refund cannot be applied: park the money. If
+                        // the suspense account cannot hold it either, the
+                        // event is refused unapplied (nothing changed yet):
+                        // the peer's relay retries it until an operator has
+                        // released parked money; the transfer stays DEBITED.
+                        let Some(suspense) = self.sagas.suspense.checked_add(transfer.amount) else {
+                            return Err(Error::Busy(format!(
+                                "the suspense account of {} holds {} and cannot park {} more for {}; release parked transfers (ResolveParkedTransfer)",
+                                self.config.node_id, self.sagas.suspense, transfer.amount, event.saga
+                            )));
+                        };
+                        self.sagas.suspense = suspense;
                         ops.push(self.suspense_put());
                         TransferState::DeadLettered(format!(
                             "{}; the refund to account {} failed, {} parked in suspense",

@@ -262,6 +262,32 @@ fn a_rejected_credit_refunds_or_parks_the_money_in_suspense() {
 }
 
 #[test]
+fn a_refund_that_the_suspense_account_cannot_hold_either_is_refused_unapplied_and_retried() {
+    let mut p1 = node("p1");
+    let mut p2 = node("p2");
+    p2.1.apply(&p2.0.set_closed(2, true).unwrap().1);
+    // Dead letters have filled the suspense account almost to the top.
+    p1.0.sagas.suspense = i64::MAX - 10;
+    start(&mut p1, "s1", 1, 2, 40);
+    p1.1.apply(&p1.0.set_closed(1, true).unwrap().1);
+    relay(&mut p1, &mut p2);
+    let (_, rejected) = p2.0.outbox()[0].clone();
+    let refused = p1.0.deliver_event(rejected.clone(), 0);
+    assert!(
+        matches!(&refused, Err(error @ Error::Busy(message)) if error.is_retryable() && message.contains("suspense")),
+        "{refused:?}"
+    );
+    assert_eq!(p1.0.suspense(), i64::MAX - 10, "never wrapped");
+    assert_eq!(p1.0.transfer(&id("s1")).unwrap().state, TransferState::Debited, "still in flight");
+    // Once an operator made room, the redelivered event parks the money.
+    p1.0.sagas.suspense = 0;
+    let (_, effects) = p1.0.deliver_event(rejected, 0).unwrap();
+    p1.1.apply(&effects);
+    assert!(matches!(p1.0.transfer(&id("s1")).unwrap().state, TransferState::DeadLettered(_)));
+    assert_eq!((p1.0.account(1).unwrap().posted, p1.0.suspense()), (60, 40));
+}
+
+#[test]
 fn an_operator_lists_a_parked_transfer_and_releases_its_money() {
     let mut p1 = node("p1");
     let mut p2 = node("p2");
