@@ -692,7 +692,10 @@ impl Core {
     }
 
     /// Starts a choreographed transfer here, at the source. `Err` is bad
-    /// input; a refusal is a REJECTED transfer.
+    /// input; a refusal is a REJECTED transfer. A saga id this node still
+    /// remembers gets its transfer back, unchanged, if the request is the
+    /// same transfer (a retry), and INVALID_ARGUMENT naming what differs if
+    /// it is not (the id was reused by mistake).
     pub fn start_transfer(
         &mut self,
         saga: Id,
@@ -703,6 +706,22 @@ impl Core {
         now_ms: u64,
     ) -> Result<(Transfer, Effects), Error> {
         if let Some(existing) = self.sagas.transfers.get(&saga) {
+            let differs: Vec<String> = [
+                (existing.from != from).then(|| format!("from_account {from}, not {}", existing.from)),
+                (existing.to != to).then(|| format!("to_account {to}, not {}", existing.to)),
+                (existing.amount != amount).then(|| format!("amount {amount}, not {}", existing.amount)),
+                (existing.target != target).then(|| format!("target_participant {target}, not {}", existing.target)),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            if !differs.is_empty() {
+                return Err(Error::InvalidInput(format!(
+                    "saga_id {saga} was used on {} for another transfer: this request has {}",
+                    self.config.node_id,
+                    differs.join(", ")
+                )));
+            }
             return Ok((existing.clone(), Effects { ops: Vec::new(), durability: Durability::Lazy }));
         }
         tandem::domain::transfer_legs(from, to, amount)?;

@@ -212,6 +212,28 @@ fn a_choreographed_transfer_debits_credits_and_completes() {
 }
 
 #[test]
+fn a_saga_id_reused_with_other_parameters_is_refused_and_changes_nothing() {
+    let mut p1 = node("p1");
+    let first = start(&mut p1, "s1", 1, 2, 30);
+    let before = (p1.0.accounts().clone(), p1.0.outbox().len());
+    for (from, to, amount, target, differs) in [
+        (1, 2, 31, "p2", "amount 31"),
+        (2, 2, 30, "p2", "from_account 2"),
+        (1, 3, 30, "p2", "to_account 3"),
+        (1, 2, 30, "p3", "target_participant p3"),
+    ] {
+        let error = p1.0.start_transfer(id("s1"), from, to, amount, id(target), 0).unwrap_err();
+        let Error::InvalidInput(message) = &error else { panic!("{differs}: {error:?}") };
+        assert!(message.contains("s1") && message.contains(differs), "{differs}: {message}");
+    }
+    assert_eq!((p1.0.accounts().clone(), p1.0.outbox().len()), before, "nothing changed");
+    // The exact retry still gets the same transfer, and writes nothing.
+    let (again, effects) = p1.0.start_transfer(id("s1"), 1, 2, 30, id("p2"), 0).unwrap();
+    assert_eq!(again, first);
+    assert!(effects.ops.is_empty());
+}
+
+#[test]
 fn an_event_is_not_relayed_before_it_is_durable() {
     let mut p1 = node("p1");
     let (_, effects) = p1.0.start_transfer(id("s1"), 1, 2, 30, id("p2"), 0).unwrap();
