@@ -929,31 +929,34 @@ impl Node {
     }
 }
 
-pub(crate) fn result_to_pb(txn: &TxnId, outcome: Outcome) -> Result<pb::TransactionResult, Status> {
+/// An outcome as the client hears it. Every outcome is an answer, not an
+/// error status: an account that its participant does not have is a
+/// refusal learned by asking it (ABORTED, or COMPENSATED when the saga's
+/// credit found it), like insufficient funds; only bad input found before
+/// anything was asked (an account in no participant's range) is an error.
+pub(crate) fn result_to_pb(txn: &TxnId, outcome: Outcome) -> pb::TransactionResult {
     let (outcome, abort_reason, reason) = match outcome {
         Outcome::Committed => (pb::Outcome::Committed, pb::AbortReason::Unspecified, String::new()),
         Outcome::Compensated(reason) => (pb::Outcome::Compensated, pb::AbortReason::Unspecified, reason),
         Outcome::DeadLettered(reason) => (pb::Outcome::DeadLettered, pb::AbortReason::Unspecified, reason),
-        Outcome::Aborted(AbortReason::UnknownAccount, message) => {
-            return Err(Status::not_found(format!("{txn} aborted: {message}")))
-        }
         Outcome::Aborted(reason, message) => (
             pb::Outcome::Aborted,
             match reason {
                 AbortReason::InsufficientFunds => pb::AbortReason::InsufficientFunds,
                 AbortReason::BalanceOverflow => pb::AbortReason::BalanceOverflow,
+                AbortReason::UnknownAccount => pb::AbortReason::UnknownAccount,
                 AbortReason::ParticipantUnavailable => pb::AbortReason::ParticipantUnavailable,
-                AbortReason::Refused | AbortReason::UnknownAccount => pb::AbortReason::Refused,
+                AbortReason::Refused => pb::AbortReason::Refused,
             },
             message,
         ),
     };
-    Ok(pb::TransactionResult {
+    pb::TransactionResult {
         txn_id: txn.to_string(),
         outcome: outcome as i32,
         abort_reason: abort_reason as i32,
         reason,
-    })
+    }
 }
 
 fn optional_key(text: &str) -> Result<Option<Id>, Error> {
@@ -982,7 +985,7 @@ impl Coordinator for Node {
             }
             Err(_) => return Err(Status::invalid_argument(format!("unknown protocol {}", request.protocol))),
         };
-        Ok(Response::new(result_to_pb(&txn, outcome)?))
+        Ok(Response::new(result_to_pb(&txn, outcome)))
     }
 
     async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::TransactionResult>, Status> {
@@ -990,7 +993,7 @@ impl Coordinator for Node {
         let legs: Vec<Leg> = request.legs.iter().map(Leg::from).collect();
         let key = optional_key(&request.idempotency_key)?;
         let (txn, outcome) = self.run_transaction(legs, key).await?;
-        Ok(Response::new(result_to_pb(&txn, outcome)?))
+        Ok(Response::new(result_to_pb(&txn, outcome)))
     }
 
     async fn get_transaction(
@@ -1074,4 +1077,22 @@ fn answers_for<I, A>(sent: &[I], answers: Result<Vec<A>, Status>) -> Result<Vec<
         return Err(Status::internal(format!("{} answers for {} items", answers.len(), sent.len())));
     }
     Ok(answers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn txn() -> TxnId {
+        Id::parse("txn", "c1-000001-000000000001").unwrap()
+    }
+
+    #[test]
+    fn an_account_its_participant_does_not_have_is_an_aborted_outcome_not_an_error_status() {
+        let outcome = Outcome::Aborted(AbortReason::UnknownAccount, "p2: account 19 does not exist on p2".into());
+        let result = result_to_pb(&txn(), outcome);
+        assert_eq!(result.outcome, pb::Outcome::Aborted as i32);
+        assert_eq!(result.abort_reason, pb::AbortReason::UnknownAccount as i32);
+        assert!(result.reason.contains("account 19 does not exist"), "{}", result.reason);
+    }
 }
