@@ -16,9 +16,12 @@
 //!   redone action after its compensation is a hanging step);
 //! - debit refused (insufficient funds, unknown or closed account): the saga
 //!   aborts, nothing moved;
-//! - credit refused for a business reason: backward recovery refunds the
-//!   debit (the compensation); forward recovery cannot complete and
-//!   dead-letters;
+//! - credit refused for a business reason (unknown or closed account,
+//!   overflow): no retry can change that, so the debit is refunded at once
+//!   (the compensation), whatever the recovery: forward recovery retries
+//!   only what may still succeed, a credit that got no answer. Parking the
+//!   money in suspense is for a refund that fails (below), not for a
+//!   refusal;
 //! - a step that fails transiently (unavailable, timeout) is retried with
 //!   capped exponential backoff up to its budget of attempts and the saga
 //!   deadline (the driver does that) and then counts as failed with an
@@ -290,7 +293,6 @@ impl SagaCore {
         let Some(record) = self.sagas.get(saga) else { return Vec::new() };
         let stage = record.stage;
         let amount = record.spec.amount;
-        let backward = record.spec.recovery == Recovery::Backward;
         match (stage, kind, phase, result) {
             (Stage::Debiting, StepKind::Debit, StepPhase::Action, StepResult::Applied) => {
                 self.move_to(saga, Stage::Crediting, None)
@@ -321,11 +323,11 @@ impl SagaCore {
             (Stage::Crediting, StepKind::Credit, StepPhase::Action, StepResult::Applied) => {
                 self.finish(saga, Outcome::Committed)
             }
-            (Stage::Crediting, StepKind::Credit, StepPhase::Action, StepResult::Refused(reason)) if backward => {
-                self.move_to(saga, Stage::CompensatingDebit, Some(format!("the credit was refused: {reason}")))
-            }
+            // Backward or forward: no retry can change a business refusal,
+            // so the debit is refunded now (forward recovery only retries
+            // what may yet succeed: a credit that got no answer).
             (Stage::Crediting, StepKind::Credit, StepPhase::Action, StepResult::Refused(reason)) => {
-                self.move_to(saga, Stage::Parking, Some(format!("the credit was refused (forward recovery): {reason}")))
+                self.move_to(saga, Stage::CompensatingDebit, Some(format!("the credit was refused: {reason}")))
             }
             (Stage::Crediting, StepKind::Credit, StepPhase::Action, StepResult::Exhausted(error)) => {
                 self.move_to(saga, Stage::CompensatingCredit, Some(format!("the credit's outcome is unknown: {error}")))

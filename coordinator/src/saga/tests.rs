@@ -81,11 +81,27 @@ fn a_refused_credit_is_compensated_backward() {
 }
 
 #[test]
-fn forward_recovery_retries_the_credit_until_the_deadline_and_dead_letters_a_refusal() {
+fn forward_recovery_retries_the_credit_until_the_deadline_and_refunds_a_refused_one_at_once() {
     let mut core = started(Recovery::Forward);
     let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
     assert_eq!(step_of(&a), (StepKind::Credit, StepPhase::Action, Retry::UntilDeadline));
-    let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, StepResult::Refused("closed".into()));
+    // No retry can change a business refusal: the debit is refunded now,
+    // not parked, and not after the deadline.
+    let refused = StepResult::Refused("account 1001 does not exist on p2".into());
+    let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, refused);
+    assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::Compensation, Retry::Forever));
+    let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, StepResult::Applied);
+    assert!(matches!(finish_of(&a), Outcome::Compensated(ref r) if r.contains("does not exist")), "{a:?}");
+    assert!(core.dead_letters().is_empty());
+}
+
+#[test]
+fn forward_recovery_parks_only_a_refund_that_fails() {
+    let mut core = started(Recovery::Forward);
+    core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
+    core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, StepResult::Refused("closed".into()));
+    let refund_refused = StepResult::Refused("account 1 is closed".into());
+    let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, refund_refused);
     assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::CompensateToSuspense, Retry::Forever));
     let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::CompensateToSuspense, StepResult::Applied);
     assert!(matches!(finish_of(&a), Outcome::DeadLettered(_)));
