@@ -181,7 +181,7 @@ fn two_phase_transfer(from: u64, to: u64, amount: i64) -> pb::TransferRequest {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_credit_is_compensated_at_once_backward_or_forward() {
+async fn a_refused_credit_is_compensated_at_once_backward_or_forward_and_says_why() {
     // A saga deadline far beyond the test: forward recovery must not wait for it.
     let (mut spec, _dir) = spec_with(2, 10, &["--saga-deadline-ms", "600000"]);
     // The directory routes accounts 9 and 19 to p1 and p2, which lack them.
@@ -195,6 +195,7 @@ async fn a_refused_credit_is_compensated_at_once_backward_or_forward() {
     let result =
         coordinator.transfer(saga_transfer(3, 15, 100, pb::Recovery::Backward, "b1")).await.unwrap().into_inner();
     assert_eq!(result.outcome, pb::Outcome::Compensated as i32, "{result:?}");
+    assert_eq!(result.abort_reason, pb::AbortReason::Refused as i32, "{result:?}");
     assert!(result.reason.contains("closed"), "{}", result.reason);
     assert_eq!(posted(&cluster, 3).await, BALANCE);
 
@@ -206,11 +207,15 @@ async fn a_refused_credit_is_compensated_at_once_backward_or_forward() {
 
     // Forward: no retry can change a business refusal, so the debit is
     // refunded at once, neither parked nor held until the deadline.
-    for (to, key, words) in [(15, "f1", "closed"), (19, "f2", "account 19 does not exist")] {
+    for (to, key, abort_reason, words) in [
+        (15, "f1", pb::AbortReason::Refused, "closed"),
+        (19, "f2", pb::AbortReason::UnknownAccount, "account 19 does not exist"),
+    ] {
         let started = Instant::now();
         let result =
             coordinator.transfer(saga_transfer(3, to, 250, pb::Recovery::Forward, key)).await.unwrap().into_inner();
         assert_eq!(result.outcome, pb::Outcome::Compensated as i32, "{result:?}");
+        assert_eq!(result.abort_reason, abort_reason as i32, "{result:?}");
         assert!(result.reason.contains(words), "{}", result.reason);
         assert!(started.elapsed() < Duration::from_secs(10), "compensated after {:?}", started.elapsed());
         assert_eq!(posted(&cluster, 3).await, BALANCE);
@@ -263,6 +268,7 @@ async fn a_forward_saga_whose_credit_keeps_failing_compensates_after_its_deadlin
     // Without the deadline, forward recovery would have committed once the
     // target came back.
     assert_eq!(result.outcome, pb::Outcome::Compensated as i32, "{result:?}");
+    assert_eq!(result.abort_reason, pb::AbortReason::ParticipantUnavailable as i32, "{result:?}");
     assert!(result.reason.contains("deadline"), "{}", result.reason);
     assert_eq!((posted(&cluster, 3).await, posted(&cluster, 15).await), (BALANCE, BALANCE));
     cluster.stop().await;
@@ -450,6 +456,8 @@ async fn a_refund_that_keeps_failing_is_dead_lettered_and_an_operator_resolves_i
     let (mut cluster, _dir) = start(2, 10).await;
     // Forward recovery parks money only when the refund itself fails.
     let result = dead_letter(&mut cluster, (5, 16, 120), pb::Recovery::Forward, "refund-1").await;
+    // The abort reason is the refusal that turned the saga back.
+    assert_eq!(result.abort_reason, pb::AbortReason::Refused as i32, "{result:?}");
     assert!(result.reason.contains("closed") && result.reason.contains("parked"), "{}", result.reason);
     let mut coordinator = cluster.coordinator_client().unwrap();
     let mut p1 = cluster.participant_client(0).unwrap();
