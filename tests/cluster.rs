@@ -30,9 +30,15 @@ async fn start_cluster_asking_after(
     accounts_each: u64,
     in_doubt_after_ms: u64,
 ) -> (Cluster, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = start_cluster_in(dir.path(), participants, accounts_each, in_doubt_after_ms, &[]).await;
+    let (spec, dir) = cluster_spec(participants, accounts_each, in_doubt_after_ms);
+    let cluster = Cluster::start(spec).await.expect("the cluster starts");
     (cluster, dir)
+}
+
+fn cluster_spec(participants: usize, accounts_each: u64, in_doubt_after_ms: u64) -> (ClusterSpec, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = cluster_spec_in(dir.path(), participants, accounts_each, in_doubt_after_ms, &[]);
+    (spec, dir)
 }
 
 /// A cluster whose data (and logs) are in `dir`: a participant's in
@@ -44,6 +50,17 @@ async fn start_cluster_in(
     in_doubt_after_ms: u64,
     participant_args: &[&str],
 ) -> Cluster {
+    let spec = cluster_spec_in(dir, participants, accounts_each, in_doubt_after_ms, participant_args);
+    Cluster::start(spec).await.expect("the cluster starts")
+}
+
+fn cluster_spec_in(
+    dir: &std::path::Path,
+    participants: usize,
+    accounts_each: u64,
+    in_doubt_after_ms: u64,
+    participant_args: &[&str],
+) -> ClusterSpec {
     let mut spec = ClusterSpec::new(default_bin_dir(), dir.to_path_buf());
     spec.participants = participants;
     spec.accounts_per_participant = accounts_each;
@@ -52,7 +69,7 @@ async fn start_cluster_in(
     spec.coordinator_args = vec!["--prepare-timeout-ms".into(), "300".into(), "--call-timeout-ms".into(), "300".into()];
     spec.participant_args = vec!["--in-doubt-after-ms".into(), in_doubt_after_ms.to_string()];
     spec.participant_args.extend(participant_args.iter().map(|arg| arg.to_string()));
-    Cluster::start(spec).await.expect("the cluster starts")
+    spec
 }
 
 fn transfer(from: u64, to: u64, amount: i64, key: &str) -> pb::TransferRequest {
@@ -67,7 +84,10 @@ fn transfer(from: u64, to: u64, amount: i64, key: &str) -> pb::TransferRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
-    let (cluster, _dir) = start_cluster(2, 10).await;
+    let (mut spec, _dir) = cluster_spec(2, 10, 200);
+    // The directory routes account 19 to p2, which does not have it (yet).
+    spec.unopened_accounts = [19].into();
+    let cluster = Cluster::start(spec).await.expect("the cluster starts");
     let mut client = cluster.coordinator_client().unwrap();
 
     // A cross-participant transfer commits and moves the money.
@@ -123,6 +143,30 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
     }
     let status = client.get_transaction(pb::GetTransactionRequest { txn_id: "no spaces".into() }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
+
+    // An account that its participant does not have is a refusal learned by
+    // asking it (an account in no participant's range, above, is bad input):
+    // ABORTED with the abort reason UNKNOWN_ACCOUNT, nothing moved.
+    let result = client.transfer(transfer(0, 19, 5, "")).await.unwrap().into_inner();
+    let result_of_execute = client
+        .execute(pb::ExecuteRequest { legs: legs(&[(19, -5), (1, 5)]), idempotency_key: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    for result in [result, result_of_execute] {
+        assert_eq!(result.outcome, pb::Outcome::Aborted as i32, "{result:?}");
+        assert_eq!(result.abort_reason, pb::AbortReason::UnknownAccount as i32, "{result:?}");
+        assert!(result.reason.contains("account 19 does not exist on p2"), "{}", result.reason);
+        assert!(!result.txn_id.is_empty());
+    }
+    // Once p2 has the account, the same transfer commits.
+    p2.open_accounts(pb::OpenAccountsRequest {
+        accounts: vec![pb::NewAccount { account: 19, initial_balance: INITIAL_BALANCE }],
+    })
+    .await
+    .unwrap();
+    let result = client.transfer(transfer(19, 0, 5, "")).await.unwrap().into_inner();
+    assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
     // A batched prepare judges each prepare alone: a malformed one is
     // refused with its reason, the others vote as Prepare would.
     let prepare =

@@ -2,8 +2,9 @@
 //! transfers running together while a participant, or the coordinator, is
 //! SIGKILLed and restarted; then the invariant checker (the bench's own)
 //! resolves every outcome and checks the ledger exactly, suspense included.
-//! Also: a dead letter that an operator resolves, and compensation of a
-//! credit refused by a closed account, for both kinds of saga.
+//! Also: a dead letter that an operator resolves, compensation of a credit
+//! refused by a closed or unknown account, for both kinds of saga and both
+//! recoveries, and the abort reason each outcome carries.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -23,6 +24,11 @@ async fn start(participants: usize, accounts: u64) -> (Cluster, tempfile::TempDi
 
 /// A cluster whose coordinator also takes `coordinator_args`.
 async fn start_with(participants: usize, accounts: u64, coordinator_args: &[&str]) -> (Cluster, tempfile::TempDir) {
+    let (spec, dir) = spec_with(participants, accounts, coordinator_args);
+    (Cluster::start(spec).await.expect("the cluster starts"), dir)
+}
+
+fn spec_with(participants: usize, accounts: u64, coordinator_args: &[&str]) -> (ClusterSpec, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let mut spec = ClusterSpec::new(default_bin_dir(), dir.path().to_path_buf());
     spec.participants = participants;
@@ -35,7 +41,7 @@ async fn start_with(participants: usize, accounts: u64, coordinator_args: &[&str
     }
     spec.coordinator_args.extend(coordinator_args.iter().map(|a| a.to_string()));
     spec.participant_args = vec!["--in-doubt-after-ms".into(), "200".into()];
-    (Cluster::start(spec).await.expect("the cluster starts"), dir)
+    (spec, dir)
 }
 
 fn client(cluster: &Cluster) -> Client {
@@ -170,9 +176,17 @@ async fn posted(cluster: &Cluster, account: u64) -> i64 {
     client.get_balance(pb::GetBalanceRequest { account }).await.unwrap().into_inner().posted
 }
 
+fn two_phase_transfer(from: u64, to: u64, amount: i64) -> pb::TransferRequest {
+    pb::TransferRequest { from_account: from, to_account: to, amount, ..Default::default() }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refused_credit_is_compensated_and_a_failed_one_forward_is_dead_lettered_then_resolved() {
-    let (cluster, _dir) = start(2, 10).await;
+async fn a_refused_credit_is_compensated_at_once_backward_or_forward_and_says_why() {
+    // A saga deadline far beyond the test: forward recovery must not wait for it.
+    let (mut spec, _dir) = spec_with(2, 10, &["--saga-deadline-ms", "600000"]);
+    // The directory routes accounts 9 and 19 to p1 and p2, which lack them.
+    spec.unopened_accounts = [9, 19].into();
+    let mut cluster = Cluster::start(spec).await.expect("the cluster starts");
     let mut coordinator = cluster.coordinator_client().unwrap();
     let mut p2 = cluster.participant_client(1).unwrap();
     p2.set_account_closed(pb::SetAccountClosedRequest { account: 15, closed: true }).await.unwrap();
@@ -181,6 +195,7 @@ async fn a_refused_credit_is_compensated_and_a_failed_one_forward_is_dead_letter
     let result =
         coordinator.transfer(saga_transfer(3, 15, 100, pb::Recovery::Backward, "b1")).await.unwrap().into_inner();
     assert_eq!(result.outcome, pb::Outcome::Compensated as i32, "{result:?}");
+    assert_eq!(result.abort_reason, pb::AbortReason::Refused as i32, "{result:?}");
     assert!(result.reason.contains("closed"), "{}", result.reason);
     assert_eq!(posted(&cluster, 3).await, BALANCE);
 
@@ -190,45 +205,51 @@ async fn a_refused_credit_is_compensated_and_a_failed_one_forward_is_dead_letter
     assert_eq!(outcome, OpOutcome::Compensated, "{detail}");
     assert_eq!(posted(&cluster, 4).await, BALANCE);
 
-    // Forward: the credit cannot succeed; the money is parked in suspense.
-    let result =
-        coordinator.transfer(saga_transfer(3, 15, 250, pb::Recovery::Forward, "f1")).await.unwrap().into_inner();
-    assert_eq!(result.outcome, pb::Outcome::DeadLettered as i32, "{result:?}");
-    assert_eq!(posted(&cluster, 3).await, BALANCE - 250);
+    // Forward: no retry can change a business refusal, so the debit is
+    // refunded at once, neither parked nor held until the deadline.
+    for (to, key, abort_reason, words) in [
+        (15, "f1", pb::AbortReason::Refused, "closed"),
+        (19, "f2", pb::AbortReason::UnknownAccount, "account 19 does not exist"),
+    ] {
+        let started = Instant::now();
+        let result =
+            coordinator.transfer(saga_transfer(3, to, 250, pb::Recovery::Forward, key)).await.unwrap().into_inner();
+        assert_eq!(result.outcome, pb::Outcome::Compensated as i32, "{result:?}");
+        assert_eq!(result.abort_reason, abort_reason as i32, "{result:?}");
+        assert!(result.reason.contains(words), "{}", result.reason);
+        assert!(started.elapsed() < Duration::from_secs(10), "compensated after {:?}", started.elapsed());
+        assert_eq!(posted(&cluster, 3).await, BALANCE);
+        // The same key gets the same answer, without a second saga.
+        let again =
+            coordinator.transfer(saga_transfer(3, to, 250, pb::Recovery::Forward, key)).await.unwrap().into_inner();
+        assert_eq!(again, result);
+    }
     let listed = coordinator.list_dead_letters(pb::ListDeadLettersRequest {}).await.unwrap().into_inner();
-    assert_eq!(listed.dead_letters.len(), 1);
-    let dead = &listed.dead_letters[0];
-    assert_eq!((dead.saga_id.as_str(), dead.amount, dead.parked), (result.txn_id.as_str(), 250, true));
-    assert_eq!(dead.suspense_participant, "p1");
-    // Conservation holds with suspense counted.
+    assert!(listed.dead_letters.is_empty(), "{listed:?}");
     let audit = coordinator.audit(pb::AuditRequest { include_accounts: false }).await.unwrap().into_inner();
-    assert_eq!((audit.total_posted, audit.total_suspense), (cluster.spec.total_money() - 250, 250));
-    // The same key gets the same answer, without a second saga.
-    let again =
-        coordinator.transfer(saga_transfer(3, 15, 250, pb::Recovery::Forward, "f1")).await.unwrap().into_inner();
-    assert_eq!(again, result);
-    assert_eq!(posted(&cluster, 3).await, BALANCE - 250);
+    assert_eq!((audit.total_posted, audit.total_suspense), (cluster.spec.total_money(), 0));
 
-    // Resolving to an account on another participant is refused.
-    let status = coordinator
-        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: result.txn_id.clone(), to_account: 15 })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{}", status.message());
-    // The operator releases the money back to the source.
-    resolve_back_to_the_source(&cluster, &result.txn_id, 3).await;
-    assert!(coordinator
-        .list_dead_letters(pb::ListDeadLettersRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .dead_letters
-        .is_empty());
-    let status = coordinator
-        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: result.txn_id, to_account: 0 })
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), tonic::Code::NotFound);
+    // An account its participant lacks is a refusal learned by asking, the
+    // same for both protocols: ABORTED when nothing moved (2PC, or a saga's
+    // debit), with the abort reason UNKNOWN_ACCOUNT.
+    for (request, words) in [
+        (saga_transfer(9, 12, 5, pb::Recovery::Backward, "u1"), "account 9 does not exist"),
+        (two_phase_transfer(9, 12, 5), "account 9 does not exist"),
+        (two_phase_transfer(3, 19, 5), "account 19 does not exist"),
+    ] {
+        let result = coordinator.transfer(request.clone()).await.unwrap().into_inner();
+        assert_eq!(result.outcome, pb::Outcome::Aborted as i32, "{request:?}: {result:?}");
+        assert_eq!(result.abort_reason, pb::AbortReason::UnknownAccount as i32, "{request:?}: {result:?}");
+        assert!(result.reason.contains(words), "{}", result.reason);
+    }
+    // An account in no participant's range is bad input: NOT_FOUND at once.
+    for request in [saga_transfer(3, 999, 5, pb::Recovery::Forward, "n1"), two_phase_transfer(3, 999, 5)] {
+        let status = coordinator.transfer(request).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::NotFound, "{}", status.message());
+        assert!(status.message().contains("999"), "{}", status.message());
+    }
+    assert_eq!((posted(&cluster, 3).await, posted(&cluster, 12).await), (BALANCE, BALANCE));
+    cluster.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -247,6 +268,7 @@ async fn a_forward_saga_whose_credit_keeps_failing_compensates_after_its_deadlin
     // Without the deadline, forward recovery would have committed once the
     // target came back.
     assert_eq!(result.outcome, pb::Outcome::Compensated as i32, "{result:?}");
+    assert_eq!(result.abort_reason, pb::AbortReason::ParticipantUnavailable as i32, "{result:?}");
     assert!(result.reason.contains("deadline"), "{}", result.reason);
     assert_eq!((posted(&cluster, 3).await, posted(&cluster, 15).await), (BALANCE, BALANCE));
     cluster.stop().await;
@@ -398,43 +420,86 @@ async fn an_outbox_relay_killed_between_delivery_and_forgetting_redelivers_and_t
     cluster.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refund_that_keeps_failing_is_dead_lettered_and_an_operator_resolves_it() {
-    let (mut cluster, _dir) = start(2, 10).await;
+/// Makes a dead letter of a saga from `from` (on p1) to `to` (on p2): the
+/// credit will be refused (`to` is closed), but only once p2 answers
+/// again; meanwhile `from` is closed too, so the refund of the debit cannot
+/// be applied and the money is parked in p1's suspense account. `from`
+/// stays closed.
+async fn dead_letter(
+    cluster: &mut Cluster,
+    (from, to, amount): (u64, u64, i64),
+    recovery: pb::Recovery,
+    key: &str,
+) -> pb::TransactionResult {
     let mut coordinator = cluster.coordinator_client().unwrap();
     let mut p1 = cluster.participant_client(0).unwrap();
     let mut p2 = cluster.participant_client(1).unwrap();
-    // The credit will be refused (closed target), but only once the target
-    // answers again: meanwhile the source account is closed too, so the
-    // refund of the debit cannot be applied.
-    p2.set_account_closed(pb::SetAccountClosedRequest { account: 16, closed: true }).await.unwrap();
+    p2.set_account_closed(pb::SetAccountClosedRequest { account: to, closed: true }).await.unwrap();
+    let before = posted(cluster, from).await;
     cluster.node(NodeRef::Participant(1)).pause();
-    let saga = tokio::spawn(async move {
-        coordinator.transfer(saga_transfer(5, 16, 120, pb::Recovery::Backward, "refund-1")).await.unwrap().into_inner()
-    });
+    let request = saga_transfer(from, to, amount, recovery, key);
+    let saga = tokio::spawn(async move { coordinator.transfer(request).await.unwrap().into_inner() });
     let debited = Instant::now() + Duration::from_secs(10);
-    while posted(&cluster, 5).await != BALANCE - 120 {
+    while posted(cluster, from).await != before - amount {
         assert!(Instant::now() < debited, "the debit never happened");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    p1.set_account_closed(pb::SetAccountClosedRequest { account: 5, closed: true }).await.unwrap();
+    p1.set_account_closed(pb::SetAccountClosedRequest { account: from, closed: true }).await.unwrap();
     cluster.node(NodeRef::Participant(1)).resume();
     let result = tokio::time::timeout(Duration::from_secs(30), saga).await.expect("the saga ends").unwrap();
     assert_eq!(result.outcome, pb::Outcome::DeadLettered as i32, "{result:?}");
+    result
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refund_that_keeps_failing_is_dead_lettered_and_an_operator_resolves_it() {
+    let (mut cluster, _dir) = start(2, 10).await;
+    // Forward recovery parks money only when the refund itself fails.
+    let result = dead_letter(&mut cluster, (5, 16, 120), pb::Recovery::Forward, "refund-1").await;
+    // The abort reason is the refusal that turned the saga back.
+    assert_eq!(result.abort_reason, pb::AbortReason::Refused as i32, "{result:?}");
+    assert!(result.reason.contains("closed") && result.reason.contains("parked"), "{}", result.reason);
     let mut coordinator = cluster.coordinator_client().unwrap();
+    let mut p1 = cluster.participant_client(0).unwrap();
     let listed = coordinator.list_dead_letters(pb::ListDeadLettersRequest {}).await.unwrap().into_inner();
-    let dead = listed.dead_letters.iter().find(|d| d.saga_id == result.txn_id).expect("listed as a dead letter");
-    assert_eq!((dead.amount, dead.parked, dead.suspense_participant.as_str()), (120, true, "p1"));
+    assert_eq!(listed.dead_letters.len(), 1);
+    let dead = &listed.dead_letters[0];
+    assert_eq!((dead.saga_id.as_str(), dead.amount, dead.parked), (result.txn_id.as_str(), 120, true));
+    assert_eq!(dead.suspense_participant, "p1");
+    // Conservation holds with suspense counted.
     let audit = coordinator.audit(pb::AuditRequest { include_accounts: false }).await.unwrap().into_inner();
     assert_eq!((audit.total_posted, audit.total_suspense), (cluster.spec.total_money() - 120, 120));
+    // The same key gets the same answer, without a second saga.
+    let again =
+        coordinator.transfer(saga_transfer(5, 16, 120, pb::Recovery::Forward, "refund-1")).await.unwrap().into_inner();
+    assert_eq!(again, result);
+    assert_eq!(posted(&cluster, 5).await, BALANCE - 120);
+    // Resolving to an account on another participant is refused.
+    let status = coordinator
+        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: result.txn_id.clone(), to_account: 15 })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{}", status.message());
     // Releasing into the still closed account fails and leaves the dead letter.
     let refused = coordinator
         .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: result.txn_id.clone(), to_account: 0 })
         .await;
     assert!(refused.is_err() || refused.unwrap().into_inner().state != pb::SagaState::Resolved as i32);
-    // The operator reopens the account and resolves the dead letter.
+    // The operator reopens the account and resolves the dead letter, once.
     p1.set_account_closed(pb::SetAccountClosedRequest { account: 5, closed: false }).await.unwrap();
     resolve_back_to_the_source(&cluster, &result.txn_id, 5).await;
+    assert!(coordinator
+        .list_dead_letters(pb::ListDeadLettersRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .dead_letters
+        .is_empty());
+    let status = coordinator
+        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: result.txn_id, to_account: 0 })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound);
     cluster.stop().await;
 }
 
@@ -460,15 +525,16 @@ async fn the_barriers_of_ended_sagas_are_forgotten_and_a_dead_letters_wait_for_i
     let mut coordinator = cluster.coordinator_client().unwrap();
     let mut p2 = cluster.participant_client(1).unwrap();
     p2.set_account_closed(pb::SetAccountClosedRequest { account: 17, closed: true }).await.unwrap();
-    let mut dead_letter = String::new();
     for (to, key, recovery) in [
         (11, "done-1", pb::Recovery::Backward),
         (17, "refused-1", pb::Recovery::Backward),
-        (17, "dead-1", pb::Recovery::Forward),
+        (17, "refused-2", pb::Recovery::Forward),
     ] {
-        let result = coordinator.transfer(saga_transfer(1, to, 10, recovery, key)).await.unwrap().into_inner();
-        dead_letter = result.txn_id;
+        coordinator.transfer(saga_transfer(1, to, 10, recovery, key)).await.unwrap();
     }
+    let parked = dead_letter(&mut cluster, (1, 17, 10), pb::Recovery::Backward, "dead-1").await;
+    let mut p1 = cluster.participant_client(0).unwrap();
+    p1.set_account_closed(pb::SetAccountClosedRequest { account: 1, closed: false }).await.unwrap();
     // Completed and compensated sagas are forgotten: their barriers go
     // (after the linger, the retention and a collection round). The dead
     // letter is not over: the barrier of its refused credit stays at the
@@ -490,7 +556,7 @@ async fn the_barriers_of_ended_sagas_are_forgotten_and_a_dead_letters_wait_for_i
     wait_for([0, 1]).await;
     // Once an operator resolves it, it is over too.
     let resolved = coordinator
-        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: dead_letter, to_account: 0 })
+        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: parked.txn_id, to_account: 0 })
         .await
         .unwrap()
         .into_inner();

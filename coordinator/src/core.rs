@@ -60,15 +60,21 @@ pub enum AbortReason {
     Refused,
 }
 
+/// How a transaction or saga ended, with the reason it did not commit (what
+/// its client hears as `abort_reason`) and a sentence for a person.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// 2PC committed, or a saga completed.
     Committed,
     Aborted(AbortReason, String),
-    /// Sagas only: the credit failed and the debit was refunded.
-    Compensated(String),
-    /// Sagas only: the refund failed; the money is parked in suspense.
-    DeadLettered(String),
+    /// Sagas only: the saga turned back and its debit was refunded (or had
+    /// never run). The reason is what turned it back: `None` when that is
+    /// unknown (a saga resumed after a crash had lost its logged stage, or
+    /// an outcome logged before reasons were).
+    Compensated(Option<AbortReason>, String),
+    /// Sagas only: the refund failed; the money is parked in suspense. The
+    /// reason is what turned the saga back, as for `Compensated`.
+    DeadLettered(Option<AbortReason>, String),
 }
 
 /// What a participant answered to a prepare, as the driver saw it.

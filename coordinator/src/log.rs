@@ -12,7 +12,7 @@
 //! - `k/<idempotency key>`: the result given for that key, and a fingerprint
 //!   of the request so that a key reused for another request is refused.
 //! - `s/<saga id>`: an orchestrated saga that is running or dead-lettered:
-//!   its transfer and its stage. The start record is fsynced before the
+//!   its transfer, its stage, and why it left its happy path. The start record is fsynced before the
 //!   first step; stage changes are buffered (a lost stage is redone, and
 //!   steps are idempotent).
 //!
@@ -188,6 +188,23 @@ fn reason_from_code(code: u8) -> AbortReason {
     }
 }
 
+/// A saga's cause, as one byte (0: none).
+fn cause_code(cause: Option<AbortReason>) -> u8 {
+    cause.map_or(0, reason_code)
+}
+
+/// Reads the cause that ends a record; records written before causes were
+/// logged end without it.
+fn read_cause(r: &mut Reader) -> Option<AbortReason> {
+    if r.0.is_empty() {
+        return None;
+    }
+    match r.byte() {
+        0 => None,
+        code => Some(reason_from_code(code)),
+    }
+}
+
 pub fn encode_keyed(result: &KeyedResult) -> Vec<u8> {
     let mut w = Writer(Vec::new());
     w.text(result.txn.as_str());
@@ -198,13 +215,15 @@ pub fn encode_keyed(result: &KeyedResult) -> Vec<u8> {
             w.byte(reason_code(*reason));
             w.text(message);
         }
-        Outcome::Compensated(message) => {
+        Outcome::Compensated(cause, message) => {
             w.byte(100);
             w.text(message);
+            w.byte(cause_code(*cause));
         }
-        Outcome::DeadLettered(message) => {
+        Outcome::DeadLettered(cause, message) => {
             w.byte(101);
             w.text(message);
+            w.byte(cause_code(*cause));
         }
     }
     w.0
@@ -216,8 +235,14 @@ pub fn decode_keyed(bytes: &[u8]) -> KeyedResult {
     let fingerprint = r.u64();
     let outcome = match r.byte() {
         0 => Outcome::Committed,
-        100 => Outcome::Compensated(r.text()),
-        101 => Outcome::DeadLettered(r.text()),
+        100 => {
+            let message = r.text();
+            Outcome::Compensated(read_cause(&mut r), message)
+        }
+        101 => {
+            let message = r.text();
+            Outcome::DeadLettered(read_cause(&mut r), message)
+        }
         code => Outcome::Aborted(reason_from_code(code), r.text()),
     };
     r.done();
@@ -314,6 +339,7 @@ pub fn encode_saga(record: &SagaRecord) -> Vec<u8> {
     w.u64(spec.fingerprint);
     w.text(&record.reason);
     w.i64(record.parked);
+    w.byte(cause_code(record.cause));
     w.0
 }
 
@@ -332,8 +358,9 @@ pub fn decode_saga(bytes: &[u8]) -> SagaRecord {
     };
     let reason = r.text();
     let parked = r.i64();
+    let cause = read_cause(&mut r);
     r.done();
-    SagaRecord { spec, stage, reason, parked }
+    SagaRecord { spec, stage, reason, cause, parked }
 }
 
 /// The ops that end a saga: its record goes, its outcome (and its key's)
@@ -342,8 +369,8 @@ pub fn saga_finish_ops(saga: &Id, spec: &SagaSpec, outcome: &Outcome) -> Vec<Op>
     let finished_as = match outcome {
         Outcome::Committed => FinishedAs::Committed,
         Outcome::Aborted(..) => FinishedAs::Aborted,
-        Outcome::Compensated(_) => FinishedAs::Compensated,
-        Outcome::DeadLettered(_) => FinishedAs::Resolved,
+        Outcome::Compensated(..) => FinishedAs::Compensated,
+        Outcome::DeadLettered(..) => FinishedAs::Resolved,
     };
     let mut ops = vec![
         Op::Delete(key(SAGA_PREFIX, saga)),
@@ -389,8 +416,9 @@ mod tests {
         for outcome in [
             Outcome::Committed,
             Outcome::Aborted(AbortReason::InsufficientFunds, "poor".into()),
-            Outcome::Compensated("refunded".into()),
-            Outcome::DeadLettered("parked".into()),
+            Outcome::Compensated(Some(AbortReason::UnknownAccount), "refunded".into()),
+            Outcome::Compensated(None, "refunded".into()),
+            Outcome::DeadLettered(Some(AbortReason::Refused), "parked".into()),
         ] {
             let keyed = KeyedResult { txn: id("t1"), outcome, fingerprint: 42 };
             assert_eq!(decode_keyed(&encode_keyed(&keyed)), keyed);
@@ -398,8 +426,22 @@ mod tests {
     }
 
     #[test]
-    fn saga_records_round_trip() {
-        let record = SagaRecord {
+    fn records_written_before_saga_causes_were_logged_still_read() {
+        let keyed = KeyedResult {
+            txn: id("t1"),
+            outcome: Outcome::Compensated(Some(AbortReason::BalanceOverflow), "refunded".into()),
+            fingerprint: 42,
+        };
+        let bytes = encode_keyed(&keyed);
+        let old = decode_keyed(&bytes[..bytes.len() - 1]);
+        assert_eq!(old.outcome, Outcome::Compensated(None, "refunded".into()));
+        let record = SagaRecord { cause: Some(AbortReason::Refused), ..saga_record() };
+        let bytes = encode_saga(&record);
+        assert_eq!(decode_saga(&bytes[..bytes.len() - 1]), SagaRecord { cause: None, ..record });
+    }
+
+    fn saga_record() -> SagaRecord {
+        SagaRecord {
             spec: SagaSpec {
                 from: 1,
                 to: 2,
@@ -412,8 +454,16 @@ mod tests {
             },
             stage: Stage::CompensatingDebit,
             reason: "the credit was refused".into(),
+            cause: Some(AbortReason::UnknownAccount),
             parked: 0,
-        };
+        }
+    }
+
+    #[test]
+    fn saga_records_round_trip() {
+        let record = saga_record();
+        assert_eq!(decode_saga(&encode_saga(&record)), record);
+        let record = SagaRecord { cause: None, ..saga_record() };
         assert_eq!(decode_saga(&encode_saga(&record)), record);
     }
 

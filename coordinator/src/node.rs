@@ -1058,31 +1058,44 @@ impl Node {
     }
 }
 
-pub(crate) fn result_to_pb(txn: &TxnId, outcome: Outcome) -> Result<pb::TransactionResult, Status> {
+/// An outcome as the client hears it. Every outcome is an answer, not an
+/// error status: an account that its participant does not have is a
+/// refusal learned by asking it (ABORTED, or COMPENSATED when the saga's
+/// credit found it), like insufficient funds; only bad input found before
+/// anything was asked (an account in no participant's range) is an error.
+pub(crate) fn result_to_pb(txn: &TxnId, outcome: Outcome) -> pb::TransactionResult {
     let (outcome, abort_reason, reason) = match outcome {
-        Outcome::Committed => (pb::Outcome::Committed, pb::AbortReason::Unspecified, String::new()),
-        Outcome::Compensated(reason) => (pb::Outcome::Compensated, pb::AbortReason::Unspecified, reason),
-        Outcome::DeadLettered(reason) => (pb::Outcome::DeadLettered, pb::AbortReason::Unspecified, reason),
-        Outcome::Aborted(AbortReason::UnknownAccount, message) => {
-            return Err(Status::not_found(format!("{txn} aborted: {message}")))
-        }
-        Outcome::Aborted(reason, message) => (
-            pb::Outcome::Aborted,
-            match reason {
-                AbortReason::InsufficientFunds => pb::AbortReason::InsufficientFunds,
-                AbortReason::BalanceOverflow => pb::AbortReason::BalanceOverflow,
-                AbortReason::ParticipantUnavailable => pb::AbortReason::ParticipantUnavailable,
-                AbortReason::Refused | AbortReason::UnknownAccount => pb::AbortReason::Refused,
-            },
-            message,
-        ),
+        Outcome::Committed => (pb::Outcome::Committed, None, String::new()),
+        Outcome::Aborted(reason, message) => (pb::Outcome::Aborted, Some(reason), message),
+        Outcome::Compensated(cause, message) => (pb::Outcome::Compensated, cause, message),
+        Outcome::DeadLettered(cause, message) => (pb::Outcome::DeadLettered, cause, message),
     };
-    Ok(pb::TransactionResult {
+    let abort_reason = match abort_reason {
+        None => pb::AbortReason::Unspecified,
+        Some(AbortReason::InsufficientFunds) => pb::AbortReason::InsufficientFunds,
+        Some(AbortReason::BalanceOverflow) => pb::AbortReason::BalanceOverflow,
+        Some(AbortReason::UnknownAccount) => pb::AbortReason::UnknownAccount,
+        Some(AbortReason::ParticipantUnavailable) => pb::AbortReason::ParticipantUnavailable,
+        Some(AbortReason::Refused) => pb::AbortReason::Refused,
+    };
+    pb::TransactionResult {
         txn_id: txn.to_string(),
         outcome: outcome as i32,
         abort_reason: abort_reason as i32,
         reason,
-    })
+    }
+}
+
+/// Why a participant refused (a prepare or a saga step), as a transaction's
+/// abort reason: the refusals a client can act on keep their name, the
+/// others are [`AbortReason::Refused`] (the message says which).
+pub(crate) fn abort_reason_from_pb(refusal: i32) -> AbortReason {
+    match pb::Refusal::try_from(refusal) {
+        Ok(pb::Refusal::InsufficientFunds) => AbortReason::InsufficientFunds,
+        Ok(pb::Refusal::BalanceOverflow) => AbortReason::BalanceOverflow,
+        Ok(pb::Refusal::UnknownAccount) => AbortReason::UnknownAccount,
+        _ => AbortReason::Refused,
+    }
 }
 
 fn optional_key(text: &str) -> Result<Option<Id>, Error> {
@@ -1111,7 +1124,7 @@ impl Coordinator for Node {
             }
             Err(_) => return Err(Status::invalid_argument(format!("unknown protocol {}", request.protocol))),
         };
-        Ok(Response::new(result_to_pb(&txn, outcome)?))
+        Ok(Response::new(result_to_pb(&txn, outcome)))
     }
 
     async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::TransactionResult>, Status> {
@@ -1119,7 +1132,7 @@ impl Coordinator for Node {
         let legs: Vec<Leg> = request.legs.iter().map(Leg::from).collect();
         let key = optional_key(&request.idempotency_key)?;
         let (txn, outcome) = self.run_transaction(legs, key).await?;
-        Ok(Response::new(result_to_pb(&txn, outcome)?))
+        Ok(Response::new(result_to_pb(&txn, outcome)))
     }
 
     async fn get_transaction(
@@ -1171,15 +1184,7 @@ impl Coordinator for Node {
 fn vote_from_pb(participant: &Id, response: pb::PrepareResponse) -> VoteResult {
     match pb::Vote::try_from(response.vote) {
         Ok(pb::Vote::Yes) => VoteResult::Yes,
-        _ => {
-            let reason = match pb::Refusal::try_from(response.refusal) {
-                Ok(pb::Refusal::InsufficientFunds) => AbortReason::InsufficientFunds,
-                Ok(pb::Refusal::BalanceOverflow) => AbortReason::BalanceOverflow,
-                Ok(pb::Refusal::UnknownAccount) => AbortReason::UnknownAccount,
-                _ => AbortReason::Refused,
-            };
-            VoteResult::No(reason, format!("{participant}: {}", response.reason))
-        }
+        _ => VoteResult::No(abort_reason_from_pb(response.refusal), format!("{participant}: {}", response.reason)),
     }
 }
 
@@ -1203,4 +1208,67 @@ fn answers_for<I, A>(sent: &[I], answers: Result<Vec<A>, Status>) -> Result<Vec<
         return Err(Status::internal(format!("{} answers for {} items", answers.len(), sent.len())));
     }
     Ok(answers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn txn() -> TxnId {
+        Id::parse("txn", "c1-000001-000000000001").unwrap()
+    }
+
+    #[test]
+    fn an_account_its_participant_does_not_have_is_an_aborted_outcome_not_an_error_status() {
+        let outcome = Outcome::Aborted(AbortReason::UnknownAccount, "p2: account 19 does not exist on p2".into());
+        let result = result_to_pb(&txn(), outcome);
+        assert_eq!(result.outcome, pb::Outcome::Aborted as i32);
+        assert_eq!(result.abort_reason, pb::AbortReason::UnknownAccount as i32);
+        assert!(result.reason.contains("account 19 does not exist"), "{}", result.reason);
+    }
+
+    #[test]
+    fn a_saga_that_turned_back_says_why_in_its_abort_reason() {
+        for (outcome, expected) in [
+            (
+                Outcome::Compensated(Some(AbortReason::InsufficientFunds), "refunded".into()),
+                (pb::Outcome::Compensated, pb::AbortReason::InsufficientFunds),
+            ),
+            (
+                Outcome::Compensated(Some(AbortReason::UnknownAccount), "refunded".into()),
+                (pb::Outcome::Compensated, pb::AbortReason::UnknownAccount),
+            ),
+            (
+                Outcome::Compensated(Some(AbortReason::ParticipantUnavailable), "deadline".into()),
+                (pb::Outcome::Compensated, pb::AbortReason::ParticipantUnavailable),
+            ),
+            (
+                Outcome::DeadLettered(Some(AbortReason::BalanceOverflow), "parked".into()),
+                (pb::Outcome::DeadLettered, pb::AbortReason::BalanceOverflow),
+            ),
+            (
+                Outcome::DeadLettered(Some(AbortReason::Refused), "parked".into()),
+                (pb::Outcome::DeadLettered, pb::AbortReason::Refused),
+            ),
+            (Outcome::Compensated(None, "resumed".into()), (pb::Outcome::Compensated, pb::AbortReason::Unspecified)),
+            (Outcome::Committed, (pb::Outcome::Committed, pb::AbortReason::Unspecified)),
+        ] {
+            let result = result_to_pb(&txn(), outcome.clone());
+            assert_eq!((result.outcome, result.abort_reason), (expected.0 as i32, expected.1 as i32), "{outcome:?}");
+        }
+    }
+
+    #[test]
+    fn a_refusal_keeps_its_name_when_a_client_can_act_on_it() {
+        for (refusal, expected) in [
+            (pb::Refusal::InsufficientFunds, AbortReason::InsufficientFunds),
+            (pb::Refusal::BalanceOverflow, AbortReason::BalanceOverflow),
+            (pb::Refusal::UnknownAccount, AbortReason::UnknownAccount),
+            (pb::Refusal::AccountClosed, AbortReason::Refused),
+            (pb::Refusal::Unspecified, AbortReason::Refused),
+        ] {
+            assert_eq!(abort_reason_from_pb(refusal as i32), expected, "{refusal:?}");
+        }
+        assert_eq!(abort_reason_from_pb(999), AbortReason::Refused, "a refusal this coordinator does not know");
+    }
 }

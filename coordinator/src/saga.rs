@@ -16,9 +16,12 @@
 //!   redone action after its compensation is a hanging step);
 //! - debit refused (insufficient funds, unknown or closed account): the saga
 //!   aborts, nothing moved;
-//! - credit refused for a business reason: backward recovery refunds the
-//!   debit (the compensation); forward recovery cannot complete and
-//!   dead-letters;
+//! - credit refused for a business reason (unknown or closed account,
+//!   overflow): no retry can change that, so the debit is refunded at once
+//!   (the compensation), whatever the recovery: forward recovery retries
+//!   only what may still succeed, a credit that got no answer. Parking the
+//!   money in suspense is for a refund that fails (below), not for a
+//!   refusal;
 //! - a step that fails transiently (unavailable, timeout) is retried with
 //!   capped exponential backoff up to its budget of attempts and the saga
 //!   deadline (the driver does that) and then counts as failed with an
@@ -44,7 +47,15 @@
 //!   the bench's default scenario, before the refund retried).
 //!
 //! The client hears the outcome once the saga is terminal: COMMITTED
-//! (completed), ABORTED, COMPENSATED or DEAD_LETTERED.
+//! (completed), ABORTED, COMPENSATED or DEAD_LETTERED, and, unless it
+//! completed, the abort reason of what turned the saga back: the refusal of
+//! its debit or credit (insufficient funds, balance overflow, unknown
+//! account; any other is REFUSED), or PARTICIPANT_UNAVAILABLE when it gave
+//! up on a step that got no answer. A dead letter keeps the reason that
+//! turned it back; its text says why the refund failed too. The reason is
+//! logged with the saga's stage, so a restarted coordinator still knows it
+//! (but not a stage a machine crash lost: a saga resumed past it, on a
+//! hanging step, has none to give).
 //!
 //! # Recovery
 //!
@@ -113,6 +124,12 @@ pub struct SagaRecord {
     pub stage: Stage,
     /// Why the saga left its happy path (empty while it is on it).
     pub reason: String,
+    /// The same, as the client's abort reason: the refusal that turned the
+    /// saga back, or [`AbortReason::ParticipantUnavailable`] when it gave
+    /// up on a participant that did not answer. `None` on the happy path,
+    /// and when the saga resumed after a crash past a logged stage it had
+    /// lost (a hanging step).
+    pub cause: Option<AbortReason>,
     /// Amount parked in suspense (dead letters).
     pub parked: Amount,
 }
@@ -151,8 +168,10 @@ pub enum StepResult {
     Applied,
     /// A compensation with nothing to undo.
     Empty,
-    /// Refused for a business reason: definite.
-    Refused(String),
+    /// Refused for a business reason: definite. Any reason but those a
+    /// participant names (insufficient funds, overflow, unknown account)
+    /// is [`AbortReason::Refused`].
+    Refused(AbortReason, String),
     /// An action that arrived after its compensation and was ignored: the
     /// saga had gone further than this coordinator remembers (a machine
     /// crash lost its buffered stage records).
@@ -216,7 +235,7 @@ impl SagaCore {
             }
             self.keys_in_flight.insert(key.clone(), saga.clone());
         }
-        let record = SagaRecord { spec, stage: Stage::Starting, reason: String::new(), parked: 0 };
+        let record = SagaRecord { spec, stage: Stage::Starting, reason: String::new(), cause: None, parked: 0 };
         self.sagas.insert(saga.clone(), record.clone());
         Ok(vec![SagaAction::Persist { saga, record, fsync: true }])
     }
@@ -277,6 +296,18 @@ impl SagaCore {
         ]
     }
 
+    /// Leaves the happy path for `stage`, because of `cause`.
+    fn turn_back(
+        &mut self,
+        saga: &SagaId,
+        stage: Stage,
+        cause: Option<AbortReason>,
+        reason: String,
+    ) -> Vec<SagaAction> {
+        self.sagas.get_mut(saga).expect("known saga").cause = cause;
+        self.move_to(saga, stage, Some(reason))
+    }
+
     fn finish(&mut self, saga: &SagaId, outcome: Outcome) -> Vec<SagaAction> {
         let record = self.sagas.remove(saga).expect("known saga");
         if let Some(key) = &record.spec.idempotency_key {
@@ -290,46 +321,46 @@ impl SagaCore {
         let Some(record) = self.sagas.get(saga) else { return Vec::new() };
         let stage = record.stage;
         let amount = record.spec.amount;
-        let backward = record.spec.recovery == Recovery::Backward;
         match (stage, kind, phase, result) {
             (Stage::Debiting, StepKind::Debit, StepPhase::Action, StepResult::Applied) => {
                 self.move_to(saga, Stage::Crediting, None)
             }
-            (Stage::Debiting, StepKind::Debit, StepPhase::Action, StepResult::Refused(reason)) => {
-                let why = if reason.contains("available") {
-                    AbortReason::InsufficientFunds
-                } else if reason.contains("does not exist") {
-                    AbortReason::UnknownAccount
-                } else {
-                    AbortReason::Refused
-                };
+            (Stage::Debiting, StepKind::Debit, StepPhase::Action, StepResult::Refused(why, reason)) => {
                 self.finish(saga, Outcome::Aborted(why, reason))
             }
-            (Stage::Debiting, StepKind::Debit, StepPhase::Action, StepResult::Hanging) => self.move_to(
+            (Stage::Debiting, StepKind::Debit, StepPhase::Action, StepResult::Hanging) => self.turn_back(
                 saga,
                 Stage::CompensatingDebit,
-                Some("resumed after a crash: the debit had already been compensated".into()),
+                None,
+                "resumed after a crash: the debit had already been compensated".into(),
             ),
-            (Stage::Crediting, StepKind::Credit, StepPhase::Action, StepResult::Hanging) => self.move_to(
+            (Stage::Crediting, StepKind::Credit, StepPhase::Action, StepResult::Hanging) => self.turn_back(
                 saga,
                 Stage::CompensatingCredit,
-                Some("resumed after a crash: the credit had already been compensated".into()),
+                None,
+                "resumed after a crash: the credit had already been compensated".into(),
             ),
-            (Stage::Debiting, StepKind::Debit, StepPhase::Action, StepResult::Exhausted(error)) => {
-                self.move_to(saga, Stage::CompensatingDebit, Some(format!("the debit's outcome is unknown: {error}")))
-            }
+            (Stage::Debiting, StepKind::Debit, StepPhase::Action, StepResult::Exhausted(error)) => self.turn_back(
+                saga,
+                Stage::CompensatingDebit,
+                Some(AbortReason::ParticipantUnavailable),
+                format!("the debit's outcome is unknown: {error}"),
+            ),
             (Stage::Crediting, StepKind::Credit, StepPhase::Action, StepResult::Applied) => {
                 self.finish(saga, Outcome::Committed)
             }
-            (Stage::Crediting, StepKind::Credit, StepPhase::Action, StepResult::Refused(reason)) if backward => {
-                self.move_to(saga, Stage::CompensatingDebit, Some(format!("the credit was refused: {reason}")))
+            // Backward or forward: no retry can change a business refusal,
+            // so the debit is refunded now (forward recovery only retries
+            // what may yet succeed: a credit that got no answer).
+            (Stage::Crediting, StepKind::Credit, StepPhase::Action, StepResult::Refused(why, reason)) => {
+                self.turn_back(saga, Stage::CompensatingDebit, Some(why), format!("the credit was refused: {reason}"))
             }
-            (Stage::Crediting, StepKind::Credit, StepPhase::Action, StepResult::Refused(reason)) => {
-                self.move_to(saga, Stage::Parking, Some(format!("the credit was refused (forward recovery): {reason}")))
-            }
-            (Stage::Crediting, StepKind::Credit, StepPhase::Action, StepResult::Exhausted(error)) => {
-                self.move_to(saga, Stage::CompensatingCredit, Some(format!("the credit's outcome is unknown: {error}")))
-            }
+            (Stage::Crediting, StepKind::Credit, StepPhase::Action, StepResult::Exhausted(error)) => self.turn_back(
+                saga,
+                Stage::CompensatingCredit,
+                Some(AbortReason::ParticipantUnavailable),
+                format!("the credit's outcome is unknown: {error}"),
+            ),
             (
                 Stage::CompensatingCredit,
                 StepKind::Credit,
@@ -337,7 +368,7 @@ impl SagaCore {
                 StepResult::Applied | StepResult::Empty,
             ) => self.move_to(saga, Stage::CompensatingDebit, None),
             // The credit ran and its money was spent already: the transfer stands.
-            (Stage::CompensatingCredit, StepKind::Credit, StepPhase::Compensation, StepResult::Refused(_)) => {
+            (Stage::CompensatingCredit, StepKind::Credit, StepPhase::Compensation, StepResult::Refused(..)) => {
                 self.finish(saga, Outcome::Committed)
             }
             (
@@ -346,14 +377,17 @@ impl SagaCore {
                 StepPhase::Compensation,
                 StepResult::Applied | StepResult::Empty,
             ) => {
-                let reason = self.sagas[saga].reason.clone();
-                self.finish(saga, Outcome::Compensated(reason))
+                let record = &self.sagas[saga];
+                let outcome = Outcome::Compensated(record.cause, record.reason.clone());
+                self.finish(saga, outcome)
             }
+            // The saga keeps the cause that turned it back; the text says
+            // why the refund failed too.
             (
                 Stage::CompensatingDebit,
                 StepKind::Debit,
                 StepPhase::Compensation,
-                StepResult::Refused(why) | StepResult::Exhausted(why),
+                StepResult::Refused(_, why) | StepResult::Exhausted(why),
             ) => {
                 let reason = format!("{}; the refund failed: {why}", self.sagas[saga].reason);
                 self.move_to(saga, Stage::Parking, Some(reason))
@@ -365,21 +399,23 @@ impl SagaCore {
                 if let Some(key) = &record.spec.idempotency_key {
                     self.keys_in_flight.remove(key);
                 }
-                let outcome = Outcome::DeadLettered(format!("{}; {amount} parked in suspense", record.reason));
+                let outcome =
+                    Outcome::DeadLettered(record.cause, format!("{}; {amount} parked in suspense", record.reason));
                 vec![SagaAction::DeadLetter { saga: saga.clone(), record: record.clone(), outcome }]
             }
             // Nothing parked: the debit never ran, or its refund went
             // through after all (that answer had been lost).
             (Stage::Parking, StepKind::Debit, StepPhase::CompensateToSuspense, StepResult::Empty) => {
-                let reason = self.sagas[saga].reason.clone();
-                self.finish(saga, Outcome::Compensated(reason))
+                let record = &self.sagas[saga];
+                let outcome = Outcome::Compensated(record.cause, record.reason.clone());
+                self.finish(saga, outcome)
             }
             (Stage::Releasing, StepKind::Release, StepPhase::Action, StepResult::Applied) => {
                 let record = self.sagas.remove(saga).expect("known saga");
                 let mut actions = vec![SagaAction::Finish {
                     saga: saga.clone(),
                     spec: record.spec,
-                    outcome: Outcome::DeadLettered(format!("{}; resolved by an operator", record.reason)),
+                    outcome: Outcome::DeadLettered(record.cause, format!("{}; resolved by an operator", record.reason)),
                 }];
                 actions.push(SagaAction::ResolveReply { saga: saga.clone(), result: Ok(()) });
                 actions
@@ -388,7 +424,7 @@ impl SagaCore {
                 Stage::Releasing,
                 StepKind::Release,
                 StepPhase::Action,
-                StepResult::Refused(why) | StepResult::Exhausted(why),
+                StepResult::Refused(_, why) | StepResult::Exhausted(why),
             ) => {
                 self.sagas.get_mut(saga).expect("known saga").stage = Stage::DeadLettered;
                 vec![SagaAction::ResolveReply {

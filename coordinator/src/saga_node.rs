@@ -3,9 +3,9 @@
 //! and feeding step results back into it. Transient step failures are
 //! retried here, with capped exponential backoff, up to the step budget.
 
-use crate::core::Outcome;
+use crate::core::{AbortReason, Outcome};
 use crate::log;
-use crate::node::{Node, QueuedStep, Waiter};
+use crate::node::{abort_reason_from_pb, Node, QueuedStep, Waiter};
 use crate::saga::{Recovery, Retry, SagaAction, SagaId, SagaRecord, SagaSpec, Stage, StepKind, StepPhase, StepResult};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -256,21 +256,14 @@ impl Node {
                 amount,
             };
             let error = match self.call_step(participant, step, timeout).await {
-                Ok(Ok(response)) => {
-                    return match pb::StepOutcome::try_from(response.outcome) {
-                        Ok(pb::StepOutcome::Applied) => StepResult::Applied,
-                        Ok(pb::StepOutcome::EmptyCompensation) => StepResult::Empty,
-                        Ok(pb::StepOutcome::HangingIgnored) => StepResult::Hanging,
-                        _ => StepResult::Refused(format!("{participant}: {}", response.reason)),
-                    };
-                }
+                Ok(Ok(response)) => return step_result_from_pb(participant, response),
                 Ok(Err(status))
                     if matches!(
                         status.code(),
                         tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition
                     ) =>
                 {
-                    return StepResult::Refused(format!("{participant}: {}", status.message()));
+                    return StepResult::Refused(AbortReason::Refused, format!("{participant}: {}", status.message()));
                 }
                 Ok(Err(status)) => format!("{participant}: {:?} {}", status.code(), status.message()),
                 Err(_) => format!("{participant} did not answer within {} ms", timeout.as_millis()),
@@ -355,5 +348,15 @@ impl Node {
         status.state = pb::SagaState::Resolved as i32;
         status.parked = false;
         Ok(status)
+    }
+}
+
+/// A participant's answer to a saga step, as the core takes it.
+fn step_result_from_pb(participant: &Id, response: pb::SagaStepResponse) -> StepResult {
+    match pb::StepOutcome::try_from(response.outcome) {
+        Ok(pb::StepOutcome::Applied) => StepResult::Applied,
+        Ok(pb::StepOutcome::EmptyCompensation) => StepResult::Empty,
+        Ok(pb::StepOutcome::HangingIgnored) => StepResult::Hanging,
+        _ => StepResult::Refused(abort_reason_from_pb(response.refusal), format!("{participant}: {}", response.reason)),
     }
 }

@@ -731,13 +731,14 @@ fn parse_step(request: pb::SagaStepRequest) -> Result<ParsedStep, Error> {
 }
 
 fn step_answer_to_pb(answer: StepAnswer) -> pb::SagaStepResponse {
-    let (outcome, reason) = match answer.outcome {
-        StepOutcome::Applied => (pb::StepOutcome::Applied, String::new()),
-        StepOutcome::Refused(reason) => (pb::StepOutcome::Refused, reason),
-        StepOutcome::EmptyCompensation => (pb::StepOutcome::EmptyCompensation, String::new()),
-        StepOutcome::HangingIgnored => (pb::StepOutcome::HangingIgnored, String::new()),
+    let (outcome, refusal, reason) = match answer.outcome {
+        StepOutcome::Applied => (pb::StepOutcome::Applied, None, String::new()),
+        StepOutcome::Refused(refusal, reason) => (pb::StepOutcome::Refused, refusal, reason),
+        StepOutcome::EmptyCompensation => (pb::StepOutcome::EmptyCompensation, None, String::new()),
+        StepOutcome::HangingIgnored => (pb::StepOutcome::HangingIgnored, None, String::new()),
     };
-    pb::SagaStepResponse { outcome: outcome as i32, reason, duplicate: answer.duplicate }
+    let refusal = refusal.map_or(pb::Refusal::Unspecified, refusal_to_pb);
+    pb::SagaStepResponse { outcome: outcome as i32, reason, duplicate: answer.duplicate, refusal: refusal as i32 }
 }
 
 fn vote_to_pb(vote: Vote) -> pb::PrepareResponse {

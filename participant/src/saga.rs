@@ -14,8 +14,9 @@
 //!   step), so a delayed debit cannot take money the saga already gave up.
 //!
 //! An action refused for a business reason (insufficient funds, unknown or
-//! closed account, overflow) is recorded as refused, so duplicates stay
-//! refused. A compensation that cannot be applied (the refund's account was
+//! closed account, overflow) is recorded as refused, with that reason, so
+//! duplicates stay refused and say why (the orchestrator reports it to its
+//! client as the saga's abort reason). A compensation that cannot be applied (the refund's account was
 //! closed, the credit was already spent) is not recorded: the orchestrator
 //! may retry it, and after its budget compensates the debit into this
 //! participant's suspense account instead ([`StepPhase::CompensateToSuspense`]:
@@ -59,7 +60,7 @@
 //! target holds its amount "in flight" (the isolation anomaly of sagas that
 //! the bench's audits measure); at quiescence nothing is in flight.
 
-use crate::core::{account_put, Account, Core, Effects, Retained};
+use crate::core::{account_put, Account, Core, Effects, Refusal, Retained};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use tandem::domain::{AccountId, Amount, Id};
 use tandem::store::{Durability, Op};
@@ -113,7 +114,11 @@ enum Compensation {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StepOutcome {
     Applied,
-    Refused(String),
+    /// Why, when it is one of the refusals a prepare also knows (unknown or
+    /// closed account, insufficient funds, overflow); `None` for another
+    /// (a refund asked for after the debit was parked), and for an action
+    /// refused by a node that did not record why.
+    Refused(Option<Refusal>, String),
     EmptyCompensation,
     HangingIgnored,
 }
@@ -124,11 +129,17 @@ pub struct StepAnswer {
     pub duplicate: bool,
 }
 
+/// What a step's action came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ActionResult {
+    Applied,
+    Refused(Option<Refusal>, String),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 struct Barrier {
-    /// `None`: the action never ran; `Some(None)`: applied;
-    /// `Some(Some(reason))`: refused.
-    action: Option<Option<String>>,
+    /// `None`: the action never ran.
+    action: Option<ActionResult>,
     compensation: Option<Compensation>,
     /// The orchestrator said the saga ended ([`Core::forget_sagas`]): the
     /// barrier goes after the retention even if it has no compensation.
@@ -281,13 +292,41 @@ impl Reader<'_> {
     }
 }
 
+fn refusal_code(refusal: Option<Refusal>) -> u8 {
+    match refusal {
+        None => 0,
+        Some(Refusal::InsufficientFunds) => 1,
+        Some(Refusal::UnknownAccount) => 2,
+        Some(Refusal::BalanceOverflow) => 3,
+        Some(Refusal::AlreadyAborted) => 4,
+        Some(Refusal::UnknownCoordinator) => 5,
+        Some(Refusal::ConflictingPrepare) => 6,
+        Some(Refusal::AccountClosed) => 7,
+    }
+}
+
+fn refusal_from_code(code: u8) -> Option<Refusal> {
+    match code {
+        0 => None,
+        1 => Some(Refusal::InsufficientFunds),
+        2 => Some(Refusal::UnknownAccount),
+        3 => Some(Refusal::BalanceOverflow),
+        4 => Some(Refusal::AlreadyAborted),
+        5 => Some(Refusal::UnknownCoordinator),
+        6 => Some(Refusal::ConflictingPrepare),
+        7 => Some(Refusal::AccountClosed),
+        other => panic!("corrupt barrier: refusal {other}"),
+    }
+}
+
 fn encode_barrier(barrier: &Barrier) -> Vec<u8> {
     let mut out = Vec::new();
     match &barrier.action {
         None => out.push(0),
-        Some(None) => out.push(1),
-        Some(Some(reason)) => {
-            out.push(2);
+        Some(ActionResult::Applied) => out.push(1),
+        Some(ActionResult::Refused(refusal, reason)) => {
+            out.push(3);
+            out.push(refusal_code(*refusal));
             put_text(&mut out, reason);
         }
     }
@@ -307,8 +346,13 @@ fn decode_barrier(bytes: &[u8]) -> Barrier {
     let mut r = Reader(bytes);
     let action = match r.byte() {
         0 => None,
-        1 => Some(None),
-        2 => Some(Some(r.text())),
+        1 => Some(ActionResult::Applied),
+        // Written before refusals were recorded with their kind.
+        2 => Some(ActionResult::Refused(None, r.text())),
+        3 => {
+            let refusal = refusal_from_code(r.byte());
+            Some(ActionResult::Refused(refusal, r.text()))
+        }
         other => panic!("corrupt barrier: action {other}"),
     };
     let compensation = match r.byte() {
@@ -504,25 +548,27 @@ impl Core {
     }
 
     /// Why `account` cannot give `amount`, if it cannot.
-    fn cannot_debit(&self, id: AccountId, amount: Amount) -> Option<String> {
+    fn cannot_debit(&self, id: AccountId, amount: Amount) -> Option<(Refusal, String)> {
         match self.accounts.get(&id) {
-            None => Some(format!("account {id} does not exist on {}", self.config.node_id)),
-            Some(a) if a.closed => Some(format!("account {id} is closed")),
-            Some(a) if a.available() < amount => {
-                Some(format!("account {id} has {} available, the debit needs {amount}", a.available()))
-            }
+            None => Some((Refusal::UnknownAccount, format!("account {id} does not exist on {}", self.config.node_id))),
+            Some(a) if a.closed => Some((Refusal::AccountClosed, format!("account {id} is closed"))),
+            Some(a) if a.available() < amount => Some((
+                Refusal::InsufficientFunds,
+                format!("account {id} has {} available, the debit needs {amount}", a.available()),
+            )),
             Some(_) => None,
         }
     }
 
     /// Why `account` cannot take `amount`, if it cannot.
-    fn cannot_credit(&self, id: AccountId, amount: Amount) -> Option<String> {
+    fn cannot_credit(&self, id: AccountId, amount: Amount) -> Option<(Refusal, String)> {
         match self.accounts.get(&id) {
-            None => Some(format!("account {id} does not exist on {}", self.config.node_id)),
-            Some(a) if a.closed => Some(format!("account {id} is closed")),
-            Some(a) if a.posted.checked_add(a.incoming).and_then(|s| s.checked_add(amount)).is_none() => {
-                Some(format!("crediting {amount} to account {id} would overflow its balance"))
-            }
+            None => Some((Refusal::UnknownAccount, format!("account {id} does not exist on {}", self.config.node_id))),
+            Some(a) if a.closed => Some((Refusal::AccountClosed, format!("account {id} is closed"))),
+            Some(a) if a.posted.checked_add(a.incoming).and_then(|s| s.checked_add(amount)).is_none() => Some((
+                Refusal::BalanceOverflow,
+                format!("crediting {amount} to account {id} would overflow its balance"),
+            )),
             Some(_) => None,
         }
     }
@@ -570,8 +616,8 @@ impl Core {
                 }
                 if let Some(result) = &barrier.action {
                     let outcome = match result {
-                        None => StepOutcome::Applied,
-                        Some(reason) => StepOutcome::Refused(reason.clone()),
+                        ActionResult::Applied => StepOutcome::Applied,
+                        ActionResult::Refused(refusal, reason) => StepOutcome::Refused(*refusal, reason.clone()),
                     };
                     return lazy(outcome, true);
                 }
@@ -580,7 +626,8 @@ impl Core {
                     StepKind::Credit => self.cannot_credit(account, amount),
                     StepKind::Release => {
                         if self.sagas.suspense < amount {
-                            Some(format!("the suspense account holds {}, less than {amount}", self.sagas.suspense))
+                            let why = format!("the suspense account holds {}, less than {amount}", self.sagas.suspense);
+                            Some((Refusal::InsufficientFunds, why))
                         } else {
                             self.cannot_credit(account, amount)
                         }
@@ -589,12 +636,12 @@ impl Core {
                 match refusal {
                     // A refused release is not recorded: the operator may
                     // fix the account and try again.
-                    Some(reason) if kind == StepKind::Release => {
-                        return lazy(StepOutcome::Refused(reason), false);
+                    Some((refusal, reason)) if kind == StepKind::Release => {
+                        return lazy(StepOutcome::Refused(Some(refusal), reason), false);
                     }
-                    Some(reason) => {
-                        barrier.action = Some(Some(reason.clone()));
-                        StepOutcome::Refused(reason)
+                    Some((refusal, reason)) => {
+                        barrier.action = Some(ActionResult::Refused(Some(refusal), reason.clone()));
+                        StepOutcome::Refused(Some(refusal), reason)
                     }
                     None => {
                         match kind {
@@ -606,7 +653,7 @@ impl Core {
                                 ops.push(self.change_posted(account, amount));
                             }
                         }
-                        barrier.action = Some(None);
+                        barrier.action = Some(ActionResult::Applied);
                         StepOutcome::Applied
                     }
                 }
@@ -622,9 +669,10 @@ impl Core {
                     let outcome = match (done, phase) {
                         (Compensation::Empty, _) => StepOutcome::EmptyCompensation,
                         (Compensation::Refunded, StepPhase::CompensateToSuspense) => StepOutcome::EmptyCompensation,
-                        (Compensation::Parked, StepPhase::Compensation) => StepOutcome::Refused(format!(
-                            "the debit of {saga} was compensated into the suspense account, not refunded"
-                        )),
+                        (Compensation::Parked, StepPhase::Compensation) => StepOutcome::Refused(
+                            None,
+                            format!("the debit of {saga} was compensated into the suspense account, not refunded"),
+                        ),
                         (Compensation::Refunded, _) | (Compensation::Parked, _) => StepOutcome::Applied,
                     };
                     return lazy(outcome, true);
@@ -632,28 +680,30 @@ impl Core {
                 match barrier.action {
                     // Never ran, or refused: nothing to undo; recorded so a
                     // hanging action is ignored.
-                    None | Some(Some(_)) => {
+                    None | Some(ActionResult::Refused(..)) => {
                         barrier.compensation = Some(Compensation::Empty);
                         StepOutcome::EmptyCompensation
                     }
-                    Some(None) if phase == StepPhase::CompensateToSuspense => {
+                    Some(ActionResult::Applied) if phase == StepPhase::CompensateToSuspense => {
                         let Some(suspense) = self.sagas.suspense.checked_add(amount) else {
-                            return lazy(StepOutcome::Refused("the suspense account would overflow".into()), false);
+                            let why = "the suspense account would overflow".to_string();
+                            return lazy(StepOutcome::Refused(Some(Refusal::BalanceOverflow), why), false);
                         };
                         self.sagas.suspense = suspense;
                         ops.push(self.suspense_put());
                         barrier.compensation = Some(Compensation::Parked);
                         StepOutcome::Applied
                     }
-                    Some(None) => {
+                    Some(ActionResult::Applied) => {
                         let refusal = match kind {
                             StepKind::Debit => self.cannot_credit(account, amount),
                             StepKind::Credit => self.cannot_debit(account, amount),
                             StepKind::Release => unreachable!("refused above"),
                         };
-                        if let Some(reason) = refusal {
+                        if let Some((refusal, reason)) = refusal {
                             // Not recorded: the compensation may be retried.
-                            return lazy(StepOutcome::Refused(format!("cannot compensate: {reason}")), false);
+                            let why = format!("cannot compensate: {reason}");
+                            return lazy(StepOutcome::Refused(Some(refusal), why), false);
                         }
                         let delta = if kind == StepKind::Debit { amount } else { -amount };
                         ops.push(self.change_posted(account, delta));
@@ -692,7 +742,10 @@ impl Core {
     }
 
     /// Starts a choreographed transfer here, at the source. `Err` is bad
-    /// input; a refusal is a REJECTED transfer.
+    /// input; a refusal is a REJECTED transfer. A saga id this node still
+    /// remembers gets its transfer back, unchanged, if the request is the
+    /// same transfer (a retry), and INVALID_ARGUMENT naming what differs if
+    /// it is not (the id was reused by mistake).
     pub fn start_transfer(
         &mut self,
         saga: Id,
@@ -703,6 +756,22 @@ impl Core {
         now_ms: u64,
     ) -> Result<(Transfer, Effects), Error> {
         if let Some(existing) = self.sagas.transfers.get(&saga) {
+            let differs: Vec<String> = [
+                (existing.from != from).then(|| format!("from_account {from}, not {}", existing.from)),
+                (existing.to != to).then(|| format!("to_account {to}, not {}", existing.to)),
+                (existing.amount != amount).then(|| format!("amount {amount}, not {}", existing.amount)),
+                (existing.target != target).then(|| format!("target_participant {target}, not {}", existing.target)),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            if !differs.is_empty() {
+                return Err(Error::InvalidInput(format!(
+                    "saga_id {saga} was used on {} for another transfer: this request has {}",
+                    self.config.node_id,
+                    differs.join(", ")
+                )));
+            }
             return Ok((existing.clone(), Effects { ops: Vec::new(), durability: Durability::Lazy }));
         }
         tandem::domain::transfer_legs(from, to, amount)?;
@@ -710,7 +779,7 @@ impl Core {
             return Err(Error::NotFound(format!("account {from} does not exist on {}", self.config.node_id)));
         }
         let mut ops = Vec::new();
-        if let Some(reason) = self.cannot_debit(from, amount) {
+        if let Some((_, reason)) = self.cannot_debit(from, amount) {
             let transfer = Transfer { state: TransferState::Rejected(reason), from, to, amount, target };
             self.put_transfer(&saga, transfer.clone(), now_ms, &mut ops);
             return Ok((transfer, Effects { ops, durability: Durability::Lazy }));
@@ -764,7 +833,7 @@ impl Core {
                         ops.push(self.change_posted(event.to, event.amount));
                         (EventKind::TransferCredited, String::new())
                     }
-                    Some(reason) => (EventKind::TransferRejected, reason),
+                    Some((_, reason)) => (EventKind::TransferRejected, reason),
                 };
                 let suffix = if kind == EventKind::TransferCredited { "credited" } else { "rejected" };
                 let answer = Event {
@@ -886,7 +955,7 @@ impl Core {
             return Err(Error::InvalidInput(format!("{saga} is not a parked transfer ({:?})", transfer.state)));
         };
         let to = to_account.unwrap_or(transfer.from);
-        if let Some(why) = self.cannot_credit(to, transfer.amount) {
+        if let Some((_, why)) = self.cannot_credit(to, transfer.amount) {
             return Err(Error::InvalidInput(format!(
                 "cannot release {saga}'s {} to account {to}: {why}",
                 transfer.amount

@@ -66,30 +66,78 @@ fn the_happy_path_debits_then_credits_then_finishes() {
 #[test]
 fn a_refused_debit_aborts_with_its_reason() {
     let mut core = started(Recovery::Backward);
-    let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Refused("has 5 available".into()));
+    let refused = StepResult::Refused(AbortReason::InsufficientFunds, "has 5 available".into());
+    let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, refused);
     assert!(matches!(finish_of(&a), Outcome::Aborted(AbortReason::InsufficientFunds, _)));
+}
+
+#[test]
+fn a_debit_refused_for_an_account_its_participant_lacks_aborts_with_that_reason() {
+    let mut core = started(Recovery::Forward);
+    let refused = StepResult::Refused(AbortReason::UnknownAccount, "p1: account 1 does not exist on p1".into());
+    let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, refused);
+    assert!(matches!(finish_of(&a), Outcome::Aborted(AbortReason::UnknownAccount, ref r) if r.contains("account 1")));
 }
 
 #[test]
 fn a_refused_credit_is_compensated_backward() {
     let mut core = started(Recovery::Backward);
     core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
-    let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, StepResult::Refused("closed".into()));
+    let refused = StepResult::Refused(AbortReason::Refused, "account 1001 is closed".into());
+    let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, refused);
     assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::Compensation, Retry::Forever));
     let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, StepResult::Applied);
-    assert!(matches!(finish_of(&a), Outcome::Compensated(ref r) if r.contains("closed")));
+    assert!(matches!(finish_of(&a), Outcome::Compensated(Some(AbortReason::Refused), ref r) if r.contains("closed")));
 }
 
 #[test]
-fn forward_recovery_retries_the_credit_until_the_deadline_and_dead_letters_a_refusal() {
+fn forward_recovery_retries_the_credit_until_the_deadline_and_refunds_a_refused_one_at_once() {
     let mut core = started(Recovery::Forward);
     let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
     assert_eq!(step_of(&a), (StepKind::Credit, StepPhase::Action, Retry::UntilDeadline));
-    let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, StepResult::Refused("closed".into()));
+    // No retry can change a business refusal: the debit is refunded now,
+    // not parked, and not after the deadline.
+    let refused = StepResult::Refused(AbortReason::UnknownAccount, "account 1001 does not exist on p2".into());
+    let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, refused);
+    assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::Compensation, Retry::Forever));
+    let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, StepResult::Applied);
+    let outcome = finish_of(&a);
+    assert!(
+        matches!(outcome, Outcome::Compensated(Some(AbortReason::UnknownAccount), ref r) if r.contains("does not exist")),
+        "{outcome:?}"
+    );
+    assert!(core.dead_letters().is_empty());
+}
+
+#[test]
+fn a_credit_refused_for_overflow_compensates_with_that_reason() {
+    let mut core = started(Recovery::Backward);
+    core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
+    let refused = StepResult::Refused(AbortReason::BalanceOverflow, "would overflow its balance".into());
+    core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, refused);
+    let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, StepResult::Applied);
+    assert!(matches!(finish_of(&a), Outcome::Compensated(Some(AbortReason::BalanceOverflow), _)));
+}
+
+#[test]
+fn forward_recovery_parks_only_a_refund_that_fails() {
+    let mut core = started(Recovery::Forward);
+    core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
+    let refused = StepResult::Refused(AbortReason::UnknownAccount, "account 1001 does not exist".into());
+    core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, refused);
+    let refund_refused = StepResult::Refused(AbortReason::Refused, "account 1 is closed".into());
+    let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, refund_refused);
     assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::CompensateToSuspense, Retry::Forever));
     let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::CompensateToSuspense, StepResult::Applied);
-    assert!(matches!(finish_of(&a), Outcome::DeadLettered(_)));
+    // The dead letter keeps the reason that turned the saga back.
+    let outcome = finish_of(&a);
+    assert!(
+        matches!(outcome, Outcome::DeadLettered(Some(AbortReason::UnknownAccount), ref r)
+            if r.contains("does not exist") && r.contains("account 1 is closed") && r.contains("parked")),
+        "{outcome:?}"
+    );
     assert_eq!(core.dead_letters().len(), 1);
+    assert_eq!(core.dead_letters()[0].1.cause, Some(AbortReason::UnknownAccount), "logged with the record");
 }
 
 #[test]
@@ -102,7 +150,10 @@ fn a_forward_credit_past_the_deadline_is_compensated_then_the_debit_refunded() {
     let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Compensation, StepResult::Empty);
     assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::Compensation, Retry::Forever));
     let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, StepResult::Applied);
-    assert!(matches!(finish_of(&a), Outcome::Compensated(ref r) if r.contains("deadline")));
+    assert!(matches!(
+        finish_of(&a),
+        Outcome::Compensated(Some(AbortReason::ParticipantUnavailable), ref r) if r.contains("deadline")
+    ));
 }
 
 #[test]
@@ -114,7 +165,7 @@ fn a_credit_of_unknown_fate_is_compensated_before_the_refund() {
     let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Compensation, StepResult::Empty);
     assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::Compensation, Retry::Forever));
     let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, StepResult::Applied);
-    assert!(matches!(finish_of(&a), Outcome::Compensated(_)));
+    assert!(matches!(finish_of(&a), Outcome::Compensated(Some(AbortReason::ParticipantUnavailable), _)));
 }
 
 #[test]
@@ -122,7 +173,8 @@ fn a_credit_that_cannot_be_taken_back_stands() {
     let mut core = started(Recovery::Backward);
     core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
     core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, StepResult::Exhausted("timeout".into()));
-    let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Compensation, StepResult::Refused("spent".into()));
+    let spent = StepResult::Refused(AbortReason::InsufficientFunds, "spent".into());
+    let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Compensation, spent);
     assert_eq!(finish_of(&a), Outcome::Committed);
 }
 
@@ -130,7 +182,12 @@ fn a_credit_that_cannot_be_taken_back_stands() {
 fn a_failing_refund_dead_letters_and_an_operator_resolves_it() {
     let mut core = started(Recovery::Backward);
     core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
-    core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, StepResult::Refused("closed".into()));
+    core.on_step(
+        &id("s1"),
+        StepKind::Credit,
+        StepPhase::Action,
+        StepResult::Refused(AbortReason::Refused, "closed".into()),
+    );
     let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, StepResult::Exhausted("down".into()));
     assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::CompensateToSuspense, Retry::Forever));
     core.on_step(&id("s1"), StepKind::Debit, StepPhase::CompensateToSuspense, StepResult::Applied);
@@ -149,11 +206,26 @@ fn a_failing_refund_dead_letters_and_an_operator_resolves_it() {
 fn a_failed_release_leaves_the_dead_letter_for_another_try() {
     let mut core = started(Recovery::Backward);
     core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
-    core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, StepResult::Refused("closed".into()));
-    core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, StepResult::Refused("closed".into()));
+    core.on_step(
+        &id("s1"),
+        StepKind::Credit,
+        StepPhase::Action,
+        StepResult::Refused(AbortReason::Refused, "closed".into()),
+    );
+    core.on_step(
+        &id("s1"),
+        StepKind::Debit,
+        StepPhase::Compensation,
+        StepResult::Refused(AbortReason::Refused, "closed".into()),
+    );
     core.on_step(&id("s1"), StepKind::Debit, StepPhase::CompensateToSuspense, StepResult::Applied);
     core.resolve(&id("s1"), 1).unwrap();
-    let a = core.on_step(&id("s1"), StepKind::Release, StepPhase::Action, StepResult::Refused("closed".into()));
+    let a = core.on_step(
+        &id("s1"),
+        StepKind::Release,
+        StepPhase::Action,
+        StepResult::Refused(AbortReason::Refused, "closed".into()),
+    );
     assert!(a.iter().any(|x| matches!(x, SagaAction::ResolveReply { result: Err(_), .. })));
     assert_eq!(core.dead_letters().len(), 1);
 }
@@ -171,7 +243,8 @@ fn recovery_resends_the_step_of_each_logged_stage() {
         (Stage::Releasing, None),
     ] {
         let mut core = SagaCore::new(10);
-        let record = SagaRecord { spec: spec(Recovery::Backward), stage, reason: String::new(), parked: 30 };
+        let record =
+            SagaRecord { spec: spec(Recovery::Backward), stage, reason: String::new(), cause: None, parked: 30 };
         let actions = core.recover(vec![(id("s1"), record)]);
         match expected {
             Some((kind, phase)) => {
@@ -185,6 +258,33 @@ fn recovery_resends_the_step_of_each_logged_stage() {
             }
         }
     }
+}
+
+#[test]
+fn a_restarted_coordinator_still_knows_why_its_saga_turned_back() {
+    let mut core = SagaCore::new(10);
+    let record = SagaRecord {
+        spec: spec(Recovery::Forward),
+        stage: Stage::CompensatingDebit,
+        reason: "the credit was refused: account 1001 does not exist on p2".into(),
+        cause: Some(AbortReason::UnknownAccount),
+        parked: 0,
+    };
+    let a = core.recover(vec![(id("s1"), record)]);
+    assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::Compensation, Retry::Forever));
+    let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, StepResult::Applied);
+    assert!(matches!(finish_of(&a), Outcome::Compensated(Some(AbortReason::UnknownAccount), _)));
+}
+
+#[test]
+fn a_saga_resumed_past_a_lost_stage_does_not_invent_a_reason() {
+    let mut core = started(Recovery::Backward);
+    core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
+    let a = core.on_step(&id("s1"), StepKind::Credit, StepPhase::Action, StepResult::Hanging);
+    assert_eq!(step_of(&a), (StepKind::Credit, StepPhase::Compensation, Retry::Forever));
+    core.on_step(&id("s1"), StepKind::Credit, StepPhase::Compensation, StepResult::Empty);
+    let a = core.on_step(&id("s1"), StepKind::Debit, StepPhase::Compensation, StepResult::Applied);
+    assert!(matches!(finish_of(&a), Outcome::Compensated(None, ref r) if r.contains("resumed after a crash")));
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! from what reached the disk.
 
 use super::*;
-use crate::core::{Config, Core};
+use crate::core::{Config, Core, Refusal};
 use std::collections::BTreeMap;
 
 fn id(text: &str) -> Id {
@@ -91,12 +91,54 @@ fn a_compensation_undoes_its_step_once() {
 fn a_refused_step_stays_refused_and_its_compensation_is_empty() {
     let (mut core, mut disk) = node("p1");
     let refused = step(&mut core, &mut disk, StepKind::Debit, StepPhase::Action, 1, 500);
-    assert!(matches!(refused.outcome, StepOutcome::Refused(ref r) if r.contains("available")), "{refused:?}");
+    assert!(
+        matches!(refused.outcome, StepOutcome::Refused(Some(Refusal::InsufficientFunds), ref r) if r.contains("available")),
+        "{refused:?}"
+    );
     let again = step(&mut core, &mut disk, StepKind::Debit, StepPhase::Action, 1, 500);
-    assert!(again.duplicate && matches!(again.outcome, StepOutcome::Refused(_)));
+    assert!(again.duplicate && again.outcome == refused.outcome, "{again:?}");
     let compensation = step(&mut core, &mut disk, StepKind::Debit, StepPhase::Compensation, 1, 500);
     assert_eq!(compensation.outcome, StepOutcome::EmptyCompensation);
     assert_eq!(core.account(1).unwrap().posted, 100);
+}
+
+#[test]
+fn a_refused_action_says_why_to_every_duplicate_and_after_a_restart() {
+    let (mut core, mut disk) = node("p2");
+    disk.apply(&core.set_closed(2, true).unwrap().1);
+    let cases = [
+        ("s1", 99, Refusal::UnknownAccount, "account 99 does not exist on p2"),
+        ("s2", 2, Refusal::AccountClosed, "account 2 is closed"),
+        ("s3", 1, Refusal::BalanceOverflow, "would overflow"),
+    ];
+    for (saga, account, refusal, words) in cases {
+        let amount = if account == 1 { i64::MAX } else { 30 };
+        let (answer, effects) =
+            core.saga_step(id(saga), StepKind::Credit, StepPhase::Action, account, amount, 0).unwrap();
+        disk.apply(&effects);
+        assert!(
+            matches!(answer.outcome, StepOutcome::Refused(Some(r), ref text) if r == refusal && text.contains(words)),
+            "{answer:?}"
+        );
+    }
+    let mut core = Core::recover(config("p2"), disk.0.clone(), 0);
+    for (saga, account, refusal, words) in cases {
+        let amount = if account == 1 { i64::MAX } else { 30 };
+        let (again, _) = core.saga_step(id(saga), StepKind::Credit, StepPhase::Action, account, amount, 0).unwrap();
+        assert!(again.duplicate, "{again:?}");
+        assert!(
+            matches!(again.outcome, StepOutcome::Refused(Some(r), ref text) if r == refusal && text.contains(words)),
+            "{again:?}"
+        );
+    }
+}
+
+#[test]
+fn a_barrier_refused_before_refusals_were_recorded_still_reads() {
+    let legacy = [vec![2u8], 6u16.to_le_bytes().to_vec(), b"closed".to_vec(), vec![0]].concat();
+    let barrier = decode_barrier(&legacy);
+    assert_eq!(barrier.action, Some(ActionResult::Refused(None, "closed".into())));
+    assert_eq!(decode_barrier(&encode_barrier(&barrier)), barrier);
 }
 
 #[test]
@@ -105,7 +147,7 @@ fn a_refund_to_a_closed_account_is_refused_unrecorded_and_can_be_retried_or_park
     step(&mut core, &mut disk, StepKind::Debit, StepPhase::Action, 1, 30);
     disk.apply(&core.set_closed(1, true).unwrap().1);
     let refund = step(&mut core, &mut disk, StepKind::Debit, StepPhase::Compensation, 1, 30);
-    assert!(matches!(refund.outcome, StepOutcome::Refused(_)));
+    assert!(matches!(refund.outcome, StepOutcome::Refused(Some(Refusal::AccountClosed), _)), "{refund:?}");
     // Compensating into suspense instead parks the money.
     let parked = step(&mut core, &mut disk, StepKind::Debit, StepPhase::CompensateToSuspense, 1, 30);
     assert_eq!(parked.outcome, StepOutcome::Applied);
@@ -115,7 +157,7 @@ fn a_refund_to_a_closed_account_is_refused_unrecorded_and_can_be_retried_or_park
     let late = step(&mut core, &mut disk, StepKind::Debit, StepPhase::Compensation, 1, 30);
     assert!(late.duplicate);
     assert!(
-        matches!(late.outcome, StepOutcome::Refused(ref r) if r.contains("suspense")),
+        matches!(late.outcome, StepOutcome::Refused(None, ref r) if r.contains("suspense")),
         "the refund is refused, so its asker learns the money is parked: {late:?}"
     );
     assert_eq!((core.account(1).unwrap().posted, core.suspense()), (70, 30));
@@ -209,6 +251,28 @@ fn a_choreographed_transfer_debits_credits_and_completes() {
     let again = start(&mut p1, "s1", 1, 2, 30);
     assert_eq!(again.state, TransferState::Completed);
     assert_eq!(p1.0.account(1).unwrap().posted, 70);
+}
+
+#[test]
+fn a_saga_id_reused_with_other_parameters_is_refused_and_changes_nothing() {
+    let mut p1 = node("p1");
+    let first = start(&mut p1, "s1", 1, 2, 30);
+    let before = (p1.0.accounts().clone(), p1.0.outbox().len());
+    for (from, to, amount, target, differs) in [
+        (1, 2, 31, "p2", "amount 31"),
+        (2, 2, 30, "p2", "from_account 2"),
+        (1, 3, 30, "p2", "to_account 3"),
+        (1, 2, 30, "p3", "target_participant p3"),
+    ] {
+        let error = p1.0.start_transfer(id("s1"), from, to, amount, id(target), 0).unwrap_err();
+        let Error::InvalidInput(message) = &error else { panic!("{differs}: {error:?}") };
+        assert!(message.contains("s1") && message.contains(differs), "{differs}: {message}");
+    }
+    assert_eq!((p1.0.accounts().clone(), p1.0.outbox().len()), before, "nothing changed");
+    // The exact retry still gets the same transfer, and writes nothing.
+    let (again, effects) = p1.0.start_transfer(id("s1"), 1, 2, 30, id("p2"), 0).unwrap();
+    assert_eq!(again, first);
+    assert!(effects.ops.is_empty());
 }
 
 #[test]
