@@ -540,6 +540,25 @@ impl Cluster {
         }
     }
 
+    /// Closes the connections `from` opens to `to` and refuses new ones
+    /// until [`Cluster::heal_link`]; the other way (`to` calling `from`)
+    /// still works.
+    pub fn cut_link_one_way(&self, from: NodeRef, to: NodeRef) {
+        self.one_direction(from, to).cut();
+    }
+
+    /// Makes the connections `from` opens to `to` silent (bytes vanish,
+    /// nothing is closed, new connections are never answered) until
+    /// [`Cluster::heal_link`]; the other way still works.
+    pub fn black_hole_link(&self, from: NodeRef, to: NodeRef) {
+        self.one_direction(from, to).black_hole();
+    }
+
+    fn one_direction(&self, from: NodeRef, to: NodeRef) -> &LinkProxy {
+        assert!(self.spec.proxied_links, "link {from}->{to}: the cluster was started without proxied_links");
+        self.link(from, to).unwrap_or_else(|| panic!("there is no link {from}->{to}"))
+    }
+
     /// No delay, connections allowed, both ways between `a` and `b`.
     pub fn heal_link(&self, a: NodeRef, b: NodeRef) {
         for proxy in self.both_directions(a, b) {

@@ -25,8 +25,13 @@
 //!   [`LinkProxy::heal`]. The closing is done by the connections' tasks, so
 //!   it completes just after `cut` returns; a chunk read after the cut is
 //!   never forwarded. Callers see a closed or reset connection, not
-//!   silence: this models a link that fails fast, not a black hole where
-//!   packets vanish and only timeouts tell.
+//!   silence: this models a link that fails fast.
+//! - After [`LinkProxy::black_hole`], the link is silent instead: open
+//!   connections stay open but every byte read from either side from then
+//!   on is discarded, and new connections are accepted and never answered
+//!   (nothing reaches the upstream). Only the callers' deadlines tell. At
+//!   [`LinkProxy::heal`] every connection that lost bytes to the black hole
+//!   is closed (its stream is broken) and new ones are forwarded again.
 //! - A connection whose upstream refuses (the node is down) is closed at
 //!   once; the proxy keeps listening, so a node restarted on the same
 //!   address is reachable through the same proxy.
@@ -74,6 +79,7 @@ const _: () = assert!(CONNECTIONS_MAX > 0 && CHUNK_BYTES_MAX > 0 && CHUNKS_QUEUE
 struct LinkState {
     delay: Duration,
     cut: bool,
+    black_hole: bool,
     /// Bumped by every `cut`: a connection opened in an earlier epoch ends,
     /// even if `heal` came before its task saw the cut.
     cut_epoch: u64,
@@ -106,7 +112,8 @@ impl LinkProxy {
     pub async fn start(upstream: SocketAddr) -> io::Result<LinkProxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let local_addr = listener.local_addr()?;
-        let (state, watcher) = watch::channel(LinkState { delay: Duration::ZERO, cut: false, cut_epoch: 0 });
+        let (state, watcher) =
+            watch::channel(LinkState { delay: Duration::ZERO, cut: false, black_hole: false, cut_epoch: 0 });
         let acceptor = tokio::spawn(accept_loop(listener, upstream, watcher));
         Ok(LinkProxy { local_addr, upstream, state, acceptor })
     }
@@ -140,12 +147,27 @@ impl LinkProxy {
         });
     }
 
-    /// No delay, connections allowed.
+    /// Makes the link silent until [`LinkProxy::heal`]: bytes vanish,
+    /// connections stay open, new ones are never answered.
+    pub fn black_hole(&self) {
+        self.state.send_modify(|state| state.black_hole = true);
+    }
+
+    /// No delay, connections allowed. Connections that lost bytes to a
+    /// black hole are closed.
     pub fn heal(&self) {
         self.state.send_modify(|state| {
             state.delay = Duration::ZERO;
             state.cut = false;
+            if state.black_hole {
+                state.black_hole = false;
+                state.cut_epoch += 1;
+            }
         });
+    }
+
+    pub fn is_black_hole(&self) -> bool {
+        self.state.borrow().black_hole
     }
 
     pub fn delay(&self) -> Duration {
@@ -210,6 +232,13 @@ async fn serve(client: TcpStream, upstream: SocketAddr, state: watch::Receiver<L
         let _ = cut_watcher.wait_for(|s| s.cut_epoch != epoch).await;
     };
     tokio::pin!(cut);
+    if state.borrow().black_hole {
+        // Accepted into the black hole: held open, never answered, closed at
+        // the heal (which moves the epoch on).
+        cut.await;
+        drop(client);
+        return;
+    }
     let upstream = tokio::select! {
         connected = tokio::time::timeout(UPSTREAM_CONNECT_TIMEOUT, TcpStream::connect(upstream)) => match connected {
             Ok(Ok(stream)) => stream,
@@ -266,6 +295,9 @@ async fn pipe(
             let now = *reader_state.borrow();
             if now.cut_epoch != epoch {
                 return Err(severed());
+            }
+            if now.black_hole {
+                continue;
             }
             let due = (!now.delay.is_zero()).then(|| Instant::now() + now.delay);
             if queue.send((due, buffer[..n].to_vec())).await.is_err() {
@@ -413,6 +445,32 @@ mod tests {
 
         proxy.heal();
         assert!(!proxy.is_cut());
+        let mut healed = TcpStream::connect(proxy.local_addr()).await.unwrap();
+        assert_eq!(round_trip(&mut healed, b"after").await.unwrap(), b"after");
+    }
+
+    #[tokio::test]
+    async fn a_black_hole_keeps_connections_open_and_silent_until_healed() {
+        let proxy = LinkProxy::start(echo_server().await).await.unwrap();
+        let mut open = TcpStream::connect(proxy.local_addr()).await.unwrap();
+        assert_eq!(round_trip(&mut open, b"before").await.unwrap(), b"before");
+        // What "silent" means here: no answer and no close within this long,
+        // where the echo answers in microseconds.
+        let silence = Duration::from_millis(300);
+        let mut buffer = [0u8; 16];
+
+        proxy.black_hole();
+        assert!(proxy.is_black_hole());
+        open.write_all(b"lost").await.unwrap();
+        assert!(tokio::time::timeout(silence, open.read(&mut buffer)).await.is_err(), "an open connection goes silent");
+        let mut held = TcpStream::connect(proxy.local_addr()).await.unwrap();
+        held.write_all(b"hello?").await.unwrap();
+        assert!(tokio::time::timeout(silence, held.read(&mut buffer)).await.is_err(), "a new one is never answered");
+
+        proxy.heal();
+        assert!(!proxy.is_black_hole());
+        assert!(is_closed(&mut open).await, "a connection that lost bytes is closed at the heal");
+        assert!(is_closed(&mut held).await, "so is one held by the black hole");
         let mut healed = TcpStream::connect(proxy.local_addr()).await.unwrap();
         assert_eq!(round_trip(&mut healed, b"after").await.unwrap(), b"after");
     }

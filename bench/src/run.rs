@@ -185,7 +185,15 @@ async fn run_faults(mut cluster: Cluster, scenario: Scenario, start: Instant) ->
                 cluster.cut_link(node, peer());
                 applied[i].at_s = now_s;
             }
-            (FaultKind::Delay | FaultKind::Cut, false) => {
+            (FaultKind::CutOneWay, true) => {
+                cluster.cut_link_one_way(node, peer());
+                applied[i].at_s = now_s;
+            }
+            (FaultKind::BlackHole, true) => {
+                cluster.black_hole_link(node, peer());
+                applied[i].at_s = now_s;
+            }
+            (FaultKind::Delay | FaultKind::Cut | FaultKind::CutOneWay | FaultKind::BlackHole, false) => {
                 cluster.heal_link(node, peer());
                 applied[i].healed_at_s = now_s;
             }

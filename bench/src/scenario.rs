@@ -175,12 +175,20 @@ pub enum FaultKind {
     /// are closed, new ones refused; healed after `duration_s`. Goes
     /// through the cluster's link proxies.
     Cut,
+    /// Cut one way only: the connections `node` opens to `peer` are closed
+    /// and new ones refused, while `peer` still reaches `node` (a
+    /// participant can still ask its coordinator, say).
+    CutOneWay,
+    /// Make the connections `node` opens to `peer` silent, one way: they
+    /// stay open, every byte on them vanishes, new ones are never answered;
+    /// only deadlines tell. At the heal the silent connections are closed.
+    BlackHole,
 }
 
 impl FaultKind {
     /// A fault of one link between two nodes, rather than of one node.
     pub fn is_link_fault(&self) -> bool {
-        matches!(self, FaultKind::Delay | FaultKind::Cut)
+        matches!(self, FaultKind::Delay | FaultKind::Cut | FaultKind::CutOneWay | FaultKind::BlackHole)
     }
 
     pub fn name(&self) -> &'static str {
@@ -189,6 +197,8 @@ impl FaultKind {
             FaultKind::Pause => "pause",
             FaultKind::Delay => "delay",
             FaultKind::Cut => "cut",
+            FaultKind::CutOneWay => "cut-one-way",
+            FaultKind::BlackHole => "black-hole",
         }
     }
 }
@@ -200,8 +210,9 @@ pub struct Fault {
     /// "c1" (the coordinator) or "p1", "p2", ...; for a link fault, one end
     /// of the link.
     pub node: String,
-    /// The other end of the link, for `delay` and `cut` (required there,
-    /// refused for `kill` and `pause`).
+    /// The other end of the link, for the link faults (`delay`, `cut`,
+    /// `cut-one-way`, `black-hole`: required there, refused for `kill` and
+    /// `pause`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
     /// One-way delay of the link, 1 to 10,000 ms; for `delay` only.
@@ -327,7 +338,7 @@ impl Scenario {
                 }
                 (Some(peer), false) => {
                     return Err(format!(
-                        "{at}.peer = {peer:?}: only delay and cut faults take a peer; a {kind} fault acts on its node"
+                        "{at}.peer = {peer:?}: only link faults take a peer; a {kind} fault acts on its node"
                     ));
                 }
                 _ => {}
@@ -374,6 +385,7 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("pause", include_str!("../scenarios/pause.toml")),
     ("smoke", include_str!("../scenarios/smoke.toml")),
     ("partition", include_str!("../scenarios/partition.toml")),
+    ("black-hole", include_str!("../scenarios/black-hole.toml")),
 ];
 
 /// A preset by name, or a file by path.
