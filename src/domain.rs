@@ -17,6 +17,16 @@ pub const LEGS_MAX: usize = 16;
 pub const ID_LEN_MAX: usize = 64;
 /// Most accounts opened by one OpenAccounts call.
 pub const OPEN_ACCOUNTS_MAX: usize = 100_000;
+/// Longest choreography event id, in bytes (a saga id and a suffix).
+pub const EVENT_ID_LEN_MAX: usize = 2 * ID_LEN_MAX;
+/// Longest reason a node takes from another (an event's, a participant's
+/// answer), in bytes. A request with a longer one is refused; a longer one
+/// in an answer is clipped ([`clip_text`]).
+pub const REASON_LEN_MAX: usize = 1_024;
+/// Longest reason a node stores, in bytes: a received reason with the
+/// sentences this node adds to it (a dead letter's, an operator's). Kept
+/// well below what a record's two-byte length can hold.
+pub const REASON_STORED_LEN_MAX: usize = 4 * REASON_LEN_MAX;
 
 /// A validated identifier: 1 to [`ID_LEN_MAX`] characters of
 /// `[A-Za-z0-9._:-]`. Used for transaction ids, node ids and idempotency keys.
@@ -57,6 +67,47 @@ impl fmt::Debug for Id {
 }
 
 pub type TxnId = Id;
+
+/// Checks a choreography event id: 1 to [`EVENT_ID_LEN_MAX`] characters of
+/// the id alphabet (`[A-Za-z0-9._:-]`).
+pub fn check_event_id(text: &str) -> Result<(), Error> {
+    if text.is_empty() || text.len() > EVENT_ID_LEN_MAX {
+        return Err(Error::InvalidInput(format!(
+            "an event id has 1 to {EVENT_ID_LEN_MAX} characters; this one has {}",
+            text.len()
+        )));
+    }
+    if let Some(bad) = text.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'))) {
+        return Err(Error::InvalidInput(format!(
+            "the event id has the character {bad:?}; only A-Z a-z 0-9 . _ : - are allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that the text `what` received in a request is at most `max` bytes.
+pub fn check_text_len(what: &str, text: &str, max: usize) -> Result<(), Error> {
+    if text.len() > max {
+        return Err(Error::InvalidInput(format!("{what} is {} bytes long; the most is {max}", text.len())));
+    }
+    Ok(())
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, marked as cut.
+/// For a reason this node received in an answer or composes from several (a
+/// request with a text too long is refused instead): stored reasons stay
+/// within [`REASON_STORED_LEN_MAX`].
+pub fn clip_text(text: &str, max: usize) -> String {
+    const MARK: &str = " [cut]";
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max.saturating_sub(MARK.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MARK}", &text[..end])
+}
 
 /// Parses an account range `FIRST..END` (END excluded, not empty): who owns
 /// which accounts, in the coordinator's directory and a participant's flags.
@@ -184,6 +235,20 @@ mod tests {
         assert!(matches!(Id::parse("id", "é"), Err(Error::InvalidInput(_))));
         assert!(Id::parse("id", &"x".repeat(ID_LEN_MAX)).is_ok());
         assert!(matches!(Id::parse("id", &"x".repeat(ID_LEN_MAX + 1)), Err(Error::InvalidInput(_))));
+    }
+
+    #[test]
+    fn event_ids_and_texts_are_bounded() {
+        assert!(check_event_id("s1:debited").is_ok());
+        assert!(check_event_id(&"x".repeat(EVENT_ID_LEN_MAX)).is_ok());
+        assert!(check_event_id(&"x".repeat(EVENT_ID_LEN_MAX + 1)).is_err());
+        assert!(check_event_id("").is_err());
+        assert!(check_event_id("a/b").is_err());
+        assert!(check_text_len("reason", &"x".repeat(REASON_LEN_MAX), REASON_LEN_MAX).is_ok());
+        assert!(check_text_len("reason", &"x".repeat(REASON_LEN_MAX + 1), REASON_LEN_MAX).is_err());
+        assert_eq!(clip_text("short", 10), "short");
+        let clipped = clip_text(&"é".repeat(100), 51);
+        assert!(clipped.len() <= 51 && clipped.ends_with("[cut]"), "{clipped}");
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! are used by the thin gRPC handlers.
 
 pub mod cluster;
+pub mod codec;
 pub mod crash;
 pub mod domain;
 pub mod error;
