@@ -273,7 +273,8 @@ impl World {
         assert_eq!((source, target, suspense), expected, "{}", context());
         // What a restarted participant reads back is what it holds.
         for node in [&self.p1, &self.p2] {
-            let reloaded = Participant::recover(config(node.core.node_id().as_str()), node.disk.clone(), 0);
+            let reloaded = Participant::recover(config(node.core.node_id().as_str()), node.disk.clone(), 0)
+                .expect("the disk holds only records the core wrote");
             assert_eq!(reloaded.accounts(), node.core.accounts(), "{}", context());
             assert_eq!(reloaded.suspense(), node.core.suspense(), "{}", context());
         }

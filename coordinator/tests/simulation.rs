@@ -303,7 +303,8 @@ impl World {
             self.lose(step);
         }
         let node = self.participants.get_mut(name).unwrap();
-        node.core = Participant::recover(participant_config(name.as_str()), node.disk.clone(), self.now_ms);
+        node.core = Participant::recover(participant_config(name.as_str()), node.disk.clone(), self.now_ms)
+            .expect("the disk holds only records the core wrote");
     }
 
     fn crash_coordinator(&mut self) {
@@ -381,7 +382,8 @@ impl World {
             }
             assert_eq!(node.core.prepared_count(), 0, "{name} is still in doubt\n{}", context());
             // What survives a restart is the same as what is in memory.
-            let reloaded = Participant::recover(participant_config(name.as_str()), node.image(), 0);
+            let reloaded = Participant::recover(participant_config(name.as_str()), node.image(), 0)
+                .expect("the disk holds only records the core wrote");
             assert_eq!(reloaded.accounts(), node.core.accounts(), "{name}: memory and disk differ\n{}", context());
         }
         assert_eq!(total, self.initial_total, "money was created or destroyed\n{}", context());

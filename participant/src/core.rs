@@ -41,6 +41,20 @@
 //! posted`, `incoming >= 0`, and `posted + incoming` fits in an `i64` (so a
 //! commit can never overflow).
 //!
+//! # No input reaches a panic
+//!
+//! Every request is judged before anything changes: a request this core
+//! cannot take (malformed, or one whose arithmetic would overflow, or whose
+//! record would not fit its codec) is refused with an error and leaves the
+//! state as it was. Records are encoded before the state changes, so a
+//! record too large for its codec is a refusal, not a half-applied change.
+//! The invariant assertions that remain guard against corruption of this
+//! node's own memory: no input reaches them (the property test in
+//! `proptests.rs` throws random and mutated requests at the core to check
+//! that). A stored record that does not decode, or that breaks an
+//! invariant, makes [`Core::recover`] fail with a message naming it: the
+//! node does not start from a store it cannot read, and never guesses.
+//!
 //! # Durable records
 //!
 //! `a/<account: u64 BE>` holds an account's posted balance; `t/<txn id>` holds
@@ -56,7 +70,8 @@
 //! could cause it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use tandem::domain::{validate_legs, AccountId, Amount, Id, Leg, TxnId};
+use tandem::codec::{corrupt, corrupt_record, parse_id, Reader, Writer};
+use tandem::domain::{validate_legs, AccountId, Amount, Id, Leg, TxnId, LEGS_MAX};
 use tandem::store::{Durability, Op};
 use tandem::Error;
 
@@ -79,12 +94,24 @@ impl Account {
         self.posted - self.reserved
     }
 
+    /// Why the account breaks the escrow invariants, if it does.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        if !(self.reserved >= 0 && self.reserved <= self.posted && self.incoming >= 0) {
+            return Err(format!("its balances break the escrow invariants: {self:?}"));
+        }
+        if self.posted.checked_add(self.incoming).is_none() {
+            return Err(format!("its balance can overflow on commit: {self:?}"));
+        }
+        Ok(())
+    }
+
+    /// After a change this core made: every input that could break the
+    /// invariants was refused before the change, so a failure here is a bug
+    /// that corrupted this node's memory (see "No input reaches a panic").
     pub(crate) fn assert_invariants(&self, id: AccountId) {
-        assert!(
-            self.reserved >= 0 && self.reserved <= self.posted && self.incoming >= 0,
-            "account {id} broke its invariants: {self:?}"
-        );
-        assert!(self.posted.checked_add(self.incoming).is_some(), "account {id} can overflow on commit: {self:?}");
+        if let Err(why) = self.check_invariants() {
+            panic!("account {id}: {why}");
+        }
     }
 }
 
@@ -212,56 +239,82 @@ fn txn_key(txn: &TxnId) -> Vec<u8> {
     key
 }
 
-fn encode_txn(txn: &Txn) -> Vec<u8> {
-    let state = match txn.state {
+/// The stored form of a transaction: state, coordinator id (one-byte
+/// length), leg count (one byte, at most [`LEGS_MAX`]), the legs, and the
+/// prepare time. Fails, before anything is written, on a record that does
+/// not fit (it cannot, for a transaction this core accepted).
+pub(crate) fn encode_txn(txn: &Txn) -> Result<Vec<u8>, Error> {
+    let mut w = Writer::new();
+    w.byte(match txn.state {
         TxnState::Prepared => 1u8,
         TxnState::Committed => 2,
         TxnState::Aborted => 3,
-    };
-    let coordinator = txn.coordinator.as_str().as_bytes();
-    let mut out = Vec::with_capacity(3 + coordinator.len() + 16 * txn.legs.len());
-    out.push(state);
-    out.push(coordinator.len() as u8);
-    out.extend_from_slice(coordinator);
-    out.push(txn.legs.len() as u8);
-    for leg in &txn.legs {
-        out.extend_from_slice(&leg.account.to_le_bytes());
-        out.extend_from_slice(&leg.amount.to_le_bytes());
+    });
+    w.short_text("the coordinator id", txn.coordinator.as_str())?;
+    if txn.legs.len() > LEGS_MAX {
+        return Err(Error::InvalidInput(format!("a transaction has at most {LEGS_MAX} legs")));
     }
-    out.extend_from_slice(&txn.prepared_at_ms.to_le_bytes());
-    out
+    w.count_u8("the number of legs", txn.legs.len())?;
+    for leg in &txn.legs {
+        w.u64(leg.account);
+        w.i64(leg.amount);
+    }
+    w.u64(txn.prepared_at_ms);
+    Ok(w.finish())
 }
 
-fn decode_txn(bytes: &[u8], now_ms: u64) -> Result<Txn, String> {
-    let state = match bytes.first() {
-        Some(1) => TxnState::Prepared,
-        Some(2) => TxnState::Committed,
-        Some(3) => TxnState::Aborted,
-        other => return Err(format!("bad state byte {other:?}")),
+/// Reads a transaction record; refuses short records, trailing bytes, and
+/// legs a prepare would have refused (a PREPARED record's legs are
+/// checked as [`validate_legs`] checks a request's; a finished record has
+/// none).
+pub(crate) fn decode_txn(bytes: &[u8], now_ms: u64) -> Result<Txn, Error> {
+    let mut r = Reader::new(bytes);
+    let state = match r.byte()? {
+        1 => TxnState::Prepared,
+        2 => TxnState::Committed,
+        3 => TxnState::Aborted,
+        other => return Err(corrupt(format!("state byte {other}"))),
     };
-    let coordinator_len = *bytes.get(1).ok_or("truncated")? as usize;
-    let coordinator = std::str::from_utf8(bytes.get(2..2 + coordinator_len).ok_or("truncated coordinator")?)
-        .map_err(|e| e.to_string())?;
-    let coordinator = Id::parse("coordinator id", coordinator).map_err(|e| e.to_string())?;
-    let mut at = 2 + coordinator_len;
-    let leg_count = *bytes.get(at).ok_or("truncated leg count")? as usize;
-    at += 1;
+    let coordinator = parse_id(&r.short_text()?)?;
+    let leg_count = r.byte()? as usize;
+    if leg_count > LEGS_MAX {
+        return Err(corrupt(format!("{leg_count} legs; a transaction has at most {LEGS_MAX}")));
+    }
+    let mut legs = Vec::with_capacity(leg_count);
+    for _ in 0..leg_count {
+        legs.push(Leg { account: r.u64()?, amount: r.i64()? });
+    }
     // Records written before the prepare time was stored end with the legs.
-    let prepared_at_ms = match bytes.len().checked_sub(at + leg_count * 16) {
-        Some(0) => now_ms,
-        Some(8) => u64::from_le_bytes(bytes[bytes.len() - 8..].try_into().expect("eight bytes")),
-        _ => return Err(format!("{} bytes for {leg_count} legs", bytes.len() - at)),
-    };
-    let legs = (0..leg_count)
-        .map(|i| {
-            let base = at + i * 16;
-            Leg {
-                account: u64::from_le_bytes(bytes[base..base + 8].try_into().unwrap()),
-                amount: i64::from_le_bytes(bytes[base + 8..base + 16].try_into().unwrap()),
-            }
-        })
-        .collect();
+    let prepared_at_ms = if r.remaining() == 0 { now_ms } else { r.u64()? };
+    r.done()?;
+    match state {
+        TxnState::Prepared => validate_legs(&legs).map_err(|e| corrupt(format!("its legs: {e}")))?,
+        TxnState::Committed | TxnState::Aborted if !legs.is_empty() => {
+            return Err(corrupt("a finished transaction with legs"))
+        }
+        TxnState::Committed | TxnState::Aborted => {}
+    }
     Ok(Txn { state, coordinator, legs, prepared_at_ms, next_query_ms: 0, query_backoff_ms: QUERY_BACKOFF_INITIAL_MS })
+}
+
+/// Reads an account record: its posted balance and, in records written
+/// since accounts can be closed, a closed flag (0 or 1).
+/// `id_bytes` is the key after `a/`: the account id, big-endian.
+pub(crate) fn decode_account(id_bytes: &[u8], value: &[u8]) -> Result<(AccountId, Account), Error> {
+    let id: [u8; 8] = id_bytes.try_into().map_err(|_| corrupt("an account key holds eight bytes after a/"))?;
+    let id = AccountId::from_be_bytes(id);
+    let mut r = Reader::new(value);
+    let posted = r.i64()?;
+    let closed = match r.remaining() {
+        0 => false,
+        _ => match r.byte()? {
+            0 => false,
+            1 => true,
+            other => return Err(corrupt(format!("closed flag {other}"))),
+        },
+    };
+    r.done()?;
+    Ok((id, Account { posted, reserved: 0, incoming: 0, closed }))
 }
 
 impl Core {
@@ -276,53 +329,81 @@ impl Core {
         }
     }
 
-    /// Rebuilds the core from the store's records (every `a/` and `t/` key),
-    /// recomputing the reservations of PREPARED transactions. Panics on a
-    /// record that does not decode or breaks an invariant: the store is
-    /// corrupt and guessing would be worse than stopping.
-    pub fn recover(config: Config, records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>, now_ms: u64) -> Core {
+    /// Rebuilds the core from the store's records (every key), recomputing
+    /// the reservations of PREPARED transactions. Fails with
+    /// [`Error::Fatal`] naming the record on one that does not decode, is
+    /// of no known kind, or breaks an invariant: the store is corrupt, and
+    /// the node must not start from it (guessing would be worse than
+    /// stopping).
+    pub fn recover(
+        config: Config,
+        records: impl IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+        now_ms: u64,
+    ) -> Result<Core, Error> {
         let mut core = Core::new(config);
         let mut prepared = Vec::new();
         for (key, value) in records {
-            if let Some(account) = key.strip_prefix(b"a/") {
-                let account = u64::from_be_bytes(account.try_into().expect("corrupt account key"));
-                assert!(value.len() == 8 || value.len() == 9, "corrupt account record of {account}");
-                let posted = i64::from_le_bytes(value[..8].try_into().expect("eight bytes"));
-                let closed = value.get(8) == Some(&1);
-                core.accounts.insert(account, Account { posted, reserved: 0, incoming: 0, closed });
-            } else if let Some(txn) = key.strip_prefix(b"t/") {
-                let txn =
-                    Id::parse("txn id", std::str::from_utf8(txn).expect("corrupt txn key")).expect("corrupt txn key");
-                let record = decode_txn(&value, now_ms).unwrap_or_else(|e| panic!("corrupt record of {txn}: {e}"));
-                match record.state {
-                    TxnState::Prepared => prepared.push(txn.clone()),
-                    TxnState::Committed | TxnState::Aborted => {
-                        core.finished.push_back((now_ms, Retained::Txn(txn.clone())))
-                    }
-                }
-                core.txns.insert(txn, record);
-            } else {
-                core.recover_saga_record(&key, &value, now_ms);
-            }
+            core.recover_record(&key, &value, now_ms, &mut prepared).map_err(|e| corrupt_record(&key, e))?;
         }
         for txn in prepared {
-            let legs = core.txns[&txn].legs.clone();
+            let legs = core.txns.get(&txn).map(|t| t.legs.clone()).unwrap_or_default();
             for leg in legs {
-                let account = core
-                    .accounts
-                    .get_mut(&leg.account)
-                    .unwrap_or_else(|| panic!("prepared {txn} names account {} that has no record", leg.account));
-                if leg.is_debit() {
-                    account.reserved += -leg.amount;
+                let record = String::from_utf8_lossy(&txn_key(&txn)).into_owned();
+                let account = core.accounts.get_mut(&leg.account).ok_or_else(|| {
+                    Error::Fatal(format!(
+                        "the prepared transaction {record:?} names account {}, which has no record; the node does not start from a store it cannot read",
+                        leg.account
+                    ))
+                })?;
+                let changed = if leg.is_debit() {
+                    account.reserved.checked_add(-leg.amount).map(|reserved| account.reserved = reserved)
                 } else {
-                    account.incoming += leg.amount;
-                }
+                    account.incoming.checked_add(leg.amount).map(|incoming| account.incoming = incoming)
+                };
+                changed.ok_or_else(|| {
+                    Error::Fatal(format!(
+                        "the prepared transaction {record:?} overflows the reservations of account {}",
+                        leg.account
+                    ))
+                })?;
             }
         }
         for (id, account) in &core.accounts {
-            account.assert_invariants(*id);
+            account.check_invariants().map_err(|why| {
+                Error::Fatal(format!(
+                    "account {id} (record {:?}) and the prepared transactions on it: {why}; the node does not start from a store it cannot read",
+                    tandem::codec::show_key(&account_key(*id))
+                ))
+            })?;
         }
-        core
+        Ok(core)
+    }
+
+    /// Rebuilds one record (see [`Core::recover`]).
+    fn recover_record(
+        &mut self,
+        key: &[u8],
+        value: &[u8],
+        now_ms: u64,
+        prepared: &mut Vec<TxnId>,
+    ) -> Result<(), Error> {
+        if let Some(account) = key.strip_prefix(b"a/") {
+            let (account, record) = decode_account(account, value)?;
+            self.accounts.insert(account, record);
+        } else if key.starts_with(b"t/") {
+            let txn = tandem::codec::id_from_key(b"t/", key)?;
+            let record = decode_txn(value, now_ms)?;
+            match record.state {
+                TxnState::Prepared => prepared.push(txn.clone()),
+                TxnState::Committed | TxnState::Aborted => {
+                    self.finished.push_back((now_ms, Retained::Txn(txn.clone())))
+                }
+            }
+            self.txns.insert(txn, record);
+        } else {
+            self.recover_saga_record(key, value, now_ms)?;
+        }
+        Ok(())
     }
 
     pub fn node_id(&self) -> &Id {
@@ -356,10 +437,21 @@ impl Core {
         }
         if let Some(refusal) = self.check_prepare(&coordinator, &legs) {
             // Voting NO is this node's one unilateral decision: remember it.
-            let effects = self.finish(txn_id, coordinator, TxnState::Aborted, now_ms);
+            let effects = self.finish(txn_id, coordinator, TxnState::Aborted, now_ms)?;
             return Ok((Vote::No(refusal.0, refusal.1), effects));
         }
-        for leg in &legs {
+        let txn = Txn {
+            state: TxnState::Prepared,
+            coordinator,
+            legs,
+            prepared_at_ms: now_ms,
+            next_query_ms: now_ms.saturating_add(self.config.in_doubt_after_ms),
+            query_backoff_ms: QUERY_BACKOFF_INITIAL_MS,
+        };
+        // Encoded before anything changes: a record that does not fit is a
+        // refusal, not a half-applied prepare.
+        let ops = vec![Op::Put(txn_key(&txn_id), encode_txn(&txn)?)];
+        for leg in &txn.legs {
             let account = self.accounts.get_mut(&leg.account).expect("checked above");
             if leg.is_debit() {
                 account.reserved += -leg.amount;
@@ -368,15 +460,6 @@ impl Core {
             }
             account.assert_invariants(leg.account);
         }
-        let txn = Txn {
-            state: TxnState::Prepared,
-            coordinator,
-            legs,
-            prepared_at_ms: now_ms,
-            next_query_ms: now_ms + self.config.in_doubt_after_ms,
-            query_backoff_ms: QUERY_BACKOFF_INITIAL_MS,
-        };
-        let ops = vec![Op::Put(txn_key(&txn_id), encode_txn(&txn))];
         self.txns.insert(txn_id, txn);
         Ok((Vote::Yes, Effects { ops, durability: Durability::Fsync }))
     }
@@ -436,9 +519,12 @@ impl Core {
             }
             TxnState::Prepared => {}
         }
-        self.longest_in_doubt_ms = self.longest_in_doubt_ms.max(now_ms.saturating_sub(txn.prepared_at_ms));
+        let in_doubt_ms = now_ms.saturating_sub(txn.prepared_at_ms);
         let legs = txn.legs.clone();
         let coordinator = txn.coordinator.clone();
+        // The record first: if it could not be encoded, nothing has changed.
+        let mut effects = self.finish(txn_id.clone(), coordinator, TxnState::Committed, now_ms)?;
+        self.longest_in_doubt_ms = self.longest_in_doubt_ms.max(in_doubt_ms);
         let mut ops = Vec::with_capacity(legs.len() + 1);
         for leg in &legs {
             let account = self.accounts.get_mut(&leg.account).expect("a prepared leg's account exists");
@@ -452,7 +538,6 @@ impl Core {
             account.assert_invariants(leg.account);
             ops.push(account_put(leg.account, account));
         }
-        let mut effects = self.finish(txn_id.clone(), coordinator, TxnState::Committed, now_ms);
         ops.append(&mut effects.ops);
         Ok(Effects { ops, durability: effects.durability })
     }
@@ -482,33 +567,40 @@ impl Core {
     }
 
     /// Phase one for each of `prepares` ([`Core::judge_each`] of
-    /// [`Core::prepare`]).
+    /// [`Core::prepare`]), 1 to [`PREPARE_BATCH_MAX`] of them.
     pub fn prepare_batch(
         &mut self,
         prepares: Vec<Result<(TxnId, Id, Vec<Leg>), Error>>,
         now_ms: u64,
-    ) -> (Vec<Result<Vote, Error>>, Effects) {
-        assert!(prepares.len() <= PREPARE_BATCH_MAX, "the driver bounds the batch");
-        self.judge_each(prepares, now_ms, |core, (txn, coordinator, legs), now| {
+    ) -> Result<(Vec<Result<Vote, Error>>, Effects), Error> {
+        check_batch_len("prepares", prepares.len(), PREPARE_BATCH_MAX)?;
+        Ok(self.judge_each(prepares, now_ms, |core, (txn, coordinator, legs), now| {
             core.prepare(txn, coordinator, legs, now)
-        })
+        }))
     }
 
-    /// Phase two, COMMIT, for each of `txn_ids` (see [`Core::commit`]), as
-    /// one write. Checked first, so that a transaction this node aborted
-    /// rejects the batch before any of it is applied.
-    pub fn commit_batch(&mut self, txn_ids: &[TxnId], now_ms: u64) -> Result<Effects, Error> {
-        assert!(txn_ids.len() <= COMMIT_BATCH_MAX, "the driver bounds the batch");
+    /// Phase two, COMMIT, for each of `txn_ids` (see [`Core::commit`]), 1
+    /// to [`COMMIT_BATCH_MAX`] of them, as one write. Checked first, so
+    /// that a transaction this node aborted rejects the batch before any of
+    /// it is applied. The effects are those of the commits applied: they
+    /// must be written even when the answer is an error (a commit fails
+    /// only before it changes anything, so an error after others were
+    /// applied leaves those applied, to be acknowledged again on the
+    /// coordinator's redelivery).
+    pub fn commit_batch(&mut self, txn_ids: &[TxnId], now_ms: u64) -> (Result<(), Error>, Effects) {
+        if let Err(error) = check_batch_len("txn_ids", txn_ids.len(), COMMIT_BATCH_MAX) {
+            return (Err(error), Effects::none());
+        }
         if let Some(aborted) =
             txn_ids.iter().find(|id| matches!(self.txns.get(*id), Some(txn) if txn.state == TxnState::Aborted))
         {
-            return Err(Error::InvalidInput(format!("{aborted} is aborted here; a commit for it breaks the protocol")));
+            let error = Error::InvalidInput(format!("{aborted} is aborted here; a commit for it breaks the protocol"));
+            return (Err(error), Effects::none());
         }
         let items = txn_ids.iter().map(Ok).collect();
         let (answers, effects) =
             self.judge_each(items, now_ms, |core, txn_id, now| Ok(((), core.commit(txn_id, now)?)));
-        assert!(answers.iter().all(Result::is_ok), "checked above: no transaction is aborted here");
-        Ok(effects)
+        (answers.into_iter().collect(), effects)
     }
 
     /// Phase two, ABORT. Releases a prepared reservation; leaves a tombstone
@@ -518,7 +610,7 @@ impl Core {
             // Abort before prepare: the tombstone makes a late prepare vote NO.
             // The coordinator id is unknown here; the tombstone never asks.
             let coordinator = self.config.node_id.clone();
-            return Ok(self.finish(txn_id.clone(), coordinator, TxnState::Aborted, now_ms));
+            return self.finish(txn_id.clone(), coordinator, TxnState::Aborted, now_ms);
         };
         match txn.state {
             TxnState::Aborted => return Ok(Effects::none()),
@@ -529,9 +621,12 @@ impl Core {
             }
             TxnState::Prepared => {}
         }
-        self.longest_in_doubt_ms = self.longest_in_doubt_ms.max(now_ms.saturating_sub(txn.prepared_at_ms));
+        let in_doubt_ms = now_ms.saturating_sub(txn.prepared_at_ms);
         let legs = txn.legs.clone();
         let coordinator = txn.coordinator.clone();
+        // The record first: if it could not be encoded, nothing has changed.
+        let effects = self.finish(txn_id.clone(), coordinator, TxnState::Aborted, now_ms)?;
+        self.longest_in_doubt_ms = self.longest_in_doubt_ms.max(in_doubt_ms);
         for leg in &legs {
             let account = self.accounts.get_mut(&leg.account).expect("a prepared leg's account exists");
             if leg.is_debit() {
@@ -541,21 +636,22 @@ impl Core {
             }
             account.assert_invariants(leg.account);
         }
-        Ok(self.finish(txn_id.clone(), coordinator, TxnState::Aborted, now_ms))
+        Ok(effects)
     }
 
     /// Records a finished transaction (legs dropped) for garbage collection.
-    fn finish(&mut self, txn_id: TxnId, coordinator: Id, state: TxnState, now_ms: u64) -> Effects {
+    /// Fails, changing nothing, if its record cannot be encoded.
+    fn finish(&mut self, txn_id: TxnId, coordinator: Id, state: TxnState, now_ms: u64) -> Result<Effects, Error> {
         let txn =
             Txn { state, coordinator, legs: Vec::new(), prepared_at_ms: now_ms, next_query_ms: 0, query_backoff_ms: 0 };
-        let ops = vec![Op::Put(txn_key(&txn_id), encode_txn(&txn))];
+        let ops = vec![Op::Put(txn_key(&txn_id), encode_txn(&txn)?)];
         self.txns.insert(txn_id.clone(), txn);
         self.finished.push_back((now_ms, Retained::Txn(txn_id)));
         // Only a commit must be durable before it is acknowledged. It need not
         // pay for an fsync of its own: it rides on the next prepare's (the
         // WAL is one log), or the store fsyncs for it within its linger.
         let durability = if state == TxnState::Committed { Durability::Lazy } else { Durability::Buffered };
-        Effects { ops, durability }
+        Ok(Effects { ops, durability })
     }
 
     /// Opens accounts, all or none.
@@ -620,6 +716,12 @@ impl Core {
         self.txns.get(id)
     }
 
+    /// Every transaction record held, in no particular order.
+    #[cfg(test)]
+    pub(crate) fn txns(&self) -> impl Iterator<Item = (&TxnId, &Txn)> {
+        self.txns.iter()
+    }
+
     /// Prepared (in-doubt) transactions, oldest first.
     pub fn prepared(&self) -> Vec<(&TxnId, &Txn)> {
         let mut list: Vec<_> = self.txns.iter().filter(|(_, txn)| txn.state == TxnState::Prepared).collect();
@@ -642,8 +744,9 @@ impl Core {
             }
             if txn.state == TxnState::Prepared && txn.next_query_ms <= now_ms {
                 due.push((id.clone(), txn.coordinator.clone()));
-                txn.next_query_ms = now_ms + txn.query_backoff_ms;
-                txn.query_backoff_ms = (txn.query_backoff_ms * 2).clamp(QUERY_BACKOFF_INITIAL_MS, QUERY_BACKOFF_MAX_MS);
+                txn.next_query_ms = now_ms.saturating_add(txn.query_backoff_ms);
+                txn.query_backoff_ms =
+                    txn.query_backoff_ms.saturating_mul(2).clamp(QUERY_BACKOFF_INITIAL_MS, QUERY_BACKOFF_MAX_MS);
             }
         }
         due.sort();
@@ -654,7 +757,7 @@ impl Core {
     pub fn collect_garbage(&mut self, now_ms: u64) -> Effects {
         let mut ops = Vec::new();
         while let Some((finished_at, _)) = self.finished.front() {
-            if finished_at + self.config.finished_retention_ms > now_ms || ops.len() >= 10_000 {
+            if finished_at.saturating_add(self.config.finished_retention_ms) > now_ms || ops.len() >= 10_000 {
                 break;
             }
             let (_, retained) = self.finished.pop_front().expect("front exists");
@@ -686,6 +789,14 @@ impl Core {
         let account = *account;
         Ok((account, Effects { ops: vec![account_put(id, &account)], durability: Durability::Fsync }))
     }
+}
+
+/// A batch holds 1 to `max` items in its field `field`.
+pub fn check_batch_len(field: &str, len: usize, max: usize) -> Result<(), Error> {
+    if len == 0 || len > max {
+        return Err(Error::InvalidInput(format!("{field}: a batch holds 1 to {max} items, not {len}")));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

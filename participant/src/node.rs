@@ -19,9 +19,21 @@
 //! restart. No operator is needed.
 //!
 //! Lock order: `core` before `store` (the slot), before `transfer_waiters`.
+//!
+//! The core's lock is never poisoned by a request: the core refuses every
+//! input it cannot take before changing anything (see its module essay), so
+//! nothing a caller sends makes it panic while the lock is held. What could
+//! still panic there is an assertion of the core's own invariants, which
+//! fires only when this node's memory is already corrupt; then the lock is
+//! poisoned and every later call gets INTERNAL (`Error::Fatal`) instead of
+//! panicking in turn or being served from a state that disagrees with the
+//! disk: the node stops acknowledging, and a restart rebuilds the core from
+//! the store ([`Node::core`]). The other locks each guard a map, a set or
+//! the store's slot, and nothing under them can panic.
 
 use crate::core::{
-    Config, Core, Effects, Refusal, TxnState, Vote, COMMIT_BATCH_MAX, OPS_PER_CALL_MAX, PREPARE_BATCH_MAX,
+    check_batch_len, Config, Core, Effects, Refusal, TxnState, Vote, COMMIT_BATCH_MAX, OPS_PER_CALL_MAX,
+    PREPARE_BATCH_MAX,
 };
 use crate::saga::{Event, EventKind, StepAnswer, StepKind, StepOutcome, StepPhase, Transfer, TransferState};
 use std::collections::{BTreeMap, HashMap};
@@ -150,7 +162,7 @@ impl Node {
         let clock = Instant::now();
         let clock_origin_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-        let core = Core::recover(core_config.clone(), records, clock_origin_ms);
+        let core = Core::recover(core_config.clone(), records, clock_origin_ms)?;
         info!(
             node = %config.node_id,
             accounts = core.accounts().len(),
@@ -184,8 +196,16 @@ impl Node {
         self.inner.clock_origin_ms + self.inner.clock.elapsed().as_millis() as u64
     }
 
-    fn core(&self) -> MutexGuard<'_, Core> {
-        self.inner.core.lock().expect("core lock poisoned")
+    /// The core, locked; `Error::Fatal` if an invariant assertion panicked
+    /// under the lock earlier (see the module documentation: no request
+    /// can, so this node's memory is corrupt and it stops acknowledging).
+    fn core(&self) -> Result<MutexGuard<'_, Core>, Error> {
+        self.inner.core.lock().map_err(|_| {
+            Error::Fatal(format!(
+                "{}'s core failed an invariant check while changing its state; it acknowledges nothing more until it is restarted from its store",
+                self.inner.node_id
+            ))
+        })
     }
 
     /// The open store, or UNAVAILABLE once it failed, until it is reopened.
@@ -212,7 +232,7 @@ impl Node {
     ) -> Result<T, Error> {
         let now_ms = self.now_ms();
         let (value, written, outbox_written) = {
-            let mut core = self.core();
+            let mut core = self.core()?;
             let store = self.store()?;
             store.check_room(ops_max)?;
             let (value, effects) = step(&mut core, now_ms)?;
@@ -237,7 +257,7 @@ impl Node {
         let node = self.clone();
         tokio::spawn(async move {
             durable.await?;
-            node.core().mark_outbox_durable(outbox_end);
+            node.core()?.mark_outbox_durable(outbox_end);
             node.inner.relay_wake.notify_one();
             Ok::<(), Error>(())
         })
@@ -267,7 +287,7 @@ impl Node {
             )));
         }
         let failed = {
-            let _core = self.core();
+            let _core = self.core()?;
             self.inner.store.write().expect("store slot lock poisoned").take()
         };
         if let Some(failed) = failed {
@@ -287,8 +307,16 @@ impl Node {
                 return Err(error);
             }
         };
-        let mut core = self.core();
-        *core = Core::recover(self.inner.core_config.clone(), records, self.now_ms());
+        let mut core = self.core()?;
+        // Records it cannot read keep the node NOT_SERVING (this is tried
+        // again), as they would keep a restarted node from starting.
+        *core = match Core::recover(self.inner.core_config.clone(), records, self.now_ms()) {
+            Ok(recovered) => recovered,
+            Err(error) => {
+                store.close();
+                return Err(error);
+            }
+        };
         *self.inner.store.write().expect("store slot lock poisoned") = Some(store);
         info!(
             node = %self.inner.node_id,
@@ -358,7 +386,7 @@ impl Node {
         &self,
         prepares: Vec<Result<(TxnId, Id, Vec<Leg>), Error>>,
     ) -> Result<Vec<Result<Vote, Error>>, Error> {
-        self.apply(prepares.len() * OPS_PER_CALL_MAX, |core, now| Ok(core.prepare_batch(prepares, now))).await
+        self.apply(prepares.len() * OPS_PER_CALL_MAX, |core, now| core.prepare_batch(prepares, now)).await
     }
 
     /// A batch call's items judged in one write ([`Core::judge_each`]).
@@ -376,7 +404,9 @@ impl Node {
     }
 
     pub async fn commit_batch(&self, txns: &[TxnId]) -> Result<(), Error> {
-        self.apply(txns.len() * OPS_PER_CALL_MAX, |core, now| Ok(((), core.commit_batch(txns, now)?))).await
+        // The effects of the commits applied are written even when the
+        // answer is an error (see `Core::commit_batch`).
+        self.apply(txns.len() * OPS_PER_CALL_MAX, |core, now| Ok(core.commit_batch(txns, now))).await?
     }
 
     pub async fn abort(&self, txn: &TxnId) -> Result<(), Error> {
@@ -418,9 +448,13 @@ impl Node {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let due = {
-                let now = self.now_ms();
-                self.core().due_queries(now, QUERIES_PER_TICK_MAX)
+            let now = self.now_ms();
+            let due = match self.core() {
+                Ok(mut core) => core.due_queries(now, QUERIES_PER_TICK_MAX),
+                Err(error) => {
+                    warn!(%error, "in-doubt transactions are not resolved");
+                    continue;
+                }
             };
             for (txn, coordinator) in due {
                 let node = self.clone();
@@ -503,9 +537,12 @@ impl Node {
                 _ = self.inner.relay_wake.notified() => {}
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
-            let (events, awaits_durability) = {
-                let core = self.core();
-                (core.outbox(), core.outbox_awaits_durability())
+            let (events, awaits_durability) = match self.core() {
+                Ok(core) => (core.outbox(), core.outbox_awaits_durability()),
+                Err(error) => {
+                    warn!(%error, "the outbox is not relayed");
+                    continue;
+                }
             };
             let now = Instant::now();
             // Events whose write was never seen fsynced (its fsync was a lazy
@@ -619,9 +656,9 @@ impl Node {
         }
     }
 
-    fn transfer_status(&self, saga: &Id) -> pb::TransferStatus {
-        let core = self.core();
-        transfer_to_pb(saga, core.transfer(saga))
+    fn transfer_status(&self, saga: &Id) -> Result<pb::TransferStatus, Error> {
+        let core = self.core()?;
+        Ok(transfer_to_pb(saga, core.transfer(saga)))
     }
 }
 
@@ -662,7 +699,9 @@ pub fn event_to_pb(event: &Event) -> pb::ChoreographyEvent {
     }
 }
 
-/// Reads an event of any schema version whose kind this node knows.
+/// Reads an event of any schema version whose kind this node knows, and
+/// checks it as the core will ([`Event::check`]: ids, amount, reason
+/// length).
 pub fn event_from_pb(event: &pb::ChoreographyEvent) -> Result<Event, Error> {
     let kind = match pb::EventKind::try_from(event.kind) {
         Ok(pb::EventKind::TransferDebited) => EventKind::TransferDebited,
@@ -675,13 +714,7 @@ pub fn event_from_pb(event: &pb::ChoreographyEvent) -> Result<Event, Error> {
             )))
         }
     };
-    if event.event_id.is_empty() || event.event_id.len() > 2 * tandem::domain::ID_LEN_MAX {
-        return Err(Error::InvalidInput("an event id has 1 to 128 characters".into()));
-    }
-    if event.amount <= 0 {
-        return Err(Error::InvalidInput(format!("event {} has a non-positive amount", event.event_id)));
-    }
-    Ok(Event {
+    let event = Event {
         version: event.version,
         id: event.event_id.clone(),
         kind,
@@ -692,15 +725,9 @@ pub fn event_from_pb(event: &pb::ChoreographyEvent) -> Result<Event, Error> {
         source: Id::parse("source_participant", &event.source_participant)?,
         target: Id::parse("target_participant", &event.target_participant)?,
         reason: event.reason.clone(),
-    })
-}
-
-/// A batch call holds 1 to `max` items in its repeated field `field`.
-fn check_batch_len(field: &str, len: usize, max: usize) -> Result<(), Error> {
-    if len == 0 || len > max {
-        return Err(Error::InvalidInput(format!("{field}: a batch holds 1 to {max} items, not {len}")));
-    }
-    Ok(())
+    };
+    event.check()?;
+    Ok(event)
 }
 
 fn parse_prepare(request: &pb::PrepareRequest) -> Result<(TxnId, Id, Vec<Leg>), Error> {
@@ -824,7 +851,7 @@ impl Participant for Node {
         let txns = request.txn_ids.iter().map(|id| Id::parse("txn_ids", id)).collect::<Result<Vec<_>, _>>()?;
         Node::commit_batch(self, &txns).await?;
         tandem::crash::point("commit-applied");
-        debug!(count = txns.len(), first = %txns[0], "commit batch acknowledged");
+        debug!(count = txns.len(), first = ?txns.first(), "commit batch acknowledged");
         Ok(Response::new(pb::DecisionResponse {}))
     }
 
@@ -849,7 +876,7 @@ impl Participant for Node {
 
     async fn get_balance(&self, request: Request<pb::GetBalanceRequest>) -> Result<Response<pb::Balance>, Status> {
         let account = request.into_inner().account;
-        let balance = self.core().account(account)?;
+        let balance = self.core()?.account(account)?;
         Ok(Response::new(balance_to_pb(account, &balance)))
     }
 
@@ -858,7 +885,7 @@ impl Participant for Node {
         request: Request<pb::ReadBalancesRequest>,
     ) -> Result<Response<pb::ReadBalancesResponse>, Status> {
         let include_accounts = request.into_inner().include_accounts;
-        let core = self.core();
+        let core = self.core()?;
         let mut response = pb::ReadBalancesResponse {
             participant_id: self.inner.node_id.to_string(),
             account_count: core.accounts().len() as u64,
@@ -897,7 +924,7 @@ impl Participant for Node {
             n => n.min(LIST_PREPARED_MAX),
         };
         let now = self.now_ms();
-        let core = self.core();
+        let core = self.core()?;
         let prepared = core.prepared();
         let total = prepared.len() as u64;
         let prepared = prepared
@@ -977,7 +1004,7 @@ impl Participant for Node {
         &self,
         _request: Request<pb::ListParkedTransfersRequest>,
     ) -> Result<Response<pb::ListParkedTransfersResponse>, Status> {
-        let core = self.core();
+        let core = self.core()?;
         let parked = core.parked_transfers().iter().map(|(saga, t)| transfer_to_pb(saga, Some(t))).collect();
         Ok(Response::new(pb::ListParkedTransfersResponse { parked }))
     }
@@ -1031,7 +1058,7 @@ impl Participant for Node {
             // Checked and registered under the core lock, so the terminal
             // state cannot slip in between.
             let waiting = {
-                let core = self.core();
+                let core = self.core()?;
                 if core.transfer(&saga).is_some_and(|t| t.state.is_terminal()) {
                     None
                 } else {
@@ -1050,7 +1077,7 @@ impl Participant for Node {
                 let _ = tokio::time::timeout(Duration::from_millis(wait_ms as u64), notified).await;
             }
         }
-        Ok(Response::new(self.transfer_status(&saga)))
+        Ok(Response::new(self.transfer_status(&saga)?))
     }
 
     async fn get_transfer_status(
@@ -1058,7 +1085,7 @@ impl Participant for Node {
         request: Request<pb::GetTransferStatusRequest>,
     ) -> Result<Response<pb::TransferStatus>, Status> {
         let saga = Id::parse("saga_id", &request.into_inner().saga_id)?;
-        Ok(Response::new(self.transfer_status(&saga)))
+        Ok(Response::new(self.transfer_status(&saga)?))
     }
 
     async fn deliver_events(

@@ -23,6 +23,21 @@
 //! it parks the money only if the debit did run), where an operator finds it
 //! and releases it ([`StepKind::Release`]).
 //!
+//! A barrier records the amount its step moved, and a compensation must
+//! name the same amount: a refund or a parking never moves more, or less,
+//! than the debit it undoes. A release is only for a saga whose debit was
+//! parked here, takes exactly what that debit parked, and runs once (its
+//! own barrier): so the suspense account always holds what the parked
+//! sagas and parked transfers put there, and a release for a saga that
+//! parked nothing (which used to drain the suspense account, after which
+//! an operator's resolution of a parked transfer found less than it
+//! expected) is refused and changes nothing. A parked debit's barrier is
+//! kept until its saga is forgotten (the orchestrator forgets a dead
+//! letter once it is resolved, and a forget that came first does not count
+//! until the release ran): it is what allows the release. Barriers
+//! written before amounts were stored allow a release of at most what the
+//! suspense account holds beyond the parked amounts this node knows.
+//!
 //! # Choreographed transfers
 //!
 //! No controller: [`Core::start_transfer`] debits the source and puts a
@@ -58,11 +73,25 @@
 //! Money is conserved when suspense and money in flight are counted: a
 //! debited choreographed transfer whose event is not yet applied at the
 //! target holds its amount "in flight" (the isolation anomaly of sagas that
-//! the bench's audits measure); at quiescence nothing is in flight.
+//! the bench's audits measure); at quiescence nothing is in flight. The
+//! suspense account holds exactly the amounts of the parked transfers and
+//! of the parked debits not yet released; no step takes more from it.
+//!
+//! # Input
+//!
+//! Events from peers are checked before anything changes ([`Event::check`]):
+//! a schema version, an id of at most `EVENT_ID_LEN_MAX` bytes, a positive
+//! amount, a reason of at most `REASON_LEN_MAX` bytes; an answer event must
+//! match the transfer it answers. Reasons this node composes are clipped
+//! to `REASON_STORED_LEN_MAX`, and every record is encoded (and so checked
+//! against its codec's limits) before the state changes.
 
 use crate::core::{account_put, Account, Core, Effects, Refusal, Retained};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use tandem::domain::{AccountId, Amount, Id};
+use tandem::codec::{corrupt, parse_id, Reader, Writer};
+use tandem::domain::{
+    check_event_id, check_text_len, clip_text, AccountId, Amount, Id, REASON_LEN_MAX, REASON_STORED_LEN_MAX,
+};
 use tandem::store::{Durability, Op};
 use tandem::Error;
 
@@ -85,12 +114,12 @@ impl StepKind {
         }
     }
 
-    fn from_code(code: u8) -> StepKind {
+    fn from_code(code: u8) -> Option<StepKind> {
         match code {
-            b'd' => StepKind::Debit,
-            b'c' => StepKind::Credit,
-            b'r' => StepKind::Release,
-            other => panic!("corrupt barrier key: step {other}"),
+            b'd' => Some(StepKind::Debit),
+            b'c' => Some(StepKind::Credit),
+            b'r' => Some(StepKind::Release),
+            _ => None,
         }
     }
 }
@@ -116,8 +145,9 @@ pub enum StepOutcome {
     Applied,
     /// Why, when it is one of the refusals a prepare also knows (unknown or
     /// closed account, insufficient funds, overflow); `None` for another
-    /// (a refund asked for after the debit was parked), and for an action
-    /// refused by a node that did not record why.
+    /// (a refund asked for after the debit was parked, a release for a saga
+    /// that parked nothing here), and for an action refused by a node that
+    /// did not record why.
     Refused(Option<Refusal>, String),
     EmptyCompensation,
     HangingIgnored,
@@ -144,13 +174,31 @@ struct Barrier {
     /// The orchestrator said the saga ended ([`Core::forget_sagas`]): the
     /// barrier goes after the retention even if it has no compensation.
     forgotten: bool,
+    /// The amount of the first action or compensation recorded: what the
+    /// step moved, which its compensation must name too (`None` in barriers
+    /// written before amounts were stored).
+    amount: Option<Amount>,
 }
 
-impl Barrier {
-    /// Whether it may go after the retention: its step was compensated, or
-    /// the orchestrator said the saga ended.
-    fn is_collectable(&self) -> bool {
-        self.compensation.is_some() || self.forgotten
+impl SagaState {
+    /// Whether the release of `saga` ran here.
+    fn released(&self, saga: &Id) -> bool {
+        self.barriers
+            .get(&(saga.clone(), StepKind::Release))
+            .is_some_and(|release| release.action == Some(ActionResult::Applied))
+    }
+
+    /// Whether `barrier`, of `saga`, may go after the retention: its step
+    /// was refunded or had nothing to undo, or the orchestrator said the
+    /// saga ended. A debit parked in suspense waits for its release as well
+    /// (the orchestrator forgets a dead letter only once it is resolved, but
+    /// a forget that came first must not take away what allows the release).
+    fn is_collectable(&self, saga: &Id, barrier: &Barrier) -> bool {
+        match barrier.compensation {
+            Some(Compensation::Parked) => barrier.forgotten && self.released(saga),
+            Some(Compensation::Refunded | Compensation::Empty) => true,
+            None => barrier.forgotten,
+        }
     }
 }
 
@@ -209,6 +257,21 @@ pub struct Event {
 }
 
 impl Event {
+    /// Checks what this core relies on in an event from a peer, before
+    /// anything changes: a schema version, an id of 1 to `EVENT_ID_LEN_MAX`
+    /// characters of the id alphabet, a positive amount, and a reason of at
+    /// most `REASON_LEN_MAX` bytes.
+    pub fn check(&self) -> Result<(), Error> {
+        if self.version == 0 {
+            return Err(Error::InvalidInput("an event needs a schema version".into()));
+        }
+        check_event_id(&self.id)?;
+        if self.amount <= 0 {
+            return Err(Error::InvalidInput(format!("event {} has a non-positive amount {}", self.id, self.amount)));
+        }
+        check_text_len(&format!("the reason of event {}", self.id), &self.reason, REASON_LEN_MAX)
+    }
+
     /// The participant this event is for.
     pub fn destination(&self) -> &Id {
         match self.kind {
@@ -260,36 +323,27 @@ fn outbox_key(seq: u64) -> Vec<u8> {
     key
 }
 
-fn put_text(out: &mut Vec<u8>, text: &str) {
-    out.extend_from_slice(&(text.len() as u16).to_le_bytes());
-    out.extend_from_slice(text.as_bytes());
+/// The step kind and saga of a barrier key, after `b/`: `<kind>/<saga>`.
+fn parse_barrier_key(rest: &[u8]) -> Result<(StepKind, Id), Error> {
+    let [code, b'/', saga @ ..] = rest else { return Err(corrupt("a barrier key is b/<kind>/<saga>")) };
+    let kind = StepKind::from_code(*code).ok_or_else(|| corrupt(format!("barrier step kind {code}")))?;
+    let saga = std::str::from_utf8(saga).map_err(|_| corrupt("a barrier key's saga is not UTF-8"))?;
+    Ok((kind, parse_id(saga)?))
 }
 
-struct Reader<'a>(&'a [u8]);
+fn flag(byte: u8) -> Result<bool, Error> {
+    match byte {
+        0 => Ok(false),
+        1 => Ok(true),
+        other => Err(corrupt(format!("flag {other}"))),
+    }
+}
 
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> &[u8] {
-        assert!(self.0.len() >= n, "corrupt saga record: truncated");
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        head
+fn positive(amount: Amount) -> Result<Amount, Error> {
+    if amount <= 0 {
+        return Err(corrupt(format!("amount {amount}; amounts are positive")));
     }
-    fn byte(&mut self) -> u8 {
-        self.take(1)[0]
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.take(8).try_into().unwrap())
-    }
-    fn i64(&mut self) -> i64 {
-        i64::from_le_bytes(self.take(8).try_into().unwrap())
-    }
-    fn text(&mut self) -> String {
-        let len = u16::from_le_bytes(self.take(2).try_into().unwrap()) as usize;
-        String::from_utf8(self.take(len).to_vec()).expect("corrupt saga record: text")
-    }
-    fn id(&mut self) -> Id {
-        Id::parse("id", &self.text()).expect("corrupt saga record: id")
-    }
+    Ok(amount)
 }
 
 fn refusal_code(refusal: Option<Refusal>) -> u8 {
@@ -305,8 +359,8 @@ fn refusal_code(refusal: Option<Refusal>) -> u8 {
     }
 }
 
-fn refusal_from_code(code: u8) -> Option<Refusal> {
-    match code {
+fn refusal_from_code(code: u8) -> Result<Option<Refusal>, Error> {
+    Ok(match code {
         0 => None,
         1 => Some(Refusal::InsufficientFunds),
         2 => Some(Refusal::UnknownAccount),
@@ -315,60 +369,69 @@ fn refusal_from_code(code: u8) -> Option<Refusal> {
         5 => Some(Refusal::UnknownCoordinator),
         6 => Some(Refusal::ConflictingPrepare),
         7 => Some(Refusal::AccountClosed),
-        other => panic!("corrupt barrier: refusal {other}"),
-    }
+        other => return Err(corrupt(format!("barrier refusal {other}"))),
+    })
 }
 
-fn encode_barrier(barrier: &Barrier) -> Vec<u8> {
-    let mut out = Vec::new();
+/// A barrier: the action (none, applied, or refused with its kind and
+/// reason), the compensation, the forgotten flag, the amount.
+fn encode_barrier(barrier: &Barrier) -> Result<Vec<u8>, Error> {
+    let mut w = Writer::new();
     match &barrier.action {
-        None => out.push(0),
-        Some(ActionResult::Applied) => out.push(1),
+        None => w.byte(0),
+        Some(ActionResult::Applied) => w.byte(1),
         Some(ActionResult::Refused(refusal, reason)) => {
-            out.push(3);
-            out.push(refusal_code(*refusal));
-            put_text(&mut out, reason);
+            w.byte(3);
+            w.byte(refusal_code(*refusal));
+            w.text("a refused step's reason", reason)?;
         }
     }
-    out.push(match barrier.compensation {
+    w.byte(match barrier.compensation {
         None => 0,
         Some(Compensation::Refunded) => 1,
         Some(Compensation::Empty) => 2,
         Some(Compensation::Parked) => 3,
     });
-    if barrier.forgotten {
-        out.push(1);
+    w.byte(barrier.forgotten as u8);
+    if let Some(amount) = barrier.amount {
+        w.i64(amount);
     }
-    out
+    Ok(w.finish())
 }
 
-fn decode_barrier(bytes: &[u8]) -> Barrier {
-    let mut r = Reader(bytes);
-    let action = match r.byte() {
+fn decode_barrier(bytes: &[u8]) -> Result<Barrier, Error> {
+    let mut r = Reader::new(bytes);
+    let action = match r.byte()? {
         0 => None,
         1 => Some(ActionResult::Applied),
         // Written before refusals were recorded with their kind.
-        2 => Some(ActionResult::Refused(None, r.text())),
+        2 => Some(ActionResult::Refused(None, r.text()?)),
         3 => {
-            let refusal = refusal_from_code(r.byte());
-            Some(ActionResult::Refused(refusal, r.text()))
+            let refusal = refusal_from_code(r.byte()?)?;
+            Some(ActionResult::Refused(refusal, r.text()?))
         }
-        other => panic!("corrupt barrier: action {other}"),
+        other => return Err(corrupt(format!("barrier action {other}"))),
     };
-    let compensation = match r.byte() {
+    let compensation = match r.byte()? {
         0 => None,
         1 => Some(Compensation::Refunded),
         2 => Some(Compensation::Empty),
         3 => Some(Compensation::Parked),
-        other => panic!("corrupt barrier: compensation {other}"),
+        other => return Err(corrupt(format!("barrier compensation {other}"))),
     };
-    // Barriers written before sagas could be forgotten end here.
-    let forgotten = !r.0.is_empty() && r.byte() == 1;
-    Barrier { action, compensation, forgotten }
+    // Barriers written before sagas could be forgotten end here; those
+    // written before amounts were stored end after the flag.
+    let (forgotten, amount) = match r.remaining() {
+        0 => (false, None),
+        1 => (flag(r.byte()?)?, None),
+        _ => (flag(r.byte()?)?, Some(positive(r.i64()?)?)),
+    };
+    r.done()?;
+    Ok(Barrier { action, compensation, forgotten, amount })
 }
 
-fn encode_transfer(transfer: &Transfer) -> Vec<u8> {
-    let mut out = Vec::new();
+pub(crate) fn encode_transfer(transfer: &Transfer) -> Result<Vec<u8>, Error> {
+    let mut w = Writer::new();
     let (code, reason) = match &transfer.state {
         TransferState::Debited => (1, ""),
         TransferState::Completed => (2, ""),
@@ -377,19 +440,19 @@ fn encode_transfer(transfer: &Transfer) -> Vec<u8> {
         TransferState::DeadLettered(r) => (5, r.as_str()),
         TransferState::Resolved(r) => (6, r.as_str()),
     };
-    out.push(code);
-    put_text(&mut out, reason);
-    out.extend_from_slice(&transfer.from.to_le_bytes());
-    out.extend_from_slice(&transfer.to.to_le_bytes());
-    out.extend_from_slice(&transfer.amount.to_le_bytes());
-    put_text(&mut out, transfer.target.as_str());
-    out
+    w.byte(code);
+    w.text("a transfer's reason", reason)?;
+    w.u64(transfer.from);
+    w.u64(transfer.to);
+    w.i64(transfer.amount);
+    w.text("a transfer's target", transfer.target.as_str())?;
+    Ok(w.finish())
 }
 
-fn decode_transfer(bytes: &[u8]) -> Transfer {
-    let mut r = Reader(bytes);
-    let code = r.byte();
-    let reason = r.text();
+pub(crate) fn decode_transfer(bytes: &[u8]) -> Result<Transfer, Error> {
+    let mut r = Reader::new(bytes);
+    let code = r.byte()?;
+    let reason = r.text()?;
     let state = match code {
         1 => TransferState::Debited,
         2 => TransferState::Completed,
@@ -397,86 +460,108 @@ fn decode_transfer(bytes: &[u8]) -> Transfer {
         4 => TransferState::Compensated(reason),
         5 => TransferState::DeadLettered(reason),
         6 => TransferState::Resolved(reason),
-        other => panic!("corrupt transfer record: state {other}"),
+        other => return Err(corrupt(format!("transfer state {other}"))),
     };
-    Transfer { state, from: r.u64(), to: r.u64(), amount: r.i64(), target: r.id() }
+    let transfer = Transfer { state, from: r.u64()?, to: r.u64()?, amount: positive(r.i64()?)?, target: r.id()? };
+    r.done()?;
+    Ok(transfer)
 }
 
-pub fn encode_event(event: &Event) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&event.version.to_le_bytes());
-    put_text(&mut out, &event.id);
-    out.push(match event.kind {
+pub fn encode_event(event: &Event) -> Result<Vec<u8>, Error> {
+    let mut w = Writer::new();
+    w.u32(event.version);
+    w.text("an event id", &event.id)?;
+    w.byte(match event.kind {
         EventKind::TransferDebited => 1,
         EventKind::TransferCredited => 2,
         EventKind::TransferRejected => 3,
     });
-    put_text(&mut out, event.saga.as_str());
-    out.extend_from_slice(&event.from.to_le_bytes());
-    out.extend_from_slice(&event.to.to_le_bytes());
-    out.extend_from_slice(&event.amount.to_le_bytes());
-    put_text(&mut out, event.source.as_str());
-    put_text(&mut out, event.target.as_str());
-    put_text(&mut out, &event.reason);
-    out
+    w.text("a saga id", event.saga.as_str())?;
+    w.u64(event.from);
+    w.u64(event.to);
+    w.i64(event.amount);
+    w.text("a source participant", event.source.as_str())?;
+    w.text("a target participant", event.target.as_str())?;
+    w.text("an event's reason", &event.reason)?;
+    Ok(w.finish())
 }
 
-pub fn decode_event(bytes: &[u8]) -> Event {
-    let mut r = Reader(bytes);
-    let version = u32::from_le_bytes(r.take(4).try_into().unwrap());
-    let id = r.text();
-    let kind = match r.byte() {
+pub fn decode_event(bytes: &[u8]) -> Result<Event, Error> {
+    let mut r = Reader::new(bytes);
+    let version = r.u32()?;
+    let id = r.text()?;
+    check_event_id(&id).map_err(corrupt)?;
+    let kind = match r.byte()? {
         1 => EventKind::TransferDebited,
         2 => EventKind::TransferCredited,
         3 => EventKind::TransferRejected,
-        other => panic!("corrupt outbox event: kind {other}"),
+        other => return Err(corrupt(format!("event kind {other}"))),
     };
-    Event {
+    let event = Event {
         version,
         id,
         kind,
-        saga: r.id(),
-        from: r.u64(),
-        to: r.u64(),
-        amount: r.i64(),
-        source: r.id(),
-        target: r.id(),
-        reason: r.text(),
-    }
+        saga: r.id()?,
+        from: r.u64()?,
+        to: r.u64()?,
+        amount: positive(r.i64()?)?,
+        source: r.id()?,
+        target: r.id()?,
+        reason: r.text()?,
+    };
+    r.done()?;
+    Ok(event)
 }
 
 impl Core {
     /// Rebuilds saga state from one stored record (called by recovery for
-    /// every key that is not an account or a 2PC transaction).
-    pub(crate) fn recover_saga_record(&mut self, key: &[u8], value: &[u8], now_ms: u64) {
+    /// every key that is not an account or a 2PC transaction). A record
+    /// that does not decode, or a key of no known kind, is an error.
+    pub(crate) fn recover_saga_record(&mut self, key: &[u8], value: &[u8], now_ms: u64) -> Result<(), Error> {
         let sagas = &mut self.sagas;
         if key == SUSPENSE_KEY {
-            sagas.suspense = i64::from_le_bytes(value.try_into().expect("corrupt suspense record"));
+            let mut r = Reader::new(value);
+            let suspense = r.i64()?;
+            r.done()?;
+            if suspense < 0 {
+                return Err(corrupt(format!("a negative suspense account {suspense}")));
+            }
+            sagas.suspense = suspense;
         } else if let Some(rest) = key.strip_prefix(b"b/") {
-            let kind = StepKind::from_code(rest[0]);
-            let saga =
-                Id::parse("saga", std::str::from_utf8(&rest[2..]).expect("corrupt barrier key")).expect("corrupt");
-            let barrier = decode_barrier(value);
-            if barrier.is_collectable() {
+            let (kind, saga) = parse_barrier_key(rest)?;
+            let barrier = decode_barrier(value)?;
+            // Queued if it may be collectable; collection checks again (a
+            // release it waits for is read later: its key sorts after).
+            if barrier.forgotten || barrier.compensation.is_some() {
                 self.finished.push_back((now_ms, Retained::Key(key.to_vec())));
             }
             sagas.barriers.insert((saga, kind), barrier);
-        } else if let Some(saga) = key.strip_prefix(b"c/") {
-            let saga = Id::parse("saga", std::str::from_utf8(saga).expect("corrupt transfer key")).expect("corrupt");
-            let transfer = decode_transfer(value);
+        } else if key.starts_with(b"c/") {
+            let saga = tandem::codec::id_from_key(b"c/", key)?;
+            let transfer = decode_transfer(value)?;
             if transfer.state.is_collectable() {
                 self.finished.push_back((now_ms, Retained::Key(key.to_vec())));
             }
             sagas.transfers.insert(saga, transfer);
         } else if let Some(event_id) = key.strip_prefix(b"i/") {
-            sagas.inbox.insert(String::from_utf8(event_id.to_vec()).expect("corrupt inbox key"));
+            let event_id = String::from_utf8(event_id.to_vec()).map_err(|_| corrupt("an inbox key is not UTF-8"))?;
+            check_event_id(&event_id).map_err(corrupt)?;
+            if !value.is_empty() {
+                return Err(corrupt("an inbox record holds nothing"));
+            }
+            sagas.inbox.insert(event_id);
             self.finished.push_back((now_ms, Retained::Key(key.to_vec())));
         } else if let Some(seq) = key.strip_prefix(b"o/") {
-            let seq = u64::from_be_bytes(seq.try_into().expect("corrupt outbox key"));
-            sagas.outbox.insert(seq, decode_event(value));
-            sagas.next_outbox_seq = sagas.next_outbox_seq.max(seq + 1);
+            let seq: [u8; 8] = seq.try_into().map_err(|_| corrupt("an outbox key holds eight bytes after o/"))?;
+            let seq = u64::from_be_bytes(seq);
+            let next = seq.checked_add(1).ok_or_else(|| corrupt("the outbox sequence is exhausted"))?;
+            sagas.outbox.insert(seq, decode_event(value)?);
+            sagas.next_outbox_seq = sagas.next_outbox_seq.max(next);
             sagas.outbox_durable_end = sagas.next_outbox_seq;
+        } else {
+            return Err(corrupt("a key of no kind this node knows"));
         }
+        Ok(())
     }
 
     /// Drops a retained saga record from memory; `true` if its key should be
@@ -484,19 +569,18 @@ impl Core {
     pub(crate) fn forget_saga_record(&mut self, key: &[u8]) -> bool {
         let sagas = &mut self.sagas;
         if let Some(rest) = key.strip_prefix(b"b/") {
-            let kind = StepKind::from_code(rest[0]);
-            let Ok(saga) = Id::parse("saga", std::str::from_utf8(&rest[2..]).unwrap_or("")) else { return false };
+            let Ok((kind, saga)) = parse_barrier_key(rest) else { return false };
             // Only a compensated step, or one whose saga the orchestrator
             // said ended, is finished for good. A step whose action ran (or
             // was refused) and has no compensation may still be compensated,
             // or redelivered by an orchestrator that restarts from its log,
             // however late: its barrier is what makes that safe, so it is
             // kept (see "Retention" above).
-            let closed = sagas.barriers.get(&(saga.clone(), kind)).is_some_and(Barrier::is_collectable);
+            let closed = sagas.barriers.get(&(saga.clone(), kind)).is_some_and(|b| sagas.is_collectable(&saga, b));
             return closed && sagas.barriers.remove(&(saga, kind)).is_some();
         }
-        if let Some(saga) = key.strip_prefix(b"c/") {
-            let Ok(saga) = Id::parse("saga", std::str::from_utf8(saga).unwrap_or("")) else { return false };
+        if key.starts_with(b"c/") {
+            let Ok(saga) = tandem::codec::id_from_key(b"c/", key) else { return false };
             if sagas.transfers.get(&saga).is_some_and(|t| t.state.is_collectable()) {
                 sagas.transfers.remove(&saga);
                 return true;
@@ -522,9 +606,13 @@ impl Core {
                 if barrier.forgotten {
                     continue;
                 }
-                barrier.forgotten = true;
+                let marked_barrier = Barrier { forgotten: true, ..barrier.clone() };
+                // A barrier whose record would not fit stays unmarked: a
+                // leak, never a double step.
+                let Ok(value) = encode_barrier(&marked_barrier) else { continue };
+                *barrier = marked_barrier;
                 let key = barrier_key(saga, kind);
-                ops.push(Op::Put(key.clone(), encode_barrier(barrier)));
+                ops.push(Op::Put(key.clone(), value));
                 self.finished.push_back((now_ms, Retained::Key(key)));
                 marked += 1;
             }
@@ -573,6 +661,77 @@ impl Core {
         }
     }
 
+    /// Why `saga` cannot release `amount` from suspense to `account`, if it
+    /// cannot: a release is only for a saga whose debit was parked here,
+    /// takes exactly what that debit parked (see "Steps with barrier
+    /// semantics"), and never more than the suspense account holds.
+    fn cannot_release(&self, saga: &Id, account: AccountId, amount: Amount) -> Option<(Option<Refusal>, String)> {
+        let parked = match self.sagas.barriers.get(&(saga.clone(), StepKind::Debit)) {
+            Some(barrier) if barrier.compensation == Some(Compensation::Parked) => barrier.amount,
+            _ => {
+                return Some((
+                    None,
+                    format!(
+                        "saga {saga} parked nothing in the suspense account of {}; a release is only for a debit compensated into suspense",
+                        self.config.node_id
+                    ),
+                ))
+            }
+        };
+        match parked {
+            Some(parked) if parked != amount => {
+                return Some((None, format!("saga {saga} parked {parked}; the release asks for {amount}")));
+            }
+            Some(_) => {}
+            // Parked before barriers stored amounts: at most what the
+            // suspense account holds beyond the parked amounts known here.
+            None => {
+                let unclaimed = self.sagas.suspense as i128 - self.parked_known_total();
+                if amount as i128 > unclaimed {
+                    return Some((
+                        Some(Refusal::InsufficientFunds),
+                        format!(
+                            "the suspense account holds {unclaimed} not parked by a known saga or transfer, less than {amount}"
+                        ),
+                    ));
+                }
+            }
+        }
+        if self.sagas.suspense < amount {
+            let why = format!("the suspense account holds {}, less than {amount}", self.sagas.suspense);
+            return Some((Some(Refusal::InsufficientFunds), why));
+        }
+        self.cannot_credit(account, amount).map(|(refusal, why)| (Some(refusal), why))
+    }
+
+    /// What the suspense account holds for parked transfers and for parked
+    /// debits not yet released whose amounts are known.
+    pub(crate) fn parked_known_total(&self) -> i128 {
+        let transfers: i128 = self
+            .sagas
+            .transfers
+            .values()
+            .filter(|t| matches!(t.state, TransferState::DeadLettered(_)))
+            .map(|t| t.amount as i128)
+            .sum();
+        let debits: i128 = self
+            .sagas
+            .barriers
+            .iter()
+            .filter(|((saga, kind), barrier)| {
+                *kind == StepKind::Debit
+                    && barrier.compensation == Some(Compensation::Parked)
+                    && !self.sagas.released(saga)
+            })
+            .filter_map(|(_, barrier)| barrier.amount)
+            .map(i128::from)
+            .sum();
+        transfers + debits
+    }
+
+    /// Changes a posted balance by `delta`. Every caller checked first
+    /// (`cannot_debit`, `cannot_credit`) that the account exists and the
+    /// change keeps its invariants: no input reaches the assertion.
     fn change_posted(&mut self, id: AccountId, delta: Amount) -> Op {
         let account: &mut Account = self.accounts.get_mut(&id).expect("checked before");
         account.posted += delta;
@@ -580,7 +739,9 @@ impl Core {
         account_put(id, account)
     }
 
-    /// One step or compensation of an orchestrated saga.
+    /// One step or compensation of an orchestrated saga. What it does is
+    /// decided, and its barrier encoded, before anything changes: a refusal
+    /// or an error leaves the state as it was.
     pub fn saga_step(
         &mut self,
         saga: Id,
@@ -608,7 +769,9 @@ impl Core {
         let lazy = |outcome, duplicate| {
             Ok((StepAnswer { outcome, duplicate }, Effects { ops: Vec::new(), durability: Durability::Lazy }))
         };
-        let mut ops = Vec::new();
+        // The money the step moves: into `account`, and into suspense.
+        let mut posted_delta: Amount = 0;
+        let mut suspense_delta: Amount = 0;
         let outcome = match phase {
             StepPhase::Action => {
                 if barrier.compensation.is_some() {
@@ -621,36 +784,30 @@ impl Core {
                     };
                     return lazy(outcome, true);
                 }
+                let known = |refusal: Option<(Refusal, String)>| refusal.map(|(refusal, why)| (Some(refusal), why));
                 let refusal = match kind {
-                    StepKind::Debit => self.cannot_debit(account, amount),
-                    StepKind::Credit => self.cannot_credit(account, amount),
-                    StepKind::Release => {
-                        if self.sagas.suspense < amount {
-                            let why = format!("the suspense account holds {}, less than {amount}", self.sagas.suspense);
-                            Some((Refusal::InsufficientFunds, why))
-                        } else {
-                            self.cannot_credit(account, amount)
-                        }
-                    }
+                    StepKind::Debit => known(self.cannot_debit(account, amount)),
+                    StepKind::Credit => known(self.cannot_credit(account, amount)),
+                    StepKind::Release => self.cannot_release(&saga, account, amount),
                 };
+                barrier.amount = Some(amount);
                 match refusal {
                     // A refused release is not recorded: the operator may
                     // fix the account and try again.
                     Some((refusal, reason)) if kind == StepKind::Release => {
-                        return lazy(StepOutcome::Refused(Some(refusal), reason), false);
+                        return lazy(StepOutcome::Refused(refusal, reason), false);
                     }
                     Some((refusal, reason)) => {
-                        barrier.action = Some(ActionResult::Refused(Some(refusal), reason.clone()));
-                        StepOutcome::Refused(Some(refusal), reason)
+                        barrier.action = Some(ActionResult::Refused(refusal, reason.clone()));
+                        StepOutcome::Refused(refusal, reason)
                     }
                     None => {
                         match kind {
-                            StepKind::Debit => ops.push(self.change_posted(account, -amount)),
-                            StepKind::Credit => ops.push(self.change_posted(account, amount)),
+                            StepKind::Debit => posted_delta = -amount,
+                            StepKind::Credit => posted_delta = amount,
                             StepKind::Release => {
-                                self.sagas.suspense -= amount;
-                                ops.push(self.suspense_put());
-                                ops.push(self.change_posted(account, amount));
+                                suspense_delta = -amount;
+                                posted_delta = amount;
                             }
                         }
                         barrier.action = Some(ActionResult::Applied);
@@ -681,43 +838,62 @@ impl Core {
                     // Never ran, or refused: nothing to undo; recorded so a
                     // hanging action is ignored.
                     None | Some(ActionResult::Refused(..)) => {
+                        barrier.amount.get_or_insert(amount);
                         barrier.compensation = Some(Compensation::Empty);
                         StepOutcome::EmptyCompensation
                     }
-                    Some(ActionResult::Applied) if phase == StepPhase::CompensateToSuspense => {
-                        let Some(suspense) = self.sagas.suspense.checked_add(amount) else {
-                            let why = "the suspense account would overflow".to_string();
-                            return lazy(StepOutcome::Refused(Some(Refusal::BalanceOverflow), why), false);
-                        };
-                        self.sagas.suspense = suspense;
-                        ops.push(self.suspense_put());
-                        barrier.compensation = Some(Compensation::Parked);
-                        StepOutcome::Applied
-                    }
                     Some(ActionResult::Applied) => {
-                        let refusal = match kind {
-                            StepKind::Debit => self.cannot_credit(account, amount),
-                            StepKind::Credit => self.cannot_debit(account, amount),
-                            StepKind::Release => unreachable!("refused above"),
-                        };
-                        if let Some((refusal, reason)) = refusal {
-                            // Not recorded: the compensation may be retried.
-                            let why = format!("cannot compensate: {reason}");
-                            return lazy(StepOutcome::Refused(Some(refusal), why), false);
+                        // A compensation undoes what its step moved: no more,
+                        // no less (unknown for barriers written before
+                        // amounts were stored).
+                        if let Some(moved) = barrier.amount.filter(|moved| *moved != amount) {
+                            return Err(Error::InvalidInput(format!(
+                                "the compensation of {saga}'s {kind:?} names {amount}; the step moved {moved}"
+                            )));
                         }
-                        let delta = if kind == StepKind::Debit { amount } else { -amount };
-                        ops.push(self.change_posted(account, delta));
-                        barrier.compensation = Some(Compensation::Refunded);
+                        if phase == StepPhase::CompensateToSuspense {
+                            if self.sagas.suspense.checked_add(amount).is_none() {
+                                let why = "the suspense account would overflow".to_string();
+                                return lazy(StepOutcome::Refused(Some(Refusal::BalanceOverflow), why), false);
+                            }
+                            suspense_delta = amount;
+                            barrier.compensation = Some(Compensation::Parked);
+                        } else {
+                            let refusal = match kind {
+                                StepKind::Debit => self.cannot_credit(account, amount),
+                                StepKind::Credit | StepKind::Release => self.cannot_debit(account, amount),
+                            };
+                            if let Some((refusal, reason)) = refusal {
+                                // Not recorded: the compensation may be retried.
+                                let why = format!("cannot compensate: {reason}");
+                                return lazy(StepOutcome::Refused(Some(refusal), why), false);
+                            }
+                            posted_delta = if kind == StepKind::Debit { amount } else { -amount };
+                            barrier.compensation = Some(Compensation::Refunded);
+                        }
                         StepOutcome::Applied
                     }
                 }
             }
         };
         let key_bytes = barrier_key(&saga, kind);
-        ops.push(Op::Put(key_bytes.clone(), encode_barrier(&barrier)));
+        // Encoded before anything changes: a barrier too large for its
+        // record (a refusal's reason) is an error, not a half-applied step.
+        let barrier_value = encode_barrier(&barrier)?;
+        let mut ops = Vec::new();
+        if suspense_delta != 0 {
+            // Checked above: a release takes at most what suspense holds, a
+            // parking does not overflow it.
+            self.sagas.suspense += suspense_delta;
+            ops.push(self.suspense_put());
+        }
+        if posted_delta != 0 {
+            ops.push(self.change_posted(account, posted_delta));
+        }
+        ops.push(Op::Put(key_bytes.clone(), barrier_value));
         // Queued for collection once it may go (see "Retention"); a step
         // with no compensation is queued when its saga is forgotten.
-        if barrier.is_collectable() {
+        if self.sagas.is_collectable(&saga, &barrier) {
             self.finished.push_back((now_ms, Retained::Key(key_bytes)));
         }
         self.sagas.barriers.insert(key, barrier);
@@ -725,16 +901,18 @@ impl Core {
         Ok((StepAnswer { outcome, duplicate: false }, Effects { ops, durability }))
     }
 
-    fn push_event(&mut self, event: Event, ops: &mut Vec<Op>) {
+    /// Adds an event, already encoded, to the outbox.
+    fn push_event(&mut self, event: Event, value: Vec<u8>, ops: &mut Vec<Op>) {
         let seq = self.sagas.next_outbox_seq;
         self.sagas.next_outbox_seq += 1;
-        ops.push(Op::Put(outbox_key(seq), encode_event(&event)));
+        ops.push(Op::Put(outbox_key(seq), value));
         self.sagas.outbox.insert(seq, event);
     }
 
-    fn put_transfer(&mut self, saga: &Id, transfer: Transfer, now_ms: u64, ops: &mut Vec<Op>) {
+    /// Stores a transfer's record, already encoded.
+    fn put_transfer(&mut self, saga: &Id, transfer: Transfer, value: Vec<u8>, now_ms: u64, ops: &mut Vec<Op>) {
         let key = transfer_key(saga);
-        ops.push(Op::Put(key.clone(), encode_transfer(&transfer)));
+        ops.push(Op::Put(key.clone(), value));
         if transfer.state.is_collectable() {
             self.finished.push_back((now_ms, Retained::Key(key)));
         }
@@ -781,10 +959,10 @@ impl Core {
         let mut ops = Vec::new();
         if let Some((_, reason)) = self.cannot_debit(from, amount) {
             let transfer = Transfer { state: TransferState::Rejected(reason), from, to, amount, target };
-            self.put_transfer(&saga, transfer.clone(), now_ms, &mut ops);
+            let value = encode_transfer(&transfer)?;
+            self.put_transfer(&saga, transfer.clone(), value, now_ms, &mut ops);
             return Ok((transfer, Effects { ops, durability: Durability::Lazy }));
         }
-        ops.push(self.change_posted(from, -amount));
         let event = Event {
             version: EVENT_VERSION,
             id: format!("{saga}:debited"),
@@ -797,9 +975,12 @@ impl Core {
             target: target.clone(),
             reason: String::new(),
         };
-        self.push_event(event, &mut ops);
         let transfer = Transfer { state: TransferState::Debited, from, to, amount, target };
-        self.put_transfer(&saga, transfer.clone(), now_ms, &mut ops);
+        // Both records encoded before anything changes.
+        let (event_value, transfer_value) = (encode_event(&event)?, encode_transfer(&transfer)?);
+        ops.push(self.change_posted(from, -amount));
+        self.push_event(event, event_value, &mut ops);
+        self.put_transfer(&saga, transfer.clone(), transfer_value, now_ms, &mut ops);
         Ok((transfer, Effects { ops, durability: Durability::Fsync }))
     }
 
@@ -808,11 +989,11 @@ impl Core {
     }
 
     /// Applies one event from a peer. Returns whether it was a duplicate and,
-    /// if a transfer started here reached a terminal state, its id.
+    /// if a transfer started here reached a terminal state, its id. The
+    /// event is checked ([`Event::check`]) and its effects decided, and
+    /// every record encoded, before anything changes.
     pub fn deliver_event(&mut self, event: Event, now_ms: u64) -> Result<((bool, Option<Id>), Effects), Error> {
-        if event.version == 0 {
-            return Err(Error::InvalidInput("an event needs a schema version".into()));
-        }
+        event.check()?;
         if event.destination() != &self.config.node_id {
             return Err(Error::InvalidInput(format!(
                 "event {} is for {}, not {}",
@@ -829,10 +1010,7 @@ impl Core {
         match event.kind {
             EventKind::TransferDebited => {
                 let (kind, reason) = match self.cannot_credit(event.to, event.amount) {
-                    None => {
-                        ops.push(self.change_posted(event.to, event.amount));
-                        (EventKind::TransferCredited, String::new())
-                    }
+                    None => (EventKind::TransferCredited, String::new()),
                     Some((_, reason)) => (EventKind::TransferRejected, reason),
                 };
                 let suffix = if kind == EventKind::TransferCredited { "credited" } else { "rejected" };
@@ -843,17 +1021,41 @@ impl Core {
                     reason,
                     ..event.clone()
                 };
-                self.push_event(answer, &mut ops);
+                let value = encode_event(&answer)?;
+                if kind == EventKind::TransferCredited {
+                    ops.push(self.change_posted(event.to, event.amount));
+                }
+                self.push_event(answer, value, &mut ops);
             }
             EventKind::TransferCredited | EventKind::TransferRejected => {
                 let Some(transfer) = self.sagas.transfers.get(&event.saga).cloned() else {
                     return Err(Error::NotFound(format!("no transfer {} started here", event.saga)));
                 };
+                // An answer is about the transfer started here: the same
+                // accounts, amount and target, or it is not an answer to it.
+                if (event.from, event.to, event.amount, &event.target)
+                    != (transfer.from, transfer.to, transfer.amount, &transfer.target)
+                {
+                    return Err(Error::InvalidInput(format!(
+                        "event {} does not match transfer {}: {} from {} to {} on {}, not {} from {} to {} on {}",
+                        event.id,
+                        event.saga,
+                        event.amount,
+                        event.from,
+                        event.to,
+                        event.target,
+                        transfer.amount,
+                        transfer.from,
+                        transfer.to,
+                        transfer.target
+                    )));
+                }
                 if transfer.state == TransferState::Debited {
+                    let (mut refund, mut park) = (false, false);
                     let state = if event.kind == EventKind::TransferCredited {
                         TransferState::Completed
                     } else if self.cannot_credit(transfer.from, transfer.amount).is_none() {
-                        ops.push(self.change_posted(transfer.from, transfer.amount));
+                        refund = true;
                         TransferState::Compensated(event.reason.clone())
                     } else {
                         // The refund cannot be applied: park the money. If
@@ -861,20 +1063,32 @@ impl Core {
                         // event is refused unapplied (nothing changed yet):
                         // the peer's relay retries it until an operator has
                         // released parked money; the transfer stays DEBITED.
-                        let Some(suspense) = self.sagas.suspense.checked_add(transfer.amount) else {
+                        if self.sagas.suspense.checked_add(transfer.amount).is_none() {
                             return Err(Error::Busy(format!(
                                 "the suspense account of {} holds {} and cannot park {} more for {}; release parked transfers (ResolveParkedTransfer)",
                                 self.config.node_id, self.sagas.suspense, transfer.amount, event.saga
                             )));
-                        };
-                        self.sagas.suspense = suspense;
-                        ops.push(self.suspense_put());
-                        TransferState::DeadLettered(format!(
-                            "{}; the refund to account {} failed, {} parked in suspense",
-                            event.reason, transfer.from, transfer.amount
+                        }
+                        park = true;
+                        TransferState::DeadLettered(clip_text(
+                            &format!(
+                                "{}; the refund to account {} failed, {} parked in suspense",
+                                event.reason, transfer.from, transfer.amount
+                            ),
+                            REASON_STORED_LEN_MAX,
                         ))
                     };
-                    self.put_transfer(&event.saga, Transfer { state, ..transfer }, now_ms, &mut ops);
+                    let (from, amount) = (transfer.from, transfer.amount);
+                    let updated = Transfer { state, ..transfer };
+                    let value = encode_transfer(&updated)?;
+                    if refund {
+                        ops.push(self.change_posted(from, amount));
+                    }
+                    if park {
+                        self.sagas.suspense += amount;
+                        ops.push(self.suspense_put());
+                    }
+                    self.put_transfer(&event.saga, updated, value, now_ms, &mut ops);
                     finished = Some(event.saga.clone());
                 }
             }
@@ -961,12 +1175,24 @@ impl Core {
                 transfer.amount
             )));
         }
-        assert!(self.sagas.suspense >= transfer.amount, "the suspense account holds every parked transfer");
-        self.sagas.suspense -= transfer.amount;
-        let mut ops = vec![self.suspense_put(), self.change_posted(to, transfer.amount)];
-        let state = TransferState::Resolved(format!("{reason}; released to account {to} by an operator"));
+        // The suspense account holds every parked transfer; if it holds
+        // less (a node whose suspense was drained before releases were
+        // checked), this node's records disagree: refuse, change nothing.
+        if self.sagas.suspense < transfer.amount {
+            return Err(Error::Fatal(format!(
+                "the suspense account of {node} holds {}, less than the {} that {saga} parked there; its records disagree, and nothing was released",
+                self.sagas.suspense, transfer.amount
+            )));
+        }
+        let state = TransferState::Resolved(clip_text(
+            &format!("{reason}; released to account {to} by an operator"),
+            REASON_STORED_LEN_MAX,
+        ));
         let resolved = Transfer { state, ..transfer };
-        self.put_transfer(saga, resolved.clone(), now_ms, &mut ops);
+        let value = encode_transfer(&resolved)?;
+        self.sagas.suspense -= resolved.amount;
+        let mut ops = vec![self.suspense_put(), self.change_posted(to, resolved.amount)];
+        self.put_transfer(saga, resolved.clone(), value, now_ms, &mut ops);
         Ok((resolved, Effects { ops, durability: Durability::Fsync }))
     }
 

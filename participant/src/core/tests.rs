@@ -47,7 +47,7 @@ fn setup() -> (Core, Disk) {
 }
 
 fn restart(disk: &Disk, now_ms: u64) -> Core {
-    Core::recover(config(), disk.0.clone(), now_ms)
+    Core::recover(config(), disk.0.clone(), now_ms).unwrap()
 }
 
 fn debit(account: AccountId, amount: Amount) -> Leg {
@@ -151,16 +151,18 @@ fn commit_and_abort_of_the_other_outcome_are_refused() {
 #[test]
 fn a_batched_prepare_judges_each_alone_and_shares_one_fsync() {
     let (mut core, mut disk) = setup();
-    let (votes, effects) = core.prepare_batch(
-        vec![
-            Ok((id("t1"), id("c1"), vec![debit(1, 60), credit(2, 60)])),
-            Ok((id("t2"), id("c1"), vec![debit(1, 60), credit(2, 60)])), // only 40 left available
-            Ok((id("t3"), id("c1"), vec![])),                            // malformed legs
-            Err(Error::InvalidInput("a bad id".into())),                 // malformed before the core
-            Ok((id("t1"), id("c1"), vec![debit(1, 60), credit(2, 60)])), // duplicate
-        ],
-        0,
-    );
+    let (votes, effects) = core
+        .prepare_batch(
+            vec![
+                Ok((id("t1"), id("c1"), vec![debit(1, 60), credit(2, 60)])),
+                Ok((id("t2"), id("c1"), vec![debit(1, 60), credit(2, 60)])), // only 40 left available
+                Ok((id("t3"), id("c1"), vec![])),                            // malformed legs
+                Err(Error::InvalidInput("a bad id".into())),                 // malformed before the core
+                Ok((id("t1"), id("c1"), vec![debit(1, 60), credit(2, 60)])), // duplicate
+            ],
+            0,
+        )
+        .unwrap();
     assert_eq!(votes.len(), 5);
     assert_eq!(votes[0], Ok(Vote::Yes));
     assert!(matches!(&votes[1], Ok(Vote::No(Refusal::InsufficientFunds, _))), "{:?}", votes[1]);
@@ -183,12 +185,14 @@ fn a_batched_commit_applies_each_once_and_an_aborted_member_rejects_all_of_it() 
     core.prepare(id("t2"), id("c1"), vec![debit(1, 5), credit(2, 5)], 0).unwrap();
     core.abort(&id("t3"), 0).unwrap();
     // t3 was aborted here: the batch is refused whole, t1 stays prepared.
-    let refused = core.commit_batch(&[id("t1"), id("t3")], 1);
+    let (refused, effects) = core.commit_batch(&[id("t1"), id("t3")], 1);
     assert!(matches!(&refused, Err(Error::InvalidInput(message)) if message.contains("t3")), "{refused:?}");
+    assert!(effects.ops.is_empty(), "nothing of the batch was applied");
     assert_eq!(core.txn(&id("t1")).unwrap().state, TxnState::Prepared);
     assert_eq!(core.account(1).unwrap(), Account { posted: 100, reserved: 15, incoming: 0, closed: false });
     // A batch with a duplicate and an unknown id (committed and forgotten).
-    let effects = core.commit_batch(&[id("t1"), id("t2"), id("t1"), id("t9")], 2).unwrap();
+    let (result, effects) = core.commit_batch(&[id("t1"), id("t2"), id("t1"), id("t9")], 2);
+    assert_eq!(result, Ok(()));
     assert_eq!(effects.durability, Durability::Lazy, "acknowledged only once an fsync covers it");
     disk.apply(&effects);
     assert_eq!(core.account(1).unwrap(), Account { posted: 85, reserved: 0, incoming: 0, closed: false });
@@ -315,4 +319,69 @@ fn finished_records_are_collected_after_the_retention() {
     assert!(core.txn(&id("t1")).is_none());
     let core = restart(&disk, 2_000);
     assert_eq!(core.account(1).unwrap().posted, 90);
+}
+
+#[test]
+fn recovery_refuses_a_corrupt_store_with_an_error_naming_the_record_not_a_panic() {
+    let (mut core, mut disk) = setup();
+    let (_, effects) = core.prepare(id("t1"), id("c1"), vec![debit(1, 10), credit(2, 10)], 0).unwrap();
+    disk.apply(&effects);
+    assert!(Core::recover(config(), disk.0.clone(), 1).is_ok());
+    let record = disk.0[b"t/t1".as_slice()].clone();
+    let mut cases: Vec<(&str, Vec<u8>, Vec<u8>)> = vec![
+        ("t/t1", b"t/t1".to_vec(), record[..record.len() - 1].to_vec()),
+        ("t/t1", b"t/t1".to_vec(), [record.clone(), vec![0]].concat()),
+        ("t/t1", b"t/t1".to_vec(), vec![9]),
+        ("t/bad key", b"t/bad key".to_vec(), record.clone()),
+        ("a/", b"a/\x01".to_vec(), 5i64.to_le_bytes().to_vec()),
+        ("a/", account_key(1), vec![1, 2, 3]),
+        ("a/", account_key(1), [5i64.to_le_bytes().to_vec(), vec![7]].concat()),
+        ("b/", b"b/".to_vec(), vec![1, 0]),
+        ("m/suspense", b"m/suspense".to_vec(), (-1i64).to_le_bytes().to_vec()),
+        ("o/", b"o/1".to_vec(), vec![]),
+        ("z/what", b"z/what".to_vec(), vec![]),
+    ];
+    // A prepared transaction whose legs would overflow the reservations.
+    let mut overflow = record.clone();
+    let legs_at = record.len() - 8 - 2 * 16;
+    overflow[legs_at + 8..legs_at + 16].copy_from_slice(&(-i64::MAX).to_le_bytes());
+    cases.push(("", b"t/t1".to_vec(), overflow));
+    for (named, key, value) in cases {
+        let mut corrupt = disk.0.clone();
+        corrupt.insert(key.clone(), value);
+        let refused = Core::recover(config(), corrupt, 1).err();
+        assert!(
+            matches!(&refused, Some(Error::Fatal(m)) if m.contains(named)),
+            "{}: {refused:?}",
+            String::from_utf8_lossy(&key)
+        );
+    }
+    // A prepared transaction naming an account that has no record.
+    let mut missing = disk.0.clone();
+    missing.remove(&account_key(2));
+    assert!(matches!(Core::recover(config(), missing, 1), Err(Error::Fatal(m)) if m.contains("account 2")));
+}
+
+#[test]
+fn batches_out_of_bounds_are_errors_not_panics() {
+    let (mut core, _) = setup();
+    let many = (0..=PREPARE_BATCH_MAX).map(|i| Ok((id(&format!("t{i}")), id("c1"), vec![debit(1, 1)]))).collect();
+    assert!(matches!(core.prepare_batch(many, 0), Err(Error::InvalidInput(_))));
+    assert!(matches!(core.prepare_batch(vec![], 0), Err(Error::InvalidInput(_))));
+    let ids: Vec<TxnId> = (0..=COMMIT_BATCH_MAX).map(|i| id(&format!("t{i}"))).collect();
+    assert!(matches!(core.commit_batch(&ids, 0).0, Err(Error::InvalidInput(_))));
+    assert_eq!(core.account(1).unwrap().reserved, 0);
+}
+
+#[test]
+fn huge_timing_settings_saturate_instead_of_overflowing() {
+    let mut config = config();
+    config.in_doubt_after_ms = u64::MAX;
+    config.finished_retention_ms = u64::MAX;
+    let mut core = Core::new(config);
+    core.open_accounts(&[(1, 100)]).unwrap();
+    core.prepare(id("t1"), id("c1"), vec![debit(1, 10)], 5).unwrap();
+    assert!(core.due_queries(u64::MAX - 1, 10).is_empty());
+    core.abort(&id("t2"), 6).unwrap();
+    assert!(core.collect_garbage(u64::MAX - 1).ops.is_empty(), "not past a retention that saturated");
 }

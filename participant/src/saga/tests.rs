@@ -121,7 +121,7 @@ fn a_refused_action_says_why_to_every_duplicate_and_after_a_restart() {
             "{answer:?}"
         );
     }
-    let mut core = Core::recover(config("p2"), disk.0.clone(), 0);
+    let mut core = Core::recover(config("p2"), disk.0.clone(), 0).unwrap();
     for (saga, account, refusal, words) in cases {
         let amount = if account == 1 { i64::MAX } else { 30 };
         let (again, _) = core.saga_step(id(saga), StepKind::Credit, StepPhase::Action, account, amount, 0).unwrap();
@@ -136,9 +136,9 @@ fn a_refused_action_says_why_to_every_duplicate_and_after_a_restart() {
 #[test]
 fn a_barrier_refused_before_refusals_were_recorded_still_reads() {
     let legacy = [vec![2u8], 6u16.to_le_bytes().to_vec(), b"closed".to_vec(), vec![0]].concat();
-    let barrier = decode_barrier(&legacy);
+    let barrier = decode_barrier(&legacy).unwrap();
     assert_eq!(barrier.action, Some(ActionResult::Refused(None, "closed".into())));
-    assert_eq!(decode_barrier(&encode_barrier(&barrier)), barrier);
+    assert_eq!(decode_barrier(&encode_barrier(&barrier).unwrap()), Ok(barrier.clone()));
 }
 
 #[test]
@@ -165,7 +165,7 @@ fn a_refund_to_a_closed_account_is_refused_unrecorded_and_can_be_retried_or_park
     assert_eq!(step(&mut core, &mut disk, StepKind::Release, StepPhase::Action, 1, 30).outcome, StepOutcome::Applied);
     assert_eq!((core.account(1).unwrap().posted, core.suspense()), (100, 0));
     // Everything survives a restart.
-    let core = Core::recover(config("p1"), disk.0.clone(), 0);
+    let core = Core::recover(config("p1"), disk.0.clone(), 0).unwrap();
     assert_eq!((core.account(1).unwrap().posted, core.suspense()), (100, 0));
 }
 
@@ -207,7 +207,7 @@ fn bad_steps_are_errors() {
 fn steps_survive_a_restart_with_their_barriers() {
     let (mut core, mut disk) = node("p1");
     step(&mut core, &mut disk, StepKind::Debit, StepPhase::Action, 1, 30);
-    let mut core = Core::recover(config("p1"), disk.0.clone(), 0);
+    let mut core = Core::recover(config("p1"), disk.0.clone(), 0).unwrap();
     // The retry after the crash (the participant died before replying) applies once.
     let retry = step(&mut core, &mut disk, StepKind::Debit, StepPhase::Action, 1, 30);
     assert!(retry.duplicate);
@@ -294,9 +294,9 @@ fn a_redelivered_event_is_dropped_by_the_inbox() {
     // The relay delivered, then crashed before marking it delivered.
     let (_, effects) = p2.0.deliver_event(event.clone(), 0).unwrap();
     p2.1.apply(&effects);
-    let mut p1_restarted = (Core::recover(config("p1"), p1.1 .0.clone(), 0), p1.1.clone());
+    let mut p1_restarted = (Core::recover(config("p1"), p1.1 .0.clone(), 0).unwrap(), p1.1.clone());
     assert_eq!(p1_restarted.0.outbox().len(), 1, "the event is still in the outbox after the restart");
-    let mut p2_restarted = (Core::recover(config("p2"), p2.1 .0.clone(), 0), p2.1.clone());
+    let mut p2_restarted = (Core::recover(config("p2"), p2.1 .0.clone(), 0).unwrap(), p2.1.clone());
     assert_eq!(relay(&mut p1_restarted, &mut p2_restarted), 1);
     assert_eq!(p2_restarted.0.account(2).unwrap().posted, 30, "credited once");
     let ((duplicate, _), _) = p2_restarted.0.deliver_event(event, 0).unwrap();
@@ -320,7 +320,7 @@ fn a_rejected_credit_refunds_or_parks_the_money_in_suspense() {
     relay(&mut p2, &mut p1);
     assert!(matches!(p1.0.transfer(&id("s2")).unwrap().state, TransferState::DeadLettered(_)));
     assert_eq!((p1.0.account(1).unwrap().posted, p1.0.suspense()), (60, 40));
-    let restarted = Core::recover(config("p1"), p1.1 .0.clone(), 0);
+    let restarted = Core::recover(config("p1"), p1.1 .0.clone(), 0).unwrap();
     assert_eq!(restarted.suspense(), 40);
     assert!(matches!(restarted.transfer(&id("s2")).unwrap().state, TransferState::DeadLettered(_)));
 }
@@ -379,7 +379,7 @@ fn an_operator_lists_a_parked_transfer_and_releases_its_money() {
     // Once: a second resolution is refused; a restart sees the same.
     assert!(matches!(p1.0.resolve_parked_transfer(&id("s1"), None, 0), Err(Error::InvalidInput(_))));
     assert!(matches!(p1.0.resolve_parked_transfer(&id("nope"), None, 0), Err(Error::NotFound(_))));
-    let restarted = Core::recover(config("p1"), p1.1 .0.clone(), 0);
+    let restarted = Core::recover(config("p1"), p1.1 .0.clone(), 0).unwrap();
     assert_eq!((restarted.account(1).unwrap().posted, restarted.suspense()), (100, 0));
     assert!(matches!(restarted.transfer(&id("s1")).unwrap().state, TransferState::Resolved(_)));
 }
@@ -408,7 +408,7 @@ fn events_round_trip_and_a_newer_version_with_a_known_kind_is_read() {
         target: id("p2"),
         reason: String::new(),
     };
-    assert_eq!(decode_event(&encode_event(&event)), event);
+    assert_eq!(decode_event(&encode_event(&event).unwrap()), Ok(event.clone()));
     let mut p2 = node("p2");
     let ((duplicate, _), effects) = p2.0.deliver_event(event, 0).unwrap();
     p2.1.apply(&effects);
@@ -458,10 +458,209 @@ fn a_forgotten_saga_loses_its_barriers_after_the_retention_and_the_mark_survives
     let (late, _) = core.saga_step(id("s1"), StepKind::Debit, StepPhase::Action, 1, 30, 2 * retention + 1).unwrap();
     assert!(late.duplicate, "applied once");
     // The mark is on disk: a restarted node forgets the barrier too.
-    let mut core = Core::recover(config("p1"), disk.0.clone(), 2 * retention);
+    let mut core = Core::recover(config("p1"), disk.0.clone(), 2 * retention).unwrap();
     assert_eq!(core.barrier_count(), 1);
     disk.apply(&core.collect_garbage(3 * retention + 1));
     assert_eq!(core.barrier_count(), 0);
     assert!(!disk.0.keys().any(|k| k.starts_with(b"b/")));
     assert_eq!(core.account(1).unwrap().posted, 70);
+}
+
+/// The forged calls of issue 9 that used to stop a node or corrupt a record,
+/// each refused now with nothing changed.
+mod forged {
+    use super::*;
+
+    /// p1 with a choreographed transfer of 40 from account 1 parked in its
+    /// suspense account (the target refused, the refund failed).
+    fn parked_transfer() -> (Core, Disk) {
+        let mut p1 = node("p1");
+        let mut p2 = node("p2");
+        p2.1.apply(&p2.0.set_closed(2, true).unwrap().1);
+        start(&mut p1, "t1", 1, 2, 40);
+        p1.1.apply(&p1.0.set_closed(1, true).unwrap().1);
+        relay(&mut p1, &mut p2);
+        relay(&mut p2, &mut p1);
+        p1.1.apply(&p1.0.set_closed(1, false).unwrap().1);
+        assert_eq!(p1.0.suspense(), 40);
+        p1
+    }
+
+    #[test]
+    fn a_release_for_a_saga_that_parked_nothing_here_takes_nothing_and_the_parked_transfer_still_resolves() {
+        // Before: the release drained the suspense account, and the
+        // operator's resolution then hit an assert under the core lock.
+        let (mut core, mut disk) = parked_transfer();
+        let (answer, effects) = core.saga_step(id("made-up"), StepKind::Release, StepPhase::Action, 2, 40, 0).unwrap();
+        assert!(matches!(&answer.outcome, StepOutcome::Refused(None, r) if r.contains("parked nothing")), "{answer:?}");
+        assert!(effects.ops.is_empty());
+        assert_eq!((core.suspense(), core.account(2).unwrap().posted), (40, 0), "nothing taken");
+        let (resolved, effects) = core.resolve_parked_transfer(&id("t1"), None, 0).unwrap();
+        disk.apply(&effects);
+        assert!(matches!(resolved.state, TransferState::Resolved(_)));
+        assert_eq!((core.account(1).unwrap().posted, core.suspense()), (100, 0));
+    }
+
+    #[test]
+    fn a_release_takes_exactly_what_its_saga_parked_and_only_once() {
+        let (mut core, mut disk) = node("p1");
+        step(&mut core, &mut disk, StepKind::Debit, StepPhase::Action, 1, 30);
+        step(&mut core, &mut disk, StepKind::Debit, StepPhase::CompensateToSuspense, 1, 30);
+        // A second saga's parked money is in the same suspense account.
+        let (_, effects) = core.saga_step(id("s2"), StepKind::Debit, StepPhase::Action, 1, 50, 0).unwrap();
+        disk.apply(&effects);
+        let (_, effects) =
+            core.saga_step(id("s2"), StepKind::Debit, StepPhase::CompensateToSuspense, 1, 50, 0).unwrap();
+        disk.apply(&effects);
+        assert_eq!(core.suspense(), 80);
+        for amount in [31, 29, 80] {
+            let refused = step(&mut core, &mut disk, StepKind::Release, StepPhase::Action, 2, amount);
+            assert!(matches!(refused.outcome, StepOutcome::Refused(..)), "{amount}: {refused:?}");
+        }
+        assert_eq!(core.suspense(), 80);
+        let released = step(&mut core, &mut disk, StepKind::Release, StepPhase::Action, 2, 30);
+        assert_eq!(released.outcome, StepOutcome::Applied);
+        let again = step(&mut core, &mut disk, StepKind::Release, StepPhase::Action, 2, 30);
+        assert_eq!(again, StepAnswer { outcome: StepOutcome::Applied, duplicate: true }, "not twice");
+        assert_eq!((core.suspense(), core.account(2).unwrap().posted), (50, 30));
+        let restarted = Core::recover(config("p1"), disk.0.clone(), 0).unwrap();
+        assert_eq!((restarted.suspense(), restarted.parked_known_total()), (50, 50));
+    }
+
+    #[test]
+    fn a_parked_debit_keeps_its_barrier_until_its_release_even_when_forgotten_early() {
+        let (mut core, mut disk) = node("p1");
+        let retention = config("p1").finished_retention_ms;
+        step(&mut core, &mut disk, StepKind::Debit, StepPhase::Action, 1, 30);
+        step(&mut core, &mut disk, StepKind::Debit, StepPhase::CompensateToSuspense, 1, 30);
+        let (_, effects) = core.forget_sagas(&[id("s1")], 1);
+        disk.apply(&effects);
+        disk.apply(&core.collect_garbage(10 * retention));
+        let released = step(&mut core, &mut disk, StepKind::Release, StepPhase::Action, 1, 30);
+        assert_eq!(released.outcome, StepOutcome::Applied, "the barrier that allows the release is still there");
+        assert_eq!((core.account(1).unwrap().posted, core.suspense()), (100, 0));
+    }
+
+    #[test]
+    fn resolving_a_parked_transfer_when_suspense_holds_less_is_an_error_not_a_panic() {
+        // A node whose suspense account was drained before releases were
+        // checked: its records disagree; the resolution is refused.
+        let (_, mut disk) = parked_transfer();
+        disk.0.insert(SUSPENSE_KEY.to_vec(), 10i64.to_le_bytes().to_vec());
+        let mut core = Core::recover(config("p1"), disk.0.clone(), 0).unwrap();
+        let refused = core.resolve_parked_transfer(&id("t1"), None, 0);
+        assert!(matches!(&refused, Err(Error::Fatal(m)) if m.contains("holds 10")), "{refused:?}");
+        assert_eq!((core.suspense(), core.account(1).unwrap().posted), (10, 60), "nothing changed");
+        assert!(core.account(1).is_ok(), "the core still answers");
+    }
+
+    fn rejection(reason: String) -> Event {
+        Event {
+            version: 1,
+            id: "t1:rejected".into(),
+            kind: EventKind::TransferRejected,
+            saga: id("t1"),
+            from: 1,
+            to: 2,
+            amount: 40,
+            source: id("p1"),
+            target: id("p2"),
+            reason,
+        }
+    }
+
+    #[test]
+    fn a_reason_over_the_limit_is_refused_and_one_at_the_limit_survives_a_restart() {
+        // Before: a reason over 64 KiB was stored with a truncated length,
+        // and the next start decoded garbage or panicked.
+        let mut p1 = node("p1");
+        start(&mut p1, "t1", 1, 2, 40);
+        for len in [REASON_LEN_MAX + 1, 70_000] {
+            let refused = p1.0.deliver_event(rejection("r".repeat(len)), 0);
+            assert!(matches!(&refused, Err(Error::InvalidInput(m)) if m.contains("reason")), "{refused:?}");
+        }
+        assert_eq!(p1.0.transfer(&id("t1")).unwrap().state, TransferState::Debited, "nothing changed");
+        let (_, effects) = p1.0.deliver_event(rejection("r".repeat(REASON_LEN_MAX)), 0).unwrap();
+        p1.1.apply(&effects);
+        let restarted = Core::recover(config("p1"), p1.1 .0.clone(), 0).unwrap();
+        assert!(
+            matches!(&restarted.transfer(&id("t1")).unwrap().state, TransferState::Compensated(r) if r.len() == REASON_LEN_MAX)
+        );
+        assert_eq!(restarted.account(1).unwrap().posted, 100);
+    }
+
+    #[test]
+    fn events_with_a_bad_amount_id_or_version_are_refused_by_the_core_itself() {
+        // Before: a negative amount reached the core's credit and broke the
+        // account's invariants (an assert under the lock).
+        let (mut core, _) = node("p2");
+        let debited = |amount: i64, event_id: &str, version: u32| Event {
+            version,
+            id: event_id.into(),
+            kind: EventKind::TransferDebited,
+            saga: id("t1"),
+            from: 1,
+            to: 2,
+            amount,
+            source: id("p1"),
+            target: id("p2"),
+            reason: String::new(),
+        };
+        for event in [
+            debited(-50, "t1:debited", 1),
+            debited(0, "t1:debited", 1),
+            debited(5, "", 1),
+            debited(5, &"x".repeat(129), 1),
+            debited(5, "a b", 1),
+            debited(5, "t1:debited", 0),
+        ] {
+            assert!(matches!(core.deliver_event(event.clone(), 0), Err(Error::InvalidInput(_))), "{event:?}");
+        }
+        assert_eq!(core.account(2).unwrap().posted, 0);
+        assert_eq!(core.outbox_end(), 0);
+    }
+
+    #[test]
+    fn an_answer_that_does_not_match_its_transfer_is_refused() {
+        let mut p1 = node("p1");
+        start(&mut p1, "t1", 1, 2, 40);
+        let mut bigger = rejection(String::new());
+        bigger.amount = 4_000;
+        assert!(matches!(p1.0.deliver_event(bigger, 0), Err(Error::InvalidInput(_))));
+        let mut elsewhere = rejection(String::new());
+        elsewhere.from = 2;
+        assert!(matches!(p1.0.deliver_event(elsewhere, 0), Err(Error::InvalidInput(_))));
+        assert_eq!(p1.0.transfer(&id("t1")).unwrap().state, TransferState::Debited);
+        assert_eq!(p1.0.account(1).unwrap().posted, 60);
+    }
+
+    #[test]
+    fn a_compensation_for_another_amount_than_its_step_is_refused() {
+        let (mut core, mut disk) = node("p1");
+        step(&mut core, &mut disk, StepKind::Debit, StepPhase::Action, 1, 30);
+        for phase in [StepPhase::Compensation, StepPhase::CompensateToSuspense] {
+            let refused = core.saga_step(id("s1"), StepKind::Debit, phase, 1, 3_000, 0);
+            assert!(matches!(refused, Err(Error::InvalidInput(_))), "{phase:?}");
+        }
+        assert_eq!((core.account(1).unwrap().posted, core.suspense()), (70, 0));
+        let refund = step(&mut core, &mut disk, StepKind::Debit, StepPhase::Compensation, 1, 30);
+        assert_eq!(refund.outcome, StepOutcome::Applied);
+        assert_eq!(core.account(1).unwrap().posted, 100);
+    }
+
+    #[test]
+    fn barriers_written_before_amounts_were_stored_still_read_and_release_within_the_unclaimed_suspense() {
+        let (mut core, mut disk) = node("p1");
+        step(&mut core, &mut disk, StepKind::Debit, StepPhase::Action, 1, 30);
+        step(&mut core, &mut disk, StepKind::Debit, StepPhase::CompensateToSuspense, 1, 30);
+        // The same barrier as an older node wrote it: no forgotten flag, no amount.
+        let key = barrier_key(&id("s1"), StepKind::Debit);
+        disk.0.insert(key, vec![1, 3]);
+        let mut core = Core::recover(config("p1"), disk.0.clone(), 0).unwrap();
+        let too_much = step(&mut core, &mut disk, StepKind::Release, StepPhase::Action, 1, 31);
+        assert!(matches!(too_much.outcome, StepOutcome::Refused(..)));
+        let released = step(&mut core, &mut disk, StepKind::Release, StepPhase::Action, 1, 30);
+        assert_eq!(released.outcome, StepOutcome::Applied);
+        assert_eq!(core.suspense(), 0);
+    }
 }
