@@ -38,6 +38,17 @@
 //! Transactions that were preparing when it crashed have no record, so they
 //! are aborted: their participants ask and hear ABORT.
 //!
+//! # Input
+//!
+//! Nothing reaches a panic: a transaction id already in use, an empty split
+//! of legs, a vote or an acknowledgement for a transaction this core does
+//! not hold, or a callback in the wrong phase is refused or ignored, and
+//! changes nothing (the property test in `proptests.rs` throws random
+//! sequences of them at the core). A reason a participant sends back is
+//! clipped to `REASON_LEN_MAX` where the driver receives it, and an
+//! outcome's reason to `REASON_STORED_LEN_MAX` here, so every outcome fits
+//! the log's records.
+//!
 //! # Known caveat
 //!
 //! A coordinator that stays down blocks its prepared participants: they keep
@@ -182,8 +193,19 @@ impl Core {
         legs_by_participant: BTreeMap<ParticipantId, Vec<Leg>>,
         idempotency_key: Option<Id>,
     ) -> Result<Vec<Action>, Error> {
-        assert!(!legs_by_participant.is_empty() && legs_by_participant.values().all(|legs| !legs.is_empty()));
-        assert!(!self.active.contains_key(&txn), "transaction id {txn} reused");
+        if legs_by_participant.is_empty() || legs_by_participant.values().any(|legs| legs.is_empty()) {
+            return Err(Error::InvalidInput(format!("{txn} needs at least one leg on each of its participants")));
+        }
+        if legs_by_participant.len() > tandem::domain::LEGS_MAX {
+            return Err(Error::InvalidInput(format!(
+                "{txn} spans {} participants; a transaction has at most {} legs",
+                legs_by_participant.len(),
+                tandem::domain::LEGS_MAX
+            )));
+        }
+        if self.active.contains_key(&txn) {
+            return Err(Error::AlreadyExists(format!("transaction {txn} is in flight already")));
+        }
         if self.active.len() >= self.active_max {
             return Err(Error::Busy(format!(
                 "{} transactions are in flight, the most this coordinator takes",
@@ -242,6 +264,8 @@ impl Core {
                 // or timed out: that prepare may still arrive, and the abort
                 // leaves a tombstone there so it cannot reserve funds.
                 let voted_no = reason != AbortReason::ParticipantUnavailable;
+                // The outcome goes into the log's records: bounded here too.
+                let message = tandem::domain::clip_text(&message, tandem::domain::REASON_STORED_LEN_MAX);
                 let outcome = Outcome::Aborted(reason, message);
                 let mut actions: Vec<Action> = active
                     .participants
@@ -265,9 +289,13 @@ impl Core {
     }
 
     /// The commit decision is durable: tell the client and the participants.
+    /// For a transaction that is not deciding (the driver persists a
+    /// decision only for one that is), nothing happens.
     pub fn on_commit_durable(&mut self, txn: &TxnId) -> Vec<Action> {
-        let active = self.active.get_mut(txn).expect("a decision is persisted only for an active transaction");
-        assert_eq!(active.phase, Phase::Deciding, "{txn}: commit durable in the wrong phase");
+        let Some(active) = self.active.get_mut(txn).filter(|active| active.phase == Phase::Deciding) else {
+            tracing::error!(%txn, "a commit decision became durable for a transaction that is not deciding; ignored");
+            return Vec::new();
+        };
         active.phase = Phase::Committing { pending: active.participants.iter().cloned().collect() };
         let mut actions = vec![Action::Reply { txn: txn.clone(), outcome: Outcome::Committed }];
         actions.extend(
@@ -276,9 +304,14 @@ impl Core {
         actions
     }
 
+    /// A keyed abort's outcome is durable: tell the client. For a
+    /// transaction that is not aborting, nothing happens.
     pub fn on_abort_durable(&mut self, txn: &TxnId, outcome: Outcome) -> Vec<Action> {
-        let active = self.active.remove(txn).expect("an abort is persisted only for an active transaction");
-        assert_eq!(active.phase, Phase::Aborting, "{txn}: abort durable in the wrong phase");
+        if !self.active.get(txn).is_some_and(|active| active.phase == Phase::Aborting) {
+            tracing::error!(%txn, "a keyed abort became durable for a transaction that is not aborting; ignored");
+            return Vec::new();
+        }
+        let Some(active) = self.active.remove(txn) else { return Vec::new() };
         if let Some(key) = &active.idempotency_key {
             self.keys_in_flight.remove(key);
         }
@@ -330,11 +363,19 @@ impl Core {
     }
 
     /// Resumes the logged commits of a coordinator that restarted: every
-    /// participant of each is told COMMIT again until it acknowledges.
-    pub fn recover(&mut self, logged: Vec<(TxnId, CommitRecord)>) -> Vec<Action> {
+    /// participant of each is told COMMIT again until it acknowledges. A
+    /// record without participants, or one for a transaction already held,
+    /// is an error (the log is corrupt), and then nothing is resumed.
+    pub fn recover(&mut self, logged: Vec<(TxnId, CommitRecord)>) -> Result<Vec<Action>, Error> {
+        for (txn, record) in &logged {
+            if record.participants.is_empty() || self.active.contains_key(txn) {
+                return Err(Error::Fatal(format!(
+                    "the commit decision of {txn} names no participant, or names a transaction held twice"
+                )));
+            }
+        }
         let mut actions = Vec::new();
         for (txn, record) in logged {
-            assert!(!record.participants.is_empty(), "{txn}: a commit record without participants");
             actions.extend(
                 record.participants.iter().map(|p| Action::SendCommit { txn: txn.clone(), participant: p.clone() }),
             );
@@ -350,7 +391,7 @@ impl Core {
                 },
             );
         }
-        actions
+        Ok(actions)
     }
 }
 
@@ -440,7 +481,7 @@ mod tests {
     fn recovery_redelivers_every_logged_commit() {
         let mut core = Core::new(10);
         let record = CommitRecord { participants: vec![id("p1"), id("p2")], idempotency_key: None };
-        let actions = core.recover(vec![(id("t1"), record)]);
+        let actions = core.recover(vec![(id("t1"), record)]).unwrap();
         assert_eq!(
             actions,
             vec![
@@ -451,6 +492,26 @@ mod tests {
         assert_eq!(core.query(&id("t1")), Some(Decision::Commit));
         core.on_commit_acked(&id("t1"), &id("p1"));
         assert_eq!(core.on_commit_acked(&id("t1"), &id("p2")).len(), 1);
+    }
+
+    #[test]
+    fn a_reused_id_an_empty_split_and_callbacks_out_of_phase_are_refused_without_a_panic() {
+        let mut core = Core::new(10);
+        core.begin(id("t1"), two_participants(), Some(id("k1"))).unwrap();
+        assert!(matches!(core.begin(id("t1"), two_participants(), None), Err(Error::AlreadyExists(_))));
+        assert!(matches!(core.begin(id("t2"), BTreeMap::new(), None), Err(Error::InvalidInput(_))));
+        let empty_legs: BTreeMap<_, _> = [(id("p1"), vec![])].into_iter().collect();
+        assert!(matches!(core.begin(id("t3"), empty_legs, None), Err(Error::InvalidInput(_))));
+        // The decision is not being made yet: a durable callback is ignored.
+        assert!(core.on_commit_durable(&id("t1")).is_empty());
+        assert!(core.on_abort_durable(&id("t1"), Outcome::Committed).is_empty());
+        assert!(core.on_commit_durable(&id("t9")).is_empty());
+        assert_eq!(core.query(&id("t1")), Some(Decision::Pending), "unchanged");
+        let record = CommitRecord { participants: vec![], idempotency_key: None };
+        assert!(core.recover(vec![(id("t7"), record)]).is_err());
+        let record = CommitRecord { participants: vec![id("p1")], idempotency_key: None };
+        assert!(core.recover(vec![(id("t1"), record)]).is_err(), "t1 is held already");
+        assert_eq!(core.active_count(), 1);
     }
 
     #[test]

@@ -16,13 +16,20 @@
 //!   first step; stage changes are buffered (a lost stage is redone, and
 //!   steps are idempotent).
 //!
-//! Every decoder checks lengths and panics on a record that does not decode:
-//! the log is corrupt and the coordinator must stop, not guess.
+//! Every encoder checks each field against its length prefix and fails
+//! (before anything is written) on one that does not fit; every decoder
+//! checks lengths, refuses short records and trailing bytes, and fails with
+//! `Error::Fatal` on a record that does not decode: the log is corrupt, and
+//! the coordinator refuses to start from it (naming the record,
+//! [`decode_at`]) or answers INTERNAL for it, never guesses and never
+//! panics.
 
 use crate::core::{AbortReason, CommitRecord, Outcome};
 use crate::saga::{Recovery, SagaRecord, SagaSpec, Stage};
-use tandem::domain::{Id, Leg, TxnId};
+use tandem::codec::{corrupt, corrupt_record, Reader, Writer};
+use tandem::domain::{Id, Leg, TxnId, LEGS_MAX};
 use tandem::store::Op;
+use tandem::Error;
 
 pub const GENERATION_KEY: &[u8] = b"m/generation";
 pub const DECISION_PREFIX: &[u8] = b"d/";
@@ -36,78 +43,48 @@ pub fn key(prefix: &[u8], id: &Id) -> Vec<u8> {
     key
 }
 
-pub fn id_from_key(prefix: &[u8], key: &[u8]) -> Id {
-    let text = std::str::from_utf8(&key[prefix.len()..]).expect("corrupt log key");
-    Id::parse("log key", text).expect("corrupt log key")
+/// The id at the end of a log key.
+pub fn id_from_key(prefix: &[u8], key: &[u8]) -> Result<Id, Error> {
+    tandem::codec::id_from_key(prefix, key).map_err(|e| corrupt_record(key, e))
 }
 
-struct Writer(Vec<u8>);
-
-impl Writer {
-    fn text(&mut self, text: &str) {
-        assert!(text.len() <= u16::MAX as usize);
-        self.0.extend_from_slice(&(text.len() as u16).to_le_bytes());
-        self.0.extend_from_slice(text.as_bytes());
-    }
-    fn byte(&mut self, byte: u8) {
-        self.0.push(byte);
-    }
-    fn u64(&mut self, value: u64) {
-        self.0.extend_from_slice(&value.to_le_bytes());
-    }
-    fn i64(&mut self, value: i64) {
-        self.0.extend_from_slice(&value.to_le_bytes());
-    }
+/// Decodes the record stored at `key`; its error names the record.
+pub fn decode_at<T>(key: &[u8], value: &[u8], decode: fn(&[u8]) -> Result<T, Error>) -> Result<T, Error> {
+    decode(value).map_err(|e| corrupt_record(key, e))
 }
 
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn take(&mut self, n: usize) -> &[u8] {
-        assert!(self.0.len() >= n, "corrupt log record: truncated");
-        let (head, tail) = self.0.split_at(n);
-        self.0 = tail;
-        head
-    }
-    fn text(&mut self) -> String {
-        let len = u16::from_le_bytes(self.take(2).try_into().unwrap()) as usize;
-        String::from_utf8(self.take(len).to_vec()).expect("corrupt log record: text")
-    }
-    fn byte(&mut self) -> u8 {
-        self.take(1)[0]
-    }
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.take(8).try_into().unwrap())
-    }
-    fn i64(&mut self) -> i64 {
-        i64::from_le_bytes(self.take(8).try_into().unwrap())
-    }
-    fn done(&self) {
-        assert!(self.0.is_empty(), "corrupt log record: {} trailing bytes", self.0.len());
-    }
+/// The generation record: a `u64`.
+pub fn decode_generation(bytes: &[u8]) -> Result<u64, Error> {
+    let mut r = Reader::new(bytes);
+    let generation = r.u64()?;
+    r.done()?;
+    Ok(generation)
 }
 
-fn optional_id(text: String) -> Option<Id> {
-    (!text.is_empty()).then(|| Id::parse("id", &text).expect("corrupt log record: id"))
+fn optional_id_text(id: &Option<Id>) -> &str {
+    id.as_ref().map(Id::as_str).unwrap_or("")
 }
 
-pub fn encode_commit(record: &CommitRecord) -> Vec<u8> {
-    let mut w = Writer(Vec::new());
-    w.text(record.idempotency_key.as_ref().map(Id::as_str).unwrap_or(""));
-    w.byte(u8::try_from(record.participants.len()).expect("at most 16 participants"));
+pub fn encode_commit(record: &CommitRecord) -> Result<Vec<u8>, Error> {
+    let mut w = Writer::new();
+    w.text("an idempotency key", optional_id_text(&record.idempotency_key))?;
+    w.count_u8("the number of participants", record.participants.len())?;
     for participant in &record.participants {
-        w.text(participant.as_str());
+        w.text("a participant id", participant.as_str())?;
     }
-    w.0
+    Ok(w.finish())
 }
 
-pub fn decode_commit(bytes: &[u8]) -> CommitRecord {
-    let mut r = Reader(bytes);
-    let idempotency_key = optional_id(r.text());
-    let count = r.byte() as usize;
-    let participants = (0..count).map(|_| Id::parse("participant", &r.text()).expect("corrupt log record")).collect();
-    r.done();
-    CommitRecord { participants, idempotency_key }
+pub fn decode_commit(bytes: &[u8]) -> Result<CommitRecord, Error> {
+    let mut r = Reader::new(bytes);
+    let idempotency_key = r.optional_id()?;
+    let count = r.byte()? as usize;
+    if count == 0 || count > LEGS_MAX {
+        return Err(corrupt(format!("a commit decision with {count} participants")));
+    }
+    let participants = (0..count).map(|_| r.id()).collect::<Result<Vec<_>, _>>()?;
+    r.done()?;
+    Ok(CommitRecord { participants, idempotency_key })
 }
 
 /// How a remembered transaction or saga ended.
@@ -133,30 +110,30 @@ impl Finished {
     }
 }
 
-pub fn encode_finished(finished: &Finished) -> Vec<u8> {
-    let mut w = Writer(Vec::new());
+pub fn encode_finished(finished: &Finished) -> Result<Vec<u8>, Error> {
+    let mut w = Writer::new();
     w.byte(match finished.outcome {
         FinishedAs::Aborted => 0,
         FinishedAs::Committed => 1,
         FinishedAs::Compensated => 2,
         FinishedAs::Resolved => 3,
     });
-    w.text(finished.idempotency_key.as_ref().map(Id::as_str).unwrap_or(""));
-    w.0
+    w.text("an idempotency key", optional_id_text(&finished.idempotency_key))?;
+    Ok(w.finish())
 }
 
-pub fn decode_finished(bytes: &[u8]) -> Finished {
-    let mut r = Reader(bytes);
-    let outcome = match r.byte() {
+pub fn decode_finished(bytes: &[u8]) -> Result<Finished, Error> {
+    let mut r = Reader::new(bytes);
+    let outcome = match r.byte()? {
         0 => FinishedAs::Aborted,
         1 => FinishedAs::Committed,
         2 => FinishedAs::Compensated,
         3 => FinishedAs::Resolved,
-        other => panic!("corrupt log record: finished as {other}"),
+        other => return Err(corrupt(format!("finished as {other}"))),
     };
-    let idempotency_key = optional_id(r.text());
-    r.done();
-    Finished { outcome, idempotency_key }
+    let idempotency_key = r.optional_id()?;
+    r.done()?;
+    Ok(Finished { outcome, idempotency_key })
 }
 
 /// What an idempotency key maps to.
@@ -177,15 +154,15 @@ fn reason_code(reason: AbortReason) -> u8 {
     }
 }
 
-fn reason_from_code(code: u8) -> AbortReason {
-    match code {
+fn reason_from_code(code: u8) -> Result<AbortReason, Error> {
+    Ok(match code {
         1 => AbortReason::InsufficientFunds,
         2 => AbortReason::BalanceOverflow,
         3 => AbortReason::UnknownAccount,
         4 => AbortReason::ParticipantUnavailable,
         5 => AbortReason::Refused,
-        other => panic!("corrupt log record: abort reason {other}"),
-    }
+        other => return Err(corrupt(format!("abort reason {other}"))),
+    })
 }
 
 /// A saga's cause, as one byte (0: none).
@@ -195,58 +172,58 @@ fn cause_code(cause: Option<AbortReason>) -> u8 {
 
 /// Reads the cause that ends a record; records written before causes were
 /// logged end without it.
-fn read_cause(r: &mut Reader) -> Option<AbortReason> {
-    if r.0.is_empty() {
-        return None;
+fn read_cause(r: &mut Reader) -> Result<Option<AbortReason>, Error> {
+    if r.remaining() == 0 {
+        return Ok(None);
     }
-    match r.byte() {
-        0 => None,
-        code => Some(reason_from_code(code)),
+    match r.byte()? {
+        0 => Ok(None),
+        code => reason_from_code(code).map(Some),
     }
 }
 
-pub fn encode_keyed(result: &KeyedResult) -> Vec<u8> {
-    let mut w = Writer(Vec::new());
-    w.text(result.txn.as_str());
+pub fn encode_keyed(result: &KeyedResult) -> Result<Vec<u8>, Error> {
+    let mut w = Writer::new();
+    w.text("a transaction id", result.txn.as_str())?;
     w.u64(result.fingerprint);
     match &result.outcome {
         Outcome::Committed => w.byte(0),
         Outcome::Aborted(reason, message) => {
             w.byte(reason_code(*reason));
-            w.text(message);
+            w.text("an outcome's reason", message)?;
         }
         Outcome::Compensated(cause, message) => {
             w.byte(100);
-            w.text(message);
+            w.text("an outcome's reason", message)?;
             w.byte(cause_code(*cause));
         }
         Outcome::DeadLettered(cause, message) => {
             w.byte(101);
-            w.text(message);
+            w.text("an outcome's reason", message)?;
             w.byte(cause_code(*cause));
         }
     }
-    w.0
+    Ok(w.finish())
 }
 
-pub fn decode_keyed(bytes: &[u8]) -> KeyedResult {
-    let mut r = Reader(bytes);
-    let txn = Id::parse("txn", &r.text()).expect("corrupt log record");
-    let fingerprint = r.u64();
-    let outcome = match r.byte() {
+pub fn decode_keyed(bytes: &[u8]) -> Result<KeyedResult, Error> {
+    let mut r = Reader::new(bytes);
+    let txn = r.id()?;
+    let fingerprint = r.u64()?;
+    let outcome = match r.byte()? {
         0 => Outcome::Committed,
         100 => {
-            let message = r.text();
-            Outcome::Compensated(read_cause(&mut r), message)
+            let message = r.text()?;
+            Outcome::Compensated(read_cause(&mut r)?, message)
         }
         101 => {
-            let message = r.text();
-            Outcome::DeadLettered(read_cause(&mut r), message)
+            let message = r.text()?;
+            Outcome::DeadLettered(read_cause(&mut r)?, message)
         }
-        code => Outcome::Aborted(reason_from_code(code), r.text()),
+        code => Outcome::Aborted(reason_from_code(code)?, r.text()?),
     };
-    r.done();
-    KeyedResult { txn, outcome, fingerprint }
+    r.done()?;
+    Ok(KeyedResult { txn, outcome, fingerprint })
 }
 
 /// A fingerprint of a request's legs (FNV-1a over their canonical order), so
@@ -265,37 +242,37 @@ pub fn fingerprint(legs: &[Leg]) -> u64 {
 }
 
 /// The ops that log a commit decision (and its key's result).
-pub fn commit_ops(txn: &TxnId, record: &CommitRecord, fingerprint: u64) -> Vec<Op> {
-    let mut ops = vec![Op::Put(key(DECISION_PREFIX, txn), encode_commit(record))];
+pub fn commit_ops(txn: &TxnId, record: &CommitRecord, fingerprint: u64) -> Result<Vec<Op>, Error> {
+    let mut ops = vec![Op::Put(key(DECISION_PREFIX, txn), encode_commit(record)?)];
     if let Some(idem) = &record.idempotency_key {
         let result = KeyedResult { txn: txn.clone(), outcome: Outcome::Committed, fingerprint };
-        ops.push(Op::Put(key(KEY_PREFIX, idem), encode_keyed(&result)));
+        ops.push(Op::Put(key(KEY_PREFIX, idem), encode_keyed(&result)?));
     }
-    ops
+    Ok(ops)
 }
 
 /// The ops that end a committed transaction: the decision is replaced by a
 /// finished record.
-pub fn end_ops(txn: &TxnId, idempotency_key: Option<Id>) -> Vec<Op> {
-    vec![
+pub fn end_ops(txn: &TxnId, idempotency_key: Option<Id>) -> Result<Vec<Op>, Error> {
+    Ok(vec![
         Op::Delete(key(DECISION_PREFIX, txn)),
         Op::Put(
             key(FINISHED_PREFIX, txn),
-            encode_finished(&Finished { outcome: FinishedAs::Committed, idempotency_key }),
+            encode_finished(&Finished { outcome: FinishedAs::Committed, idempotency_key })?,
         ),
-    ]
+    ])
 }
 
 /// The ops that log a keyed abort.
-pub fn abort_ops(txn: &TxnId, idem: &Id, outcome: &Outcome, fingerprint: u64) -> Vec<Op> {
+pub fn abort_ops(txn: &TxnId, idem: &Id, outcome: &Outcome, fingerprint: u64) -> Result<Vec<Op>, Error> {
     let result = KeyedResult { txn: txn.clone(), outcome: outcome.clone(), fingerprint };
-    vec![
-        Op::Put(key(KEY_PREFIX, idem), encode_keyed(&result)),
+    Ok(vec![
+        Op::Put(key(KEY_PREFIX, idem), encode_keyed(&result)?),
         Op::Put(
             key(FINISHED_PREFIX, txn),
-            encode_finished(&Finished { outcome: FinishedAs::Aborted, idempotency_key: Some(idem.clone()) }),
+            encode_finished(&Finished { outcome: FinishedAs::Aborted, idempotency_key: Some(idem.clone()) })?,
         ),
-    ]
+    ])
 }
 
 fn stage_code(stage: Stage) -> u8 {
@@ -311,8 +288,8 @@ fn stage_code(stage: Stage) -> u8 {
     }
 }
 
-fn stage_from_code(code: u8) -> Stage {
-    match code {
+fn stage_from_code(code: u8) -> Result<Stage, Error> {
+    Ok(match code {
         1 => Stage::Starting,
         2 => Stage::Debiting,
         3 => Stage::Crediting,
@@ -321,51 +298,58 @@ fn stage_from_code(code: u8) -> Stage {
         6 => Stage::Parking,
         7 => Stage::DeadLettered,
         8 => Stage::Releasing,
-        other => panic!("corrupt saga record: stage {other}"),
-    }
+        other => return Err(corrupt(format!("saga stage {other}"))),
+    })
 }
 
-pub fn encode_saga(record: &SagaRecord) -> Vec<u8> {
-    let mut w = Writer(Vec::new());
+pub fn encode_saga(record: &SagaRecord) -> Result<Vec<u8>, Error> {
+    let mut w = Writer::new();
     let spec = &record.spec;
     w.byte(stage_code(record.stage));
     w.u64(spec.from);
     w.u64(spec.to);
     w.i64(spec.amount);
-    w.text(spec.from_participant.as_str());
-    w.text(spec.to_participant.as_str());
+    w.text("a participant id", spec.from_participant.as_str())?;
+    w.text("a participant id", spec.to_participant.as_str())?;
     w.byte(matches!(spec.recovery, Recovery::Forward) as u8);
-    w.text(spec.idempotency_key.as_ref().map(Id::as_str).unwrap_or(""));
+    w.text("an idempotency key", optional_id_text(&spec.idempotency_key))?;
     w.u64(spec.fingerprint);
-    w.text(&record.reason);
+    w.text("a saga's reason", &record.reason)?;
     w.i64(record.parked);
     w.byte(cause_code(record.cause));
-    w.0
+    Ok(w.finish())
 }
 
-pub fn decode_saga(bytes: &[u8]) -> SagaRecord {
-    let mut r = Reader(bytes);
-    let stage = stage_from_code(r.byte());
+pub fn decode_saga(bytes: &[u8]) -> Result<SagaRecord, Error> {
+    let mut r = Reader::new(bytes);
+    let stage = stage_from_code(r.byte()?)?;
     let spec = SagaSpec {
-        from: r.u64(),
-        to: r.u64(),
-        amount: r.i64(),
-        from_participant: Id::parse("participant", &r.text()).expect("corrupt saga record"),
-        to_participant: Id::parse("participant", &r.text()).expect("corrupt saga record"),
-        recovery: if r.byte() == 1 { Recovery::Forward } else { Recovery::Backward },
-        idempotency_key: optional_id(r.text()),
-        fingerprint: r.u64(),
+        from: r.u64()?,
+        to: r.u64()?,
+        amount: r.i64()?,
+        from_participant: r.id()?,
+        to_participant: r.id()?,
+        recovery: match r.byte()? {
+            0 => Recovery::Backward,
+            1 => Recovery::Forward,
+            other => return Err(corrupt(format!("saga recovery {other}"))),
+        },
+        idempotency_key: r.optional_id()?,
+        fingerprint: r.u64()?,
     };
-    let reason = r.text();
-    let parked = r.i64();
-    let cause = read_cause(&mut r);
-    r.done();
-    SagaRecord { spec, stage, reason, cause, parked }
+    let reason = r.text()?;
+    let parked = r.i64()?;
+    let cause = read_cause(&mut r)?;
+    r.done()?;
+    if spec.amount <= 0 || parked < 0 || parked > spec.amount {
+        return Err(corrupt(format!("a saga of {} with {parked} parked", spec.amount)));
+    }
+    Ok(SagaRecord { spec, stage, reason, cause, parked })
 }
 
 /// The ops that end a saga: its record goes, its outcome (and its key's)
 /// is remembered.
-pub fn saga_finish_ops(saga: &Id, spec: &SagaSpec, outcome: &Outcome) -> Vec<Op> {
+pub fn saga_finish_ops(saga: &Id, spec: &SagaSpec, outcome: &Outcome) -> Result<Vec<Op>, Error> {
     let finished_as = match outcome {
         Outcome::Committed => FinishedAs::Committed,
         Outcome::Aborted(..) => FinishedAs::Aborted,
@@ -376,25 +360,25 @@ pub fn saga_finish_ops(saga: &Id, spec: &SagaSpec, outcome: &Outcome) -> Vec<Op>
         Op::Delete(key(SAGA_PREFIX, saga)),
         Op::Put(
             key(FINISHED_PREFIX, saga),
-            encode_finished(&Finished { outcome: finished_as, idempotency_key: spec.idempotency_key.clone() }),
+            encode_finished(&Finished { outcome: finished_as, idempotency_key: spec.idempotency_key.clone() })?,
         ),
     ];
     if let Some(idem) = &spec.idempotency_key {
         let result = KeyedResult { txn: saga.clone(), outcome: outcome.clone(), fingerprint: spec.fingerprint };
-        ops.push(Op::Put(key(KEY_PREFIX, idem), encode_keyed(&result)));
+        ops.push(Op::Put(key(KEY_PREFIX, idem), encode_keyed(&result)?));
     }
-    ops
+    Ok(ops)
 }
 
 /// The ops that make a saga a dead letter: its record stays (listed for
 /// an operator), its key's outcome is remembered.
-pub fn dead_letter_ops(saga: &Id, record: &SagaRecord, outcome: &Outcome) -> Vec<Op> {
-    let mut ops = vec![Op::Put(key(SAGA_PREFIX, saga), encode_saga(record))];
+pub fn dead_letter_ops(saga: &Id, record: &SagaRecord, outcome: &Outcome) -> Result<Vec<Op>, Error> {
+    let mut ops = vec![Op::Put(key(SAGA_PREFIX, saga), encode_saga(record)?)];
     if let Some(idem) = &record.spec.idempotency_key {
         let result = KeyedResult { txn: saga.clone(), outcome: outcome.clone(), fingerprint: record.spec.fingerprint };
-        ops.push(Op::Put(key(KEY_PREFIX, idem), encode_keyed(&result)));
+        ops.push(Op::Put(key(KEY_PREFIX, idem), encode_keyed(&result)?));
     }
-    ops
+    Ok(ops)
 }
 
 #[cfg(test)]
@@ -408,11 +392,11 @@ mod tests {
     #[test]
     fn records_round_trip() {
         let record = CommitRecord { participants: vec![id("p1"), id("p2")], idempotency_key: Some(id("k")) };
-        assert_eq!(decode_commit(&encode_commit(&record)), record);
+        assert_eq!(decode_commit(&encode_commit(&record).unwrap()), Ok(record));
         let record = CommitRecord { participants: vec![id("p1")], idempotency_key: None };
-        assert_eq!(decode_commit(&encode_commit(&record)), record);
+        assert_eq!(decode_commit(&encode_commit(&record).unwrap()), Ok(record));
         let finished = Finished { outcome: FinishedAs::Committed, idempotency_key: None };
-        assert_eq!(decode_finished(&encode_finished(&finished)), finished);
+        assert_eq!(decode_finished(&encode_finished(&finished).unwrap()), Ok(finished));
         for outcome in [
             Outcome::Committed,
             Outcome::Aborted(AbortReason::InsufficientFunds, "poor".into()),
@@ -421,7 +405,7 @@ mod tests {
             Outcome::DeadLettered(Some(AbortReason::Refused), "parked".into()),
         ] {
             let keyed = KeyedResult { txn: id("t1"), outcome, fingerprint: 42 };
-            assert_eq!(decode_keyed(&encode_keyed(&keyed)), keyed);
+            assert_eq!(decode_keyed(&encode_keyed(&keyed).unwrap()), Ok(keyed));
         }
     }
 
@@ -432,12 +416,12 @@ mod tests {
             outcome: Outcome::Compensated(Some(AbortReason::BalanceOverflow), "refunded".into()),
             fingerprint: 42,
         };
-        let bytes = encode_keyed(&keyed);
-        let old = decode_keyed(&bytes[..bytes.len() - 1]);
+        let bytes = encode_keyed(&keyed).unwrap();
+        let old = decode_keyed(&bytes[..bytes.len() - 1]).unwrap();
         assert_eq!(old.outcome, Outcome::Compensated(None, "refunded".into()));
         let record = SagaRecord { cause: Some(AbortReason::Refused), ..saga_record() };
-        let bytes = encode_saga(&record);
-        assert_eq!(decode_saga(&bytes[..bytes.len() - 1]), SagaRecord { cause: None, ..record });
+        let bytes = encode_saga(&record).unwrap();
+        assert_eq!(decode_saga(&bytes[..bytes.len() - 1]), Ok(SagaRecord { cause: None, ..record }));
     }
 
     fn saga_record() -> SagaRecord {
@@ -462,16 +446,35 @@ mod tests {
     #[test]
     fn saga_records_round_trip() {
         let record = saga_record();
-        assert_eq!(decode_saga(&encode_saga(&record)), record);
+        assert_eq!(decode_saga(&encode_saga(&record).unwrap()), Ok(record));
         let record = SagaRecord { cause: None, ..saga_record() };
-        assert_eq!(decode_saga(&encode_saga(&record)), record);
+        assert_eq!(decode_saga(&encode_saga(&record).unwrap()), Ok(record));
     }
 
     #[test]
-    #[should_panic(expected = "corrupt log record")]
-    fn a_truncated_record_stops_the_coordinator() {
-        let bytes = encode_commit(&CommitRecord { participants: vec![id("p1")], idempotency_key: None });
-        decode_commit(&bytes[..bytes.len() - 1]);
+    fn a_short_or_long_record_is_a_fatal_error_naming_it_not_a_panic() {
+        let bytes = encode_commit(&CommitRecord { participants: vec![id("p1")], idempotency_key: None }).unwrap();
+        let key = key(DECISION_PREFIX, &id("t1"));
+        let short = decode_at(&key, &bytes[..bytes.len() - 1], decode_commit);
+        assert!(matches!(&short, Err(Error::Fatal(m)) if m.contains("d/t1")), "{short:?}");
+        let mut long = bytes.clone();
+        long.push(0);
+        assert!(matches!(decode_commit(&long), Err(Error::Fatal(m)) if m.contains("trailing")));
+        assert!(decode_commit(&[0, 0, 0]).is_err(), "a decision with no participant");
+        assert!(decode_finished(&[9, 0, 0]).is_err());
+        assert!(decode_generation(&[1, 2, 3]).is_err());
+        assert!(id_from_key(FINISHED_PREFIX, b"f/not an id").is_err());
+    }
+
+    #[test]
+    fn a_reason_too_long_for_its_record_is_an_error_before_anything_is_written() {
+        let keyed = KeyedResult {
+            txn: id("t1"),
+            outcome: Outcome::Compensated(None, "x".repeat(tandem::codec::TEXT_LEN_MAX + 1)),
+            fingerprint: 1,
+        };
+        assert!(matches!(encode_keyed(&keyed), Err(Error::InvalidInput(_))));
+        assert!(abort_ops(&id("t1"), &id("k1"), &keyed.outcome, 1).is_err());
     }
 
     #[test]

@@ -31,6 +31,16 @@
 //! a write, every one of these is NOT_SERVING for good: the coordinator
 //! refuses new work and must be restarted on its data directory (unlike a
 //! participant, it does not reopen its store in process yet).
+//!
+//! Locks. No panic can happen while one of this module's mutexes is held:
+//! the cores refuse or ignore every input they cannot take (see their
+//! essays and the property test), and the other sections under a lock only
+//! move values in and out of maps and queues. So a lock is never poisoned,
+//! and `expect` on one states that. What comes from outside is bounded
+//! where it is received: a reason a participant sends back is clipped to
+//! `REASON_LEN_MAX` (it ends up in the log's records), and a log record
+//! that does not decode is an error naming it (at start: the coordinator
+//! does not start; while serving: INTERNAL), never a panic.
 
 use crate::core::{AbortReason, Action, Core, Decision, Outcome, Phase, VoteResult};
 use crate::directory::{Directory, Shard};
@@ -42,7 +52,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tandem::domain::{validate_balanced, validate_legs, Id, Leg, TxnId};
+use tandem::domain::{clip_text, validate_balanced, validate_legs, Id, Leg, TxnId, REASON_LEN_MAX};
 use tandem::pb;
 use tandem::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use tandem::pb::participant_client::ParticipantClient;
@@ -265,17 +275,28 @@ impl Node {
         }
         let store = Store::open(&config.data_dir)?;
         let generation = match store.get(log::GENERATION_KEY)? {
-            Some(bytes) => u64::from_le_bytes(bytes.try_into().expect("corrupt generation record")) + 1,
+            Some(bytes) => log::decode_at(log::GENERATION_KEY, &bytes, log::decode_generation)?
+                .checked_add(1)
+                .ok_or_else(|| Error::Fatal("the generation record is at its largest value".into()))?,
             None => 1,
         };
         store
             .write(vec![tandem::store::Op::Put(log::GENERATION_KEY.to_vec(), generation.to_le_bytes().to_vec())])
             .await?;
-        let logged: Vec<_> = store
+        let logged = store
             .scan_prefix(log::DECISION_PREFIX)?
             .into_iter()
-            .map(|(key, value)| (log::id_from_key(log::DECISION_PREFIX, &key), log::decode_commit(&value)))
-            .collect();
+            .map(|(key, value)| {
+                let txn = log::id_from_key(log::DECISION_PREFIX, &key)?;
+                let record = log::decode_at(&key, &value, log::decode_commit)?;
+                // A participant the directory does not name could never be
+                // told (a directory changed under a log that needs it).
+                if let Some(unknown) = record.participants.iter().find(|p| !participants.contains_key(*p)) {
+                    return Err(unknown_participant(&key, unknown));
+                }
+                Ok((txn, record))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         let finished_count = store.scan_prefix(log::FINISHED_PREFIX)?.len() as u64;
         let fence = Arc::new(RwLock::new(()));
         let mut fence_guards = HashMap::new();
@@ -283,11 +304,20 @@ impl Node {
             let guard = fence.clone().try_read_owned().expect("no audit runs before start");
             fence_guards.insert(txn.clone(), (Instant::now(), guard));
         }
-        let logged_sagas: Vec<_> = store
+        let logged_sagas = store
             .scan_prefix(log::SAGA_PREFIX)?
             .into_iter()
-            .map(|(key, value)| (log::id_from_key(log::SAGA_PREFIX, &key), log::decode_saga(&value)))
-            .collect();
+            .map(|(key, value)| {
+                let saga = log::id_from_key(log::SAGA_PREFIX, &key)?;
+                let record = log::decode_at(&key, &value, log::decode_saga)?;
+                for participant in [&record.spec.from_participant, &record.spec.to_participant] {
+                    if !participants.contains_key(participant) {
+                        return Err(unknown_participant(&key, participant));
+                    }
+                }
+                Ok((saga, record))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         let mut core = Core::new(config.active_max);
         let mut sagas = SagaCore::new(config.active_max);
         info!(
@@ -297,7 +327,7 @@ impl Node {
             sagas_to_resume = logged_sagas.len(),
             "recovered the decision log"
         );
-        let recovered = Recovered { commits: core.recover(logged), sagas: sagas.recover(logged_sagas) };
+        let recovered = Recovered { commits: core.recover(logged)?, sagas: sagas.recover(logged_sagas) };
         let node = Node {
             inner: Arc::new(Inner {
                 generation,
@@ -356,7 +386,7 @@ impl Node {
                 match stored {
                     Some(bytes) => {
                         self.inner.waiters.lock().expect("waiters lock poisoned").remove(&txn);
-                        let earlier = log::decode_keyed(&bytes);
+                        let earlier = log::decode_at(&log::key(log::KEY_PREFIX, key), &bytes, log::decode_keyed)?;
                         if earlier.fingerprint != fingerprint {
                             return Err(Error::InvalidInput(format!(
                                 "idempotency key {key} was used for a different request ({})",
@@ -406,7 +436,11 @@ impl Node {
                             .expect("guards lock poisoned")
                             .insert(txn.clone(), (Instant::now(), guard));
                         let fingerprint = node.waiter_fingerprint(&txn);
-                        match node.inner.store.write(log::commit_ops(&txn, &record, fingerprint)).await {
+                        let written = match log::commit_ops(&txn, &record, fingerprint) {
+                            Ok(ops) => node.inner.store.write(ops).await,
+                            Err(error) => Err(error),
+                        };
+                        match written {
                             Ok(()) => {
                                 let next = node.core().on_commit_durable(&txn);
                                 node.execute(next);
@@ -432,7 +466,11 @@ impl Node {
                     let node = self.clone();
                     tokio::spawn(async move {
                         let fingerprint = node.waiter_fingerprint(&txn);
-                        match node.inner.store.write(log::abort_ops(&txn, &key, &outcome, fingerprint)).await {
+                        let written = match log::abort_ops(&txn, &key, &outcome, fingerprint) {
+                            Ok(ops) => node.inner.store.write(ops).await,
+                            Err(error) => Err(error),
+                        };
+                        match written {
                             Ok(()) => {
                                 node.inner.finished_count.fetch_add(1, Ordering::Relaxed);
                                 let next = node.core().on_abort_durable(&txn, outcome);
@@ -449,8 +487,8 @@ impl Node {
                     tokio::spawn(async move {
                         // Unsynced: a lost end record only means commits are
                         // redelivered after a restart, and applied once.
-                        let written =
-                            node.inner.store.submit(log::end_ops(&txn, idempotency_key), Durability::Buffered);
+                        let written = log::end_ops(&txn, idempotency_key)
+                            .and_then(|ops| node.inner.store.submit(ops, Durability::Buffered));
                         let result = match written {
                             Ok(wait) => wait.await.unwrap_or_else(|_| Err(Error::Fatal("writer stopped".into()))),
                             Err(error) => Err(error),
@@ -567,7 +605,11 @@ impl Node {
                     }
                 }
                 Err(status) => {
-                    let why = format!("{participant} failed the prepare: {:?} {}", status.code(), status.message());
+                    let why = format!(
+                        "{participant} failed the prepare: {:?} {}",
+                        status.code(),
+                        clip_text(status.message(), REASON_LEN_MAX)
+                    );
                     let no =
                         |p: QueuedPrepare| (p.txn, VoteResult::No(AbortReason::ParticipantUnavailable, why.clone()));
                     votes.extend(batch.into_iter().map(no));
@@ -756,8 +798,9 @@ impl Node {
         if self.inner.store.get(&log::key(log::DECISION_PREFIX, txn))?.is_some() {
             return Ok(Decision::Commit);
         }
-        if let Some(bytes) = self.inner.store.get(&log::key(log::FINISHED_PREFIX, txn))? {
-            if log::decode_finished(&bytes).committed() {
+        let finished_key = log::key(log::FINISHED_PREFIX, txn);
+        if let Some(bytes) = self.inner.store.get(&finished_key)? {
+            if log::decode_at(&finished_key, &bytes, log::decode_finished)?.committed() {
                 warn!(%txn, "a participant asked about a transaction whose commit every participant acknowledged: a stale duplicate prepare; answering ABORT");
             }
         }
@@ -906,8 +949,14 @@ impl Node {
             };
             let mut ops = Vec::with_capacity(oldest.len() * 2);
             for (key, value) in &oldest {
-                if let Some(idem) = log::decode_finished(value).idempotency_key {
-                    ops.push(tandem::store::Op::Delete(log::key(log::KEY_PREFIX, &idem)));
+                match log::decode_at(key, value, log::decode_finished) {
+                    Ok(finished) => {
+                        if let Some(idem) = finished.idempotency_key {
+                            ops.push(tandem::store::Op::Delete(log::key(log::KEY_PREFIX, &idem)));
+                        }
+                    }
+                    // Its key's record (if any) stays: a leak, not a guess.
+                    Err(error) => error!(%error, "a finished record does not decode; collected without its key"),
                 }
                 ops.push(tandem::store::Op::Delete(key.clone()));
             }
@@ -1037,9 +1086,10 @@ impl Node {
         let state = if self.inner.store.get(&log::key(log::DECISION_PREFIX, txn))?.is_some() {
             pb::TransactionState::Committing
         } else {
-            match self.inner.store.get(&log::key(log::FINISHED_PREFIX, txn))? {
+            let finished_key = log::key(log::FINISHED_PREFIX, txn);
+            match self.inner.store.get(&finished_key)? {
                 Some(bytes) => {
-                    let finished = log::decode_finished(&bytes);
+                    let finished = log::decode_at(&finished_key, &bytes, log::decode_finished)?;
                     status.detail = format!("finished as {:?}", finished.outcome);
                     if finished.committed() {
                         pb::TransactionState::Committed
@@ -1149,8 +1199,9 @@ impl Coordinator for Node {
     ) -> Result<Response<pb::QueryDecisionResponse>, Status> {
         let request = request.into_inner();
         let txn = Id::parse("txn_id", &request.txn_id)?;
+        let participant = Id::parse("participant_id", &request.participant_id)?;
         let decision = self.decision(&txn)?;
-        debug!(%txn, participant = %request.participant_id, ?decision, "decision query");
+        debug!(%txn, %participant, ?decision, "decision query");
         let decision = match decision {
             Decision::Commit => pb::Decision::Commit,
             Decision::Abort => pb::Decision::Abort,
@@ -1180,11 +1231,22 @@ impl Coordinator for Node {
     }
 }
 
+/// The error of a log record naming a participant the directory does not.
+fn unknown_participant(key: &[u8], participant: &Id) -> Error {
+    Error::Fatal(format!(
+        "the log record {:?} names participant {participant}, which is not in the directory (--participant); start the coordinator with the directory its log was written with",
+        tandem::codec::show_key(key)
+    ))
+}
+
 /// A participant's answer to one prepare, as the core takes it.
 fn vote_from_pb(participant: &Id, response: pb::PrepareResponse) -> VoteResult {
     match pb::Vote::try_from(response.vote) {
         Ok(pb::Vote::Yes) => VoteResult::Yes,
-        _ => VoteResult::No(abort_reason_from_pb(response.refusal), format!("{participant}: {}", response.reason)),
+        _ => VoteResult::No(
+            abort_reason_from_pb(response.refusal),
+            format!("{participant}: {}", clip_text(&response.reason, REASON_LEN_MAX)),
+        ),
     }
 }
 

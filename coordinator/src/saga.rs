@@ -68,6 +68,16 @@
 //! the compensation came to (refunded, empty, or parked in suspense), so the
 //! saga ends where it had already got to and the client hears the truth.
 //!
+//! # Input
+//!
+//! Nothing reaches a panic: a saga id already in use is refused, a result
+//! for a step the saga no longer waits for is ignored, and a callback for a
+//! saga in another stage changes nothing (the property test in
+//! `proptests.rs` throws random sequences of them at the core). The reasons
+//! a saga collects from its participants are clipped where they are
+//! received, and the reason it stores to `REASON_STORED_LEN_MAX`, so every
+//! saga record fits the log's codec.
+//!
 //! # Isolation
 //!
 //! None: between the debit and the credit, the money is in no account. An
@@ -76,8 +86,13 @@
 
 use crate::core::{AbortReason, Outcome};
 use std::collections::HashMap;
-use tandem::domain::{AccountId, Amount, Id};
+use tandem::domain::{clip_text, AccountId, Amount, Id, REASON_STORED_LEN_MAX};
 use tandem::Error;
+
+/// A reason as a saga stores it: at most [`REASON_STORED_LEN_MAX`] bytes.
+fn stored_reason(reason: &str) -> String {
+    clip_text(reason, REASON_STORED_LEN_MAX)
+}
 
 pub type SagaId = Id;
 
@@ -222,7 +237,12 @@ impl SagaCore {
     }
 
     pub fn begin(&mut self, saga: SagaId, spec: SagaSpec) -> Result<Vec<SagaAction>, Error> {
-        assert!(!self.sagas.contains_key(&saga), "saga id {saga} reused");
+        if self.sagas.contains_key(&saga) {
+            return Err(Error::AlreadyExists(format!("saga {saga} is running already")));
+        }
+        if spec.amount <= 0 {
+            return Err(Error::InvalidInput(format!("a saga moves a positive amount, not {}", spec.amount)));
+        }
         let running = self.sagas.values().filter(|r| r.stage != Stage::DeadLettered).count();
         if running >= self.active_max {
             return Err(Error::Busy(format!("{running} sagas are running, the most this coordinator takes")));
@@ -240,18 +260,22 @@ impl SagaCore {
         Ok(vec![SagaAction::Persist { saga, record, fsync: true }])
     }
 
-    /// The start record is durable: the debit may go.
+    /// The start record is durable: the debit may go. For a saga that is
+    /// not starting, nothing happens.
     pub fn on_started(&mut self, saga: &SagaId) -> Vec<SagaAction> {
-        let record = self.sagas.get_mut(saga).expect("a started saga is known");
-        assert_eq!(record.stage, Stage::Starting);
+        let Some(record) = self.sagas.get_mut(saga).filter(|record| record.stage == Stage::Starting) else {
+            tracing::error!(%saga, "a saga's start record became durable for a saga that is not starting; ignored");
+            return Vec::new();
+        };
         record.stage = Stage::Debiting;
         let mut actions = vec![SagaAction::Persist { saga: saga.clone(), record: record.clone(), fsync: false }];
-        actions.push(Self::stage_step(saga, record));
+        actions.extend(Self::stage_step(saga, record));
         actions
     }
 
-    /// The step that a stage sends (and resends after a restart).
-    fn stage_step(saga: &SagaId, record: &SagaRecord) -> SagaAction {
+    /// The step that a stage sends (and resends after a restart); `None`
+    /// for the stages that send none of their own.
+    fn stage_step(saga: &SagaId, record: &SagaRecord) -> Option<SagaAction> {
         let spec = &record.spec;
         let (participant, kind, phase, account, retry) = match record.stage {
             Stage::Debiting => (&spec.from_participant, StepKind::Debit, StepPhase::Action, spec.from, Retry::Budgeted),
@@ -269,11 +293,9 @@ impl SagaCore {
             Stage::Parking => {
                 (&spec.from_participant, StepKind::Debit, StepPhase::CompensateToSuspense, spec.from, Retry::Forever)
             }
-            Stage::Starting | Stage::DeadLettered | Stage::Releasing => {
-                unreachable!("stage {:?} sends no step of its own", record.stage)
-            }
+            Stage::Starting | Stage::DeadLettered | Stage::Releasing => return None,
         };
-        SagaAction::Step {
+        Some(SagaAction::Step {
             saga: saga.clone(),
             participant: participant.clone(),
             kind,
@@ -281,19 +303,18 @@ impl SagaCore {
             account,
             amount: spec.amount,
             retry,
-        }
+        })
     }
 
     fn move_to(&mut self, saga: &SagaId, stage: Stage, reason: Option<String>) -> Vec<SagaAction> {
-        let record = self.sagas.get_mut(saga).expect("known saga");
+        let Some(record) = self.sagas.get_mut(saga) else { return Vec::new() };
         record.stage = stage;
         if let Some(reason) = reason {
-            record.reason = reason;
+            record.reason = stored_reason(&reason);
         }
-        vec![
-            SagaAction::Persist { saga: saga.clone(), record: record.clone(), fsync: false },
-            Self::stage_step(saga, record),
-        ]
+        let mut actions = vec![SagaAction::Persist { saga: saga.clone(), record: record.clone(), fsync: false }];
+        actions.extend(Self::stage_step(saga, record));
+        actions
     }
 
     /// Leaves the happy path for `stage`, because of `cause`.
@@ -304,12 +325,13 @@ impl SagaCore {
         cause: Option<AbortReason>,
         reason: String,
     ) -> Vec<SagaAction> {
-        self.sagas.get_mut(saga).expect("known saga").cause = cause;
+        let Some(record) = self.sagas.get_mut(saga) else { return Vec::new() };
+        record.cause = cause;
         self.move_to(saga, stage, Some(reason))
     }
 
     fn finish(&mut self, saga: &SagaId, outcome: Outcome) -> Vec<SagaAction> {
-        let record = self.sagas.remove(saga).expect("known saga");
+        let Some(record) = self.sagas.remove(saga) else { return Vec::new() };
         if let Some(key) = &record.spec.idempotency_key {
             self.keys_in_flight.remove(key);
         }
@@ -321,12 +343,13 @@ impl SagaCore {
         let Some(record) = self.sagas.get(saga) else { return Vec::new() };
         let stage = record.stage;
         let amount = record.spec.amount;
+        let (cause, reason_so_far) = (record.cause, record.reason.clone());
         match (stage, kind, phase, result) {
             (Stage::Debiting, StepKind::Debit, StepPhase::Action, StepResult::Applied) => {
                 self.move_to(saga, Stage::Crediting, None)
             }
             (Stage::Debiting, StepKind::Debit, StepPhase::Action, StepResult::Refused(why, reason)) => {
-                self.finish(saga, Outcome::Aborted(why, reason))
+                self.finish(saga, Outcome::Aborted(why, stored_reason(&reason)))
             }
             (Stage::Debiting, StepKind::Debit, StepPhase::Action, StepResult::Hanging) => self.turn_back(
                 saga,
@@ -376,11 +399,7 @@ impl SagaCore {
                 StepKind::Debit,
                 StepPhase::Compensation,
                 StepResult::Applied | StepResult::Empty,
-            ) => {
-                let record = &self.sagas[saga];
-                let outcome = Outcome::Compensated(record.cause, record.reason.clone());
-                self.finish(saga, outcome)
-            }
+            ) => self.finish(saga, Outcome::Compensated(cause, reason_so_far)),
             // The saga keeps the cause that turned it back; the text says
             // why the refund failed too.
             (
@@ -389,33 +408,36 @@ impl SagaCore {
                 StepPhase::Compensation,
                 StepResult::Refused(_, why) | StepResult::Exhausted(why),
             ) => {
-                let reason = format!("{}; the refund failed: {why}", self.sagas[saga].reason);
+                let reason = format!("{reason_so_far}; the refund failed: {why}");
                 self.move_to(saga, Stage::Parking, Some(reason))
             }
             (Stage::Parking, StepKind::Debit, StepPhase::CompensateToSuspense, StepResult::Applied) => {
-                let record = self.sagas.get_mut(saga).expect("known saga");
+                let Some(record) = self.sagas.get_mut(saga) else { return Vec::new() };
                 record.stage = Stage::DeadLettered;
                 record.parked = amount;
                 if let Some(key) = &record.spec.idempotency_key {
                     self.keys_in_flight.remove(key);
                 }
-                let outcome =
-                    Outcome::DeadLettered(record.cause, format!("{}; {amount} parked in suspense", record.reason));
+                let outcome = Outcome::DeadLettered(
+                    record.cause,
+                    stored_reason(&format!("{}; {amount} parked in suspense", record.reason)),
+                );
                 vec![SagaAction::DeadLetter { saga: saga.clone(), record: record.clone(), outcome }]
             }
             // Nothing parked: the debit never ran, or its refund went
             // through after all (that answer had been lost).
             (Stage::Parking, StepKind::Debit, StepPhase::CompensateToSuspense, StepResult::Empty) => {
-                let record = &self.sagas[saga];
-                let outcome = Outcome::Compensated(record.cause, record.reason.clone());
-                self.finish(saga, outcome)
+                self.finish(saga, Outcome::Compensated(cause, reason_so_far))
             }
             (Stage::Releasing, StepKind::Release, StepPhase::Action, StepResult::Applied) => {
-                let record = self.sagas.remove(saga).expect("known saga");
+                let Some(record) = self.sagas.remove(saga) else { return Vec::new() };
                 let mut actions = vec![SagaAction::Finish {
                     saga: saga.clone(),
                     spec: record.spec,
-                    outcome: Outcome::DeadLettered(record.cause, format!("{}; resolved by an operator", record.reason)),
+                    outcome: Outcome::DeadLettered(
+                        record.cause,
+                        stored_reason(&format!("{}; resolved by an operator", record.reason)),
+                    ),
                 }];
                 actions.push(SagaAction::ResolveReply { saga: saga.clone(), result: Ok(()) });
                 actions
@@ -426,7 +448,9 @@ impl SagaCore {
                 StepPhase::Action,
                 StepResult::Refused(_, why) | StepResult::Exhausted(why),
             ) => {
-                self.sagas.get_mut(saga).expect("known saga").stage = Stage::DeadLettered;
+                if let Some(record) = self.sagas.get_mut(saga) {
+                    record.stage = Stage::DeadLettered;
+                }
                 vec![SagaAction::ResolveReply {
                     saga: saga.clone(),
                     result: Err(Error::Unavailable(format!("the release failed: {why}"))),
@@ -493,7 +517,7 @@ impl SagaCore {
                 _ => {}
             }
             if record.stage != Stage::DeadLettered {
-                actions.push(Self::stage_step(&saga, &record));
+                actions.extend(Self::stage_step(&saga, &record));
                 if let Some(key) = &record.spec.idempotency_key {
                     self.keys_in_flight.insert(key.clone(), saga.clone());
                 }

@@ -9,7 +9,7 @@ use crate::node::{abort_reason_from_pb, Node, QueuedStep, Waiter};
 use crate::saga::{Recovery, Retry, SagaAction, SagaId, SagaRecord, SagaSpec, Stage, StepKind, StepPhase, StepResult};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tandem::domain::{AccountId, Amount, Id};
+use tandem::domain::{clip_text, AccountId, Amount, Id, REASON_LEN_MAX};
 use tandem::pb;
 use tandem::store::Durability;
 use tandem::Error;
@@ -59,18 +59,21 @@ impl Node {
         let started = {
             let _serialised = key.as_ref().map(|_| self.inner.keys.lock().expect("keys lock poisoned"));
             let earlier = match &key {
-                Some(key) => self.inner.store.get(&log::key(log::KEY_PREFIX, key)).inspect_err(|_| {
-                    self.inner.waiters.lock().expect("waiters lock poisoned").remove(&saga);
-                })?,
+                Some(key) => {
+                    let record_key = log::key(log::KEY_PREFIX, key);
+                    let stored = self.inner.store.get(&record_key).inspect_err(|_| {
+                        self.inner.waiters.lock().expect("waiters lock poisoned").remove(&saga);
+                    })?;
+                    stored.map(|bytes| (key, record_key, bytes))
+                }
                 None => None,
             };
-            if let Some(bytes) = earlier {
+            if let Some((key, record_key, bytes)) = earlier {
                 self.inner.waiters.lock().expect("waiters lock poisoned").remove(&saga);
-                let earlier = log::decode_keyed(&bytes);
+                let earlier = log::decode_at(&record_key, &bytes, log::decode_keyed)?;
                 if earlier.fingerprint != spec.fingerprint {
                     return Err(Error::InvalidInput(format!(
-                        "idempotency key {} was used for a different request ({})",
-                        key.as_ref().expect("keyed"),
+                        "idempotency key {key} was used for a different request ({})",
                         earlier.txn
                     )));
                 }
@@ -106,9 +109,14 @@ impl Node {
                 SagaAction::Persist { saga, record, fsync: true } => {
                     let node = self.clone();
                     tokio::spawn(async move {
-                        let ops =
-                            vec![tandem::store::Op::Put(log::key(log::SAGA_PREFIX, &saga), log::encode_saga(&record))];
-                        match node.inner.store.write(ops).await {
+                        let written = match log::encode_saga(&record) {
+                            Ok(value) => {
+                                let ops = vec![tandem::store::Op::Put(log::key(log::SAGA_PREFIX, &saga), value)];
+                                node.inner.store.write(ops).await
+                            }
+                            Err(error) => Err(error),
+                        };
+                        match written {
                             Ok(()) => {
                                 let next = node.saga_core().on_started(&saga);
                                 node.execute_saga(next);
@@ -118,11 +126,13 @@ impl Node {
                     });
                 }
                 SagaAction::Persist { saga, record, fsync: false } => {
-                    let ops =
-                        vec![tandem::store::Op::Put(log::key(log::SAGA_PREFIX, &saga), log::encode_saga(&record))];
                     // Ordered behind the earlier writes of this saga; a
                     // lost stage is redone after a restart.
-                    if let Err(error) = self.inner.store.submit(ops, Durability::Buffered) {
+                    let submitted = log::encode_saga(&record).and_then(|value| {
+                        let ops = vec![tandem::store::Op::Put(log::key(log::SAGA_PREFIX, &saga), value)];
+                        self.inner.store.submit(ops, Durability::Buffered)
+                    });
+                    if let Err(error) = submitted {
                         warn!(%saga, %error, "could not log a saga stage");
                     }
                 }
@@ -179,10 +189,12 @@ impl Node {
     /// acknowledges nothing more) gives up.
     fn write_terminal_record(
         &self,
-        ops: Vec<tandem::store::Op>,
+        ops: Result<Vec<tandem::store::Op>, Error>,
     ) -> impl std::future::Future<Output = Result<(), Error>> + Send + 'static {
         let store = self.inner.store.clone();
-        let mut submitted = store.submit(ops.clone(), Durability::Buffered);
+        let mut submitted =
+            ops.as_ref().map_err(Clone::clone).and_then(|ops| store.submit(ops.clone(), Durability::Buffered));
+        let ops = ops.unwrap_or_default();
         async move {
             loop {
                 match submitted {
@@ -263,9 +275,14 @@ impl Node {
                         tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition
                     ) =>
                 {
-                    return StepResult::Refused(AbortReason::Refused, format!("{participant}: {}", status.message()));
+                    return StepResult::Refused(
+                        AbortReason::Refused,
+                        format!("{participant}: {}", clip_text(status.message(), REASON_LEN_MAX)),
+                    );
                 }
-                Ok(Err(status)) => format!("{participant}: {:?} {}", status.code(), status.message()),
+                Ok(Err(status)) => {
+                    format!("{participant}: {:?} {}", status.code(), clip_text(status.message(), REASON_LEN_MAX))
+                }
                 Err(_) => format!("{participant} did not answer within {} ms", timeout.as_millis()),
             };
             let spent = match retry {
@@ -351,12 +368,16 @@ impl Node {
     }
 }
 
-/// A participant's answer to a saga step, as the core takes it.
+/// A participant's answer to a saga step, as the core takes it (its reason
+/// clipped to `REASON_LEN_MAX`).
 fn step_result_from_pb(participant: &Id, response: pb::SagaStepResponse) -> StepResult {
     match pb::StepOutcome::try_from(response.outcome) {
         Ok(pb::StepOutcome::Applied) => StepResult::Applied,
         Ok(pb::StepOutcome::EmptyCompensation) => StepResult::Empty,
         Ok(pb::StepOutcome::HangingIgnored) => StepResult::Hanging,
-        _ => StepResult::Refused(abort_reason_from_pb(response.refusal), format!("{participant}: {}", response.reason)),
+        _ => StepResult::Refused(
+            abort_reason_from_pb(response.refusal),
+            format!("{participant}: {}", clip_text(&response.reason, REASON_LEN_MAX)),
+        ),
     }
 }

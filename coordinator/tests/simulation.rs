@@ -314,7 +314,7 @@ impl World {
         self.steps.retain(|step| matches!(step, Step::Deliver { .. }));
         self.coordinator = Coordinator::new(10_000);
         let logged: Vec<_> = self.decisions.iter().map(|(t, r)| (t.clone(), r.clone())).collect();
-        let actions = self.coordinator.recover(logged);
+        let actions = self.coordinator.recover(logged).expect("the log holds only records the core wrote");
         self.steps.extend(actions.into_iter().map(Step::Act));
     }
 
