@@ -9,3 +9,6 @@ pub mod log;
 pub mod node;
 pub mod saga;
 mod saga_node;
+
+#[cfg(test)]
+mod proptests;

@@ -1203,4 +1203,6 @@ impl Core {
 }
 
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;

@@ -1,0 +1,383 @@
+//! Property tests of the coordinator's cores and of its log's decoders.
+//!
+//! - Random sequences of the 2PC core's inputs (begins with reused ids and
+//!   keys and empty splits, votes with any reason, durable callbacks out of
+//!   phase, acknowledgements from anyone) never panic, and the protocol
+//!   still holds: a transaction's client hears at most one outcome, hears
+//!   COMMITTED only after its decision was persisted and made durable, a
+//!   COMMIT goes out only after that, and an idempotency key is held by at
+//!   most one transaction in flight.
+//! - Random sequences of the saga core's inputs (any step result for any
+//!   saga, out of order, with reasons of any length) never panic; a saga
+//!   finishes at most once, parks what it debited, and every record and
+//!   outcome it produces fits the log's codec.
+//! - Random bytes and mutated records never panic a log decoder; what
+//!   decodes encodes again.
+//!
+//! Case counts are modest so the tests run in seconds; a failure prints
+//! its seed and minimal case, and proptest replays it first next time.
+
+use crate::core::{AbortReason, Action, CommitRecord, Core, Outcome, VoteResult};
+use crate::log;
+use crate::saga::{Recovery, SagaAction, SagaCore, SagaRecord, SagaSpec, Stage, StepKind, StepPhase, StepResult};
+use proptest::prelude::*;
+use std::collections::{BTreeMap, BTreeSet};
+use tandem::domain::{Id, Leg, REASON_STORED_LEN_MAX};
+
+fn id(text: &str) -> Id {
+    Id::parse("id", text).unwrap()
+}
+
+fn reason() -> impl Strategy<Value = String> {
+    prop_oneof![3 => "[a-z ]{0,12}", 1 => Just("r".repeat(70_000)), 1 => Just("é".repeat(3_000))]
+}
+
+#[derive(Debug, Clone)]
+enum TwoPc {
+    Begin(u8, Vec<u8>, Option<u8>),
+    Vote(u8, u8, Option<(AbortReason, String)>),
+    /// A vote from a participant the transaction still waits for.
+    VoteWaiting(u8, Option<(AbortReason, String)>),
+    CommitDurable(u8),
+    AbortDurable(u8),
+    Acked(u8, u8),
+    EndDurable(u8),
+}
+
+fn abort_reason() -> impl Strategy<Value = AbortReason> {
+    prop_oneof![
+        Just(AbortReason::InsufficientFunds),
+        Just(AbortReason::BalanceOverflow),
+        Just(AbortReason::UnknownAccount),
+        Just(AbortReason::ParticipantUnavailable),
+        Just(AbortReason::Refused),
+    ]
+}
+
+fn two_pc() -> impl Strategy<Value = TwoPc> {
+    prop_oneof![
+        2 => (0..5u8, proptest::collection::vec(0..3u8, 0..3), proptest::option::of(0..2u8))
+            .prop_map(|(t, ps, k)| TwoPc::Begin(t, ps, k)),
+        2 => (0..5u8, 0..3u8, proptest::option::weighted(0.3, (abort_reason(), reason())))
+            .prop_map(|(t, p, v)| TwoPc::Vote(t, p, v)),
+        4 => (0..5u8, proptest::option::weighted(0.15, (abort_reason(), reason())))
+            .prop_map(|(t, v)| TwoPc::VoteWaiting(t, v)),
+        2 => (0..5u8).prop_map(TwoPc::CommitDurable),
+        1 => (0..5u8).prop_map(TwoPc::AbortDurable),
+        2 => (0..5u8, 0..3u8).prop_map(|(t, p)| TwoPc::Acked(t, p)),
+        1 => (0..5u8).prop_map(TwoPc::EndDurable),
+    ]
+}
+
+/// What the test saw of one incarnation of a transaction id.
+#[derive(Default, Debug)]
+struct Seen {
+    persisted_commit: bool,
+    durable_commit: bool,
+    replies: u32,
+    committed: bool,
+    sent_abort: bool,
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_2pc_core_takes_any_sequence_of_inputs_without_a_panic(inputs in proptest::collection::vec(two_pc(), 1..60)) {
+        let mut core = Core::new(3);
+        let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
+        for input in inputs {
+            let (txn_name, actions, durable_call) = match input {
+                TwoPc::Begin(t, participants, key) => {
+                    let legs: BTreeMap<Id, Vec<Leg>> = participants
+                        .iter()
+                        .map(|p| (id(&format!("p{p}")), vec![Leg { account: *p as u64, amount: 1 }]))
+                        .collect();
+                    let actions = core.begin(id(&format!("t{t}")), legs, key.map(|k| id(&format!("k{k}"))));
+                    if actions.is_ok() {
+                        seen.insert(format!("t{t}"), Seen::default());
+                    }
+                    (format!("t{t}"), actions.unwrap_or_default(), false)
+                }
+                TwoPc::Vote(t, p, vote) => {
+                    let vote = match vote {
+                        None => VoteResult::Yes,
+                        Some((reason, message)) => VoteResult::No(reason, message),
+                    };
+                    (format!("t{t}"), core.on_vote(&id(&format!("t{t}")), &id(&format!("p{p}")), vote), false)
+                }
+                TwoPc::VoteWaiting(t, vote) => {
+                    let txn = id(&format!("t{t}"));
+                    let waiting = match core.get(&txn).map(|a| &a.phase) {
+                        Some(crate::core::Phase::Preparing { waiting }) => waiting.iter().next().cloned(),
+                        _ => None,
+                    };
+                    let vote = match vote {
+                        None => VoteResult::Yes,
+                        Some((reason, message)) => VoteResult::No(reason, message),
+                    };
+                    let actions = waiting.map(|p| core.on_vote(&txn, &p, vote)).unwrap_or_default();
+                    (format!("t{t}"), actions, false)
+                }
+                TwoPc::CommitDurable(t) => (format!("t{t}"), core.on_commit_durable(&id(&format!("t{t}"))), true),
+                TwoPc::AbortDurable(t) => {
+                    let outcome = Outcome::Aborted(AbortReason::Refused, "no".into());
+                    (format!("t{t}"), core.on_abort_durable(&id(&format!("t{t}")), outcome), false)
+                }
+                TwoPc::Acked(t, p) => {
+                    (format!("t{t}"), core.on_commit_acked(&id(&format!("t{t}")), &id(&format!("p{p}"))), false)
+                }
+                TwoPc::EndDurable(t) => {
+                    core.on_end_durable(&id(&format!("t{t}")));
+                    (format!("t{t}"), Vec::new(), false)
+                }
+            };
+            for action in actions {
+                let txn = match &action {
+                    Action::SendPrepare { txn, .. }
+                    | Action::PersistCommit { txn, .. }
+                    | Action::SendCommit { txn, .. }
+                    | Action::SendAbort { txn, .. }
+                    | Action::PersistAbort { txn, .. }
+                    | Action::Reply { txn, .. }
+                    | Action::PersistEnd { txn, .. } => txn.to_string(),
+                };
+                prop_assert_eq!(&txn, &txn_name, "an action for another transaction");
+                let seen = seen.get_mut(&txn).expect("an action for a transaction that began");
+                match action {
+                    Action::PersistCommit { record, .. } => {
+                        prop_assert!(!seen.sent_abort, "a commit decision after an abort");
+                        prop_assert!(log::encode_commit(&record).is_ok());
+                        seen.persisted_commit = true;
+                    }
+                    Action::Reply { outcome, .. } => {
+                        seen.replies += 1;
+                        prop_assert_eq!(seen.replies, 1, "a client heard two outcomes");
+                        if outcome == Outcome::Committed {
+                            prop_assert!(durable_call && seen.persisted_commit, "COMMITTED before the decision was durable");
+                            seen.durable_commit = true;
+                            seen.committed = true;
+                        }
+                    }
+                    Action::SendCommit { .. } => prop_assert!(seen.durable_commit, "a COMMIT before the decision was durable"),
+                    Action::SendAbort { .. } => {
+                        prop_assert!(!seen.persisted_commit, "an ABORT after a commit decision");
+                        seen.sent_abort = true;
+                    }
+                    Action::PersistAbort { key, outcome, txn } => {
+                        prop_assert!(!seen.persisted_commit);
+                        prop_assert!(log::abort_ops(&txn, &key, &outcome, 1).is_ok(), "the outcome fits the log");
+                    }
+                    Action::SendPrepare { .. } | Action::PersistEnd { .. } => {}
+                }
+            }
+            // An idempotency key is held by the one transaction that has it.
+            for k in 0..2 {
+                let key = id(&format!("k{k}"));
+                if let Some(txn) = core.key_in_flight(&key) {
+                    let active = core.get(txn);
+                    prop_assert!(active.is_some_and(|a| a.idempotency_key.as_ref() == Some(&key)));
+                }
+            }
+            prop_assert!(core.active_count() <= 3);
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum SagaInput {
+    Begin(u8, i64, Option<u8>),
+    Started(u8),
+    Step(u8, StepKind, StepPhase, StepResult),
+    /// The result of the step the saga waits for.
+    Next(u8, StepResult),
+    Resolve(u8, u64),
+}
+
+fn step_result() -> impl Strategy<Value = StepResult> {
+    prop_oneof![
+        3 => Just(StepResult::Applied),
+        1 => Just(StepResult::Empty),
+        2 => (abort_reason(), reason()).prop_map(|(why, text)| StepResult::Refused(why, text)),
+        1 => Just(StepResult::Hanging),
+        2 => reason().prop_map(StepResult::Exhausted),
+    ]
+}
+
+fn saga_input() -> impl Strategy<Value = SagaInput> {
+    let kind = prop_oneof![Just(StepKind::Debit), Just(StepKind::Credit), Just(StepKind::Release)];
+    let phase =
+        prop_oneof![Just(StepPhase::Action), Just(StepPhase::Compensation), Just(StepPhase::CompensateToSuspense)];
+    prop_oneof![
+        1 => (0..4u8, prop_oneof![1..100i64, Just(0i64), Just(-3i64)], proptest::option::of(0..2u8))
+            .prop_map(|(s, a, k)| SagaInput::Begin(s, a, k)),
+        1 => (0..4u8).prop_map(SagaInput::Started),
+        2 => (0..4u8, kind, phase, step_result()).prop_map(|(s, k, p, r)| SagaInput::Step(s, k, p, r)),
+        6 => (0..4u8, step_result()).prop_map(|(s, r)| SagaInput::Next(s, r)),
+        1 => (0..4u8, 0..3u64).prop_map(|(s, a)| SagaInput::Resolve(s, a)),
+    ]
+}
+
+fn spec(amount: i64, key: Option<u8>) -> SagaSpec {
+    SagaSpec {
+        from: 1,
+        to: 2,
+        amount,
+        from_participant: id("p1"),
+        to_participant: id("p2"),
+        recovery: Recovery::Backward,
+        idempotency_key: key.map(|k| id(&format!("k{k}"))),
+        fingerprint: 7,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_saga_core_takes_any_sequence_of_inputs_without_a_panic(inputs in proptest::collection::vec(saga_input(), 1..60)) {
+        let mut core = SagaCore::new(3);
+        // Sagas finished, by name, in their current incarnation.
+        let mut finished: BTreeSet<String> = BTreeSet::new();
+        let mut amounts: BTreeMap<String, i64> = BTreeMap::new();
+        let mut waits_for: BTreeMap<String, (StepKind, StepPhase)> = BTreeMap::new();
+        for input in inputs {
+            let actions = match input {
+                SagaInput::Begin(s, amount, key) => {
+                    let began = core.begin(id(&format!("s{s}")), spec(amount, key));
+                    if began.is_ok() {
+                        prop_assert!(amount > 0, "a saga of {} began", amount);
+                        finished.remove(&format!("s{s}"));
+                        amounts.insert(format!("s{s}"), amount);
+                    }
+                    began.unwrap_or_default()
+                }
+                SagaInput::Started(s) => core.on_started(&id(&format!("s{s}"))),
+                SagaInput::Step(s, kind, phase, result) => core.on_step(&id(&format!("s{s}")), kind, phase, result),
+                SagaInput::Next(s, result) => match waits_for.get(&format!("s{s}")).copied() {
+                    Some((kind, phase)) => core.on_step(&id(&format!("s{s}")), kind, phase, result),
+                    None => core.on_started(&id(&format!("s{s}"))),
+                },
+                SagaInput::Resolve(s, account) => core.resolve(&id(&format!("s{s}")), account).unwrap_or_default(),
+            };
+            for action in actions {
+                match action {
+                    SagaAction::Persist { record, .. } => {
+                        prop_assert!(record.reason.len() <= REASON_STORED_LEN_MAX);
+                        prop_assert!(log::encode_saga(&record).is_ok(), "a saga record that does not fit the log");
+                    }
+                    SagaAction::Finish { saga, spec, outcome } => {
+                        prop_assert!(finished.insert(saga.to_string()), "{} finished twice", saga);
+                        prop_assert!(log::saga_finish_ops(&saga, &spec, &outcome).is_ok(), "an outcome that does not fit the log");
+                    }
+                    SagaAction::DeadLetter { saga, record, outcome } => {
+                        prop_assert_eq!(Some(&record.parked), amounts.get(saga.as_str()), "parked other than the debit");
+                        prop_assert!(log::dead_letter_ops(&saga, &record, &outcome).is_ok());
+                    }
+                    SagaAction::Step { saga, kind, phase, amount, .. } => {
+                        prop_assert!(amount > 0);
+                        waits_for.insert(saga.to_string(), (kind, phase));
+                    }
+                    SagaAction::ResolveReply { .. } => {}
+                }
+            }
+            for (saga, record) in core.dead_letters() {
+                prop_assert_eq!(record.stage == Stage::DeadLettered || record.stage == Stage::Releasing, true, "{}", saga);
+            }
+        }
+    }
+}
+
+/// A decoder (true: it decoded, and what it decoded encodes again) and a
+/// record it reads.
+type Decoder = fn(&[u8]) -> bool;
+
+fn valid_log_records() -> Vec<(Decoder, Vec<u8>)> {
+    fn commit(bytes: &[u8]) -> bool {
+        log::decode_commit(bytes).map(|r| log::encode_commit(&r).unwrap()).is_ok()
+    }
+    fn finished(bytes: &[u8]) -> bool {
+        log::decode_finished(bytes).map(|r| log::encode_finished(&r).unwrap()).is_ok()
+    }
+    fn keyed(bytes: &[u8]) -> bool {
+        log::decode_keyed(bytes).map(|r| log::encode_keyed(&r).unwrap()).is_ok()
+    }
+    fn saga(bytes: &[u8]) -> bool {
+        log::decode_saga(bytes).map(|r| log::encode_saga(&r).unwrap()).is_ok()
+    }
+    fn generation(bytes: &[u8]) -> bool {
+        log::decode_generation(bytes).is_ok()
+    }
+    let record = SagaRecord {
+        spec: spec(30, Some(1)),
+        stage: Stage::Parking,
+        reason: "refused".into(),
+        cause: Some(AbortReason::UnknownAccount),
+        parked: 30,
+    };
+    vec![
+        (
+            commit,
+            log::encode_commit(&CommitRecord {
+                participants: vec![id("p1"), id("p2")],
+                idempotency_key: Some(id("k")),
+            })
+            .unwrap(),
+        ),
+        (
+            finished,
+            log::encode_finished(&log::Finished {
+                outcome: log::FinishedAs::Committed,
+                idempotency_key: Some(id("k")),
+            })
+            .unwrap(),
+        ),
+        (
+            keyed,
+            log::encode_keyed(&log::KeyedResult {
+                txn: id("t1"),
+                outcome: Outcome::Aborted(AbortReason::Refused, "no".into()),
+                fingerprint: 3,
+            })
+            .unwrap(),
+        ),
+        (
+            keyed,
+            log::encode_keyed(&log::KeyedResult {
+                txn: id("t1"),
+                outcome: Outcome::Compensated(Some(AbortReason::Refused), "back".into()),
+                fingerprint: 3,
+            })
+            .unwrap(),
+        ),
+        (saga, log::encode_saga(&record).unwrap()),
+        (generation, 7u64.to_le_bytes().to_vec()),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_and_mutated_bytes_never_panic_a_log_decoder(
+        bytes in proptest::collection::vec(any::<u8>(), 0..80),
+        pick in any::<usize>(),
+        cut in any::<usize>(),
+        at in any::<usize>(),
+        byte in any::<u8>(),
+        extra in proptest::collection::vec(any::<u8>(), 0..4),
+    ) {
+        let records = valid_log_records();
+        for (decode, _) in &records {
+            decode(&bytes);
+        }
+        let (decode, valid) = &records[pick % records.len()];
+        prop_assert!(decode(valid));
+        let mut mutated = valid.clone();
+        mutated[at % valid.len()] = byte;
+        mutated.truncate(cut % (valid.len() + 1));
+        mutated.extend_from_slice(&extra);
+        decode(&mutated);
+        let _ = log::id_from_key(log::DECISION_PREFIX, &bytes);
+    }
+}
