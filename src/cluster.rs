@@ -17,10 +17,23 @@
 //! address, so a link can be delayed or cut (see [`crate::proxy`]) and a
 //! restarted node is reached through the same proxy. The bench's clients and
 //! the health checks talk to the nodes directly, never through a proxy.
+//!
+//! Links are mutual TLS unless `ClusterSpec::insecure`: each start makes a
+//! throw-away CA ([`LocalCa`]) and writes in `DATA_DIR/tls/` the CA
+//! (`ca.pem`), each node's certificate and key (`c1.pem`/`c1.key`,
+//! `p1.pem`/`p1.key`, ...; `tandem://coordinator/c1`,
+//! `tandem://participant/p1`), the bench's client (`client.pem`/`.key`,
+//! `tandem://client/bench`) and its operator (`operator.pem`/`.key`,
+//! `tandem://operator/bench`). The proxies pass the TLS bytes unchanged.
+//! Tests that must speak as some other caller mint one with
+//! [`Cluster::identity`]; the CA's key stays in memory.
 
+use crate::local_ca::LocalCa;
 use crate::pb::coordinator_client::CoordinatorClient;
 use crate::pb::participant_client::ParticipantClient;
 use crate::proxy::LinkProxy;
+use crate::tls::{Security, TlsFlags};
+use crate::trust::{Caller, Role};
 use crate::{pb, Error};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -57,6 +70,9 @@ pub struct ClusterSpec {
     /// leaves them out; [`Cluster::accounts`] does not, so the bench's
     /// workloads and checker must not run on a cluster that has any.
     pub unopened_accounts: std::collections::BTreeSet<u64>,
+    /// Plaintext links and no certificates (the nodes run with
+    /// `--insecure`); by default every link is mutual TLS.
+    pub insecure: bool,
 }
 
 impl ClusterSpec {
@@ -73,6 +89,7 @@ impl ClusterSpec {
             ready_timeout: Duration::from_secs(20),
             proxied_links: false,
             unopened_accounts: Default::default(),
+            insecure: false,
         }
     }
 
@@ -119,6 +136,10 @@ pub struct NodeProcess {
     args: Vec<String>,
     pub data_dir: PathBuf,
     pub log_path: PathBuf,
+    /// `https` or `http`.
+    scheme: &'static str,
+    /// Who asks whether the node is healthy (the cluster's client).
+    probe: Security,
     child: Option<Child>,
     pub paused: bool,
     /// Extra environment of the process, from its next start on (tests arm
@@ -128,7 +149,7 @@ pub struct NodeProcess {
 
 impl NodeProcess {
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", self.scheme, self.addr)
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -179,7 +200,7 @@ impl NodeProcess {
         }
         self.child = Some(child);
         self.paused = false;
-        wait_serving(&self.url(), deadline).await.map_err(|e| {
+        wait_serving(&self.url(), &self.probe, deadline).await.map_err(|e| {
             Error::Unavailable(format!("{} is not healthy: {e}; see {}", self.node, self.log_path.display()))
         })
     }
@@ -244,9 +265,10 @@ fn signal(child: &Child, signal: libc::c_int) {
     }
 }
 
-/// Polls `grpc.health.v1` at `url` until it answers SERVING or `deadline`.
-pub async fn wait_serving(url: &str, deadline: Instant) -> Result<(), Error> {
-    let channel = crate::server::channel(url)?;
+/// Polls `grpc.health.v1` at `url`, as `security`, until it answers SERVING
+/// or `deadline`.
+pub async fn wait_serving(url: &str, security: &Security, deadline: Instant) -> Result<(), Error> {
+    let channel = crate::server::channel(url, security)?;
     let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
     let mut last = String::from("no answer");
     while Instant::now() < deadline {
@@ -280,6 +302,11 @@ pub struct Cluster {
     /// The proxy of each directed link `(from, to)`, when the links are
     /// proxied; empty otherwise.
     links: BTreeMap<(NodeRef, NodeRef), LinkProxy>,
+    /// The cluster's CA (`None` when insecure).
+    ca: Option<LocalCa>,
+    /// The bench's client and operator identities.
+    client: Security,
+    operator: Security,
 }
 
 impl Cluster {
@@ -297,6 +324,8 @@ impl Cluster {
                 )));
             }
         }
+        let trust = ClusterTrust::make(&spec)?;
+        let scheme = trust.client.scheme();
         let coordinator_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse().expect("valid address");
         let mut participants = Vec::new();
         let mut shards = Vec::new();
@@ -324,8 +353,8 @@ impl Cluster {
         // The URL `from` uses to reach `to` at `addr`: its link's proxy, or
         // `to` itself.
         let url = |from: NodeRef, to: NodeRef, addr: SocketAddr| match links.get(&(from, to)) {
-            Some(proxy) => format!("http://{}", proxy.local_addr()),
-            None => format!("http://{addr}"),
+            Some(proxy) => format!("{scheme}://{}", proxy.local_addr()),
+            None => format!("{scheme}://{addr}"),
         };
         for (i, addr) in addrs.iter().copied().enumerate() {
             let node = NodeRef::Participant(i);
@@ -354,6 +383,7 @@ impl Cluster {
                 "--worker-threads".into(),
                 "1".into(),
             ];
+            args.extend(trust.flags(node));
             // Every participant knows every other (choreographed sagas send
             // events between them); its entry for itself stays direct.
             for (j, peer_addr) in addrs.iter().copied().enumerate() {
@@ -369,6 +399,8 @@ impl Cluster {
                 args,
                 log_path: spec.data_dir.join(format!("{node}.log")),
                 data_dir,
+                scheme,
+                probe: trust.client.clone(),
                 child: None,
                 paused: false,
                 env: Vec::new(),
@@ -387,6 +419,7 @@ impl Cluster {
             "--worker-threads".into(),
             "1".into(),
         ];
+        args.extend(trust.flags(NodeRef::Coordinator));
         for shard in shards {
             args.push("--participant".into());
             args.push(shard);
@@ -399,11 +432,14 @@ impl Cluster {
             args,
             log_path: spec.data_dir.join("c1.log"),
             data_dir,
+            scheme,
+            probe: trust.client.clone(),
             child: None,
             paused: false,
             env: Vec::new(),
         };
-        let mut cluster = Cluster { spec, coordinator, participants, links };
+        let ClusterTrust { ca, client, operator, .. } = trust;
+        let mut cluster = Cluster { spec, coordinator, participants, links, ca, client, operator };
         for i in 0..cluster.participants.len() {
             cluster.participants[i].spawn(cluster.spec.ready_timeout).await?;
         }
@@ -414,7 +450,7 @@ impl Cluster {
 
     async fn open_accounts(&self) -> Result<(), Error> {
         for (i, participant) in self.participants.iter().enumerate() {
-            let mut client = ParticipantClient::new(crate::server::channel(&participant.url())?)
+            let mut client = ParticipantClient::new(crate::server::channel(&participant.url(), &self.operator)?)
                 .max_encoding_message_size(64 * 1024 * 1024);
             let first = i as u64 * self.spec.accounts_per_participant;
             let end = first + self.spec.accounts_per_participant;
@@ -464,14 +500,46 @@ impl Cluster {
         0..self.spec.accounts_per_participant * self.participants.len() as u64
     }
 
-    pub fn coordinator_client(&self) -> Result<CoordinatorClient<Channel>, Error> {
-        Ok(CoordinatorClient::new(crate::server::channel(&self.coordinator.url())?)
+    /// The bench's client identity (`tandem://client/bench`): transfers,
+    /// lookups, audits.
+    pub fn client(&self) -> &Security {
+        &self.client
+    }
+
+    /// The bench's operator identity (`tandem://operator/bench`): accounts,
+    /// balances, resolutions.
+    pub fn operator(&self) -> &Security {
+        &self.operator
+    }
+
+    /// A new certificate of this cluster's CA for `role`/`name`, for a test
+    /// that speaks as a node or as a caller the cluster does not know
+    /// ([`Security::Insecure`] when the cluster is).
+    pub fn identity(&self, role: Role, name: &str) -> Result<Security, Error> {
+        match &self.ca {
+            Some(ca) => ca.security(role, name),
+            None => Ok(Security::Insecure),
+        }
+    }
+
+    /// A channel to `url` as `who`.
+    pub fn channel(&self, url: &str, who: &Security) -> Result<Channel, Error> {
+        crate::server::channel(url, who)
+    }
+
+    pub fn coordinator_client(&self, who: &Security) -> Result<CoordinatorClient<Channel>, Error> {
+        Ok(CoordinatorClient::new(crate::server::channel(&self.coordinator.url(), who)?)
             .max_decoding_message_size(64 * 1024 * 1024))
     }
 
-    pub fn participant_client(&self, i: usize) -> Result<ParticipantClient<Channel>, Error> {
-        Ok(ParticipantClient::new(crate::server::channel(&self.participants[i].url())?)
+    pub fn participant_client(&self, i: usize, who: &Security) -> Result<ParticipantClient<Channel>, Error> {
+        Ok(ParticipantClient::new(crate::server::channel(&self.participants[i].url(), who)?)
             .max_decoding_message_size(64 * 1024 * 1024))
+    }
+
+    /// Where the CA and the certificates are (`None` when insecure).
+    pub fn tls_dir(&self) -> Option<PathBuf> {
+        self.ca.as_ref().map(|_| self.spec.data_dir.join(TLS_DIR))
     }
 
     pub async fn kill(&mut self, node: NodeRef) {
@@ -564,5 +632,67 @@ impl Cluster {
         for proxy in self.both_directions(a, b) {
             proxy.heal();
         }
+    }
+}
+
+/// The folder of the data directory with the cluster's certificates.
+pub const TLS_DIR: &str = "tls";
+
+/// The certificates of one cluster start: written in `DATA_DIR/tls/`, each
+/// node's flags naming its files.
+struct ClusterTrust {
+    ca: Option<LocalCa>,
+    dir: PathBuf,
+    client: Security,
+    operator: Security,
+}
+
+impl ClusterTrust {
+    fn make(spec: &ClusterSpec) -> Result<ClusterTrust, Error> {
+        let dir = spec.data_dir.join(TLS_DIR);
+        if spec.insecure {
+            return Ok(ClusterTrust { ca: None, dir, client: Security::Insecure, operator: Security::Insecure });
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Fatal(format!("cannot create {}: {e}", dir.display())))?;
+        let ca = LocalCa::new("tandem local cluster CA")?;
+        let ca_file = ca.write_ca(&dir)?;
+        let mut nodes = vec![NodeRef::Coordinator];
+        nodes.extend((0..spec.participants).map(NodeRef::Participant));
+        for node in nodes {
+            let role = match node {
+                NodeRef::Coordinator => Role::Coordinator,
+                NodeRef::Participant(_) => Role::Participant,
+            };
+            ca.issue(&Caller::new(role, &node.to_string())?)?.write(&dir, &node.to_string())?;
+        }
+        let load = |role: Role, stem: &str| -> Result<Security, Error> {
+            let files = ca.issue(&Caller::new(role, "bench")?)?.write(&dir, stem)?;
+            let flags = TlsFlags {
+                tls_cert: Some(files.cert),
+                tls_key: Some(files.key),
+                tls_ca: Some(ca_file.clone()),
+                insecure: false,
+            };
+            flags.security()
+        };
+        let client = load(Role::Client, "client")?;
+        let operator = load(Role::Operator, "operator")?;
+        Ok(ClusterTrust { ca: Some(ca), dir, client, operator })
+    }
+
+    /// The security flags of `node`.
+    fn flags(&self, node: NodeRef) -> Vec<String> {
+        if self.ca.is_none() {
+            return vec!["--insecure".into()];
+        }
+        let file = |name: String| self.dir.join(name).display().to_string();
+        vec![
+            "--tls-cert".into(),
+            file(format!("{node}.pem")),
+            "--tls-key".into(),
+            file(format!("{node}.key")),
+            "--tls-ca".into(),
+            file("ca.pem".into()),
+        ]
     }
 }

@@ -1,8 +1,9 @@
 //! tandem's shared library: the gRPC code generated from `proto/`, the domain
 //! types every binary uses, the error type that classifies failures, the
 //! group-committing RocksDB store, and the plumbing every server shares
-//! (health, reflection, tracing, graceful shutdown), and the local-cluster
-//! launcher with its link proxies.
+//! (health, reflection, tracing, graceful shutdown, mutual TLS and the role
+//! of every caller), and the local-cluster launcher with its link proxies
+//! and throw-away CA.
 //!
 //! Protobuf stays at the edge: the protocol cores in `coordinator` and
 //! `participant` see only the types of [`domain`]; [`pb`] and its conversions
@@ -13,11 +14,14 @@ pub mod codec;
 pub mod crash;
 pub mod domain;
 pub mod error;
+pub mod local_ca;
 pub mod pb;
 pub mod proxy;
 pub mod reflection;
 pub mod rng;
 pub mod server;
 pub mod store;
+pub mod tls;
+pub mod trust;
 
 pub use error::Error;

@@ -287,7 +287,9 @@ mod tests {
                 .add_service(Reflection::for_service("tandem.v1.Coordinator").into_server())
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
-        let mut client = ServerReflectionClient::new(crate::server::channel(&format!("http://{addr}")).unwrap());
+        let mut client = ServerReflectionClient::new(
+            crate::server::channel(&format!("http://{addr}"), &crate::tls::Security::Insecure).unwrap(),
+        );
         let requests = vec![
             ask(MessageRequest::ListServices(String::new())),
             ask(MessageRequest::FileContainingSymbol("tandem.v1.Coordinator".into())),

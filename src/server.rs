@@ -1,9 +1,14 @@
-//! What every tandem server shares: logging, graceful shutdown, and the
-//! standard gRPC health and reflection services.
+//! What every tandem server shares: logging, graceful shutdown, the
+//! standard gRPC health and reflection services, and the one place where
+//! servers and channels are made, with their TLS and the role check (see
+//! [`crate::tls`] and [`crate::trust`]).
 
+use crate::tls::Security;
+use crate::trust::{AuthorizeLayer, Authorizer};
 use std::net::SocketAddr;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tower::layer::util::{Identity, Stack};
 
 /// Installs a `tracing` subscriber that writes to stderr at `level` (a
 /// `tracing` filter such as `info` or `tandem_participant=debug`), unless
@@ -55,24 +60,64 @@ pub fn reflection_service(
     crate::reflection::Reflection::for_service(service).into_server()
 }
 
-/// A tonic server builder with the settings every tandem server uses.
-pub fn server_builder() -> tonic::transport::Server {
-    tonic::transport::Server::builder()
+/// Longest a TLS handshake may take before the server drops the connection.
+pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
+
+/// A tonic server builder with the settings every tandem server uses: TLS
+/// with a client certificate required (unless `security` is
+/// [`Security::Insecure`]) and `authorizer` in front of every service, so a
+/// call that its caller may not make reaches no handler.
+pub fn server_builder(
+    security: &Security,
+    authorizer: Authorizer,
+) -> Result<tonic::transport::Server<Stack<AuthorizeLayer, Identity>>, crate::Error> {
+    let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .concurrency_limit_per_connection(4096)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .timeout(Duration::from_secs(30))
+        .timeout(Duration::from_secs(30));
+    if let Security::Mutual(credentials) = security {
+        let tls = tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&credentials.cert_pem, &credentials.key_pem))
+            .client_ca_root(tonic::transport::Certificate::from_pem(&credentials.ca_pem))
+            .timeout(Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS));
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| crate::Error::InvalidInput(format!("the TLS certificate, key or CA is refused: {e:?}")))?;
+    }
+    Ok(builder.layer(AuthorizeLayer::new(authorizer)))
 }
 
 /// A lazily connecting channel to `url` with the settings every tandem client
-/// uses. Each call still carries its own deadline.
-pub fn channel(url: &str) -> Result<tonic::transport::Channel, crate::Error> {
-    let endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
+/// uses: with [`Security::Mutual`], TLS presenting this process's
+/// certificate and trusting only the cluster's CA (the URL must be
+/// `https://`); with [`Security::Insecure`], plaintext (`http://`). Each call
+/// still carries its own deadline.
+pub fn channel(url: &str, security: &Security) -> Result<tonic::transport::Channel, crate::Error> {
+    let scheme = security.scheme();
+    if !url.starts_with(&format!("{scheme}://")) {
+        return Err(crate::Error::InvalidInput(match security {
+            Security::Mutual(_) => format!(
+                "{url:?}: links are TLS, so URLs start with https:// (plaintext needs --insecure on every process)"
+            ),
+            Security::Insecure => format!("{url:?}: with --insecure links are plaintext, so URLs start with http://"),
+        }));
+    }
+    let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_string())
         .map_err(|e| crate::Error::InvalidInput(format!("{url:?} is not a valid URL: {e}")))?
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_millis(500))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5));
+    if let Security::Mutual(credentials) = security {
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&credentials.ca_pem))
+            .identity(tonic::transport::Identity::from_pem(&credentials.cert_pem, &credentials.key_pem))
+            .timeout(Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS));
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| crate::Error::InvalidInput(format!("{url:?}: the TLS configuration is refused: {e:?}")))?;
+    }
     Ok(endpoint.connect_lazy())
 }
 

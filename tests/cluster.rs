@@ -15,6 +15,8 @@ use tandem::cluster::{default_bin_dir, Cluster, ClusterSpec, NodeRef};
 use tandem::pb;
 use tandem::rng::SplitMix64;
 use tandem::store::Store;
+use tandem::tls::Security;
+use tandem::trust::Role;
 use tonic::Code;
 
 const INITIAL_BALANCE: i64 = 1_000;
@@ -88,13 +90,13 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
     // The directory routes account 19 to p2, which does not have it (yet).
     spec.unopened_accounts = [19].into();
     let cluster = Cluster::start(spec).await.expect("the cluster starts");
-    let mut client = cluster.coordinator_client().unwrap();
+    let mut client = cluster.coordinator_client(cluster.client()).unwrap();
 
     // A cross-participant transfer commits and moves the money.
     let result = client.transfer(transfer(0, 15, 300, "")).await.unwrap().into_inner();
     assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
-    let mut p1 = cluster.participant_client(0).unwrap();
-    let mut p2 = cluster.participant_client(1).unwrap();
+    let mut p1 = cluster.participant_client(0, cluster.client()).unwrap();
+    let mut p2 = cluster.participant_client(1, cluster.operator()).unwrap();
     // At once, the debit is at least reserved: nobody can spend it twice.
     let b0 = p1.get_balance(pb::GetBalanceRequest { account: 0 }).await.unwrap().into_inner();
     assert_eq!(b0.available, 700);
@@ -171,7 +173,10 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
     // refused with its reason, the others vote as Prepare would.
     let prepare =
         |txn: &str, legs: Vec<pb::Leg>| pb::PrepareRequest { txn_id: txn.into(), coordinator_id: "c1".into(), legs };
-    let votes = p1
+    // Speaking as the coordinator c1, the one the participants were
+    // configured with.
+    let mut p1_as_c1 = cluster.participant_client(0, &cluster.identity(Role::Coordinator, "c1").unwrap()).unwrap();
+    let votes = p1_as_c1
         .prepare_batch(pb::PrepareBatchRequest {
             prepares: vec![
                 prepare("manual-1", legs(&[(1, -5)])),
@@ -193,12 +198,12 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
         ]
     );
     assert!(votes[1].reason.contains("txn_id"), "{}", votes[1].reason);
-    p1.abort(pb::DecisionRequest { txn_id: "manual-1".into() }).await.unwrap();
-    let status = p1.prepare_batch(pb::PrepareBatchRequest { prepares: vec![] }).await.unwrap_err();
+    p1_as_c1.abort(pb::DecisionRequest { txn_id: "manual-1".into() }).await.unwrap();
+    let status = p1_as_c1.prepare_batch(pb::PrepareBatchRequest { prepares: vec![] }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     // A batched commit with no ids, too many, or a malformed one is refused whole.
     for txn_ids in [vec![], vec!["t".to_string(); 1_025], vec!["ok-1".into(), "not ok".into()]] {
-        let status = p1.commit_batch(pb::DecisionBatchRequest { txn_ids }).await.unwrap_err();
+        let status = p1_as_c1.commit_batch(pb::DecisionBatchRequest { txn_ids }).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
     }
 
@@ -233,12 +238,14 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
     assert_eq!(audit.participants.iter().map(|p| p.accounts.len()).sum::<usize>(), 20);
 
     // A participant rejects malformed calls itself, too.
-    let status = p1
+    let status = p1_as_c1
         .prepare(pb::PrepareRequest { txn_id: "".into(), coordinator_id: "c1".into(), legs: legs(&[(0, -1)]) })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
-    let status = p1
+    let status = cluster
+        .participant_client(0, cluster.operator())
+        .unwrap()
         .open_accounts(pb::OpenAccountsRequest { accounts: vec![pb::NewAccount { account: 0, initial_balance: 5 }] })
         .await
         .unwrap_err();
@@ -250,7 +257,10 @@ async fn an_abort_before_the_prepare_leaves_a_tombstone_and_prepared_transfers_a
     // Long enough that the manual prepare below is still in doubt (not yet
     // asked about) when it is listed, even on a loaded machine.
     let (cluster, _dir) = start_cluster_asking_after(1, 2, 3_000).await;
-    let mut p1 = cluster.participant_client(0).unwrap();
+    // The test speaks as the coordinator c1 (its prepares and aborts) and
+    // reads balances as the operator.
+    let mut p1 = cluster.participant_client(0, &cluster.identity(Role::Coordinator, "c1").unwrap()).unwrap();
+    let mut p1_reader = cluster.participant_client(0, cluster.operator()).unwrap();
     let legs = vec![pb::Leg { account: 0, amount: -10 }, pb::Leg { account: 1, amount: 10 }];
     p1.abort(pb::DecisionRequest { txn_id: "manual-1".into() }).await.unwrap();
     let vote = p1
@@ -271,10 +281,10 @@ async fn an_abort_before_the_prepare_leaves_a_tombstone_and_prepared_transfers_a
     let listed = p1.list_prepared(pb::ListPreparedRequest { limit: 0 }).await.unwrap().into_inner();
     assert_eq!(listed.total, 1);
     assert_eq!(listed.prepared[0].txn_id, "manual-2");
-    let balance = p1.get_balance(pb::GetBalanceRequest { account: 0 }).await.unwrap().into_inner();
+    let balance = p1_reader.get_balance(pb::GetBalanceRequest { account: 0 }).await.unwrap().into_inner();
     assert_eq!((balance.reserved, balance.available), (10, 990));
     wait_until_settled(&cluster, Duration::from_secs(10)).await;
-    let balance = p1.get_balance(pb::GetBalanceRequest { account: 0 }).await.unwrap().into_inner();
+    let balance = p1_reader.get_balance(pb::GetBalanceRequest { account: 0 }).await.unwrap().into_inner();
     assert_eq!((balance.posted, balance.reserved), (1_000, 0));
 }
 
@@ -296,7 +306,7 @@ fn spawn_load(
     let accounts = cluster.accounts().end;
     (0..clients)
         .map(|c| {
-            let mut client = cluster.coordinator_client().unwrap();
+            let mut client = cluster.coordinator_client(cluster.client()).unwrap();
             let ledger = ledger.clone();
             let stop = stop.clone();
             tokio::spawn(async move {
@@ -331,7 +341,7 @@ async fn wait_until_settled(cluster: &Cluster, limit: Duration) {
     loop {
         let mut settled = true;
         for i in 0..cluster.participants.len() {
-            let mut client = cluster.participant_client(i).unwrap();
+            let mut client = cluster.participant_client(i, cluster.operator()).unwrap();
             match client.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await {
                 Ok(balances) => {
                     let b = balances.into_inner();
@@ -351,7 +361,7 @@ async fn wait_until_settled(cluster: &Cluster, limit: Duration) {
 /// Gives every transfer a definite outcome (retrying with its key), then
 /// checks the ledger exactly.
 async fn check_ledger(cluster: &Cluster, ledger: &Ledger) {
-    let mut client = cluster.coordinator_client().unwrap();
+    let mut client = cluster.coordinator_client(cluster.client()).unwrap();
     let mut expected: BTreeMap<u64, i64> = cluster.accounts().map(|a| (a, INITIAL_BALANCE)).collect();
     let mut unknown_resolved = 0;
     let (mut committed_count, mut aborted_count) = (0, 0);
@@ -503,7 +513,7 @@ impl Drop for SmallDisk {
 
 async fn participant_health(cluster: &Cluster, i: usize) -> Option<i32> {
     use tonic_health::pb::health_client::HealthClient;
-    let channel = tandem::server::channel(&cluster.participants[i].url()).unwrap();
+    let channel = cluster.channel(&cluster.participants[i].url(), cluster.client()).unwrap();
     let mut request =
         tonic::Request::new(tonic_health::pb::HealthCheckRequest { service: "tandem.v1.Participant".into() });
     request.set_timeout(Duration::from_millis(500));
@@ -558,7 +568,7 @@ async fn a_participant_whose_disk_fills_stops_serving_and_recovers_by_itself_onc
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // A transfer from p1 to p2 commits again.
-    let mut client = cluster.coordinator_client().unwrap();
+    let mut client = cluster.coordinator_client(cluster.client()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     for attempt in 0.. {
         let key = format!("after-recovery-{attempt}");
@@ -601,7 +611,7 @@ async fn a_coordinator_whose_disk_fills_says_not_serving() {
         }
     };
     let cluster = start_cluster_in(dir.path(), 2, 10, 200, &[]).await;
-    let mut client = cluster.coordinator_client().unwrap();
+    let mut client = cluster.coordinator_client(cluster.client()).unwrap();
     let result = client.transfer(transfer(1, 11, 5, "before")).await.unwrap().into_inner();
     assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
     let filler = disk.fill();
@@ -609,7 +619,7 @@ async fn a_coordinator_whose_disk_fills_says_not_serving() {
     let mut attempt = 0;
     loop {
         use tonic_health::pb::health_client::HealthClient;
-        let channel = tandem::server::channel(&cluster.coordinator.url()).unwrap();
+        let channel = cluster.channel(&cluster.coordinator.url(), cluster.client()).unwrap();
         let health = HealthClient::new(channel)
             .check(tonic_health::pb::HealthCheckRequest { service: String::new() })
             .await
@@ -639,7 +649,7 @@ async fn a_coordinator_whose_disk_fills_says_not_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_choreographed_transfer_completes_after_its_target_was_paused_across_the_relay_timeout() {
     let (mut cluster, _dir) = start_cluster(2, 10).await;
-    let mut source = cluster.participant_client(0).unwrap();
+    let mut source = cluster.participant_client(0, cluster.client()).unwrap();
     let target = NodeRef::Participant(1);
     let timeout_ms = tandem_participant_delivery_timeout_ms();
     for (i, pause_ms) in [timeout_ms - 50, timeout_ms, timeout_ms + 50, timeout_ms + 100].into_iter().enumerate() {
@@ -675,7 +685,7 @@ async fn a_choreographed_transfer_completes_after_its_target_was_paused_across_t
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let mut p2 = cluster.participant_client(1).unwrap();
+    let mut p2 = cluster.participant_client(1, cluster.operator()).unwrap();
     let credited = p2.get_balance(pb::GetBalanceRequest { account: 11 }).await.unwrap().into_inner();
     assert_eq!(credited.posted, INITIAL_BALANCE + 4 * 5, "each transfer credited once");
     let balances = p2.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await.unwrap().into_inner();
@@ -692,11 +702,11 @@ fn tandem_participant_delivery_timeout_ms() -> u64 {
 /// Asks a node's reflection service the questions a client without the
 /// proto files asks first: the services, then the file of `symbol`. Returns
 /// the services listed and the names of the files sent back.
-async fn reflect(url: &str, symbol: &str) -> (Vec<String>, Vec<String>) {
+async fn reflect(url: &str, who: &Security, symbol: &str) -> (Vec<String>, Vec<String>) {
     use prost::Message;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let channel = tandem::server::channel(url).unwrap();
+    let channel = tandem::server::channel(url, who).unwrap();
     let mut reflection = tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(channel);
     let ask = |message| tonic_reflection::pb::v1::ServerReflectionRequest {
         host: String::new(),
@@ -728,10 +738,10 @@ async fn servers_answer_standard_health_and_reflection_and_stop_on_sigterm() {
     let (mut cluster, _dir) = start_cluster(1, 1).await;
     // Each node lists what it serves, and only that; a file comes with the
     // files it imports, so a client needs no second question to use it.
-    let (services, files) = reflect(&cluster.coordinator.url(), "tandem.v1.Coordinator").await;
+    let (services, files) = reflect(&cluster.coordinator.url(), cluster.client(), "tandem.v1.Coordinator").await;
     assert_eq!(services, ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "tandem.v1.Coordinator"]);
     assert_eq!(files, ["tandem/v1/coordinator.proto", "tandem/v1/participant.proto"]);
-    let (services, files) = reflect(&cluster.participants[0].url(), "tandem.v1.Participant").await;
+    let (services, files) = reflect(&cluster.participants[0].url(), cluster.client(), "tandem.v1.Participant").await;
     assert_eq!(services, ["grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection", "tandem.v1.Participant"]);
     assert_eq!(files, ["tandem/v1/participant.proto"]);
     for node in cluster.nodes() {
@@ -746,7 +756,7 @@ async fn a_participant_killed_after_applying_a_commit_before_acknowledging_appli
     let target = NodeRef::Participant(1);
     cluster.node(target).env = vec![(tandem::crash::CRASH_AT_ENV.into(), "commit-applied".into())];
     cluster.restart(target).await.unwrap();
-    let mut client = cluster.coordinator_client().unwrap();
+    let mut client = cluster.coordinator_client(cluster.client()).unwrap();
     // The decision is durable, so the client hears COMMITTED; the target
     // applies the commit durably and dies before acknowledging it.
     let result = client.transfer(transfer(1, 11, 40, "crash-commit")).await.unwrap().into_inner();
@@ -775,8 +785,8 @@ async fn a_participant_killed_after_applying_a_commit_before_acknowledging_appli
         assert!(Instant::now() < acknowledged, "the redelivered commit was never acknowledged: {status:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut p1 = cluster.participant_client(0).unwrap();
-    let mut p2 = cluster.participant_client(1).unwrap();
+    let mut p1 = cluster.participant_client(0, cluster.client()).unwrap();
+    let mut p2 = cluster.participant_client(1, cluster.client()).unwrap();
     let b1 = p1.get_balance(pb::GetBalanceRequest { account: 1 }).await.unwrap().into_inner();
     let b11 = p2.get_balance(pb::GetBalanceRequest { account: 11 }).await.unwrap().into_inner();
     assert_eq!((b1.posted, b11.posted, b11.incoming), (INITIAL_BALANCE - 40, INITIAL_BALANCE + 40, 0));
@@ -785,8 +795,8 @@ async fn a_participant_killed_after_applying_a_commit_before_acknowledging_appli
 
 /// The coordinator's health for `service` (`Err` with the status code when
 /// it has none).
-async fn health(url: &str, service: &str) -> Result<i32, Code> {
-    let channel = tandem::server::channel(url).unwrap();
+async fn health(url: &str, who: &Security, service: &str) -> Result<i32, Code> {
+    let channel = tandem::server::channel(url, who).unwrap();
     let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
     let mut request = tonic::Request::new(tonic_health::pb::HealthCheckRequest { service: service.into() });
     request.set_timeout(Duration::from_secs(2));
@@ -797,13 +807,14 @@ async fn health(url: &str, service: &str) -> Result<i32, Code> {
 /// with the last answer after `limit`.
 async fn wait_health(
     url: &str,
+    who: &Security,
     service: &str,
     want: tonic_health::pb::health_check_response::ServingStatus,
     limit: Duration,
 ) {
     let deadline = Instant::now() + limit;
     loop {
-        let answer = health(url, service).await;
+        let answer = health(url, who, service).await;
         if answer == Ok(want as i32) {
             return;
         }
@@ -817,21 +828,22 @@ async fn the_coordinator_readiness_says_when_a_participant_is_paused_and_when_it
     use tonic_health::pb::health_check_response::ServingStatus;
     let (mut cluster, _dir) = start_cluster(2, 2).await;
     let url = cluster.coordinator.url();
+    let who = cluster.client().clone();
     let limit = Duration::from_secs(10);
-    wait_health(&url, "tandem.v1.Coordinator.ready", ServingStatus::Serving, limit).await;
-    wait_health(&url, "tandem.v1.Participant/p1", ServingStatus::Serving, limit).await;
+    wait_health(&url, &who, "tandem.v1.Coordinator.ready", ServingStatus::Serving, limit).await;
+    wait_health(&url, &who, "tandem.v1.Participant/p1", ServingStatus::Serving, limit).await;
 
     cluster.node(NodeRef::Participant(0)).pause();
-    wait_health(&url, "tandem.v1.Coordinator.ready", ServingStatus::NotServing, limit).await;
-    wait_health(&url, "tandem.v1.Participant/p1", ServingStatus::NotServing, limit).await;
+    wait_health(&url, &who, "tandem.v1.Coordinator.ready", ServingStatus::NotServing, limit).await;
+    wait_health(&url, &who, "tandem.v1.Participant/p1", ServingStatus::NotServing, limit).await;
     // Only the paused one is unreachable, and the coordinator itself is live.
-    assert_eq!(health(&url, "tandem.v1.Participant/p2").await, Ok(ServingStatus::Serving as i32));
-    assert_eq!(health(&url, "").await, Ok(ServingStatus::Serving as i32));
-    assert_eq!(health(&url, "tandem.v1.Coordinator").await, Ok(ServingStatus::Serving as i32));
+    assert_eq!(health(&url, &who, "tandem.v1.Participant/p2").await, Ok(ServingStatus::Serving as i32));
+    assert_eq!(health(&url, &who, "").await, Ok(ServingStatus::Serving as i32));
+    assert_eq!(health(&url, &who, "tandem.v1.Coordinator").await, Ok(ServingStatus::Serving as i32));
 
     cluster.node(NodeRef::Participant(0)).resume();
-    wait_health(&url, "tandem.v1.Coordinator.ready", ServingStatus::Serving, limit).await;
-    assert_eq!(health(&url, "tandem.v1.Participant/p1").await, Ok(ServingStatus::Serving as i32));
+    wait_health(&url, &who, "tandem.v1.Coordinator.ready", ServingStatus::Serving, limit).await;
+    assert_eq!(health(&url, &who, "tandem.v1.Participant/p1").await, Ok(ServingStatus::Serving as i32));
     cluster.stop().await;
 }
 
@@ -846,8 +858,8 @@ async fn totals_near_the_int64_limit_are_exact_or_out_of_range_never_wrapped() {
     spec.initial_balance = half;
     spec.log_level = "info".into();
     let cluster = Cluster::start(spec).await.expect("the cluster starts");
-    let mut coordinator = cluster.coordinator_client().unwrap();
-    let mut p1 = cluster.participant_client(0).unwrap();
+    let mut coordinator = cluster.coordinator_client(cluster.client()).unwrap();
+    let mut p1 = cluster.participant_client(0, cluster.operator()).unwrap();
     let balances = p1.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await.unwrap().into_inner();
     assert_eq!(balances.total_posted, 2 * half, "exact while it fits");
 

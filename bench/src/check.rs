@@ -48,7 +48,7 @@ async fn settle(cluster: &Cluster, limit: Duration) -> Result<Duration, String> 
     loop {
         let mut held = Vec::new();
         for i in 0..cluster.participants.len() {
-            let mut client = cluster.participant_client(i).map_err(|e| e.to_string())?;
+            let mut client = cluster.participant_client(i, cluster.operator()).map_err(|e| e.to_string())?;
             match client.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await {
                 Ok(balances) => {
                     let b = balances.into_inner();
@@ -113,7 +113,7 @@ pub async fn check(cluster: &Cluster, history: &mut [HistoryEntry]) -> CheckRepo
     }
     let channels = std::iter::once(cluster.coordinator.url())
         .chain(cluster.participants.iter().map(|p| p.url()))
-        .map(|url| tandem::server::channel(&url))
+        .map(|url| tandem::server::channel(&url, cluster.client()))
         .collect::<Result<Vec<_>, _>>();
     let mut client = match channels {
         Ok(mut channels) => {
@@ -172,7 +172,7 @@ pub async fn check(cluster: &Cluster, history: &mut [HistoryEntry]) -> CheckRepo
     }
     let mut seen = 0u64;
     for i in 0..cluster.participants.len() {
-        let mut participant = match cluster.participant_client(i) {
+        let mut participant = match cluster.participant_client(i, cluster.operator()) {
             Ok(p) => p,
             Err(error) => {
                 report.violations.push(format!("p{}: {error}", i + 1));

@@ -77,6 +77,11 @@ struct RunArgs {
     /// Where the coordinator and participant binaries are (default: beside bench).
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Plaintext links without certificates (the nodes run with
+    /// --insecure): to measure what TLS costs. By default every link is
+    /// mutual TLS with a throw-away CA made for the run.
+    #[arg(long)]
+    insecure: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -102,6 +107,11 @@ enum ClusterCommand {
         /// Log level of the nodes.
         #[arg(long, default_value = "info")]
         log_level: String,
+        /// Plaintext links without certificates: every caller may make
+        /// every call. By default the cluster runs over mutual TLS with a
+        /// throw-away CA whose certificates are written in DATA_DIR/tls/.
+        #[arg(long)]
+        insecure: bool,
     },
 }
 
@@ -117,8 +127,29 @@ async fn main() -> std::process::ExitCode {
         Command::Run(run) => run_command(run).await,
         Command::Cluster {
             command:
-                ClusterCommand::Up { participants, accounts, initial_balance, data_dir, keep_data, bin_dir, log_level },
-        } => cluster_up(participants, accounts, initial_balance, data_dir, keep_data, bin_dir, log_level).await,
+                ClusterCommand::Up {
+                    participants,
+                    accounts,
+                    initial_balance,
+                    data_dir,
+                    keep_data,
+                    bin_dir,
+                    log_level,
+                    insecure,
+                },
+        } => {
+            let options = UpOptions {
+                participants,
+                accounts,
+                initial_balance,
+                data_dir,
+                keep_data,
+                bin_dir,
+                log_level,
+                insecure,
+            };
+            cluster_up(options).await
+        }
         Command::Scenarios => {
             for (name, text) in scenario::PRESETS {
                 let description = scenario::Scenario::from_toml(text, name).map(|s| s.description).unwrap_or_default();
@@ -179,6 +210,7 @@ async fn run_command(args: RunArgs) -> Result<bool, String> {
         bin_dir: args.bin_dir.unwrap_or_else(default_bin_dir),
         keep_data: args.keep_data,
         progress: true,
+        insecure: args.insecure,
     };
     let started_unix_s = unix_now();
     let mut results = Vec::new();
@@ -198,7 +230,7 @@ async fn run_command(args: RunArgs) -> Result<bool, String> {
     Ok(report.passed())
 }
 
-async fn cluster_up(
+struct UpOptions {
     participants: usize,
     accounts: u64,
     initial_balance: i64,
@@ -206,7 +238,12 @@ async fn cluster_up(
     keep_data: bool,
     bin_dir: Option<PathBuf>,
     log_level: String,
-) -> Result<bool, String> {
+    insecure: bool,
+}
+
+async fn cluster_up(options: UpOptions) -> Result<bool, String> {
+    let UpOptions { participants, accounts, initial_balance, data_dir, keep_data, bin_dir, log_level, insecure } =
+        options;
     if participants == 0 || accounts == 0 || initial_balance < 0 {
         return Err("--participants and --accounts must be positive, --initial-balance not negative".into());
     }
@@ -216,6 +253,7 @@ async fn cluster_up(
     spec.accounts_per_participant = accounts;
     spec.initial_balance = initial_balance;
     spec.log_level = log_level;
+    spec.insecure = insecure;
     let mut cluster = Cluster::start(spec).await.map_err(|e| e.to_string())?;
     println!("tandem cluster up (data and logs in {}):", data_dir.display());
     println!("  coordinator c1  {}  (pid {})", cluster.coordinator.url(), cluster.coordinator.pid().unwrap_or(0));
@@ -231,9 +269,25 @@ async fn cluster_up(
         );
     }
     let addr = cluster.coordinator.addr;
+    // How grpcurl speaks as the bench's client or operator.
+    let (client, operator) = match cluster.tls_dir() {
+        Some(dir) => {
+            let tls = |stem: &str| {
+                let d = dir.display();
+                format!("-cacert {d}/ca.pem -cert {d}/{stem}.pem -key {d}/{stem}.key")
+            };
+            println!("\nMutual TLS: the CA and every certificate are in {} (client.pem: tandem://client/bench; operator.pem: tandem://operator/bench)", dir.display());
+            (tls("client"), tls("operator"))
+        }
+        None => {
+            println!("\n--insecure: plaintext, every caller may make every call");
+            ("-plaintext".to_string(), "-plaintext".to_string())
+        }
+    };
     println!("\nTry, with grpcurl (reflection is on):");
-    println!("  grpcurl -plaintext -d '{{\"from_account\": 0, \"to_account\": {accounts}, \"amount\": 100}}' {addr} tandem.v1.Coordinator/Transfer");
-    println!("  grpcurl -plaintext -d '{{}}' {addr} tandem.v1.Coordinator/Audit");
+    println!("  grpcurl {client} -d '{{\"from_account\": 0, \"to_account\": {accounts}, \"amount\": 100}}' {addr} tandem.v1.Coordinator/Transfer");
+    println!("  grpcurl {client} -d '{{}}' {addr} tandem.v1.Coordinator/Audit");
+    println!("  grpcurl {operator} -d '{{}}' {addr} tandem.v1.Coordinator/ListDeadLetters");
     println!("\nCtrl-C stops the cluster.");
     let mut check = tokio::time::interval(Duration::from_millis(500));
     let mut crashed = Vec::new();

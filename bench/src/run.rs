@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tandem::cluster::{Cluster, ClusterSpec, NodeRef};
 use tandem::pb;
+use tandem::tls::Security;
 
 /// A fault as it happened.
 #[derive(Debug, Clone, Serialize)]
@@ -204,9 +205,15 @@ async fn run_faults(mut cluster: Cluster, scenario: Scenario, start: Instant) ->
 
 /// Reads every balance through the coordinator's audit, again and again,
 /// and counts totals that differ from the money in the system.
-async fn audit_reader(cluster_url: String, expected: i64, interval: Duration, stop: Arc<AtomicBool>) -> AuditStats {
+async fn audit_reader(
+    cluster_url: String,
+    who: Security,
+    expected: i64,
+    interval: Duration,
+    stop: Arc<AtomicBool>,
+) -> AuditStats {
     let mut stats = AuditStats::default();
-    let Ok(channel) = tandem::server::channel(&cluster_url) else { return stats };
+    let Ok(channel) = tandem::server::channel(&cluster_url, &who) else { return stats };
     let mut client = pb::coordinator_client::CoordinatorClient::new(channel);
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(interval).await;
@@ -226,11 +233,11 @@ async fn audit_reader(cluster_url: String, expected: i64, interval: Duration, st
 }
 
 /// Samples the participants' prepared transfers.
-async fn in_doubt_sampler(urls: Vec<String>, stop: Arc<AtomicBool>) -> InDoubtStats {
+async fn in_doubt_sampler(urls: Vec<String>, who: Security, stop: Arc<AtomicBool>) -> InDoubtStats {
     let mut stats = InDoubtStats::default();
     let clients: Vec<_> = urls
         .iter()
-        .filter_map(|url| tandem::server::channel(url).ok())
+        .filter_map(|url| tandem::server::channel(url, &who).ok())
         .map(pb::participant_client::ParticipantClient::new)
         .collect();
     while !stop.load(Ordering::Relaxed) {
@@ -304,6 +311,8 @@ pub struct RunOptions {
     pub bin_dir: PathBuf,
     pub keep_data: bool,
     pub progress: bool,
+    /// Plaintext links, no certificates (to measure what TLS costs).
+    pub insecure: bool,
 }
 
 pub async fn run_protocol(
@@ -320,13 +329,18 @@ pub async fn run_protocol(
     spec.coordinator_args = scenario.cluster.coordinator_args.clone();
     spec.participant_args = scenario.cluster.participant_args.clone();
     spec.proxied_links = scenario.needs_proxied_links();
+    spec.insecure = options.insecure;
     let cluster = Cluster::start(spec).await.map_err(|e| format!("{protocol}: the cluster did not start: {e}"))?;
 
     let (fsync_p50_us, fsync_pair_p50_us) = calibrate::fsync_p50_us(&options.out_dir)?;
     let calibration = Calibration {
         fsync_p50_us,
         fsync_pair_p50_us,
-        rtt_p50_us: calibrate::rtt_p50_us(&mut cluster.participant_client(0).map_err(|e| e.to_string())?, 0).await?,
+        rtt_p50_us: calibrate::rtt_p50_us(
+            &mut cluster.participant_client(0, cluster.client()).map_err(|e| e.to_string())?,
+            0,
+        )
+        .await?,
     };
     let floor_ms = calibration.floor_us(protocol) / 1_000.0;
 
@@ -336,18 +350,24 @@ pub async fn run_protocol(
         &participant_urls,
         cluster.spec.accounts_per_participant,
         scenario.workload.clients,
+        cluster.client(),
     )
     .map_err(|e| e.to_string())?;
     let stop = Arc::new(AtomicBool::new(false));
     let auditor = (scenario.workload.audit_interval_ms > 0).then(|| {
         tokio::spawn(audit_reader(
             cluster.coordinator.url(),
+            cluster.client().clone(),
             cluster.spec.total_money(),
             Duration::from_millis(scenario.workload.audit_interval_ms),
             stop.clone(),
         ))
     });
-    let sampler = tokio::spawn(in_doubt_sampler(cluster.participants.iter().map(|p| p.url()).collect(), stop.clone()));
+    let sampler = tokio::spawn(in_doubt_sampler(
+        cluster.participants.iter().map(|p| p.url()).collect(),
+        cluster.operator().clone(),
+        stop.clone(),
+    ));
     let progress = Arc::new(AtomicUsize::new(0));
     let bar = options.progress.then(|| progress_bar(protocol, scenario.duration_s, progress.clone()));
 

@@ -322,10 +322,13 @@ impl Target {
         participant_urls: &[String],
         accounts_per_participant: u64,
         clients: usize,
+        who: &tandem::tls::Security,
     ) -> Result<Target, tandem::Error> {
         let count = clients.clamp(1, CHANNELS_MAX);
-        let coordinator = (0..count).map(|_| tandem::server::channel(coordinator_url)).collect::<Result<_, _>>()?;
-        let participants = participant_urls.iter().map(|url| tandem::server::channel(url)).collect::<Result<_, _>>()?;
+        let coordinator =
+            (0..count).map(|_| tandem::server::channel(coordinator_url, who)).collect::<Result<_, _>>()?;
+        let participants =
+            participant_urls.iter().map(|url| tandem::server::channel(url, who)).collect::<Result<_, _>>()?;
         Ok(Target { coordinator, participants, accounts_per_participant })
     }
 

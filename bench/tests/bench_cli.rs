@@ -111,7 +111,7 @@ fn cluster_up(data_dir: &Path) -> (std::process::Child, String, Vec<u32>) {
     }
     // Keep draining stdout, so the child never blocks on a full pipe.
     std::thread::spawn(move || lines.for_each(drop));
-    assert!(coordinator.starts_with("http://") && pids.len() == 2, "{coordinator} {pids:?}");
+    assert!(coordinator.starts_with("https://") && pids.len() == 2, "{coordinator} {pids:?}");
     (child, coordinator, pids)
 }
 
@@ -121,7 +121,16 @@ async fn cluster_up_serves_transfers_and_reports_a_crashed_node() {
     let dir = tempfile::tempdir().unwrap();
     // A clean run: the printed endpoint serves a transfer; Ctrl-C stops it.
     let (mut child, coordinator, _) = cluster_up(&dir.path().join("clean"));
-    let mut client = pb::coordinator_client::CoordinatorClient::connect(coordinator).await.unwrap();
+    // Over mutual TLS, as the client whose certificate the cluster wrote.
+    let tls = dir.path().join("clean").join("tls");
+    let flags = tandem::tls::TlsFlags {
+        tls_cert: Some(tls.join("client.pem")),
+        tls_key: Some(tls.join("client.key")),
+        tls_ca: Some(tls.join("ca.pem")),
+        insecure: false,
+    };
+    let channel = tandem::server::channel(&coordinator, &flags.security().unwrap()).unwrap();
+    let mut client = pb::coordinator_client::CoordinatorClient::new(channel);
     let request = pb::TransferRequest { from_account: 0, to_account: 10, amount: 100, ..Default::default() };
     let result = client.transfer(request).await.unwrap().into_inner();
     assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");

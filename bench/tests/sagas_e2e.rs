@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use tandem::cluster::{default_bin_dir, Cluster, ClusterSpec, NodeRef};
 use tandem::pb;
 use tandem::rng::SplitMix64;
+use tandem::trust::Role;
 use tandem_bench::check::check;
 use tandem_bench::scenario::Protocol;
 use tandem_bench::workload::{Client, HistoryEntry, OpOutcome};
@@ -45,8 +46,9 @@ fn spec_with(participants: usize, accounts: u64, coordinator_args: &[&str]) -> (
 }
 
 fn client(cluster: &Cluster) -> Client {
-    let coordinator = tandem::server::channel(&cluster.coordinator.url()).unwrap();
-    let participants = cluster.participants.iter().map(|p| tandem::server::channel(&p.url()).unwrap()).collect();
+    let coordinator = cluster.channel(&cluster.coordinator.url(), cluster.client()).unwrap();
+    let participants =
+        cluster.participants.iter().map(|p| cluster.channel(&p.url(), cluster.client()).unwrap()).collect();
     Client::new(coordinator, participants, cluster.spec.accounts_per_participant)
 }
 
@@ -158,7 +160,7 @@ fn saga_transfer(from: u64, to: u64, amount: i64, recovery: pb::Recovery, key: &
 /// `source`: the saga is RESOLVED, the account has its balance back, and
 /// nothing is left in suspense.
 async fn resolve_back_to_the_source(cluster: &Cluster, saga: &str, source: u64) {
-    let mut coordinator = cluster.coordinator_client().unwrap();
+    let mut coordinator = cluster.coordinator_client(cluster.operator()).unwrap();
     let resolved = coordinator
         .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: saga.into(), to_account: 0 })
         .await
@@ -172,7 +174,7 @@ async fn resolve_back_to_the_source(cluster: &Cluster, saga: &str, source: u64) 
 
 async fn posted(cluster: &Cluster, account: u64) -> i64 {
     let owner = (account / cluster.spec.accounts_per_participant) as usize;
-    let mut client = cluster.participant_client(owner).unwrap();
+    let mut client = cluster.participant_client(owner, cluster.operator()).unwrap();
     client.get_balance(pb::GetBalanceRequest { account }).await.unwrap().into_inner().posted
 }
 
@@ -187,8 +189,9 @@ async fn a_refused_credit_is_compensated_at_once_backward_or_forward_and_says_wh
     // The directory routes accounts 9 and 19 to p1 and p2, which lack them.
     spec.unopened_accounts = [9, 19].into();
     let mut cluster = Cluster::start(spec).await.expect("the cluster starts");
-    let mut coordinator = cluster.coordinator_client().unwrap();
-    let mut p2 = cluster.participant_client(1).unwrap();
+    let mut coordinator = cluster.coordinator_client(cluster.client()).unwrap();
+    let mut operator = cluster.coordinator_client(cluster.operator()).unwrap();
+    let mut p2 = cluster.participant_client(1, cluster.operator()).unwrap();
     p2.set_account_closed(pb::SetAccountClosedRequest { account: 15, closed: true }).await.unwrap();
 
     // Backward: the credit to the closed account is refused, the debit refunded.
@@ -224,7 +227,7 @@ async fn a_refused_credit_is_compensated_at_once_backward_or_forward_and_says_wh
             coordinator.transfer(saga_transfer(3, to, 250, pb::Recovery::Forward, key)).await.unwrap().into_inner();
         assert_eq!(again, result);
     }
-    let listed = coordinator.list_dead_letters(pb::ListDeadLettersRequest {}).await.unwrap().into_inner();
+    let listed = operator.list_dead_letters(pb::ListDeadLettersRequest {}).await.unwrap().into_inner();
     assert!(listed.dead_letters.is_empty(), "{listed:?}");
     let audit = coordinator.audit(pb::AuditRequest { include_accounts: false }).await.unwrap().into_inner();
     assert_eq!((audit.total_posted, audit.total_suspense), (cluster.spec.total_money(), 0));
@@ -255,7 +258,7 @@ async fn a_refused_credit_is_compensated_at_once_backward_or_forward_and_says_wh
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forward_saga_whose_credit_keeps_failing_compensates_after_its_deadline() {
     let (mut cluster, _dir) = start_with(2, 10, &["--saga-deadline-ms", "1500"]).await;
-    let mut coordinator = cluster.coordinator_client().unwrap();
+    let mut coordinator = cluster.coordinator_client(cluster.client()).unwrap();
     // The target stops answering (SIGSTOP): every credit attempt times out.
     cluster.node(NodeRef::Participant(1)).pause();
     let saga = tokio::spawn(async move {
@@ -277,7 +280,8 @@ async fn a_forward_saga_whose_credit_keeps_failing_compensates_after_its_deadlin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saga_steps_on_the_wire_keep_their_barrier_semantics() {
     let (cluster, _dir) = start(1, 4).await;
-    let mut p1 = cluster.participant_client(0).unwrap();
+    // The test speaks as the coordinator c1, the one p1 was configured with.
+    let mut p1 = cluster.participant_client(0, &cluster.identity(Role::Coordinator, "c1").unwrap()).unwrap();
     let step = |phase: pb::StepPhase| pb::SagaStepRequest {
         saga_id: "manual-1".into(),
         kind: pb::StepKind::Debit as i32,
@@ -325,6 +329,7 @@ async fn saga_steps_on_the_wire_keep_their_barrier_semantics() {
     assert!(results[2].response.as_ref().expect("judged").duplicate, "the second one in the batch is a duplicate");
     assert_eq!(posted(&cluster, 1).await, BALANCE - 80);
     // No choreographed transfer is parked here; resolving an unknown one is NOT_FOUND.
+    let mut p1 = cluster.participant_client(0, cluster.operator()).unwrap();
     let parked = p1.list_parked_transfers(pb::ListParkedTransfersRequest {}).await.unwrap().into_inner().parked;
     assert!(parked.is_empty());
     let request = pb::ResolveParkedTransferRequest { saga_id: "nope".into(), to_account: 0 };
@@ -353,7 +358,7 @@ async fn a_participant_killed_after_its_step_is_written_applies_the_retry_once()
     let (mut cluster, _dir) = start_with(2, 10, &["--saga-step-attempts", "200"]).await;
     let source = NodeRef::Participant(0);
     restart_with_crash_point(&mut cluster, source, Some("saga-step-written")).await;
-    let mut coordinator = cluster.coordinator_client().unwrap();
+    let mut coordinator = cluster.coordinator_client(cluster.client()).unwrap();
     let saga = tokio::spawn(async move {
         coordinator.transfer(saga_transfer(2, 12, 70, pb::Recovery::Backward, "once-1")).await.unwrap().into_inner()
     });
@@ -372,7 +377,7 @@ async fn an_outbox_relay_killed_between_delivery_and_forgetting_redelivers_and_t
     let (mut cluster, _dir) = start(2, 10).await;
     let source = NodeRef::Participant(0);
     restart_with_crash_point(&mut cluster, source, Some("relay-delivered")).await;
-    let mut p1 = cluster.participant_client(0).unwrap();
+    let mut p1 = cluster.participant_client(0, cluster.client()).unwrap();
     let started = p1
         .start_transfer(pb::StartTransferRequest {
             saga_id: "relay-1".into(),
@@ -390,7 +395,7 @@ async fn an_outbox_relay_killed_between_delivery_and_forgetting_redelivers_and_t
     // forgets the event, so its restarted relay delivers it again.
     wait_for_crash(&mut cluster, source).await;
     restart_with_crash_point(&mut cluster, source, None).await;
-    let mut p1 = cluster.participant_client(0).unwrap();
+    let mut p1 = cluster.participant_client(0, cluster.operator()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let status = p1
@@ -431,9 +436,9 @@ async fn dead_letter(
     recovery: pb::Recovery,
     key: &str,
 ) -> pb::TransactionResult {
-    let mut coordinator = cluster.coordinator_client().unwrap();
-    let mut p1 = cluster.participant_client(0).unwrap();
-    let mut p2 = cluster.participant_client(1).unwrap();
+    let mut coordinator = cluster.coordinator_client(cluster.client()).unwrap();
+    let mut p1 = cluster.participant_client(0, cluster.operator()).unwrap();
+    let mut p2 = cluster.participant_client(1, cluster.operator()).unwrap();
     p2.set_account_closed(pb::SetAccountClosedRequest { account: to, closed: true }).await.unwrap();
     let before = posted(cluster, from).await;
     cluster.node(NodeRef::Participant(1)).pause();
@@ -459,8 +464,10 @@ async fn a_refund_that_keeps_failing_is_dead_lettered_and_an_operator_resolves_i
     // The abort reason is the refusal that turned the saga back.
     assert_eq!(result.abort_reason, pb::AbortReason::Refused as i32, "{result:?}");
     assert!(result.reason.contains("closed") && result.reason.contains("parked"), "{}", result.reason);
-    let mut coordinator = cluster.coordinator_client().unwrap();
-    let mut p1 = cluster.participant_client(0).unwrap();
+    // The operator looks into it; a client retries the transfer.
+    let mut coordinator = cluster.coordinator_client(cluster.operator()).unwrap();
+    let mut client = cluster.coordinator_client(cluster.client()).unwrap();
+    let mut p1 = cluster.participant_client(0, cluster.operator()).unwrap();
     let listed = coordinator.list_dead_letters(pb::ListDeadLettersRequest {}).await.unwrap().into_inner();
     assert_eq!(listed.dead_letters.len(), 1);
     let dead = &listed.dead_letters[0];
@@ -471,7 +478,7 @@ async fn a_refund_that_keeps_failing_is_dead_lettered_and_an_operator_resolves_i
     assert_eq!((audit.total_posted, audit.total_suspense), (cluster.spec.total_money() - 120, 120));
     // The same key gets the same answer, without a second saga.
     let again =
-        coordinator.transfer(saga_transfer(5, 16, 120, pb::Recovery::Forward, "refund-1")).await.unwrap().into_inner();
+        client.transfer(saga_transfer(5, 16, 120, pb::Recovery::Forward, "refund-1")).await.unwrap().into_inner();
     assert_eq!(again, result);
     assert_eq!(posted(&cluster, 5).await, BALANCE - 120);
     // Resolving to an account on another participant is refused.
@@ -506,7 +513,7 @@ async fn a_refund_that_keeps_failing_is_dead_lettered_and_an_operator_resolves_i
 async fn saga_barriers(cluster: &Cluster) -> Vec<u64> {
     let mut counts = Vec::new();
     for i in 0..cluster.participants.len() {
-        let mut client = cluster.participant_client(i).unwrap();
+        let mut client = cluster.participant_client(i, cluster.operator()).unwrap();
         let read = client.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await.unwrap();
         counts.push(read.into_inner().saga_barriers);
     }
@@ -522,8 +529,9 @@ async fn the_barriers_of_ended_sagas_are_forgotten_and_a_dead_letters_wait_for_i
     spec.initial_balance = BALANCE;
     spec.participant_args = vec!["--finished-retention-ms".into(), "300".into()];
     let mut cluster = Cluster::start(spec).await.expect("the cluster starts");
-    let mut coordinator = cluster.coordinator_client().unwrap();
-    let mut p2 = cluster.participant_client(1).unwrap();
+    let mut coordinator = cluster.coordinator_client(cluster.client()).unwrap();
+    let mut operator = cluster.coordinator_client(cluster.operator()).unwrap();
+    let mut p2 = cluster.participant_client(1, cluster.operator()).unwrap();
     p2.set_account_closed(pb::SetAccountClosedRequest { account: 17, closed: true }).await.unwrap();
     for (to, key, recovery) in [
         (11, "done-1", pb::Recovery::Backward),
@@ -533,7 +541,7 @@ async fn the_barriers_of_ended_sagas_are_forgotten_and_a_dead_letters_wait_for_i
         coordinator.transfer(saga_transfer(1, to, 10, recovery, key)).await.unwrap();
     }
     let parked = dead_letter(&mut cluster, (1, 17, 10), pb::Recovery::Backward, "dead-1").await;
-    let mut p1 = cluster.participant_client(0).unwrap();
+    let mut p1 = cluster.participant_client(0, cluster.operator()).unwrap();
     p1.set_account_closed(pb::SetAccountClosedRequest { account: 1, closed: false }).await.unwrap();
     // Completed and compensated sagas are forgotten: their barriers go
     // (after the linger, the retention and a collection round). The dead
@@ -557,7 +565,7 @@ async fn the_barriers_of_ended_sagas_are_forgotten_and_a_dead_letters_wait_for_i
     };
     wait_for([1, 1]).await;
     // Once an operator resolves it, it is over too.
-    let resolved = coordinator
+    let resolved = operator
         .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: parked.txn_id, to_account: 0 })
         .await
         .unwrap()
@@ -571,7 +579,7 @@ async fn the_barriers_of_ended_sagas_are_forgotten_and_a_dead_letters_wait_for_i
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_of_redelivered_events_is_dropped_by_the_inbox_and_a_malformed_one_is_refused_alone() {
     let (mut cluster, _dir) = start(2, 10).await;
-    let mut p1 = cluster.participant_client(0).unwrap();
+    let mut p1 = cluster.participant_client(0, cluster.client()).unwrap();
     let request = pb::StartTransferRequest {
         saga_id: "wire-1".into(),
         from_account: 1,
@@ -597,7 +605,8 @@ async fn a_batch_of_redelivered_events_is_dropped_by_the_inbox_and_a_malformed_o
     };
     let mut malformed = debited.clone();
     malformed.version = 0;
-    let mut p2 = cluster.participant_client(1).unwrap();
+    // The test speaks as p1, a peer p2 was configured with.
+    let mut p2 = cluster.participant_client(1, &cluster.identity(Role::Participant, "p1").unwrap()).unwrap();
     let results = p2
         .deliver_events(pb::DeliverEventsRequest { events: vec![debited.clone(), malformed, debited] })
         .await

@@ -4,6 +4,8 @@ use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tandem::domain::Id;
+use tandem::tls::TlsFlags;
+use tandem::trust::Role;
 use tandem_coordinator::directory::Shard;
 use tandem_coordinator::node::{Node, NodeConfig};
 
@@ -26,8 +28,9 @@ struct Args {
     #[arg(long, default_value = "c1")]
     node_id: String,
     /// A participant and the accounts it owns, as NAME=URL@FIRST..END (END
-    /// exclusive), for example p1=http://127.0.0.1:7101@0..1000. Repeat for
-    /// each participant; ranges may not overlap.
+    /// exclusive), for example p1=https://127.0.0.1:7101@0..1000. Repeat for
+    /// each participant; ranges may not overlap. Only these participants (by
+    /// the name in their certificate) may ask for decisions here.
     #[arg(long = "participant", value_name = "NAME=URL@FIRST..END", required = true)]
     participants: Vec<String>,
     /// A participant that has not voted within this bound makes the
@@ -68,6 +71,9 @@ struct Args {
     /// Log filter: error, warn, info, debug or trace (RUST_LOG overrides).
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Mutual TLS: the certificate names this node tandem://coordinator/ID.
+    #[command(flatten)]
+    tls: TlsFlags,
 }
 
 fn main() -> std::process::ExitCode {
@@ -93,6 +99,8 @@ async fn run(args: Args) -> Result<(), String> {
     let shards =
         args.participants.iter().map(|p| Shard::parse(p)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
     let node_id = Id::parse("node id", &args.node_id).map_err(|e| e.to_string())?;
+    let security = args.tls.security().map_err(|e| e.to_string())?;
+    security.check_node(Role::Coordinator, node_id.as_str()).map_err(|e| e.to_string())?;
     let (node, recovered) = Node::open(NodeConfig {
         node_id: node_id.clone(),
         data_dir: args.data_dir,
@@ -104,6 +112,7 @@ async fn run(args: Args) -> Result<(), String> {
         finished_retained_max: args.finished_retained_max,
         saga_step_attempts: args.saga_step_attempts.max(1),
         saga_deadline_ms: args.saga_deadline_ms,
+        security,
     })
     .await
     .map_err(|e| e.to_string())?;

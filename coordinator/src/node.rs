@@ -57,6 +57,8 @@ use tandem::pb;
 use tandem::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use tandem::pb::participant_client::ParticipantClient;
 use tandem::store::{Durability, Store};
+use tandem::tls::Security;
+use tandem::trust::{Authorizer, Configured};
 use tandem::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, OwnedRwLockReadGuard, RwLock};
@@ -213,6 +215,9 @@ pub struct NodeConfig {
     /// How long a saga's action steps are retried, from the first step this
     /// process sent for it; past it, the saga compensates.
     pub saga_deadline_ms: u64,
+    /// This node's certificate and the cluster's CA, for the server and for
+    /// its calls to the participants; or `--insecure`.
+    pub security: Security,
 }
 
 pub(crate) struct Waiter {
@@ -269,7 +274,7 @@ impl Node {
         let mut participants = BTreeMap::new();
         let mut participant_health = BTreeMap::new();
         for shard in directory.shards() {
-            let channel = tandem::server::channel(&shard.url)?;
+            let channel = tandem::server::channel(&shard.url, &config.security)?;
             participant_health.insert(shard.participant.clone(), HealthClient::new(channel.clone()));
             participants.insert(shard.participant.clone(), ParticipantClient::new(channel));
         }
@@ -815,6 +820,16 @@ impl Node {
         recovered: Recovered,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
+        // Decision queries only from the participants of the directory (see
+        // tandem::trust); no coordinator calls another.
+        let configured = Configured {
+            coordinators: Default::default(),
+            participants: self.inner.directory.shards().map(|shard| shard.participant.clone()).collect(),
+        };
+        let mut server = tandem::server::server_builder(
+            &self.inner.config.security,
+            Authorizer::for_node(&self.inner.config.security, configured),
+        )?;
         self.execute(recovered.commits);
         self.execute_saga(recovered.sagas);
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -841,7 +856,7 @@ impl Node {
             })
             .collect();
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        let result = tandem::server::server_builder()
+        let result = server
             .add_service(health_service)
             .add_service(tandem::server::reflection_service(tandem::pb::coordinator_server::SERVICE_NAME))
             .add_service(CoordinatorServer::new(self.clone()).max_encoding_message_size(64 * 1024 * 1024))

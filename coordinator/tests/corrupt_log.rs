@@ -19,6 +19,7 @@ fn config(dir: &std::path::Path) -> NodeConfig {
         finished_retained_max: 10,
         saga_step_attempts: 3,
         saga_deadline_ms: 1_000,
+        security: tandem::tls::Security::Insecure,
     }
 }
 

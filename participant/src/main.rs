@@ -4,6 +4,8 @@ use clap::Parser;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use tandem::domain::Id;
+use tandem::tls::TlsFlags;
+use tandem::trust::Role;
 use tandem_participant::node::{Node, NodeConfig};
 
 /// A tandem participant: holds the accounts of one shard, takes part in
@@ -23,12 +25,16 @@ struct Args {
     #[arg(long, default_value = "p1")]
     node_id: String,
     /// A coordinator this node takes transactions from, as ID=URL (for
-    /// example c1=http://127.0.0.1:7100); repeat for several. In-doubt
-    /// transactions are resolved by asking it.
+    /// example c1=https://127.0.0.1:7100); repeat for several. In-doubt
+    /// transactions are resolved by asking it. Only these coordinators (by
+    /// the name in their certificate) may prepare, commit, abort, send saga
+    /// steps and read balances here.
     #[arg(long = "coordinator", value_name = "ID=URL", required = true)]
     coordinators: Vec<String>,
     /// Another participant, as NAME=URL, to which choreographed sagas send
-    /// their events; repeat for each (this node itself may be listed).
+    /// their events; repeat for each (this node itself may be listed). Only
+    /// these peers (by the name in their certificate) may deliver events
+    /// here.
     #[arg(long = "peer", value_name = "NAME=URL")]
     peers: Vec<String>,
     /// A prepared transaction with no decision after this long is in doubt,
@@ -54,6 +60,9 @@ struct Args {
     /// Log filter: error, warn, info, debug or trace (RUST_LOG overrides).
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Mutual TLS: the certificate names this node tandem://participant/ID.
+    #[command(flatten)]
+    tls: TlsFlags,
 }
 
 fn parse_peer(text: &str) -> Result<(Id, String), String> {
@@ -82,6 +91,8 @@ fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<(), String> {
     let node_id = Id::parse("node id", &args.node_id).map_err(|e| e.to_string())?;
+    let security = args.tls.security().map_err(|e| e.to_string())?;
+    security.check_node(Role::Participant, node_id.as_str()).map_err(|e| e.to_string())?;
     let coordinators = args.coordinators.iter().map(|c| parse_peer(c)).collect::<Result<Vec<_>, _>>()?;
     let peers = args.peers.iter().map(|c| parse_peer(c)).collect::<Result<Vec<_>, _>>()?;
     let node = Node::open(NodeConfig {
@@ -93,6 +104,7 @@ async fn run(args: Args) -> Result<(), String> {
         finished_retention_ms: args.finished_retention_ms,
         owned_accounts: args.accounts,
         store_free_min_bytes: args.store_free_min_mb.saturating_mul(1 << 20),
+        security,
     })
     .map_err(|e| e.to_string())?;
     let (listener, addr) =

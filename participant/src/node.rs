@@ -47,6 +47,8 @@ use tandem::pb::coordinator_client::CoordinatorClient;
 use tandem::pb::participant_client::ParticipantClient;
 use tandem::pb::participant_server::{Participant, ParticipantServer};
 use tandem::store::{Durability, Store};
+use tandem::tls::Security;
+use tandem::trust::{Authorizer, Configured};
 use tandem::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify};
@@ -109,6 +111,9 @@ pub struct NodeConfig {
     /// bytes free, so that a disk that filled up does not make the node
     /// flap between serving and failing.
     pub store_free_min_bytes: u64,
+    /// This node's certificate and the cluster's CA, for the server and for
+    /// its calls to the coordinators and peers; or `--insecure`.
+    pub security: Security,
 }
 
 /// A running participant. Cheap to clone.
@@ -128,6 +133,7 @@ struct Inner {
     store: RwLock<Option<Store>>,
     coordinators: BTreeMap<Id, CoordinatorClient<Channel>>,
     peers: BTreeMap<Id, ParticipantClient<Channel>>,
+    security: Security,
     clock: Instant,
     /// The wall clock (unix ms) when `clock` started: see [`Node::now_ms`].
     clock_origin_ms: u64,
@@ -146,11 +152,11 @@ impl Node {
         let records = store.scan_prefix(b"")?;
         let mut coordinators = BTreeMap::new();
         for (id, url) in &config.coordinators {
-            coordinators.insert(id.clone(), CoordinatorClient::new(tandem::server::channel(url)?));
+            coordinators.insert(id.clone(), CoordinatorClient::new(tandem::server::channel(url, &config.security)?));
         }
         let mut peers = BTreeMap::new();
         for (id, url) in &config.peers {
-            peers.insert(id.clone(), ParticipantClient::new(tandem::server::channel(url)?));
+            peers.insert(id.clone(), ParticipantClient::new(tandem::server::channel(url, &config.security)?));
         }
         let core_config = Config {
             node_id: config.node_id.clone(),
@@ -180,6 +186,7 @@ impl Node {
                 store: RwLock::new(Some(store)),
                 coordinators,
                 peers,
+                security: config.security,
                 clock,
                 clock_origin_ms,
                 transfer_waiters: Mutex::new(HashMap::new()),
@@ -417,6 +424,14 @@ impl Node {
     /// until `shutdown` resolves, with the background tasks running; then
     /// stops taking calls, lets the store write what is queued, and returns.
     pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        // 2PC and saga calls only from the coordinators this node was
+        // configured with, events only from its peers (see tandem::trust).
+        let configured = Configured {
+            coordinators: self.inner.coordinators.keys().cloned().collect(),
+            participants: self.inner.peers.keys().cloned().collect(),
+        };
+        let authorizer = Authorizer::for_node(&self.inner.security, configured);
+        let mut server = tandem::server::server_builder(&self.inner.security, authorizer)?;
         let (health_reporter, health_service) = tonic_health::server::health_reporter();
         health_reporter.set_serving::<ParticipantServer<Node>>().await;
         let resolver = tokio::spawn(self.clone().resolve_in_doubt());
@@ -424,7 +439,7 @@ impl Node {
         let relay = tokio::spawn(self.clone().relay_outbox());
         let store_watch = tokio::spawn(self.clone().watch_store(health_reporter.clone()));
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-        let result = tandem::server::server_builder()
+        let result = server
             .add_service(health_service)
             .add_service(tandem::server::reflection_service(tandem::pb::participant_server::SERVICE_NAME))
             .add_service(ParticipantServer::new(self.clone()).max_decoding_message_size(16 * 1024 * 1024))

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tandem::domain::Id;
 use tandem::pb;
 use tandem::pb::participant_client::ParticipantClient;
+use tandem::tls::Security;
 use tandem_participant::node::{Node, NodeConfig};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -36,6 +37,11 @@ fn config(name: &str, dir: &std::path::Path, peers: Vec<(Id, String)>) -> NodeCo
         finished_retention_ms: 60_000,
         owned_accounts: None,
         store_free_min_bytes: 0,
+        // Plaintext, every caller trusted: each forged call must reach the
+        // handler it targets, as it would from a configured coordinator or
+        // peer gone wrong. The trust layer, which refuses most of them from
+        // anyone else, is tested in tests/trust.rs.
+        security: Security::Insecure,
     }
 }
 
@@ -61,7 +67,8 @@ async fn start(config: NodeConfig, listener: TcpListener) -> Running {
         .await
         .unwrap();
     });
-    let client = ParticipantClient::new(tandem::server::channel(&format!("http://{addr}")).unwrap());
+    let client =
+        ParticipantClient::new(tandem::server::channel(&format!("http://{addr}"), &Security::Insecure).unwrap());
     Running { client, stop, done }
 }
 

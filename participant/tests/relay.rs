@@ -1,10 +1,13 @@
 //! In-process tests of the outbox relay: two real participant nodes, each
-//! serving gRPC on a loopback port with RocksDB in a temporary directory.
+//! serving gRPC over mutual TLS on a loopback port with RocksDB in a
+//! temporary directory.
 
 use std::time::{Duration, Instant};
 use tandem::domain::Id;
+use tandem::local_ca::LocalCa;
 use tandem::pb;
 use tandem::pb::participant_server::Participant;
+use tandem::trust::Role;
 use tandem_participant::node::{Node, NodeConfig};
 use tokio::sync::oneshot;
 use tonic::Request;
@@ -13,17 +16,19 @@ fn id(text: &str) -> Id {
     Id::parse("id", text).unwrap()
 }
 
-fn config(name: &str, dir: &std::path::Path, peers: Vec<(Id, String)>) -> NodeConfig {
+/// Node `name`'s configuration, over mutual TLS with a certificate of `ca`.
+fn config(ca: &LocalCa, name: &str, dir: &std::path::Path, peers: Vec<(Id, String)>) -> NodeConfig {
     NodeConfig {
         node_id: id(name),
         data_dir: dir.join(name),
         // No coordinator runs: these tests use choreographed transfers only.
-        coordinators: vec![(id("c1"), "http://127.0.0.1:1".into())],
+        coordinators: vec![(id("c1"), "https://127.0.0.1:1".into())],
         peers,
         in_doubt_after_ms: 500,
         finished_retention_ms: 300_000,
         owned_accounts: None,
         store_free_min_bytes: 0,
+        security: ca.security(Role::Participant, name).unwrap(),
     }
 }
 
@@ -60,13 +65,14 @@ async fn posted(node: &Node, account: u64) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_written_by_a_call_whose_client_gave_up_is_still_relayed() {
     let dir = tempfile::tempdir().unwrap();
+    let ca = LocalCa::new("relay test CA").unwrap();
     let (source_listener, source_addr) = tandem::server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let (target_listener, _) = tandem::server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
     // The source cannot reach the target by itself: this test delivers its
     // event by hand, as a relay whose call timed out would have.
     let source =
-        Node::open(config("p1", dir.path(), vec![(id("p2"), format!("http://{}", closed_address()))])).unwrap();
-    let target = Node::open(config("p2", dir.path(), vec![(id("p1"), format!("http://{source_addr}"))])).unwrap();
+        Node::open(config(&ca, "p1", dir.path(), vec![(id("p2"), format!("https://{}", closed_address()))])).unwrap();
+    let target = Node::open(config(&ca, "p2", dir.path(), vec![(id("p1"), format!("https://{source_addr}"))])).unwrap();
     let stop_source = serve(&source, source_listener).await;
     let stop_target = serve(&target, target_listener).await;
     open_account(&source, 1, 100).await;
