@@ -1,8 +1,13 @@
-//! The durable store of a node: RocksDB on disk behind one writer thread
-//! that commits in groups.
+//! The durable store of a node: the [`Storage`] seam every node writes
+//! through, its RocksDB implementation [`Store`] (on disk, behind one writer
+//! thread that commits in groups), and its in-memory twin
+//! [`memory::MemoryDisk`] for tests and simulations (which can lose unsynced
+//! writes, fail an fsync, and run out of space). [`Disk`] says which one a
+//! node opens.
 //!
-//! Contract: a submission completes (the future of [`Store::write`], the
-//! receiver of [`Store::submit`]) according to its [`Durability`]:
+//! Contract, the same for every implementation: a submission completes (the
+//! future of [`Storage::write`], the receiver of [`Storage::submit`])
+//! according to its [`Durability`]:
 //! - [`Durability::Fsync`]: after its ops are in RocksDB's WAL and the WAL
 //!   is fsynced;
 //! - [`Durability::Lazy`]: also only after an fsync covers its ops, but it
@@ -28,10 +33,17 @@
 //!
 //! The queue is bounded ([`QUEUE_OPS_MAX`] operations): past it a submission
 //! gets [`Error::Busy`] and changes nothing.
+//!
+//! What survives what: a write that completed with `Fsync` or `Lazy`
+//! survives a crash of the process and a power loss; one that completed
+//! with `Buffered` survives a crash of the process only (the OS has it).
+//! An error from a write or an fsync says nothing of what reached the disk:
+//! the store is then failed for good, and the node must reopen it and read
+//! back what is there (the participant does, see its `node.rs`).
 
 use crate::Error;
 use rocksdb::{Options, WriteBatch, WriteOptions, DB};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -64,6 +76,86 @@ pub enum Op {
 
 type Completion = oneshot::Sender<Result<(), Error>>;
 
+/// Resolves once a submission's durability holds, with the write's result.
+pub type Written = oneshot::Receiver<Result<(), Error>>;
+
+/// Where a node keeps its records, whatever keeps them. See the module
+/// documentation for the durability contract every implementation keeps.
+pub trait Storage: Send + Sync + 'static {
+    /// Queues `ops`; the receiver yields once `durability` holds for them.
+    /// Fails at once if the store has failed or its queue is full; then
+    /// nothing was queued. Writes apply in the order they were submitted.
+    fn submit(&self, ops: Vec<Op>, durability: Durability) -> Result<Written, Error>;
+    /// Fails with [`Error::Busy`] unless `ops_count` more operations fit in
+    /// the queue (and with [`Error::Fatal`] once the store failed).
+    fn check_room(&self, ops_count: usize) -> Result<(), Error>;
+    /// Point read of what is written (durable or about to be).
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
+    /// The first `limit` keys and values whose key starts with `prefix`, in
+    /// key order.
+    fn scan_prefix_first(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error>;
+    /// Whether a write or fsync has failed; then the node must not acknowledge.
+    fn has_failed(&self) -> bool;
+    /// Stops taking writes, completes those already queued, and releases
+    /// the store (it can be opened again afterwards).
+    fn close(&self);
+}
+
+impl dyn Storage {
+    /// Submits `ops` and waits until they are fsynced.
+    pub async fn write(&self, ops: Vec<Op>) -> Result<(), Error> {
+        let written = self.submit(ops, Durability::Fsync)?;
+        written.await.unwrap_or_else(|_| Err(Error::Fatal("the writer stopped".into())))
+    }
+
+    /// Makes every write submitted before it durable without writing anything.
+    pub async fn sync(&self) -> Result<(), Error> {
+        self.write(Vec::new()).await
+    }
+
+    /// Every key and value whose key starts with `prefix`, in key order.
+    pub fn scan_prefix(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+        self.scan_prefix_first(prefix, usize::MAX)
+    }
+}
+
+/// Which storage a node opens: RocksDB in a directory (the binaries), or a
+/// simulated disk in memory (tests and simulations), which outlives the
+/// node so that a restarted node finds what reached it.
+#[derive(Clone, Debug)]
+pub enum Disk {
+    Path(PathBuf),
+    Memory(memory::MemoryDisk),
+}
+
+impl Disk {
+    pub fn open(&self) -> Result<std::sync::Arc<dyn Storage>, Error> {
+        match self {
+            Disk::Path(path) => Ok(std::sync::Arc::new(Store::open(path)?)),
+            Disk::Memory(disk) => disk.open(),
+        }
+    }
+
+    /// Bytes free for this node's records.
+    pub fn free_bytes(&self) -> Result<u64, Error> {
+        match self {
+            Disk::Path(path) => Store::free_bytes(path),
+            Disk::Memory(disk) => Ok(disk.free_bytes()),
+        }
+    }
+}
+
+impl std::fmt::Display for Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Disk::Path(path) => write!(f, "{}", path.display()),
+            Disk::Memory(_) => write!(f, "a disk in memory"),
+        }
+    }
+}
+
+pub mod memory;
+
 struct Pending {
     ops: Vec<Op>,
     durability: Durability,
@@ -89,6 +181,32 @@ struct Shared {
 pub struct Store {
     db: Arc<DB>,
     shared: Arc<Shared>,
+}
+
+impl Storage for Store {
+    fn submit(&self, ops: Vec<Op>, durability: Durability) -> Result<Written, Error> {
+        Store::submit(self, ops, durability)
+    }
+
+    fn check_room(&self, ops_count: usize) -> Result<(), Error> {
+        Store::check_room(self, ops_count)
+    }
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        Store::get(self, key)
+    }
+
+    fn scan_prefix_first(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+        Store::scan_prefix_first(self, prefix, limit)
+    }
+
+    fn has_failed(&self) -> bool {
+        Store::has_failed(self)
+    }
+
+    fn close(&self) {
+        Store::close(self)
+    }
 }
 
 impl Store {
@@ -329,11 +447,11 @@ impl Store {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn writes_are_readable_after_reopen_and_keep_their_order() {
-        let dir = tempfile::tempdir().unwrap();
+    /// The contract's ordering and durability, checked the same way on
+    /// every implementation: each case below runs it on one.
+    async fn writes_are_readable_after_reopen_and_keep_their_order(disk: Disk) {
         {
-            let store = Store::open(dir.path()).unwrap();
+            let store = disk.open().unwrap();
             let mut waits = Vec::new();
             for i in 0..100u32 {
                 waits.push(
@@ -351,12 +469,28 @@ mod tests {
             store.write(vec![Op::Delete(b"k/000".to_vec())]).await.unwrap();
             store.close();
         }
-        let store = Store::open(dir.path()).unwrap();
+        if let Disk::Memory(memory) = &disk {
+            // Everything above was fsynced: a power loss keeps it all.
+            memory.power_loss();
+        }
+        let store = disk.open().unwrap();
         assert_eq!(store.get(b"k/same").unwrap(), Some(99u32.to_be_bytes().to_vec()), "the last submitted write wins");
         assert_eq!(store.get(b"k/000").unwrap(), None);
         let rows = store.scan_prefix(b"k/0").unwrap();
         assert_eq!(rows.len(), 99);
         assert!(rows.windows(2).all(|w| w[0].0 < w[1].0));
+        assert_eq!(store.scan_prefix_first(b"k/0", 5).unwrap().len(), 5);
+    }
+
+    #[tokio::test]
+    async fn rocksdb_keeps_the_contract() {
+        let dir = tempfile::tempdir().unwrap();
+        writes_are_readable_after_reopen_and_keep_their_order(Disk::Path(dir.path().to_path_buf())).await;
+    }
+
+    #[tokio::test]
+    async fn the_disk_in_memory_keeps_the_contract() {
+        writes_are_readable_after_reopen_and_keep_their_order(Disk::Memory(memory::MemoryDisk::new())).await;
     }
 }
 

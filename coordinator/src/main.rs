@@ -103,7 +103,7 @@ async fn run(args: Args) -> Result<(), String> {
     security.check_node(Role::Coordinator, node_id.as_str()).map_err(|e| e.to_string())?;
     let (node, recovered) = Node::open(NodeConfig {
         node_id: node_id.clone(),
-        data_dir: args.data_dir,
+        disk: tandem::store::Disk::Path(args.data_dir),
         shards,
         prepare_timeout_ms: args.prepare_timeout_ms,
         call_timeout_ms: args.call_timeout_ms,

@@ -48,7 +48,6 @@ use crate::log;
 use crate::saga::{Recovery, SagaAction, SagaCore, SagaId};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -56,7 +55,7 @@ use tandem::domain::{clip_text, validate_balanced, validate_legs, Id, Leg, TxnId
 use tandem::pb;
 use tandem::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use tandem::pb::participant_client::ParticipantClient;
-use tandem::store::{Durability, Store};
+use tandem::store::{Disk, Durability, Storage};
 use tandem::tls::Security;
 use tandem::trust::{Authorizer, Configured};
 use tandem::Error;
@@ -196,7 +195,8 @@ pub(crate) struct Outbound {
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub node_id: Id,
-    pub data_dir: PathBuf,
+    /// Where the decision log is: RocksDB in a directory, or a disk in memory.
+    pub disk: Disk,
     pub shards: Vec<Shard>,
     /// A participant that has not voted within this bound votes NO for it.
     pub prepare_timeout_ms: u64,
@@ -242,7 +242,7 @@ pub(crate) struct Inner {
     pub(crate) generation: u64,
     pub(crate) next_sequence: AtomicU64,
     pub(crate) core: Mutex<Core>,
-    pub(crate) store: Store,
+    pub(crate) store: Arc<dyn Storage>,
     pub(crate) directory: Directory,
     pub(crate) participants: BTreeMap<Id, ParticipantClient<Channel>>,
     /// Health clients on the same channels, for the readiness probes.
@@ -278,7 +278,7 @@ impl Node {
             participant_health.insert(shard.participant.clone(), HealthClient::new(channel.clone()));
             participants.insert(shard.participant.clone(), ParticipantClient::new(channel));
         }
-        let store = Store::open(&config.data_dir)?;
+        let store = config.disk.open()?;
         let generation = match store.get(log::GENERATION_KEY)? {
             Some(bytes) => log::decode_at(log::GENERATION_KEY, &bytes, log::decode_generation)?
                 .checked_add(1)

@@ -10,7 +10,7 @@ use tandem_coordinator::node::{Node, NodeConfig};
 fn config(dir: &std::path::Path) -> NodeConfig {
     NodeConfig {
         node_id: Id::parse("id", "c1").unwrap(),
-        data_dir: dir.to_path_buf(),
+        disk: tandem::store::Disk::Path(dir.to_path_buf()),
         shards: vec![Shard::parse("p1=http://127.0.0.1:9@0..100").unwrap()],
         prepare_timeout_ms: 1_000,
         call_timeout_ms: 1_000,

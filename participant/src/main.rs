@@ -97,7 +97,7 @@ async fn run(args: Args) -> Result<(), String> {
     let peers = args.peers.iter().map(|c| parse_peer(c)).collect::<Result<Vec<_>, _>>()?;
     let node = Node::open(NodeConfig {
         node_id: node_id.clone(),
-        data_dir: args.data_dir,
+        disk: tandem::store::Disk::Path(args.data_dir),
         coordinators,
         peers,
         in_doubt_after_ms: args.in_doubt_after_ms,

@@ -38,7 +38,6 @@ use crate::core::{
 use crate::saga::{Event, EventKind, StepAnswer, StepKind, StepOutcome, StepPhase, Transfer, TransferState};
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 use tandem::domain::{AccountId, Amount, Id, Leg, TxnId};
@@ -46,7 +45,7 @@ use tandem::pb;
 use tandem::pb::coordinator_client::CoordinatorClient;
 use tandem::pb::participant_client::ParticipantClient;
 use tandem::pb::participant_server::{Participant, ParticipantServer};
-use tandem::store::{Durability, Store};
+use tandem::store::{Disk, Durability, Storage};
 use tandem::tls::Security;
 use tandem::trust::{Authorizer, Configured};
 use tandem::Error;
@@ -98,7 +97,8 @@ pub const OUTBOX_SYNC_AFTER_MS: u64 = 200;
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub node_id: Id,
-    pub data_dir: PathBuf,
+    /// Where the records are: RocksDB in a directory, or a disk in memory.
+    pub disk: Disk,
     /// Coordinator ids and the URLs where they answer decision queries.
     pub coordinators: Vec<(Id, String)>,
     /// Other participants (and possibly this one), for choreographed sagas.
@@ -124,13 +124,13 @@ pub struct Node {
 
 struct Inner {
     node_id: Id,
-    data_dir: PathBuf,
+    disk: Disk,
     /// What the core is rebuilt with when a failed store is reopened.
     core_config: Config,
     store_free_min_bytes: u64,
     core: Mutex<Core>,
     /// The open store; `None` while a failed one is being reopened.
-    store: RwLock<Option<Store>>,
+    store: RwLock<Option<Arc<dyn Storage>>>,
     coordinators: BTreeMap<Id, CoordinatorClient<Channel>>,
     peers: BTreeMap<Id, ParticipantClient<Channel>>,
     security: Security,
@@ -146,7 +146,7 @@ struct Inner {
 impl Node {
     /// Opens the store and recovers the core from it.
     pub fn open(config: NodeConfig) -> Result<Node, Error> {
-        let store = Store::open(&config.data_dir)?;
+        let store = config.disk.open()?;
         // Every record: accounts, transactions, barriers, transfers, inbox,
         // outbox, suspense.
         let records = store.scan_prefix(b"")?;
@@ -174,12 +174,12 @@ impl Node {
             accounts = core.accounts().len(),
             prepared = core.prepared_count(),
             "recovered from {}",
-            config.data_dir.display()
+            config.disk
         );
         Ok(Node {
             inner: Arc::new(Inner {
                 node_id: config.node_id,
-                data_dir: config.data_dir,
+                disk: config.disk,
                 core_config,
                 store_free_min_bytes: config.store_free_min_bytes,
                 core: Mutex::new(core),
@@ -216,7 +216,7 @@ impl Node {
     }
 
     /// The open store, or UNAVAILABLE once it failed, until it is reopened.
-    fn store(&self) -> Result<Store, Error> {
+    fn store(&self) -> Result<Arc<dyn Storage>, Error> {
         match self.inner.store.read().expect("store slot lock poisoned").as_ref() {
             Some(store) if !store.has_failed() => Ok(store.clone()),
             _ => Err(Error::Unavailable(format!(
@@ -284,13 +284,12 @@ impl Node {
     /// new one is put in, no call can write (they get UNAVAILABLE), so what
     /// was read from disk is what the new core is built from.
     async fn reopen_store(&self) -> Result<(), Error> {
-        let data_dir = &self.inner.data_dir;
-        let free = Store::free_bytes(data_dir)?;
+        let disk = &self.inner.disk;
+        let free = disk.free_bytes()?;
         if free < self.inner.store_free_min_bytes {
             return Err(Error::Unavailable(format!(
                 "{} has {free} bytes free; the node serves again from {} (--store-free-min-mb)",
-                data_dir.display(),
-                self.inner.store_free_min_bytes
+                disk, self.inner.store_free_min_bytes
             )));
         }
         let failed = {
@@ -302,7 +301,7 @@ impl Node {
             // database is closed when its last handle goes, here.
             failed.close();
         }
-        let store = Store::open(data_dir)?;
+        let store = disk.open()?;
         let probe = vec![
             tandem::store::Op::Put(STORE_PROBE_KEY.to_vec(), vec![0; STORE_PROBE_BYTES]),
             tandem::store::Op::Delete(STORE_PROBE_KEY.to_vec()),
@@ -330,7 +329,7 @@ impl Node {
             accounts = core.accounts().len(),
             prepared = core.prepared_count(),
             "the store was reopened and the node recovered from {}",
-            data_dir.display()
+            disk
         );
         Ok(())
     }

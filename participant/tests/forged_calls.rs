@@ -29,7 +29,7 @@ struct Running {
 fn config(name: &str, dir: &std::path::Path, peers: Vec<(Id, String)>) -> NodeConfig {
     NodeConfig {
         node_id: id(name),
-        data_dir: dir.to_path_buf(),
+        disk: tandem::store::Disk::Path(dir.to_path_buf()),
         // Never asked in these tests (nothing stays in doubt).
         coordinators: vec![(id("c1"), "http://127.0.0.1:9".into())],
         peers,

@@ -20,7 +20,7 @@ fn id(text: &str) -> Id {
 fn config(ca: &LocalCa, name: &str, dir: &std::path::Path, peers: Vec<(Id, String)>) -> NodeConfig {
     NodeConfig {
         node_id: id(name),
-        data_dir: dir.join(name),
+        disk: tandem::store::Disk::Path(dir.join(name)),
         // No coordinator runs: these tests use choreographed transfers only.
         coordinators: vec![(id("c1"), "https://127.0.0.1:1".into())],
         peers,
