@@ -651,7 +651,7 @@ async fn a_choreographed_transfer_completes_after_its_target_was_paused_across_t
     let (mut cluster, _dir) = start_cluster(2, 10).await;
     let mut source = cluster.participant_client(0, cluster.client()).unwrap();
     let target = NodeRef::Participant(1);
-    let timeout_ms = tandem_participant_delivery_timeout_ms();
+    let timeout_ms = RELAY_DELIVERY_TIMEOUT_MS;
     for (i, pause_ms) in [timeout_ms - 50, timeout_ms, timeout_ms + 50, timeout_ms + 100].into_iter().enumerate() {
         let saga_id = format!("paused-{i}");
         cluster.node(target).pause();
@@ -695,9 +695,7 @@ async fn a_choreographed_transfer_completes_after_its_target_was_paused_across_t
 
 /// The source's relay gives up a delivery after this long (the
 /// participant's `DELIVERY_TIMEOUT_MS`).
-fn tandem_participant_delivery_timeout_ms() -> u64 {
-    1_000
-}
+const RELAY_DELIVERY_TIMEOUT_MS: u64 = 1_000;
 
 /// Asks a node's reflection service the questions a client without the
 /// proto files asks first: the services, then the file of `symbol`. Returns

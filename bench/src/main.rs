@@ -89,30 +89,7 @@ enum ClusterCommand {
     /// Start a coordinator and participants, open the accounts, print the
     /// endpoints, and run until Ctrl-C. A node that crashes meanwhile is
     /// reported at once and makes the exit code 1.
-    Up {
-        #[arg(long, default_value_t = 2)]
-        participants: usize,
-        #[arg(long, default_value_t = 1_000)]
-        accounts: u64,
-        #[arg(long, default_value_t = 1_000_000)]
-        initial_balance: i64,
-        /// Data directory (default: a fresh one under bench-results/).
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// Keep the data directory when stopping.
-        #[arg(long)]
-        keep_data: bool,
-        #[arg(long)]
-        bin_dir: Option<PathBuf>,
-        /// Log level of the nodes.
-        #[arg(long, default_value = "info")]
-        log_level: String,
-        /// Plaintext links without certificates: every caller may make
-        /// every call. By default the cluster runs over mutual TLS with a
-        /// throw-away CA whose certificates are written in DATA_DIR/tls/.
-        #[arg(long)]
-        insecure: bool,
-    },
+    Up(UpOptions),
 }
 
 fn unix_now() -> u64 {
@@ -125,31 +102,7 @@ async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let result = match args.command {
         Command::Run(run) => run_command(run).await,
-        Command::Cluster {
-            command:
-                ClusterCommand::Up {
-                    participants,
-                    accounts,
-                    initial_balance,
-                    data_dir,
-                    keep_data,
-                    bin_dir,
-                    log_level,
-                    insecure,
-                },
-        } => {
-            let options = UpOptions {
-                participants,
-                accounts,
-                initial_balance,
-                data_dir,
-                keep_data,
-                bin_dir,
-                log_level,
-                insecure,
-            };
-            cluster_up(options).await
-        }
+        Command::Cluster { command: ClusterCommand::Up(options) } => cluster_up(options).await,
         Command::Scenarios => {
             for (name, text) in scenario::PRESETS {
                 let description = scenario::Scenario::from_toml(text, name).map(|s| s.description).unwrap_or_default();
@@ -230,14 +183,30 @@ async fn run_command(args: RunArgs) -> Result<bool, String> {
     Ok(report.passed())
 }
 
+/// `bench cluster up`: the cluster to start and how.
+#[derive(clap::Args, Debug)]
 struct UpOptions {
+    #[arg(long, default_value_t = 2)]
     participants: usize,
+    #[arg(long, default_value_t = 1_000)]
     accounts: u64,
+    #[arg(long, default_value_t = 1_000_000)]
     initial_balance: i64,
+    /// Data directory (default: a fresh one under bench-results/).
+    #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Keep the data directory when stopping.
+    #[arg(long)]
     keep_data: bool,
+    #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Log level of the nodes.
+    #[arg(long, default_value = "info")]
     log_level: String,
+    /// Plaintext links without certificates: every caller may make
+    /// every call. By default the cluster runs over mutual TLS with a
+    /// throw-away CA whose certificates are written in DATA_DIR/tls/.
+    #[arg(long)]
     insecure: bool,
 }
 

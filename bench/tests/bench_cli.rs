@@ -156,12 +156,38 @@ async fn cluster_up_serves_transfers_and_reports_a_crashed_node() {
     assert!(output.1.contains("p1 exited"), "{}", output.1);
 }
 
+/// Runs `protocols` of the scenario `text` (written to a file in `out`),
+/// checks that the run succeeded with no violation and every fault applied,
+/// and returns each protocol's result from results.json.
+fn run_scenario_without_violations(out: &Path, text: &str, protocols: &[&str]) -> Vec<serde_json::Value> {
+    let scenario = out.join("scenario.toml");
+    std::fs::write(&scenario, text).unwrap();
+    let mut command = bench();
+    command.arg("run");
+    for protocol in protocols {
+        command.args(["--protocol", protocol]);
+    }
+    let output = command.arg("--scenario").arg(&scenario).arg("--out").arg(out.join("results")).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "bench failed ({:?}):\n{stdout}\n{stderr}", output.status);
+    let results: serde_json::Value = serde_json::from_str(&read(&out.join("results").join("results.json"))).unwrap();
+    let results = results["results"].as_array().unwrap().clone();
+    for result in &results {
+        let name = result["protocol"].as_str().unwrap();
+        assert_eq!(result["check"]["violations"].as_array().unwrap().len(), 0, "{name}: {}", result["check"]);
+        for fault in result["faults"].as_array().unwrap() {
+            assert!(fault["error"].is_null(), "{name}: {fault}");
+        }
+    }
+    results
+}
+
 #[test]
 fn link_faults_slow_and_cut_links_in_an_open_loop_zipf_run_and_every_invariant_holds() {
     let out = tempfile::tempdir().unwrap();
-    let scenario = out.path().join("links.toml");
-    std::fs::write(
-        &scenario,
+    let results = run_scenario_without_violations(
+        out.path(),
         r#"
 name = "links"
 description = "open loop, Zipf, link c1-p1 delayed, link p1-p2 cut"
@@ -196,26 +222,10 @@ peer = "p2"
 at_s = 1.5
 duration_s = 1
 "#,
-    )
-    .unwrap();
-    let output = bench()
-        .args(["run", "--protocol", "2pc", "--protocol", "choreographed", "--scenario"])
-        .arg(&scenario)
-        .arg("--out")
-        .arg(out.path().join("results"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "bench failed ({:?}):\n{stdout}\n{stderr}", output.status);
-    let results: serde_json::Value =
-        serde_json::from_str(&read(&out.path().join("results").join("results.json"))).unwrap();
-    for result in results["results"].as_array().unwrap() {
+        &["2pc", "choreographed"],
+    );
+    for result in &results {
         let name = result["protocol"].as_str().unwrap();
-        assert_eq!(result["check"]["violations"].as_array().unwrap().len(), 0, "{name}: {}", result["check"]);
-        for fault in result["faults"].as_array().unwrap() {
-            assert!(fault["error"].is_null(), "{name}: {fault}");
-        }
         if name == "2pc" {
             // Through the delayed link a prepare to p1 takes 50 ms more
             // (25 ms each way): the transfers that started in that window
@@ -231,9 +241,8 @@ duration_s = 1
 #[test]
 fn a_black_holed_and_a_one_way_cut_link_leave_every_invariant_holding() {
     let out = tempfile::tempdir().unwrap();
-    let scenario = out.path().join("silent.toml");
-    std::fs::write(
-        &scenario,
+    let results = run_scenario_without_violations(
+        out.path(),
         r#"
 name = "silent"
 description = "link c1->p1 black-holed, then p1->p2 cut one way"
@@ -264,26 +273,10 @@ peer = "p2"
 at_s = 2
 duration_s = 1
 "#,
-    )
-    .unwrap();
-    let output = bench()
-        .args(["run", "--protocol", "2pc", "--protocol", "choreographed", "--scenario"])
-        .arg(&scenario)
-        .arg("--out")
-        .arg(out.path().join("results"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "bench failed ({:?}):\n{stdout}\n{stderr}", output.status);
-    let results: serde_json::Value =
-        serde_json::from_str(&read(&out.path().join("results").join("results.json"))).unwrap();
-    for result in results["results"].as_array().unwrap() {
+        &["2pc", "choreographed"],
+    );
+    for result in &results {
         let name = result["protocol"].as_str().unwrap();
-        assert_eq!(result["check"]["violations"].as_array().unwrap().len(), 0, "{name}: {}", result["check"]);
-        for fault in result["faults"].as_array().unwrap() {
-            assert!(fault["error"].is_null(), "{name}: {fault}");
-        }
         if name == "2pc" {
             // Prepares to p1 fall into the black hole: their transfers abort
             // when the prepare deadline passes (nothing fails fast).

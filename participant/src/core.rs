@@ -800,4 +800,4 @@ pub fn check_batch_len(field: &str, len: usize, max: usize) -> Result<(), Error>
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -306,23 +306,23 @@ impl Node {
             tandem::store::Op::Put(STORE_PROBE_KEY.to_vec(), vec![0; STORE_PROBE_BYTES]),
             tandem::store::Op::Delete(STORE_PROBE_KEY.to_vec()),
         ];
-        let records = match store.write(probe).await.and_then(|()| store.scan_prefix(b"")) {
-            Ok(records) => records,
-            Err(error) => {
-                store.close();
-                return Err(error);
-            }
-        };
-        let mut core = self.core()?;
         // Records it cannot read keep the node NOT_SERVING (this is tried
         // again), as they would keep a restarted node from starting.
-        *core = match Core::recover(self.inner.core_config.clone(), records, self.now_ms()) {
+        let recovered = async {
+            store.write(probe).await?;
+            let records = store.scan_prefix(b"")?;
+            Core::recover(self.inner.core_config.clone(), records, self.now_ms())
+        }
+        .await;
+        let recovered = match recovered {
             Ok(recovered) => recovered,
             Err(error) => {
                 store.close();
                 return Err(error);
             }
         };
+        let mut core = self.core()?;
+        *core = recovered;
         *self.inner.store.write().expect("store slot lock poisoned") = Some(store);
         info!(
             node = %self.inner.node_id,

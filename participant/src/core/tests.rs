@@ -24,11 +24,12 @@ impl Disk {
     }
 }
 
-fn id(text: &str) -> Id {
+pub(crate) fn id(text: &str) -> Id {
     Id::parse("id", text).unwrap()
 }
 
-fn config() -> Config {
+/// Participant p1 of coordinator c1, finished records kept 1 s.
+pub(crate) fn config() -> Config {
     Config {
         node_id: id("p1"),
         coordinators: [id("c1")].into_iter().collect(),

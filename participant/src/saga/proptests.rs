@@ -21,24 +21,12 @@
 //! `proptest-regressions/` and replays it first on the next run.
 
 use super::*;
-use crate::core::{Config, Core, TxnState};
+use crate::core::{Core, TxnState};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
 use tandem::domain::{Leg, TxnId, REASON_LEN_MAX};
 
-fn id(text: &str) -> Id {
-    Id::parse("id", text).unwrap()
-}
-
-fn config() -> Config {
-    Config {
-        node_id: id("p1"),
-        coordinators: [id("c1")].into_iter().collect(),
-        in_doubt_after_ms: 500,
-        finished_retention_ms: 1_000,
-        owned_accounts: None,
-    }
-}
+use crate::core::tests::{config, id};
 
 #[derive(Debug, Clone)]
 enum Change {
