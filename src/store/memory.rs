@@ -52,6 +52,8 @@ struct DiskState {
     durable: BTreeMap<Vec<u8>, Vec<u8>>,
     /// What reads see: `durable` with `unsynced` applied.
     cache: BTreeMap<Vec<u8>, Vec<u8>>,
+    /// Bytes of keys and values in `cache`, kept as it changes.
+    cache_bytes: u64,
     /// Written, not yet fsynced, in the order written.
     unsynced: Vec<Op>,
     capacity_bytes: Option<u64>,
@@ -63,9 +65,45 @@ struct DiskState {
     open: bool,
 }
 
+fn record_bytes(key: &[u8], value: &[u8]) -> u64 {
+    (key.len() + value.len()) as u64
+}
+
 impl DiskState {
     fn used_bytes(&self) -> u64 {
-        self.cache.iter().map(|(key, value)| (key.len() + value.len()) as u64).sum()
+        self.cache_bytes
+    }
+
+    /// What the cache would take after `ops`, without changing it: only the
+    /// records they touch are looked at.
+    fn bytes_after(&self, ops: &[Op]) -> u64 {
+        let mut touched: BTreeMap<&[u8], u64> = BTreeMap::new();
+        let mut bytes = self.cache_bytes;
+        for op in ops {
+            let (key, after) = match op {
+                Op::Put(key, value) => (key.as_slice(), record_bytes(key, value)),
+                Op::Delete(key) => (key.as_slice(), 0),
+            };
+            let before = touched
+                .get(key)
+                .copied()
+                .unwrap_or_else(|| self.cache.get(key).map_or(0, |value| record_bytes(key, value)));
+            bytes = bytes - before + after;
+            touched.insert(key, after);
+        }
+        bytes
+    }
+
+    fn write_cache(&mut self, op: &Op) {
+        let before = match op {
+            Op::Put(key, value) => self.cache.insert(key.clone(), value.clone()).map(|old| record_bytes(key, &old)),
+            Op::Delete(key) => self.cache.remove(key).map(|old| record_bytes(key, &old)),
+        };
+        let after = match op {
+            Op::Put(key, value) => record_bytes(key, value),
+            Op::Delete(_) => 0,
+        };
+        self.cache_bytes = self.cache_bytes - before.unwrap_or(0) + after;
     }
 }
 
@@ -122,6 +160,7 @@ impl MemoryDisk {
         state.open = false;
         state.unsynced.clear();
         state.cache = state.durable.clone();
+        state.cache_bytes = state.cache.iter().map(|(key, value)| record_bytes(key, value)).sum();
     }
 
     /// The next fsync fails (once).
@@ -180,16 +219,11 @@ impl MemoryStore {
             return Err(Error::Fatal("the store failed earlier; this node no longer acknowledges writes".into()));
         }
         let mut state = self.live_disk()?;
-        if let Some(capacity) = state.capacity_bytes {
-            let mut after = state.cache.clone();
-            ops.iter().for_each(|op| apply(&mut after, op));
-            let used: u64 = after.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
-            if used > capacity {
-                return Err(self.fail("IO error: No space left on device (a disk in memory)"));
-            }
+        if state.capacity_bytes.is_some_and(|capacity| state.bytes_after(&ops) > capacity) {
+            return Err(self.fail("IO error: No space left on device (a disk in memory)"));
         }
         for op in ops {
-            apply(&mut state.cache, &op);
+            state.write_cache(&op);
             state.unsynced.push(op);
         }
         if durability == Durability::Buffered {
