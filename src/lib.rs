@@ -15,6 +15,7 @@ pub mod crash;
 pub mod domain;
 pub mod error;
 pub mod local_ca;
+pub mod net;
 pub mod pb;
 pub mod proxy;
 pub mod reflection;

@@ -3,6 +3,7 @@
 //! servers and channels are made, with their TLS and the role check (see
 //! [`crate::tls`] and [`crate::trust`]).
 
+use crate::net::Network;
 use crate::tls::Security;
 use crate::trust::{AuthorizeLayer, Authorizer};
 use std::net::SocketAddr;
@@ -94,6 +95,16 @@ pub fn server_builder(
 /// `https://`); with [`Security::Insecure`], plaintext (`http://`). Each call
 /// still carries its own deadline.
 pub fn channel(url: &str, security: &Security) -> Result<tonic::transport::Channel, crate::Error> {
+    channel_on(url, security, &Network::Tcp)
+}
+
+/// [`channel`] whose connections `network` dials (a simulation's network,
+/// or the machine's TCP sockets).
+pub fn channel_on(
+    url: &str,
+    security: &Security,
+    network: &Network,
+) -> Result<tonic::transport::Channel, crate::Error> {
     let scheme = security.scheme();
     if !url.starts_with(&format!("{scheme}://")) {
         return Err(crate::Error::InvalidInput(match security {
@@ -118,7 +129,7 @@ pub fn channel(url: &str, security: &Security) -> Result<tonic::transport::Chann
             .tls_config(tls)
             .map_err(|e| crate::Error::InvalidInput(format!("{url:?}: the TLS configuration is refused: {e:?}")))?;
     }
-    Ok(endpoint.connect_lazy())
+    Ok(network.connect_lazy(endpoint))
 }
 
 /// A multi-threaded tokio runtime with `worker_threads` workers (default:

@@ -20,9 +20,52 @@
 use crate::workload::{Client, HistoryEntry, OpOutcome};
 use serde::Serialize;
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tandem::cluster::Cluster;
 use tandem::pb;
+use tandem::pb::coordinator_client::CoordinatorClient;
+use tandem::pb::participant_client::ParticipantClient;
+use tokio::time::Instant;
+use tonic::transport::Channel;
+
+/// What the checker reads: the nodes of a cluster (real processes or a
+/// simulation's hosts) and the ledger they opened with.
+pub struct LedgerView {
+    /// The coordinator, as a client may call it (transfers, lookups).
+    pub coordinator: Channel,
+    /// Every participant in order (p1 first), as an operator may call it.
+    pub participants: Vec<ParticipantClient<Channel>>,
+    pub accounts_per_participant: u64,
+    /// Every account opened, each with `initial_balance`.
+    pub accounts: std::ops::Range<u64>,
+    pub initial_balance: i64,
+    pub expected_total: i64,
+}
+
+impl LedgerView {
+    /// The view of a local cluster, over its client's and operator's
+    /// certificates.
+    pub fn of(cluster: &Cluster) -> Result<LedgerView, tandem::Error> {
+        Ok(LedgerView {
+            coordinator: tandem::server::channel(&cluster.coordinator.url(), cluster.client())?,
+            participants: (0..cluster.participants.len())
+                .map(|i| cluster.participant_client(i, cluster.operator()))
+                .collect::<Result<_, _>>()?,
+            accounts_per_participant: cluster.spec.accounts_per_participant,
+            accounts: cluster.accounts(),
+            initial_balance: cluster.spec.initial_balance,
+            expected_total: cluster.spec.total_money(),
+        })
+    }
+
+    fn client(&self) -> Client {
+        Client::from_clients(
+            CoordinatorClient::new(self.coordinator.clone()),
+            self.participants.clone(),
+            self.accounts_per_participant,
+        )
+    }
+}
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct CheckReport {
@@ -43,12 +86,12 @@ impl CheckReport {
 }
 
 /// Waits until every participant is quiet; returns what is still held if not.
-async fn settle(cluster: &Cluster, limit: Duration) -> Result<Duration, String> {
+async fn settle(view: &LedgerView, limit: Duration) -> Result<Duration, String> {
     let began = Instant::now();
     loop {
         let mut held = Vec::new();
-        for i in 0..cluster.participants.len() {
-            let mut client = cluster.participant_client(i, cluster.operator()).map_err(|e| e.to_string())?;
+        for (i, client) in view.participants.iter().enumerate() {
+            let mut client = client.clone();
             match client.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await {
                 Ok(balances) => {
                     let b = balances.into_inner();
@@ -106,25 +149,24 @@ fn suspects(history: &[HistoryEntry], account: u64, off: i64) -> String {
 /// Checks the cluster against the history of every client operation (of
 /// any protocols: each entry says which).
 pub async fn check(cluster: &Cluster, history: &mut [HistoryEntry]) -> CheckReport {
-    let mut report = CheckReport { expected_total: cluster.spec.total_money(), ..Default::default() };
-    match settle(cluster, Duration::from_secs(30)).await {
+    match LedgerView::of(cluster) {
+        Ok(view) => check_ledger(&view, history).await,
+        Err(error) => CheckReport {
+            expected_total: cluster.spec.total_money(),
+            violations: vec![format!("cannot reach the cluster: {error}")],
+            ..Default::default()
+        },
+    }
+}
+
+/// [`check`] over any view of a cluster (a simulation's included).
+pub async fn check_ledger(view: &LedgerView, history: &mut [HistoryEntry]) -> CheckReport {
+    let mut report = CheckReport { expected_total: view.expected_total, ..Default::default() };
+    match settle(view, Duration::from_secs(30)).await {
         Ok(took) => report.settle_ms = took.as_millis() as u64,
         Err(held) => report.violations.push(format!("not settled 30 s after the run: {held}")),
     }
-    let channels = std::iter::once(cluster.coordinator.url())
-        .chain(cluster.participants.iter().map(|p| p.url()))
-        .map(|url| tandem::server::channel(&url, cluster.client()))
-        .collect::<Result<Vec<_>, _>>();
-    let mut client = match channels {
-        Ok(mut channels) => {
-            let coordinator = channels.remove(0);
-            Client::new(coordinator, channels, cluster.spec.accounts_per_participant)
-        }
-        Err(error) => {
-            report.violations.push(format!("cannot reach the cluster: {error}"));
-            return report;
-        }
-    };
+    let mut client = view.client();
     // Resolve unknown outcomes by asking again with the same key.
     let deadline = Instant::now() + Duration::from_secs(60);
     for entry in history.iter_mut() {
@@ -149,12 +191,12 @@ pub async fn check(cluster: &Cluster, history: &mut [HistoryEntry]) -> CheckRepo
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    if let Err(held) = settle(cluster, Duration::from_secs(30)).await {
+    if let Err(held) = settle(view, Duration::from_secs(30)).await {
         report.violations.push(format!("not settled after resolving outcomes: {held}"));
     }
-    let accounts = cluster.accounts();
-    let mut expected: BTreeMap<u64, i64> = accounts.clone().map(|a| (a, cluster.spec.initial_balance)).collect();
-    let mut expected_suspense = vec![0i64; cluster.participants.len()];
+    let accounts = view.accounts.clone();
+    let mut expected: BTreeMap<u64, i64> = accounts.clone().map(|a| (a, view.initial_balance)).collect();
+    let mut expected_suspense = vec![0i64; view.participants.len()];
     for entry in history.iter() {
         match entry.outcome {
             OpOutcome::Committed => {
@@ -165,20 +207,14 @@ pub async fn check(cluster: &Cluster, history: &mut [HistoryEntry]) -> CheckRepo
             // The debit stands; its money waits in the source's suspense.
             OpOutcome::DeadLettered => {
                 *expected.get_mut(&entry.from).expect("a known account") -= entry.amount;
-                expected_suspense[(entry.from / cluster.spec.accounts_per_participant) as usize] += entry.amount;
+                expected_suspense[(entry.from / view.accounts_per_participant) as usize] += entry.amount;
             }
             _ => {}
         }
     }
     let mut seen = 0u64;
-    for i in 0..cluster.participants.len() {
-        let mut participant = match cluster.participant_client(i, cluster.operator()) {
-            Ok(p) => p,
-            Err(error) => {
-                report.violations.push(format!("p{}: {error}", i + 1));
-                continue;
-            }
-        };
+    for (i, participant) in view.participants.iter().enumerate() {
+        let mut participant = participant.clone();
         let balances = match participant.read_balances(pb::ReadBalancesRequest { include_accounts: true }).await {
             Ok(b) => b.into_inner(),
             Err(status) => {

@@ -113,6 +113,7 @@ async fn run(args: Args) -> Result<(), String> {
         saga_step_attempts: args.saga_step_attempts.max(1),
         saga_deadline_ms: args.saga_deadline_ms,
         security,
+        network: tandem::net::Network::Tcp,
     })
     .await
     .map_err(|e| e.to_string())?;

@@ -50,8 +50,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tandem::domain::{clip_text, validate_balanced, validate_legs, Id, Leg, TxnId, REASON_LEN_MAX};
+use tandem::net::Network;
 use tandem::pb;
 use tandem::pb::coordinator_server::{Coordinator, CoordinatorServer};
 use tandem::pb::participant_client::ParticipantClient;
@@ -59,8 +60,12 @@ use tandem::store::{Disk, Durability, Storage};
 use tandem::tls::Security;
 use tandem::trust::{Authorizer, Configured};
 use tandem::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, OwnedRwLockReadGuard, RwLock};
+use tokio::time::Instant;
+use tokio_stream::Stream;
+use tonic::transport::server::Connected;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tonic_health::pb::health_client::HealthClient;
@@ -218,6 +223,8 @@ pub struct NodeConfig {
     /// This node's certificate and the cluster's CA, for the server and for
     /// its calls to the participants; or `--insecure`.
     pub security: Security,
+    /// How its calls reach the participants: TCP, or a simulation's network.
+    pub network: Network,
 }
 
 pub(crate) struct Waiter {
@@ -274,7 +281,7 @@ impl Node {
         let mut participants = BTreeMap::new();
         let mut participant_health = BTreeMap::new();
         for shard in directory.shards() {
-            let channel = tandem::server::channel(&shard.url, &config.security)?;
+            let channel = tandem::server::channel_on(&shard.url, &config.security, &config.network)?;
             participant_health.insert(shard.participant.clone(), HealthClient::new(channel.clone()));
             participants.insert(shard.participant.clone(), ParticipantClient::new(channel));
         }
@@ -820,6 +827,21 @@ impl Node {
         recovered: Recovered,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), Error> {
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        self.run_on(incoming, recovered, shutdown).await
+    }
+
+    /// [`Node::run`] on any stream of accepted connections (a simulation's).
+    pub async fn run_on<IO, IE>(
+        self,
+        incoming: impl Stream<Item = Result<IO, IE>>,
+        recovered: Recovered,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error>
+    where
+        IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         // Decision queries only from the participants of the directory (see
         // tandem::trust); no coordinator calls another.
         let configured = Configured {
@@ -855,7 +877,6 @@ impl Node {
                 ]
             })
             .collect();
-        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = server
             .add_service(health_service)
             .add_service(tandem::server::reflection_service(tandem::pb::coordinator_server::SERVICE_NAME))

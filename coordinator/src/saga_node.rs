@@ -8,12 +8,13 @@ use crate::log;
 use crate::node::{abort_reason_from_pb, Node, QueuedStep, Waiter};
 use crate::saga::{Recovery, Retry, SagaAction, SagaId, SagaRecord, SagaSpec, Stage, StepKind, StepPhase, StepResult};
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tandem::domain::{clip_text, AccountId, Amount, Id, REASON_LEN_MAX};
 use tandem::pb;
 use tandem::store::Durability;
 use tandem::Error;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 /// The first wait before a failed saga step is retried; it doubles up to the

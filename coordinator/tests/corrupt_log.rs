@@ -20,6 +20,7 @@ fn config(dir: &std::path::Path) -> NodeConfig {
         saga_step_attempts: 3,
         saga_deadline_ms: 1_000,
         security: tandem::tls::Security::Insecure,
+        network: tandem::net::Network::Tcp,
     }
 }
 

@@ -105,6 +105,7 @@ async fn run(args: Args) -> Result<(), String> {
         owned_accounts: args.accounts,
         store_free_min_bytes: args.store_free_min_mb.saturating_mul(1 << 20),
         security,
+        network: tandem::net::Network::Tcp,
     })
     .map_err(|e| e.to_string())?;
     let (listener, addr) =

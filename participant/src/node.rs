@@ -39,8 +39,9 @@ use crate::saga::{Event, EventKind, StepAnswer, StepKind, StepOutcome, StepPhase
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tandem::domain::{AccountId, Amount, Id, Leg, TxnId};
+use tandem::net::Network;
 use tandem::pb;
 use tandem::pb::coordinator_client::CoordinatorClient;
 use tandem::pb::participant_client::ParticipantClient;
@@ -49,8 +50,12 @@ use tandem::store::{Disk, Durability, Storage};
 use tandem::tls::Security;
 use tandem::trust::{Authorizer, Configured};
 use tandem::Error;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+use tokio_stream::Stream;
+use tonic::transport::server::Connected;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
@@ -114,6 +119,9 @@ pub struct NodeConfig {
     /// This node's certificate and the cluster's CA, for the server and for
     /// its calls to the coordinators and peers; or `--insecure`.
     pub security: Security,
+    /// How its calls reach the coordinators and peers: TCP, or a
+    /// simulation's network.
+    pub network: Network,
 }
 
 /// A running participant. Cheap to clone.
@@ -152,11 +160,17 @@ impl Node {
         let records = store.scan_prefix(b"")?;
         let mut coordinators = BTreeMap::new();
         for (id, url) in &config.coordinators {
-            coordinators.insert(id.clone(), CoordinatorClient::new(tandem::server::channel(url, &config.security)?));
+            coordinators.insert(
+                id.clone(),
+                CoordinatorClient::new(tandem::server::channel_on(url, &config.security, &config.network)?),
+            );
         }
         let mut peers = BTreeMap::new();
         for (id, url) in &config.peers {
-            peers.insert(id.clone(), ParticipantClient::new(tandem::server::channel(url, &config.security)?));
+            peers.insert(
+                id.clone(),
+                ParticipantClient::new(tandem::server::channel_on(url, &config.security, &config.network)?),
+            );
         }
         let core_config = Config {
             node_id: config.node_id.clone(),
@@ -423,6 +437,20 @@ impl Node {
     /// until `shutdown` resolves, with the background tasks running; then
     /// stops taking calls, lets the store write what is queued, and returns.
     pub async fn run(self, listener: TcpListener, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        self.run_on(incoming, shutdown).await
+    }
+
+    /// [`Node::run`] on any stream of accepted connections (a simulation's).
+    pub async fn run_on<IO, IE>(
+        self,
+        incoming: impl Stream<Item = Result<IO, IE>>,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), Error>
+    where
+        IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
+        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         // 2PC and saga calls only from the coordinators this node was
         // configured with, events only from its peers (see tandem::trust).
         let configured = Configured {
@@ -437,7 +465,6 @@ impl Node {
         let collector = tokio::spawn(self.clone().collect_garbage());
         let relay = tokio::spawn(self.clone().relay_outbox());
         let store_watch = tokio::spawn(self.clone().watch_store(health_reporter.clone()));
-        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = server
             .add_service(health_service)
             .add_service(tandem::server::reflection_service(tandem::pb::participant_server::SERVICE_NAME))

@@ -31,6 +31,7 @@ async fn start(disk: &MemoryDisk) -> (Node, String, tokio::sync::oneshot::Sender
         store_free_min_bytes: 1_000,
         // In process, the trust layer is not what is tested here.
         security: Security::Insecure,
+        network: tandem::net::Network::Tcp,
     })
     .unwrap();
     let (listener, addr) = tandem::server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();

@@ -42,6 +42,7 @@ fn config(name: &str, dir: &std::path::Path, peers: Vec<(Id, String)>) -> NodeCo
         // peer gone wrong. The trust layer, which refuses most of them from
         // anyone else, is tested in tests/trust.rs.
         security: Security::Insecure,
+        network: tandem::net::Network::Tcp,
     }
 }
 

@@ -168,6 +168,13 @@ impl MemoryDisk {
         self.state().fail_next_fsync = true;
     }
 
+    /// The disk is healthy again: no limit, and no fsync armed to fail.
+    pub fn heal(&self) {
+        let mut state = self.state();
+        state.capacity_bytes = None;
+        state.fail_next_fsync = false;
+    }
+
     /// At most this many bytes of keys and values (`None`: no limit).
     pub fn set_capacity_bytes(&self, capacity: Option<u64>) {
         self.state().capacity_bytes = capacity;
