@@ -1,0 +1,156 @@
+//! The simulated cluster: one coordinator and its participants, each a
+//! turmoil host running the same `Node` code as the binaries, on a disk in
+//! memory that outlives its process (so a crash and a restart read back
+//! what the disk kept).
+
+use crate::net;
+use std::sync::Arc;
+use std::time::Duration;
+use tandem::domain::Id;
+use tandem::store::memory::MemoryDisk;
+use tandem::store::Disk;
+use tandem::tls::Security;
+use tandem_coordinator::directory::Shard;
+
+/// The coordinator's host name (and node id).
+pub const COORDINATOR: &str = "c1";
+/// The client host's name.
+pub const CLIENT: &str = "client";
+/// How long a host whose node failed to open waits before trying again (a
+/// supervisor restarting the process).
+const REOPEN_AFTER_MS: u64 = 300;
+
+/// Shape of the simulated cluster and the timing its nodes run with:
+/// production's settings, scaled down so that a seed's faults outlast the
+/// timeouts (and the retries and backoffs run many times).
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub participants: usize,
+    pub accounts_per_participant: u64,
+    pub initial_balance: i64,
+    /// How long a participant's finished records and tombstones, and its
+    /// inbox's event ids, are kept. Longer than any fault a CI scenario
+    /// injects: deduplication within this window is what the participant
+    /// promises today (the long-outage work removes the window).
+    pub finished_retention_ms: u64,
+}
+
+impl Topology {
+    pub fn participant_name(&self, i: usize) -> String {
+        format!("p{}", i + 1)
+    }
+
+    pub fn participant_names(&self) -> Vec<String> {
+        (0..self.participants).map(|i| self.participant_name(i)).collect()
+    }
+
+    /// Every node's host name, the coordinator first.
+    pub fn node_names(&self) -> Vec<String> {
+        std::iter::once(COORDINATOR.to_string()).chain(self.participant_names()).collect()
+    }
+
+    pub fn accounts(&self) -> std::ops::Range<u64> {
+        0..self.accounts_per_participant * self.participants as u64
+    }
+
+    pub fn total_money(&self) -> i64 {
+        self.initial_balance * self.accounts().end as i64
+    }
+
+    fn shards(&self) -> Vec<Shard> {
+        (0..self.participants)
+            .map(|i| {
+                let first = i as u64 * self.accounts_per_participant;
+                Shard {
+                    participant: id(&self.participant_name(i)),
+                    url: net::url(&self.participant_name(i)),
+                    first,
+                    end: first + self.accounts_per_participant,
+                }
+            })
+            .collect()
+    }
+}
+
+pub fn id(text: &str) -> Id {
+    Id::parse("simulated node name", text).expect("simulated node names are valid ids")
+}
+
+/// The disks of the cluster, by host name, in a fixed order.
+#[derive(Clone, Default)]
+pub struct Disks(pub std::collections::BTreeMap<String, MemoryDisk>);
+
+impl Disks {
+    pub fn of(&self, host: &str) -> &MemoryDisk {
+        &self.0[host]
+    }
+}
+
+/// Adds the coordinator and the participants to `sim`, each on its disk.
+pub fn add_nodes(sim: &mut turmoil::Sim<'_>, topology: &Topology, disks: &Disks) {
+    let coordinator = tandem_coordinator::node::NodeConfig {
+        node_id: id(COORDINATOR),
+        disk: Disk::Memory(disks.of(COORDINATOR).clone()),
+        shards: topology.shards(),
+        prepare_timeout_ms: 1_000,
+        call_timeout_ms: 1_000,
+        audit_timeout_ms: 100,
+        active_max: 10_000,
+        finished_retained_max: 1_000_000,
+        saga_step_attempts: 8,
+        saga_deadline_ms: 10_000,
+        security: Security::Insecure,
+        network: net::network(),
+    };
+    sim.host(COORDINATOR, move || {
+        let config = coordinator.clone();
+        async move {
+            loop {
+                match tandem_coordinator::node::Node::open(config.clone()).await {
+                    Ok((node, recovered)) => {
+                        node.run_on(net::incoming().await?, recovered, std::future::pending()).await?;
+                        return Ok(());
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "the coordinator did not open; trying again");
+                        tokio::time::sleep(Duration::from_millis(REOPEN_AFTER_MS)).await;
+                    }
+                }
+            }
+        }
+    });
+    let peers: Vec<(Id, String)> = topology.participant_names().iter().map(|name| (id(name), net::url(name))).collect();
+    for (i, shard) in topology.shards().into_iter().enumerate() {
+        let name = topology.participant_name(i);
+        let config = tandem_participant::node::NodeConfig {
+            node_id: id(&name),
+            disk: Disk::Memory(disks.of(&name).clone()),
+            coordinators: vec![(id(COORDINATOR), net::url(COORDINATOR))],
+            peers: peers.clone(),
+            in_doubt_after_ms: 500,
+            finished_retention_ms: topology.finished_retention_ms,
+            owned_accounts: Some(shard.first..shard.end),
+            store_free_min_bytes: 64 * 1024,
+            security: Security::Insecure,
+            network: net::network(),
+        };
+        let config = Arc::new(config);
+        sim.host(name.as_str(), move || {
+            let config = config.clone();
+            async move {
+                loop {
+                    match tandem_participant::node::Node::open((*config).clone()) {
+                        Ok(node) => {
+                            node.run_on(net::incoming().await?, std::future::pending()).await?;
+                            return Ok(());
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "the participant did not open; trying again");
+                            tokio::time::sleep(Duration::from_millis(REOPEN_AFTER_MS)).await;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}

@@ -1,0 +1,293 @@
+//! The whole of tandem in a deterministic simulation.
+//!
+//! The other simulations (`coordinator/tests/simulation.rs`,
+//! `saga_simulation.rs`) prove the protocol cores. This one runs what the
+//! binaries run: the coordinator's and the participants' `Node`s, with
+//! their batching queues, call slots, retry loops, deadlines, the audit
+//! fence, the decision-query loop, garbage collection and the outbox relay,
+//! and their real tonic services, over turmoil's simulated network, on
+//! disks in memory ([`tandem::store::memory::MemoryDisk`]) and tokio's
+//! simulated clock. Only the seams differ from production: the network
+//! ([`tandem::net::Network`]) and the disk ([`tandem::store::Disk`]); links
+//! are plaintext (mutual TLS is proved by the cluster tests, and would
+//! cost most of a seed's time here).
+//!
+//! One seed is one run, in two phases (as TigerBeetle's VOPR and
+//! FoundationDB's simulator do):
+//! - **safety**: seeded clients send transfers by 2PC, orchestrated and
+//!   choreographed sagas, retrying with their idempotency keys, and audit;
+//!   the nemesis ([`nemesis`]) crashes nodes (process crash or power loss)
+//!   and restarts them, pauses them, cuts links both ways or one way, fails
+//!   fsyncs and fills disks; message latency varies per seed;
+//! - **liveness**: the faults stop, and within a bounded simulated time
+//!   every in-doubt transaction must resolve and every outcome be learnt.
+//!
+//! Then the bench's own checker ([`tandem_bench::check`]) accounts for
+//! every account exactly: every acknowledged commit applied once on every
+//! participant, every definite failure nowhere, money conserved (suspense
+//! included), no reservation or transfer left in flight, no available
+//! balance below zero; audits under 2PC must be exact.
+//!
+//! Everything that decides what happens is seeded: turmoil's network (its
+//! latencies and the order hosts run in), the clients, the nemesis. The
+//! same seed gives the same history, byte for byte (a test checks it), so
+//! a failing seed replays with one command, printed with the violation.
+//!
+//! What it cannot model: a node's CPU (work takes no simulated time), the
+//! timers of a paused node (they still run while its links hold), TLS,
+//! RocksDB's own behaviour (the memory disk keeps RocksDB's contract, not
+//! its code), and wall-clock jumps (the nodes' timeouts use the monotonic
+//! clock, which the simulation controls).
+
+pub mod client;
+pub mod hosts;
+pub mod nemesis;
+pub mod net;
+
+use hosts::{Disks, Topology, CLIENT};
+use nemesis::{FaultKind, Nemesis};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tandem::rng::SplitMix64;
+use tandem::store::memory::MemoryDisk;
+use tandem_bench::scenario::Protocol;
+
+/// What a seed runs: its workload and its faults.
+#[derive(Debug)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub about: &'static str,
+    pub faults: &'static [FaultKind],
+    pub protocols: &'static [Protocol],
+    /// Whether the client audits (only exact under 2PC alone).
+    pub audits: bool,
+    pub workers: usize,
+    pub ops_per_worker: usize,
+    /// Mean time between two faults.
+    pub fault_interval_ms: u64,
+    /// How long participants keep finished records, tombstones and inbox
+    /// ids (production: 300 s).
+    pub finished_retention_ms: u64,
+    /// Whether CI runs it: a scenario that shows a known open problem is
+    /// run by hand until its fix lands.
+    pub in_ci: bool,
+}
+
+const ALL_PROTOCOLS: &[Protocol] = &[Protocol::TwoPhaseCommit, Protocol::Orchestrated, Protocol::Choreographed];
+const ALL_FAULTS: &[FaultKind] = &[
+    FaultKind::Crash,
+    FaultKind::Pause,
+    FaultKind::Partition,
+    FaultKind::OneWay,
+    FaultKind::FailFsync,
+    FaultKind::DiskFull,
+];
+
+pub const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "calm",
+        about: "every protocol, no faults: the baseline every other scenario departs from",
+        faults: &[],
+        protocols: ALL_PROTOCOLS,
+        audits: false,
+        workers: 3,
+        ops_per_worker: 16,
+        fault_interval_ms: 0,
+        finished_retention_ms: RETENTION_MS,
+        in_ci: true,
+    },
+    Scenario {
+        name: "2pc-audits",
+        about: "2PC alone with audits in a loop, under every fault: audits must be exact",
+        faults: ALL_FAULTS,
+        protocols: &[Protocol::TwoPhaseCommit],
+        audits: true,
+        workers: 3,
+        ops_per_worker: 16,
+        fault_interval_ms: 700,
+        finished_retention_ms: RETENTION_MS,
+        in_ci: true,
+    },
+    Scenario {
+        name: "crashes",
+        about: "every protocol; nodes crash (process or power loss) and restart",
+        faults: &[FaultKind::Crash],
+        protocols: ALL_PROTOCOLS,
+        audits: false,
+        workers: 3,
+        ops_per_worker: 16,
+        fault_interval_ms: 700,
+        finished_retention_ms: RETENTION_MS,
+        in_ci: true,
+    },
+    Scenario {
+        name: "network",
+        about: "every protocol; nodes pause, links black-hole both ways or one way",
+        faults: &[FaultKind::Pause, FaultKind::Partition, FaultKind::OneWay],
+        protocols: ALL_PROTOCOLS,
+        audits: false,
+        workers: 3,
+        ops_per_worker: 16,
+        fault_interval_ms: 700,
+        finished_retention_ms: RETENTION_MS,
+        in_ci: true,
+    },
+    Scenario {
+        name: "disks",
+        about: "every protocol; fsyncs fail and disks fill up",
+        faults: &[FaultKind::FailFsync, FaultKind::DiskFull],
+        protocols: ALL_PROTOCOLS,
+        audits: false,
+        workers: 3,
+        ops_per_worker: 16,
+        fault_interval_ms: 700,
+        finished_retention_ms: RETENTION_MS,
+        in_ci: true,
+    },
+    Scenario {
+        name: "everything",
+        about: "every protocol under every fault",
+        faults: ALL_FAULTS,
+        protocols: ALL_PROTOCOLS,
+        audits: false,
+        workers: 3,
+        ops_per_worker: 16,
+        fault_interval_ms: 500,
+        finished_retention_ms: RETENTION_MS,
+        in_ci: true,
+    },
+    Scenario {
+        name: "long-outages",
+        about: "every protocol under every fault, with retention shorter than the faults: shows what issue 11 (deduplication with no time window) must fix; not in CI",
+        faults: ALL_FAULTS,
+        protocols: ALL_PROTOCOLS,
+        audits: false,
+        workers: 3,
+        ops_per_worker: 16,
+        fault_interval_ms: 500,
+        finished_retention_ms: 100,
+        in_ci: false,
+    },
+];
+
+/// The participants' retention in the CI scenarios: longer than any fault
+/// they inject (at most `nemesis::FAULT_MS_MAX`) plus the liveness phase.
+const RETENTION_MS: u64 = 60_000;
+
+pub fn scenario(name: &str) -> Option<&'static Scenario> {
+    SCENARIOS.iter().find(|s| s.name == name)
+}
+
+/// When the nemesis starts and stops.
+const FAULTS_FROM_MS: u64 = 200;
+const FAULTS_UNTIL_MS: u64 = 6_000;
+/// Longest a seed may run in simulated time: the liveness bound (the
+/// checker settles within 30 s and resolves outcomes within 60 s more).
+const SIMULATED_S_MAX: u64 = 150;
+
+/// The history of one seed: every client call and answer, every fault, the
+/// checker's findings, each with its simulated time. Clones share it.
+#[derive(Clone, Default)]
+pub struct History(Arc<Mutex<Vec<String>>>);
+
+impl History {
+    pub fn log(&self, at: Duration, line: String) {
+        let stamped = format!("{:>9.3}s {line}", at.as_secs_f64());
+        self.0.lock().expect("history lock").push(stamped);
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().expect("history lock").clone()
+    }
+}
+
+/// What one seed found.
+#[derive(Debug)]
+pub struct SeedReport {
+    pub scenario: &'static str,
+    pub seed: u64,
+    pub violations: Vec<String>,
+    pub history: Vec<String>,
+    pub operations: usize,
+    pub simulated: Duration,
+}
+
+impl SeedReport {
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// The one command that runs this seed again and prints its history.
+    pub fn replay_command(&self) -> String {
+        format!("cargo run --release -p tandem-sim -- --scenario {} --seed {} --history", self.scenario, self.seed)
+    }
+}
+
+/// Runs `scenario` with `seed`.
+pub fn run_seed(scenario: &'static Scenario, seed: u64) -> SeedReport {
+    let topology = Topology {
+        participants: 3,
+        accounts_per_participant: 4,
+        initial_balance: 100,
+        finished_retention_ms: scenario.finished_retention_ms,
+    };
+    let disks = Disks(topology.node_names().into_iter().map(|name| (name, MemoryDisk::new())).collect());
+    let mut rng = SplitMix64::new(seed);
+    let latency_max_ms = [1, 5, 20][rng.below(3) as usize];
+    let mut sim = turmoil::Builder::new()
+        .rng_seed(seed)
+        .simulation_duration(Duration::from_secs(SIMULATED_S_MAX))
+        .tick_duration(Duration::from_millis(1))
+        .min_message_latency(Duration::from_micros(200))
+        .max_message_latency(Duration::from_millis(latency_max_ms))
+        .build();
+    hosts::add_nodes(&mut sim, &topology, &disks);
+    let history = History::default();
+    history.log(Duration::ZERO, format!("seed {seed}, scenario {}, latency up to {latency_max_ms} ms", scenario.name));
+    let heal_at = Duration::from_millis(FAULTS_UNTIL_MS);
+    let plan = Arc::new(client::ClientPlan { seed, scenario, topology: topology.clone(), heal_at });
+    let outcome = Arc::new(Mutex::new(client::ClientOutcome::default()));
+    sim.client(CLIENT, client::run(plan, history.clone(), outcome.clone()));
+    let mut nemesis = Nemesis::new(
+        seed,
+        scenario.faults,
+        &topology,
+        disks,
+        Duration::from_millis(FAULTS_FROM_MS),
+        heal_at,
+        scenario.fault_interval_ms,
+    );
+    let mut violations = Vec::new();
+    loop {
+        let now = sim.elapsed();
+        nemesis.act(&mut sim, now, &history);
+        match sim.step() {
+            Ok(true) => break,
+            Ok(false) => {}
+            Err(error) => {
+                violations.push(format!("the simulation stopped at {:?}: {error}", sim.elapsed()));
+                break;
+            }
+        }
+    }
+    let simulated = sim.elapsed();
+    drop(sim);
+    let mut outcome = std::mem::take(&mut *outcome.lock().expect("outcome lock"));
+    violations.append(&mut outcome.violations);
+    match outcome.check {
+        Some(mut check) => violations.append(&mut check.violations),
+        None if violations.is_empty() => violations.push("the client never reached the check".into()),
+        None => {}
+    }
+    for violation in &violations {
+        history.log(simulated, format!("VIOLATION: {violation}"));
+    }
+    SeedReport {
+        scenario: scenario.name,
+        seed,
+        violations,
+        history: history.lines(),
+        operations: outcome.operations,
+        simulated,
+    }
+}
