@@ -23,6 +23,8 @@ const OP_TIMEOUT_MS: u64 = 2_000;
 /// Attempts of one transfer with its key before the client moves on (the
 /// checker resolves what is still unknown after the faults heal).
 const OP_ATTEMPTS_MAX: u32 = 3;
+/// Share of transfers sent twice at once with one key.
+const DUPLICATE_PERCENT: u64 = 10;
 /// Deadline of one audit.
 const AUDIT_TIMEOUT_MS: u64 = 2_000;
 
@@ -73,7 +75,13 @@ pub async fn run(plan: Arc<ClientPlan>, history: History, outcome: Arc<Mutex<Cli
     );
     let mut workers = Vec::new();
     for w in 0..plan.scenario.workers {
-        workers.push(tokio::task::spawn_local(worker(w, plan.clone(), client.clone(), history.clone())));
+        workers.push(tokio::task::spawn_local(worker(
+            w,
+            plan.clone(),
+            client.clone(),
+            history.clone(),
+            outcome.clone(),
+        )));
     }
     let auditor = plan
         .scenario
@@ -156,7 +164,13 @@ async fn open_accounts(topology: &Topology, participants: &[ParticipantClient<Ch
 
 /// One client: sequential transfers between random accounts, by a protocol
 /// drawn from the scenario's, each retried with its key a few times.
-async fn worker(w: usize, plan: Arc<ClientPlan>, mut client: Client, history: History) -> Vec<HistoryEntry> {
+async fn worker(
+    w: usize,
+    plan: Arc<ClientPlan>,
+    mut client: Client,
+    history: History,
+    outcome_of_run: Arc<Mutex<ClientOutcome>>,
+) -> Vec<HistoryEntry> {
     let mut rng = SplitMix64::new(plan.seed.wrapping_mul(0x9e37_79b9).wrapping_add(w as u64 + 1));
     let accounts = plan.topology.accounts().end;
     let protocols = plan.scenario.protocols;
@@ -173,8 +187,32 @@ async fn worker(w: usize, plan: Arc<ClientPlan>, mut client: Client, history: Hi
         let key = format!("w{w}-{i}");
         let start = now();
         let mut attempt = 1;
+        // Now and then the same request twice at once, as a client that
+        // retried too early would: both answers, if definite, must agree.
+        let duplicated = rng.chance(DUPLICATE_PERCENT);
         let (outcome, txn_id, detail) = loop {
-            let answer = client.transfer(protocol, from, to, amount, &key, Duration::from_millis(OP_TIMEOUT_MS)).await;
+            let timeout = Duration::from_millis(OP_TIMEOUT_MS);
+            let answer = if duplicated && attempt == 1 {
+                let mut twin = client.clone();
+                let (answer, twin_answer) = tokio::join!(
+                    client.transfer(protocol, from, to, amount, &key, timeout),
+                    twin.transfer(protocol, from, to, amount, &key, timeout)
+                );
+                history.log(
+                    now(),
+                    format!("w{w} {key} duplicate: {:?} {} {}", twin_answer.0, twin_answer.1, twin_answer.2),
+                );
+                let disagree = (answer.0, &answer.1) != (twin_answer.0, &twin_answer.1);
+                if answer.0.is_definite() && twin_answer.0.is_definite() && disagree {
+                    outcome_of_run.lock().expect("outcome lock").violations.push(format!(
+                        "{key}: one request sent twice at once got two answers: {:?} {} and {:?} {}",
+                        answer.0, answer.1, twin_answer.0, twin_answer.1
+                    ));
+                }
+                answer
+            } else {
+                client.transfer(protocol, from, to, amount, &key, timeout).await
+            };
             history.log(
                 now(),
                 format!(

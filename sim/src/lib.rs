@@ -172,7 +172,7 @@ pub const SCENARIOS: &[Scenario] = &[
 
 /// The participants' retention in the CI scenarios: longer than any fault
 /// they inject (at most `nemesis::FAULT_MS_MAX`) plus the liveness phase.
-const RETENTION_MS: u64 = 60_000;
+const RETENTION_MS: u64 = 30_000;
 
 pub fn scenario(name: &str) -> Option<&'static Scenario> {
     SCENARIOS.iter().find(|s| s.name == name)
