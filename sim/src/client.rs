@@ -36,6 +36,9 @@ pub struct ClientOutcome {
     /// destroyed, accounts that could not be opened).
     pub violations: Vec<String>,
     pub operations: usize,
+    pub entries: Vec<HistoryEntry>,
+    /// When the checker found every participant settled.
+    pub settled_at: Option<Duration>,
 }
 
 pub struct ClientPlan {
@@ -83,6 +86,7 @@ pub async fn run(plan: Arc<ClientPlan>, history: History, outcome: Arc<Mutex<Cli
             outcome.clone(),
         )));
     }
+    let prober = tokio::task::spawn_local(settled_after_heal(plan.clone(), participants.clone()));
     let auditor = plan
         .scenario
         .audits
@@ -105,6 +109,8 @@ pub async fn run(plan: Arc<ClientPlan>, history: History, outcome: Arc<Mutex<Cli
         initial_balance: topology.initial_balance,
         expected_total: topology.total_money(),
     };
+    let settled_at = prober.await?;
+    history.log(now(), format!("client: every participant settled at {settled_at:?}"));
     let report = check_ledger(&view, &mut entries).await;
     for entry in &entries {
         history.log(
@@ -134,8 +140,44 @@ pub async fn run(plan: Arc<ClientPlan>, history: History, outcome: Arc<Mutex<Cli
     );
     let mut outcome = outcome.lock().expect("outcome lock");
     outcome.operations = entries.len();
+    outcome.settled_at = settled_at;
+    outcome.entries = entries;
     outcome.check = Some(report);
     Ok(())
+}
+
+/// Most a participant may take to settle after the faults heal before the
+/// probe gives up (the checker then reports what is held).
+const SETTLE_PROBE_MS_MAX: u64 = 60_000;
+
+/// From the moment the faults heal, polls every participant until none
+/// holds a prepared transfer, a reservation, a choreographed transfer in
+/// flight or an undelivered event; returns when that first held.
+async fn settled_after_heal(plan: Arc<ClientPlan>, participants: Vec<ParticipantClient<Channel>>) -> Option<Duration> {
+    tokio::time::sleep(plan.heal_at.saturating_sub(now())).await;
+    while now() < plan.heal_at + Duration::from_millis(SETTLE_PROBE_MS_MAX) {
+        let mut quiet = true;
+        for participant in &participants {
+            let mut request = tonic::Request::new(pb::ReadBalancesRequest { include_accounts: false });
+            request.set_timeout(Duration::from_millis(500));
+            quiet &= match participant.clone().read_balances(request).await {
+                Ok(b) => {
+                    let b = b.into_inner();
+                    b.prepared_count == 0
+                        && b.total_reserved == 0
+                        && b.total_incoming == 0
+                        && b.transfers_in_flight == 0
+                        && b.outbox_pending == 0
+                }
+                Err(_) => false,
+            };
+        }
+        if quiet {
+            return Some(now());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
 }
 
 async fn open_accounts(topology: &Topology, participants: &[ParticipantClient<Channel>]) -> Result<(), String> {
@@ -176,12 +218,30 @@ async fn worker(
     let protocols = plan.scenario.protocols;
     let mut entries = Vec::new();
     for i in 0..plan.scenario.ops_per_worker {
-        let protocol = protocols[rng.below(protocols.len() as u64) as usize];
-        let from = rng.below(accounts);
-        let mut to = rng.below(accounts - 1);
-        if to >= from {
-            to += 1;
+        if now() >= plan.heal_at {
+            break;
         }
+        let protocol = protocols[rng.below(protocols.len() as u64) as usize];
+        let (from, to) = match plan.scenario.legs {
+            Some(legs) => {
+                let (source, target) = legs[rng.below(legs.len() as u64) as usize];
+                let per = plan.topology.accounts_per_participant;
+                let from = source as u64 * per + rng.below(per);
+                let mut to = target as u64 * per + rng.below(per);
+                if to == from {
+                    to = target as u64 * per + (to + 1) % per;
+                }
+                (from, to)
+            }
+            None => {
+                let from = rng.below(accounts);
+                let mut to = rng.below(accounts - 1);
+                if to >= from {
+                    to += 1;
+                }
+                (from, to)
+            }
+        };
         // Up to 60% of an opening balance: some transfers overdraw.
         let amount = 1 + rng.below(plan.topology.initial_balance as u64 * 6 / 10) as i64;
         let key = format!("w{w}-{i}");

@@ -16,6 +16,8 @@ use tandem_coordinator::directory::Shard;
 pub const COORDINATOR: &str = "c1";
 /// The client host's name.
 pub const CLIENT: &str = "client";
+/// The participants' host names (and node ids), in order.
+pub const PARTICIPANTS: [&str; 3] = ["p1", "p2", "p3"];
 /// How long a host whose node failed to open waits before trying again (a
 /// supervisor restarting the process).
 const REOPEN_AFTER_MS: u64 = 300;
@@ -25,6 +27,7 @@ const REOPEN_AFTER_MS: u64 = 300;
 /// timeouts (and the retries and backoffs run many times).
 #[derive(Debug, Clone)]
 pub struct Topology {
+    /// How many of [`PARTICIPANTS`] run.
     pub participants: usize,
     pub accounts_per_participant: u64,
     pub initial_balance: i64,
@@ -36,17 +39,17 @@ pub struct Topology {
 }
 
 impl Topology {
-    pub fn participant_name(&self, i: usize) -> String {
-        format!("p{}", i + 1)
+    pub fn participant_name(&self, i: usize) -> &'static str {
+        PARTICIPANTS[i]
     }
 
-    pub fn participant_names(&self) -> Vec<String> {
-        (0..self.participants).map(|i| self.participant_name(i)).collect()
+    pub fn participant_names(&self) -> Vec<&'static str> {
+        PARTICIPANTS[..self.participants].to_vec()
     }
 
     /// Every node's host name, the coordinator first.
-    pub fn node_names(&self) -> Vec<String> {
-        std::iter::once(COORDINATOR.to_string()).chain(self.participant_names()).collect()
+    pub fn node_names(&self) -> Vec<&'static str> {
+        std::iter::once(COORDINATOR).chain(self.participant_names()).collect()
     }
 
     pub fn accounts(&self) -> std::ops::Range<u64> {
@@ -62,8 +65,8 @@ impl Topology {
             .map(|i| {
                 let first = i as u64 * self.accounts_per_participant;
                 Shard {
-                    participant: id(&self.participant_name(i)),
-                    url: net::url(&self.participant_name(i)),
+                    participant: id(self.participant_name(i)),
+                    url: net::url(self.participant_name(i)),
                     first,
                     end: first + self.accounts_per_participant,
                 }
@@ -78,7 +81,7 @@ pub fn id(text: &str) -> Id {
 
 /// The disks of the cluster, by host name, in a fixed order.
 #[derive(Clone, Default)]
-pub struct Disks(pub std::collections::BTreeMap<String, MemoryDisk>);
+pub struct Disks(pub std::collections::BTreeMap<&'static str, MemoryDisk>);
 
 impl Disks {
     pub fn of(&self, host: &str) -> &MemoryDisk {
@@ -123,8 +126,8 @@ pub fn add_nodes(sim: &mut turmoil::Sim<'_>, topology: &Topology, disks: &Disks)
     for (i, shard) in topology.shards().into_iter().enumerate() {
         let name = topology.participant_name(i);
         let config = tandem_participant::node::NodeConfig {
-            node_id: id(&name),
-            disk: Disk::Memory(disks.of(&name).clone()),
+            node_id: id(name),
+            disk: Disk::Memory(disks.of(name).clone()),
             coordinators: vec![(id(COORDINATOR), net::url(COORDINATOR))],
             peers: peers.clone(),
             in_doubt_after_ms: 500,
@@ -135,7 +138,7 @@ pub fn add_nodes(sim: &mut turmoil::Sim<'_>, topology: &Topology, disks: &Disks)
             network: net::network(),
         };
         let config = Arc::new(config);
-        sim.host(name.as_str(), move || {
+        sim.host(name, move || {
             let config = config.clone();
             async move {
                 loop {

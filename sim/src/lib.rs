@@ -45,7 +45,7 @@ pub mod nemesis;
 pub mod net;
 
 use hosts::{Disks, Topology, CLIENT};
-use nemesis::{FaultKind, Nemesis};
+use nemesis::{Fault, FaultKind, Nemesis, Scripted};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem::rng::SplitMix64;
@@ -68,10 +68,35 @@ pub struct Scenario {
     /// How long participants keep finished records, tombstones and inbox
     /// ids (production: 300 s).
     pub finished_retention_ms: u64,
-    /// Whether CI runs it: a scenario that shows a known open problem is
-    /// run by hand until its fix lands.
+    /// Whether CI runs it among its 10,000 seeds: a scenario that shows a
+    /// known open problem is run by hand until its fix lands; a scripted
+    /// one has its own test.
     pub in_ci: bool,
+    /// Faults placed by hand (with or without random ones).
+    pub script: &'static [Scripted],
+    /// The (source, target) participant indexes the transfers go between
+    /// (`None`: any two accounts).
+    pub legs: Option<&'static [(usize, usize)]>,
+    /// When the faults stop (the liveness phase begins).
+    pub faults_until_ms: u64,
 }
+
+/// What most scenarios share; each names what it changes.
+const BASE: Scenario = Scenario {
+    name: "",
+    about: "",
+    faults: &[],
+    protocols: ALL_PROTOCOLS,
+    audits: false,
+    workers: 3,
+    ops_per_worker: 16,
+    fault_interval_ms: 700,
+    finished_retention_ms: RETENTION_MS,
+    in_ci: true,
+    script: &[],
+    legs: None,
+    faults_until_ms: 6_000,
+};
 
 const ALL_PROTOCOLS: &[Protocol] = &[Protocol::TwoPhaseCommit, Protocol::Orchestrated, Protocol::Choreographed];
 const ALL_FAULTS: &[FaultKind] = &[
@@ -87,14 +112,7 @@ pub const SCENARIOS: &[Scenario] = &[
     Scenario {
         name: "calm",
         about: "every protocol, no faults: the baseline every other scenario departs from",
-        faults: &[],
-        protocols: ALL_PROTOCOLS,
-        audits: false,
-        workers: 3,
-        ops_per_worker: 16,
-        fault_interval_ms: 0,
-        finished_retention_ms: RETENTION_MS,
-        in_ci: true,
+        ..BASE
     },
     Scenario {
         name: "2pc-audits",
@@ -102,71 +120,64 @@ pub const SCENARIOS: &[Scenario] = &[
         faults: ALL_FAULTS,
         protocols: &[Protocol::TwoPhaseCommit],
         audits: true,
-        workers: 3,
-        ops_per_worker: 16,
-        fault_interval_ms: 700,
-        finished_retention_ms: RETENTION_MS,
-        in_ci: true,
+        ..BASE
     },
     Scenario {
         name: "crashes",
         about: "every protocol; nodes crash (process or power loss) and restart",
         faults: &[FaultKind::Crash],
-        protocols: ALL_PROTOCOLS,
-        audits: false,
-        workers: 3,
-        ops_per_worker: 16,
-        fault_interval_ms: 700,
-        finished_retention_ms: RETENTION_MS,
-        in_ci: true,
+        ..BASE
     },
     Scenario {
         name: "network",
         about: "every protocol; nodes pause, links black-hole both ways or one way",
         faults: &[FaultKind::Pause, FaultKind::Partition, FaultKind::OneWay],
-        protocols: ALL_PROTOCOLS,
-        audits: false,
-        workers: 3,
-        ops_per_worker: 16,
-        fault_interval_ms: 700,
-        finished_retention_ms: RETENTION_MS,
-        in_ci: true,
+        ..BASE
     },
     Scenario {
         name: "disks",
         about: "every protocol; fsyncs fail and disks fill up",
         faults: &[FaultKind::FailFsync, FaultKind::DiskFull],
-        protocols: ALL_PROTOCOLS,
-        audits: false,
-        workers: 3,
-        ops_per_worker: 16,
-        fault_interval_ms: 700,
-        finished_retention_ms: RETENTION_MS,
-        in_ci: true,
+        ..BASE
     },
-    Scenario {
-        name: "everything",
-        about: "every protocol under every fault",
-        faults: ALL_FAULTS,
-        protocols: ALL_PROTOCOLS,
-        audits: false,
-        workers: 3,
-        ops_per_worker: 16,
-        fault_interval_ms: 500,
-        finished_retention_ms: RETENTION_MS,
-        in_ci: true,
-    },
+    Scenario { name: "everything", about: "every protocol under every fault", faults: ALL_FAULTS, fault_interval_ms: 500, ..BASE },
     Scenario {
         name: "long-outages",
         about: "every protocol under every fault, with retention shorter than the faults: shows what issue 11 (deduplication with no time window) must fix; not in CI",
         faults: ALL_FAULTS,
-        protocols: ALL_PROTOCOLS,
-        audits: false,
-        workers: 3,
-        ops_per_worker: 16,
         fault_interval_ms: 500,
         finished_retention_ms: 100,
         in_ci: false,
+        ..BASE
+    },
+    Scenario {
+        name: "audit-while-paused",
+        about: "scripted: p3 paused for 5 s while audits loop and 2PC transfers run between p1 and p2, which must not wait for the audits",
+        protocols: &[Protocol::TwoPhaseCommit],
+        audits: true,
+        in_ci: false,
+        script: &[Scripted { from_ms: 500, until_ms: 5_500, fault: Fault::Pause { host: "p3" } }],
+        legs: Some(&[(0, 1), (1, 0)]),
+        ..BASE
+    },
+    Scenario {
+        name: "coordinator-paused",
+        about: "scripted: the coordinator paused for 9 s, far longer than the participants' decision-query deadline, with 2PC transfers in flight",
+        protocols: &[Protocol::TwoPhaseCommit],
+        in_ci: false,
+        script: &[Scripted { from_ms: 1_000, until_ms: 10_000, fault: Fault::Pause { host: "c1" } }],
+        faults_until_ms: 10_000,
+        ..BASE
+    },
+    Scenario {
+        name: "relay-peer-down",
+        about: "scripted: p3 black-holed from p1 for 14.5 s while choreographed transfers go from p1 to p2 and to p3; those to p2 must not wait",
+        protocols: &[Protocol::Choreographed],
+        in_ci: false,
+        script: &[Scripted { from_ms: 500, until_ms: 15_000, fault: Fault::Partition { a: "p1", b: "p3" } }],
+        legs: Some(&[(0, 1), (0, 2)]),
+        faults_until_ms: 15_000,
+        ..BASE
     },
 ];
 
@@ -178,9 +189,8 @@ pub fn scenario(name: &str) -> Option<&'static Scenario> {
     SCENARIOS.iter().find(|s| s.name == name)
 }
 
-/// When the nemesis starts and stops.
+/// When the nemesis starts its random faults.
 const FAULTS_FROM_MS: u64 = 200;
-const FAULTS_UNTIL_MS: u64 = 6_000;
 /// Longest a seed may run in simulated time: the liveness bound (the
 /// checker settles within 30 s and resolves outcomes within 60 s more).
 const SIMULATED_S_MAX: u64 = 150;
@@ -210,6 +220,14 @@ pub struct SeedReport {
     pub history: Vec<String>,
     pub operations: usize,
     pub simulated: Duration,
+    /// Every client operation, with its final outcome and when it started
+    /// and ended (simulated microseconds).
+    pub entries: Vec<tandem_bench::workload::HistoryEntry>,
+    /// When the faults stopped, and when the checker found every
+    /// participant settled afterwards (no prepared transfer, reservation,
+    /// transfer in flight or undelivered event).
+    pub healed_at: Duration,
+    pub settled_at: Option<Duration>,
 }
 
 impl SeedReport {
@@ -244,13 +262,14 @@ pub fn run_seed(scenario: &'static Scenario, seed: u64) -> SeedReport {
     hosts::add_nodes(&mut sim, &topology, &disks);
     let history = History::default();
     history.log(Duration::ZERO, format!("seed {seed}, scenario {}, latency up to {latency_max_ms} ms", scenario.name));
-    let heal_at = Duration::from_millis(FAULTS_UNTIL_MS);
+    let heal_at = Duration::from_millis(scenario.faults_until_ms);
     let plan = Arc::new(client::ClientPlan { seed, scenario, topology: topology.clone(), heal_at });
     let outcome = Arc::new(Mutex::new(client::ClientOutcome::default()));
     sim.client(CLIENT, client::run(plan, history.clone(), outcome.clone()));
     let mut nemesis = Nemesis::new(
         seed,
         scenario.faults,
+        scenario.script,
         &topology,
         disks,
         Duration::from_millis(FAULTS_FROM_MS),
@@ -289,5 +308,8 @@ pub fn run_seed(scenario: &'static Scenario, seed: u64) -> SeedReport {
         history: history.lines(),
         operations: outcome.operations,
         simulated,
+        entries: outcome.entries,
+        healed_at: heal_at,
+        settled_at: outcome.settled_at,
     }
 }

@@ -35,27 +35,37 @@ pub enum FaultKind {
     DiskFull,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Fault {
-    Crash { host: String, power_loss: bool },
-    Pause { host: String },
-    Partition { a: String, b: String },
-    OneWay { from: String, to: String },
-    FailFsync { host: String },
-    DiskFull { host: String },
+/// One fault on named hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Crash { host: &'static str, power_loss: bool },
+    Pause { host: &'static str },
+    Partition { a: &'static str, b: &'static str },
+    OneWay { from: &'static str, to: &'static str },
+    FailFsync { host: &'static str },
+    DiskFull { host: &'static str },
+}
+
+/// A fault a scenario places by hand: from `from_ms` until `until_ms` of
+/// simulated time.
+#[derive(Debug, Clone, Copy)]
+pub struct Scripted {
+    pub from_ms: u64,
+    pub until_ms: u64,
+    pub fault: Fault,
 }
 
 impl Fault {
-    fn hosts(&self) -> Vec<&str> {
+    fn hosts(&self) -> Vec<&'static str> {
         match self {
             Fault::Crash { host, .. }
             | Fault::Pause { host }
             | Fault::FailFsync { host }
             | Fault::DiskFull { host } => {
-                vec![host]
+                vec![*host]
             }
-            Fault::Partition { a, b } => vec![a, b],
-            Fault::OneWay { from, to } => vec![from, to],
+            Fault::Partition { a, b } => vec![*a, *b],
+            Fault::OneWay { from, to } => vec![*from, *to],
         }
     }
 }
@@ -69,8 +79,10 @@ const DISK_FULL_ROOM_BYTES: u64 = 2_048;
 pub struct Nemesis {
     rng: SplitMix64,
     kinds: Vec<FaultKind>,
+    /// Faults placed by hand, not yet begun, in order of their start.
+    script: Vec<Scripted>,
     /// Every host that can be faulted: the nodes, and the client for links.
-    nodes: Vec<String>,
+    nodes: Vec<&'static str>,
     disks: Disks,
     /// When the fault phase starts and ends.
     start: Duration,
@@ -87,6 +99,7 @@ impl Nemesis {
     pub fn new(
         seed: u64,
         kinds: &[FaultKind],
+        script: &[Scripted],
         topology: &Topology,
         disks: Disks,
         start: Duration,
@@ -96,6 +109,11 @@ impl Nemesis {
         Nemesis {
             rng: SplitMix64::new(seed ^ 0x6e65_6d65_7369_7300),
             kinds: kinds.to_vec(),
+            script: {
+                let mut script = script.to_vec();
+                script.sort_by_key(|s| s.from_ms);
+                script
+            },
             nodes: topology.node_names(),
             disks,
             start,
@@ -103,7 +121,7 @@ impl Nemesis {
             interval_ms: interval_ms.max(1),
             next_fault_at: start,
             active: Vec::new(),
-            healed: kinds.is_empty(),
+            healed: kinds.is_empty() && script.is_empty(),
         }
     }
 
@@ -133,7 +151,12 @@ impl Nemesis {
             let (_, fault) = self.active.remove(position);
             self.end(sim, &fault, history, now);
         }
-        if now >= self.start && now >= self.next_fault_at {
+        while self.script.first().is_some_and(|s| Duration::from_millis(s.from_ms) <= now) {
+            let scripted = self.script.remove(0);
+            self.begin(sim, &scripted.fault, history, now);
+            self.active.push((Duration::from_millis(scripted.until_ms), scripted.fault));
+        }
+        if !self.kinds.is_empty() && now >= self.start && now >= self.next_fault_at {
             self.next_fault_at =
                 now + Duration::from_millis(self.between(self.interval_ms / 2, self.interval_ms * 3 / 2));
             if let Some(fault) = self.choose() {
@@ -148,17 +171,17 @@ impl Nemesis {
     /// has no free host.
     fn choose(&mut self) -> Option<Fault> {
         let kind = self.kinds[self.rng.below(self.kinds.len() as u64) as usize];
-        let free: Vec<String> = self.nodes.iter().filter(|host| !self.busy(host)).cloned().collect();
+        let free: Vec<&'static str> = self.nodes.iter().copied().filter(|host| !self.busy(host)).collect();
         if free.is_empty() {
             return None;
         }
-        let host = free[self.rng.below(free.len() as u64) as usize].clone();
+        let host = free[self.rng.below(free.len() as u64) as usize];
         // A link's other end: another free node or the client.
-        let mut ends: Vec<String> = free.iter().filter(|other| **other != host).cloned().collect();
+        let mut ends: Vec<&'static str> = free.iter().copied().filter(|other| *other != host).collect();
         if !self.busy(CLIENT) {
-            ends.push(CLIENT.to_string());
+            ends.push(CLIENT);
         }
-        let other = if ends.is_empty() { None } else { Some(ends[self.rng.below(ends.len() as u64) as usize].clone()) };
+        let other = if ends.is_empty() { None } else { Some(ends[self.rng.below(ends.len() as u64) as usize]) };
         Some(match kind {
             FaultKind::Crash => Fault::Crash { host, power_loss: self.rng.chance(50) },
             FaultKind::Pause => Fault::Pause { host },
@@ -180,15 +203,15 @@ impl Nemesis {
                 } else {
                     disk.crash_process();
                 }
-                sim.crash(host.as_str());
+                sim.crash(*host);
             }
             Fault::Pause { host } => {
-                for other in self.nodes.iter().chain(std::iter::once(&CLIENT.to_string())).filter(|o| *o != host) {
-                    sim.hold(host.as_str(), other.as_str());
+                for other in self.nodes.iter().chain(std::iter::once(&CLIENT)).filter(|o| *o != host) {
+                    sim.hold(*host, *other);
                 }
             }
-            Fault::Partition { a, b } => sim.partition(a.as_str(), b.as_str()),
-            Fault::OneWay { from, to } => sim.partition_oneway(from.as_str(), to.as_str()),
+            Fault::Partition { a, b } => sim.partition(*a, *b),
+            Fault::OneWay { from, to } => sim.partition_oneway(*from, *to),
             Fault::FailFsync { host } => self.disks.of(host).fail_next_fsync(),
             Fault::DiskFull { host } => {
                 let disk = self.disks.of(host);
@@ -200,21 +223,21 @@ impl Nemesis {
     fn end(&mut self, sim: &mut turmoil::Sim<'_>, fault: &Fault, history: &History, now: Duration) {
         history.log(now, format!("nemesis: end {fault:?}"));
         match fault {
-            Fault::Crash { host, .. } => sim.bounce(host.as_str()),
+            Fault::Crash { host, .. } => sim.bounce(*host),
             Fault::Pause { host } => {
-                for other in self.nodes.iter().chain(std::iter::once(&CLIENT.to_string())).filter(|o| *o != host) {
-                    sim.release(host.as_str(), other.as_str());
+                for other in self.nodes.iter().chain(std::iter::once(&CLIENT)).filter(|o| *o != host) {
+                    sim.release(*host, *other);
                 }
             }
-            Fault::Partition { a, b } => sim.repair(a.as_str(), b.as_str()),
-            Fault::OneWay { from, to } => sim.repair_oneway(from.as_str(), to.as_str()),
+            Fault::Partition { a, b } => sim.repair(*a, *b),
+            Fault::OneWay { from, to } => sim.repair_oneway(*from, *to),
             Fault::FailFsync { host } | Fault::DiskFull { host } => {
                 self.disks.of(host).heal();
                 // The coordinator does not reopen its log in process: it is
                 // restarted, as its supervisor would on NOT_SERVING.
-                if host == COORDINATOR {
+                if *host == COORDINATOR {
                     self.disks.of(host).crash_process();
-                    sim.bounce(host.as_str());
+                    sim.bounce(*host);
                 }
             }
         }
