@@ -20,7 +20,11 @@
 //! The commit fence serves the audit (see `Coordinator.Audit` in the proto):
 //! a transaction holds a shared guard from just before its decision is
 //! written until every participant acknowledged its COMMIT. The audit takes
-//! the fence exclusively, so while it reads, no commit is half applied.
+//! the fence exclusively, so while it reads, no commit is half applied. New
+//! commit decisions wait while it does, so it holds the fence for a bounded
+//! time: at most `audit_timeout_ms` waiting for it, then at most
+//! [`AUDIT_READ_TIMEOUT_MS`] reading; a participant that does not answer in
+//! time (paused) fails the audit, never the commits.
 //!
 //! Readiness. The health service's `""` and `tandem.v1.Coordinator` say
 //! only that this process serves. Whether it can reach its participants is
@@ -99,6 +103,16 @@ pub const READY_PROBE_INTERVAL_MS: u64 = 500;
 /// accepts the connection and never answers, so only this deadline (enforced
 /// here, not only sent) tells it apart from a slow one.
 pub const READY_PROBE_TIMEOUT_MS: u64 = 300;
+/// How long the audit waits for the participants' balance reads (all at
+/// once, at most `call_timeout_ms`), enforced here. It holds the commit
+/// fence meanwhile, and every commit decision waits: so this, with
+/// `audit_timeout_ms` (its wait for the fence), bounds how long an audit
+/// holds up commits, even when a participant is paused (accepts the
+/// connection, never answers). A participant that does not answer in time
+/// fails the audit (UNAVAILABLE, naming it); one with very many accounts
+/// may not fit a read of each of them (`include_accounts`) in it, but its
+/// totals always fit.
+pub const AUDIT_READ_TIMEOUT_MS: u64 = 250;
 
 /// The health service name that says whether this coordinator reaches one
 /// participant: `tandem.v1.Participant/<participant id>`.
@@ -200,7 +214,8 @@ pub struct NodeConfig {
     pub shards: Vec<Shard>,
     /// A participant that has not voted within this bound votes NO for it.
     pub prepare_timeout_ms: u64,
-    /// Deadline of one COMMIT, ABORT or ReadBalances call.
+    /// Deadline of one COMMIT or ABORT call; an audit's ReadBalances calls
+    /// have a shorter one (see [`AUDIT_READ_TIMEOUT_MS`]).
     pub call_timeout_ms: u64,
     /// How long an audit waits for the commit fence.
     pub audit_timeout_ms: u64,
@@ -1015,7 +1030,10 @@ impl Node {
                 timeout.as_millis()
             ))
         })?;
-        let call_timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
+        // Every read has the same short deadline, so the fence is given back
+        // by then whatever the participants do.
+        let read_timeout = Duration::from_millis(self.inner.config.call_timeout_ms.min(AUDIT_READ_TIMEOUT_MS));
+        let read_deadline = tokio::time::Instant::now() + read_timeout;
         let reads: Vec<_> = self
             .inner
             .participants
@@ -1024,18 +1042,28 @@ impl Node {
                 let mut client = client.clone();
                 let id = id.clone();
                 let mut request = Request::new(pb::ReadBalancesRequest { include_accounts });
-                request.set_timeout(call_timeout);
+                request.set_timeout(read_timeout);
                 tokio::spawn(async move {
-                    match tokio::time::timeout(call_timeout, client.read_balances(request)).await {
+                    match tokio::time::timeout_at(read_deadline, client.read_balances(request)).await {
                         Ok(Ok(response)) => Ok(response.into_inner()),
                         // A total that does not fit is an answer, not an outage.
                         Ok(Err(status)) if status.code() == tonic::Code::OutOfRange => {
                             Err(Error::OutOfRange(format!("{id}: {}", status.message())))
                         }
+                        // The client's own deadline (the grpc-timeout sent)
+                        // may end the call a moment before ours does.
+                        Ok(Err(status))
+                            if matches!(status.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled) =>
+                        {
+                            Err(Error::Unavailable(format!(
+                                "{id} did not answer within {} ms",
+                                read_timeout.as_millis()
+                            )))
+                        }
                         Ok(Err(status)) => Err(Error::Unavailable(format!("{id}: {}", status.message()))),
                         Err(_) => Err(Error::Unavailable(format!(
                             "{id} did not answer within {} ms",
-                            call_timeout.as_millis()
+                            read_timeout.as_millis()
                         ))),
                     }
                 })
@@ -1046,6 +1074,21 @@ impl Node {
             results.push(read.await.unwrap_or_else(|e| Err(Error::Unavailable(format!("a balance read failed: {e}")))));
         }
         drop(fence);
+        // Every participant that could not be read is named, so that one
+        // failed audit says which are unreachable.
+        let unread: Vec<String> = results
+            .iter()
+            .filter_map(|result| match result {
+                Err(Error::Unavailable(why)) => Some(why.clone()),
+                _ => None,
+            })
+            .collect();
+        if !unread.is_empty() {
+            return Err(Error::Unavailable(format!(
+                "the audit could not read every participant's balances (it let commits go on; retry later): {}",
+                unread.join("; ")
+            )));
+        }
         // Summed exactly: a total that does not fit its int64 field is
         // OUT_OF_RANGE, never a wrapped figure (see `Coordinator.Audit`).
         let mut response = pb::AuditResponse::default();
