@@ -6,24 +6,33 @@
 //! - an audit that cannot read a participant (paused: the link accepts and
 //!   never answers) gives the commit fence back within a short bound, fails
 //!   with UNAVAILABLE naming that participant, and commits between the
-//!   other participants go on meanwhile.
+//!   other participants go on meanwhile;
+//! - a COMMIT that its participant rejects (a non-retryable answer) does not
+//!   take one of the participant's call slots for good: the other COMMITs
+//!   keep flowing, and the rejected ones are delivered once the participant
+//!   takes them, each exactly once; one batch of COMMITs with rejected
+//!   ones in it is split, so that the others are delivered.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem::domain::Id;
 use tandem::pb;
 use tandem::pb::coordinator_client::CoordinatorClient;
-use tandem::pb::participant_server::Participant;
+use tandem::pb::participant_server::{Participant, ParticipantServer};
 use tandem::proxy::LinkProxy;
 use tandem::store::memory::MemoryDisk;
-use tandem::store::Disk;
+use tandem::store::{Disk, Op};
 use tandem::tls::Security;
+use tandem_coordinator::core::CommitRecord;
 use tandem_coordinator::directory::Shard;
+use tandem_coordinator::log;
 use tandem_coordinator::node::{self, Node, NodeConfig};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tonic::transport::Channel;
-use tonic::{Code, Request};
+use tonic::{Code, Request, Response, Status};
 
 /// Accounts each participant owns and opens: participant `i` (`p{i+1}`)
 /// owns `i * ACCOUNTS_EACH .. (i + 1) * ACCOUNTS_EACH`.
@@ -90,11 +99,12 @@ async fn participant(
 }
 
 /// The coordinator `c1` over the participants at `urls` (`p1`, `p2`, ...),
-/// serving on `listener`, and a client of it.
+/// its decision log on `log`, serving on `listener`, and a client of it.
 async fn coordinator(
     listener: TcpListener,
     url: &str,
     urls: &[String],
+    log: MemoryDisk,
     call_timeout_ms: u64,
     stop: &mut Stop,
 ) -> CoordinatorClient<Channel> {
@@ -109,7 +119,7 @@ async fn coordinator(
         .collect();
     let (node, recovered) = Node::open(NodeConfig {
         node_id: id("c1"),
-        disk: Disk::Memory(MemoryDisk::new()),
+        disk: Disk::Memory(log),
         shards,
         prepare_timeout_ms: 5_000,
         call_timeout_ms,
@@ -179,7 +189,8 @@ async fn an_audit_that_cannot_read_a_paused_participant_lets_commits_go_on_and_n
         }
     }
     let p3_link = proxy.unwrap();
-    let mut client = coordinator(coordinator_listener, &coordinator_url, &urls, CALL_TIMEOUT_MS, &mut stop).await;
+    let mut client =
+        coordinator(coordinator_listener, &coordinator_url, &urls, MemoryDisk::new(), CALL_TIMEOUT_MS, &mut stop).await;
     let total = 3 * ACCOUNTS_EACH as i64 * INITIAL_BALANCE;
     let audit = exact_audit(&mut client).await;
     assert_eq!((audit.total_posted, audit.total_reserved), (total, 0), "{audit:?}");
@@ -226,4 +237,275 @@ async fn an_audit_that_cannot_read_a_paused_participant_lets_commits_go_on_and_n
     assert_eq!((audit.total_posted, audit.total_reserved, audit.total_suspense), (total, 0, 0), "{audit:?}");
     assert_eq!(posted(&audit, 0), INITIAL_BALANCE - committed as i64);
     assert_eq!(posted(&audit, ACCOUNTS_EACH), INITIAL_BALANCE + committed as i64);
+}
+
+/// What [`Refusing`] refuses.
+#[derive(Default)]
+struct Refusals {
+    /// The next this many prepares get their transaction's COMMIT refused.
+    refuse_next: usize,
+    /// Transactions whose COMMIT is refused while `accepting` is false.
+    refused: BTreeSet<String>,
+    accepting: bool,
+    /// COMMIT calls refused so far.
+    calls_refused: u64,
+}
+
+/// A participant that answers COMMITs of chosen transactions with
+/// INVALID_ARGUMENT, as a participant does for a transaction it aborted,
+/// until told to accept them; everything else is the real participant's.
+#[derive(Clone)]
+struct Refusing {
+    node: tandem_participant::node::Node,
+    refusals: Arc<Mutex<Refusals>>,
+}
+
+impl Refusing {
+    fn refuse(&self, txn_ids: &[String]) -> Result<(), Status> {
+        let mut refusals = self.refusals.lock().unwrap();
+        if refusals.accepting {
+            return Ok(());
+        }
+        if let Some(txn) = txn_ids.iter().find(|txn| refusals.refused.contains(*txn)) {
+            refusals.calls_refused += 1;
+            return Err(Status::invalid_argument(format!(
+                "{txn} is aborted here; a commit for it breaks the protocol"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// `Participant` for [`Refusing`]: the methods given, and the others
+/// handed to the real participant unchanged. (The attribute is emitted here,
+/// so that it sees the methods this macro writes.)
+macro_rules! participant_with {
+    ({ $($own:item)* } $($method:ident($request:ty) -> $response:ty;)*) => {
+        #[tonic::async_trait]
+        impl Participant for Refusing {
+            $($own)*
+            $(async fn $method(&self, request: Request<$request>) -> Result<Response<$response>, Status> {
+                Participant::$method(&self.node, request).await
+            })*
+        }
+    };
+}
+
+participant_with! {
+    {
+        async fn prepare_batch(
+            &self,
+            request: Request<pb::PrepareBatchRequest>,
+        ) -> Result<Response<pb::PrepareBatchResponse>, Status> {
+            {
+                let mut refusals = self.refusals.lock().unwrap();
+                for prepare in &request.get_ref().prepares {
+                    if refusals.refuse_next > 0 {
+                        refusals.refuse_next -= 1;
+                        refusals.refused.insert(prepare.txn_id.clone());
+                    }
+                }
+            }
+            Participant::prepare_batch(&self.node, request).await
+        }
+
+        async fn commit(&self, request: Request<pb::DecisionRequest>) -> Result<Response<pb::DecisionResponse>, Status> {
+            self.refuse(std::slice::from_ref(&request.get_ref().txn_id))?;
+            Participant::commit(&self.node, request).await
+        }
+
+        async fn commit_batch(
+            &self,
+            request: Request<pb::DecisionBatchRequest>,
+        ) -> Result<Response<pb::DecisionResponse>, Status> {
+            self.refuse(&request.get_ref().txn_ids)?;
+            Participant::commit_batch(&self.node, request).await
+        }
+    }
+    prepare(pb::PrepareRequest) -> pb::PrepareResponse;
+    abort(pb::DecisionRequest) -> pb::DecisionResponse;
+    open_accounts(pb::OpenAccountsRequest) -> pb::OpenAccountsResponse;
+    get_balance(pb::GetBalanceRequest) -> pb::Balance;
+    read_balances(pb::ReadBalancesRequest) -> pb::ReadBalancesResponse;
+    list_prepared(pb::ListPreparedRequest) -> pb::ListPreparedResponse;
+    set_account_closed(pb::SetAccountClosedRequest) -> pb::Balance;
+    saga_step(pb::SagaStepRequest) -> pb::SagaStepResponse;
+    forget_sagas(pb::ForgetSagasRequest) -> pb::ForgetSagasResponse;
+    saga_step_batch(pb::SagaStepBatchRequest) -> pb::SagaStepBatchResponse;
+    start_transfer(pb::StartTransferRequest) -> pb::TransferStatus;
+    get_transfer_status(pb::GetTransferStatusRequest) -> pb::TransferStatus;
+    list_parked_transfers(pb::ListParkedTransfersRequest) -> pb::ListParkedTransfersResponse;
+    resolve_parked_transfer(pb::ResolveParkedTransferRequest) -> pb::TransferStatus;
+    deliver_event(pb::ChoreographyEvent) -> pb::DeliverEventResponse;
+    deliver_events(pb::DeliverEventsRequest) -> pb::DeliverEventsResponse;
+}
+
+/// p1, reached through a [`Refusing`] server: it and its URL.
+async fn refusing_p1(coordinator_url: &str, stop: &mut Stop) -> (Refusing, String) {
+    let (listener, _) = bind().await;
+    let p1 = participant(0, listener, coordinator_url, stop).await;
+    let refusing = Refusing { node: p1, refusals: Arc::default() };
+    let (listener, url) = bind().await;
+    let (sender, stopped) = oneshot::channel();
+    stop.0.push(sender);
+    // Healthy, as the coordinator's readiness probe asks.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ParticipantServer<Refusing>>().await;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(ParticipantServer::new(refusing.clone()))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                until_stopped(stopped),
+            ),
+    );
+    (refusing, url)
+}
+
+async fn state(client: &mut CoordinatorClient<Channel>, txn: &str) -> pb::TransactionStatus {
+    client.get_transaction(pb::GetTransactionRequest { txn_id: txn.into() }).await.unwrap().into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_a_participant_rejects_leave_its_call_slots_and_are_delivered_once_it_takes_them() {
+    let mut stop = Stop(Vec::new());
+    let (coordinator_listener, coordinator_url) = bind().await;
+    // p1 is the real participant, reached through a server that refuses
+    // chosen COMMITs; p2 is plain.
+    let (refusing, p1_url) = refusing_p1(&coordinator_url, &mut stop).await;
+    let (listener, p2_url) = bind().await;
+    participant(1, listener, &coordinator_url, &mut stop).await;
+    let mut client =
+        coordinator(coordinator_listener, &coordinator_url, &[p1_url, p2_url], MemoryDisk::new(), 1_000, &mut stop)
+            .await;
+
+    // More refused COMMITs than p1 has call slots, one after the other, so
+    // that each goes out alone while the earlier ones are refused.
+    let refused_count = node::BATCHES_IN_FLIGHT_MAX + 1;
+    refusing.refusals.lock().unwrap().refuse_next = refused_count;
+    let mut refused = Vec::new();
+    for _ in 0..refused_count {
+        let result = client.transfer(transfer(0, ACCOUNTS_EACH, 1)).await.unwrap().into_inner();
+        assert_eq!(result.outcome, pb::Outcome::Committed as i32, "the decision is durable: {result:?}");
+        refused.push(result.txn_id);
+    }
+    assert_eq!(refusing.refusals.lock().unwrap().refused, refused.iter().cloned().collect());
+    eventually("p1 has refused every one of them", async || {
+        (refusing.refusals.lock().unwrap().calls_refused >= refused_count as u64).then_some(())
+    })
+    .await;
+
+    // The next COMMITs to p1 are delivered: the refused ones hold no slot.
+    for _ in 0..3 {
+        let result = client.transfer(transfer(1, ACCOUNTS_EACH + 1, 1)).await.unwrap().into_inner();
+        assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
+        let txn = result.txn_id;
+        eventually("a COMMIT behind the refused ones is acknowledged", async || {
+            (state(&mut client, &txn).await.state == pb::TransactionState::Committed as i32).then_some(())
+        })
+        .await;
+    }
+    // The refused ones are not given up: still committing, waiting for p1
+    // only (p2 acknowledged its COMMITs).
+    for txn in &refused {
+        eventually("a refused COMMIT waits for p1 only", async || {
+            let status = state(&mut client, txn).await;
+            assert_ne!(status.state, pb::TransactionState::Committed as i32, "{status:?}");
+            (status.state == pb::TransactionState::Committing as i32 && status.pending_participants == ["p1"])
+                .then_some(())
+        })
+        .await;
+    }
+    // They are offered again, out of the slots, and slowly.
+    eventually("the refused COMMITs are offered again", async || {
+        (refusing.refusals.lock().unwrap().calls_refused >= 2 * refused_count as u64).then_some(())
+    })
+    .await;
+    let calls = refusing.refusals.lock().unwrap().calls_refused;
+    assert!(calls < 10 * refused_count as u64, "refused COMMITs are offered again slowly: {calls} calls");
+
+    // p1 takes them now: each is delivered, and applied once.
+    refusing.refusals.lock().unwrap().accepting = true;
+    for txn in &refused {
+        eventually("a COMMIT that was refused is delivered once p1 takes it", async || {
+            (state(&mut client, txn).await.state == pb::TransactionState::Committed as i32).then_some(())
+        })
+        .await;
+    }
+    let audit = exact_audit(&mut client).await;
+    let total = 2 * ACCOUNTS_EACH as i64 * INITIAL_BALANCE;
+    assert_eq!((audit.total_posted, audit.total_reserved, audit.total_suspense), (total, 0, 0), "{audit:?}");
+    assert_eq!(posted(&audit, 0), INITIAL_BALANCE - refused_count as i64);
+    assert_eq!(posted(&audit, ACCOUNTS_EACH), INITIAL_BALANCE + refused_count as i64);
+    assert_eq!(posted(&audit, 1), INITIAL_BALANCE - 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_batch_of_commits_is_split_so_that_the_others_in_it_are_delivered() {
+    let mut stop = Stop(Vec::new());
+    let (coordinator_listener, coordinator_url) = bind().await;
+    let (refusing, p1_url) = refusing_p1(&coordinator_url, &mut stop).await;
+    let (listener, p2_url) = bind().await;
+    let p2 = participant(1, listener, &coordinator_url, &mut stop).await;
+
+    // Transactions that c1 prepared at both participants and decided to
+    // commit before it stopped: restarted, it sends their COMMITs together,
+    // in one batch per participant. p1 rejects two of them.
+    const LOGGED: u64 = 8;
+    let (from, to) = (2, ACCOUNTS_EACH + 2);
+    let log = MemoryDisk::new();
+    let store = log.open().unwrap();
+    let mut txns = Vec::new();
+    for i in 0..LOGGED {
+        let txn = format!("t{i}");
+        for (node, account, amount) in [(&refusing.node, from, -1), (&p2, to, 1)] {
+            let prepare = pb::PrepareRequest {
+                txn_id: txn.clone(),
+                coordinator_id: "c1".into(),
+                legs: vec![pb::Leg { account, amount }],
+            };
+            let vote = Participant::prepare(node, Request::new(prepare)).await.unwrap().into_inner();
+            assert_eq!(vote.vote, pb::Vote::Yes as i32, "{vote:?}");
+        }
+        let record = CommitRecord { participants: vec![id("p1"), id("p2")], idempotency_key: None };
+        let decision = Op::Put(log::key(log::DECISION_PREFIX, &id(&txn)), log::encode_commit(&record).unwrap());
+        store.write(vec![decision]).await.unwrap();
+        txns.push(txn);
+    }
+    store.close();
+    drop(store);
+    let refused: BTreeSet<String> = [txns[1].clone(), txns[6].clone()].into();
+    refusing.refusals.lock().unwrap().refused = refused.clone();
+    let mut client =
+        coordinator(coordinator_listener, &coordinator_url, &[p1_url, p2_url], log, 1_000, &mut stop).await;
+
+    for txn in txns.iter().filter(|txn| !refused.contains(*txn)) {
+        eventually("a COMMIT batched with rejected ones is acknowledged", async || {
+            (state(&mut client, txn).await.state == pb::TransactionState::Committed as i32).then_some(())
+        })
+        .await;
+    }
+    for txn in &refused {
+        eventually("a rejected COMMIT waits for p1 only", async || {
+            let status = state(&mut client, txn).await;
+            assert_ne!(status.state, pb::TransactionState::Committed as i32, "{status:?}");
+            (status.state == pb::TransactionState::Committing as i32 && status.pending_participants == ["p1"])
+                .then_some(())
+        })
+        .await;
+    }
+
+    refusing.refusals.lock().unwrap().accepting = true;
+    for txn in &refused {
+        eventually("a COMMIT that was rejected is delivered once p1 takes it", async || {
+            (state(&mut client, txn).await.state == pb::TransactionState::Committed as i32).then_some(())
+        })
+        .await;
+    }
+    let audit = exact_audit(&mut client).await;
+    let total = 2 * ACCOUNTS_EACH as i64 * INITIAL_BALANCE;
+    assert_eq!((audit.total_posted, audit.total_reserved, audit.total_suspense), (total, 0, 0), "{audit:?}");
+    assert_eq!(posted(&audit, from), INITIAL_BALANCE - LOGGED as i64, "each COMMIT applied once");
+    assert_eq!(posted(&audit, to), INITIAL_BALANCE + LOGGED as i64, "each COMMIT applied once");
 }
