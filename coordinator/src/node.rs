@@ -17,10 +17,28 @@
 //! 2-core machine the gRPC work per transfer was most of the coordinator's
 //! CPU, and batching took 2PC from about 5,600 to 8,600–9,700 commits/s.
 //!
+//! Rejected COMMITs. A COMMIT is redelivered from its slot while the
+//! participant cannot take it (unreachable, overloaded, its store failed:
+//! every COMMIT to it would fail alike). One that the participant answers
+//! with a rejection ([`commit_rejected`]: it aborted the transaction, a
+//! broken protocol) would get the same answer at once, and
+//! [`BATCHES_IN_FLIGHT_MAX`] of them would hold every slot for good: it
+//! leaves the slots for a bounded set of undeliverable COMMITs, offered
+//! again with a long backoff ([`Node::redeliver_undeliverable`]), and is
+//! logged as an error. Its decision stands: it is never taken for an
+//! acknowledgement, so the transaction stays committing (and holds the
+//! commit fence: audits refuse) until the participant takes it. A rejected
+//! batch is split in halves until the COMMITs it rejects are alone, so the
+//! others in it are delivered.
+//!
 //! The commit fence serves the audit (see `Coordinator.Audit` in the proto):
 //! a transaction holds a shared guard from just before its decision is
 //! written until every participant acknowledged its COMMIT. The audit takes
-//! the fence exclusively, so while it reads, no commit is half applied.
+//! the fence exclusively, so while it reads, no commit is half applied. New
+//! commit decisions wait while it does, so it holds the fence for a bounded
+//! time: at most `audit_timeout_ms` waiting for it, then at most
+//! [`AUDIT_READ_TIMEOUT_MS`] reading; a participant that does not answer in
+//! time (paused) fails the audit, never the commits.
 //!
 //! Readiness. The health service's `""` and `tandem.v1.Coordinator` say
 //! only that this process serves. Whether it can reach its participants is
@@ -46,7 +64,7 @@ use crate::core::{AbortReason, Action, Core, Decision, Outcome, Phase, VoteResul
 use crate::directory::{Directory, Shard};
 use crate::log;
 use crate::saga::{Recovery, SagaAction, SagaCore, SagaId};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -77,6 +95,19 @@ use tracing::{debug, error, info, warn};
 /// The first wait before a COMMIT is redelivered; it doubles up to the max.
 pub const COMMIT_RETRY_INITIAL_MS: u64 = 10;
 pub const COMMIT_RETRY_MAX_MS: u64 = 1_000;
+/// Most COMMITs rejected by one participant that wait out of the call slots
+/// to be offered again; past it, a rejected COMMIT is offered again from
+/// its slot (backing off up to [`UNDELIVERABLE_RETRY_MAX_MS`]).
+pub const COMMITS_UNDELIVERABLE_MAX: usize = 4_096;
+/// The first wait before the COMMITs a participant rejected are offered
+/// again; it doubles up to the max while some are still rejected.
+pub const UNDELIVERABLE_RETRY_INITIAL_MS: u64 = 1_000;
+pub const UNDELIVERABLE_RETRY_MAX_MS: u64 = 60_000;
+const _: () = assert!(
+    COMMITS_UNDELIVERABLE_MAX > 0
+        && COMMIT_RETRY_MAX_MS <= UNDELIVERABLE_RETRY_INITIAL_MS
+        && UNDELIVERABLE_RETRY_INITIAL_MS <= UNDELIVERABLE_RETRY_MAX_MS
+);
 /// How often finished records are trimmed to `finished_retained_max`.
 pub const GC_INTERVAL_MS: u64 = 5_000;
 /// Most finished records removed in one round.
@@ -104,6 +135,16 @@ pub const READY_PROBE_INTERVAL_MS: u64 = 500;
 /// accepts the connection and never answers, so only this deadline (enforced
 /// here, not only sent) tells it apart from a slow one.
 pub const READY_PROBE_TIMEOUT_MS: u64 = 300;
+/// How long the audit waits for the participants' balance reads (all at
+/// once, at most `call_timeout_ms`), enforced here. It holds the commit
+/// fence meanwhile, and every commit decision waits: so this, with
+/// `audit_timeout_ms` (its wait for the fence), bounds how long an audit
+/// holds up commits, even when a participant is paused (accepts the
+/// connection, never answers). A participant that does not answer in time
+/// fails the audit (UNAVAILABLE, naming it); one with very many accounts
+/// may not fit a read of each of them (`include_accounts`) in it, but its
+/// totals always fit.
+pub const AUDIT_READ_TIMEOUT_MS: u64 = 250;
 
 /// The health service name that says whether this coordinator reaches one
 /// participant: `tandem.v1.Participant/<participant id>`.
@@ -171,6 +212,41 @@ impl<T> BatchQueue<T> {
     }
 }
 
+/// COMMITs one participant rejected, out of the call slots, until it takes
+/// them ([`Node::redeliver_undeliverable`]); oldest first (ids sort by age),
+/// at most [`COMMITS_UNDELIVERABLE_MAX`].
+#[derive(Default)]
+struct Undeliverable {
+    txns: Mutex<BTreeSet<TxnId>>,
+    wake: tokio::sync::Notify,
+}
+
+impl Undeliverable {
+    fn txns(&self) -> std::sync::MutexGuard<'_, BTreeSet<TxnId>> {
+        self.txns.lock().expect("undeliverable lock poisoned")
+    }
+
+    /// Sets `txn` aside unless `max` are aside already; says whether it did.
+    fn insert_bounded(&self, txn: TxnId, max: usize) -> bool {
+        let mut txns = self.txns();
+        if txns.len() >= max {
+            return false;
+        }
+        txns.insert(txn);
+        drop(txns);
+        self.wake.notify_one();
+        true
+    }
+
+    /// Waits until at least one COMMIT is aside.
+    async fn wait_for_one(&self) {
+        // A notification between the check and here leaves a permit.
+        while self.txns().is_empty() {
+            self.wake.notified().await;
+        }
+    }
+}
+
 /// A prepare waiting for its call, and when it stops waiting for a vote.
 pub(crate) struct QueuedPrepare {
     txn: TxnId,
@@ -192,6 +268,8 @@ pub(crate) struct Outbound {
     /// Orchestrated saga steps (each retried by its saga's driver).
     pub(crate) steps: BatchQueue<QueuedStep>,
     commits: BatchQueue<TxnId>,
+    /// COMMITs this participant rejected, out of the call slots.
+    undeliverable: Undeliverable,
     /// Orchestrated sagas that ended, whose barriers this participant may
     /// forget (see `Participant.ForgetSagas`).
     forgets: BatchQueue<TxnId>,
@@ -205,7 +283,8 @@ pub struct NodeConfig {
     pub shards: Vec<Shard>,
     /// A participant that has not voted within this bound votes NO for it.
     pub prepare_timeout_ms: u64,
-    /// Deadline of one COMMIT, ABORT or ReadBalances call.
+    /// Deadline of one COMMIT or ABORT call; an audit's ReadBalances calls
+    /// have a shorter one (see [`AUDIT_READ_TIMEOUT_MS`]).
     pub call_timeout_ms: u64,
     /// How long an audit waits for the commit fence.
     pub audit_timeout_ms: u64,
@@ -662,46 +741,123 @@ impl Node {
     }
 
     /// Delivers a batch of COMMITs in one call, redelivered until the
-    /// participant acknowledges it, then feeds each acknowledgement to the
-    /// core. A batch the participant rejects (it names a transaction the
-    /// participant aborted: a broken protocol, logged) is split, so that one
-    /// bad COMMIT retries alone and does not hold up the others.
+    /// participant answers it, then feeds each acknowledgement to the core.
+    /// A batch the participant rejects ([`commit_rejected`]; the whole batch
+    /// is refused for one COMMIT it rejects) is split in halves, each
+    /// delivered in turn, down to the rejected COMMITs alone: those leave
+    /// the slot ([`Node::set_aside`]), and the others are delivered.
     async fn send_commits(self, participant: Id, batch: Vec<TxnId>) {
-        let rejectable = batch.len() > 1;
-        let delivered = self
-            .call_until_answered(
-                "commit",
-                &participant,
-                COMMIT_RETRY_MAX_MS,
-                |status| rejectable && status.code() == tonic::Code::InvalidArgument,
-                |timeout| self.commit_call(&participant, &batch, timeout),
-            )
-            .await;
-        if let Err(status) = delivered {
-            error!(%participant, error = %status.message(), "commit batch rejected; delivering its commits one by one");
-            for txn in batch {
-                let node = self.clone();
-                let participant = participant.clone();
-                tokio::spawn(async move {
-                    let alone = std::slice::from_ref(&txn);
-                    let _ = node
-                        .call_until_answered(
-                            "commit",
-                            &participant,
-                            COMMIT_RETRY_MAX_MS,
-                            |_| false,
-                            |timeout| node.commit_call(&participant, alone, timeout),
-                        )
-                        .await;
-                    let next = node.core().on_commit_acked(&txn, &participant);
-                    node.execute(next);
-                });
+        // Parts still to deliver; the last is next, so they go oldest first.
+        let mut parts = vec![batch];
+        while let Some(mut part) = parts.pop() {
+            let delivered = self
+                .call_until_answered("commit", &participant, COMMIT_RETRY_MAX_MS, commit_rejected, |timeout| {
+                    self.commit_call(&participant, &part, timeout)
+                })
+                .await;
+            match delivered {
+                Ok(()) => {
+                    for txn in &part {
+                        let next = self.core().on_commit_acked(txn, &participant);
+                        self.execute(next);
+                    }
+                }
+                Err(status) if part.len() > 1 => {
+                    warn!(
+                        %participant,
+                        count = part.len(),
+                        code = ?status.code(),
+                        error = %clip_text(status.message(), REASON_LEN_MAX),
+                        "commit batch rejected; splitting it to deliver the COMMITs it does not reject"
+                    );
+                    let second = part.split_off(part.len() / 2);
+                    parts.push(second);
+                    parts.push(part);
+                }
+                Err(status) => {
+                    let txn = part.pop().expect("a part holds at least one COMMIT");
+                    self.set_aside(&participant, txn, &status).await;
+                }
             }
+        }
+    }
+
+    /// Takes a COMMIT that `participant` rejected out of the call slots, into
+    /// its undeliverable set. When the set is full, the COMMIT is offered
+    /// again from here (so it keeps its slot) until the participant takes it.
+    async fn set_aside(&self, participant: &Id, txn: TxnId, status: &Status) {
+        let why = clip_text(status.message(), REASON_LEN_MAX);
+        let code = status.code();
+        if self.outbound(participant).undeliverable.insert_bounded(txn.clone(), COMMITS_UNDELIVERABLE_MAX) {
+            error!(
+                %txn, %participant, ?code, error = %why,
+                "the participant rejected a COMMIT; the decision stands, and it is offered again every {UNDELIVERABLE_RETRY_INITIAL_MS} to {UNDELIVERABLE_RETRY_MAX_MS} ms until taken"
+            );
             return;
         }
-        for txn in &batch {
-            let next = self.core().on_commit_acked(txn, &participant);
+        error!(
+            %txn, %participant, ?code, error = %why,
+            "the participant rejected a COMMIT, and {COMMITS_UNDELIVERABLE_MAX} of its rejected COMMITs wait already; this one is offered again from its call slot"
+        );
+        let alone = std::slice::from_ref(&txn);
+        let delivered = self
+            .call_until_answered(
+                "rejected commit",
+                participant,
+                UNDELIVERABLE_RETRY_MAX_MS,
+                |_| false,
+                |timeout| self.commit_call(participant, alone, timeout),
+            )
+            .await;
+        if delivered.is_ok() {
+            let next = self.core().on_commit_acked(&txn, participant);
             self.execute(next);
+        }
+    }
+
+    /// Offers the COMMITs `participant` rejected again, each alone, out of
+    /// the call slots, for as long as the node runs: every
+    /// [`UNDELIVERABLE_RETRY_INITIAL_MS`], doubling up to
+    /// [`UNDELIVERABLE_RETRY_MAX_MS`] while some are still rejected. One
+    /// that the participant takes is acknowledged to the core like any
+    /// other. A failure that is not a rejection (the participant is
+    /// unreachable) ends the round; the next one starts over.
+    async fn redeliver_undeliverable(self, participant: Id) {
+        let outbound = self.inner.outbound[&participant].clone();
+        let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
+        let mut backoff_ms = UNDELIVERABLE_RETRY_INITIAL_MS;
+        loop {
+            outbound.undeliverable.wait_for_one().await;
+            tokio::time::sleep(Duration::from_millis(backoff_ms)).await;
+            let aside: Vec<TxnId> = outbound.undeliverable.txns().iter().cloned().collect();
+            for txn in &aside {
+                match self.commit_call(&participant, std::slice::from_ref(txn), timeout).await {
+                    Ok(()) => {
+                        outbound.undeliverable.txns().remove(txn);
+                        info!(%txn, %participant, "a COMMIT the participant had rejected is delivered");
+                        let next = self.core().on_commit_acked(txn, &participant);
+                        self.execute(next);
+                    }
+                    Err(status) if commit_rejected(&status) => {
+                        debug!(%txn, %participant, error = %status.message(), "COMMIT rejected again")
+                    }
+                    Err(status) => {
+                        debug!(%participant, error = %status.message(), "rejected COMMITs not offered: the participant does not answer");
+                        break;
+                    }
+                }
+            }
+            let waiting = outbound.undeliverable.txns().len();
+            if waiting == 0 {
+                backoff_ms = UNDELIVERABLE_RETRY_INITIAL_MS;
+                continue;
+            }
+            backoff_ms = (backoff_ms * 2).min(UNDELIVERABLE_RETRY_MAX_MS);
+            error!(
+                %participant,
+                waiting,
+                "COMMITs the participant rejected are still undelivered (their decisions stand); offered again in {backoff_ms} ms"
+            );
         }
     }
 
@@ -872,6 +1028,7 @@ impl Node {
                 [
                     tokio::spawn(self.clone().drain(p(), |o| &o.prepares, PREPARE_BATCH_MAX, Node::send_prepares)),
                     tokio::spawn(self.clone().drain(p(), |o| &o.commits, COMMIT_BATCH_MAX, Node::send_commits)),
+                    tokio::spawn(self.clone().redeliver_undeliverable(p())),
                     tokio::spawn(self.clone().drain(p(), |o| &o.steps, STEP_BATCH_MAX, Node::send_steps)),
                     tokio::spawn(self.clone().send_forgets(p())),
                 ]
@@ -1036,7 +1193,10 @@ impl Node {
                 timeout.as_millis()
             ))
         })?;
-        let call_timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
+        // Every read has the same short deadline, so the fence is given back
+        // by then whatever the participants do.
+        let read_timeout = Duration::from_millis(self.inner.config.call_timeout_ms.min(AUDIT_READ_TIMEOUT_MS));
+        let read_deadline = tokio::time::Instant::now() + read_timeout;
         let reads: Vec<_> = self
             .inner
             .participants
@@ -1045,18 +1205,28 @@ impl Node {
                 let mut client = client.clone();
                 let id = id.clone();
                 let mut request = Request::new(pb::ReadBalancesRequest { include_accounts });
-                request.set_timeout(call_timeout);
+                request.set_timeout(read_timeout);
                 tokio::spawn(async move {
-                    match tokio::time::timeout(call_timeout, client.read_balances(request)).await {
+                    match tokio::time::timeout_at(read_deadline, client.read_balances(request)).await {
                         Ok(Ok(response)) => Ok(response.into_inner()),
                         // A total that does not fit is an answer, not an outage.
                         Ok(Err(status)) if status.code() == tonic::Code::OutOfRange => {
                             Err(Error::OutOfRange(format!("{id}: {}", status.message())))
                         }
+                        // The client's own deadline (the grpc-timeout sent)
+                        // may end the call a moment before ours does.
+                        Ok(Err(status))
+                            if matches!(status.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled) =>
+                        {
+                            Err(Error::Unavailable(format!(
+                                "{id} did not answer within {} ms",
+                                read_timeout.as_millis()
+                            )))
+                        }
                         Ok(Err(status)) => Err(Error::Unavailable(format!("{id}: {}", status.message()))),
                         Err(_) => Err(Error::Unavailable(format!(
                             "{id} did not answer within {} ms",
-                            call_timeout.as_millis()
+                            read_timeout.as_millis()
                         ))),
                     }
                 })
@@ -1067,6 +1237,21 @@ impl Node {
             results.push(read.await.unwrap_or_else(|e| Err(Error::Unavailable(format!("a balance read failed: {e}")))));
         }
         drop(fence);
+        // Every participant that could not be read is named, so that one
+        // failed audit says which are unreachable.
+        let unread: Vec<String> = results
+            .iter()
+            .filter_map(|result| match result {
+                Err(Error::Unavailable(why)) => Some(why.clone()),
+                _ => None,
+            })
+            .collect();
+        if !unread.is_empty() {
+            return Err(Error::Unavailable(format!(
+                "the audit could not read every participant's balances (it let commits go on; retry later): {}",
+                unread.join("; ")
+            )));
+        }
         // Summed exactly: a total that does not fit its int64 field is
         // OUT_OF_RANGE, never a wrapped figure (see `Coordinator.Audit`).
         let mut response = pb::AuditResponse::default();
@@ -1297,6 +1482,21 @@ async fn timed_call<T>(
         Ok(answer) => answer.map(Response::into_inner),
         Err(_) => Err(Status::deadline_exceeded(format!("no answer within {} ms", timeout.as_millis()))),
     }
+}
+
+/// Whether a participant's answer to a COMMIT rejects it: an answer about
+/// the request, not the participant (INVALID_ARGUMENT, FAILED_PRECONDITION,
+/// NOT_FOUND, ALREADY_EXISTS, OUT_OF_RANGE; see [`Error`]'s classes). A
+/// participant answers so for a transaction it aborted (a broken protocol)
+/// or a request it cannot take, and would answer the same at once. The
+/// others (retryable: unreachable, overloaded, a deadline; fatal: its store
+/// failed, until it reopens it; not trusted) are about the participant:
+/// every COMMIT to it would fail alike, and is redelivered. Nothing a
+/// participant answers for a COMMIT it applied, or had applied (a
+/// duplicate, a forgotten one), is an error.
+fn commit_rejected(status: &Status) -> bool {
+    let error = Error::from(status.clone());
+    !error.is_retryable() && !matches!(error, Error::Fatal(_))
 }
 
 /// A batch call's answers, one per item sent, or why they cannot be used.
