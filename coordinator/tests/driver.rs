@@ -86,6 +86,7 @@ async fn participant(
         owned_accounts: Some(index * ACCOUNTS_EACH..(index + 1) * ACCOUNTS_EACH),
         store_free_min_bytes: 0,
         security: Security::Insecure,
+        network: tandem::net::Network::Tcp,
     })
     .unwrap();
     let accounts = (index * ACCOUNTS_EACH..(index + 1) * ACCOUNTS_EACH)
@@ -129,6 +130,7 @@ async fn coordinator(
         saga_step_attempts: 3,
         saga_deadline_ms: 5_000,
         security: Security::Insecure,
+        network: tandem::net::Network::Tcp,
     })
     .await
     .unwrap();
