@@ -106,6 +106,7 @@ const ALL_FAULTS: &[FaultKind] = &[
     FaultKind::OneWay,
     FaultKind::FailFsync,
     FaultKind::DiskFull,
+    FaultKind::SlowDisk,
 ];
 
 pub const SCENARIOS: &[Scenario] = &[
@@ -136,11 +137,19 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "disks",
-        about: "every protocol; fsyncs fail and disks fill up",
-        faults: &[FaultKind::FailFsync, FaultKind::DiskFull],
+        about: "every protocol; fsyncs fail, disks fill up or slow down",
+        faults: &[FaultKind::FailFsync, FaultKind::DiskFull, FaultKind::SlowDisk],
         ..BASE
     },
     Scenario { name: "everything", about: "every protocol under every fault", faults: ALL_FAULTS, fault_interval_ms: 500, ..BASE },
+    Scenario {
+        name: "storm",
+        about: "every protocol under every fault, a fault every 200 ms on average, five clients",
+        faults: ALL_FAULTS,
+        fault_interval_ms: 200,
+        workers: 5,
+        ..BASE
+    },
     Scenario {
         name: "long-outages",
         about: "every protocol under every fault, with retention shorter than the faults: shows what issue 11 (deduplication with no time window) must fix; not in CI",
@@ -252,6 +261,10 @@ pub fn run_seed(scenario: &'static Scenario, seed: u64) -> SeedReport {
     let disks = Disks(topology.node_names().into_iter().map(|name| (name, MemoryDisk::new())).collect());
     let mut rng = SplitMix64::new(seed);
     let latency_max_ms = [1, 5, 20][rng.below(3) as usize];
+    // Every fsync takes this long, so that a crash can fall between a write
+    // and its acknowledgement.
+    let fsync_latency = Duration::from_micros([0, 100, 1_000, 5_000][rng.below(4) as usize]);
+    disks.0.values().for_each(|disk| disk.set_fsync_latency(fsync_latency));
     let mut sim = turmoil::Builder::new()
         .rng_seed(seed)
         .simulation_duration(Duration::from_secs(SIMULATED_S_MAX))
@@ -261,7 +274,10 @@ pub fn run_seed(scenario: &'static Scenario, seed: u64) -> SeedReport {
         .build();
     hosts::add_nodes(&mut sim, &topology, &disks);
     let history = History::default();
-    history.log(Duration::ZERO, format!("seed {seed}, scenario {}, latency up to {latency_max_ms} ms", scenario.name));
+    history.log(
+        Duration::ZERO,
+        format!("seed {seed}, scenario {}, latency up to {latency_max_ms} ms, fsync {fsync_latency:?}", scenario.name),
+    );
     let heal_at = Duration::from_millis(scenario.faults_until_ms);
     let plan = Arc::new(client::ClientPlan { seed, scenario, topology: topology.clone(), heal_at });
     let outcome = Arc::new(Mutex::new(client::ClientOutcome::default()));
@@ -272,6 +288,7 @@ pub fn run_seed(scenario: &'static Scenario, seed: u64) -> SeedReport {
         scenario.script,
         &topology,
         disks,
+        fsync_latency,
         Duration::from_millis(FAULTS_FROM_MS),
         heal_at,
         scenario.fault_interval_ms,

@@ -15,7 +15,8 @@
 //!   (a black hole: connections stay open and go silent); `OneWay` drops
 //!   one direction only.
 //! - `FailFsync`: the node's next fsync fails; `DiskFull`: its disk has
-//!   a few KiB left. A participant recovers in process once its disk is
+//!   a few KiB left; `SlowDisk`: its fsyncs take 150 ms (every disk's
+//!   fsync takes 0, 0.1, 1 or 5 ms otherwise, by seed). A participant recovers in process once its disk is
 //!   healthy again; a coordinator stays NOT_SERVING, so the nemesis, as a
 //!   supervisor would, restarts it when the fault ends.
 
@@ -33,6 +34,7 @@ pub enum FaultKind {
     OneWay,
     FailFsync,
     DiskFull,
+    SlowDisk,
 }
 
 /// One fault on named hosts.
@@ -44,6 +46,7 @@ pub enum Fault {
     OneWay { from: &'static str, to: &'static str },
     FailFsync { host: &'static str },
     DiskFull { host: &'static str },
+    SlowDisk { host: &'static str },
 }
 
 /// A fault a scenario places by hand: from `from_ms` until `until_ms` of
@@ -61,9 +64,8 @@ impl Fault {
             Fault::Crash { host, .. }
             | Fault::Pause { host }
             | Fault::FailFsync { host }
-            | Fault::DiskFull { host } => {
-                vec![*host]
-            }
+            | Fault::DiskFull { host }
+            | Fault::SlowDisk { host } => vec![*host],
             Fault::Partition { a, b } => vec![*a, *b],
             Fault::OneWay { from, to } => vec![*from, *to],
         }
@@ -73,6 +75,8 @@ impl Fault {
 /// Shortest and longest a fault lasts.
 const FAULT_MS_MIN: u64 = 100;
 const FAULT_MS_MAX: u64 = 4_000;
+/// How long an fsync takes on a slow disk.
+const SLOW_FSYNC_MS: u64 = 150;
 /// Bytes a full disk has left.
 const DISK_FULL_ROOM_BYTES: u64 = 2_048;
 
@@ -84,6 +88,8 @@ pub struct Nemesis {
     /// Every host that can be faulted: the nodes, and the client for links.
     nodes: Vec<&'static str>,
     disks: Disks,
+    /// How long an fsync takes on a disk that is not slowed down.
+    fsync_latency: Duration,
     /// When the fault phase starts and ends.
     start: Duration,
     heal_at: Duration,
@@ -102,6 +108,7 @@ impl Nemesis {
         script: &[Scripted],
         topology: &Topology,
         disks: Disks,
+        fsync_latency: Duration,
         start: Duration,
         heal_at: Duration,
         interval_ms: u64,
@@ -116,6 +123,7 @@ impl Nemesis {
             },
             nodes: topology.node_names(),
             disks,
+            fsync_latency,
             start,
             heal_at,
             interval_ms: interval_ms.max(1),
@@ -190,6 +198,7 @@ impl Nemesis {
             FaultKind::OneWay => Fault::OneWay { from: other?, to: host },
             FaultKind::FailFsync => Fault::FailFsync { host },
             FaultKind::DiskFull => Fault::DiskFull { host },
+            FaultKind::SlowDisk => Fault::SlowDisk { host },
         })
     }
 
@@ -217,6 +226,9 @@ impl Nemesis {
                 let disk = self.disks.of(host);
                 disk.set_capacity_bytes(Some(disk.used_bytes() + DISK_FULL_ROOM_BYTES));
             }
+            Fault::SlowDisk { host } => {
+                self.disks.of(host).set_fsync_latency(Duration::from_millis(SLOW_FSYNC_MS));
+            }
         }
     }
 
@@ -231,6 +243,7 @@ impl Nemesis {
             }
             Fault::Partition { a, b } => sim.repair(*a, *b),
             Fault::OneWay { from, to } => sim.repair_oneway(*from, *to),
+            Fault::SlowDisk { host } => self.disks.of(host).set_fsync_latency(self.fsync_latency),
             Fault::FailFsync { host } | Fault::DiskFull { host } => {
                 self.disks.of(host).heal();
                 // The coordinator does not reopen its log in process: it is

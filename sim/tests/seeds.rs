@@ -75,6 +75,11 @@ fn everything() {
 }
 
 #[test]
+fn a_storm_of_faults() {
+    seeds_of("storm");
+}
+
+#[test]
 fn the_same_seed_gives_the_same_history_byte_for_byte() {
     for name in ["everything", "2pc-audits"] {
         let scenario = scenario(name).expect("a scenario");
@@ -97,7 +102,9 @@ fn the_nemesis_injects_every_kind_of_fault() {
     let everything = scenario("everything").expect("a scenario");
     let histories: Vec<Vec<String>> = (0..20).map(|seed| run_seed(everything, seed).history).collect();
     let begun = |what: &str| histories.iter().flatten().any(|line| line.contains(&format!("nemesis: begin {what}")));
-    for kind in ["Crash { host: \"c1\"", "Pause {", "Partition {", "OneWay {", "FailFsync {", "DiskFull {"] {
+    for kind in
+        ["Crash { host: \"c1\"", "Pause {", "Partition {", "OneWay {", "FailFsync {", "DiskFull {", "SlowDisk {"]
+    {
         assert!(begun(kind), "no seed began {kind}");
     }
     assert!(histories.iter().flatten().any(|line| line.contains("power_loss: true")));

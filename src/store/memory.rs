@@ -18,9 +18,15 @@
 //! - with a capacity ([`MemoryDisk::set_capacity_bytes`]), a write that
 //!   would take the records past it fails the store, as a full disk does.
 //!
-//! `Lazy` submissions are fsynced at once: completing only after an fsync
-//! covers them is the contract, and the group commit that delays them on
-//! RocksDB is an optimisation. There is no queue, so no `Busy`.
+//! - with an fsync latency ([`MemoryDisk::set_fsync_latency`]), a write
+//!   asking for durability lands in the page cache at once and completes
+//!   only once its fsync has taken that long (in tokio's time, which a
+//!   simulation controls): a crash in between finds it unsynced, so the
+//!   window between a write and its acknowledgement is there to be hit.
+//!
+//! `Lazy` submissions are fsynced as `Fsync` ones: completing only after an
+//! fsync covers them is the contract, and the group commit that delays them
+//! on RocksDB is an optimisation. There is no queue, so no `Busy`.
 
 use super::{Durability, Op, Storage, Written};
 use crate::Error;
@@ -58,6 +64,8 @@ struct DiskState {
     unsynced: Vec<Op>,
     capacity_bytes: Option<u64>,
     fail_next_fsync: bool,
+    /// How long an fsync takes (zero: it is done when the write returns).
+    fsync_latency: std::time::Duration,
     /// Bumped by every crash: a store opened before it is gone.
     incarnation: u64,
     /// Whether a store of this incarnation is open (one at a time, as
@@ -139,7 +147,7 @@ impl MemoryDisk {
         Ok(Arc::new(MemoryStore {
             disk: self.clone(),
             incarnation: state.incarnation,
-            failed: AtomicBool::new(false),
+            failed: Arc::new(AtomicBool::new(false)),
             closed: AtomicBool::new(false),
         }))
     }
@@ -166,6 +174,11 @@ impl MemoryDisk {
     /// The next fsync fails (once).
     pub fn fail_next_fsync(&self) {
         self.state().fail_next_fsync = true;
+    }
+
+    /// Every later fsync takes `latency` (see the module documentation).
+    pub fn set_fsync_latency(&self, latency: std::time::Duration) {
+        self.state().fsync_latency = latency;
     }
 
     /// The disk is healthy again: no limit, and no fsync armed to fail.
@@ -199,7 +212,7 @@ impl MemoryDisk {
 struct MemoryStore {
     disk: MemoryDisk,
     incarnation: u64,
-    failed: AtomicBool,
+    failed: Arc<AtomicBool>,
     closed: AtomicBool,
 }
 
@@ -221,7 +234,8 @@ impl MemoryStore {
         Error::Fatal(why.to_string())
     }
 
-    fn write(&self, ops: Vec<Op>, durability: Durability) -> Result<(), Error> {
+    /// Writes `ops` to the page cache; returns whether an fsync must follow.
+    fn write(&self, ops: Vec<Op>, durability: Durability) -> Result<bool, Error> {
         if self.failed.load(Ordering::Acquire) {
             return Err(Error::Fatal("the store failed earlier; this node no longer acknowledges writes".into()));
         }
@@ -233,16 +247,28 @@ impl MemoryStore {
             state.write_cache(&op);
             state.unsynced.push(op);
         }
-        if durability == Durability::Buffered {
-            return Ok(());
-        }
-        if std::mem::take(&mut state.fail_next_fsync) {
-            return Err(self.fail("IO error: fsync failed (a disk in memory)"));
-        }
-        let unsynced = std::mem::take(&mut state.unsynced);
-        unsynced.iter().for_each(|op| apply(&mut state.durable, op));
-        Ok(())
+        Ok(durability != Durability::Buffered)
     }
+}
+
+/// Makes every unsynced write of `disk` durable, as the store of
+/// `incarnation` (whose failure flag is `failed`); `None` if that process
+/// crashed meanwhile (nobody is left to hear the answer).
+fn fsync(disk: &MemoryDisk, incarnation: u64, failed: &AtomicBool) -> Option<Result<(), Error>> {
+    let mut state = disk.state();
+    if state.incarnation != incarnation {
+        return None;
+    }
+    if failed.load(Ordering::Acquire) {
+        return Some(Err(Error::Fatal("the store failed earlier; this node no longer acknowledges writes".into())));
+    }
+    if std::mem::take(&mut state.fail_next_fsync) {
+        failed.store(true, Ordering::Release);
+        return Some(Err(Error::Fatal("IO error: fsync failed (a disk in memory)".into())));
+    }
+    let unsynced = std::mem::take(&mut state.unsynced);
+    unsynced.iter().for_each(|op| apply(&mut state.durable, op));
+    Some(Ok(()))
 }
 
 impl Storage for MemoryStore {
@@ -251,7 +277,34 @@ impl Storage for MemoryStore {
             return Err(Error::Fatal("the store failed earlier; this node no longer acknowledges writes".into()));
         }
         let (done, written) = oneshot::channel();
-        let _ = done.send(self.write(ops, durability));
+        match self.write(ops, durability) {
+            Err(error) => {
+                let _ = done.send(Err(error));
+            }
+            Ok(false) => {
+                let _ = done.send(Ok(()));
+            }
+            Ok(true) => {
+                let latency = self.disk.state().fsync_latency;
+                let runtime = tokio::runtime::Handle::try_current();
+                match runtime {
+                    Ok(runtime) if !latency.is_zero() => {
+                        let (disk, incarnation, failed) = (self.disk.clone(), self.incarnation, self.failed.clone());
+                        runtime.spawn(async move {
+                            tokio::time::sleep(latency).await;
+                            if let Some(result) = fsync(&disk, incarnation, &failed) {
+                                let _ = done.send(result);
+                            }
+                        });
+                    }
+                    _ => {
+                        if let Some(result) = fsync(&self.disk, self.incarnation, &self.failed) {
+                            let _ = done.send(result);
+                        }
+                    }
+                }
+            }
+        }
         Ok(written)
     }
 
@@ -327,6 +380,24 @@ mod tests {
         let store = disk.open().unwrap();
         assert_eq!(store.get(b"synced").unwrap(), Some(vec![1]));
         assert_eq!(store.get(b"buffered").unwrap(), None, "never fsynced: lost");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_fsync_completes_only_after_its_latency_and_a_power_loss_before_it_loses_the_write() {
+        let disk = MemoryDisk::new();
+        disk.set_fsync_latency(std::time::Duration::from_millis(5));
+        let store = disk.open().unwrap();
+        let began = tokio::time::Instant::now();
+        submit(&store, vec![put("first", 1)], Durability::Fsync).await.unwrap();
+        assert!(began.elapsed() >= std::time::Duration::from_millis(5), "completed before its fsync took its time");
+        assert_eq!(disk.durable_records().len(), 1);
+
+        let mut pending = store.submit(vec![put("second", 2)], Durability::Lazy).unwrap();
+        assert_eq!(store.get(b"second").unwrap(), Some(vec![2]), "readable at once from the page cache");
+        assert!(pending.try_recv().is_err(), "not complete before the fsync");
+        disk.power_loss();
+        assert!(pending.await.is_err(), "the crashed process never hears back");
+        assert_eq!(disk.open().unwrap().get(b"second").unwrap(), None, "never fsynced: lost");
     }
 
     #[tokio::test]
