@@ -36,7 +36,7 @@ use crate::core::{
     PREPARE_BATCH_MAX,
 };
 use crate::saga::{Event, EventKind, StepAnswer, StepKind, StepOutcome, StepPhase, Transfer, TransferState};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
@@ -61,6 +61,16 @@ pub const QUERY_TIMEOUT_MS: u64 = 1_000;
 pub const RESOLVER_TICK_MS: u64 = 50;
 /// Most decision queries started per tick.
 pub const QUERIES_PER_TICK_MAX: usize = 256;
+/// Most decision queries under way to one coordinator at once.
+pub const QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX: usize = 64;
+/// A coordinator that did not answer a decision query (it timed out or
+/// failed to connect) is asked by one query at a time, the next one started
+/// at least this long after the last one, at first...
+pub const QUERY_PROBE_BACKOFF_INITIAL_MS: u64 = 100;
+/// ...doubling up to this. No more than a query's deadline, so that a
+/// paused coordinator always has a query waiting for it, which it answers
+/// as soon as it runs again.
+pub const QUERY_PROBE_BACKOFF_MAX_MS: u64 = QUERY_TIMEOUT_MS;
 /// Most transactions listed by ListPrepared.
 pub const LIST_PREPARED_MAX: usize = 1_000;
 /// Most outbox events being delivered at once.
@@ -77,6 +87,13 @@ pub const SAGA_STEP_BATCH_MAX: usize = 1_024;
 pub const DELIVER_EVENTS_MAX: usize = 1_024;
 /// Most events the relay sends to one peer in one call.
 pub const RELAY_BATCH_MAX: usize = 256;
+const _: () = assert!(
+    QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX > 0
+        && QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX <= QUERIES_PER_TICK_MAX
+        && QUERY_PROBE_BACKOFF_INITIAL_MS > 0
+        && QUERY_PROBE_BACKOFF_INITIAL_MS <= QUERY_PROBE_BACKOFF_MAX_MS
+        && QUERY_PROBE_BACKOFF_MAX_MS <= QUERY_TIMEOUT_MS
+);
 /// How often the store's health is looked at: a failed write turns the
 /// node NOT_SERVING within this, and starts its recovery.
 pub const STORE_CHECK_MS: u64 = 50;
@@ -457,30 +474,96 @@ impl Node {
 
     /// Asks the coordinators about transactions that stayed prepared too
     /// long, with backoff, and applies the decisions they give.
+    ///
+    /// Bounded: at most [`QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX`] queries
+    /// to one coordinator at once, and never two at once about one
+    /// transaction; each has a deadline ([`QUERY_TIMEOUT_MS`]). A
+    /// coordinator that did not answer one (paused, down, cut off) gets one
+    /// query at a time, with backoff ([`CoordinatorLink`]), instead of one
+    /// per transaction: its transactions wait without backoffs of their
+    /// own growing, and when it answers again, all of them are asked at
+    /// once ([`Core::query_again_now`]). A query that got no answer
+    /// decides nothing: the transaction stays prepared and is asked about
+    /// again.
     async fn resolve_in_doubt(self) {
         let mut tick = tokio::time::interval(Duration::from_millis(RESOLVER_TICK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut links: BTreeMap<Id, CoordinatorLink> =
+            self.inner.coordinators.keys().map(|id| (id.clone(), CoordinatorLink::default())).collect();
+        // The queries under way: the coordinator and transaction of each.
+        let mut queries = tokio::task::JoinSet::new();
+        let mut asking: HashMap<tokio::task::Id, (Id, TxnId)> = HashMap::new();
+        let mut asked: HashSet<TxnId> = HashSet::new();
         loop {
-            tick.tick().await;
-            let now = self.now_ms();
+            tokio::select! {
+                _ = tick.tick() => {}
+                Some(done) = queries.join_next_with_id(), if !queries.is_empty() => {
+                    let (task, answered) = match done {
+                        Ok((task, answered)) => (task, answered),
+                        Err(error) => {
+                            warn!(%error, "a decision query failed");
+                            (error.id(), false)
+                        }
+                    };
+                    let (coordinator, txn) = asking.remove(&task).expect("every query is listed");
+                    asked.remove(&txn);
+                    let link = links.get_mut(&coordinator).expect("queries go to known coordinators");
+                    let now = tokio::time::Instant::now();
+                    if link.finished(answered, now) {
+                        let waiting = self.core().map(|mut core| core.query_again_now(&coordinator, self.now_ms()));
+                        info!(%coordinator, ?waiting, "the coordinator answers again; asking about its transactions");
+                    } else if !(answered && link.in_flight == 0) {
+                        // Look for more due queries at the next tick; at once
+                        // only when the last query to an answering coordinator
+                        // is done.
+                        continue;
+                    }
+                }
+            }
+            let now = tokio::time::Instant::now();
+            let mut room: BTreeMap<&Id, usize> = links.iter().map(|(id, link)| (id, link.may_start(now))).collect();
             let due = match self.core() {
-                Ok(mut core) => core.due_queries(now, QUERIES_PER_TICK_MAX),
+                Ok(mut core) => core.due_queries_where(self.now_ms(), QUERIES_PER_TICK_MAX, |txn, coordinator| {
+                    if asked.contains(txn) {
+                        return false;
+                    }
+                    match room.get_mut(coordinator) {
+                        Some(0) => false,
+                        Some(room) => {
+                            *room -= 1;
+                            true
+                        }
+                        // Reported below, at the pace of its backoff.
+                        None => true,
+                    }
+                }),
                 Err(error) => {
                     warn!(%error, "in-doubt transactions are not resolved");
                     continue;
                 }
             };
             for (txn, coordinator) in due {
-                let node = self.clone();
-                tokio::spawn(async move { node.query_decision(txn, coordinator).await });
+                let Some(link) = links.get_mut(&coordinator) else {
+                    warn!(%txn, %coordinator, "in doubt with a coordinator this node does not know");
+                    continue;
+                };
+                link.started(now);
+                let (node, query, to) = (self.clone(), txn.clone(), coordinator.clone());
+                let task = queries.spawn(async move { node.query_decision(query, &to).await });
+                asked.insert(txn.clone());
+                asking.insert(task.id(), (coordinator, txn));
             }
         }
     }
 
-    async fn query_decision(&self, txn: TxnId, coordinator: Id) {
-        let Some(client) = self.inner.coordinators.get(&coordinator) else {
+    /// Asks `coordinator` for the decision on `txn` and applies it; `true`
+    /// if the coordinator answered (whatever the answer), `false` if it did
+    /// not within the deadline or could not be reached. No answer decides
+    /// nothing: after voting YES this node never decides alone.
+    async fn query_decision(&self, txn: TxnId, coordinator: &Id) -> bool {
+        let Some(client) = self.inner.coordinators.get(coordinator) else {
             warn!(%txn, %coordinator, "in doubt with a coordinator this node does not know");
-            return;
+            return false;
         };
         let mut request = Request::new(pb::QueryDecisionRequest {
             txn_id: txn.to_string(),
@@ -497,11 +580,20 @@ impl Node {
             }
             Ok(Err(status)) => {
                 debug!(%txn, %coordinator, error = %status.message(), "decision query failed; will ask again");
-                return;
+                // The coordinator's own refusal is an answer about this
+                // transaction; the rest say it could not answer at all.
+                return !matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                        | tonic::Code::Unknown
+                        | tonic::Code::ResourceExhausted
+                );
             }
             Err(_) => {
                 debug!(%txn, %coordinator, "decision query timed out; will ask again");
-                return;
+                return false;
             }
         };
         debug!(%txn, %coordinator, ?decision, "decision query answered");
@@ -518,6 +610,7 @@ impl Node {
             Err(error @ Error::Unavailable(_)) => debug!(%txn, %error, "the queried decision waits for the store"),
             Err(error) => warn!(%txn, %error, "applying the queried decision failed"),
         }
+        true
     }
 
     async fn collect_garbage(self) {
@@ -533,6 +626,60 @@ impl Node {
                 warn!(%error, "garbage collection failed");
             }
         }
+    }
+}
+
+/// The resolver's view of one coordinator: the queries under way to it,
+/// and, while it does not answer, when the next query may go. A pure state
+/// machine: the resolver tells it what happened and when.
+#[derive(Debug, Default)]
+struct CoordinatorLink {
+    in_flight: usize,
+    /// Set when a query got no answer, cleared when one gets an answer.
+    silent: Option<Silence>,
+}
+
+#[derive(Debug)]
+struct Silence {
+    /// No query before this.
+    next_probe: tokio::time::Instant,
+    /// How long after the next query starts the one after it may.
+    backoff_ms: u64,
+}
+
+impl CoordinatorLink {
+    /// How many queries may start now.
+    fn may_start(&self, now: tokio::time::Instant) -> usize {
+        match &self.silent {
+            None => QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX.saturating_sub(self.in_flight),
+            Some(silence) if self.in_flight == 0 && now >= silence.next_probe => 1,
+            Some(_) => 0,
+        }
+    }
+
+    fn started(&mut self, now: tokio::time::Instant) {
+        debug_assert!(self.may_start(now) > 0, "a query started beyond the bound: {self:?}");
+        self.in_flight += 1;
+        if let Some(silence) = &mut self.silent {
+            silence.next_probe = now + Duration::from_millis(silence.backoff_ms);
+            silence.backoff_ms = (silence.backoff_ms * 2).min(QUERY_PROBE_BACKOFF_MAX_MS);
+        }
+    }
+
+    /// A query ended, `answered` or not; `true` if the coordinator answers
+    /// again after it did not.
+    fn finished(&mut self, answered: bool, now: tokio::time::Instant) -> bool {
+        assert!(self.in_flight > 0, "a query ended that was not started: {self:?}");
+        self.in_flight -= 1;
+        if answered {
+            return self.silent.take().is_some();
+        }
+        if self.silent.is_none() {
+            let next_probe = now + Duration::from_millis(QUERY_PROBE_BACKOFF_INITIAL_MS);
+            let backoff_ms = (QUERY_PROBE_BACKOFF_INITIAL_MS * 2).min(QUERY_PROBE_BACKOFF_MAX_MS);
+            self.silent = Some(Silence { next_probe, backoff_ms });
+        }
+        false
     }
 }
 
@@ -1141,5 +1288,62 @@ impl Participant for Node {
         }
         self.inner.relay_wake.notify_one();
         Ok(Response::new(pb::DeliverEventResponse { duplicate }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// The whole milliseconds from `now` until `may` says yes.
+    fn wait_ms(now: Instant, may: impl Fn(Instant) -> bool) -> u64 {
+        (0..=u64::MAX).find(|wait| may(now + ms(*wait))).unwrap()
+    }
+
+    #[test]
+    fn a_silent_coordinator_gets_one_query_at_a_time_with_a_capped_backoff_and_all_when_it_answers() {
+        let mut now = Instant::now();
+        let mut link = CoordinatorLink::default();
+        assert_eq!(link.may_start(now), QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX);
+        for _ in 0..QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX {
+            link.started(now);
+        }
+        assert_eq!(link.may_start(now), 0, "the bound");
+        // They time out: no query while any is under way, then one at a time.
+        now += ms(QUERY_TIMEOUT_MS);
+        for _ in 1..QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX {
+            assert!(!link.finished(false, now));
+            assert_eq!(link.may_start(now + ms(10 * QUERY_TIMEOUT_MS)), 0, "queries still under way");
+        }
+        assert!(!link.finished(false, now));
+        // It refuses at once (down): probes spaced by a doubling backoff, capped.
+        let mut gaps = Vec::new();
+        for _ in 0..7 {
+            let gap = wait_ms(now, |at| link.may_start(at) > 0);
+            gaps.push(gap);
+            now += ms(gap);
+            assert_eq!(link.may_start(now), 1);
+            link.started(now);
+            assert_eq!(link.may_start(now + ms(10 * QUERY_TIMEOUT_MS)), 0, "one at a time");
+            assert!(!link.finished(false, now));
+        }
+        assert_eq!(gaps, [100, 200, 400, 800, 1_000, 1_000, 1_000]);
+        // Paused instead: each probe lasts its deadline, and the next one
+        // may go at once, so one always waits for the coordinator.
+        link.started(now);
+        now += ms(QUERY_TIMEOUT_MS);
+        assert!(!link.finished(false, now));
+        assert_eq!(link.may_start(now), 1);
+        // It answers: no longer silent, the whole bound again.
+        link.started(now);
+        assert!(link.finished(true, now), "it answers again");
+        assert_eq!(link.may_start(now), QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX);
+        link.started(now);
+        assert!(!link.finished(true, now), "an answer from an answering coordinator is no news");
     }
 }
