@@ -73,8 +73,6 @@ pub const QUERY_PROBE_BACKOFF_INITIAL_MS: u64 = 100;
 pub const QUERY_PROBE_BACKOFF_MAX_MS: u64 = QUERY_TIMEOUT_MS;
 /// Most transactions listed by ListPrepared.
 pub const LIST_PREPARED_MAX: usize = 1_000;
-/// Most outbox events being delivered at once.
-pub const RELAY_IN_FLIGHT_MAX: usize = 256;
 /// Deadline of one event delivery to a peer.
 pub const DELIVERY_TIMEOUT_MS: u64 = 1_000;
 /// Longest a StartTransfer waits for a terminal state.
@@ -87,6 +85,30 @@ pub const SAGA_STEP_BATCH_MAX: usize = 1_024;
 pub const DELIVER_EVENTS_MAX: usize = 1_024;
 /// Most events the relay sends to one peer in one call.
 pub const RELAY_BATCH_MAX: usize = 256;
+/// Most delivery calls under way to one peer at once (one while it does not
+/// answer): so at most this many times [`RELAY_BATCH_MAX`] events per peer
+/// are being delivered at once. Events that arrive while every call is
+/// busy go together in the next one.
+pub const RELAY_CALLS_PER_PEER_MAX: usize = 4;
+/// How often the relay looks at the outbox when nothing wakes it.
+pub const RELAY_TICK_MS: u64 = 50;
+/// After a delivery call that got no answer (none within its deadline, or
+/// the peer cannot be reached), the peer gets one call at a time, each
+/// started at least this long after the one before, at first...
+pub const RELAY_BACKOFF_INITIAL_MS: u64 = 50;
+/// ...doubling up to this.
+pub const RELAY_BACKOFF_MAX_MS: u64 = 2_000;
+/// Events a peer answered but did not apply (it refused them) are offered
+/// to it again at most this often; the events behind them do not wait.
+pub const RELAY_REFUSED_RETRY_MS: u64 = 2_000;
+const _: () = assert!(
+    RELAY_BATCH_MAX > 0
+        && RELAY_BATCH_MAX <= DELIVER_EVENTS_MAX
+        && RELAY_CALLS_PER_PEER_MAX > 0
+        && RELAY_BACKOFF_INITIAL_MS > 0
+        && RELAY_BACKOFF_INITIAL_MS <= RELAY_BACKOFF_MAX_MS
+        && RELAY_REFUSED_RETRY_MS > 0
+);
 const _: () = assert!(
     QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX > 0
         && QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX <= QUERIES_PER_TICK_MAX
@@ -683,29 +705,147 @@ impl CoordinatorLink {
     }
 }
 
+/// The relay's view of one peer: the calls under way to it, where its next
+/// batch starts, and, after a call that got no answer, when the next may
+/// go. A pure state machine: the relay tells it what happened and when.
+#[derive(Debug, Default)]
+struct PeerLink {
+    in_flight: usize,
+    /// The next batch starts at this sequence: the events before it were
+    /// offered since the last rewind (those still in the outbox are under
+    /// way, or were refused, or could not be forgotten).
+    cursor: u64,
+    /// After a call that got no answer: one call at a time, none before
+    /// this, and how long after the next call starts the one after it may.
+    failing: Option<(tokio::time::Instant, u64)>,
+    /// The events behind the cursor may be offered again from then on.
+    rewind_at: Option<tokio::time::Instant>,
+}
+
+impl PeerLink {
+    /// How many calls may start now.
+    fn calls_free(&self, now: tokio::time::Instant) -> usize {
+        match self.failing {
+            None => RELAY_CALLS_PER_PEER_MAX.saturating_sub(self.in_flight),
+            Some((next_call, _)) => usize::from(self.in_flight == 0 && now >= next_call),
+        }
+    }
+
+    /// Whether the events behind the cursor may be offered again now (none
+    /// of them is under way).
+    fn may_rewind(&self, now: tokio::time::Instant) -> bool {
+        self.in_flight == 0 && self.cursor > 0 && self.rewind_at.is_none_or(|at| now >= at)
+    }
+
+    fn rewound(&mut self, now: tokio::time::Instant) {
+        self.cursor = 0;
+        self.rewind_at = Some(now + Duration::from_millis(RELAY_REFUSED_RETRY_MS));
+    }
+
+    /// A call started with the events from `first` to `last`.
+    fn started(&mut self, first: u64, last: u64, now: tokio::time::Instant) {
+        assert!(
+            self.calls_free(now) > 0 && self.cursor <= first && first <= last,
+            "a call beyond the bound or behind the cursor ({first}..={last}): {self:?}"
+        );
+        self.in_flight += 1;
+        self.cursor = last + 1;
+        if let Some((next_call, backoff_ms)) = &mut self.failing {
+            *next_call = now + Duration::from_millis(*backoff_ms);
+            *backoff_ms = (*backoff_ms * 2).min(RELAY_BACKOFF_MAX_MS);
+        }
+    }
+
+    /// The call that started at `first` ended, answered or not. With no
+    /// answer, its events are offered again, after a backoff.
+    fn finished(&mut self, first: u64, answered: bool, now: tokio::time::Instant) {
+        assert!(self.in_flight > 0, "a call ended that was not started: {self:?}");
+        self.in_flight -= 1;
+        if answered {
+            self.failing = None;
+            return;
+        }
+        self.cursor = self.cursor.min(first);
+        if self.failing.is_none() {
+            let next_call = now + Duration::from_millis(RELAY_BACKOFF_INITIAL_MS);
+            self.failing = Some((next_call, (RELAY_BACKOFF_INITIAL_MS * 2).min(RELAY_BACKOFF_MAX_MS)));
+        }
+    }
+}
+
 impl Node {
     /// Delivers outbox events to their peers, at least once: an event is
     /// forgotten only after the peer acknowledged it (and the peer
     /// acknowledges only once the event's effects and its inbox record are
     /// durable). A crash between the acknowledgement and the forgetting
     /// redelivers the event; the peer's inbox drops it.
+    ///
+    /// Each peer has its own pace ([`PeerLink`]): at most
+    /// [`RELAY_CALLS_PER_PEER_MAX`] calls under way to it, each with its
+    /// next [`RELAY_BATCH_MAX`] events in outbox order (taken from the
+    /// outbox's per-peer index, [`Core::outbox_batch`], so a pass costs what
+    /// it sends, however long the outbox), each with a deadline
+    /// ([`DELIVERY_TIMEOUT_MS`]). After a call that got no answer, one call
+    /// at a time, with backoff up to [`RELAY_BACKOFF_MAX_MS`], until one is
+    /// answered. A peer that is down or silent holds up its own events
+    /// only. Events a peer answered but refused stay in the outbox and are
+    /// offered again every [`RELAY_REFUSED_RETRY_MS`], without holding up
+    /// the events behind them.
     async fn relay_outbox(self) {
-        let in_flight: Arc<Mutex<std::collections::BTreeSet<u64>>> = Default::default();
-        let mut retry_at: HashMap<u64, (Instant, u64)> = HashMap::new();
-        let mut awaiting_durability_since: Option<Instant> = None;
+        let mut links: BTreeMap<Id, PeerLink> = BTreeMap::new();
+        let mut calls = tokio::task::JoinSet::new();
+        // The calls under way: the peer of each, and its first event.
+        let mut calling: HashMap<tokio::task::Id, (Id, u64)> = HashMap::new();
+        let mut awaiting_durability_since: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = self.inner.relay_wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(RELAY_TICK_MS)) => {}
+                Some(done) = calls.join_next_with_id(), if !calls.is_empty() => {
+                    let (task, answered) = match done {
+                        Ok((task, answered)) => (task, answered),
+                        Err(error) => {
+                            warn!(%error, "a delivery call failed");
+                            (error.id(), false)
+                        }
+                    };
+                    let (peer, first) = calling.remove(&task).expect("every call is listed");
+                    let link = links.get_mut(&peer).expect("calls go to listed peers");
+                    link.finished(first, answered, tokio::time::Instant::now());
+                }
             }
-            let (events, awaits_durability) = match self.core() {
-                Ok(core) => (core.outbox(), core.outbox_awaits_durability()),
+            let now = tokio::time::Instant::now();
+            // What to send, read under the core's lock; the links change
+            // after it is released.
+            let (plans, awaits_durability) = match self.core() {
+                Ok(core) => {
+                    let mut plans = Vec::new();
+                    for destination in core.outbox_destinations() {
+                        let link = links.entry(destination.clone()).or_default();
+                        // As many calls as the peer may take now, each with
+                        // the events after the last one's.
+                        let (mut from, mut rewind, mut batches) = (link.cursor, false, Vec::new());
+                        for _ in 0..link.calls_free(now) {
+                            let mut batch = core.outbox_batch(&destination, from, RELAY_BATCH_MAX);
+                            if batch.is_empty() && batches.is_empty() && link.may_rewind(now) {
+                                // Only events offered before are left: those
+                                // the peer refused (or not forgotten).
+                                rewind = true;
+                                batch = core.outbox_batch(&destination, 0, RELAY_BATCH_MAX);
+                            }
+                            let Some((last, _)) = batch.last() else { break };
+                            from = last + 1;
+                            batches.push(batch);
+                        }
+                        plans.push((destination, rewind, batches));
+                    }
+                    (plans, core.outbox_awaits_durability())
+                }
                 Err(error) => {
                     warn!(%error, "the outbox is not relayed");
                     continue;
                 }
             };
-            let now = Instant::now();
             // Events whose write was never seen fsynced (its fsync was a lazy
             // one, or the task that should have said so is gone) get an fsync
             // of their own after a while, so that no event waits for some
@@ -729,58 +869,43 @@ impl Node {
                 Some(_) if awaits_durability => {}
                 _ => awaiting_durability_since = awaits_durability.then_some(now),
             }
-            let mut by_destination: BTreeMap<Id, Vec<Vec<(u64, Event)>>> = BTreeMap::new();
-            retry_at.retain(|seq, _| events.iter().any(|(s, _)| s == seq));
-            for (seq, event) in events {
-                if in_flight.lock().expect("relay lock poisoned").len() >= RELAY_IN_FLIGHT_MAX {
-                    break;
+            for (destination, rewind, batches) in plans {
+                let link = links.get_mut(&destination).expect("listed above");
+                if rewind {
+                    link.rewound(now);
                 }
-                if retry_at.get(&seq).is_some_and(|(at, _)| *at > now) {
-                    continue;
-                }
-                if !in_flight.lock().expect("relay lock poisoned").insert(seq) {
-                    continue;
-                }
-                // Back off per event: 50 ms doubling to 2 s, reset on success.
-                let backoff = retry_at.get(&seq).map(|(_, b)| (*b * 2).min(2_000)).unwrap_or(50);
-                retry_at.insert(seq, (now + Duration::from_millis(backoff), backoff));
-                let batches = by_destination.entry(event.destination().clone()).or_default();
-                match batches.last_mut() {
-                    Some(batch) if batch.len() < RELAY_BATCH_MAX => batch.push((seq, event)),
-                    _ => batches.push(vec![(seq, event)]),
-                }
-            }
-            // One call per batch: what waits for one peer goes together.
-            for batch in std::mem::take(&mut by_destination).into_values().flatten() {
-                let node = self.clone();
-                let in_flight = in_flight.clone();
-                tokio::spawn(async move {
-                    let delivered = node.deliver(&batch).await;
-                    if !delivered.is_empty() {
-                        tandem::crash::point("relay-delivered");
-                        let forgotten =
-                            node.apply(delivered.len(), |core, _| Ok(((), core.outbox_delivered(&delivered)))).await;
-                        if let Err(error) = forgotten {
-                            warn!(%error, "could not forget delivered events; they will be redelivered");
+                for batch in batches {
+                    let (first, last) = (batch[0].0, batch[batch.len() - 1].0);
+                    link.started(first, last, now);
+                    let node = self.clone();
+                    let task = calls.spawn(async move {
+                        let Some(delivered) = node.deliver(&batch).await else { return false };
+                        if !delivered.is_empty() {
+                            tandem::crash::point("relay-delivered");
+                            let forgotten = node
+                                .apply(delivered.len(), |core, _| Ok(((), core.outbox_delivered(&delivered))))
+                                .await;
+                            if let Err(error) = forgotten {
+                                warn!(%error, "could not forget delivered events; they will be redelivered");
+                            }
                         }
-                        node.inner.relay_wake.notify_one();
-                    }
-                    let mut in_flight = in_flight.lock().expect("relay lock poisoned");
-                    for (seq, _) in &batch {
-                        in_flight.remove(seq);
-                    }
-                });
+                        true
+                    });
+                    calling.insert(task.id(), (destination.clone(), first));
+                }
             }
         }
     }
 
     /// Delivers events to one peer in one call (`DeliverEvents`); returns
-    /// the sequences of those it applied (now or before).
-    async fn deliver(&self, batch: &[(u64, Event)]) -> Vec<u64> {
+    /// the sequences of those it applied (now or before), or `None` if the
+    /// peer did not answer within the deadline, could not be reached, or
+    /// answered something other than a result per event.
+    async fn deliver(&self, batch: &[(u64, Event)]) -> Option<Vec<u64>> {
         let destination = batch[0].1.destination();
         let Some(peer) = self.inner.peers.get(destination) else {
             warn!(%destination, "no peer by that name; its events wait");
-            return Vec::new();
+            return None;
         };
         let events = batch.iter().map(|(_, event)| event_to_pb(event)).collect();
         let mut request = Request::new(pb::DeliverEventsRequest { events });
@@ -788,25 +913,30 @@ impl Node {
         match tokio::time::timeout(Duration::from_millis(DELIVERY_TIMEOUT_MS), peer.clone().deliver_events(request))
             .await
         {
-            Ok(Ok(response)) if response.get_ref().results.len() == batch.len() => batch
-                .iter()
-                .zip(response.into_inner().results)
-                .filter_map(|((seq, event), result)| {
-                    if !result.delivered {
-                        debug!(event = %event.id, error = %result.error, "event not delivered; will retry");
-                    }
-                    result.delivered.then_some(*seq)
-                })
-                .collect(),
+            Ok(Ok(response)) if response.get_ref().results.len() == batch.len() => Some(
+                batch
+                    .iter()
+                    .zip(response.into_inner().results)
+                    .filter_map(|((seq, event), result)| {
+                        if !result.delivered {
+                            debug!(event = %event.id, error = %result.error, "event not delivered; will retry");
+                        }
+                        result.delivered.then_some(*seq)
+                    })
+                    .collect(),
+            ),
             Ok(Ok(_)) => {
                 warn!(%destination, "a peer answered a different number of results; the events will be redelivered");
-                Vec::new()
+                None
             }
             Ok(Err(status)) => {
                 debug!(%destination, count = batch.len(), error = %status.message(), "events not delivered; will retry");
-                Vec::new()
+                None
             }
-            Err(_) => Vec::new(),
+            Err(_) => {
+                debug!(%destination, count = batch.len(), "delivery timed out; will retry");
+                None
+            }
         }
     }
 
@@ -1345,5 +1475,55 @@ mod tests {
         assert_eq!(link.may_start(now), QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX);
         link.started(now);
         assert!(!link.finished(true, now), "an answer from an answering coordinator is no news");
+    }
+
+    #[test]
+    fn a_peer_gets_bounded_calls_one_at_a_time_with_backoff_when_silent_and_refused_events_again_at_a_pace() {
+        let mut now = Instant::now();
+        let mut link = PeerLink::default();
+        assert!(!link.may_rewind(now), "nothing offered yet");
+        // Calls take the events after the last call's, up to the bound.
+        for call in 0..RELAY_CALLS_PER_PEER_MAX as u64 {
+            assert_eq!(link.calls_free(now), RELAY_CALLS_PER_PEER_MAX - call as usize);
+            assert_eq!(link.cursor, call * 10);
+            link.started(call * 10, call * 10 + 9, now);
+        }
+        assert_eq!(link.calls_free(now), 0, "the bound");
+        assert!(!link.may_rewind(now), "not while calls are under way");
+        link.finished(0, true, now);
+        assert_eq!((link.calls_free(now), link.cursor), (1, RELAY_CALLS_PER_PEER_MAX as u64 * 10));
+        // One gets no answer: its events are offered again, one call at a
+        // time once every call is done, after a doubling backoff, capped.
+        link.finished(10, false, now);
+        assert_eq!(link.cursor, 10);
+        assert_eq!(link.calls_free(now + ms(10 * RELAY_BACKOFF_MAX_MS)), 0, "calls still under way");
+        for call in 2..RELAY_CALLS_PER_PEER_MAX as u64 {
+            link.finished(call * 10, false, now);
+        }
+        let mut gaps = Vec::new();
+        for _ in 0..7 {
+            let gap = wait_ms(now, |at| link.calls_free(at) > 0);
+            gaps.push(gap);
+            now += ms(gap);
+            assert_eq!((link.calls_free(now), link.cursor), (1, 10));
+            link.started(10, 19, now);
+            assert_eq!(link.calls_free(now + ms(10 * RELAY_BACKOFF_MAX_MS)), 0, "one call at a time");
+            link.finished(10, false, now);
+        }
+        assert_eq!(gaps, [50, 100, 200, 400, 800, 1_600, 2_000]);
+        // An answer ends the backoff: the whole bound again.
+        now += ms(RELAY_BACKOFF_MAX_MS);
+        link.started(10, 19, now);
+        link.finished(10, true, now);
+        assert_eq!((link.calls_free(now), link.cursor), (RELAY_CALLS_PER_PEER_MAX, 20));
+        // Events left behind the cursor (refused) are offered again, then
+        // not before the retry time.
+        assert!(link.may_rewind(now));
+        link.rewound(now);
+        assert_eq!(link.cursor, 0);
+        link.started(3, 29, now);
+        link.finished(3, true, now);
+        assert!(!link.may_rewind(now + ms(RELAY_REFUSED_RETRY_MS - 1)));
+        assert!(link.may_rewind(now + ms(RELAY_REFUSED_RETRY_MS)));
     }
 }
