@@ -28,7 +28,12 @@
 //! - After a YES vote this node never decides alone. A transaction that stays
 //!   PREPARED longer than `in_doubt_after_ms` is in doubt:
 //!   [`Core::due_queries`] names those to ask the coordinator about, with
-//!   exponential backoff per transaction.
+//!   exponential backoff per transaction. The driver asks about a bounded
+//!   number at once and, of a coordinator that does not answer, one at a
+//!   time ([`Core::due_queries_where`]: those it cannot ask about now stay
+//!   due); when that coordinator answers again, [`Core::query_again_now`]
+//!   makes its transactions due at once. A query that got no answer
+//!   decides nothing.
 //!
 //! # Escrow
 //!
@@ -737,12 +742,27 @@ impl Core {
     /// `limit`, with their coordinators. Each one's next query is pushed back
     /// by its backoff, which doubles up to [`QUERY_BACKOFF_MAX_MS`].
     pub fn due_queries(&mut self, now_ms: u64, limit: usize) -> Vec<(TxnId, Id)> {
+        self.due_queries_where(now_ms, limit, |_, _| true)
+    }
+
+    /// [`Core::due_queries`], of the due transactions that `allow` accepts
+    /// (given the transaction and its coordinator; asked once for each due
+    /// one until `limit` are accepted, in no particular order). Only those
+    /// accepted have their next query pushed back: one the driver cannot
+    /// ask about now (its coordinator is not answering, or a query about it
+    /// is still under way) stays due.
+    pub fn due_queries_where(
+        &mut self,
+        now_ms: u64,
+        limit: usize,
+        mut allow: impl FnMut(&TxnId, &Id) -> bool,
+    ) -> Vec<(TxnId, Id)> {
         let mut due: Vec<(TxnId, Id)> = Vec::new();
         for (id, txn) in self.txns.iter_mut() {
             if due.len() >= limit {
                 break;
             }
-            if txn.state == TxnState::Prepared && txn.next_query_ms <= now_ms {
+            if txn.state == TxnState::Prepared && txn.next_query_ms <= now_ms && allow(id, &txn.coordinator) {
                 due.push((id.clone(), txn.coordinator.clone()));
                 txn.next_query_ms = now_ms.saturating_add(txn.query_backoff_ms);
                 txn.query_backoff_ms =
@@ -751,6 +771,22 @@ impl Core {
         }
         due.sort();
         due
+    }
+
+    /// `coordinator` answers again after it did not: each of its in-doubt
+    /// transactions is due at once, with its backoff back to the first one
+    /// (what grew while it did not answer says nothing about it now).
+    /// Returns how many there are.
+    pub fn query_again_now(&mut self, coordinator: &Id, now_ms: u64) -> usize {
+        let mut count = 0;
+        for txn in self.txns.values_mut() {
+            if txn.state == TxnState::Prepared && &txn.coordinator == coordinator {
+                txn.next_query_ms = txn.next_query_ms.min(now_ms);
+                txn.query_backoff_ms = QUERY_BACKOFF_INITIAL_MS;
+                count += 1;
+            }
+        }
+        count
     }
 
     /// Deletes finished records older than the retention.

@@ -36,7 +36,7 @@ use crate::core::{
     PREPARE_BATCH_MAX,
 };
 use crate::saga::{Event, EventKind, StepAnswer, StepKind, StepOutcome, StepPhase, Transfer, TransferState};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -66,10 +66,18 @@ pub const QUERY_TIMEOUT_MS: u64 = 1_000;
 pub const RESOLVER_TICK_MS: u64 = 50;
 /// Most decision queries started per tick.
 pub const QUERIES_PER_TICK_MAX: usize = 256;
+/// Most decision queries under way to one coordinator at once.
+pub const QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX: usize = 64;
+/// A coordinator that did not answer a decision query (it timed out or
+/// failed to connect) is asked by one query at a time, the next one started
+/// at least this long after the last one, at first...
+pub const QUERY_PROBE_BACKOFF_INITIAL_MS: u64 = 100;
+/// ...doubling up to this. No more than a query's deadline, so that a
+/// paused coordinator always has a query waiting for it, which it answers
+/// as soon as it runs again.
+pub const QUERY_PROBE_BACKOFF_MAX_MS: u64 = QUERY_TIMEOUT_MS;
 /// Most transactions listed by ListPrepared.
 pub const LIST_PREPARED_MAX: usize = 1_000;
-/// Most outbox events being delivered at once.
-pub const RELAY_IN_FLIGHT_MAX: usize = 256;
 /// Deadline of one event delivery to a peer.
 pub const DELIVERY_TIMEOUT_MS: u64 = 1_000;
 /// Longest a StartTransfer waits for a terminal state.
@@ -82,6 +90,37 @@ pub const SAGA_STEP_BATCH_MAX: usize = 1_024;
 pub const DELIVER_EVENTS_MAX: usize = 1_024;
 /// Most events the relay sends to one peer in one call.
 pub const RELAY_BATCH_MAX: usize = 256;
+/// Most delivery calls under way to one peer at once (one while it does not
+/// answer): so at most this many times [`RELAY_BATCH_MAX`] events per peer
+/// are being delivered at once. Events that arrive while every call is
+/// busy go together in the next one.
+pub const RELAY_CALLS_PER_PEER_MAX: usize = 4;
+/// How often the relay looks at the outbox when nothing wakes it.
+pub const RELAY_TICK_MS: u64 = 50;
+/// After a delivery call that got no answer (none within its deadline, or
+/// the peer cannot be reached), the peer gets one call at a time, each
+/// started at least this long after the one before, at first...
+pub const RELAY_BACKOFF_INITIAL_MS: u64 = 50;
+/// ...doubling up to this.
+pub const RELAY_BACKOFF_MAX_MS: u64 = 2_000;
+/// Events a peer answered but did not apply (it refused them) are offered
+/// to it again at most this often; the events behind them do not wait.
+pub const RELAY_REFUSED_RETRY_MS: u64 = 2_000;
+const _: () = assert!(
+    RELAY_BATCH_MAX > 0
+        && RELAY_BATCH_MAX <= DELIVER_EVENTS_MAX
+        && RELAY_CALLS_PER_PEER_MAX > 0
+        && RELAY_BACKOFF_INITIAL_MS > 0
+        && RELAY_BACKOFF_INITIAL_MS <= RELAY_BACKOFF_MAX_MS
+        && RELAY_REFUSED_RETRY_MS > 0
+);
+const _: () = assert!(
+    QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX > 0
+        && QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX <= QUERIES_PER_TICK_MAX
+        && QUERY_PROBE_BACKOFF_INITIAL_MS > 0
+        && QUERY_PROBE_BACKOFF_INITIAL_MS <= QUERY_PROBE_BACKOFF_MAX_MS
+        && QUERY_PROBE_BACKOFF_MAX_MS <= QUERY_TIMEOUT_MS
+);
 /// How often the store's health is looked at: a failed write turns the
 /// node NOT_SERVING within this, and starts its recovery.
 pub const STORE_CHECK_MS: u64 = 50;
@@ -484,30 +523,96 @@ impl Node {
 
     /// Asks the coordinators about transactions that stayed prepared too
     /// long, with backoff, and applies the decisions they give.
+    ///
+    /// Bounded: at most [`QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX`] queries
+    /// to one coordinator at once, and never two at once about one
+    /// transaction; each has a deadline ([`QUERY_TIMEOUT_MS`]). A
+    /// coordinator that did not answer one (paused, down, cut off) gets one
+    /// query at a time, with backoff ([`CoordinatorLink`]), instead of one
+    /// per transaction: its transactions wait without backoffs of their
+    /// own growing, and when it answers again, all of them are asked at
+    /// once ([`Core::query_again_now`]). A query that got no answer
+    /// decides nothing: the transaction stays prepared and is asked about
+    /// again.
     async fn resolve_in_doubt(self) {
         let mut tick = tokio::time::interval(Duration::from_millis(RESOLVER_TICK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut links: BTreeMap<Id, CoordinatorLink> =
+            self.inner.coordinators.keys().map(|id| (id.clone(), CoordinatorLink::default())).collect();
+        // The queries under way: the coordinator and transaction of each.
+        let mut queries = tokio::task::JoinSet::new();
+        let mut asking: HashMap<tokio::task::Id, (Id, TxnId)> = HashMap::new();
+        let mut asked: HashSet<TxnId> = HashSet::new();
         loop {
-            tick.tick().await;
-            let now = self.now_ms();
+            tokio::select! {
+                _ = tick.tick() => {}
+                Some(done) = queries.join_next_with_id(), if !queries.is_empty() => {
+                    let (task, answered) = match done {
+                        Ok((task, answered)) => (task, answered),
+                        Err(error) => {
+                            warn!(%error, "a decision query failed");
+                            (error.id(), false)
+                        }
+                    };
+                    let (coordinator, txn) = asking.remove(&task).expect("every query is listed");
+                    asked.remove(&txn);
+                    let link = links.get_mut(&coordinator).expect("queries go to known coordinators");
+                    let now = tokio::time::Instant::now();
+                    if link.finished(answered, now) {
+                        let waiting = self.core().map(|mut core| core.query_again_now(&coordinator, self.now_ms()));
+                        info!(%coordinator, ?waiting, "the coordinator answers again; asking about its transactions");
+                    } else if !(answered && link.in_flight == 0) {
+                        // Look for more due queries at the next tick; at once
+                        // only when the last query to an answering coordinator
+                        // is done.
+                        continue;
+                    }
+                }
+            }
+            let now = tokio::time::Instant::now();
+            let mut room: BTreeMap<&Id, usize> = links.iter().map(|(id, link)| (id, link.may_start(now))).collect();
             let due = match self.core() {
-                Ok(mut core) => core.due_queries(now, QUERIES_PER_TICK_MAX),
+                Ok(mut core) => core.due_queries_where(self.now_ms(), QUERIES_PER_TICK_MAX, |txn, coordinator| {
+                    if asked.contains(txn) {
+                        return false;
+                    }
+                    match room.get_mut(coordinator) {
+                        Some(0) => false,
+                        Some(room) => {
+                            *room -= 1;
+                            true
+                        }
+                        // Reported below, at the pace of its backoff.
+                        None => true,
+                    }
+                }),
                 Err(error) => {
                     warn!(%error, "in-doubt transactions are not resolved");
                     continue;
                 }
             };
             for (txn, coordinator) in due {
-                let node = self.clone();
-                tokio::spawn(async move { node.query_decision(txn, coordinator).await });
+                let Some(link) = links.get_mut(&coordinator) else {
+                    warn!(%txn, %coordinator, "in doubt with a coordinator this node does not know");
+                    continue;
+                };
+                link.started(now);
+                let (node, query, to) = (self.clone(), txn.clone(), coordinator.clone());
+                let task = queries.spawn(async move { node.query_decision(query, &to).await });
+                asked.insert(txn.clone());
+                asking.insert(task.id(), (coordinator, txn));
             }
         }
     }
 
-    async fn query_decision(&self, txn: TxnId, coordinator: Id) {
-        let Some(client) = self.inner.coordinators.get(&coordinator) else {
+    /// Asks `coordinator` for the decision on `txn` and applies it; `true`
+    /// if the coordinator answered (whatever the answer), `false` if it did
+    /// not within the deadline or could not be reached. No answer decides
+    /// nothing: after voting YES this node never decides alone.
+    async fn query_decision(&self, txn: TxnId, coordinator: &Id) -> bool {
+        let Some(client) = self.inner.coordinators.get(coordinator) else {
             warn!(%txn, %coordinator, "in doubt with a coordinator this node does not know");
-            return;
+            return false;
         };
         let mut request = Request::new(pb::QueryDecisionRequest {
             txn_id: txn.to_string(),
@@ -524,11 +629,20 @@ impl Node {
             }
             Ok(Err(status)) => {
                 debug!(%txn, %coordinator, error = %status.message(), "decision query failed; will ask again");
-                return;
+                // The coordinator's own refusal is an answer about this
+                // transaction; the rest say it could not answer at all.
+                return !matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Cancelled
+                        | tonic::Code::Unknown
+                        | tonic::Code::ResourceExhausted
+                );
             }
             Err(_) => {
                 debug!(%txn, %coordinator, "decision query timed out; will ask again");
-                return;
+                return false;
             }
         };
         debug!(%txn, %coordinator, ?decision, "decision query answered");
@@ -545,6 +659,7 @@ impl Node {
             Err(error @ Error::Unavailable(_)) => debug!(%txn, %error, "the queried decision waits for the store"),
             Err(error) => warn!(%txn, %error, "applying the queried decision failed"),
         }
+        true
     }
 
     async fn collect_garbage(self) {
@@ -563,29 +678,201 @@ impl Node {
     }
 }
 
+/// The resolver's view of one coordinator: the queries under way to it,
+/// and, while it does not answer, when the next query may go. A pure state
+/// machine: the resolver tells it what happened and when.
+#[derive(Debug, Default)]
+struct CoordinatorLink {
+    in_flight: usize,
+    /// Set when a query got no answer, cleared when one gets an answer.
+    silent: Option<Silence>,
+}
+
+#[derive(Debug)]
+struct Silence {
+    /// No query before this.
+    next_probe: tokio::time::Instant,
+    /// How long after the next query starts the one after it may.
+    backoff_ms: u64,
+}
+
+impl CoordinatorLink {
+    /// How many queries may start now.
+    fn may_start(&self, now: tokio::time::Instant) -> usize {
+        match &self.silent {
+            None => QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX.saturating_sub(self.in_flight),
+            Some(silence) if self.in_flight == 0 && now >= silence.next_probe => 1,
+            Some(_) => 0,
+        }
+    }
+
+    fn started(&mut self, now: tokio::time::Instant) {
+        debug_assert!(self.may_start(now) > 0, "a query started beyond the bound: {self:?}");
+        self.in_flight += 1;
+        if let Some(silence) = &mut self.silent {
+            silence.next_probe = now + Duration::from_millis(silence.backoff_ms);
+            silence.backoff_ms = (silence.backoff_ms * 2).min(QUERY_PROBE_BACKOFF_MAX_MS);
+        }
+    }
+
+    /// A query ended, `answered` or not; `true` if the coordinator answers
+    /// again after it did not.
+    fn finished(&mut self, answered: bool, now: tokio::time::Instant) -> bool {
+        assert!(self.in_flight > 0, "a query ended that was not started: {self:?}");
+        self.in_flight -= 1;
+        if answered {
+            return self.silent.take().is_some();
+        }
+        if self.silent.is_none() {
+            let next_probe = now + Duration::from_millis(QUERY_PROBE_BACKOFF_INITIAL_MS);
+            let backoff_ms = (QUERY_PROBE_BACKOFF_INITIAL_MS * 2).min(QUERY_PROBE_BACKOFF_MAX_MS);
+            self.silent = Some(Silence { next_probe, backoff_ms });
+        }
+        false
+    }
+}
+
+/// The relay's view of one peer: the calls under way to it, where its next
+/// batch starts, and, after a call that got no answer, when the next may
+/// go. A pure state machine: the relay tells it what happened and when.
+#[derive(Debug, Default)]
+struct PeerLink {
+    in_flight: usize,
+    /// The next batch starts at this sequence: the events before it were
+    /// offered since the last rewind (those still in the outbox are under
+    /// way, or were refused, or could not be forgotten).
+    cursor: u64,
+    /// After a call that got no answer: one call at a time, none before
+    /// this, and how long after the next call starts the one after it may.
+    failing: Option<(tokio::time::Instant, u64)>,
+    /// The events behind the cursor may be offered again from then on.
+    rewind_at: Option<tokio::time::Instant>,
+}
+
+impl PeerLink {
+    /// How many calls may start now.
+    fn calls_free(&self, now: tokio::time::Instant) -> usize {
+        match self.failing {
+            None => RELAY_CALLS_PER_PEER_MAX.saturating_sub(self.in_flight),
+            Some((next_call, _)) => usize::from(self.in_flight == 0 && now >= next_call),
+        }
+    }
+
+    /// Whether the events behind the cursor may be offered again now (none
+    /// of them is under way).
+    fn may_rewind(&self, now: tokio::time::Instant) -> bool {
+        self.in_flight == 0 && self.cursor > 0 && self.rewind_at.is_none_or(|at| now >= at)
+    }
+
+    fn rewound(&mut self, now: tokio::time::Instant) {
+        self.cursor = 0;
+        self.rewind_at = Some(now + Duration::from_millis(RELAY_REFUSED_RETRY_MS));
+    }
+
+    /// A call started with the events from `first` to `last`.
+    fn started(&mut self, first: u64, last: u64, now: tokio::time::Instant) {
+        assert!(
+            self.calls_free(now) > 0 && self.cursor <= first && first <= last,
+            "a call beyond the bound or behind the cursor ({first}..={last}): {self:?}"
+        );
+        self.in_flight += 1;
+        self.cursor = last + 1;
+        if let Some((next_call, backoff_ms)) = &mut self.failing {
+            *next_call = now + Duration::from_millis(*backoff_ms);
+            *backoff_ms = (*backoff_ms * 2).min(RELAY_BACKOFF_MAX_MS);
+        }
+    }
+
+    /// The call that started at `first` ended, answered or not. With no
+    /// answer, its events are offered again, after a backoff.
+    fn finished(&mut self, first: u64, answered: bool, now: tokio::time::Instant) {
+        assert!(self.in_flight > 0, "a call ended that was not started: {self:?}");
+        self.in_flight -= 1;
+        if answered {
+            self.failing = None;
+            return;
+        }
+        self.cursor = self.cursor.min(first);
+        if self.failing.is_none() {
+            let next_call = now + Duration::from_millis(RELAY_BACKOFF_INITIAL_MS);
+            self.failing = Some((next_call, (RELAY_BACKOFF_INITIAL_MS * 2).min(RELAY_BACKOFF_MAX_MS)));
+        }
+    }
+}
+
 impl Node {
     /// Delivers outbox events to their peers, at least once: an event is
     /// forgotten only after the peer acknowledged it (and the peer
     /// acknowledges only once the event's effects and its inbox record are
     /// durable). A crash between the acknowledgement and the forgetting
     /// redelivers the event; the peer's inbox drops it.
+    ///
+    /// Each peer has its own pace ([`PeerLink`]): at most
+    /// [`RELAY_CALLS_PER_PEER_MAX`] calls under way to it, each with its
+    /// next [`RELAY_BATCH_MAX`] events in outbox order (taken from the
+    /// outbox's per-peer index, [`Core::outbox_batch`], so a pass costs what
+    /// it sends, however long the outbox), each with a deadline
+    /// ([`DELIVERY_TIMEOUT_MS`]). After a call that got no answer, one call
+    /// at a time, with backoff up to [`RELAY_BACKOFF_MAX_MS`], until one is
+    /// answered. A peer that is down or silent holds up its own events
+    /// only. Events a peer answered but refused stay in the outbox and are
+    /// offered again every [`RELAY_REFUSED_RETRY_MS`], without holding up
+    /// the events behind them.
     async fn relay_outbox(self) {
-        let in_flight: Arc<Mutex<std::collections::BTreeSet<u64>>> = Default::default();
-        let mut retry_at: HashMap<u64, (Instant, u64)> = HashMap::new();
-        let mut awaiting_durability_since: Option<Instant> = None;
+        let mut links: BTreeMap<Id, PeerLink> = BTreeMap::new();
+        let mut calls = tokio::task::JoinSet::new();
+        // The calls under way: the peer of each, and its first event.
+        let mut calling: HashMap<tokio::task::Id, (Id, u64)> = HashMap::new();
+        let mut awaiting_durability_since: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = self.inner.relay_wake.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(RELAY_TICK_MS)) => {}
+                Some(done) = calls.join_next_with_id(), if !calls.is_empty() => {
+                    let (task, answered) = match done {
+                        Ok((task, answered)) => (task, answered),
+                        Err(error) => {
+                            warn!(%error, "a delivery call failed");
+                            (error.id(), false)
+                        }
+                    };
+                    let (peer, first) = calling.remove(&task).expect("every call is listed");
+                    let link = links.get_mut(&peer).expect("calls go to listed peers");
+                    link.finished(first, answered, tokio::time::Instant::now());
+                }
             }
-            let (events, awaits_durability) = match self.core() {
-                Ok(core) => (core.outbox(), core.outbox_awaits_durability()),
+            let now = tokio::time::Instant::now();
+            // What to send, read under the core's lock; the links change
+            // after it is released.
+            let (plans, awaits_durability) = match self.core() {
+                Ok(core) => {
+                    let mut plans = Vec::new();
+                    for destination in core.outbox_destinations() {
+                        let link = links.entry(destination.clone()).or_default();
+                        // As many calls as the peer may take now, each with
+                        // the events after the last one's.
+                        let (mut from, mut rewind, mut batches) = (link.cursor, false, Vec::new());
+                        for _ in 0..link.calls_free(now) {
+                            let mut batch = core.outbox_batch(&destination, from, RELAY_BATCH_MAX);
+                            if batch.is_empty() && batches.is_empty() && link.may_rewind(now) {
+                                // Only events offered before are left: those
+                                // the peer refused (or not forgotten).
+                                rewind = true;
+                                batch = core.outbox_batch(&destination, 0, RELAY_BATCH_MAX);
+                            }
+                            let Some((last, _)) = batch.last() else { break };
+                            from = last + 1;
+                            batches.push(batch);
+                        }
+                        plans.push((destination, rewind, batches));
+                    }
+                    (plans, core.outbox_awaits_durability())
+                }
                 Err(error) => {
                     warn!(%error, "the outbox is not relayed");
                     continue;
                 }
             };
-            let now = Instant::now();
             // Events whose write was never seen fsynced (its fsync was a lazy
             // one, or the task that should have said so is gone) get an fsync
             // of their own after a while, so that no event waits for some
@@ -609,58 +896,43 @@ impl Node {
                 Some(_) if awaits_durability => {}
                 _ => awaiting_durability_since = awaits_durability.then_some(now),
             }
-            let mut by_destination: BTreeMap<Id, Vec<Vec<(u64, Event)>>> = BTreeMap::new();
-            retry_at.retain(|seq, _| events.iter().any(|(s, _)| s == seq));
-            for (seq, event) in events {
-                if in_flight.lock().expect("relay lock poisoned").len() >= RELAY_IN_FLIGHT_MAX {
-                    break;
+            for (destination, rewind, batches) in plans {
+                let link = links.get_mut(&destination).expect("listed above");
+                if rewind {
+                    link.rewound(now);
                 }
-                if retry_at.get(&seq).is_some_and(|(at, _)| *at > now) {
-                    continue;
-                }
-                if !in_flight.lock().expect("relay lock poisoned").insert(seq) {
-                    continue;
-                }
-                // Back off per event: 50 ms doubling to 2 s, reset on success.
-                let backoff = retry_at.get(&seq).map(|(_, b)| (*b * 2).min(2_000)).unwrap_or(50);
-                retry_at.insert(seq, (now + Duration::from_millis(backoff), backoff));
-                let batches = by_destination.entry(event.destination().clone()).or_default();
-                match batches.last_mut() {
-                    Some(batch) if batch.len() < RELAY_BATCH_MAX => batch.push((seq, event)),
-                    _ => batches.push(vec![(seq, event)]),
-                }
-            }
-            // One call per batch: what waits for one peer goes together.
-            for batch in std::mem::take(&mut by_destination).into_values().flatten() {
-                let node = self.clone();
-                let in_flight = in_flight.clone();
-                tokio::spawn(async move {
-                    let delivered = node.deliver(&batch).await;
-                    if !delivered.is_empty() {
-                        tandem::crash::point("relay-delivered");
-                        let forgotten =
-                            node.apply(delivered.len(), |core, _| Ok(((), core.outbox_delivered(&delivered)))).await;
-                        if let Err(error) = forgotten {
-                            warn!(%error, "could not forget delivered events; they will be redelivered");
+                for batch in batches {
+                    let (first, last) = (batch[0].0, batch[batch.len() - 1].0);
+                    link.started(first, last, now);
+                    let node = self.clone();
+                    let task = calls.spawn(async move {
+                        let Some(delivered) = node.deliver(&batch).await else { return false };
+                        if !delivered.is_empty() {
+                            tandem::crash::point("relay-delivered");
+                            let forgotten = node
+                                .apply(delivered.len(), |core, _| Ok(((), core.outbox_delivered(&delivered))))
+                                .await;
+                            if let Err(error) = forgotten {
+                                warn!(%error, "could not forget delivered events; they will be redelivered");
+                            }
                         }
-                        node.inner.relay_wake.notify_one();
-                    }
-                    let mut in_flight = in_flight.lock().expect("relay lock poisoned");
-                    for (seq, _) in &batch {
-                        in_flight.remove(seq);
-                    }
-                });
+                        true
+                    });
+                    calling.insert(task.id(), (destination.clone(), first));
+                }
             }
         }
     }
 
     /// Delivers events to one peer in one call (`DeliverEvents`); returns
-    /// the sequences of those it applied (now or before).
-    async fn deliver(&self, batch: &[(u64, Event)]) -> Vec<u64> {
+    /// the sequences of those it applied (now or before), or `None` if the
+    /// peer did not answer within the deadline, could not be reached, or
+    /// answered something other than a result per event.
+    async fn deliver(&self, batch: &[(u64, Event)]) -> Option<Vec<u64>> {
         let destination = batch[0].1.destination();
         let Some(peer) = self.inner.peers.get(destination) else {
             warn!(%destination, "no peer by that name; its events wait");
-            return Vec::new();
+            return None;
         };
         let events = batch.iter().map(|(_, event)| event_to_pb(event)).collect();
         let mut request = Request::new(pb::DeliverEventsRequest { events });
@@ -668,25 +940,30 @@ impl Node {
         match tokio::time::timeout(Duration::from_millis(DELIVERY_TIMEOUT_MS), peer.clone().deliver_events(request))
             .await
         {
-            Ok(Ok(response)) if response.get_ref().results.len() == batch.len() => batch
-                .iter()
-                .zip(response.into_inner().results)
-                .filter_map(|((seq, event), result)| {
-                    if !result.delivered {
-                        debug!(event = %event.id, error = %result.error, "event not delivered; will retry");
-                    }
-                    result.delivered.then_some(*seq)
-                })
-                .collect(),
+            Ok(Ok(response)) if response.get_ref().results.len() == batch.len() => Some(
+                batch
+                    .iter()
+                    .zip(response.into_inner().results)
+                    .filter_map(|((seq, event), result)| {
+                        if !result.delivered {
+                            debug!(event = %event.id, error = %result.error, "event not delivered; will retry");
+                        }
+                        result.delivered.then_some(*seq)
+                    })
+                    .collect(),
+            ),
             Ok(Ok(_)) => {
                 warn!(%destination, "a peer answered a different number of results; the events will be redelivered");
-                Vec::new()
+                None
             }
             Ok(Err(status)) => {
                 debug!(%destination, count = batch.len(), error = %status.message(), "events not delivered; will retry");
-                Vec::new()
+                None
             }
-            Err(_) => Vec::new(),
+            Err(_) => {
+                debug!(%destination, count = batch.len(), "delivery timed out; will retry");
+                None
+            }
         }
     }
 
@@ -1168,5 +1445,112 @@ impl Participant for Node {
         }
         self.inner.relay_wake.notify_one();
         Ok(Response::new(pb::DeliverEventResponse { duplicate }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::time::Instant;
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// The whole milliseconds from `now` until `may` says yes.
+    fn wait_ms(now: Instant, may: impl Fn(Instant) -> bool) -> u64 {
+        (0..=u64::MAX).find(|wait| may(now + ms(*wait))).unwrap()
+    }
+
+    #[test]
+    fn a_silent_coordinator_gets_one_query_at_a_time_with_a_capped_backoff_and_all_when_it_answers() {
+        let mut now = Instant::now();
+        let mut link = CoordinatorLink::default();
+        assert_eq!(link.may_start(now), QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX);
+        for _ in 0..QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX {
+            link.started(now);
+        }
+        assert_eq!(link.may_start(now), 0, "the bound");
+        // They time out: no query while any is under way, then one at a time.
+        now += ms(QUERY_TIMEOUT_MS);
+        for _ in 1..QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX {
+            assert!(!link.finished(false, now));
+            assert_eq!(link.may_start(now + ms(10 * QUERY_TIMEOUT_MS)), 0, "queries still under way");
+        }
+        assert!(!link.finished(false, now));
+        // It refuses at once (down): probes spaced by a doubling backoff, capped.
+        let mut gaps = Vec::new();
+        for _ in 0..7 {
+            let gap = wait_ms(now, |at| link.may_start(at) > 0);
+            gaps.push(gap);
+            now += ms(gap);
+            assert_eq!(link.may_start(now), 1);
+            link.started(now);
+            assert_eq!(link.may_start(now + ms(10 * QUERY_TIMEOUT_MS)), 0, "one at a time");
+            assert!(!link.finished(false, now));
+        }
+        assert_eq!(gaps, [100, 200, 400, 800, 1_000, 1_000, 1_000]);
+        // Paused instead: each probe lasts its deadline, and the next one
+        // may go at once, so one always waits for the coordinator.
+        link.started(now);
+        now += ms(QUERY_TIMEOUT_MS);
+        assert!(!link.finished(false, now));
+        assert_eq!(link.may_start(now), 1);
+        // It answers: no longer silent, the whole bound again.
+        link.started(now);
+        assert!(link.finished(true, now), "it answers again");
+        assert_eq!(link.may_start(now), QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX);
+        link.started(now);
+        assert!(!link.finished(true, now), "an answer from an answering coordinator is no news");
+    }
+
+    #[test]
+    fn a_peer_gets_bounded_calls_one_at_a_time_with_backoff_when_silent_and_refused_events_again_at_a_pace() {
+        let mut now = Instant::now();
+        let mut link = PeerLink::default();
+        assert!(!link.may_rewind(now), "nothing offered yet");
+        // Calls take the events after the last call's, up to the bound.
+        for call in 0..RELAY_CALLS_PER_PEER_MAX as u64 {
+            assert_eq!(link.calls_free(now), RELAY_CALLS_PER_PEER_MAX - call as usize);
+            assert_eq!(link.cursor, call * 10);
+            link.started(call * 10, call * 10 + 9, now);
+        }
+        assert_eq!(link.calls_free(now), 0, "the bound");
+        assert!(!link.may_rewind(now), "not while calls are under way");
+        link.finished(0, true, now);
+        assert_eq!((link.calls_free(now), link.cursor), (1, RELAY_CALLS_PER_PEER_MAX as u64 * 10));
+        // One gets no answer: its events are offered again, one call at a
+        // time once every call is done, after a doubling backoff, capped.
+        link.finished(10, false, now);
+        assert_eq!(link.cursor, 10);
+        assert_eq!(link.calls_free(now + ms(10 * RELAY_BACKOFF_MAX_MS)), 0, "calls still under way");
+        for call in 2..RELAY_CALLS_PER_PEER_MAX as u64 {
+            link.finished(call * 10, false, now);
+        }
+        let mut gaps = Vec::new();
+        for _ in 0..7 {
+            let gap = wait_ms(now, |at| link.calls_free(at) > 0);
+            gaps.push(gap);
+            now += ms(gap);
+            assert_eq!((link.calls_free(now), link.cursor), (1, 10));
+            link.started(10, 19, now);
+            assert_eq!(link.calls_free(now + ms(10 * RELAY_BACKOFF_MAX_MS)), 0, "one call at a time");
+            link.finished(10, false, now);
+        }
+        assert_eq!(gaps, [50, 100, 200, 400, 800, 1_600, 2_000]);
+        // An answer ends the backoff: the whole bound again.
+        now += ms(RELAY_BACKOFF_MAX_MS);
+        link.started(10, 19, now);
+        link.finished(10, true, now);
+        assert_eq!((link.calls_free(now), link.cursor), (RELAY_CALLS_PER_PEER_MAX, 20));
+        // Events left behind the cursor (refused) are offered again, then
+        // not before the retry time.
+        assert!(link.may_rewind(now));
+        link.rewound(now);
+        assert_eq!(link.cursor, 0);
+        link.started(3, 29, now);
+        link.finished(3, true, now);
+        assert!(!link.may_rewind(now + ms(RELAY_REFUSED_RETRY_MS - 1)));
+        assert!(link.may_rewind(now + ms(RELAY_REFUSED_RETRY_MS)));
     }
 }

@@ -42,7 +42,9 @@
 //!
 //! No controller: [`Core::start_transfer`] debits the source and puts a
 //! `TransferDebited` event in the outbox in the same atomic write. The node's
-//! relay delivers outbox events at least once; [`Core::deliver_event`] drops
+//! relay delivers outbox events at least once, each peer's in outbox order
+//! from an index by destination ([`Core::outbox_batch`]), so that a peer
+//! that is down holds up no other; [`Core::deliver_event`] drops
 //! a duplicate through the inbox (an `i/<event id>` record written with the
 //! event's effects), credits the target and answers `TransferCredited`, or
 //! `TransferRejected`, on which the source refunds (or, if the refund cannot
@@ -87,7 +89,7 @@
 //! against its codec's limits) before the state changes.
 
 use crate::core::{account_put, Account, Core, Effects, Refusal, Retained};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use tandem::codec::{corrupt, parse_id, Reader, Writer};
 use tandem::domain::{
     check_event_id, check_text_len, clip_text, AccountId, Amount, Id, REASON_LEN_MAX, REASON_STORED_LEN_MAX,
@@ -181,6 +183,16 @@ struct Barrier {
 }
 
 impl SagaState {
+    /// The outbox index holds exactly the outbox's events (in debug builds,
+    /// where the core's tests and property tests run).
+    fn debug_assert_outbox_index(&self) {
+        debug_assert_eq!(
+            self.outbox_by_destination.values().map(BTreeSet::len).sum::<usize>(),
+            self.outbox.len(),
+            "the outbox index and the outbox disagree"
+        );
+    }
+
     /// Whether the release of `saga` ran here.
     fn released(&self, saga: &Id) -> bool {
         self.barriers
@@ -288,6 +300,10 @@ pub struct SagaState {
     transfers: HashMap<Id, Transfer>,
     inbox: HashSet<String>,
     outbox: BTreeMap<u64, Event>,
+    /// The outbox's sequences by the participant each event is for, so
+    /// that the relay takes one peer's next events without looking at the
+    /// others' ([`Core::outbox_batch`]). Holds exactly the outbox's events.
+    outbox_by_destination: BTreeMap<Id, BTreeSet<u64>>,
     next_outbox_seq: u64,
     /// Outbox events below this sequence are on disk. Only those are
     /// relayed: a peer must never apply an event whose cause (the debit)
@@ -555,7 +571,9 @@ impl Core {
             let seq: [u8; 8] = seq.try_into().map_err(|_| corrupt("an outbox key holds eight bytes after o/"))?;
             let seq = u64::from_be_bytes(seq);
             let next = seq.checked_add(1).ok_or_else(|| corrupt("the outbox sequence is exhausted"))?;
-            sagas.outbox.insert(seq, decode_event(value)?);
+            let event = decode_event(value)?;
+            sagas.outbox_by_destination.entry(event.destination().clone()).or_default().insert(seq);
+            sagas.outbox.insert(seq, event);
             sagas.next_outbox_seq = sagas.next_outbox_seq.max(next);
             sagas.outbox_durable_end = sagas.next_outbox_seq;
         } else {
@@ -906,7 +924,9 @@ impl Core {
         let seq = self.sagas.next_outbox_seq;
         self.sagas.next_outbox_seq += 1;
         ops.push(Op::Put(outbox_key(seq), value));
+        self.sagas.outbox_by_destination.entry(event.destination().clone()).or_default().insert(seq);
         self.sagas.outbox.insert(seq, event);
+        self.sagas.debug_assert_outbox_index();
     }
 
     /// Stores a transfer's record, already encoded.
@@ -1105,6 +1125,32 @@ impl Core {
         self.sagas.outbox.range(..self.sagas.outbox_durable_end).map(|(seq, e)| (*seq, e.clone())).collect()
     }
 
+    /// The participants that outbox events on disk wait for, in order.
+    pub fn outbox_destinations(&self) -> Vec<Id> {
+        let durable_end = self.sagas.outbox_durable_end;
+        self.sagas
+            .outbox_by_destination
+            .iter()
+            .filter(|(_, seqs)| seqs.first().is_some_and(|first| *first < durable_end))
+            .map(|(destination, _)| destination.clone())
+            .collect()
+    }
+
+    /// The outbox events on disk for `destination` from sequence `from_seq`
+    /// on, oldest first, at most `max`: what the relay sends that peer next.
+    /// Costs what it returns, whatever the outbox holds for other peers.
+    pub fn outbox_batch(&self, destination: &Id, from_seq: u64, max: usize) -> Vec<(u64, Event)> {
+        let Some(seqs) = self.sagas.outbox_by_destination.get(destination) else { return Vec::new() };
+        seqs.range(from_seq..self.sagas.outbox_durable_end.max(from_seq))
+            .take(max)
+            .map(|seq| {
+                let event = &self.sagas.outbox[seq];
+                debug_assert_eq!(event.destination(), destination);
+                (*seq, event.clone())
+            })
+            .collect()
+    }
+
     /// The sequence the next outbox event will get.
     pub fn outbox_end(&self) -> u64 {
         self.sagas.next_outbox_seq
@@ -1123,11 +1169,19 @@ impl Core {
 
     /// The peer acknowledged these outbox events: forget them.
     pub fn outbox_delivered(&mut self, seqs: &[u64]) -> Effects {
-        let ops = seqs
-            .iter()
-            .filter(|seq| self.sagas.outbox.remove(seq).is_some())
-            .map(|seq| Op::Delete(outbox_key(*seq)))
-            .collect();
+        let sagas = &mut self.sagas;
+        let mut ops = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            let Some(event) = sagas.outbox.remove(seq) else { continue };
+            let destination = event.destination();
+            let by_destination = sagas.outbox_by_destination.get_mut(destination).expect("the index holds the outbox");
+            assert!(by_destination.remove(seq), "outbox event {seq} was not in the index for {destination}");
+            if by_destination.is_empty() {
+                sagas.outbox_by_destination.remove(destination);
+            }
+            ops.push(Op::Delete(outbox_key(*seq)));
+        }
+        sagas.debug_assert_outbox_index();
         Effects { ops, durability: Durability::Buffered }
     }
 

@@ -280,6 +280,30 @@ fn crash_after_the_prepared_record_is_durable_keeps_the_reservation_and_asks() {
 }
 
 #[test]
+fn a_query_the_driver_cannot_send_stays_due_and_a_coordinator_that_answers_again_is_asked_at_once() {
+    let (mut core, _) = setup();
+    for txn in ["t1", "t2"] {
+        assert_eq!(core.prepare(id(txn), id("c1"), vec![debit(1, 10)], 0).unwrap().0, Vote::Yes);
+    }
+    let due_at = config().in_doubt_after_ms;
+    // t2's query cannot be sent now: it stays due, unlike t1's.
+    assert_eq!(core.due_queries_where(due_at, 10, |txn, _| txn == &id("t1")), vec![(id("t1"), id("c1"))]);
+    assert_eq!(core.due_queries(due_at, 10), vec![(id("t2"), id("c1"))]);
+    // Both asked a few times with no answer: their backoffs grew.
+    let mut now = due_at;
+    for _ in 0..5 {
+        now += QUERY_BACKOFF_MAX_MS;
+        assert_eq!(core.due_queries(now, 10).len(), 2);
+    }
+    assert!(core.due_queries(now + QUERY_BACKOFF_INITIAL_MS, 10).is_empty());
+    // The coordinator answers again: both are due at once, backoffs reset.
+    assert_eq!(core.query_again_now(&id("c1"), now + 1), 2);
+    assert_eq!(core.query_again_now(&id("c2"), now + 1), 0, "no transaction of c2's");
+    assert_eq!(core.due_queries(now + 1, 10).len(), 2);
+    assert_eq!(core.due_queries(now + 1 + QUERY_BACKOFF_INITIAL_MS, 10).len(), 2, "back to the first backoff");
+}
+
+#[test]
 fn crash_after_applying_a_commit_before_acknowledging_applies_it_once() {
     let (mut core, mut disk) = setup();
     let (_, effects) = core.prepare(id("t1"), id("c1"), vec![debit(1, 10), credit(2, 10)], 0).unwrap();

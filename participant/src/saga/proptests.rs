@@ -487,6 +487,14 @@ impl Bank {
             self.core.parked_known_total(),
             "the suspense account holds other than what was parked"
         );
+        // The relay's per-peer view is the outbox, cut by destination.
+        let outbox = self.core.outbox();
+        let mut by_destination = Vec::new();
+        for destination in self.core.outbox_destinations() {
+            by_destination.extend(self.core.outbox_batch(&destination, 0, usize::MAX));
+        }
+        by_destination.sort_by_key(|(seq, _)| *seq);
+        assert_eq!(by_destination, outbox, "the relay's batches and the outbox disagree");
     }
 }
 

@@ -286,6 +286,37 @@ fn an_event_is_not_relayed_before_it_is_durable() {
 }
 
 #[test]
+fn the_relay_takes_one_peers_durable_events_in_order_in_bounded_batches() {
+    let mut p1 = node("p1");
+    for (i, target) in ["p2", "p3", "p2", "p2", "p3"].into_iter().enumerate() {
+        let (_, effects) = p1.0.start_transfer(id(&format!("s{i}")), 1, 2, 1, id(target), 0).unwrap();
+        p1.1.apply(&effects);
+    }
+    assert!(p1.0.outbox_destinations().is_empty(), "nothing is on disk yet");
+    assert!(p1.0.outbox_batch(&id("p2"), 0, 10).is_empty());
+    p1.0.mark_outbox_durable(p1.0.outbox_end());
+    assert_eq!(p1.0.outbox_destinations(), vec![id("p2"), id("p3")]);
+    let seqs = |batch: Vec<(u64, Event)>| batch.into_iter().map(|(seq, _)| seq).collect::<Vec<_>>();
+    assert_eq!(seqs(p1.0.outbox_batch(&id("p2"), 0, 10)), vec![0, 2, 3]);
+    assert_eq!(seqs(p1.0.outbox_batch(&id("p2"), 0, 2)), vec![0, 2], "at most the batch");
+    assert_eq!(seqs(p1.0.outbox_batch(&id("p2"), 1, 10)), vec![2, 3], "from a sequence on");
+    assert_eq!(seqs(p1.0.outbox_batch(&id("p3"), 0, 10)), vec![1, 4]);
+    assert!(p1.0.outbox_batch(&id("p2"), 99, 10).is_empty());
+    assert!(p1.0.outbox_batch(&id("p4"), 0, 10).is_empty());
+    // An event written later waits for its fsync, after the others.
+    let (_, effects) = p1.0.start_transfer(id("s9"), 1, 2, 1, id("p2"), 0).unwrap();
+    p1.1.apply(&effects);
+    assert_eq!(seqs(p1.0.outbox_batch(&id("p2"), 0, 10)), vec![0, 2, 3]);
+    // Delivered events leave the index with the outbox; a restart rebuilds it.
+    p1.1.apply(&p1.0.outbox_delivered(&[1, 4, 0]));
+    assert_eq!(seqs(p1.0.outbox_batch(&id("p2"), 0, 10)), vec![2, 3]);
+    assert_eq!(p1.0.outbox_destinations(), vec![id("p2")]);
+    let restarted = Core::recover(config("p1"), p1.1 .0.clone(), 0).unwrap();
+    assert_eq!(seqs(restarted.outbox_batch(&id("p2"), 0, 10)), vec![2, 3, 5]);
+    assert_eq!(restarted.outbox_destinations(), vec![id("p2")]);
+}
+
+#[test]
 fn a_redelivered_event_is_dropped_by_the_inbox() {
     let mut p1 = node("p1");
     let mut p2 = node("p2");
