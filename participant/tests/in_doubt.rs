@@ -171,6 +171,7 @@ async fn start_participant(coordinator_url: String) -> (Node, oneshot::Sender<()
         store_free_min_bytes: 0,
         // In process, the trust layer is not what is tested here.
         security: Security::Insecure,
+        network: tandem::net::Network::Tcp,
     })
     .unwrap();
     let (listener, _) = tandem::server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();

@@ -113,15 +113,15 @@ fn the_nemesis_injects_every_kind_of_fault() {
 
 /// The checker has teeth: with the participants' retention shorter than the
 /// faults, a choreographed event redelivered after its inbox id expired is
-/// credited twice (the open problem of issue 11), and the checker says so.
-/// When deduplication stops depending on retention, this seed passes and
-/// this test must change with it.
+/// credited twice (the open problem of issue 11), and within a few seeds the
+/// checker says so. When deduplication stops depending on retention, these
+/// seeds pass and this test must change with it.
 #[test]
 fn the_checker_finds_the_double_credit_of_a_retention_shorter_than_an_outage() {
-    let report = run_seed(scenario("long-outages").expect("a scenario"), 5);
-    assert!(
-        report.violations.iter().any(|v| v.contains("money not conserved")),
-        "expected the known double credit; got: {:?}",
-        report.violations
-    );
+    let long_outages = scenario("long-outages").expect("a scenario");
+    let found = (0..60)
+        .map(|seed| run_seed(long_outages, seed))
+        .find(|report| report.violations.iter().any(|v| v.contains("money not conserved")));
+    let report = found.expect("no seed of long-outages found the known double credit");
+    println!("long-outages seed {} finds it: {:?}", report.seed, report.violations);
 }
