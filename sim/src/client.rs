@@ -148,7 +148,7 @@ pub async fn run(plan: Arc<ClientPlan>, history: History, outcome: Arc<Mutex<Cli
 
 /// Most a participant may take to settle after the faults heal before the
 /// probe gives up (the checker then reports what is held).
-const SETTLE_PROBE_MS_MAX: u64 = 60_000;
+pub const SETTLE_PROBE_MS_MAX: u64 = 60_000;
 
 /// From the moment the faults heal, polls every participant until none
 /// holds a prepared transfer, a reservation, a choreographed transfer in
