@@ -9,6 +9,7 @@
 //! `participant` see only the types of [`domain`]; [`pb`] and its conversions
 //! are used by the thin gRPC handlers.
 
+pub mod clock;
 pub mod cluster;
 pub mod codec;
 pub mod crash;

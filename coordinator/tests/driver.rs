@@ -87,6 +87,7 @@ async fn participant(
         store_free_min_bytes: 0,
         security: Security::Insecure,
         network: tandem::net::Network::Tcp,
+        wall_clock: tandem::clock::WallClock::System,
     })
     .unwrap();
     let accounts = (index * ACCOUNTS_EACH..(index + 1) * ACCOUNTS_EACH)

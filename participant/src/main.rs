@@ -106,6 +106,7 @@ async fn run(args: Args) -> Result<(), String> {
         store_free_min_bytes: args.store_free_min_mb.saturating_mul(1 << 20),
         security,
         network: tandem::net::Network::Tcp,
+        wall_clock: tandem::clock::WallClock::System,
     })
     .map_err(|e| e.to_string())?;
     let (listener, addr) =

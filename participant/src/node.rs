@@ -161,6 +161,9 @@ pub struct NodeConfig {
     /// How its calls reach the coordinators and peers: TCP, or a
     /// simulation's network.
     pub network: Network,
+    /// The wall clock read at start (see `Node::now_ms`): the machine's,
+    /// or a simulation's.
+    pub wall_clock: tandem::clock::WallClock,
 }
 
 /// A running participant. Cheap to clone.
@@ -219,8 +222,7 @@ impl Node {
             owned_accounts: config.owned_accounts.clone(),
         };
         let clock = Instant::now();
-        let clock_origin_ms =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let clock_origin_ms = config.wall_clock.unix_ms();
         let core = Core::recover(core_config.clone(), records, clock_origin_ms)?;
         info!(
             node = %config.node_id,

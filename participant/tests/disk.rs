@@ -32,6 +32,7 @@ async fn start(disk: &MemoryDisk) -> (Node, String, tokio::sync::oneshot::Sender
         // In process, the trust layer is not what is tested here.
         security: Security::Insecure,
         network: tandem::net::Network::Tcp,
+        wall_clock: tandem::clock::WallClock::System,
     })
     .unwrap();
     let (listener, addr) = tandem::server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();

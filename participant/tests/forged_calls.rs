@@ -43,6 +43,7 @@ fn config(name: &str, dir: &std::path::Path, peers: Vec<(Id, String)>) -> NodeCo
         // anyone else, is tested in tests/trust.rs.
         security: Security::Insecure,
         network: tandem::net::Network::Tcp,
+        wall_clock: tandem::clock::WallClock::System,
     }
 }
 

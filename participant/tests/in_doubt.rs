@@ -172,6 +172,7 @@ async fn start_participant(coordinator_url: String) -> (Node, oneshot::Sender<()
         // In process, the trust layer is not what is tested here.
         security: Security::Insecure,
         network: tandem::net::Network::Tcp,
+        wall_clock: tandem::clock::WallClock::System,
     })
     .unwrap();
     let (listener, _) = tandem::server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();

@@ -31,6 +31,7 @@ fn config(ca: &LocalCa, name: &str, dir: &std::path::Path, peers: Vec<(Id, Strin
         store_free_min_bytes: 0,
         security: ca.security(Role::Participant, name).unwrap(),
         network: tandem::net::Network::Tcp,
+        wall_clock: tandem::clock::WallClock::System,
     }
 }
 

@@ -4,8 +4,10 @@
 //! what the disk kept).
 
 use crate::net;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+use tandem::clock::WallClock;
 use tandem::domain::Id;
 use tandem::store::memory::MemoryDisk;
 use tandem::store::Disk;
@@ -89,8 +91,29 @@ impl Disks {
     }
 }
 
-/// Adds the coordinator and the participants to `sim`, each on its disk.
-pub fn add_nodes(sim: &mut turmoil::Sim<'_>, topology: &Topology, disks: &Disks) {
+/// How far each node's wall clock is off the simulation's, in ms (the
+/// nemesis jumps them), by host name.
+#[derive(Clone, Default)]
+pub struct Clocks(pub std::collections::BTreeMap<&'static str, Arc<AtomicI64>>);
+
+impl Clocks {
+    pub fn jump(&self, host: &str, by_ms: i64) {
+        self.0[host].fetch_add(by_ms, Ordering::Relaxed);
+    }
+
+    /// The wall clock `host` reads: the simulation's, plus its offset.
+    fn of(&self, host: &str) -> WallClock {
+        let offset = self.0[host].clone();
+        WallClock::Set(Arc::new(move || {
+            let now = turmoil::since_epoch().unwrap_or_default().as_millis() as i64;
+            now.saturating_add(offset.load(Ordering::Relaxed)).max(0) as u64
+        }))
+    }
+}
+
+/// Adds the coordinator and the participants to `sim`, each on its disk,
+/// each participant reading its wall clock from `clocks`.
+pub fn add_nodes(sim: &mut turmoil::Sim<'_>, topology: &Topology, disks: &Disks, clocks: &Clocks) {
     let coordinator = tandem_coordinator::node::NodeConfig {
         node_id: id(COORDINATOR),
         disk: Disk::Memory(disks.of(COORDINATOR).clone()),
@@ -136,6 +159,7 @@ pub fn add_nodes(sim: &mut turmoil::Sim<'_>, topology: &Topology, disks: &Disks)
             store_free_min_bytes: 64 * 1024,
             security: Security::Insecure,
             network: net::network(),
+            wall_clock: clocks.of(name),
         };
         let config = Arc::new(config);
         sim.host(name, move || {

@@ -36,15 +36,16 @@
 //! What it cannot model: a node's CPU (work takes no simulated time), the
 //! timers of a paused node (they still run while its links hold), TLS,
 //! RocksDB's own behaviour (the memory disk keeps RocksDB's contract, not
-//! its code), and wall-clock jumps (the nodes' timeouts use the monotonic
-//! clock, which the simulation controls).
+//! its code), a jump of the monotonic clock (there is none to model), and a
+//! wall-clock jump while a node runs (a participant reads its wall clock
+//! once, at start: the nemesis jumps it across a restart).
 
 pub mod client;
 pub mod hosts;
 pub mod nemesis;
 pub mod net;
 
-use hosts::{Disks, Topology, CLIENT};
+use hosts::{Clocks, Disks, Topology, CLIENT};
 use nemesis::{Fault, FaultKind, Nemesis, Scripted};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -107,6 +108,7 @@ const ALL_FAULTS: &[FaultKind] = &[
     FaultKind::FailFsync,
     FaultKind::DiskFull,
     FaultKind::SlowDisk,
+    FaultKind::ClockJump,
 ];
 
 pub const SCENARIOS: &[Scenario] = &[
@@ -125,8 +127,8 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "crashes",
-        about: "every protocol; nodes crash (process or power loss) and restart",
-        faults: &[FaultKind::Crash],
+        about: "every protocol; nodes crash (process or power loss) and restart, some with their wall clock jumped",
+        faults: &[FaultKind::Crash, FaultKind::ClockJump],
         ..BASE
     },
     Scenario {
@@ -275,10 +277,13 @@ pub fn run_seed(scenario: &'static Scenario, seed: u64) -> SeedReport {
         .rng_seed(seed)
         .simulation_duration(Duration::from_secs(SIMULATED_S_MAX))
         .tick_duration(Duration::from_millis(1))
+        // The wall clock starts in 2026, not in 1970.
+        .epoch(std::time::UNIX_EPOCH + Duration::from_secs(1_780_000_000))
         .min_message_latency(Duration::from_micros(200))
         .max_message_latency(Duration::from_millis(latency_max_ms))
         .build();
-    hosts::add_nodes(&mut sim, &topology, &disks);
+    let clocks = Clocks(topology.node_names().into_iter().map(|name| (name, Default::default())).collect());
+    hosts::add_nodes(&mut sim, &topology, &disks, &clocks);
     let history = History::default();
     history.log(
         Duration::ZERO,
@@ -294,6 +299,7 @@ pub fn run_seed(scenario: &'static Scenario, seed: u64) -> SeedReport {
         scenario.script,
         &topology,
         disks,
+        clocks,
         fsync_latency,
         Duration::from_millis(FAULTS_FROM_MS),
         heal_at,

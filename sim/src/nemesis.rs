@@ -16,11 +16,14 @@
 //!   one direction only.
 //! - `FailFsync`: the node's next fsync fails; `DiskFull`: its disk has
 //!   a few KiB left; `SlowDisk`: its fsyncs take 150 ms (every disk's
-//!   fsync takes 0, 0.1, 1 or 5 ms otherwise, by seed). A participant recovers in process once its disk is
+//!   fsync takes 0, 0.1, 1 or 5 ms otherwise, by seed).
+//! - `ClockJump`: the node crashes and restarts with its wall clock moved
+//!   by one minute to an hour, forwards or backwards (its timeouts run on
+//!   the monotonic clock; the wall clock stamps its records). A participant recovers in process once its disk is
 //!   healthy again; a coordinator stays NOT_SERVING, so the nemesis, as a
 //!   supervisor would, restarts it when the fault ends.
 
-use crate::hosts::{Disks, Topology, CLIENT, COORDINATOR};
+use crate::hosts::{Clocks, Disks, Topology, CLIENT, COORDINATOR};
 use crate::History;
 use std::time::Duration;
 use tandem::rng::SplitMix64;
@@ -35,18 +38,42 @@ pub enum FaultKind {
     FailFsync,
     DiskFull,
     SlowDisk,
+    ClockJump,
 }
 
 /// One fault on named hosts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
-    Crash { host: &'static str, power_loss: bool },
-    Pause { host: &'static str },
-    Partition { a: &'static str, b: &'static str },
-    OneWay { from: &'static str, to: &'static str },
-    FailFsync { host: &'static str },
-    DiskFull { host: &'static str },
-    SlowDisk { host: &'static str },
+    Crash {
+        host: &'static str,
+        power_loss: bool,
+    },
+    Pause {
+        host: &'static str,
+    },
+    Partition {
+        a: &'static str,
+        b: &'static str,
+    },
+    OneWay {
+        from: &'static str,
+        to: &'static str,
+    },
+    FailFsync {
+        host: &'static str,
+    },
+    DiskFull {
+        host: &'static str,
+    },
+    SlowDisk {
+        host: &'static str,
+    },
+    /// The node crashes and comes back with its wall clock moved by
+    /// `by_ms` (backwards when negative).
+    ClockJump {
+        host: &'static str,
+        by_ms: i64,
+    },
 }
 
 /// A fault a scenario places by hand: from `from_ms` until `until_ms` of
@@ -65,7 +92,8 @@ impl Fault {
             | Fault::Pause { host }
             | Fault::FailFsync { host }
             | Fault::DiskFull { host }
-            | Fault::SlowDisk { host } => vec![*host],
+            | Fault::SlowDisk { host }
+            | Fault::ClockJump { host, .. } => vec![*host],
             Fault::Partition { a, b } => vec![*a, *b],
             Fault::OneWay { from, to } => vec![*from, *to],
         }
@@ -88,6 +116,7 @@ pub struct Nemesis {
     /// Every host that can be faulted: the nodes, and the client for links.
     nodes: Vec<&'static str>,
     disks: Disks,
+    clocks: Clocks,
     /// How long an fsync takes on a disk that is not slowed down.
     fsync_latency: Duration,
     /// When the fault phase starts and ends.
@@ -108,6 +137,7 @@ impl Nemesis {
         script: &[Scripted],
         topology: &Topology,
         disks: Disks,
+        clocks: Clocks,
         fsync_latency: Duration,
         start: Duration,
         heal_at: Duration,
@@ -123,6 +153,7 @@ impl Nemesis {
             },
             nodes: topology.node_names(),
             disks,
+            clocks,
             fsync_latency,
             start,
             heal_at,
@@ -199,6 +230,10 @@ impl Nemesis {
             FaultKind::FailFsync => Fault::FailFsync { host },
             FaultKind::DiskFull => Fault::DiskFull { host },
             FaultKind::SlowDisk => Fault::SlowDisk { host },
+            FaultKind::ClockJump => {
+                let by_ms = self.between(60_000, 3_600_000) as i64;
+                Fault::ClockJump { host, by_ms: if self.rng.chance(50) { by_ms } else { -by_ms } }
+            }
         })
     }
 
@@ -229,13 +264,18 @@ impl Nemesis {
             Fault::SlowDisk { host } => {
                 self.disks.of(host).set_fsync_latency(Duration::from_millis(SLOW_FSYNC_MS));
             }
+            Fault::ClockJump { host, by_ms } => {
+                self.disks.of(host).crash_process();
+                sim.crash(*host);
+                self.clocks.jump(host, *by_ms);
+            }
         }
     }
 
     fn end(&mut self, sim: &mut turmoil::Sim<'_>, fault: &Fault, history: &History, now: Duration) {
         history.log(now, format!("nemesis: end {fault:?}"));
         match fault {
-            Fault::Crash { host, .. } => sim.bounce(*host),
+            Fault::Crash { host, .. } | Fault::ClockJump { host, .. } => sim.bounce(*host),
             Fault::Pause { host } => {
                 for other in self.nodes.iter().chain(std::iter::once(&CLIENT)).filter(|o| *o != host) {
                     sim.release(*host, *other);

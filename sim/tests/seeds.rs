@@ -102,9 +102,16 @@ fn the_nemesis_injects_every_kind_of_fault() {
     let everything = scenario("everything").expect("a scenario");
     let histories: Vec<Vec<String>> = (0..20).map(|seed| run_seed(everything, seed).history).collect();
     let begun = |what: &str| histories.iter().flatten().any(|line| line.contains(&format!("nemesis: begin {what}")));
-    for kind in
-        ["Crash { host: \"c1\"", "Pause {", "Partition {", "OneWay {", "FailFsync {", "DiskFull {", "SlowDisk {"]
-    {
+    for kind in [
+        "Crash { host: \"c1\"",
+        "Pause {",
+        "Partition {",
+        "OneWay {",
+        "FailFsync {",
+        "DiskFull {",
+        "SlowDisk {",
+        "ClockJump {",
+    ] {
         assert!(begun(kind), "no seed began {kind}");
     }
     assert!(histories.iter().flatten().any(|line| line.contains("power_loss: true")));
