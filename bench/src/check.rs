@@ -23,7 +23,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use tandem::cluster::Cluster;
 use tandem::pb;
-use tandem::pb::coordinator_client::CoordinatorClient;
 use tandem::pb::participant_client::ParticipantClient;
 use tokio::time::Instant;
 use tonic::transport::Channel;
@@ -33,8 +32,12 @@ use tonic::transport::Channel;
 pub struct LedgerView {
     /// The coordinator, as a client may call it (transfers, lookups).
     pub coordinator: Channel,
-    /// Every participant in order (p1 first), as an operator may call it.
+    /// Every participant in order (p1 first), as an operator may call it
+    /// (balances, what is held).
     pub participants: Vec<ParticipantClient<Channel>>,
+    /// The same participants as a client may call them (choreographed
+    /// transfers are started, and their outcomes learnt, there).
+    pub participants_as_client: Vec<Channel>,
     pub accounts_per_participant: u64,
     /// Every account opened, each with `initial_balance`.
     pub accounts: std::ops::Range<u64>,
@@ -51,6 +54,11 @@ impl LedgerView {
             participants: (0..cluster.participants.len())
                 .map(|i| cluster.participant_client(i, cluster.operator()))
                 .collect::<Result<_, _>>()?,
+            participants_as_client: cluster
+                .participants
+                .iter()
+                .map(|p| tandem::server::channel(&p.url(), cluster.client()))
+                .collect::<Result<_, _>>()?,
             accounts_per_participant: cluster.spec.accounts_per_participant,
             accounts: cluster.accounts(),
             initial_balance: cluster.spec.initial_balance,
@@ -59,11 +67,7 @@ impl LedgerView {
     }
 
     fn client(&self) -> Client {
-        Client::from_clients(
-            CoordinatorClient::new(self.coordinator.clone()),
-            self.participants.clone(),
-            self.accounts_per_participant,
-        )
+        Client::new(self.coordinator.clone(), self.participants_as_client.clone(), self.accounts_per_participant)
     }
 }
 

@@ -217,16 +217,6 @@ impl Client {
         }
     }
 
-    /// A client over clients already made (the checker's, on an operator's
-    /// channels).
-    pub fn from_clients(
-        coordinator: CoordinatorClient<Channel>,
-        participants: Vec<ParticipantClient<Channel>>,
-        accounts_per_participant: u64,
-    ) -> Client {
-        Client { coordinator, participants, accounts_per_participant }
-    }
-
     fn owner(&self, account: u64) -> usize {
         (account / self.accounts_per_participant) as usize
     }

@@ -61,21 +61,16 @@ fn channel(host: &str) -> Result<Channel, tandem::Error> {
 pub async fn run(plan: Arc<ClientPlan>, history: History, outcome: Arc<Mutex<ClientOutcome>>) -> turmoil::Result {
     let topology = &plan.topology;
     let coordinator = channel(COORDINATOR)?;
-    let participants: Vec<ParticipantClient<Channel>> = topology
-        .participant_names()
-        .iter()
-        .map(|name| channel(name).map(ParticipantClient::new))
-        .collect::<Result<_, _>>()?;
+    let participant_channels: Vec<Channel> =
+        topology.participant_names().iter().map(|name| channel(name)).collect::<Result<_, _>>()?;
+    let participants: Vec<ParticipantClient<Channel>> =
+        participant_channels.iter().cloned().map(ParticipantClient::new).collect();
     if let Err(why) = open_accounts(topology, &participants).await {
         outcome.lock().expect("outcome lock").violations.push(why);
         return Ok(());
     }
     history.log(now(), "client: accounts opened".into());
-    let client = Client::from_clients(
-        CoordinatorClient::new(coordinator.clone()),
-        participants.clone(),
-        topology.accounts_per_participant,
-    );
+    let client = Client::new(coordinator.clone(), participant_channels.clone(), topology.accounts_per_participant);
     let mut workers = Vec::new();
     for w in 0..plan.scenario.workers {
         workers.push(tokio::task::spawn_local(worker(
@@ -103,6 +98,7 @@ pub async fn run(plan: Arc<ClientPlan>, history: History, outcome: Arc<Mutex<Cli
     tokio::time::sleep(heal + Duration::from_millis(100)).await;
     let view = LedgerView {
         coordinator,
+        participants_as_client: participant_channels,
         participants,
         accounts_per_participant: topology.accounts_per_participant,
         accounts: topology.accounts(),
