@@ -619,3 +619,40 @@ async fn a_batch_of_redelivered_events_is_dropped_by_the_inbox_and_a_malformed_o
     assert_eq!((posted(&cluster, 1).await, posted(&cluster, 12).await), (BALANCE - 5, BALANCE + 5));
     cluster.stop().await;
 }
+
+/// The checker learns, with the client's own certificate, the outcome of a
+/// transfer the client never heard back about, by every protocol (a
+/// choreographed one is asked again at its source participant, which only
+/// a client may call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_learns_every_protocols_outcome_the_client_missed() {
+    let (mut cluster, _dir) = start(2, 10).await;
+    let mut sender = client(&cluster);
+    let mut history = Vec::new();
+    for (i, protocol) in
+        [Protocol::TwoPhaseCommit, Protocol::Orchestrated, Protocol::Choreographed].into_iter().enumerate()
+    {
+        let (from, to, amount, key) = (i as u64, 10 + i as u64, 5 + i as i64, format!("missed-{i}"));
+        let (outcome, _, detail) = sender.transfer(protocol, from, to, amount, &key, Duration::from_secs(5)).await;
+        assert_eq!(outcome, OpOutcome::Committed, "{protocol}: {detail}");
+        // As if the answer had been lost on its way back.
+        history.push(HistoryEntry {
+            protocol,
+            client: 0,
+            key,
+            from,
+            to,
+            amount,
+            start_us: 0,
+            end_us: 1,
+            outcome: OpOutcome::Unknown,
+            txn_id: String::new(),
+            detail: "the answer was lost".into(),
+        });
+    }
+    let report = check(&cluster, &mut history).await;
+    assert!(report.passed(), "{:#?}", report.violations);
+    assert_eq!(report.resolved_after_run, 3);
+    assert!(history.iter().all(|e| e.outcome == OpOutcome::Committed), "{history:#?}");
+    cluster.stop().await;
+}
