@@ -29,6 +29,7 @@ use tonic::transport::Channel;
 
 /// What the checker reads: the nodes of a cluster (real processes or a
 /// simulation's hosts) and the ledger they opened with.
+#[derive(Clone)]
 pub struct LedgerView {
     /// The coordinator, as a client may call it (transfers, lookups).
     pub coordinator: Channel,
@@ -89,36 +90,49 @@ impl CheckReport {
     }
 }
 
+/// Deadline of one participant's balance read while settling.
+const HELD_READ_TIMEOUT_MS: u64 = 2_000;
+
+/// What each participant still holds (prepared transfers, reservations,
+/// incoming credits, choreographed transfers in flight, undelivered
+/// events), one line per participant that holds something or cannot be
+/// read: empty once the cluster is quiet.
+pub async fn held(view: &LedgerView) -> Vec<String> {
+    let mut held = Vec::new();
+    for (i, client) in view.participants.iter().enumerate() {
+        let mut request = tonic::Request::new(pb::ReadBalancesRequest { include_accounts: false });
+        request.set_timeout(Duration::from_millis(HELD_READ_TIMEOUT_MS));
+        match client.clone().read_balances(request).await {
+            Ok(balances) => {
+                let b = balances.into_inner();
+                if b.prepared_count > 0
+                    || b.total_reserved != 0
+                    || b.total_incoming != 0
+                    || b.transfers_in_flight > 0
+                    || b.outbox_pending > 0
+                {
+                    held.push(format!(
+                        "{}: {} prepared, {} reserved, {} incoming, {} choreographed transfers in flight, {} events undelivered",
+                        b.participant_id,
+                        b.prepared_count,
+                        b.total_reserved,
+                        b.total_incoming,
+                        b.transfers_in_flight,
+                        b.outbox_pending
+                    ));
+                }
+            }
+            Err(status) => held.push(format!("p{}: unreachable ({})", i + 1, status.message())),
+        }
+    }
+    held
+}
+
 /// Waits until every participant is quiet; returns what is still held if not.
 async fn settle(view: &LedgerView, limit: Duration) -> Result<Duration, String> {
     let began = Instant::now();
     loop {
-        let mut held = Vec::new();
-        for (i, client) in view.participants.iter().enumerate() {
-            let mut client = client.clone();
-            match client.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await {
-                Ok(balances) => {
-                    let b = balances.into_inner();
-                    if b.prepared_count > 0
-                        || b.total_reserved != 0
-                        || b.total_incoming != 0
-                        || b.transfers_in_flight > 0
-                        || b.outbox_pending > 0
-                    {
-                        held.push(format!(
-                            "{}: {} prepared, {} reserved, {} incoming, {} choreographed transfers in flight, {} events undelivered",
-                            b.participant_id,
-                            b.prepared_count,
-                            b.total_reserved,
-                            b.total_incoming,
-                            b.transfers_in_flight,
-                            b.outbox_pending
-                        ));
-                    }
-                }
-                Err(status) => held.push(format!("p{}: unreachable ({})", i + 1, status.message())),
-            }
-        }
+        let held = held(view).await;
         if held.is_empty() {
             return Ok(began.elapsed());
         }

@@ -14,7 +14,7 @@ use tandem::pb::coordinator_client::CoordinatorClient;
 use tandem::pb::participant_client::ParticipantClient;
 use tandem::rng::SplitMix64;
 use tandem::tls::Security;
-use tandem_bench::check::{check_ledger, CheckReport, LedgerView};
+use tandem_bench::check::{check_ledger, held, CheckReport, LedgerView};
 use tandem_bench::workload::{Client, HistoryEntry};
 use tonic::transport::Channel;
 
@@ -81,7 +81,16 @@ pub async fn run(plan: Arc<ClientPlan>, history: History, outcome: Arc<Mutex<Cli
             outcome.clone(),
         )));
     }
-    let prober = tokio::task::spawn_local(settled_after_heal(plan.clone(), participants.clone()));
+    let view = LedgerView {
+        coordinator: coordinator.clone(),
+        participants_as_client: participant_channels.clone(),
+        participants: participants.clone(),
+        accounts_per_participant: topology.accounts_per_participant,
+        accounts: topology.accounts(),
+        initial_balance: topology.initial_balance,
+        expected_total: topology.total_money(),
+    };
+    let prober = tokio::task::spawn_local(settled_after_heal(plan.clone(), view.clone()));
     let auditor = plan
         .scenario
         .audits
@@ -96,15 +105,6 @@ pub async fn run(plan: Arc<ClientPlan>, history: History, outcome: Arc<Mutex<Cli
     history.log(now(), format!("client: {} operations sent; waiting for the faults to heal", entries.len()));
     let heal = plan.heal_at.saturating_sub(now());
     tokio::time::sleep(heal + Duration::from_millis(100)).await;
-    let view = LedgerView {
-        coordinator,
-        participants_as_client: participant_channels,
-        participants,
-        accounts_per_participant: topology.accounts_per_participant,
-        accounts: topology.accounts(),
-        initial_balance: topology.initial_balance,
-        expected_total: topology.total_money(),
-    };
     let settled_at = prober.await?;
     history.log(now(), format!("client: every participant settled at {settled_at:?}"));
     let report = check_ledger(&view, &mut entries).await;
@@ -147,28 +147,12 @@ pub async fn run(plan: Arc<ClientPlan>, history: History, outcome: Arc<Mutex<Cli
 pub const SETTLE_PROBE_MS_MAX: u64 = 60_000;
 
 /// From the moment the faults heal, polls every participant until none
-/// holds a prepared transfer, a reservation, a choreographed transfer in
-/// flight or an undelivered event; returns when that first held.
-async fn settled_after_heal(plan: Arc<ClientPlan>, participants: Vec<ParticipantClient<Channel>>) -> Option<Duration> {
+/// holds anything (the checker's own test, `held`); returns when that first
+/// held.
+async fn settled_after_heal(plan: Arc<ClientPlan>, view: LedgerView) -> Option<Duration> {
     tokio::time::sleep(plan.heal_at.saturating_sub(now())).await;
     while now() < plan.heal_at + Duration::from_millis(SETTLE_PROBE_MS_MAX) {
-        let mut quiet = true;
-        for participant in &participants {
-            let mut request = tonic::Request::new(pb::ReadBalancesRequest { include_accounts: false });
-            request.set_timeout(Duration::from_millis(500));
-            quiet &= match participant.clone().read_balances(request).await {
-                Ok(b) => {
-                    let b = b.into_inner();
-                    b.prepared_count == 0
-                        && b.total_reserved == 0
-                        && b.total_incoming == 0
-                        && b.transfers_in_flight == 0
-                        && b.outbox_pending == 0
-                }
-                Err(_) => false,
-            };
-        }
-        if quiet {
+        if held(&view).await.is_empty() {
             return Some(now());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

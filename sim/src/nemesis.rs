@@ -168,6 +168,11 @@ impl Nemesis {
         low + self.rng.below(high - low + 1)
     }
 
+    /// Every host but `host`, the client included: a paused host's links.
+    fn others<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'static str> + 'a {
+        self.nodes.iter().copied().chain(std::iter::once(CLIENT)).filter(move |other| *other != host)
+    }
+
     fn busy(&self, host: &str) -> bool {
         self.active.iter().any(|(_, fault)| fault.hosts().contains(&host))
     }
@@ -249,11 +254,7 @@ impl Nemesis {
                 }
                 sim.crash(*host);
             }
-            Fault::Pause { host } => {
-                for other in self.nodes.iter().chain(std::iter::once(&CLIENT)).filter(|o| *o != host) {
-                    sim.hold(*host, *other);
-                }
-            }
+            Fault::Pause { host } => self.others(host).for_each(|other| sim.hold(*host, other)),
             Fault::Partition { a, b } => sim.partition(*a, *b),
             Fault::OneWay { from, to } => sim.partition_oneway(*from, *to),
             Fault::FailFsync { host } => self.disks.of(host).fail_next_fsync(),
@@ -276,11 +277,7 @@ impl Nemesis {
         history.log(now, format!("nemesis: end {fault:?}"));
         match fault {
             Fault::Crash { host, .. } | Fault::ClockJump { host, .. } => sim.bounce(*host),
-            Fault::Pause { host } => {
-                for other in self.nodes.iter().chain(std::iter::once(&CLIENT)).filter(|o| *o != host) {
-                    sim.release(*host, *other);
-                }
-            }
+            Fault::Pause { host } => self.others(host).for_each(|other| sim.release(*host, other)),
             Fault::Partition { a, b } => sim.repair(*a, *b),
             Fault::OneWay { from, to } => sim.repair_oneway(*from, *to),
             Fault::SlowDisk { host } => self.disks.of(host).set_fsync_latency(self.fsync_latency),
