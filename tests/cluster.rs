@@ -171,8 +171,12 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
     assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
     // A batched prepare judges each prepare alone: a malformed one is
     // refused with its reason, the others vote as Prepare would.
-    let prepare =
-        |txn: &str, legs: Vec<pb::Leg>| pb::PrepareRequest { txn_id: txn.into(), coordinator_id: "c1".into(), legs };
+    let prepare = |txn: &str, legs: Vec<pb::Leg>| pb::PrepareRequest {
+        txn_id: txn.into(),
+        coordinator_id: "c1".into(),
+        legs,
+        ..Default::default()
+    };
     // Speaking as the coordinator c1, the one the participants were
     // configured with.
     let mut p1_as_c1 = cluster.participant_client(0, &cluster.identity(Role::Coordinator, "c1").unwrap()).unwrap();
@@ -198,12 +202,13 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
         ]
     );
     assert!(votes[1].reason.contains("txn_id"), "{}", votes[1].reason);
-    p1_as_c1.abort(pb::DecisionRequest { txn_id: "manual-1".into() }).await.unwrap();
+    p1_as_c1.abort(pb::DecisionRequest { txn_id: "manual-1".into(), ..Default::default() }).await.unwrap();
     let status = p1_as_c1.prepare_batch(pb::PrepareBatchRequest { prepares: vec![] }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     // A batched commit with no ids, too many, or a malformed one is refused whole.
     for txn_ids in [vec![], vec!["t".to_string(); 1_025], vec!["ok-1".into(), "not ok".into()]] {
-        let status = p1_as_c1.commit_batch(pb::DecisionBatchRequest { txn_ids }).await.unwrap_err();
+        let status =
+            p1_as_c1.commit_batch(pb::DecisionBatchRequest { txn_ids, ..Default::default() }).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
     }
 
@@ -239,7 +244,12 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
 
     // A participant rejects malformed calls itself, too.
     let status = p1_as_c1
-        .prepare(pb::PrepareRequest { txn_id: "".into(), coordinator_id: "c1".into(), legs: legs(&[(0, -1)]) })
+        .prepare(pb::PrepareRequest {
+            txn_id: "".into(),
+            coordinator_id: "c1".into(),
+            legs: legs(&[(0, -1)]),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -262,9 +272,14 @@ async fn an_abort_before_the_prepare_leaves_a_tombstone_and_prepared_transfers_a
     let mut p1 = cluster.participant_client(0, &cluster.identity(Role::Coordinator, "c1").unwrap()).unwrap();
     let mut p1_reader = cluster.participant_client(0, cluster.operator()).unwrap();
     let legs = vec![pb::Leg { account: 0, amount: -10 }, pb::Leg { account: 1, amount: 10 }];
-    p1.abort(pb::DecisionRequest { txn_id: "manual-1".into() }).await.unwrap();
+    p1.abort(pb::DecisionRequest { txn_id: "manual-1".into(), ..Default::default() }).await.unwrap();
     let vote = p1
-        .prepare(pb::PrepareRequest { txn_id: "manual-1".into(), coordinator_id: "c1".into(), legs: legs.clone() })
+        .prepare(pb::PrepareRequest {
+            txn_id: "manual-1".into(),
+            coordinator_id: "c1".into(),
+            legs: legs.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -273,7 +288,12 @@ async fn an_abort_before_the_prepare_leaves_a_tombstone_and_prepared_transfers_a
     // A prepare the coordinator never ran: listed, then resolved by asking the
     // coordinator, which has no record and answers ABORT.
     let vote = p1
-        .prepare(pb::PrepareRequest { txn_id: "manual-2".into(), coordinator_id: "c1".into(), legs })
+        .prepare(pb::PrepareRequest {
+            txn_id: "manual-2".into(),
+            coordinator_id: "c1".into(),
+            legs,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

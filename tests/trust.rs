@@ -123,11 +123,12 @@ fn credit(saga: &str) -> pb::SagaStepRequest {
         phase: pb::StepPhase::Action as i32,
         account: 1,
         amount: 100,
+        ..Default::default()
     }
 }
 
 fn prepare(txn: &str) -> pb::PrepareRequest {
-    pb::PrepareRequest { txn_id: txn.into(), coordinator_id: "c1".into(), legs: legs() }
+    pb::PrepareRequest { txn_id: txn.into(), coordinator_id: "c1".into(), legs: legs(), ..Default::default() }
 }
 
 /// Every RPC, where it is called, with what, and who may make it.
@@ -173,7 +174,11 @@ fn table() -> Vec<(&'static str, Node, Call, &'static [As])> {
             C,
             coordinator!(
                 query_decision,
-                pb::QueryDecisionRequest { txn_id: "c1-000001-000000000001".into(), participant_id: "p1".into() }
+                pb::QueryDecisionRequest {
+                    txn_id: "c1-000001-000000000001".into(),
+                    participant_id: "p1".into(),
+                    ..Default::default()
+                }
             ),
             &[P1, P2],
         ),
@@ -192,10 +197,15 @@ fn table() -> Vec<(&'static str, Node, Call, &'static [As])> {
             participant!(prepare_batch, pb::PrepareBatchRequest { prepares: vec![prepare("t-2")] }),
             &[C1],
         ),
-        ("Commit", P, participant!(commit, pb::DecisionRequest { txn_id: "t-1".into() }), &[C1]),
-        ("CommitBatch", P, participant!(commit_batch, pb::DecisionBatchRequest { txn_ids: vec!["t-2".into()] }), &[C1]),
+        ("Commit", P, participant!(commit, pb::DecisionRequest { txn_id: "t-1".into(), ..Default::default() }), &[C1]),
+        (
+            "CommitBatch",
+            P,
+            participant!(commit_batch, pb::DecisionBatchRequest { txn_ids: vec!["t-2".into()], ..Default::default() }),
+            &[C1],
+        ),
         // A forged abort would leave a tombstone: checked below.
-        ("Abort", P, participant!(abort, pb::DecisionRequest { txn_id: "t-3".into() }), &[C1]),
+        ("Abort", P, participant!(abort, pb::DecisionRequest { txn_id: "t-3".into(), ..Default::default() }), &[C1]),
         (
             "OpenAccounts",
             P,
@@ -387,7 +397,7 @@ async fn every_rpc_is_refused_to_every_caller_the_table_does_not_name_and_change
     let mut as_c1 = ParticipantClient::new(callers.channel(As::C1, Node::Participant));
     let vote = as_c1.prepare(prepare("t-3")).await.unwrap().into_inner();
     assert_eq!(vote.vote, pb::Vote::Yes as i32, "{vote:?}");
-    as_c1.abort(pb::DecisionRequest { txn_id: "t-3".into() }).await.unwrap();
+    as_c1.abort(pb::DecisionRequest { txn_id: "t-3".into(), ..Default::default() }).await.unwrap();
 
     // A refusal says who may and who asked.
     let status = call_as(&callers, &table, "SagaStep", As::C9).await;
@@ -448,7 +458,7 @@ async fn an_insecure_cluster_runs_plaintext_and_trusts_everyone() {
     assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
     // Without certificates there is no caller to check: anyone may prepare.
     let mut p1 = cluster.participant_client(0, &Security::Insecure).unwrap();
-    p1.abort(pb::DecisionRequest { txn_id: "anyone".into() }).await.unwrap();
+    p1.abort(pb::DecisionRequest { txn_id: "anyone".into(), ..Default::default() }).await.unwrap();
     let log = std::fs::read_to_string(dir.path().join("p1.log")).unwrap();
     assert!(log.contains("--insecure"), "the node warns: {log}");
     cluster.stop().await;

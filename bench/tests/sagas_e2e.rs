@@ -288,6 +288,7 @@ async fn saga_steps_on_the_wire_keep_their_barrier_semantics() {
         phase: phase as i32,
         account: 1,
         amount: 40,
+        ..Default::default()
     };
     // Empty compensation first, then the hanging step does nothing.
     let answer = p1.saga_step(step(pb::StepPhase::Compensation)).await.unwrap().into_inner();

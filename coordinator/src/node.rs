@@ -685,6 +685,7 @@ impl Node {
                     txn_id: p.txn.to_string(),
                     coordinator_id: coordinator_id.clone(),
                     legs: p.legs.iter().copied().map(pb::Leg::from).collect(),
+                    ..Default::default()
                 })
                 .collect();
             let mut client = self.client(&participant);
@@ -862,7 +863,8 @@ impl Node {
     }
 
     async fn commit_call(&self, participant: &Id, txns: &[TxnId], timeout: Duration) -> Result<(), Status> {
-        let request = pb::DecisionBatchRequest { txn_ids: txns.iter().map(|t| t.to_string()).collect() };
+        let request =
+            pb::DecisionBatchRequest { txn_ids: txns.iter().map(|t| t.to_string()).collect(), ..Default::default() };
         timed_call(timeout, self.client(participant).commit_batch(request)).await.map(drop)
     }
 
@@ -946,7 +948,10 @@ impl Node {
     async fn send_abort(&self, txn: &TxnId, participant: &Id) {
         let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
         let mut client = self.client(participant);
-        if let Err(status) = timed_call(timeout, client.abort(pb::DecisionRequest { txn_id: txn.to_string() })).await {
+        if let Err(status) =
+            timed_call(timeout, client.abort(pb::DecisionRequest { txn_id: txn.to_string(), ..Default::default() }))
+                .await
+        {
             debug!(%txn, %participant, error = %status.message(), "abort not delivered; the participant will ask");
         }
     }
@@ -1428,7 +1433,7 @@ impl Coordinator for Node {
             Decision::Abort => pb::Decision::Abort,
             Decision::Pending => pb::Decision::Pending,
         };
-        Ok(Response::new(pb::QueryDecisionResponse { decision: decision as i32 }))
+        Ok(Response::new(pb::QueryDecisionResponse { decision: decision as i32, ..Default::default() }))
     }
 
     async fn audit(&self, request: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {

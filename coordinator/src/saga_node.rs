@@ -267,6 +267,7 @@ impl Node {
                 } as i32,
                 account,
                 amount,
+                ..Default::default()
             };
             let error = match self.call_step(participant, step, timeout).await {
                 Ok(Ok(response)) => return step_result_from_pb(participant, response),

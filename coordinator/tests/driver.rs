@@ -467,6 +467,7 @@ async fn a_rejected_batch_of_commits_is_split_so_that_the_others_in_it_are_deliv
                 txn_id: txn.clone(),
                 coordinator_id: "c1".into(),
                 legs: vec![pb::Leg { account, amount }],
+                ..Default::default()
             };
             let vote = Participant::prepare(node, Request::new(prepare)).await.unwrap().into_inner();
             assert_eq!(vote.vote, pb::Vote::Yes as i32, "{vote:?}");

@@ -619,6 +619,7 @@ impl Node {
         let mut request = Request::new(pb::QueryDecisionRequest {
             txn_id: txn.to_string(),
             participant_id: self.inner.node_id.to_string(),
+            ..Default::default()
         });
         // The header tells the server; the client enforces the deadline itself
         // (a paused coordinator accepts the connection and never answers).
@@ -651,7 +652,9 @@ impl Node {
         let applied = match decision {
             pb::Decision::Commit => self.commit(&txn).await,
             pb::Decision::Abort => self.abort(&txn).await,
-            pb::Decision::Pending | pb::Decision::Unspecified => Ok(()),
+            // Orphans are the participant core's (to come); until then the
+            // transaction stays prepared: never an ABORT by presumption.
+            pb::Decision::UnknownIncarnation | pb::Decision::Pending | pb::Decision::Unspecified => Ok(()),
         };
         match applied {
             Ok(()) if decision != pb::Decision::Pending => {

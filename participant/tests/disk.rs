@@ -63,6 +63,7 @@ fn prepare(txn: &str) -> Request<pb::PrepareRequest> {
         txn_id: txn.into(),
         coordinator_id: "c1".into(),
         legs: vec![pb::Leg { account: 1, amount: -10 }, pb::Leg { account: 2, amount: 10 }],
+        ..Default::default()
     })
 }
 
@@ -95,7 +96,9 @@ async fn a_full_disk_stops_the_node_until_it_has_room_and_a_failed_fsync_until_i
         .unwrap()
         .into_inner();
     assert!(prepared.prepared.iter().any(|p| p.txn_id == "t1"), "{prepared:?}");
-    Participant::commit(&node, Request::new(pb::DecisionRequest { txn_id: "t1".into() })).await.unwrap();
+    Participant::commit(&node, Request::new(pb::DecisionRequest { txn_id: "t1".into(), ..Default::default() }))
+        .await
+        .unwrap();
     let balance = |account| Participant::get_balance(&node, Request::new(pb::GetBalanceRequest { account }));
     assert_eq!(balance(1).await.unwrap().into_inner().posted, 90);
     assert_eq!(balance(2).await.unwrap().into_inner().posted, 10);

@@ -152,6 +152,7 @@ async fn forged_calls_are_refused_and_the_node_keeps_serving_and_restarts() {
             phase: pb::StepPhase::Action as i32,
             account: 1,
             amount: 40,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -110,7 +110,7 @@ impl Coordinator for PausableCoordinator {
         let _held = Held::new(&self.seen, request.into_inner().txn_id);
         let mut answering = self.answering.clone();
         let _ = answering.wait_for(|answering| *answering).await;
-        Ok(Response::new(pb::QueryDecisionResponse { decision: pb::Decision::Commit as i32 }))
+        Ok(Response::new(pb::QueryDecisionResponse { decision: pb::Decision::Commit as i32, ..Default::default() }))
     }
 
     async fn transfer(&self, _: Request<pb::TransferRequest>) -> Result<Response<pb::TransactionResult>, Status> {
@@ -216,6 +216,7 @@ async fn a_paused_coordinator_gets_bounded_queries_and_is_asked_again_at_once_wh
             txn_id: format!("t{i}"),
             coordinator_id: "c1".into(),
             legs: vec![pb::Leg { account: 1, amount: -1 }, pb::Leg { account: 2, amount: 1 }],
+            ..Default::default()
         };
         let vote = Participant::prepare(&node, Request::new(prepare)).await.unwrap().into_inner();
         assert_eq!(vote.vote, pb::Vote::Yes as i32, "{vote:?}");
