@@ -18,7 +18,8 @@
 //!   configured peers (`--peer NAME=URL`), and the decision query
 //!   (QueryDecision) at a coordinator whose directory names it;
 //! - `operator`: everything that opens, closes or resolves by hand
-//!   (OpenAccounts, SetAccountClosed, dead letters, parked transfers), and
+//!   (OpenAccounts, SetAccountClosed, dead letters, parked transfers,
+//!   heuristic decisions on in-doubt transactions: ResolveInDoubt), and
 //!   the read-only calls that such a resolution needs (balances, in-doubt
 //!   transactions, transaction and transfer status).
 //!
@@ -211,6 +212,7 @@ pub const POLICY: &[(&str, &[Who])] = &[
     ("/tandem.v1.Participant/GetTransferStatus", &[CLIENT, OPERATOR]),
     ("/tandem.v1.Participant/ListParkedTransfers", &[OPERATOR]),
     ("/tandem.v1.Participant/ResolveParkedTransfer", &[OPERATOR]),
+    ("/tandem.v1.Participant/ResolveInDoubt", &[OPERATOR]),
     ("/tandem.v1.Participant/DeliverEvent", &[PARTICIPANT]),
     ("/tandem.v1.Participant/DeliverEvents", &[PARTICIPANT]),
     // The standard services.

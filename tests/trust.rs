@@ -269,6 +269,15 @@ fn table() -> Vec<(&'static str, Node, Call, &'static [As])> {
             ),
             &[Operator],
         ),
+        (
+            "ResolveInDoubt",
+            P,
+            participant!(
+                resolve_in_doubt,
+                pb::ResolveInDoubtRequest { txn_id: "t-9".into(), commit: false, reason: "test".into() }
+            ),
+            &[Operator],
+        ),
         ("DeliverEvent", P, participant!(deliver_event, event("e-1")), &[P1, P2]),
         (
             "DeliverEvents",

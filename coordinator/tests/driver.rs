@@ -331,6 +331,7 @@ participant_with! {
     get_balance(pb::GetBalanceRequest) -> pb::Balance;
     read_balances(pb::ReadBalancesRequest) -> pb::ReadBalancesResponse;
     list_prepared(pb::ListPreparedRequest) -> pb::ListPreparedResponse;
+    resolve_in_doubt(pb::ResolveInDoubtRequest) -> pb::HeuristicDecision;
     set_account_closed(pb::SetAccountClosedRequest) -> pb::Balance;
     saga_step(pb::SagaStepRequest) -> pb::SagaStepResponse;
     forget_sagas(pb::ForgetSagasRequest) -> pb::ForgetSagasResponse;

@@ -138,9 +138,29 @@ pub struct Txn {
     /// transaction has been in doubt (the node's clock continues across
     /// restarts: see `Node::now_ms`).
     pub prepared_at_ms: u64,
+    /// The coordinator incarnation and position the transaction was
+    /// prepared (or tombstoned) under; 0 when not given (`watermark.rs`).
+    pub incarnation: u64,
+    pub position: u64,
+    /// An operator's heuristic decision, if one was taken (`heuristic.rs`):
+    /// then `state` is what it applied, and the legs are kept.
+    pub heuristic: Option<Heuristic>,
     next_query_ms: u64,
     query_backoff_ms: u64,
 }
+
+/// Where a transaction stands in its coordinator's order, as the
+/// coordinator stamped the message that carried it (participant.proto,
+/// PrepareRequest fields 4 to 6). All zero from a coordinator that gives
+/// none: then this node falls back to its time retention.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stamp {
+    pub incarnation: u64,
+    pub position: u64,
+    pub low_watermark: u64,
+}
+
+pub use crate::core::heuristic::{Decided, Heuristic};
 
 /// Why a prepare got NO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,6 +172,10 @@ pub enum Refusal {
     UnknownCoordinator,
     ConflictingPrepare,
     AccountClosed,
+    /// A prepare below its coordinator's watermark, or from one of its
+    /// retired incarnations, with no record here: a late duplicate of a
+    /// transaction that is finished.
+    Late,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,6 +205,35 @@ impl Effects {
     fn after_earlier_writes_are_durable() -> Effects {
         Effects { ops: Vec::new(), durability: Durability::Lazy }
     }
+
+    /// Writes that need no fsync of their own.
+    pub(crate) fn buffered(ops: Vec<Op>) -> Effects {
+        Effects { ops, durability: Durability::Buffered }
+    }
+
+    /// These effects, with `ops` written before their own (what a stamp
+    /// taught this node goes first: the watermark is on disk before any
+    /// record it lets go is deleted).
+    pub(crate) fn with_first(mut self, mut ops: Vec<Op>) -> Effects {
+        if !ops.is_empty() {
+            ops.append(&mut self.ops);
+            self.ops = ops;
+        }
+        self
+    }
+}
+
+/// What the resolver says of one due transaction (see
+/// [`Core::due_queries_where`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ask {
+    /// Ask about it now.
+    Yes,
+    /// Not this one (a query about it is under way).
+    NotThis,
+    /// None of this coordinator's now (it is not answering, or its room is
+    /// used up).
+    NotThisCoordinator,
 }
 
 /// Most store operations one call can produce, apart from OpenAccounts, GC
@@ -207,8 +260,24 @@ pub struct Core {
     pub(crate) config: Config,
     pub(crate) accounts: BTreeMap<AccountId, Account>,
     txns: HashMap<TxnId, Txn>,
-    /// Finished records in the order they finished, for garbage collection.
+    /// Finished records that have no position (saga records, and 2PC
+    /// records from a coordinator that stamps none) in the order they
+    /// finished, collected after the time retention.
     pub(crate) finished: VecDeque<(u64, Retained)>,
+    /// Finished 2PC records with a position, by coordinator, incarnation
+    /// and position: collected once their coordinator's watermark passes
+    /// them (or their incarnation is retired), with no time window.
+    collectable: BTreeMap<(Id, u64, u64), TxnId>,
+    /// What this node knows of each coordinator's incarnations and
+    /// watermarks (`watermark.rs`).
+    pub(crate) coordinator_views: BTreeMap<Id, watermark::CoordinatorView>,
+    /// PREPARED transactions (orphans included), by prepare time: what
+    /// ListPrepared lists, oldest first.
+    prepared_index: BTreeSet<(u64, TxnId)>,
+    /// PREPARED transactions that may be asked about (not orphaned, no
+    /// heuristic decision), by coordinator and next query time: the
+    /// resolver reads only the due ones.
+    due: BTreeMap<Id, BTreeSet<(u64, TxnId)>>,
     /// Saga state: barriers, choreographed transfers, inbox, outbox, suspense.
     pub(crate) sagas: crate::saga::SagaState,
     /// The longest a transaction stayed prepared here before its decision
@@ -245,9 +314,11 @@ fn txn_key(txn: &TxnId) -> Vec<u8> {
 }
 
 /// The stored form of a transaction: state, coordinator id (one-byte
-/// length), leg count (one byte, at most [`LEGS_MAX`]), the legs, and the
-/// prepare time. Fails, before anything is written, on a record that does
-/// not fit (it cannot, for a transaction this core accepted).
+/// length), leg count (one byte, at most [`LEGS_MAX`]), the legs, the
+/// prepare time, the incarnation and position, and the heuristic decision
+/// (a flag byte, then what the coordinator said, when, and the reason).
+/// Fails, before anything is written, on a record that does not fit (it
+/// cannot, for a transaction this core accepted).
 pub(crate) fn encode_txn(txn: &Txn) -> Result<Vec<u8>, Error> {
     let mut w = Writer::new();
     w.byte(match txn.state {
@@ -265,6 +336,9 @@ pub(crate) fn encode_txn(txn: &Txn) -> Result<Vec<u8>, Error> {
         w.i64(leg.amount);
     }
     w.u64(txn.prepared_at_ms);
+    w.u64(txn.incarnation);
+    w.u64(txn.position);
+    heuristic::encode(&mut w, txn.heuristic.as_ref())?;
     Ok(w.finish())
 }
 
@@ -289,17 +363,38 @@ pub(crate) fn decode_txn(bytes: &[u8], now_ms: u64) -> Result<Txn, Error> {
     for _ in 0..leg_count {
         legs.push(Leg { account: r.u64()?, amount: r.i64()? });
     }
-    // Records written before the prepare time was stored end with the legs.
+    // Records written before the prepare time was stored end with the legs;
+    // those written before stamps and heuristic decisions, with the time.
     let prepared_at_ms = if r.remaining() == 0 { now_ms } else { r.u64()? };
+    let (incarnation, position) = if r.remaining() == 0 { (0, 0) } else { (r.u64()?, r.u64()?) };
+    let heuristic = if r.remaining() == 0 { None } else { heuristic::decode(&mut r, state)? };
     r.done()?;
     match state {
+        TxnState::Prepared if heuristic.is_some() => {
+            return Err(corrupt("a prepared transaction with a heuristic decision"))
+        }
         TxnState::Prepared => validate_legs(&legs).map_err(|e| corrupt(format!("its legs: {e}")))?,
+        // A heuristic decision keeps its legs: they say what a contrary
+        // outcome left unapplied, or applied wrongly.
+        TxnState::Committed | TxnState::Aborted if heuristic.is_some() => {
+            validate_legs(&legs).map_err(|e| corrupt(format!("its legs: {e}")))?
+        }
         TxnState::Committed | TxnState::Aborted if !legs.is_empty() => {
             return Err(corrupt("a finished transaction with legs"))
         }
         TxnState::Committed | TxnState::Aborted => {}
     }
-    Ok(Txn { state, coordinator, legs, prepared_at_ms, next_query_ms: 0, query_backoff_ms: QUERY_BACKOFF_INITIAL_MS })
+    Ok(Txn {
+        state,
+        coordinator,
+        legs,
+        prepared_at_ms,
+        incarnation,
+        position,
+        heuristic,
+        next_query_ms: 0,
+        query_backoff_ms: QUERY_BACKOFF_INITIAL_MS,
+    })
 }
 
 /// Reads an account record: its posted balance and, in records written
@@ -329,6 +424,10 @@ impl Core {
             accounts: BTreeMap::new(),
             txns: HashMap::new(),
             finished: VecDeque::new(),
+            collectable: BTreeMap::new(),
+            coordinator_views: BTreeMap::new(),
+            prepared_index: BTreeSet::new(),
+            due: BTreeMap::new(),
             sagas: crate::saga::SagaState::default(),
             longest_in_doubt_ms: 0,
         }
@@ -381,6 +480,13 @@ impl Core {
                 ))
             })?;
         }
+        // The indexes, once every coordinator's view is read (whether a
+        // prepared transaction is an orphan depends on it).
+        let mut ids: Vec<TxnId> = core.txns.keys().cloned().collect();
+        ids.sort();
+        for id in ids {
+            core.index(&id, now_ms);
+        }
         Ok(core)
     }
 
@@ -398,25 +504,56 @@ impl Core {
         } else if key.starts_with(b"t/") {
             let txn = tandem::codec::id_from_key(b"t/", key)?;
             let record = decode_txn(value, now_ms)?;
-            match record.state {
-                TxnState::Prepared => prepared.push(txn.clone()),
-                TxnState::Committed | TxnState::Aborted => {
-                    self.finished.push_back((now_ms, Retained::Txn(txn.clone())))
-                }
+            if record.state == TxnState::Prepared {
+                prepared.push(txn.clone());
             }
             self.txns.insert(txn, record);
+        } else if key.starts_with(watermark::VIEW_PREFIX) {
+            let coordinator = tandem::codec::id_from_key(watermark::VIEW_PREFIX, key)?;
+            self.coordinator_views.insert(coordinator, watermark::decode_view(value)?);
         } else {
             self.recover_saga_record(key, value, now_ms)?;
         }
         Ok(())
     }
 
+    /// Puts a transaction in the indexes its state calls for: prepared ones
+    /// in the list and (unless orphaned) among the queries; finished ones
+    /// among the records to collect, by watermark when stamped, by time
+    /// otherwise; heuristic decisions in none (kept for the operator).
+    fn index(&mut self, id: &TxnId, now_ms: u64) {
+        let Some(txn) = self.txns.get(id) else { return };
+        match txn.state {
+            TxnState::Prepared => {
+                self.prepared_index.insert((txn.prepared_at_ms, id.clone()));
+                if !self.is_orphan(txn) {
+                    self.due.entry(txn.coordinator.clone()).or_default().insert((txn.next_query_ms, id.clone()));
+                }
+            }
+            TxnState::Committed | TxnState::Aborted if txn.heuristic.is_some() => {}
+            TxnState::Committed | TxnState::Aborted if txn.incarnation != 0 && txn.position != 0 => {
+                self.collectable.insert((txn.coordinator.clone(), txn.incarnation, txn.position), id.clone());
+            }
+            TxnState::Committed | TxnState::Aborted => self.finished.push_back((now_ms, Retained::Txn(id.clone()))),
+        }
+    }
+
+    /// Takes a prepared transaction out of the list and the queries (it is
+    /// being decided).
+    fn unindex_prepared(&mut self, id: &TxnId) {
+        let Some(txn) = self.txns.get(id) else { return };
+        self.prepared_index.remove(&(txn.prepared_at_ms, id.clone()));
+        if let Some(due) = self.due.get_mut(&txn.coordinator) {
+            due.remove(&(txn.next_query_ms, id.clone()));
+        }
+    }
+
     pub fn node_id(&self) -> &Id {
         &self.config.node_id
     }
 
-    /// Phase one. `Err` is bad input (a gRPC status); a business refusal is
-    /// `Ok(Vote::No)`.
+    /// Phase one, from a coordinator that stamps nothing (see
+    /// [`Core::prepare_stamped`]).
     pub fn prepare(
         &mut self,
         txn_id: TxnId,
@@ -424,9 +561,33 @@ impl Core {
         legs: Vec<Leg>,
         now_ms: u64,
     ) -> Result<(Vote, Effects), Error> {
+        self.prepare_stamped(txn_id, coordinator, legs, Stamp::default(), now_ms)
+    }
+
+    /// Phase one. `Err` is bad input (a gRPC status); a business refusal is
+    /// `Ok(Vote::No)`. The stamp first tells this node what it says of the
+    /// coordinator (its incarnation, its watermark); a prepare with no
+    /// record here that is below the watermark, or from a retired
+    /// incarnation, is late and votes NO, reserving nothing.
+    pub fn prepare_stamped(
+        &mut self,
+        txn_id: TxnId,
+        coordinator: Id,
+        legs: Vec<Leg>,
+        stamp: Stamp,
+        now_ms: u64,
+    ) -> Result<(Vote, Effects), Error> {
         validate_legs(&legs)?;
+        let (standing, observed) = self.observe(&coordinator, stamp.incarnation, stamp.low_watermark)?;
         if let Some(existing) = self.txns.get(&txn_id) {
-            return Ok(match existing.state {
+            let (vote, effects) = match existing.state {
+                _ if existing.heuristic.is_some() => (
+                    Vote::No(
+                        Refusal::Late,
+                        format!("{txn_id} was decided here by an operator (heuristically) before this prepare"),
+                    ),
+                    Effects::none(),
+                ),
                 TxnState::Prepared if existing.legs == legs => (Vote::Yes, Effects::after_earlier_writes_are_durable()),
                 TxnState::Prepared => (
                     Vote::No(Refusal::ConflictingPrepare, format!("{txn_id} was prepared here with other legs")),
@@ -438,24 +599,33 @@ impl Core {
                     Vote::No(Refusal::AlreadyAborted, format!("{txn_id} was aborted here before this prepare")),
                     Effects::none(),
                 ),
-            });
+            };
+            return Ok((vote, effects.with_first(observed)));
+        }
+        if let Some(why) = self.late(&coordinator, standing, stamp.position) {
+            return Ok((Vote::No(Refusal::Late, format!("{txn_id}: {why}")), Effects::buffered(observed)));
         }
         if let Some(refusal) = self.check_prepare(&coordinator, &legs) {
             // Voting NO is this node's one unilateral decision: remember it.
-            let effects = self.finish(txn_id, coordinator, TxnState::Aborted, now_ms)?;
-            return Ok((Vote::No(refusal.0, refusal.1), effects));
+            let effects =
+                self.finish(txn_id, coordinator, TxnState::Aborted, stamp.incarnation, stamp.position, now_ms)?;
+            return Ok((Vote::No(refusal.0, refusal.1), effects.with_first(observed)));
         }
         let txn = Txn {
             state: TxnState::Prepared,
             coordinator,
             legs,
             prepared_at_ms: now_ms,
+            incarnation: stamp.incarnation,
+            position: stamp.position,
+            heuristic: None,
             next_query_ms: now_ms.saturating_add(self.config.in_doubt_after_ms),
             query_backoff_ms: QUERY_BACKOFF_INITIAL_MS,
         };
         // Encoded before anything changes: a record that does not fit is a
         // refusal, not a half-applied prepare.
-        let ops = vec![Op::Put(txn_key(&txn_id), encode_txn(&txn)?)];
+        let mut ops = observed;
+        ops.push(Op::Put(txn_key(&txn_id), encode_txn(&txn)?));
         for leg in &txn.legs {
             let account = self.accounts.get_mut(&leg.account).expect("checked above");
             if leg.is_debit() {
@@ -465,7 +635,8 @@ impl Core {
             }
             account.assert_invariants(leg.account);
         }
-        self.txns.insert(txn_id, txn);
+        self.txns.insert(txn_id.clone(), txn);
+        self.index(&txn_id, now_ms);
         Ok((Vote::Yes, Effects { ops, durability: Durability::Fsync }))
     }
 
@@ -510,11 +681,17 @@ impl Core {
     }
 
     /// Phase two, COMMIT. Applies the legs once; a duplicate, or a commit
-    /// for a transaction whose record was garbage-collected, changes nothing.
+    /// for a transaction whose record was collected (below its watermark,
+    /// or past the time retention), changes nothing. A commit for a
+    /// transaction an operator decided heuristically applies nothing: it is
+    /// recorded beside that decision (`heuristic.rs`).
     pub fn commit(&mut self, txn_id: &TxnId, now_ms: u64) -> Result<Effects, Error> {
         let Some(txn) = self.txns.get(txn_id) else {
             return Ok(Effects::none());
         };
+        if txn.heuristic.is_some() {
+            return self.coordinator_decided(txn_id, Decided::Commit, now_ms);
+        }
         match txn.state {
             TxnState::Committed => return Ok(Effects::after_earlier_writes_are_durable()),
             TxnState::Aborted => {
@@ -526,9 +703,10 @@ impl Core {
         }
         let in_doubt_ms = now_ms.saturating_sub(txn.prepared_at_ms);
         let legs = txn.legs.clone();
-        let coordinator = txn.coordinator.clone();
+        let (coordinator, incarnation, position) = (txn.coordinator.clone(), txn.incarnation, txn.position);
         // The record first: if it could not be encoded, nothing has changed.
-        let mut effects = self.finish(txn_id.clone(), coordinator, TxnState::Committed, now_ms)?;
+        let mut effects =
+            self.finish(txn_id.clone(), coordinator, TxnState::Committed, incarnation, position, now_ms)?;
         self.longest_in_doubt_ms = self.longest_in_doubt_ms.max(in_doubt_ms);
         let mut ops = Vec::with_capacity(legs.len() + 1);
         for leg in &legs {
@@ -572,15 +750,15 @@ impl Core {
     }
 
     /// Phase one for each of `prepares` ([`Core::judge_each`] of
-    /// [`Core::prepare`]), 1 to [`PREPARE_BATCH_MAX`] of them.
+    /// [`Core::prepare_stamped`]), 1 to [`PREPARE_BATCH_MAX`] of them.
     pub fn prepare_batch(
         &mut self,
-        prepares: Vec<Result<(TxnId, Id, Vec<Leg>), Error>>,
+        prepares: Vec<Result<(TxnId, Id, Vec<Leg>, Stamp), Error>>,
         now_ms: u64,
     ) -> Result<(Vec<Result<Vote, Error>>, Effects), Error> {
         check_batch_len("prepares", prepares.len(), PREPARE_BATCH_MAX)?;
-        Ok(self.judge_each(prepares, now_ms, |core, (txn, coordinator, legs), now| {
-            core.prepare(txn, coordinator, legs, now)
+        Ok(self.judge_each(prepares, now_ms, |core, (txn, coordinator, legs, stamp), now| {
+            core.prepare_stamped(txn, coordinator, legs, stamp, now)
         }))
     }
 
@@ -593,32 +771,85 @@ impl Core {
     /// applied leaves those applied, to be acknowledged again on the
     /// coordinator's redelivery).
     pub fn commit_batch(&mut self, txn_ids: &[TxnId], now_ms: u64) -> (Result<(), Error>, Effects) {
+        self.commit_batch_stamped(txn_ids, None, Stamp::default(), now_ms)
+    }
+
+    /// [`Core::commit_batch`], with the sending coordinator's stamp (its
+    /// incarnation and its watermark for this node), observed first.
+    pub fn commit_batch_stamped(
+        &mut self,
+        txn_ids: &[TxnId],
+        coordinator: Option<&Id>,
+        stamp: Stamp,
+        now_ms: u64,
+    ) -> (Result<(), Error>, Effects) {
         if let Err(error) = check_batch_len("txn_ids", txn_ids.len(), COMMIT_BATCH_MAX) {
             return (Err(error), Effects::none());
         }
-        if let Some(aborted) =
-            txn_ids.iter().find(|id| matches!(self.txns.get(*id), Some(txn) if txn.state == TxnState::Aborted))
-        {
+        if let Some(aborted) = txn_ids.iter().find(
+            |id| matches!(self.txns.get(*id), Some(txn) if txn.state == TxnState::Aborted && txn.heuristic.is_none()),
+        ) {
             let error = Error::InvalidInput(format!("{aborted} is aborted here; a commit for it breaks the protocol"));
             return (Err(error), Effects::none());
         }
+        let observed = match coordinator {
+            Some(coordinator) => match self.observe(coordinator, stamp.incarnation, stamp.low_watermark) {
+                Ok((_, ops)) => ops,
+                Err(error) => return (Err(error), Effects::none()),
+            },
+            None => Vec::new(),
+        };
         let items = txn_ids.iter().map(Ok).collect();
         let (answers, effects) =
             self.judge_each(items, now_ms, |core, txn_id, now| Ok(((), core.commit(txn_id, now)?)));
-        (answers.into_iter().collect(), effects)
+        (answers.into_iter().collect(), effects.with_first(observed))
+    }
+
+    /// Phase two, ABORT, from a coordinator that stamps nothing (see
+    /// [`Core::abort_stamped`]).
+    pub fn abort(&mut self, txn_id: &TxnId, now_ms: u64) -> Result<Effects, Error> {
+        self.abort_stamped(txn_id, None, Stamp::default(), now_ms)
     }
 
     /// Phase two, ABORT. Releases a prepared reservation; leaves a tombstone
-    /// for an unknown transaction.
-    pub fn abort(&mut self, txn_id: &TxnId, now_ms: u64) -> Result<Effects, Error> {
-        let Some(txn) = self.txns.get(txn_id) else {
-            // Abort before prepare: the tombstone makes a late prepare vote NO.
-            // The coordinator id is unknown here; the tombstone never asks.
-            let coordinator = self.config.node_id.clone();
-            return self.finish(txn_id.clone(), coordinator, TxnState::Aborted, now_ms);
+    /// for an unknown transaction, unless its stamp shows it late (below
+    /// the watermark, or of a retired incarnation: a late prepare of it
+    /// votes NO anyway). An abort for a transaction an operator decided
+    /// heuristically is recorded beside that decision.
+    pub fn abort_stamped(
+        &mut self,
+        txn_id: &TxnId,
+        coordinator: Option<&Id>,
+        stamp: Stamp,
+        now_ms: u64,
+    ) -> Result<Effects, Error> {
+        // Only a coordinator this node was started with is believed.
+        let coordinator = coordinator.filter(|c| self.config.coordinators.contains(*c)).cloned();
+        let (standing, observed) = match &coordinator {
+            Some(coordinator) => self.observe(coordinator, stamp.incarnation, 0)?,
+            None => (watermark::Standing::Unstamped, Vec::new()),
         };
+        let Some(txn) = self.txns.get(txn_id) else {
+            if let Some(coordinator) = &coordinator {
+                if self.late(coordinator, standing, stamp.position).is_some() {
+                    return Ok(Effects::buffered(observed));
+                }
+            }
+            // Abort before prepare: the tombstone makes a late prepare vote NO.
+            // With no coordinator given, the tombstone names this node; it
+            // never asks.
+            let (coordinator, incarnation, position) = match coordinator {
+                Some(coordinator) => (coordinator, stamp.incarnation, stamp.position),
+                None => (self.config.node_id.clone(), 0, 0),
+            };
+            let effects = self.finish(txn_id.clone(), coordinator, TxnState::Aborted, incarnation, position, now_ms)?;
+            return Ok(effects.with_first(observed));
+        };
+        if txn.heuristic.is_some() {
+            return Ok(self.coordinator_decided(txn_id, Decided::Abort, now_ms)?.with_first(observed));
+        }
         match txn.state {
-            TxnState::Aborted => return Ok(Effects::none()),
+            TxnState::Aborted => return Ok(Effects::buffered(observed)),
             TxnState::Committed => {
                 return Err(Error::InvalidInput(format!(
                     "{txn_id} is committed here; an abort for it breaks the protocol"
@@ -628,11 +859,18 @@ impl Core {
         }
         let in_doubt_ms = now_ms.saturating_sub(txn.prepared_at_ms);
         let legs = txn.legs.clone();
-        let coordinator = txn.coordinator.clone();
+        let (coordinator, incarnation, position) = (txn.coordinator.clone(), txn.incarnation, txn.position);
         // The record first: if it could not be encoded, nothing has changed.
-        let effects = self.finish(txn_id.clone(), coordinator, TxnState::Aborted, now_ms)?;
+        let effects = self.finish(txn_id.clone(), coordinator, TxnState::Aborted, incarnation, position, now_ms)?;
         self.longest_in_doubt_ms = self.longest_in_doubt_ms.max(in_doubt_ms);
-        for leg in &legs {
+        self.release(&legs);
+        Ok(effects.with_first(observed))
+    }
+
+    /// Gives back what prepared legs held: the reserved debits and the
+    /// promised credits.
+    fn release(&mut self, legs: &[Leg]) {
+        for leg in legs {
             let account = self.accounts.get_mut(&leg.account).expect("a prepared leg's account exists");
             if leg.is_debit() {
                 account.reserved -= -leg.amount;
@@ -641,17 +879,34 @@ impl Core {
             }
             account.assert_invariants(leg.account);
         }
-        Ok(effects)
     }
 
     /// Records a finished transaction (legs dropped) for garbage collection.
     /// Fails, changing nothing, if its record cannot be encoded.
-    fn finish(&mut self, txn_id: TxnId, coordinator: Id, state: TxnState, now_ms: u64) -> Result<Effects, Error> {
-        let txn =
-            Txn { state, coordinator, legs: Vec::new(), prepared_at_ms: now_ms, next_query_ms: 0, query_backoff_ms: 0 };
+    fn finish(
+        &mut self,
+        txn_id: TxnId,
+        coordinator: Id,
+        state: TxnState,
+        incarnation: u64,
+        position: u64,
+        now_ms: u64,
+    ) -> Result<Effects, Error> {
+        let txn = Txn {
+            state,
+            coordinator,
+            legs: Vec::new(),
+            prepared_at_ms: now_ms,
+            incarnation,
+            position,
+            heuristic: None,
+            next_query_ms: 0,
+            query_backoff_ms: 0,
+        };
         let ops = vec![Op::Put(txn_key(&txn_id), encode_txn(&txn)?)];
+        self.unindex_prepared(&txn_id);
         self.txns.insert(txn_id.clone(), txn);
-        self.finished.push_back((now_ms, Retained::Txn(txn_id)));
+        self.index(&txn_id, now_ms);
         // Only a commit must be durable before it is acknowledged. It need not
         // pay for an fsync of its own: it rides on the next prepare's (the
         // WAL is one log), or the store fsyncs for it within its linger.
@@ -727,50 +982,68 @@ impl Core {
         self.txns.iter()
     }
 
-    /// Prepared (in-doubt) transactions, oldest first.
+    /// Every prepared transaction, oldest first (see [`Core::prepared_at_most`]).
     pub fn prepared(&self) -> Vec<(&TxnId, &Txn)> {
-        let mut list: Vec<_> = self.txns.iter().filter(|(_, txn)| txn.state == TxnState::Prepared).collect();
-        list.sort_by(|a, b| (a.1.prepared_at_ms, a.0).cmp(&(b.1.prepared_at_ms, b.0)));
-        list
+        self.prepared_at_most(usize::MAX)
+    }
+
+    /// Prepared (in-doubt) transactions, oldest first, at most `limit`
+    /// (orphans included: see [`Core::is_orphan`]).
+    pub fn prepared_at_most(&self, limit: usize) -> Vec<(&TxnId, &Txn)> {
+        self.prepared_index.iter().take(limit).filter_map(|(_, id)| self.txns.get_key_value(id)).collect()
     }
 
     pub fn prepared_count(&self) -> usize {
-        self.txns.values().filter(|txn| txn.state == TxnState::Prepared).count()
+        self.prepared_index.len()
     }
 
     /// The in-doubt transactions whose decision query is due now, at most
     /// `limit`, with their coordinators. Each one's next query is pushed back
     /// by its backoff, which doubles up to [`QUERY_BACKOFF_MAX_MS`].
     pub fn due_queries(&mut self, now_ms: u64, limit: usize) -> Vec<(TxnId, Id)> {
-        self.due_queries_where(now_ms, limit, |_, _| true)
+        self.due_queries_where(now_ms, limit, |_, _| Ask::Yes)
     }
 
-    /// [`Core::due_queries`], of the due transactions that `allow` accepts
+    /// [`Core::due_queries`], of the due transactions that `ask` accepts
     /// (given the transaction and its coordinator; asked once for each due
-    /// one until `limit` are accepted, in no particular order). Only those
-    /// accepted have their next query pushed back: one the driver cannot
-    /// ask about now (its coordinator is not answering, or a query about it
-    /// is still under way) stays due.
+    /// one, by coordinator and due time, until `limit` are accepted). Only
+    /// those accepted have their next query pushed back: one the driver
+    /// cannot ask about now (its coordinator is not answering, or a query
+    /// about it is still under way) stays due. [`Ask::NotThisCoordinator`]
+    /// skips the rest of that coordinator's due transactions, so a
+    /// coordinator that is down costs one look per call, not one per
+    /// transaction waiting for it. The due ones are read from an index by
+    /// due time: the cost follows what is due, not what is held.
     pub fn due_queries_where(
         &mut self,
         now_ms: u64,
         limit: usize,
-        mut allow: impl FnMut(&TxnId, &Id) -> bool,
+        mut ask: impl FnMut(&TxnId, &Id) -> Ask,
     ) -> Vec<(TxnId, Id)> {
-        let mut due: Vec<(TxnId, Id)> = Vec::new();
-        for (id, txn) in self.txns.iter_mut() {
-            if due.len() >= limit {
-                break;
-            }
-            if txn.state == TxnState::Prepared && txn.next_query_ms <= now_ms && allow(id, &txn.coordinator) {
-                due.push((id.clone(), txn.coordinator.clone()));
-                txn.next_query_ms = now_ms.saturating_add(txn.query_backoff_ms);
-                txn.query_backoff_ms =
-                    txn.query_backoff_ms.saturating_mul(2).clamp(QUERY_BACKOFF_INITIAL_MS, QUERY_BACKOFF_MAX_MS);
+        let mut chosen: Vec<(TxnId, Id)> = Vec::new();
+        for (coordinator, due) in &self.due {
+            for (next_query_ms, id) in due.iter() {
+                if chosen.len() >= limit || *next_query_ms > now_ms {
+                    break;
+                }
+                match ask(id, coordinator) {
+                    Ask::Yes => chosen.push((id.clone(), coordinator.clone())),
+                    Ask::NotThis => continue,
+                    Ask::NotThisCoordinator => break,
+                }
             }
         }
-        due.sort();
-        due
+        for (id, coordinator) in &chosen {
+            let txn = self.txns.get_mut(id).expect("a due transaction is held");
+            let due = self.due.get_mut(coordinator).expect("its coordinator's index exists");
+            due.remove(&(txn.next_query_ms, id.clone()));
+            txn.next_query_ms = now_ms.saturating_add(txn.query_backoff_ms);
+            txn.query_backoff_ms =
+                txn.query_backoff_ms.saturating_mul(2).clamp(QUERY_BACKOFF_INITIAL_MS, QUERY_BACKOFF_MAX_MS);
+            due.insert((txn.next_query_ms, id.clone()));
+        }
+        chosen.sort();
+        chosen
     }
 
     /// `coordinator` answers again after it did not: each of its in-doubt
@@ -778,28 +1051,60 @@ impl Core {
     /// (what grew while it did not answer says nothing about it now).
     /// Returns how many there are.
     pub fn query_again_now(&mut self, coordinator: &Id, now_ms: u64) -> usize {
-        let mut count = 0;
-        for txn in self.txns.values_mut() {
-            if txn.state == TxnState::Prepared && &txn.coordinator == coordinator {
-                txn.next_query_ms = txn.next_query_ms.min(now_ms);
-                txn.query_backoff_ms = QUERY_BACKOFF_INITIAL_MS;
-                count += 1;
-            }
+        let Some(due) = self.due.get_mut(coordinator) else { return 0 };
+        let waiting = std::mem::take(due);
+        for (_, id) in &waiting {
+            let txn = self.txns.get_mut(id).expect("a due transaction is held");
+            txn.next_query_ms = txn.next_query_ms.min(now_ms);
+            txn.query_backoff_ms = QUERY_BACKOFF_INITIAL_MS;
+            due.insert((txn.next_query_ms, id.clone()));
         }
-        count
+        waiting.len()
     }
 
-    /// Deletes finished records older than the retention.
+    /// [`Core::collect_garbage_at_most`] 10,000 records.
     pub fn collect_garbage(&mut self, now_ms: u64) -> Effects {
+        self.collect_garbage_at_most(now_ms, 10_000)
+    }
+
+    /// Deletes finished records that no late message needs any more, at
+    /// most `limit`: stamped 2PC records below their coordinator's
+    /// watermark (or of a retired incarnation), with no time window, and
+    /// the others (saga records, unstamped 2PC records) older than the
+    /// retention. The driver calls it again at once while it returns
+    /// `limit` ops, so collection keeps up with the write rate.
+    pub fn collect_garbage_at_most(&mut self, now_ms: u64, limit: usize) -> Effects {
         let mut ops = Vec::new();
+        let mut passed = Vec::new();
+        for (coordinator, view) in &self.coordinator_views {
+            let take = |incarnation: u64, below: u64, ops: &mut Vec<Op>, passed: &mut Vec<_>| {
+                for (entry, id) in self.collectable.range((coordinator.clone(), incarnation, 0)..) {
+                    if ops.len() >= limit || entry.0 != *coordinator || entry.1 != incarnation || entry.2 >= below {
+                        break;
+                    }
+                    ops.push(Op::Delete(txn_key(id)));
+                    passed.push(entry.clone());
+                }
+            };
+            for retired in &view.retired {
+                take(*retired, u64::MAX, &mut ops, &mut passed);
+            }
+            take(view.current, view.low_watermark, &mut ops, &mut passed);
+        }
+        for entry in passed {
+            if let Some(id) = self.collectable.remove(&entry) {
+                self.txns.remove(&id);
+            }
+        }
         while let Some((finished_at, _)) = self.finished.front() {
-            if finished_at.saturating_add(self.config.finished_retention_ms) > now_ms || ops.len() >= 10_000 {
+            if finished_at.saturating_add(self.config.finished_retention_ms) > now_ms || ops.len() >= limit {
                 break;
             }
             let (_, retained) = self.finished.pop_front().expect("front exists");
             match retained {
                 Retained::Txn(txn_id) => {
-                    if matches!(self.txns.get(&txn_id), Some(txn) if txn.state != TxnState::Prepared) {
+                    if matches!(self.txns.get(&txn_id), Some(txn) if txn.state != TxnState::Prepared && txn.heuristic.is_none())
+                    {
                         self.txns.remove(&txn_id);
                         ops.push(Op::Delete(txn_key(&txn_id)));
                     }
@@ -834,6 +1139,9 @@ pub fn check_batch_len(field: &str, len: usize, max: usize) -> Result<(), Error>
     }
     Ok(())
 }
+
+pub(crate) mod heuristic;
+pub(crate) mod watermark;
 
 #[cfg(test)]
 pub(crate) mod tests;

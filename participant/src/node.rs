@@ -32,8 +32,8 @@
 //! the store's slot, and nothing under them can panic.
 
 use crate::core::{
-    check_batch_len, Config, Core, Effects, Refusal, TxnState, Vote, COMMIT_BATCH_MAX, OPS_PER_CALL_MAX,
-    PREPARE_BATCH_MAX,
+    check_batch_len, Ask, Config, Core, Decided, Effects, Refusal, Stamp, TxnState, Vote, COMMIT_BATCH_MAX,
+    OPS_PER_CALL_MAX, PREPARE_BATCH_MAX,
 };
 use crate::saga::{Event, EventKind, StepAnswer, StepKind, StepOutcome, StepPhase, Transfer, TransferState};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -88,6 +88,8 @@ pub const FORGET_SAGAS_MAX: usize = 1_024;
 pub const SAGA_STEP_BATCH_MAX: usize = 1_024;
 /// Most events in one DeliverEvents call (received).
 pub const DELIVER_EVENTS_MAX: usize = 1_024;
+/// Most records one garbage-collection write deletes.
+const GC_BATCH_MAX: usize = 10_000;
 /// Most events the relay sends to one peer in one call.
 pub const RELAY_BATCH_MAX: usize = 256;
 /// Most delivery calls under way to one peer at once (one while it does not
@@ -437,17 +439,17 @@ impl Node {
         }
     }
 
-    pub async fn prepare(&self, txn: TxnId, coordinator: Id, legs: Vec<Leg>) -> Result<Vote, Error> {
-        self.apply(OPS_PER_CALL_MAX, |core, now| core.prepare(txn, coordinator, legs, now)).await
+    pub async fn prepare(&self, txn: TxnId, coordinator: Id, legs: Vec<Leg>, stamp: Stamp) -> Result<Vote, Error> {
+        self.apply(OPS_PER_CALL_MAX + 1, |core, now| core.prepare_stamped(txn, coordinator, legs, stamp, now)).await
     }
 
     /// Each prepare's vote, or why it is malformed; `Err` when none could be
     /// judged (the store failed or its queue is full).
     pub async fn prepare_batch(
         &self,
-        prepares: Vec<Result<(TxnId, Id, Vec<Leg>), Error>>,
+        prepares: Vec<Result<(TxnId, Id, Vec<Leg>, Stamp), Error>>,
     ) -> Result<Vec<Result<Vote, Error>>, Error> {
-        self.apply(prepares.len() * OPS_PER_CALL_MAX, |core, now| core.prepare_batch(prepares, now)).await
+        self.apply(prepares.len() * (OPS_PER_CALL_MAX + 1), |core, now| core.prepare_batch(prepares, now)).await
     }
 
     /// A batch call's items judged in one write ([`Core::judge_each`]).
@@ -464,10 +466,13 @@ impl Node {
         self.apply(OPS_PER_CALL_MAX, |core, now| Ok(((), core.commit(txn, now)?))).await
     }
 
-    pub async fn commit_batch(&self, txns: &[TxnId]) -> Result<(), Error> {
+    pub async fn commit_batch(&self, txns: &[TxnId], coordinator: Option<&Id>, stamp: Stamp) -> Result<(), Error> {
         // The effects of the commits applied are written even when the
         // answer is an error (see `Core::commit_batch`).
-        self.apply(txns.len() * OPS_PER_CALL_MAX, |core, now| Ok(core.commit_batch(txns, now))).await?
+        self.apply(txns.len() * OPS_PER_CALL_MAX + 1, |core, now| {
+            Ok(core.commit_batch_stamped(txns, coordinator, stamp, now))
+        })
+        .await?
     }
 
     pub async fn abort(&self, txn: &TxnId) -> Result<(), Error> {
@@ -576,16 +581,16 @@ impl Node {
             let due = match self.core() {
                 Ok(mut core) => core.due_queries_where(self.now_ms(), QUERIES_PER_TICK_MAX, |txn, coordinator| {
                     if asked.contains(txn) {
-                        return false;
+                        return Ask::NotThis;
                     }
                     match room.get_mut(coordinator) {
-                        Some(0) => false,
+                        Some(0) => Ask::NotThisCoordinator,
                         Some(room) => {
                             *room -= 1;
-                            true
+                            Ask::Yes
                         }
                         // Reported below, at the pace of its backoff.
-                        None => true,
+                        None => Ask::Yes,
                     }
                 }),
                 Err(error) => {
@@ -616,10 +621,14 @@ impl Node {
             warn!(%txn, %coordinator, "in doubt with a coordinator this node does not know");
             return false;
         };
+        let incarnation = match self.core() {
+            Ok(core) => core.txn(&txn).map_or(0, |record| record.incarnation),
+            Err(_) => return false,
+        };
         let mut request = Request::new(pb::QueryDecisionRequest {
             txn_id: txn.to_string(),
             participant_id: self.inner.node_id.to_string(),
-            ..Default::default()
+            coordinator_incarnation: incarnation,
         });
         // The header tells the server; the client enforces the deadline itself
         // (a paused coordinator accepts the connection and never answers).
@@ -628,7 +637,23 @@ impl Node {
         let answer = tokio::time::timeout(timeout, client.clone().query_decision(request)).await;
         let decision = match answer {
             Ok(Ok(response)) => {
-                pb::Decision::try_from(response.into_inner().decision).unwrap_or(pb::Decision::Unspecified)
+                let response = response.into_inner();
+                // Every answer says which incarnation gave it: one this node
+                // has not heard of replaces the current one, and orphans its
+                // transactions (they are never asked about again).
+                if response.coordinator_incarnation != 0 {
+                    let learnt = self
+                        .apply(1, |core, _| {
+                            let ops = core.learn_incarnation(coordinator, response.coordinator_incarnation)?;
+                            Ok(((), Effects::buffered(ops)))
+                        })
+                        .await;
+                    if let Err(error) = learnt {
+                        debug!(%txn, %coordinator, %error, "the coordinator's incarnation is not recorded yet");
+                        return false;
+                    }
+                }
+                pb::Decision::try_from(response.decision).unwrap_or(pb::Decision::Unspecified)
             }
             Ok(Err(status)) => {
                 debug!(%txn, %coordinator, error = %status.message(), "decision query failed; will ask again");
@@ -649,12 +674,23 @@ impl Node {
             }
         };
         debug!(%txn, %coordinator, ?decision, "decision query answered");
+        // An outcome from another incarnation than the one that prepared it
+        // is no answer about it (that one's log is gone).
+        let orphaned = self.core().map(|core| core.txn(&txn).is_some_and(|record| core.is_orphan(record)));
+        if orphaned.unwrap_or(true) && matches!(decision, pb::Decision::Commit | pb::Decision::Abort) {
+            warn!(%txn, %coordinator, ?decision, "an outcome from another incarnation of the coordinator is not applied: the transaction is orphaned");
+            return true;
+        }
         let applied = match decision {
             pb::Decision::Commit => self.commit(&txn).await,
             pb::Decision::Abort => self.abort(&txn).await,
-            // Orphans are the participant core's (to come); until then the
-            // transaction stays prepared: never an ABORT by presumption.
-            pb::Decision::UnknownIncarnation | pb::Decision::Pending | pb::Decision::Unspecified => Ok(()),
+            // The log that could decide it is gone: it stays prepared, an
+            // orphan for an operator, never an ABORT by presumption.
+            pb::Decision::UnknownIncarnation => {
+                warn!(%txn, %coordinator, "orphaned: the coordinator's incarnation that prepared it is gone; it waits for an operator (ResolveInDoubt)");
+                Ok(())
+            }
+            pb::Decision::Pending | pb::Decision::Unspecified => Ok(()),
         };
         match applied {
             Ok(()) if decision != pb::Decision::Pending => {
@@ -675,9 +711,23 @@ impl Node {
                 // The store watch recovers it; nothing to collect meanwhile.
                 continue;
             }
-            let result = self.apply(10_000, |core, now| Ok(((), core.collect_garbage(now)))).await;
-            if let Err(error) = result {
-                warn!(%error, "garbage collection failed");
+            // Again at once while a pass fills its batch: collection keeps
+            // up with the write rate, in bounded writes.
+            loop {
+                let result = self
+                    .apply(GC_BATCH_MAX, |core, now| {
+                        let effects = core.collect_garbage_at_most(now, GC_BATCH_MAX);
+                        Ok((effects.ops.len(), effects))
+                    })
+                    .await;
+                match result {
+                    Ok(collected) if collected >= GC_BATCH_MAX => tokio::task::yield_now().await,
+                    Ok(_) => break,
+                    Err(error) => {
+                        warn!(%error, "garbage collection failed");
+                        break;
+                    }
+                }
             }
         }
     }
@@ -1053,12 +1103,25 @@ pub fn event_from_pb(event: &pb::ChoreographyEvent) -> Result<Event, Error> {
     Ok(event)
 }
 
-fn parse_prepare(request: &pb::PrepareRequest) -> Result<(TxnId, Id, Vec<Leg>), Error> {
+fn parse_prepare(request: &pb::PrepareRequest) -> Result<(TxnId, Id, Vec<Leg>, Stamp), Error> {
     Ok((
         Id::parse("txn_id", &request.txn_id)?,
         Id::parse("coordinator_id", &request.coordinator_id)?,
         request.legs.iter().map(Leg::from).collect(),
+        Stamp {
+            incarnation: request.coordinator_incarnation,
+            position: request.position,
+            low_watermark: request.low_watermark,
+        },
     ))
+}
+
+/// The coordinator a decision names, if it names one.
+fn parse_optional_coordinator(text: &str) -> Result<Option<Id>, Error> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    Id::parse("coordinator_id", text).map(Some)
 }
 
 type ParsedStep = (Id, StepKind, StepPhase, AccountId, Amount);
@@ -1109,6 +1172,26 @@ fn refusal_to_pb(refusal: Refusal) -> pb::Refusal {
         Refusal::UnknownCoordinator => pb::Refusal::UnknownCoordinator,
         Refusal::ConflictingPrepare => pb::Refusal::ConflictingPrepare,
         Refusal::AccountClosed => pb::Refusal::AccountClosed,
+        Refusal::Late => pb::Refusal::Late,
+    }
+}
+
+fn heuristic_to_pb(id: &TxnId, txn: &crate::core::Txn, now_ms: u64) -> pb::HeuristicDecision {
+    let heuristic = txn.heuristic.as_ref();
+    let state = match heuristic {
+        Some(h) if h.mixed() => pb::HeuristicState::Mixed,
+        Some(h) if h.coordinator_said.is_some() => pb::HeuristicState::Confirmed,
+        _ => pb::HeuristicState::Decided,
+    };
+    pb::HeuristicDecision {
+        txn_id: id.to_string(),
+        coordinator_id: txn.coordinator.to_string(),
+        coordinator_incarnation: txn.incarnation,
+        committed: heuristic.is_some_and(|h| h.applied == Decided::Commit),
+        reason: heuristic.map(|h| h.reason.clone()).unwrap_or_default(),
+        state: state as i32,
+        legs: txn.legs.iter().copied().map(pb::Leg::from).collect(),
+        decided_ms_ago: now_ms.saturating_sub(heuristic.map_or(now_ms, |h| h.at_ms)),
     }
 }
 
@@ -1126,9 +1209,9 @@ fn balance_to_pb(account: AccountId, balance: &crate::core::Account) -> pb::Bala
 #[tonic::async_trait]
 impl Participant for Node {
     async fn prepare(&self, request: Request<pb::PrepareRequest>) -> Result<Response<pb::PrepareResponse>, Status> {
-        let (txn, coordinator, legs) = parse_prepare(&request.into_inner())?;
-        debug!(%txn, %coordinator, ?legs, "prepare received");
-        let vote = Node::prepare(self, txn.clone(), coordinator, legs).await?;
+        let (txn, coordinator, legs, stamp) = parse_prepare(&request.into_inner())?;
+        debug!(%txn, %coordinator, ?legs, ?stamp, "prepare received");
+        let vote = Node::prepare(self, txn.clone(), coordinator, legs, stamp).await?;
         debug!(%txn, ?vote, "prepare answered");
         Ok(Response::new(vote_to_pb(vote)))
     }
@@ -1139,7 +1222,7 @@ impl Participant for Node {
     ) -> Result<Response<pb::PrepareBatchResponse>, Status> {
         let prepares = request.into_inner().prepares;
         check_batch_len("prepares", prepares.len(), PREPARE_BATCH_MAX)?;
-        let parsed: Vec<Result<(TxnId, Id, Vec<Leg>), Error>> = prepares.iter().map(parse_prepare).collect();
+        let parsed: Vec<Result<(TxnId, Id, Vec<Leg>, Stamp), Error>> = prepares.iter().map(parse_prepare).collect();
         let count = parsed.len();
         let votes = Node::prepare_batch(self, parsed)
             .await?
@@ -1172,15 +1255,25 @@ impl Participant for Node {
         let request = request.into_inner();
         check_batch_len("txn_ids", request.txn_ids.len(), COMMIT_BATCH_MAX)?;
         let txns = request.txn_ids.iter().map(|id| Id::parse("txn_ids", id)).collect::<Result<Vec<_>, _>>()?;
-        Node::commit_batch(self, &txns).await?;
+        let coordinator = parse_optional_coordinator(&request.coordinator_id)?;
+        let stamp =
+            Stamp { incarnation: request.coordinator_incarnation, position: 0, low_watermark: request.low_watermark };
+        Node::commit_batch(self, &txns, coordinator.as_ref(), stamp).await?;
         tandem::crash::point("commit-applied");
         debug!(count = txns.len(), first = ?txns.first(), "commit batch acknowledged");
         Ok(Response::new(pb::DecisionResponse {}))
     }
 
     async fn abort(&self, request: Request<pb::DecisionRequest>) -> Result<Response<pb::DecisionResponse>, Status> {
-        let txn = Id::parse("txn_id", &request.into_inner().txn_id)?;
-        Node::abort(self, &txn).await?;
+        let request = request.into_inner();
+        let txn = Id::parse("txn_id", &request.txn_id)?;
+        let coordinator = parse_optional_coordinator(&request.coordinator_id)?;
+        let stamp =
+            Stamp { incarnation: request.coordinator_incarnation, position: request.position, low_watermark: 0 };
+        self.apply(OPS_PER_CALL_MAX + 1, |core, now| {
+            Ok(((), core.abort_stamped(&txn, coordinator.as_ref(), stamp, now)?))
+        })
+        .await?;
         debug!(%txn, "abort acknowledged");
         Ok(Response::new(pb::DecisionResponse {}))
     }
@@ -1217,8 +1310,22 @@ impl Participant for Node {
             transfers_in_flight: core.transfers_in_flight() as u64,
             outbox_pending: core.outbox_len() as u64,
             saga_barriers: core.barrier_count() as u64,
+            orphaned_count: core.orphan_count() as u64,
+            heuristic_mixed_count: core
+                .heuristic_decisions()
+                .iter()
+                .filter(|(_, txn)| txn.heuristic.as_ref().is_some_and(|h| h.mixed()))
+                .count() as u64,
             ..Default::default()
         };
+        let excess = core.heuristic_excess();
+        response.heuristic_excess = crate::core::heuristic::excess_total(&excess).ok_or_else(|| {
+            Error::OutOfRange(format!(
+                "the heuristic_excess of {} is {}, beyond an int64",
+                self.inner.node_id,
+                excess.values().sum::<i128>()
+            ))
+        })?;
         // Summed exactly: a total that does not fit its int64 field is
         // OUT_OF_RANGE, never a wrapped figure (see `ReadBalances`).
         let mut posted = tandem::domain::Total::default();
@@ -1248,11 +1355,10 @@ impl Participant for Node {
         };
         let now = self.now_ms();
         let core = self.core()?;
-        let prepared = core.prepared();
-        let total = prepared.len() as u64;
-        let prepared = prepared
+        let total = core.prepared_count() as u64;
+        let prepared = core
+            .prepared_at_most(limit)
             .into_iter()
-            .take(limit)
             .map(|(id, txn)| {
                 debug_assert_eq!(txn.state, TxnState::Prepared);
                 pb::PreparedTransfer {
@@ -1260,10 +1366,40 @@ impl Participant for Node {
                     coordinator_id: txn.coordinator.to_string(),
                     legs: txn.legs.iter().copied().map(pb::Leg::from).collect(),
                     prepared_for_ms: now.saturating_sub(txn.prepared_at_ms),
+                    orphaned: core.is_orphan(txn),
+                    coordinator_incarnation: txn.incarnation,
+                    position: txn.position,
                 }
             })
             .collect();
-        Ok(Response::new(pb::ListPreparedResponse { prepared, total, longest_in_doubt_ms: core.longest_in_doubt_ms }))
+        let heuristic =
+            core.heuristic_decisions().into_iter().take(limit).map(|(id, txn)| heuristic_to_pb(id, txn, now)).collect();
+        Ok(Response::new(pb::ListPreparedResponse {
+            prepared,
+            total,
+            longest_in_doubt_ms: core.longest_in_doubt_ms,
+            orphaned: core.orphan_count() as u64,
+            heuristic,
+        }))
+    }
+
+    async fn resolve_in_doubt(
+        &self,
+        request: Request<pb::ResolveInDoubtRequest>,
+    ) -> Result<Response<pb::HeuristicDecision>, Status> {
+        let request = request.into_inner();
+        let txn = Id::parse("txn_id", &request.txn_id)?;
+        tandem::domain::check_text_len("reason", &request.reason, tandem::domain::REASON_STORED_LEN_MAX)?;
+        let decided = if request.commit { Decided::Commit } else { Decided::Abort };
+        self.apply(OPS_PER_CALL_MAX, |core, now| {
+            Ok(((), core.resolve_heuristically(&txn, decided, &request.reason, now)?))
+        })
+        .await?;
+        let now = self.now_ms();
+        let core = self.core()?;
+        let record =
+            core.txn(&txn).ok_or_else(|| Error::Fatal(format!("{txn} vanished after its heuristic decision")))?;
+        Ok(Response::new(heuristic_to_pb(&txn, record, now)))
     }
 
     async fn set_account_closed(

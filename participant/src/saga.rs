@@ -372,6 +372,7 @@ fn refusal_code(refusal: Option<Refusal>) -> u8 {
         Some(Refusal::UnknownCoordinator) => 5,
         Some(Refusal::ConflictingPrepare) => 6,
         Some(Refusal::AccountClosed) => 7,
+        Some(Refusal::Late) => 8,
     }
 }
 
@@ -385,6 +386,7 @@ fn refusal_from_code(code: u8) -> Result<Option<Refusal>, Error> {
         5 => Some(Refusal::UnknownCoordinator),
         6 => Some(Refusal::ConflictingPrepare),
         7 => Some(Refusal::AccountClosed),
+        8 => Some(Refusal::Late),
         other => return Err(corrupt(format!("barrier refusal {other}"))),
     })
 }

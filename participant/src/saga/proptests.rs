@@ -302,7 +302,10 @@ impl Bank {
                 self.write(result);
             }
             Request::PrepareBatch(items) => {
-                let items = items.iter().map(|(t, legs)| Ok((txn(*t), id("c1"), to_legs(legs)))).collect();
+                let items = items
+                    .iter()
+                    .map(|(t, legs)| Ok((txn(*t), id("c1"), to_legs(legs), crate::core::Stamp::default())))
+                    .collect();
                 {
                     let result = self.core.prepare_batch(items, now);
                     self.write(result)
