@@ -213,6 +213,7 @@ pub const POLICY: &[(&str, &[Who])] = &[
     ("/tandem.v1.Participant/ListParkedTransfers", &[OPERATOR]),
     ("/tandem.v1.Participant/ResolveParkedTransfer", &[OPERATOR]),
     ("/tandem.v1.Participant/ResolveInDoubt", &[OPERATOR]),
+    ("/tandem.v1.Participant/LookupTransaction", &[OPERATOR]),
     ("/tandem.v1.Participant/DeliverEvent", &[PARTICIPANT]),
     ("/tandem.v1.Participant/DeliverEvents", &[PARTICIPANT]),
     // The standard services.

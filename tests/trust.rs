@@ -278,6 +278,12 @@ fn table() -> Vec<(&'static str, Node, Call, &'static [As])> {
             ),
             &[Operator],
         ),
+        (
+            "LookupTransaction",
+            P,
+            participant!(lookup_transaction, pb::LookupTransactionRequest { txn_id: "t-9".into() }),
+            &[Operator],
+        ),
         ("DeliverEvent", P, participant!(deliver_event, event("e-1")), &[P1, P2]),
         (
             "DeliverEvents",

@@ -332,6 +332,7 @@ participant_with! {
     read_balances(pb::ReadBalancesRequest) -> pb::ReadBalancesResponse;
     list_prepared(pb::ListPreparedRequest) -> pb::ListPreparedResponse;
     resolve_in_doubt(pb::ResolveInDoubtRequest) -> pb::HeuristicDecision;
+    lookup_transaction(pb::LookupTransactionRequest) -> pb::TransactionRecord;
     set_account_closed(pb::SetAccountClosedRequest) -> pb::Balance;
     saga_step(pb::SagaStepRequest) -> pb::SagaStepResponse;
     forget_sagas(pb::ForgetSagasRequest) -> pb::ForgetSagasResponse;

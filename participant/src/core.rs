@@ -1069,17 +1069,27 @@ impl Core {
 
     /// Deletes finished records that no late message needs any more, at
     /// most `limit`: stamped 2PC records below their coordinator's
-    /// watermark (or of a retired incarnation), with no time window, and
+    /// watermark, with no time window (those of a retired incarnation after
+    /// the retention: an operator may want them as evidence), and
     /// the others (saga records, unstamped 2PC records) older than the
     /// retention. The driver calls it again at once while it returns
     /// `limit` ops, so collection keeps up with the write rate.
     pub fn collect_garbage_at_most(&mut self, now_ms: u64, limit: usize) -> Effects {
         let mut ops = Vec::new();
         let mut passed = Vec::new();
+        let retention_ms = self.config.finished_retention_ms;
         for (coordinator, view) in &self.coordinator_views {
-            let take = |incarnation: u64, below: u64, ops: &mut Vec<Op>, passed: &mut Vec<_>| {
+            // `below`: the watermark; `finished_by`: records of a retired
+            // incarnation are kept for the time retention all the same, as
+            // the evidence an operator weighs for its orphans elsewhere
+            // (LookupTransaction); positions follow time closely enough
+            // that the first young one ends the pass.
+            let take = |incarnation: u64, below: u64, finished_by: u64, ops: &mut Vec<Op>, passed: &mut Vec<_>| {
                 for (entry, id) in self.collectable.range((coordinator.clone(), incarnation, 0)..) {
                     if ops.len() >= limit || entry.0 != *coordinator || entry.1 != incarnation || entry.2 >= below {
+                        break;
+                    }
+                    if self.txns.get(id).is_some_and(|txn| txn.prepared_at_ms > finished_by) {
                         break;
                     }
                     ops.push(Op::Delete(txn_key(id)));
@@ -1087,9 +1097,9 @@ impl Core {
                 }
             };
             for retired in &view.retired {
-                take(*retired, u64::MAX, &mut ops, &mut passed);
+                take(*retired, u64::MAX, now_ms.saturating_sub(retention_ms), &mut ops, &mut passed);
             }
-            take(view.current, view.low_watermark, &mut ops, &mut passed);
+            take(view.current, view.low_watermark, u64::MAX, &mut ops, &mut passed);
         }
         for entry in passed {
             if let Some(id) = self.collectable.remove(&entry) {

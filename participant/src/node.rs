@@ -1383,6 +1383,36 @@ impl Participant for Node {
         }))
     }
 
+    async fn lookup_transaction(
+        &self,
+        request: Request<pb::LookupTransactionRequest>,
+    ) -> Result<Response<pb::TransactionRecord>, Status> {
+        let txn = Id::parse("txn_id", &request.into_inner().txn_id)?;
+        let now = self.now_ms();
+        let core = self.core()?;
+        let Some(record) = core.txn(&txn) else {
+            return Ok(Response::new(pb::TransactionRecord {
+                txn_id: txn.to_string(),
+                state: pb::RecordState::Unknown as i32,
+                ..Default::default()
+            }));
+        };
+        let state = match record.state {
+            TxnState::Prepared => pb::RecordState::Prepared,
+            TxnState::Committed => pb::RecordState::Committed,
+            TxnState::Aborted => pb::RecordState::Aborted,
+        };
+        Ok(Response::new(pb::TransactionRecord {
+            txn_id: txn.to_string(),
+            state: state as i32,
+            coordinator_id: record.coordinator.to_string(),
+            coordinator_incarnation: record.incarnation,
+            position: record.position,
+            orphaned: core.is_orphan(record),
+            heuristic: record.heuristic.as_ref().map(|_| heuristic_to_pb(&txn, record, now)),
+        }))
+    }
+
     async fn resolve_in_doubt(
         &self,
         request: Request<pb::ResolveInDoubtRequest>,
