@@ -66,13 +66,23 @@
 //! a transaction's state, coordinator and legs. Reservations are not stored:
 //! [`Core::recover`] recomputes them from the PREPARED records.
 //!
-//! # Known caveat
+//! # Deduplication with no time window
 //!
-//! Finished records (COMMITTED, ABORTED) are kept for `finished_retention_ms`
-//! and then deleted. A duplicate of a prepare delayed longer than that would
-//! be seen as new. The coordinator never sends a prepare twice, and TCP does
-//! not duplicate, so only a network element that replays messages that late
-//! could cause it.
+//! Every message from a coordinator carries its incarnation, the
+//! transaction's position and the coordinator's low watermark for this
+//! node (`watermark.rs`). A finished record is deleted once the watermark
+//! passes it, and a late duplicate of any age (a prepare or commit with no
+//! record, below the watermark or from a retired incarnation) is recognised
+//! as late; so the state is a few numbers per coordinator, and no guarantee
+//! rests on an outage being short. A coordinator whose log was lost comes
+//! back as a new incarnation: the transactions its predecessor left
+//! prepared here are orphans, never asked about and never presumed
+//! aborted, and an operator decides them (`heuristic.rs`), with an audit
+//! trail and the heuristic-mixed hazard reported, never hidden.
+//!
+//! Records from a coordinator that stamps nothing (an older one) keep the
+//! time retention (`finished_retention_ms`): a duplicate of its prepare
+//! delayed longer than that would be seen as new.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use tandem::codec::{corrupt, corrupt_record, parse_id, Reader, Writer};

@@ -17,6 +17,9 @@
 //! - `FailFsync`: the node's next fsync fails; `DiskFull`: its disk has
 //!   a few KiB left; `SlowDisk`: its fsyncs take 150 ms (every disk's
 //!   fsync takes 0, 0.1, 1 or 5 ms otherwise, by seed).
+//! - `LoseDisk` (scripted only): the node crashes and its disk is lost
+//!   (every record gone, as when its data directory is deleted); it
+//!   restarts on the empty disk when the fault ends.
 //! - `ClockJump`: the node crashes and restarts with its wall clock moved
 //!   by one minute to an hour, forwards or backwards (its timeouts run on
 //!   the monotonic clock; the wall clock stamps its records). A participant recovers in process once its disk is
@@ -49,6 +52,9 @@ pub enum Fault {
         power_loss: bool,
     },
     Pause {
+        host: &'static str,
+    },
+    LoseDisk {
         host: &'static str,
     },
     Partition {
@@ -90,6 +96,7 @@ impl Fault {
         match self {
             Fault::Crash { host, .. }
             | Fault::Pause { host }
+            | Fault::LoseDisk { host }
             | Fault::FailFsync { host }
             | Fault::DiskFull { host }
             | Fault::SlowDisk { host }
@@ -254,6 +261,10 @@ impl Nemesis {
                 }
                 sim.crash(*host);
             }
+            Fault::LoseDisk { host } => {
+                self.disks.of(host).lose_everything();
+                sim.crash(*host);
+            }
             Fault::Pause { host } => self.others(host).for_each(|other| sim.hold(*host, other)),
             Fault::Partition { a, b } => sim.partition(*a, *b),
             Fault::OneWay { from, to } => sim.partition_oneway(*from, *to),
@@ -276,7 +287,7 @@ impl Nemesis {
     fn end(&mut self, sim: &mut turmoil::Sim<'_>, fault: &Fault, history: &History, now: Duration) {
         history.log(now, format!("nemesis: end {fault:?}"));
         match fault {
-            Fault::Crash { host, .. } | Fault::ClockJump { host, .. } => sim.bounce(*host),
+            Fault::Crash { host, .. } | Fault::ClockJump { host, .. } | Fault::LoseDisk { host } => sim.bounce(*host),
             Fault::Pause { host } => self.others(host).for_each(|other| sim.release(*host, other)),
             Fault::Partition { a, b } => sim.repair(*a, *b),
             Fault::OneWay { from, to } => sim.repair_oneway(*from, *to),

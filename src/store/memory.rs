@@ -171,6 +171,18 @@ impl MemoryDisk {
         state.cache_bytes = state.cache.iter().map(|(key, value)| record_bytes(key, value)).sum();
     }
 
+    /// The disk is lost (replaced by an empty one, or its data directory
+    /// deleted): as a power loss, and every record is gone.
+    pub fn lose_everything(&self) {
+        let mut state = self.state();
+        state.incarnation += 1;
+        state.open = false;
+        state.unsynced.clear();
+        state.durable.clear();
+        state.cache.clear();
+        state.cache_bytes = 0;
+    }
+
     /// The next fsync fails (once).
     pub fn fail_next_fsync(&self) {
         self.state().fail_next_fsync = true;
