@@ -6,6 +6,7 @@
 
 pub mod calibrate;
 pub mod check;
+pub mod operator;
 pub mod report;
 pub mod run;
 pub mod scenario;
