@@ -16,6 +16,10 @@ pub enum Error {
     /// The request would create something that exists already.
     #[error("{0}")]
     AlreadyExists(String),
+    /// The request contradicts the state it finds (an idempotency key used
+    /// for another request); it changed nothing, and retrying gives the same.
+    #[error("{0}")]
+    Precondition(String),
     /// The request conflicts with one in flight; retry later.
     #[error("{0}")]
     Conflict(String),
@@ -50,6 +54,7 @@ impl From<Error> for Status {
             Error::InvalidInput(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::Precondition(_) => Code::FailedPrecondition,
             Error::Conflict(_) => Code::Aborted,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Busy(_) => Code::ResourceExhausted,
@@ -66,7 +71,8 @@ impl From<Status> for Error {
     fn from(status: Status) -> Error {
         let message = status.message().to_string();
         match status.code() {
-            Code::InvalidArgument | Code::FailedPrecondition => Error::InvalidInput(message),
+            Code::InvalidArgument => Error::InvalidInput(message),
+            Code::FailedPrecondition => Error::Precondition(message),
             Code::OutOfRange => Error::OutOfRange(message),
             Code::NotFound => Error::NotFound(message),
             Code::AlreadyExists => Error::AlreadyExists(message),

@@ -17,6 +17,7 @@ fn spec(recovery: Recovery) -> SagaSpec {
         recovery,
         idempotency_key: Some(id("k1")),
         fingerprint: 1,
+        position: 1,
     }
 }
 
@@ -294,7 +295,7 @@ fn a_key_in_flight_is_refused_and_the_number_of_sagas_is_bounded() {
     let mut small = SagaCore::new(1);
     small.begin(id("a"), SagaSpec { idempotency_key: None, ..spec(Recovery::Backward) }).unwrap();
     assert!(matches!(
-        small.begin(id("b"), SagaSpec { idempotency_key: None, ..spec(Recovery::Backward) }),
+        small.begin(id("b"), SagaSpec { idempotency_key: None, position: 2, ..spec(Recovery::Backward) }),
         Err(Error::Busy(_))
     ));
 }
