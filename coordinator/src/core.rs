@@ -632,6 +632,48 @@ mod tests {
     }
 
     #[test]
+    fn a_watermark_waits_for_its_participants_acknowledgement_only_and_never_goes_back() {
+        let mut core = Core::new(10);
+        core.start_positions(100, BTreeMap::new());
+        let (p1, p2) = (id("p1"), id("p2"));
+        assert!(matches!(core.begin(id("t0"), 99, two_participants(), None), Err(Error::InvalidInput(_))));
+        core.begin(id("t1"), 100, two_participants(), None).unwrap();
+        core.begin(id("t2"), 101, two_participants(), None).unwrap();
+        assert_eq!(core.watermarks_due(), vec![(p1.clone(), 100), (p2.clone(), 100)]);
+        core.on_watermarks_durable(&core.watermarks_due());
+        // t2 aborts: it holds nothing more, but t1 is still preparing.
+        core.on_vote(&id("t2"), &p1, VoteResult::No(AbortReason::InsufficientFunds, "poor".into()));
+        assert!(core.watermarks_due().is_empty());
+        core.on_vote(&id("t1"), &p1, VoteResult::Yes);
+        core.on_vote(&id("t1"), &p2, VoteResult::Yes);
+        core.on_commit_durable(&id("t1"));
+        assert!(core.watermarks_due().is_empty(), "committing: both still needed");
+        core.on_commit_acked(&id("t1"), &p1);
+        assert_eq!(core.watermarks_due(), vec![(p1.clone(), 102)], "p1 acknowledged; p2 did not");
+        core.on_watermarks_durable(&core.watermarks_due());
+        assert_eq!((core.watermark(&p1), core.watermark(&p2)), (102, 100));
+        // Restarted with t1's decision logged: it does not hold p1 again.
+        let mut again = Core::new(10);
+        again.start_positions(200, [(p1.clone(), 102), (p2.clone(), 100)].into());
+        let record = CommitRecord { participants: vec![p1.clone(), p2.clone()], idempotency_key: None, position: 100 };
+        let actions = again.recover(vec![(id("t1"), record)]).unwrap();
+        assert_eq!(actions.len(), 2, "its COMMIT is redelivered to both");
+        assert_eq!((again.holding_count(&p1), again.holding_count(&p2)), (0, 1));
+        assert_eq!(again.watermarks_due(), vec![(p1.clone(), 200)]);
+        again.on_commit_acked(&id("t1"), &p2);
+        assert_eq!(again.watermarks_due(), vec![(p1, 200), (p2, 200)]);
+    }
+
+    #[test]
+    fn another_incarnation_is_named_by_the_participant_or_else_by_the_id() {
+        assert_eq!(other_incarnation(7, 0, None), None);
+        assert_eq!(other_incarnation(7, 7, Some(9)), None, "what the participant names wins");
+        assert_eq!(other_incarnation(7, 9, None), Some(9));
+        assert_eq!(other_incarnation(7, 0, Some(9)), Some(9));
+        assert_eq!(other_incarnation(7, 0, Some(7)), None);
+    }
+
+    #[test]
     fn the_number_of_transactions_in_flight_is_bounded() {
         let mut core = Core::new(1);
         core.begin(id("t1"), 11, two_participants(), None).unwrap();

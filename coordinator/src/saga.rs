@@ -351,7 +351,7 @@ impl SagaCore {
     }
 
     pub fn begin(&mut self, saga: SagaId, spec: SagaSpec) -> Result<Vec<SagaAction>, Error> {
-        if self.sagas.contains_key(&saga) {
+        if self.sagas.contains_key(&saga) || self.holds.contains_key(&saga) {
             return Err(Error::AlreadyExists(format!("saga {saga} is running already")));
         }
         if spec.amount <= 0 {
