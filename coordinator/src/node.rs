@@ -50,11 +50,32 @@
 //! refuses new work and must be restarted on its data directory (unlike a
 //! participant, it does not reopen its store in process yet).
 //!
-//! Locks. No panic can happen while one of this module's mutexes is held:
-//! the cores refuse or ignore every input they cannot take (see their
-//! essays and the property test), and the other sections under a lock only
-//! move values in and out of maps and queues. So a lock is never poisoned,
-//! and `expect` on one states that. What comes from outside is bounded
+//! Positions, watermarks and incarnations. Every message to a participant
+//! carries this coordinator's id and its log's incarnation; a prepare, an
+//! abort and a saga step carry their transaction's (or saga's) position; a
+//! prepare, a batch of COMMITs and a batch of saga steps carry the low
+//! watermark the core gives for that participant when the call goes out
+//! (see `core.rs`, `saga.rs`, `watermark.rs`). Ids and positions are handed
+//! out under the lock of the core that registers them
+//! ([`Node::next_txn_id`]). [`Node::keep_watermarks`] makes the watermarks
+//! that rose durable every [`WATERMARK_INTERVAL_MS`], and only then are
+//! they sent. Calls to one participant run concurrently (call slots), so
+//! two of them may arrive in another order than they were stamped: a
+//! participant keeps the highest watermark it heard.
+//!
+//! Idempotency keys and finished records expire by time
+//! (`idempotency_retention_ms`, by `wall_clock`) and are deleted through an
+//! expiry index ([`Node::collect_garbage`]); start-up reads only the meta
+//! records, the logged decisions and the sagas.
+//!
+//! Locks. No panic can happen while one of this module's mutexes is held,
+//! except an invariant the watermark bookkeeping asserts (a watermark that
+//! would go back: a bug, and the process stops rather than send it): the
+//! cores refuse or ignore every input they cannot take (see their essays
+//! and the property test), and the other sections under a lock only move
+//! values in and out of maps and queues. So a lock is never poisoned, and
+//! `expect` on one states that. Order, where one is taken inside another:
+//! `keys`, then the 2PC core, then the saga core, then `waiters`. What comes from outside is bounded
 //! where it is received: a reason a participant sends back is clipped to
 //! `REASON_LEN_MAX` (it ends up in the log's records), and a log record
 //! that does not decode is an error naming it (at start: the coordinator
