@@ -509,6 +509,12 @@ impl Node {
         self.inner.core.lock().expect("core lock poisoned")
     }
 
+    /// Releases the decision log of a node that will not run (it can be
+    /// opened again afterwards); [`Node::run`] does it when it stops.
+    pub fn close(&self) {
+        self.inner.store.close();
+    }
+
     /// This coordinator's log incarnation.
     pub fn incarnation(&self) -> u64 {
         self.inner.incarnation

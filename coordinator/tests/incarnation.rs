@@ -604,6 +604,17 @@ async fn an_idempotency_key_answers_for_its_retention_by_the_wall_clock_then_is_
     let saga_first = c1.client.transfer(saga(pb::Recovery::Backward)).await.unwrap().into_inner();
     assert_eq!(saga_first.outcome, pb::Outcome::Committed as i32);
     assert_eq!(c1.client.transfer(saga(pb::Recovery::Backward)).await.unwrap().into_inner(), saga_first);
+    // Its steps said who sent them, and where the saga stands.
+    let (_, saga_position) = parse_id(&saga_first.txn_id);
+    for participant in &cluster.participants {
+        let steps = participant.seen("step");
+        assert!(!steps.is_empty());
+        for step in steps {
+            assert_eq!((step.coordinator_id.as_str(), step.incarnation), ("c1", c1.incarnation), "{step:?}");
+            assert_eq!(step.position, saga_position);
+            assert!(step.low_watermark <= saga_position, "{step:?}");
+        }
+    }
     let forward = c1.client.transfer(saga(pb::Recovery::Forward)).await.unwrap_err();
     assert_eq!(forward.code(), Code::FailedPrecondition, "{forward:?}");
     let as_2pc = c1.transfer(from + 1, to + 1, "key-2").await.unwrap_err();
