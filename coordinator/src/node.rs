@@ -1344,7 +1344,17 @@ impl Node {
         // requests with keys, and submitted before it is released.
         let _serialised = self.inner.keys.lock().expect("keys lock poisoned");
         for (index_key, _) in &entries {
-            let (expires_ms, record_key) = log::parse_expiry_key(index_key)?;
+            let (expires_ms, record_key) = match log::parse_expiry_key(index_key) {
+                Ok(parsed) => parsed,
+                Err(error) => {
+                    // It indexes nothing that can be read: it goes, a
+                    // record it may have named stays (a leak, not a guess).
+                    error!(%error, "an expiry index entry does not parse; dropped");
+                    due += 1;
+                    ops.push(tandem::store::Op::Delete(index_key.clone()));
+                    continue;
+                }
+            };
             if expires_ms > now_ms {
                 break;
             }
@@ -1353,21 +1363,29 @@ impl Node {
             let Some(bytes) = self.inner.store.get(record_key)? else { continue };
             // The record's own expiry says whether this entry is its latest.
             let record_expiry = if record_key.starts_with(log::KEY_PREFIX) {
-                let key = log::id_from_key(log::KEY_PREFIX, record_key)?;
-                if self.core().key_in_flight(&key).is_some()
-                    || self.inner.sagas.lock().expect("saga lock poisoned").key_in_flight(&key).is_some()
-                {
-                    continue;
+                let in_flight = log::id_from_key(log::KEY_PREFIX, record_key).map(|key| {
+                    self.core().key_in_flight(&key).is_some()
+                        || self.inner.sagas.lock().expect("saga lock poisoned").key_in_flight(&key).is_some()
+                });
+                match in_flight {
+                    Ok(true) => continue,
+                    Ok(false) => log::decode_at(record_key, &bytes, log::decode_keyed).map(|keyed| keyed.expires_ms),
+                    Err(error) => Err(error),
                 }
-                log::decode_at(record_key, &bytes, log::decode_keyed)?.expires_ms
             } else if record_key.starts_with(log::FINISHED_PREFIX) {
-                log::decode_at(record_key, &bytes, log::decode_finished)?.expires_ms
+                log::decode_at(record_key, &bytes, log::decode_finished).map(|finished| finished.expires_ms)
             } else {
                 error!(key = %tandem::codec::show_key(index_key), "an expiry index entry for a record that expires not; dropped");
                 continue;
             };
-            if record_expiry != 0 && record_expiry <= now_ms {
-                ops.push(tandem::store::Op::Delete(record_key.to_vec()));
+            match record_expiry {
+                Ok(record_expiry) if record_expiry != 0 && record_expiry <= now_ms => {
+                    ops.push(tandem::store::Op::Delete(record_key.to_vec()))
+                }
+                Ok(_) => {}
+                // Never a guess: the record stays, and says it is corrupt
+                // to whoever reads it.
+                Err(error) => error!(%error, "a record the expiry index names does not decode; it stays"),
             }
         }
         if ops.is_empty() {
