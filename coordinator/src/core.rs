@@ -31,12 +31,44 @@
 //! A transaction id is registered before its first prepare is sent and ids
 //! are never reused, so once ABORT was answered for an id, it never commits.
 //!
+//! A query about a transaction of another incarnation of this coordinator
+//! (its log was lost, this one is new) is not answered from this log: see
+//! [`other_incarnation`].
+//!
 //! # Recovery
 //!
 //! A restarted coordinator reads its decision records and calls
 //! [`Core::recover`], which resumes the redelivery of each logged commit.
 //! Transactions that were preparing when it crashed have no record, so they
 //! are aborted: their participants ask and hear ABORT.
+//!
+//! # Positions and low watermarks
+//!
+//! Each transaction has a position ([`Core::begin`] takes it; the driver
+//! hands positions out under this core's lock, see `node.rs`): strictly
+//! increasing within the coordinator's incarnation, across restarts. For
+//! each participant the core keeps the transactions that still need
+//! something from it, ordered by position ([`crate::watermark`]):
+//!
+//! - from [`Core::begin`] until its vote, a transaction holds every one of
+//!   its participants;
+//! - once every vote was YES (deciding, then committing), it holds each
+//!   participant until that participant acknowledges its COMMIT;
+//! - an abort releases every participant at once: the ABORT is sent once
+//!   and a participant that misses it asks, and hears ABORT (no record); so
+//!   a participant that holds prepared a transaction below its watermark
+//!   may take it as aborted, and a late PREPARE below it is refused.
+//!
+//! The low watermark of a participant is the smallest position among the
+//! transactions that hold it, or, with none, the next position. What is
+//! sent ([`Core::watermark`]) is the last such value made durable in the
+//! log ([`Core::watermarks_due`], [`Core::on_watermarks_durable`]): a
+//! restarted coordinator recovers its logged commits with every participant
+//! pending again, and a recovered commit below a participant's durable
+//! watermark had been acknowledged by it, so it does not hold it again (its
+//! COMMIT is still redelivered: a duplicate, or one the participant forgot
+//! below the watermark, is acknowledged). So the watermark a participant
+//! hears never goes back, across restarts too; the core asserts it.
 //!
 //! # Input
 //!
@@ -55,6 +87,7 @@
 //! the reservations until it comes back. That is the price of 2PC; sagas do
 //! not pay it (and pay in isolation instead).
 
+use crate::watermark::Watermarks;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use tandem::domain::{Id, Leg, TxnId};
 use tandem::Error;
@@ -100,6 +133,8 @@ pub enum VoteResult {
 pub struct CommitRecord {
     pub participants: Vec<ParticipantId>,
     pub idempotency_key: Option<Id>,
+    /// The transaction's position (0 in records written before positions).
+    pub position: u64,
 }
 
 /// What the driver must do, in order.
@@ -107,6 +142,7 @@ pub struct CommitRecord {
 pub enum Action {
     SendPrepare {
         txn: TxnId,
+        position: u64,
         participant: ParticipantId,
         legs: Vec<Leg>,
     },
@@ -123,6 +159,7 @@ pub enum Action {
     /// Send ABORT once; a participant that misses it asks later.
     SendAbort {
         txn: TxnId,
+        position: u64,
         participant: ParticipantId,
     },
     /// Write and fsync a keyed abort's outcome, then call [`Core::on_abort_durable`].
@@ -160,6 +197,7 @@ pub enum Phase {
 
 #[derive(Debug, Clone)]
 pub struct ActiveTxn {
+    pub position: u64,
     pub participants: Vec<ParticipantId>,
     pub idempotency_key: Option<Id>,
     pub phase: Phase,
@@ -171,25 +209,72 @@ pub enum Decision {
     Commit,
     Abort,
     Pending,
+    /// The transaction belongs to another incarnation of this coordinator
+    /// (see [`other_incarnation`]): its decision is unknown here.
+    UnknownIncarnation,
+}
+
+/// Which other incarnation a decision query is about, if any: the one the
+/// participant names (`asked`, nonzero), or, when it names none, the one
+/// the transaction id carries (`carried`). A transaction of another
+/// incarnation was decided, if at all, in a log that is gone: this log's
+/// "no record" says nothing about it, so it is never answered ABORT by
+/// presumption (it is DECISION_UNKNOWN_INCARNATION, and the participant
+/// keeps it for an operator).
+pub fn other_incarnation(own: u64, asked: u64, carried: Option<u64>) -> Option<u64> {
+    let named = if asked != 0 { Some(asked) } else { carried };
+    named.filter(|incarnation| *incarnation != own)
 }
 
 pub struct Core {
     active: HashMap<TxnId, ActiveTxn>,
     keys_in_flight: HashMap<Id, TxnId>,
     active_max: usize,
+    marks: Watermarks,
 }
 
 impl Core {
     pub fn new(active_max: usize) -> Core {
         assert!(active_max > 0);
-        Core { active: HashMap::new(), keys_in_flight: HashMap::new(), active_max }
+        Core { active: HashMap::new(), keys_in_flight: HashMap::new(), active_max, marks: Watermarks::default() }
+    }
+
+    /// Sets where positions start (the first of this process's generation)
+    /// and the durable watermarks read back from the log; before
+    /// [`Core::recover`].
+    pub fn start_positions(&mut self, next_position: u64, floors: BTreeMap<ParticipantId, u64>) {
+        self.marks.start(next_position, floors);
+    }
+
+    /// The low watermark to send to `participant` (see the essay).
+    pub fn watermark(&self, participant: &ParticipantId) -> u64 {
+        self.marks.floor(participant)
+    }
+
+    /// The watermarks that may rise, to be made durable in the log and then
+    /// passed to [`Core::on_watermarks_durable`].
+    pub fn watermarks_due(&self) -> Vec<(ParticipantId, u64)> {
+        self.marks.due()
+    }
+
+    /// These watermarks are durable: they are sent from now on. Each is
+    /// asserted to be no lower than the one it replaces.
+    pub fn on_watermarks_durable(&mut self, advanced: &[(ParticipantId, u64)]) {
+        self.marks.on_durable(advanced)
+    }
+
+    /// How many transactions hold `participant`'s watermark.
+    pub fn holding_count(&self, participant: &ParticipantId) -> usize {
+        self.marks.held_count(participant)
     }
 
     /// Starts a transaction whose legs are already split by participant (at
-    /// least one participant, each with at least one leg).
+    /// least one participant, each with at least one leg), at `position`:
+    /// above every position this core was given before, or it is refused.
     pub fn begin(
         &mut self,
         txn: TxnId,
+        position: u64,
         legs_by_participant: BTreeMap<ParticipantId, Vec<Leg>>,
         idempotency_key: Option<Id>,
     ) -> Result<Vec<Action>, Error> {
@@ -218,16 +303,23 @@ impl Core {
                     "a transaction with idempotency key {key} is in flight ({other}); retry to get its outcome"
                 )));
             }
+        }
+        self.marks.register(position)?;
+        if let Some(key) = &idempotency_key {
             self.keys_in_flight.insert(key.clone(), txn.clone());
         }
         let participants: Vec<ParticipantId> = legs_by_participant.keys().cloned().collect();
+        for participant in &participants {
+            self.marks.hold(participant, position, &txn);
+        }
         let actions = legs_by_participant
             .into_iter()
-            .map(|(participant, legs)| Action::SendPrepare { txn: txn.clone(), participant, legs })
+            .map(|(participant, legs)| Action::SendPrepare { txn: txn.clone(), position, participant, legs })
             .collect();
         self.active.insert(
             txn,
             ActiveTxn {
+                position,
                 phase: Phase::Preparing { waiting: participants.iter().cloned().collect() },
                 participants,
                 idempotency_key,
@@ -254,6 +346,7 @@ impl Core {
                 let record = CommitRecord {
                     participants: active.participants.clone(),
                     idempotency_key: active.idempotency_key.clone(),
+                    position: active.position,
                 };
                 vec![Action::PersistCommit { txn: txn.clone(), record }]
             }
@@ -267,12 +360,17 @@ impl Core {
                 // The outcome goes into the log's records: bounded here too.
                 let message = tandem::domain::clip_text(&message, tandem::domain::REASON_STORED_LEN_MAX);
                 let outcome = Outcome::Aborted(reason, message);
+                let position = active.position;
                 let mut actions: Vec<Action> = active
                     .participants
                     .iter()
                     .filter(|p| !(voted_no && *p == participant))
-                    .map(|p| Action::SendAbort { txn: txn.clone(), participant: p.clone() })
+                    .map(|p| Action::SendAbort { txn: txn.clone(), position, participant: p.clone() })
                     .collect();
+                // Decided: nothing more is needed from any participant.
+                for p in &active.participants {
+                    self.marks.release(p, position, txn);
+                }
                 match active.idempotency_key.clone() {
                     Some(key) => {
                         active.phase = Phase::Aborting;
@@ -325,7 +423,11 @@ impl Core {
         let Phase::Committing { pending } = &mut active.phase else {
             return Vec::new();
         };
-        if pending.remove(participant) && pending.is_empty() {
+        if !pending.remove(participant) {
+            return Vec::new();
+        }
+        self.marks.release(participant, active.position, txn);
+        if pending.is_empty() {
             return vec![Action::PersistEnd { txn: txn.clone(), idempotency_key: active.idempotency_key.clone() }];
         }
         Vec::new()
@@ -333,6 +435,9 @@ impl Core {
 
     pub fn on_end_durable(&mut self, txn: &TxnId) {
         if let Some(active) = self.active.remove(txn) {
+            for p in &active.participants {
+                self.marks.release(p, active.position, txn);
+            }
             if let Some(key) = &active.idempotency_key {
                 self.keys_in_flight.remove(key);
             }
@@ -365,7 +470,9 @@ impl Core {
     /// Resumes the logged commits of a coordinator that restarted: every
     /// participant of each is told COMMIT again until it acknowledges. A
     /// record without participants, or one for a transaction already held,
-    /// is an error (the log is corrupt), and then nothing is resumed.
+    /// is an error (the log is corrupt), and then nothing is resumed. A
+    /// commit holds the watermark of each participant whose durable
+    /// watermark it is not below (see the essay).
     pub fn recover(&mut self, logged: Vec<(TxnId, CommitRecord)>) -> Result<Vec<Action>, Error> {
         for (txn, record) in &logged {
             if record.participants.is_empty() || self.active.contains_key(txn) {
@@ -382,9 +489,13 @@ impl Core {
             if let Some(key) = &record.idempotency_key {
                 self.keys_in_flight.insert(key.clone(), txn.clone());
             }
+            for p in &record.participants {
+                self.marks.hold(p, record.position, &txn);
+            }
             self.active.insert(
                 txn,
                 ActiveTxn {
+                    position: record.position,
                     phase: Phase::Committing { pending: record.participants.iter().cloned().collect() },
                     participants: record.participants,
                     idempotency_key: record.idempotency_key,
@@ -412,7 +523,7 @@ mod tests {
     #[test]
     fn the_commit_goes_out_only_after_the_decision_is_durable() {
         let mut core = Core::new(10);
-        let actions = core.begin(id("t1"), two_participants(), None).unwrap();
+        let actions = core.begin(id("t1"), 1, two_participants(), None).unwrap();
         assert_eq!(actions.len(), 2);
         assert!(actions.iter().all(|a| matches!(a, Action::SendPrepare { .. })));
         assert_eq!(core.query(&id("t1")), Some(Decision::Pending));
@@ -436,9 +547,9 @@ mod tests {
     #[test]
     fn one_no_aborts_at_once_and_later_votes_are_ignored() {
         let mut core = Core::new(10);
-        core.begin(id("t1"), two_participants(), None).unwrap();
+        core.begin(id("t1"), 2, two_participants(), None).unwrap();
         let actions = core.on_vote(&id("t1"), &id("p1"), VoteResult::No(AbortReason::InsufficientFunds, "poor".into()));
-        assert!(actions.contains(&Action::SendAbort { txn: id("t1"), participant: id("p2") }));
+        assert!(actions.contains(&Action::SendAbort { txn: id("t1"), position: 2, participant: id("p2") }));
         assert!(actions
             .iter()
             .any(|a| matches!(a, Action::Reply { outcome: Outcome::Aborted(AbortReason::InsufficientFunds, _), .. })));
@@ -446,7 +557,7 @@ mod tests {
         assert!(core.on_vote(&id("t1"), &id("p2"), VoteResult::Yes).is_empty());
         assert_eq!(core.query(&id("t1")), None, "no record: presumed abort");
         assert!(
-            !actions.contains(&Action::SendAbort { txn: id("t1"), participant: id("p1") }),
+            !actions.contains(&Action::SendAbort { txn: id("t1"), position: 2, participant: id("p1") }),
             "the participant that voted NO recorded it"
         );
     }
@@ -454,19 +565,25 @@ mod tests {
     #[test]
     fn a_participant_whose_prepare_timed_out_is_told_abort_too() {
         let mut core = Core::new(10);
-        core.begin(id("t1"), two_participants(), None).unwrap();
+        core.begin(id("t1"), 3, two_participants(), None).unwrap();
         let actions =
             core.on_vote(&id("t1"), &id("p1"), VoteResult::No(AbortReason::ParticipantUnavailable, "timeout".into()));
         // Its prepare may still arrive: the abort's tombstone must be there first.
-        assert!(actions.contains(&Action::SendAbort { txn: id("t1"), participant: id("p1") }), "{actions:?}");
-        assert!(actions.contains(&Action::SendAbort { txn: id("t1"), participant: id("p2") }), "{actions:?}");
+        assert!(
+            actions.contains(&Action::SendAbort { txn: id("t1"), position: 3, participant: id("p1") }),
+            "{actions:?}"
+        );
+        assert!(
+            actions.contains(&Action::SendAbort { txn: id("t1"), position: 3, participant: id("p2") }),
+            "{actions:?}"
+        );
     }
 
     #[test]
     fn a_keyed_abort_is_logged_before_the_reply_and_the_key_is_busy_meanwhile() {
         let mut core = Core::new(10);
-        core.begin(id("t1"), two_participants(), Some(id("k1"))).unwrap();
-        assert!(matches!(core.begin(id("t2"), two_participants(), Some(id("k1"))), Err(Error::Conflict(_))));
+        core.begin(id("t1"), 4, two_participants(), Some(id("k1"))).unwrap();
+        assert!(matches!(core.begin(id("t2"), 5, two_participants(), Some(id("k1"))), Err(Error::Conflict(_))));
         let actions =
             core.on_vote(&id("t1"), &id("p2"), VoteResult::No(AbortReason::ParticipantUnavailable, "timeout".into()));
         assert!(!actions.iter().any(|a| matches!(a, Action::Reply { .. })));
@@ -474,13 +591,13 @@ mod tests {
         assert_eq!(core.query(&id("t1")), Some(Decision::Abort));
         let actions = core.on_abort_durable(&id("t1"), outcome);
         assert!(matches!(&actions[..], [Action::Reply { .. }]));
-        assert!(core.begin(id("t3"), two_participants(), Some(id("k1"))).is_ok());
+        assert!(core.begin(id("t3"), 6, two_participants(), Some(id("k1"))).is_ok());
     }
 
     #[test]
     fn recovery_redelivers_every_logged_commit() {
         let mut core = Core::new(10);
-        let record = CommitRecord { participants: vec![id("p1"), id("p2")], idempotency_key: None };
+        let record = CommitRecord { participants: vec![id("p1"), id("p2")], idempotency_key: None, position: 0 };
         let actions = core.recover(vec![(id("t1"), record)]).unwrap();
         assert_eq!(
             actions,
@@ -497,27 +614,69 @@ mod tests {
     #[test]
     fn a_reused_id_an_empty_split_and_callbacks_out_of_phase_are_refused_without_a_panic() {
         let mut core = Core::new(10);
-        core.begin(id("t1"), two_participants(), Some(id("k1"))).unwrap();
-        assert!(matches!(core.begin(id("t1"), two_participants(), None), Err(Error::AlreadyExists(_))));
-        assert!(matches!(core.begin(id("t2"), BTreeMap::new(), None), Err(Error::InvalidInput(_))));
+        core.begin(id("t1"), 7, two_participants(), Some(id("k1"))).unwrap();
+        assert!(matches!(core.begin(id("t1"), 8, two_participants(), None), Err(Error::AlreadyExists(_))));
+        assert!(matches!(core.begin(id("t2"), 9, BTreeMap::new(), None), Err(Error::InvalidInput(_))));
         let empty_legs: BTreeMap<_, _> = [(id("p1"), vec![])].into_iter().collect();
-        assert!(matches!(core.begin(id("t3"), empty_legs, None), Err(Error::InvalidInput(_))));
+        assert!(matches!(core.begin(id("t3"), 10, empty_legs, None), Err(Error::InvalidInput(_))));
         // The decision is not being made yet: a durable callback is ignored.
         assert!(core.on_commit_durable(&id("t1")).is_empty());
         assert!(core.on_abort_durable(&id("t1"), Outcome::Committed).is_empty());
         assert!(core.on_commit_durable(&id("t9")).is_empty());
         assert_eq!(core.query(&id("t1")), Some(Decision::Pending), "unchanged");
-        let record = CommitRecord { participants: vec![], idempotency_key: None };
+        let record = CommitRecord { participants: vec![], idempotency_key: None, position: 0 };
         assert!(core.recover(vec![(id("t7"), record)]).is_err());
-        let record = CommitRecord { participants: vec![id("p1")], idempotency_key: None };
+        let record = CommitRecord { participants: vec![id("p1")], idempotency_key: None, position: 0 };
         assert!(core.recover(vec![(id("t1"), record)]).is_err(), "t1 is held already");
         assert_eq!(core.active_count(), 1);
     }
 
     #[test]
+    fn a_watermark_waits_for_its_participants_acknowledgement_only_and_never_goes_back() {
+        let mut core = Core::new(10);
+        core.start_positions(100, BTreeMap::new());
+        let (p1, p2) = (id("p1"), id("p2"));
+        assert!(matches!(core.begin(id("t0"), 99, two_participants(), None), Err(Error::InvalidInput(_))));
+        core.begin(id("t1"), 100, two_participants(), None).unwrap();
+        core.begin(id("t2"), 101, two_participants(), None).unwrap();
+        assert_eq!(core.watermarks_due(), vec![(p1.clone(), 100), (p2.clone(), 100)]);
+        core.on_watermarks_durable(&core.watermarks_due());
+        // t2 aborts: it holds nothing more, but t1 is still preparing.
+        core.on_vote(&id("t2"), &p1, VoteResult::No(AbortReason::InsufficientFunds, "poor".into()));
+        assert!(core.watermarks_due().is_empty());
+        core.on_vote(&id("t1"), &p1, VoteResult::Yes);
+        core.on_vote(&id("t1"), &p2, VoteResult::Yes);
+        core.on_commit_durable(&id("t1"));
+        assert!(core.watermarks_due().is_empty(), "committing: both still needed");
+        core.on_commit_acked(&id("t1"), &p1);
+        assert_eq!(core.watermarks_due(), vec![(p1.clone(), 102)], "p1 acknowledged; p2 did not");
+        core.on_watermarks_durable(&core.watermarks_due());
+        assert_eq!((core.watermark(&p1), core.watermark(&p2)), (102, 100));
+        // Restarted with t1's decision logged: it does not hold p1 again.
+        let mut again = Core::new(10);
+        again.start_positions(200, [(p1.clone(), 102), (p2.clone(), 100)].into());
+        let record = CommitRecord { participants: vec![p1.clone(), p2.clone()], idempotency_key: None, position: 100 };
+        let actions = again.recover(vec![(id("t1"), record)]).unwrap();
+        assert_eq!(actions.len(), 2, "its COMMIT is redelivered to both");
+        assert_eq!((again.holding_count(&p1), again.holding_count(&p2)), (0, 1));
+        assert_eq!(again.watermarks_due(), vec![(p1.clone(), 200)]);
+        again.on_commit_acked(&id("t1"), &p2);
+        assert_eq!(again.watermarks_due(), vec![(p1, 200), (p2, 200)]);
+    }
+
+    #[test]
+    fn another_incarnation_is_named_by_the_participant_or_else_by_the_id() {
+        assert_eq!(other_incarnation(7, 0, None), None);
+        assert_eq!(other_incarnation(7, 7, Some(9)), None, "what the participant names wins");
+        assert_eq!(other_incarnation(7, 9, None), Some(9));
+        assert_eq!(other_incarnation(7, 0, Some(9)), Some(9));
+        assert_eq!(other_incarnation(7, 0, Some(7)), None);
+    }
+
+    #[test]
     fn the_number_of_transactions_in_flight_is_bounded() {
         let mut core = Core::new(1);
-        core.begin(id("t1"), two_participants(), None).unwrap();
-        assert!(matches!(core.begin(id("t2"), two_participants(), None), Err(Error::Busy(_))));
+        core.begin(id("t1"), 11, two_participants(), None).unwrap();
+        assert!(matches!(core.begin(id("t2"), 12, two_participants(), None), Err(Error::Busy(_))));
     }
 }

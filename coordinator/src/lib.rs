@@ -9,6 +9,7 @@ pub mod log;
 pub mod node;
 pub mod saga;
 mod saga_node;
+pub mod watermark;
 
 #[cfg(test)]
 mod proptests;

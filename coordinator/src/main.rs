@@ -49,10 +49,19 @@ struct Args {
     /// Most transactions in flight at once; more get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 10_000)]
     active_max: usize,
-    /// Most finished transactions remembered for status lookups and
-    /// idempotency keys; the oldest are forgotten first.
-    #[arg(long, default_value_t = 1_000_000)]
-    finished_retained_max: u64,
+    /// How long an idempotency key's result (and a finished transaction's
+    /// status) is kept at least, from when it was written, by this
+    /// machine's wall clock: a retry within it gets the first answer (or
+    /// FAILED_PRECONDITION if it asks for something else); past it, the key
+    /// is a new request. A duration: 24h, 90m, 3600s, 500ms. Keys are never
+    /// dropped because of their number; their records are deleted from
+    /// disk once past it.
+    #[arg(long, default_value = "24h", value_parser = parse_duration_ms, value_name = "DURATION")]
+    idempotency_retention: u64,
+    /// Gone: idempotency keys are kept for a time (--idempotency-retention),
+    /// never up to a count.
+    #[arg(long, hide = true)]
+    finished_retained_max: Option<String>,
     /// Threads of the async runtime (default: one per core). A local cluster
     /// runs every node on one machine and gives each one thread.
     #[arg(long)]
@@ -76,8 +85,35 @@ struct Args {
     tls: TlsFlags,
 }
 
+/// A duration as milliseconds: a positive whole number and a unit (ms, s,
+/// m, h or d).
+fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 24h, 90m or 3600s"))?;
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{text:?} has no unit: write 24h, 90m, 3600s or 500ms")),
+    };
+    match number.checked_mul(unit_ms) {
+        Some(0) => Err("the duration must be positive".into()),
+        Some(ms) => Ok(ms),
+        None => Err(format!("{text:?} is too long")),
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if args.finished_retained_max.is_some() {
+        eprintln!(
+            "coordinator: --finished-retained-max is gone: idempotency keys and finished records are kept for a time, --idempotency-retention (default 24h), never up to a count"
+        );
+        return std::process::ExitCode::FAILURE;
+    }
     tandem::server::init_tracing(&args.log_level);
     let runtime = match tandem::server::runtime(args.worker_threads) {
         Ok(runtime) => runtime,
@@ -109,7 +145,8 @@ async fn run(args: Args) -> Result<(), String> {
         call_timeout_ms: args.call_timeout_ms,
         audit_timeout_ms: args.audit_timeout_ms,
         active_max: args.active_max,
-        finished_retained_max: args.finished_retained_max,
+        idempotency_retention_ms: args.idempotency_retention,
+        wall_clock: tandem::clock::WallClock::System,
         saga_step_attempts: args.saga_step_attempts.max(1),
         saga_deadline_ms: args.saga_deadline_ms,
         security,
@@ -122,4 +159,21 @@ async fn run(args: Args) -> Result<(), String> {
     tracing::info!(node = %node_id, %addr, "coordinator serving");
     println!("listening on {addr}");
     node.run(listener, recovered, tandem::server::shutdown_signal()).await.map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration_ms;
+
+    #[test]
+    fn durations_have_a_unit() {
+        assert_eq!(parse_duration_ms("24h"), Ok(86_400_000));
+        assert_eq!(parse_duration_ms("90m"), Ok(5_400_000));
+        assert_eq!(parse_duration_ms("3600s"), Ok(3_600_000));
+        assert_eq!(parse_duration_ms("250ms"), Ok(250));
+        assert!(parse_duration_ms("24").is_err());
+        assert!(parse_duration_ms("0h").is_err());
+        assert!(parse_duration_ms("h").is_err());
+        assert!(parse_duration_ms("99999999999999999999d").is_err());
+    }
 }

@@ -50,11 +50,32 @@
 //! refuses new work and must be restarted on its data directory (unlike a
 //! participant, it does not reopen its store in process yet).
 //!
-//! Locks. No panic can happen while one of this module's mutexes is held:
-//! the cores refuse or ignore every input they cannot take (see their
-//! essays and the property test), and the other sections under a lock only
-//! move values in and out of maps and queues. So a lock is never poisoned,
-//! and `expect` on one states that. What comes from outside is bounded
+//! Positions, watermarks and incarnations. Every message to a participant
+//! carries this coordinator's id and its log's incarnation; a prepare, an
+//! abort and a saga step carry their transaction's (or saga's) position; a
+//! prepare, a batch of COMMITs and a batch of saga steps carry the low
+//! watermark the core gives for that participant when the call goes out
+//! (see `core.rs`, `saga.rs`, `watermark.rs`). Ids and positions are handed
+//! out under the lock of the core that registers them
+//! ([`Node::next_txn_id`]). [`Node::keep_watermarks`] makes the watermarks
+//! that rose durable every [`WATERMARK_INTERVAL_MS`], and only then are
+//! they sent. Calls to one participant run concurrently (call slots), so
+//! two of them may arrive in another order than they were stamped: a
+//! participant keeps the highest watermark it heard.
+//!
+//! Idempotency keys and finished records expire by time
+//! (`idempotency_retention_ms`, by `wall_clock`) and are deleted through an
+//! expiry index ([`Node::collect_garbage`]); start-up reads only the meta
+//! records, the logged decisions and the sagas.
+//!
+//! Locks. No panic can happen while one of this module's mutexes is held,
+//! except an invariant the watermark bookkeeping asserts (a watermark that
+//! would go back: a bug, and the process stops rather than send it): the
+//! cores refuse or ignore every input they cannot take (see their essays
+//! and the property test), and the other sections under a lock only move
+//! values in and out of maps and queues. So a lock is never poisoned, and
+//! `expect` on one states that. Order, where one is taken inside another:
+//! `keys`, then the 2PC core, then the saga core, then `waiters`. What comes from outside is bounded
 //! where it is received: a reason a participant sends back is clipped to
 //! `REASON_LEN_MAX` (it ends up in the log's records), and a log record
 //! that does not decode is an error naming it (at start: the coordinator
@@ -108,10 +129,13 @@ const _: () = assert!(
         && COMMIT_RETRY_MAX_MS <= UNDELIVERABLE_RETRY_INITIAL_MS
         && UNDELIVERABLE_RETRY_INITIAL_MS <= UNDELIVERABLE_RETRY_MAX_MS
 );
-/// How often finished records are trimmed to `finished_retained_max`.
-pub const GC_INTERVAL_MS: u64 = 5_000;
-/// Most finished records removed in one round.
-pub const GC_BATCH_MAX: usize = 100_000;
+/// How often expired idempotency keys and finished records are collected
+/// (each round loops until nothing is due).
+pub const GC_INTERVAL_MS: u64 = 1_000;
+/// Most expiry index entries read (and records deleted) in one batch.
+pub const GC_BATCH_MAX: usize = 4_096;
+/// How often the low watermarks that rose are made durable (then sent).
+pub const WATERMARK_INTERVAL_MS: u64 = 50;
 /// Most COMMITs delivered to one participant in one call (`CommitBatch`).
 pub const COMMIT_BATCH_MAX: usize = 1_024;
 /// Most prepares sent to one participant in one call (`PrepareBatch`).
@@ -250,6 +274,7 @@ impl Undeliverable {
 /// A prepare waiting for its call, and when it stops waiting for a vote.
 pub(crate) struct QueuedPrepare {
     txn: TxnId,
+    position: u64,
     legs: Vec<Leg>,
     deadline: Instant,
 }
@@ -290,8 +315,13 @@ pub struct NodeConfig {
     pub audit_timeout_ms: u64,
     /// Most transactions in flight; past it, new ones get RESOURCE_EXHAUSTED.
     pub active_max: usize,
-    /// Most finished transactions remembered for status lookups.
-    pub finished_retained_max: u64,
+    /// How long an idempotency key's result and a finished transaction's
+    /// status record are kept at least, from when they were written (by
+    /// `wall_clock`); then they are collected, and a request with the key
+    /// is a new one.
+    pub idempotency_retention_ms: u64,
+    /// The wall clock that dates idempotency keys and finished records.
+    pub wall_clock: tandem::clock::WallClock,
     /// Attempts of one saga action (debit, credit, an operator's release)
     /// before its transient failures count as failure (forward credits,
     /// compensations and parking retry until they succeed).
@@ -325,6 +355,8 @@ pub struct Recovered {
 
 pub(crate) struct Inner {
     pub(crate) config: NodeConfig,
+    /// This log's incarnation (see `log.rs`).
+    pub(crate) incarnation: u64,
     pub(crate) generation: u64,
     pub(crate) next_sequence: AtomicU64,
     pub(crate) core: Mutex<Core>,
@@ -341,7 +373,6 @@ pub(crate) struct Inner {
     pub(crate) fence: Arc<RwLock<()>>,
     /// Each commit's shared hold on the fence, and since when it holds it.
     pub(crate) fence_guards: Mutex<HashMap<TxnId, (Instant, OwnedRwLockReadGuard<()>)>>,
-    pub(crate) finished_count: AtomicU64,
     pub(crate) sagas: Mutex<SagaCore>,
     /// When each running saga's deadline passes (set by its first step).
     pub(crate) saga_deadlines: Mutex<HashMap<SagaId, Instant>>,
@@ -353,8 +384,14 @@ impl Node {
     /// Opens the decision log, raises the generation, and recovers the
     /// logged commits (their redelivery starts in [`Node::run`]).
     pub async fn open(config: NodeConfig) -> Result<(Node, Recovered), Error> {
-        if config.node_id.as_str().len() > 24 {
-            return Err(Error::InvalidInput("the coordinator id has at most 24 characters".into()));
+        if config.node_id.as_str().len() > log::NODE_ID_LEN_MAX {
+            return Err(Error::InvalidInput(format!(
+                "the coordinator id has at most {} characters",
+                log::NODE_ID_LEN_MAX
+            )));
+        }
+        if config.idempotency_retention_ms == 0 {
+            return Err(Error::InvalidInput("the idempotency retention must be positive".into()));
         }
         let directory = Directory::new(config.shards.clone())?;
         let mut participants = BTreeMap::new();
@@ -371,9 +408,32 @@ impl Node {
                 .ok_or_else(|| Error::Fatal("the generation record is at its largest value".into()))?,
             None => 1,
         };
+        if generation > log::GENERATION_MAX {
+            return Err(Error::Fatal(format!(
+                "the generation record is at {}, the most a position holds; this log can hand out no more ids: start the coordinator on a new data directory",
+                generation - 1
+            )));
+        }
+        // A log that has no incarnation (new, or written before logs had
+        // one) gets one now, durably, with the generation.
+        let incarnation = match store.get(log::INCARNATION_KEY)? {
+            Some(bytes) => log::decode_at(log::INCARNATION_KEY, &bytes, log::decode_incarnation)?,
+            None => new_incarnation(),
+        };
         store
-            .write(vec![tandem::store::Op::Put(log::GENERATION_KEY.to_vec(), generation.to_le_bytes().to_vec())])
+            .write(vec![
+                tandem::store::Op::Put(log::GENERATION_KEY.to_vec(), generation.to_le_bytes().to_vec()),
+                tandem::store::Op::Put(log::INCARNATION_KEY.to_vec(), incarnation.to_le_bytes().to_vec()),
+            ])
             .await?;
+        let (mut two_phase_floors, mut saga_floors) = (BTreeMap::new(), BTreeMap::new());
+        for (key, value) in store.scan_prefix(log::WATERMARK_PREFIX)? {
+            let participant = log::id_from_key(log::WATERMARK_PREFIX, &key)?;
+            let (two_phase, sagas) = log::decode_at(&key, &value, log::decode_watermarks)?;
+            two_phase_floors.insert(participant.clone(), two_phase);
+            saga_floors.insert(participant, sagas);
+        }
+        let first_position = log::position(generation, 1)?;
         let logged = store
             .scan_prefix(log::DECISION_PREFIX)?
             .into_iter()
@@ -388,7 +448,6 @@ impl Node {
                 Ok((txn, record))
             })
             .collect::<Result<Vec<_>, Error>>()?;
-        let finished_count = store.scan_prefix(log::FINISHED_PREFIX)?.len() as u64;
         let fence = Arc::new(RwLock::new(()));
         let mut fence_guards = HashMap::new();
         for (txn, _) in &logged {
@@ -411,8 +470,11 @@ impl Node {
             .collect::<Result<Vec<_>, Error>>()?;
         let mut core = Core::new(config.active_max);
         let mut sagas = SagaCore::new(config.active_max);
+        core.start_positions(first_position, two_phase_floors);
+        sagas.start_positions(first_position, saga_floors);
         info!(
             node = %config.node_id,
+            incarnation = %format!("{incarnation:016x}"),
             generation,
             commits_to_finish = logged.len(),
             sagas_to_resume = logged_sagas.len(),
@@ -421,6 +483,7 @@ impl Node {
         let recovered = Recovered { commits: core.recover(logged)?, sagas: sagas.recover(logged_sagas) };
         let node = Node {
             inner: Arc::new(Inner {
+                incarnation,
                 generation,
                 next_sequence: AtomicU64::new(1),
                 core: Mutex::new(core),
@@ -433,7 +496,6 @@ impl Node {
                 keys: Mutex::new(()),
                 fence,
                 fence_guards: Mutex::new(fence_guards),
-                finished_count: AtomicU64::new(finished_count),
                 sagas: Mutex::new(sagas),
                 saga_deadlines: Mutex::new(HashMap::new()),
                 resolve_waiters: Mutex::new(HashMap::new()),
@@ -447,11 +509,66 @@ impl Node {
         self.inner.core.lock().expect("core lock poisoned")
     }
 
-    pub(crate) fn next_txn_id(&self) -> TxnId {
+    /// Releases the decision log of a node that will not run (it can be
+    /// opened again afterwards); [`Node::run`] does it when it stops.
+    pub fn close(&self) {
+        self.inner.store.close();
+    }
+
+    /// This coordinator's log incarnation.
+    pub fn incarnation(&self) -> u64 {
+        self.inner.incarnation
+    }
+
+    /// A new transaction or saga id and its position (see `log.rs`). The
+    /// caller holds the lock of the core that registers it, so that no
+    /// position is handed out and not yet registered while a watermark is
+    /// computed. Fails (and hands out nothing more) once the sequence is
+    /// spent: a restart starts a new generation.
+    pub(crate) fn next_txn_id(&self) -> Result<(TxnId, u64), Error> {
         let sequence = self.inner.next_sequence.fetch_add(1, Ordering::Relaxed);
-        // Zero-padded so that ids sort by age (the finished records rely on it).
-        let text = format!("{}-{:06}-{:012}", self.inner.config.node_id, self.inner.generation, sequence);
-        Id::parse("txn id", &text).expect("generated ids are valid")
+        let position = log::position(self.inner.generation, sequence)?;
+        let txn = log::txn_id(&self.inner.config.node_id, self.inner.incarnation, self.inner.generation, sequence)?;
+        Ok((txn, position))
+    }
+
+    /// The expiry time of an idempotency key or a finished record written now.
+    pub(crate) fn expires_ms(&self) -> u64 {
+        self.inner.config.wall_clock.unix_ms().saturating_add(self.inner.config.idempotency_retention_ms)
+    }
+
+    /// The result stored for an idempotency key, unless there is none or it
+    /// is past its retention (then a request with the key is a new one).
+    pub(crate) fn keyed_result(&self, key: &Id) -> Result<Option<log::KeyedResult>, Error> {
+        let record_key = log::key(log::KEY_PREFIX, key);
+        let Some(bytes) = self.inner.store.get(&record_key)? else { return Ok(None) };
+        let earlier = log::decode_at(&record_key, &bytes, log::decode_keyed)?;
+        if earlier.expired(self.inner.config.wall_clock.unix_ms()) {
+            debug!(%key, txn = %earlier.txn, "idempotency key past its retention: a new request");
+            return Ok(None);
+        }
+        Ok(Some(earlier))
+    }
+
+    /// Registers a new transaction in the core, its id handed out under the
+    /// core's lock, with a waiter for its outcome.
+    fn begin_transaction(
+        &self,
+        by_participant: BTreeMap<Id, Vec<Leg>>,
+        key: Option<Id>,
+        fingerprint: u64,
+    ) -> Result<(TxnId, oneshot::Receiver<Result<Outcome, Error>>, Vec<Action>), Error> {
+        let mut core = self.core();
+        let (txn, position) = self.next_txn_id()?;
+        let (reply, outcome) = oneshot::channel();
+        self.inner.waiters.lock().expect("waiters lock poisoned").insert(txn.clone(), Waiter { reply, fingerprint });
+        match core.begin(txn.clone(), position, by_participant, key) {
+            Ok(actions) => Ok((txn, outcome, actions)),
+            Err(error) => {
+                self.inner.waiters.lock().expect("waiters lock poisoned").remove(&txn);
+                Err(error)
+            }
+        }
     }
 
     /// Runs one transaction to its outcome. `Err` is bad input or an
@@ -464,45 +581,26 @@ impl Node {
         for leg in &legs {
             by_participant.entry(self.inner.directory.owner(leg.account)?.clone()).or_default().push(*leg);
         }
-        let fingerprint = log::fingerprint(&legs);
-        let txn = self.next_txn_id();
-        let (reply, outcome) = oneshot::channel();
-        self.inner.waiters.lock().expect("waiters lock poisoned").insert(txn.clone(), Waiter { reply, fingerprint });
-        let started = match &key {
+        let asked = log::Asked::TwoPhaseCommit;
+        let fingerprint = log::fingerprint(asked, &legs);
+        let (txn, outcome, actions) = match &key {
             Some(key) => {
                 let _serialised = self.inner.keys.lock().expect("keys lock poisoned");
-                let stored = self.inner.store.get(&log::key(log::KEY_PREFIX, key)).inspect_err(|_| {
-                    self.inner.waiters.lock().expect("waiters lock poisoned").remove(&txn);
-                })?;
-                match stored {
-                    Some(bytes) => {
-                        self.inner.waiters.lock().expect("waiters lock poisoned").remove(&txn);
-                        let earlier = log::decode_at(&log::key(log::KEY_PREFIX, key), &bytes, log::decode_keyed)?;
-                        if earlier.fingerprint != fingerprint {
-                            return Err(Error::InvalidInput(format!(
-                                "idempotency key {key} was used for a different request ({})",
-                                earlier.txn
-                            )));
-                        }
-                        return Ok((earlier.txn, earlier.outcome));
-                    }
-                    None => match self.inner.sagas.lock().expect("saga lock poisoned").key_in_flight(key) {
-                        Some(saga) => Err(Error::Conflict(format!(
-                            "a saga with idempotency key {key} is running ({saga}); retry to get its outcome"
-                        ))),
-                        None => self.core().begin(txn.clone(), by_participant, Some(key.clone())),
-                    },
+                if let Some(earlier) = self.keyed_result(key)? {
+                    log::same_request(key, &earlier, asked, &legs)?;
+                    return Ok((earlier.txn, earlier.outcome));
                 }
+                let saga = self.inner.sagas.lock().expect("saga lock poisoned").key_in_flight(key).cloned();
+                if let Some(saga) = saga {
+                    return Err(Error::Conflict(format!(
+                        "a saga with idempotency key {key} is running ({saga}); retry to get its outcome"
+                    )));
+                }
+                self.begin_transaction(by_participant, Some(key.clone()), fingerprint)?
             }
-            None => self.core().begin(txn.clone(), by_participant, None),
+            None => self.begin_transaction(by_participant, None, fingerprint)?,
         };
-        match started {
-            Ok(actions) => self.execute(actions),
-            Err(error) => {
-                self.inner.waiters.lock().expect("waiters lock poisoned").remove(&txn);
-                return Err(error);
-            }
-        }
+        self.execute(actions);
         let outcome =
             outcome.await.unwrap_or_else(|_| Err(Error::Unavailable("the coordinator is stopping".into())))?;
         Ok((txn, outcome))
@@ -513,9 +611,9 @@ impl Node {
         for action in actions {
             debug!(?action, "execute");
             match action {
-                Action::SendPrepare { txn, participant, legs } => {
+                Action::SendPrepare { txn, position, participant, legs } => {
                     let deadline = Instant::now() + Duration::from_millis(self.inner.config.prepare_timeout_ms);
-                    self.outbound(&participant).prepares.push(QueuedPrepare { txn, legs, deadline });
+                    self.outbound(&participant).prepares.push(QueuedPrepare { txn, position, legs, deadline });
                 }
                 Action::PersistCommit { txn, record } => {
                     let node = self.clone();
@@ -527,7 +625,7 @@ impl Node {
                             .expect("guards lock poisoned")
                             .insert(txn.clone(), (Instant::now(), guard));
                         let fingerprint = node.waiter_fingerprint(&txn);
-                        let written = match log::commit_ops(&txn, &record, fingerprint) {
+                        let written = match log::commit_ops(&txn, &record, fingerprint, node.expires_ms()) {
                             Ok(ops) => node.inner.store.write(ops).await,
                             Err(error) => Err(error),
                         };
@@ -549,21 +647,20 @@ impl Node {
                     });
                 }
                 Action::SendCommit { txn, participant } => self.outbound(&participant).commits.push(txn),
-                Action::SendAbort { txn, participant } => {
+                Action::SendAbort { txn, position, participant } => {
                     let node = self.clone();
-                    tokio::spawn(async move { node.send_abort(&txn, &participant).await });
+                    tokio::spawn(async move { node.send_abort(&txn, position, &participant).await });
                 }
                 Action::PersistAbort { txn, key, outcome } => {
                     let node = self.clone();
                     tokio::spawn(async move {
                         let fingerprint = node.waiter_fingerprint(&txn);
-                        let written = match log::abort_ops(&txn, &key, &outcome, fingerprint) {
+                        let written = match log::abort_ops(&txn, &key, &outcome, fingerprint, node.expires_ms()) {
                             Ok(ops) => node.inner.store.write(ops).await,
                             Err(error) => Err(error),
                         };
                         match written {
                             Ok(()) => {
-                                node.inner.finished_count.fetch_add(1, Ordering::Relaxed);
                                 let next = node.core().on_abort_durable(&txn, outcome);
                                 node.execute(next);
                             }
@@ -578,17 +675,14 @@ impl Node {
                     tokio::spawn(async move {
                         // Unsynced: a lost end record only means commits are
                         // redelivered after a restart, and applied once.
-                        let written = log::end_ops(&txn, idempotency_key)
+                        let written = log::end_ops(&txn, idempotency_key, node.expires_ms())
                             .and_then(|ops| node.inner.store.submit(ops, Durability::Buffered));
                         let result = match written {
                             Ok(wait) => wait.await.unwrap_or_else(|_| Err(Error::Fatal("writer stopped".into()))),
                             Err(error) => Err(error),
                         };
                         match result {
-                            Ok(()) => {
-                                node.inner.finished_count.fetch_add(1, Ordering::Relaxed);
-                                node.core().on_end_durable(&txn);
-                            }
+                            Ok(()) => node.core().on_end_durable(&txn),
                             Err(error) => error!(%txn, %error, "writing an end record failed"),
                         }
                     });
@@ -679,13 +773,17 @@ impl Node {
         // Oldest first: the first deadline is the earliest.
         if let Some(timeout) = batch.first().map(|p| p.deadline - now) {
             let coordinator_id = self.inner.config.node_id.to_string();
+            // Read now: every prepare in the batch holds it back already.
+            let low_watermark = self.core().watermark(&participant);
             let prepares = batch
                 .iter()
                 .map(|p| pb::PrepareRequest {
                     txn_id: p.txn.to_string(),
                     coordinator_id: coordinator_id.clone(),
                     legs: p.legs.iter().copied().map(pb::Leg::from).collect(),
-                    ..Default::default()
+                    coordinator_incarnation: self.inner.incarnation,
+                    position: p.position,
+                    low_watermark,
                 })
                 .collect();
             let mut client = self.client(&participant);
@@ -723,7 +821,10 @@ impl Node {
         let now = Instant::now();
         let batch: Vec<QueuedStep> = batch.into_iter().filter(|s| s.deadline > now).collect();
         let Some(timeout) = batch.first().map(|s| s.deadline - now) else { return };
-        let (steps, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|s| (s.step, s.reply)).unzip();
+        let (mut steps, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|s| (s.step, s.reply)).unzip();
+        // Read now: every saga with a step in the batch holds it back already.
+        let low_watermark = self.inner.sagas.lock().expect("saga lock poisoned").watermark(&participant);
+        steps.iter_mut().for_each(|step| step.low_watermark = low_watermark);
         let mut client = self.client(&participant);
         let answered = timed_call(timeout, client.saga_step_batch(pb::SagaStepBatchRequest { steps })).await;
         match answers_for(&replies, answered.map(|r| r.results)) {
@@ -863,8 +964,12 @@ impl Node {
     }
 
     async fn commit_call(&self, participant: &Id, txns: &[TxnId], timeout: Duration) -> Result<(), Status> {
-        let request =
-            pb::DecisionBatchRequest { txn_ids: txns.iter().map(|t| t.to_string()).collect(), ..Default::default() };
+        let request = pb::DecisionBatchRequest {
+            txn_ids: txns.iter().map(|t| t.to_string()).collect(),
+            coordinator_id: self.inner.config.node_id.to_string(),
+            coordinator_incarnation: self.inner.incarnation,
+            low_watermark: self.core().watermark(participant),
+        };
         timed_call(timeout, self.client(participant).commit_batch(request)).await.map(drop)
     }
 
@@ -945,13 +1050,16 @@ impl Node {
         }
     }
 
-    async fn send_abort(&self, txn: &TxnId, participant: &Id) {
+    async fn send_abort(&self, txn: &TxnId, position: u64, participant: &Id) {
         let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
         let mut client = self.client(participant);
-        if let Err(status) =
-            timed_call(timeout, client.abort(pb::DecisionRequest { txn_id: txn.to_string(), ..Default::default() }))
-                .await
-        {
+        let request = pb::DecisionRequest {
+            txn_id: txn.to_string(),
+            coordinator_id: self.inner.config.node_id.to_string(),
+            coordinator_incarnation: self.inner.incarnation,
+            position,
+        };
+        if let Err(status) = timed_call(timeout, client.abort(request)).await {
             debug!(%txn, %participant, error = %status.message(), "abort not delivered; the participant will ask");
         }
     }
@@ -964,7 +1072,22 @@ impl Node {
     /// is durable, so no participant can legitimately be in doubt about it.
     /// One that asks holds a stale duplicate of the prepare, prepared anew
     /// after it forgot the original; COMMIT would apply the transfer twice.
-    pub fn decision(&self, txn: &TxnId) -> Result<Decision, Error> {
+    ///
+    /// `asked_incarnation` is the incarnation the participant says the
+    /// transaction was prepared under (0: it does not say); one of another
+    /// incarnation is never answered from this log (see
+    /// [`crate::core::other_incarnation`]).
+    pub fn decision(&self, txn: &TxnId, asked_incarnation: u64) -> Result<Decision, Error> {
+        let carried = log::incarnation_of(&self.inner.config.node_id, txn);
+        if let Some(other) = crate::core::other_incarnation(self.inner.incarnation, asked_incarnation, carried) {
+            warn!(
+                %txn,
+                incarnation = %format!("{other:016x}"),
+                own = %format!("{:016x}", self.inner.incarnation),
+                "a participant asked about a transaction of another incarnation of this coordinator (its log is gone): its decision is unknown here, never presumed ABORT"
+            );
+            return Ok(Decision::UnknownIncarnation);
+        }
         if let Some(decision) = self.core().query(txn) {
             return Ok(decision);
         }
@@ -1024,6 +1147,7 @@ impl Node {
         }
         let prober = tokio::spawn(self.clone().probe_participants(health_reporter));
         let collector = tokio::spawn(self.clone().collect_garbage());
+        let watermarks = tokio::spawn(self.clone().keep_watermarks());
         let senders: Vec<_> = self
             .inner
             .outbound
@@ -1047,6 +1171,7 @@ impl Node {
             .await;
         prober.abort();
         collector.abort();
+        watermarks.abort();
         senders.iter().for_each(|sender| sender.abort());
         self.inner.store.close();
         info!(node = %self.inner.config.node_id, in_flight = self.core().active_count(), "stopped");
@@ -1127,47 +1252,151 @@ impl Node {
         }
     }
 
-    /// Keeps the finished records (and their idempotency keys) to the most
-    /// recent `finished_retained_max`.
-    async fn collect_garbage(self) {
-        let mut tick = tokio::time::interval(Duration::from_millis(GC_INTERVAL_MS));
+    /// Every [`WATERMARK_INTERVAL_MS`], makes the low watermarks that rose
+    /// durable (one Lazy write: it rides on the next fsync), then tells the
+    /// cores, which send them from then on. So a watermark is in the log
+    /// before any participant hears it, and a restart never sends a lower
+    /// one (see `watermark.rs`).
+    async fn keep_watermarks(self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(WATERMARK_INTERVAL_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let count = self.inner.finished_count.load(Ordering::Relaxed);
-            let excess = count.saturating_sub(self.inner.config.finished_retained_max) as usize;
-            if excess == 0 {
-                continue;
+            if let Err(error) = self.raise_watermarks().await {
+                warn!(%error, "the low watermarks could not be logged; they are not raised");
             }
-            let oldest = match self.inner.store.scan_prefix_first(log::FINISHED_PREFIX, excess.min(GC_BATCH_MAX)) {
-                Ok(rows) => rows,
+        }
+    }
+
+    /// One round of [`Node::keep_watermarks`]; says whether any rose.
+    pub(crate) async fn raise_watermarks(&self) -> Result<bool, Error> {
+        // Lock order: the 2PC core, then the saga core.
+        let (two_phase, sagas, rows) = {
+            let core = self.core();
+            let saga_core = self.inner.sagas.lock().expect("saga lock poisoned");
+            let two_phase = core.watermarks_due();
+            let sagas = saga_core.watermarks_due();
+            let mut rows: BTreeMap<Id, (u64, u64)> = BTreeMap::new();
+            for participant in two_phase.iter().chain(&sagas).map(|(participant, _)| participant) {
+                rows.insert(participant.clone(), (core.watermark(participant), saga_core.watermark(participant)));
+            }
+            for (participant, watermark) in &two_phase {
+                rows.get_mut(participant).expect("a row per participant").0 = *watermark;
+            }
+            for (participant, watermark) in &sagas {
+                rows.get_mut(participant).expect("a row per participant").1 = *watermark;
+            }
+            (two_phase, sagas, rows)
+        };
+        if rows.is_empty() {
+            return Ok(false);
+        }
+        let ops = rows
+            .iter()
+            .map(|(participant, (two_phase, sagas))| {
+                tandem::store::Op::Put(
+                    log::key(log::WATERMARK_PREFIX, participant),
+                    log::encode_watermarks(*two_phase, *sagas),
+                )
+            })
+            .collect();
+        let written = self.inner.store.submit(ops, Durability::Lazy)?;
+        written.await.unwrap_or_else(|_| Err(Error::Fatal("the writer stopped".into())))?;
+        self.core().on_watermarks_durable(&two_phase);
+        self.inner.sagas.lock().expect("saga lock poisoned").on_watermarks_durable(&sagas);
+        debug!(?two_phase, ?sagas, "low watermarks raised");
+        Ok(true)
+    }
+
+    /// Every [`GC_INTERVAL_MS`], deletes the idempotency keys and finished
+    /// records past their retention, reading the expiry index (`x/`, in
+    /// order of expiry) in batches of [`GC_BATCH_MAX`] until nothing more
+    /// is due: so it keeps up with any write rate, and reads (beyond what
+    /// is due) at most one batch a round.
+    async fn collect_garbage(self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(GC_INTERVAL_MS));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            loop {
+                match self.collect_due().await {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(error) => {
+                        warn!(%error, "garbage collection failed; trying again later");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Deletes one batch of due records; says whether more may be due.
+    pub(crate) async fn collect_due(&self) -> Result<bool, Error> {
+        let now_ms = self.inner.config.wall_clock.unix_ms();
+        let entries = self.inner.store.scan_prefix_first(log::EXPIRY_PREFIX, GC_BATCH_MAX)?;
+        let read = entries.len();
+        let mut ops = Vec::new();
+        let mut due = 0;
+        // A key in use by a request that has started (or a rewrite of its
+        // record racing with this delete) must not lose its record: the
+        // check and the deletes are made under the lock that serialises
+        // requests with keys, and submitted before it is released.
+        let _serialised = self.inner.keys.lock().expect("keys lock poisoned");
+        for (index_key, _) in &entries {
+            let (expires_ms, record_key) = match log::parse_expiry_key(index_key) {
+                Ok(parsed) => parsed,
                 Err(error) => {
-                    warn!(%error, "garbage collection could not read the log");
+                    // It indexes nothing that can be read: it goes, a
+                    // record it may have named stays (a leak, not a guess).
+                    error!(%error, "an expiry index entry does not parse; dropped");
+                    due += 1;
+                    ops.push(tandem::store::Op::Delete(index_key.clone()));
                     continue;
                 }
             };
-            let mut ops = Vec::with_capacity(oldest.len() * 2);
-            for (key, value) in &oldest {
-                match log::decode_at(key, value, log::decode_finished) {
-                    Ok(finished) => {
-                        if let Some(idem) = finished.idempotency_key {
-                            ops.push(tandem::store::Op::Delete(log::key(log::KEY_PREFIX, &idem)));
-                        }
-                    }
-                    // Its key's record (if any) stays: a leak, not a guess.
-                    Err(error) => error!(%error, "a finished record does not decode; collected without its key"),
-                }
-                ops.push(tandem::store::Op::Delete(key.clone()));
+            if expires_ms > now_ms {
+                break;
             }
-            match self.inner.store.submit(ops, Durability::Buffered) {
-                Ok(wait) => {
-                    if let Ok(Ok(())) = wait.await {
-                        self.inner.finished_count.fetch_sub(oldest.len() as u64, Ordering::Relaxed);
-                        debug!(removed = oldest.len(), "finished records collected");
-                    }
+            due += 1;
+            ops.push(tandem::store::Op::Delete(index_key.clone()));
+            let Some(bytes) = self.inner.store.get(record_key)? else { continue };
+            // The record's own expiry says whether this entry is its latest.
+            let record_expiry = if record_key.starts_with(log::KEY_PREFIX) {
+                let in_flight = log::id_from_key(log::KEY_PREFIX, record_key).map(|key| {
+                    self.core().key_in_flight(&key).is_some()
+                        || self.inner.sagas.lock().expect("saga lock poisoned").key_in_flight(&key).is_some()
+                });
+                match in_flight {
+                    Ok(true) => continue,
+                    Ok(false) => log::decode_at(record_key, &bytes, log::decode_keyed).map(|keyed| keyed.expires_ms),
+                    Err(error) => Err(error),
                 }
-                Err(error) => warn!(%error, "garbage collection could not write"),
+            } else if record_key.starts_with(log::FINISHED_PREFIX) {
+                log::decode_at(record_key, &bytes, log::decode_finished).map(|finished| finished.expires_ms)
+            } else {
+                error!(key = %tandem::codec::show_key(index_key), "an expiry index entry for a record that expires not; dropped");
+                continue;
+            };
+            match record_expiry {
+                Ok(record_expiry) if record_expiry != 0 && record_expiry <= now_ms => {
+                    ops.push(tandem::store::Op::Delete(record_key.to_vec()))
+                }
+                Ok(_) => {}
+                // Never a guess: the record stays, and says it is corrupt
+                // to whoever reads it.
+                Err(error) => error!(%error, "a record the expiry index names does not decode; it stays"),
             }
         }
+        if ops.is_empty() {
+            return Ok(false);
+        }
+        let removed = ops.len();
+        let written = self.inner.store.submit(ops, Durability::Buffered)?;
+        drop(_serialised);
+        written.await.unwrap_or_else(|_| Err(Error::Fatal("the writer stopped".into())))?;
+        debug!(removed, "expired idempotency keys and finished records collected");
+        Ok(due == read && read == GC_BATCH_MAX)
     }
 
     async fn audit(&self, include_accounts: bool) -> Result<pb::AuditResponse, Error> {
@@ -1426,14 +1655,18 @@ impl Coordinator for Node {
         let request = request.into_inner();
         let txn = Id::parse("txn_id", &request.txn_id)?;
         let participant = Id::parse("participant_id", &request.participant_id)?;
-        let decision = self.decision(&txn)?;
+        let decision = self.decision(&txn, request.coordinator_incarnation)?;
         debug!(%txn, %participant, ?decision, "decision query");
         let decision = match decision {
             Decision::Commit => pb::Decision::Commit,
             Decision::Abort => pb::Decision::Abort,
             Decision::Pending => pb::Decision::Pending,
+            Decision::UnknownIncarnation => pb::Decision::UnknownIncarnation,
         };
-        Ok(Response::new(pb::QueryDecisionResponse { decision: decision as i32, ..Default::default() }))
+        Ok(Response::new(pb::QueryDecisionResponse {
+            decision: decision as i32,
+            coordinator_incarnation: self.inner.incarnation,
+        }))
     }
 
     async fn audit(&self, request: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
@@ -1454,6 +1687,22 @@ impl Coordinator for Node {
         let request = request.into_inner();
         let saga = Id::parse("saga_id", &request.saga_id)?;
         Ok(Response::new(self.resolve_dead_letter(&saga, request.to_account).await?))
+    }
+}
+
+/// A random nonzero incarnation for a new log: from the process's random
+/// hashing keys (seeded by the operating system), the time and the pid.
+fn new_incarnation() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    loop {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        hasher.write_u128(now.as_nanos());
+        hasher.write_u32(std::process::id());
+        let incarnation = hasher.finish();
+        if incarnation != 0 {
+            return incarnation;
+        }
     }
 }
 

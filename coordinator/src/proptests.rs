@@ -86,14 +86,21 @@ proptest! {
     fn the_2pc_core_takes_any_sequence_of_inputs_without_a_panic(inputs in proptest::collection::vec(two_pc(), 1..60)) {
         let mut core = Core::new(3);
         let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
+        let mut next_position = 1u64;
         for input in inputs {
+            // The watermarks rise (the core asserts they never go back, and
+            // never pass a transaction or saga that holds them).
+            let due = core.watermarks_due();
+            core.on_watermarks_durable(&due);
             let (txn_name, actions, durable_call) = match input {
                 TwoPc::Begin(t, participants, key) => {
                     let legs: BTreeMap<Id, Vec<Leg>> = participants
                         .iter()
                         .map(|p| (id(&format!("p{p}")), vec![Leg { account: *p as u64, amount: 1 }]))
                         .collect();
-                    let actions = core.begin(id(&format!("t{t}")), legs, key.map(|k| id(&format!("k{k}"))));
+                    let actions =
+                        core.begin(id(&format!("t{t}")), next_position, legs, key.map(|k| id(&format!("k{k}"))));
+                    next_position += 1;
                     if actions.is_ok() {
                         seen.insert(format!("t{t}"), Seen::default());
                     }
@@ -166,7 +173,7 @@ proptest! {
                     }
                     Action::PersistAbort { key, outcome, txn } => {
                         prop_assert!(!seen.persisted_commit);
-                        prop_assert!(log::abort_ops(&txn, &key, &outcome, 1).is_ok(), "the outcome fits the log");
+                        prop_assert!(log::abort_ops(&txn, &key, &outcome, 1, 86_400_000).is_ok(), "the outcome fits the log");
                     }
                     Action::SendPrepare { .. } | Action::PersistEnd { .. } => {}
                 }
@@ -228,6 +235,7 @@ fn spec(amount: i64, key: Option<u8>) -> SagaSpec {
         recovery: Recovery::Backward,
         idempotency_key: key.map(|k| id(&format!("k{k}"))),
         fingerprint: 7,
+        position: 0,
     }
 }
 
@@ -237,14 +245,20 @@ proptest! {
     #[test]
     fn the_saga_core_takes_any_sequence_of_inputs_without_a_panic(inputs in proptest::collection::vec(saga_input(), 1..60)) {
         let mut core = SagaCore::new(3);
+        let mut next_position = 1u64;
         // Sagas finished, by name, in their current incarnation.
         let mut finished: BTreeSet<String> = BTreeSet::new();
         let mut amounts: BTreeMap<String, i64> = BTreeMap::new();
         let mut waits_for: BTreeMap<String, (StepKind, StepPhase)> = BTreeMap::new();
         for input in inputs {
+            // The watermarks rise (the core asserts they never go back, and
+            // never pass a transaction or saga that holds them).
+            let due = core.watermarks_due();
+            core.on_watermarks_durable(&due);
             let actions = match input {
                 SagaInput::Begin(s, amount, key) => {
-                    let began = core.begin(id(&format!("s{s}")), spec(amount, key));
+                    let began = core.begin(id(&format!("s{s}")), SagaSpec { position: next_position, ..spec(amount, key) });
+                    next_position += 1;
                     if began.is_ok() {
                         prop_assert!(amount > 0, "a saga of {} began", amount);
                         finished.remove(&format!("s{s}"));
@@ -268,7 +282,9 @@ proptest! {
                     }
                     SagaAction::Finish { saga, spec, outcome } => {
                         prop_assert!(finished.insert(saga.to_string()), "{} finished twice", saga);
-                        prop_assert!(log::saga_finish_ops(&saga, &spec, &outcome).is_ok(), "an outcome that does not fit the log");
+                        prop_assert!(log::saga_finish_ops(&saga, &spec, &outcome, 86_400_000).is_ok(), "an outcome that does not fit the log");
+                        // Its terminal record is written, as the driver says.
+                        core.on_finish_written(&saga);
                     }
                     SagaAction::DeadLetter { saga, record, outcome } => {
                         prop_assert_eq!(Some(&record.parked), amounts.get(saga.as_str()), "parked other than the debit");
@@ -308,6 +324,15 @@ fn valid_log_records() -> Vec<(Decoder, Vec<u8>)> {
     fn generation(bytes: &[u8]) -> bool {
         log::decode_generation(bytes).is_ok()
     }
+    fn incarnation(bytes: &[u8]) -> bool {
+        log::decode_incarnation(bytes).is_ok()
+    }
+    fn watermarks(bytes: &[u8]) -> bool {
+        log::decode_watermarks(bytes).is_ok()
+    }
+    fn expiry(bytes: &[u8]) -> bool {
+        log::parse_expiry_key(bytes).is_ok()
+    }
     let record = SagaRecord {
         spec: spec(30, Some(1)),
         stage: Stage::Parking,
@@ -321,6 +346,7 @@ fn valid_log_records() -> Vec<(Decoder, Vec<u8>)> {
             log::encode_commit(&CommitRecord {
                 participants: vec![id("p1"), id("p2")],
                 idempotency_key: Some(id("k")),
+                position: 1 << 40 | 1,
             })
             .unwrap(),
         ),
@@ -329,6 +355,7 @@ fn valid_log_records() -> Vec<(Decoder, Vec<u8>)> {
             log::encode_finished(&log::Finished {
                 outcome: log::FinishedAs::Committed,
                 idempotency_key: Some(id("k")),
+                expires_ms: 1_700_000_000_000,
             })
             .unwrap(),
         ),
@@ -338,6 +365,7 @@ fn valid_log_records() -> Vec<(Decoder, Vec<u8>)> {
                 txn: id("t1"),
                 outcome: Outcome::Aborted(AbortReason::Refused, "no".into()),
                 fingerprint: 3,
+                expires_ms: 1_700_000_000_000,
             })
             .unwrap(),
         ),
@@ -347,11 +375,15 @@ fn valid_log_records() -> Vec<(Decoder, Vec<u8>)> {
                 txn: id("t1"),
                 outcome: Outcome::Compensated(Some(AbortReason::Refused), "back".into()),
                 fingerprint: 3,
+                expires_ms: 1_700_000_000_000,
             })
             .unwrap(),
         ),
         (saga, log::encode_saga(&record).unwrap()),
         (generation, 7u64.to_le_bytes().to_vec()),
+        (incarnation, 0x1234_5678_9abc_def0u64.to_le_bytes().to_vec()),
+        (watermarks, log::encode_watermarks(1 << 40 | 5, 1 << 40 | 3)),
+        (expiry, log::expiry_key(1_700_000_000_000, b"k/key")),
     ]
 }
 

@@ -68,6 +68,35 @@
 //! the compensation came to (refunded, empty, or parked in suspense), so the
 //! saga ends where it had already got to and the client hears the truth.
 //!
+//! # Positions and the saga watermark
+//!
+//! Each saga has a position ([`SagaSpec::position`], handed out by the
+//! driver under this core's lock, from the same sequence as transactions).
+//! A saga holds the saga watermark of each participant it may still send a
+//! step to, by stage: both of its participants until it turns back to its
+//! debit's compensation (starting, debiting, crediting, compensating the
+//! credit); then only the source (compensating the debit, parking). Its
+//! watermark is the smallest position among the sagas that hold it, or,
+//! with none, the next position; what is sent is the last value made
+//! durable in the log, as for 2PC (`crate::watermark`), and it never goes
+//! back (asserted).
+//!
+//! A dead letter keeps holding its source participant: it sends one more
+//! step there, the Release, once an operator resolves it, however long
+//! that takes; a watermark past it would make that Release look like a
+//! late step. Dead letters are few and listed, and they hold nothing else
+//! (not the target, not 2PC's watermark).
+//!
+//! Why the watermark a restarted coordinator recovers with is right: a
+//! saga leaves a participant only by a stage change, and the driver
+//! submits a stage's record to the log under this core's lock, so before
+//! any watermark computed afterwards is written (the log is one ordered
+//! WAL, and a watermark is written with an fsync, which makes the stage
+//! durable too); a saga that ends holds its participants until its
+//! terminal record is written ([`SagaCore::on_finish_written`]). So a saga
+//! below a durable watermark never resumes at a stage that sends a step
+//! to that participant.
+//!
 //! # Input
 //!
 //! Nothing reaches a panic: a saga id already in use is refused, a result
@@ -85,7 +114,8 @@
 //! bench measures how often.
 
 use crate::core::{AbortReason, Outcome};
-use std::collections::HashMap;
+use crate::watermark::Watermarks;
+use std::collections::{BTreeMap, HashMap};
 use tandem::domain::{clip_text, AccountId, Amount, Id, REASON_STORED_LEN_MAX};
 use tandem::Error;
 
@@ -114,6 +144,8 @@ pub struct SagaSpec {
     pub idempotency_key: Option<Id>,
     /// Fingerprint of the request, for the idempotency record.
     pub fingerprint: u64,
+    /// The saga's position (0 in records written before positions).
+    pub position: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -204,6 +236,8 @@ pub enum SagaAction {
     /// [`SagaCore::on_step`].
     Step {
         saga: SagaId,
+        /// The saga's position, stamped on the step.
+        position: u64,
         participant: Id,
         kind: StepKind,
         phase: StepPhase,
@@ -225,11 +259,91 @@ pub struct SagaCore {
     sagas: HashMap<SagaId, SagaRecord>,
     keys_in_flight: HashMap<Id, SagaId>,
     active_max: usize,
+    marks: Watermarks,
+    /// The participants whose saga watermark each saga holds, at its
+    /// position; a saga that ended stays here until its terminal record is
+    /// written.
+    holds: HashMap<SagaId, (u64, Vec<Id>)>,
+}
+
+/// The participants a saga at `stage` may still send a step to.
+fn needed(spec: &SagaSpec, stage: Stage) -> Vec<Id> {
+    match stage {
+        Stage::Starting | Stage::Debiting | Stage::Crediting | Stage::CompensatingCredit => {
+            let mut both = vec![spec.from_participant.clone(), spec.to_participant.clone()];
+            both.dedup();
+            both
+        }
+        Stage::CompensatingDebit | Stage::Parking | Stage::DeadLettered | Stage::Releasing => {
+            vec![spec.from_participant.clone()]
+        }
+    }
 }
 
 impl SagaCore {
     pub fn new(active_max: usize) -> SagaCore {
-        SagaCore { sagas: HashMap::new(), keys_in_flight: HashMap::new(), active_max }
+        SagaCore {
+            sagas: HashMap::new(),
+            keys_in_flight: HashMap::new(),
+            active_max,
+            marks: Watermarks::default(),
+            holds: HashMap::new(),
+        }
+    }
+
+    /// Sets where positions start (the first of this process's generation)
+    /// and the durable saga watermarks read back from the log; before
+    /// [`SagaCore::recover`].
+    pub fn start_positions(&mut self, next_position: u64, floors: BTreeMap<Id, u64>) {
+        self.marks.start(next_position, floors);
+    }
+
+    /// The saga watermark to send to `participant` (see the essay).
+    pub fn watermark(&self, participant: &Id) -> u64 {
+        self.marks.floor(participant)
+    }
+
+    /// The saga watermarks that may rise, to be made durable and then
+    /// passed to [`SagaCore::on_watermarks_durable`].
+    pub fn watermarks_due(&self) -> Vec<(Id, u64)> {
+        self.marks.due()
+    }
+
+    /// These saga watermarks are durable: they are sent from now on.
+    pub fn on_watermarks_durable(&mut self, advanced: &[(Id, u64)]) {
+        self.marks.on_durable(advanced)
+    }
+
+    /// How many sagas hold `participant`'s saga watermark.
+    pub fn holding_count(&self, participant: &Id) -> usize {
+        self.marks.held_count(participant)
+    }
+
+    /// Makes `saga` hold exactly the participants its stage needs (only
+    /// ever fewer than before, except when it is first held).
+    fn rehold(&mut self, saga: &SagaId) {
+        let Some(record) = self.sagas.get(saga) else { return };
+        let wanted = needed(&record.spec, record.stage);
+        let position = record.spec.position;
+        let (_, held) = self.holds.entry(saga.clone()).or_insert_with(|| (position, Vec::new()));
+        let released: Vec<Id> = held.iter().filter(|p| !wanted.contains(p)).cloned().collect();
+        held.retain(|p| wanted.contains(p));
+        for participant in released {
+            self.marks.release(&participant, position, saga);
+        }
+    }
+
+    /// The terminal record of a saga that ended is written: it no longer
+    /// holds any watermark.
+    pub fn on_finish_written(&mut self, saga: &SagaId) {
+        if self.sagas.contains_key(saga) {
+            return; // a dead letter: it still holds its source.
+        }
+        if let Some((position, held)) = self.holds.remove(saga) {
+            for participant in held {
+                self.marks.release(&participant, position, saga);
+            }
+        }
     }
 
     pub fn key_in_flight(&self, key: &Id) -> Option<&SagaId> {
@@ -237,7 +351,7 @@ impl SagaCore {
     }
 
     pub fn begin(&mut self, saga: SagaId, spec: SagaSpec) -> Result<Vec<SagaAction>, Error> {
-        if self.sagas.contains_key(&saga) {
+        if self.sagas.contains_key(&saga) || self.holds.contains_key(&saga) {
             return Err(Error::AlreadyExists(format!("saga {saga} is running already")));
         }
         if spec.amount <= 0 {
@@ -253,8 +367,17 @@ impl SagaCore {
                     "a saga with idempotency key {key} is running ({other}); retry to get its outcome"
                 )));
             }
+        }
+        self.marks.register(spec.position)?;
+        if let Some(key) = &spec.idempotency_key {
             self.keys_in_flight.insert(key.clone(), saga.clone());
         }
+        let position = spec.position;
+        let participants = needed(&spec, Stage::Starting);
+        for participant in &participants {
+            self.marks.hold(participant, position, &saga);
+        }
+        self.holds.insert(saga.clone(), (position, participants));
         let record = SagaRecord { spec, stage: Stage::Starting, reason: String::new(), cause: None, parked: 0 };
         self.sagas.insert(saga.clone(), record.clone());
         Ok(vec![SagaAction::Persist { saga, record, fsync: true }])
@@ -297,6 +420,7 @@ impl SagaCore {
         };
         Some(SagaAction::Step {
             saga: saga.clone(),
+            position: spec.position,
             participant: participant.clone(),
             kind,
             phase,
@@ -314,6 +438,7 @@ impl SagaCore {
         }
         let mut actions = vec![SagaAction::Persist { saga: saga.clone(), record: record.clone(), fsync: false }];
         actions.extend(Self::stage_step(saga, record));
+        self.rehold(saga);
         actions
     }
 
@@ -415,6 +540,7 @@ impl SagaCore {
                 let Some(record) = self.sagas.get_mut(saga) else { return Vec::new() };
                 record.stage = Stage::DeadLettered;
                 record.parked = amount;
+                // Parking held only the source already, as a dead letter does.
                 if let Some(key) = &record.spec.idempotency_key {
                     self.keys_in_flight.remove(key);
                 }
@@ -477,6 +603,7 @@ impl SagaCore {
         record.stage = Stage::Releasing;
         Ok(vec![SagaAction::Step {
             saga: saga.clone(),
+            position: record.spec.position,
             participant: record.spec.from_participant.clone(),
             kind: StepKind::Release,
             phase: StepPhase::Action,
@@ -522,6 +649,14 @@ impl SagaCore {
                     self.keys_in_flight.insert(key.clone(), saga.clone());
                 }
             }
+            // A saga below a participant's durable watermark had sent its
+            // last step there (see the essay): it does not hold it again.
+            let position = record.spec.position;
+            let held: Vec<Id> = needed(&record.spec, record.stage)
+                .into_iter()
+                .filter(|participant| self.marks.hold(participant, position, &saga))
+                .collect();
+            self.holds.insert(saga.clone(), (position, held));
             self.sagas.insert(saga, record);
         }
         actions

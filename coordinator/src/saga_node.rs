@@ -7,7 +7,6 @@ use crate::core::{AbortReason, Outcome};
 use crate::log;
 use crate::node::{abort_reason_from_pb, Node, QueuedStep, Waiter};
 use crate::saga::{Recovery, Retry, SagaAction, SagaId, SagaRecord, SagaSpec, Stage, StepKind, StepPhase, StepResult};
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tandem::domain::{clip_text, AccountId, Amount, Id, REASON_LEN_MAX};
 use tandem::pb;
@@ -29,6 +28,37 @@ impl Node {
         self.inner.sagas.lock().expect("saga lock poisoned")
     }
 
+    /// Runs `event` on the saga core and carries out its actions. The
+    /// stage records it asks for are submitted to the log under the core's
+    /// lock, so that a watermark computed afterwards is written behind them
+    /// (see the saga core's essay); the rest is carried out after.
+    pub(crate) fn saga_event(&self, event: impl FnOnce(&mut crate::saga::SagaCore) -> Vec<SagaAction>) {
+        let rest = {
+            let mut core = self.saga_core();
+            let actions = event(&mut core);
+            let mut rest = Vec::with_capacity(actions.len());
+            for action in actions {
+                match action {
+                    SagaAction::Persist { saga, record, fsync: false } => {
+                        debug!(%saga, stage = ?record.stage, "log saga stage");
+                        // Ordered behind the earlier writes of this saga; a
+                        // lost stage is redone after a restart.
+                        let submitted = log::encode_saga(&record).and_then(|value| {
+                            let ops = vec![tandem::store::Op::Put(log::key(log::SAGA_PREFIX, &saga), value)];
+                            self.inner.store.submit(ops, Durability::Buffered)
+                        });
+                        if let Err(error) = submitted {
+                            warn!(%saga, %error, "could not log a saga stage");
+                        }
+                    }
+                    other => rest.push(other),
+                }
+            }
+            rest
+        };
+        self.execute_saga(rest);
+    }
+
     /// Runs one orchestrated transfer saga to a terminal outcome.
     pub async fn run_saga(
         &self,
@@ -48,55 +78,42 @@ impl Node {
             to_participant: self.inner.directory.owner(to)?.clone(),
             recovery,
             idempotency_key: key.clone(),
-            fingerprint: log::fingerprint(&legs) ^ (recovery as u64).wrapping_mul(0x9e37_79b9),
+            fingerprint: log::fingerprint(log::Asked::Saga(recovery), &legs),
+            position: 0,
         };
-        let saga = self.next_txn_id();
-        let (reply, outcome) = oneshot::channel();
-        self.inner
-            .waiters
-            .lock()
-            .expect("waiters lock poisoned")
-            .insert(saga.clone(), Waiter { reply, fingerprint: spec.fingerprint });
-        let started = {
+        let (saga, outcome, actions) = {
             let _serialised = key.as_ref().map(|_| self.inner.keys.lock().expect("keys lock poisoned"));
-            let earlier = match &key {
-                Some(key) => {
-                    let record_key = log::key(log::KEY_PREFIX, key);
-                    let stored = self.inner.store.get(&record_key).inspect_err(|_| {
-                        self.inner.waiters.lock().expect("waiters lock poisoned").remove(&saga);
-                    })?;
-                    stored.map(|bytes| (key, record_key, bytes))
+            if let Some(key) = &key {
+                if let Some(earlier) = self.keyed_result(key)? {
+                    log::same_request(key, &earlier, log::Asked::Saga(recovery), &legs)?;
+                    return Ok((earlier.txn, earlier.outcome));
                 }
-                None => None,
-            };
-            if let Some((key, record_key, bytes)) = earlier {
-                self.inner.waiters.lock().expect("waiters lock poisoned").remove(&saga);
-                let earlier = log::decode_at(&record_key, &bytes, log::decode_keyed)?;
-                if earlier.fingerprint != spec.fingerprint {
-                    return Err(Error::InvalidInput(format!(
-                        "idempotency key {key} was used for a different request ({})",
-                        earlier.txn
+                let in_2pc = self.inner.core.lock().expect("core lock poisoned").key_in_flight(key).cloned();
+                if let Some(txn) = in_2pc {
+                    return Err(Error::Conflict(format!(
+                        "a transaction with idempotency key {key} is in flight ({txn}); retry to get its outcome"
                     )));
                 }
-                return Ok((earlier.txn, earlier.outcome));
             }
-            let in_2pc = key
-                .as_ref()
-                .and_then(|k| self.inner.core.lock().expect("core lock poisoned").key_in_flight(k).cloned());
-            match in_2pc {
-                Some(txn) => {
-                    Err(Error::Conflict(format!("a transaction with this idempotency key is in flight ({txn})")))
+            // The id is handed out under the lock that registers it.
+            let mut core = self.saga_core();
+            let (saga, position) = self.next_txn_id()?;
+            let spec = SagaSpec { position, ..spec };
+            let (reply, outcome) = oneshot::channel();
+            self.inner
+                .waiters
+                .lock()
+                .expect("waiters lock poisoned")
+                .insert(saga.clone(), Waiter { reply, fingerprint: spec.fingerprint });
+            match core.begin(saga.clone(), spec) {
+                Ok(actions) => (saga, outcome, actions),
+                Err(error) => {
+                    self.inner.waiters.lock().expect("waiters lock poisoned").remove(&saga);
+                    return Err(error);
                 }
-                None => self.saga_core().begin(saga.clone(), spec),
             }
         };
-        match started {
-            Ok(actions) => self.execute_saga(actions),
-            Err(error) => {
-                self.inner.waiters.lock().expect("waiters lock poisoned").remove(&saga);
-                return Err(error);
-            }
-        }
+        self.execute_saga(actions);
         let outcome =
             outcome.await.unwrap_or_else(|_| Err(Error::Unavailable("the coordinator is stopping".into())))?;
         Ok((saga, outcome))
@@ -118,17 +135,14 @@ impl Node {
                             Err(error) => Err(error),
                         };
                         match written {
-                            Ok(()) => {
-                                let next = node.saga_core().on_started(&saga);
-                                node.execute_saga(next);
-                            }
+                            Ok(()) => node.saga_event(|core| core.on_started(&saga)),
                             Err(error) => node.reply(&saga, Err(error)),
                         }
                     });
                 }
                 SagaAction::Persist { saga, record, fsync: false } => {
-                    // Ordered behind the earlier writes of this saga; a
-                    // lost stage is redone after a restart.
+                    // Only recovery hands these here (every other stage
+                    // record is submitted under the lock, `saga_event`).
                     let submitted = log::encode_saga(&record).and_then(|value| {
                         let ops = vec![tandem::store::Op::Put(log::key(log::SAGA_PREFIX, &saga), value)];
                         self.inner.store.submit(ops, Durability::Buffered)
@@ -137,28 +151,30 @@ impl Node {
                         warn!(%saga, %error, "could not log a saga stage");
                     }
                 }
-                SagaAction::Step { saga, participant, kind, phase, account, amount, retry } => {
+                SagaAction::Step { saga, position, participant, kind, phase, account, amount, retry } => {
                     let node = self.clone();
                     tokio::spawn(async move {
-                        let result = node.send_step(&saga, &participant, kind, phase, account, amount, retry).await;
-                        let next = node.saga_core().on_step(&saga, kind, phase, result);
-                        node.execute_saga(next);
+                        let result =
+                            node.send_step(&saga, position, &participant, kind, phase, account, amount, retry).await;
+                        node.saga_event(|core| core.on_step(&saga, kind, phase, result));
                     });
                 }
                 SagaAction::Finish { saga, spec, outcome } => {
                     self.inner.saga_deadlines.lock().expect("deadline lock poisoned").remove(&saga);
-                    let written = self.write_terminal_record(log::saga_finish_ops(&saga, &spec, &outcome));
+                    let written =
+                        self.write_terminal_record(log::saga_finish_ops(&saga, &spec, &outcome, self.expires_ms()));
                     let node = self.clone();
                     tokio::spawn(async move {
                         let result = written.await;
                         if result.is_ok() {
+                            // It no longer holds any saga watermark.
+                            node.saga_core().on_finish_written(&saga);
                             // Its participants may drop its barriers now.
                             node.forget_saga_later(&spec.from_participant, &saga);
                             if spec.to_participant != spec.from_participant {
                                 node.forget_saga_later(&spec.to_participant, &saga);
                             }
                         }
-                        node.inner.finished_count.fetch_add(1, Ordering::Relaxed);
                         node.reply(&saga, result.map(|()| outcome));
                     });
                 }
@@ -234,6 +250,7 @@ impl Node {
     async fn send_step(
         &self,
         saga: &SagaId,
+        position: u64,
         participant: &Id,
         kind: StepKind,
         phase: StepPhase,
@@ -267,7 +284,11 @@ impl Node {
                 } as i32,
                 account,
                 amount,
-                ..Default::default()
+                coordinator_id: self.inner.config.node_id.to_string(),
+                coordinator_incarnation: self.inner.incarnation,
+                position,
+                // Stamped when the batch goes out (`send_steps`).
+                low_watermark: 0,
             };
             let error = match self.call_step(participant, step, timeout).await {
                 Ok(Ok(response)) => return step_result_from_pb(participant, response),
@@ -343,6 +364,7 @@ impl Node {
     ) -> Result<pb::SagaStatus, Error> {
         let (record, actions) = {
             let mut core = self.saga_core();
+            // Its step is sent after the lock is released; no stage record.
             let record = core.get(saga).cloned().ok_or_else(|| Error::NotFound(format!("no dead letter {saga}")))?;
             let to_account = if to_account == 0 { record.spec.from } else { to_account };
             if self.inner.directory.owner(to_account)? != &record.spec.from_participant {

@@ -16,7 +16,8 @@ fn config(dir: &std::path::Path) -> NodeConfig {
         call_timeout_ms: 1_000,
         audit_timeout_ms: 100,
         active_max: 10,
-        finished_retained_max: 10,
+        idempotency_retention_ms: 24 * 3_600_000,
+        wall_clock: tandem::clock::WallClock::System,
         saga_step_attempts: 3,
         saga_deadline_ms: 1_000,
         security: tandem::tls::Security::Insecure,
@@ -30,6 +31,7 @@ async fn a_log_record_it_cannot_read_stops_the_coordinator_with_a_message_naming
         let record = tandem_coordinator::core::CommitRecord {
             participants: vec![Id::parse("id", "p1").unwrap()],
             idempotency_key: None,
+            position: 0,
         };
         tandem_coordinator::log::encode_commit(&record).unwrap()
     };
@@ -37,6 +39,7 @@ async fn a_log_record_it_cannot_read_stops_the_coordinator_with_a_message_naming
         let record = tandem_coordinator::core::CommitRecord {
             participants: vec![Id::parse("id", "p9").unwrap()],
             idempotency_key: None,
+            position: 0,
         };
         tandem_coordinator::log::encode_commit(&record).unwrap()
     };

@@ -127,7 +127,8 @@ async fn coordinator(
         call_timeout_ms,
         audit_timeout_ms: AUDIT_TIMEOUT_MS,
         active_max: 1_000,
-        finished_retained_max: 1_000,
+        idempotency_retention_ms: 24 * 3_600_000,
+        wall_clock: tandem::clock::WallClock::System,
         saga_step_attempts: 3,
         saga_deadline_ms: 5_000,
         security: Security::Insecure,
@@ -474,7 +475,7 @@ async fn a_rejected_batch_of_commits_is_split_so_that_the_others_in_it_are_deliv
             let vote = Participant::prepare(node, Request::new(prepare)).await.unwrap().into_inner();
             assert_eq!(vote.vote, pb::Vote::Yes as i32, "{vote:?}");
         }
-        let record = CommitRecord { participants: vec![id("p1"), id("p2")], idempotency_key: None };
+        let record = CommitRecord { participants: vec![id("p1"), id("p2")], idempotency_key: None, position: 0 };
         let decision = Op::Put(log::key(log::DECISION_PREFIX, &id(&txn)), log::encode_commit(&record).unwrap());
         store.write(vec![decision]).await.unwrap();
         txns.push(txn);

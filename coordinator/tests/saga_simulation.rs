@@ -134,6 +134,7 @@ impl World {
             recovery: Recovery::Backward,
             idempotency_key: None,
             fingerprint: 0,
+            position: 1,
         };
         world.pending.extend(world.orchestrator.begin(id("s1"), spec).unwrap());
         world
@@ -154,7 +155,7 @@ impl World {
                     self.pending.extend(self.orchestrator.on_started(&saga));
                 }
             }
-            SagaAction::Step { saga, participant, kind, phase, account, amount, retry } => {
+            SagaAction::Step { saga, position, participant, kind, phase, account, amount, retry } => {
                 let node = if participant.as_str() == "p1" { &mut self.p1 } else { &mut self.p2 };
                 let pkind = match kind {
                     StepKind::Debit => PKind::Debit,
@@ -180,7 +181,8 @@ impl World {
                     // one is sent again.
                     self.trace.push("  its answer is lost".into());
                     if retry == Retry::Forever {
-                        let again = SagaAction::Step { saga, participant, kind, phase, account, amount, retry };
+                        let again =
+                            SagaAction::Step { saga, position, participant, kind, phase, account, amount, retry };
                         self.pending.push_front(again);
                     } else {
                         let lost = StepResult::Exhausted("no answer".into());

@@ -186,7 +186,9 @@ impl World {
             by_participant.entry(self.owners[&leg.account].clone()).or_default().push(*leg);
         }
         self.transactions.insert(id(txn), legs);
-        let actions = self.coordinator.begin(id(txn), by_participant, None).unwrap();
+        // Positions go up with every transaction begun, as the driver's do.
+        let position = self.transactions.len() as u64;
+        let actions = self.coordinator.begin(id(txn), position, by_participant, None).unwrap();
         self.steps.extend(actions.into_iter().map(Step::Act));
     }
 
@@ -233,7 +235,7 @@ impl World {
 
     fn act(&mut self, action: Action) {
         match action {
-            Action::SendPrepare { txn, participant, legs } => {
+            Action::SendPrepare { txn, participant, legs, .. } => {
                 self.steps.push_back(Step::Deliver { participant, txn, request: Request::Prepare(legs) })
             }
             Action::PersistCommit { txn, record } => {
@@ -244,7 +246,7 @@ impl World {
             Action::SendCommit { txn, participant } => {
                 self.steps.push_back(Step::Deliver { participant, txn, request: Request::Commit })
             }
-            Action::SendAbort { txn, participant } => {
+            Action::SendAbort { txn, participant, .. } => {
                 self.steps.push_back(Step::Deliver { participant, txn, request: Request::Abort })
             }
             Action::PersistAbort { txn, outcome, .. } => {
@@ -351,7 +353,7 @@ impl World {
                     let effects = match decision {
                         Decision::Commit => node.core.commit(&txn, now).unwrap(),
                         Decision::Abort => node.core.abort(&txn, now).unwrap(),
-                        Decision::Pending => continue,
+                        Decision::Pending | Decision::UnknownIncarnation => continue,
                     };
                     node.write(&effects);
                 }

@@ -112,7 +112,7 @@ impl Clocks {
 }
 
 /// Adds the coordinator and the participants to `sim`, each on its disk,
-/// each participant reading its wall clock from `clocks`.
+/// each reading its wall clock from `clocks`.
 pub fn add_nodes(sim: &mut turmoil::Sim<'_>, topology: &Topology, disks: &Disks, clocks: &Clocks) {
     let coordinator = tandem_coordinator::node::NodeConfig {
         node_id: id(COORDINATOR),
@@ -122,7 +122,8 @@ pub fn add_nodes(sim: &mut turmoil::Sim<'_>, topology: &Topology, disks: &Disks,
         call_timeout_ms: 1_000,
         audit_timeout_ms: 100,
         active_max: 10_000,
-        finished_retained_max: 1_000_000,
+        idempotency_retention_ms: 24 * 3_600_000,
+        wall_clock: clocks.of(COORDINATOR),
         saga_step_attempts: 8,
         saga_deadline_ms: 10_000,
         security: Security::Insecure,

@@ -17,6 +17,7 @@ fn spec(recovery: Recovery) -> SagaSpec {
         recovery,
         idempotency_key: Some(id("k1")),
         fingerprint: 1,
+        position: 1,
     }
 }
 
@@ -294,7 +295,45 @@ fn a_key_in_flight_is_refused_and_the_number_of_sagas_is_bounded() {
     let mut small = SagaCore::new(1);
     small.begin(id("a"), SagaSpec { idempotency_key: None, ..spec(Recovery::Backward) }).unwrap();
     assert!(matches!(
-        small.begin(id("b"), SagaSpec { idempotency_key: None, ..spec(Recovery::Backward) }),
+        small.begin(id("b"), SagaSpec { idempotency_key: None, position: 2, ..spec(Recovery::Backward) }),
         Err(Error::Busy(_))
     ));
+}
+
+#[test]
+fn a_saga_holds_the_participants_it_may_still_send_a_step_to() {
+    let mut core = SagaCore::new(10);
+    core.start_positions(1, BTreeMap::new());
+    let (p1, p2) = (id("p1"), id("p2"));
+    let spec = SagaSpec { position: 5, ..spec(Recovery::Backward) };
+    core.begin(id("s1"), spec).unwrap();
+    core.on_started(&id("s1"));
+    assert_eq!(core.watermarks_due(), vec![(p1.clone(), 5), (p2.clone(), 5)]);
+    core.on_watermarks_durable(&core.watermarks_due());
+    core.on_step(&id("s1"), StepKind::Debit, StepPhase::Action, StepResult::Applied);
+    assert!(core.watermarks_due().is_empty(), "crediting: both");
+    core.on_step(
+        &id("s1"),
+        StepKind::Credit,
+        StepPhase::Action,
+        StepResult::Refused(AbortReason::UnknownAccount, "no".into()),
+    );
+    assert_eq!(core.watermarks_due(), vec![(p2.clone(), 6)], "compensating the debit: the source only");
+    core.on_step(
+        &id("s1"),
+        StepKind::Debit,
+        StepPhase::Compensation,
+        StepResult::Refused(AbortReason::Refused, "closed".into()),
+    );
+    core.on_step(&id("s1"), StepKind::Debit, StepPhase::CompensateToSuspense, StepResult::Applied);
+    core.on_finish_written(&id("s1"));
+    assert_eq!(core.holding_count(&p1), 1, "a dead letter holds its source until an operator resolves it");
+    let release = core.resolve(&id("s1"), 1).unwrap();
+    assert!(matches!(&release[..], [SagaAction::Step { position: 5, .. }]));
+    let finished = core.on_step(&id("s1"), StepKind::Release, StepPhase::Action, StepResult::Applied);
+    assert!(finished.iter().any(|a| matches!(a, SagaAction::Finish { .. })));
+    assert_eq!(core.holding_count(&p1), 1, "until its terminal record is written");
+    core.on_finish_written(&id("s1"));
+    assert_eq!(core.holding_count(&p1), 0);
+    assert_eq!(core.watermarks_due(), vec![(p1, 6), (p2, 6)]);
 }

@@ -54,7 +54,7 @@ use tandem::domain::Id;
 use tandem::store::Op;
 use tandem::Error;
 
-pub(crate) const VIEW_PREFIX: &[u8] = b"w/";
+pub(crate) const VIEW_PREFIX: &[u8] = b"v/";
 /// Most retired incarnations remembered per coordinator; past it the
 /// oldest is forgotten (a late prepare from it would then be judged as
 /// new: it could reserve funds until a decision query aborted it).

@@ -65,12 +65,12 @@ fn the_watermark_is_written_before_the_deletions_it_allows_and_never_goes_back()
     prepare(&mut core, &mut disk, "t1", vec![debit(1, 10)], stamp(A, 1, 1), 0);
     commit(&mut core, &mut disk, &["t1"], stamp(A, 0, 1), 1).unwrap();
     let (_, effects) = core.prepare_stamped(id("t2"), id("c1"), vec![debit(1, 1)], stamp(A, 2, 2), 2).unwrap();
-    assert_eq!(effects.ops.first().map(|op| matches!(op, Op::Put(key, _) if key == b"w/c1")), Some(true));
+    assert_eq!(effects.ops.first().map(|op| matches!(op, Op::Put(key, _) if key == b"v/c1")), Some(true));
     disk.apply(&effects);
     // An older message carries an older watermark: it changes nothing.
     let (answer, effects) = core.commit_batch_stamped(&[id("t2")], Some(&id("c1")), stamp(A, 0, 1), 3);
     answer.unwrap();
-    assert!(!effects.ops.iter().any(|op| matches!(op, Op::Put(key, _) if key == b"w/c1")));
+    assert!(!effects.ops.iter().any(|op| matches!(op, Op::Put(key, _) if key == b"v/c1")));
     assert_eq!(core.coordinator_views()[&id("c1")].low_watermark, 2);
     // A restart reads it back.
     disk.apply(&effects);
