@@ -16,6 +16,10 @@ pub enum Error {
     /// The request would create something that exists already.
     #[error("{0}")]
     AlreadyExists(String),
+    /// The request cannot apply to the state it names (an id reused with
+    /// other parameters); it changed nothing, and retrying gives the same.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// The request conflicts with one in flight; retry later.
     #[error("{0}")]
     Conflict(String),
@@ -50,6 +54,7 @@ impl From<Error> for Status {
             Error::InvalidInput(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Conflict(_) => Code::Aborted,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Busy(_) => Code::ResourceExhausted,
