@@ -1816,8 +1816,11 @@ impl Core {
         Ok(((false, finished), Effects { ops, durability: Durability::Fsync }))
     }
 
-    /// Outbox events on disk and not yet delivered, oldest first.
-    pub fn outbox(&self) -> Vec<(u64, Event)> {
+    /// Outbox events on disk and not yet delivered, oldest first: the
+    /// whole outbox, cloned, for tests (the relay takes one peer's next
+    /// events from the index: [`Core::outbox_batch`]).
+    #[cfg(test)]
+    pub(crate) fn outbox(&self) -> Vec<(u64, Event)> {
         self.sagas.outbox.range(..self.sagas.outbox_durable_end).map(|(seq, e)| (*seq, e.clone())).collect()
     }
 
