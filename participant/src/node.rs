@@ -1518,6 +1518,53 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    fn step_request(coordinator_id: &str, incarnation: u64) -> pb::SagaStepRequest {
+        pb::SagaStepRequest {
+            saga_id: "s1".into(),
+            kind: pb::StepKind::Debit as i32,
+            phase: pb::StepPhase::Action as i32,
+            account: 1,
+            amount: 5,
+            coordinator_id: coordinator_id.into(),
+            coordinator_incarnation: incarnation,
+            position: 3,
+            low_watermark: 2,
+        }
+    }
+
+    #[test]
+    fn a_step_carries_its_order_when_it_names_a_coordinator_and_none_when_it_does_not() {
+        let (.., order) = parse_step(step_request("c1", 7)).unwrap();
+        let c1 = Id::parse("c", "c1").unwrap();
+        assert_eq!(order, Some(StepOrder { coordinator: c1, incarnation: 7, position: 3, low_watermark: 2 }));
+        let (.., order) = parse_step(step_request("", 0)).unwrap();
+        assert_eq!(order, None, "an older coordinator: today's rules");
+        assert!(matches!(parse_step(step_request("not an id", 7)), Err(Error::InvalidInput(_))));
+    }
+
+    #[test]
+    fn a_numbered_event_is_taken_only_from_the_peer_that_numbered_it() {
+        let event = |seq| Event {
+            version: 1,
+            id: "s1:debited".into(),
+            kind: EventKind::TransferDebited,
+            saga: Id::parse("s", "s1").unwrap(),
+            from: 1,
+            to: 2,
+            amount: 5,
+            source: Id::parse("p", "p1").unwrap(),
+            target: Id::parse("p", "p2").unwrap(),
+            reason: String::new(),
+            seq,
+        };
+        let (p1, p3) = (Id::parse("p", "p1").unwrap(), Id::parse("p", "p3").unwrap());
+        assert!(sent_by_caller(event(1), Some(&p1)).is_ok());
+        assert!(sent_by_caller(event(1), None).is_ok(), "no certificates checked (--insecure)");
+        let refused = sent_by_caller(event(1), Some(&p3)).unwrap_err();
+        assert!(matches!(&refused, Error::InvalidInput(m) if m.contains("p3") && m.contains("p1")), "{refused:?}");
+        assert!(sent_by_caller(event(0), Some(&p3)).is_ok(), "an unnumbered event keeps the old rules");
+    }
+
     /// The whole milliseconds from `now` until `may` says yes.
     fn wait_ms(now: Instant, may: impl Fn(Instant) -> bool) -> u64 {
         (0..=u64::MAX).find(|wait| may(now + ms(*wait))).unwrap()
