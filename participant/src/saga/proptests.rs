@@ -608,8 +608,13 @@ fn valid_records() -> Vec<(Vec<u8>, Vec<u8>)> {
         Request::Start(1, 4, 3, 20, true),
         Request::Start(2, 4, 3, 20, false),
         Request::Relay(0, Change::Nothing),
+        // A barrier with its saga's place, and a saga watermark.
+        Request::OrderedStep(4, StepKind::Credit, StepPhase::Action, 3, 5, 2),
     ] {
         bank.run(request);
+    }
+    for prefix in [&b"q/"[..], b"w/", b"s/", b"c/", b"b/", b"o/"] {
+        assert!(bank.disk.keys().any(|key| key.starts_with(prefix)), "no {prefix:?} record to mutate");
     }
     bank.disk.into_iter().collect()
 }
@@ -660,6 +665,11 @@ fn decode_everything(bytes: &[u8]) {
         encode_event(&event).unwrap();
     }
     let _ = parse_barrier_key(bytes);
+    if let Ok(applied) = decode_applied(bytes) {
+        assert_eq!(decode_applied(&encode_applied(&applied)), Ok(applied));
+    }
+    let _ = parse_watermark_key(bytes);
+    let _ = decode_u64(bytes);
 }
 
 proptest! {
