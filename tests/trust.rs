@@ -112,6 +112,7 @@ fn event(id: &str) -> pb::ChoreographyEvent {
         source_participant: "p2".into(),
         target_participant: "p1".into(),
         reason: String::new(),
+        sequence: 0,
     }
 }
 

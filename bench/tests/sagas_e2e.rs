@@ -603,6 +603,7 @@ async fn a_batch_of_redelivered_events_is_dropped_by_the_inbox_and_a_malformed_o
         source_participant: "p1".into(),
         target_participant: "p2".into(),
         reason: String::new(),
+        sequence: 1,
     };
     let mut malformed = debited.clone();
     malformed.version = 0;

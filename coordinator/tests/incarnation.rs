@@ -235,6 +235,7 @@ impl Cluster {
                 peers: Vec::new(),
                 in_doubt_after_ms: 60_000,
                 finished_retention_ms: 300_000,
+                idempotency_retention_ms: tandem_participant::saga::IDEMPOTENCY_RETENTION_DEFAULT_MS,
                 owned_accounts: Some(index * ACCOUNTS_EACH..(index + 1) * ACCOUNTS_EACH),
                 store_free_min_bytes: 0,
                 security: Security::Insecure,

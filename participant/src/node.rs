@@ -35,7 +35,7 @@ use crate::core::{
     check_batch_len, Ask, Config, Core, Decided, Effects, Refusal, Stamp, TxnState, Vote, COMMIT_BATCH_MAX,
     OPS_PER_CALL_MAX, PREPARE_BATCH_MAX,
 };
-use crate::saga::{Event, EventKind, StepAnswer, StepKind, StepOutcome, StepPhase, Transfer, TransferState};
+use crate::saga::{Event, EventKind, StepAnswer, StepKind, StepOrder, StepOutcome, StepPhase, Transfer, TransferState};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -90,6 +90,9 @@ pub const SAGA_STEP_BATCH_MAX: usize = 1_024;
 pub const DELIVER_EVENTS_MAX: usize = 1_024;
 /// Most records one garbage-collection write deletes.
 const GC_BATCH_MAX: usize = 10_000;
+/// Most saga records (barriers, transfers) deleted in one write of the
+/// once-a-second collection.
+pub const SAGA_COLLECT_PER_PASS_MAX: usize = 10_000;
 /// Most events the relay sends to one peer in one call.
 pub const RELAY_BATCH_MAX: usize = 256;
 /// Most delivery calls under way to one peer at once (one while it does not
@@ -115,6 +118,9 @@ const _: () = assert!(
         && RELAY_BACKOFF_INITIAL_MS > 0
         && RELAY_BACKOFF_INITIAL_MS <= RELAY_BACKOFF_MAX_MS
         && RELAY_REFUSED_RETRY_MS > 0
+        // A peer's events in flight at once are never held back by its
+        // receiver's bound on how far ahead they may be applied.
+        && ((RELAY_BATCH_MAX * RELAY_CALLS_PER_PEER_MAX) as u64) < crate::saga::SEQUENCE_AHEAD_MAX
 );
 const _: () = assert!(
     QUERIES_IN_FLIGHT_PER_COORDINATOR_MAX > 0
@@ -151,6 +157,10 @@ pub struct NodeConfig {
     pub peers: Vec<(Id, String)>,
     pub in_doubt_after_ms: u64,
     pub finished_retention_ms: u64,
+    /// How long a choreographed transfer's id is remembered after the
+    /// transfer ends (`--idempotency-retention`; default
+    /// [`crate::saga::IDEMPOTENCY_RETENTION_DEFAULT_MS`]).
+    pub idempotency_retention_ms: u64,
     /// The account ids this node owns (`None`: any).
     pub owned_accounts: Option<std::ops::Range<AccountId>>,
     /// A failed store is reopened only once its filesystem has this many
@@ -180,6 +190,7 @@ struct Inner {
     /// What the core is rebuilt with when a failed store is reopened.
     core_config: Config,
     store_free_min_bytes: u64,
+    idempotency_retention_ms: u64,
     core: Mutex<Core>,
     /// The open store; `None` while a failed one is being reopened.
     store: RwLock<Option<Arc<dyn Storage>>>,
@@ -239,6 +250,7 @@ impl Node {
                 disk: config.disk,
                 core_config,
                 store_free_min_bytes: config.store_free_min_bytes,
+                idempotency_retention_ms: config.idempotency_retention_ms,
                 core: Mutex::new(core),
                 store: RwLock::new(Some(store)),
                 coordinators,
@@ -729,6 +741,17 @@ impl Node {
                     }
                 }
             }
+            // Saga barriers below their watermark (no wait) and transfers
+            // past the idempotency retention.
+            let retention_ms = self.inner.idempotency_retention_ms;
+            let result = self
+                .apply(SAGA_COLLECT_PER_PASS_MAX, |core, now| {
+                    Ok(((), core.collect_sagas(now, retention_ms, SAGA_COLLECT_PER_PASS_MAX)))
+                })
+                .await;
+            if let Err(error) = result {
+                warn!(%error, "collecting saga records failed");
+            }
         }
     }
 }
@@ -858,9 +881,12 @@ impl PeerLink {
 impl Node {
     /// Delivers outbox events to their peers, at least once: an event is
     /// forgotten only after the peer acknowledged it (and the peer
-    /// acknowledges only once the event's effects and its inbox record are
-    /// durable). A crash between the acknowledgement and the forgetting
-    /// redelivers the event; the peer's inbox drops it.
+    /// acknowledges only once the event's effects and the record of its
+    /// number are durable). A crash between the acknowledgement and the
+    /// forgetting redelivers the event, however much later; the peer
+    /// recognises its number (see `saga.rs`, "Deduplication with no time
+    /// window"). An event is sent only once the write that put it in the
+    /// outbox, with its number, is durable.
     ///
     /// Each peer has its own pace ([`PeerLink`]): at most
     /// [`RELAY_CALLS_PER_PEER_MAX`] calls under way to it, each with its
@@ -1069,6 +1095,7 @@ pub fn event_to_pb(event: &Event) -> pb::ChoreographyEvent {
         source_participant: event.source.to_string(),
         target_participant: event.target.to_string(),
         reason: event.reason.clone(),
+        sequence: event.seq,
     }
 }
 
@@ -1098,9 +1125,24 @@ pub fn event_from_pb(event: &pb::ChoreographyEvent) -> Result<Event, Error> {
         source: Id::parse("source_participant", &event.source_participant)?,
         target: Id::parse("target_participant", &event.target_participant)?,
         reason: event.reason.clone(),
+        seq: event.sequence,
     };
     event.check()?;
     Ok(event)
+}
+
+/// A numbered event is taken only from the peer that numbered it (the
+/// caller's certificate names it, when the node checks certificates): one
+/// peer must not be able to mark another's numbers as applied here.
+fn sent_by_caller(event: Event, caller: Option<&Id>) -> Result<Event, Error> {
+    match caller {
+        Some(caller) if event.seq != 0 && event.sender() != caller => Err(Error::InvalidInput(format!(
+            "event {} is numbered by {}, but {caller} sent it; a peer delivers only its own events",
+            event.id,
+            event.sender()
+        ))),
+        _ => Ok(event),
+    }
 }
 
 fn parse_prepare(request: &pb::PrepareRequest) -> Result<(TxnId, Id, Vec<Leg>, Stamp), Error> {
@@ -1124,7 +1166,7 @@ fn parse_optional_coordinator(text: &str) -> Result<Option<Id>, Error> {
     Id::parse("coordinator_id", text).map(Some)
 }
 
-type ParsedStep = (Id, StepKind, StepPhase, AccountId, Amount);
+type ParsedStep = (Id, StepKind, StepPhase, AccountId, Amount, Option<StepOrder>);
 
 fn parse_step(request: pb::SagaStepRequest) -> Result<ParsedStep, Error> {
     let saga = Id::parse("saga_id", &request.saga_id)?;
@@ -1140,7 +1182,18 @@ fn parse_step(request: pb::SagaStepRequest) -> Result<ParsedStep, Error> {
         Ok(pb::StepPhase::CompensateToSuspense) => StepPhase::CompensateToSuspense,
         _ => return Err(Error::InvalidInput(format!("unknown step phase {}", request.phase))),
     };
-    Ok((saga, kind, phase, request.account, request.amount))
+    // What the step says of its orchestrator (empty: an older coordinator).
+    let order = if request.coordinator_id.is_empty() {
+        None
+    } else {
+        Some(StepOrder {
+            coordinator: Id::parse("coordinator_id", &request.coordinator_id)?,
+            incarnation: request.coordinator_incarnation,
+            position: request.position,
+            low_watermark: request.low_watermark,
+        })
+    };
+    Ok((saga, kind, phase, request.account, request.amount, order))
 }
 
 fn step_answer_to_pb(answer: StepAnswer) -> pb::SagaStepResponse {
@@ -1446,9 +1499,9 @@ impl Participant for Node {
         let step = parse_step(request.into_inner())?;
         let saga = step.0.clone();
         let answer = self
-            .apply(3, |core, now| {
-                let (saga, kind, phase, account, amount) = step;
-                core.saga_step(saga, kind, phase, account, amount, now)
+            .apply(4, |core, now| {
+                let (saga, kind, phase, account, amount, order) = step;
+                core.saga_step_ordered(saga, kind, phase, account, amount, order, now)
             })
             .await?;
         tandem::crash::point("saga-step-written");
@@ -1465,8 +1518,8 @@ impl Participant for Node {
         let count = steps.len();
         let parsed: Vec<Result<ParsedStep, Error>> = steps.into_iter().map(parse_step).collect();
         let answers = self
-            .apply_each(parsed, 3, |core, (saga, kind, phase, account, amount), now| {
-                core.saga_step(saga, kind, phase, account, amount, now)
+            .apply_each(parsed, 4, |core, (saga, kind, phase, account, amount, order), now| {
+                core.saga_step_ordered(saga, kind, phase, account, amount, order, now)
             })
             .await?;
         tandem::crash::point("saga-step-written");
@@ -1581,10 +1634,12 @@ impl Participant for Node {
         &self,
         request: Request<pb::DeliverEventsRequest>,
     ) -> Result<Response<pb::DeliverEventsResponse>, Status> {
+        let caller = request.extensions().get::<tandem::trust::Caller>().map(|caller| caller.name.clone());
         let events = request.into_inner().events;
         check_batch_len("events", events.len(), DELIVER_EVENTS_MAX)?;
         let count = events.len();
-        let parsed: Vec<Result<Event, Error>> = events.iter().map(event_from_pb).collect();
+        let parsed: Vec<Result<Event, Error>> =
+            events.iter().map(|event| event_from_pb(event).and_then(|e| sent_by_caller(e, caller.as_ref()))).collect();
         let applied = self.apply_each(parsed, 4, |core, event, now| core.deliver_event(event, now)).await?;
         let results = applied
             .into_iter()
@@ -1607,7 +1662,8 @@ impl Participant for Node {
         &self,
         request: Request<pb::ChoreographyEvent>,
     ) -> Result<Response<pb::DeliverEventResponse>, Status> {
-        let event = event_from_pb(&request.into_inner())?;
+        let caller = request.extensions().get::<tandem::trust::Caller>().map(|caller| caller.name.clone());
+        let event = sent_by_caller(event_from_pb(&request.into_inner())?, caller.as_ref())?;
         let id = event.id.clone();
         let (duplicate, finished) = self.apply(4, |core, now| core.deliver_event(event, now)).await?;
         debug!(event = %id, duplicate, "event received");
@@ -1626,6 +1682,53 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    fn step_request(coordinator_id: &str, incarnation: u64) -> pb::SagaStepRequest {
+        pb::SagaStepRequest {
+            saga_id: "s1".into(),
+            kind: pb::StepKind::Debit as i32,
+            phase: pb::StepPhase::Action as i32,
+            account: 1,
+            amount: 5,
+            coordinator_id: coordinator_id.into(),
+            coordinator_incarnation: incarnation,
+            position: 3,
+            low_watermark: 2,
+        }
+    }
+
+    #[test]
+    fn a_step_carries_its_order_when_it_names_a_coordinator_and_none_when_it_does_not() {
+        let (.., order) = parse_step(step_request("c1", 7)).unwrap();
+        let c1 = Id::parse("c", "c1").unwrap();
+        assert_eq!(order, Some(StepOrder { coordinator: c1, incarnation: 7, position: 3, low_watermark: 2 }));
+        let (.., order) = parse_step(step_request("", 0)).unwrap();
+        assert_eq!(order, None, "an older coordinator: today's rules");
+        assert!(matches!(parse_step(step_request("not an id", 7)), Err(Error::InvalidInput(_))));
+    }
+
+    #[test]
+    fn a_numbered_event_is_taken_only_from_the_peer_that_numbered_it() {
+        let event = |seq| Event {
+            version: 1,
+            id: "s1:debited".into(),
+            kind: EventKind::TransferDebited,
+            saga: Id::parse("s", "s1").unwrap(),
+            from: 1,
+            to: 2,
+            amount: 5,
+            source: Id::parse("p", "p1").unwrap(),
+            target: Id::parse("p", "p2").unwrap(),
+            reason: String::new(),
+            seq,
+        };
+        let (p1, p3) = (Id::parse("p", "p1").unwrap(), Id::parse("p", "p3").unwrap());
+        assert!(sent_by_caller(event(1), Some(&p1)).is_ok());
+        assert!(sent_by_caller(event(1), None).is_ok(), "no certificates checked (--insecure)");
+        let refused = sent_by_caller(event(1), Some(&p3)).unwrap_err();
+        assert!(matches!(&refused, Error::InvalidInput(m) if m.contains("p3") && m.contains("p1")), "{refused:?}");
+        assert!(sent_by_caller(event(0), Some(&p3)).is_ok(), "an unnumbered event keeps the old rules");
     }
 
     /// The whole milliseconds from `now` until `may` says yes.

@@ -43,32 +43,122 @@
 //! No controller: [`Core::start_transfer`] debits the source and puts a
 //! `TransferDebited` event in the outbox in the same atomic write. The node's
 //! relay delivers outbox events at least once, each peer's in outbox order
-//! from an index by destination ([`Core::outbox_batch`]), so that a peer
-//! that is down holds up no other; [`Core::deliver_event`] drops
-//! a duplicate through the inbox (an `i/<event id>` record written with the
-//! event's effects), credits the target and answers `TransferCredited`, or
-//! `TransferRejected`, on which the source refunds (or, if the refund cannot
-//! be applied, parks the money in suspense: a dead letter). Each event has a
-//! schema version; readers accept every version whose kind they know.
+//! from an index by destination ([`Core::outbox_batch`]: a pass costs what
+//! it sends), so that a peer that is down holds up no other;
+//! [`Core::deliver_event`] drops a duplicate (see below), credits the
+//! target and answers `TransferCredited`, or `TransferRejected`, on which
+//! the source refunds (or, if the refund cannot be applied, parks the money
+//! in suspense: a dead letter). Each event has a schema version; readers
+//! accept every version whose kind they know.
+//!
+//! # Deduplication with no time window
+//!
+//! Each node numbers the events it sends to each peer: 1, 2, 3, ... per
+//! destination, with a durable counter (`q/<peer>`) written in the same
+//! atomic write as the outbox event it numbers (`push_event`). An event is
+//! relayed only once that write is known durable (an fsync that covers it
+//! returned: `outbox_durable_end`; the store completes writes in order), so
+//! a number can be given again only if its event, and the debit or credit
+//! that caused it, were lost together before any peer could see them: a
+//! power loss never makes a number that a peer may have applied stand for
+//! another event. The counter outlives the events (delivered events are
+//! deleted; the counter never is).
+//!
+//! The receiver keeps, per sender, the highest number applied with none
+//! missing below it and the numbers applied above it (`w/<peer>`), updated
+//! in the same atomic write as the event's effects: an event is applied
+//! exactly when its number is recorded. A number at or below the
+//! contiguous one, or among those above, is a duplicate, whatever its age,
+//! across restarts, with no record per event and nothing to expire. The
+//! relay sends a peer's events in order, so the numbers above are few (a
+//! gap is an event the receiver refused for now: a suspense account that
+//! cannot park more); a number more than [`SEQUENCE_AHEAD_MAX`] past the
+//! contiguous one is held back (refused unapplied, RESOURCE_EXHAUSTED,
+//! which the relay retries), so the state per sender is bounded. The answer
+//! events flow the other way, numbered by their own sender the same way.
+//! An event with no number (written by a node from before numbers) takes
+//! the old path: an inbox record per event id (`i/<event id>`), kept for
+//! `finished_retention_ms`; such events stop once every node runs this
+//! version and the old outboxes have drained.
+//!
+//! Caveat: the numbering belongs to a node's disk. A participant restored
+//! from an older copy of its disk, or started on an empty one under the
+//! same name, would number from an earlier point and its peers would take
+//! its new events for duplicates (the money stays debited at the source,
+//! in flight, never credited twice); such a node needs a new name, as a
+//! coordinator that lost its log needs a new incarnation.
+//!
+//! # Late steps (orchestrated sagas with no time window)
+//!
+//! A step request may say where its saga stands: its coordinator, that
+//! coordinator's incarnation, the saga's position, and the coordinator's
+//! saga watermark for this participant (below it, every saga of the
+//! incarnation has sent its last step here). This node keeps the highest
+//! watermark per (coordinator, incarnation) (`s/<coordinator>/<incarnation>`,
+//! constant state, written with the step that raised it), and records the
+//! saga's place in each barrier it creates ([`StepOrder`], [`SagaPlace`]).
+//! Then:
+//! - a barrier whose saga is below the watermark goes at the next
+//!   collection, with no retention wait ([`Core::collect_sagas`]), except a
+//!   debit parked in suspense, which waits for its release as before;
+//! - a step (action or compensation of a debit or credit) whose saga is
+//!   below the watermark and that finds no barrier here is late: a
+//!   duplicate the network held, of a saga that has ended. An action does
+//!   nothing and is answered REFUSED, with a reason saying it is late; a
+//!   compensation is an empty compensation. Neither leaves a record, so
+//!   the state stays constant however many late steps arrive, however
+//!   late. A release keeps its own rule (it needs the parked debit's
+//!   barrier).
+//!
+//! Why REFUSED and not HANGING_IGNORED for a late action: HANGING_IGNORED
+//! says "your compensation came first", which this node cannot know (the
+//! barrier that would say so is gone); REFUSED says what is true (nothing
+//! changed, and retrying will not help) and its reason says why. Both make
+//! an orchestrator that is still waiting (one whose watermark was wrong)
+//! turn back and compensate, and that compensation is empty here: nothing
+//! moved either way. What an orchestrator must never hear for a step that
+//! did nothing is APPLIED, and it does not.
+//!
+//! A step with no coordinator, or incarnation 0 (an older coordinator),
+//! keeps the rules below: its barriers go after ForgetSagas and the
+//! retention.
 //!
 //! # Retention
 //!
-//! Finished records are deleted after the node's retention
-//! (`finished_retention_ms`), with one exception: the barrier of a step
-//! whose action ran or was refused and that has no compensation is kept for
-//! good. This node cannot tell a completed saga from one whose orchestrator
-//! is still waiting (for a participant that is down, or to restart), and
-//! deleting that barrier would turn a late refund into an empty
-//! compensation (money lost) or a redelivered action into a second one.
-//! So the orchestrator tells its participants when a saga has ended (its
-//! outcome durable in its log): [`Core::forget_sagas`] marks the saga's
-//! barriers, and they go after the retention counted from then (a step of
-//! the saga still on its way meets its barrier until then). A saga whose
-//! forget never arrives (the orchestrator crashed before sending it) keeps
-//! its barriers: a leak, never a double step. Inbox and transfer records
-//! follow the retention (a parked transfer waits for its operator): a
-//! redelivery later than that (a link cut for longer) would be applied
-//! again, the same caveat as for 2PC records (`core.rs`).
+//! Barriers of sagas whose steps said no place follow the old rule: kept
+//! for `finished_retention_ms` after they can go, with one exception: the
+//! barrier of a step whose action ran or was refused and that has no
+//! compensation is kept for good. This node cannot tell a completed saga
+//! from one whose orchestrator is still waiting, and deleting that barrier
+//! would turn a late refund into an empty compensation (money lost) or a
+//! redelivered action into a second one. So the orchestrator tells its
+//! participants when a saga has ended: [`Core::forget_sagas`] marks the
+//! saga's barriers, and they go after the retention counted from then (a
+//! step of the saga still on its way meets its barrier until then; one
+//! later than that is the caveat the watermark removes). A saga whose
+//! forget never arrives keeps its barriers: a leak, never a double step.
+//!
+//! A choreographed transfer's record is its idempotency key: kept while it
+//! is in flight or parked, and for the node's idempotency retention
+//! (`--idempotency-retention`, 24 h by default) after it ended, on the
+//! core's ms clock (the end time is stored with the record, so a restart
+//! does not reset it; a wall clock set forward while the node was down
+//! shortens it by as much); then deleted ([`Core::collect_sagas`]), and its
+//! id starts a new transfer. A count never shortens it: at
+//! [`TRANSFERS_MAX`] records a new transfer is refused instead. Its events
+//! need no record: they are deduplicated by their numbers.
+//!
+//! # Bounds
+//!
+//! Every map here has a bound, answered with RESOURCE_EXHAUSTED (`Busy`)
+//! and a message when reached, changing nothing: the outbox
+//! ([`OUTBOX_MAX`], for new transfers; answers owed to peers are bounded
+//! by the peers' [`TRANSFERS_IN_FLIGHT_MAX`]), transfers in flight,
+//! transfer records ([`TRANSFERS_MAX`]), barriers ([`BARRIERS_MAX`]), the
+//! old inbox ([`INBOX_MAX`]), peers with sequence state
+//! ([`SEQUENCE_PEERS_MAX`]), numbers applied ahead
+//! ([`SEQUENCE_AHEAD_MAX`]) and incarnations per coordinator
+//! ([`INCARNATIONS_PER_COORDINATOR_MAX`]).
 //!
 //! # Invariant
 //!
@@ -99,6 +189,45 @@ use tandem::Error;
 
 /// The schema version of the events this node writes.
 pub const EVENT_VERSION: u32 = 1;
+
+/// How far past the last sequence number applied with none missing below it
+/// a source's event may be applied here (see "Deduplication with no time
+/// window"). An event further ahead is held back: refused unapplied
+/// (RESOURCE_EXHAUSTED, retryable), and the source's relay offers it again
+/// once the gap below it is filled. The receiver's state per source is then
+/// at most this many numbers. Larger than what the relay has in flight to
+/// one peer (`RELAY_BATCH_MAX * RELAY_CALLS_PER_PEER_MAX` in `node.rs`),
+/// so that in-order delivery is never held back.
+pub const SEQUENCE_AHEAD_MAX: u64 = 4_096;
+/// Most peers this node keeps sequence state for, each way (a peer is
+/// counted once it has sent, or been sent, a numbered event).
+pub const SEQUENCE_PEERS_MAX: usize = 1_024;
+/// Most events in the outbox: StartTransfer is refused (RESOURCE_EXHAUSTED,
+/// nothing changes) while it holds this many. Answers a peer is owed are
+/// added even beyond it (refusing them could stall two peers whose
+/// outboxes are full of transfers to each other); they are bounded by the
+/// peers' own [`TRANSFERS_IN_FLIGHT_MAX`].
+pub const OUTBOX_MAX: usize = 100_000;
+/// Most choreographed transfers started here and not yet answered: each
+/// can cause one answer in a peer's outbox. StartTransfer is refused
+/// (RESOURCE_EXHAUSTED) while this many are in flight.
+pub const TRANSFERS_IN_FLIGHT_MAX: usize = 100_000;
+/// Most transfer records held (in flight, kept for the idempotency
+/// retention, or parked): StartTransfer is refused (RESOURCE_EXHAUSTED)
+/// beyond it rather than forgetting an id before its retention ends.
+pub const TRANSFERS_MAX: usize = 2_000_000;
+/// Most saga step barriers held: a step that would add one beyond it is
+/// refused (RESOURCE_EXHAUSTED, retryable) and changes nothing.
+pub const BARRIERS_MAX: usize = 2_000_000;
+/// Most inbox records (events from older nodes, which carry no sequence
+/// number) held: such an event beyond it is refused unapplied (retryable).
+pub const INBOX_MAX: usize = 1_000_000;
+/// Most incarnations of one coordinator whose saga watermark is kept: a
+/// step from another one beyond it is refused (RESOURCE_EXHAUSTED).
+pub const INCARNATIONS_PER_COORDINATOR_MAX: usize = 64;
+/// Default of `--idempotency-retention`: how long a choreographed
+/// transfer's id is remembered after the transfer ends.
+pub const IDEMPOTENCY_RETENTION_DEFAULT_MS: u64 = 24 * 3_600 * 1_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum StepKind {
@@ -132,6 +261,31 @@ pub enum StepPhase {
     Compensation,
     /// Debit only: compensate into the suspense account.
     CompensateToSuspense,
+}
+
+/// What a saga step says of its orchestrator (SagaStepRequest's
+/// `coordinator_id`, `coordinator_incarnation`, `position`,
+/// `low_watermark`): below `low_watermark`, every saga of that incarnation
+/// has sent its last step to this participant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepOrder {
+    pub coordinator: Id,
+    /// 0: not given (an older coordinator): no watermark is kept.
+    pub incarnation: u64,
+    /// 0: not given: the step is never judged late.
+    pub position: u64,
+    /// 0: not given.
+    pub low_watermark: u64,
+}
+
+/// Where a saga stands at its orchestrator, as its first step here said:
+/// stored with the barrier, so that the barrier goes once the saga
+/// watermark of its incarnation passes it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SagaPlace {
+    pub coordinator: Id,
+    pub incarnation: u64,
+    pub position: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,6 +334,10 @@ struct Barrier {
     /// step moved, which its compensation must name too (`None` in barriers
     /// written before amounts were stored).
     amount: Option<Amount>,
+    /// The saga's place at its orchestrator (`None`: its first step here
+    /// did not say, an older coordinator); then only [`Core::forget_sagas`]
+    /// and the retention collect the barrier.
+    place: Option<SagaPlace>,
 }
 
 impl SagaState {
@@ -200,17 +358,96 @@ impl SagaState {
             .is_some_and(|release| release.action == Some(ActionResult::Applied))
     }
 
-    /// Whether `barrier`, of `saga`, may go after the retention: its step
-    /// was refunded or had nothing to undo, or the orchestrator said the
-    /// saga ended. A debit parked in suspense waits for its release as well
-    /// (the orchestrator forgets a dead letter only once it is resolved, but
-    /// a forget that came first must not take away what allows the release).
-    fn is_collectable(&self, saga: &Id, barrier: &Barrier) -> bool {
-        match barrier.compensation {
-            Some(Compensation::Parked) => barrier.forgotten && self.released(saga),
-            Some(Compensation::Refunded | Compensation::Empty) => true,
-            None => barrier.forgotten,
+    /// Whether the saga watermark of `barrier`'s coordinator incarnation
+    /// has passed its saga: that saga sent its last step here.
+    fn below_watermark(&self, barrier: &Barrier) -> bool {
+        barrier.place.as_ref().is_some_and(|place| {
+            self.saga_watermarks
+                .get(&(place.coordinator.clone(), place.incarnation))
+                .is_some_and(|watermark| place.position < *watermark)
+        })
+    }
+
+    /// Whether `barrier`, of `saga`'s step `kind`, may go: its step was
+    /// refunded or had nothing to undo, or its saga ended (the orchestrator
+    /// said so with ForgetSagas, or its saga watermark passed the saga). A
+    /// debit parked in suspense waits for its release as well (a forget or
+    /// a watermark that came first must not take away what allows the
+    /// release), and the release's barrier waits for the parked debit's
+    /// (which counts as released only while the release's is there).
+    fn is_collectable(&self, saga: &Id, kind: StepKind, barrier: &Barrier) -> bool {
+        let ended = barrier.forgotten || self.below_watermark(barrier);
+        if kind == StepKind::Release
+            && self
+                .barriers
+                .get(&(saga.clone(), StepKind::Debit))
+                .is_some_and(|debit| debit.compensation == Some(Compensation::Parked))
+        {
+            return false;
         }
+        match barrier.compensation {
+            Some(Compensation::Parked) => ended && self.released(saga),
+            Some(Compensation::Refunded | Compensation::Empty) => true,
+            None => ended,
+        }
+    }
+
+    /// Adds a barrier to the index by place, if it has one.
+    fn index_barrier(&mut self, saga: &Id, kind: StepKind, barrier: &Barrier) {
+        if let Some(place) = &barrier.place {
+            self.barriers_by_place.entry((place.coordinator.clone(), place.incarnation)).or_default().insert((
+                place.position,
+                saga.clone(),
+                kind,
+            ));
+        }
+    }
+
+    /// Removes a barrier from the index by place.
+    fn unindex_barrier(&mut self, saga: &Id, kind: StepKind, place: &Option<SagaPlace>) {
+        let Some(place) = place else { return };
+        let incarnation = (place.coordinator.clone(), place.incarnation);
+        if let Some(entries) = self.barriers_by_place.get_mut(&incarnation) {
+            entries.remove(&(place.position, saga.clone(), kind));
+            if entries.is_empty() {
+                self.barriers_by_place.remove(&incarnation);
+            }
+        }
+    }
+
+    /// Counts a transfer record replacing `before` (if any).
+    fn count_transfer(&mut self, before: Option<&Transfer>, after: &Transfer) {
+        if before.is_none_or(|t| t.state.is_terminal()) && !after.state.is_terminal() {
+            self.in_flight += 1;
+        }
+        if before.is_some_and(|t| !t.state.is_terminal()) && after.state.is_terminal() {
+            self.in_flight -= 1;
+        }
+    }
+}
+
+/// What this node applied of one source's numbered events: every number up
+/// to `contiguous`, and those in `above` (each in `contiguous + 2 ..=
+/// contiguous + SEQUENCE_AHEAD_MAX`). Constant size per source, whatever
+/// the age of the events.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct Applied {
+    contiguous: u64,
+    above: BTreeSet<u64>,
+}
+
+impl Applied {
+    fn has(&self, seq: u64) -> bool {
+        seq <= self.contiguous || self.above.contains(&seq)
+    }
+
+    fn insert(&mut self, seq: u64) {
+        debug_assert!(!self.has(seq) && seq <= self.contiguous + SEQUENCE_AHEAD_MAX);
+        self.above.insert(seq);
+        while self.above.remove(&(self.contiguous + 1)) {
+            self.contiguous += 1;
+        }
+        debug_assert!(self.above.first().is_none_or(|first| *first > self.contiguous + 1));
     }
 }
 
@@ -245,6 +482,19 @@ pub struct Transfer {
     pub to: AccountId,
     pub amount: Amount,
     pub target: Id,
+    /// When it became terminal and collectable, in the core's ms clock:
+    /// its id is remembered for the idempotency retention from then.
+    pub ended_at_ms: Option<u64>,
+}
+
+impl Transfer {
+    /// The transfer with its end time set if it just became collectable.
+    fn stamped(mut self, now_ms: u64) -> Transfer {
+        if self.state.is_collectable() && self.ended_at_ms.is_none() {
+            self.ended_at_ms = Some(now_ms);
+        }
+        self
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,6 +516,11 @@ pub struct Event {
     pub source: Id,
     pub target: Id,
     pub reason: String,
+    /// The sender's number for this event among those it sent to this
+    /// destination: 1, 2, 3, ... with no gap and never reused (see
+    /// "Deduplication with no time window"). 0: none (an event an older
+    /// node wrote): the inbox drops its duplicates.
+    pub seq: u64,
 }
 
 impl Event {
@@ -284,6 +539,14 @@ impl Event {
         check_text_len(&format!("the reason of event {}", self.id), &self.reason, REASON_LEN_MAX)
     }
 
+    /// The participant that sent this event (and numbered it).
+    pub fn sender(&self) -> &Id {
+        match self.kind {
+            EventKind::TransferDebited => &self.source,
+            EventKind::TransferCredited | EventKind::TransferRejected => &self.target,
+        }
+    }
+
     /// The participant this event is for.
     pub fn destination(&self) -> &Id {
         match self.kind {
@@ -297,8 +560,25 @@ impl Event {
 pub struct SagaState {
     pub(crate) suspense: Amount,
     barriers: HashMap<(Id, StepKind), Barrier>,
+    /// The barriers that have a place, by coordinator incarnation and
+    /// position, so that those a watermark passed are found without a scan.
+    /// A parked debit not yet released leaves it (it waits for its
+    /// release, which puts it back).
+    barriers_by_place: BTreeMap<(Id, u64), BTreeSet<(u64, Id, StepKind)>>,
+    /// The highest saga watermark heard from each coordinator incarnation.
+    saga_watermarks: BTreeMap<(Id, u64), u64>,
     transfers: HashMap<Id, Transfer>,
+    /// Transfers not yet terminal.
+    in_flight: usize,
+    /// Collectable transfers by the time they ended, for the idempotency
+    /// retention.
+    transfers_by_end: BTreeSet<(u64, Id)>,
+    /// Inbox of events that carry no sequence number (from older nodes).
     inbox: HashSet<String>,
+    /// The last sequence number given to an event for each peer.
+    sent_to: BTreeMap<Id, u64>,
+    /// What was applied of each peer's numbered events.
+    applied_from: BTreeMap<Id, Applied>,
     outbox: BTreeMap<u64, Event>,
     /// The outbox's sequences by the participant each event is for, so
     /// that the relay takes one peer's next events without looking at the
@@ -331,6 +611,79 @@ fn inbox_key(event_id: &str) -> Vec<u8> {
     let mut key = b"i/".to_vec();
     key.extend_from_slice(event_id.as_bytes());
     key
+}
+
+fn sent_key(peer: &Id) -> Vec<u8> {
+    let mut key = b"q/".to_vec();
+    key.extend_from_slice(peer.as_str().as_bytes());
+    key
+}
+
+fn applied_key(peer: &Id) -> Vec<u8> {
+    let mut key = b"w/".to_vec();
+    key.extend_from_slice(peer.as_str().as_bytes());
+    key
+}
+
+/// `s/<coordinator>/<incarnation, 16 hex digits>`.
+fn watermark_key(coordinator: &Id, incarnation: u64) -> Vec<u8> {
+    format!("s/{coordinator}/{incarnation:016x}").into_bytes()
+}
+
+fn parse_watermark_key(rest: &[u8]) -> Result<(Id, u64), Error> {
+    let rest = std::str::from_utf8(rest).map_err(|_| corrupt("a watermark key is not UTF-8"))?;
+    let (coordinator, incarnation) =
+        rest.rsplit_once('/').ok_or_else(|| corrupt("a watermark key is s/<coordinator>/<incarnation>"))?;
+    if incarnation.len() != 16 {
+        return Err(corrupt("a watermark key's incarnation is 16 hex digits"));
+    }
+    let incarnation =
+        u64::from_str_radix(incarnation, 16).map_err(|_| corrupt("a watermark key's incarnation is 16 hex digits"))?;
+    Ok((parse_id(coordinator)?, incarnation))
+}
+
+fn encode_u64(value: u64) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.u64(value);
+    w.finish()
+}
+
+fn decode_u64(bytes: &[u8]) -> Result<u64, Error> {
+    let mut r = Reader::new(bytes);
+    let value = r.u64()?;
+    r.done()?;
+    Ok(value)
+}
+
+/// What was applied of a peer's events: the contiguous number, how many
+/// above it, and those numbers.
+pub(crate) fn encode_applied(applied: &Applied) -> Vec<u8> {
+    let mut w = Writer::new();
+    w.u64(applied.contiguous);
+    w.u32(applied.above.len() as u32);
+    for seq in &applied.above {
+        w.u64(*seq);
+    }
+    w.finish()
+}
+
+pub(crate) fn decode_applied(bytes: &[u8]) -> Result<Applied, Error> {
+    let mut r = Reader::new(bytes);
+    let contiguous = r.u64()?;
+    let count = r.u32()? as u64;
+    if count >= SEQUENCE_AHEAD_MAX {
+        return Err(corrupt(format!("{count} numbers applied ahead; at most {}", SEQUENCE_AHEAD_MAX - 1)));
+    }
+    let mut above = BTreeSet::new();
+    for _ in 0..count {
+        let seq = r.u64()?;
+        let ahead = seq.checked_sub(contiguous).unwrap_or(0);
+        if !(2..=SEQUENCE_AHEAD_MAX).contains(&ahead) || !above.insert(seq) {
+            return Err(corrupt(format!("number {seq} applied ahead of {contiguous}")));
+        }
+    }
+    r.done()?;
+    Ok(Applied { contiguous, above })
 }
 
 fn outbox_key(seq: u64) -> Vec<u8> {
@@ -414,6 +767,14 @@ fn encode_barrier(barrier: &Barrier) -> Result<Vec<u8>, Error> {
     if let Some(amount) = barrier.amount {
         w.i64(amount);
     }
+    if let Some(place) = &barrier.place {
+        if barrier.amount.is_none() {
+            return Err(Error::InvalidInput("a barrier with a place records its amount".into()));
+        }
+        w.short_text("a saga's coordinator", place.coordinator.as_str())?;
+        w.u64(place.incarnation);
+        w.u64(place.position);
+    }
     Ok(w.finish())
 }
 
@@ -438,14 +799,27 @@ fn decode_barrier(bytes: &[u8]) -> Result<Barrier, Error> {
         other => return Err(corrupt(format!("barrier compensation {other}"))),
     };
     // Barriers written before sagas could be forgotten end here; those
-    // written before amounts were stored end after the flag.
+    // written before amounts were stored end after the flag, and those
+    // written before places were stored (or of a step that said none)
+    // after the amount.
     let (forgotten, amount) = match r.remaining() {
         0 => (false, None),
         1 => (flag(r.byte()?)?, None),
         _ => (flag(r.byte()?)?, Some(positive(r.i64()?)?)),
     };
+    let place = match r.remaining() {
+        0 => None,
+        _ => {
+            let coordinator = parse_id(&r.short_text()?)?;
+            let (incarnation, position) = (r.u64()?, r.u64()?);
+            if incarnation == 0 || position == 0 {
+                return Err(corrupt("a barrier's place has an incarnation and a position"));
+            }
+            Some(SagaPlace { coordinator, incarnation, position })
+        }
+    };
     r.done()?;
-    Ok(Barrier { action, compensation, forgotten, amount })
+    Ok(Barrier { action, compensation, forgotten, amount, place })
 }
 
 pub(crate) fn encode_transfer(transfer: &Transfer) -> Result<Vec<u8>, Error> {
@@ -464,6 +838,9 @@ pub(crate) fn encode_transfer(transfer: &Transfer) -> Result<Vec<u8>, Error> {
     w.u64(transfer.to);
     w.i64(transfer.amount);
     w.text("a transfer's target", transfer.target.as_str())?;
+    if let Some(ended_at_ms) = transfer.ended_at_ms {
+        w.u64(ended_at_ms);
+    }
     Ok(w.finish())
 }
 
@@ -480,8 +857,11 @@ pub(crate) fn decode_transfer(bytes: &[u8]) -> Result<Transfer, Error> {
         6 => TransferState::Resolved(reason),
         other => return Err(corrupt(format!("transfer state {other}"))),
     };
-    let transfer = Transfer { state, from: r.u64()?, to: r.u64()?, amount: positive(r.i64()?)?, target: r.id()? };
+    let (from, to, amount, target) = (r.u64()?, r.u64()?, positive(r.i64()?)?, r.id()?);
+    // Records written before end times were stored end here.
+    let ended_at_ms = if r.remaining() == 0 { None } else { Some(r.u64()?) };
     r.done()?;
+    let transfer = Transfer { state, from, to, amount, target, ended_at_ms };
     Ok(transfer)
 }
 
@@ -501,6 +881,9 @@ pub fn encode_event(event: &Event) -> Result<Vec<u8>, Error> {
     w.text("a source participant", event.source.as_str())?;
     w.text("a target participant", event.target.as_str())?;
     w.text("an event's reason", &event.reason)?;
+    if event.seq != 0 {
+        w.u64(event.seq);
+    }
     Ok(w.finish())
 }
 
@@ -526,9 +909,18 @@ pub fn decode_event(bytes: &[u8]) -> Result<Event, Error> {
         source: r.id()?,
         target: r.id()?,
         reason: r.text()?,
+        seq: 0,
+    };
+    // Events written before they were numbered end here.
+    let seq = match r.remaining() {
+        0 => 0,
+        _ => match r.u64()? {
+            0 => return Err(corrupt("an event's sequence number is at least 1")),
+            seq => seq,
+        },
     };
     r.done()?;
-    Ok(event)
+    Ok(Event { seq, ..event })
 }
 
 impl Core {
@@ -553,14 +945,33 @@ impl Core {
             if barrier.forgotten || barrier.compensation.is_some() {
                 self.finished.push_back((now_ms, Retained::Key(key.to_vec())));
             }
+            // Indexed by place; a parked debit not yet released leaves the
+            // index when collection meets it.
+            sagas.index_barrier(&saga, kind, &barrier);
             sagas.barriers.insert((saga, kind), barrier);
+        } else if let Some(rest) = key.strip_prefix(b"s/") {
+            let (coordinator, incarnation) = parse_watermark_key(rest)?;
+            sagas.saga_watermarks.insert((coordinator, incarnation), decode_u64(value)?);
         } else if key.starts_with(b"c/") {
             let saga = tandem::codec::id_from_key(b"c/", key)?;
             let transfer = decode_transfer(value)?;
             if transfer.state.is_collectable() {
-                self.finished.push_back((now_ms, Retained::Key(key.to_vec())));
+                // Its retention counts from its end; a record written
+                // before end times were stored, from now. A clock that is
+                // now before the stored end (set back) counts from now.
+                let ended_at_ms = transfer.ended_at_ms.map_or(now_ms, |ended| ended.min(now_ms));
+                sagas.transfers_by_end.insert((ended_at_ms, saga.clone()));
             }
+            sagas.count_transfer(None, &transfer);
             sagas.transfers.insert(saga, transfer);
+        } else if key.starts_with(b"q/") {
+            let peer = tandem::codec::id_from_key(b"q/", key)?;
+            let sent = decode_u64(value)?;
+            let last = sagas.sent_to.entry(peer).or_default();
+            *last = (*last).max(sent);
+        } else if key.starts_with(b"w/") {
+            let peer = tandem::codec::id_from_key(b"w/", key)?;
+            sagas.applied_from.insert(peer, decode_applied(value)?);
         } else if let Some(event_id) = key.strip_prefix(b"i/") {
             let event_id = String::from_utf8(event_id.to_vec()).map_err(|_| corrupt("an inbox key is not UTF-8"))?;
             check_event_id(&event_id).map_err(corrupt)?;
@@ -574,6 +985,12 @@ impl Core {
             let seq = u64::from_be_bytes(seq);
             let next = seq.checked_add(1).ok_or_else(|| corrupt("the outbox sequence is exhausted"))?;
             let event = decode_event(value)?;
+            // The counter is written with every event it numbers (`q/`
+            // sorts after `o/`: the larger of the two is kept).
+            if event.seq != 0 {
+                let last = sagas.sent_to.entry(event.destination().clone()).or_default();
+                *last = (*last).max(event.seq);
+            }
             sagas.outbox_by_destination.entry(event.destination().clone()).or_default().insert(seq);
             sagas.outbox.insert(seq, event);
             sagas.next_outbox_seq = sagas.next_outbox_seq.max(next);
@@ -596,17 +1013,17 @@ impl Core {
             // or redelivered by an orchestrator that restarts from its log,
             // however late: its barrier is what makes that safe, so it is
             // kept (see "Retention" above).
-            let closed = sagas.barriers.get(&(saga.clone(), kind)).is_some_and(|b| sagas.is_collectable(&saga, b));
-            return closed && sagas.barriers.remove(&(saga, kind)).is_some();
-        }
-        if key.starts_with(b"c/") {
-            let Ok(saga) = tandem::codec::id_from_key(b"c/", key) else { return false };
-            if sagas.transfers.get(&saga).is_some_and(|t| t.state.is_collectable()) {
-                sagas.transfers.remove(&saga);
-                return true;
+            let closed =
+                sagas.barriers.get(&(saga.clone(), kind)).is_some_and(|b| sagas.is_collectable(&saga, kind, b));
+            if !closed {
+                return false;
             }
-            return false;
+            let barrier = sagas.barriers.remove(&(saga.clone(), kind)).expect("looked up above");
+            sagas.unindex_barrier(&saga, kind, &barrier.place);
+            return true;
         }
+        // Transfers are collected after the idempotency retention
+        // ([`Core::collect_sagas`]), not here.
         if let Some(event_id) = key.strip_prefix(b"i/") {
             return sagas.inbox.remove(std::str::from_utf8(event_id).unwrap_or(""));
         }
@@ -759,9 +1176,9 @@ impl Core {
         account_put(id, account)
     }
 
-    /// One step or compensation of an orchestrated saga. What it does is
-    /// decided, and its barrier encoded, before anything changes: a refusal
-    /// or an error leaves the state as it was.
+    /// One step or compensation of an orchestrated saga whose request said
+    /// nothing of its orchestrator (an older coordinator): see
+    /// [`Core::saga_step_ordered`].
     pub fn saga_step(
         &mut self,
         saga: Id,
@@ -769,6 +1186,116 @@ impl Core {
         phase: StepPhase,
         account: AccountId,
         amount: Amount,
+        now_ms: u64,
+    ) -> Result<(StepAnswer, Effects), Error> {
+        self.saga_step_ordered(saga, kind, phase, account, amount, None, now_ms)
+    }
+
+    /// One step or compensation of an orchestrated saga, with what its
+    /// request said of its orchestrator (`order`). What it does is decided,
+    /// and its barrier encoded, before anything changes: a refusal or an
+    /// error leaves the state as it was (the watermark the request carried
+    /// is kept only with a step that was judged).
+    ///
+    /// A step below the saga watermark of its coordinator incarnation, with
+    /// no barrier here, is late (see "Late steps"): an action does nothing
+    /// and is REFUSED, saying so; a compensation is an empty compensation;
+    /// neither leaves a record. A release keeps its own rule (it needs the
+    /// parked debit's barrier, which stays until the release ran).
+    #[allow(clippy::too_many_arguments)]
+    pub fn saga_step_ordered(
+        &mut self,
+        saga: Id,
+        kind: StepKind,
+        phase: StepPhase,
+        account: AccountId,
+        amount: Amount,
+        order: Option<StepOrder>,
+        now_ms: u64,
+    ) -> Result<(StepAnswer, Effects), Error> {
+        // The incarnation's watermark, raised by this request's: judged
+        // before anything changes, kept only if the step is judged.
+        let mut raised = None;
+        let mut place = None;
+        let mut watermark = 0;
+        if let Some(order) = order.filter(|order| order.incarnation != 0) {
+            if !self.config.coordinators.contains(&order.coordinator) {
+                return Err(Error::InvalidInput(format!(
+                    "coordinator {} is not one {} was configured with (--coordinator)",
+                    order.coordinator, self.config.node_id
+                )));
+            }
+            let incarnation = (order.coordinator.clone(), order.incarnation);
+            let known = self.sagas.saga_watermarks.get(&incarnation).copied();
+            if known.is_none() {
+                let incarnations = self
+                    .sagas
+                    .saga_watermarks
+                    .range((order.coordinator.clone(), 0)..)
+                    .take_while(|((c, _), _)| *c == order.coordinator)
+                    .count();
+                if incarnations >= INCARNATIONS_PER_COORDINATOR_MAX {
+                    return Err(Error::Busy(format!(
+                        "{} keeps the saga watermarks of {INCARNATIONS_PER_COORDINATOR_MAX} incarnations of coordinator {} and no more; incarnation {:016x} is refused",
+                        self.config.node_id, order.coordinator, order.incarnation
+                    )));
+                }
+            }
+            watermark = known.unwrap_or(0).max(order.low_watermark);
+            if known.is_none_or(|known| known < watermark) {
+                raised = Some((incarnation, watermark));
+            }
+            if order.position != 0 {
+                place = Some(SagaPlace {
+                    coordinator: order.coordinator,
+                    incarnation: order.incarnation,
+                    position: order.position,
+                });
+            }
+        }
+        let late = place.as_ref().is_some_and(|place| place.position < watermark)
+            && kind != StepKind::Release
+            && !self.sagas.barriers.contains_key(&(saga.clone(), kind));
+        let (answer, mut effects) = if late {
+            let place = place.as_ref().expect("late steps have a place");
+            if amount <= 0 {
+                return Err(Error::InvalidInput(format!("a saga step's amount must be positive; it is {amount}")));
+            }
+            let outcome = match phase {
+                StepPhase::Action => StepOutcome::Refused(
+                    None,
+                    format!(
+                        "late step: saga {saga} is at position {} of coordinator {} (incarnation {:016x}), below its saga watermark {watermark} on {}: every saga there has sent its last step, and this one did nothing",
+                        place.position, place.coordinator, place.incarnation, self.config.node_id
+                    ),
+                ),
+                StepPhase::Compensation | StepPhase::CompensateToSuspense => StepOutcome::EmptyCompensation,
+            };
+            (StepAnswer { outcome, duplicate: false }, Effects { ops: Vec::new(), durability: Durability::Lazy })
+        } else {
+            self.judge_step(saga, kind, phase, account, amount, place, now_ms)?
+        };
+        if let Some(((coordinator, incarnation), watermark)) = raised {
+            // Rides with the step's write. Lost in a crash, it goes back
+            // with everything written after it (the store keeps writes in
+            // order), the deletions of the barriers it passed included.
+            effects.ops.push(Op::Put(watermark_key(&coordinator, incarnation), encode_u64(watermark)));
+            self.sagas.saga_watermarks.insert((coordinator, incarnation), watermark);
+        }
+        Ok((answer, effects))
+    }
+
+    /// Judges one step against its barrier (see "Steps with barrier
+    /// semantics"). `place` is recorded in a barrier it creates.
+    #[allow(clippy::too_many_arguments)]
+    fn judge_step(
+        &mut self,
+        saga: Id,
+        kind: StepKind,
+        phase: StepPhase,
+        account: AccountId,
+        amount: Amount,
+        place: Option<SagaPlace>,
         now_ms: u64,
     ) -> Result<(StepAnswer, Effects), Error> {
         if amount <= 0 {
@@ -785,7 +1312,8 @@ impl Core {
         }
         let key = (saga.clone(), kind);
         let existing = self.sagas.barriers.get(&key).cloned();
-        let mut barrier = existing.unwrap_or_default();
+        let is_new = existing.is_none();
+        let mut barrier = existing.unwrap_or(Barrier { place, ..Barrier::default() });
         let lazy = |outcome, duplicate| {
             Ok((StepAnswer { outcome, duplicate }, Effects { ops: Vec::new(), durability: Durability::Lazy }))
         };
@@ -897,6 +1425,12 @@ impl Core {
             }
         };
         let key_bytes = barrier_key(&saga, kind);
+        if is_new && self.sagas.barriers.len() >= BARRIERS_MAX {
+            return Err(Error::Busy(format!(
+                "{} holds {BARRIERS_MAX} saga step barriers, its most; the step of {saga} waits until sagas end (their watermark passes them, or ForgetSagas)",
+                self.config.node_id
+            )));
+        }
         // Encoded before anything changes: a barrier too large for its
         // record (a refusal's reason) is an error, not a half-applied step.
         let barrier_value = encode_barrier(&barrier)?;
@@ -911,41 +1445,140 @@ impl Core {
             ops.push(self.change_posted(account, posted_delta));
         }
         ops.push(Op::Put(key_bytes.clone(), barrier_value));
+        if is_new {
+            self.sagas.index_barrier(&saga, kind, &barrier);
+        }
+        // A release lets its parked debit go once the saga ended: back in
+        // the index by place it left (see `collect_sagas`).
+        if kind == StepKind::Release && barrier.action == Some(ActionResult::Applied) {
+            if let Some(debit) = self.sagas.barriers.get(&(saga.clone(), StepKind::Debit)).cloned() {
+                self.sagas.index_barrier(&saga, StepKind::Debit, &debit);
+            }
+        }
+        self.sagas.barriers.insert(key, barrier.clone());
         // Queued for collection once it may go (see "Retention"); a step
         // with no compensation is queued when its saga is forgotten.
-        if self.sagas.is_collectable(&saga, &barrier) {
+        if self.sagas.is_collectable(&saga, kind, &barrier) {
             self.finished.push_back((now_ms, Retained::Key(key_bytes)));
         }
-        self.sagas.barriers.insert(key, barrier);
         let durability = if outcome == StepOutcome::Applied { Durability::Fsync } else { Durability::Lazy };
         Ok((StepAnswer { outcome, duplicate: false }, Effects { ops, durability }))
     }
 
-    /// Adds an event, already encoded, to the outbox.
+    /// The number the next event for `peer` gets, before anything
+    /// changes; `Err` if this node may number events for no more peers.
+    fn next_seq_to(&self, peer: &Id) -> Result<u64, Error> {
+        match self.sagas.sent_to.get(peer) {
+            Some(last) => {
+                last.checked_add(1).ok_or_else(|| Error::Fatal(format!("the event numbers for {peer} are exhausted")))
+            }
+            None if self.sagas.sent_to.len() >= SEQUENCE_PEERS_MAX => Err(Error::Busy(format!(
+                "{} numbers events for {SEQUENCE_PEERS_MAX} peers and no more; none is sent to {peer}",
+                self.config.node_id
+            ))),
+            None => Ok(1),
+        }
+    }
+
+    /// Adds an event, numbered by [`Core::next_seq_to`] and encoded, to
+    /// the outbox, with its peer's counter in the same write: the number is
+    /// durable exactly when the event is, and the event is relayed only
+    /// once durable, so a number a peer may have applied is never given to
+    /// another event, whatever a crash or a power loss takes.
     fn push_event(&mut self, event: Event, value: Vec<u8>, ops: &mut Vec<Op>) {
         let seq = self.sagas.next_outbox_seq;
         self.sagas.next_outbox_seq += 1;
+        let destination = event.destination().clone();
+        assert_eq!(event.seq, self.next_seq_to(&destination).unwrap_or(0), "an event numbered out of turn");
+        ops.push(Op::Put(sent_key(&destination), encode_u64(event.seq)));
+        self.sagas.sent_to.insert(destination.clone(), event.seq);
         ops.push(Op::Put(outbox_key(seq), value));
-        self.sagas.outbox_by_destination.entry(event.destination().clone()).or_default().insert(seq);
+        self.sagas.outbox_by_destination.entry(destination).or_default().insert(seq);
         self.sagas.outbox.insert(seq, event);
         self.sagas.debug_assert_outbox_index();
     }
 
-    /// Stores a transfer's record, already encoded.
-    fn put_transfer(&mut self, saga: &Id, transfer: Transfer, value: Vec<u8>, now_ms: u64, ops: &mut Vec<Op>) {
+    /// Stores a transfer's record, already encoded (and stamped: see
+    /// [`Transfer::stamped`]).
+    fn put_transfer(&mut self, saga: &Id, transfer: Transfer, value: Vec<u8>, ops: &mut Vec<Op>) {
         let key = transfer_key(saga);
         ops.push(Op::Put(key.clone(), value));
-        if transfer.state.is_collectable() {
-            self.finished.push_back((now_ms, Retained::Key(key)));
+        if let (true, Some(ended_at_ms)) = (transfer.state.is_collectable(), transfer.ended_at_ms) {
+            self.sagas.transfers_by_end.insert((ended_at_ms, saga.clone()));
         }
+        let before = self.sagas.transfers.get(saga).cloned();
+        self.sagas.count_transfer(before.as_ref(), &transfer);
         self.sagas.transfers.insert(saga.clone(), transfer);
+    }
+
+    /// Deletes, at most `limit` records at once: the barriers of sagas the
+    /// saga watermark of their coordinator incarnation has passed (those
+    /// sagas sent their last step here: no wait), and the transfers that
+    /// ended `idempotency_retention_ms` or more before `now_ms`. Costs what
+    /// it deletes (and the parked debits it sets aside until their release).
+    pub fn collect_sagas(&mut self, now_ms: u64, idempotency_retention_ms: u64, limit: usize) -> Effects {
+        let mut ops = Vec::new();
+        let incarnations: Vec<((Id, u64), u64)> = self
+            .sagas
+            .saga_watermarks
+            .iter()
+            .filter(|(incarnation, _)| self.sagas.barriers_by_place.contains_key(*incarnation))
+            .map(|(incarnation, watermark)| (incarnation.clone(), *watermark))
+            .collect();
+        for (incarnation, watermark) in incarnations {
+            loop {
+                if ops.len() >= limit {
+                    return Effects { ops, durability: Durability::Buffered };
+                }
+                let Some(entries) = self.sagas.barriers_by_place.get(&incarnation) else { break };
+                let Some((position, saga, kind)) = entries.first().cloned() else { break };
+                if position >= watermark {
+                    break;
+                }
+                let entry = (saga.clone(), kind);
+                let place =
+                    Some(SagaPlace { coordinator: incarnation.0.clone(), incarnation: incarnation.1, position });
+                match self.sagas.barriers.get(&entry) {
+                    Some(barrier) if barrier.place == place => {
+                        if self.sagas.is_collectable(&saga, kind, barrier) {
+                            self.sagas.barriers.remove(&entry);
+                            ops.push(Op::Delete(barrier_key(&saga, kind)));
+                        }
+                        // Otherwise a parked debit not yet released: set
+                        // aside until its release puts it back.
+                    }
+                    // Collected by the retention, or another barrier since.
+                    _ => {}
+                }
+                self.sagas.unindex_barrier(&saga, kind, &place);
+            }
+        }
+        while ops.len() < limit {
+            let Some((ended_at_ms, saga)) = self.sagas.transfers_by_end.first().cloned() else { break };
+            if ended_at_ms.saturating_add(idempotency_retention_ms) > now_ms {
+                break;
+            }
+            self.sagas.transfers_by_end.pop_first();
+            if self.sagas.transfers.get(&saga).is_some_and(|t| t.state.is_collectable()) {
+                let transfer = self.sagas.transfers.remove(&saga).expect("looked up above");
+                debug_assert!(transfer.state.is_terminal());
+                ops.push(Op::Delete(transfer_key(&saga)));
+            }
+        }
+        Effects { ops, durability: Durability::Buffered }
     }
 
     /// Starts a choreographed transfer here, at the source. `Err` is bad
     /// input; a refusal is a REJECTED transfer. A saga id this node still
     /// remembers gets its transfer back, unchanged, if the request is the
-    /// same transfer (a retry), and INVALID_ARGUMENT naming what differs if
-    /// it is not (the id was reused by mistake).
+    /// same transfer (a retry), and FAILED_PRECONDITION naming what differs
+    /// if it is not (the id was reused by mistake). A saga id is remembered
+    /// while its transfer is in flight or parked, and for the idempotency
+    /// retention after it ended ([`Core::collect_sagas`]); after that it
+    /// starts a new transfer. A new transfer is refused (RESOURCE_EXHAUSTED,
+    /// nothing changes) while the outbox holds [`OUTBOX_MAX`] events, or
+    /// [`TRANSFERS_IN_FLIGHT_MAX`] transfers are in flight, or
+    /// [`TRANSFERS_MAX`] transfer records are held.
     pub fn start_transfer(
         &mut self,
         saga: Id,
@@ -966,8 +1599,8 @@ impl Core {
             .flatten()
             .collect();
             if !differs.is_empty() {
-                return Err(Error::InvalidInput(format!(
-                    "saga_id {saga} was used on {} for another transfer: this request has {}",
+                return Err(Error::FailedPrecondition(format!(
+                    "saga_id {saga} was used on {} for another transfer, remembered for the idempotency retention after it ends: this request has {}; nothing changed",
                     self.config.node_id,
                     differs.join(", ")
                 )));
@@ -978,13 +1611,36 @@ impl Core {
         if !self.accounts.contains_key(&from) {
             return Err(Error::NotFound(format!("account {from} does not exist on {}", self.config.node_id)));
         }
+        let node = &self.config.node_id;
+        let sagas = &self.sagas;
+        if sagas.outbox.len() >= OUTBOX_MAX {
+            return Err(Error::Busy(format!(
+                "the outbox of {node} holds {} events, its most ({OUTBOX_MAX}): transfer {saga} was not started; try again once its peers have taken them",
+                sagas.outbox.len()
+            )));
+        }
+        if sagas.in_flight >= TRANSFERS_IN_FLIGHT_MAX {
+            return Err(Error::Busy(format!(
+                "{node} has {} choreographed transfers in flight, its most ({TRANSFERS_IN_FLIGHT_MAX}): transfer {saga} was not started; try again once they are answered",
+                sagas.in_flight
+            )));
+        }
+        if sagas.transfers.len() >= TRANSFERS_MAX {
+            return Err(Error::Busy(format!(
+                "{node} remembers {} transfers, its most ({TRANSFERS_MAX}), until their idempotency retention ends: transfer {saga} was not started",
+                sagas.transfers.len()
+            )));
+        }
         let mut ops = Vec::new();
         if let Some((_, reason)) = self.cannot_debit(from, amount) {
-            let transfer = Transfer { state: TransferState::Rejected(reason), from, to, amount, target };
+            let transfer =
+                Transfer { state: TransferState::Rejected(reason), from, to, amount, target, ended_at_ms: None }
+                    .stamped(now_ms);
             let value = encode_transfer(&transfer)?;
-            self.put_transfer(&saga, transfer.clone(), value, now_ms, &mut ops);
+            self.put_transfer(&saga, transfer.clone(), value, &mut ops);
             return Ok((transfer, Effects { ops, durability: Durability::Lazy }));
         }
+        let seq = self.next_seq_to(&target)?;
         let event = Event {
             version: EVENT_VERSION,
             id: format!("{saga}:debited"),
@@ -996,13 +1652,14 @@ impl Core {
             source: self.config.node_id.clone(),
             target: target.clone(),
             reason: String::new(),
+            seq,
         };
-        let transfer = Transfer { state: TransferState::Debited, from, to, amount, target };
+        let transfer = Transfer { state: TransferState::Debited, from, to, amount, target, ended_at_ms: None };
         // Both records encoded before anything changes.
         let (event_value, transfer_value) = (encode_event(&event)?, encode_transfer(&transfer)?);
         ops.push(self.change_posted(from, -amount));
         self.push_event(event, event_value, &mut ops);
-        self.put_transfer(&saga, transfer.clone(), transfer_value, now_ms, &mut ops);
+        self.put_transfer(&saga, transfer.clone(), transfer_value, &mut ops);
         Ok((transfer, Effects { ops, durability: Durability::Fsync }))
     }
 
@@ -1024,8 +1681,38 @@ impl Core {
                 self.config.node_id
             )));
         }
-        if self.sagas.inbox.contains(&event.id) {
-            return Ok(((true, None), Effects { ops: Vec::new(), durability: Durability::Lazy }));
+        let node = &self.config.node_id;
+        let sender = event.sender().clone();
+        let duplicate = || Ok(((true, None), Effects { ops: Vec::new(), durability: Durability::Lazy }));
+        if event.seq == 0 {
+            // From an older node: its inbox record drops a duplicate.
+            if self.sagas.inbox.contains(&event.id) {
+                return duplicate();
+            }
+            if self.sagas.inbox.len() >= INBOX_MAX {
+                return Err(Error::Busy(format!(
+                    "the inbox of {node} holds {INBOX_MAX} unnumbered events, its most; event {} waits until older ones are collected",
+                    event.id
+                )));
+            }
+        } else {
+            let applied = self.sagas.applied_from.get(&sender);
+            if applied.is_some_and(|applied| applied.has(event.seq)) {
+                return duplicate();
+            }
+            let contiguous = applied.map_or(0, |applied| applied.contiguous);
+            if event.seq - contiguous > SEQUENCE_AHEAD_MAX {
+                return Err(Error::Busy(format!(
+                    "event {} is number {} from {sender}, more than {SEQUENCE_AHEAD_MAX} past {contiguous}, the last {node} applied with none missing: it is held back until the events before it are applied",
+                    event.id, event.seq
+                )));
+            }
+            if applied.is_none() && self.sagas.applied_from.len() >= SEQUENCE_PEERS_MAX {
+                return Err(Error::Busy(format!(
+                    "{node} keeps what it applied of {SEQUENCE_PEERS_MAX} peers and no more; event {} from {sender} is refused",
+                    event.id
+                )));
+            }
         }
         let mut ops = Vec::new();
         let mut finished = None;
@@ -1041,6 +1728,7 @@ impl Core {
                     id: format!("{}:{suffix}", event.saga),
                     kind,
                     reason,
+                    seq: self.next_seq_to(&sender)?,
                     ..event.clone()
                 };
                 let value = encode_event(&answer)?;
@@ -1101,7 +1789,7 @@ impl Core {
                         ))
                     };
                     let (from, amount) = (transfer.from, transfer.amount);
-                    let updated = Transfer { state, ..transfer };
+                    let updated = Transfer { state, ..transfer }.stamped(now_ms);
                     let value = encode_transfer(&updated)?;
                     if refund {
                         ops.push(self.change_posted(from, amount));
@@ -1110,20 +1798,31 @@ impl Core {
                         self.sagas.suspense += amount;
                         ops.push(self.suspense_put());
                     }
-                    self.put_transfer(&event.saga, updated, value, now_ms, &mut ops);
+                    self.put_transfer(&event.saga, updated, value, &mut ops);
                     finished = Some(event.saga.clone());
                 }
             }
         }
-        let key = inbox_key(&event.id);
-        ops.push(Op::Put(key.clone(), Vec::new()));
-        self.sagas.inbox.insert(event.id);
-        self.finished.push_back((now_ms, Retained::Key(key)));
+        if event.seq == 0 {
+            let key = inbox_key(&event.id);
+            ops.push(Op::Put(key.clone(), Vec::new()));
+            self.sagas.inbox.insert(event.id);
+            self.finished.push_back((now_ms, Retained::Key(key)));
+        } else {
+            // In the same write as the event's effects: applied exactly
+            // when its number is recorded.
+            let applied = self.sagas.applied_from.entry(sender.clone()).or_default();
+            applied.insert(event.seq);
+            ops.push(Op::Put(applied_key(&sender), encode_applied(applied)));
+        }
         Ok(((false, finished), Effects { ops, durability: Durability::Fsync }))
     }
 
-    /// Outbox events on disk and not yet delivered, oldest first.
-    pub fn outbox(&self) -> Vec<(u64, Event)> {
+    /// Outbox events on disk and not yet delivered, oldest first: the
+    /// whole outbox, cloned, for tests (the relay takes one peer's next
+    /// events from the index: [`Core::outbox_batch`]).
+    #[cfg(test)]
+    pub(crate) fn outbox(&self) -> Vec<(u64, Event)> {
         self.sagas.outbox.range(..self.sagas.outbox_durable_end).map(|(seq, e)| (*seq, e.clone())).collect()
     }
 
@@ -1244,17 +1943,27 @@ impl Core {
             &format!("{reason}; released to account {to} by an operator"),
             REASON_STORED_LEN_MAX,
         ));
-        let resolved = Transfer { state, ..transfer };
+        let resolved = Transfer { state, ..transfer }.stamped(now_ms);
         let value = encode_transfer(&resolved)?;
         self.sagas.suspense -= resolved.amount;
         let mut ops = vec![self.suspense_put(), self.change_posted(to, resolved.amount)];
-        self.put_transfer(saga, resolved.clone(), value, now_ms, &mut ops);
+        self.put_transfer(saga, resolved.clone(), value, &mut ops);
         Ok((resolved, Effects { ops, durability: Durability::Fsync }))
     }
 
     /// Transfers started here and not yet terminal.
     pub fn transfers_in_flight(&self) -> usize {
-        self.sagas.transfers.values().filter(|t| !t.state.is_terminal()).count()
+        debug_assert_eq!(
+            self.sagas.in_flight,
+            self.sagas.transfers.values().filter(|t| !t.state.is_terminal()).count()
+        );
+        self.sagas.in_flight
+    }
+
+    /// Transfer records held: in flight, parked, or kept for the
+    /// idempotency retention.
+    pub fn transfer_count(&self) -> usize {
+        self.sagas.transfers.len()
     }
 }
 

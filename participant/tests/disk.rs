@@ -27,6 +27,7 @@ async fn start(disk: &MemoryDisk) -> (Node, String, tokio::sync::oneshot::Sender
         peers: Vec::new(),
         in_doubt_after_ms: 60_000,
         finished_retention_ms: 300_000,
+        idempotency_retention_ms: tandem_participant::saga::IDEMPOTENCY_RETENTION_DEFAULT_MS,
         owned_accounts: None,
         store_free_min_bytes: 1_000,
         // In process, the trust layer is not what is tested here.

@@ -35,6 +35,7 @@ fn config(name: &str, dir: &std::path::Path, peers: Vec<(Id, String)>) -> NodeCo
         peers,
         in_doubt_after_ms: 60_000,
         finished_retention_ms: 60_000,
+        idempotency_retention_ms: tandem_participant::saga::IDEMPOTENCY_RETENTION_DEFAULT_MS,
         owned_accounts: None,
         store_free_min_bytes: 0,
         // Plaintext, every caller trusted: each forged call must reach the
@@ -103,6 +104,7 @@ fn event(kind: pb::EventKind, reason: String, amount: i64) -> pb::ChoreographyEv
         source_participant: "p2".into(),
         target_participant: "p1".into(),
         reason,
+        sequence: 0,
     }
 }
 

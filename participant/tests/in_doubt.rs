@@ -167,6 +167,7 @@ async fn start_participant(coordinator_url: String) -> (Node, oneshot::Sender<()
         peers: Vec::new(),
         in_doubt_after_ms: IN_DOUBT_AFTER_MS,
         finished_retention_ms: 300_000,
+        idempotency_retention_ms: tandem_participant::saga::IDEMPOTENCY_RETENTION_DEFAULT_MS,
         owned_accounts: None,
         store_free_min_bytes: 0,
         // In process, the trust layer is not what is tested here.

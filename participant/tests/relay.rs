@@ -27,6 +27,7 @@ fn config(ca: &LocalCa, name: &str, dir: &std::path::Path, peers: Vec<(Id, Strin
         peers,
         in_doubt_after_ms: 500,
         finished_retention_ms: 300_000,
+        idempotency_retention_ms: tandem_participant::saga::IDEMPOTENCY_RETENTION_DEFAULT_MS,
         owned_accounts: None,
         store_free_min_bytes: 0,
         security: ca.security(Role::Participant, name).unwrap(),
@@ -127,6 +128,8 @@ async fn a_reply_written_by_a_call_whose_client_gave_up_is_still_relayed() {
         source_participant: "p1".into(),
         target_participant: "p2".into(),
         reason: String::new(),
+        // The first event p1 numbered for p2.
+        sequence: 1,
     };
     // Polled once (the credit and its reply are written and submitted to
     // the store), then dropped before the fsync completes: what tonic does

@@ -154,7 +154,7 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "long-outages",
-        about: "every protocol under every fault, with retention shorter than the faults: shows what issue 11 (deduplication with no time window) must fix; not in CI",
+        about: "every protocol under every fault, with retention shorter than the faults: no deduplication may rest on it (issue 11); not in CI",
         faults: ALL_FAULTS,
         fault_interval_ms: 500,
         finished_retention_ms: 100,

@@ -37,6 +37,8 @@ enum Change {
     Version(u32),
     Id(String),
     Accounts(u64, u64),
+    /// Another sequence number: out of order, unnumbered, far ahead.
+    Seq(u64),
 }
 
 #[derive(Debug, Clone)]
@@ -49,6 +51,9 @@ enum Request {
     Abort(u8),
     SetClosed(u64, bool),
     Step(u8, StepKind, StepPhase, u64, i64),
+    /// A step whose request carries coordinator c1, incarnation 7, the
+    /// saga's position (its number + 1) and this saga watermark.
+    OrderedStep(u8, StepKind, StepPhase, u64, i64, u64),
     Forget(Vec<u8>),
     Start(u8, u64, u64, i64, bool),
     Relay(usize, Change),
@@ -112,6 +117,7 @@ fn change() -> impl Strategy<Value = Change> {
         1 => prop_oneof![Just(String::new()), Just("x".repeat(200)), Just("a b".to_string()), Just("s0:x".to_string())]
             .prop_map(Change::Id),
         1 => (account(), account()).prop_map(|(a, b)| Change::Accounts(a, b)),
+        1 => prop_oneof![Just(0u64), 1..8u64, Just(SEQUENCE_AHEAD_MAX + 1), any::<u64>()].prop_map(Change::Seq),
     ]
 }
 
@@ -129,6 +135,8 @@ fn request() -> impl Strategy<Value = Request> {
         // their steps), sometimes any amount (forged).
         8 => (0..8u8, step_kind(), step_phase(), account(), proptest::option::weighted(0.15, amount()))
             .prop_map(|(s, k, p, a, m)| Request::Step(s, k, p, a, m.unwrap_or(10 * (s as i64 % 3 + 1)))),
+        4 => (0..8u8, step_kind(), step_phase(), account(), proptest::option::weighted(0.15, amount()), prop_oneof![3 => Just(0u64), 1 => 0..10u64])
+            .prop_map(|(s, k, p, a, m, w)| Request::OrderedStep(s, k, p, a, m.unwrap_or(10 * (s as i64 % 3 + 1)), w)),
         1 => proptest::collection::vec(0..8u8, 0..3).prop_map(Request::Forget),
         3 => (0..4u8, account(), account(), prop_oneof![4 => Just(20i64), 1 => amount()], prop::bool::weighted(0.8))
             .prop_map(|(s, f, t, m, own)| Request::Start(s, f, t, m, own)),
@@ -174,6 +182,9 @@ struct Image {
     transfers: BTreeMap<Id, Transfer>,
     inbox: BTreeSet<String>,
     outbox: BTreeMap<u64, Event>,
+    sent_to: BTreeMap<Id, u64>,
+    applied_from: BTreeMap<Id, Applied>,
+    saga_watermarks: BTreeMap<(Id, u64), u64>,
 }
 
 fn image(core: &Core) -> Image {
@@ -188,6 +199,9 @@ fn image(core: &Core) -> Image {
         transfers: core.sagas.transfers.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
         inbox: core.sagas.inbox.iter().cloned().collect(),
         outbox: core.sagas.outbox.clone(),
+        sent_to: core.sagas.sent_to.clone(),
+        applied_from: core.sagas.applied_from.clone(),
+        saga_watermarks: core.sagas.saga_watermarks.clone(),
     }
 }
 
@@ -334,9 +348,18 @@ impl Bank {
                     self.write(result)
                 };
             }
-            Request::Step(s, kind, phase, account, amount) => {
+            Request::Step(..) | Request::OrderedStep(..) => {
+                let (s, kind, phase, account, amount, order) = match request {
+                    Request::Step(s, kind, phase, account, amount) => (s, kind, phase, account, amount, None),
+                    Request::OrderedStep(s, kind, phase, account, amount, low_watermark) => {
+                        let order =
+                            StepOrder { coordinator: id("c1"), incarnation: 7, position: s as u64 + 1, low_watermark };
+                        (s, kind, phase, account, amount, Some(order))
+                    }
+                    _ => unreachable!(),
+                };
                 let answer = {
-                    let result = self.core.saga_step(saga(s), kind, phase, account, amount, now);
+                    let result = self.core.saga_step_ordered(saga(s), kind, phase, account, amount, order, now);
                     self.write(result)
                 };
                 if let Some((StepAnswer { outcome: StepOutcome::Applied, duplicate: false }, _)) = answer {
@@ -384,6 +407,7 @@ impl Bank {
                     Change::Version(version) => event.version = version,
                     Change::Id(text) => event.id = text,
                     Change::Accounts(from, to) => (event.from, event.to) = (from, to),
+                    Change::Seq(seq) => event.seq = seq,
                 }
                 self.deliver(event, now);
             }
@@ -399,6 +423,7 @@ impl Bank {
                     source: id("p1"),
                     target: id("p1"),
                     reason: "f".repeat(reason),
+                    seq: 0,
                 };
                 self.deliver(event, now);
             }
@@ -422,6 +447,8 @@ impl Bank {
             Request::Collect(ms) => {
                 self.now_ms += ms;
                 let effects = self.core.collect_garbage(self.now_ms);
+                self.write(Ok(effects));
+                let effects = self.core.collect_sagas(self.now_ms, 2_000, 3);
                 self.write(Ok(effects));
             }
             Request::Restart => {
@@ -584,8 +611,13 @@ fn valid_records() -> Vec<(Vec<u8>, Vec<u8>)> {
         Request::Start(1, 4, 3, 20, true),
         Request::Start(2, 4, 3, 20, false),
         Request::Relay(0, Change::Nothing),
+        // A barrier with its saga's place, and a saga watermark.
+        Request::OrderedStep(4, StepKind::Credit, StepPhase::Action, 3, 5, 2),
     ] {
         bank.run(request);
+    }
+    for prefix in [&b"q/"[..], b"w/", b"s/", b"c/", b"b/", b"o/"] {
+        assert!(bank.disk.keys().any(|key| key.starts_with(prefix)), "no {prefix:?} record to mutate");
     }
     bank.disk.into_iter().collect()
 }
@@ -636,6 +668,11 @@ fn decode_everything(bytes: &[u8]) {
         encode_event(&event).unwrap();
     }
     let _ = parse_barrier_key(bytes);
+    if let Ok(applied) = decode_applied(bytes) {
+        assert_eq!(decode_applied(&encode_applied(&applied)), Ok(applied));
+    }
+    let _ = parse_watermark_key(bytes);
+    let _ = decode_u64(bytes);
 }
 
 proptest! {
@@ -681,6 +718,7 @@ proptest! {
         saga_id in prop_oneof![Just("s1".to_string()), "[ -~]{0,70}"],
         amount in amount(),
         reason in reason_len(),
+        sequence in prop_oneof![Just(0u64), Just(1), any::<u64>()],
     ) {
         let wire = tandem::pb::ChoreographyEvent {
             version,
@@ -693,6 +731,7 @@ proptest! {
             source_participant: "p2".into(),
             target_participant: "p1".into(),
             reason: "r".repeat(reason),
+            sequence,
         };
         if let Ok(event) = crate::node::event_from_pb(&wire) {
             prop_assert!(event.check().is_ok());

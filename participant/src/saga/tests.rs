@@ -265,7 +265,8 @@ fn a_saga_id_reused_with_other_parameters_is_refused_and_changes_nothing() {
         (1, 2, 30, "p3", "target_participant p3"),
     ] {
         let error = p1.0.start_transfer(id("s1"), from, to, amount, id(target), 0).unwrap_err();
-        let Error::InvalidInput(message) = &error else { panic!("{differs}: {error:?}") };
+        let Error::FailedPrecondition(message) = &error else { panic!("{differs}: {error:?}") };
+        assert_eq!(tonic::Status::from(error.clone()).code(), tonic::Code::FailedPrecondition);
         assert!(message.contains("s1") && message.contains(differs), "{differs}: {message}");
     }
     assert_eq!((p1.0.accounts().clone(), p1.0.outbox().len()), before, "nothing changed");
@@ -438,8 +439,11 @@ fn events_round_trip_and_a_newer_version_with_a_known_kind_is_read() {
         source: id("p1"),
         target: id("p2"),
         reason: String::new(),
+        seq: 1,
     };
     assert_eq!(decode_event(&encode_event(&event).unwrap()), Ok(event.clone()));
+    let unnumbered = Event { seq: 0, ..event.clone() };
+    assert_eq!(decode_event(&encode_event(&unnumbered).unwrap()), Ok(unnumbered));
     let mut p2 = node("p2");
     let ((duplicate, _), effects) = p2.0.deliver_event(event, 0).unwrap();
     p2.1.apply(&effects);
@@ -597,6 +601,8 @@ mod forged {
             source: id("p1"),
             target: id("p2"),
             reason,
+            // The first event p2 numbered for p1.
+            seq: 1,
         }
     }
 
@@ -636,6 +642,7 @@ mod forged {
             source: id("p1"),
             target: id("p2"),
             reason: String::new(),
+            seq: 1,
         };
         for event in [
             debited(-50, "t1:debited", 1),
@@ -693,5 +700,347 @@ mod forged {
         let released = step(&mut core, &mut disk, StepKind::Release, StepPhase::Action, 1, 30);
         assert_eq!(released.outcome, StepOutcome::Applied);
         assert_eq!(core.suspense(), 0);
+    }
+}
+
+mod without_time_windows {
+    //! Deduplication and barriers that hold whatever the age of a
+    //! redelivery (see "Deduplication with no time window" and "Late
+    //! steps" in the module essay), and the idempotency retention.
+    use super::*;
+
+    const LONG_MS: u64 = 400 * 24 * 3_600 * 1_000;
+
+    fn restarted(node: &(Core, Disk), name: &str, now_ms: u64) -> (Core, Disk) {
+        let mut core = Core::recover(config(name), node.1 .0.clone(), now_ms).unwrap();
+        core.mark_outbox_durable(core.outbox_end());
+        (core, node.1.clone())
+    }
+
+    /// Every kind of collection, at `now_ms`.
+    fn collect_everything(node: &mut (Core, Disk), now_ms: u64) {
+        let effects = node.0.collect_garbage(now_ms);
+        node.1.apply(&effects);
+        let effects = node.0.collect_sagas(now_ms, IDEMPOTENCY_RETENTION_DEFAULT_MS, usize::MAX);
+        node.1.apply(&effects);
+    }
+
+    fn keys_with(disk: &Disk, prefix: &[u8]) -> usize {
+        disk.0.keys().filter(|key| key.starts_with(prefix)).count()
+    }
+
+    /// A TransferDebited event from p1 to p2, numbered `seq`.
+    fn debited(saga: &str, seq: u64) -> Event {
+        Event {
+            version: EVENT_VERSION,
+            id: format!("{saga}:debited"),
+            kind: EventKind::TransferDebited,
+            saga: id(saga),
+            from: 1,
+            to: 2,
+            amount: 5,
+            source: id("p1"),
+            target: id("p2"),
+            reason: String::new(),
+            seq,
+        }
+    }
+
+    fn deliver(node: &mut (Core, Disk), event: Event, now_ms: u64) -> Result<bool, Error> {
+        let ((duplicate, _), effects) = node.0.deliver_event(event, now_ms)?;
+        node.1.apply(&effects);
+        Ok(duplicate)
+    }
+
+    #[test]
+    fn events_are_numbered_per_peer_and_a_number_survives_its_event() {
+        let mut p1 = node("p1");
+        for (saga, target) in [("s1", "p2"), ("s2", "p3"), ("s3", "p2")] {
+            let (_, effects) = p1.0.start_transfer(id(saga), 1, 2, 1, id(target), 0).unwrap();
+            p1.1.apply(&effects);
+        }
+        p1.0.mark_outbox_durable(p1.0.outbox_end());
+        let numbers: Vec<(String, u64)> =
+            p1.0.outbox().into_iter().map(|(_, e)| (e.destination().to_string(), e.seq)).collect();
+        assert_eq!(numbers, [("p2".into(), 1), ("p3".into(), 1), ("p2".into(), 2)]);
+        // Delivered and forgotten: the counter stays, and a restart goes on
+        // from it, never giving number 1 or 2 for p2 again.
+        let seqs: Vec<u64> = p1.0.outbox().into_iter().map(|(seq, _)| seq).collect();
+        p1.1.apply(&p1.0.outbox_delivered(&seqs));
+        assert_eq!(keys_with(&p1.1, b"o/"), 0);
+        let mut p1 = restarted(&p1, "p1", 0);
+        start(&mut p1, "s4", 1, 2, 1);
+        assert_eq!(p1.0.outbox()[0].1.seq, 3);
+    }
+
+    #[test]
+    fn a_number_whose_event_was_lost_before_it_was_durable_is_given_again_safely() {
+        // The write of s1's debit, event and counter never reached the disk
+        // (a power loss before its fsync): it was never relayed, so no peer
+        // can have applied number 1, and the next event gets it.
+        let mut p1 = node("p1");
+        let (_, lost) = p1.0.start_transfer(id("s1"), 1, 2, 1, id("p2"), 0).unwrap();
+        assert!(p1.0.outbox().is_empty(), "not relayed before it is durable");
+        assert!(
+            lost.ops.iter().any(|op| matches!(op, Op::Put(k, _) if k.starts_with(b"q/"))),
+            "the counter rides with the event"
+        );
+        let mut p1 = restarted(&p1, "p1", 0);
+        start(&mut p1, "s2", 1, 2, 1);
+        assert_eq!(p1.0.outbox()[0].1.seq, 1);
+        assert!(p1.0.transfer(&id("s1")).is_none());
+    }
+
+    #[test]
+    fn a_redelivery_of_any_age_is_a_duplicate_after_restarts_and_leaves_no_record_per_event() {
+        let mut p1 = node("p1");
+        let mut p2 = node("p2");
+        start(&mut p1, "s1", 1, 2, 30);
+        let (_, event) = p1.0.outbox()[0].clone();
+        assert_eq!(event.seq, 1);
+        assert!(!deliver(&mut p2, event.clone(), 0).unwrap());
+        assert_eq!(keys_with(&p2.1, b"i/"), 0, "no inbox record for a numbered event");
+        // Long past every retention, with collections and restarts between.
+        collect_everything(&mut p2, LONG_MS);
+        let mut p2 = restarted(&p2, "p2", LONG_MS);
+        collect_everything(&mut p2, 2 * LONG_MS);
+        assert!(deliver(&mut p2, event.clone(), 2 * LONG_MS).unwrap(), "still a duplicate");
+        let mut p2 = restarted(&p2, "p2", 3 * LONG_MS);
+        assert!(deliver(&mut p2, event, 3 * LONG_MS).unwrap());
+        assert_eq!(p2.0.account(2).unwrap().posted, 30, "credited once");
+        assert_eq!(p2.0.outbox().len(), 1, "answered once");
+        // The answer flows back, numbered by p2, and is deduplicated the same way.
+        let (_, answer) = p2.0.outbox()[0].clone();
+        assert_eq!((answer.kind, answer.seq), (EventKind::TransferCredited, 1));
+        assert!(!deliver(&mut p1, answer.clone(), 0).unwrap());
+        collect_everything(&mut p1, LONG_MS);
+        let mut p1 = restarted(&p1, "p1", LONG_MS);
+        // The transfer itself is gone after the idempotency retention; its
+        // answer, redelivered, is still a duplicate, not an error.
+        assert!(p1.0.transfer(&id("s1")).is_none());
+        assert!(deliver(&mut p1, answer, LONG_MS).unwrap());
+        assert_eq!(p1.0.account(1).unwrap().posted, 70);
+    }
+
+    #[test]
+    fn numbers_out_of_order_apply_once_each_and_the_state_stays_small() {
+        let mut p2 = node("p2");
+        for seq in [3, 1, 5] {
+            assert!(!deliver(&mut p2, debited(&format!("t{seq}"), seq), 0).unwrap());
+        }
+        assert_eq!(p2.0.sagas.applied_from[&id("p1")], Applied { contiguous: 1, above: [3, 5].into() });
+        for seq in [1, 3, 5] {
+            assert!(deliver(&mut p2, debited(&format!("t{seq}"), seq), 0).unwrap(), "{seq} again");
+        }
+        // A duplicate is judged by its number, whatever else it says.
+        assert!(deliver(&mut p2, debited("another", 3), 0).unwrap());
+        for seq in [4, 2] {
+            assert!(!deliver(&mut p2, debited(&format!("t{seq}"), seq), 0).unwrap());
+        }
+        assert_eq!(p2.0.sagas.applied_from[&id("p1")], Applied { contiguous: 5, above: BTreeSet::new() });
+        assert_eq!(p2.0.account(2).unwrap().posted, 25, "five events, five credits");
+        let p2 = restarted(&p2, "p2", 0);
+        assert_eq!(p2.0.sagas.applied_from[&id("p1")], Applied { contiguous: 5, above: BTreeSet::new() });
+        // Unnumbered events (an older node) still go through the inbox.
+        let mut p2 = p2;
+        assert!(!deliver(&mut p2, debited("old", 0), 0).unwrap());
+        assert!(deliver(&mut p2, debited("old", 0), 0).unwrap());
+        assert_eq!(keys_with(&p2.1, b"i/"), 1);
+    }
+
+    #[test]
+    fn a_source_too_far_ahead_is_held_back_with_an_error_and_nothing_changes() {
+        let mut p2 = node("p2");
+        let too_far = SEQUENCE_AHEAD_MAX + 1;
+        let before = p2.1 .0.clone();
+        let error = p2.0.deliver_event(debited("far", too_far), 0).unwrap_err();
+        let Error::Busy(message) = &error else { panic!("{error:?}") };
+        assert!(error.is_retryable() && message.contains("held back") && message.contains("p1"), "{message}");
+        assert_eq!(p2.1 .0, before);
+        assert_eq!(p2.0.account(2).unwrap().posted, 0);
+        assert!(!deliver(&mut p2, debited("edge", SEQUENCE_AHEAD_MAX), 0).unwrap(), "at the bound: applied");
+        assert!(p2.0.deliver_event(debited("far", too_far), 0).is_err(), "still held back");
+        // Once the gap below is filled, it goes through.
+        for seq in 1..SEQUENCE_AHEAD_MAX {
+            deliver(&mut p2, debited(&format!("f{seq}"), seq), 0).unwrap();
+        }
+        assert!(!deliver(&mut p2, debited("far", too_far), 0).unwrap());
+        assert_eq!(p2.0.sagas.applied_from[&id("p1")].contiguous, too_far);
+    }
+
+    fn order(position: u64, low_watermark: u64) -> Option<StepOrder> {
+        Some(StepOrder { coordinator: id("c1"), incarnation: 7, position, low_watermark })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn ordered(
+        node: &mut (Core, Disk),
+        saga: &str,
+        kind: StepKind,
+        phase: StepPhase,
+        account: u64,
+        amount: i64,
+        order: Option<StepOrder>,
+    ) -> StepAnswer {
+        let (answer, effects) = node.0.saga_step_ordered(id(saga), kind, phase, account, amount, order, 0).unwrap();
+        node.1.apply(&effects);
+        answer
+    }
+
+    #[test]
+    fn a_late_step_below_the_watermark_does_nothing_and_leaves_nothing() {
+        let mut p1 = node("p1");
+        // Saga s9 at position 9 tells this node: below 5, every saga is done.
+        ordered(&mut p1, "s9", StepKind::Debit, StepPhase::Action, 1, 10, order(9, 5));
+        let barriers = p1.0.barrier_count();
+        let action = ordered(&mut p1, "s3", StepKind::Debit, StepPhase::Action, 1, 10, order(3, 0));
+        let StepOutcome::Refused(None, reason) = &action.outcome else { panic!("{action:?}") };
+        assert!(reason.contains("late") && reason.contains("watermark 5") && reason.contains("s3"), "{reason}");
+        let credit = ordered(&mut p1, "s3", StepKind::Credit, StepPhase::Action, 2, 10, order(3, 0));
+        assert!(matches!(credit.outcome, StepOutcome::Refused(None, _)), "{credit:?}");
+        for phase in [StepPhase::Compensation, StepPhase::CompensateToSuspense] {
+            let compensation = ordered(&mut p1, "s3", StepKind::Debit, phase, 1, 10, order(3, 0));
+            assert_eq!(compensation.outcome, StepOutcome::EmptyCompensation);
+        }
+        assert_eq!((p1.0.account(1).unwrap().posted, p1.0.account(2).unwrap().posted), (90, 0));
+        assert_eq!((p1.0.barrier_count(), p1.0.suspense()), (barriers, 0), "no record for late steps");
+        // A release keeps its rule: it needs a parked debit.
+        let release = ordered(&mut p1, "s3", StepKind::Release, StepPhase::Action, 1, 10, order(3, 0));
+        assert!(matches!(&release.outcome, StepOutcome::Refused(None, r) if r.contains("parked nothing")));
+        // At or above the watermark, a step is judged as before; and the
+        // watermark survives a restart, so a late step stays late.
+        let at = ordered(&mut p1, "s5", StepKind::Debit, StepPhase::Action, 1, 10, order(5, 0));
+        assert_eq!(at.outcome, StepOutcome::Applied);
+        let mut p1 = restarted(&p1, "p1", 0);
+        let late = ordered(&mut p1, "s4", StepKind::Debit, StepPhase::Action, 1, 10, order(4, 0));
+        assert!(matches!(late.outcome, StepOutcome::Refused(None, _)));
+        assert_eq!(p1.0.account(1).unwrap().posted, 80);
+        // A step with no order, or another incarnation, is not judged by it.
+        let unordered = ordered(&mut p1, "s1", StepKind::Debit, StepPhase::Action, 1, 10, None);
+        assert_eq!(unordered.outcome, StepOutcome::Applied);
+        let other = Some(StepOrder { coordinator: id("c1"), incarnation: 8, position: 1, low_watermark: 0 });
+        assert_eq!(
+            ordered(&mut p1, "s2", StepKind::Debit, StepPhase::Action, 1, 10, other).outcome,
+            StepOutcome::Applied
+        );
+        // An unknown coordinator is bad input, and changes nothing.
+        let stranger = Some(StepOrder { coordinator: id("c9"), incarnation: 1, position: 1, low_watermark: 9 });
+        let refused = p1.0.saga_step_ordered(id("s7"), StepKind::Debit, StepPhase::Action, 1, 10, stranger, 0);
+        assert!(matches!(refused, Err(Error::InvalidInput(_))));
+    }
+
+    #[test]
+    fn a_step_with_its_barrier_below_the_watermark_keeps_barrier_semantics() {
+        let mut p1 = node("p1");
+        ordered(&mut p1, "s1", StepKind::Debit, StepPhase::Action, 1, 10, order(1, 0));
+        // The watermark passes s1 (a bug would be needed for s1 to step
+        // again; its barrier still answers until it is collected).
+        ordered(&mut p1, "s2", StepKind::Credit, StepPhase::Action, 2, 10, order(2, 2));
+        let again = ordered(&mut p1, "s1", StepKind::Debit, StepPhase::Action, 1, 10, order(1, 0));
+        assert_eq!(again, StepAnswer { outcome: StepOutcome::Applied, duplicate: true });
+        assert_eq!(p1.0.account(1).unwrap().posted, 90);
+    }
+
+    #[test]
+    fn barriers_below_the_watermark_go_with_no_wait_and_a_parked_debit_waits_for_its_release() {
+        let mut p1 = node("p1");
+        ordered(&mut p1, "s1", StepKind::Debit, StepPhase::Action, 1, 10, order(1, 0));
+        ordered(&mut p1, "s2", StepKind::Debit, StepPhase::Action, 1, 10, order(2, 0));
+        ordered(&mut p1, "s2", StepKind::Debit, StepPhase::CompensateToSuspense, 1, 10, order(2, 0));
+        ordered(&mut p1, "s3", StepKind::Credit, StepPhase::Action, 2, 10, order(3, 0));
+        assert_eq!(p1.0.barrier_count(), 3);
+        // Nothing is below a watermark yet: nothing goes, however late.
+        let effects = p1.0.collect_sagas(LONG_MS, IDEMPOTENCY_RETENTION_DEFAULT_MS, usize::MAX);
+        assert!(effects.ops.is_empty());
+        // s4's step says every saga below 3 is done: s1 goes at once (same
+        // ms, no retention), s2's parked debit stays, s3 stays.
+        ordered(&mut p1, "s4", StepKind::Credit, StepPhase::Action, 2, 10, order(4, 3));
+        let effects = p1.0.collect_sagas(0, IDEMPOTENCY_RETENTION_DEFAULT_MS, usize::MAX);
+        p1.1.apply(&effects);
+        assert_eq!(effects.ops, vec![Op::Delete(barrier_key(&id("s1"), StepKind::Debit))]);
+        assert_eq!(p1.0.barrier_count(), 3);
+        assert!(p1.0.collect_sagas(0, IDEMPOTENCY_RETENTION_DEFAULT_MS, usize::MAX).ops.is_empty(), "set aside");
+        // After a restart too, the parked debit stays until its release.
+        let mut p1 = restarted(&p1, "p1", 0);
+        p1.1.apply(&p1.0.collect_sagas(0, IDEMPOTENCY_RETENTION_DEFAULT_MS, usize::MAX));
+        assert_eq!(p1.0.barrier_count(), 3);
+        let release = ordered(&mut p1, "s2", StepKind::Release, StepPhase::Action, 1, 10, order(2, 0));
+        assert_eq!(release.outcome, StepOutcome::Applied);
+        assert_eq!(p1.0.suspense(), 0);
+        let effects = p1.0.collect_sagas(0, IDEMPOTENCY_RETENTION_DEFAULT_MS, usize::MAX);
+        p1.1.apply(&effects);
+        assert_eq!(
+            effects.ops,
+            vec![
+                Op::Delete(barrier_key(&id("s2"), StepKind::Debit)),
+                Op::Delete(barrier_key(&id("s2"), StepKind::Release))
+            ]
+        );
+        assert_eq!(p1.0.barrier_count(), 2, "s3 and s4 are above the watermark");
+        // What went is judged late from now on: nothing moves twice.
+        let late = ordered(&mut p1, "s1", StepKind::Debit, StepPhase::Action, 1, 10, order(1, 0));
+        assert!(matches!(late.outcome, StepOutcome::Refused(None, _)));
+        assert_eq!(
+            ordered(&mut p1, "s1", StepKind::Debit, StepPhase::Compensation, 1, 10, order(1, 0)).outcome,
+            StepOutcome::EmptyCompensation
+        );
+        assert_eq!(p1.0.account(1).unwrap().posted, 90, "s1 took 10, s2's 10 went to suspense and back");
+        let restarted = restarted(&p1, "p1", 0);
+        assert_eq!(restarted.0.barrier_count(), 2);
+    }
+
+    #[test]
+    fn a_reused_transfer_id_past_the_idempotency_retention_is_a_new_transfer() {
+        let mut p1 = node("p1");
+        let mut p2 = node("p2");
+        let retention = 3_600_000;
+        start(&mut p1, "s1", 1, 2, 30);
+        relay(&mut p1, &mut p2);
+        // Completed at 1,000 on the core's clock.
+        let (_, answer) = p2.0.outbox()[0].clone();
+        let (_, effects) = p1.0.deliver_event(answer, 1_000).unwrap();
+        p1.1.apply(&effects);
+        assert_eq!(p1.0.transfer(&id("s1")).unwrap().ended_at_ms, Some(1_000));
+        // Within the retention, across a restart: remembered, and another
+        // transfer under its id is refused.
+        p1.1.apply(&p1.0.collect_sagas(1_000 + retention - 1, retention, usize::MAX));
+        let mut p1 = restarted(&p1, "p1", 1_000 + retention - 1);
+        p1.1.apply(&p1.0.collect_sagas(1_000 + retention - 1, retention, usize::MAX));
+        let refused = p1.0.start_transfer(id("s1"), 1, 2, 5, id("p2"), 1_000 + retention - 1);
+        assert!(matches!(refused, Err(Error::FailedPrecondition(_))), "{refused:?}");
+        // Past it: forgotten, on disk too, and the id starts a new transfer.
+        p1.1.apply(&p1.0.collect_sagas(1_000 + retention, retention, usize::MAX));
+        assert!(p1.0.transfer(&id("s1")).is_none());
+        assert_eq!(keys_with(&p1.1, b"c/"), 0);
+        let (again, effects) = p1.0.start_transfer(id("s1"), 1, 2, 5, id("p2"), 1_000 + retention).unwrap();
+        p1.1.apply(&effects);
+        assert_eq!(again.state, TransferState::Debited);
+        assert_eq!(p1.0.account(1).unwrap().posted, 65);
+        // In flight, it is never collected, however long.
+        p1.1.apply(&p1.0.collect_sagas(LONG_MS, retention, usize::MAX));
+        assert_eq!(p1.0.transfer(&id("s1")).unwrap().state, TransferState::Debited);
+    }
+
+    #[test]
+    fn a_full_outbox_refuses_new_transfers_and_changes_nothing() {
+        let mut p1 = (Core::new(config("p1")), Disk::default());
+        p1.1.apply(&p1.0.open_accounts(&[(1, OUTBOX_MAX as i64 + 10), (2, 0)]).unwrap());
+        for i in 0..OUTBOX_MAX {
+            let (_, effects) = p1.0.start_transfer(id(&format!("s{i}")), 1, 2, 1, id("p2"), 0).unwrap();
+            p1.1.apply(&effects);
+        }
+        let before = p1.1 .0.len();
+        let error = p1.0.start_transfer(id("one-more"), 1, 2, 1, id("p2"), 0).unwrap_err();
+        let Error::Busy(message) = &error else { panic!("{error:?}") };
+        assert!(message.contains("one-more") && message.contains(&OUTBOX_MAX.to_string()), "{message}");
+        assert_eq!(tonic::Status::from(error.clone()).code(), tonic::Code::ResourceExhausted);
+        assert_eq!((p1.1 .0.len(), p1.0.account(1).unwrap().posted), (before, 10));
+        // A retry of a transfer already started is still answered.
+        assert!(p1.0.start_transfer(id("s0"), 1, 2, 1, id("p2"), 0).is_ok());
+        // Answers owed to peers are not refused (see OUTBOX_MAX).
+        let owed =
+            Event { kind: EventKind::TransferDebited, source: id("p3"), target: id("p1"), to: 2, ..debited("in", 1) };
+        assert!(!deliver(&mut p1, owed, 0).unwrap());
+        assert_eq!(p1.0.outbox_len(), OUTBOX_MAX + 1);
     }
 }
