@@ -147,6 +147,7 @@ async fn run(args: Args) -> Result<(), String> {
         active_max: args.active_max,
         idempotency_retention_ms: args.idempotency_retention,
         wall_clock: tandem::clock::WallClock::System,
+        incarnation_seed: None,
         saga_step_attempts: args.saga_step_attempts.max(1),
         saga_deadline_ms: args.saga_deadline_ms,
         security,

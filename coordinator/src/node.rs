@@ -322,6 +322,11 @@ pub struct NodeConfig {
     pub idempotency_retention_ms: u64,
     /// The wall clock that dates idempotency keys and finished records.
     pub wall_clock: tandem::clock::WallClock,
+    /// Where a new log's incarnation comes from: `None`, the operating
+    /// system's randomness (production); `Some(seed)`, the seed and the
+    /// wall clock (a simulation: the same seed gives the same ids, and a
+    /// log created later gets another incarnation).
+    pub incarnation_seed: Option<u64>,
     /// Attempts of one saga action (debit, credit, an operator's release)
     /// before its transient failures count as failure (forward credits,
     /// compensations and parking retry until they succeed).
@@ -418,7 +423,7 @@ impl Node {
         // one) gets one now, durably, with the generation.
         let incarnation = match store.get(log::INCARNATION_KEY)? {
             Some(bytes) => log::decode_at(log::INCARNATION_KEY, &bytes, log::decode_incarnation)?,
-            None => new_incarnation(),
+            None => new_incarnation(config.incarnation_seed, &config.wall_clock),
         };
         store
             .write(vec![
@@ -1691,9 +1696,15 @@ impl Coordinator for Node {
 }
 
 /// A random nonzero incarnation for a new log: from the process's random
-/// hashing keys (seeded by the operating system), the time and the pid.
-fn new_incarnation() -> u64 {
+/// hashing keys (seeded by the operating system), the time and the pid; or,
+/// given a seed, from the seed and the wall clock (see
+/// [`NodeConfig::incarnation_seed`]).
+fn new_incarnation(seed: Option<u64>, wall_clock: &tandem::clock::WallClock) -> u64 {
     use std::hash::{BuildHasher, Hasher};
+    if let Some(seed) = seed {
+        let mut rng = tandem::rng::SplitMix64::new(seed ^ wall_clock.unix_ms());
+        return rng.next_u64().max(1);
+    }
     loop {
         let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();

@@ -18,6 +18,7 @@ fn config(dir: &std::path::Path) -> NodeConfig {
         active_max: 10,
         idempotency_retention_ms: 24 * 3_600_000,
         wall_clock: tandem::clock::WallClock::System,
+        incarnation_seed: None,
         saga_step_attempts: 3,
         saga_deadline_ms: 1_000,
         security: tandem::tls::Security::Insecure,

@@ -130,6 +130,7 @@ async fn coordinator(
         active_max: 1_000,
         idempotency_retention_ms: 24 * 3_600_000,
         wall_clock: tandem::clock::WallClock::System,
+        incarnation_seed: None,
         saga_step_attempts: 3,
         saga_deadline_ms: 5_000,
         security: Security::Insecure,

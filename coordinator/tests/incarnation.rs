@@ -293,6 +293,7 @@ impl Cluster {
             security: Security::Insecure,
             network: tandem::net::Network::Tcp,
             wall_clock: clock.wall_clock(),
+            incarnation_seed: None,
         })
         .await
         .unwrap();

@@ -113,7 +113,7 @@ impl Clocks {
 
 /// Adds the coordinator and the participants to `sim`, each on its disk,
 /// each reading its wall clock from `clocks`.
-pub fn add_nodes(sim: &mut turmoil::Sim<'_>, topology: &Topology, disks: &Disks, clocks: &Clocks) {
+pub fn add_nodes(sim: &mut turmoil::Sim<'_>, seed: u64, topology: &Topology, disks: &Disks, clocks: &Clocks) {
     let coordinator = tandem_coordinator::node::NodeConfig {
         node_id: id(COORDINATOR),
         disk: Disk::Memory(disks.of(COORDINATOR).clone()),
@@ -124,6 +124,7 @@ pub fn add_nodes(sim: &mut turmoil::Sim<'_>, topology: &Topology, disks: &Disks,
         active_max: 10_000,
         idempotency_retention_ms: 24 * 3_600_000,
         wall_clock: clocks.of(COORDINATOR),
+        incarnation_seed: Some(seed),
         saga_step_attempts: 8,
         saga_deadline_ms: 10_000,
         security: Security::Insecure,

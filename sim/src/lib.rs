@@ -283,7 +283,7 @@ pub fn run_seed(scenario: &'static Scenario, seed: u64) -> SeedReport {
         .max_message_latency(Duration::from_millis(latency_max_ms))
         .build();
     let clocks = Clocks(topology.node_names().into_iter().map(|name| (name, Default::default())).collect());
-    hosts::add_nodes(&mut sim, &topology, &disks, &clocks);
+    hosts::add_nodes(&mut sim, seed, &topology, &disks, &clocks);
     let history = History::default();
     history.log(
         Duration::ZERO,
