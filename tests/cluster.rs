@@ -226,7 +226,7 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
     let again = client.transfer(transfer(4, 14, 10, "order-1")).await.unwrap().into_inner();
     assert_eq!(first, again);
     let misuse = client.transfer(transfer(4, 14, 11, "order-1")).await.unwrap_err();
-    assert_eq!(misuse.code(), Code::InvalidArgument);
+    assert_eq!(misuse.code(), Code::FailedPrecondition);
     wait_until_settled(&cluster, Duration::from_secs(10)).await;
     let b4 = p1.get_balance(pb::GetBalanceRequest { account: 4 }).await.unwrap().into_inner();
     assert_eq!(b4.posted, 990, "applied once");
