@@ -451,6 +451,14 @@ impl Node {
         }
     }
 
+    /// Releases the store of a node that will not run (it can be opened
+    /// again once the node is dropped).
+    pub fn close(&self) {
+        if let Some(store) = self.inner.store.read().ok().and_then(|store| store.clone()) {
+            store.close();
+        }
+    }
+
     pub async fn prepare(&self, txn: TxnId, coordinator: Id, legs: Vec<Leg>, stamp: Stamp) -> Result<Vote, Error> {
         self.apply(OPS_PER_CALL_MAX + 1, |core, now| core.prepare_stamped(txn, coordinator, legs, stamp, now)).await
     }
