@@ -38,3 +38,41 @@ impl fmt::Debug for WallClock {
         }
     }
 }
+
+/// A duration as milliseconds, as flags write it: a positive whole number
+/// and a unit (ms, s, m, h or d), such as 24h, 90m or 3600s.
+pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 24h, 90m or 3600s"))?;
+    let unit_ms: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        _ => return Err(format!("{text:?} has no unit: write 24h, 90m, 3600s or 500ms")),
+    };
+    match number.checked_mul(unit_ms) {
+        Some(0) => Err("the duration must be positive".into()),
+        Some(ms) => Ok(ms),
+        None => Err(format!("{text:?} is too long")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration_ms;
+
+    #[test]
+    fn durations_have_a_unit_and_are_positive() {
+        assert_eq!(parse_duration_ms("24h"), Ok(86_400_000));
+        assert_eq!(parse_duration_ms("90m"), Ok(5_400_000));
+        assert_eq!(parse_duration_ms("3600s"), Ok(3_600_000));
+        assert_eq!(parse_duration_ms("250ms"), Ok(250));
+        assert_eq!(parse_duration_ms("2d"), Ok(172_800_000));
+        for bad in ["", "24", "0h", "h", "1.5h", "-1h", "3x", "99999999999999999999h", "99999999999999999999d"] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -56,7 +56,7 @@ struct Args {
     /// is a new request. A duration: 24h, 90m, 3600s, 500ms. Keys are never
     /// dropped because of their number; their records are deleted from
     /// disk once past it.
-    #[arg(long, default_value = "24h", value_parser = parse_duration_ms, value_name = "DURATION")]
+    #[arg(long, default_value = "24h", value_parser = tandem::clock::parse_duration_ms, value_name = "DURATION")]
     idempotency_retention: u64,
     /// Gone: idempotency keys are kept for a time (--idempotency-retention),
     /// never up to a count.
@@ -83,27 +83,6 @@ struct Args {
     /// Mutual TLS: the certificate names this node tandem://coordinator/ID.
     #[command(flatten)]
     tls: TlsFlags,
-}
-
-/// A duration as milliseconds: a positive whole number and a unit (ms, s,
-/// m, h or d).
-fn parse_duration_ms(text: &str) -> Result<u64, String> {
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 24h, 90m or 3600s"))?;
-    let unit_ms: u64 = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return Err(format!("{text:?} has no unit: write 24h, 90m, 3600s or 500ms")),
-    };
-    match number.checked_mul(unit_ms) {
-        Some(0) => Err("the duration must be positive".into()),
-        Some(ms) => Ok(ms),
-        None => Err(format!("{text:?} is too long")),
-    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -160,21 +139,4 @@ async fn run(args: Args) -> Result<(), String> {
     tracing::info!(node = %node_id, %addr, "coordinator serving");
     println!("listening on {addr}");
     node.run(listener, recovered, tandem::server::shutdown_signal()).await.map_err(|e| e.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_duration_ms;
-
-    #[test]
-    fn durations_have_a_unit() {
-        assert_eq!(parse_duration_ms("24h"), Ok(86_400_000));
-        assert_eq!(parse_duration_ms("90m"), Ok(5_400_000));
-        assert_eq!(parse_duration_ms("3600s"), Ok(3_600_000));
-        assert_eq!(parse_duration_ms("250ms"), Ok(250));
-        assert!(parse_duration_ms("24").is_err());
-        assert!(parse_duration_ms("0h").is_err());
-        assert!(parse_duration_ms("h").is_err());
-        assert!(parse_duration_ms("99999999999999999999d").is_err());
-    }
 }

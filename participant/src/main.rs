@@ -49,7 +49,7 @@ struct Args {
     /// transfer, the same id with another transfer is refused; after it,
     /// the id starts a new transfer. A number with a unit: 24h, 90m,
     /// 3600s, 500ms.
-    #[arg(long, default_value = "24h", value_name = "DURATION", value_parser = parse_duration_ms)]
+    #[arg(long, default_value = "24h", value_name = "DURATION", value_parser = tandem::clock::parse_duration_ms)]
     idempotency_retention: u64,
     /// The account ids this node owns, FIRST..END (END excluded), as in the
     /// coordinator's directory; OpenAccounts refuses others. Default: any.
@@ -70,22 +70,6 @@ struct Args {
     /// Mutual TLS: the certificate names this node tandem://participant/ID.
     #[command(flatten)]
     tls: TlsFlags,
-}
-
-/// A duration with a unit (ms, s, m, h, d), in milliseconds.
-fn parse_duration_ms(text: &str) -> Result<u64, String> {
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration such as 24h, 90m or 3600s"))?;
-    let unit_ms: u64 = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => return Err(format!("{text:?} has no unit: ms, s, m, h or d (24h, 90m, 3600s)")),
-    };
-    number.checked_mul(unit_ms).ok_or_else(|| format!("{text:?} is too long"))
 }
 
 fn parse_peer(text: &str) -> Result<(Id, String), String> {
@@ -138,21 +122,4 @@ async fn run(args: Args) -> Result<(), String> {
     tracing::info!(node = %node_id, %addr, "participant serving");
     println!("listening on {addr}");
     node.run(listener, tandem::server::shutdown_signal()).await.map_err(|e| e.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_duration_ms;
-
-    #[test]
-    fn durations_take_a_unit() {
-        assert_eq!(parse_duration_ms("24h"), Ok(86_400_000));
-        assert_eq!(parse_duration_ms("90m"), Ok(5_400_000));
-        assert_eq!(parse_duration_ms("3600s"), Ok(3_600_000));
-        assert_eq!(parse_duration_ms("250ms"), Ok(250));
-        assert_eq!(parse_duration_ms("2d"), Ok(172_800_000));
-        for bad in ["", "24", "h", "1.5h", "-1h", "3x", "99999999999999999999h"] {
-            assert!(parse_duration_ms(bad).is_err(), "{bad}");
-        }
-    }
 }
