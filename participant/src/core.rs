@@ -718,19 +718,7 @@ impl Core {
         let mut effects =
             self.finish(txn_id.clone(), coordinator, TxnState::Committed, incarnation, position, now_ms)?;
         self.longest_in_doubt_ms = self.longest_in_doubt_ms.max(in_doubt_ms);
-        let mut ops = Vec::with_capacity(legs.len() + 1);
-        for leg in &legs {
-            let account = self.accounts.get_mut(&leg.account).expect("a prepared leg's account exists");
-            if leg.is_debit() {
-                account.reserved -= -leg.amount;
-                account.posted -= -leg.amount;
-            } else {
-                account.incoming -= leg.amount;
-                account.posted += leg.amount;
-            }
-            account.assert_invariants(leg.account);
-            ops.push(account_put(leg.account, account));
-        }
+        let mut ops = self.post(&legs);
         ops.append(&mut effects.ops);
         Ok(Effects { ops, durability: effects.durability })
     }
@@ -875,6 +863,25 @@ impl Core {
         self.longest_in_doubt_ms = self.longest_in_doubt_ms.max(in_doubt_ms);
         self.release(&legs);
         Ok(effects.with_first(observed))
+    }
+
+    /// Posts prepared legs: the reserved debits leave their accounts, the
+    /// promised credits arrive; returns the accounts' writes.
+    fn post(&mut self, legs: &[Leg]) -> Vec<Op> {
+        let mut ops = Vec::with_capacity(legs.len() + 1);
+        for leg in legs {
+            let account = self.accounts.get_mut(&leg.account).expect("a prepared leg's account exists");
+            if leg.is_debit() {
+                account.reserved -= -leg.amount;
+                account.posted -= -leg.amount;
+            } else {
+                account.incoming -= leg.amount;
+                account.posted += leg.amount;
+            }
+            account.assert_invariants(leg.account);
+            ops.push(account_put(leg.account, account));
+        }
+        ops
     }
 
     /// Gives back what prepared legs held: the reserved debits and the

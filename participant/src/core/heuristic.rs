@@ -142,20 +142,7 @@ impl Core {
         });
         let mut ops = vec![Op::Put(super::txn_key(txn_id), super::encode_txn(&record)?)];
         match decided {
-            Decided::Commit => {
-                for leg in &record.legs {
-                    let account = self.accounts.get_mut(&leg.account).expect("a prepared leg's account exists");
-                    if leg.is_debit() {
-                        account.reserved -= -leg.amount;
-                        account.posted -= -leg.amount;
-                    } else {
-                        account.incoming -= leg.amount;
-                        account.posted += leg.amount;
-                    }
-                    account.assert_invariants(leg.account);
-                    ops.push(super::account_put(leg.account, account));
-                }
-            }
+            Decided::Commit => ops.extend(self.post(&record.legs)),
             Decided::Abort => self.release(&record.legs),
         }
         tracing::warn!(txn = %txn_id, ?decided, reason = %record.heuristic.as_ref().map_or("", |h| h.reason.as_str()), "heuristic decision by an operator");
