@@ -3,7 +3,7 @@
 //! decisions and the sagas, so it should not grow with them. A measurement,
 //! not a test (it writes millions of records and reports times):
 //!
-//! `cargo run --release -p tandem-coordinator --example startup -- 1000000`
+//! `cargo run --release -p tandem-coordinator --example coordinator_startup -- 1000000`
 //! (opens the log at a tenth of that, that, and three times that)
 
 use std::time::Instant;

@@ -2,7 +2,7 @@
 //! transaction records and 10,000 prepared ones on disk. A measurement, not
 //! a test (it writes millions of records and reports times):
 //!
-//! `cargo run --release -p tandem-participant --example startup -- 1000000`
+//! `cargo run --release -p tandem-participant --example participant_startup -- 1000000`
 //! (opens the store at a tenth of that, that, and three times that)
 //!
 //! The records are made by the participant's own core (stamped prepares and
