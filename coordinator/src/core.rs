@@ -102,6 +102,12 @@ pub enum AbortReason {
     UnknownAccount,
     ParticipantUnavailable,
     Refused,
+    /// 2PC only: a participant holds the transaction's idempotency key for
+    /// a transaction of an earlier incarnation of this coordinator (its log
+    /// lost; that transaction orphaned or decided by an operator). The
+    /// outcome's text is that earlier transaction's id, and nothing else:
+    /// the client hears FAILED_PRECONDITION naming it.
+    KeyOfLostIncarnation,
 }
 
 /// How a transaction or saga ended, with the reason it did not commit (what
@@ -145,40 +151,23 @@ pub enum Action {
         position: u64,
         participant: ParticipantId,
         legs: Vec<Leg>,
-    },
-    /// Write and fsync the commit decision, then call [`Core::on_commit_durable`].
-    PersistCommit {
-        txn: TxnId,
-        record: CommitRecord,
-    },
-    /// Send COMMIT until acknowledged, then call [`Core::on_commit_acked`].
-    SendCommit {
-        txn: TxnId,
-        participant: ParticipantId,
-    },
-    /// Send ABORT once; a participant that misses it asks later.
-    SendAbort {
-        txn: TxnId,
-        position: u64,
-        participant: ParticipantId,
-    },
-    /// Write and fsync a keyed abort's outcome, then call [`Core::on_abort_durable`].
-    PersistAbort {
-        txn: TxnId,
-        key: Id,
-        outcome: Outcome,
-    },
-    /// Answer the client.
-    Reply {
-        txn: TxnId,
-        outcome: Outcome,
-    },
-    /// Replace the decision with an end record (no fsync needed), then call
-    /// [`Core::on_end_durable`].
-    PersistEnd {
-        txn: TxnId,
+        /// The client's key, which the participant keeps while prepared
+        /// (participant.proto, PrepareRequest.idempotency_key).
         idempotency_key: Option<Id>,
     },
+    /// Write and fsync the commit decision, then call [`Core::on_commit_durable`].
+    PersistCommit { txn: TxnId, record: CommitRecord },
+    /// Send COMMIT until acknowledged, then call [`Core::on_commit_acked`].
+    SendCommit { txn: TxnId, participant: ParticipantId },
+    /// Send ABORT once; a participant that misses it asks later.
+    SendAbort { txn: TxnId, position: u64, participant: ParticipantId },
+    /// Write and fsync a keyed abort's outcome, then call [`Core::on_abort_durable`].
+    PersistAbort { txn: TxnId, key: Id, outcome: Outcome },
+    /// Answer the client.
+    Reply { txn: TxnId, outcome: Outcome },
+    /// Replace the decision with an end record (no fsync needed), then call
+    /// [`Core::on_end_durable`].
+    PersistEnd { txn: TxnId, idempotency_key: Option<Id> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -314,7 +303,13 @@ impl Core {
         }
         let actions = legs_by_participant
             .into_iter()
-            .map(|(participant, legs)| Action::SendPrepare { txn: txn.clone(), position, participant, legs })
+            .map(|(participant, legs)| Action::SendPrepare {
+                txn: txn.clone(),
+                position,
+                participant,
+                legs,
+                idempotency_key: idempotency_key.clone(),
+            })
             .collect();
         self.active.insert(
             txn,

@@ -333,6 +333,7 @@ fn reason_code(reason: AbortReason) -> u8 {
         AbortReason::UnknownAccount => 3,
         AbortReason::ParticipantUnavailable => 4,
         AbortReason::Refused => 5,
+        AbortReason::KeyOfLostIncarnation => 6,
     }
 }
 
@@ -343,6 +344,7 @@ fn reason_from_code(code: u8) -> Result<AbortReason, Error> {
         3 => AbortReason::UnknownAccount,
         4 => AbortReason::ParticipantUnavailable,
         5 => AbortReason::Refused,
+        6 => AbortReason::KeyOfLostIncarnation,
         other => return Err(corrupt(format!("abort reason {other}"))),
     })
 }

@@ -276,6 +276,7 @@ pub(crate) struct QueuedPrepare {
     txn: TxnId,
     position: u64,
     legs: Vec<Leg>,
+    idempotency_key: Option<Id>,
     deadline: Instant,
 }
 
@@ -616,9 +617,10 @@ impl Node {
         for action in actions {
             debug!(?action, "execute");
             match action {
-                Action::SendPrepare { txn, position, participant, legs } => {
+                Action::SendPrepare { txn, position, participant, legs, idempotency_key } => {
                     let deadline = Instant::now() + Duration::from_millis(self.inner.config.prepare_timeout_ms);
-                    self.outbound(&participant).prepares.push(QueuedPrepare { txn, position, legs, deadline });
+                    let prepare = QueuedPrepare { txn, position, legs, idempotency_key, deadline };
+                    self.outbound(&participant).prepares.push(prepare);
                 }
                 Action::PersistCommit { txn, record } => {
                     let node = self.clone();
@@ -789,6 +791,7 @@ impl Node {
                     coordinator_incarnation: self.inner.incarnation,
                     position: p.position,
                     low_watermark,
+                    idempotency_key: p.idempotency_key.as_ref().map(Id::to_string).unwrap_or_default(),
                 })
                 .collect();
             let mut client = self.client(&participant);
@@ -1495,18 +1498,21 @@ impl Node {
         // OUT_OF_RANGE, never a wrapped figure (see `Coordinator.Audit`).
         let mut response = pb::AuditResponse::default();
         let mut posted = tandem::domain::Total::default();
-        let (mut reserved, mut suspense) = (posted, posted);
+        let (mut reserved, mut suspense, mut heuristic_excess) = (posted, posted, posted);
         for result in results {
             let balances = result?;
             posted.add(balances.total_posted);
             reserved.add(balances.total_reserved);
             suspense.add(balances.suspense);
+            heuristic_excess.add(balances.heuristic_excess);
             response.account_count += balances.account_count;
             response.participants.push(balances);
         }
         response.total_posted = posted.to_amount("the total_posted over every participant")?;
         response.total_reserved = reserved.to_amount("the total_reserved over every participant")?;
         response.total_suspense = suspense.to_amount("the total_suspense over every participant")?;
+        response.total_heuristic_excess =
+            heuristic_excess.to_amount("the total_heuristic_excess over every participant")?;
         Ok(response)
     }
 
@@ -1587,6 +1593,7 @@ pub(crate) fn result_to_pb(txn: &TxnId, outcome: Outcome) -> pb::TransactionResu
         Some(AbortReason::UnknownAccount) => pb::AbortReason::UnknownAccount,
         Some(AbortReason::ParticipantUnavailable) => pb::AbortReason::ParticipantUnavailable,
         Some(AbortReason::Refused) => pb::AbortReason::Refused,
+        Some(AbortReason::KeyOfLostIncarnation) => pb::AbortReason::KeyOfLostIncarnation,
     };
     pb::TransactionResult {
         txn_id: txn.to_string(),
@@ -1595,6 +1602,27 @@ pub(crate) fn result_to_pb(txn: &TxnId, outcome: Outcome) -> pb::TransactionResu
         reason,
     }
 }
+
+/// The client's answer: the outcome, or, for a key an earlier incarnation
+/// used (coordinator.proto, Transfer), FAILED_PRECONDITION naming the
+/// earlier transaction in the message and the `tandem-earlier-txn-id`
+/// metadata.
+fn answer(txn: &TxnId, outcome: Outcome) -> Result<Response<pb::TransactionResult>, Status> {
+    if let Outcome::Aborted(AbortReason::KeyOfLostIncarnation, earlier) = &outcome {
+        let mut status = Status::failed_precondition(format!(
+            "the idempotency key belongs to {earlier}, a transaction of an earlier incarnation of this coordinator whose log was lost; a participant still holds it (orphaned, or decided by an operator: see ListPrepared and LookupTransaction there), and this transfer's fate is that transaction's ({txn} moved nothing)"
+        ));
+        if let Ok(value) = earlier.parse() {
+            status.metadata_mut().insert(EARLIER_TXN_METADATA, value);
+        }
+        return Err(status);
+    }
+    Ok(Response::new(result_to_pb(txn, outcome)))
+}
+
+/// The response metadata that names the earlier transaction of a key (see
+/// [`answer`]).
+pub const EARLIER_TXN_METADATA: &str = "tandem-earlier-txn-id";
 
 /// Why a participant refused (a prepare or a saga step), as a transaction's
 /// abort reason: the refusals a client can act on keep their name, the
@@ -1634,7 +1662,7 @@ impl Coordinator for Node {
             }
             Err(_) => return Err(Status::invalid_argument(format!("unknown protocol {}", request.protocol))),
         };
-        Ok(Response::new(result_to_pb(&txn, outcome)))
+        answer(&txn, outcome)
     }
 
     async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::TransactionResult>, Status> {
@@ -1642,7 +1670,7 @@ impl Coordinator for Node {
         let legs: Vec<Leg> = request.legs.iter().map(Leg::from).collect();
         let key = optional_key(&request.idempotency_key)?;
         let (txn, outcome) = self.run_transaction(legs, key).await?;
-        Ok(Response::new(result_to_pb(&txn, outcome)))
+        answer(&txn, outcome)
     }
 
     async fn get_transaction(
@@ -1729,6 +1757,15 @@ fn unknown_participant(key: &[u8], participant: &Id) -> Error {
 fn vote_from_pb(participant: &Id, response: pb::PrepareResponse) -> VoteResult {
     match pb::Vote::try_from(response.vote) {
         Ok(pb::Vote::Yes) => VoteResult::Yes,
+        // The outcome's text is the earlier transaction's id (see
+        // AbortReason::KeyOfLostIncarnation); a participant that names none
+        // is an ordinary refusal.
+        _ if response.refusal == pb::Refusal::KeyOfLostIncarnation as i32 => {
+            match Id::parse("earlier_txn_id", &response.earlier_txn_id) {
+                Ok(earlier) => VoteResult::No(AbortReason::KeyOfLostIncarnation, earlier.to_string()),
+                Err(error) => VoteResult::No(AbortReason::Refused, format!("{participant}: {error}")),
+            }
+        }
         _ => VoteResult::No(
             abort_reason_from_pb(response.refusal),
             format!("{participant}: {}", clip_text(&response.reason, REASON_LEN_MAX)),

@@ -54,7 +54,7 @@ async fn main() {
     let mut store = Store::open(dir.path()).unwrap();
     let accounts: Vec<(u64, i64)> = (0..ACCOUNTS).map(|a| (a, 1_000_000_000)).collect();
     store.write(core.open_accounts(&accounts).unwrap().ops).await.unwrap();
-    let stamp = |position: u64| Stamp { incarnation: 0xC1, position, low_watermark: 1 };
+    let stamp = |position: u64| Stamp { incarnation: 0xC1, position, low_watermark: 1, idempotency_key: None };
     let legs = |n: u64| vec![Leg { account: n % ACCOUNTS, amount: -1 }, Leg { account: (n + 1) % ACCOUNTS, amount: 1 }];
     let mut position = 0u64;
     // The prepared ones first, so that every later total has them.

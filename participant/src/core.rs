@@ -80,6 +80,20 @@
 //! aborted, and an operator decides them (`heuristic.rs`), with an audit
 //! trail and the heuristic-mixed hazard reported, never hidden.
 //!
+//! # Keys that outlive a lost log
+//!
+//! A client's idempotency key lives in its coordinator's log, and dies with
+//! it. So a prepare carries the key, and this node keeps it with the
+//! transaction while it is prepared (orphans included) and on a heuristic
+//! decision: a retry of the key that reaches the coordinator's next
+//! incarnation, while an earlier incarnation's transaction for it is still
+//! held here, gets NO ([`Refusal::KeyOfLostIncarnation`], naming that
+//! transaction), so the money cannot move twice while an operator decides
+//! the first. Keys of transactions that finished normally are not kept
+//! (the coordinator's log answers for those while it lives): the window
+//! that remains is a retry, to a coordinator that lost its log, of a
+//! transfer its predecessor finished.
+//!
 //! Records from a coordinator that stamps nothing (an older one) keep the
 //! time retention (`finished_retention_ms`): a duplicate of its prepare
 //! delayed longer than that would be seen as new.
@@ -155,6 +169,10 @@ pub struct Txn {
     /// An operator's heuristic decision, if one was taken (`heuristic.rs`):
     /// then `state` is what it applied, and the legs are kept.
     pub heuristic: Option<Heuristic>,
+    /// The client's idempotency key, kept while prepared and on a heuristic
+    /// decision (see "Keys that outlive a lost log" above); `None` once
+    /// finished normally.
+    pub idempotency_key: Option<Id>,
     next_query_ms: u64,
     query_backoff_ms: u64,
 }
@@ -163,11 +181,13 @@ pub struct Txn {
 /// coordinator stamped the message that carried it (participant.proto,
 /// PrepareRequest fields 4 to 6). All zero from a coordinator that gives
 /// none: then this node falls back to its time retention.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stamp {
     pub incarnation: u64,
     pub position: u64,
     pub low_watermark: u64,
+    /// Prepares only: the client's idempotency key, if it gave one.
+    pub idempotency_key: Option<Id>,
 }
 
 pub use crate::core::heuristic::{Decided, Heuristic};
@@ -186,6 +206,11 @@ pub enum Refusal {
     /// retired incarnations, with no record here: a late duplicate of a
     /// transaction that is finished.
     Late,
+    /// The prepare's idempotency key is held here by a transaction of
+    /// another incarnation of its coordinator (orphaned, or decided by an
+    /// operator): the vote's text is that earlier transaction's id, and
+    /// nothing else.
+    KeyOfLostIncarnation,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -288,6 +313,9 @@ pub struct Core {
     /// heuristic decision), by coordinator and next query time: the
     /// resolver reads only the due ones.
     due: BTreeMap<Id, BTreeSet<(u64, TxnId)>>,
+    /// The idempotency keys of the transactions that keep theirs (prepared
+    /// ones and heuristic decisions), by coordinator and key.
+    keys: HashMap<(Id, Id), TxnId>,
     /// Saga state: barriers, choreographed transfers, inbox, outbox, suspense.
     pub(crate) sagas: crate::saga::SagaState,
     /// The longest a transaction stayed prepared here before its decision
@@ -349,6 +377,13 @@ pub(crate) fn encode_txn(txn: &Txn) -> Result<Vec<u8>, Error> {
     w.u64(txn.incarnation);
     w.u64(txn.position);
     heuristic::encode(&mut w, txn.heuristic.as_ref())?;
+    match &txn.idempotency_key {
+        Some(key) => {
+            w.byte(1);
+            w.short_text("the idempotency key", key.as_str())?;
+        }
+        None => w.byte(0),
+    }
     Ok(w.finish())
 }
 
@@ -378,6 +413,12 @@ pub(crate) fn decode_txn(bytes: &[u8], now_ms: u64) -> Result<Txn, Error> {
     let prepared_at_ms = if r.remaining() == 0 { now_ms } else { r.u64()? };
     let (incarnation, position) = if r.remaining() == 0 { (0, 0) } else { (r.u64()?, r.u64()?) };
     let heuristic = if r.remaining() == 0 { None } else { heuristic::decode(&mut r, state)? };
+    // Records written before keys were kept end with the heuristic decision.
+    let idempotency_key = match if r.remaining() == 0 { 0 } else { r.byte()? } {
+        0 => None,
+        1 => Some(parse_id(&r.short_text()?)?),
+        other => return Err(corrupt(format!("idempotency key flag {other}"))),
+    };
     r.done()?;
     match state {
         TxnState::Prepared if heuristic.is_some() => {
@@ -402,6 +443,7 @@ pub(crate) fn decode_txn(bytes: &[u8], now_ms: u64) -> Result<Txn, Error> {
         incarnation,
         position,
         heuristic,
+        idempotency_key,
         next_query_ms: 0,
         query_backoff_ms: QUERY_BACKOFF_INITIAL_MS,
     })
@@ -438,6 +480,7 @@ impl Core {
             coordinator_views: BTreeMap::new(),
             prepared_index: BTreeSet::new(),
             due: BTreeMap::new(),
+            keys: HashMap::new(),
             sagas: crate::saga::SagaState::default(),
             longest_in_doubt_ms: 0,
         }
@@ -533,6 +576,9 @@ impl Core {
     /// otherwise; heuristic decisions in none (kept for the operator).
     fn index(&mut self, id: &TxnId, now_ms: u64) {
         let Some(txn) = self.txns.get(id) else { return };
+        if let Some(key) = &txn.idempotency_key {
+            self.keys.insert((txn.coordinator.clone(), key.clone()), id.clone());
+        }
         match txn.state {
             TxnState::Prepared => {
                 self.prepared_index.insert((txn.prepared_at_ms, id.clone()));
@@ -552,6 +598,12 @@ impl Core {
     /// being decided).
     fn unindex_prepared(&mut self, id: &TxnId) {
         let Some(txn) = self.txns.get(id) else { return };
+        if let Some(key) = &txn.idempotency_key {
+            let entry = (txn.coordinator.clone(), key.clone());
+            if self.keys.get(&entry) == Some(id) {
+                self.keys.remove(&entry);
+            }
+        }
         self.prepared_index.remove(&(txn.prepared_at_ms, id.clone()));
         if let Some(due) = self.due.get_mut(&txn.coordinator) {
             due.remove(&(txn.next_query_ms, id.clone()));
@@ -615,6 +667,11 @@ impl Core {
         if let Some(why) = self.late(&coordinator, standing, stamp.position) {
             return Ok((Vote::No(Refusal::Late, format!("{txn_id}: {why}")), Effects::buffered(observed)));
         }
+        if let Some(earlier) = self.key_held_by_another_incarnation(&coordinator, &stamp).cloned() {
+            let effects =
+                self.finish(txn_id, coordinator, TxnState::Aborted, stamp.incarnation, stamp.position, now_ms)?;
+            return Ok((Vote::No(Refusal::KeyOfLostIncarnation, earlier.to_string()), effects.with_first(observed)));
+        }
         if let Some(refusal) = self.check_prepare(&coordinator, &legs) {
             // Voting NO is this node's one unilateral decision: remember it.
             let effects =
@@ -629,6 +686,7 @@ impl Core {
             incarnation: stamp.incarnation,
             position: stamp.position,
             heuristic: None,
+            idempotency_key: stamp.idempotency_key,
             next_query_ms: now_ms.saturating_add(self.config.in_doubt_after_ms),
             query_backoff_ms: QUERY_BACKOFF_INITIAL_MS,
         };
@@ -648,6 +706,16 @@ impl Core {
         self.txns.insert(txn_id.clone(), txn);
         self.index(&txn_id, now_ms);
         Ok((Vote::Yes, Effects { ops, durability: Durability::Fsync }))
+    }
+
+    /// The transaction of another incarnation of `coordinator` that holds
+    /// the stamp's idempotency key here, if one does (see "Keys that
+    /// outlive a lost log" above).
+    fn key_held_by_another_incarnation(&self, coordinator: &Id, stamp: &Stamp) -> Option<&TxnId> {
+        let key = stamp.idempotency_key.as_ref()?;
+        let earlier = self.keys.get(&(coordinator.clone(), key.clone()))?;
+        let holder = self.txns.get(earlier)?;
+        (holder.incarnation != stamp.incarnation).then_some(earlier)
     }
 
     fn check_prepare(&self, coordinator: &Id, legs: &[Leg]) -> Option<(Refusal, String)> {
@@ -917,6 +985,7 @@ impl Core {
             incarnation,
             position,
             heuristic: None,
+            idempotency_key: None,
             next_query_ms: 0,
             query_backoff_ms: 0,
         };

@@ -1162,6 +1162,10 @@ fn parse_prepare(request: &pb::PrepareRequest) -> Result<(TxnId, Id, Vec<Leg>, S
             incarnation: request.coordinator_incarnation,
             position: request.position,
             low_watermark: request.low_watermark,
+            idempotency_key: match request.idempotency_key.as_str() {
+                "" => None,
+                key => Some(Id::parse("idempotency_key", key)?),
+            },
         },
     ))
 }
@@ -1217,10 +1221,27 @@ fn step_answer_to_pb(answer: StepAnswer) -> pb::SagaStepResponse {
 
 fn vote_to_pb(vote: Vote) -> pb::PrepareResponse {
     match vote {
-        Vote::Yes => pb::PrepareResponse { vote: pb::Vote::Yes as i32, refusal: 0, reason: String::new() },
-        Vote::No(refusal, reason) => {
-            pb::PrepareResponse { vote: pb::Vote::No as i32, refusal: refusal_to_pb(refusal) as i32, reason }
-        }
+        Vote::Yes => pb::PrepareResponse {
+            vote: pb::Vote::Yes as i32,
+            refusal: 0,
+            reason: String::new(),
+            earlier_txn_id: String::new(),
+        },
+        // The vote's text is the earlier transaction's id (see the refusal).
+        Vote::No(Refusal::KeyOfLostIncarnation, earlier) => pb::PrepareResponse {
+            vote: pb::Vote::No as i32,
+            refusal: pb::Refusal::KeyOfLostIncarnation as i32,
+            reason: format!(
+                "the idempotency key is held here by {earlier}, a transaction of an earlier incarnation of the coordinator (orphaned, or decided by an operator)"
+            ),
+            earlier_txn_id: earlier,
+        },
+        Vote::No(refusal, reason) => pb::PrepareResponse {
+            vote: pb::Vote::No as i32,
+            refusal: refusal_to_pb(refusal) as i32,
+            reason,
+            earlier_txn_id: String::new(),
+        },
     }
 }
 
@@ -1234,6 +1255,7 @@ fn refusal_to_pb(refusal: Refusal) -> pb::Refusal {
         Refusal::ConflictingPrepare => pb::Refusal::ConflictingPrepare,
         Refusal::AccountClosed => pb::Refusal::AccountClosed,
         Refusal::Late => pb::Refusal::Late,
+        Refusal::KeyOfLostIncarnation => pb::Refusal::KeyOfLostIncarnation,
     }
 }
 
@@ -1294,6 +1316,7 @@ impl Participant for Node {
                     vote: pb::Vote::No as i32,
                     refusal: pb::Refusal::InvalidRequest as i32,
                     reason: error.to_string(),
+                    earlier_txn_id: String::new(),
                 },
             })
             .collect();
@@ -1317,8 +1340,12 @@ impl Participant for Node {
         check_batch_len("txn_ids", request.txn_ids.len(), COMMIT_BATCH_MAX)?;
         let txns = request.txn_ids.iter().map(|id| Id::parse("txn_ids", id)).collect::<Result<Vec<_>, _>>()?;
         let coordinator = parse_optional_coordinator(&request.coordinator_id)?;
-        let stamp =
-            Stamp { incarnation: request.coordinator_incarnation, position: 0, low_watermark: request.low_watermark };
+        let stamp = Stamp {
+            incarnation: request.coordinator_incarnation,
+            position: 0,
+            low_watermark: request.low_watermark,
+            idempotency_key: None,
+        };
         Node::commit_batch(self, &txns, coordinator.as_ref(), stamp).await?;
         tandem::crash::point("commit-applied");
         debug!(count = txns.len(), first = ?txns.first(), "commit batch acknowledged");
@@ -1329,8 +1356,12 @@ impl Participant for Node {
         let request = request.into_inner();
         let txn = Id::parse("txn_id", &request.txn_id)?;
         let coordinator = parse_optional_coordinator(&request.coordinator_id)?;
-        let stamp =
-            Stamp { incarnation: request.coordinator_incarnation, position: request.position, low_watermark: 0 };
+        let stamp = Stamp {
+            incarnation: request.coordinator_incarnation,
+            position: request.position,
+            low_watermark: 0,
+            idempotency_key: None,
+        };
         self.apply(OPS_PER_CALL_MAX + 1, |core, now| {
             Ok(((), core.abort_stamped(&txn, coordinator.as_ref(), stamp, now)?))
         })

@@ -726,6 +726,7 @@ fn refusal_code(refusal: Option<Refusal>) -> u8 {
         Some(Refusal::ConflictingPrepare) => 6,
         Some(Refusal::AccountClosed) => 7,
         Some(Refusal::Late) => 8,
+        Some(Refusal::KeyOfLostIncarnation) => 9,
     }
 }
 
@@ -740,6 +741,7 @@ fn refusal_from_code(code: u8) -> Result<Option<Refusal>, Error> {
         6 => Some(Refusal::ConflictingPrepare),
         7 => Some(Refusal::AccountClosed),
         8 => Some(Refusal::Late),
+        9 => Some(Refusal::KeyOfLostIncarnation),
         other => return Err(corrupt(format!("barrier refusal {other}"))),
     })
 }

@@ -136,6 +136,26 @@ fn posted(balances: &pb::ReadBalancesResponse, account: u64) -> (i64, i64) {
     (b.posted, b.reserved)
 }
 
+/// A prepare from incarnation B (`c1-b-<position>`) with `key` gets NO,
+/// naming `earlier`.
+async fn key_is_held_by(node: &Node, position: u64, key: &str, earlier: &str) {
+    let prepare = pb::PrepareRequest {
+        txn_id: format!("c1-b-{position}"),
+        coordinator_id: "c1".into(),
+        legs: vec![pb::Leg { account: 1, amount: -5 }, pb::Leg { account: 2, amount: 5 }],
+        coordinator_incarnation: INCARNATION_B,
+        position,
+        low_watermark: 1,
+        idempotency_key: key.into(),
+    };
+    let vote = Participant::prepare(node, Request::new(prepare)).await.unwrap().into_inner();
+    assert_eq!(
+        (vote.vote, vote.refusal, vote.earlier_txn_id.as_str()),
+        (pb::Vote::No as i32, pb::Refusal::KeyOfLostIncarnation as i32, earlier),
+        "{vote:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_that_lost_its_log_is_not_believed_its_orphans_wait_for_an_operator_and_a_contrary_outcome_is_reported(
 ) {
@@ -155,6 +175,7 @@ async fn a_coordinator_that_lost_its_log_is_not_believed_its_orphans_wait_for_an
             coordinator_incarnation: INCARNATION_A,
             position: i,
             low_watermark: 1,
+            idempotency_key: format!("key-{i}"),
         };
         let vote = Participant::prepare(&node, Request::new(prepare)).await.unwrap().into_inner();
         assert_eq!(vote.vote, pb::Vote::Yes as i32, "{vote:?}");
@@ -174,6 +195,10 @@ async fn a_coordinator_that_lost_its_log_is_not_believed_its_orphans_wait_for_an
     let read = balances(&node).await;
     assert_eq!(posted(&read, 1), (100, 50), "nothing aborted by presumption: {read:?}");
     assert_eq!(read.orphaned_count, 2);
+    // A client retries key-1 at incarnation B: the key is A's orphan's, so
+    // the retry reserves nothing and names the orphan.
+    key_is_held_by(&node, 1, "key-1", "c1-a-1").await;
+    assert_eq!(posted(&balances(&node).await, 1), (100, 50));
     assert!(
         queries.load(Ordering::SeqCst) <= asked + 2,
         "orphans are not asked about again ({} queries after {asked})",
@@ -186,6 +211,7 @@ async fn a_coordinator_that_lost_its_log_is_not_believed_its_orphans_wait_for_an
     disk.crash_process();
     let (node, stop) = start_participant(url, disk.clone()).await;
     assert_eq!(list(&node).await.orphaned, 2);
+    key_is_held_by(&node, 2, "key-2", "c1-a-2").await;
 
     // The operator decides: a reason is required; c1-a-1 commits, c1-a-2 aborts.
     let resolve = |txn: &str, commit: bool, reason: &str| pb::ResolveInDoubtRequest {
@@ -208,6 +234,9 @@ async fn a_coordinator_that_lost_its_log_is_not_believed_its_orphans_wait_for_an
     let read = balances(&node).await;
     assert_eq!((posted(&read, 1), posted(&read, 2)), ((70, 0), (30, 0)), "{read:?}");
     assert_eq!((read.orphaned_count, read.prepared_count, read.heuristic_excess), (0, 0, 0));
+    // Decided, the keys stay held: a retry cannot move the money again.
+    key_is_held_by(&node, 3, "key-1", "c1-a-1").await;
+    key_is_held_by(&node, 4, "key-2", "c1-a-2").await;
 
     // Incarnation A's disk is found, and it delivers COMMIT for both: the
     // one aborted by the operator is heuristic-mixed, nothing is applied twice.

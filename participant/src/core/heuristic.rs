@@ -147,6 +147,9 @@ impl Core {
         }
         tracing::warn!(txn = %txn_id, ?decided, reason = %record.heuristic.as_ref().map_or("", |h| h.reason.as_str()), "heuristic decision by an operator");
         self.txns.insert(txn_id.clone(), record);
+        // Back in the indexes a heuristic decision is in: its idempotency
+        // key stays held (the core's "Keys that outlive a lost log").
+        self.index(txn_id, now_ms);
         Ok(Effects { ops, durability: Durability::Fsync })
     }
 

@@ -228,6 +228,6 @@ impl Core {
 
     /// The stamp of a prepared transaction, for its decision query.
     pub fn stamp_of(&self, txn: &Txn) -> Stamp {
-        Stamp { incarnation: txn.incarnation, position: txn.position, low_watermark: 0 }
+        Stamp { incarnation: txn.incarnation, position: txn.position, low_watermark: 0, idempotency_key: None }
     }
 }

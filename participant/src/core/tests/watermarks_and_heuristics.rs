@@ -7,7 +7,7 @@ const A: u64 = 0xA;
 const B: u64 = 0xB;
 
 fn stamp(incarnation: u64, position: u64, low_watermark: u64) -> Stamp {
-    Stamp { incarnation, position, low_watermark }
+    Stamp { incarnation, position, low_watermark, idempotency_key: None }
 }
 
 fn prepare(core: &mut Core, disk: &mut Disk, txn: &str, legs: Vec<Leg>, stamp: Stamp, now_ms: u64) -> Vote {
