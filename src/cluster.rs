@@ -546,6 +546,18 @@ impl Cluster {
         self.node(node).kill().await;
     }
 
+    /// SIGKILL the node and delete its data directory: a disk lost. Its
+    /// next [`Cluster::restart`] starts it on an empty one.
+    pub async fn lose_disk(&mut self, node: NodeRef) -> Result<(), Error> {
+        let process = self.node(node);
+        process.kill().await;
+        match std::fs::remove_dir_all(&process.data_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::Fatal(format!("cannot delete {}: {e}", process.data_dir.display()))),
+        }
+    }
+
     pub async fn restart(&mut self, node: NodeRef) -> Result<(), Error> {
         let timeout = self.spec.ready_timeout;
         let process = self.node(node);

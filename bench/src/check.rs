@@ -176,6 +176,24 @@ fn suspects(history: &[HistoryEntry], account: u64, off: i64) -> String {
     format!(" (off by {off}; transfers on it that moved exactly that: {})", listed.join(", "))
 }
 
+/// What the participants hold of `txn` once decided: committed on any of
+/// them, or aborted where it is known; `None` while still prepared, or
+/// unknown everywhere.
+async fn orphan_fate(view: &LedgerView, txn: &str) -> Option<OpOutcome> {
+    let mut fate = None;
+    for participant in &view.participants {
+        let request = pb::LookupTransactionRequest { txn_id: txn.to_string() };
+        let record = participant.clone().lookup_transaction(request).await.ok()?.into_inner();
+        match pb::RecordState::try_from(record.state) {
+            Ok(pb::RecordState::Committed) => return Some(OpOutcome::Committed),
+            Ok(pb::RecordState::Aborted) => fate = Some(OpOutcome::AbortedOther),
+            Ok(pb::RecordState::Prepared) => return None,
+            _ => {}
+        }
+    }
+    fate
+}
+
 /// Checks the cluster against the history of every client operation (of
 /// any protocols: each entry says which).
 pub async fn check(cluster: &Cluster, history: &mut [HistoryEntry]) -> CheckReport {
@@ -213,6 +231,19 @@ pub async fn check_ledger(view: &LedgerView, history: &mut [HistoryEntry]) -> Ch
                 entry.outcome = outcome;
                 entry.txn_id = txn_id;
                 break;
+            }
+            // The key is an orphan's (its coordinator lost its log): the
+            // transfer's fate is the orphan's, as the participants decided it.
+            if outcome == OpOutcome::Orphaned {
+                if let Some(fate) = orphan_fate(view, &txn_id).await {
+                    entry.detail = format!(
+                        "resolved after the run as the orphan {txn_id}'s fate, {fate:?}; first: {}",
+                        entry.detail
+                    );
+                    entry.outcome = fate;
+                    entry.txn_id = txn_id;
+                    break;
+                }
             }
             if Instant::now() > deadline {
                 report.violations.push(format!("{}: no definite outcome after the run: {detail}", entry.key));

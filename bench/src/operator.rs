@@ -19,6 +19,41 @@ use crate::check::LedgerView;
 use crate::workload::{HistoryEntry, OpOutcome};
 use tandem::pb;
 
+/// Waits until every transaction still prepared on the participants is an
+/// orphan (the others are decided by their coordinator: the workload has
+/// stopped), so that the orphans are all known; at most `limit`.
+pub async fn wait_for_orphans(view: &LedgerView, limit: std::time::Duration) -> Result<(), String> {
+    let began = tokio::time::Instant::now();
+    loop {
+        let mut undecided = Vec::new();
+        for (i, participant) in view.participants.iter().enumerate() {
+            match participant.clone().list_prepared(pb::ListPreparedRequest { limit: 0 }).await {
+                Ok(listed) => undecided.extend(
+                    listed
+                        .into_inner()
+                        .prepared
+                        .into_iter()
+                        .filter(|p| !p.orphaned)
+                        .map(|p| format!("p{}: {}", i + 1, p.txn_id)),
+                ),
+                Err(status) => undecided.push(format!("p{}: unreachable ({})", i + 1, status.message())),
+            }
+        }
+        if undecided.is_empty() {
+            return Ok(());
+        }
+        if began.elapsed() > limit {
+            return Err(format!(
+                "{} prepared transactions are neither decided nor orphaned {} s after the run: {}",
+                undecided.len(),
+                limit.as_secs(),
+                undecided.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// Decides every orphan on every participant; returns one line per
 /// decision, or why one could not be made.
 pub async fn resolve_orphans(view: &LedgerView, history: &[HistoryEntry]) -> Result<Vec<String>, String> {

@@ -180,8 +180,32 @@ pub fn table(report: &RunReport) -> String {
             let _ = writeln!(out, "VIOLATION 2pc: {} audits saw a wrong total", r.audits.wrong_total);
         }
     }
+    // What an operator had to decide: orphans of a coordinator that lost
+    // its disk, and any heuristic decision a coordinator later contradicted.
+    for r in &report.results {
+        if r.faults.iter().any(|f| f.kind == crate::scenario::FaultKind::LoseDisk) {
+            let _ = writeln!(
+                out,
+                "{}: {} orphans of the lost coordinator incarnation, resolved by the operator:",
+                r.protocol,
+                r.orphans.len()
+            );
+            for line in r.orphans.iter().take(ORPHAN_LINES_MAX) {
+                let _ = writeln!(out, "  {line}");
+            }
+            if r.orphans.len() > ORPHAN_LINES_MAX {
+                let _ = writeln!(out, "  ... and {} more (results.json)", r.orphans.len() - ORPHAN_LINES_MAX);
+            }
+        }
+        for mixed in r.check.heuristic.iter().filter(|h| h.contains("MIXED")) {
+            let _ = writeln!(out, "HEURISTIC {}: {mixed}", r.protocol);
+        }
+    }
     out
 }
+
+/// Most orphan lines the table lists (all are in `results.json`).
+const ORPHAN_LINES_MAX: usize = 20;
 
 /// "kill p1 at 3.0": what a fault line starts with.
 fn fault_label(fault: &crate::run::AppliedFault) -> String {

@@ -183,6 +183,14 @@ pub enum FaultKind {
     /// stay open, every byte on them vanishes, new ones are never answered;
     /// only deadlines tell. At the heal the silent connections are closed.
     BlackHole,
+    /// The coordinator (`c1` only) loses its disk: SIGKILL, its data
+    /// directory deleted, restarted on an empty one after `duration_s`, as
+    /// a new incarnation. What its predecessor left in doubt is orphaned on
+    /// the participants; after the run the bench resolves the orphans as an
+    /// operator would (`operator.rs`) and lists them in the report. 2PC and
+    /// choreographed sagas only: an orchestrated saga's log is lost with
+    /// the disk, and nothing resolves its half-done sagas yet.
+    LoseDisk,
 }
 
 impl FaultKind {
@@ -199,6 +207,7 @@ impl FaultKind {
             FaultKind::Cut => "cut",
             FaultKind::CutOneWay => "cut-one-way",
             FaultKind::BlackHole => "black-hole",
+            FaultKind::LoseDisk => "lose-disk",
         }
     }
 }
@@ -355,6 +364,19 @@ impl Scenario {
                 }
                 _ => {}
             }
+            if fault.kind == FaultKind::LoseDisk {
+                if fault.node != "c1" {
+                    return Err(format!(
+                        "{at}.node = {:?}: only the coordinator (\"c1\") can lose its disk; a participant's disk is its ledger",
+                        fault.node
+                    ));
+                }
+                if self.protocols.contains(&Protocol::Orchestrated) {
+                    return Err(format!(
+                        "{at}: a lose-disk fault cannot run with the orchestrated protocol (its saga log is lost with the disk and nothing resolves its half-done sagas yet); use protocols = [\"2pc\", \"choreographed\"]"
+                    ));
+                }
+            }
             if !(fault.at_s >= 0.0 && fault.at_s < self.duration_s) {
                 return Err(format!("{at}.at_s = {}: must be within the run (0 to {})", fault.at_s, self.duration_s));
             }
@@ -386,6 +408,7 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("smoke", include_str!("../scenarios/smoke.toml")),
     ("partition", include_str!("../scenarios/partition.toml")),
     ("black-hole", include_str!("../scenarios/black-hole.toml")),
+    ("lost-coordinator-disk", include_str!("../scenarios/lost-coordinator-disk.toml")),
 ];
 
 /// A preset by name, or a file by path.
@@ -441,6 +464,14 @@ mod tests {
         assert!(rejected(&fault("kind = \"kill\"\nnode = \"p1\"\nat_s = 1")).contains("duration_s"));
         let overlapping = "duration_s = 10\n[[fault]]\nkind = \"kill\"\nnode = \"p1\"\nat_s = 1\nduration_s = 3\n[[fault]]\nkind = \"pause\"\nnode = \"p1\"\nat_s = 2\nduration_s = 1";
         assert!(rejected(overlapping).contains("overlap"));
+        // Only the coordinator loses its disk, and not under orchestrated sagas.
+        let lose = "kind = \"lose-disk\"\nat_s = 1\nduration_s = 1";
+        let on_p1 = format!("protocols = [\"2pc\"]\n{}", fault(&format!("node = \"p1\"\n{lose}")));
+        assert!(rejected(&on_p1).contains("only the coordinator"));
+        let with_sagas = format!("protocols = [\"orchestrated\"]\n{}", fault(&format!("node = \"c1\"\n{lose}")));
+        assert!(rejected(&with_sagas).contains("orchestrated"));
+        let fine = format!("protocols = [\"2pc\"]\n{}", fault(&format!("node = \"c1\"\n{lose}")));
+        assert_eq!(Scenario::from_toml(&fine, "test.toml").unwrap().faults[0].kind, FaultKind::LoseDisk);
 
         // Link faults: peer and delay_ms.
         let link = |kind: &str, extra: &str| {

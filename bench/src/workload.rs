@@ -6,6 +6,9 @@
 //! timed out) can be asked again and get its real outcome: the invariant
 //! checker needs every outcome to account for every cent.
 
+/// The response metadata naming the orphan that holds a key (the
+/// coordinator's `EARLIER_TXN_METADATA`).
+const EARLIER_TXN_METADATA: &str = "tandem-earlier-txn-id";
 use crate::scenario::{LoopMode, Protocol, Scenario, Skew};
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -41,6 +44,11 @@ pub enum OpOutcome {
     TimedOut,
     /// The call failed (unavailable, ...): outcome unknown until resolved.
     Unknown,
+    /// The key belongs to a transaction of a coordinator incarnation whose
+    /// log was lost (FAILED_PRECONDITION naming it): the transfer's outcome
+    /// is that orphan's, which an operator decides; its id is the entry's
+    /// `txn_id`. Unknown until then.
+    Orphaned,
     /// Open loop only: not started, too many in flight.
     Dropped,
 }
@@ -264,6 +272,15 @@ impl Client {
                     }
                     Ok(Err(status)) if status.code() == tonic::Code::DeadlineExceeded => {
                         (OpOutcome::TimedOut, String::new(), status.message().to_string())
+                    }
+                    Ok(Err(status)) if status.metadata().contains_key(EARLIER_TXN_METADATA) => {
+                        let earlier = status
+                            .metadata()
+                            .get(EARLIER_TXN_METADATA)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_string();
+                        (OpOutcome::Orphaned, earlier, status.message().to_string())
                     }
                     Ok(Err(status)) => {
                         (OpOutcome::Unknown, String::new(), format!("{:?}: {}", status.code(), status.message()))

@@ -285,3 +285,59 @@ duration_s = 1
         }
     }
 }
+
+#[test]
+fn a_coordinator_that_loses_its_disk_leaves_orphans_that_the_operator_resolves_and_nothing_moves_twice() {
+    let out = tempfile::tempdir().unwrap();
+    // The link c1-p1 is slow while c1 loses its disk, so that transactions
+    // are in doubt when it does: their prepares reached p2 at once and p1
+    // 50 ms later, and no decision follows.
+    let results = run_scenario_without_violations(
+        out.path(),
+        r#"
+name = "lost-disk"
+description = "c1's data directory deleted mid-run"
+protocols = ["2pc"]
+duration_s = 4
+seed = 13
+
+[cluster]
+participants = 2
+accounts_per_participant = 100
+initial_balance = 10000
+
+[workload]
+clients = 8
+audit_interval_ms = 200
+
+[[fault]]
+kind = "delay"
+node = "c1"
+peer = "p1"
+delay_ms = 50
+at_s = 0.5
+duration_s = 2
+
+[[fault]]
+kind = "lose-disk"
+node = "c1"
+at_s = 1.5
+duration_s = 0.5
+"#,
+        &["2pc"],
+    );
+    let result = &results[0];
+    // The check passed (no violation): every account equals its initial
+    // balance plus the transfers committed, each once; nothing is held.
+    let orphans: Vec<&str> = result["orphans"].as_array().unwrap().iter().map(|o| o.as_str().unwrap()).collect();
+    assert!(!orphans.is_empty(), "transactions were in doubt when c1 lost its disk: {result}");
+    for orphan in &orphans {
+        assert!(
+            orphan.contains(" orphan c1-") && (orphan.contains(" committed: ") || orphan.contains(" aborted: ")),
+            "{orphan}"
+        );
+    }
+    assert_eq!(result["audits"]["wrong_total"], 0, "{}", result["audits"]);
+    let report = read(&out.path().join("results").join("report.md"));
+    assert!(report.contains("orphans of the lost coordinator incarnation, resolved by the operator"), "{report}");
+}
