@@ -362,7 +362,10 @@ async fn wait_until_settled(cluster: &Cluster, limit: Duration) {
         let mut settled = true;
         for i in 0..cluster.participants.len() {
             let mut client = cluster.participant_client(i, cluster.operator()).unwrap();
-            match client.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await {
+            match client
+                .read_balances(pb::ReadBalancesRequest { include_accounts: false, include_prepared: false })
+                .await
+            {
                 Ok(balances) => {
                     let b = balances.into_inner();
                     settled &= b.prepared_count == 0 && b.total_reserved == 0 && b.total_incoming == 0;
@@ -708,7 +711,11 @@ async fn a_choreographed_transfer_completes_after_its_target_was_paused_across_t
     let mut p2 = cluster.participant_client(1, cluster.operator()).unwrap();
     let credited = p2.get_balance(pb::GetBalanceRequest { account: 11 }).await.unwrap().into_inner();
     assert_eq!(credited.posted, INITIAL_BALANCE + 4 * 5, "each transfer credited once");
-    let balances = p2.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await.unwrap().into_inner();
+    let balances = p2
+        .read_balances(pb::ReadBalancesRequest { include_accounts: false, include_prepared: false })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(balances.outbox_pending, 0, "no reply left in the target's outbox");
     cluster.stop().await;
 }
@@ -878,7 +885,11 @@ async fn totals_near_the_int64_limit_are_exact_or_out_of_range_never_wrapped() {
     let cluster = Cluster::start(spec).await.expect("the cluster starts");
     let mut coordinator = cluster.coordinator_client(cluster.client()).unwrap();
     let mut p1 = cluster.participant_client(0, cluster.operator()).unwrap();
-    let balances = p1.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await.unwrap().into_inner();
+    let balances = p1
+        .read_balances(pb::ReadBalancesRequest { include_accounts: false, include_prepared: false })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(balances.total_posted, 2 * half, "exact while it fits");
 
     let audit = coordinator.audit(pb::AuditRequest { include_accounts: false }).await;
@@ -893,7 +904,7 @@ async fn totals_near_the_int64_limit_are_exact_or_out_of_range_never_wrapped() {
     assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
     let deadline = Instant::now() + Duration::from_secs(10);
     let status = loop {
-        match p1.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await {
+        match p1.read_balances(pb::ReadBalancesRequest { include_accounts: false, include_prepared: false }).await {
             Err(status) => break status,
             Ok(balances) => {
                 assert_eq!(balances.get_ref().total_posted, 2 * half, "before the commit is applied");

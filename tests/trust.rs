@@ -226,7 +226,7 @@ fn table() -> Vec<(&'static str, Node, Call, &'static [As])> {
         (
             "ReadBalances",
             P,
-            participant!(read_balances, pb::ReadBalancesRequest { include_accounts: true }),
+            participant!(read_balances, pb::ReadBalancesRequest { include_accounts: true, include_prepared: false }),
             &[C1, Operator],
         ),
         ("ListPrepared", P, participant!(list_prepared, pb::ListPreparedRequest { limit: 10 }), &[C1, Operator]),
@@ -343,7 +343,11 @@ impl Callers {
         for i in 0..self.cluster.participants.len() {
             let mut client = self.cluster.participant_client(i, self.cluster.operator()).unwrap();
             state.push(
-                client.read_balances(pb::ReadBalancesRequest { include_accounts: true }).await.unwrap().into_inner(),
+                client
+                    .read_balances(pb::ReadBalancesRequest { include_accounts: true, include_prepared: false })
+                    .await
+                    .unwrap()
+                    .into_inner(),
             );
         }
         state

@@ -112,7 +112,8 @@ const HELD_READ_TIMEOUT_MS: u64 = 2_000;
 pub async fn held(view: &LedgerView) -> Vec<String> {
     let mut held = Vec::new();
     for (i, client) in view.participants.iter().enumerate() {
-        let mut request = tonic::Request::new(pb::ReadBalancesRequest { include_accounts: false });
+        let mut request =
+            tonic::Request::new(pb::ReadBalancesRequest { include_accounts: false, include_prepared: false });
         request.set_timeout(Duration::from_millis(HELD_READ_TIMEOUT_MS));
         match client.clone().read_balances(request).await {
             Ok(balances) => {
@@ -306,7 +307,10 @@ pub async fn check_ledger(view: &LedgerView, history: &mut [HistoryEntry]) -> Ch
     let mut seen = 0u64;
     for (i, participant) in view.participants.iter().enumerate() {
         let mut participant = participant.clone();
-        let balances = match participant.read_balances(pb::ReadBalancesRequest { include_accounts: true }).await {
+        let balances = match participant
+            .read_balances(pb::ReadBalancesRequest { include_accounts: true, include_prepared: false })
+            .await
+        {
             Ok(b) => b.into_inner(),
             Err(status) => {
                 report.violations.push(format!("p{}: cannot read balances: {}", i + 1, status.message()));

@@ -415,8 +415,11 @@ async fn an_outbox_relay_killed_between_delivery_and_forgetting_redelivers_and_t
     assert_eq!((posted(&cluster, 3).await, posted(&cluster, 13).await), (BALANCE - 90, BALANCE + 90));
     let settled = Instant::now() + Duration::from_secs(10);
     loop {
-        let balances =
-            p1.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await.unwrap().into_inner();
+        let balances = p1
+            .read_balances(pb::ReadBalancesRequest { include_accounts: false, include_prepared: false })
+            .await
+            .unwrap()
+            .into_inner();
         if balances.outbox_pending == 0 {
             break;
         }
@@ -515,7 +518,10 @@ async fn saga_barriers(cluster: &Cluster) -> Vec<u64> {
     let mut counts = Vec::new();
     for i in 0..cluster.participants.len() {
         let mut client = cluster.participant_client(i, cluster.operator()).unwrap();
-        let read = client.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await.unwrap();
+        let read = client
+            .read_balances(pb::ReadBalancesRequest { include_accounts: false, include_prepared: false })
+            .await
+            .unwrap();
         counts.push(read.into_inner().saga_barriers);
     }
     counts

@@ -458,6 +458,13 @@ impl Core {
         self.active.get(txn)
     }
 
+    /// The transactions whose commit is decided (durable) and not yet
+    /// acknowledged by every participant: those an audit counts as applied
+    /// where it finds them still prepared.
+    pub fn committing(&self) -> impl Iterator<Item = &TxnId> {
+        self.active.iter().filter(|(_, active)| matches!(active.phase, Phase::Committing { .. })).map(|(txn, _)| txn)
+    }
+
     pub fn active_count(&self) -> usize {
         self.active.len()
     }

@@ -41,11 +41,9 @@ struct Args {
     /// (COMMITs are redelivered until acknowledged).
     #[arg(long, default_value_t = 1_000)]
     call_timeout_ms: u64,
-    /// How long an audit waits for in-flight commits to be applied (new
-    /// commit decisions wait while it does). A commit pending longer than
-    /// this (its participant is down) makes audits fail at once.
-    #[arg(long, default_value_t = 100)]
-    audit_timeout_ms: u64,
+    /// Gone: audits no longer wait for commits, nor hold them up.
+    #[arg(long, hide = true)]
+    audit_timeout_ms: Option<String>,
     /// Most transactions in flight at once; more get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 10_000)]
     active_max: usize,
@@ -87,6 +85,12 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if args.audit_timeout_ms.is_some() {
+        eprintln!(
+            "coordinator: --audit-timeout-ms is gone: an audit no longer waits for commits in flight nor holds up new ones (it counts the decided ones it finds half applied)"
+        );
+        return std::process::ExitCode::FAILURE;
+    }
     if args.finished_retained_max.is_some() {
         eprintln!(
             "coordinator: --finished-retained-max is gone: idempotency keys and finished records are kept for a time, --idempotency-retention (default 24h), never up to a count"
@@ -122,7 +126,6 @@ async fn run(args: Args) -> Result<(), String> {
         shards,
         prepare_timeout_ms: args.prepare_timeout_ms,
         call_timeout_ms: args.call_timeout_ms,
-        audit_timeout_ms: args.audit_timeout_ms,
         active_max: args.active_max,
         idempotency_retention_ms: args.idempotency_retention,
         wall_clock: tandem::clock::WallClock::System,

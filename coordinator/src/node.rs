@@ -26,19 +26,26 @@
 //! leaves the slots for a bounded set of undeliverable COMMITs, offered
 //! again with a long backoff ([`Node::redeliver_undeliverable`]), and is
 //! logged as an error. Its decision stands: it is never taken for an
-//! acknowledgement, so the transaction stays committing (and holds the
-//! commit fence: audits refuse) until the participant takes it. A rejected
+//! acknowledgement, so the transaction stays committing until the
+//! participant takes it (an audit counts its legs there as applied). A rejected
 //! batch is split in halves until the COMMITs it rejects are alone, so the
 //! others in it are delivered.
 //!
-//! The commit fence serves the audit (see `Coordinator.Audit` in the proto):
-//! a transaction holds a shared guard from just before its decision is
-//! written until every participant acknowledged its COMMIT. The audit takes
-//! the fence exclusively, so while it reads, no commit is half applied. New
-//! commit decisions wait while it does, so it holds the fence for a bounded
-//! time: at most `audit_timeout_ms` waiting for it, then at most
-//! [`AUDIT_READ_TIMEOUT_MS`] reading; a participant that does not answer in
-//! time (paused) fails the audit, never the commits.
+//! The audit (see `Coordinator.Audit` in the proto) holds up nothing. It
+//! reads every participant's balances and prepared transactions, each in
+//! one instant, and counts as applied the prepared legs of every commit
+//! decided and not finished: those committing when it began (the core's
+//! [`Core::committing`]) and those decided while it reads, which
+//! [`Node::note_decided_commit`] hands to every running audit before their
+//! COMMITs go out. A commit half applied across the reads is one of them
+//! (applied somewhere means decided before that read; prepared elsewhere
+//! means not finished at the other), so the figures are those of the cut
+//! where exactly the decided commits are applied. Registering an audit
+//! with its snapshot of the committing ones, and noting a decision with
+//! the core's step to committing, both happen under the core's lock, so no
+//! decision falls between them. Lock order: the core, then `audits`. Its
+//! reads have a deadline of [`AUDIT_READ_TIMEOUT_MS`]; a participant that
+//! does not answer in time (paused) fails the audit, never the commits.
 //!
 //! Readiness. The health service's `""` and `tandem.v1.Coordinator` say
 //! only that this process serves. Whether it can reach its participants is
@@ -85,7 +92,7 @@ use crate::core::{AbortReason, Action, Core, Decision, Outcome, Phase, VoteResul
 use crate::directory::{Directory, Shard};
 use crate::log;
 use crate::saga::{Recovery, SagaAction, SagaCore, SagaId};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -101,7 +108,7 @@ use tandem::trust::{Authorizer, Configured};
 use tandem::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, OwnedRwLockReadGuard, RwLock};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_stream::Stream;
 use tonic::transport::server::Connected;
@@ -160,15 +167,97 @@ pub const READY_PROBE_INTERVAL_MS: u64 = 500;
 /// here, not only sent) tells it apart from a slow one.
 pub const READY_PROBE_TIMEOUT_MS: u64 = 300;
 /// How long the audit waits for the participants' balance reads (all at
-/// once, at most `call_timeout_ms`), enforced here. It holds the commit
-/// fence meanwhile, and every commit decision waits: so this, with
-/// `audit_timeout_ms` (its wait for the fence), bounds how long an audit
-/// holds up commits, even when a participant is paused (accepts the
+/// once, at most `call_timeout_ms`), enforced here, so that an audit answers
+/// in bounded time even when a participant is paused (accepts the
 /// connection, never answers). A participant that does not answer in time
 /// fails the audit (UNAVAILABLE, naming it); one with very many accounts
 /// may not fit a read of each of them (`include_accounts`) in it, but its
 /// totals always fit.
 pub const AUDIT_READ_TIMEOUT_MS: u64 = 250;
+/// Most commit decisions one audit notes while it reads; past it the audit
+/// answers UNAVAILABLE (its reads took far longer than they may).
+pub const AUDIT_DECISIONS_MAX: usize = 1_000_000;
+
+/// The audits running, each with the commits decided since it began (see
+/// the module essay).
+#[derive(Debug, Default)]
+pub(crate) struct RunningAudits {
+    next: u64,
+    /// By audit: the commits noted, or `None` once more than
+    /// [`AUDIT_DECISIONS_MAX`] were.
+    running: BTreeMap<u64, Option<Vec<TxnId>>>,
+}
+
+impl RunningAudits {
+    fn begin(&mut self) -> u64 {
+        self.next += 1;
+        self.running.insert(self.next, Some(Vec::new()));
+        self.next
+    }
+
+    fn note(&mut self, txn: &TxnId) {
+        for noted in self.running.values_mut() {
+            match noted {
+                Some(list) if list.len() < AUDIT_DECISIONS_MAX => list.push(txn.clone()),
+                _ => *noted = None,
+            }
+        }
+    }
+}
+
+/// An audit's place among the running ones, given back however the audit
+/// ends (an early error, a cancelled call).
+struct AuditRegistration<'a> {
+    node: &'a Node,
+    audit: u64,
+}
+
+impl AuditRegistration<'_> {
+    /// The commits decided since the audit began.
+    fn finish(&self) -> Result<Vec<TxnId>, Error> {
+        let noted =
+            self.node.inner.audits.lock().expect("audits lock poisoned").running.insert(self.audit, Some(Vec::new()));
+        noted.flatten().ok_or_else(|| {
+            Error::Unavailable(format!(
+                "more than {AUDIT_DECISIONS_MAX} commits were decided while the audit read; retry later"
+            ))
+        })
+    }
+}
+
+impl Drop for AuditRegistration<'_> {
+    fn drop(&mut self) {
+        self.node.inner.audits.lock().expect("audits lock poisoned").running.remove(&self.audit);
+    }
+}
+
+/// Counts a decided commit's legs prepared on this participant as applied:
+/// posted moves by each leg, a debit's reservation and a credit's incoming
+/// amount are released (the figures of the cut where it is committed).
+fn count_as_applied(balances: &mut pb::ReadBalancesResponse, legs: &[pb::Leg]) -> Result<(), Error> {
+    let overflow = || Error::OutOfRange(format!("{}: a total does not fit an int64", balances.participant_id));
+    for leg in legs {
+        let held = leg.amount.checked_abs().ok_or_else(overflow)?;
+        balances.total_posted = balances.total_posted.checked_add(leg.amount).ok_or_else(overflow)?;
+        if leg.amount < 0 {
+            balances.total_reserved = balances.total_reserved.checked_sub(held).ok_or_else(overflow)?;
+        } else {
+            balances.total_incoming = balances.total_incoming.checked_sub(held).ok_or_else(overflow)?;
+        }
+        // The participant lists its accounts in order.
+        if let Ok(i) = balances.accounts.binary_search_by_key(&leg.account, |a| a.account) {
+            let account = &mut balances.accounts[i];
+            account.posted = account.posted.checked_add(leg.amount).ok_or_else(overflow)?;
+            if leg.amount < 0 {
+                account.reserved = account.reserved.checked_sub(held).ok_or_else(overflow)?;
+            } else {
+                account.incoming = account.incoming.checked_sub(held).ok_or_else(overflow)?;
+                account.available = account.available.checked_add(held).ok_or_else(overflow)?;
+            }
+        }
+    }
+    Ok(())
+}
 
 /// The health service name that says whether this coordinator reaches one
 /// participant: `tandem.v1.Participant/<participant id>`.
@@ -312,8 +401,6 @@ pub struct NodeConfig {
     /// Deadline of one COMMIT or ABORT call; an audit's ReadBalances calls
     /// have a shorter one (see [`AUDIT_READ_TIMEOUT_MS`]).
     pub call_timeout_ms: u64,
-    /// How long an audit waits for the commit fence.
-    pub audit_timeout_ms: u64,
     /// Most transactions in flight; past it, new ones get RESOURCE_EXHAUSTED.
     pub active_max: usize,
     /// How long an idempotency key's result and a finished transaction's
@@ -376,9 +463,9 @@ pub(crate) struct Inner {
     /// Serialises the check of an idempotency key with the start of its
     /// transaction, so two requests with one key cannot both start.
     pub(crate) keys: Mutex<()>,
-    pub(crate) fence: Arc<RwLock<()>>,
-    /// Each commit's shared hold on the fence, and since when it holds it.
-    pub(crate) fence_guards: Mutex<HashMap<TxnId, (Instant, OwnedRwLockReadGuard<()>)>>,
+    /// The audits running, each with the commits decided since it began
+    /// (see the module essay; taken after the core's lock).
+    pub(crate) audits: Mutex<RunningAudits>,
     pub(crate) sagas: Mutex<SagaCore>,
     /// When each running saga's deadline passes (set by its first step).
     pub(crate) saga_deadlines: Mutex<HashMap<SagaId, Instant>>,
@@ -454,12 +541,6 @@ impl Node {
                 Ok((txn, record))
             })
             .collect::<Result<Vec<_>, Error>>()?;
-        let fence = Arc::new(RwLock::new(()));
-        let mut fence_guards = HashMap::new();
-        for (txn, _) in &logged {
-            let guard = fence.clone().try_read_owned().expect("no audit runs before start");
-            fence_guards.insert(txn.clone(), (Instant::now(), guard));
-        }
         let logged_sagas = store
             .scan_prefix(log::SAGA_PREFIX)?
             .into_iter()
@@ -500,8 +581,7 @@ impl Node {
                 participant_health,
                 waiters: Mutex::new(HashMap::new()),
                 keys: Mutex::new(()),
-                fence,
-                fence_guards: Mutex::new(fence_guards),
+                audits: Mutex::new(RunningAudits::default()),
                 sagas: Mutex::new(sagas),
                 saga_deadlines: Mutex::new(HashMap::new()),
                 resolve_waiters: Mutex::new(HashMap::new()),
@@ -625,12 +705,6 @@ impl Node {
                 Action::PersistCommit { txn, record } => {
                     let node = self.clone();
                     tokio::spawn(async move {
-                        let guard = node.inner.fence.clone().read_owned().await;
-                        node.inner
-                            .fence_guards
-                            .lock()
-                            .expect("guards lock poisoned")
-                            .insert(txn.clone(), (Instant::now(), guard));
                         let fingerprint = node.waiter_fingerprint(&txn);
                         let written = match log::commit_ops(&txn, &record, fingerprint, node.expires_ms()) {
                             Ok(ops) => node.inner.store.write(ops).await,
@@ -638,7 +712,11 @@ impl Node {
                         };
                         match written {
                             Ok(()) => {
-                                let next = node.core().on_commit_durable(&txn);
+                                let next = {
+                                    let mut core = node.core();
+                                    node.note_decided_commit(&txn);
+                                    core.on_commit_durable(&txn)
+                                };
                                 node.execute(next);
                             }
                             Err(error) => {
@@ -677,7 +755,6 @@ impl Node {
                 }
                 Action::Reply { txn, outcome } => self.reply(&txn, Ok(outcome)),
                 Action::PersistEnd { txn, idempotency_key } => {
-                    self.inner.fence_guards.lock().expect("guards lock poisoned").remove(&txn);
                     let node = self.clone();
                     tokio::spawn(async move {
                         // Unsynced: a lost end record only means commits are
@@ -713,6 +790,16 @@ impl Node {
 
     fn waiter_fingerprint(&self, txn: &TxnId) -> u64 {
         self.inner.waiters.lock().expect("waiters lock poisoned").get(txn).map(|w| w.fingerprint).unwrap_or(0)
+    }
+
+    /// Hands a commit decision that just became durable to every running
+    /// audit, before its COMMITs go out. Called under the core's lock, with
+    /// the core's step to committing (see the module essay).
+    fn note_decided_commit(&self, txn: &TxnId) {
+        let mut audits = self.inner.audits.lock().expect("audits lock poisoned");
+        if !audits.running.is_empty() {
+            audits.note(txn);
+        }
     }
 
     pub(crate) fn reply(&self, txn: &TxnId, result: Result<Outcome, Error>) {
@@ -1408,35 +1495,16 @@ impl Node {
     }
 
     async fn audit(&self, include_accounts: bool) -> Result<pb::AuditResponse, Error> {
-        // While the audit waits for the fence, new commit decisions wait
-        // behind it (the lock is fair). So it does not wait for commits that
-        // are stuck (a participant is down): it refuses at once, and it waits
-        // for the others at most `audit_timeout_ms`.
-        let timeout = Duration::from_millis(self.inner.config.audit_timeout_ms);
-        let stuck: Vec<String> = self
-            .inner
-            .fence_guards
-            .lock()
-            .expect("guards lock poisoned")
-            .iter()
-            .filter(|(_, (since, _))| since.elapsed() > timeout)
-            .take(3)
-            .map(|(txn, (since, _))| format!("{txn} for {} ms", since.elapsed().as_millis()))
-            .collect();
-        if !stuck.is_empty() {
-            return Err(Error::Unavailable(format!(
-                "commits are waiting for a participant to acknowledge ({}); the audit needs every decided commit applied, retry later",
-                stuck.join(", ")
-            )));
-        }
-        let fence = tokio::time::timeout(timeout, self.inner.fence.write()).await.map_err(|_| {
-            Error::Unavailable(format!(
-                "the audit waited {} ms for commits still being delivered; retry later",
-                timeout.as_millis()
-            ))
-        })?;
-        // Every read has the same short deadline, so the fence is given back
-        // by then whatever the participants do.
+        // Registered with the snapshot of the committing transactions under
+        // the core's lock: every commit decided after it is noted for it.
+        let (audit, mut decided) = {
+            let core = self.core();
+            let audit = self.inner.audits.lock().expect("audits lock poisoned").begin();
+            (audit, core.committing().map(|txn| txn.to_string()).collect::<HashSet<String>>())
+        };
+        let registered = AuditRegistration { node: self, audit };
+        // Every read has the same short deadline, so the audit answers in
+        // bounded time whatever the participants do.
         let read_timeout = Duration::from_millis(self.inner.config.call_timeout_ms.min(AUDIT_READ_TIMEOUT_MS));
         let read_deadline = tokio::time::Instant::now() + read_timeout;
         let reads: Vec<_> = self
@@ -1446,7 +1514,7 @@ impl Node {
             .map(|(id, client)| {
                 let mut client = client.clone();
                 let id = id.clone();
-                let mut request = Request::new(pb::ReadBalancesRequest { include_accounts });
+                let mut request = Request::new(pb::ReadBalancesRequest { include_accounts, include_prepared: true });
                 request.set_timeout(read_timeout);
                 tokio::spawn(async move {
                     match tokio::time::timeout_at(read_deadline, client.read_balances(request)).await {
@@ -1478,7 +1546,7 @@ impl Node {
         for read in reads {
             results.push(read.await.unwrap_or_else(|e| Err(Error::Unavailable(format!("a balance read failed: {e}")))));
         }
-        drop(fence);
+        decided.extend(registered.finish()?.iter().map(|txn| txn.to_string()));
         // Every participant that could not be read is named, so that one
         // failed audit says which are unreachable.
         let unread: Vec<String> = results
@@ -1490,7 +1558,7 @@ impl Node {
             .collect();
         if !unread.is_empty() {
             return Err(Error::Unavailable(format!(
-                "the audit could not read every participant's balances (it let commits go on; retry later): {}",
+                "the audit could not read every participant's balances (retry later): {}",
                 unread.join("; ")
             )));
         }
@@ -1499,8 +1567,15 @@ impl Node {
         let mut response = pb::AuditResponse::default();
         let mut posted = tandem::domain::Total::default();
         let (mut reserved, mut suspense, mut heuristic_excess) = (posted, posted, posted);
+        let mut in_flight = HashSet::new();
         for result in results {
-            let balances = result?;
+            let mut balances = result?;
+            for prepared in std::mem::take(&mut balances.prepared) {
+                if decided.contains(prepared.txn_id.as_str()) {
+                    count_as_applied(&mut balances, &prepared.legs)?;
+                    in_flight.insert(prepared.txn_id);
+                }
+            }
             posted.add(balances.total_posted);
             reserved.add(balances.total_reserved);
             suspense.add(balances.suspense);
@@ -1513,6 +1588,7 @@ impl Node {
         response.total_suspense = suspense.to_amount("the total_suspense over every participant")?;
         response.total_heuristic_excess =
             heuristic_excess.to_amount("the total_heuristic_excess over every participant")?;
+        response.commits_in_flight = in_flight.len() as u64;
         Ok(response)
     }
 

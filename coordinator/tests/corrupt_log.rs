@@ -14,7 +14,6 @@ fn config(dir: &std::path::Path) -> NodeConfig {
         shards: vec![Shard::parse("p1=http://127.0.0.1:9@0..100").unwrap()],
         prepare_timeout_ms: 1_000,
         call_timeout_ms: 1_000,
-        audit_timeout_ms: 100,
         active_max: 10,
         idempotency_retention_ms: 24 * 3_600_000,
         wall_clock: tandem::clock::WallClock::System,

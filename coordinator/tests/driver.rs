@@ -38,8 +38,6 @@ use tonic::{Code, Request, Response, Status};
 /// owns `i * ACCOUNTS_EACH .. (i + 1) * ACCOUNTS_EACH`.
 const ACCOUNTS_EACH: u64 = 10;
 const INITIAL_BALANCE: i64 = 1_000;
-/// How long the coordinator waits for the commit fence (its default).
-const AUDIT_TIMEOUT_MS: u64 = 100;
 /// What a loaded 2-core machine adds to a bound of the code under test.
 const SCHEDULING_SLACK_MS: u64 = 2_000;
 /// How long a test waits for something that should happen soon.
@@ -126,7 +124,6 @@ async fn coordinator(
         shards,
         prepare_timeout_ms: 5_000,
         call_timeout_ms,
-        audit_timeout_ms: AUDIT_TIMEOUT_MS,
         active_max: 1_000,
         idempotency_retention_ms: 24 * 3_600_000,
         wall_clock: tandem::clock::WallClock::System,
@@ -156,7 +153,7 @@ async fn eventually<T>(what: &str, mut read: impl AsyncFnMut() -> Option<T>) -> 
     }
 }
 
-/// The audit, once it answers (it is UNAVAILABLE while commits are in flight).
+/// The audit, once it answers (it is UNAVAILABLE while a participant cannot be read).
 async fn exact_audit(client: &mut CoordinatorClient<Channel>) -> pb::AuditResponse {
     eventually("an audit answers", async || match client.audit(pb::AuditRequest { include_accounts: true }).await {
         Ok(audit) => Some(audit.into_inner()),
@@ -172,9 +169,9 @@ fn posted(audit: &pb::AuditResponse, account: u64) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_audit_that_cannot_read_a_paused_participant_lets_commits_go_on_and_names_it() {
-    // COMMIT deadlines may legitimately be long; the audit's reads, which
-    // hold up every commit decision while they run, must not be.
+async fn commits_go_on_while_an_audit_reads_and_one_that_cannot_read_a_paused_participant_names_it() {
+    // COMMIT deadlines may legitimately be long; the audit's reads must not
+    // be, so that it answers in bounded time.
     const CALL_TIMEOUT_MS: u64 = 30_000;
     let mut stop = Stop(Vec::new());
     let (coordinator_listener, coordinator_url) = bind().await;
@@ -207,11 +204,18 @@ async fn an_audit_that_cannot_read_a_paused_participant_lets_commits_go_on_and_n
         let mut client = client.clone();
         async move { client.audit(pb::AuditRequest { include_accounts: false }).await }
     });
-    // Transfers between p1 and p2, back to back, from before the audit takes
-    // the fence until it has answered: some of them are decided while it
-    // holds the fence, and none may wait long for it.
-    let commit_wait_max = Duration::from_millis(AUDIT_TIMEOUT_MS + node::AUDIT_READ_TIMEOUT_MS + SCHEDULING_SLACK_MS);
+    // Transfers between p1 and p2, back to back, until the audit has
+    // answered. It cannot answer before its read of p3 times out
+    // (AUDIT_READ_TIMEOUT_MS): transfers begun and committed well inside
+    // that window were decided while it read (an audit that held commits
+    // back while reading would allow none).
+    let commit_wait_max = Duration::from_millis(node::AUDIT_READ_TIMEOUT_MS + SCHEDULING_SLACK_MS);
+    let window = (
+        audit_started + Duration::from_millis(50),
+        audit_started + Duration::from_millis(node::AUDIT_READ_TIMEOUT_MS - 50),
+    );
     let mut committed = 0u64;
+    let mut inside_the_read = 0u64;
     let mut slowest = Duration::ZERO;
     while !audit.is_finished() {
         let started = Instant::now();
@@ -223,6 +227,9 @@ async fn an_audit_that_cannot_read_a_paused_participant_lets_commits_go_on_and_n
         assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
         committed += 1;
         slowest = slowest.max(started.elapsed());
+        if started >= window.0 && Instant::now() <= window.1 {
+            inside_the_read += 1;
+        }
     }
     let status = audit.await.unwrap().expect_err("p3 cannot be read");
     let audit_took = audit_started.elapsed();
@@ -230,9 +237,10 @@ async fn an_audit_that_cannot_read_a_paused_participant_lets_commits_go_on_and_n
     assert!(status.message().contains("p3"), "the status names the participant: {}", status.message());
     assert!(!status.message().contains("p1") && !status.message().contains("p2"), "{}", status.message());
     assert!(audit_took < commit_wait_max, "the audit answered after {audit_took:?}");
-    assert!(committed > 0);
+    assert!(audit_took >= Duration::from_millis(node::AUDIT_READ_TIMEOUT_MS), "{audit_took:?}");
+    assert!(inside_the_read > 0, "no commit was decided while the audit read ({committed} in all)");
     println!(
-        "{committed} commits during the audit, the slowest in {slowest:?}; the audit answered in {audit_took:?}: {}",
+        "{committed} commits during the audit ({inside_the_read} begun and ended inside its read), the slowest in {slowest:?}; the audit answered in {audit_took:?}: {}",
         status.message()
     );
 
@@ -433,6 +441,15 @@ async fn commits_a_participant_rejects_leave_its_call_slots_and_are_delivered_on
     let calls = refusing.refusals.lock().unwrap().calls_refused;
     assert!(calls < 10 * refused_count as u64, "refused COMMITs are offered again slowly: {calls} calls");
 
+    // While they wait, applied on p2 and prepared on p1, an audit is exact:
+    // it counts their legs prepared on p1 as applied.
+    let total = 2 * ACCOUNTS_EACH as i64 * INITIAL_BALANCE;
+    let audit = exact_audit(&mut client).await;
+    assert_eq!((audit.total_posted, audit.total_reserved), (total, 0), "{audit:?}");
+    assert_eq!(posted(&audit, 0), INITIAL_BALANCE - refused_count as i64);
+    assert_eq!(posted(&audit, ACCOUNTS_EACH), INITIAL_BALANCE + refused_count as i64);
+    assert_eq!(audit.commits_in_flight, refused_count as u64, "{audit:?}");
+
     // p1 takes them now: each is delivered, and applied once.
     refusing.refusals.lock().unwrap().accepting = true;
     for txn in &refused {
@@ -442,8 +459,8 @@ async fn commits_a_participant_rejects_leave_its_call_slots_and_are_delivered_on
         .await;
     }
     let audit = exact_audit(&mut client).await;
-    let total = 2 * ACCOUNTS_EACH as i64 * INITIAL_BALANCE;
     assert_eq!((audit.total_posted, audit.total_reserved, audit.total_suspense), (total, 0, 0), "{audit:?}");
+    assert_eq!(audit.commits_in_flight, 0);
     assert_eq!(posted(&audit, 0), INITIAL_BALANCE - refused_count as i64);
     assert_eq!(posted(&audit, ACCOUNTS_EACH), INITIAL_BALANCE + refused_count as i64);
     assert_eq!(posted(&audit, 1), INITIAL_BALANCE - 3);

@@ -285,7 +285,6 @@ impl Cluster {
             shards,
             prepare_timeout_ms: 5_000,
             call_timeout_ms: 1_000,
-            audit_timeout_ms: 100,
             active_max: 1_000,
             idempotency_retention_ms: RETENTION_MS,
             saga_step_attempts: 3,

@@ -78,6 +78,10 @@ pub const QUERY_PROBE_BACKOFF_INITIAL_MS: u64 = 100;
 pub const QUERY_PROBE_BACKOFF_MAX_MS: u64 = QUERY_TIMEOUT_MS;
 /// Most transactions listed by ListPrepared.
 pub const LIST_PREPARED_MAX: usize = 1_000;
+/// Most prepared transactions a balance read lists (`include_prepared`,
+/// for the coordinator's audit); a node holding more answers
+/// FAILED_PRECONDITION.
+pub const READ_PREPARED_MAX: usize = 100_000;
 /// Deadline of one event delivery to a peer.
 pub const DELIVERY_TIMEOUT_MS: u64 = 1_000;
 /// Longest a StartTransfer waits for a terminal state.
@@ -1259,6 +1263,18 @@ fn refusal_to_pb(refusal: Refusal) -> pb::Refusal {
     }
 }
 
+fn prepared_to_pb(core: &Core, id: &TxnId, txn: &crate::core::Txn, now_ms: u64) -> pb::PreparedTransfer {
+    pb::PreparedTransfer {
+        txn_id: id.to_string(),
+        coordinator_id: txn.coordinator.to_string(),
+        legs: txn.legs.iter().copied().map(pb::Leg::from).collect(),
+        prepared_for_ms: now_ms.saturating_sub(txn.prepared_at_ms),
+        orphaned: core.is_orphan(txn),
+        coordinator_incarnation: txn.incarnation,
+        position: txn.position,
+    }
+}
+
 fn heuristic_to_pb(id: &TxnId, txn: &crate::core::Txn, now_ms: u64) -> pb::HeuristicDecision {
     let heuristic = txn.heuristic.as_ref();
     let state = match heuristic {
@@ -1392,8 +1408,18 @@ impl Participant for Node {
         &self,
         request: Request<pb::ReadBalancesRequest>,
     ) -> Result<Response<pb::ReadBalancesResponse>, Status> {
-        let include_accounts = request.into_inner().include_accounts;
+        let request = request.into_inner();
+        let include_accounts = request.include_accounts;
+        let now = self.now_ms();
         let core = self.core()?;
+        if request.include_prepared && core.prepared_count() > READ_PREPARED_MAX {
+            return Err(Error::FailedPrecondition(format!(
+                "{} holds {} prepared transactions; a balance read lists at most {READ_PREPARED_MAX}",
+                self.inner.node_id,
+                core.prepared_count()
+            ))
+            .into());
+        }
         let mut response = pb::ReadBalancesResponse {
             participant_id: self.inner.node_id.to_string(),
             account_count: core.accounts().len() as u64,
@@ -1434,6 +1460,11 @@ impl Participant for Node {
         response.total_posted = posted.to_amount(format_args!("the total_posted of {node}"))?;
         response.total_reserved = reserved.to_amount(format_args!("the total_reserved of {node}"))?;
         response.total_incoming = incoming.to_amount(format_args!("the total_incoming of {node}"))?;
+        // Under the same lock as the balances: one instant.
+        if request.include_prepared {
+            response.prepared =
+                core.prepared().into_iter().map(|(id, txn)| prepared_to_pb(&core, id, txn, now)).collect();
+        }
         Ok(Response::new(response))
     }
 
@@ -1453,15 +1484,7 @@ impl Participant for Node {
             .into_iter()
             .map(|(id, txn)| {
                 debug_assert_eq!(txn.state, TxnState::Prepared);
-                pb::PreparedTransfer {
-                    txn_id: id.to_string(),
-                    coordinator_id: txn.coordinator.to_string(),
-                    legs: txn.legs.iter().copied().map(pb::Leg::from).collect(),
-                    prepared_for_ms: now.saturating_sub(txn.prepared_at_ms),
-                    orphaned: core.is_orphan(txn),
-                    coordinator_incarnation: txn.incarnation,
-                    position: txn.position,
-                }
+                prepared_to_pb(&core, id, txn, now)
             })
             .collect();
         let heuristic =

@@ -85,7 +85,12 @@ async fn balance(client: &mut ParticipantClient<Channel>, account: u64) -> pb::B
 }
 
 async fn suspense(client: &mut ParticipantClient<Channel>) -> i64 {
-    client.read_balances(pb::ReadBalancesRequest { include_accounts: false }).await.unwrap().into_inner().suspense
+    client
+        .read_balances(pb::ReadBalancesRequest { include_accounts: false, include_prepared: false })
+        .await
+        .unwrap()
+        .into_inner()
+        .suspense
 }
 
 async fn set_closed(client: &mut ParticipantClient<Channel>, account: u64, closed: bool) {

@@ -125,10 +125,13 @@ async fn list(node: &Node) -> pb::ListPreparedResponse {
 }
 
 async fn balances(node: &Node) -> pb::ReadBalancesResponse {
-    Participant::read_balances(node, Request::new(pb::ReadBalancesRequest { include_accounts: true }))
-        .await
-        .unwrap()
-        .into_inner()
+    Participant::read_balances(
+        node,
+        Request::new(pb::ReadBalancesRequest { include_accounts: true, include_prepared: false }),
+    )
+    .await
+    .unwrap()
+    .into_inner()
 }
 
 fn posted(balances: &pb::ReadBalancesResponse, account: u64) -> (i64, i64) {

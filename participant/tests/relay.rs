@@ -71,10 +71,13 @@ async fn start_transfer(node: &Node, saga: &str, to_account: u64, target: &str, 
 }
 
 async fn read_balances(node: &Node) -> pb::ReadBalancesResponse {
-    Participant::read_balances(node, Request::new(pb::ReadBalancesRequest { include_accounts: false }))
-        .await
-        .unwrap()
-        .into_inner()
+    Participant::read_balances(
+        node,
+        Request::new(pb::ReadBalancesRequest { include_accounts: false, include_prepared: false }),
+    )
+    .await
+    .unwrap()
+    .into_inner()
 }
 
 async fn posted(node: &Node, account: u64) -> i64 {

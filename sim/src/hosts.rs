@@ -120,7 +120,6 @@ pub fn add_nodes(sim: &mut turmoil::Sim<'_>, seed: u64, topology: &Topology, dis
         shards: topology.shards(),
         prepare_timeout_ms: 1_000,
         call_timeout_ms: 1_000,
-        audit_timeout_ms: 100,
         active_max: 10_000,
         idempotency_retention_ms: 24 * 3_600_000,
         wall_clock: clocks.of(COORDINATOR),
