@@ -3,10 +3,13 @@
 //! port of its own, their records on disks in memory, plaintext.
 //!
 //! What they pin down:
-//! - an audit that cannot read a participant (paused: the link accepts and
-//!   never answers) gives the commit fence back within a short bound, fails
-//!   with UNAVAILABLE naming that participant, and commits between the
-//!   other participants go on meanwhile;
+//! - commits are decided while an audit reads (it holds nothing up); an
+//!   audit that cannot read a participant (paused: the link accepts and
+//!   never answers) answers within a short bound, UNAVAILABLE naming that
+//!   participant;
+//! - while commits wait for a participant that rejects them (applied on
+//!   the others, prepared there), an audit is exact: it counts them as
+//!   applied;
 //! - a COMMIT that its participant rejects (a non-retryable answer) does not
 //!   take one of the participant's call slots for good: the other COMMITs
 //!   keep flowing, and the rejected ones are delivered once the participant

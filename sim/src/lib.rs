@@ -3,8 +3,8 @@
 //! The other simulations (`coordinator/tests/simulation.rs`,
 //! `saga_simulation.rs`) prove the protocol cores. This one runs what the
 //! binaries run: the coordinator's and the participants' `Node`s, with
-//! their batching queues, call slots, retry loops, deadlines, the audit
-//! fence, the decision-query loop, garbage collection and the outbox relay,
+//! their batching queues, call slots, retry loops, deadlines, the audit,
+//! the decision-query loop, garbage collection and the outbox relay,
 //! and their real tonic services, over turmoil's simulated network, on
 //! disks in memory ([`tandem::store::memory::MemoryDisk`]) and tokio's
 //! simulated clock. Only the seams differ from production: the network

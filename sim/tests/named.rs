@@ -78,8 +78,8 @@ fn a_peer_down_for_long_holds_up_only_its_own_events() {
     }
     println!("slowest transfer to p2: {slowest_to_p2:?}; settled at most {longest_catch_up:?} after the link healed");
 }
-/// An audit that cannot read a paused participant gives up quickly and
-/// lets the commits it fenced go on: 2PC transfers between the two
+/// An audit that cannot read a paused participant gives up quickly, and
+/// holds up no commit meanwhile: 2PC transfers between the two
 /// participants that answer finish as if nothing were paused.
 #[test]
 fn an_audit_does_not_stall_commits_while_a_participant_is_paused() {
