@@ -498,10 +498,18 @@ impl Core {
         now_ms: u64,
     ) -> Result<Core, Error> {
         let mut core = Core::new(config);
-        let mut prepared = Vec::new();
+        // Transactions whose indexes depend on what is read later (a
+        // prepared one is an orphan or not by its coordinator's view), or
+        // whose order matters (time-retained ones): indexed at the end.
+        let mut to_index = Vec::new();
         for (key, value) in records {
-            core.recover_record(&key, &value, now_ms, &mut prepared).map_err(|e| corrupt_record(&key, e))?;
+            core.recover_record(&key, &value, now_ms, &mut to_index).map_err(|e| corrupt_record(&key, e))?;
         }
+        let prepared: Vec<TxnId> = to_index
+            .iter()
+            .filter(|id| core.txns.get(*id).is_some_and(|txn| txn.state == TxnState::Prepared))
+            .cloned()
+            .collect();
         for txn in prepared {
             let legs = core.txns.get(&txn).map(|t| t.legs.clone()).unwrap_or_default();
             for leg in legs {
@@ -534,10 +542,10 @@ impl Core {
             })?;
         }
         // The indexes, once every coordinator's view is read (whether a
-        // prepared transaction is an orphan depends on it).
-        let mut ids: Vec<TxnId> = core.txns.keys().cloned().collect();
-        ids.sort();
-        for id in ids {
+        // prepared transaction is an orphan depends on it), in id order
+        // (the store's), so that time-retained records are collected in the
+        // same order on every run.
+        for id in to_index {
             core.index(&id, now_ms);
         }
         Ok(core)
@@ -549,7 +557,7 @@ impl Core {
         key: &[u8],
         value: &[u8],
         now_ms: u64,
-        prepared: &mut Vec<TxnId>,
+        to_index: &mut Vec<TxnId>,
     ) -> Result<(), Error> {
         if let Some(account) = key.strip_prefix(b"a/") {
             let (account, record) = decode_account(account, value)?;
@@ -557,8 +565,17 @@ impl Core {
         } else if key.starts_with(b"t/") {
             let txn = tandem::codec::id_from_key(b"t/", key)?;
             let record = decode_txn(value, now_ms)?;
-            if record.state == TxnState::Prepared {
-                prepared.push(txn.clone());
+            // Most records, finished and stamped, are indexed at once: by
+            // watermark, whatever else is read (see `index`).
+            let by_watermark = record.state != TxnState::Prepared
+                && record.heuristic.is_none()
+                && record.idempotency_key.is_none()
+                && record.incarnation != 0
+                && record.position != 0;
+            if by_watermark {
+                self.collectable.insert((record.coordinator.clone(), record.incarnation, record.position), txn.clone());
+            } else {
+                to_index.push(txn.clone());
             }
             self.txns.insert(txn, record);
         } else if key.starts_with(watermark::VIEW_PREFIX) {
