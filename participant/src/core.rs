@@ -316,6 +316,10 @@ pub struct Core {
     /// The idempotency keys of the transactions that keep theirs (prepared
     /// ones and heuristic decisions), by coordinator and key.
     keys: HashMap<(Id, Id), TxnId>,
+    /// The transactions an operator decided heuristically (kept, never
+    /// collected): what ListPrepared and ReadBalances report, read without
+    /// a walk over every record.
+    pub(crate) heuristic_ids: BTreeSet<TxnId>,
     /// Saga state: barriers, choreographed transfers, inbox, outbox, suspense.
     pub(crate) sagas: crate::saga::SagaState,
     /// The longest a transaction stayed prepared here before its decision
@@ -481,6 +485,7 @@ impl Core {
             prepared_index: BTreeSet::new(),
             due: BTreeMap::new(),
             keys: HashMap::new(),
+            heuristic_ids: BTreeSet::new(),
             sagas: crate::saga::SagaState::default(),
             longest_in_doubt_ms: 0,
         }
@@ -603,7 +608,9 @@ impl Core {
                     self.due.entry(txn.coordinator.clone()).or_default().insert((txn.next_query_ms, id.clone()));
                 }
             }
-            TxnState::Committed | TxnState::Aborted if txn.heuristic.is_some() => {}
+            TxnState::Committed | TxnState::Aborted if txn.heuristic.is_some() => {
+                self.heuristic_ids.insert(id.clone());
+            }
             TxnState::Committed | TxnState::Aborted if txn.incarnation != 0 && txn.position != 0 => {
                 self.collectable.insert((txn.coordinator.clone(), txn.incarnation, txn.position), id.clone());
             }

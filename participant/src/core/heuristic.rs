@@ -189,9 +189,7 @@ impl Core {
 
     /// Every heuristic decision held, by transaction id.
     pub fn heuristic_decisions(&self) -> Vec<(&TxnId, &super::Txn)> {
-        let mut list: Vec<_> = self.txns.iter().filter(|(_, txn)| txn.heuristic.is_some()).collect();
-        list.sort_by(|a, b| a.0.cmp(b.0));
-        list
+        self.heuristic_ids.iter().filter_map(|id| self.txns.get_key_value(id)).collect()
     }
 
     /// What each account holds beyond what the coordinators' outcomes give
