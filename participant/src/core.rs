@@ -507,6 +507,10 @@ impl Core {
         // prepared one is an orphan or not by its coordinator's view), or
         // whose order matters (time-retained ones): indexed at the end.
         let mut to_index = Vec::new();
+        let records = records.into_iter();
+        // Most records are transactions: one allocation, not a rehash of
+        // everything read so far at each doubling.
+        core.txns.reserve(records.size_hint().0);
         for (key, value) in records {
             core.recover_record(&key, &value, now_ms, &mut to_index).map_err(|e| corrupt_record(&key, e))?;
         }
