@@ -300,14 +300,19 @@ impl Store {
     /// The first `limit` keys and values whose key starts with `prefix`.
     pub fn scan_prefix_first(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
         let mut out = Vec::new();
-        let iter = self.db.iterator(rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward));
-        for item in iter {
-            let (key, value) = item?;
-            if !key.starts_with(prefix) || out.len() >= limit {
+        // The raw iterator lends each key and value: one copy each, where
+        // the boxed iterator allocates them and the copy follows.
+        let mut iter = self.db.raw_iterator();
+        iter.seek(prefix);
+        while out.len() < limit {
+            let (Some(key), Some(value)) = (iter.key(), iter.value()) else { break };
+            if !key.starts_with(prefix) {
                 break;
             }
             out.push((key.to_vec(), value.to_vec()));
+            iter.next();
         }
+        iter.status()?;
         Ok(out)
     }
 
