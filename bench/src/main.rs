@@ -62,6 +62,10 @@ struct RunArgs {
     /// Override: Zipf-skewed account choice with this exponent.
     #[arg(long)]
     zipf: Option<f64>,
+    /// Override the share (0 to 1) of transfers whose two accounts are on
+    /// different participants.
+    #[arg(long)]
+    cross_share: Option<f64>,
     /// Override the seed.
     #[arg(long)]
     seed: Option<u64>,
@@ -147,6 +151,9 @@ async fn run_command(args: RunArgs) -> Result<bool, String> {
     if let Some(z) = args.zipf {
         scenario.workload.skew = Skew::Zipf;
         scenario.workload.zipf_exponent = z;
+    }
+    if let Some(share) = args.cross_share {
+        scenario.workload.cross_share = Some(share);
     }
     if let Some(s) = args.seed {
         scenario.seed = s;

@@ -40,7 +40,7 @@ pub fn table(report: &RunReport) -> String {
     let s = &report.scenario;
     let _ = writeln!(
         out,
-        "scenario {}: {} | {} s per protocol, {:?} loop, {} clients, {} participants x {} accounts, seed {}",
+        "scenario {}: {} | {} s per protocol, {:?} loop, {} clients, {} participants x {} accounts, seed {}{}",
         s.name,
         s.description,
         s.duration_s,
@@ -48,7 +48,8 @@ pub fn table(report: &RunReport) -> String {
         s.workload.clients,
         s.cluster.participants,
         s.cluster.accounts_per_participant,
-        s.seed
+        s.seed,
+        s.workload.cross_share.map(|c| format!(", cross share {c}")).unwrap_or_default()
     );
     if let Some(first) = report.results.first() {
         let _ = writeln!(

@@ -136,6 +136,12 @@ pub struct WorkloadSection {
     /// Share of transfers (0..1) that ask for more than any account holds,
     /// and so must abort for lack of funds.
     pub overdraft_share: f64,
+    /// Share of transfers (0..1) whose two accounts live on different
+    /// participants. Unset, both accounts are drawn independently (by
+    /// `skew`), so with `uniform` about (n - 1)/n of them cross: a half with
+    /// two participants.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_share: Option<f64>,
     /// How often the audit reader reads every balance; 0 turns it off.
     pub audit_interval_ms: u64,
     /// Deadline of one client call.
@@ -154,6 +160,7 @@ impl Default for WorkloadSection {
             amount_min: 1,
             amount_max: 100,
             overdraft_share: 0.0,
+            cross_share: None,
             audit_interval_ms: 250,
             call_timeout_ms: 5_000,
         }
@@ -307,6 +314,17 @@ impl Scenario {
         if !(0.0..=1.0).contains(&w.overdraft_share) {
             return Err(format!("workload.overdraft_share = {}: must be in [0, 1]", w.overdraft_share));
         }
+        if let Some(share) = w.cross_share {
+            if !(0.0..=1.0).contains(&share) {
+                return Err(format!("workload.cross_share = {share}: must be in [0, 1]"));
+            }
+            if share > 0.0 && c.participants < 2 {
+                return Err(format!(
+                    "workload.cross_share = {share}: a transfer can cross participants only if there are two or more \
+                     (cluster.participants = 1)"
+                ));
+            }
+        }
         if w.call_timeout_ms == 0 {
             return Err("workload.call_timeout_ms: must be positive".into());
         }
@@ -434,6 +452,13 @@ mod tests {
         assert!(rejected("[workload]\noverdraft_share = 1.5").contains("overdraft_share"));
         assert!(rejected("[workload]\nmode = \"sideways\"").contains("sideways"));
         assert!(rejected("[cluster]\nparticipants = 0").contains("participants"));
+        assert!(rejected("[workload]\ncross_share = 1.5").contains("workload.cross_share = 1.5"));
+        assert!(rejected("[workload]\ncross_share = -0.1").contains("workload.cross_share"));
+        let message = rejected("[cluster]\nparticipants = 1\n[workload]\ncross_share = 0.5");
+        assert!(message.contains("workload.cross_share") && message.contains("participants"), "{message}");
+        let scenario = Scenario::from_toml("[workload]\ncross_share = 0.25", "t").unwrap();
+        assert_eq!(scenario.workload.cross_share, Some(0.25));
+        assert_eq!(Scenario::default().workload.cross_share, None, "unset keeps the independent draw");
         let fault = |body: &str| format!("duration_s = 10\n[[fault]]\n{body}");
         assert!(rejected(&fault("kind = \"kill\"\nnode = \"p9\"\nat_s = 1\nduration_s = 1")).contains("p9"));
         assert!(rejected(&fault("kind = \"kill\"\nnode = \"p1\"\nat_s = 11\nduration_s = 1")).contains("at_s"));
