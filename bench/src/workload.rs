@@ -225,6 +225,38 @@ impl Recorder {
     }
 }
 
+/// Sends one transfer and waits for its terminal outcome: tandem's client
+/// over gRPC ([`Client`]), or a baseline's over another system
+/// ([`crate::postgres`]). [`drive_with`] runs the same workload over
+/// either.
+pub trait Transfers: Send + 'static {
+    /// Returns the outcome, the transaction or saga id, and a detail for the
+    /// history; never panics on a failed call (that is an outcome).
+    fn send(
+        &mut self,
+        protocol: Protocol,
+        from: u64,
+        to: u64,
+        amount: i64,
+        key: &str,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = (OpOutcome, String, String)> + Send;
+}
+
+impl Transfers for Client {
+    fn send(
+        &mut self,
+        protocol: Protocol,
+        from: u64,
+        to: u64,
+        amount: i64,
+        key: &str,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = (OpOutcome, String, String)> + Send {
+        self.transfer(protocol, from, to, amount, key, timeout)
+    }
+}
+
 /// What one client needs to send a transfer by any protocol: the
 /// coordinator, and the participants (choreographed sagas start at the
 /// source account's participant).
@@ -332,6 +364,9 @@ impl Client {
                     Err(_) => (OpOutcome::TimedOut, String::new(), "client deadline".into()),
                 }
             }
+            Protocol::PostgresLocal | Protocol::PostgresTwoPhase => {
+                unreachable!("{protocol} is a baseline: it runs against PostgreSQL, never through tandem's client")
+            }
         }
     }
 }
@@ -378,6 +413,19 @@ pub async fn drive(
     start: Instant,
     progress: Arc<AtomicUsize>,
 ) -> Recorder {
+    drive_with(scenario, protocol, |i| target.client(i), start, progress).await
+}
+
+/// [`drive`] over any [`Transfers`]: `client_for(i)` gives client `i` of the
+/// closed loop (0..clients), or the sender of the open loop's `i`th
+/// transfer. The same seed gives every protocol the same transfers.
+pub async fn drive_with<C: Transfers>(
+    scenario: &Scenario,
+    protocol: Protocol,
+    client_for: impl Fn(usize) -> C,
+    start: Instant,
+    progress: Arc<AtomicUsize>,
+) -> Recorder {
     let duration = Duration::from_secs_f64(scenario.duration_s);
     let deadline = start + duration;
     let chooser = Arc::new(Chooser::new(scenario));
@@ -388,7 +436,7 @@ pub async fn drive(
         LoopMode::Closed => {
             let tasks: Vec<_> = (0..scenario.workload.clients)
                 .map(|c| {
-                    let mut client = target.client(c);
+                    let mut client = client_for(c);
                     let chooser = chooser.clone();
                     let progress = progress.clone();
                     let key_prefix = key_prefix.clone();
@@ -402,7 +450,7 @@ pub async fn drive(
                             let key = format!("{key_prefix}-{c}-{n}");
                             let began = Instant::now();
                             let (outcome, txn_id, detail) =
-                                client.transfer(protocol, from, to, amount, &key, timeout).await;
+                                client.send(protocol, from, to, amount, &key, timeout).await;
                             let ended = Instant::now();
                             let entry = HistoryEntry {
                                 protocol,
@@ -468,11 +516,11 @@ pub async fn drive(
                     continue;
                 }
                 in_flight.fetch_add(1, Ordering::Relaxed);
-                let mut client = target.client(n as usize);
+                let mut client = client_for(n as usize);
                 let (in_flight, finished, progress, _stopped) =
                     (in_flight.clone(), finished.clone(), progress.clone(), stopped.clone());
                 tasks.push(tokio::spawn(async move {
-                    let (outcome, txn_id, detail) = client.transfer(protocol, from, to, amount, &key, timeout).await;
+                    let (outcome, txn_id, detail) = client.send(protocol, from, to, amount, &key, timeout).await;
                     let end_us = start.elapsed().as_micros() as u64;
                     let entry = HistoryEntry {
                         protocol,
