@@ -157,6 +157,16 @@ pub async fn run(
         LoopMode::Open => scenario.workload.in_flight_max,
     }
     .clamp(1, SESSIONS_MAX);
+    match scenario.workload.mode {
+        LoopMode::Closed if sessions < scenario.workload.clients => notes.push(format!(
+            "{sessions} sessions for {} clients: a client waits for a free one (as behind a connection pool)",
+            scenario.workload.clients
+        )),
+        LoopMode::Open => {
+            notes.push(format!("open loop: {sessions} sessions; a transfer waits for a free one, inside its latency"))
+        }
+        LoopMode::Closed => {}
+    }
     let settings = Settings {
         max_connections: sessions + CONNECTIONS_SPARE,
         max_prepared_transactions: if protocol == Protocol::PostgresTwoPhase {
