@@ -2,7 +2,10 @@
 //! itself: each runs the workload for a moment, commits transfers, refuses
 //! overdrafts, and its check passes. Skipped, with the reason printed, only
 //! when PostgreSQL's binaries are not installed. And without them, `bench
-//! run` says why a baseline is skipped and does not fail.
+//! run` says why a baseline is skipped and does not fail. The three take
+//! about 5 s of wall time on this 2-core machine, quiet (2026-12-02): 1 s
+//! of workload per baseline, the rest initdb, starting, checking and
+//! stopping the servers.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
