@@ -39,8 +39,11 @@ impl Calibration {
     ///   round trips); the debit, the credit and the completion (three
     ///   fsyncs: each event is made durable with its effects before it is
     ///   acknowledged).
+    /// - The PostgreSQL baselines: none (0). Their critical path is
+    ///   PostgreSQL's, over its own wire protocol: the report shows "-".
     pub fn floor_us(&self, protocol: crate::scenario::Protocol) -> f64 {
         match protocol {
+            crate::scenario::Protocol::PostgresLocal | crate::scenario::Protocol::PostgresTwoPhase => 0.0,
             crate::scenario::Protocol::TwoPhaseCommit => 2.0 * self.rtt_p50_us + 2.0 * self.fsync_p50_us,
             crate::scenario::Protocol::Orchestrated | crate::scenario::Protocol::Choreographed => {
                 3.0 * self.rtt_p50_us + 3.0 * self.fsync_p50_us

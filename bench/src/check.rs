@@ -160,7 +160,7 @@ async fn settle(view: &LedgerView, limit: Duration) -> Result<Duration, String> 
 /// what the history says: those on it that moved exactly that much (a
 /// transfer applied on one side only, twice, or not at all), the ones whose
 /// outcome was learned after the run first.
-fn suspects(history: &[HistoryEntry], account: u64, off: i64) -> String {
+pub(crate) fn suspects(history: &[HistoryEntry], account: u64, off: i64) -> String {
     let mut on_account: Vec<&HistoryEntry> = history
         .iter()
         .filter(|e| (e.from == account || e.to == account) && e.amount == off.abs() && e.outcome != OpOutcome::Dropped)

@@ -2,11 +2,13 @@
 //! drives it, [`run`] launches the cluster and the faults around it,
 //! [`check`] verifies the invariants afterwards, [`calibrate`] measures the
 //! machine's floors in the same run, and [`report`] writes what a person
-//! reads.
+//! reads. [`postgres`] runs the same workload against PostgreSQL, as
+//! baselines beside tandem's protocols.
 
 pub mod calibrate;
 pub mod check;
 pub mod operator;
+pub mod postgres;
 pub mod report;
 pub mod run;
 pub mod scenario;

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tandem::cluster::{default_bin_dir, Cluster, ClusterSpec};
+use tandem_bench::postgres;
 use tandem_bench::report::{self, RunReport};
 use tandem_bench::run::{run_protocol, RunOptions};
 use tandem_bench::scenario::{self, LoopMode, Protocol, Skew};
@@ -41,7 +42,11 @@ struct RunArgs {
     #[arg(long, default_value = "default")]
     scenario: String,
     /// Run only this protocol (repeat for several): 2pc, orchestrated,
-    /// choreographed.
+    /// choreographed, or a PostgreSQL baseline: postgres-local (one
+    /// database, one local transaction), postgres-2pc (a server per
+    /// participant, PREPARE TRANSACTION). The baselines need PostgreSQL's
+    /// binaries (scripts/setup installs them) and are skipped, with the
+    /// reason, without them.
     #[arg(long = "protocol", value_parser = Protocol::parse)]
     protocols: Vec<Protocol>,
     /// Override the measured duration of each protocol's run, in seconds.
@@ -62,6 +67,10 @@ struct RunArgs {
     /// Override: Zipf-skewed account choice with this exponent.
     #[arg(long)]
     zipf: Option<f64>,
+    /// Override the share (0 to 1) of transfers whose two accounts are on
+    /// different participants (postgres-2pc always crosses).
+    #[arg(long)]
+    cross_share: Option<f64>,
     /// Override the seed.
     #[arg(long)]
     seed: Option<u64>,
@@ -148,6 +157,9 @@ async fn run_command(args: RunArgs) -> Result<bool, String> {
         scenario.workload.skew = Skew::Zipf;
         scenario.workload.zipf_exponent = z;
     }
+    if let Some(share) = args.cross_share {
+        scenario.workload.cross_share = Some(share);
+    }
     if let Some(s) = args.seed {
         scenario.seed = s;
     }
@@ -167,7 +179,23 @@ async fn run_command(args: RunArgs) -> Result<bool, String> {
     };
     let started_unix_s = unix_now();
     let mut results = Vec::new();
+    let (mut baselines, mut skipped) = (Vec::new(), Vec::new());
     for protocol in scenario.protocols.clone() {
+        if protocol.is_baseline() {
+            // A baseline that cannot run is said and skipped; it does not
+            // fail the run.
+            match postgres::run(&scenario, protocol, &options).await {
+                Ok((result, info)) => {
+                    results.push(result);
+                    baselines.push(info);
+                }
+                Err(skip) => {
+                    eprintln!("{protocol}: SKIPPED: {}", skip.reason);
+                    skipped.push(skip);
+                }
+            }
+            continue;
+        }
         eprintln!("{protocol}: starting a fresh cluster");
         results.push(run_protocol(&scenario, protocol, &options).await?);
     }
@@ -176,6 +204,8 @@ async fn run_command(args: RunArgs) -> Result<bool, String> {
         started_unix_s,
         cores: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         results,
+        baselines,
+        skipped,
     };
     println!("\n{}", report::table(&report));
     let path = report::write_all(&report, &out_dir)?;

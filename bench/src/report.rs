@@ -2,6 +2,7 @@
 //! history file per protocol, plots (SVG, and PNG when a font is found) and
 //! `report.md` that gathers them.
 
+use crate::postgres::{BaselineInfo, Skipped};
 use crate::run::ProtocolResult;
 use crate::scenario::Scenario;
 use plotters::prelude::*;
@@ -16,6 +17,12 @@ pub struct RunReport {
     pub started_unix_s: u64,
     pub cores: usize,
     pub results: Vec<ProtocolResult>,
+    /// How each PostgreSQL baseline that ran was set up.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub baselines: Vec<BaselineInfo>,
+    /// Baselines that could not run, and why (they do not fail the run).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<Skipped>,
 }
 
 impl RunReport {
@@ -40,7 +47,7 @@ pub fn table(report: &RunReport) -> String {
     let s = &report.scenario;
     let _ = writeln!(
         out,
-        "scenario {}: {} | {} s per protocol, {:?} loop, {} clients, {} participants x {} accounts, seed {}",
+        "scenario {}: {} | {} s per protocol, {:?} loop, {} clients, {} participants x {} accounts, seed {}{}",
         s.name,
         s.description,
         s.duration_s,
@@ -48,14 +55,23 @@ pub fn table(report: &RunReport) -> String {
         s.workload.clients,
         s.cluster.participants,
         s.cluster.accounts_per_participant,
-        s.seed
+        s.seed,
+        s.workload.cross_share.map(|c| format!(", cross share {c}")).unwrap_or_default()
     );
-    if let Some(first) = report.results.first() {
+    // The calibration of the first tandem protocol: a baseline has no gRPC
+    // round trip and no floor.
+    if let Some(first) = report.results.iter().find(|r| !r.protocol.is_baseline()) {
         let _ = writeln!(
             out,
             "calibration: fsync p50 {:.0} us, gRPC round trip p50 {:.0} us (latency floors below use these); \
              two fsyncs at once on this disk (two participants preparing) p50 {:.0} us",
             first.calibration.fsync_p50_us, first.calibration.rtt_p50_us, first.calibration.fsync_pair_p50_us
+        );
+    } else if let Some(first) = report.results.first() {
+        let _ = writeln!(
+            out,
+            "calibration: fsync p50 {:.0} us; two fsyncs at once on this disk p50 {:.0} us",
+            first.calibration.fsync_p50_us, first.calibration.fsync_pair_p50_us
         );
     }
     let _ = writeln!(out);
@@ -95,8 +111,12 @@ pub fn table(report: &RunReport) -> String {
             ms(r.latency.p99_ms),
             ms(r.latency.p999_ms),
             ms(r.latency.max_ms),
-            ms(r.floor_ms),
-            format!("{:.2}", if r.floor_ms > 0.0 { r.latency.p50_ms / r.floor_ms } else { 0.0 }),
+            if r.protocol.is_baseline() { "-".into() } else { ms(r.floor_ms) },
+            if r.protocol.is_baseline() {
+                "-".into()
+            } else {
+                format!("{:.2}", if r.floor_ms > 0.0 { r.latency.p50_ms / r.floor_ms } else { 0.0 })
+            },
             aborted.to_string(),
             unknown.to_string(),
             format!("{}/{}", r.audits.wrong_total, r.audits.reads),
@@ -129,6 +149,7 @@ pub fn table(report: &RunReport) -> String {
     // Every outcome the clients heard, as they heard it (an unknown one is
     // asked again after the run; the history file holds what it came to).
     let _ = writeln!(out);
+    let name_width = report.results.iter().map(|r| r.protocol.name().len()).max().unwrap_or(0).max(13);
     for r in &report.results {
         let outcomes: Vec<String> = r
             .outcomes
@@ -136,7 +157,40 @@ pub fn table(report: &RunReport) -> String {
             .filter(|(_, count)| **count > 0)
             .map(|(outcome, count)| format!("{} {count}", outcome.replace('_', " ")))
             .collect();
-        let _ = writeln!(out, "{:>13}: {}", r.protocol.to_string(), outcomes.join(", "));
+        let _ = writeln!(out, "{:>name_width$}: {}", r.protocol.to_string(), outcomes.join(", "));
+    }
+    if !report.baselines.is_empty() || !report.skipped.is_empty() {
+        let _ = writeln!(out);
+    }
+    for b in &report.baselines {
+        let _ = writeln!(
+            out,
+            "{:>name_width$}: PostgreSQL {}, {} server{} ({}), {} session{}, fsync and synchronous_commit on; \
+             PostgreSQL round trip p50 {:.0} us{}",
+            b.protocol.to_string(),
+            b.server_version,
+            b.servers,
+            if b.servers == 1 { "" } else { "s" },
+            if b.servers == 1 {
+                "every account in one database".to_string()
+            } else {
+                "one per participant".to_string()
+            },
+            b.sessions,
+            if b.sessions == 1 { "" } else { "s" },
+            b.round_trip_p50_us,
+            if b.finished_after_run > 0 {
+                format!("; {} prepared transactions finished after the run", b.finished_after_run)
+            } else {
+                String::new()
+            }
+        );
+        for note in &b.notes {
+            let _ = writeln!(out, "{:>name_width$}  {note}", "");
+        }
+    }
+    for skipped in &report.skipped {
+        let _ = writeln!(out, "{:>name_width$}: SKIPPED: {}", skipped.protocol.to_string(), skipped.reason);
     }
     let with_faults: Vec<&ProtocolResult> = report.results.iter().filter(|r| !r.faults.is_empty()).collect();
     if !with_faults.is_empty() {
@@ -144,7 +198,7 @@ pub fn table(report: &RunReport) -> String {
         for r in with_faults {
             let _ = writeln!(
                 out,
-                "{:>13}: p50/p99 {} / {} ms outside fault windows, {} / {} ms inside ({} commits inside)",
+                "{:>name_width$}: p50/p99 {} / {} ms outside fault windows, {} / {} ms inside ({} commits inside)",
                 r.protocol.to_string(),
                 ms(r.latency_outside_faults.p50_ms),
                 ms(r.latency_outside_faults.p99_ms),
@@ -156,7 +210,7 @@ pub fn table(report: &RunReport) -> String {
                 for fault in &r.faults {
                     let _ = writeln!(
                         out,
-                        "{:>13}  {}-{:.1} s: p50/p99 {} / {} ms ({} commits)",
+                        "{:>name_width$}  {}-{:.1} s: p50/p99 {} / {} ms ({} commits)",
                         "",
                         fault_label(fault),
                         fault.healed_at_s,
@@ -168,7 +222,7 @@ pub fn table(report: &RunReport) -> String {
             }
             for fault in r.faults.iter().filter(|f| f.error.is_some()) {
                 let error = fault.error.as_deref().unwrap_or_default();
-                let _ = writeln!(out, "{:>13}  fault {} s FAILED: {error}", "", fault_label(fault));
+                let _ = writeln!(out, "{:>name_width$}  fault {} s FAILED: {error}", "", fault_label(fault));
             }
         }
     }
@@ -212,8 +266,14 @@ fn fault_label(fault: &crate::run::AppliedFault) -> String {
     format!("{} {} at {:.1}", fault.kind.name(), fault.node, fault.at_s)
 }
 
-const COLORS: [RGBColor; 4] =
-    [RGBColor(31, 119, 180), RGBColor(214, 39, 40), RGBColor(44, 160, 44), RGBColor(148, 103, 189)];
+const COLORS: [RGBColor; 6] = [
+    RGBColor(31, 119, 180),
+    RGBColor(214, 39, 40),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(127, 127, 127),
+];
 
 type DrawResult = Result<(), String>;
 
@@ -372,8 +432,15 @@ where
                 Rectangle::new([(x0, 0.05), (x0 + width * 0.9, v.max(0.05))], color.filled())
             }))
             .map_err(|e| e.to_string())?
-            .label(format!("{} (floor {:.2} ms)", r.protocol, r.floor_ms))
+            .label(if r.protocol.is_baseline() {
+                format!("{} (a baseline: no floor)", r.protocol)
+            } else {
+                format!("{} (floor {:.2} ms)", r.protocol, r.floor_ms)
+            })
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+        if r.protocol.is_baseline() {
+            continue;
+        }
         let floor = r.floor_ms.max(0.05);
         chart
             .draw_series(DashedLineSeries::new(
@@ -466,6 +533,18 @@ pub fn write_all(report: &RunReport, dir: &Path) -> Result<PathBuf, String> {
          - *recovery* is how long after the fault healed the throughput came back to half its earlier level.\n\
          - Per-operation records are in the history files; everything above is in `results.json`."
     );
+    if report.results.iter().any(|r| r.protocol.is_baseline()) || !report.skipped.is_empty() {
+        let _ = writeln!(
+            md,
+            "- `postgres-local` and `postgres-2pc` are baselines, not tandem: the same transfers (same accounts, \
+             seed, clients and overdrafts) on PostgreSQL servers the bench started on throw-away data, with fsync \
+             and synchronous_commit on. `postgres-local` holds every account in one database, one local \
+             transaction per transfer; `postgres-2pc` runs one server per participant and every transfer crosses \
+             two of them (PREPARE TRANSACTION on both, then COMMIT PREPARED), with the bench as a coordinator \
+             that logs no decision. Their floor is \"-\": PostgreSQL's critical path is not tandem's. Their \
+             audits read every server's total at once, one snapshot per server."
+        );
+    }
     let path = dir.join("report.md");
     std::fs::write(&path, md).map_err(|e| e.to_string())?;
     Ok(path)

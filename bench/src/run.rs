@@ -276,7 +276,7 @@ async fn in_doubt_sampler(urls: Vec<String>, who: Security, stop: Arc<AtomicBool
 
 /// Latency percentiles of the committed transfers whose start (µs into the
 /// run) `started` accepts.
-fn committed_latency(history: &[workload::HistoryEntry], started: impl Fn(u64) -> bool) -> Percentiles {
+pub(crate) fn committed_latency(history: &[workload::HistoryEntry], started: impl Fn(u64) -> bool) -> Percentiles {
     let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 120_000_000, 3).expect("valid bounds");
     for entry in history.iter().filter(|e| e.outcome == workload::OpOutcome::Committed && started(e.start_us)) {
         histogram.saturating_record((entry.end_us - entry.start_us).max(1));
@@ -285,7 +285,7 @@ fn committed_latency(history: &[workload::HistoryEntry], started: impl Fn(u64) -
 }
 
 /// Commits per bucket, from the per-bucket latency histograms.
-fn timeline(recorder: &Recorder, duration_s: f64) -> Vec<TimelinePoint> {
+pub(crate) fn timeline(recorder: &Recorder, duration_s: f64) -> Vec<TimelinePoint> {
     let buckets = ((duration_s * 1_000.0) / BUCKET_MS as f64).ceil() as usize;
     recorder
         .buckets
@@ -467,7 +467,7 @@ pub async fn run_protocol(
     })
 }
 
-fn write_history(path: &Path, recorder: &Recorder) -> Result<(), String> {
+pub(crate) fn write_history(path: &Path, recorder: &Recorder) -> Result<(), String> {
     use std::io::Write;
     let file = std::fs::File::create(path).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     let mut out = std::io::BufWriter::new(file);
@@ -480,7 +480,7 @@ fn write_history(path: &Path, recorder: &Recorder) -> Result<(), String> {
 
 /// A progress line on stderr, updated twice a second, while the run lasts.
 /// The task ends with the run.
-fn progress_bar(protocol: Protocol, duration_s: f64, ops: Arc<AtomicUsize>) -> tokio::task::JoinHandle<()> {
+pub(crate) fn progress_bar(protocol: Protocol, duration_s: f64, ops: Arc<AtomicUsize>) -> tokio::task::JoinHandle<()> {
     use std::io::IsTerminal;
     let interactive = std::io::stderr().is_terminal();
     let started = Instant::now();

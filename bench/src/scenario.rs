@@ -20,17 +20,43 @@ pub enum Protocol {
     Orchestrated,
     /// Saga choreographed by the participants (outbox, inbox).
     Choreographed,
+    /// Baseline, not tandem: the same transfers in one local transaction of
+    /// one PostgreSQL database that holds every account (see
+    /// [`crate::postgres`]).
+    PostgresLocal,
+    /// Baseline, not tandem: the same transfers over one PostgreSQL server
+    /// per participant, with PREPARE TRANSACTION and COMMIT PREPARED; every
+    /// transfer crosses two servers.
+    #[serde(rename = "postgres-2pc")]
+    PostgresTwoPhase,
 }
 
 impl Protocol {
-    pub const ALL: &'static [Protocol] = &[Protocol::TwoPhaseCommit, Protocol::Orchestrated, Protocol::Choreographed];
+    /// Every protocol the bench knows: tandem's, then the baselines.
+    pub const ALL: &'static [Protocol] = &[
+        Protocol::TwoPhaseCommit,
+        Protocol::Orchestrated,
+        Protocol::Choreographed,
+        Protocol::PostgresLocal,
+        Protocol::PostgresTwoPhase,
+    ];
+    /// tandem's own protocols: what a scenario runs when it names none.
+    pub const TANDEM: &'static [Protocol] =
+        &[Protocol::TwoPhaseCommit, Protocol::Orchestrated, Protocol::Choreographed];
 
     pub fn name(&self) -> &'static str {
         match self {
             Protocol::TwoPhaseCommit => "2pc",
             Protocol::Orchestrated => "orchestrated",
             Protocol::Choreographed => "choreographed",
+            Protocol::PostgresLocal => "postgres-local",
+            Protocol::PostgresTwoPhase => "postgres-2pc",
         }
+    }
+
+    /// A baseline runs the workload against PostgreSQL, not tandem.
+    pub fn is_baseline(&self) -> bool {
+        matches!(self, Protocol::PostgresLocal | Protocol::PostgresTwoPhase)
     }
 
     pub fn parse(text: &str) -> Result<Protocol, String> {
@@ -69,7 +95,7 @@ impl Default for Scenario {
         Scenario {
             name: "custom".into(),
             description: String::new(),
-            protocols: Protocol::ALL.to_vec(),
+            protocols: Protocol::TANDEM.to_vec(),
             duration_s: 10.0,
             seed: 42,
             cluster: ClusterSection::default(),
@@ -136,6 +162,12 @@ pub struct WorkloadSection {
     /// Share of transfers (0..1) that ask for more than any account holds,
     /// and so must abort for lack of funds.
     pub overdraft_share: f64,
+    /// Share of transfers (0..1) whose two accounts live on different
+    /// participants. Unset, both accounts are drawn independently (by
+    /// `skew`), so with `uniform` about (n - 1)/n of them cross: a half with
+    /// two participants. `postgres-2pc` crosses always, whatever this says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_share: Option<f64>,
     /// How often the audit reader reads every balance; 0 turns it off.
     pub audit_interval_ms: u64,
     /// Deadline of one client call.
@@ -154,6 +186,7 @@ impl Default for WorkloadSection {
             amount_min: 1,
             amount_max: 100,
             overdraft_share: 0.0,
+            cross_share: None,
             audit_interval_ms: 250,
             call_timeout_ms: 5_000,
         }
@@ -316,6 +349,22 @@ impl Scenario {
         if !(0.0..=1.0).contains(&w.overdraft_share) {
             return Err(format!("workload.overdraft_share = {}: must be in [0, 1]", w.overdraft_share));
         }
+        if let Some(share) = w.cross_share {
+            if !(0.0..=1.0).contains(&share) {
+                return Err(format!("workload.cross_share = {share}: must be in [0, 1]"));
+            }
+            if share > 0.0 && c.participants < 2 {
+                return Err(format!(
+                    "workload.cross_share = {share}: a transfer can cross participants only if there are two or more \
+                     (cluster.participants = 1)"
+                ));
+            }
+        }
+        if self.protocols.contains(&Protocol::PostgresTwoPhase) && c.participants < 2 {
+            return Err(
+                "protocols: postgres-2pc needs cluster.participants >= 2 (every transfer crosses two servers)".into()
+            );
+        }
         if w.call_timeout_ms == 0 {
             return Err("workload.call_timeout_ms: must be positive".into());
         }
@@ -409,6 +458,8 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("partition", include_str!("../scenarios/partition.toml")),
     ("black-hole", include_str!("../scenarios/black-hole.toml")),
     ("lost-coordinator-disk", include_str!("../scenarios/lost-coordinator-disk.toml")),
+    ("vs-postgres", include_str!("../scenarios/vs-postgres.toml")),
+    ("vs-postgres-1", include_str!("../scenarios/vs-postgres-1.toml")),
 ];
 
 /// A preset by name, or a file by path.
@@ -438,6 +489,24 @@ mod tests {
     }
 
     #[test]
+    fn protocols_parse_by_name_and_the_baselines_are_named_but_not_run_by_default() {
+        for protocol in Protocol::ALL {
+            assert_eq!(Protocol::parse(protocol.name()), Ok(*protocol));
+            let text = format!("protocols = [\"{}\"]", protocol.name());
+            assert_eq!(Scenario::from_toml(&text, "t").unwrap().protocols, [*protocol]);
+        }
+        assert!(Protocol::parse("postgres").unwrap_err().contains("postgres-local"));
+        assert!(Scenario::default().protocols.iter().all(|p| !p.is_baseline()));
+        let scenario = Scenario::from_toml("[workload]\ncross_share = 0.25", "t").unwrap();
+        assert_eq!(scenario.workload.cross_share, Some(0.25));
+        assert_eq!(Scenario::default().workload.cross_share, None, "unset keeps the independent draw");
+        let vs = resolve("vs-postgres").unwrap();
+        assert_eq!(vs.protocols, [Protocol::TwoPhaseCommit, Protocol::PostgresLocal, Protocol::PostgresTwoPhase]);
+        assert_eq!(vs.workload.cross_share, Some(1.0));
+        assert!(vs.faults.is_empty());
+    }
+
+    #[test]
     fn an_empty_file_is_the_default_scenario() {
         assert_eq!(Scenario::from_toml("", "empty").unwrap(), Scenario::default());
     }
@@ -457,6 +526,14 @@ mod tests {
         assert!(rejected("[workload]\noverdraft_share = 1.5").contains("overdraft_share"));
         assert!(rejected("[workload]\nmode = \"sideways\"").contains("sideways"));
         assert!(rejected("[cluster]\nparticipants = 0").contains("participants"));
+        assert!(rejected("[workload]\ncross_share = 1.5").contains("workload.cross_share = 1.5"));
+        assert!(rejected("[workload]\ncross_share = -0.1").contains("workload.cross_share"));
+        let message = rejected("[cluster]\nparticipants = 1\n[workload]\ncross_share = 0.5");
+        assert!(message.contains("workload.cross_share") && message.contains("participants"), "{message}");
+        let message = rejected("protocols = [\"postgres-2pc\"]\n[cluster]\nparticipants = 1");
+        assert!(message.contains("postgres-2pc") && message.contains("participants"), "{message}");
+        let message = rejected("protocols = [\"postgres\"]");
+        assert!(message.contains("postgres"), "{message}");
         let fault = |body: &str| format!("duration_s = 10\n[[fault]]\n{body}");
         assert!(rejected(&fault("kind = \"kill\"\nnode = \"p9\"\nat_s = 1\nduration_s = 1")).contains("p9"));
         assert!(rejected(&fault("kind = \"kill\"\nnode = \"p1\"\nat_s = 11\nduration_s = 1")).contains("at_s"));

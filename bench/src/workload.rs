@@ -95,6 +95,9 @@ pub struct Chooser {
     amount_max: i64,
     overdraft_share: f64,
     overdraft_amount: i64,
+    /// `None`: both accounts drawn independently (the bench's behaviour
+    /// before the knob existed, kept draw for draw).
+    cross_share: Option<f64>,
 }
 
 impl Chooser {
@@ -125,7 +128,13 @@ impl Chooser {
             amount_max: scenario.workload.amount_max,
             overdraft_share: scenario.workload.overdraft_share,
             overdraft_amount: total_money + 1,
+            cross_share: scenario.workload.cross_share,
         }
+    }
+
+    /// The participant (0-based) that holds `account`.
+    pub fn owner(&self, account: u64) -> u64 {
+        account / self.per_participant
     }
 
     fn account(&self, rng: &mut SplitMix64) -> u64 {
@@ -139,11 +148,29 @@ impl Chooser {
         (rank % self.participants) * self.per_participant + rank / self.participants
     }
 
-    /// (from, to, amount): two different accounts.
+    /// (from, to, amount): two different accounts; with a `cross_share`,
+    /// on different participants that often.
     pub fn transfer(&self, rng: &mut SplitMix64) -> (u64, u64, i64) {
         let from = self.account(rng);
         let mut to = self.account(rng);
-        if to == from {
+        if let Some(share) = self.cross_share {
+            // Keep `to`'s place within its participant (so a hot rank stays
+            // hot under Zipf) and move it to the participant the share asks
+            // for: any other one, uniformly, or `from`'s own.
+            let cross = rng.unit() < share;
+            let (home, index) = (self.owner(from), to % self.per_participant);
+            let participant = match (cross, self.owner(to) != home) {
+                (true, true) | (false, false) => self.owner(to),
+                (true, false) => (home + 1 + rng.below(self.participants - 1)) % self.participants,
+                (false, true) => home,
+            };
+            to = participant * self.per_participant + index;
+            if to == from {
+                // Same participant, same place: the next account there.
+                to = home * self.per_participant + (index + 1) % self.per_participant;
+            }
+            assert_eq!(self.owner(to) != home, cross, "{from} -> {to} must cross: {cross}");
+        } else if to == from {
             to = (from + 1) % self.accounts;
         }
         let amount = if self.overdraft_share > 0.0 && rng.unit() < self.overdraft_share {
@@ -203,6 +230,38 @@ impl Recorder {
             *self.outcomes.entry(outcome).or_default() += count;
         }
         self.history.extend(other.history);
+    }
+}
+
+/// Sends one transfer and waits for its terminal outcome: tandem's client
+/// over gRPC ([`Client`]), or a baseline's over another system
+/// ([`crate::postgres`]). [`drive_with`] runs the same workload over
+/// either.
+pub trait Transfers: Send + 'static {
+    /// Returns the outcome, the transaction or saga id, and a detail for the
+    /// history; never panics on a failed call (that is an outcome).
+    fn send(
+        &mut self,
+        protocol: Protocol,
+        from: u64,
+        to: u64,
+        amount: i64,
+        key: &str,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = (OpOutcome, String, String)> + Send;
+}
+
+impl Transfers for Client {
+    fn send(
+        &mut self,
+        protocol: Protocol,
+        from: u64,
+        to: u64,
+        amount: i64,
+        key: &str,
+        timeout: Duration,
+    ) -> impl std::future::Future<Output = (OpOutcome, String, String)> + Send {
+        self.transfer(protocol, from, to, amount, key, timeout)
     }
 }
 
@@ -322,6 +381,9 @@ impl Client {
                     Err(_) => (OpOutcome::TimedOut, String::new(), "client deadline".into()),
                 }
             }
+            Protocol::PostgresLocal | Protocol::PostgresTwoPhase => {
+                unreachable!("{protocol} is a baseline: it runs against PostgreSQL, never through tandem's client")
+            }
         }
     }
 }
@@ -368,6 +430,19 @@ pub async fn drive(
     start: Instant,
     progress: Arc<AtomicUsize>,
 ) -> Recorder {
+    drive_with(scenario, protocol, |i| target.client(i), start, progress).await
+}
+
+/// [`drive`] over any [`Transfers`]: `client_for(i)` gives client `i` of the
+/// closed loop (0..clients), or the sender of the open loop's `i`th
+/// transfer. The same seed gives every protocol the same transfers.
+pub async fn drive_with<C: Transfers>(
+    scenario: &Scenario,
+    protocol: Protocol,
+    client_for: impl Fn(usize) -> C,
+    start: Instant,
+    progress: Arc<AtomicUsize>,
+) -> Recorder {
     let duration = Duration::from_secs_f64(scenario.duration_s);
     let deadline = start + duration;
     let chooser = Arc::new(Chooser::new(scenario));
@@ -378,7 +453,7 @@ pub async fn drive(
         LoopMode::Closed => {
             let tasks: Vec<_> = (0..scenario.workload.clients)
                 .map(|c| {
-                    let mut client = target.client(c);
+                    let mut client = client_for(c);
                     let chooser = chooser.clone();
                     let progress = progress.clone();
                     let key_prefix = key_prefix.clone();
@@ -392,7 +467,7 @@ pub async fn drive(
                             let key = format!("{key_prefix}-{c}-{n}");
                             let began = Instant::now();
                             let (outcome, txn_id, detail) =
-                                client.transfer(protocol, from, to, amount, &key, timeout).await;
+                                client.send(protocol, from, to, amount, &key, timeout).await;
                             let ended = Instant::now();
                             let entry = HistoryEntry {
                                 protocol,
@@ -458,11 +533,11 @@ pub async fn drive(
                     continue;
                 }
                 in_flight.fetch_add(1, Ordering::Relaxed);
-                let mut client = target.client(n as usize);
+                let mut client = client_for(n as usize);
                 let (in_flight, finished, progress, _stopped) =
                     (in_flight.clone(), finished.clone(), progress.clone(), stopped.clone());
                 tasks.push(tokio::spawn(async move {
-                    let (outcome, txn_id, detail) = client.transfer(protocol, from, to, amount, &key, timeout).await;
+                    let (outcome, txn_id, detail) = client.send(protocol, from, to, amount, &key, timeout).await;
                     let end_us = start.elapsed().as_micros() as u64;
                     let entry = HistoryEntry {
                         protocol,
@@ -519,6 +594,64 @@ mod tests {
             }
         }
         assert!((800..1_200).contains(&overdrafts), "{overdrafts}");
+    }
+
+    /// The chooser as it was before `cross_share`: an unset share must keep
+    /// every seed's transfers exactly as they were.
+    fn legacy_transfer(chooser: &Chooser, rng: &mut SplitMix64) -> (u64, u64, i64) {
+        let from = chooser.account(rng);
+        let mut to = chooser.account(rng);
+        if to == from {
+            to = (from + 1) % chooser.accounts;
+        }
+        let amount = if chooser.overdraft_share > 0.0 && rng.unit() < chooser.overdraft_share {
+            chooser.overdraft_amount
+        } else {
+            chooser.amount_min + rng.below((chooser.amount_max - chooser.amount_min + 1) as u64) as i64
+        };
+        (from, to, amount)
+    }
+
+    #[test]
+    fn the_cross_share_sets_how_many_transfers_cross_participants_and_unset_keeps_the_old_draws() {
+        for skew in [Skew::Uniform, Skew::Zipf] {
+            let mut scenario = Scenario::default();
+            scenario.cluster.participants = 3;
+            scenario.cluster.accounts_per_participant = 40;
+            scenario.workload.skew = skew;
+            scenario.workload.overdraft_share = 0.1;
+            let chooser = Chooser::new(&scenario);
+            let (mut a, mut b) = (SplitMix64::new(9), SplitMix64::new(9));
+            let mut crossing = 0;
+            for _ in 0..3_000 {
+                let t = chooser.transfer(&mut a);
+                assert_eq!(t, legacy_transfer(&chooser, &mut b), "{skew:?}: unset must draw as before");
+                crossing += (chooser.owner(t.0) != chooser.owner(t.1)) as u32;
+            }
+            if skew == Skew::Uniform {
+                // Independent draws over three participants: about 2/3 cross.
+                assert!((1_850..2_150).contains(&crossing), "{crossing}");
+            }
+
+            for (share, expected) in [(0.0, 0..1), (1.0, 3_000..3_001), (0.3, 800..1_000)] {
+                scenario.workload.cross_share = Some(share);
+                let chooser = Chooser::new(&scenario);
+                let (mut a, mut b) = (SplitMix64::new(5), SplitMix64::new(5));
+                let mut crossing = 0;
+                let mut targets = std::collections::BTreeSet::new();
+                for _ in 0..3_000 {
+                    let t = chooser.transfer(&mut a);
+                    assert_eq!(t, chooser.transfer(&mut b), "seeded");
+                    assert!(t.0 != t.1 && t.0 < 120 && t.1 < 120, "{t:?}");
+                    crossing += (chooser.owner(t.0) != chooser.owner(t.1)) as u32;
+                    targets.insert(t.1);
+                }
+                assert!(expected.contains(&crossing), "{skew:?} cross_share {share}: {crossing} of 3000 crossed");
+                if skew == Skew::Uniform {
+                    assert!(targets.len() > 100, "targets stay spread: {}", targets.len());
+                }
+            }
+        }
     }
 
     #[test]

@@ -337,7 +337,10 @@ duration_s = 0.5
             "{orphan}"
         );
     }
+    // While orphans are held (one may be committed elsewhere), audits
+    // refuse instead of showing a total they cannot vouch for.
     assert_eq!(result["audits"]["wrong_total"], 0, "{}", result["audits"]);
+    assert!(result["audits"]["failed"].as_u64().unwrap() > 0, "{}", result["audits"]);
     let report = read(&out.path().join("results").join("report.md"));
     assert!(report.contains("orphans of the lost coordinator incarnation, resolved by the operator"), "{report}");
 }

@@ -1568,8 +1568,24 @@ impl Node {
         let mut posted = tandem::domain::Total::default();
         let (mut reserved, mut suspense, mut heuristic_excess) = (posted, posted, posted);
         let mut in_flight = HashSet::new();
-        for result in results {
-            let mut balances = result?;
+        let results = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        // An orphan (its incarnation's log is lost) may be committed on
+        // another participant, and nothing here knows it: no exact total
+        // until an operator decides the orphans.
+        let orphans: Vec<String> = results
+            .iter()
+            .flat_map(|b| {
+                b.prepared.iter().filter(|p| p.orphaned).map(move |p| format!("{} on {}", p.txn_id, b.participant_id))
+            })
+            .collect();
+        if !orphans.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "{} orphaned transactions (their coordinator incarnation's log is lost) are held, and one may be committed elsewhere: no exact total until an operator decides them (ResolveInDoubt); {}",
+                orphans.len(),
+                orphans.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+        for mut balances in results {
             for prepared in std::mem::take(&mut balances.prepared) {
                 if decided.contains(prepared.txn_id.as_str()) {
                     count_as_applied(&mut balances, &prepared.legs)?;
