@@ -1,11 +1,13 @@
-//! The coordinator's protocol core: two-phase commit, presumed abort, with
-//! no I/O.
+//! The coordinator's protocol core: two-phase commit, presumed abort, and
+//! one-phase commit for transactions on one participant, with no I/O.
 //!
 //! # The protocol
 //!
-//! A transaction's legs are split by participant. [`Core::begin`] registers
-//! it as PREPARING and asks for a prepare to be sent to each participant, all
-//! at once. Each answer comes back through [`Core::on_vote`]:
+//! A transaction's legs are split by participant. One whose legs all live
+//! on one participant is committed in one phase (see "One-phase commit"
+//! below). Otherwise [`Core::begin`] registers it as PREPARING and asks for
+//! a prepare to be sent to each participant, all at once. Each answer comes
+//! back through [`Core::on_vote`]:
 //!
 //! - any NO (or a prepare that failed or did not answer within its deadline)
 //!   aborts the transaction at once: abort messages go to the participants,
@@ -40,7 +42,11 @@
 //! A restarted coordinator reads its decision records and calls
 //! [`Core::recover`], which resumes the redelivery of each logged commit.
 //! Transactions that were preparing when it crashed have no record, so they
-//! are aborted: their participants ask and hear ABORT.
+//! are aborted: their participants ask and hear ABORT. Keyed one-phase
+//! transactions whose intent is logged and whose outcome is not are sent
+//! again ([`Core::recover_intents`]); unkeyed ones in flight are forgotten:
+//! their participant applied them or not, at most once, and their clients
+//! heard no answer.
 //!
 //! # Positions and low watermarks
 //!
@@ -54,6 +60,8 @@
 //!   its participants;
 //! - once every vote was YES (deciding, then committing), it holds each
 //!   participant until that participant acknowledges its COMMIT;
+//! - a one-phase transaction holds its participant until its answer is in
+//!   (and, with a key, its outcome is logged): see "One-phase commit";
 //! - an abort releases every participant at once: the ABORT is sent once
 //!   and a participant that misses it asks, and hears ABORT (no record); so
 //!   a participant that holds prepared a transaction below its watermark
@@ -69,6 +77,132 @@
 //! COMMIT is still redelivered: a duplicate, or one the participant forgot
 //! below the watermark, is acknowledged). So the watermark a participant
 //! hears never goes back, across restarts too; the core asserts it.
+//!
+//! # One-phase commit
+//!
+//! A transaction whose legs all live on one participant needs no vote: that
+//! participant alone can decide it. [`Core::begin`] (unless one-phase
+//! commit is off, `--one-phase-commit false`) sends it there once
+//! ([`Action::SendOnePhase`]); the participant judges it as it would a
+//! prepare, and either posts the legs and records COMMITTED in one write,
+//! fsynced before it answers, or refuses and records the refusal (with its
+//! reason, durable before it answers) and changes nothing else (see the
+//! participant's `core.rs`, `commit_one_phase`). Its answer ends the
+//! transaction ([`Core::on_one_phase_answer`]): the client hears it. No
+//! PREPARED state exists anywhere, so nobody is ever in doubt, nothing is
+//! asked, and there is no COMMIT to deliver.
+//!
+//! - **Without a key, the coordinator writes nothing.** The transaction
+//!   holds its participant's watermark from [`Core::begin`] until the
+//!   answer. A request that gets no answer is sent again (with backoff)
+//!   until one comes; the participant answers a duplicate with its first
+//!   answer. The coordinator cannot abort a one-phase transaction on its
+//!   own (the participant decides), so when the client's deadline
+//!   (`prepare_timeout_ms`) passes with no answer, the client hears that the
+//!   outcome is not known yet ([`Action::ReplyUnknown`]: UNAVAILABLE), where
+//!   2PC would have answered ABORTED; the answer, when it comes, is logged
+//!   as a finished record for status lookups. That is the one thing a
+//!   client sees differently.
+//! - **With a key, an intent first.** The hazard: the participant applied
+//!   the transaction, and the coordinator crashed before the key's outcome
+//!   was durable; the client's retry with the same key would find nothing,
+//!   start a new transaction and move the money twice. So the intent
+//!   ([`IntentRecord`]: the key, the participant, the position, the legs;
+//!   `i/` in the log) is fsynced before the request is sent
+//!   ([`Action::PersistIntent`], [`Core::on_intent_durable`]). The
+//!   participant's answer goes to the client at once; the outcome is then
+//!   logged under the key in one write that deletes the intent
+//!   ([`Action::PersistOnePhaseOutcome`], which needs no fsync of its own),
+//!   and only once that is durable ([`Core::on_one_phase_logged`]) does the
+//!   transaction give up its key and its participant's watermark. Until
+//!   then a retry of the key hears the answer given
+//!   ([`Core::answered_one_phase`]), or, before the answer, the usual "in
+//!   flight, retry" (a key's other uses keep their rules: another request
+//!   under it is FAILED_PRECONDITION). A restart reads every intent and
+//!   sends its request again ([`Core::recover_intents`]), holding the key
+//!   and the watermark, and logs the answer.
+//!
+//! Why it is exactly-once, across every crash and duplicate:
+//!
+//! 1. *A participant applies a one-phase transaction at most once, and
+//!    answers every delivery with the first outcome.* Its record
+//!    (COMMITTED, or ABORTED with the refusal) is durable before any answer
+//!    leaves, and stays until the coordinator's watermark passes the
+//!    transaction's position; from then on a delivery that finds no record
+//!    is below the watermark and refused as late, applying nothing (the
+//!    watermark is written before the deletion it allows, so a crash never
+//!    keeps the one without the other).
+//! 2. *The watermark passes a one-phase transaction only once nothing more
+//!    is needed from its participant:* once the answer is in, and, with a
+//!    key, once the outcome is durable in the log. So while the coordinator
+//!    may still send the request again, the participant still holds the
+//!    record, and the request gets the first answer, never "late".
+//! 3. *Keyed, the log always says enough.* At every instant one of these
+//!    holds: (a) neither intent nor outcome is durable, and no request was
+//!    ever sent (the intent is durable before the first one); (b) the
+//!    intent is durable: whatever the participant did, a restart sends the
+//!    request again and, by 1 and 2, hears the first outcome, which is
+//!    what the client may have heard, and logs it; meanwhile the key is in
+//!    flight, so no second transaction with it begins; (c) the outcome is
+//!    durable under the key (and the intent gone, in the same write): a
+//!    retry reads it. A crash in (a) loses nothing that was done, and the
+//!    retry starts afresh; in (b) and (c) the key keeps its one answer.
+//! 4. *Across restarts the watermark keeps 2.* The durable watermark
+//!    (`m/w/`) passes a keyed one-phase transaction only after the write
+//!    that logged its outcome and deleted its intent, which comes earlier
+//!    in the log's one write-ahead log; so an intent on disk is never below
+//!    its participant's durable watermark. [`Core::recover_intents`]
+//!    refuses a log where one is (it is corrupt), rather than resend a
+//!    request the participant could take for late.
+//!
+//! The coordinator simulation (`tests/simulation.rs`) crashes every node
+//! before every step of unkeyed and keyed one-phase transfers (process
+//! crashes and power losses), retries the key, and checks that every
+//! account holds exactly what the transactions applied once each give,
+//! that every answer a key got is the same, and that at most one
+//! transaction of a key is applied; its seeded runs mix one-phase and 2PC
+//! transfers with losses, duplicates, reordering, retries and collection
+//! by watermark. The whole-system simulation runs the same under every
+//! fault (`sim`, scenario `one-phase`).
+//!
+//! **Why the keyed intent is not written in parallel with the request.**
+//! Written at the same time, the client would wait for one fsync instead
+//! of two; but a crash after the participant applied the transaction and
+//! before the intent was durable leaves no trace of it in the log, and the
+//! retry moves the money twice (the hazard above). Closing that window
+//! needs the participant to keep the key until the coordinator is known to
+//! have logged it, across the coordinator's restarts: either keys kept by
+//! time at the participant (its records live in memory: a day of keys
+//! would not fit), or a restart that asks every participant for its
+//! one-phase records above its durable watermark, and fences later
+//! arrivals, before any keyed transfer that could touch it runs (a
+//! participant that is down at that moment would hold up keyed transfers).
+//! Neither is simple enough yet; the intent stays sequential, and the
+//! outcome's write stays off the client's path.
+//!
+//! **The audit.** A one-phase transaction takes no commit fence: it is
+//! applied in one write at one participant, under the lock its balance
+//! reads take, and it moves no money between participants, so an audit
+//! sees all of it or none of it, and its sum is exact either way.
+//!
+//! **Cost per committed transfer** (one transfer alone; batching shares
+//! calls and fsyncs between transfers at load, group commit shares
+//! fsyncs). Messages count each request and each answer; "lazy" writes
+//! are made durable by another write's fsync (or the store's linger), and
+//! "buffered" ones need none.
+//!
+//! | | critical path to the answer | in all |
+//! | --- | --- | --- |
+//! | 2PC, two participants | 4 messages (1 round trip), 2 sequential fsyncs (prepares in parallel, then the decision) | 8 messages; 3 fsyncs, 2 lazy commits, 1 buffered end record |
+//! | 2PC, one participant (one-phase off) | 2 messages, 2 sequential fsyncs (prepare, decision) | 4 messages; 2 fsyncs, 1 lazy commit, 1 buffered end record |
+//! | one-phase, no key | 2 messages, 1 fsync (the participant's) | 2 messages; 1 fsync; nothing at the coordinator |
+//! | one-phase, keyed | 2 messages, 2 sequential fsyncs (intent, participant) | 2 messages; 2 fsyncs, 1 lazy outcome |
+//!
+//! A keyed 2PC transfer costs the same as an unkeyed one (the key's result
+//! is in the decision's write). So one-phase halves the fsyncs on an
+//! unkeyed transfer's path, halves the messages, and takes the
+//! coordinator's write off it; keyed, it keeps two sequential fsyncs but
+//! saves the COMMIT round, the commit's write and the end record.
 //!
 //! # Input
 //!

@@ -6,12 +6,12 @@
 //! outbound queue (a prepare, a COMMIT), whose result is fed back into the
 //! core under its lock, and the actions that come out are executed in turn.
 //!
-//! Batching. Prepares, COMMITs and saga steps go to each participant
-//! through a [`BatchQueue`] with a few call slots: a message goes out at
-//! once (a batch of one) while a slot is free, and the messages that pile
-//! up while every slot is busy go out together in one `PrepareBatch`,
-//! `CommitBatch` or `SagaStepBatch` call, which the participant applies in
-//! one write. The single-message calls stay in the API for other clients. The protocol does not
+//! Batching. Prepares, one-phase commits, COMMITs and saga steps go to each
+//! participant through a [`BatchQueue`] with a few call slots: a message
+//! goes out at once (a batch of one) while a slot is free, and the messages
+//! that pile up while every slot is busy go out together in one
+//! `PrepareBatch`, `CommitOnePhaseBatch`, `CommitBatch` or `SagaStepBatch`
+//! call, which the participant applies in one write. The single-message calls stay in the API for other clients. The protocol does not
 //! change (each prepare is voted on alone, each COMMIT is redelivered until
 //! acknowledged); what changes is the number of calls: at 64 clients on this
 //! 2-core machine the gRPC work per transfer was most of the coordinator's
@@ -62,6 +62,14 @@
 //! they sent. Calls to one participant run concurrently (call slots), so
 //! two of them may arrive in another order than they were stamped: a
 //! participant keeps the highest watermark it heard.
+//!
+//! One-phase commits. A request is sent again, with backoff, until its
+//! participant answers it ([`Node::send_one_phases`]); when its client's
+//! deadline (`prepare_timeout_ms`) passes first, the core is told, and the
+//! client hears that the outcome is not known yet. A keyed one's intent is
+//! fsynced before its request goes; its outcome is written after its client
+//! heard it, with no fsync of its own (see `core.rs`). None takes the
+//! commit fence: it is applied in one write at one participant.
 //!
 //! Idempotency keys and finished records expire by time
 //! (`idempotency_retention_ms`, by `wall_clock`) and are deleted through an
