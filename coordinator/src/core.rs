@@ -168,17 +168,28 @@
 //! **Why the keyed intent is not written in parallel with the request.**
 //! Written at the same time, the client would wait for one fsync instead
 //! of two; but a crash after the participant applied the transaction and
-//! before the intent was durable leaves no trace of it in the log, and the
-//! retry moves the money twice (the hazard above). Closing that window
-//! needs the participant to keep the key until the coordinator is known to
-//! have logged it, across the coordinator's restarts: either keys kept by
-//! time at the participant (its records live in memory: a day of keys
-//! would not fit), or a restart that asks every participant for its
-//! one-phase records above its durable watermark, and fences later
-//! arrivals, before any keyed transfer that could touch it runs (a
-//! participant that is down at that moment would hold up keyed transfers).
-//! Neither is simple enough yet; the intent stays sequential, and the
-//! outcome's write stays off the client's path.
+//! before the intent was durable leaves no trace of it in the log: the
+//! restarted coordinator's watermark passes it, the participant collects
+//! its record, and the client's retry moves the money twice (the hazard
+//! above). A sound one-fsync design needs the participant to keep the key
+//! until the coordinator is known to have logged it, across the
+//! coordinator's restarts. Keys kept by time at the participant for every
+//! keyed transaction would not fit (its records live in memory: a day of
+//! keys). What would fit, for a follow-up: the participant keeps the key in
+//! a keyed one-phase record (and refuses another transaction with that
+//! key while it does, answering the first one's outcome); a restarted
+//! coordinator, before its watermark for a participant passes the durable
+//! floor it read at start, tells that participant the window of positions
+//! whose keys it may not have logged (from that floor to its new
+//! generation's first position) and waits for the acknowledgement; the
+//! participant keeps the keyed records in such a window for the
+//! idempotency retention rather than by watermark (a few per crash). Then
+//! the intent is not needed at all, and a keyed one-phase transfer pays
+//! one fsync too. It needs a new RPC, keys and leg fingerprints in the
+//! participant's records, a new answer ("this key is taken by T, whose
+//! outcome is O") and its proof at every crash point; the intent stays
+//! sequential until then, and the outcome's write stays off the client's
+//! path.
 //!
 //! **The audit.** A one-phase transaction takes no commit fence: it is
 //! applied in one write at one participant, under the lock its balance

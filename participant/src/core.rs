@@ -233,6 +233,10 @@ pub struct Stamp {
 
 pub use crate::core::heuristic::{Decided, Heuristic};
 
+/// A prepare or a one-phase commit as a batch carries it: the transaction,
+/// its coordinator, its legs and its stamp.
+pub type StampedRequest = (TxnId, Id, Vec<Leg>, Stamp);
+
 /// Why a prepare got NO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -908,7 +912,7 @@ impl Core {
     /// 1 to [`ONE_PHASE_BATCH_MAX`] of them, as one write.
     pub fn commit_one_phase_batch(
         &mut self,
-        requests: Vec<Result<(TxnId, Id, Vec<Leg>, Stamp), Error>>,
+        requests: Vec<Result<StampedRequest, Error>>,
         now_ms: u64,
     ) -> Result<(Vec<Result<OnePhaseAnswer, Error>>, Effects), Error> {
         check_batch_len("requests", requests.len(), ONE_PHASE_BATCH_MAX)?;
@@ -1031,7 +1035,7 @@ impl Core {
     /// [`Core::prepare_stamped`]), 1 to [`PREPARE_BATCH_MAX`] of them.
     pub fn prepare_batch(
         &mut self,
-        prepares: Vec<Result<(TxnId, Id, Vec<Leg>, Stamp), Error>>,
+        prepares: Vec<Result<StampedRequest, Error>>,
         now_ms: u64,
     ) -> Result<(Vec<Result<Vote, Error>>, Effects), Error> {
         check_batch_len("prepares", prepares.len(), PREPARE_BATCH_MAX)?;

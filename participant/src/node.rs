@@ -32,8 +32,8 @@
 //! the store's slot, and nothing under them can panic.
 
 use crate::core::{
-    check_batch_len, Ask, Config, Core, Decided, Effects, OnePhaseAnswer, OnePhaseOutcome, Refusal, Stamp, TxnState,
-    Vote, COMMIT_BATCH_MAX, ONE_PHASE_BATCH_MAX, OPS_PER_CALL_MAX, PREPARE_BATCH_MAX,
+    check_batch_len, Ask, Config, Core, Decided, Effects, OnePhaseAnswer, OnePhaseOutcome, Refusal, Stamp,
+    StampedRequest, TxnState, Vote, COMMIT_BATCH_MAX, ONE_PHASE_BATCH_MAX, OPS_PER_CALL_MAX, PREPARE_BATCH_MAX,
 };
 use crate::saga::{Event, EventKind, StepAnswer, StepKind, StepOrder, StepOutcome, StepPhase, Transfer, TransferState};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -467,7 +467,7 @@ impl Node {
     /// judged (the store failed or its queue is full).
     pub async fn prepare_batch(
         &self,
-        prepares: Vec<Result<(TxnId, Id, Vec<Leg>, Stamp), Error>>,
+        prepares: Vec<Result<StampedRequest, Error>>,
     ) -> Result<Vec<Result<Vote, Error>>, Error> {
         self.apply(prepares.len() * (OPS_PER_CALL_MAX + 1), |core, now| core.prepare_batch(prepares, now)).await
     }
@@ -489,7 +489,7 @@ impl Node {
     /// full).
     pub async fn commit_one_phase_batch(
         &self,
-        requests: Vec<Result<(TxnId, Id, Vec<Leg>, Stamp), Error>>,
+        requests: Vec<Result<StampedRequest, Error>>,
     ) -> Result<Vec<Result<OnePhaseAnswer, Error>>, Error> {
         self.apply(requests.len() * (OPS_PER_CALL_MAX + 1), |core, now| core.commit_one_phase_batch(requests, now))
             .await
@@ -1176,7 +1176,7 @@ fn sent_by_caller(event: Event, caller: Option<&Id>) -> Result<Event, Error> {
     }
 }
 
-fn parse_prepare(request: &pb::PrepareRequest) -> Result<(TxnId, Id, Vec<Leg>, Stamp), Error> {
+fn parse_prepare(request: &pb::PrepareRequest) -> Result<StampedRequest, Error> {
     parse_stamped(
         &request.txn_id,
         &request.coordinator_id,
@@ -1188,7 +1188,7 @@ fn parse_prepare(request: &pb::PrepareRequest) -> Result<(TxnId, Id, Vec<Leg>, S
     )
 }
 
-fn parse_one_phase(request: &pb::OnePhaseRequest) -> Result<(TxnId, Id, Vec<Leg>, Stamp), Error> {
+fn parse_one_phase(request: &pb::OnePhaseRequest) -> Result<StampedRequest, Error> {
     parse_stamped(
         &request.txn_id,
         &request.coordinator_id,
@@ -1209,7 +1209,7 @@ fn parse_stamped(
     position: u64,
     low_watermark: u64,
     idempotency_key: &str,
-) -> Result<(TxnId, Id, Vec<Leg>, Stamp), Error> {
+) -> Result<StampedRequest, Error> {
     Ok((
         Id::parse("txn_id", txn_id)?,
         Id::parse("coordinator_id", coordinator_id)?,
@@ -1390,7 +1390,7 @@ impl Participant for Node {
     ) -> Result<Response<pb::PrepareBatchResponse>, Status> {
         let prepares = request.into_inner().prepares;
         check_batch_len("prepares", prepares.len(), PREPARE_BATCH_MAX)?;
-        let parsed: Vec<Result<(TxnId, Id, Vec<Leg>, Stamp), Error>> = prepares.iter().map(parse_prepare).collect();
+        let parsed: Vec<Result<StampedRequest, Error>> = prepares.iter().map(parse_prepare).collect();
         let count = parsed.len();
         let votes = Node::prepare_batch(self, parsed)
             .await?
@@ -1427,7 +1427,7 @@ impl Participant for Node {
     ) -> Result<Response<pb::OnePhaseBatchResponse>, Status> {
         let requests = request.into_inner().requests;
         check_batch_len("requests", requests.len(), ONE_PHASE_BATCH_MAX)?;
-        let parsed: Vec<Result<(TxnId, Id, Vec<Leg>, Stamp), Error>> = requests.iter().map(parse_one_phase).collect();
+        let parsed: Vec<Result<StampedRequest, Error>> = requests.iter().map(parse_one_phase).collect();
         let count = parsed.len();
         let answers = Node::commit_one_phase_batch(self, parsed)
             .await?
