@@ -16,7 +16,11 @@
 //!   it (one-phase commit) and writes no decision record (none at all
 //!   without an idempotency key; with one, the key's outcome, its intent
 //!   gone), and a retry of the key gets its answer without another call;
-//!   with `one_phase_commit` off, the same transfer runs 2PC.
+//!   with `one_phase_commit` off, the same transfer runs 2PC;
+//! - a restarted coordinator sends the request of each logged one-phase
+//!   intent again, whether its participant had applied it or not, and logs
+//!   the participant's first answer under the key: a retry of the key gets
+//!   it, and nothing is applied twice.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -29,7 +33,7 @@ use tandem::proxy::LinkProxy;
 use tandem::store::memory::MemoryDisk;
 use tandem::store::{Disk, Op};
 use tandem::tls::Security;
-use tandem_coordinator::core::CommitRecord;
+use tandem_coordinator::core::{CommitRecord, IntentRecord};
 use tandem_coordinator::directory::Shard;
 use tandem_coordinator::log;
 use tandem_coordinator::node::{self, Node, NodeConfig};
@@ -738,4 +742,73 @@ async fn with_one_phase_commit_off_a_transfer_on_one_participant_runs_2pc() {
     })
     .await;
     assert!(logged_prefixes(&log).await.contains("f/"), "classic 2PC logs its decision, then its end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_sends_each_logged_intent_again_and_logs_the_first_answer_under_its_key() {
+    let mut stop = Stop(Vec::new());
+    let log_disk = MemoryDisk::new();
+    // The log of a coordinator that crashed with two keyed one-phase
+    // transfers in flight: t-applied reached p1 (which applied it), t-lost
+    // never left. Its incarnation and generation are known, so that the
+    // restarted coordinator stamps as it did.
+    let (listener, p1_url) = bind().await;
+    let (coordinator_listener, coordinator_url) = bind().await;
+    let p1 = participant(0, listener, &coordinator_url, &mut stop).await;
+    let (listener, p2_url) = bind().await;
+    participant(1, listener, &coordinator_url, &mut stop).await;
+    let incarnation = 0x1234_5678_9abc_def0u64;
+    let txn = |sequence| log::txn_id(&id("c1"), incarnation, 1, sequence).unwrap();
+    let (applied, lost) = (txn(1), txn(2));
+    let intent = |key: &str, sequence: u64, amount: i64| IntentRecord {
+        participant: id("p1"),
+        idempotency_key: id(key),
+        position: log::position(1, sequence).unwrap(),
+        legs: vec![tandem::domain::Leg { account: 2, amount: -amount }, tandem::domain::Leg { account: 3, amount }],
+    };
+    let store = log_disk.open().unwrap();
+    let mut ops = vec![
+        Op::Put(log::GENERATION_KEY.to_vec(), 1u64.to_le_bytes().to_vec()),
+        Op::Put(log::INCARNATION_KEY.to_vec(), incarnation.to_le_bytes().to_vec()),
+    ];
+    ops.extend(log::intent_ops(&applied, &intent("k-applied", 1, 10)).unwrap());
+    ops.extend(log::intent_ops(&lost, &intent("k-lost", 2, 20)).unwrap());
+    store.write(ops).await.unwrap();
+    store.close();
+    drop(store);
+    let request = pb::OnePhaseRequest {
+        txn_id: applied.to_string(),
+        coordinator_id: "c1".into(),
+        legs: vec![pb::Leg { account: 2, amount: -10 }, pb::Leg { account: 3, amount: 10 }],
+        coordinator_incarnation: incarnation,
+        position: log::position(1, 1).unwrap(),
+        low_watermark: 1,
+        idempotency_key: "k-applied".into(),
+    };
+    let answer = Participant::commit_one_phase(&p1, Request::new(request)).await.unwrap().into_inner();
+    assert_eq!(answer.outcome, pb::OnePhaseOutcome::Committed as i32, "{answer:?}");
+
+    let mut client =
+        coordinator(coordinator_listener, &coordinator_url, &[p1_url, p2_url], log_disk.clone(), 1_000, &mut stop)
+            .await;
+    for (txn, key, amount) in [(&applied, "k-applied", 10), (&lost, "k-lost", 20)] {
+        let retry = pb::TransferRequest { idempotency_key: key.into(), ..transfer(2, 3, amount) };
+        let result = eventually("the key's outcome is logged", async || match client.transfer(retry.clone()).await {
+            Ok(result) => Some(result.into_inner()),
+            Err(status) if status.code() == Code::Aborted => None, // in flight
+            Err(status) => panic!("{key}: {status:?}"),
+        })
+        .await;
+        assert_eq!((result.outcome, result.txn_id.as_str()), (pb::Outcome::Committed as i32, txn.as_str()));
+    }
+    eventually("each intent is gone with its outcome logged", async || {
+        let records = log_disk.durable_records();
+        let intents = records.iter().filter(|(key, _)| key.starts_with(log::INTENT_PREFIX)).count();
+        let keys = records.iter().filter(|(key, _)| key.starts_with(log::KEY_PREFIX)).count();
+        (intents == 0 && keys == 2).then_some(())
+    })
+    .await;
+    let audit = exact_audit(&mut client).await;
+    assert_eq!(posted(&audit, 2), INITIAL_BALANCE - 30, "each applied once");
+    assert_eq!(posted(&audit, 3), INITIAL_BALANCE + 30);
 }
