@@ -22,6 +22,8 @@ pub const POINTS: &[&str] = &[
     "relay-delivered",
     // participant: a commit's write is durable, its acknowledgement not sent.
     "commit-applied",
+    // participant: a one-phase commit's write is durable, its answer not sent.
+    "one-phase-applied",
 ];
 
 struct Armed {

@@ -191,12 +191,14 @@ pub const POLICY: &[(&str, &[Who])] = &[
     ("/tandem.v1.Coordinator/QueryDecision", &[PARTICIPANT]),
     ("/tandem.v1.Coordinator/ListDeadLetters", &[OPERATOR]),
     ("/tandem.v1.Coordinator/ResolveDeadLetter", &[OPERATOR]),
-    // A participant: two-phase commit.
+    // A participant: two-phase commit, and one-phase commit.
     ("/tandem.v1.Participant/Prepare", &[COORDINATOR]),
     ("/tandem.v1.Participant/PrepareBatch", &[COORDINATOR]),
     ("/tandem.v1.Participant/Commit", &[COORDINATOR]),
     ("/tandem.v1.Participant/CommitBatch", &[COORDINATOR]),
     ("/tandem.v1.Participant/Abort", &[COORDINATOR]),
+    ("/tandem.v1.Participant/CommitOnePhase", &[COORDINATOR]),
+    ("/tandem.v1.Participant/CommitOnePhaseBatch", &[COORDINATOR]),
     // Accounts and balances.
     ("/tandem.v1.Participant/OpenAccounts", &[OPERATOR]),
     ("/tandem.v1.Participant/SetAccountClosed", &[OPERATOR]),

@@ -132,6 +132,10 @@ fn prepare(txn: &str) -> pb::PrepareRequest {
     pb::PrepareRequest { txn_id: txn.into(), coordinator_id: "c1".into(), legs: legs(), ..Default::default() }
 }
 
+fn one_phase(txn: &str) -> pb::OnePhaseRequest {
+    pb::OnePhaseRequest { txn_id: txn.into(), coordinator_id: "c1".into(), legs: legs(), ..Default::default() }
+}
+
 /// Every RPC, where it is called, with what, and who may make it.
 fn table() -> Vec<(&'static str, Node, Call, &'static [As])> {
     use As::*;
@@ -203,6 +207,13 @@ fn table() -> Vec<(&'static str, Node, Call, &'static [As])> {
             "CommitBatch",
             P,
             participant!(commit_batch, pb::DecisionBatchRequest { txn_ids: vec!["t-2".into()], ..Default::default() }),
+            &[C1],
+        ),
+        ("CommitOnePhase", P, participant!(commit_one_phase, one_phase("t-4")), &[C1]),
+        (
+            "CommitOnePhaseBatch",
+            P,
+            participant!(commit_one_phase_batch, pb::OnePhaseBatchRequest { requests: vec![one_phase("t-5")] }),
             &[C1],
         ),
         // A forged abort would leave a tombstone: checked below.

@@ -26,6 +26,7 @@ fn config(dir: &std::path::Path) -> NodeConfig {
         saga_deadline_ms: 1_000,
         security: tandem::tls::Security::Insecure,
         network: tandem::net::Network::Tcp,
+        one_phase_commit: true,
         wall_clock: tandem::clock::WallClock::System,
         incarnation_seed: None,
     }

@@ -1,11 +1,13 @@
-//! The coordinator's protocol core: two-phase commit, presumed abort, with
-//! no I/O.
+//! The coordinator's protocol core: two-phase commit, presumed abort, and
+//! one-phase commit for transactions on one participant, with no I/O.
 //!
 //! # The protocol
 //!
-//! A transaction's legs are split by participant. [`Core::begin`] registers
-//! it as PREPARING and asks for a prepare to be sent to each participant, all
-//! at once. Each answer comes back through [`Core::on_vote`]:
+//! A transaction's legs are split by participant. One whose legs all live
+//! on one participant is committed in one phase (see "One-phase commit"
+//! below). Otherwise [`Core::begin`] registers it as PREPARING and asks for
+//! a prepare to be sent to each participant, all at once. Each answer comes
+//! back through [`Core::on_vote`]:
 //!
 //! - any NO (or a prepare that failed or did not answer within its deadline)
 //!   aborts the transaction at once: abort messages go to the participants,
@@ -40,7 +42,11 @@
 //! A restarted coordinator reads its decision records and calls
 //! [`Core::recover`], which resumes the redelivery of each logged commit.
 //! Transactions that were preparing when it crashed have no record, so they
-//! are aborted: their participants ask and hear ABORT.
+//! are aborted: their participants ask and hear ABORT. Keyed one-phase
+//! transactions whose intent is logged and whose outcome is not are sent
+//! again ([`Core::recover_intents`]); unkeyed ones in flight are forgotten:
+//! their participant applied them or not, at most once, and their clients
+//! heard no answer.
 //!
 //! # Positions and low watermarks
 //!
@@ -54,6 +60,8 @@
 //!   its participants;
 //! - once every vote was YES (deciding, then committing), it holds each
 //!   participant until that participant acknowledges its COMMIT;
+//! - a one-phase transaction holds its participant until its answer is in
+//!   (and, with a key, its outcome is logged): see "One-phase commit";
 //! - an abort releases every participant at once: the ABORT is sent once
 //!   and a participant that misses it asks, and hears ABORT (no record); so
 //!   a participant that holds prepared a transaction below its watermark
@@ -69,6 +77,143 @@
 //! COMMIT is still redelivered: a duplicate, or one the participant forgot
 //! below the watermark, is acknowledged). So the watermark a participant
 //! hears never goes back, across restarts too; the core asserts it.
+//!
+//! # One-phase commit
+//!
+//! A transaction whose legs all live on one participant needs no vote: that
+//! participant alone can decide it. [`Core::begin`] (unless one-phase
+//! commit is off, `--one-phase-commit false`) sends it there once
+//! ([`Action::SendOnePhase`]); the participant judges it as it would a
+//! prepare, and either posts the legs and records COMMITTED in one write,
+//! fsynced before it answers, or refuses and records the refusal (with its
+//! reason, durable before it answers) and changes nothing else (see the
+//! participant's `core.rs`, `commit_one_phase`). Its answer ends the
+//! transaction ([`Core::on_one_phase_answer`]): the client hears it. No
+//! PREPARED state exists anywhere, so nobody is ever in doubt, nothing is
+//! asked, and there is no COMMIT to deliver.
+//!
+//! - **Without a key, the coordinator writes nothing.** The transaction
+//!   holds its participant's watermark from [`Core::begin`] until the
+//!   answer. A request that gets no answer is sent again (with backoff)
+//!   until one comes; the participant answers a duplicate with its first
+//!   answer. The coordinator cannot abort a one-phase transaction on its
+//!   own (the participant decides), so when the client's deadline
+//!   (`prepare_timeout_ms`) passes with no answer, the client hears that the
+//!   outcome is not known yet ([`Action::ReplyUnknown`]: UNAVAILABLE), where
+//!   2PC would have answered ABORTED; the answer, when it comes, is logged
+//!   as a finished record for status lookups. That is the one thing a
+//!   client sees differently.
+//! - **With a key, an intent first.** The hazard: the participant applied
+//!   the transaction, and the coordinator crashed before the key's outcome
+//!   was durable; the client's retry with the same key would find nothing,
+//!   start a new transaction and move the money twice. So the intent
+//!   ([`IntentRecord`]: the key, the participant, the position, the legs;
+//!   `i/` in the log) is fsynced before the request is sent
+//!   ([`Action::PersistIntent`], [`Core::on_intent_durable`]). The
+//!   participant's answer goes to the client at once; the outcome is then
+//!   logged under the key in one write that deletes the intent
+//!   ([`Action::PersistOnePhaseOutcome`], which needs no fsync of its own),
+//!   and only once that is durable ([`Core::on_one_phase_logged`]) does the
+//!   transaction give up its key and its participant's watermark. Until
+//!   then a retry of the key hears the answer given
+//!   ([`Core::answered_one_phase`]), or, before the answer, the usual "in
+//!   flight, retry" (a key's other uses keep their rules: another request
+//!   under it is FAILED_PRECONDITION). A restart reads every intent and
+//!   sends its request again ([`Core::recover_intents`]), holding the key
+//!   and the watermark, and logs the answer.
+//!
+//! Why it is exactly-once, across every crash and duplicate:
+//!
+//! 1. *A participant applies a one-phase transaction at most once, and
+//!    answers every delivery with the first outcome.* Its record
+//!    (COMMITTED, or ABORTED with the refusal) is durable before any answer
+//!    leaves, and stays until the coordinator's watermark passes the
+//!    transaction's position; from then on a delivery that finds no record
+//!    is below the watermark and refused as late, applying nothing (the
+//!    watermark is written before the deletion it allows, so a crash never
+//!    keeps the one without the other).
+//! 2. *The watermark passes a one-phase transaction only once nothing more
+//!    is needed from its participant:* once the answer is in, and, with a
+//!    key, once the outcome is durable in the log. So while the coordinator
+//!    may still send the request again, the participant still holds the
+//!    record, and the request gets the first answer, never "late".
+//! 3. *Keyed, the log always says enough.* At every instant one of these
+//!    holds: (a) neither intent nor outcome is durable, and no request was
+//!    ever sent (the intent is durable before the first one); (b) the
+//!    intent is durable: whatever the participant did, a restart sends the
+//!    request again and, by 1 and 2, hears the first outcome, which is
+//!    what the client may have heard, and logs it; meanwhile the key is in
+//!    flight, so no second transaction with it begins; (c) the outcome is
+//!    durable under the key (and the intent gone, in the same write): a
+//!    retry reads it. A crash in (a) loses nothing that was done, and the
+//!    retry starts afresh; in (b) and (c) the key keeps its one answer.
+//! 4. *Across restarts the watermark keeps 2.* The durable watermark
+//!    (`m/w/`) passes a keyed one-phase transaction only after the write
+//!    that logged its outcome and deleted its intent, which comes earlier
+//!    in the log's one write-ahead log; so an intent on disk is never below
+//!    its participant's durable watermark. [`Core::recover_intents`]
+//!    refuses a log where one is (it is corrupt), rather than resend a
+//!    request the participant could take for late.
+//!
+//! The coordinator simulation (`tests/simulation.rs`) crashes every node
+//! before every step of unkeyed and keyed one-phase transfers (process
+//! crashes and power losses), retries the key, and checks that every
+//! account holds exactly what the transactions applied once each give,
+//! that every answer a key got is the same, and that at most one
+//! transaction of a key is applied; its seeded runs mix one-phase and 2PC
+//! transfers with losses, duplicates, reordering, retries and collection
+//! by watermark. The whole-system simulation runs the same under every
+//! fault (`sim`, scenario `one-phase`).
+//!
+//! **Why the keyed intent is not written in parallel with the request.**
+//! Written at the same time, the client would wait for one fsync instead
+//! of two; but a crash after the participant applied the transaction and
+//! before the intent was durable leaves no trace of it in the log: the
+//! restarted coordinator's watermark passes it, the participant collects
+//! its record, and the client's retry moves the money twice (the hazard
+//! above). A sound one-fsync design needs the participant to keep the key
+//! until the coordinator is known to have logged it, across the
+//! coordinator's restarts. Keys kept by time at the participant for every
+//! keyed transaction would not fit (its records live in memory: a day of
+//! keys). What would fit, for a follow-up: the participant keeps the key in
+//! a keyed one-phase record (and refuses another transaction with that
+//! key while it does, answering the first one's outcome); a restarted
+//! coordinator, before its watermark for a participant passes the durable
+//! floor it read at start, tells that participant the window of positions
+//! whose keys it may not have logged (from that floor to its new
+//! generation's first position) and waits for the acknowledgement; the
+//! participant keeps the keyed records in such a window for the
+//! idempotency retention rather than by watermark (a few per crash). Then
+//! the intent is not needed at all, and a keyed one-phase transfer pays
+//! one fsync too. It needs a new RPC, keys and leg fingerprints in the
+//! participant's records, a new answer ("this key is taken by T, whose
+//! outcome is O") and its proof at every crash point; the intent stays
+//! sequential until then, and the outcome's write stays off the client's
+//! path.
+//!
+//! **The audit.** A one-phase transaction needs nothing from the audit: it
+//! is applied in one write at one participant, under the lock its balance
+//! reads take, and it moves no money between participants, so an audit
+//! sees all of it or none of it, and its sum is exact either way.
+//!
+//! **Cost per committed transfer** (one transfer alone; batching shares
+//! calls and fsyncs between transfers at load, group commit shares
+//! fsyncs). Messages count each request and each answer; "lazy" writes
+//! are made durable by another write's fsync (or the store's linger), and
+//! "buffered" ones need none.
+//!
+//! | | critical path to the answer | in all |
+//! | --- | --- | --- |
+//! | 2PC, two participants | 4 messages (1 round trip), 2 sequential fsyncs (prepares in parallel, then the decision) | 8 messages; 3 fsyncs, 2 lazy commits, 1 buffered end record |
+//! | 2PC, one participant (one-phase off) | 2 messages, 2 sequential fsyncs (prepare, decision) | 4 messages; 2 fsyncs, 1 lazy commit, 1 buffered end record |
+//! | one-phase, no key | 2 messages, 1 fsync (the participant's) | 2 messages; 1 fsync; nothing at the coordinator |
+//! | one-phase, keyed | 2 messages, 2 sequential fsyncs (intent, participant) | 2 messages; 2 fsyncs, 1 lazy outcome |
+//!
+//! A keyed 2PC transfer costs the same as an unkeyed one (the key's result
+//! is in the decision's write). So one-phase halves the fsyncs on an
+//! unkeyed transfer's path, halves the messages, and takes the
+//! coordinator's write off it; keyed, it keeps two sequential fsyncs but
+//! saves the COMMIT round, the commit's write and the end record.
 //!
 //! # Input
 //!
@@ -143,6 +288,27 @@ pub struct CommitRecord {
     pub position: u64,
 }
 
+/// What the log holds for a keyed one-phase transaction from before its
+/// request is sent until its outcome is logged (see the essay): enough to
+/// send the same request again after a restart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IntentRecord {
+    pub participant: ParticipantId,
+    pub idempotency_key: Id,
+    pub position: u64,
+    /// Every leg of the transaction (all on `participant`).
+    pub legs: Vec<Leg>,
+}
+
+/// What a participant answered to a one-phase commit, as the driver saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnePhaseResult {
+    /// The legs are posted there, durably.
+    Committed,
+    /// Refused: nothing changed there, and nothing will.
+    Refused(AbortReason, String),
+}
+
 /// What the driver must do, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -168,6 +334,21 @@ pub enum Action {
     /// Replace the decision with an end record (no fsync needed), then call
     /// [`Core::on_end_durable`].
     PersistEnd { txn: TxnId, idempotency_key: Option<Id> },
+    /// Keyed one-phase only: write and fsync the intent, then call
+    /// [`Core::on_intent_durable`].
+    PersistIntent { txn: TxnId, record: IntentRecord },
+    /// Send the one-phase commit, again (with backoff) until the participant
+    /// answers; give the answer to [`Core::on_one_phase_answer`], and call
+    /// [`Core::on_one_phase_overdue`] once the client's deadline passes
+    /// with no answer.
+    SendOnePhase { txn: TxnId, position: u64, participant: ParticipantId, legs: Vec<Leg>, idempotency_key: Option<Id> },
+    /// Tell the client that its transaction's outcome is not known yet.
+    ReplyUnknown { txn: TxnId, message: String },
+    /// Log a one-phase outcome: under its key (the intent deleted in the
+    /// same write), or, unkeyed, as a finished record for status lookups.
+    /// Its client may have heard it already; nothing waits for an fsync of
+    /// its own: call [`Core::on_one_phase_logged`] once it is durable.
+    PersistOnePhaseOutcome { txn: TxnId, idempotency_key: Option<Id>, outcome: Outcome, legs: Vec<Leg> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,6 +363,23 @@ pub enum Phase {
     },
     /// A keyed abort whose outcome is being logged.
     Aborting,
+    /// Keyed one-phase: the intent is being made durable; nothing is sent.
+    Intending {
+        legs: Vec<Leg>,
+    },
+    /// One-phase: the request is out (again until answered). `told_unknown`:
+    /// the client heard that the outcome is unknown (its deadline passed,
+    /// or this coordinator restarted), so the outcome is logged when known.
+    OnePhase {
+        legs: Vec<Leg>,
+        told_unknown: bool,
+    },
+    /// One-phase, answered (the client heard it, unless it was told
+    /// unknown): the outcome is being logged.
+    OnePhaseLogging {
+        legs: Vec<Leg>,
+        outcome: Outcome,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -220,12 +418,28 @@ pub struct Core {
     keys_in_flight: HashMap<Id, TxnId>,
     active_max: usize,
     marks: Watermarks,
+    /// Whether a transaction with one participant is committed in one phase
+    /// (the default) or by classic 2PC.
+    one_phase: bool,
 }
 
 impl Core {
+    /// A core that commits single-participant transactions in one phase.
     pub fn new(active_max: usize) -> Core {
         assert!(active_max > 0);
-        Core { active: HashMap::new(), keys_in_flight: HashMap::new(), active_max, marks: Watermarks::default() }
+        Core {
+            active: HashMap::new(),
+            keys_in_flight: HashMap::new(),
+            active_max,
+            marks: Watermarks::default(),
+            one_phase: true,
+        }
+    }
+
+    /// Turns one-phase commit on or off for transactions begun from now on
+    /// (off: every transaction runs classic 2PC, as for a comparison).
+    pub fn set_one_phase(&mut self, on: bool) {
+        self.one_phase = on;
     }
 
     /// Sets where positions start (the first of this process's generation)
@@ -300,6 +514,29 @@ impl Core {
         let participants: Vec<ParticipantId> = legs_by_participant.keys().cloned().collect();
         for participant in &participants {
             self.marks.hold(participant, position, &txn);
+        }
+        if self.one_phase && participants.len() == 1 {
+            let (participant, legs) = legs_by_participant.into_iter().next().expect("one participant");
+            let (phase, action) = match &idempotency_key {
+                // The intent first (see the essay): the request goes once it is durable.
+                Some(key) => {
+                    let record =
+                        IntentRecord { participant, idempotency_key: key.clone(), position, legs: legs.clone() };
+                    (Phase::Intending { legs }, Action::PersistIntent { txn: txn.clone(), record })
+                }
+                None => {
+                    let send = Action::SendOnePhase {
+                        txn: txn.clone(),
+                        position,
+                        participant,
+                        legs: legs.clone(),
+                        idempotency_key: None,
+                    };
+                    (Phase::OnePhase { legs, told_unknown: false }, send)
+                }
+            };
+            self.active.insert(txn, ActiveTxn { position, participants, idempotency_key, phase });
+            return Ok(vec![action]);
         }
         let actions = legs_by_participant
             .into_iter()
@@ -428,7 +665,16 @@ impl Core {
         Vec::new()
     }
 
+    /// The end record is durable: the transaction is forgotten. For one that
+    /// is not committing with every acknowledgement in, nothing happens.
     pub fn on_end_durable(&mut self, txn: &TxnId) {
+        if !self
+            .active
+            .get(txn)
+            .is_some_and(|active| matches!(&active.phase, Phase::Committing { pending } if pending.is_empty()))
+        {
+            return;
+        }
         if let Some(active) = self.active.remove(txn) {
             for p in &active.participants {
                 self.marks.release(p, active.position, txn);
@@ -439,13 +685,133 @@ impl Core {
         }
     }
 
+    /// A keyed one-phase transaction's intent is durable: its request goes
+    /// out. For one that is not intending, nothing happens.
+    pub fn on_intent_durable(&mut self, txn: &TxnId) -> Vec<Action> {
+        let Some(active) = self.active.get_mut(txn) else { return Vec::new() };
+        let Phase::Intending { legs } = &mut active.phase else {
+            tracing::error!(%txn, "an intent became durable for a transaction that is not intending; ignored");
+            return Vec::new();
+        };
+        let legs = std::mem::take(legs);
+        let send = Action::SendOnePhase {
+            txn: txn.clone(),
+            position: active.position,
+            participant: active.participants[0].clone(),
+            legs: legs.clone(),
+            idempotency_key: active.idempotency_key.clone(),
+        };
+        active.phase = Phase::OnePhase { legs, told_unknown: false };
+        vec![send]
+    }
+
+    /// The participant answered a one-phase commit: the client hears the
+    /// outcome at once (unless it was told unknown); a keyed outcome, and
+    /// one its client was told unknown, is logged next, and the
+    /// transaction holds its key and its participant's watermark until
+    /// that is durable ([`Core::on_one_phase_logged`]); an unkeyed one is
+    /// finished. An answer for a transaction that is not waiting for one
+    /// (a duplicate), or from another participant, is ignored.
+    pub fn on_one_phase_answer(
+        &mut self,
+        txn: &TxnId,
+        participant: &ParticipantId,
+        result: OnePhaseResult,
+    ) -> Vec<Action> {
+        let Some(active) = self.active.get_mut(txn) else { return Vec::new() };
+        let Phase::OnePhase { legs, told_unknown } = &mut active.phase else { return Vec::new() };
+        if active.participants.first() != Some(participant) {
+            return Vec::new();
+        }
+        let outcome = match result {
+            OnePhaseResult::Committed => Outcome::Committed,
+            // The outcome goes into the log's records: bounded here too.
+            OnePhaseResult::Refused(reason, message) => {
+                Outcome::Aborted(reason, tandem::domain::clip_text(&message, tandem::domain::REASON_STORED_LEN_MAX))
+            }
+        };
+        let mut actions = Vec::new();
+        if !*told_unknown {
+            actions.push(Action::Reply { txn: txn.clone(), outcome: outcome.clone() });
+        }
+        if active.idempotency_key.is_some() || *told_unknown {
+            let legs = std::mem::take(legs);
+            actions.push(Action::PersistOnePhaseOutcome {
+                txn: txn.clone(),
+                idempotency_key: active.idempotency_key.clone(),
+                outcome: outcome.clone(),
+                legs: legs.clone(),
+            });
+            active.phase = Phase::OnePhaseLogging { legs, outcome };
+        } else {
+            let position = active.position;
+            self.active.remove(txn);
+            self.marks.release(participant, position, txn);
+        }
+        actions
+    }
+
+    /// The client's deadline passed with no answer to a one-phase commit:
+    /// it hears that the outcome is unknown (once), and the request keeps
+    /// going out until the participant answers. For a transaction that is
+    /// not waiting for an answer, or whose client was told already,
+    /// nothing happens.
+    pub fn on_one_phase_overdue(&mut self, txn: &TxnId) -> Vec<Action> {
+        let Some(active) = self.active.get_mut(txn) else { return Vec::new() };
+        let Phase::OnePhase { told_unknown, .. } = &mut active.phase else { return Vec::new() };
+        if *told_unknown {
+            return Vec::new();
+        }
+        *told_unknown = true;
+        let participant = &active.participants[0];
+        let retry = if active.idempotency_key.is_some() {
+            "retry with the same idempotency key to learn it"
+        } else {
+            "GetTransaction tells it once known"
+        };
+        let message = format!(
+            "{txn}: {participant} has not answered its one-phase commit in time, so the outcome is not known yet; it is asked again until it answers ({retry})"
+        );
+        vec![Action::ReplyUnknown { txn: txn.clone(), message }]
+    }
+
+    /// A one-phase outcome is logged durably: the transaction is finished,
+    /// and its key and its participant's watermark are free. For one whose
+    /// outcome is not being logged, nothing happens.
+    pub fn on_one_phase_logged(&mut self, txn: &TxnId) {
+        if !self.active.get(txn).is_some_and(|active| matches!(active.phase, Phase::OnePhaseLogging { .. })) {
+            return;
+        }
+        if let Some(active) = self.active.remove(txn) {
+            for p in &active.participants {
+                self.marks.release(p, active.position, txn);
+            }
+            if let Some(key) = &active.idempotency_key {
+                self.keys_in_flight.remove(key);
+            }
+        }
+    }
+
+    /// The one-phase transaction holding `key` whose client heard its
+    /// outcome already (being logged), with the outcome and its legs.
+    pub fn answered_one_phase(&self, key: &Id) -> Option<(&TxnId, &Outcome, &[Leg])> {
+        let txn = self.keys_in_flight.get(key)?;
+        match &self.active.get(txn)?.phase {
+            Phase::OnePhaseLogging { legs, outcome } => Some((txn, outcome, legs)),
+            _ => None,
+        }
+    }
+
     /// The answer to a participant's decision query, or `None` when this core
-    /// does not hold the transaction and the log must say.
+    /// does not hold the transaction and the log must say. A one-phase
+    /// transaction is never prepared anywhere: it is PENDING while held
+    /// (nothing is decided by its answer), then the log's "no decision".
     pub fn query(&self, txn: &TxnId) -> Option<Decision> {
         self.active.get(txn).map(|active| match active.phase {
             Phase::Preparing { .. } | Phase::Deciding => Decision::Pending,
             Phase::Committing { .. } => Decision::Commit,
             Phase::Aborting => Decision::Abort,
+            Phase::Intending { .. } | Phase::OnePhase { .. } | Phase::OnePhaseLogging { .. } => Decision::Pending,
         })
     }
 
@@ -475,6 +841,61 @@ impl Core {
     /// is an error (the log is corrupt), and then nothing is resumed. A
     /// commit holds the watermark of each participant whose durable
     /// watermark it is not below (see the essay).
+    /// Resumes the keyed one-phase transactions whose intent is logged and
+    /// whose outcome is not: each request is sent again until its
+    /// participant answers (with the first answer, if it had one), and the
+    /// outcome is logged under the key. Each holds its key and its
+    /// participant's watermark meanwhile. An intent below its participant's
+    /// durable watermark, for a transaction already held, or with a key
+    /// already in flight, is an error (the log is corrupt; see the essay),
+    /// and then nothing is resumed.
+    pub fn recover_intents(&mut self, logged: Vec<(TxnId, IntentRecord)>) -> Result<Vec<Action>, Error> {
+        let mut keys = std::collections::HashSet::new();
+        for (txn, record) in &logged {
+            if self.active.contains_key(txn)
+                || self.keys_in_flight.contains_key(&record.idempotency_key)
+                || !keys.insert(&record.idempotency_key)
+            {
+                return Err(Error::Fatal(format!(
+                    "the intent of {txn} names a transaction or a key (idempotency key {}) held twice",
+                    record.idempotency_key
+                )));
+            }
+            if record.position < self.marks.floor(&record.participant) {
+                return Err(Error::Fatal(format!(
+                    "the intent of {txn} is at position {}, below the durable watermark {} of {}: its outcome was logged before the watermark passed it",
+                    record.position,
+                    self.marks.floor(&record.participant),
+                    record.participant
+                )));
+            }
+        }
+        let mut actions = Vec::new();
+        for (txn, record) in logged {
+            let IntentRecord { participant, idempotency_key, position, legs } = record;
+            self.marks.hold(&participant, position, &txn);
+            self.keys_in_flight.insert(idempotency_key.clone(), txn.clone());
+            actions.push(Action::SendOnePhase {
+                txn: txn.clone(),
+                position,
+                participant: participant.clone(),
+                legs: legs.clone(),
+                idempotency_key: Some(idempotency_key.clone()),
+            });
+            self.active.insert(
+                txn,
+                ActiveTxn {
+                    position,
+                    participants: vec![participant],
+                    idempotency_key: Some(idempotency_key),
+                    // No client waits: the outcome is only logged.
+                    phase: Phase::OnePhase { legs, told_unknown: true },
+                },
+            );
+        }
+        Ok(actions)
+    }
+
     pub fn recover(&mut self, logged: Vec<(TxnId, CommitRecord)>) -> Result<Vec<Action>, Error> {
         for (txn, record) in &logged {
             if record.participants.is_empty() || self.active.contains_key(txn) {
@@ -673,6 +1094,141 @@ mod tests {
         assert_eq!(other_incarnation(7, 9, None), Some(9));
         assert_eq!(other_incarnation(7, 0, Some(9)), Some(9));
         assert_eq!(other_incarnation(7, 0, Some(7)), None);
+    }
+
+    fn one_participant() -> BTreeMap<ParticipantId, Vec<Leg>> {
+        [(id("p1"), vec![Leg { account: 1, amount: -5 }, Leg { account: 2, amount: 5 }])].into_iter().collect()
+    }
+
+    #[test]
+    fn a_transaction_on_one_participant_is_one_request_whose_answer_ends_it_with_nothing_logged() {
+        let mut core = Core::new(10);
+        core.start_positions(10, BTreeMap::new());
+        let actions = core.begin(id("t1"), 10, one_participant(), None).unwrap();
+        let [Action::SendOnePhase { participant, legs, idempotency_key: None, position: 10, .. }] = &actions[..] else {
+            panic!("{actions:?}")
+        };
+        assert_eq!((participant, legs.len()), (&id("p1"), 2), "every leg, to its one participant");
+        assert_eq!(core.query(&id("t1")), Some(Decision::Pending), "nobody is in doubt about it; nothing is decided");
+        assert_eq!(core.holding_count(&id("p1")), 1, "it holds p1's watermark until answered");
+        // A 2PC callback for it changes nothing.
+        assert!(core.on_vote(&id("t1"), &id("p1"), VoteResult::Yes).is_empty());
+        assert!(core.on_commit_durable(&id("t1")).is_empty());
+        core.on_end_durable(&id("t1"));
+        assert!(
+            core.on_one_phase_answer(&id("t1"), &id("p2"), OnePhaseResult::Committed).is_empty(),
+            "not its participant"
+        );
+        let actions = core.on_one_phase_answer(&id("t1"), &id("p1"), OnePhaseResult::Committed);
+        assert_eq!(actions, vec![Action::Reply { txn: id("t1"), outcome: Outcome::Committed }], "nothing to log");
+        assert_eq!((core.active_count(), core.holding_count(&id("p1"))), (0, 0));
+        assert!(core.on_one_phase_answer(&id("t1"), &id("p1"), OnePhaseResult::Committed).is_empty(), "a duplicate");
+        assert_eq!(core.watermarks_due(), vec![(id("p1"), 11)]);
+        // A refusal ends it the same way.
+        core.begin(id("t2"), 11, one_participant(), None).unwrap();
+        let refused = OnePhaseResult::Refused(AbortReason::InsufficientFunds, "p1: poor".into());
+        let actions = core.on_one_phase_answer(&id("t2"), &id("p1"), refused);
+        assert_eq!(
+            actions,
+            vec![Action::Reply {
+                txn: id("t2"),
+                outcome: Outcome::Aborted(AbortReason::InsufficientFunds, "p1: poor".into())
+            }]
+        );
+        assert_eq!(core.active_count(), 0);
+    }
+
+    #[test]
+    fn a_keyed_one_phase_transaction_logs_its_intent_first_and_keeps_its_key_until_its_outcome_is_logged() {
+        let mut core = Core::new(10);
+        core.start_positions(20, BTreeMap::new());
+        let actions = core.begin(id("t1"), 20, one_participant(), Some(id("k1"))).unwrap();
+        let [Action::PersistIntent { record, .. }] = &actions[..] else { panic!("{actions:?}") };
+        assert_eq!((&record.participant, &record.idempotency_key, record.position), (&id("p1"), &id("k1"), 20));
+        assert_eq!(record.legs.len(), 2);
+        assert!(matches!(core.begin(id("t2"), 21, one_participant(), Some(id("k1"))), Err(Error::Conflict(_))));
+        assert!(core.on_one_phase_answer(&id("t1"), &id("p1"), OnePhaseResult::Committed).is_empty(), "not sent yet");
+        let actions = core.on_intent_durable(&id("t1"));
+        assert!(matches!(&actions[..], [Action::SendOnePhase { idempotency_key: Some(k), .. }] if *k == id("k1")));
+        assert!(core.on_intent_durable(&id("t1")).is_empty(), "once");
+        let actions = core.on_one_phase_answer(&id("t1"), &id("p1"), OnePhaseResult::Committed);
+        // The client hears it at once; the outcome is logged after.
+        assert_eq!(actions[0], Action::Reply { txn: id("t1"), outcome: Outcome::Committed });
+        assert!(
+            matches!(&actions[1], Action::PersistOnePhaseOutcome { idempotency_key: Some(k), outcome: Outcome::Committed, legs, .. } if *k == id("k1") && legs.len() == 2)
+        );
+        assert_eq!(core.key_in_flight(&id("k1")), Some(&id("t1")), "held until logged");
+        let (txn, outcome, _) = core.answered_one_phase(&id("k1")).unwrap();
+        assert_eq!((txn, outcome), (&id("t1"), &Outcome::Committed), "a retry hears the answer");
+        assert_eq!(core.holding_count(&id("p1")), 1, "its record at p1 must stay until the outcome is logged");
+        core.on_one_phase_logged(&id("t1"));
+        assert_eq!((core.key_in_flight(&id("k1")), core.holding_count(&id("p1"))), (None, 0));
+        assert_eq!(core.active_count(), 0);
+    }
+
+    #[test]
+    fn a_one_phase_answer_past_the_deadline_is_logged_for_a_client_that_heard_it_unknown() {
+        let mut core = Core::new(10);
+        core.begin(id("t1"), 1, one_participant(), None).unwrap();
+        let actions = core.on_one_phase_overdue(&id("t1"));
+        assert!(
+            matches!(&actions[..], [Action::ReplyUnknown { message, .. }] if message.contains("p1")),
+            "{actions:?}"
+        );
+        assert!(core.on_one_phase_overdue(&id("t1")).is_empty(), "told once");
+        let actions = core.on_one_phase_answer(&id("t1"), &id("p1"), OnePhaseResult::Committed);
+        assert!(
+            matches!(
+                &actions[..],
+                [Action::PersistOnePhaseOutcome { idempotency_key: None, outcome: Outcome::Committed, .. }]
+            ),
+            "no second answer; logged for status lookups: {actions:?}"
+        );
+        core.on_one_phase_logged(&id("t1"));
+        assert_eq!(core.active_count(), 0);
+        // An answer, then a late deadline: nothing.
+        core.begin(id("t2"), 2, one_participant(), None).unwrap();
+        core.on_one_phase_answer(&id("t2"), &id("p1"), OnePhaseResult::Committed);
+        assert!(core.on_one_phase_overdue(&id("t2")).is_empty());
+    }
+
+    #[test]
+    fn recovered_intents_are_sent_again_and_their_answers_logged_and_a_corrupt_one_is_refused() {
+        let intent = |position| IntentRecord {
+            participant: id("p1"),
+            idempotency_key: id("k1"),
+            position,
+            legs: vec![Leg { account: 1, amount: -5 }, Leg { account: 2, amount: 5 }],
+        };
+        let mut core = Core::new(10);
+        core.start_positions(100, [(id("p1"), 40)].into());
+        let actions = core.recover_intents(vec![(id("t1"), intent(50))]).unwrap();
+        assert!(matches!(&actions[..], [Action::SendOnePhase { position: 50, idempotency_key: Some(_), .. }]));
+        assert_eq!(core.key_in_flight(&id("k1")), Some(&id("t1")));
+        assert_eq!(core.watermarks_due(), vec![(id("p1"), 50)], "held at the intent");
+        assert!(core.on_one_phase_overdue(&id("t1")).is_empty(), "no client waits");
+        let actions = core.on_one_phase_answer(&id("t1"), &id("p1"), OnePhaseResult::Committed);
+        assert!(
+            matches!(&actions[..], [Action::PersistOnePhaseOutcome { outcome: Outcome::Committed, .. }]),
+            "{actions:?}"
+        );
+        core.on_one_phase_logged(&id("t1"));
+        assert_eq!(core.active_count(), 0);
+        // Below the durable watermark, twice, or with a key in flight: corrupt.
+        let mut core = Core::new(10);
+        core.start_positions(100, [(id("p1"), 40)].into());
+        assert!(matches!(core.recover_intents(vec![(id("t1"), intent(39))]), Err(Error::Fatal(_))));
+        assert!(core.recover_intents(vec![(id("t1"), intent(50)), (id("t2"), intent(51))]).is_err());
+        assert_eq!(core.active_count(), 0, "nothing resumed");
+    }
+
+    #[test]
+    fn with_one_phase_off_a_transaction_on_one_participant_runs_2pc() {
+        let mut core = Core::new(10);
+        core.set_one_phase(false);
+        let actions = core.begin(id("t1"), 1, one_participant(), Some(id("k1"))).unwrap();
+        assert!(matches!(&actions[..], [Action::SendPrepare { .. }]), "{actions:?}");
+        assert!(matches!(core.on_vote(&id("t1"), &id("p1"), VoteResult::Yes)[..], [Action::PersistCommit { .. }]));
     }
 
     #[test]

@@ -29,6 +29,11 @@
 //!   number kept. A `k/` record rewritten later (a key reused past its
 //!   retention) has an index entry per write; the record's own expiry says
 //!   which one deletes it.
+//! - `i/<txn id>`: the intent of a keyed one-phase transaction (see
+//!   `core.rs`): its idempotency key, its participant, its position and its
+//!   legs. Written and fsynced before its request is sent; deleted in the
+//!   write that logs its outcome under the key (`k/`, `f/`). A restart
+//!   sends the request of each intent again and logs the answer.
 //! - `s/<saga id>`: an orchestrated saga that is running or dead-lettered:
 //!   its transfer, its position, its stage, and why it left its happy path.
 //!   The start record is fsynced before the first step; stage changes are
@@ -76,7 +81,7 @@
 //! [`decode_at`]) or answers INTERNAL for it, never guesses and never
 //! panics.
 
-use crate::core::{AbortReason, CommitRecord, Outcome};
+use crate::core::{AbortReason, CommitRecord, IntentRecord, Outcome};
 use crate::saga::{Recovery, SagaRecord, SagaSpec, Stage};
 use tandem::codec::{corrupt, corrupt_record, Reader, Writer};
 use tandem::domain::{Id, Leg, TxnId, LEGS_MAX};
@@ -104,6 +109,7 @@ pub const DECISION_PREFIX: &[u8] = b"d/";
 pub const FINISHED_PREFIX: &[u8] = b"f/";
 pub const KEY_PREFIX: &[u8] = b"k/";
 pub const SAGA_PREFIX: &[u8] = b"s/";
+pub const INTENT_PREFIX: &[u8] = b"i/";
 
 pub fn key(prefix: &[u8], id: &Id) -> Vec<u8> {
     let mut key = prefix.to_vec();
@@ -251,6 +257,76 @@ pub fn decode_commit(bytes: &[u8]) -> Result<CommitRecord, Error> {
     let position = if r.remaining() == 0 { 0 } else { r.u64()? };
     r.done()?;
     Ok(CommitRecord { participants, idempotency_key, position })
+}
+
+/// An intent: the key, the participant, the position, then the legs (a
+/// count byte, each an account and an amount).
+pub fn encode_intent(record: &IntentRecord) -> Result<Vec<u8>, Error> {
+    let mut w = Writer::new();
+    w.text("an idempotency key", record.idempotency_key.as_str())?;
+    w.text("a participant id", record.participant.as_str())?;
+    w.u64(record.position);
+    if record.legs.len() > LEGS_MAX {
+        return Err(Error::InvalidInput(format!("a transaction has at most {LEGS_MAX} legs")));
+    }
+    w.count_u8("the number of legs", record.legs.len())?;
+    for leg in &record.legs {
+        w.u64(leg.account);
+        w.i64(leg.amount);
+    }
+    Ok(w.finish())
+}
+
+/// Reads an intent; its legs must be the legs of a transaction the
+/// coordinator would have begun (valid, summing to zero).
+pub fn decode_intent(bytes: &[u8]) -> Result<IntentRecord, Error> {
+    let mut r = Reader::new(bytes);
+    let idempotency_key = r.id()?;
+    let participant = r.id()?;
+    let position = r.u64()?;
+    let count = r.byte()? as usize;
+    if count > LEGS_MAX {
+        return Err(corrupt(format!("an intent with {count} legs")));
+    }
+    let legs =
+        (0..count).map(|_| Ok(Leg { account: r.u64()?, amount: r.i64()? })).collect::<Result<Vec<_>, Error>>()?;
+    r.done()?;
+    tandem::domain::validate_legs(&legs)
+        .and_then(|()| tandem::domain::validate_balanced(&legs))
+        .map_err(|e| corrupt(format!("the intent's legs: {e}")))?;
+    Ok(IntentRecord { participant, idempotency_key, position, legs })
+}
+
+/// The ops that log a keyed one-phase transaction's intent.
+pub fn intent_ops(txn: &TxnId, record: &IntentRecord) -> Result<Vec<Op>, Error> {
+    Ok(vec![Op::Put(key(INTENT_PREFIX, txn), encode_intent(record)?)])
+}
+
+/// The ops that log a one-phase transaction's outcome: with a key, the
+/// key's result and a finished record, the intent deleted in the same
+/// write; without one (its client heard the outcome unknown), a finished
+/// record for status lookups.
+pub fn one_phase_outcome_ops(
+    txn: &TxnId,
+    idempotency_key: Option<&Id>,
+    outcome: &Outcome,
+    fingerprint: u64,
+    expires_ms: u64,
+) -> Result<Vec<Op>, Error> {
+    let finished_as = match outcome {
+        Outcome::Committed => FinishedAs::Committed,
+        Outcome::Aborted(..) => FinishedAs::Aborted,
+        other => return Err(Error::InvalidInput(format!("a one-phase transaction cannot end {other:?}"))),
+    };
+    let mut ops = Vec::with_capacity(5);
+    if let Some(idem) = idempotency_key {
+        let result = KeyedResult { txn: txn.clone(), outcome: outcome.clone(), fingerprint, expires_ms };
+        put_expiring(&mut ops, key(KEY_PREFIX, idem), encode_keyed(&result)?, expires_ms);
+        ops.push(Op::Delete(key(INTENT_PREFIX, txn)));
+    }
+    let finished = Finished { outcome: finished_as, idempotency_key: idempotency_key.cloned(), expires_ms };
+    put_expiring(&mut ops, key(FINISHED_PREFIX, txn), encode_finished(&finished)?, expires_ms);
+    Ok(ops)
 }
 
 /// How a remembered transaction or saga ended.
@@ -707,6 +783,38 @@ mod tests {
             cause: Some(AbortReason::UnknownAccount),
             parked: 0,
         }
+    }
+
+    #[test]
+    fn intents_round_trip_and_a_one_phase_outcome_replaces_its_intent() {
+        let record = IntentRecord {
+            participant: id("p1"),
+            idempotency_key: id("k1"),
+            position: 1 << 40 | 7,
+            legs: vec![Leg { account: 1, amount: -5 }, Leg { account: 2, amount: 5 }],
+        };
+        let bytes = encode_intent(&record).unwrap();
+        assert_eq!(decode_intent(&bytes), Ok(record.clone()));
+        let unbalanced = IntentRecord { legs: vec![Leg { account: 1, amount: -5 }], ..record.clone() };
+        assert!(matches!(decode_intent(&encode_intent(&unbalanced).unwrap()), Err(Error::Fatal(_))));
+        assert!(decode_intent(&bytes[..bytes.len() - 1]).is_err());
+        let ops = one_phase_outcome_ops(&id("t1"), Some(&id("k1")), &Outcome::Committed, 9, 77).unwrap();
+        assert!(ops.contains(&Op::Delete(key(INTENT_PREFIX, &id("t1")))), "{ops:?}");
+        let keyed = ops.iter().find_map(|op| match op {
+            Op::Put(k, v) if *k == key(KEY_PREFIX, &id("k1")) => Some(decode_keyed(v).unwrap()),
+            _ => None,
+        });
+        assert_eq!(
+            keyed,
+            Some(KeyedResult { txn: id("t1"), outcome: Outcome::Committed, fingerprint: 9, expires_ms: 77 })
+        );
+        // Without a key: only the finished record, for status lookups.
+        let ops = one_phase_outcome_ops(&id("t2"), None, &Outcome::Aborted(AbortReason::Refused, "no".into()), 9, 77)
+            .unwrap();
+        assert!(ops
+            .iter()
+            .all(|op| matches!(op, Op::Put(k, _) if k.starts_with(FINISHED_PREFIX) || k.starts_with(EXPIRY_PREFIX))));
+        assert!(one_phase_outcome_ops(&id("t3"), None, &Outcome::Compensated(None, "x".into()), 9, 77).is_err());
     }
 
     #[test]

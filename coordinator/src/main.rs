@@ -75,6 +75,13 @@ struct Args {
     /// Compensations are retried until they succeed
     #[arg(long, default_value_t = 30_000)]
     saga_deadline_ms: u64,
+    /// Commit a transaction whose legs all live on one participant in one
+    /// phase: one call, which the participant applies and makes durable in
+    /// one write, and no decision record here (with an idempotency key, an
+    /// intent is logged first). false: every transaction runs classic 2PC,
+    /// for a comparison.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    one_phase_commit: bool,
     /// Log filter: error, warn, info, debug or trace (RUST_LOG overrides).
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -134,6 +141,7 @@ async fn run(args: Args) -> Result<(), String> {
         saga_deadline_ms: args.saga_deadline_ms,
         security,
         network: tandem::net::Network::Tcp,
+        one_phase_commit: args.one_phase_commit,
     })
     .await
     .map_err(|e| e.to_string())?;

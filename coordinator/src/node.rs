@@ -6,13 +6,14 @@
 //! outbound queue (a prepare, a COMMIT), whose result is fed back into the
 //! core under its lock, and the actions that come out are executed in turn.
 //!
-//! Batching. Prepares, COMMITs and saga steps go to each participant
-//! through a [`BatchQueue`] with a few call slots: a message goes out at
-//! once (a batch of one) while a slot is free, and the messages that pile
-//! up while every slot is busy go out together in one `PrepareBatch`,
-//! `CommitBatch` or `SagaStepBatch` call, which the participant applies in
-//! one write. The single-message calls stay in the API for other clients. The protocol does not
-//! change (each prepare is voted on alone, each COMMIT is redelivered until
+//! Batching. Prepares, one-phase commits, COMMITs and saga steps go to each
+//! participant through a [`BatchQueue`] with a few call slots: a message
+//! goes out at once (a batch of one) while a slot is free, and the messages
+//! that pile up while every slot is busy go out together in one
+//! `PrepareBatch`, `CommitOnePhaseBatch`, `CommitBatch` or `SagaStepBatch`
+//! call, which the participant applies in one write. The single-message
+//! calls stay in the API for other clients. The protocol does not change
+//! (each prepare is voted on alone, each COMMIT is redelivered until
 //! acknowledged); what changes is the number of calls: at 64 clients on this
 //! 2-core machine the gRPC work per transfer was most of the coordinator's
 //! CPU, and batching took 2PC from about 5,600 to 8,600–9,700 commits/s.
@@ -70,6 +71,14 @@
 //! two of them may arrive in another order than they were stamped: a
 //! participant keeps the highest watermark it heard.
 //!
+//! One-phase commits. A request is sent again, with backoff, until its
+//! participant answers it ([`Node::send_one_phases`]); when its client's
+//! deadline (`prepare_timeout_ms`) passes first, the core is told, and the
+//! client hears that the outcome is not known yet. A keyed one's intent is
+//! fsynced before its request goes; its outcome is written after its client
+//! heard it, with no fsync of its own (see `core.rs`). The audit need not
+//! count any: each is applied in one write at one participant.
+//!
 //! Idempotency keys and finished records expire by time
 //! (`idempotency_retention_ms`, by `wall_clock`) and are deleted through an
 //! expiry index ([`Node::collect_garbage`]); start-up reads only the meta
@@ -88,7 +97,7 @@
 //! that does not decode is an error naming it (at start: the coordinator
 //! does not start; while serving: INTERNAL), never a panic.
 
-use crate::core::{AbortReason, Action, Core, Decision, Outcome, Phase, VoteResult};
+use crate::core::{AbortReason, Action, Core, Decision, OnePhaseResult, Outcome, Phase, VoteResult};
 use crate::directory::{Directory, Shard};
 use crate::log;
 use crate::saga::{Recovery, SagaAction, SagaCore, SagaId};
@@ -147,6 +156,9 @@ pub const WATERMARK_INTERVAL_MS: u64 = 50;
 pub const COMMIT_BATCH_MAX: usize = 1_024;
 /// Most prepares sent to one participant in one call (`PrepareBatch`).
 pub const PREPARE_BATCH_MAX: usize = 256;
+/// Most one-phase commits sent to one participant in one call
+/// (`CommitOnePhaseBatch`).
+pub const ONE_PHASE_BATCH_MAX: usize = 256;
 /// Most calls of one kind (prepare or commit) in flight to one participant.
 pub const BATCHES_IN_FLIGHT_MAX: usize = 4;
 /// Most saga steps sent to one participant in one call (`SagaStepBatch`).
@@ -369,6 +381,22 @@ pub(crate) struct QueuedPrepare {
     deadline: Instant,
 }
 
+/// A one-phase commit waiting for its call: sent again until its
+/// participant answers.
+pub(crate) struct QueuedOnePhase {
+    txn: TxnId,
+    position: u64,
+    legs: Vec<Leg>,
+    idempotency_key: Option<Id>,
+    /// When its client stops waiting: told the outcome is unknown.
+    deadline: Instant,
+    /// Calls that carried it and got no answer: any of them may have
+    /// reached the participant (so only an answer tells the outcome now).
+    unanswered: u32,
+    /// The wait before it is sent again after a call that got no answer.
+    backoff_ms: u64,
+}
+
 /// A saga step waiting for its call, and where its answer goes.
 pub(crate) struct QueuedStep {
     pub(crate) step: pb::SagaStepRequest,
@@ -380,6 +408,8 @@ pub(crate) struct QueuedStep {
 #[derive(Default)]
 pub(crate) struct Outbound {
     prepares: BatchQueue<QueuedPrepare>,
+    /// One-phase commits (each sent again until answered).
+    one_phase: BatchQueue<QueuedOnePhase>,
     /// Orchestrated saga steps (each retried by its saga's driver).
     pub(crate) steps: BatchQueue<QueuedStep>,
     commits: BatchQueue<TxnId>,
@@ -427,6 +457,10 @@ pub struct NodeConfig {
     pub security: Security,
     /// How its calls reach the participants: TCP, or a simulation's network.
     pub network: Network,
+    /// Whether a transaction whose legs all live on one participant is
+    /// committed in one phase (`--one-phase-commit`, default true) or by
+    /// classic 2PC (see `core.rs`).
+    pub one_phase_commit: bool,
 }
 
 pub(crate) struct Waiter {
@@ -440,8 +474,11 @@ pub struct Node {
     pub(crate) inner: Arc<Inner>,
 }
 
-/// What a restarted coordinator resumes: logged commits and sagas.
+/// What a restarted coordinator resumes: logged commits and one-phase
+/// intents, and sagas.
 pub struct Recovered {
+    /// The COMMITs of logged decisions, and the one-phase requests of
+    /// logged intents.
     pub commits: Vec<Action>,
     pub sagas: Vec<SagaAction>,
 }
@@ -541,6 +578,18 @@ impl Node {
                 Ok((txn, record))
             })
             .collect::<Result<Vec<_>, Error>>()?;
+        let intents = store
+            .scan_prefix(log::INTENT_PREFIX)?
+            .into_iter()
+            .map(|(key, value)| {
+                let txn = log::id_from_key(log::INTENT_PREFIX, &key)?;
+                let record = log::decode_at(&key, &value, log::decode_intent)?;
+                if !participants.contains_key(&record.participant) {
+                    return Err(unknown_participant(&key, &record.participant));
+                }
+                Ok((txn, record))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         let logged_sagas = store
             .scan_prefix(log::SAGA_PREFIX)?
             .into_iter()
@@ -556,6 +605,7 @@ impl Node {
             })
             .collect::<Result<Vec<_>, Error>>()?;
         let mut core = Core::new(config.active_max);
+        core.set_one_phase(config.one_phase_commit);
         let mut sagas = SagaCore::new(config.active_max);
         core.start_positions(first_position, two_phase_floors);
         sagas.start_positions(first_position, saga_floors);
@@ -564,10 +614,14 @@ impl Node {
             incarnation = %format!("{incarnation:016x}"),
             generation,
             commits_to_finish = logged.len(),
+            one_phase_to_resend = intents.len(),
             sagas_to_resume = logged_sagas.len(),
+            one_phase_commit = config.one_phase_commit,
             "recovered the decision log"
         );
-        let recovered = Recovered { commits: core.recover(logged)?, sagas: sagas.recover(logged_sagas) };
+        let mut commits = core.recover(logged)?;
+        commits.extend(core.recover_intents(intents)?);
+        let recovered = Recovered { commits, sagas: sagas.recover(logged_sagas) };
         let node = Node {
             inner: Arc::new(Inner {
                 incarnation,
@@ -682,6 +736,18 @@ impl Node {
                         "a saga with idempotency key {key} is running ({saga}); retry to get its outcome"
                     )));
                 }
+                // A one-phase transaction with this key whose client heard
+                // its outcome, which is being logged: that outcome.
+                let answered = self.core().answered_one_phase(key).map(|(txn, outcome, legs)| log::KeyedResult {
+                    txn: txn.clone(),
+                    outcome: outcome.clone(),
+                    fingerprint: log::fingerprint(asked, legs),
+                    expires_ms: u64::MAX,
+                });
+                if let Some(earlier) = answered {
+                    log::same_request(key, &earlier, asked, &legs)?;
+                    return Ok((earlier.txn, earlier.outcome));
+                }
                 self.begin_transaction(by_participant, Some(key.clone()), fingerprint)?
             }
             None => self.begin_transaction(by_participant, None, fingerprint)?,
@@ -754,6 +820,72 @@ impl Node {
                     });
                 }
                 Action::Reply { txn, outcome } => self.reply(&txn, Ok(outcome)),
+                Action::ReplyUnknown { txn, message } => self.reply(&txn, Err(Error::Unavailable(message))),
+                Action::PersistIntent { txn, record } => {
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        let written = match log::intent_ops(&txn, &record) {
+                            Ok(ops) => node.inner.store.write(ops).await,
+                            Err(error) => Err(error),
+                        };
+                        match written {
+                            Ok(()) => {
+                                let next = node.core().on_intent_durable(&txn);
+                                node.execute(next);
+                            }
+                            Err(error) => {
+                                // The intent may or may not be on disk: if it
+                                // is, a restart sends the request. The client
+                                // must not hear either outcome.
+                                error!(%txn, %error, "writing a one-phase intent failed; outcome unknown until restart");
+                                node.reply(&txn, Err(Error::Unavailable(format!(
+                                    "{txn}: the decision log failed ({error}); the outcome is unknown until the coordinator restarts"
+                                ))));
+                            }
+                        }
+                    });
+                }
+                Action::SendOnePhase { txn, position, participant, legs, idempotency_key } => {
+                    let deadline = Instant::now() + Duration::from_millis(self.inner.config.prepare_timeout_ms);
+                    let request = QueuedOnePhase {
+                        txn,
+                        position,
+                        legs,
+                        idempotency_key,
+                        deadline,
+                        unanswered: 0,
+                        backoff_ms: COMMIT_RETRY_INITIAL_MS,
+                    };
+                    self.outbound(&participant).one_phase.push(request);
+                }
+                Action::PersistOnePhaseOutcome { txn, idempotency_key, outcome, legs } => {
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        // The fingerprint the request had: every leg is here.
+                        let fingerprint = log::fingerprint(log::Asked::TwoPhaseCommit, &legs);
+                        // No fsync of its own: its client may have heard it
+                        // already, and until it is durable the intent stands
+                        // (a restart asks the participant again).
+                        let written = log::one_phase_outcome_ops(
+                            &txn,
+                            idempotency_key.as_ref(),
+                            &outcome,
+                            fingerprint,
+                            node.expires_ms(),
+                        )
+                        .and_then(|ops| node.inner.store.submit(ops, Durability::Lazy));
+                        let result = match written {
+                            Ok(wait) => wait.await.unwrap_or_else(|_| Err(Error::Fatal("writer stopped".into()))),
+                            Err(error) => Err(error),
+                        };
+                        match result {
+                            Ok(()) => node.core().on_one_phase_logged(&txn),
+                            Err(error) => {
+                                error!(%txn, %error, "logging a one-phase outcome failed; its key stays in flight, and a restart asks the participant again")
+                            }
+                        }
+                    });
+                }
                 Action::PersistEnd { txn, idempotency_key } => {
                     let node = self.clone();
                     tokio::spawn(async move {
@@ -904,6 +1036,106 @@ impl Node {
         for (txn, vote) in votes {
             debug!(%txn, %participant, ?vote, "vote");
             let next = self.core().on_vote(&txn, &participant, vote);
+            self.execute(next);
+        }
+    }
+
+    /// Sends a batch of one-phase commits in one call and feeds each answer
+    /// to the core. A request is sent again, with backoff, until its
+    /// participant answers it: an unanswered call may have been applied,
+    /// and only the participant's answer (its first one, to a duplicate)
+    /// tells. Once a request's client deadline has passed, the core is told
+    /// ([`Core::on_one_phase_overdue`]): its client hears that the outcome
+    /// is unknown. A call refused as a whole before the participant ran it
+    /// ([`refused_before_running`]) refuses its requests that no earlier
+    /// call could have delivered.
+    async fn send_one_phases(self, participant: Id, batch: Vec<QueuedOnePhase>) {
+        let now = Instant::now();
+        self.tell_overdue(&batch, now);
+        let timeout = batch
+            .iter()
+            .map(|request| request.deadline)
+            .filter(|deadline| *deadline > now)
+            .min()
+            .map_or(Duration::from_millis(self.inner.config.call_timeout_ms), |deadline| deadline - now);
+        let coordinator_id = self.inner.config.node_id.to_string();
+        // Read now: every request in the batch holds it back already.
+        let low_watermark = self.core().watermark(&participant);
+        let requests = batch
+            .iter()
+            .map(|request| pb::OnePhaseRequest {
+                txn_id: request.txn.to_string(),
+                coordinator_id: coordinator_id.clone(),
+                legs: request.legs.iter().copied().map(pb::Leg::from).collect(),
+                coordinator_incarnation: self.inner.incarnation,
+                position: request.position,
+                low_watermark,
+                idempotency_key: request.idempotency_key.as_ref().map(Id::to_string).unwrap_or_default(),
+            })
+            .collect();
+        let mut client = self.client(&participant);
+        let answered = timed_call(timeout, client.commit_one_phase_batch(pb::OnePhaseBatchRequest { requests })).await;
+        let mut results: Vec<(TxnId, OnePhaseResult)> = Vec::new();
+        let mut again: Vec<QueuedOnePhase> = Vec::new();
+        match answers_for(&batch, answered.map(|r| r.answers)) {
+            Ok(answers) => {
+                for (request, answer) in batch.into_iter().zip(answers) {
+                    match one_phase_from_pb(&participant, answer) {
+                        Some(result) => results.push((request.txn, result)),
+                        None => again.push(request),
+                    }
+                }
+            }
+            Err(status) => {
+                let why = clip_text(status.message(), REASON_LEN_MAX);
+                for request in batch {
+                    if refused_before_running(&status) && request.unanswered == 0 {
+                        let why = format!("{participant} refused the one-phase commit: {:?} {why}", status.code());
+                        results.push((request.txn, OnePhaseResult::Refused(AbortReason::Refused, why)));
+                    } else {
+                        again.push(request);
+                    }
+                }
+                if !again.is_empty() {
+                    debug!(%participant, code = ?status.code(), error = %why, count = again.len(), "one-phase commits not answered; sending them again");
+                }
+            }
+        }
+        for (txn, result) in results {
+            debug!(%txn, %participant, ?result, "one-phase answer");
+            let next = self.core().on_one_phase_answer(&txn, &participant, result);
+            self.execute(next);
+        }
+        if again.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        self.tell_overdue(&again, now);
+        // Again after the shortest backoff, but no later than the next
+        // client deadline (so that its client is told in time).
+        let mut wait = again.iter().map(|request| Duration::from_millis(request.backoff_ms)).min().unwrap_or_default();
+        if let Some(deadline) = again.iter().map(|request| request.deadline).filter(|deadline| *deadline > now).min() {
+            wait = wait.min(deadline - now);
+        }
+        for request in &mut again {
+            request.unanswered += 1;
+            request.backoff_ms = (request.backoff_ms * 2).min(COMMIT_RETRY_MAX_MS);
+        }
+        let node = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let outbound = node.outbound(&participant);
+            for request in again {
+                outbound.one_phase.push(request);
+            }
+        });
+    }
+
+    /// Tells the core about the one-phase requests whose client deadline has
+    /// passed (it answers each client once).
+    fn tell_overdue(&self, requests: &[QueuedOnePhase], now: Instant) {
+        for request in requests.iter().filter(|request| request.deadline <= now) {
+            let next = self.core().on_one_phase_overdue(&request.txn);
             self.execute(next);
         }
     }
@@ -1251,6 +1483,7 @@ impl Node {
                 let p = || participant.clone();
                 [
                     tokio::spawn(self.clone().drain(p(), |o| &o.prepares, PREPARE_BATCH_MAX, Node::send_prepares)),
+                    tokio::spawn(self.clone().drain(p(), |o| &o.one_phase, ONE_PHASE_BATCH_MAX, Node::send_one_phases)),
                     tokio::spawn(self.clone().drain(p(), |o| &o.commits, COMMIT_BATCH_MAX, Node::send_commits)),
                     tokio::spawn(self.clone().redeliver_undeliverable(p())),
                     tokio::spawn(self.clone().drain(p(), |o| &o.steps, STEP_BATCH_MAX, Node::send_steps)),
@@ -1637,6 +1870,23 @@ impl Node {
                     pb::TransactionState::Committing
                 }
                 Phase::Aborting => pb::TransactionState::Aborted,
+                Phase::Intending { .. } => {
+                    status.detail = "one-phase: its intent is being logged".into();
+                    pb::TransactionState::Preparing
+                }
+                Phase::OnePhase { .. } => {
+                    status.pending_participants = active.participants.iter().map(|p| p.to_string()).collect();
+                    status.detail = "one-phase: waiting for its participant's answer".into();
+                    pb::TransactionState::Preparing
+                }
+                Phase::OnePhaseLogging { outcome, .. } => {
+                    status.detail = format!("one-phase: answered {outcome:?}; its outcome is being logged");
+                    if *outcome == Outcome::Committed {
+                        pb::TransactionState::Committed
+                    } else {
+                        pb::TransactionState::Aborted
+                    }
+                }
             };
             status.state = state as i32;
             return Ok(status);
@@ -1656,7 +1906,7 @@ impl Node {
                     }
                 }
                 None => {
-                    status.detail = "no record: never committed (presumed abort), or finished and forgotten".into();
+                    status.detail = "no record: never committed (presumed abort), finished and forgotten, or a one-phase transaction without an idempotency key whose client heard its outcome".into();
                     pb::TransactionState::Unknown
                 }
             }
@@ -1863,6 +2113,47 @@ fn vote_from_pb(participant: &Id, response: pb::PrepareResponse) -> VoteResult {
             format!("{participant}: {}", clip_text(&response.reason, REASON_LEN_MAX)),
         ),
     }
+}
+
+/// A participant's answer to one one-phase commit, as the core takes it;
+/// `None` for an answer that says no outcome (a participant newer than
+/// this coordinator): the request is sent again.
+fn one_phase_from_pb(participant: &Id, response: pb::OnePhaseResponse) -> Option<OnePhaseResult> {
+    match pb::OnePhaseOutcome::try_from(response.outcome) {
+        Ok(pb::OnePhaseOutcome::Committed) => Some(OnePhaseResult::Committed),
+        Ok(pb::OnePhaseOutcome::Refused) => {
+            let vote = pb::PrepareResponse {
+                vote: pb::Vote::No as i32,
+                refusal: response.refusal,
+                reason: response.reason,
+                earlier_txn_id: response.earlier_txn_id,
+            };
+            match vote_from_pb(participant, vote) {
+                VoteResult::No(reason, message) => Some(OnePhaseResult::Refused(reason, message)),
+                VoteResult::Yes => None,
+            }
+        }
+        _ => {
+            warn!(%participant, outcome = response.outcome, "a one-phase answer with an outcome this coordinator does not know; sending it again");
+            None
+        }
+    }
+}
+
+/// Whether a call failed before the participant ran it, whatever it held:
+/// the request was malformed as a whole, the service or method is not
+/// there (an older participant), or the caller is not trusted. A request
+/// that no earlier call could have delivered was then not applied.
+/// Every other failure (unreachable, a deadline, overloaded, its store
+/// failed) says nothing of what was applied.
+fn refused_before_running(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::InvalidArgument
+            | tonic::Code::Unimplemented
+            | tonic::Code::PermissionDenied
+            | tonic::Code::Unauthenticated
+    )
 }
 
 /// One call with a deadline enforced here (the `grpc-timeout` header only

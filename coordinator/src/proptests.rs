@@ -1,12 +1,16 @@
 //! Property tests of the coordinator's cores and of its log's decoders.
 //!
 //! - Random sequences of the 2PC core's inputs (begins with reused ids and
-//!   keys and empty splits, votes with any reason, durable callbacks out of
-//!   phase, acknowledgements from anyone) never panic, and the protocol
-//!   still holds: a transaction's client hears at most one outcome, hears
-//!   COMMITTED only after its decision was persisted and made durable, a
-//!   COMMIT goes out only after that, and an idempotency key is held by at
-//!   most one transaction in flight.
+//!   keys and empty splits, single-participant ones that run in one phase,
+//!   votes and one-phase answers with any reason from anyone, durable
+//!   callbacks and deadlines out of phase, acknowledgements from anyone)
+//!   never panic, and the protocol still holds: a transaction's client
+//!   hears at most one answer, hears COMMITTED only after its decision was
+//!   persisted and made durable (2PC) or its participant answered (one
+//!   phase), a COMMIT goes out only after that, a one-phase transaction
+//!   never prepares, a keyed one is sent only once its intent is durable
+//!   and keeps its key until its outcome is logged, and an idempotency key
+//!   is held by at most one transaction in flight.
 //! - Random sequences of the saga core's inputs (any step result for any
 //!   saga, out of order, with reasons of any length) never panic; a saga
 //!   finishes at most once, parks what it debited, and every record and
@@ -17,7 +21,7 @@
 //! Case counts are modest so the tests run in seconds; a failure prints
 //! its seed and minimal case, and proptest replays it first next time.
 
-use crate::core::{AbortReason, Action, CommitRecord, Core, Outcome, VoteResult};
+use crate::core::{AbortReason, Action, CommitRecord, Core, OnePhaseResult, Outcome, Phase, VoteResult};
 use crate::log;
 use crate::saga::{Recovery, SagaAction, SagaCore, SagaRecord, SagaSpec, Stage, StepKind, StepPhase, StepResult};
 use proptest::prelude::*;
@@ -42,6 +46,13 @@ enum TwoPc {
     AbortDurable(u8),
     Acked(u8, u8),
     EndDurable(u8),
+    IntentDurable(u8),
+    /// A one-phase answer from any participant.
+    OnePhaseAnswer(u8, u8, Option<(AbortReason, String)>),
+    /// A one-phase answer from the transaction's participant.
+    OnePhaseAnswerWaiting(u8, Option<(AbortReason, String)>),
+    Overdue(u8),
+    OnePhaseLogged(u8),
 }
 
 fn abort_reason() -> impl Strategy<Value = AbortReason> {
@@ -66,7 +77,21 @@ fn two_pc() -> impl Strategy<Value = TwoPc> {
         1 => (0..5u8).prop_map(TwoPc::AbortDurable),
         2 => (0..5u8, 0..3u8).prop_map(|(t, p)| TwoPc::Acked(t, p)),
         1 => (0..5u8).prop_map(TwoPc::EndDurable),
+        2 => (0..5u8).prop_map(TwoPc::IntentDurable),
+        1 => (0..5u8, 0..3u8, proptest::option::weighted(0.3, (abort_reason(), reason())))
+            .prop_map(|(t, p, r)| TwoPc::OnePhaseAnswer(t, p, r)),
+        3 => (0..5u8, proptest::option::weighted(0.3, (abort_reason(), reason())))
+            .prop_map(|(t, r)| TwoPc::OnePhaseAnswerWaiting(t, r)),
+        1 => (0..5u8).prop_map(TwoPc::Overdue),
+        2 => (0..5u8).prop_map(TwoPc::OnePhaseLogged),
     ]
+}
+
+fn one_phase_result(result: Option<(AbortReason, String)>) -> OnePhaseResult {
+    match result {
+        None => OnePhaseResult::Committed,
+        Some((reason, message)) => OnePhaseResult::Refused(reason, message),
+    }
 }
 
 /// What the test saw of one incarnation of a transaction id.
@@ -77,6 +102,11 @@ struct Seen {
     replies: u32,
     committed: bool,
     sent_abort: bool,
+    /// Began with one participant and one-phase commit on.
+    one_phase: bool,
+    keyed: bool,
+    intent_durable: bool,
+    outcome_persisted: bool,
 }
 
 proptest! {
@@ -98,11 +128,12 @@ proptest! {
                         .iter()
                         .map(|p| (id(&format!("p{p}")), vec![Leg { account: *p as u64, amount: 1 }]))
                         .collect();
+                    let one_phase = legs.len() == 1;
                     let actions =
                         core.begin(id(&format!("t{t}")), next_position, legs, key.map(|k| id(&format!("k{k}"))));
                     next_position += 1;
                     if actions.is_ok() {
-                        seen.insert(format!("t{t}"), Seen::default());
+                        seen.insert(format!("t{t}"), Seen { one_phase, keyed: key.is_some(), ..Seen::default() });
                     }
                     (format!("t{t}"), actions.unwrap_or_default(), false)
                 }
@@ -138,6 +169,34 @@ proptest! {
                     core.on_end_durable(&id(&format!("t{t}")));
                     (format!("t{t}"), Vec::new(), false)
                 }
+                TwoPc::IntentDurable(t) => {
+                    let txn = id(&format!("t{t}"));
+                    if matches!(core.get(&txn).map(|a| &a.phase), Some(Phase::Intending { .. })) {
+                        seen.get_mut(&format!("t{t}")).expect("held").intent_durable = true;
+                    }
+                    (format!("t{t}"), core.on_intent_durable(&txn), false)
+                }
+                TwoPc::OnePhaseAnswer(t, p, result) => {
+                    let txn = id(&format!("t{t}"));
+                    (format!("t{t}"), core.on_one_phase_answer(&txn, &id(&format!("p{p}")), one_phase_result(result)), true)
+                }
+                TwoPc::OnePhaseAnswerWaiting(t, result) => {
+                    let txn = id(&format!("t{t}"));
+                    let participant = core.get(&txn).map(|a| a.participants[0].clone());
+                    let actions = participant
+                        .map(|p| core.on_one_phase_answer(&txn, &p, one_phase_result(result)))
+                        .unwrap_or_default();
+                    (format!("t{t}"), actions, true)
+                }
+                TwoPc::Overdue(t) => (format!("t{t}"), core.on_one_phase_overdue(&id(&format!("t{t}"))), false),
+                TwoPc::OnePhaseLogged(t) => {
+                    let txn = id(&format!("t{t}"));
+                    let logging = matches!(core.get(&txn).map(|a| &a.phase), Some(Phase::OnePhaseLogging { .. }));
+                    let persisted = seen.get(&format!("t{t}")).is_some_and(|seen| seen.outcome_persisted);
+                    prop_assert!(!logging || persisted, "logging a one-phase outcome that was not persisted");
+                    core.on_one_phase_logged(&txn);
+                    (format!("t{t}"), Vec::new(), false)
+                }
             };
             for action in actions {
                 let txn = match &action {
@@ -147,11 +206,42 @@ proptest! {
                     | Action::SendAbort { txn, .. }
                     | Action::PersistAbort { txn, .. }
                     | Action::Reply { txn, .. }
-                    | Action::PersistEnd { txn, .. } => txn.to_string(),
+                    | Action::PersistEnd { txn, .. }
+                    | Action::PersistIntent { txn, .. }
+                    | Action::SendOnePhase { txn, .. }
+                    | Action::ReplyUnknown { txn, .. }
+                    | Action::PersistOnePhaseOutcome { txn, .. } => txn.to_string(),
                 };
                 prop_assert_eq!(&txn, &txn_name, "an action for another transaction");
                 let seen = seen.get_mut(&txn).expect("an action for a transaction that began");
+                let two_phase_only = matches!(
+                    action,
+                    Action::SendPrepare { .. } | Action::PersistCommit { .. } | Action::SendCommit { .. } | Action::SendAbort { .. } | Action::PersistAbort { .. } | Action::PersistEnd { .. }
+                );
+                prop_assert!(!(seen.one_phase && two_phase_only), "a one-phase transaction ran a step of 2PC: {:?}", action);
                 match action {
+                    Action::PersistIntent { record, .. } => {
+                        prop_assert!(seen.one_phase && seen.keyed, "an intent for a transaction that is not keyed one-phase");
+                        prop_assert!(log::encode_intent(&record).is_ok(), "the intent fits the log");
+                    }
+                    Action::SendOnePhase { .. } => {
+                        prop_assert!(seen.one_phase);
+                        prop_assert!(!seen.keyed || seen.intent_durable, "a keyed one-phase request before its intent was durable");
+                    }
+                    Action::ReplyUnknown { .. } => {
+                        seen.replies += 1;
+                        prop_assert_eq!(seen.replies, 1, "a client heard two answers");
+                    }
+                    Action::PersistOnePhaseOutcome { txn, idempotency_key, outcome, .. } => {
+                        prop_assert!(seen.one_phase && durable_call, "a one-phase outcome logged before its answer");
+                        prop_assert!(!seen.outcome_persisted, "a one-phase outcome logged twice");
+                        seen.outcome_persisted = true;
+                        prop_assert_eq!(idempotency_key.is_some(), seen.keyed);
+                        if let Some(key) = &idempotency_key {
+                            prop_assert_eq!(core.key_in_flight(key), Some(&txn), "the key is freed before its outcome is logged");
+                        }
+                        prop_assert!(log::one_phase_outcome_ops(&txn, idempotency_key.as_ref(), &outcome, 1, 86_400_000).is_ok(), "the outcome fits the log");
+                    }
                     Action::PersistCommit { record, .. } => {
                         prop_assert!(!seen.sent_abort, "a commit decision after an abort");
                         prop_assert!(log::encode_commit(&record).is_ok());
@@ -161,7 +251,7 @@ proptest! {
                         seen.replies += 1;
                         prop_assert_eq!(seen.replies, 1, "a client heard two outcomes");
                         if outcome == Outcome::Committed {
-                            prop_assert!(durable_call && seen.persisted_commit, "COMMITTED before the decision was durable");
+                            prop_assert!(durable_call && (seen.persisted_commit || seen.one_phase), "COMMITTED before the decision was durable or the answer came");
                             seen.durable_commit = true;
                             seen.committed = true;
                         }

@@ -14,7 +14,16 @@
 //!   take one of the participant's call slots for good: the other COMMITs
 //!   keep flowing, and the rejected ones are delivered once the participant
 //!   takes them, each exactly once; one batch of COMMITs with rejected
-//!   ones in it is split, so that the others are delivered.
+//!   ones in it is split, so that the others are delivered;
+//! - a transfer whose accounts are both on one participant is one call to
+//!   it (one-phase commit) and writes no decision record (none at all
+//!   without an idempotency key; with one, the key's outcome, its intent
+//!   gone), and a retry of the key gets its answer without another call;
+//!   with `one_phase_commit` off, the same transfer runs 2PC;
+//! - a restarted coordinator sends the request of each logged one-phase
+//!   intent again, whether its participant had applied it or not, and logs
+//!   the participant's first answer under the key: a retry of the key gets
+//!   it, and nothing is applied twice.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -27,7 +36,7 @@ use tandem::proxy::LinkProxy;
 use tandem::store::memory::MemoryDisk;
 use tandem::store::{Disk, Op};
 use tandem::tls::Security;
-use tandem_coordinator::core::CommitRecord;
+use tandem_coordinator::core::{CommitRecord, IntentRecord};
 use tandem_coordinator::directory::Shard;
 use tandem_coordinator::log;
 use tandem_coordinator::node::{self, Node, NodeConfig};
@@ -112,6 +121,19 @@ async fn coordinator(
     call_timeout_ms: u64,
     stop: &mut Stop,
 ) -> CoordinatorClient<Channel> {
+    coordinator_with(listener, url, urls, log, call_timeout_ms, true, stop).await
+}
+
+/// [`coordinator`], with one-phase commit on or off.
+async fn coordinator_with(
+    listener: TcpListener,
+    url: &str,
+    urls: &[String],
+    log: MemoryDisk,
+    call_timeout_ms: u64,
+    one_phase_commit: bool,
+    stop: &mut Stop,
+) -> CoordinatorClient<Channel> {
     let shards = urls
         .iter()
         .enumerate()
@@ -135,6 +157,7 @@ async fn coordinator(
         saga_deadline_ms: 5_000,
         security: Security::Insecure,
         network: tandem::net::Network::Tcp,
+        one_phase_commit,
     })
     .await
     .unwrap();
@@ -297,9 +320,9 @@ impl Refusing {
 /// handed to the real participant unchanged. (The attribute is emitted here,
 /// so that it sees the methods this macro writes.)
 macro_rules! participant_with {
-    ({ $($own:item)* } $($method:ident($request:ty) -> $response:ty;)*) => {
+    ($server:ty, { $($own:item)* } $($method:ident($request:ty) -> $response:ty;)*) => {
         #[tonic::async_trait]
-        impl Participant for Refusing {
+        impl Participant for $server {
             $($own)*
             $(async fn $method(&self, request: Request<$request>) -> Result<Response<$response>, Status> {
                 Participant::$method(&self.node, request).await
@@ -309,6 +332,7 @@ macro_rules! participant_with {
 }
 
 participant_with! {
+    Refusing,
     {
         async fn prepare_batch(
             &self,
@@ -357,6 +381,8 @@ participant_with! {
     resolve_parked_transfer(pb::ResolveParkedTransferRequest) -> pb::TransferStatus;
     deliver_event(pb::ChoreographyEvent) -> pb::DeliverEventResponse;
     deliver_events(pb::DeliverEventsRequest) -> pb::DeliverEventsResponse;
+    commit_one_phase(pb::OnePhaseRequest) -> pb::OnePhaseResponse;
+    commit_one_phase_batch(pb::OnePhaseBatchRequest) -> pb::OnePhaseBatchResponse;
 }
 
 /// p1, reached through a [`Refusing`] server: it and its URL.
@@ -537,4 +563,272 @@ async fn a_rejected_batch_of_commits_is_split_so_that_the_others_in_it_are_deliv
     assert_eq!((audit.total_posted, audit.total_reserved, audit.total_suspense), (total, 0, 0), "{audit:?}");
     assert_eq!(posted(&audit, from), INITIAL_BALANCE - LOGGED as i64, "each COMMIT applied once");
     assert_eq!(posted(&audit, to), INITIAL_BALANCE + LOGGED as i64, "each COMMIT applied once");
+}
+
+/// The calls a [`Counting`] participant received, by method.
+type Calls = Arc<Mutex<std::collections::BTreeMap<&'static str, u64>>>;
+
+/// The real participant, counting the 2PC and one-phase calls it gets.
+#[derive(Clone)]
+struct Counting {
+    node: tandem_participant::node::Node,
+    calls: Calls,
+}
+
+impl Counting {
+    fn count(&self, method: &'static str) {
+        *self.calls.lock().unwrap().entry(method).or_default() += 1;
+    }
+}
+
+participant_with! {
+    Counting,
+    {
+        async fn prepare(&self, request: Request<pb::PrepareRequest>) -> Result<Response<pb::PrepareResponse>, Status> {
+            self.count("prepare");
+            Participant::prepare(&self.node, request).await
+        }
+
+        async fn prepare_batch(
+            &self,
+            request: Request<pb::PrepareBatchRequest>,
+        ) -> Result<Response<pb::PrepareBatchResponse>, Status> {
+            self.count("prepare_batch");
+            Participant::prepare_batch(&self.node, request).await
+        }
+
+        async fn commit(&self, request: Request<pb::DecisionRequest>) -> Result<Response<pb::DecisionResponse>, Status> {
+            self.count("commit");
+            Participant::commit(&self.node, request).await
+        }
+
+        async fn commit_batch(
+            &self,
+            request: Request<pb::DecisionBatchRequest>,
+        ) -> Result<Response<pb::DecisionResponse>, Status> {
+            self.count("commit_batch");
+            Participant::commit_batch(&self.node, request).await
+        }
+
+        async fn abort(&self, request: Request<pb::DecisionRequest>) -> Result<Response<pb::DecisionResponse>, Status> {
+            self.count("abort");
+            Participant::abort(&self.node, request).await
+        }
+
+        async fn commit_one_phase(
+            &self,
+            request: Request<pb::OnePhaseRequest>,
+        ) -> Result<Response<pb::OnePhaseResponse>, Status> {
+            self.count("commit_one_phase");
+            Participant::commit_one_phase(&self.node, request).await
+        }
+
+        async fn commit_one_phase_batch(
+            &self,
+            request: Request<pb::OnePhaseBatchRequest>,
+        ) -> Result<Response<pb::OnePhaseBatchResponse>, Status> {
+            self.count("commit_one_phase_batch");
+            Participant::commit_one_phase_batch(&self.node, request).await
+        }
+    }
+    open_accounts(pb::OpenAccountsRequest) -> pb::OpenAccountsResponse;
+    get_balance(pb::GetBalanceRequest) -> pb::Balance;
+    read_balances(pb::ReadBalancesRequest) -> pb::ReadBalancesResponse;
+    list_prepared(pb::ListPreparedRequest) -> pb::ListPreparedResponse;
+    resolve_in_doubt(pb::ResolveInDoubtRequest) -> pb::HeuristicDecision;
+    lookup_transaction(pb::LookupTransactionRequest) -> pb::TransactionRecord;
+    set_account_closed(pb::SetAccountClosedRequest) -> pb::Balance;
+    saga_step(pb::SagaStepRequest) -> pb::SagaStepResponse;
+    forget_sagas(pb::ForgetSagasRequest) -> pb::ForgetSagasResponse;
+    saga_step_batch(pb::SagaStepBatchRequest) -> pb::SagaStepBatchResponse;
+    start_transfer(pb::StartTransferRequest) -> pb::TransferStatus;
+    get_transfer_status(pb::GetTransferStatusRequest) -> pb::TransferStatus;
+    list_parked_transfers(pb::ListParkedTransfersRequest) -> pb::ListParkedTransfersResponse;
+    resolve_parked_transfer(pb::ResolveParkedTransferRequest) -> pb::TransferStatus;
+    deliver_event(pb::ChoreographyEvent) -> pb::DeliverEventResponse;
+    deliver_events(pb::DeliverEventsRequest) -> pb::DeliverEventsResponse;
+}
+
+/// p1 (counting its calls) and p2, and c1 over them with one-phase commit
+/// on or off, its log on `log`.
+async fn counted_cluster(
+    log: MemoryDisk,
+    one_phase_commit: bool,
+    stop: &mut Stop,
+) -> (Calls, CoordinatorClient<Channel>) {
+    let (coordinator_listener, coordinator_url) = bind().await;
+    let (listener, _) = bind().await;
+    let p1 = participant(0, listener, &coordinator_url, stop).await;
+    let counting = Counting { node: p1, calls: Calls::default() };
+    let (listener, p1_url) = bind().await;
+    let (sender, stopped) = oneshot::channel();
+    stop.0.push(sender);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ParticipantServer<Counting>>().await;
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(ParticipantServer::new(counting.clone()))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                until_stopped(stopped),
+            ),
+    );
+    let (listener, p2_url) = bind().await;
+    participant(1, listener, &coordinator_url, stop).await;
+    let client =
+        coordinator_with(coordinator_listener, &coordinator_url, &[p1_url, p2_url], log, 1_000, one_phase_commit, stop)
+            .await;
+    (counting.calls, client)
+}
+
+/// The prefixes of the records in the coordinator's log (`m/` apart: the
+/// incarnation, the generation and the watermarks), each once, once what
+/// was written is durable.
+async fn logged_prefixes(log: &MemoryDisk) -> BTreeSet<String> {
+    // The watermark round (every 50 ms) ends with an fsync, which makes
+    // every earlier write durable.
+    tokio::time::sleep(Duration::from_millis(4 * node::WATERMARK_INTERVAL_MS)).await;
+    log.durable_records()
+        .into_iter()
+        .map(|(key, _)| String::from_utf8_lossy(&key[..2]).into_owned())
+        .filter(|prefix| prefix != "m/")
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_on_one_participant_is_one_call_to_it_and_writes_no_decision_record() {
+    let mut stop = Stop(Vec::new());
+    let log = MemoryDisk::new();
+    let (calls, mut client) = counted_cluster(log.clone(), true, &mut stop).await;
+    let result = client.transfer(transfer(0, 1, 5)).await.unwrap().into_inner();
+    assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
+    assert_eq!(
+        *calls.lock().unwrap(),
+        [("commit_one_phase_batch", 1)].into(),
+        "one call to p1, no prepare and no COMMIT"
+    );
+    assert!(logged_prefixes(&log).await.is_empty(), "no decision, no end record, nothing for it in the log");
+    let status = state(&mut client, &result.txn_id).await;
+    assert_eq!(status.state, pb::TransactionState::Unknown as i32, "only its client heard it: {status:?}");
+    // A refusal is one call too, and moves nothing.
+    let result = client.transfer(transfer(2, 3, 5 * INITIAL_BALANCE)).await.unwrap().into_inner();
+    assert_eq!(result.outcome, pb::Outcome::Aborted as i32, "{result:?}");
+    assert_eq!(result.abort_reason, pb::AbortReason::InsufficientFunds as i32, "{result:?}");
+    assert_eq!(calls.lock().unwrap().get("commit_one_phase_batch"), Some(&2));
+    assert!(logged_prefixes(&log).await.is_empty());
+
+    // With an idempotency key: still one call; the key's outcome is logged
+    // (its intent gone), and a retry gets it without another call.
+    let keyed = pb::TransferRequest { idempotency_key: "k1".into(), ..transfer(0, 1, 7) };
+    let result = client.transfer(keyed.clone()).await.unwrap().into_inner();
+    assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
+    assert_eq!(calls.lock().unwrap().get("commit_one_phase_batch"), Some(&3));
+    let prefixes = logged_prefixes(&log).await;
+    assert_eq!(prefixes, ["f/", "k/", "x/"].map(String::from).into(), "the key's result, its status and their expiry");
+    let again = client.transfer(keyed.clone()).await.unwrap().into_inner();
+    assert_eq!((again.outcome, &again.txn_id), (result.outcome, &result.txn_id), "the first answer");
+    let other = pb::TransferRequest { amount: 8, ..keyed };
+    let status = client.transfer(other).await.expect_err("the key was used for another request");
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert_eq!(calls.lock().unwrap().get("commit_one_phase_batch"), Some(&3), "no call for the retries");
+    assert_eq!(state(&mut client, &result.txn_id).await.state, pb::TransactionState::Committed as i32);
+
+    // Across participants, 2PC as before.
+    let result = client.transfer(transfer(0, ACCOUNTS_EACH, 1)).await.unwrap().into_inner();
+    assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
+    eventually("the COMMIT reaches p1", async || (calls.lock().unwrap().get("commit_batch") == Some(&1)).then_some(()))
+        .await;
+    assert_eq!(calls.lock().unwrap().get("prepare_batch"), Some(&1));
+    let audit = exact_audit(&mut client).await;
+    assert_eq!(posted(&audit, 0), INITIAL_BALANCE - 5 - 7 - 1, "each transfer applied once");
+    assert_eq!(posted(&audit, 1), INITIAL_BALANCE + 5 + 7);
+    assert_eq!((audit.total_posted, audit.total_reserved), (2 * ACCOUNTS_EACH as i64 * INITIAL_BALANCE, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_phase_commit_off_a_transfer_on_one_participant_runs_2pc() {
+    let mut stop = Stop(Vec::new());
+    let log = MemoryDisk::new();
+    let (calls, mut client) = counted_cluster(log.clone(), false, &mut stop).await;
+    let result = client.transfer(transfer(0, 1, 5)).await.unwrap().into_inner();
+    assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
+    eventually("the COMMIT reaches p1", async || (calls.lock().unwrap().get("commit_batch") == Some(&1)).then_some(()))
+        .await;
+    assert_eq!(calls.lock().unwrap().get("prepare_batch"), Some(&1));
+    assert_eq!(calls.lock().unwrap().get("commit_one_phase_batch"), None);
+    eventually("the end record replaces the decision", async || {
+        (state(&mut client, &result.txn_id).await.state == pb::TransactionState::Committed as i32).then_some(())
+    })
+    .await;
+    assert!(logged_prefixes(&log).await.contains("f/"), "classic 2PC logs its decision, then its end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_coordinator_sends_each_logged_intent_again_and_logs_the_first_answer_under_its_key() {
+    let mut stop = Stop(Vec::new());
+    let log_disk = MemoryDisk::new();
+    // The log of a coordinator that crashed with two keyed one-phase
+    // transfers in flight: t-applied reached p1 (which applied it), t-lost
+    // never left. Its incarnation and generation are known, so that the
+    // restarted coordinator stamps as it did.
+    let (listener, p1_url) = bind().await;
+    let (coordinator_listener, coordinator_url) = bind().await;
+    let p1 = participant(0, listener, &coordinator_url, &mut stop).await;
+    let (listener, p2_url) = bind().await;
+    participant(1, listener, &coordinator_url, &mut stop).await;
+    let incarnation = 0x1234_5678_9abc_def0u64;
+    let txn = |sequence| log::txn_id(&id("c1"), incarnation, 1, sequence).unwrap();
+    let (applied, lost) = (txn(1), txn(2));
+    let intent = |key: &str, sequence: u64, amount: i64| IntentRecord {
+        participant: id("p1"),
+        idempotency_key: id(key),
+        position: log::position(1, sequence).unwrap(),
+        legs: vec![tandem::domain::Leg { account: 2, amount: -amount }, tandem::domain::Leg { account: 3, amount }],
+    };
+    let store = log_disk.open().unwrap();
+    let mut ops = vec![
+        Op::Put(log::GENERATION_KEY.to_vec(), 1u64.to_le_bytes().to_vec()),
+        Op::Put(log::INCARNATION_KEY.to_vec(), incarnation.to_le_bytes().to_vec()),
+    ];
+    ops.extend(log::intent_ops(&applied, &intent("k-applied", 1, 10)).unwrap());
+    ops.extend(log::intent_ops(&lost, &intent("k-lost", 2, 20)).unwrap());
+    store.write(ops).await.unwrap();
+    store.close();
+    drop(store);
+    let request = pb::OnePhaseRequest {
+        txn_id: applied.to_string(),
+        coordinator_id: "c1".into(),
+        legs: vec![pb::Leg { account: 2, amount: -10 }, pb::Leg { account: 3, amount: 10 }],
+        coordinator_incarnation: incarnation,
+        position: log::position(1, 1).unwrap(),
+        low_watermark: 1,
+        idempotency_key: "k-applied".into(),
+    };
+    let answer = Participant::commit_one_phase(&p1, Request::new(request)).await.unwrap().into_inner();
+    assert_eq!(answer.outcome, pb::OnePhaseOutcome::Committed as i32, "{answer:?}");
+
+    let mut client =
+        coordinator(coordinator_listener, &coordinator_url, &[p1_url, p2_url], log_disk.clone(), 1_000, &mut stop)
+            .await;
+    for (txn, key, amount) in [(&applied, "k-applied", 10), (&lost, "k-lost", 20)] {
+        let retry = pb::TransferRequest { idempotency_key: key.into(), ..transfer(2, 3, amount) };
+        let result = eventually("the key's outcome is logged", async || match client.transfer(retry.clone()).await {
+            Ok(result) => Some(result.into_inner()),
+            Err(status) if status.code() == Code::Aborted => None, // in flight
+            Err(status) => panic!("{key}: {status:?}"),
+        })
+        .await;
+        assert_eq!((result.outcome, result.txn_id.as_str()), (pb::Outcome::Committed as i32, txn.as_str()));
+    }
+    eventually("each intent is gone with its outcome logged", async || {
+        let records = log_disk.durable_records();
+        let intents = records.iter().filter(|(key, _)| key.starts_with(log::INTENT_PREFIX)).count();
+        let keys = records.iter().filter(|(key, _)| key.starts_with(log::KEY_PREFIX)).count();
+        (intents == 0 && keys == 2).then_some(())
+    })
+    .await;
+    let audit = exact_audit(&mut client).await;
+    assert_eq!(posted(&audit, 2), INITIAL_BALANCE - 30, "each applied once");
+    assert_eq!(posted(&audit, 3), INITIAL_BALANCE + 30);
 }

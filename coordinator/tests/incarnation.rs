@@ -106,6 +106,13 @@ impl Recording {
     fn seen(&self, kind: &str) -> Vec<Seen> {
         self.record.lock().unwrap().seen.iter().filter(|s| s.kind == kind).cloned().collect()
     }
+
+    /// The prepares and one-phase commits it was sent, in order: each
+    /// carries the coordinator's watermark for it.
+    fn requests(&self) -> Vec<Seen> {
+        let record = self.record.lock().unwrap();
+        record.seen.iter().filter(|s| s.kind == "prepare" || s.kind == "one-phase").cloned().collect()
+    }
 }
 
 macro_rules! participant_with {
@@ -137,6 +144,23 @@ participant_with! {
                 });
             }
             Participant::prepare_batch(&self.node, request).await
+        }
+
+        async fn commit_one_phase_batch(
+            &self,
+            request: Request<pb::OnePhaseBatchRequest>,
+        ) -> Result<Response<pb::OnePhaseBatchResponse>, Status> {
+            for r in &request.get_ref().requests {
+                self.note(Seen {
+                    kind: "one-phase",
+                    txn_ids: vec![r.txn_id.clone()],
+                    coordinator_id: r.coordinator_id.clone(),
+                    incarnation: r.coordinator_incarnation,
+                    position: r.position,
+                    low_watermark: r.low_watermark,
+                });
+            }
+            Participant::commit_one_phase_batch(&self.node, request).await
         }
 
         async fn commit_batch(
@@ -205,6 +229,7 @@ participant_with! {
     resolve_parked_transfer(pb::ResolveParkedTransferRequest) -> pb::TransferStatus;
     deliver_event(pb::ChoreographyEvent) -> pb::DeliverEventResponse;
     deliver_events(pb::DeliverEventsRequest) -> pb::DeliverEventsResponse;
+    commit_one_phase(pb::OnePhaseRequest) -> pb::OnePhaseResponse;
 }
 
 /// What a test runs: the recorded participants, and what stops them.
@@ -291,6 +316,7 @@ impl Cluster {
             saga_deadline_ms: 5_000,
             security: Security::Insecure,
             network: tandem::net::Network::Tcp,
+            one_phase_commit: true,
             wall_clock: clock.wall_clock(),
             incarnation_seed: None,
         })
@@ -469,9 +495,10 @@ async fn a_coordinator_on_an_empty_disk_is_a_new_incarnation_and_never_presumes_
     c1.stop().await;
 }
 
-/// The watermarks `participant` was sent on prepares, in order.
+/// The watermarks `participant` was sent on prepares and one-phase
+/// commits, in order.
 fn prepare_watermarks(participant: &Recording) -> Vec<u64> {
-    participant.seen("prepare").iter().map(|s| s.low_watermark).collect()
+    participant.requests().iter().map(|s| s.low_watermark).collect()
 }
 
 fn assert_never_back(what: &str, watermarks: &[u64]) {
@@ -507,11 +534,13 @@ async fn each_participants_watermark_passes_finished_transactions_waits_for_its_
     })
     .await;
     eventually("p1's watermark passes the commit p1 acknowledged", async || {
-        c1.committed(3, 4).await; // p1 alone
-        (p1.seen("prepare").last().unwrap().low_watermark > held_position).then_some(())
+        c1.committed(3, 4).await; // p1 alone: one phase
+        let last = p1.requests().last().unwrap().clone();
+        assert_eq!((last.kind, last.coordinator_id.as_str(), last.incarnation), ("one-phase", "c1", c1.incarnation));
+        (last.low_watermark > held_position).then_some(())
     })
     .await;
-    // p2's prepares (transactions that commit but wait for p2 too) never pass it.
+    // p2's one-phase commits (transactions that need p2 too) never pass it.
     for _ in 0..3 {
         let result = c1.transfer(ACCOUNTS_EACH + 3, ACCOUNTS_EACH + 4, "").await.unwrap();
         assert_eq!(result.outcome, pb::Outcome::Committed as i32);
@@ -546,7 +575,7 @@ async fn each_participants_watermark_passes_finished_transactions_waits_for_its_
     .await;
     eventually("p2's watermark passes the commit it acknowledged", async || {
         c1.committed(ACCOUNTS_EACH + 5, ACCOUNTS_EACH + 6).await;
-        (p2.seen("prepare").last().unwrap().low_watermark > held_position).then_some(())
+        (p2.requests().last().unwrap().low_watermark > held_position).then_some(())
     })
     .await;
     assert_never_back("p1's prepares", &prepare_watermarks(&p1));

@@ -3,35 +3,61 @@
 //! steps in a queue; a crash drops a node's volatile state and rebuilds it
 //! from what reached its "disk"; lost messages become the failures the real
 //! driver would see (a prepare that fails is a NO vote; a commit that fails
-//! is redelivered). A participant's disk keeps its unsynced writes apart: a
-//! process crash keeps them (the OS has them), a power loss drops them, so
-//! the records the protocol writes without an fsync (NO votes, tombstones,
-//! aborts) are shown to be safe to lose.
+//! is redelivered; a one-phase commit that gets no answer is sent again,
+//! and its client may hear its outcome is unknown). A participant's disk
+//! keeps its unsynced writes apart: a process crash keeps them (the OS has
+//! them), a power loss drops them, so the records the protocol writes
+//! without an fsync (NO votes, tombstones, aborts) are shown to be safe to
+//! lose. The coordinator's log holds what its driver writes: commit
+//! decisions, end records, keyed outcomes, one-phase intents and the
+//! durable watermarks; every message is stamped as the driver stamps it,
+//! and participants collect what the watermark passes, so late duplicates
+//! are judged by watermark, not by a retention window.
+//!
+//! Transactions with one participant run one-phase commit, the others 2PC;
+//! some carry an idempotency key, and their clients retry with it (at
+//! random while nodes crash, and once more after everything healed).
 //!
 //! Two kinds of test:
-//! - every crash point of one transfer: for each step of the failure-free
-//!   run and each node, crash that node just before that step, restart it,
+//! - every crash point of one transfer (2PC, one-phase, one-phase with a
+//!   key): for each step of the failure-free run and each node, crash that
+//!   node just before that step, restart it, let the client retry its key,
 //!   heal, and check the invariants;
 //! - many seeded runs of concurrent transfers with reordering, duplication,
 //!   loss and crashes at random. A failing seed is printed with the command
 //!   that reruns it.
+//!
+//! The invariants: every account holds its opening balance plus the legs
+//! of the transactions applied, each applied once (so nothing is applied
+//! twice); a 2PC transaction is applied on all its participants or none;
+//! a client that heard COMMITTED sees it applied, ABORTED not; every
+//! definite answer a key gets (first answers and retries) is the same, and
+//! at most one transaction of a key is applied.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use tandem::domain::{AccountId, Amount, Id, Leg, TxnId};
 use tandem::rng::SplitMix64 as Rng;
 use tandem::store::{Durability, Op};
-use tandem_coordinator::core::{AbortReason, Action, CommitRecord, Core as Coordinator, Decision, Outcome, VoteResult};
-use tandem_participant::core::{Config, Core as Participant, Effects, TxnState, Vote};
+use tandem_coordinator::core::{
+    AbortReason, Action, CommitRecord, Core as Coordinator, Decision, IntentRecord, OnePhaseResult, Outcome, VoteResult,
+};
+use tandem_participant::core::{Config, Core as Participant, Effects, OnePhaseOutcome, Refusal, Stamp, TxnState, Vote};
 
 fn id(text: &str) -> Id {
     Id::parse("id", text).unwrap()
 }
 
+/// The coordinator's incarnation (its log is never lost here).
+const INCARNATION: u64 = 7;
+
 #[derive(Debug, Clone)]
 enum Request {
-    Prepare(Vec<Leg>),
-    Commit,
-    Abort,
+    Prepare(Vec<Leg>, Stamp),
+    /// A COMMIT with the watermark it carries.
+    Commit(u64),
+    /// An ABORT with the transaction's position.
+    Abort(u64),
+    OnePhase(Vec<Leg>, Stamp),
 }
 
 #[derive(Debug, Clone)]
@@ -54,16 +80,30 @@ enum Step {
         participant: Id,
         txn: TxnId,
     },
+    OnePhaseAnswer {
+        participant: Id,
+        txn: TxnId,
+        result: OnePhaseResult,
+        /// The request it answers, which the driver sends again if the
+        /// answer is lost.
+        request: (Vec<Leg>, Stamp),
+    },
+    /// The client's deadline for a one-phase commit passes (a timer of the
+    /// coordinator's driver).
+    Overdue {
+        txn: TxnId,
+    },
 }
 
 impl Step {
     /// The node whose crash loses this step, and what the loss turns into.
     fn node(&self) -> Option<&Id> {
         match self {
-            Step::Act(_) => None,
+            Step::Act(_) | Step::Overdue { .. } => None,
             Step::Deliver { participant, .. }
             | Step::Vote { participant, .. }
-            | Step::CommitAck { participant, .. } => Some(participant),
+            | Step::CommitAck { participant, .. }
+            | Step::OnePhaseAnswer { participant, .. } => Some(participant),
         }
     }
 }
@@ -119,28 +159,51 @@ fn participant_config(name: &str) -> Config {
         node_id: id(name),
         coordinators: [id("c1")].into_iter().collect(),
         in_doubt_after_ms: 0,
+        // Nothing is collected by time: only the watermark lets records go.
         finished_retention_ms: u64::MAX / 4,
         owned_accounts: None,
     }
 }
 
+/// What a client heard for one transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Heard {
+    Outcome(Outcome),
+    /// The outcome is not known yet (a one-phase commit past its deadline).
+    Unknown,
+}
+
 struct World {
     coordinator: Coordinator,
-    /// The coordinator's durable log: commit decisions not yet ended, and
-    /// ended commits.
+    /// The coordinator's durable log: commit decisions not yet ended, ended
+    /// commits, one-phase intents, keyed outcomes, watermarks.
     decisions: BTreeMap<TxnId, CommitRecord>,
     ended: BTreeSet<TxnId>,
+    intents: BTreeMap<TxnId, IntentRecord>,
+    keyed: BTreeMap<Id, (TxnId, Outcome)>,
+    /// One-phase outcomes logged without a key (their client heard unknown).
+    finished_one_phase: BTreeMap<TxnId, Outcome>,
+    floors: BTreeMap<Id, u64>,
+    next_position: u64,
     participants: BTreeMap<Id, ParticipantNode>,
     /// Which participant owns which account.
     owners: BTreeMap<AccountId, Id>,
     steps: VecDeque<Step>,
-    replies: BTreeMap<TxnId, Outcome>,
-    transactions: BTreeMap<TxnId, Vec<Leg>>,
-    initial_total: Amount,
+    /// What each transaction's client heard first (at most one answer).
+    replies: BTreeMap<TxnId, Heard>,
+    /// Every definite answer a key got: first answers and retries.
+    key_answers: BTreeMap<Id, Vec<(TxnId, Outcome)>>,
+    transactions: BTreeMap<TxnId, (Vec<Leg>, Option<Id>)>,
+    /// Where each transaction was applied (each participant at most once).
+    applied: BTreeMap<TxnId, BTreeSet<Id>>,
+    opening: BTreeMap<AccountId, Amount>,
     now_ms: u64,
     log: Vec<String>,
     /// Unsynced participant writes lost in power losses.
     writes_lost: usize,
+    /// Late requests a participant recognised by the watermark.
+    late_seen: usize,
+    one_phase_committed: usize,
 }
 
 impl World {
@@ -150,16 +213,26 @@ impl World {
             coordinator: Coordinator::new(10_000),
             decisions: BTreeMap::new(),
             ended: BTreeSet::new(),
+            intents: BTreeMap::new(),
+            keyed: BTreeMap::new(),
+            finished_one_phase: BTreeMap::new(),
+            floors: BTreeMap::new(),
+            next_position: 1,
             participants: BTreeMap::new(),
             owners: BTreeMap::new(),
             steps: VecDeque::new(),
             replies: BTreeMap::new(),
+            key_answers: BTreeMap::new(),
             transactions: BTreeMap::new(),
-            initial_total: 0,
+            applied: BTreeMap::new(),
+            opening: BTreeMap::new(),
             now_ms: 0,
             log: Vec::new(),
             writes_lost: 0,
+            late_seen: 0,
+            one_phase_committed: 0,
         };
+        world.coordinator.start_positions(world.next_position, BTreeMap::new());
         for p in 0..participants {
             let name = format!("p{}", p + 1);
             let mut node = ParticipantNode {
@@ -173,23 +246,70 @@ impl World {
             node.write(&effects);
             for (account, _) in &accounts {
                 world.owners.insert(*account, id(&name));
+                world.opening.insert(*account, balance);
             }
-            world.initial_total += balance * accounts_each as i64;
             world.participants.insert(id(&name), node);
         }
         world
     }
 
-    fn begin(&mut self, txn: &str, legs: Vec<Leg>) {
+    /// A client asks for a transaction, as `Node::run_transaction` takes
+    /// it: a key with a logged outcome gets that outcome; a key whose
+    /// one-phase transaction was answered (its outcome being logged) gets
+    /// that answer; a key in flight is refused (the client retries later);
+    /// otherwise the transaction begins.
+    fn submit(&mut self, txn: &str, legs: Vec<Leg>, key: Option<&str>) {
+        let key = key.map(id);
+        if let Some(key) = &key {
+            let earlier = self.keyed.get(key).cloned().or_else(|| {
+                self.coordinator.answered_one_phase(key).map(|(t, outcome, _)| (t.clone(), outcome.clone()))
+            });
+            if let Some((earlier, outcome)) = earlier {
+                self.log.push(format!("retry {key}: {earlier} {outcome:?}"));
+                assert_eq!(&self.transactions[&earlier].0, &legs, "a retry with the same key has the same legs");
+                self.key_answers.entry(key.clone()).or_default().push((earlier, outcome));
+                return;
+            }
+            if self.coordinator.key_in_flight(key).is_some() {
+                self.log.push(format!("retry {key}: in flight"));
+                return;
+            }
+        }
         let mut by_participant: BTreeMap<Id, Vec<Leg>> = BTreeMap::new();
         for leg in &legs {
             by_participant.entry(self.owners[&leg.account].clone()).or_default().push(*leg);
         }
-        self.transactions.insert(id(txn), legs);
+        self.transactions.insert(id(txn), (legs, key.clone()));
         // Positions go up with every transaction begun, as the driver's do.
-        let position = self.transactions.len() as u64;
-        let actions = self.coordinator.begin(id(txn), position, by_participant, None).unwrap();
+        let position = self.next_position;
+        self.next_position += 1;
+        self.log.push(format!("begin {txn} at {position} key {key:?}"));
+        let actions = self.coordinator.begin(id(txn), position, by_participant, key).unwrap();
         self.steps.extend(actions.into_iter().map(Step::Act));
+    }
+
+    fn begin(&mut self, txn: &str, legs: Vec<Leg>) {
+        self.submit(txn, legs, None);
+    }
+
+    fn stamp(&self, participant: &Id, position: u64, key: Option<Id>) -> Stamp {
+        Stamp {
+            incarnation: INCARNATION,
+            position,
+            low_watermark: self.coordinator.watermark(participant),
+            idempotency_key: key,
+        }
+    }
+
+    /// Marks `txn` applied at `participant` (when a participant call moved
+    /// it to COMMITTED); applying it twice there is a violation.
+    fn mark_applied(&mut self, txn: &TxnId, participant: &Id) {
+        let fresh = self.applied.entry(txn.clone()).or_default().insert(participant.clone());
+        assert!(fresh, "{txn} applied twice at {participant}\n{}", self.log.join("\n"));
+    }
+
+    fn committed_at(&self, participant: &Id, txn: &TxnId) -> bool {
+        self.participants[participant].core.txn(txn).is_some_and(|t| t.state == TxnState::Committed)
     }
 
     /// Carries out one step.
@@ -200,25 +320,57 @@ impl World {
             Step::Act(action) => self.act(action),
             Step::Deliver { participant, txn, request } => {
                 let now = self.now_ms;
+                let was_committed = self.committed_at(&participant, &txn);
                 let node = self.participants.get_mut(&participant).unwrap();
                 match request {
-                    Request::Prepare(legs) => {
-                        let (vote, effects) = node.core.prepare(txn.clone(), id("c1"), legs, now).unwrap();
+                    Request::Prepare(legs, stamp) => {
+                        let (vote, effects) =
+                            node.core.prepare_stamped(txn.clone(), id("c1"), legs, stamp, now).unwrap();
                         node.write(&effects);
                         let vote = match vote {
                             Vote::Yes => VoteResult::Yes,
-                            Vote::No(_, reason) => VoteResult::No(AbortReason::Refused, reason),
+                            Vote::No(refusal, reason) => {
+                                self.late_seen += (refusal == Refusal::Late) as usize;
+                                VoteResult::No(AbortReason::Refused, reason)
+                            }
                         };
                         self.steps.push_back(Step::Vote { participant, txn, vote });
                     }
-                    Request::Commit => {
-                        let effects = node.core.commit(&txn, now).unwrap();
+                    Request::Commit(low_watermark) => {
+                        let stamp = Stamp { incarnation: INCARNATION, low_watermark, ..Stamp::default() };
+                        let (answer, effects) =
+                            node.core.commit_batch_stamped(std::slice::from_ref(&txn), Some(&id("c1")), stamp, now);
                         node.write(&effects);
+                        answer.unwrap();
+                        if !was_committed && self.committed_at(&participant, &txn) {
+                            self.mark_applied(&txn, &participant);
+                        }
                         self.steps.push_back(Step::CommitAck { participant, txn });
                     }
-                    Request::Abort => {
-                        let effects = node.core.abort(&txn, now).unwrap();
+                    Request::Abort(position) => {
+                        let stamp = Stamp { incarnation: INCARNATION, position, ..Stamp::default() };
+                        let effects = node.core.abort_stamped(&txn, Some(&id("c1")), stamp, now).unwrap();
                         node.write(&effects);
+                    }
+                    Request::OnePhase(legs, stamp) => {
+                        let request = (legs.clone(), stamp.clone());
+                        let (answer, effects) =
+                            node.core.commit_one_phase(txn.clone(), id("c1"), legs, stamp, now).unwrap();
+                        node.write(&effects);
+                        let result = match answer.outcome {
+                            OnePhaseOutcome::Committed => {
+                                if !answer.duplicate {
+                                    self.one_phase_committed += 1;
+                                    self.mark_applied(&txn, &participant);
+                                }
+                                OnePhaseResult::Committed
+                            }
+                            OnePhaseOutcome::Refused(refusal, reason) => {
+                                self.late_seen += (refusal == Refusal::Late) as usize;
+                                OnePhaseResult::Refused(AbortReason::Refused, reason)
+                            }
+                        };
+                        self.steps.push_back(Step::OnePhaseAnswer { participant, txn, result, request });
                     }
                 }
             }
@@ -230,56 +382,117 @@ impl World {
                 let actions = self.coordinator.on_commit_acked(&txn, &participant);
                 self.steps.extend(actions.into_iter().map(Step::Act));
             }
+            Step::OnePhaseAnswer { participant, txn, result, .. } => {
+                let actions = self.coordinator.on_one_phase_answer(&txn, &participant, result);
+                self.steps.extend(actions.into_iter().map(Step::Act));
+            }
+            Step::Overdue { txn } => {
+                let actions = self.coordinator.on_one_phase_overdue(&txn);
+                self.steps.extend(actions.into_iter().map(Step::Act));
+            }
         }
+    }
+
+    fn hear(&mut self, txn: TxnId, heard: Heard) {
+        assert!(!self.replies.contains_key(&txn), "{txn} answered twice\n{}", self.log.join("\n"));
+        if let (Heard::Outcome(outcome), Some(key)) = (&heard, &self.transactions[&txn].1) {
+            self.key_answers.entry(key.clone()).or_default().push((txn.clone(), outcome.clone()));
+        }
+        self.replies.insert(txn, heard);
     }
 
     fn act(&mut self, action: Action) {
         match action {
-            Action::SendPrepare { txn, participant, legs, .. } => {
-                self.steps.push_back(Step::Deliver { participant, txn, request: Request::Prepare(legs) })
+            Action::SendPrepare { txn, position, participant, legs, idempotency_key } => {
+                let stamp = self.stamp(&participant, position, idempotency_key);
+                self.steps.push_back(Step::Deliver { participant, txn, request: Request::Prepare(legs, stamp) })
             }
             Action::PersistCommit { txn, record } => {
+                if let Some(key) = &record.idempotency_key {
+                    self.keyed.insert(key.clone(), (txn.clone(), Outcome::Committed));
+                }
                 self.decisions.insert(txn.clone(), record);
                 let actions = self.coordinator.on_commit_durable(&txn);
                 self.steps.extend(actions.into_iter().map(Step::Act));
             }
             Action::SendCommit { txn, participant } => {
-                self.steps.push_back(Step::Deliver { participant, txn, request: Request::Commit })
+                let watermark = self.coordinator.watermark(&participant);
+                self.steps.push_back(Step::Deliver { participant, txn, request: Request::Commit(watermark) })
             }
-            Action::SendAbort { txn, participant, .. } => {
-                self.steps.push_back(Step::Deliver { participant, txn, request: Request::Abort })
+            Action::SendAbort { txn, position, participant } => {
+                self.steps.push_back(Step::Deliver { participant, txn, request: Request::Abort(position) })
             }
-            Action::PersistAbort { txn, outcome, .. } => {
+            Action::PersistAbort { txn, key, outcome } => {
+                self.keyed.insert(key, (txn.clone(), outcome.clone()));
                 let actions = self.coordinator.on_abort_durable(&txn, outcome);
                 self.steps.extend(actions.into_iter().map(Step::Act));
             }
-            Action::Reply { txn, outcome } => {
-                assert!(self.replies.insert(txn.clone(), outcome).is_none(), "{txn} answered twice");
-            }
+            Action::Reply { txn, outcome } => self.hear(txn, Heard::Outcome(outcome)),
+            Action::ReplyUnknown { txn, .. } => self.hear(txn, Heard::Unknown),
             Action::PersistEnd { txn, .. } => {
                 assert!(self.decisions.remove(&txn).is_some(), "{txn} ended without a decision");
                 self.ended.insert(txn.clone());
                 self.coordinator.on_end_durable(&txn);
+            }
+            Action::PersistIntent { txn, record } => {
+                assert!(self.intents.insert(txn.clone(), record).is_none(), "{txn}'s intent logged twice");
+                let actions = self.coordinator.on_intent_durable(&txn);
+                self.steps.extend(actions.into_iter().map(Step::Act));
+            }
+            Action::SendOnePhase { txn, position, participant, legs, idempotency_key } => {
+                let stamp = self.stamp(&participant, position, idempotency_key);
+                self.steps.push_back(Step::Deliver { participant, txn, request: Request::OnePhase(legs, stamp) })
+            }
+            Action::PersistOnePhaseOutcome { txn, idempotency_key, outcome, .. } => {
+                match idempotency_key {
+                    Some(key) => {
+                        assert!(self.intents.remove(&txn).is_some(), "{txn}'s keyed outcome logged without its intent");
+                        self.keyed.insert(key, (txn.clone(), outcome));
+                    }
+                    None => {
+                        self.finished_one_phase.insert(txn.clone(), outcome);
+                    }
+                }
+                self.coordinator.on_one_phase_logged(&txn);
             }
         }
     }
 
     /// What the real driver sees when a step is lost with its node: a lost
     /// prepare or vote is a failed prepare (NO); a lost commit or its ack is
-    /// redelivered; a lost abort is only lost.
+    /// redelivered; a lost abort is only lost; a lost one-phase commit or
+    /// its answer is sent again, and meanwhile its client's deadline passes.
     fn lose(&mut self, step: Step) {
         self.log.push(format!("lost {step:?}"));
         match step {
-            Step::Deliver { participant, txn, request: Request::Prepare(_) } | Step::Vote { participant, txn, .. } => {
+            Step::Deliver { participant, txn, request: Request::Prepare(..) } | Step::Vote { participant, txn, .. } => {
                 let vote = VoteResult::No(AbortReason::ParticipantUnavailable, "lost".into());
                 self.steps.push_back(Step::Vote { participant, txn, vote });
             }
-            Step::Deliver { participant, txn, request: Request::Commit } | Step::CommitAck { participant, txn } => {
+            Step::Deliver { participant, txn, request: Request::Commit(_) } | Step::CommitAck { participant, txn } => {
                 self.steps.push_back(Step::Act(Action::SendCommit { txn, participant }));
             }
-            Step::Deliver { request: Request::Abort, .. } => {}
-            Step::Act(_) => unreachable!("coordinator actions are not lost in transit"),
+            Step::Deliver { request: Request::Abort(_), .. } => {}
+            Step::Deliver { participant, txn, request: Request::OnePhase(legs, stamp) } => {
+                self.resend_one_phase(participant, txn, legs, stamp)
+            }
+            Step::OnePhaseAnswer { participant, txn, request: (legs, stamp), .. } => {
+                self.resend_one_phase(participant, txn, legs, stamp)
+            }
+            Step::Act(_) | Step::Overdue { .. } => unreachable!("coordinator steps are not lost in transit"),
         }
+    }
+
+    fn resend_one_phase(&mut self, participant: Id, txn: TxnId, legs: Vec<Leg>, stamp: Stamp) {
+        self.steps.push_back(Step::Overdue { txn: txn.clone() });
+        let action = Action::SendOnePhase {
+            txn,
+            position: stamp.position,
+            participant,
+            legs,
+            idempotency_key: stamp.idempotency_key,
+        };
+        self.steps.push_back(Step::Act(action));
     }
 
     /// The participant's process dies (SIGKILL): what it wrote survives in
@@ -311,13 +524,36 @@ impl World {
 
     fn crash_coordinator(&mut self) {
         self.log.push("crash c1".into());
-        // Its pending actions and the answers on their way to it are gone;
-        // requests already on the wire to participants still arrive.
+        // Its pending actions, timers and the answers on their way to it are
+        // gone; requests already on the wire to participants still arrive.
         self.steps.retain(|step| matches!(step, Step::Deliver { .. }));
         self.coordinator = Coordinator::new(10_000);
+        // A new generation: positions above every one handed out before.
+        self.next_position += 1_000;
+        self.coordinator.start_positions(self.next_position, self.floors.clone());
         let logged: Vec<_> = self.decisions.iter().map(|(t, r)| (t.clone(), r.clone())).collect();
-        let actions = self.coordinator.recover(logged).expect("the log holds only records the core wrote");
+        let mut actions = self.coordinator.recover(logged).expect("the log holds only records the core wrote");
+        let intents: Vec<_> = self.intents.iter().map(|(t, r)| (t.clone(), r.clone())).collect();
+        actions.extend(self.coordinator.recover_intents(intents).expect("the log holds only intents the core wrote"));
         self.steps.extend(actions.into_iter().map(Step::Act));
+    }
+
+    /// The driver's watermark round: what rose is logged, then sent.
+    fn raise_watermarks(&mut self) {
+        let due = self.coordinator.watermarks_due();
+        for (participant, watermark) in &due {
+            self.floors.insert(participant.clone(), *watermark);
+        }
+        self.coordinator.on_watermarks_durable(&due);
+    }
+
+    /// Every participant collects the records the watermark it heard passes.
+    fn collect_garbage(&mut self) {
+        let now = self.now_ms;
+        for node in self.participants.values_mut() {
+            let effects = node.core.collect_garbage(now);
+            node.write(&effects);
+        }
     }
 
     /// The decision a participant hears when it asks, as `Node::decision`
@@ -339,6 +575,7 @@ impl World {
             while let Some(step) = self.steps.pop_front() {
                 self.run_step(step);
             }
+            self.raise_watermarks();
             self.now_ms += 1_000_000;
             let mut asked = false;
             let names: Vec<Id> = self.participants.keys().cloned().collect();
@@ -349,6 +586,7 @@ impl World {
                     asked = true;
                     let decision = self.decision(&txn);
                     let now = self.now_ms;
+                    let was_committed = self.committed_at(&name, &txn);
                     let node = self.participants.get_mut(&name).unwrap();
                     let effects = match decision {
                         Decision::Commit => node.core.commit(&txn, now).unwrap(),
@@ -356,6 +594,9 @@ impl World {
                         Decision::Pending | Decision::UnknownIncarnation => continue,
                     };
                     node.write(&effects);
+                    if !was_committed && self.committed_at(&name, &txn) {
+                        self.mark_applied(&txn, &name);
+                    }
                 }
             }
             if !asked && self.steps.is_empty() {
@@ -365,12 +606,36 @@ impl World {
         panic!("the world did not settle:\n{}", self.log.join("\n"));
     }
 
-    /// Money conserved, nothing reserved, no negative balance, every
-    /// transaction all or nothing, every COMMITTED reply applied, every
-    /// ABORTED one not.
+    /// Every client retries its key once more, then everything settles.
+    fn retry_every_key_and_heal(&mut self) {
+        let keyed: Vec<(TxnId, Vec<Leg>, Id)> = self
+            .transactions
+            .iter()
+            .filter_map(|(txn, (legs, key))| key.clone().map(|key| (txn.clone(), legs.clone(), key)))
+            .collect();
+        let mut seen = BTreeSet::new();
+        for (txn, legs, key) in keyed {
+            if seen.insert(key.clone()) {
+                self.submit(&format!("{txn}-retry"), legs, Some(key.as_str()));
+            }
+        }
+        self.heal();
+    }
+
+    /// Every account holds its opening balance and the legs of what was
+    /// applied, each once; nothing reserved or in doubt; every 2PC
+    /// transaction applied everywhere or nowhere; every answer true; every
+    /// key answered one way, and applied at most once.
     fn check_invariants(&self) {
         let context = || self.log.join("\n");
-        let mut total = 0;
+        let mut expected = self.opening.clone();
+        for (txn, at) in &self.applied {
+            for leg in &self.transactions[txn].0 {
+                if at.contains(&self.owners[&leg.account]) {
+                    *expected.get_mut(&leg.account).unwrap() += leg.amount;
+                }
+            }
+        }
         for (name, node) in &self.participants {
             for (account, balance) in node.core.accounts() {
                 assert_eq!(
@@ -380,7 +645,12 @@ impl World {
                     context()
                 );
                 assert!(balance.posted >= 0, "{name}/{account} is negative\n{}", context());
-                total += balance.posted;
+                assert_eq!(
+                    balance.posted,
+                    expected[account],
+                    "{name}/{account}: not what the transactions applied once each give\n{}",
+                    context()
+                );
             }
             assert_eq!(node.core.prepared_count(), 0, "{name} is still in doubt\n{}", context());
             // What survives a restart is the same as what is in memory.
@@ -388,23 +658,67 @@ impl World {
                 .expect("the disk holds only records the core wrote");
             assert_eq!(reloaded.accounts(), node.core.accounts(), "{name}: memory and disk differ\n{}", context());
         }
-        assert_eq!(total, self.initial_total, "money was created or destroyed\n{}", context());
-        for (txn, legs) in &self.transactions {
+        for (txn, (legs, _)) in &self.transactions {
             let owners: BTreeSet<&Id> = legs.iter().map(|leg| &self.owners[&leg.account]).collect();
-            let committed_at: Vec<bool> = owners
-                .iter()
-                .map(|p| matches!(self.participants[*p].core.txn(txn), Some(t) if t.state == TxnState::Committed))
-                .collect();
-            let all = committed_at.iter().all(|c| *c);
-            let none = committed_at.iter().all(|c| !*c);
-            assert!(all || none, "{txn} is half committed: {committed_at:?}\n{}", context());
+            let at = self.applied.get(txn).map_or(0, BTreeSet::len);
+            let (all, none) = (at == owners.len(), at == 0);
+            assert!(all || none, "{txn} is half committed: at {:?}\n{}", self.applied.get(txn), context());
             match self.replies.get(txn) {
-                Some(Outcome::Committed) => assert!(all, "{txn} was answered COMMITTED but not applied\n{}", context()),
-                Some(Outcome::Aborted(..)) => assert!(none, "{txn} was answered ABORTED but applied\n{}", context()),
-                Some(other) => panic!("2PC answered a saga outcome: {other:?}"),
-                None => {}
+                Some(Heard::Outcome(Outcome::Committed)) => {
+                    assert!(all, "{txn} was answered COMMITTED but not applied\n{}", context())
+                }
+                Some(Heard::Outcome(Outcome::Aborted(..))) => {
+                    assert!(none, "{txn} was answered ABORTED but applied\n{}", context())
+                }
+                Some(Heard::Outcome(other)) => panic!("2PC answered a saga outcome: {other:?}"),
+                Some(Heard::Unknown) | None => {}
             }
-            assert!(self.decisions.is_empty(), "decisions left without an end record\n{}", context());
+            if let Some(outcome) = self.finished_one_phase.get(txn) {
+                assert_eq!(*outcome == Outcome::Committed, all, "{txn}: its logged outcome is false\n{}", context());
+            }
+        }
+        assert!(self.decisions.is_empty(), "decisions left without an end record\n{}", context());
+        assert!(self.intents.is_empty(), "intents left without an outcome\n{}", context());
+        assert_eq!(self.coordinator.active_count(), 0, "transactions left in flight\n{}", context());
+        let mut keys: BTreeMap<&Id, Vec<&TxnId>> = BTreeMap::new();
+        for (txn, (_, key)) in &self.transactions {
+            if let Some(key) = key {
+                keys.entry(key).or_default().push(txn);
+            }
+        }
+        for (key, txns) in keys {
+            let applied: Vec<&&TxnId> = txns.iter().filter(|t| self.applied.contains_key(**t)).collect();
+            assert!(applied.len() <= 1, "key {key}: {applied:?} all applied\n{}", context());
+            let answers = self.key_answers.get(key).cloned().unwrap_or_default();
+            if let Some((txn, outcome)) = answers.first() {
+                assert!(
+                    answers.iter().all(|answer| answer == &answers[0]),
+                    "key {key} got different answers: {answers:?}\n{}",
+                    context()
+                );
+                let committed = *outcome == Outcome::Committed;
+                assert_eq!(
+                    committed,
+                    self.applied.contains_key(txn),
+                    "key {key}: {txn} answered {outcome:?}\n{}",
+                    context()
+                );
+                if !committed {
+                    assert!(
+                        applied.is_empty(),
+                        "key {key} answered {outcome:?} but {applied:?} applied\n{}",
+                        context()
+                    );
+                }
+            }
+            if let Some((txn, outcome)) = self.keyed.get(key) {
+                assert_eq!(
+                    *outcome == Outcome::Committed,
+                    self.applied.contains_key(txn),
+                    "key {key}: its logged outcome {outcome:?} for {txn} is false\n{}",
+                    context()
+                );
+            }
         }
     }
 }
@@ -413,53 +727,172 @@ fn transfer(from: AccountId, to: AccountId, amount: Amount) -> Vec<Leg> {
     vec![Leg { account: from, amount: -amount }, Leg { account: to, amount }]
 }
 
-/// The steps of one failure-free two-participant transfer.
-fn failure_free_step_count() -> usize {
-    let mut world = World::new(2, 1, 100);
-    world.begin("t1", transfer(0, 1_000, 30));
+/// What one crash-point enumeration runs: a transfer, keyed or not.
+#[derive(Clone, Copy, Debug)]
+struct Case {
+    legs: fn() -> Vec<Leg>,
+    key: Option<&'static str>,
+}
+
+fn two_participant_transfer() -> Vec<Leg> {
+    transfer(0, 1_000, 30)
+}
+
+fn one_participant_transfer() -> Vec<Leg> {
+    transfer(0, 1, 30)
+}
+
+/// The steps of one failure-free run of `case`.
+fn failure_free_step_count(case: Case) -> usize {
+    let mut world = World::new(2, 2, 100);
+    world.submit("t1", (case.legs)(), case.key);
     let mut count = 0;
     while let Some(step) = world.steps.pop_front() {
         world.run_step(step);
         count += 1;
     }
     world.check_invariants();
-    assert_eq!(world.replies.get(&id("t1")), Some(&Outcome::Committed));
+    assert_eq!(world.replies.get(&id("t1")), Some(&Heard::Outcome(Outcome::Committed)));
     count
+}
+
+/// For each step of `case`'s failure-free run and each node: crash it just
+/// before that step, restart it, let the client retry (a keyed case),
+/// heal, and check the invariants; returns whether each run committed.
+fn every_crash_point(case: Case) -> BTreeMap<(usize, &'static str), bool> {
+    let steps = failure_free_step_count(case);
+    let mut outcomes = BTreeMap::new();
+    for crash_before in 0..=steps {
+        for victim in ["c1", "p1", "p2"] {
+            for power_loss in [false, true] {
+                let mut world = World::new(2, 2, 100);
+                world.submit("t1", (case.legs)(), case.key);
+                for _ in 0..crash_before {
+                    let Some(step) = world.steps.pop_front() else {
+                        break;
+                    };
+                    world.run_step(step);
+                }
+                match (victim, power_loss) {
+                    ("c1", _) => world.crash_coordinator(),
+                    (p, false) => world.crash_participant(&id(p)),
+                    (p, true) => world.power_loss(&id(p)),
+                }
+                if case.key.is_some() {
+                    // The client did not hear (or did not wait): it retries at once.
+                    world.submit("t1-again", (case.legs)(), case.key);
+                }
+                world.heal();
+                world.retry_every_key_and_heal();
+                world.check_invariants();
+                let committed = world.participants[&id("p1")].core.account(0).unwrap().posted == 70;
+                outcomes.insert((crash_before, victim), committed);
+            }
+        }
+    }
+    outcomes
 }
 
 #[test]
 fn every_crash_point_of_one_transfer_heals_to_all_or_nothing() {
-    let steps = failure_free_step_count();
+    let case = Case { legs: two_participant_transfer, key: None };
+    let steps = failure_free_step_count(case);
     assert!(steps >= 9, "prepare x2, votes x2, persist, commit x2, acks x2, end...: got {steps}");
-    let mut outcomes = BTreeMap::new();
-    for crash_before in 0..=steps {
-        for victim in ["c1", "p1", "p2"] {
-            let mut world = World::new(2, 1, 100);
-            world.begin("t1", transfer(0, 1_000, 30));
-            for _ in 0..crash_before {
-                let Some(step) = world.steps.pop_front() else {
-                    break;
-                };
-                world.run_step(step);
-            }
-            if victim == "c1" {
-                world.crash_coordinator();
-            } else {
-                world.crash_participant(&id(victim));
-            }
-            world.heal();
-            world.check_invariants();
-            let committed = world.participants[&id("p1")].core.account(0).unwrap().posted == 70;
-            outcomes.insert((crash_before, victim), committed);
-        }
-    }
+    let outcomes = every_crash_point(case);
     // Sanity of the enumeration itself: early crashes abort, late ones commit.
     // After both SendPrepare actions (steps 0 and 1), the prepares are on the
     // wire: a participant that crashes then loses its prepare, which aborts.
     assert!(!outcomes[&(2, "p1")], "a participant that crashed with its prepare in flight aborts the transfer");
     assert!(outcomes[&(0, "p1")], "a participant that restarted before its prepare was sent still commits");
-    assert_eq!(outcomes[&(steps, "c1")], true, "a crash after the end record keeps the commit");
+    assert!(outcomes[&(steps, "c1")], "a crash after the end record keeps the commit");
     assert!(outcomes.values().any(|c| *c) && outcomes.values().any(|c| !*c));
+}
+
+#[test]
+fn a_transfer_on_one_participant_is_one_request_and_no_coordinator_record() {
+    let mut world = World::new(2, 2, 100);
+    world.begin("t1", one_participant_transfer());
+    let mut steps = Vec::new();
+    while let Some(step) = world.steps.pop_front() {
+        steps.push(format!("{step:?}"));
+        world.run_step(step);
+    }
+    assert_eq!(steps.len(), 4, "send, deliver, answer, reply: {steps:#?}");
+    assert!(matches!(world.replies.get(&id("t1")), Some(Heard::Outcome(Outcome::Committed))));
+    assert!(world.decisions.is_empty() && world.ended.is_empty() && world.intents.is_empty());
+    assert!(world.keyed.is_empty() && world.finished_one_phase.is_empty(), "the coordinator wrote nothing");
+    world.check_invariants();
+    // With a key: the intent first, then the request, then the outcome under the key.
+    let mut world = World::new(2, 2, 100);
+    world.submit("t2", one_participant_transfer(), Some("k2"));
+    let first = world.steps.front().cloned();
+    assert!(matches!(first, Some(Step::Act(Action::PersistIntent { .. }))), "{first:?}");
+    world.heal();
+    assert_eq!(world.keyed.get(&id("k2")), Some(&(id("t2"), Outcome::Committed)));
+    assert!(world.intents.is_empty());
+    world.check_invariants();
+}
+
+#[test]
+fn every_crash_point_of_a_one_phase_transfer_heals_to_exactly_once() {
+    let case = Case { legs: one_participant_transfer, key: None };
+    let steps = failure_free_step_count(case);
+    assert_eq!(steps, 4, "send, deliver, answer, reply");
+    let outcomes = every_crash_point(case);
+    assert!(outcomes[&(0, "p1")], "a participant that restarted before the request was sent still commits");
+    assert!(outcomes[&(steps, "c1")], "a crash after the answer keeps the commit");
+    // The request on the wire when p1 crashes is lost and sent again.
+    assert!(outcomes[&(1, "p1")], "a lost one-phase request is sent again until answered");
+}
+
+#[test]
+fn every_crash_point_of_a_keyed_one_phase_transfer_keeps_the_keys_answer_and_applies_it_once() {
+    let case = Case { legs: one_participant_transfer, key: Some("k1") };
+    let steps = failure_free_step_count(case);
+    assert_eq!(steps, 6, "intent, send, deliver, answer, reply, outcome");
+    let outcomes = every_crash_point(case);
+    assert!(outcomes[&(steps, "c1")], "a crash after the outcome is logged keeps the commit");
+    // A crash of c1 after the participant applied it, before the outcome
+    // was logged: the intent makes the restart ask again; the retry hears
+    // COMMITTED and nothing is applied twice.
+    assert!(outcomes[&(3, "c1")] && outcomes[&(4, "c1")] && outcomes[&(5, "c1")]);
+    // A crash before the intent was durable: nothing was sent, and the
+    // client's retry runs it (once).
+    assert!(outcomes[&(0, "c1")]);
+}
+
+#[test]
+fn every_crash_point_of_a_keyed_2pc_transfer_keeps_the_keys_answer() {
+    let case = Case { legs: two_participant_transfer, key: Some("k1") };
+    every_crash_point(case);
+}
+
+#[test]
+fn a_late_one_phase_duplicate_below_the_watermark_changes_nothing_and_is_recognised() {
+    let mut world = World::new(2, 2, 100);
+    world.submit("t1", one_participant_transfer(), Some("k1"));
+    let mut delivered = Vec::new();
+    while let Some(step) = world.steps.pop_front() {
+        if let Step::Deliver { .. } = &step {
+            delivered.push(step.clone());
+        }
+        world.run_step(step);
+    }
+    // The watermark passes t1, the next request tells p1, and p1 collects
+    // t1's record.
+    world.raise_watermarks();
+    world.begin("t2", one_participant_transfer());
+    world.heal();
+    world.collect_garbage();
+    assert!(world.participants[&id("p1")].core.txn(&id("t1")).is_none(), "collected");
+    let late_before = world.late_seen;
+    for step in delivered {
+        world.run_step(step);
+    }
+    assert_eq!(world.late_seen, late_before + 1, "the duplicate is recognised as late");
+    world.heal();
+    world.check_invariants();
+    assert_eq!(world.participants[&id("p1")].core.account(0).unwrap().posted, 40, "t1 and t2, each once");
 }
 
 #[test]
@@ -489,7 +922,7 @@ fn coordinator_crash_after_the_decision_is_durable_before_any_commit_is_sent_fin
         let step = world.steps.pop_front().unwrap();
         world.run_step(step);
     }
-    assert!(!world.steps.iter().any(|s| matches!(s, Step::Deliver { request: Request::Commit, .. })));
+    assert!(!world.steps.iter().any(|s| matches!(s, Step::Deliver { request: Request::Commit(_), .. })));
     world.crash_coordinator();
     assert_eq!(world.decision(&id("t1")), Decision::Commit, "the logged decision survives");
     world.heal();
@@ -525,13 +958,13 @@ fn coordinator_crash_in_the_middle_of_the_fan_out_finishes_the_commit() {
     // Run until the first commit has been applied by a participant.
     loop {
         let step = world.steps.pop_front().unwrap();
-        let was_commit = matches!(step, Step::Deliver { request: Request::Commit, .. });
+        let was_commit = matches!(step, Step::Deliver { request: Request::Commit(_), .. });
         world.run_step(step);
         if was_commit {
             break;
         }
     }
-    assert_eq!(world.replies.get(&id("t1")), Some(&Outcome::Committed));
+    assert_eq!(world.replies.get(&id("t1")), Some(&Heard::Outcome(Outcome::Committed)));
     world.crash_coordinator();
     assert_eq!(world.decision(&id("t1")), Decision::Commit);
     world.heal();
@@ -541,34 +974,42 @@ fn coordinator_crash_in_the_middle_of_the_fan_out_finishes_the_commit() {
 
 #[test]
 fn duplicated_late_and_reordered_messages_change_nothing() {
-    let mut world = World::new(2, 1, 100);
-    world.begin("t1", transfer(0, 1_000, 30));
-    let mut delivered = Vec::new();
-    while let Some(step) = world.steps.pop_front() {
-        if let Step::Deliver { .. } = &step {
-            delivered.push(step.clone());
+    for legs in [two_participant_transfer(), one_participant_transfer()] {
+        let mut world = World::new(2, 2, 100);
+        world.begin("t1", legs);
+        let mut delivered = Vec::new();
+        while let Some(step) = world.steps.pop_front() {
+            if let Step::Deliver { .. } = &step {
+                delivered.push(step.clone());
+            }
+            world.run_step(step);
         }
-        world.run_step(step);
-    }
-    // Every request again, in reverse order, long after the end.
-    for step in delivered.into_iter().rev() {
-        if let Step::Deliver { participant, txn, request } = step {
-            let now = world.now_ms;
-            let node = world.participants.get_mut(&participant).unwrap();
-            let effects = match request {
-                Request::Prepare(legs) => {
-                    let (vote, effects) = node.core.prepare(txn, id("c1"), legs, now).unwrap();
-                    assert_eq!(vote, Vote::Yes, "a late duplicate prepare of a committed transaction");
-                    effects
-                }
-                Request::Commit => node.core.commit(&txn, now).unwrap(),
-                Request::Abort => unreachable!(),
-            };
-            assert!(effects.ops.is_empty(), "a duplicate wrote something");
+        // Every request again, in reverse order, long after the end.
+        for step in delivered.into_iter().rev() {
+            if let Step::Deliver { participant, txn, request } = step {
+                let now = world.now_ms;
+                let node = world.participants.get_mut(&participant).unwrap();
+                let effects = match request {
+                    Request::Prepare(legs, stamp) => {
+                        let (vote, effects) = node.core.prepare_stamped(txn, id("c1"), legs, stamp, now).unwrap();
+                        assert_eq!(vote, Vote::Yes, "a late duplicate prepare of a committed transaction");
+                        effects
+                    }
+                    Request::Commit(_) => node.core.commit(&txn, now).unwrap(),
+                    Request::OnePhase(legs, stamp) => {
+                        let (answer, effects) = node.core.commit_one_phase(txn, id("c1"), legs, stamp, now).unwrap();
+                        assert_eq!(answer.outcome, OnePhaseOutcome::Committed, "the first answer again");
+                        assert!(answer.duplicate);
+                        effects
+                    }
+                    Request::Abort(_) => unreachable!(),
+                };
+                assert!(effects.ops.is_empty(), "a duplicate wrote something");
+            }
         }
+        world.check_invariants();
+        assert_eq!(world.participants[&id("p1")].core.account(0).unwrap().posted, 70);
     }
-    world.check_invariants();
-    assert_eq!(world.participants[&id("p1")].core.account(0).unwrap().posted, 70);
 }
 
 #[test]
@@ -594,7 +1035,7 @@ fn an_abort_that_overtakes_its_prepare_wins() {
     while let Some(step) = world.steps.pop_front() {
         world.run_step(step);
     }
-    assert!(matches!(world.replies.get(&id("t1")), Some(Outcome::Aborted(..))));
+    assert!(matches!(world.replies.get(&id("t1")), Some(Heard::Outcome(Outcome::Aborted(..)))));
     // The late prepare arrives after the abort's tombstone.
     world.run_step(held);
     while let Some(step) = world.steps.pop_front() {
@@ -605,9 +1046,22 @@ fn an_abort_that_overtakes_its_prepare_wins() {
     world.check_invariants();
 }
 
-/// One seeded run: concurrent transfers, random order, duplicates, losses
-/// and crashes.
-fn chaos(seed: u64) -> (usize, usize, usize, usize) {
+/// What a seeded run came to.
+#[derive(Default)]
+struct Totals {
+    committed: usize,
+    applied: usize,
+    crashes: usize,
+    lost: usize,
+    one_phase: usize,
+    late: usize,
+    unknown: usize,
+}
+
+/// One seeded run: concurrent transfers (some on one participant, some
+/// keyed), random order, duplicates, losses, crashes, client retries,
+/// watermarks raised and records collected.
+fn chaos(seed: u64) -> Totals {
     let mut rng = Rng::new(seed);
     let mut world = World::new(3, 4, 50);
     let accounts: Vec<AccountId> = world.owners.keys().copied().collect();
@@ -615,17 +1069,40 @@ fn chaos(seed: u64) -> (usize, usize, usize, usize) {
     let transactions = 40;
     let mut steps_run = 0;
     let mut crashes = 0;
+    let mut keyed: Vec<(String, Vec<Leg>)> = Vec::new();
     while (started < transactions || !world.steps.is_empty()) && steps_run < 20_000 {
         steps_run += 1;
         if started < transactions && rng.chance(20) {
             let from = accounts[rng.below(accounts.len() as u64) as usize];
-            let mut to = accounts[rng.below(accounts.len() as u64) as usize];
-            if to == from {
-                to = accounts[(accounts.iter().position(|a| *a == from).unwrap() + 1) % accounts.len()];
+            // Half the transfers stay on the source's participant.
+            let to = if rng.chance(50) {
+                let base = from - from % 1_000;
+                base + (from % 1_000 + 1 + rng.below(3)) % 4
+            } else {
+                let mut to = accounts[rng.below(accounts.len() as u64) as usize];
+                if to == from {
+                    to = accounts[(accounts.iter().position(|a| *a == from).unwrap() + 1) % accounts.len()];
+                }
+                to
+            };
+            let legs = transfer(from, to, 1 + rng.below(40) as i64);
+            let key = rng.chance(50).then(|| format!("k{started}"));
+            if let Some(key) = &key {
+                keyed.push((key.clone(), legs.clone()));
             }
-            world.begin(&format!("t{started}"), transfer(from, to, 1 + rng.below(40) as i64));
+            world.submit(&format!("t{started}"), legs, key.as_deref());
             started += 1;
             continue;
+        }
+        if !keyed.is_empty() && rng.chance(2) {
+            // A client retries its key (it timed out, or heard unknown).
+            let (key, legs) = keyed[rng.below(keyed.len() as u64) as usize].clone();
+            world.submit(&format!("r{steps_run}"), legs, Some(&key));
+            continue;
+        }
+        if rng.chance(3) {
+            world.raise_watermarks();
+            world.collect_garbage();
         }
         if world.steps.is_empty() {
             continue;
@@ -657,44 +1134,54 @@ fn chaos(seed: u64) -> (usize, usize, usize, usize) {
         }
     }
     world.heal();
+    world.retry_every_key_and_heal();
     world.check_invariants();
-    let committed = world.replies.values().filter(|o| **o == Outcome::Committed).count();
-    let applied = world
-        .transactions
-        .keys()
-        .filter(|t| {
-            world.participants.values().any(|p| matches!(p.core.txn(t), Some(x) if x.state == TxnState::Committed))
-        })
-        .count();
-    (committed, applied, crashes, world.writes_lost)
+    Totals {
+        committed: world.replies.values().filter(|o| **o == Heard::Outcome(Outcome::Committed)).count(),
+        applied: world.applied.len(),
+        crashes,
+        lost: world.writes_lost,
+        one_phase: world.one_phase_committed,
+        late: world.late_seen,
+        unknown: world.replies.values().filter(|o| **o == Heard::Unknown).count(),
+    }
 }
 
 #[test]
 fn seeded_chaos_keeps_every_invariant() {
     let seeds: u64 = std::env::var("TANDEM_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(300);
-    let (mut committed, mut applied, mut crashes, mut lost) = (0, 0, 0, 0);
+    let mut totals = Totals::default();
     for seed in 0..seeds {
         let result = std::panic::catch_unwind(|| chaos(seed));
-        if let Ok((c, a, k, l)) = result {
-            committed += c;
-            applied += a;
-            crashes += k;
-            lost += l;
-        }
-        if let Err(panic) = result {
-            eprintln!(
-                "seed {seed} failed; rerun it alone with: TANDEM_SIM_SEED={seed} cargo test --release -p tandem-coordinator --test simulation one_seed"
-            );
-            std::panic::resume_unwind(panic);
+        match result {
+            Ok(run) => {
+                totals.committed += run.committed;
+                totals.applied += run.applied;
+                totals.crashes += run.crashes;
+                totals.lost += run.lost;
+                totals.one_phase += run.one_phase;
+                totals.late += run.late;
+                totals.unknown += run.unknown;
+            }
+            Err(panic) => {
+                eprintln!(
+                    "seed {seed} failed; rerun it alone with: TANDEM_SIM_SEED={seed} cargo test --release -p tandem-coordinator --test simulation one_seed"
+                );
+                std::panic::resume_unwind(panic);
+            }
         }
     }
     // The runs did exercise the protocol: commits, unanswered commits,
-    // crashes, and unsynced writes lost to power losses.
+    // crashes, unsynced writes lost to power losses, one-phase commits,
+    // late duplicates recognised by watermark, clients told unknown.
     eprintln!(
-        "{seeds} seeds: {committed} answered COMMITTED, {applied} applied, {crashes} crashes, {lost} unsynced writes lost"
+        "{seeds} seeds: {} answered COMMITTED, {} applied ({} in one phase), {} crashes, {} unsynced writes lost, {} late requests, {} told unknown",
+        totals.committed, totals.applied, totals.one_phase, totals.crashes, totals.lost, totals.late, totals.unknown
     );
-    assert!(committed > 0 && applied > committed && crashes > seeds as usize);
-    assert!(lost > 0, "no power loss dropped a write: the unsynced records were not exercised");
+    let seeds = seeds as usize;
+    assert!(totals.committed > 0 && totals.applied > totals.committed && totals.crashes > seeds);
+    assert!(totals.lost > 0, "no power loss dropped a write: the unsynced records were not exercised");
+    assert!(totals.one_phase > seeds && totals.late > 0 && totals.unknown > 0);
 }
 
 #[test]

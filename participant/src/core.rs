@@ -25,6 +25,18 @@
 //!   is lost, the node comes back PREPARED, asks the coordinator, and hears
 //!   ABORT). An abort for an unknown transaction leaves an ABORTED tombstone
 //!   so a late prepare cannot reserve funds.
+//! - **One-phase commit** ([`Core::commit_one_phase`]): a transaction
+//!   whose legs all live on this node is sent here once. It is judged as a
+//!   prepare is; accepted, its legs are posted and it is recorded
+//!   COMMITTED in one write, fsynced before the answer; refused, nothing
+//!   changes but an ABORTED record of the refusal (its reason kept), which
+//!   an fsync covers before the answer. Either record is stamped like a
+//!   2PC record, kept until the coordinator's watermark passes it, and
+//!   gives a duplicate the first answer; below the watermark, a request
+//!   with no record is late. The ids of the two protocols never mix: a
+//!   one-phase request for a two-phase id, and a prepare or COMMIT for a
+//!   one-phase id, are refused and change nothing. The coordinator's side,
+//!   and why it is exactly-once across its crashes, is in its `core.rs`.
 //! - After a YES vote this node never decides alone. A transaction that stays
 //!   PREPARED longer than `in_doubt_after_ms` is in doubt:
 //!   [`Core::due_queries`] names those to ask the coordinator about, with
@@ -173,8 +185,37 @@ pub struct Txn {
     /// decision (see "Keys that outlive a lost log" above); `None` once
     /// finished normally.
     pub idempotency_key: Option<Id>,
+    /// Set when the transaction was committed (or refused) in one phase
+    /// ([`Core::commit_one_phase`]): what its first answer was, so that a
+    /// duplicate gets it again. `None`: a two-phase transaction.
+    pub one_phase: Option<OnePhaseRecord>,
     next_query_ms: u64,
     query_backoff_ms: u64,
+}
+
+/// What a one-phase transaction's record keeps of its first answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnePhaseRecord {
+    /// `None`: committed (the record is COMMITTED); otherwise why it was
+    /// refused (the record is ABORTED).
+    pub refusal: Option<(Refusal, String)>,
+}
+
+/// How a one-phase commit ended here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OnePhaseOutcome {
+    /// The legs are posted, durably.
+    Committed,
+    /// Nothing changed (but the refusal's record, when there is one).
+    Refused(Refusal, String),
+}
+
+/// The answer to a one-phase commit: its outcome, and whether this delivery
+/// was a duplicate (the outcome is the first delivery's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnePhaseAnswer {
+    pub outcome: OnePhaseOutcome,
+    pub duplicate: bool,
 }
 
 /// Where a transaction stands in its coordinator's order, as the
@@ -191,6 +232,10 @@ pub struct Stamp {
 }
 
 pub use crate::core::heuristic::{Decided, Heuristic};
+
+/// A prepare or a one-phase commit as a batch carries it: the transaction,
+/// its coordinator, its legs and its stamp.
+pub type StampedRequest = (TxnId, Id, Vec<Leg>, Stamp);
 
 /// Why a prepare got NO.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,6 +256,10 @@ pub enum Refusal {
     /// operator): the vote's text is that earlier transaction's id, and
     /// nothing else.
     KeyOfLostIncarnation,
+    /// The transaction id is known here under the other protocol: a
+    /// one-phase commit for a transaction prepared (or aborted) here by
+    /// two-phase commit, or a prepare for one committed in one phase.
+    ProtocolMismatch,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -278,6 +327,8 @@ pub const OPS_PER_CALL_MAX: usize = tandem::domain::LEGS_MAX + 1;
 pub const COMMIT_BATCH_MAX: usize = 1_024;
 /// Most prepares in one batch (`PrepareBatch`).
 pub const PREPARE_BATCH_MAX: usize = 1_024;
+/// Most one-phase commits in one batch (`CommitOnePhaseBatch`).
+pub const ONE_PHASE_BATCH_MAX: usize = 1_024;
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -388,6 +439,18 @@ pub(crate) fn encode_txn(txn: &Txn) -> Result<Vec<u8>, Error> {
         }
         None => w.byte(0),
     }
+    // A two-phase record ends here (as records written before one-phase
+    // commits did); a one-phase one says what its first answer was.
+    if let Some(record) = &txn.one_phase {
+        w.byte(1);
+        match &record.refusal {
+            None => w.byte(0),
+            Some((refusal, reason)) => {
+                w.byte(crate::saga::refusal_code(Some(*refusal)));
+                w.text("a one-phase refusal's reason", reason)?;
+            }
+        }
+    }
     Ok(w.finish())
 }
 
@@ -423,7 +486,31 @@ pub(crate) fn decode_txn(bytes: &[u8], now_ms: u64) -> Result<Txn, Error> {
         1 => Some(parse_id(&r.short_text()?)?),
         other => return Err(corrupt(format!("idempotency key flag {other}"))),
     };
+    // Two-phase records (and those written before one-phase commits) end
+    // with the key.
+    let one_phase = if r.remaining() == 0 {
+        None
+    } else {
+        match r.byte()? {
+            1 => {}
+            other => return Err(corrupt(format!("one-phase flag {other}"))),
+        }
+        let refusal = match crate::saga::refusal_from_code(r.byte()?)? {
+            None => None,
+            Some(refusal) => Some((refusal, r.text()?)),
+        };
+        Some(OnePhaseRecord { refusal })
+    };
     r.done()?;
+    if let Some(record) = &one_phase {
+        let expected = if record.refusal.is_none() { TxnState::Committed } else { TxnState::Aborted };
+        if state != expected || heuristic.is_some() || idempotency_key.is_some() {
+            return Err(corrupt(format!(
+                "a one-phase record that is {state:?} with refusal {:?}, a heuristic decision or a key",
+                record.refusal
+            )));
+        }
+    }
     match state {
         TxnState::Prepared if heuristic.is_some() => {
             return Err(corrupt("a prepared transaction with a heuristic decision"))
@@ -448,6 +535,7 @@ pub(crate) fn decode_txn(bytes: &[u8], now_ms: u64) -> Result<Txn, Error> {
         position,
         heuristic,
         idempotency_key,
+        one_phase,
         next_query_ms: 0,
         query_backoff_ms: QUERY_BACKOFF_INITIAL_MS,
     })
@@ -671,6 +759,13 @@ impl Core {
         let (standing, observed) = self.observe(&coordinator, stamp.incarnation, stamp.low_watermark)?;
         if let Some(existing) = self.txns.get(&txn_id) {
             let (vote, effects) = match existing.state {
+                _ if existing.one_phase.is_some() => (
+                    Vote::No(
+                        Refusal::ProtocolMismatch,
+                        format!("{txn_id} was committed or refused here in one phase; a prepare for it is refused"),
+                    ),
+                    Effects::none(),
+                ),
                 _ if existing.heuristic.is_some() => (
                     Vote::No(
                         Refusal::Late,
@@ -715,6 +810,7 @@ impl Core {
             position: stamp.position,
             heuristic: None,
             idempotency_key: stamp.idempotency_key,
+            one_phase: None,
             next_query_ms: now_ms.saturating_add(self.config.in_doubt_after_ms),
             query_backoff_ms: QUERY_BACKOFF_INITIAL_MS,
         };
@@ -722,8 +818,17 @@ impl Core {
         // refusal, not a half-applied prepare.
         let mut ops = observed;
         ops.push(Op::Put(txn_key(&txn_id), encode_txn(&txn)?));
-        for leg in &txn.legs {
-            let account = self.accounts.get_mut(&leg.account).expect("checked above");
+        self.reserve(&txn.legs);
+        self.txns.insert(txn_id.clone(), txn);
+        self.index(&txn_id, now_ms);
+        Ok((Vote::Yes, Effects { ops, durability: Durability::Fsync }))
+    }
+
+    /// Reserves the debits and promises the credits of legs that
+    /// [`Core::check_prepare`] accepted.
+    fn reserve(&mut self, legs: &[Leg]) {
+        for leg in legs {
+            let account = self.accounts.get_mut(&leg.account).expect("checked by check_prepare");
             if leg.is_debit() {
                 account.reserved += -leg.amount;
             } else {
@@ -731,9 +836,117 @@ impl Core {
             }
             account.assert_invariants(leg.account);
         }
-        self.txns.insert(txn_id.clone(), txn);
+    }
+
+    /// One-phase commit: a transaction whose legs all live on this node is
+    /// judged as a prepare is (the legs, the coordinator, the accounts,
+    /// closed ones, the funds, overflow, the key of a lost incarnation),
+    /// then posted and recorded COMMITTED in one write, fsynced before the
+    /// answer. No PREPARED state exists in between: this node decides, and
+    /// nobody is ever in doubt about it. `Err` is bad input (a gRPC status)
+    /// and changes nothing.
+    ///
+    /// - A refusal changes nothing but the ABORTED record of the refusal,
+    ///   which is durable (it rides on an fsync) before the answer: the
+    ///   coordinator may answer its client ABORTED at once, so a duplicate
+    ///   of the request must never find this node without it.
+    /// - A duplicate (the same id, committed or refused here in one phase)
+    ///   gets the first answer again, with `duplicate`, and changes
+    ///   nothing; the record is held until the coordinator's watermark
+    ///   passes it (stamped) or the time retention ends (unstamped).
+    /// - A request with no record here below the watermark, or from a
+    ///   retired incarnation, is late: refused ([`Refusal::Late`]), nothing
+    ///   written; it was answered before and its record collected, or its
+    ///   coordinator stopped waiting for it.
+    /// - An id known here as a two-phase transaction (prepared, decided, or
+    ///   a tombstone) is refused ([`Refusal::ProtocolMismatch`]) and
+    ///   nothing changes; so is a prepare for an id committed here in one
+    ///   phase ([`Core::prepare_stamped`]), and a COMMIT for it
+    ///   ([`Core::commit`]).
+    pub fn commit_one_phase(
+        &mut self,
+        txn_id: TxnId,
+        coordinator: Id,
+        legs: Vec<Leg>,
+        stamp: Stamp,
+        now_ms: u64,
+    ) -> Result<(OnePhaseAnswer, Effects), Error> {
+        validate_legs(&legs)?;
+        let (standing, observed) = self.observe(&coordinator, stamp.incarnation, stamp.low_watermark)?;
+        if let Some(existing) = self.txns.get(&txn_id) {
+            let (outcome, duplicate, effects) = match &existing.one_phase {
+                // The first answer again, once the write behind it is durable.
+                Some(OnePhaseRecord { refusal: None }) => {
+                    (OnePhaseOutcome::Committed, true, Effects::after_earlier_writes_are_durable())
+                }
+                Some(OnePhaseRecord { refusal: Some((refusal, reason)) }) => (
+                    OnePhaseOutcome::Refused(*refusal, reason.clone()),
+                    true,
+                    Effects::after_earlier_writes_are_durable(),
+                ),
+                None => (
+                    OnePhaseOutcome::Refused(
+                        Refusal::ProtocolMismatch,
+                        format!(
+                            "{txn_id} is a two-phase transaction here ({:?}); a one-phase commit for it is refused",
+                            existing.state
+                        ),
+                    ),
+                    false,
+                    Effects::none(),
+                ),
+            };
+            return Ok((OnePhaseAnswer { outcome, duplicate }, effects.with_first(observed)));
+        }
+        if let Some(why) = self.late(&coordinator, standing, stamp.position) {
+            let outcome = OnePhaseOutcome::Refused(Refusal::Late, format!("{txn_id}: {why}"));
+            return Ok((OnePhaseAnswer { outcome, duplicate: false }, Effects::buffered(observed)));
+        }
+        let refusal = match self.key_held_by_another_incarnation(&coordinator, &stamp) {
+            Some(earlier) => Some((Refusal::KeyOfLostIncarnation, earlier.to_string())),
+            None => self.check_prepare(&coordinator, &legs),
+        };
+        let record = Txn {
+            state: if refusal.is_none() { TxnState::Committed } else { TxnState::Aborted },
+            coordinator,
+            legs: Vec::new(),
+            prepared_at_ms: now_ms,
+            incarnation: stamp.incarnation,
+            position: stamp.position,
+            heuristic: None,
+            idempotency_key: None,
+            one_phase: Some(OnePhaseRecord { refusal: refusal.clone() }),
+            next_query_ms: 0,
+            query_backoff_ms: 0,
+        };
+        // Encoded before anything changes: a record that does not fit is an
+        // error, not a half-applied commit.
+        let record_op = Op::Put(txn_key(&txn_id), encode_txn(&record)?);
+        let (outcome, mut ops, durability) = match refusal {
+            Some((refusal, reason)) => (OnePhaseOutcome::Refused(refusal, reason), Vec::new(), Durability::Lazy),
+            None => {
+                // The arithmetic of a prepare and its commit, checked above.
+                self.reserve(&legs);
+                (OnePhaseOutcome::Committed, self.post(&legs), Durability::Fsync)
+            }
+        };
+        ops.push(record_op);
+        self.txns.insert(txn_id.clone(), record);
         self.index(&txn_id, now_ms);
-        Ok((Vote::Yes, Effects { ops, durability: Durability::Fsync }))
+        Ok((OnePhaseAnswer { outcome, duplicate: false }, Effects { ops, durability }.with_first(observed)))
+    }
+
+    /// [`Core::commit_one_phase`] for each of `requests` ([`Core::judge_each`]),
+    /// 1 to [`ONE_PHASE_BATCH_MAX`] of them, as one write.
+    pub fn commit_one_phase_batch(
+        &mut self,
+        requests: Vec<Result<StampedRequest, Error>>,
+        now_ms: u64,
+    ) -> Result<(Vec<Result<OnePhaseAnswer, Error>>, Effects), Error> {
+        check_batch_len("requests", requests.len(), ONE_PHASE_BATCH_MAX)?;
+        Ok(self.judge_each(requests, now_ms, |core, (txn, coordinator, legs, stamp), now| {
+            core.commit_one_phase(txn, coordinator, legs, stamp, now)
+        }))
     }
 
     /// The transaction of another incarnation of `coordinator` that holds
@@ -798,6 +1011,9 @@ impl Core {
         if txn.heuristic.is_some() {
             return self.coordinator_decided(txn_id, Decided::Commit, now_ms);
         }
+        if txn.one_phase.is_some() {
+            return Err(one_phase_not_two_phase(txn_id, "a COMMIT"));
+        }
         match txn.state {
             TxnState::Committed => return Ok(Effects::after_earlier_writes_are_durable()),
             TxnState::Aborted => {
@@ -847,7 +1063,7 @@ impl Core {
     /// [`Core::prepare_stamped`]), 1 to [`PREPARE_BATCH_MAX`] of them.
     pub fn prepare_batch(
         &mut self,
-        prepares: Vec<Result<(TxnId, Id, Vec<Leg>, Stamp), Error>>,
+        prepares: Vec<Result<StampedRequest, Error>>,
         now_ms: u64,
     ) -> Result<(Vec<Result<Vote, Error>>, Effects), Error> {
         check_batch_len("prepares", prepares.len(), PREPARE_BATCH_MAX)?;
@@ -881,10 +1097,14 @@ impl Core {
             return (Err(error), Effects::none());
         }
         if let Some(aborted) = txn_ids.iter().find(
-            |id| matches!(self.txns.get(*id), Some(txn) if txn.state == TxnState::Aborted && txn.heuristic.is_none()),
+            |id| matches!(self.txns.get(*id), Some(txn) if txn.state == TxnState::Aborted && txn.heuristic.is_none() && txn.one_phase.is_none()),
         ) {
             let error = Error::InvalidInput(format!("{aborted} is aborted here; a commit for it breaks the protocol"));
             return (Err(error), Effects::none());
+        }
+        if let Some(one_phase) = txn_ids.iter().find(|id| self.txns.get(*id).is_some_and(|txn| txn.one_phase.is_some()))
+        {
+            return (Err(one_phase_not_two_phase(one_phase, "a COMMIT")), Effects::none());
         }
         let observed = match coordinator {
             Some(coordinator) => match self.observe(coordinator, stamp.incarnation, stamp.low_watermark) {
@@ -1014,6 +1234,7 @@ impl Core {
             position,
             heuristic: None,
             idempotency_key: None,
+            one_phase: None,
             next_query_ms: 0,
             query_backoff_ms: 0,
         };
@@ -1254,6 +1475,14 @@ impl Core {
         let account = *account;
         Ok((account, Effects { ops: vec![account_put(id, &account)], durability: Durability::Fsync }))
     }
+}
+
+/// The error for a two-phase message (`what`) about a transaction that was
+/// committed or refused here in one phase: the other protocol's id.
+fn one_phase_not_two_phase(txn_id: &TxnId, what: &str) -> Error {
+    Error::FailedPrecondition(format!(
+        "{txn_id} was committed or refused here in one phase; {what} for it (two-phase commit) is refused"
+    ))
 }
 
 /// A batch holds 1 to `max` items in its field `field`.

@@ -32,8 +32,8 @@
 //! the store's slot, and nothing under them can panic.
 
 use crate::core::{
-    check_batch_len, Ask, Config, Core, Decided, Effects, Refusal, Stamp, TxnState, Vote, COMMIT_BATCH_MAX,
-    OPS_PER_CALL_MAX, PREPARE_BATCH_MAX,
+    check_batch_len, Ask, Config, Core, Decided, Effects, OnePhaseAnswer, OnePhaseOutcome, Refusal, Stamp,
+    StampedRequest, TxnState, Vote, COMMIT_BATCH_MAX, ONE_PHASE_BATCH_MAX, OPS_PER_CALL_MAX, PREPARE_BATCH_MAX,
 };
 use crate::saga::{Event, EventKind, StepAnswer, StepKind, StepOrder, StepOutcome, StepPhase, Transfer, TransferState};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -471,9 +471,32 @@ impl Node {
     /// judged (the store failed or its queue is full).
     pub async fn prepare_batch(
         &self,
-        prepares: Vec<Result<(TxnId, Id, Vec<Leg>, Stamp), Error>>,
+        prepares: Vec<Result<StampedRequest, Error>>,
     ) -> Result<Vec<Result<Vote, Error>>, Error> {
         self.apply(prepares.len() * (OPS_PER_CALL_MAX + 1), |core, now| core.prepare_batch(prepares, now)).await
+    }
+
+    /// A one-phase commit ([`Core::commit_one_phase`]), answered once its
+    /// write is durable.
+    pub async fn commit_one_phase(
+        &self,
+        txn: TxnId,
+        coordinator: Id,
+        legs: Vec<Leg>,
+        stamp: Stamp,
+    ) -> Result<OnePhaseAnswer, Error> {
+        self.apply(OPS_PER_CALL_MAX + 1, |core, now| core.commit_one_phase(txn, coordinator, legs, stamp, now)).await
+    }
+
+    /// Each one-phase commit's answer, or why it is malformed, in one write;
+    /// `Err` when none could be judged (the store failed or its queue is
+    /// full).
+    pub async fn commit_one_phase_batch(
+        &self,
+        requests: Vec<Result<StampedRequest, Error>>,
+    ) -> Result<Vec<Result<OnePhaseAnswer, Error>>, Error> {
+        self.apply(requests.len() * (OPS_PER_CALL_MAX + 1), |core, now| core.commit_one_phase_batch(requests, now))
+            .await
     }
 
     /// A batch call's items judged in one write ([`Core::judge_each`]).
@@ -1157,21 +1180,82 @@ fn sent_by_caller(event: Event, caller: Option<&Id>) -> Result<Event, Error> {
     }
 }
 
-fn parse_prepare(request: &pb::PrepareRequest) -> Result<(TxnId, Id, Vec<Leg>, Stamp), Error> {
+fn parse_prepare(request: &pb::PrepareRequest) -> Result<StampedRequest, Error> {
+    parse_stamped(
+        &request.txn_id,
+        &request.coordinator_id,
+        &request.legs,
+        request.coordinator_incarnation,
+        request.position,
+        request.low_watermark,
+        &request.idempotency_key,
+    )
+}
+
+fn parse_one_phase(request: &pb::OnePhaseRequest) -> Result<StampedRequest, Error> {
+    parse_stamped(
+        &request.txn_id,
+        &request.coordinator_id,
+        &request.legs,
+        request.coordinator_incarnation,
+        request.position,
+        request.low_watermark,
+        &request.idempotency_key,
+    )
+}
+
+/// The fields a Prepare and a one-phase commit share, parsed.
+fn parse_stamped(
+    txn_id: &str,
+    coordinator_id: &str,
+    legs: &[pb::Leg],
+    incarnation: u64,
+    position: u64,
+    low_watermark: u64,
+    idempotency_key: &str,
+) -> Result<StampedRequest, Error> {
     Ok((
-        Id::parse("txn_id", &request.txn_id)?,
-        Id::parse("coordinator_id", &request.coordinator_id)?,
-        request.legs.iter().map(Leg::from).collect(),
+        Id::parse("txn_id", txn_id)?,
+        Id::parse("coordinator_id", coordinator_id)?,
+        legs.iter().map(Leg::from).collect(),
         Stamp {
-            incarnation: request.coordinator_incarnation,
-            position: request.position,
-            low_watermark: request.low_watermark,
-            idempotency_key: match request.idempotency_key.as_str() {
+            incarnation,
+            position,
+            low_watermark,
+            idempotency_key: match idempotency_key {
                 "" => None,
                 key => Some(Id::parse("idempotency_key", key)?),
             },
         },
     ))
+}
+
+fn one_phase_to_pb(answer: OnePhaseAnswer) -> pb::OnePhaseResponse {
+    let duplicate = answer.duplicate;
+    match answer.outcome {
+        OnePhaseOutcome::Committed => pb::OnePhaseResponse {
+            outcome: pb::OnePhaseOutcome::Committed as i32,
+            duplicate,
+            ..Default::default()
+        },
+        // The refusal's text is the earlier transaction's id (see the refusal).
+        OnePhaseOutcome::Refused(Refusal::KeyOfLostIncarnation, earlier) => pb::OnePhaseResponse {
+            outcome: pb::OnePhaseOutcome::Refused as i32,
+            refusal: pb::Refusal::KeyOfLostIncarnation as i32,
+            reason: format!(
+                "the idempotency key is held here by {earlier}, a transaction of an earlier incarnation of the coordinator (orphaned, or decided by an operator)"
+            ),
+            earlier_txn_id: earlier,
+            duplicate,
+        },
+        OnePhaseOutcome::Refused(refusal, reason) => pb::OnePhaseResponse {
+            outcome: pb::OnePhaseOutcome::Refused as i32,
+            refusal: refusal_to_pb(refusal) as i32,
+            reason,
+            earlier_txn_id: String::new(),
+            duplicate,
+        },
+    }
 }
 
 /// The coordinator a decision names, if it names one.
@@ -1260,6 +1344,7 @@ fn refusal_to_pb(refusal: Refusal) -> pb::Refusal {
         Refusal::AccountClosed => pb::Refusal::AccountClosed,
         Refusal::Late => pb::Refusal::Late,
         Refusal::KeyOfLostIncarnation => pb::Refusal::KeyOfLostIncarnation,
+        Refusal::ProtocolMismatch => pb::Refusal::ProtocolMismatch,
     }
 }
 
@@ -1321,7 +1406,7 @@ impl Participant for Node {
     ) -> Result<Response<pb::PrepareBatchResponse>, Status> {
         let prepares = request.into_inner().prepares;
         check_batch_len("prepares", prepares.len(), PREPARE_BATCH_MAX)?;
-        let parsed: Vec<Result<(TxnId, Id, Vec<Leg>, Stamp), Error>> = prepares.iter().map(parse_prepare).collect();
+        let parsed: Vec<Result<StampedRequest, Error>> = prepares.iter().map(parse_prepare).collect();
         let count = parsed.len();
         let votes = Node::prepare_batch(self, parsed)
             .await?
@@ -1338,6 +1423,44 @@ impl Participant for Node {
             .collect();
         debug!(count, "prepare batch answered");
         Ok(Response::new(pb::PrepareBatchResponse { votes }))
+    }
+
+    async fn commit_one_phase(
+        &self,
+        request: Request<pb::OnePhaseRequest>,
+    ) -> Result<Response<pb::OnePhaseResponse>, Status> {
+        let (txn, coordinator, legs, stamp) = parse_one_phase(&request.into_inner())?;
+        debug!(%txn, %coordinator, ?legs, ?stamp, "one-phase commit received");
+        let answer = Node::commit_one_phase(self, txn.clone(), coordinator, legs, stamp).await?;
+        tandem::crash::point("one-phase-applied");
+        debug!(%txn, ?answer, "one-phase commit answered");
+        Ok(Response::new(one_phase_to_pb(answer)))
+    }
+
+    async fn commit_one_phase_batch(
+        &self,
+        request: Request<pb::OnePhaseBatchRequest>,
+    ) -> Result<Response<pb::OnePhaseBatchResponse>, Status> {
+        let requests = request.into_inner().requests;
+        check_batch_len("requests", requests.len(), ONE_PHASE_BATCH_MAX)?;
+        let parsed: Vec<Result<StampedRequest, Error>> = requests.iter().map(parse_one_phase).collect();
+        let count = parsed.len();
+        let answers = Node::commit_one_phase_batch(self, parsed)
+            .await?
+            .into_iter()
+            .map(|answer| match answer {
+                Ok(answer) => one_phase_to_pb(answer),
+                Err(error) => pb::OnePhaseResponse {
+                    outcome: pb::OnePhaseOutcome::Refused as i32,
+                    refusal: pb::Refusal::InvalidRequest as i32,
+                    reason: error.to_string(),
+                    ..Default::default()
+                },
+            })
+            .collect();
+        tandem::crash::point("one-phase-applied");
+        debug!(count, "one-phase batch answered");
+        Ok(Response::new(pb::OnePhaseBatchResponse { answers }))
     }
 
     async fn commit(&self, request: Request<pb::DecisionRequest>) -> Result<Response<pb::DecisionResponse>, Status> {
@@ -1525,6 +1648,7 @@ impl Participant for Node {
             position: record.position,
             orphaned: core.is_orphan(record),
             heuristic: record.heuristic.as_ref().map(|_| heuristic_to_pb(&txn, record, now)),
+            one_phase: record.one_phase.is_some(),
         }))
     }
 

@@ -715,7 +715,7 @@ fn positive(amount: Amount) -> Result<Amount, Error> {
     Ok(amount)
 }
 
-fn refusal_code(refusal: Option<Refusal>) -> u8 {
+pub(crate) fn refusal_code(refusal: Option<Refusal>) -> u8 {
     match refusal {
         None => 0,
         Some(Refusal::InsufficientFunds) => 1,
@@ -727,10 +727,11 @@ fn refusal_code(refusal: Option<Refusal>) -> u8 {
         Some(Refusal::AccountClosed) => 7,
         Some(Refusal::Late) => 8,
         Some(Refusal::KeyOfLostIncarnation) => 9,
+        Some(Refusal::ProtocolMismatch) => 10,
     }
 }
 
-fn refusal_from_code(code: u8) -> Result<Option<Refusal>, Error> {
+pub(crate) fn refusal_from_code(code: u8) -> Result<Option<Refusal>, Error> {
     Ok(match code {
         0 => None,
         1 => Some(Refusal::InsufficientFunds),
@@ -742,7 +743,8 @@ fn refusal_from_code(code: u8) -> Result<Option<Refusal>, Error> {
         7 => Some(Refusal::AccountClosed),
         8 => Some(Refusal::Late),
         9 => Some(Refusal::KeyOfLostIncarnation),
-        other => return Err(corrupt(format!("barrier refusal {other}"))),
+        10 => Some(Refusal::ProtocolMismatch),
+        other => return Err(corrupt(format!("refusal code {other}"))),
     })
 }
 

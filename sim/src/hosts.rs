@@ -128,6 +128,7 @@ pub fn add_nodes(sim: &mut turmoil::Sim<'_>, seed: u64, topology: &Topology, dis
         saga_deadline_ms: 10_000,
         security: Security::Insecure,
         network: net::network(),
+        one_phase_commit: true,
     };
     sim.host(COORDINATOR, move || {
         let config = coordinator.clone();

@@ -161,6 +161,17 @@ pub const SCENARIOS: &[Scenario] = &[
         ..BASE
     },
     Scenario {
+        name: "one-phase",
+        about: "2PC alone, three transfers in four on one participant (one-phase commit: one request, no decision record; keyed ones log an intent), with audits, under every fault, the participants' retention (100 ms) far shorter than the faults: every key's retries get its one answer, and nothing is applied twice",
+        faults: ALL_FAULTS,
+        protocols: &[Protocol::TwoPhaseCommit],
+        audits: true,
+        fault_interval_ms: 500,
+        finished_retention_ms: 100,
+        legs: Some(&[(0, 0), (1, 1), (2, 2), (0, 1)]),
+        ..BASE
+    },
+    Scenario {
         name: "audit-while-paused",
         about: "scripted: p3 paused for 5 s while audits loop and 2PC transfers run between p1 and p2, which must not wait for the audits",
         protocols: &[Protocol::TwoPhaseCommit],

@@ -129,3 +129,11 @@ fn the_nemesis_injects_every_kind_of_fault() {
 fn outages_longer_than_every_retention() {
     seeds_of("long-outages");
 }
+
+/// One-phase commit under every fault: transfers on one participant are
+/// one request each (keyed ones with an intent in the coordinator's log),
+/// retried by key, audited, with a retention far shorter than the faults.
+#[test]
+fn one_phase_commits_under_every_fault() {
+    seeds_of("one-phase");
+}

@@ -419,4 +419,5 @@ fn huge_timing_settings_saturate_instead_of_overflowing() {
 }
 
 #[cfg(test)]
+mod one_phase;
 mod watermarks_and_heuristics;

@@ -1,7 +1,8 @@
 //! Property tests of the participant core (2PC and sagas together) and of
 //! every record decoder it reads at start.
 //!
-//! - Random and mutated requests (prepares, commits, aborts, batches, saga
+//! - Random and mutated requests (prepares, commits, aborts, one-phase
+//!   commits, batches, saga
 //!   steps and compensations with any amount, releases, choreographed
 //!   transfers, events relayed from the outbox and then mutated or forged,
 //!   operator resolutions, garbage collection, restarts) never panic, and
@@ -49,6 +50,11 @@ enum Request {
     Commit(u8),
     CommitBatch(Vec<u8>),
     Abort(u8),
+    /// A one-phase commit: its transaction, whether its coordinator is
+    /// known, its legs, and, stamped, the watermark it carries (incarnation
+    /// 7, position: the transaction's number + 1).
+    OnePhase(u8, bool, Vec<(u64, i64)>, Option<u64>),
+    OnePhaseBatch(Vec<(u8, Vec<(u64, i64)>)>),
     SetClosed(u64, bool),
     Step(u8, StepKind, StepPhase, u64, i64),
     /// A step whose request carries coordinator c1, incarnation 7, the
@@ -130,6 +136,9 @@ fn request() -> impl Strategy<Value = Request> {
         2 => (0..6u8).prop_map(Request::Commit),
         1 => proptest::collection::vec(0..6u8, 0..4).prop_map(Request::CommitBatch),
         2 => (0..6u8).prop_map(Request::Abort),
+        3 => (0..8u8, prop::bool::weighted(0.9), legs(), proptest::option::weighted(0.7, 0..10u64))
+            .prop_map(|(t, c, l, w)| Request::OnePhase(t, c, l, w)),
+        1 => proptest::collection::vec((0..8u8, legs()), 0..4).prop_map(Request::OnePhaseBatch),
         3 => (account(), any::<bool>()).prop_map(|(a, c)| Request::SetClosed(a, c)),
         // Mostly the saga's own amount (so compensations and releases match
         // their steps), sometimes any amount (forged).
@@ -213,6 +222,7 @@ struct Reached {
     dead_letters: u32,
     resolved: u32,
     committed: u32,
+    one_phase: u32,
     credited: u32,
     refused: u32,
 }
@@ -341,6 +351,36 @@ impl Bank {
                     let result = self.core.abort(&txn(t), now);
                     self.write(result)
                 };
+            }
+            Request::OnePhase(t, known, legs, watermark) => {
+                let coordinator = if known { id("c1") } else { id("c9") };
+                let stamp = match watermark {
+                    Some(low_watermark) => crate::core::Stamp {
+                        incarnation: 7,
+                        position: t as u64 + 1,
+                        low_watermark,
+                        idempotency_key: None,
+                    },
+                    None => crate::core::Stamp::default(),
+                };
+                let result = self.core.commit_one_phase(txn(t), coordinator, to_legs(&legs), stamp, now);
+                if let Some((answer, _)) = self.write(result) {
+                    self.one_phase_moved(&answer, &legs);
+                }
+            }
+            Request::OnePhaseBatch(items) => {
+                let requests = items
+                    .iter()
+                    .map(|(t, legs)| Ok((txn(*t), id("c1"), to_legs(legs), crate::core::Stamp::default())))
+                    .collect();
+                let result = self.core.commit_one_phase_batch(requests, now);
+                if let Some((answers, _)) = self.write(result) {
+                    for (answer, (_, legs)) in answers.iter().zip(&items) {
+                        if let Ok(answer) = answer {
+                            self.one_phase_moved(answer, legs);
+                        }
+                    }
+                }
             }
             Request::SetClosed(account, closed) => {
                 {
@@ -489,6 +529,14 @@ impl Bank {
         self.check();
     }
 
+    /// A one-phase commit applied now moves the money its legs say.
+    fn one_phase_moved(&mut self, answer: &crate::core::OnePhaseAnswer, legs: &[(u64, i64)]) {
+        if answer.outcome == crate::core::OnePhaseOutcome::Committed && !answer.duplicate {
+            self.reached.one_phase += 1;
+            self.expected += legs.iter().map(|(_, amount)| *amount as i128).sum::<i128>();
+        }
+    }
+
     fn deliver(&mut self, event: Event, now: u64) {
         {
             let result = self.core.deliver_event(event, now);
@@ -578,6 +626,7 @@ fn the_random_requests_reach_the_states_that_matter() {
         total.dead_letters += bank.reached.dead_letters;
         total.resolved += bank.reached.resolved;
         total.committed += bank.reached.committed;
+        total.one_phase += bank.reached.one_phase;
         total.credited += bank.reached.credited;
         total.refused += bank.reached.refused;
     }
@@ -593,6 +642,7 @@ fn the_random_requests_reach_the_states_that_matter() {
         assert!(total.applied.get(&step).copied().unwrap_or(0) > 0, "never applied {step}: {total:?}");
     }
     assert!(total.dead_letters > 0 && total.resolved > 0 && total.committed > 0 && total.credited > 0, "{total:?}");
+    assert!(total.one_phase > 0, "no one-phase commit applied: {total:?}");
     eprintln!("{total:?}");
 }
 
@@ -604,6 +654,8 @@ fn valid_records() -> Vec<(Vec<u8>, Vec<u8>)> {
         Request::Prepare(2, true, vec![(1, -10)]),
         Request::Commit(2),
         Request::Abort(3),
+        Request::OnePhase(4, true, vec![(1, -5), (2, 5)], Some(0)),
+        Request::OnePhase(5, true, vec![(1, -5_000), (2, 5_000)], None),
         Request::Step(1, StepKind::Debit, StepPhase::Action, 4, 30),
         Request::Step(1, StepKind::Debit, StepPhase::CompensateToSuspense, 4, 30),
         Request::Step(2, StepKind::Credit, StepPhase::Action, 3, 5),
