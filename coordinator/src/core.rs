@@ -155,6 +155,14 @@
 //!    refuses a log where one is (it is corrupt), rather than resend a
 //!    request the participant could take for late.
 //!
+//! 5. *A lost log* (a new incarnation) loses the intents with it. A
+//!    one-phase transaction its predecessor sent was applied at most once
+//!    (a request of a retired incarnation with no record is late), and
+//!    the participant keeps a committed one's key with its record (for the
+//!    time retention, once the incarnation is retired): a retry of the key
+//!    to the new incarnation is refused naming it
+//!    ([`AbortReason::KeyOfLostIncarnation`]), as a prepared orphan's is.
+//!
 //! The coordinator simulation (`tests/simulation.rs`) crashes every node
 //! before every step of unkeyed and keyed one-phase transfers (process
 //! crashes and power losses), retries the key, and checks that every
