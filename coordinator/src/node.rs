@@ -69,7 +69,7 @@
 //! deadline (`prepare_timeout_ms`) passes first, the core is told, and the
 //! client hears that the outcome is not known yet. A keyed one's intent is
 //! fsynced before its request goes; its outcome is written after its client
-//! heard it, with no fsync of its own (see `core.rs`). None takes the
+//! heard it, with no fsync (see `core.rs`). None takes the
 //! commit fence: it is applied in one write at one participant.
 //!
 //! Idempotency keys and finished records expire by time
@@ -785,9 +785,10 @@ impl Node {
                     tokio::spawn(async move {
                         // The fingerprint the request had: every leg is here.
                         let fingerprint = log::fingerprint(log::Asked::TwoPhaseCommit, &legs);
-                        // No fsync of its own: its client may have heard it
-                        // already, and until it is durable the intent stands
-                        // (a restart asks the participant again).
+                        // No fsync: the watermark that passes it is written
+                        // after it and fsynced before it is sent; until this
+                        // write is durable the intent stands (a restart asks
+                        // the participant, which still holds the record).
                         let written = log::one_phase_outcome_ops(
                             &txn,
                             idempotency_key.as_ref(),
@@ -795,7 +796,7 @@ impl Node {
                             fingerprint,
                             node.expires_ms(),
                         )
-                        .and_then(|ops| node.inner.store.submit(ops, Durability::Lazy));
+                        .and_then(|ops| node.inner.store.submit(ops, Durability::Buffered));
                         let result = match written {
                             Ok(wait) => wait.await.unwrap_or_else(|_| Err(Error::Fatal("writer stopped".into()))),
                             Err(error) => Err(error),
