@@ -112,8 +112,8 @@
 //!   ([`Action::PersistIntent`], [`Core::on_intent_durable`]). The
 //!   participant's answer goes to the client at once; the outcome is then
 //!   logged under the key in one write that deletes the intent
-//!   ([`Action::PersistOnePhaseOutcome`], which needs no fsync of its own),
-//!   and only once that is durable ([`Core::on_one_phase_logged`]) does the
+//!   ([`Action::PersistOnePhaseOutcome`], which needs no fsync: see 4), and
+//!   only once that is written ([`Core::on_one_phase_logged`]) does the
 //!   transaction give up its key and its participant's watermark. Until
 //!   then a retry of the key hears the answer given
 //!   ([`Core::answered_one_phase`]), or, before the answer, the usual "in
@@ -147,13 +147,26 @@
 //!    durable under the key (and the intent gone, in the same write): a
 //!    retry reads it. A crash in (a) loses nothing that was done, and the
 //!    retry starts afresh; in (b) and (c) the key keeps its one answer.
-//! 4. *Across restarts the watermark keeps 2.* The durable watermark
-//!    (`m/w/`) passes a keyed one-phase transaction only after the write
-//!    that logged its outcome and deleted its intent, which comes earlier
-//!    in the log's one write-ahead log; so an intent on disk is never below
-//!    its participant's durable watermark. [`Core::recover_intents`]
-//!    refuses a log where one is (it is corrupt), rather than resend a
-//!    request the participant could take for late.
+//! 4. *Across restarts the watermark keeps 2.* The watermark passes a
+//!    keyed one-phase transaction only after the write that logged its
+//!    outcome and deleted its intent; the watermark is written after it,
+//!    in the log's one write-ahead log, and fsynced before any participant
+//!    hears it, which makes that earlier write durable too (so the
+//!    outcome's write needs no fsync of its own, as 2PC's end record
+//!    needs none). Until then a power loss keeps the intent, and a restart
+//!    asks again a participant that still holds the record. So an intent
+//!    on disk is never below its participant's durable watermark:
+//!    [`Core::recover_intents`] refuses a log where one is (it is
+//!    corrupt), rather than resend a request the participant could take
+//!    for late.
+//!
+//! 5. *A lost log* (a new incarnation) loses the intents with it. A
+//!    one-phase transaction its predecessor sent was applied at most once
+//!    (a request of a retired incarnation with no record is late), and
+//!    the participant keeps a committed one's key with its record (for the
+//!    time retention, once the incarnation is retired): a retry of the key
+//!    to the new incarnation is refused naming it
+//!    ([`AbortReason::KeyOfLostIncarnation`]), as a prepared orphan's is.
 //!
 //! The coordinator simulation (`tests/simulation.rs`) crashes every node
 //! before every step of unkeyed and keyed one-phase transfers (process
@@ -207,7 +220,7 @@
 //! | 2PC, two participants | 4 messages (1 round trip), 2 sequential fsyncs (prepares in parallel, then the decision) | 8 messages; 3 fsyncs, 2 lazy commits, 1 buffered end record |
 //! | 2PC, one participant (one-phase off) | 2 messages, 2 sequential fsyncs (prepare, decision) | 4 messages; 2 fsyncs, 1 lazy commit, 1 buffered end record |
 //! | one-phase, no key | 2 messages, 1 fsync (the participant's) | 2 messages; 1 fsync; nothing at the coordinator |
-//! | one-phase, keyed | 2 messages, 2 sequential fsyncs (intent, participant) | 2 messages; 2 fsyncs, 1 lazy outcome |
+//! | one-phase, keyed | 2 messages, 2 sequential fsyncs (intent, participant) | 2 messages; 2 fsyncs, 1 buffered outcome |
 //!
 //! A keyed 2PC transfer costs the same as an unkeyed one (the key's result
 //! is in the decision's write). So one-phase halves the fsyncs on an
@@ -346,8 +359,10 @@ pub enum Action {
     ReplyUnknown { txn: TxnId, message: String },
     /// Log a one-phase outcome: under its key (the intent deleted in the
     /// same write), or, unkeyed, as a finished record for status lookups.
-    /// Its client may have heard it already; nothing waits for an fsync of
-    /// its own: call [`Core::on_one_phase_logged`] once it is durable.
+    /// Its client may have heard it already. No fsync is needed (the
+    /// watermark's own write, later in the log and fsynced before it is
+    /// sent, covers it): call [`Core::on_one_phase_logged`] once it is
+    /// written.
     PersistOnePhaseOutcome { txn: TxnId, idempotency_key: Option<Id>, outcome: Outcome, legs: Vec<Leg> },
 }
 
@@ -775,9 +790,10 @@ impl Core {
         vec![Action::ReplyUnknown { txn: txn.clone(), message }]
     }
 
-    /// A one-phase outcome is logged durably: the transaction is finished,
-    /// and its key and its participant's watermark are free. For one whose
-    /// outcome is not being logged, nothing happens.
+    /// A one-phase outcome is written to the log (ahead of any watermark
+    /// write that passes it): the transaction is finished, and its key and
+    /// its participant's watermark are free. For one whose outcome is not
+    /// being logged, nothing happens.
     pub fn on_one_phase_logged(&mut self, txn: &TxnId) {
         if !self.active.get(txn).is_some_and(|active| matches!(active.phase, Phase::OnePhaseLogging { .. })) {
             return;

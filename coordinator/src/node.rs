@@ -863,9 +863,10 @@ impl Node {
                     tokio::spawn(async move {
                         // The fingerprint the request had: every leg is here.
                         let fingerprint = log::fingerprint(log::Asked::TwoPhaseCommit, &legs);
-                        // No fsync of its own: its client may have heard it
-                        // already, and until it is durable the intent stands
-                        // (a restart asks the participant again).
+                        // No fsync: the watermark that passes it is written
+                        // after it and fsynced before it is sent; until this
+                        // write is durable the intent stands (a restart asks
+                        // the participant, which still holds the record).
                         let written = log::one_phase_outcome_ops(
                             &txn,
                             idempotency_key.as_ref(),
@@ -873,7 +874,7 @@ impl Node {
                             fingerprint,
                             node.expires_ms(),
                         )
-                        .and_then(|ops| node.inner.store.submit(ops, Durability::Lazy));
+                        .and_then(|ops| node.inner.store.submit(ops, Durability::Buffered));
                         let result = match written {
                             Ok(wait) => wait.await.unwrap_or_else(|_| Err(Error::Fatal("writer stopped".into()))),
                             Err(error) => Err(error),

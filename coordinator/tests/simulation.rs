@@ -10,7 +10,9 @@
 //! without an fsync (NO votes, tombstones, aborts) are shown to be safe to
 //! lose. The coordinator's log holds what its driver writes: commit
 //! decisions, end records, keyed outcomes, one-phase intents and the
-//! durable watermarks; every message is stamped as the driver stamps it,
+//! durable watermarks, each write fsynced or not as the driver writes it
+//! (a power loss of the coordinator drops what no fsync covered: end
+//! records and one-phase outcomes); every message is stamped as the driver stamps it,
 //! and participants collect what the watermark passes, so late duplicates
 //! are judged by watermark, not by a retention window.
 //!
@@ -173,10 +175,10 @@ enum Heard {
     Unknown,
 }
 
-struct World {
-    coordinator: Coordinator,
-    /// The coordinator's durable log: commit decisions not yet ended, ended
-    /// commits, one-phase intents, keyed outcomes, watermarks.
+/// The coordinator's log: commit decisions not yet ended, ended commits,
+/// one-phase intents, keyed outcomes, watermarks.
+#[derive(Clone, Default)]
+struct Log {
     decisions: BTreeMap<TxnId, CommitRecord>,
     ended: BTreeSet<TxnId>,
     intents: BTreeMap<TxnId, IntentRecord>,
@@ -184,6 +186,16 @@ struct World {
     /// One-phase outcomes logged without a key (their client heard unknown).
     finished_one_phase: BTreeMap<TxnId, Outcome>,
     floors: BTreeMap<Id, u64>,
+}
+
+struct World {
+    coordinator: Coordinator,
+    /// The coordinator's log as written (what its reads see, and a process
+    /// crash keeps), and as far as an fsync made it durable (what a power
+    /// loss keeps): one write-ahead log, so an fsync makes every earlier
+    /// write durable.
+    written: Log,
+    durable: Log,
     next_position: u64,
     participants: BTreeMap<Id, ParticipantNode>,
     /// Which participant owns which account.
@@ -211,12 +223,8 @@ impl World {
     fn new(participants: usize, accounts_each: u64, balance: Amount) -> World {
         let mut world = World {
             coordinator: Coordinator::new(10_000),
-            decisions: BTreeMap::new(),
-            ended: BTreeSet::new(),
-            intents: BTreeMap::new(),
-            keyed: BTreeMap::new(),
-            finished_one_phase: BTreeMap::new(),
-            floors: BTreeMap::new(),
+            written: Log::default(),
+            durable: Log::default(),
             next_position: 1,
             participants: BTreeMap::new(),
             owners: BTreeMap::new(),
@@ -261,7 +269,7 @@ impl World {
     fn submit(&mut self, txn: &str, legs: Vec<Leg>, key: Option<&str>) {
         let key = key.map(id);
         if let Some(key) = &key {
-            let earlier = self.keyed.get(key).cloned().or_else(|| {
+            let earlier = self.written.keyed.get(key).cloned().or_else(|| {
                 self.coordinator.answered_one_phase(key).map(|(t, outcome, _)| (t.clone(), outcome.clone()))
             });
             if let Some((earlier, outcome)) = earlier {
@@ -409,9 +417,10 @@ impl World {
             }
             Action::PersistCommit { txn, record } => {
                 if let Some(key) = &record.idempotency_key {
-                    self.keyed.insert(key.clone(), (txn.clone(), Outcome::Committed));
+                    self.written.keyed.insert(key.clone(), (txn.clone(), Outcome::Committed));
                 }
-                self.decisions.insert(txn.clone(), record);
+                self.written.decisions.insert(txn.clone(), record);
+                self.fsync_log();
                 let actions = self.coordinator.on_commit_durable(&txn);
                 self.steps.extend(actions.into_iter().map(Step::Act));
             }
@@ -423,19 +432,22 @@ impl World {
                 self.steps.push_back(Step::Deliver { participant, txn, request: Request::Abort(position) })
             }
             Action::PersistAbort { txn, key, outcome } => {
-                self.keyed.insert(key, (txn.clone(), outcome.clone()));
+                self.written.keyed.insert(key, (txn.clone(), outcome.clone()));
+                self.fsync_log();
                 let actions = self.coordinator.on_abort_durable(&txn, outcome);
                 self.steps.extend(actions.into_iter().map(Step::Act));
             }
             Action::Reply { txn, outcome } => self.hear(txn, Heard::Outcome(outcome)),
             Action::ReplyUnknown { txn, .. } => self.hear(txn, Heard::Unknown),
+            // Written without an fsync, as the driver writes it.
             Action::PersistEnd { txn, .. } => {
-                assert!(self.decisions.remove(&txn).is_some(), "{txn} ended without a decision");
-                self.ended.insert(txn.clone());
+                assert!(self.written.decisions.remove(&txn).is_some(), "{txn} ended without a decision");
+                self.written.ended.insert(txn.clone());
                 self.coordinator.on_end_durable(&txn);
             }
             Action::PersistIntent { txn, record } => {
-                assert!(self.intents.insert(txn.clone(), record).is_none(), "{txn}'s intent logged twice");
+                assert!(self.written.intents.insert(txn.clone(), record).is_none(), "{txn}'s intent logged twice");
+                self.fsync_log();
                 let actions = self.coordinator.on_intent_durable(&txn);
                 self.steps.extend(actions.into_iter().map(Step::Act));
             }
@@ -443,14 +455,18 @@ impl World {
                 let stamp = self.stamp(&participant, position, idempotency_key);
                 self.steps.push_back(Step::Deliver { participant, txn, request: Request::OnePhase(legs, stamp) })
             }
+            // Written without an fsync, as the driver writes it.
             Action::PersistOnePhaseOutcome { txn, idempotency_key, outcome, .. } => {
                 match idempotency_key {
                     Some(key) => {
-                        assert!(self.intents.remove(&txn).is_some(), "{txn}'s keyed outcome logged without its intent");
-                        self.keyed.insert(key, (txn.clone(), outcome));
+                        assert!(
+                            self.written.intents.remove(&txn).is_some(),
+                            "{txn}'s keyed outcome logged without its intent"
+                        );
+                        self.written.keyed.insert(key, (txn.clone(), outcome));
                     }
                     None => {
-                        self.finished_one_phase.insert(txn.clone(), outcome);
+                        self.written.finished_one_phase.insert(txn.clone(), outcome);
                     }
                 }
                 self.coordinator.on_one_phase_logged(&txn);
@@ -522,28 +538,50 @@ impl World {
             .expect("the disk holds only records the core wrote");
     }
 
+    /// An fsync of the coordinator's log: everything written is durable.
+    fn fsync_log(&mut self) {
+        self.durable = self.written.clone();
+    }
+
+    /// The coordinator's process dies: what it wrote survives, fsynced or not.
     fn crash_coordinator(&mut self) {
-        self.log.push("crash c1".into());
+        self.fsync_log();
+        self.restart_coordinator("crash");
+    }
+
+    /// The coordinator's machine loses power: what no fsync covered is gone.
+    fn coordinator_power_loss(&mut self) {
+        self.written = self.durable.clone();
+        self.restart_coordinator("power loss");
+    }
+
+    fn restart_coordinator(&mut self, how: &str) {
+        self.log.push(format!("{how} c1"));
         // Its pending actions, timers and the answers on their way to it are
         // gone; requests already on the wire to participants still arrive.
         self.steps.retain(|step| matches!(step, Step::Deliver { .. }));
         self.coordinator = Coordinator::new(10_000);
         // A new generation: positions above every one handed out before.
         self.next_position += 1_000;
-        self.coordinator.start_positions(self.next_position, self.floors.clone());
-        let logged: Vec<_> = self.decisions.iter().map(|(t, r)| (t.clone(), r.clone())).collect();
+        self.coordinator.start_positions(self.next_position, self.written.floors.clone());
+        let logged: Vec<_> = self.written.decisions.iter().map(|(t, r)| (t.clone(), r.clone())).collect();
         let mut actions = self.coordinator.recover(logged).expect("the log holds only records the core wrote");
-        let intents: Vec<_> = self.intents.iter().map(|(t, r)| (t.clone(), r.clone())).collect();
+        let intents: Vec<_> = self.written.intents.iter().map(|(t, r)| (t.clone(), r.clone())).collect();
         actions.extend(self.coordinator.recover_intents(intents).expect("the log holds only intents the core wrote"));
         self.steps.extend(actions.into_iter().map(Step::Act));
     }
 
-    /// The driver's watermark round: what rose is logged, then sent.
+    /// The driver's watermark round: what rose is logged and fsynced (with
+    /// every earlier write), then sent; nothing is written when nothing rose.
     fn raise_watermarks(&mut self) {
         let due = self.coordinator.watermarks_due();
-        for (participant, watermark) in &due {
-            self.floors.insert(participant.clone(), *watermark);
+        if due.is_empty() {
+            return;
         }
+        for (participant, watermark) in &due {
+            self.written.floors.insert(participant.clone(), *watermark);
+        }
+        self.fsync_log();
         self.coordinator.on_watermarks_durable(&due);
     }
 
@@ -563,7 +601,7 @@ impl World {
     fn decision(&self, txn: &TxnId) -> Decision {
         match self.coordinator.query(txn) {
             Some(decision) => decision,
-            None if self.decisions.contains_key(txn) => Decision::Commit,
+            None if self.written.decisions.contains_key(txn) => Decision::Commit,
             None => Decision::Abort,
         }
     }
@@ -673,12 +711,12 @@ impl World {
                 Some(Heard::Outcome(other)) => panic!("2PC answered a saga outcome: {other:?}"),
                 Some(Heard::Unknown) | None => {}
             }
-            if let Some(outcome) = self.finished_one_phase.get(txn) {
+            if let Some(outcome) = self.written.finished_one_phase.get(txn) {
                 assert_eq!(*outcome == Outcome::Committed, all, "{txn}: its logged outcome is false\n{}", context());
             }
         }
-        assert!(self.decisions.is_empty(), "decisions left without an end record\n{}", context());
-        assert!(self.intents.is_empty(), "intents left without an outcome\n{}", context());
+        assert!(self.written.decisions.is_empty(), "decisions left without an end record\n{}", context());
+        assert!(self.written.intents.is_empty(), "intents left without an outcome\n{}", context());
         assert_eq!(self.coordinator.active_count(), 0, "transactions left in flight\n{}", context());
         let mut keys: BTreeMap<&Id, Vec<&TxnId>> = BTreeMap::new();
         for (txn, (_, key)) in &self.transactions {
@@ -711,7 +749,7 @@ impl World {
                     );
                 }
             }
-            if let Some((txn, outcome)) = self.keyed.get(key) {
+            if let Some((txn, outcome)) = self.written.keyed.get(key) {
                 assert_eq!(
                     *outcome == Outcome::Committed,
                     self.applied.contains_key(txn),
@@ -774,7 +812,8 @@ fn every_crash_point(case: Case) -> BTreeMap<(usize, &'static str), bool> {
                     world.run_step(step);
                 }
                 match (victim, power_loss) {
-                    ("c1", _) => world.crash_coordinator(),
+                    ("c1", false) => world.crash_coordinator(),
+                    ("c1", true) => world.coordinator_power_loss(),
                     (p, false) => world.crash_participant(&id(p)),
                     (p, true) => world.power_loss(&id(p)),
                 }
@@ -819,8 +858,11 @@ fn a_transfer_on_one_participant_is_one_request_and_no_coordinator_record() {
     }
     assert_eq!(steps.len(), 4, "send, deliver, answer, reply: {steps:#?}");
     assert!(matches!(world.replies.get(&id("t1")), Some(Heard::Outcome(Outcome::Committed))));
-    assert!(world.decisions.is_empty() && world.ended.is_empty() && world.intents.is_empty());
-    assert!(world.keyed.is_empty() && world.finished_one_phase.is_empty(), "the coordinator wrote nothing");
+    assert!(world.written.decisions.is_empty() && world.written.ended.is_empty() && world.written.intents.is_empty());
+    assert!(
+        world.written.keyed.is_empty() && world.written.finished_one_phase.is_empty(),
+        "the coordinator wrote nothing"
+    );
     world.check_invariants();
     // With a key: the intent first, then the request, then the outcome under the key.
     let mut world = World::new(2, 2, 100);
@@ -828,8 +870,8 @@ fn a_transfer_on_one_participant_is_one_request_and_no_coordinator_record() {
     let first = world.steps.front().cloned();
     assert!(matches!(first, Some(Step::Act(Action::PersistIntent { .. }))), "{first:?}");
     world.heal();
-    assert_eq!(world.keyed.get(&id("k2")), Some(&(id("t2"), Outcome::Committed)));
-    assert!(world.intents.is_empty());
+    assert_eq!(world.written.keyed.get(&id("k2")), Some(&(id("t2"), Outcome::Committed)));
+    assert!(world.written.intents.is_empty());
     world.check_invariants();
 }
 
@@ -946,7 +988,7 @@ fn coordinator_crash_after_every_acknowledgement_before_the_end_record_redeliver
     assert_eq!(world.decision(&id("t1")), Decision::Commit);
     world.heal();
     world.check_invariants();
-    assert!(world.ended.contains(&id("t1")), "the end record is written after the redelivery");
+    assert!(world.written.ended.contains(&id("t1")), "the end record is written after the redelivery");
     assert_eq!(world.participants[&id("p1")].core.account(0).unwrap().posted, 70);
     assert_eq!(world.participants[&id("p2")].core.account(1_000).unwrap().posted, 130);
 }
@@ -1110,7 +1152,11 @@ fn chaos(seed: u64) -> Totals {
         let roll = rng.below(100);
         if roll < 2 {
             crashes += 1;
-            world.crash_coordinator();
+            if rng.chance(50) {
+                world.coordinator_power_loss();
+            } else {
+                world.crash_coordinator();
+            }
         } else if roll < 5 {
             crashes += 1;
             let victim = id(&format!("p{}", 1 + rng.below(3)));

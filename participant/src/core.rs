@@ -101,10 +101,15 @@
 //! incarnation, while an earlier incarnation's transaction for it is still
 //! held here, gets NO ([`Refusal::KeyOfLostIncarnation`], naming that
 //! transaction), so the money cannot move twice while an operator decides
-//! the first. Keys of transactions that finished normally are not kept
-//! (the coordinator's log answers for those while it lives): the window
-//! that remains is a retry, to a coordinator that lost its log, of a
-//! transfer its predecessor finished.
+//! the first. A transaction committed here in one phase keeps its key for
+//! as long as its record is kept (until its coordinator's watermark passes
+//! it, or, once that incarnation is retired, for the time retention): a
+//! one-phase transaction is never prepared, so that is the only place the
+//! key of one answered while its coordinator lost its log survives. Keys
+//! of transactions that finished normally otherwise are not kept (the
+//! coordinator's log answers for those while it lives): the window that
+//! remains is a retry, to a coordinator that lost its log, of a transfer
+//! its predecessor finished and whose record here is gone.
 //!
 //! Records from a coordinator that stamps nothing (an older one) keep the
 //! time retention (`finished_retention_ms`): a duplicate of its prepare
@@ -504,7 +509,8 @@ pub(crate) fn decode_txn(bytes: &[u8], now_ms: u64) -> Result<Txn, Error> {
     r.done()?;
     if let Some(record) = &one_phase {
         let expected = if record.refusal.is_none() { TxnState::Committed } else { TxnState::Aborted };
-        if state != expected || heuristic.is_some() || idempotency_key.is_some() {
+        // Only a committed one keeps its key.
+        if state != expected || heuristic.is_some() || (record.refusal.is_some() && idempotency_key.is_some()) {
             return Err(corrupt(format!(
                 "a one-phase record that is {state:?} with refusal {:?}, a heuristic decision or a key",
                 record.refusal
@@ -914,7 +920,10 @@ impl Core {
             incarnation: stamp.incarnation,
             position: stamp.position,
             heuristic: None,
-            idempotency_key: None,
+            // Kept while the record is (see "Keys that outlive a lost log"):
+            // a retry of the key sent to the coordinator's next
+            // incarnation, should its log be lost, is then refused.
+            idempotency_key: if refusal.is_none() { stamp.idempotency_key.clone() } else { None },
             one_phase: Some(OnePhaseRecord { refusal: refusal.clone() }),
             next_query_ms: 0,
             query_backoff_ms: 0,
@@ -1438,7 +1447,7 @@ impl Core {
         }
         for entry in passed {
             if let Some(id) = self.collectable.remove(&entry) {
-                self.txns.remove(&id);
+                self.forget_txn(&id);
             }
         }
         while let Some((finished_at, _)) = self.finished.front() {
@@ -1450,7 +1459,7 @@ impl Core {
                 Retained::Txn(txn_id) => {
                     if matches!(self.txns.get(&txn_id), Some(txn) if txn.state != TxnState::Prepared && txn.heuristic.is_none())
                     {
-                        self.txns.remove(&txn_id);
+                        self.forget_txn(&txn_id);
                         ops.push(Op::Delete(txn_key(&txn_id)));
                     }
                 }
@@ -1462,6 +1471,17 @@ impl Core {
             }
         }
         Effects { ops, durability: Durability::Buffered }
+    }
+
+    /// Drops a collected record from memory, and its key from the keys held.
+    fn forget_txn(&mut self, id: &TxnId) {
+        let Some(txn) = self.txns.remove(id) else { return };
+        if let Some(key) = txn.idempotency_key {
+            let entry = (txn.coordinator, key);
+            if self.keys.get(&entry) == Some(id) {
+                self.keys.remove(&entry);
+            }
+        }
     }
 
     /// Closes or reopens an account.

@@ -237,3 +237,35 @@ fn one_phase_records_survive_a_restart_and_a_corrupt_one_is_refused() {
     bad_flag[flag_at] = 2;
     assert!(decode_txn(&bad_flag, 0).is_err());
 }
+
+#[test]
+fn a_committed_keyed_one_phase_transaction_keeps_its_key_against_a_coordinator_that_lost_its_log() {
+    let (mut core, mut disk) = setup();
+    let keyed = |incarnation, position| Stamp { idempotency_key: Some(id("k1")), ..stamp(incarnation, position, 1) };
+    let legs = vec![debit(1, 10), credit(2, 10)];
+    assert_eq!(one_phase(&mut core, &mut disk, "t1", legs.clone(), keyed(A, 5), 0), committed());
+    // A refused one keeps none.
+    let refused = core.commit_one_phase(id("t2"), id("c1"), vec![debit(1, 900)], keyed(A, 6), 0).unwrap().0;
+    assert!(matches!(refused.outcome, OnePhaseOutcome::Refused(Refusal::InsufficientFunds, _)));
+    assert_eq!(core.txn(&id("t2")).unwrap().idempotency_key, None);
+    // The coordinator lost its log before its client heard: the retry of
+    // the key reaches incarnation B, by one phase or by 2PC, after a restart
+    // here too: refused, naming t1; the money moved once.
+    let mut core = restart(&disk, 1);
+    let (retry, effects) = core.commit_one_phase(id("t9"), id("c1"), legs.clone(), keyed(B, 1), 2).unwrap();
+    assert_eq!(retry.outcome, OnePhaseOutcome::Refused(Refusal::KeyOfLostIncarnation, "t1".into()));
+    disk.apply(&effects);
+    let (vote, _) = core.prepare_stamped(id("t8"), id("c1"), vec![debit(1, 10)], keyed(B, 2), 3).unwrap();
+    assert_eq!(vote, Vote::No(Refusal::KeyOfLostIncarnation, "t1".into()));
+    assert_eq!(balances(&core), (90, 10));
+    // Its record (and its key) go after the time retention, as a retired
+    // incarnation's records do.
+    let collected = core.collect_garbage(2 + config().finished_retention_ms + 1);
+    assert!(collected.ops.contains(&Op::Delete(b"t/t1".to_vec())), "{collected:?}");
+    let (fresh, _) = core.commit_one_phase(id("t7"), id("c1"), legs, keyed(B, 3), 10_000).unwrap();
+    assert_eq!(fresh, committed(), "the key is free again");
+    // Within one incarnation the key is the coordinator's to judge.
+    let (again, _) =
+        core.commit_one_phase(id("t6"), id("c1"), vec![debit(1, 1), credit(2, 1)], keyed(B, 4), 10_001).unwrap();
+    assert_eq!(again, committed());
+}
