@@ -305,10 +305,6 @@ seed = 13
 participants = 2
 accounts_per_participant = 100
 initial_balance = 10000
-# One-phase commits finish at their participant at once, so nothing there
-# holds their key when the log is lost: a retry of one the lost incarnation
-# applied runs again (a known window, see the README). 2PC only here.
-coordinator_args = ["--one-phase-commit", "false"]
 
 [workload]
 clients = 8

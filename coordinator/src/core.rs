@@ -301,6 +301,35 @@ pub struct CommitRecord {
     pub position: u64,
 }
 
+/// How a transaction over several participants is committed (see the
+/// essay, "Parallel commit").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitProtocol {
+    /// The decision is fsynced after every vote is in, before the client
+    /// hears COMMITTED: two sequential fsyncs on the client's path.
+    Classic,
+    /// A staged record is fsynced while the prepares run; the transaction is
+    /// committed once it and every prepare are durable: one fsync's time on
+    /// the client's path.
+    Parallel,
+}
+
+/// What the log holds for a transaction committed by parallel commit from
+/// before its outcome is known until it ends (`p/` in the log): enough to
+/// prepare it again after a restart, and its key's result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagedRecord {
+    pub idempotency_key: Option<Id>,
+    pub position: u64,
+    /// The request's fingerprint (`log::fingerprint`), for its key's result.
+    /// The core does not compute it: the driver, which has the request,
+    /// fills it in before it writes the record, and gives it back with
+    /// [`Core::on_staged_durable`].
+    pub fingerprint: u64,
+    /// The legs, by participant (each with at least one).
+    pub legs: BTreeMap<ParticipantId, Vec<Leg>>,
+}
+
 /// What the log holds for a keyed one-phase transaction from before its
 /// request is sent until its outcome is logged (see the essay): enough to
 /// send the same request again after a restart.
@@ -333,9 +362,22 @@ pub enum Action {
         /// The client's key, which the participant keeps while prepared
         /// (participant.proto, PrepareRequest.idempotency_key).
         idempotency_key: Option<Id>,
+        /// Sent again after a failed one (a recovered parallel commit's):
+        /// the driver waits a little first, so that a participant that is
+        /// down is not called in a tight loop.
+        after_failure: bool,
     },
     /// Write and fsync the commit decision, then call [`Core::on_commit_durable`].
     PersistCommit { txn: TxnId, record: CommitRecord },
+    /// Parallel commit: write and fsync the staged record (its fingerprint
+    /// filled in by the driver), at the same time as the prepares go out,
+    /// then call [`Core::on_staged_durable`].
+    PersistStaged { txn: TxnId, record: StagedRecord },
+    /// Parallel commit, aborted: delete the staged record (and, with a key,
+    /// log the key's result, as [`Action::PersistAbort`] does) and fsync,
+    /// then call [`Core::on_abort_durable`]. Only once the staged record is
+    /// durable, so that the deletion comes after it in the log.
+    PersistStagedAbort { txn: TxnId, idempotency_key: Option<Id>, fingerprint: u64, outcome: Outcome },
     /// Send COMMIT until acknowledged, then call [`Core::on_commit_acked`].
     SendCommit { txn: TxnId, participant: ParticipantId },
     /// Send ABORT once; a participant that misses it asks later.
@@ -344,9 +386,11 @@ pub enum Action {
     PersistAbort { txn: TxnId, key: Id, outcome: Outcome },
     /// Answer the client.
     Reply { txn: TxnId, outcome: Outcome },
-    /// Replace the decision with an end record (no fsync needed), then call
-    /// [`Core::on_end_durable`].
-    PersistEnd { txn: TxnId, idempotency_key: Option<Id> },
+    /// Replace the decision (or the staged record) with an end record (no
+    /// fsync needed), then call [`Core::on_end_durable`]. `staged`: a
+    /// parallel commit's request fingerprint: its key's result is logged in
+    /// this write (a classic commit's was, with its decision).
+    PersistEnd { txn: TxnId, idempotency_key: Option<Id>, staged: Option<u64> },
     /// Keyed one-phase only: write and fsync the intent, then call
     /// [`Core::on_intent_durable`].
     PersistIntent { txn: TxnId, record: IntentRecord },
@@ -373,6 +417,22 @@ pub enum Phase {
     },
     /// Every vote was YES; the decision is being made durable.
     Deciding,
+    /// Parallel commit: the prepares and the staged record are on their
+    /// way. Committed once every vote was YES and the staged record is
+    /// durable ([`ActiveTxn::staged`]).
+    Staging {
+        waiting: BTreeSet<ParticipantId>,
+        /// Resumed after a restart only: each participant's legs, to prepare
+        /// again at one that did not answer. Such a transaction may have
+        /// been committed before the restart, so only a participant's
+        /// refusal aborts it, never a prepare that failed or timed out.
+        resend: BTreeMap<ParticipantId, Vec<Leg>>,
+    },
+    /// Parallel commit, aborted before its staged record was durable: the
+    /// abort is logged once it is (the deletion must follow the record).
+    AbortingUnstaged {
+        outcome: Outcome,
+    },
     Committing {
         pending: BTreeSet<ParticipantId>,
     },
@@ -403,6 +463,12 @@ pub struct ActiveTxn {
     pub participants: Vec<ParticipantId>,
     pub idempotency_key: Option<Id>,
     pub phase: Phase,
+    /// Parallel commit: the request's fingerprint, once the staged record
+    /// is durable (`None` for classic 2PC and one-phase transactions).
+    pub staged: Option<u64>,
+    /// Resumed from the log after a restart: no client waits for its
+    /// outcome (its retry with the key reads the log), so none is replied.
+    pub recovered: bool,
 }
 
 /// What a participant hears when it asks.
@@ -436,10 +502,13 @@ pub struct Core {
     /// Whether a transaction with one participant is committed in one phase
     /// (the default) or by classic 2PC.
     one_phase: bool,
+    /// How transactions over several participants are committed.
+    commit_protocol: CommitProtocol,
 }
 
 impl Core {
-    /// A core that commits single-participant transactions in one phase.
+    /// A core that commits single-participant transactions in one phase,
+    /// and the others by classic 2PC.
     pub fn new(active_max: usize) -> Core {
         assert!(active_max > 0);
         Core {
@@ -448,7 +517,15 @@ impl Core {
             active_max,
             marks: Watermarks::default(),
             one_phase: true,
+            commit_protocol: CommitProtocol::Classic,
         }
+    }
+
+    /// Sets how transactions over several participants begun from now on
+    /// are committed (classic 2PC unless told; the driver's default is
+    /// parallel commit).
+    pub fn set_commit_protocol(&mut self, protocol: CommitProtocol) {
+        self.commit_protocol = protocol;
     }
 
     /// Turns one-phase commit on or off for transactions begun from now on
@@ -550,28 +627,38 @@ impl Core {
                     (Phase::OnePhase { legs, told_unknown: false }, send)
                 }
             };
-            self.active.insert(txn, ActiveTxn { position, participants, idempotency_key, phase });
+            self.active.insert(
+                txn,
+                ActiveTxn { position, participants, idempotency_key, phase, staged: None, recovered: false },
+            );
             return Ok(vec![action]);
         }
-        let actions = legs_by_participant
-            .into_iter()
-            .map(|(participant, legs)| Action::SendPrepare {
-                txn: txn.clone(),
-                position,
-                participant,
-                legs,
-                idempotency_key: idempotency_key.clone(),
-            })
-            .collect();
-        self.active.insert(
-            txn,
-            ActiveTxn {
-                position,
-                phase: Phase::Preparing { waiting: participants.iter().cloned().collect() },
-                participants,
-                idempotency_key,
-            },
-        );
+        let waiting = participants.iter().cloned().collect();
+        let (phase, mut actions) = match self.commit_protocol {
+            CommitProtocol::Classic => (Phase::Preparing { waiting }, Vec::new()),
+            // The staged record goes first in the list, but its write and
+            // the prepares run at the same time (see "Parallel commit").
+            CommitProtocol::Parallel => {
+                let record = StagedRecord {
+                    idempotency_key: idempotency_key.clone(),
+                    position,
+                    fingerprint: 0,
+                    legs: legs_by_participant.clone(),
+                };
+                let phase = Phase::Staging { waiting, resend: BTreeMap::new() };
+                (phase, vec![Action::PersistStaged { txn: txn.clone(), record }])
+            }
+        };
+        actions.extend(legs_by_participant.into_iter().map(|(participant, legs)| Action::SendPrepare {
+            txn: txn.clone(),
+            position,
+            participant,
+            legs,
+            idempotency_key: idempotency_key.clone(),
+            after_failure: false,
+        }));
+        self.active
+            .insert(txn, ActiveTxn { position, phase, participants, idempotency_key, staged: None, recovered: false });
         Ok(actions)
     }
 
@@ -581,13 +668,38 @@ impl Core {
         let Some(active) = self.active.get_mut(txn) else {
             return Vec::new();
         };
-        let Phase::Preparing { waiting } = &mut active.phase else {
+        let parallel = matches!(active.phase, Phase::Staging { .. });
+        if let Phase::Staging { waiting, resend } = &active.phase {
+            // A recovered parallel commit: a failed or late prepare is sent
+            // again, after a pause; only a refusal aborts it.
+            if let (true, VoteResult::No(AbortReason::ParticipantUnavailable, _), Some(legs)) =
+                (waiting.contains(participant), &vote, resend.get(participant))
+            {
+                return vec![Action::SendPrepare {
+                    txn: txn.clone(),
+                    position: active.position,
+                    participant: participant.clone(),
+                    legs: legs.clone(),
+                    idempotency_key: active.idempotency_key.clone(),
+                    after_failure: true,
+                }];
+            }
+        }
+        let (Phase::Preparing { waiting } | Phase::Staging { waiting, .. }) = &mut active.phase else {
             return Vec::new();
         };
         if !waiting.remove(participant) {
             return Vec::new(); // a duplicate vote
         }
         match vote {
+            // Parallel commit: committed now if the staged record is durable
+            // too, or as soon as it is.
+            VoteResult::Yes if parallel => {
+                if waiting.is_empty() && active.staged.is_some() {
+                    return Self::commit_staged(txn, active);
+                }
+                Vec::new()
+            }
             VoteResult::Yes if waiting.is_empty() => {
                 active.phase = Phase::Deciding;
                 let record = CommitRecord {
@@ -608,6 +720,32 @@ impl Core {
                 let message = tandem::domain::clip_text(&message, tandem::domain::REASON_STORED_LEN_MAX);
                 let outcome = Outcome::Aborted(reason, message);
                 let position = active.position;
+                if parallel {
+                    // The staged record must be deleted, durably, before the
+                    // client hears ABORTED and before any ABORT goes out: a
+                    // restart that found it would prepare the transaction
+                    // again, and an ABORT still on its way could then
+                    // overtake a participant's new YES. The watermarks stay
+                    // held until then too, so that one that passes the
+                    // transaction is never durable before the deletion is
+                    // (see the essay). [`Core::on_abort_durable`] sends the
+                    // ABORTs.
+                    return match active.staged {
+                        Some(fingerprint) => {
+                            active.phase = Phase::Aborting;
+                            vec![Action::PersistStagedAbort {
+                                txn: txn.clone(),
+                                idempotency_key: active.idempotency_key.clone(),
+                                fingerprint,
+                                outcome,
+                            }]
+                        }
+                        None => {
+                            active.phase = Phase::AbortingUnstaged { outcome };
+                            Vec::new()
+                        }
+                    };
+                }
                 let mut actions: Vec<Action> = active
                     .participants
                     .iter()
@@ -649,8 +787,57 @@ impl Core {
         actions
     }
 
-    /// A keyed abort's outcome is durable: tell the client. For a
-    /// transaction that is not aborting, nothing happens.
+    /// Parallel commit: every prepare and the staged record are durable, so
+    /// the transaction is committed: the client hears it and the COMMITs go
+    /// out, with no decision record (the staged record and the prepared
+    /// records are the decision; its end record replaces the staged one).
+    fn commit_staged(txn: &TxnId, active: &mut ActiveTxn) -> Vec<Action> {
+        active.phase = Phase::Committing { pending: active.participants.iter().cloned().collect() };
+        let mut actions = Vec::with_capacity(1 + active.participants.len());
+        if !active.recovered {
+            actions.push(Action::Reply { txn: txn.clone(), outcome: Outcome::Committed });
+        }
+        actions.extend(
+            active.participants.iter().map(|p| Action::SendCommit { txn: txn.clone(), participant: p.clone() }),
+        );
+        actions
+    }
+
+    /// Parallel commit: the staged record (with this request fingerprint)
+    /// is durable. Committed if every vote is in and was YES; an abort
+    /// decided meanwhile is logged now. For a transaction that is not
+    /// staging, nothing happens.
+    pub fn on_staged_durable(&mut self, txn: &TxnId, fingerprint: u64) -> Vec<Action> {
+        let Some(active) = self.active.get_mut(txn) else { return Vec::new() };
+        match &active.phase {
+            Phase::Staging { waiting, .. } if active.staged.is_none() => {
+                active.staged = Some(fingerprint);
+                if waiting.is_empty() {
+                    return Self::commit_staged(txn, active);
+                }
+                Vec::new()
+            }
+            Phase::AbortingUnstaged { outcome } => {
+                let outcome = outcome.clone();
+                active.staged = Some(fingerprint);
+                active.phase = Phase::Aborting;
+                vec![Action::PersistStagedAbort {
+                    txn: txn.clone(),
+                    idempotency_key: active.idempotency_key.clone(),
+                    fingerprint,
+                    outcome,
+                }]
+            }
+            _ => {
+                tracing::error!(%txn, "a staged record became durable for a transaction that is not staging; ignored");
+                Vec::new()
+            }
+        }
+    }
+
+    /// A keyed abort's outcome (or a parallel commit's abort) is durable:
+    /// tell the client. For a transaction that is not aborting, nothing
+    /// happens.
     pub fn on_abort_durable(&mut self, txn: &TxnId, outcome: Outcome) -> Vec<Action> {
         if !self.active.get(txn).is_some_and(|active| active.phase == Phase::Aborting) {
             tracing::error!(%txn, "a keyed abort became durable for a transaction that is not aborting; ignored");
@@ -660,7 +847,25 @@ impl Core {
         if let Some(key) = &active.idempotency_key {
             self.keys_in_flight.remove(key);
         }
-        vec![Action::Reply { txn: txn.clone(), outcome }]
+        // A parallel commit's abort held its watermarks until now (a classic
+        // one released them when it was decided: releasing again is a no-op).
+        for p in &active.participants {
+            self.marks.release(p, active.position, txn);
+        }
+        let mut actions = Vec::new();
+        // A parallel commit's ABORTs go out now that nothing can commit it
+        // (to every participant: one that refused it ignores its ABORT).
+        if active.staged.is_some() {
+            actions.extend(active.participants.iter().map(|p| Action::SendAbort {
+                txn: txn.clone(),
+                position: active.position,
+                participant: p.clone(),
+            }));
+        }
+        if !active.recovered {
+            actions.push(Action::Reply { txn: txn.clone(), outcome });
+        }
+        actions
     }
 
     pub fn on_commit_acked(&mut self, txn: &TxnId, participant: &ParticipantId) -> Vec<Action> {
@@ -675,7 +880,11 @@ impl Core {
         }
         self.marks.release(participant, active.position, txn);
         if pending.is_empty() {
-            return vec![Action::PersistEnd { txn: txn.clone(), idempotency_key: active.idempotency_key.clone() }];
+            return vec![Action::PersistEnd {
+                txn: txn.clone(),
+                idempotency_key: active.idempotency_key.clone(),
+                staged: active.staged,
+            }];
         }
         Vec::new()
     }
@@ -818,14 +1027,30 @@ impl Core {
         }
     }
 
+    /// The parallel commit holding `key` whose client heard COMMITTED (its
+    /// COMMITs are being delivered; the key's result is logged with its end
+    /// record), with its request's fingerprint.
+    pub fn committed_in_parallel(&self, key: &Id) -> Option<(&TxnId, u64)> {
+        let txn = self.keys_in_flight.get(key)?;
+        let active = self.active.get(txn)?;
+        match (&active.phase, active.staged) {
+            (Phase::Committing { .. }, Some(fingerprint)) => Some((txn, fingerprint)),
+            _ => None,
+        }
+    }
+
     /// The answer to a participant's decision query, or `None` when this core
     /// does not hold the transaction and the log must say. A one-phase
     /// transaction is never prepared anywhere: it is PENDING while held
     /// (nothing is decided by its answer), then the log's "no decision".
     pub fn query(&self, txn: &TxnId) -> Option<Decision> {
         self.active.get(txn).map(|active| match active.phase {
-            Phase::Preparing { .. } | Phase::Deciding => Decision::Pending,
+            Phase::Preparing { .. } | Phase::Deciding | Phase::Staging { .. } => Decision::Pending,
             Phase::Committing { .. } => Decision::Commit,
+            // A parallel commit is aborted for its participants only once
+            // its abort is durable (see `on_vote`).
+            Phase::Aborting if active.staged.is_some() => Decision::Pending,
+            Phase::AbortingUnstaged { .. } => Decision::Pending,
             Phase::Aborting => Decision::Abort,
             Phase::Intending { .. } | Phase::OnePhase { .. } | Phase::OnePhaseLogging { .. } => Decision::Pending,
         })
@@ -906,6 +1131,8 @@ impl Core {
                     idempotency_key: Some(idempotency_key),
                     // No client waits: the outcome is only logged.
                     phase: Phase::OnePhase { legs, told_unknown: true },
+                    staged: None,
+                    recovered: true,
                 },
             );
         }
@@ -938,6 +1165,78 @@ impl Core {
                     phase: Phase::Committing { pending: record.participants.iter().cloned().collect() },
                     participants: record.participants,
                     idempotency_key: record.idempotency_key,
+                    staged: None,
+                    recovered: true,
+                },
+            );
+        }
+        Ok(actions)
+    }
+
+    /// Resumes the parallel commits whose staged record is logged and whose
+    /// end is not (see "Parallel commit" in the essay). One that a
+    /// participant's durable watermark passed was acknowledged there, so it
+    /// was committed: its COMMITs are redelivered, as a logged decision's
+    /// are. Every other one is prepared again, at every participant, and
+    /// decided as a new one is: committed if every participant votes YES
+    /// (one that holds it prepared or committed does), aborted, and the
+    /// abort logged, if any refuses (one that never prepared it refuses it
+    /// durably, or prepares it now). A record without participants or legs,
+    /// for a transaction already held, or whose key is held twice, is an
+    /// error (the log is corrupt), and then nothing is resumed.
+    pub fn recover_staged(&mut self, logged: Vec<(TxnId, StagedRecord)>) -> Result<Vec<Action>, Error> {
+        let mut keys = std::collections::HashSet::new();
+        for (txn, record) in &logged {
+            let key_twice = record
+                .idempotency_key
+                .as_ref()
+                .is_some_and(|key| self.keys_in_flight.contains_key(key) || !keys.insert(key.clone()));
+            if record.legs.is_empty()
+                || record.legs.values().any(|legs| legs.is_empty())
+                || self.active.contains_key(txn)
+                || key_twice
+            {
+                return Err(Error::Fatal(format!(
+                    "the staged record of {txn} names no participant or no leg, or a transaction or a key held twice"
+                )));
+            }
+        }
+        let mut actions = Vec::new();
+        for (txn, record) in logged {
+            let StagedRecord { idempotency_key, position, fingerprint, legs } = record;
+            let participants: Vec<ParticipantId> = legs.keys().cloned().collect();
+            let acknowledged_somewhere = participants.iter().any(|p| position < self.marks.floor(p));
+            for p in &participants {
+                self.marks.hold(p, position, &txn);
+            }
+            if let Some(key) = &idempotency_key {
+                self.keys_in_flight.insert(key.clone(), txn.clone());
+            }
+            let phase = if acknowledged_somewhere {
+                actions.extend(
+                    participants.iter().map(|p| Action::SendCommit { txn: txn.clone(), participant: p.clone() }),
+                );
+                Phase::Committing { pending: participants.iter().cloned().collect() }
+            } else {
+                actions.extend(legs.iter().map(|(participant, legs)| Action::SendPrepare {
+                    txn: txn.clone(),
+                    position,
+                    participant: participant.clone(),
+                    legs: legs.clone(),
+                    idempotency_key: idempotency_key.clone(),
+                    after_failure: false,
+                }));
+                Phase::Staging { waiting: participants.iter().cloned().collect(), resend: legs }
+            };
+            self.active.insert(
+                txn,
+                ActiveTxn {
+                    position,
+                    participants,
+                    idempotency_key,
+                    phase,
+                    staged: Some(fingerprint),
+                    recovered: true,
                 },
             );
         }

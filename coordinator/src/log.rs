@@ -34,6 +34,16 @@
 //!   legs. Written and fsynced before its request is sent; deleted in the
 //!   write that logs its outcome under the key (`k/`, `f/`). A restart
 //!   sends the request of each intent again and logs the answer.
+//! - `p/<txn id>`: a transaction committed by parallel commit (see
+//!   `core.rs`), from its start until it ends: its idempotency key, its
+//!   position, its request's fingerprint and its legs by participant.
+//!   Written and fsynced at the same time as its prepares are sent; it is
+//!   committed once this record and every prepare are durable. Replaced by
+//!   the end record (`f/`, and the key's result `k/`) once every
+//!   participant acknowledged its COMMIT; deleted, with an fsync, before
+//!   its client hears ABORTED. A restart prepares each one again, or
+//!   redelivers its COMMITs if a durable watermark shows it was
+//!   acknowledged somewhere.
 //! - `s/<saga id>`: an orchestrated saga that is running or dead-lettered:
 //!   its transfer, its position, its stage, and why it left its happy path.
 //!   The start record is fsynced before the first step; stage changes are
@@ -81,7 +91,7 @@
 //! [`decode_at`]) or answers INTERNAL for it, never guesses and never
 //! panics.
 
-use crate::core::{AbortReason, CommitRecord, IntentRecord, Outcome};
+use crate::core::{AbortReason, CommitRecord, IntentRecord, Outcome, StagedRecord};
 use crate::saga::{Recovery, SagaRecord, SagaSpec, Stage};
 use tandem::codec::{corrupt, corrupt_record, Reader, Writer};
 use tandem::domain::{Id, Leg, TxnId, LEGS_MAX};
@@ -110,6 +120,7 @@ pub const FINISHED_PREFIX: &[u8] = b"f/";
 pub const KEY_PREFIX: &[u8] = b"k/";
 pub const SAGA_PREFIX: &[u8] = b"s/";
 pub const INTENT_PREFIX: &[u8] = b"i/";
+pub const STAGED_PREFIX: &[u8] = b"p/";
 
 pub fn key(prefix: &[u8], id: &Id) -> Vec<u8> {
     let mut key = prefix.to_vec();
@@ -295,6 +306,86 @@ pub fn decode_intent(bytes: &[u8]) -> Result<IntentRecord, Error> {
         .and_then(|()| tandem::domain::validate_balanced(&legs))
         .map_err(|e| corrupt(format!("the intent's legs: {e}")))?;
     Ok(IntentRecord { participant, idempotency_key, position, legs })
+}
+
+/// A staged record: the key, the position, the fingerprint, then each
+/// participant (a count byte) with its legs (a count byte, each an account
+/// and an amount).
+pub fn encode_staged(record: &StagedRecord) -> Result<Vec<u8>, Error> {
+    let mut w = Writer::new();
+    w.text("an idempotency key", optional_id_text(&record.idempotency_key))?;
+    w.u64(record.position);
+    w.u64(record.fingerprint);
+    if record.legs.len() > LEGS_MAX || record.legs.values().map(Vec::len).sum::<usize>() > LEGS_MAX {
+        return Err(Error::InvalidInput(format!("a transaction has at most {LEGS_MAX} legs")));
+    }
+    w.count_u8("the number of participants", record.legs.len())?;
+    for (participant, legs) in &record.legs {
+        w.text("a participant id", participant.as_str())?;
+        w.count_u8("the number of legs", legs.len())?;
+        for leg in legs {
+            w.u64(leg.account);
+            w.i64(leg.amount);
+        }
+    }
+    Ok(w.finish())
+}
+
+/// Reads a staged record; its legs must be those of a transaction the
+/// coordinator would have begun (valid, summing to zero, at least one on
+/// each of at least one participant).
+pub fn decode_staged(bytes: &[u8]) -> Result<StagedRecord, Error> {
+    let mut r = Reader::new(bytes);
+    let idempotency_key = r.optional_id()?;
+    let position = r.u64()?;
+    let fingerprint = r.u64()?;
+    let participants = r.byte()? as usize;
+    if participants == 0 || participants > LEGS_MAX {
+        return Err(corrupt(format!("a staged record with {participants} participants")));
+    }
+    let mut legs = std::collections::BTreeMap::new();
+    let mut all = Vec::new();
+    for _ in 0..participants {
+        let participant = r.id()?;
+        let count = r.byte()? as usize;
+        if count == 0 || all.len() + count > LEGS_MAX {
+            return Err(corrupt(format!("a staged record with {count} legs on {participant}")));
+        }
+        let these =
+            (0..count).map(|_| Ok(Leg { account: r.u64()?, amount: r.i64()? })).collect::<Result<Vec<_>, Error>>()?;
+        all.extend_from_slice(&these);
+        if legs.insert(participant.clone(), these).is_some() {
+            return Err(corrupt(format!("a staged record that names {participant} twice")));
+        }
+    }
+    r.done()?;
+    tandem::domain::validate_legs(&all)
+        .and_then(|()| tandem::domain::validate_balanced(&all))
+        .map_err(|e| corrupt(format!("the staged record's legs: {e}")))?;
+    Ok(StagedRecord { idempotency_key, position, fingerprint, legs })
+}
+
+/// The ops that log a parallel commit's staged record.
+pub fn staged_ops(txn: &TxnId, record: &StagedRecord) -> Result<Vec<Op>, Error> {
+    Ok(vec![Op::Put(key(STAGED_PREFIX, txn), encode_staged(record)?)])
+}
+
+/// The ops that log a parallel commit's abort: its staged record deleted,
+/// and with a key, the key's result and a finished record, as
+/// [`abort_ops`].
+pub fn staged_abort_ops(
+    txn: &TxnId,
+    idempotency_key: Option<&Id>,
+    outcome: &Outcome,
+    fingerprint: u64,
+    expires_ms: u64,
+) -> Result<Vec<Op>, Error> {
+    let mut ops = match idempotency_key {
+        Some(idem) => abort_ops(txn, idem, outcome, fingerprint, expires_ms)?,
+        None => Vec::with_capacity(1),
+    };
+    ops.push(Op::Delete(key(STAGED_PREFIX, txn)));
+    Ok(ops)
 }
 
 /// The ops that log a keyed one-phase transaction's intent.
@@ -563,9 +654,25 @@ pub fn commit_ops(txn: &TxnId, record: &CommitRecord, fingerprint: u64, expires_
 }
 
 /// The ops that end a committed transaction: the decision is replaced by a
-/// finished record.
-pub fn end_ops(txn: &TxnId, idempotency_key: Option<Id>, expires_ms: u64) -> Result<Vec<Op>, Error> {
-    let mut ops = vec![Op::Delete(key(DECISION_PREFIX, txn))];
+/// finished record. A parallel commit's (`staged`: its request's
+/// fingerprint) replaces its staged record, and logs its key's result here.
+pub fn end_ops(
+    txn: &TxnId,
+    idempotency_key: Option<Id>,
+    staged: Option<u64>,
+    expires_ms: u64,
+) -> Result<Vec<Op>, Error> {
+    let mut ops = Vec::with_capacity(4);
+    match staged {
+        None => ops.push(Op::Delete(key(DECISION_PREFIX, txn))),
+        Some(fingerprint) => {
+            ops.push(Op::Delete(key(STAGED_PREFIX, txn)));
+            if let Some(idem) = &idempotency_key {
+                let result = KeyedResult { txn: txn.clone(), outcome: Outcome::Committed, fingerprint, expires_ms };
+                put_expiring(&mut ops, key(KEY_PREFIX, idem), encode_keyed(&result)?, expires_ms);
+            }
+        }
+    }
     let finished = Finished { outcome: FinishedAs::Committed, idempotency_key, expires_ms };
     put_expiring(&mut ops, key(FINISHED_PREFIX, txn), encode_finished(&finished)?, expires_ms);
     Ok(ops)

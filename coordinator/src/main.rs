@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use tandem::domain::Id;
 use tandem::tls::TlsFlags;
 use tandem::trust::Role;
+use tandem_coordinator::core::CommitProtocol;
 use tandem_coordinator::directory::Shard;
 use tandem_coordinator::node::{Node, NodeConfig};
 
@@ -82,12 +83,28 @@ struct Args {
     /// for a comparison.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
     one_phase_commit: bool,
+    /// How a transaction over several participants is committed. parallel:
+    /// the participants' set and legs are logged (fsynced) while the
+    /// prepares run, and the transaction is committed as soon as that record
+    /// and every prepare are durable: the client waits for one fsync's time,
+    /// not two; an abort is logged before its client hears it. classic: the
+    /// decision is logged after every vote is in, then the client hears it.
+    /// Both recover every transaction to the outcome its client heard (see
+    /// coordinator/src/core.rs)
+    #[arg(long, value_enum, default_value_t = CommitProtocolArg::Parallel)]
+    commit_protocol: CommitProtocolArg,
     /// Log filter: error, warn, info, debug or trace (RUST_LOG overrides).
     #[arg(long, default_value = "info")]
     log_level: String,
     /// Mutual TLS: the certificate names this node tandem://coordinator/ID.
     #[command(flatten)]
     tls: TlsFlags,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum CommitProtocolArg {
+    Parallel,
+    Classic,
 }
 
 fn main() -> std::process::ExitCode {
@@ -142,6 +159,10 @@ async fn run(args: Args) -> Result<(), String> {
         security,
         network: tandem::net::Network::Tcp,
         one_phase_commit: args.one_phase_commit,
+        commit_protocol: match args.commit_protocol {
+            CommitProtocolArg::Parallel => CommitProtocol::Parallel,
+            CommitProtocolArg::Classic => CommitProtocol::Classic,
+        },
     })
     .await
     .map_err(|e| e.to_string())?;

@@ -97,7 +97,7 @@
 //! that does not decode is an error naming it (at start: the coordinator
 //! does not start; while serving: INTERNAL), never a panic.
 
-use crate::core::{AbortReason, Action, Core, Decision, OnePhaseResult, Outcome, Phase, VoteResult};
+use crate::core::{AbortReason, Action, CommitProtocol, Core, Decision, OnePhaseResult, Outcome, Phase, VoteResult};
 use crate::directory::{Directory, Shard};
 use crate::log;
 use crate::saga::{Recovery, SagaAction, SagaCore, SagaId};
@@ -156,6 +156,10 @@ pub const WATERMARK_INTERVAL_MS: u64 = 50;
 pub const COMMIT_BATCH_MAX: usize = 1_024;
 /// Most prepares sent to one participant in one call (`PrepareBatch`).
 pub const PREPARE_BATCH_MAX: usize = 256;
+/// How long a prepare that failed waits before it is sent again (a
+/// recovered parallel commit's, which only a refusal may abort: see
+/// `core.rs`).
+pub const PREPARE_RESEND_PAUSE_MS: u64 = 100;
 /// Most one-phase commits sent to one participant in one call
 /// (`CommitOnePhaseBatch`).
 pub const ONE_PHASE_BATCH_MAX: usize = 256;
@@ -461,6 +465,9 @@ pub struct NodeConfig {
     /// committed in one phase (`--one-phase-commit`, default true) or by
     /// classic 2PC (see `core.rs`).
     pub one_phase_commit: bool,
+    /// How a transaction over several participants is committed
+    /// (`--commit-protocol`, default parallel; see `core.rs`).
+    pub commit_protocol: CommitProtocol,
 }
 
 pub(crate) struct Waiter {
@@ -590,6 +597,18 @@ impl Node {
                 Ok((txn, record))
             })
             .collect::<Result<Vec<_>, Error>>()?;
+        let staged = store
+            .scan_prefix(log::STAGED_PREFIX)?
+            .into_iter()
+            .map(|(key, value)| {
+                let txn = log::id_from_key(log::STAGED_PREFIX, &key)?;
+                let record = log::decode_at(&key, &value, log::decode_staged)?;
+                if let Some(unknown) = record.legs.keys().find(|p| !participants.contains_key(*p)) {
+                    return Err(unknown_participant(&key, unknown));
+                }
+                Ok((txn, record))
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
         let logged_sagas = store
             .scan_prefix(log::SAGA_PREFIX)?
             .into_iter()
@@ -606,6 +625,7 @@ impl Node {
             .collect::<Result<Vec<_>, Error>>()?;
         let mut core = Core::new(config.active_max);
         core.set_one_phase(config.one_phase_commit);
+        core.set_commit_protocol(config.commit_protocol);
         let mut sagas = SagaCore::new(config.active_max);
         core.start_positions(first_position, two_phase_floors);
         sagas.start_positions(first_position, saga_floors);
@@ -615,12 +635,15 @@ impl Node {
             generation,
             commits_to_finish = logged.len(),
             one_phase_to_resend = intents.len(),
+            staged_to_resolve = staged.len(),
             sagas_to_resume = logged_sagas.len(),
             one_phase_commit = config.one_phase_commit,
+            commit_protocol = ?config.commit_protocol,
             "recovered the decision log"
         );
         let mut commits = core.recover(logged)?;
         commits.extend(core.recover_intents(intents)?);
+        commits.extend(core.recover_staged(staged)?);
         let recovered = Recovered { commits, sagas: sagas.recover(logged_sagas) };
         let node = Node {
             inner: Arc::new(Inner {
@@ -744,7 +767,15 @@ impl Node {
                     fingerprint: log::fingerprint(asked, legs),
                     expires_ms: u64::MAX,
                 });
-                if let Some(earlier) = answered {
+                // A parallel commit with this key whose client heard
+                // COMMITTED, not yet ended: COMMITTED.
+                let committed = self.core().committed_in_parallel(key).map(|(txn, fingerprint)| log::KeyedResult {
+                    txn: txn.clone(),
+                    outcome: Outcome::Committed,
+                    fingerprint,
+                    expires_ms: u64::MAX,
+                });
+                if let Some(earlier) = answered.or(committed) {
                     log::same_request(key, &earlier, asked, &legs)?;
                     return Ok((earlier.txn, earlier.outcome));
                 }
@@ -763,10 +794,21 @@ impl Node {
         for action in actions {
             debug!(?action, "execute");
             match action {
-                Action::SendPrepare { txn, position, participant, legs, idempotency_key } => {
-                    let deadline = Instant::now() + Duration::from_millis(self.inner.config.prepare_timeout_ms);
-                    let prepare = QueuedPrepare { txn, position, legs, idempotency_key, deadline };
-                    self.outbound(&participant).prepares.push(prepare);
+                Action::SendPrepare { txn, position, participant, legs, idempotency_key, after_failure } => {
+                    let node = self.clone();
+                    let send = move || {
+                        let deadline = Instant::now() + Duration::from_millis(node.inner.config.prepare_timeout_ms);
+                        let prepare = QueuedPrepare { txn, position, legs, idempotency_key, deadline };
+                        node.outbound(&participant).prepares.push(prepare);
+                    };
+                    if after_failure {
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(PREPARE_RESEND_PAUSE_MS)).await;
+                            send();
+                        });
+                    } else {
+                        send();
+                    }
                 }
                 Action::PersistCommit { txn, record } => {
                     let node = self.clone();
@@ -790,6 +832,64 @@ impl Node {
                                 // client must not hear either outcome. A restart
                                 // reads the log and finishes whichever it is.
                                 error!(%txn, %error, "writing a commit decision failed; outcome unknown until restart");
+                                node.reply(&txn, Err(Error::Unavailable(format!(
+                                    "{txn}: the decision log failed ({error}); the outcome is unknown until the coordinator restarts"
+                                ))));
+                            }
+                        }
+                    });
+                }
+                Action::PersistStaged { txn, mut record } => {
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        record.fingerprint = node.waiter_fingerprint(&txn);
+                        let written = match log::staged_ops(&txn, &record) {
+                            Ok(ops) => node.inner.store.write(ops).await,
+                            Err(error) => Err(error),
+                        };
+                        match written {
+                            Ok(()) => {
+                                let next = {
+                                    let mut core = node.core();
+                                    let next = core.on_staged_durable(&txn, record.fingerprint);
+                                    node.note_decided_commits(&next);
+                                    next
+                                };
+                                node.execute(next);
+                            }
+                            Err(error) => {
+                                // The record may or may not be on disk: if it
+                                // is, a restart prepares the transaction again
+                                // and decides it. The client must not hear
+                                // either outcome.
+                                error!(%txn, %error, "writing a staged record failed; outcome unknown until restart");
+                                node.reply(&txn, Err(Error::Unavailable(format!(
+                                    "{txn}: the decision log failed ({error}); the outcome is unknown until the coordinator restarts"
+                                ))));
+                            }
+                        }
+                    });
+                }
+                Action::PersistStagedAbort { txn, idempotency_key, fingerprint, outcome } => {
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        let written = match log::staged_abort_ops(
+                            &txn,
+                            idempotency_key.as_ref(),
+                            &outcome,
+                            fingerprint,
+                            node.expires_ms(),
+                        ) {
+                            Ok(ops) => node.inner.store.write(ops).await,
+                            Err(error) => Err(error),
+                        };
+                        match written {
+                            Ok(()) => {
+                                let next = node.core().on_abort_durable(&txn, outcome);
+                                node.execute(next);
+                            }
+                            Err(error) => {
+                                error!(%txn, %error, "logging an abort failed; outcome unknown until restart");
                                 node.reply(&txn, Err(Error::Unavailable(format!(
                                     "{txn}: the decision log failed ({error}); the outcome is unknown until the coordinator restarts"
                                 ))));
@@ -887,12 +987,12 @@ impl Node {
                         }
                     });
                 }
-                Action::PersistEnd { txn, idempotency_key } => {
+                Action::PersistEnd { txn, idempotency_key, staged } => {
                     let node = self.clone();
                     tokio::spawn(async move {
                         // Unsynced: a lost end record only means commits are
                         // redelivered after a restart, and applied once.
-                        let written = log::end_ops(&txn, idempotency_key, node.expires_ms())
+                        let written = log::end_ops(&txn, idempotency_key, staged, node.expires_ms())
                             .and_then(|ops| node.inner.store.submit(ops, Durability::Buffered));
                         let result = match written {
                             Ok(wait) => wait.await.unwrap_or_else(|_| Err(Error::Fatal("writer stopped".into()))),
@@ -932,6 +1032,21 @@ impl Node {
         let mut audits = self.inner.audits.lock().expect("audits lock poisoned");
         if !audits.running.is_empty() {
             audits.note(txn);
+        }
+    }
+
+    /// [`Node::note_decided_commit`] for every transaction that a step of
+    /// the core just committed by parallel commit (its first COMMIT is in
+    /// `actions`). Called under the core's lock, with that step.
+    fn note_decided_commits(&self, actions: &[Action]) {
+        let mut last = None;
+        for action in actions {
+            if let Action::SendCommit { txn, .. } = action {
+                if last != Some(txn) {
+                    self.note_decided_commit(txn);
+                    last = Some(txn);
+                }
+            }
         }
     }
 
@@ -1036,7 +1151,13 @@ impl Node {
         }
         for (txn, vote) in votes {
             debug!(%txn, %participant, ?vote, "vote");
-            let next = self.core().on_vote(&txn, &participant, vote);
+            let next = {
+                let mut core = self.core();
+                let next = core.on_vote(&txn, &participant, vote);
+                // A parallel commit is committed by its last YES.
+                self.note_decided_commits(&next);
+                next
+            };
             self.execute(next);
         }
     }
@@ -1870,7 +1991,15 @@ impl Node {
                     status.detail = "committed; waiting for acknowledgements".into();
                     pb::TransactionState::Committing
                 }
-                Phase::Aborting => pb::TransactionState::Aborted,
+                Phase::Staging { waiting, .. } => {
+                    status.detail = if waiting.is_empty() {
+                        "parallel commit: every participant voted YES; its staged record is being logged".into()
+                    } else {
+                        format!("parallel commit: waiting for the votes of {waiting:?}")
+                    };
+                    pb::TransactionState::Preparing
+                }
+                Phase::Aborting | Phase::AbortingUnstaged { .. } => pb::TransactionState::Aborted,
                 Phase::Intending { .. } => {
                     status.detail = "one-phase: its intent is being logged".into();
                     pb::TransactionState::Preparing

@@ -21,7 +21,9 @@
 //! Case counts are modest so the tests run in seconds; a failure prints
 //! its seed and minimal case, and proptest replays it first next time.
 
-use crate::core::{AbortReason, Action, CommitRecord, Core, OnePhaseResult, Outcome, Phase, VoteResult};
+use crate::core::{
+    AbortReason, Action, CommitProtocol, CommitRecord, Core, OnePhaseResult, Outcome, Phase, VoteResult,
+};
 use crate::log;
 use crate::saga::{Recovery, SagaAction, SagaCore, SagaRecord, SagaSpec, Stage, StepKind, StepPhase, StepResult};
 use proptest::prelude::*;
@@ -53,6 +55,8 @@ enum TwoPc {
     OnePhaseAnswerWaiting(u8, Option<(AbortReason, String)>),
     Overdue(u8),
     OnePhaseLogged(u8),
+    /// A parallel commit's staged record is durable.
+    StagedDurable(u8),
 }
 
 fn abort_reason() -> impl Strategy<Value = AbortReason> {
@@ -84,6 +88,7 @@ fn two_pc() -> impl Strategy<Value = TwoPc> {
             .prop_map(|(t, r)| TwoPc::OnePhaseAnswerWaiting(t, r)),
         1 => (0..5u8).prop_map(TwoPc::Overdue),
         2 => (0..5u8).prop_map(TwoPc::OnePhaseLogged),
+        2 => (0..5u8).prop_map(TwoPc::StagedDurable),
     ]
 }
 
@@ -107,14 +112,21 @@ struct Seen {
     keyed: bool,
     intent_durable: bool,
     outcome_persisted: bool,
+    /// Parallel commit: its staged record was persisted, then made durable.
+    persisted_staged: bool,
+    staged_durable: bool,
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
     #[test]
-    fn the_2pc_core_takes_any_sequence_of_inputs_without_a_panic(inputs in proptest::collection::vec(two_pc(), 1..60)) {
+    fn the_2pc_core_takes_any_sequence_of_inputs_without_a_panic(
+        inputs in proptest::collection::vec(two_pc(), 1..60),
+        parallel in any::<bool>(),
+    ) {
         let mut core = Core::new(3);
+        core.set_commit_protocol(if parallel { CommitProtocol::Parallel } else { CommitProtocol::Classic });
         let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
         let mut next_position = 1u64;
         for input in inputs {
@@ -147,7 +159,7 @@ proptest! {
                 TwoPc::VoteWaiting(t, vote) => {
                     let txn = id(&format!("t{t}"));
                     let waiting = match core.get(&txn).map(|a| &a.phase) {
-                        Some(crate::core::Phase::Preparing { waiting }) => waiting.iter().next().cloned(),
+                        Some(Phase::Preparing { waiting } | Phase::Staging { waiting, .. }) => waiting.iter().next().cloned(),
                         _ => None,
                     };
                     let vote = match vote {
@@ -189,6 +201,15 @@ proptest! {
                     (format!("t{t}"), actions, true)
                 }
                 TwoPc::Overdue(t) => (format!("t{t}"), core.on_one_phase_overdue(&id(&format!("t{t}"))), false),
+                TwoPc::StagedDurable(t) => {
+                    let txn = id(&format!("t{t}"));
+                    if let Some(seen) = seen.get_mut(&format!("t{t}")) {
+                        if seen.persisted_staged {
+                            seen.staged_durable = true;
+                        }
+                    }
+                    (format!("t{t}"), core.on_staged_durable(&txn, 1), false)
+                }
                 TwoPc::OnePhaseLogged(t) => {
                     let txn = id(&format!("t{t}"));
                     let logging = matches!(core.get(&txn).map(|a| &a.phase), Some(Phase::OnePhaseLogging { .. }));
@@ -210,13 +231,15 @@ proptest! {
                     | Action::PersistIntent { txn, .. }
                     | Action::SendOnePhase { txn, .. }
                     | Action::ReplyUnknown { txn, .. }
-                    | Action::PersistOnePhaseOutcome { txn, .. } => txn.to_string(),
+                    | Action::PersistOnePhaseOutcome { txn, .. }
+                    | Action::PersistStaged { txn, .. }
+                    | Action::PersistStagedAbort { txn, .. } => txn.to_string(),
                 };
                 prop_assert_eq!(&txn, &txn_name, "an action for another transaction");
                 let seen = seen.get_mut(&txn).expect("an action for a transaction that began");
                 let two_phase_only = matches!(
                     action,
-                    Action::SendPrepare { .. } | Action::PersistCommit { .. } | Action::SendCommit { .. } | Action::SendAbort { .. } | Action::PersistAbort { .. } | Action::PersistEnd { .. }
+                    Action::SendPrepare { .. } | Action::PersistCommit { .. } | Action::SendCommit { .. } | Action::SendAbort { .. } | Action::PersistAbort { .. } | Action::PersistEnd { .. } | Action::PersistStaged { .. } | Action::PersistStagedAbort { .. }
                 );
                 prop_assert!(!(seen.one_phase && two_phase_only), "a one-phase transaction ran a step of 2PC: {:?}", action);
                 match action {
@@ -251,7 +274,10 @@ proptest! {
                         seen.replies += 1;
                         prop_assert_eq!(seen.replies, 1, "a client heard two outcomes");
                         if outcome == Outcome::Committed {
-                            prop_assert!(durable_call && (seen.persisted_commit || seen.one_phase), "COMMITTED before the decision was durable or the answer came");
+                            prop_assert!(
+                                (durable_call && (seen.persisted_commit || seen.one_phase)) || seen.staged_durable,
+                                "COMMITTED before the decision (or the staged record) was durable or the answer came"
+                            );
                             seen.durable_commit = true;
                             seen.committed = true;
                         }
@@ -265,7 +291,21 @@ proptest! {
                         prop_assert!(!seen.persisted_commit);
                         prop_assert!(log::abort_ops(&txn, &key, &outcome, 1, 86_400_000).is_ok(), "the outcome fits the log");
                     }
-                    Action::SendPrepare { .. } | Action::PersistEnd { .. } => {}
+                    Action::PersistStaged { record, .. } => {
+                        prop_assert!(parallel && !seen.one_phase && !seen.persisted_staged, "a staged record out of place");
+                        prop_assert!(log::encode_staged(&record).is_ok(), "the staged record fits the log");
+                        seen.persisted_staged = true;
+                    }
+                    Action::PersistStagedAbort { txn, idempotency_key, outcome, .. } => {
+                        prop_assert!(seen.staged_durable, "a parallel commit's abort logged before its staged record was durable");
+                        prop_assert!(!seen.committed, "an abort logged after COMMITTED");
+                        prop_assert_eq!(idempotency_key.is_some(), seen.keyed);
+                        prop_assert!(log::staged_abort_ops(&txn, idempotency_key.as_ref(), &outcome, 1, 86_400_000).is_ok());
+                    }
+                    Action::PersistEnd { staged, .. } => {
+                        prop_assert_eq!(staged.is_some(), seen.persisted_staged, "an end record of the wrong kind");
+                    }
+                    Action::SendPrepare { .. } => {}
                 }
             }
             // An idempotency key is held by the one transaction that has it.

@@ -23,6 +23,7 @@ fn config(dir: &std::path::Path) -> NodeConfig {
         security: tandem::tls::Security::Insecure,
         network: tandem::net::Network::Tcp,
         one_phase_commit: true,
+        commit_protocol: tandem_coordinator::core::CommitProtocol::Parallel,
     }
 }
 

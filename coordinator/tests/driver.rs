@@ -158,6 +158,7 @@ async fn coordinator_with(
         security: Security::Insecure,
         network: tandem::net::Network::Tcp,
         one_phase_commit,
+        commit_protocol: tandem_coordinator::core::CommitProtocol::Parallel,
     })
     .await
     .unwrap();

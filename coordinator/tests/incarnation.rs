@@ -317,6 +317,7 @@ impl Cluster {
             security: Security::Insecure,
             network: tandem::net::Network::Tcp,
             one_phase_commit: true,
+            commit_protocol: tandem_coordinator::core::CommitProtocol::Parallel,
             wall_clock: clock.wall_clock(),
             incarnation_seed: None,
         })

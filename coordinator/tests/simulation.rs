@@ -41,7 +41,8 @@ use tandem::domain::{AccountId, Amount, Id, Leg, TxnId};
 use tandem::rng::SplitMix64 as Rng;
 use tandem::store::{Durability, Op};
 use tandem_coordinator::core::{
-    AbortReason, Action, CommitRecord, Core as Coordinator, Decision, IntentRecord, OnePhaseResult, Outcome, VoteResult,
+    AbortReason, Action, CommitProtocol, CommitRecord, Core as Coordinator, Decision, IntentRecord, OnePhaseResult,
+    Outcome, StagedRecord, VoteResult,
 };
 use tandem_participant::core::{Config, Core as Participant, Effects, OnePhaseOutcome, Refusal, Stamp, TxnState, Vote};
 
@@ -180,6 +181,8 @@ enum Heard {
 #[derive(Clone, Default)]
 struct Log {
     decisions: BTreeMap<TxnId, CommitRecord>,
+    /// Parallel commits not yet ended (or aborted).
+    staged: BTreeMap<TxnId, StagedRecord>,
     ended: BTreeSet<TxnId>,
     intents: BTreeMap<TxnId, IntentRecord>,
     keyed: BTreeMap<Id, (TxnId, Outcome)>,
@@ -190,6 +193,8 @@ struct Log {
 
 struct World {
     coordinator: Coordinator,
+    /// How the coordinator commits transactions over several participants.
+    protocol: CommitProtocol,
     /// The coordinator's log as written (what its reads see, and a process
     /// crash keeps), and as far as an fsync made it durable (what a power
     /// loss keeps): one write-ahead log, so an fsync makes every earlier
@@ -216,13 +221,21 @@ struct World {
     /// Late requests a participant recognised by the watermark.
     late_seen: usize,
     one_phase_committed: usize,
+    /// The coordinator's log fsyncs.
+    log_fsyncs: usize,
 }
 
 impl World {
-    /// `participants` nodes, each with `accounts_each` accounts of `balance`.
+    /// `participants` nodes, each with `accounts_each` accounts of `balance`,
+    /// and a coordinator that commits by classic 2PC.
     fn new(participants: usize, accounts_each: u64, balance: Amount) -> World {
+        World::with_protocol(participants, accounts_each, balance, CommitProtocol::Classic)
+    }
+
+    fn with_protocol(participants: usize, accounts_each: u64, balance: Amount, protocol: CommitProtocol) -> World {
         let mut world = World {
             coordinator: Coordinator::new(10_000),
+            protocol,
             written: Log::default(),
             durable: Log::default(),
             next_position: 1,
@@ -239,7 +252,9 @@ impl World {
             writes_lost: 0,
             late_seen: 0,
             one_phase_committed: 0,
+            log_fsyncs: 0,
         };
+        world.coordinator.set_commit_protocol(protocol);
         world.coordinator.start_positions(world.next_position, BTreeMap::new());
         for p in 0..participants {
             let name = format!("p{}", p + 1);
@@ -269,9 +284,15 @@ impl World {
     fn submit(&mut self, txn: &str, legs: Vec<Leg>, key: Option<&str>) {
         let key = key.map(id);
         if let Some(key) = &key {
-            let earlier = self.written.keyed.get(key).cloned().or_else(|| {
-                self.coordinator.answered_one_phase(key).map(|(t, outcome, _)| (t.clone(), outcome.clone()))
-            });
+            let earlier = self
+                .written
+                .keyed
+                .get(key)
+                .cloned()
+                .or_else(|| {
+                    self.coordinator.answered_one_phase(key).map(|(t, outcome, _)| (t.clone(), outcome.clone()))
+                })
+                .or_else(|| self.coordinator.committed_in_parallel(key).map(|(t, _)| (t.clone(), Outcome::Committed)));
             if let Some((earlier, outcome)) = earlier {
                 self.log.push(format!("retry {key}: {earlier} {outcome:?}"));
                 assert_eq!(&self.transactions[&earlier].0, &legs, "a retry with the same key has the same legs");
@@ -349,7 +370,9 @@ impl World {
                         let (answer, effects) =
                             node.core.commit_batch_stamped(std::slice::from_ref(&txn), Some(&id("c1")), stamp, now);
                         node.write(&effects);
-                        answer.unwrap();
+                        if let Err(error) = answer {
+                            panic!("{error}\n{}", self.log.join("\n"));
+                        }
                         if !was_committed && self.committed_at(&participant, &txn) {
                             self.mark_applied(&txn, &participant);
                         }
@@ -357,7 +380,10 @@ impl World {
                     }
                     Request::Abort(position) => {
                         let stamp = Stamp { incarnation: INCARNATION, position, ..Stamp::default() };
-                        let effects = node.core.abort_stamped(&txn, Some(&id("c1")), stamp, now).unwrap();
+                        let effects = match node.core.abort_stamped(&txn, Some(&id("c1")), stamp, now) {
+                            Ok(effects) => effects,
+                            Err(error) => panic!("{error}\n{}", self.log.join("\n")),
+                        };
                         node.write(&effects);
                     }
                     Request::OnePhase(legs, stamp) => {
@@ -411,7 +437,7 @@ impl World {
 
     fn act(&mut self, action: Action) {
         match action {
-            Action::SendPrepare { txn, position, participant, legs, idempotency_key } => {
+            Action::SendPrepare { txn, position, participant, legs, idempotency_key, .. } => {
                 let stamp = self.stamp(&participant, position, idempotency_key);
                 self.steps.push_back(Step::Deliver { participant, txn, request: Request::Prepare(legs, stamp) })
             }
@@ -439,8 +465,34 @@ impl World {
             }
             Action::Reply { txn, outcome } => self.hear(txn, Heard::Outcome(outcome)),
             Action::ReplyUnknown { txn, .. } => self.hear(txn, Heard::Unknown),
+            // Written with an fsync, at the same time as the prepares go
+            // out (another step in the queue, so in any order with them).
+            Action::PersistStaged { txn, mut record } => {
+                record.fingerprint = 1;
+                assert!(self.written.staged.insert(txn.clone(), record).is_none(), "{txn} staged twice");
+                self.fsync_log();
+                let actions = self.coordinator.on_staged_durable(&txn, 1);
+                self.steps.extend(actions.into_iter().map(Step::Act));
+            }
+            Action::PersistStagedAbort { txn, idempotency_key, outcome, .. } => {
+                assert!(self.written.staged.remove(&txn).is_some(), "{txn}'s abort logged without its staged record");
+                if let Some(key) = idempotency_key {
+                    self.written.keyed.insert(key, (txn.clone(), outcome.clone()));
+                }
+                self.fsync_log();
+                let actions = self.coordinator.on_abort_durable(&txn, outcome);
+                self.steps.extend(actions.into_iter().map(Step::Act));
+            }
             // Written without an fsync, as the driver writes it.
-            Action::PersistEnd { txn, .. } => {
+            Action::PersistEnd { txn, idempotency_key, staged: Some(_) } => {
+                assert!(self.written.staged.remove(&txn).is_some(), "{txn} ended without its staged record");
+                if let Some(key) = idempotency_key {
+                    self.written.keyed.insert(key, (txn.clone(), Outcome::Committed));
+                }
+                self.written.ended.insert(txn.clone());
+                self.coordinator.on_end_durable(&txn);
+            }
+            Action::PersistEnd { txn, staged: None, .. } => {
                 assert!(self.written.decisions.remove(&txn).is_some(), "{txn} ended without a decision");
                 self.written.ended.insert(txn.clone());
                 self.coordinator.on_end_durable(&txn);
@@ -540,6 +592,7 @@ impl World {
 
     /// An fsync of the coordinator's log: everything written is durable.
     fn fsync_log(&mut self) {
+        self.log_fsyncs += 1;
         self.durable = self.written.clone();
     }
 
@@ -561,6 +614,7 @@ impl World {
         // gone; requests already on the wire to participants still arrive.
         self.steps.retain(|step| matches!(step, Step::Deliver { .. }));
         self.coordinator = Coordinator::new(10_000);
+        self.coordinator.set_commit_protocol(self.protocol);
         // A new generation: positions above every one handed out before.
         self.next_position += 1_000;
         self.coordinator.start_positions(self.next_position, self.written.floors.clone());
@@ -568,6 +622,9 @@ impl World {
         let mut actions = self.coordinator.recover(logged).expect("the log holds only records the core wrote");
         let intents: Vec<_> = self.written.intents.iter().map(|(t, r)| (t.clone(), r.clone())).collect();
         actions.extend(self.coordinator.recover_intents(intents).expect("the log holds only intents the core wrote"));
+        let staged: Vec<_> = self.written.staged.iter().map(|(t, r)| (t.clone(), r.clone())).collect();
+        actions
+            .extend(self.coordinator.recover_staged(staged).expect("the log holds only staged records the core wrote"));
         self.steps.extend(actions.into_iter().map(Step::Act));
     }
 
@@ -717,6 +774,7 @@ impl World {
         }
         assert!(self.written.decisions.is_empty(), "decisions left without an end record\n{}", context());
         assert!(self.written.intents.is_empty(), "intents left without an outcome\n{}", context());
+        assert!(self.written.staged.is_empty(), "staged records left without an end or an abort\n{}", context());
         assert_eq!(self.coordinator.active_count(), 0, "transactions left in flight\n{}", context());
         let mut keys: BTreeMap<&Id, Vec<&TxnId>> = BTreeMap::new();
         for (txn, (_, key)) in &self.transactions {
@@ -770,6 +828,7 @@ fn transfer(from: AccountId, to: AccountId, amount: Amount) -> Vec<Leg> {
 struct Case {
     legs: fn() -> Vec<Leg>,
     key: Option<&'static str>,
+    protocol: CommitProtocol,
 }
 
 fn two_participant_transfer() -> Vec<Leg> {
@@ -782,7 +841,7 @@ fn one_participant_transfer() -> Vec<Leg> {
 
 /// The steps of one failure-free run of `case`.
 fn failure_free_step_count(case: Case) -> usize {
-    let mut world = World::new(2, 2, 100);
+    let mut world = World::with_protocol(2, 2, 100, case.protocol);
     world.submit("t1", (case.legs)(), case.key);
     let mut count = 0;
     while let Some(step) = world.steps.pop_front() {
@@ -803,7 +862,7 @@ fn every_crash_point(case: Case) -> BTreeMap<(usize, &'static str), bool> {
     for crash_before in 0..=steps {
         for victim in ["c1", "p1", "p2"] {
             for power_loss in [false, true] {
-                let mut world = World::new(2, 2, 100);
+                let mut world = World::with_protocol(2, 2, 100, case.protocol);
                 world.submit("t1", (case.legs)(), case.key);
                 for _ in 0..crash_before {
                     let Some(step) = world.steps.pop_front() else {
@@ -834,7 +893,7 @@ fn every_crash_point(case: Case) -> BTreeMap<(usize, &'static str), bool> {
 
 #[test]
 fn every_crash_point_of_one_transfer_heals_to_all_or_nothing() {
-    let case = Case { legs: two_participant_transfer, key: None };
+    let case = Case { legs: two_participant_transfer, key: None, protocol: CommitProtocol::Classic };
     let steps = failure_free_step_count(case);
     assert!(steps >= 9, "prepare x2, votes x2, persist, commit x2, acks x2, end...: got {steps}");
     let outcomes = every_crash_point(case);
@@ -877,7 +936,7 @@ fn a_transfer_on_one_participant_is_one_request_and_no_coordinator_record() {
 
 #[test]
 fn every_crash_point_of_a_one_phase_transfer_heals_to_exactly_once() {
-    let case = Case { legs: one_participant_transfer, key: None };
+    let case = Case { legs: one_participant_transfer, key: None, protocol: CommitProtocol::Classic };
     let steps = failure_free_step_count(case);
     assert_eq!(steps, 4, "send, deliver, answer, reply");
     let outcomes = every_crash_point(case);
@@ -889,7 +948,7 @@ fn every_crash_point_of_a_one_phase_transfer_heals_to_exactly_once() {
 
 #[test]
 fn every_crash_point_of_a_keyed_one_phase_transfer_keeps_the_keys_answer_and_applies_it_once() {
-    let case = Case { legs: one_participant_transfer, key: Some("k1") };
+    let case = Case { legs: one_participant_transfer, key: Some("k1"), protocol: CommitProtocol::Classic };
     let steps = failure_free_step_count(case);
     assert_eq!(steps, 6, "intent, send, deliver, answer, reply, outcome");
     let outcomes = every_crash_point(case);
@@ -905,8 +964,77 @@ fn every_crash_point_of_a_keyed_one_phase_transfer_keeps_the_keys_answer_and_app
 
 #[test]
 fn every_crash_point_of_a_keyed_2pc_transfer_keeps_the_keys_answer() {
-    let case = Case { legs: two_participant_transfer, key: Some("k1") };
+    let case = Case { legs: two_participant_transfer, key: Some("k1"), protocol: CommitProtocol::Classic };
     every_crash_point(case);
+}
+
+#[test]
+fn every_crash_point_of_a_parallel_commit_heals_to_all_or_nothing() {
+    let case = Case { legs: two_participant_transfer, key: None, protocol: CommitProtocol::Parallel };
+    let steps = failure_free_step_count(case);
+    let outcomes = every_crash_point(case);
+    assert!(outcomes[&(0, "p1")], "a participant that restarted before its prepare was sent still commits");
+    assert!(outcomes[&(steps, "c1")], "a crash after the end record keeps the commit");
+    assert!(outcomes.values().any(|c| *c) && outcomes.values().any(|c| !*c));
+}
+
+#[test]
+fn every_crash_point_of_a_keyed_parallel_commit_keeps_the_keys_answer() {
+    let case = Case { legs: two_participant_transfer, key: Some("k1"), protocol: CommitProtocol::Parallel };
+    every_crash_point(case);
+}
+
+#[test]
+fn a_parallel_commit_answers_committed_once_its_staged_record_and_prepares_are_durable() {
+    let mut world = World::with_protocol(2, 1, 100, CommitProtocol::Parallel);
+    world.begin("t1", two_participant_transfer());
+    // The staged record and the prepares leave together.
+    let first: Vec<String> = world.steps.iter().map(|s| format!("{s:?}")).collect();
+    assert!(matches!(world.steps.front(), Some(Step::Act(Action::PersistStaged { .. }))), "{first:#?}");
+    assert_eq!(world.steps.iter().filter(|s| matches!(s, Step::Act(Action::SendPrepare { .. }))).count(), 2);
+    while world.replies.is_empty() {
+        let step = world.steps.pop_front().expect("the client hears before the queue is empty");
+        world.run_step(step);
+    }
+    assert_eq!(world.replies.get(&id("t1")), Some(&Heard::Outcome(Outcome::Committed)));
+    assert_eq!(world.log_fsyncs, 1, "one fsync of the log on the client's path: the staged record");
+    assert!(world.written.decisions.is_empty(), "no decision record");
+    assert_eq!(world.coordinator.query(&id("t1")), Some(Decision::Commit));
+    world.heal();
+    world.check_invariants();
+    assert!(world.written.ended.contains(&id("t1")) && world.written.staged.is_empty());
+    assert_eq!(world.participants[&id("p2")].core.account(1_000).unwrap().posted, 130);
+}
+
+#[test]
+fn a_restarted_parallel_commit_with_a_prepare_missing_aborts_once_that_participant_refuses() {
+    let mut world = World::with_protocol(2, 1, 100, CommitProtocol::Parallel);
+    // t1 debits p2's account by 80. Its staged record is durable and p1
+    // prepared it; its prepare to p2 never left the coordinator.
+    world.begin("t1", transfer(1_000, 0, 80));
+    while let Some(step) = world.steps.pop_front() {
+        let to_p2 = matches!(&step, Step::Act(Action::SendPrepare { participant, .. }) if participant.as_str() == "p2");
+        if !to_p2 {
+            world.run_step(step);
+        }
+    }
+    assert!(world.written.staged.contains_key(&id("t1")));
+    assert_eq!(world.participants[&id("p1")].core.prepared_count(), 1);
+    // Meanwhile t2 takes 70 of p2's 100: t1's debit no longer fits there.
+    world.begin("t2", transfer(1_000, 0, 70));
+    while let Some(step) = world.steps.pop_front() {
+        world.run_step(step);
+    }
+    assert_eq!(world.replies.get(&id("t2")), Some(&Heard::Outcome(Outcome::Committed)));
+    world.crash_coordinator();
+    // The restart prepares t1 again: p1 holds it (YES), p2 refuses it, and
+    // only then is the abort logged and sent.
+    world.heal();
+    world.check_invariants();
+    assert!(world.applied.get(&id("t1")).is_none(), "t1 applied nowhere");
+    assert!(world.written.staged.is_empty(), "the abort deleted the staged record");
+    assert_eq!(world.participants[&id("p1")].core.account(0).unwrap().posted, 170, "t2 only");
+    assert_eq!(world.participants[&id("p1")].core.account(0).unwrap().reserved, 0);
 }
 
 #[test]
@@ -1105,7 +1233,9 @@ struct Totals {
 /// watermarks raised and records collected.
 fn chaos(seed: u64) -> Totals {
     let mut rng = Rng::new(seed);
-    let mut world = World::new(3, 4, 50);
+    // Even seeds commit by parallel commit, odd ones by classic 2PC.
+    let protocol = if seed % 2 == 0 { CommitProtocol::Parallel } else { CommitProtocol::Classic };
+    let mut world = World::with_protocol(3, 4, 50, protocol);
     let accounts: Vec<AccountId> = world.owners.keys().copied().collect();
     let mut started = 0;
     let transactions = 40;

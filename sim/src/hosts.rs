@@ -113,7 +113,14 @@ impl Clocks {
 
 /// Adds the coordinator and the participants to `sim`, each on its disk,
 /// each reading its wall clock from `clocks`.
-pub fn add_nodes(sim: &mut turmoil::Sim<'_>, seed: u64, topology: &Topology, disks: &Disks, clocks: &Clocks) {
+pub fn add_nodes(
+    sim: &mut turmoil::Sim<'_>,
+    seed: u64,
+    topology: &Topology,
+    disks: &Disks,
+    clocks: &Clocks,
+    commit_protocol: tandem_coordinator::core::CommitProtocol,
+) {
     let coordinator = tandem_coordinator::node::NodeConfig {
         node_id: id(COORDINATOR),
         disk: Disk::Memory(disks.of(COORDINATOR).clone()),
@@ -129,6 +136,7 @@ pub fn add_nodes(sim: &mut turmoil::Sim<'_>, seed: u64, topology: &Topology, dis
         security: Security::Insecure,
         network: net::network(),
         one_phase_commit: true,
+        commit_protocol,
     };
     sim.host(COORDINATOR, move || {
         let config = coordinator.clone();

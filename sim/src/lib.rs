@@ -52,6 +52,7 @@ use std::time::Duration;
 use tandem::rng::SplitMix64;
 use tandem::store::memory::MemoryDisk;
 use tandem_bench::scenario::Protocol;
+use tandem_coordinator::core::CommitProtocol;
 
 /// What a seed runs: its workload and its faults.
 #[derive(Debug)]
@@ -80,6 +81,8 @@ pub struct Scenario {
     pub legs: Option<&'static [(usize, usize)]>,
     /// When the faults stop (the liveness phase begins).
     pub faults_until_ms: u64,
+    /// How the coordinator commits transactions over several participants.
+    pub commit_protocol: CommitProtocol,
 }
 
 /// What most scenarios share; each names what it changes.
@@ -97,6 +100,7 @@ const BASE: Scenario = Scenario {
     script: &[],
     legs: None,
     faults_until_ms: 6_000,
+    commit_protocol: CommitProtocol::Parallel,
 };
 
 const ALL_PROTOCOLS: &[Protocol] = &[Protocol::TwoPhaseCommit, Protocol::Orchestrated, Protocol::Choreographed];
@@ -158,6 +162,15 @@ pub const SCENARIOS: &[Scenario] = &[
         faults: ALL_FAULTS,
         fault_interval_ms: 500,
         finished_retention_ms: 100,
+        ..BASE
+    },
+    Scenario {
+        name: "classic-2pc",
+        about: "2PC alone with classic commit (the decision logged after every vote, not in parallel with the prepares), with audits, under every fault: every other scenario runs parallel commit, the coordinator's default",
+        faults: ALL_FAULTS,
+        protocols: &[Protocol::TwoPhaseCommit],
+        audits: true,
+        commit_protocol: CommitProtocol::Classic,
         ..BASE
     },
     Scenario {
@@ -293,7 +306,7 @@ pub fn run_seed(scenario: &'static Scenario, seed: u64) -> SeedReport {
         .max_message_latency(Duration::from_millis(latency_max_ms))
         .build();
     let clocks = Clocks(topology.node_names().into_iter().map(|name| (name, Default::default())).collect());
-    hosts::add_nodes(&mut sim, seed, &topology, &disks, &clocks);
+    hosts::add_nodes(&mut sim, seed, &topology, &disks, &clocks, scenario.commit_protocol);
     let history = History::default();
     history.log(
         Duration::ZERO,

@@ -55,6 +55,11 @@ fn twopc_with_audits_under_every_fault() {
 }
 
 #[test]
+fn classic_2pc_with_audits_under_every_fault() {
+    seeds_of("classic-2pc");
+}
+
+#[test]
 fn crashes_and_power_losses() {
     seeds_of("crashes");
 }
