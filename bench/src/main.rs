@@ -287,6 +287,32 @@ async fn cluster_up(options: UpOptions) -> Result<bool, String> {
     println!("  grpcurl {client} -d '{{\"from_account\": 0, \"to_account\": {accounts}, \"amount\": 100}}' {addr} tandem.v1.Coordinator/Transfer");
     println!("  grpcurl {client} -d '{{}}' {addr} tandem.v1.Coordinator/Audit");
     println!("  grpcurl {operator} -d '{{}}' {addr} tandem.v1.Coordinator/ListDeadLetters");
+    // The same cluster through tandemctl, as its operator: its flags in the
+    // environment, so the commands below paste as they are.
+    let participants: Vec<String> =
+        cluster.participants.iter().enumerate().map(|(i, p)| format!("p{}={}", i + 1, p.url())).collect();
+    println!("\nOr with tandemctl, as the operator (every command explains itself with --help):");
+    println!(
+        "  export TANDEM_COORDINATOR={} TANDEM_PARTICIPANTS={}",
+        cluster.coordinator.url(),
+        participants.join(",")
+    );
+    let tandemctl = cluster.spec.bin_dir.join("tandemctl").display().to_string();
+    let tandemctl = match cluster.tls_dir() {
+        Some(dir) => {
+            let d = dir.display();
+            println!(
+                "  export TANDEM_TLS_CERT={d}/operator.pem TANDEM_TLS_KEY={d}/operator.key TANDEM_TLS_CA={d}/ca.pem"
+            );
+            tandemctl
+        }
+        None => format!("{tandemctl} --insecure"),
+    };
+    println!("  {tandemctl} status");
+    println!("  {tandemctl} audit --expected-money {}", cluster.spec.total_money());
+    println!("  {tandemctl} in-doubt list");
+    println!("  {tandemctl} dead-letters list");
+    println!("  {tandemctl} --json balances");
     println!("\nCtrl-C stops the cluster.");
     let mut check = tokio::time::interval(Duration::from_millis(500));
     let mut crashed = Vec::new();

@@ -1,0 +1,224 @@
+//! `tandemctl dead-letters list|resolve` and `tandemctl parked
+//! list|resolve`: sagas whose refund could not be applied, their money
+//! waiting in a participant's suspense account for an operator.
+//!
+//! A dead letter is an orchestrated saga's (the coordinator lists it: its
+//! amount, accounts, and which participant's suspense holds the money); a
+//! parked transfer is a choreographed one's (its source participant lists
+//! it; the API gives its id, state and reason, not its amount or
+//! accounts). Resolving one moves its money from suspense to an account of
+//! the participant that holds it: by default the source account, which must
+//! be open again. A resolve whose answer is not RESOLVED (the account is
+//! still closed, ...) is found wrong (exit 1).
+//!
+//! Neither list RPC takes a limit; `--limit` bounds what is printed, and
+//! the count of all is shown.
+
+use crate::nodes::{on_each, request, rpc, Nodes, UsageError};
+use crate::report::Report;
+use crate::table::{enum_name, flag, Align, Table};
+use crate::txn::SagaRecord;
+use serde::Serialize;
+use tandem::pb;
+
+#[derive(Debug, Serialize)]
+struct DeadLettersView {
+    /// Dead letters held by the coordinator (listed: at most --limit).
+    total: usize,
+    dead_letters: Vec<SagaRecord>,
+    findings: Vec<String>,
+}
+
+pub async fn list_dead_letters(nodes: &Nodes, limit: usize) -> Result<Report, UsageError> {
+    let node = nodes.coordinator()?;
+    let listed = match node.coordinator_client().list_dead_letters(nodes.request(pb::ListDeadLettersRequest {})).await {
+        Ok(answer) => answer.into_inner().dead_letters,
+        Err(status) => return Ok(Report::failed(node.failed(rpc::LIST_DEAD_LETTERS, &status))),
+    };
+    let view = DeadLettersView {
+        total: listed.len(),
+        dead_letters: listed.iter().take(limit).map(SagaRecord::from).collect(),
+        findings: Vec::new(),
+    };
+    let mut table = Table::new(&[
+        ("SAGA", Align::Left),
+        ("STATE", Align::Left),
+        ("FROM", Align::Right),
+        ("TO", Align::Right),
+        ("AMOUNT", Align::Right),
+        ("SUSPENSE-AT", Align::Left),
+        ("PARKED", Align::Left),
+        ("REASON", Align::Left),
+    ]);
+    for d in &view.dead_letters {
+        table.row(vec![
+            d.saga_id.clone(),
+            d.state.clone(),
+            d.from_account.to_string(),
+            d.to_account.to_string(),
+            d.amount.to_string(),
+            d.suspense_participant.clone(),
+            flag(d.parked),
+            d.reason.clone(),
+        ]);
+    }
+    let mut text = if table.is_empty() { "no dead letter\n".to_string() } else { table.render() };
+    if view.total > view.dead_letters.len() {
+        text.push_str(&format!("\nshowing {} of {} (--limit)\n", view.dead_letters.len(), view.total));
+    }
+    Ok(Report::new(&view, text, Vec::new(), Vec::new()))
+}
+
+#[derive(Debug, Serialize)]
+struct ResolvedDeadLetterView {
+    saga: SagaRecord,
+    findings: Vec<String>,
+}
+
+pub async fn resolve_dead_letter(nodes: &Nodes, saga_id: &str, to_account: u64) -> Result<Report, UsageError> {
+    tandem::domain::Id::parse("the saga id", saga_id).map_err(|e| UsageError(e.to_string()))?;
+    let node = nodes.coordinator()?;
+    let request = pb::ResolveDeadLetterRequest { saga_id: saga_id.into(), to_account };
+    let saga = match node.coordinator_client().resolve_dead_letter(nodes.request(request)).await {
+        Ok(answer) => SagaRecord::from(&answer.into_inner()),
+        Err(status) => return Ok(Report::failed(node.failed(rpc::RESOLVE_DEAD_LETTER, &status))),
+    };
+    let mut findings = Vec::new();
+    if saga.state != "resolved" {
+        findings.push(format!("dead letter {} is {}, not resolved: {}", saga.saga_id, saga.state, saga.reason));
+    }
+    let text = format!(
+        "dead letter {}: {} ({} from suspense at {}){}\n",
+        saga.saga_id,
+        saga.state,
+        saga.amount,
+        saga.suspense_participant,
+        if saga.reason.is_empty() { String::new() } else { format!(": {}", saga.reason) }
+    );
+    let view = ResolvedDeadLetterView { saga, findings: findings.clone() };
+    Ok(Report::new(&view, text, findings, Vec::new()))
+}
+
+#[derive(Debug, Serialize)]
+struct ParkedView {
+    participants: Vec<ParticipantParked>,
+    findings: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct ParticipantParked {
+    participant: String,
+    /// Parked transfers held (listed: at most --limit).
+    total: usize,
+    parked: Vec<TransferView>,
+}
+
+#[derive(Debug, Serialize)]
+struct TransferView {
+    saga_id: String,
+    /// debited, completed, rejected, compensated, dead_lettered, unknown,
+    /// resolved.
+    state: String,
+    terminal: bool,
+    reason: String,
+}
+
+impl From<&pb::TransferStatus> for TransferView {
+    fn from(transfer: &pb::TransferStatus) -> TransferView {
+        TransferView {
+            saga_id: transfer.saga_id.clone(),
+            state: enum_name(
+                pb::TransferState::try_from(transfer.state).ok().map(|s| s.as_str_name()),
+                "TRANSFER_STATE_",
+                transfer.state,
+            ),
+            terminal: transfer.terminal,
+            reason: transfer.reason.clone(),
+        }
+    }
+}
+
+pub async fn list_parked(nodes: &Nodes, limit: usize) -> Result<Report, UsageError> {
+    let timeout = nodes.timeout;
+    let answers = on_each(nodes.participants()?, move |node| async move {
+        let answer = node
+            .participant_client()
+            .list_parked_transfers(request(timeout, pb::ListParkedTransfersRequest {}))
+            .await
+            .map_err(|status| node.failed(rpc::LIST_PARKED_TRANSFERS, &status))?;
+        Ok(answer.into_inner().parked)
+    })
+    .await;
+    let mut errors = Vec::new();
+    let mut participants = Vec::new();
+    for (node, answer) in answers {
+        match answer {
+            Ok(parked) => participants.push(ParticipantParked {
+                participant: node.name.clone(),
+                total: parked.len(),
+                parked: parked.iter().take(limit).map(TransferView::from).collect(),
+            }),
+            Err(error) => errors.push(error),
+        }
+    }
+    let view = ParkedView { participants, findings: Vec::new() };
+    let mut table = Table::new(&[
+        ("PARTICIPANT", Align::Left),
+        ("SAGA", Align::Left),
+        ("STATE", Align::Left),
+        ("REASON", Align::Left),
+    ]);
+    let mut notes = String::new();
+    for p in &view.participants {
+        for t in &p.parked {
+            table.row(vec![p.participant.clone(), t.saga_id.clone(), t.state.clone(), t.reason.clone()]);
+        }
+        if p.total > p.parked.len() {
+            notes.push_str(&format!("{}: showing {} of {} (--limit)\n", p.participant, p.parked.len(), p.total));
+        }
+    }
+    let mut text = if table.is_empty() { "no parked transfer\n".to_string() } else { table.render() };
+    if !notes.is_empty() {
+        text.push('\n');
+        text.push_str(&notes);
+    }
+    Ok(Report::new(&view, text, Vec::new(), errors))
+}
+
+#[derive(Debug, Serialize)]
+struct ResolvedParkedView {
+    participant: String,
+    transfer: TransferView,
+    findings: Vec<String>,
+}
+
+pub async fn resolve_parked(
+    nodes: &Nodes,
+    participant: &str,
+    saga_id: &str,
+    to_account: u64,
+) -> Result<Report, UsageError> {
+    tandem::domain::Id::parse("the saga id", saga_id).map_err(|e| UsageError(e.to_string()))?;
+    let node = nodes.participant(participant)?;
+    let request = pb::ResolveParkedTransferRequest { saga_id: saga_id.into(), to_account };
+    let transfer = match node.participant_client().resolve_parked_transfer(nodes.request(request)).await {
+        Ok(answer) => TransferView::from(&answer.into_inner()),
+        Err(status) => return Ok(Report::failed(node.failed(rpc::RESOLVE_PARKED_TRANSFER, &status))),
+    };
+    let mut findings = Vec::new();
+    if transfer.state != "resolved" {
+        findings.push(format!(
+            "parked transfer {} is {}, not resolved: {}",
+            transfer.saga_id, transfer.state, transfer.reason
+        ));
+    }
+    let text = format!(
+        "{}: parked transfer {} {}{}\n",
+        node.name,
+        transfer.saga_id,
+        transfer.state,
+        if transfer.reason.is_empty() { String::new() } else { format!(": {}", transfer.reason) }
+    );
+    let view = ResolvedParkedView { participant: node.name.clone(), transfer, findings: findings.clone() };
+    Ok(Report::new(&view, text, findings, Vec::new()))
+}

@@ -1,0 +1,417 @@
+//! tandemctl against a real local cluster: the `coordinator` and
+//! `participant` binaries on loopback with mutual TLS, and the built
+//! `tandemctl` run as a process with the cluster's operator (or client)
+//! certificate, as an operator would run it. Build the node binaries first:
+//! `cargo build --release --workspace` (the cluster runs them from
+//! target/release).
+//!
+//! Checked: `status`, `txn get`, `audit`, `balances`, `in-doubt list` on a
+//! healthy cluster after a few transfers; a dead letter and a parked
+//! transfer made on purpose, listed and resolved; and the failures an
+//! operator meets: a client certificate refused (PERMISSION_DENIED, exit
+//! 3), a node that cannot be reached (exit 3), a usage error (exit 2).
+
+use serde_json::Value;
+use std::time::{Duration, Instant};
+use tandem::cluster::{default_bin_dir, Cluster, ClusterSpec, NodeRef};
+use tandem::pb;
+use tandem::trust::Role;
+
+const ACCOUNTS_EACH: u64 = 10;
+const BALANCE: i64 = 1_000;
+
+/// What one run of tandemctl gave.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!("stdout is not one JSON document ({e}):\n{}\nstderr: {}", self.stdout, self.stderr)
+        })
+    }
+}
+
+/// Runs tandemctl as `identity` (`operator` or `client`: the cluster's
+/// certificates in DATA_DIR/tls/), naming the coordinator and both
+/// participants, with `args` after.
+async fn tandemctl(cluster: &Cluster, identity: &str, args: &[&str]) -> Run {
+    let tls = cluster.tls_dir().expect("the cluster runs with mutual TLS");
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tandemctl"));
+    command
+        .arg("--tls-cert")
+        .arg(tls.join(format!("{identity}.pem")))
+        .arg("--tls-key")
+        .arg(tls.join(format!("{identity}.key")))
+        .arg("--tls-ca")
+        .arg(tls.join("ca.pem"))
+        .args(["--coordinator", &cluster.coordinator.url()])
+        .args(["--timeout-ms", "3000"])
+        // The environment must not leak into the test.
+        .env_remove("TANDEM_COORDINATOR")
+        .env_remove("TANDEM_PARTICIPANTS");
+    for (i, participant) in cluster.participants.iter().enumerate() {
+        command.arg("--participant").arg(format!("p{}={}", i + 1, participant.url()));
+    }
+    command.args(args);
+    let output = tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .expect("tandemctl answers within 30 s")
+        .expect("tandemctl runs");
+    Run {
+        code: output.status.code().expect("tandemctl exits, not killed by a signal"),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+async fn start() -> (Cluster, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(default_bin_dir(), dir.path().to_path_buf());
+    spec.accounts_per_participant = ACCOUNTS_EACH;
+    spec.initial_balance = BALANCE;
+    // Sagas give up on a paused participant quickly (see the dead letter).
+    spec.coordinator_args = ["--call-timeout-ms", "300", "--saga-step-attempts", "6"].map(String::from).to_vec();
+    spec.participant_args = ["--in-doubt-after-ms", "200"].map(String::from).to_vec();
+    (Cluster::start(spec).await.expect("the cluster starts"), dir)
+}
+
+fn transfer(from: u64, to: u64, amount: i64) -> pb::TransferRequest {
+    pb::TransferRequest { from_account: from, to_account: to, amount, ..Default::default() }
+}
+
+/// Polls `txn get` until the coordinator and both participants say
+/// committed (a COMMITTED answer means decided; the acknowledgements follow).
+async fn wait_committed_everywhere(cluster: &Cluster, txn_id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let run = tandemctl(cluster, "operator", &["--json", "txn", "get", txn_id]).await;
+        assert_eq!(run.code, 0, "{run:?}");
+        let view = run.json();
+        let participants: Vec<&str> =
+            view["participants"].as_array().unwrap().iter().map(|p| p["state"].as_str().unwrap()).collect();
+        if view["coordinator"]["state"] == "committed" && participants == ["committed", "committed"] {
+            return view;
+        }
+        assert!(Instant::now() < deadline, "{txn_id} never showed committed everywhere: {view}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_reads_and_resolves_a_real_cluster_with_tandemctl() {
+    let (mut cluster, _dir) = start().await;
+    let total = cluster.spec.total_money();
+    let total_text = total.to_string();
+    let mut client = cluster.coordinator_client(cluster.client()).unwrap();
+
+    // A few transfers, the last one across both participants.
+    for (from, to, amount) in [(0, 11, 100), (12, 3, 40), (5, 6, 7), (1, 15, 250)] {
+        let result = client.transfer(transfer(from, to, amount)).await.unwrap().into_inner();
+        assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
+    }
+    let last = client.transfer(transfer(2, 18, 30)).await.unwrap().into_inner();
+    assert_eq!(last.outcome, pb::Outcome::Committed as i32, "{last:?}");
+
+    // txn get: committed on the coordinator and on both participants.
+    let view = wait_committed_everywhere(&cluster, &last.txn_id).await;
+    assert_eq!(view["txn_id"], last.txn_id.as_str());
+    assert!(view["findings"].as_array().unwrap().is_empty(), "{view}");
+    let table = tandemctl(&cluster, "operator", &["txn", "get", &last.txn_id]).await;
+    assert_eq!(table.code, 0, "{table:?}");
+    assert!(table.stdout.contains("coordinator: committed"), "{}", table.stdout);
+
+    // status: every node serving, the coordinator ready, nothing waiting.
+    let run = tandemctl(&cluster, "operator", &["--json", "status"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let status = run.json();
+    assert_eq!(status["serving"], true, "{status}");
+    assert_eq!(status["coordinator"]["ready"], "serving", "{status}");
+    assert_eq!(status["coordinator"]["dead_letters"], 0, "{status}");
+    for p in status["participants"].as_array().unwrap() {
+        assert_eq!((p["liveness"].as_str(), p["reached_by_coordinator"].as_str()), (Some("serving"), Some("serving")));
+        assert_eq!(
+            (p["accounts"].as_u64(), p["orphaned"].as_u64(), p["parked"].as_u64()),
+            (Some(10), Some(0), Some(0))
+        );
+    }
+    let table = tandemctl(&cluster, "operator", &["status"]).await;
+    assert_eq!(table.code, 0, "{table:?}");
+    assert!(table.stdout.lines().any(|l| l.starts_with("p2 ") && l.contains("serving")), "{}", table.stdout);
+
+    // audit: balanced against the money the cluster opened.
+    let run = tandemctl(&cluster, "operator", &["audit", "--json", "--expected-money", &total_text]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let audit = run.json();
+    assert_eq!((audit["balanced"].as_bool(), audit["money"].as_i64()), (Some(true), Some(total)), "{audit}");
+    // Off by one: found wrong, exit 1.
+    let wrong = tandemctl(&cluster, "operator", &["audit", "--expected-money", &(total + 1).to_string()]).await;
+    assert_eq!(wrong.code, 1, "{wrong:?}");
+    assert!(wrong.stdout.contains("NOT balanced"), "{}", wrong.stdout);
+
+    // balances: the participants' totals sum to the money.
+    let run = tandemctl(&cluster, "operator", &["--json", "balances", "--expected-money", &total_text]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let balances = run.json();
+    let posted: i64 = balances["participants"].as_array().unwrap().iter().map(|p| p["posted"].as_i64().unwrap()).sum();
+    assert_eq!((posted, balances["money"].as_i64()), (total, Some(total)), "{balances}");
+    let run = tandemctl(&cluster, "operator", &["--json", "balances", "--account", "18"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let account = run.json();
+    assert_eq!(account["holders"][0]["participant"], "p2", "{account}");
+    assert_eq!(account["holders"][0]["posted"], BALANCE + 30, "{account}");
+
+    // in-doubt list: nothing in doubt.
+    let run = tandemctl(&cluster, "operator", &["--json", "in-doubt", "list"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let listed = run.json();
+    for p in listed["participants"].as_array().unwrap() {
+        assert_eq!((p["total"].as_u64(), p["prepared"].as_array().map(Vec::len)), (Some(0), Some(0)), "{listed}");
+    }
+    let table = tandemctl(&cluster, "operator", &["in-doubt", "list"]).await;
+    assert!(table.stdout.contains("no transaction in doubt"), "{table:?}");
+
+    // A client certificate may not decide a transaction: PERMISSION_DENIED,
+    // exit 3, the node and the RPC named; nothing changes.
+    let resolve = ["in-doubt", "resolve", "--participant", "p1", &last.txn_id, "--commit", "--reason", "test"];
+    let denied = tandemctl(&cluster, "client", &resolve).await;
+    assert_eq!(denied.code, 3, "{denied:?}");
+    assert!(
+        denied.stderr.contains("PERMISSION_DENIED")
+            && denied.stderr.contains("p1")
+            && denied.stderr.contains("ResolveInDoubt"),
+        "{}",
+        denied.stderr
+    );
+    // The operator may, but this one is not prepared (it committed):
+    // FAILED_PRECONDITION or NOT_FOUND, exit 3, nothing changes.
+    let refused = tandemctl(&cluster, "operator", &resolve).await;
+    assert_eq!(refused.code, 3, "{refused:?}");
+    assert!(
+        refused.stderr.contains("FAILED_PRECONDITION") || refused.stderr.contains("NOT_FOUND"),
+        "{}",
+        refused.stderr
+    );
+    // A usage error: no --reason.
+    let usage = tandemctl(&cluster, "operator", &resolve[..resolve.len() - 2]).await;
+    assert_eq!(usage.code, 2, "{usage:?}");
+
+    // A transaction in doubt: prepared on p1 (by a stand-in for c1, with
+    // c1's name) while c1 is paused, so no decision can come. The operator
+    // lists it, and aborts it heuristically, with a reason.
+    cluster.node(NodeRef::Coordinator).pause();
+    let as_c1 = cluster.identity(Role::Coordinator, "c1").unwrap();
+    let mut p1_as_c1 = cluster.participant_client(0, &as_c1).unwrap();
+    let vote = p1_as_c1
+        .prepare(pb::PrepareRequest {
+            txn_id: "in-doubt-1".into(),
+            coordinator_id: "c1".into(),
+            legs: vec![pb::Leg { account: 7, amount: -5 }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(vote.vote, pb::Vote::Yes as i32, "{vote:?}");
+    let run = tandemctl(&cluster, "operator", &["--json", "in-doubt", "list"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let listed = run.json();
+    assert_eq!(listed["participants"][0]["total"], 1, "{listed}");
+    let held = &listed["participants"][0]["prepared"][0];
+    assert_eq!(
+        (held["txn_id"].as_str(), held["coordinator_id"].as_str()),
+        (Some("in-doubt-1"), Some("c1")),
+        "{listed}"
+    );
+    assert_eq!((held["legs"][0]["account"].as_u64(), held["legs"][0]["amount"].as_i64()), (Some(7), Some(-5)));
+    let table = tandemctl(&cluster, "operator", &["in-doubt", "list"]).await;
+    assert!(
+        table.stdout.lines().any(|l| l.starts_with("p1 ") && l.contains("in-doubt-1") && l.contains("7:-5")),
+        "{table:?}"
+    );
+    let decided = tandemctl(
+        &cluster,
+        "operator",
+        &[
+            "--json",
+            "in-doubt",
+            "resolve",
+            "--participant",
+            "p1",
+            "in-doubt-1",
+            "--abort",
+            "--reason",
+            "test: c1 paused",
+        ],
+    )
+    .await;
+    assert_eq!(decided.code, 0, "{decided:?}");
+    let decision = decided.json();
+    assert_eq!(
+        (decision["decision"]["committed"].as_bool(), decision["decision"]["reason"].as_str()),
+        (Some(false), Some("test: c1 paused"))
+    );
+    let run = tandemctl(&cluster, "operator", &["--json", "in-doubt", "list"]).await;
+    let listed = run.json();
+    assert_eq!(listed["participants"][0]["total"], 0, "{listed}");
+    assert_eq!(listed["participants"][0]["heuristic"][0]["txn_id"], "in-doubt-1", "{listed}");
+    cluster.node(NodeRef::Coordinator).resume();
+
+    // A dead letter (an orchestrated saga whose refund cannot be applied):
+    // listed, refused while its source is closed, resolved once reopened.
+    let saga = dead_letter(&mut cluster, (4, 14, 120)).await;
+    let run = tandemctl(&cluster, "operator", &["--json", "dead-letters", "list"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let dead = run.json();
+    assert_eq!(dead["total"], 1, "{dead}");
+    assert_eq!(
+        (dead["dead_letters"][0]["saga_id"].as_str(), dead["dead_letters"][0]["amount"].as_i64()),
+        (Some(saga.as_str()), Some(120)),
+        "{dead}"
+    );
+    let run = tandemctl(&cluster, "operator", &["--json", "status"]).await;
+    assert_eq!(run.code, 1, "a dead letter waits for an operator: {run:?}");
+    assert_eq!(run.json()["coordinator"]["dead_letters"], 1);
+    // Conservation still holds: the money is in suspense.
+    let run = tandemctl(&cluster, "operator", &["--json", "audit", "--expected-money", &total_text]).await;
+    assert_eq!((run.code, run.json()["suspense"].as_i64()), (0, Some(120)), "{run:?}");
+    let closed = tandemctl(&cluster, "operator", &["dead-letters", "resolve", &saga]).await;
+    assert!(closed.code == 1 || closed.code == 3, "the source account is still closed: {closed:?}");
+    reopen(&cluster, 0, 4).await;
+    let resolved = tandemctl(&cluster, "operator", &["--json", "dead-letters", "resolve", &saga]).await;
+    assert_eq!(resolved.code, 0, "{resolved:?}");
+    assert_eq!(resolved.json()["saga"]["state"], "resolved");
+    let run = tandemctl(&cluster, "operator", &["--json", "dead-letters", "list"]).await;
+    assert_eq!(run.json()["total"], 0, "{run:?}");
+
+    // A parked transfer (a choreographed transfer whose refund cannot be
+    // applied): listed on its source, resolved once the source reopens.
+    let parked = parked_transfer(&mut cluster, (6, 16, 55)).await;
+    let run = tandemctl(&cluster, "operator", &["--json", "parked", "list"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+    let listed = run.json();
+    assert_eq!(listed["participants"][0]["total"], 1, "{listed}");
+    assert_eq!(listed["participants"][0]["parked"][0]["saga_id"], parked.as_str(), "{listed}");
+    assert_eq!(listed["participants"][1]["total"], 0, "{listed}");
+    reopen(&cluster, 0, 6).await;
+    let resolved =
+        tandemctl(&cluster, "operator", &["--json", "parked", "resolve", "--participant", "p1", &parked]).await;
+    assert_eq!(resolved.code, 0, "{resolved:?}");
+    assert_eq!(resolved.json()["transfer"]["state"], "resolved");
+
+    // All money back in accounts; everything settled.
+    let run = tandemctl(&cluster, "operator", &["--json", "audit", "--expected-money", &total_text]).await;
+    assert_eq!((run.code, run.json()["suspense"].as_i64()), (0, Some(0)), "{run:?}");
+    let run = tandemctl(&cluster, "operator", &["status"]).await;
+    assert_eq!(run.code, 0, "{run:?}");
+
+    // A node that cannot be reached: exit 3, naming it and why.
+    let unreachable = tokio::process::Command::new(env!("CARGO_BIN_EXE_tandemctl"))
+        .args(["--insecure", "--coordinator", "http://127.0.0.1:1", "--timeout-ms", "2000", "audit"])
+        .env_remove("TANDEM_PARTICIPANTS")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&unreachable.stderr);
+    assert_eq!(unreachable.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("http://127.0.0.1:1") && stderr.contains("Audit") && stderr.contains("UNAVAILABLE"),
+        "{stderr}"
+    );
+    // With the certificates, a participant's port that no one serves.
+    cluster.kill(NodeRef::Participant(1)).await;
+    let run = tandemctl(&cluster, "operator", &["--json", "status"]).await;
+    assert_eq!(run.code, 3, "{run:?}");
+    assert!(run.stderr.contains("p2") && run.stderr.contains("UNAVAILABLE"), "{}", run.stderr);
+    assert_eq!(run.json()["serving"], false);
+    cluster.stop().await;
+}
+
+async fn posted(cluster: &Cluster, participant: usize, account: u64) -> i64 {
+    let mut client = cluster.participant_client(participant, cluster.operator()).unwrap();
+    client.get_balance(pb::GetBalanceRequest { account }).await.unwrap().into_inner().posted
+}
+
+async fn close(cluster: &Cluster, participant: usize, account: u64, closed: bool) {
+    let mut client = cluster.participant_client(participant, cluster.operator()).unwrap();
+    client.set_account_closed(pb::SetAccountClosedRequest { account, closed }).await.unwrap();
+}
+
+async fn reopen(cluster: &Cluster, participant: usize, account: u64) {
+    close(cluster, participant, account, false).await;
+}
+
+/// Waits until `account` on `participant` was debited by `amount`.
+async fn wait_debited(cluster: &Cluster, participant: usize, account: u64, before: i64, amount: i64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while posted(cluster, participant, account).await != before - amount {
+        assert!(Instant::now() < deadline, "the debit never happened");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An orchestrated saga from `from` (p1) to `to` (p2) that ends
+/// DEAD_LETTERED: `to` is closed, so the credit is refused, but only once
+/// p2 answers again; meanwhile `from` is closed too, so the refund cannot
+/// be applied and the money is parked in p1's suspense. `from` stays closed.
+async fn dead_letter(cluster: &mut Cluster, (from, to, amount): (u64, u64, i64)) -> String {
+    close(cluster, 1, to, true).await;
+    let before = posted(cluster, 0, from).await;
+    cluster.node(NodeRef::Participant(1)).pause();
+    let mut coordinator = cluster.coordinator_client(cluster.client()).unwrap();
+    let request = pb::TransferRequest {
+        protocol: pb::Protocol::SagaOrchestrated as i32,
+        recovery: pb::Recovery::Forward as i32,
+        ..transfer(from, to, amount)
+    };
+    let saga = tokio::spawn(async move { coordinator.transfer(request).await.map(|r| r.into_inner()) });
+    wait_debited(cluster, 0, from, before, amount).await;
+    close(cluster, 0, from, true).await;
+    cluster.node(NodeRef::Participant(1)).resume();
+    let result = tokio::time::timeout(Duration::from_secs(30), saga).await.expect("the saga ends").unwrap().unwrap();
+    assert_eq!(result.outcome, pb::Outcome::DeadLettered as i32, "{result:?}");
+    result.txn_id
+}
+
+/// A choreographed transfer from `from` (p1) to `to` (p2) that ends parked
+/// in p1's suspense, the same way as [`dead_letter`]. `from` stays closed.
+async fn parked_transfer(cluster: &mut Cluster, (from, to, amount): (u64, u64, i64)) -> String {
+    let saga_id = "parked-1".to_string();
+    close(cluster, 1, to, true).await;
+    let before = posted(cluster, 0, from).await;
+    cluster.node(NodeRef::Participant(1)).pause();
+    let mut p1 = cluster.participant_client(0, cluster.client()).unwrap();
+    let started = p1
+        .start_transfer(pb::StartTransferRequest {
+            saga_id: saga_id.clone(),
+            from_account: from,
+            to_account: to,
+            amount,
+            target_participant: "p2".into(),
+            wait_ms: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(started.state, pb::TransferState::Debited as i32, "{started:?}");
+    wait_debited(cluster, 0, from, before, amount).await;
+    close(cluster, 0, from, true).await;
+    cluster.node(NodeRef::Participant(1)).resume();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = p1
+            .get_transfer_status(pb::GetTransferStatusRequest { saga_id: saga_id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if status.state == pb::TransferState::DeadLettered as i32 {
+            return saga_id;
+        }
+        assert!(Instant::now() < deadline, "the transfer was never parked: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
