@@ -1,4 +1,5 @@
-//! The coordinator's protocol core: two-phase commit, presumed abort, and
+//! The coordinator's protocol core: two-phase commit, presumed abort, with
+//! parallel commit (the decision's fsync off the client's path) and
 //! one-phase commit for transactions on one participant, with no I/O.
 //!
 //! # The protocol
@@ -6,8 +7,10 @@
 //! A transaction's legs are split by participant. One whose legs all live
 //! on one participant is committed in one phase (see "One-phase commit"
 //! below). Otherwise [`Core::begin`] registers it as PREPARING and asks for
-//! a prepare to be sent to each participant, all at once. Each answer comes
-//! back through [`Core::on_vote`]:
+//! a prepare to be sent to each participant, all at once. What follows is
+//! classic 2PC ([`CommitProtocol::Classic`]); the driver's default,
+//! parallel commit, changes where the decision is written (see "Parallel
+//! commit" below). Each answer comes back through [`Core::on_vote`]:
 //!
 //! - any NO (or a prepare that failed or did not answer within its deadline)
 //!   aborts the transaction at once: abort messages go to the participants,
@@ -23,6 +26,91 @@
 //!   ([`Core::on_commit_acked`]). After the last acknowledgement an end record
 //!   replaces the decision ([`Action::PersistEnd`]); it need not be synced: if
 //!   it is lost, recovery only redelivers commits that are applied once.
+//!
+//! # Parallel commit
+//!
+//! Classic 2PC makes the client wait for two fsyncs one after the other:
+//! the prepares' (in parallel), then the decision's. Parallel commit
+//! ([`CommitProtocol::Parallel`]; CockroachDB's parallel commits and TiKV's
+//! async commit do the same) writes what the decision needs *while* the
+//! prepares run, and lets the state of the whole system be the decision:
+//!
+//! - [`Core::begin`] asks for a staged record ([`StagedRecord`]: the
+//!   participants with their legs, the position, the key and the request's
+//!   fingerprint; `p/` in the log) to be written and fsynced
+//!   ([`Action::PersistStaged`]) and for the prepares to be sent, all at
+//!   the same time.
+//! - **The transaction is committed once its staged record and every
+//!   prepare are durable**: the last of [`Core::on_staged_durable`] and the
+//!   last YES ([`Core::on_vote`]) moves it to committing, the client hears
+//!   COMMITTED and the COMMITs go out. No decision record is written; the
+//!   end record replaces the staged one once every participant
+//!   acknowledged (and logs the key's result), without an fsync, as in
+//!   2PC. A retry of the key meanwhile hears COMMITTED
+//!   ([`Core::committed_in_parallel`]).
+//! - **An abort is logged before anyone hears it.** A NO, or a prepare that
+//!   failed or timed out, decides the abort; but the staged record is
+//!   deleted (with the key's result, if keyed), and the deletion fsynced
+//!   ([`Action::PersistStagedAbort`], after the staged record's own write
+//!   if that was still going: the deletion must follow it in the log),
+//!   before the client hears ABORTED, before any ABORT is sent and before
+//!   a decision query is answered ABORT (PENDING until then), and the
+//!   transaction holds its participants' watermarks until then.
+//!
+//! Recovery ([`Core::recover_staged`]) finds every staged record whose
+//! transaction did not end or abort, and decides each one as follows:
+//!
+//! - if some participant's durable watermark is above its position, that
+//!   participant acknowledged its COMMIT (a staged transaction holds every
+//!   participant's watermark until it acknowledges its COMMIT or the abort
+//!   is durable, and an abort's deletion is durable before any watermark
+//!   that passes it: the watermark's write comes later in the same log and
+//!   is fsynced): it was committed, and its COMMITs are redelivered;
+//! - otherwise the prepares are sent again, to every participant, and it is
+//!   decided as a new one: a participant that holds it prepared or
+//!   committed votes YES, one that never got it prepares it now or refuses
+//!   it, and **only a refusal aborts it**: a prepare that fails or times out
+//!   is sent again (after `PREPARE_RESEND_PAUSE_MS` in the driver), since
+//!   the transaction may have been committed before the crash.
+//!
+//! Why the outcome recovery reaches is the one any client heard:
+//!
+//! 1. *A client heard COMMITTED* only once the staged record and every
+//!    participant's PREPARED record were durable. No ABORT was ever sent
+//!    (an abort is decided only while a vote is missing or NO, and then the
+//!    commit never happens in that process), so after a crash every
+//!    participant still holds it prepared, or committed (a COMMIT reached
+//!    it), or forgot it below a durable watermark (it acknowledged the
+//!    COMMIT). Recovery then either sees the watermark and redelivers the
+//!    COMMITs, or prepares again and hears YES from every participant
+//!    (prepared or committed both answer YES), and commits.
+//! 2. *A client heard ABORTED* only once the staged record's deletion was
+//!    durable: recovery does not see the transaction, and the log's "no
+//!    record" is ABORT for every participant that asks (presumed abort).
+//!    Its ABORTs went out only after that deletion, so no ABORT is ever on
+//!    its way while a restarted coordinator prepares the same transaction
+//!    again (such an ABORT could reach a participant after its new YES and
+//!    leave the others committing).
+//! 3. *No client heard anything*: any outcome is allowed, as long as it is
+//!    one. Without a staged record on disk (the crash came before its
+//!    write), no COMMIT was ever sent, and presumed abort aborts it
+//!    everywhere. With one, recovery decides it once, as above: a
+//!    participant that refuses it recorded the refusal, and, should that
+//!    record be lost with its cache (a NO vote is not fsynced), it votes
+//!    again and is heard again before anything is sent; nothing was sent
+//!    to any participant before that decision.
+//!
+//! A transaction on one participant never needs this (one-phase commit is
+//! cheaper still), and a coordinator whose log is lost loses its staged
+//! records as it loses its decisions: their participants' prepared
+//! transactions are orphaned, as in 2PC (see `participant.proto`).
+//!
+//! The core simulation (`tests/simulation.rs`) crashes the coordinator and
+//! each participant (process crash and power loss) before every step of a
+//! parallel commit, keyed and not, and runs half of its seeded chaos runs
+//! (reordering, duplicates, losses, crashes, retries) with it; the
+//! whole-system simulation (`sim`) runs it in every scenario but
+//! `classic-2pc`.
 //!
 //! # Decision queries
 //!
@@ -218,12 +306,18 @@
 //! | | critical path to the answer | in all |
 //! | --- | --- | --- |
 //! | 2PC, two participants | 4 messages (1 round trip), 2 sequential fsyncs (prepares in parallel, then the decision) | 8 messages; 3 fsyncs, 2 lazy commits, 1 buffered end record |
+//! | parallel commit, two participants | 4 messages (1 round trip), 1 fsync's time (the staged record's in parallel with the prepares') | 8 messages; 3 fsyncs, 2 lazy commits, 1 buffered end record |
 //! | 2PC, one participant (one-phase off) | 2 messages, 2 sequential fsyncs (prepare, decision) | 4 messages; 2 fsyncs, 1 lazy commit, 1 buffered end record |
 //! | one-phase, no key | 2 messages, 1 fsync (the participant's) | 2 messages; 1 fsync; nothing at the coordinator |
 //! | one-phase, keyed | 2 messages, 2 sequential fsyncs (intent, participant) | 2 messages; 2 fsyncs, 1 buffered outcome |
 //!
 //! A keyed 2PC transfer costs the same as an unkeyed one (the key's result
-//! is in the decision's write). So one-phase halves the fsyncs on an
+//! is in the decision's write; a parallel commit's, in its end record).
+//! Parallel commit moves no fewer bytes and makes no fewer fsyncs than
+//! classic 2PC: it overlaps the coordinator's with the participants', so the
+//! client waits for one round trip and the slower of two concurrent fsyncs
+//! instead of a round trip and two fsyncs in a row; an aborted transfer
+//! pays one more fsync (its staged record's deletion) before its answer. So one-phase halves the fsyncs on an
 //! unkeyed transfer's path, halves the messages, and takes the
 //! coordinator's write off it; keyed, it keeps two sequential fsyncs but
 //! saves the COMMIT round, the commit's write and the end record.
