@@ -26,9 +26,12 @@ pub struct Calibration {
 impl Calibration {
     /// The latency floor of one transfer's critical path, in microseconds.
     ///
-    /// - 2PC: client to coordinator, coordinator to the participants (two
-    ///   round trips; the prepares go out in parallel), the prepare fsync and
-    ///   the decision fsync.
+    /// - 2PC by parallel commit (`2pc`, the coordinator's default): client to
+    ///   coordinator, coordinator to the participants (two round trips; the
+    ///   prepares go out in parallel), and one fsync (the prepares' and the
+    ///   coordinator's staged record's, all at the same time).
+    /// - Classic 2PC (`2pc-classic`): the same round trips, the prepare fsync
+    ///   and then the decision fsync.
     /// - Orchestrated saga: client to coordinator, then the debit and the
     ///   credit one after the other (three round trips); the saga log's start
     ///   record, the debit and the credit (three fsyncs). The saga log adds
@@ -44,7 +47,8 @@ impl Calibration {
     pub fn floor_us(&self, protocol: crate::scenario::Protocol) -> f64 {
         match protocol {
             crate::scenario::Protocol::PostgresLocal | crate::scenario::Protocol::PostgresTwoPhase => 0.0,
-            crate::scenario::Protocol::TwoPhaseCommit => 2.0 * self.rtt_p50_us + 2.0 * self.fsync_p50_us,
+            crate::scenario::Protocol::TwoPhaseCommit => 2.0 * self.rtt_p50_us + self.fsync_p50_us,
+            crate::scenario::Protocol::TwoPhaseCommitClassic => 2.0 * self.rtt_p50_us + 2.0 * self.fsync_p50_us,
             crate::scenario::Protocol::Orchestrated | crate::scenario::Protocol::Choreographed => {
                 3.0 * self.rtt_p50_us + 3.0 * self.fsync_p50_us
             }

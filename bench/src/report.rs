@@ -230,7 +230,7 @@ pub fn table(report: &RunReport) -> String {
         for violation in r.check.violations.iter().chain(r.crashed_nodes.iter()) {
             let _ = writeln!(out, "VIOLATION {}: {violation}", r.protocol);
         }
-        if r.protocol == crate::scenario::Protocol::TwoPhaseCommit && r.audits.wrong_total > 0 {
+        if r.protocol.is_two_phase_commit() && r.audits.wrong_total > 0 {
             let _ = writeln!(out, "VIOLATION 2pc: {} audits saw a wrong total", r.audits.wrong_total);
         }
     }

@@ -116,7 +116,7 @@ impl ProtocolResult {
             // A fault that could not be applied (a node that would not
             // restart) means the run did not test what it says.
             && self.faults.iter().all(|f| f.error.is_none())
-            && (self.protocol != Protocol::TwoPhaseCommit || self.audits.wrong_total == 0)
+            && (!self.protocol.is_two_phase_commit() || self.audits.wrong_total == 0)
     }
 }
 
@@ -340,6 +340,9 @@ pub async fn run_protocol(
     spec.accounts_per_participant = scenario.cluster.accounts_per_participant;
     spec.initial_balance = scenario.cluster.initial_balance;
     spec.coordinator_args = scenario.cluster.coordinator_args.clone();
+    if protocol == Protocol::TwoPhaseCommitClassic {
+        spec.coordinator_args.extend(["--commit-protocol".to_string(), "classic".to_string()]);
+    }
     spec.participant_args = scenario.cluster.participant_args.clone();
     spec.proxied_links = scenario.needs_proxied_links();
     spec.insecure = options.insecure;

@@ -14,8 +14,14 @@ use std::path::Path;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord, Hash)]
 #[serde(rename_all = "kebab-case")]
 pub enum Protocol {
+    /// 2PC as the coordinator runs it by default: parallel commit (and one
+    /// phase for a transfer on one participant).
     #[serde(rename = "2pc")]
     TwoPhaseCommit,
+    /// 2PC with the decision logged after the votes (`--commit-protocol
+    /// classic`), to compare with parallel commit in the same run.
+    #[serde(rename = "2pc-classic")]
+    TwoPhaseCommitClassic,
     /// Saga orchestrated by the coordinator (backward recovery).
     Orchestrated,
     /// Saga choreographed by the participants (outbox, inbox).
@@ -35,6 +41,7 @@ impl Protocol {
     /// Every protocol the bench knows: tandem's, then the baselines.
     pub const ALL: &'static [Protocol] = &[
         Protocol::TwoPhaseCommit,
+        Protocol::TwoPhaseCommitClassic,
         Protocol::Orchestrated,
         Protocol::Choreographed,
         Protocol::PostgresLocal,
@@ -47,11 +54,17 @@ impl Protocol {
     pub fn name(&self) -> &'static str {
         match self {
             Protocol::TwoPhaseCommit => "2pc",
+            Protocol::TwoPhaseCommitClassic => "2pc-classic",
             Protocol::Orchestrated => "orchestrated",
             Protocol::Choreographed => "choreographed",
             Protocol::PostgresLocal => "postgres-local",
             Protocol::PostgresTwoPhase => "postgres-2pc",
         }
+    }
+
+    /// tandem's 2PC, by either commit protocol: its audits must be exact.
+    pub fn is_two_phase_commit(&self) -> bool {
+        matches!(self, Protocol::TwoPhaseCommit | Protocol::TwoPhaseCommitClassic)
     }
 
     /// A baseline runs the workload against PostgreSQL, not tandem.

@@ -301,7 +301,7 @@ impl Client {
         timeout: Duration,
     ) -> (OpOutcome, String, String) {
         match protocol {
-            Protocol::TwoPhaseCommit | Protocol::Orchestrated => {
+            Protocol::TwoPhaseCommit | Protocol::TwoPhaseCommitClassic | Protocol::Orchestrated => {
                 let mut request = tonic::Request::new(pb::TransferRequest {
                     from_account: from,
                     to_account: to,

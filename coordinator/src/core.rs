@@ -1166,6 +1166,13 @@ impl Core {
         self.active.iter().filter(|(_, active)| matches!(active.phase, Phase::Committing { .. })).map(|(txn, _)| txn)
     }
 
+    /// How many parallel commits recovered from the log are being prepared
+    /// again: their outcome (perhaps committed, and applied somewhere,
+    /// before the restart) is not known yet, so an audit cannot count them.
+    pub fn recovered_undecided(&self) -> usize {
+        self.active.values().filter(|active| active.recovered && matches!(active.phase, Phase::Staging { .. })).count()
+    }
+
     pub fn active_count(&self) -> usize {
         self.active.len()
     }

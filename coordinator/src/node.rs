@@ -1854,6 +1854,15 @@ impl Node {
         // the core's lock: every commit decided after it is noted for it.
         let (audit, mut decided) = {
             let core = self.core();
+            // A parallel commit prepared again after a restart may have been
+            // committed before it, and applied at some participant: until
+            // its participants have voted again, no cut counts it right.
+            let undecided = core.recovered_undecided();
+            if undecided > 0 {
+                return Err(Error::Unavailable(format!(
+                    "{undecided} transactions recovered from the log are being prepared again to learn their outcome; the audit would not be exact until they are decided (retry later)"
+                )));
+            }
             let audit = self.inner.audits.lock().expect("audits lock poisoned").begin();
             (audit, core.committing().map(|txn| txn.to_string()).collect::<HashSet<String>>())
         };

@@ -142,3 +142,15 @@ fn outages_longer_than_every_retention() {
 fn one_phase_commits_under_every_fault() {
     seeds_of("one-phase");
 }
+
+/// A parallel commit recovered from the coordinator's log and being
+/// prepared again may have been committed before the restart and applied
+/// at one participant while another still holds it prepared: an audit then
+/// is refused (UNAVAILABLE) until its participants have voted again. Seed
+/// 504 of `2pc-audits` found an audit that counted neither side.
+#[test]
+fn an_audit_waits_for_recovered_parallel_commits_to_be_decided() {
+    let scenario = scenario("2pc-audits").expect("a scenario");
+    let report = run_seed(scenario, 504);
+    assert!(report.passed(), "{}", explain(&report));
+}
