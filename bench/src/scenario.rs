@@ -514,7 +514,10 @@ mod tests {
         assert_eq!(scenario.workload.cross_share, Some(0.25));
         assert_eq!(Scenario::default().workload.cross_share, None, "unset keeps the independent draw");
         let vs = resolve("vs-postgres").unwrap();
-        assert_eq!(vs.protocols, [Protocol::TwoPhaseCommit, Protocol::PostgresLocal, Protocol::PostgresTwoPhase]);
+        assert_eq!(
+            vs.protocols,
+            [Protocol::TwoPhaseCommit, Protocol::TwoPhaseCommitClassic, Protocol::PostgresLocal, Protocol::PostgresTwoPhase]
+        );
         assert_eq!(vs.workload.cross_share, Some(1.0));
         assert!(vs.faults.is_empty());
     }
