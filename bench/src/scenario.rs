@@ -516,7 +516,12 @@ mod tests {
         let vs = resolve("vs-postgres").unwrap();
         assert_eq!(
             vs.protocols,
-            [Protocol::TwoPhaseCommit, Protocol::TwoPhaseCommitClassic, Protocol::PostgresLocal, Protocol::PostgresTwoPhase]
+            [
+                Protocol::TwoPhaseCommit,
+                Protocol::TwoPhaseCommitClassic,
+                Protocol::PostgresLocal,
+                Protocol::PostgresTwoPhase
+            ]
         );
         assert_eq!(vs.workload.cross_share, Some(1.0));
         assert!(vs.faults.is_empty());

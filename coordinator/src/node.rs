@@ -32,21 +32,34 @@
 //! batch is split in halves until the COMMITs it rejects are alone, so the
 //! others in it are delivered.
 //!
-//! The audit (see `Coordinator.Audit` in the proto) holds up nothing. It
-//! reads every participant's balances and prepared transactions, each in
-//! one instant, and counts as applied the prepared legs of every commit
-//! decided and not finished: those committing when it began (the core's
-//! [`Core::committing`]) and those decided while it reads, which
-//! [`Node::note_decided_commit`] hands to every running audit before their
-//! COMMITs go out. A commit half applied across the reads is one of them
-//! (applied somewhere means decided before that read; prepared elsewhere
-//! means not finished at the other), so the figures are those of the cut
-//! where exactly the decided commits are applied. Registering an audit
-//! with its snapshot of the committing ones, and noting a decision with
-//! the core's step to committing, both happen under the core's lock, so no
-//! decision falls between them. Lock order: the core, then `audits`. Its
-//! reads have a deadline of [`AUDIT_READ_TIMEOUT_MS`]; a participant that
-//! does not answer in time (paused) fails the audit, never the commits.
+//! The audit (see `Coordinator.Audit` in the proto) holds up no decision
+//! and no client. It reads every participant's balances and prepared
+//! transactions, each in one instant, and its figures are those of the cut
+//! where exactly the commits decided before it began are applied:
+//!
+//! - a commit decided before it began (the core's [`Core::committing`],
+//!   snapshotted when it registers) was prepared at every participant
+//!   before that, so each read finds it prepared or applied: its prepared
+//!   legs are counted as applied;
+//! - a commit decided while it reads is applied nowhere until it ends: its
+//!   decision is noted by every running audit under the core's lock with
+//!   the core's step to committing ([`Node::note_decided_commit`]), and its
+//!   COMMITs wait in [`RunningAudits`] until every audit that noted it has
+//!   finished (a decision query about it hears PENDING meanwhile). Its
+//!   client hears COMMITTED at once; only the release of its reservations
+//!   waits, at most one audit's reads ([`AUDIT_READ_TIMEOUT_MS`]). Its
+//!   prepared legs are not counted, and its legs not yet prepared at a
+//!   participant read before its prepare arrived are missing consistently.
+//!   (Counting such a commit as applied, as an earlier version did, was
+//!   wrong exactly then: prepared and counted at one participant, not yet
+//!   prepared at the other; parallel commit, which decides sooner after
+//!   the last vote, made the bench's smoke run show it.)
+//!
+//! Registering an audit with its snapshot, and noting a decision with the
+//! core's step to committing, both happen under the core's lock, so no
+//! decision falls between them. Lock order: the core, then `audits`. A
+//! participant that does not answer its read in time (paused) fails the
+//! audit, never the commits.
 //!
 //! Readiness. The health service's `""` and `tandem.v1.Coordinator` say
 //! only that this process serves. Whether it can reach its participants is
@@ -194,56 +207,95 @@ pub const AUDIT_READ_TIMEOUT_MS: u64 = 250;
 /// answers UNAVAILABLE (its reads took far longer than they may).
 pub const AUDIT_DECISIONS_MAX: usize = 1_000_000;
 
-/// The audits running, each with the commits decided since it began (see
-/// the module essay).
+/// The audits running, each with the commits decided since it began, whose
+/// COMMITs wait for it (see the module essay).
 #[derive(Debug, Default)]
 pub(crate) struct RunningAudits {
     next: u64,
-    /// By audit: the commits noted, or `None` once more than
-    /// [`AUDIT_DECISIONS_MAX`] were.
-    running: BTreeMap<u64, Option<Vec<TxnId>>>,
+    /// By audit: the commits decided since it began, or `None` once more
+    /// than [`AUDIT_DECISIONS_MAX`] were (that audit then fails).
+    running: BTreeMap<u64, Option<HashSet<TxnId>>>,
+    /// COMMITs not sent yet: their transaction was decided while an audit
+    /// that is still running read. At most [`AUDIT_DECISIONS_MAX`] per
+    /// audit and participant of a transaction.
+    held: Vec<(TxnId, Id)>,
 }
 
 impl RunningAudits {
     fn begin(&mut self) -> u64 {
         self.next += 1;
-        self.running.insert(self.next, Some(Vec::new()));
+        self.running.insert(self.next, Some(HashSet::new()));
         self.next
     }
 
     fn note(&mut self, txn: &TxnId) {
         for noted in self.running.values_mut() {
             match noted {
-                Some(list) if list.len() < AUDIT_DECISIONS_MAX => list.push(txn.clone()),
+                Some(set) if set.len() < AUDIT_DECISIONS_MAX => {
+                    set.insert(txn.clone());
+                }
                 _ => *noted = None,
             }
         }
     }
+
+    /// Whether a running audit holds back `txn`'s COMMITs.
+    fn holds(&self, txn: &TxnId) -> bool {
+        self.running.values().any(|noted| noted.as_ref().is_some_and(|set| set.contains(txn)))
+    }
+
+    /// Keeps the COMMIT of `txn` to `participant` until the audits that
+    /// hold it have finished; `false` (nothing kept) when none does.
+    fn hold(&mut self, txn: &TxnId, participant: &Id) -> bool {
+        if !self.holds(txn) {
+            return false;
+        }
+        self.held.push((txn.clone(), participant.clone()));
+        true
+    }
+
+    /// Ends `audit`: whether it noted every commit decided while it ran
+    /// (`false`: too many), and the COMMITs no running audit holds any
+    /// more, to be sent now.
+    fn end(&mut self, audit: u64) -> (bool, Vec<(TxnId, Id)>) {
+        let complete = matches!(self.running.remove(&audit), Some(Some(_)));
+        let (held, released): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.held).into_iter().partition(|(txn, _)| self.holds(txn));
+        self.held = held;
+        (complete, released)
+    }
 }
 
 /// An audit's place among the running ones, given back however the audit
-/// ends (an early error, a cancelled call).
+/// ends (an early error, a cancelled call): the COMMITs it held go out then.
 struct AuditRegistration<'a> {
     node: &'a Node,
     audit: u64,
+    ended: bool,
 }
 
 impl AuditRegistration<'_> {
-    /// The commits decided since the audit began.
-    fn finish(&self) -> Result<Vec<TxnId>, Error> {
-        let noted =
-            self.node.inner.audits.lock().expect("audits lock poisoned").running.insert(self.audit, Some(Vec::new()));
-        noted.flatten().ok_or_else(|| {
-            Error::Unavailable(format!(
+    /// Ends the audit and sends the COMMITs it held; an error if more
+    /// commits were decided while it read than it could hold back.
+    fn finish(&mut self) -> Result<(), Error> {
+        self.ended = true;
+        let (complete, released) = self.node.inner.audits.lock().expect("audits lock poisoned").end(self.audit);
+        self.node.send_released_commits(released);
+        if !complete {
+            return Err(Error::Unavailable(format!(
                 "more than {AUDIT_DECISIONS_MAX} commits were decided while the audit read; retry later"
-            ))
-        })
+            )));
+        }
+        Ok(())
     }
 }
 
 impl Drop for AuditRegistration<'_> {
     fn drop(&mut self) {
-        self.node.inner.audits.lock().expect("audits lock poisoned").running.remove(&self.audit);
+        if !self.ended {
+            let (_, released) = self.node.inner.audits.lock().expect("audits lock poisoned").end(self.audit);
+            self.node.send_released_commits(released);
+        }
     }
 }
 
@@ -897,7 +949,13 @@ impl Node {
                         }
                     });
                 }
-                Action::SendCommit { txn, participant } => self.outbound(&participant).commits.push(txn),
+                Action::SendCommit { txn, participant } => {
+                    // Decided while an audit reads: its COMMIT waits for the
+                    // audit (see the module essay).
+                    if !self.inner.audits.lock().expect("audits lock poisoned").hold(&txn, &participant) {
+                        self.outbound(&participant).commits.push(txn);
+                    }
+                }
                 Action::SendAbort { txn, position, participant } => {
                     let node = self.clone();
                     tokio::spawn(async move { node.send_abort(&txn, position, &participant).await });
@@ -1032,6 +1090,13 @@ impl Node {
         let mut audits = self.inner.audits.lock().expect("audits lock poisoned");
         if !audits.running.is_empty() {
             audits.note(txn);
+        }
+    }
+
+    /// Sends the COMMITs that the audits held back and no longer hold.
+    fn send_released_commits(&self, released: Vec<(TxnId, Id)>) {
+        for (txn, participant) in released {
+            self.outbound(&participant).commits.push(txn);
         }
     }
 
@@ -1537,8 +1602,16 @@ impl Node {
             );
             return Ok(Decision::UnknownIncarnation);
         }
-        if let Some(decision) = self.core().query(txn) {
-            return Ok(decision);
+        {
+            let core = self.core();
+            if let Some(decision) = core.query(txn) {
+                // A commit whose COMMITs an audit holds back is not told to
+                // a participant that asks either, until the audit ends.
+                if decision == Decision::Commit && self.inner.audits.lock().expect("audits lock poisoned").holds(txn) {
+                    return Ok(Decision::Pending);
+                }
+                return Ok(decision);
+            }
         }
         if self.inner.store.get(&log::key(log::DECISION_PREFIX, txn))?.is_some() {
             return Ok(Decision::Commit);
@@ -1852,7 +1925,7 @@ impl Node {
     async fn audit(&self, include_accounts: bool) -> Result<pb::AuditResponse, Error> {
         // Registered with the snapshot of the committing transactions under
         // the core's lock: every commit decided after it is noted for it.
-        let (audit, mut decided) = {
+        let (audit, decided) = {
             let core = self.core();
             // A parallel commit prepared again after a restart may have been
             // committed before it, and applied at some participant: until
@@ -1866,7 +1939,7 @@ impl Node {
             let audit = self.inner.audits.lock().expect("audits lock poisoned").begin();
             (audit, core.committing().map(|txn| txn.to_string()).collect::<HashSet<String>>())
         };
-        let registered = AuditRegistration { node: self, audit };
+        let mut registered = AuditRegistration { node: self, audit, ended: false };
         // Every read has the same short deadline, so the audit answers in
         // bounded time whatever the participants do.
         let read_timeout = Duration::from_millis(self.inner.config.call_timeout_ms.min(AUDIT_READ_TIMEOUT_MS));
@@ -1910,7 +1983,9 @@ impl Node {
         for read in reads {
             results.push(read.await.unwrap_or_else(|e| Err(Error::Unavailable(format!("a balance read failed: {e}")))));
         }
-        decided.extend(registered.finish()?.iter().map(|txn| txn.to_string()));
+        // The commits decided while it read were applied nowhere (their
+        // COMMITs waited): not counted. Theirs go out now.
+        registered.finish()?;
         // Every participant that could not be read is named, so that one
         // failed audit says which are unreachable.
         let unread: Vec<String> = results

@@ -196,7 +196,8 @@ fn posted(audit: &pb::AuditResponse, account: u64) -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn commits_go_on_while_an_audit_reads_and_one_that_cannot_read_a_paused_participant_names_it() {
+async fn commits_go_on_while_an_audit_reads_their_commits_wait_for_it_and_one_that_cannot_read_a_paused_participant_names_it(
+) {
     // COMMIT deadlines may legitimately be long; the audit's reads must not
     // be, so that it answers in bounded time.
     const CALL_TIMEOUT_MS: u64 = 30_000;
@@ -241,8 +242,12 @@ async fn commits_go_on_while_an_audit_reads_and_one_that_cannot_read_a_paused_pa
         audit_started + Duration::from_millis(50),
         audit_started + Duration::from_millis(node::AUDIT_READ_TIMEOUT_MS - 50),
     );
+    let mut p1 = tandem::pb::participant_client::ParticipantClient::new(
+        tandem::server::channel(&urls[0], &Security::Insecure).unwrap(),
+    );
     let mut committed = 0u64;
     let mut inside_the_read = 0u64;
+    let mut held_seen = 0u64;
     let mut slowest = Duration::ZERO;
     while !audit.is_finished() {
         let started = Instant::now();
@@ -256,6 +261,18 @@ async fn commits_go_on_while_an_audit_reads_and_one_that_cannot_read_a_paused_pa
         slowest = slowest.max(started.elapsed());
         if started >= window.0 && Instant::now() <= window.1 {
             inside_the_read += 1;
+            // Decided while the audit reads: applied nowhere until it ends
+            // (its COMMITs wait), so p1 still holds it prepared, and every
+            // other one decided inside the read.
+            let read = pb::ReadBalancesRequest { include_accounts: false, include_prepared: false };
+            let prepared = p1.read_balances(read).await.unwrap().into_inner().prepared_count;
+            if !audit.is_finished() {
+                assert!(
+                    prepared >= inside_the_read,
+                    "{prepared} prepared at p1, {inside_the_read} decided inside the read"
+                );
+                held_seen = held_seen.max(prepared);
+            }
         }
     }
     let status = audit.await.unwrap().expect_err("p3 cannot be read");
@@ -266,6 +283,7 @@ async fn commits_go_on_while_an_audit_reads_and_one_that_cannot_read_a_paused_pa
     assert!(audit_took < commit_wait_max, "the audit answered after {audit_took:?}");
     assert!(audit_took >= Duration::from_millis(node::AUDIT_READ_TIMEOUT_MS), "{audit_took:?}");
     assert!(inside_the_read > 0, "no commit was decided while the audit read ({committed} in all)");
+    assert!(held_seen > 0, "no COMMIT was seen waiting for the audit");
     println!(
         "{committed} commits during the audit ({inside_the_read} begun and ended inside its read), the slowest in {slowest:?}; the audit answered in {audit_took:?}: {}",
         status.message()
