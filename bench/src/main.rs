@@ -41,8 +41,10 @@ struct RunArgs {
     /// A preset name (see `bench scenarios`) or a TOML file.
     #[arg(long, default_value = "default")]
     scenario: String,
-    /// Run only this protocol (repeat for several): 2pc, orchestrated,
-    /// choreographed, or a PostgreSQL baseline: postgres-local (one
+    /// Run only this protocol (repeat for several): 2pc (parallel commit,
+    /// the coordinator's default), 2pc-classic (the coordinator run with
+    /// --commit-protocol classic), orchestrated, choreographed, or a
+    /// PostgreSQL baseline: postgres-local (one
     /// database, one local transaction), postgres-2pc (a server per
     /// participant, PREPARE TRANSACTION). The baselines need PostgreSQL's
     /// binaries (scripts/setup installs them) and are skipped, with the

@@ -522,7 +522,7 @@ pub fn write_all(report: &RunReport, dir: &Path) -> Result<PathBuf, String> {
     let _ = writeln!(
         md,
         "- *floor* is the latency the protocol's critical path cannot beat on this machine, from the calibration \
-         measured in the same run (2PC: two gRPC round trips and two fsyncs; each saga: three and three). \
+         measured in the same run (2PC by parallel commit: two gRPC round trips and one fsync; classic 2PC: two and two; each saga: three and three). \
          *p50/floor* near 1 means the implementation adds little on top of the hardware. On a local cluster the \
          participants share one disk, so their parallel prepare fsyncs cost the calibration's \"two fsyncs at \
          once\", more than one: that difference is the machine's, not the protocol's.\n\
