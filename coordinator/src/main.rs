@@ -172,3 +172,7 @@ async fn run(args: Args) -> Result<(), String> {
     println!("listening on {addr}");
     node.run(listener, recovered, tandem::server::shutdown_signal()).await.map_err(|e| e.to_string())
 }
+
+/// mimalloc: fewer cycles per allocation than glibc malloc on the gRPC path.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
