@@ -825,15 +825,7 @@ impl Core {
                     // (see the essay). [`Core::on_abort_durable`] sends the
                     // ABORTs.
                     return match active.staged {
-                        Some(fingerprint) => {
-                            active.phase = Phase::Aborting;
-                            vec![Action::PersistStagedAbort {
-                                txn: txn.clone(),
-                                idempotency_key: active.idempotency_key.clone(),
-                                fingerprint,
-                                outcome,
-                            }]
-                        }
+                        Some(fingerprint) => vec![Self::log_staged_abort(txn, active, fingerprint, outcome)],
                         None => {
                             active.phase = Phase::AbortingUnstaged { outcome };
                             Vec::new()
@@ -897,6 +889,18 @@ impl Core {
         actions
     }
 
+    /// Parallel commit, aborted, its staged record durable: the abort is
+    /// logged next ([`Core::on_abort_durable`] then tells everyone).
+    fn log_staged_abort(txn: &TxnId, active: &mut ActiveTxn, fingerprint: u64, outcome: Outcome) -> Action {
+        active.phase = Phase::Aborting;
+        Action::PersistStagedAbort {
+            txn: txn.clone(),
+            idempotency_key: active.idempotency_key.clone(),
+            fingerprint,
+            outcome,
+        }
+    }
+
     /// Parallel commit: the staged record (with this request fingerprint)
     /// is durable. Committed if every vote is in and was YES; an abort
     /// decided meanwhile is logged now. For a transaction that is not
@@ -914,13 +918,7 @@ impl Core {
             Phase::AbortingUnstaged { outcome } => {
                 let outcome = outcome.clone();
                 active.staged = Some(fingerprint);
-                active.phase = Phase::Aborting;
-                vec![Action::PersistStagedAbort {
-                    txn: txn.clone(),
-                    idempotency_key: active.idempotency_key.clone(),
-                    fingerprint,
-                    outcome,
-                }]
+                vec![Self::log_staged_abort(txn, active, fingerprint, outcome)]
             }
             _ => {
                 tracing::error!(%txn, "a staged record became durable for a transaction that is not staging; ignored");
