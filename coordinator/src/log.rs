@@ -280,12 +280,23 @@ pub fn encode_intent(record: &IntentRecord) -> Result<Vec<u8>, Error> {
     if record.legs.len() > LEGS_MAX {
         return Err(Error::InvalidInput(format!("a transaction has at most {LEGS_MAX} legs")));
     }
-    w.count_u8("the number of legs", record.legs.len())?;
-    for leg in &record.legs {
+    write_legs(&mut w, &record.legs)?;
+    Ok(w.finish())
+}
+
+/// Legs: a count byte, then each an account and an amount.
+fn write_legs(w: &mut Writer, legs: &[Leg]) -> Result<(), Error> {
+    w.count_u8("the number of legs", legs.len())?;
+    for leg in legs {
         w.u64(leg.account);
         w.i64(leg.amount);
     }
-    Ok(w.finish())
+    Ok(())
+}
+
+/// `count` legs, each an account and an amount.
+fn read_legs(r: &mut Reader, count: usize) -> Result<Vec<Leg>, Error> {
+    (0..count).map(|_| Ok(Leg { account: r.u64()?, amount: r.i64()? })).collect()
 }
 
 /// Reads an intent; its legs must be the legs of a transaction the
@@ -299,8 +310,7 @@ pub fn decode_intent(bytes: &[u8]) -> Result<IntentRecord, Error> {
     if count > LEGS_MAX {
         return Err(corrupt(format!("an intent with {count} legs")));
     }
-    let legs =
-        (0..count).map(|_| Ok(Leg { account: r.u64()?, amount: r.i64()? })).collect::<Result<Vec<_>, Error>>()?;
+    let legs = read_legs(&mut r, count)?;
     r.done()?;
     tandem::domain::validate_legs(&legs)
         .and_then(|()| tandem::domain::validate_balanced(&legs))
@@ -322,11 +332,7 @@ pub fn encode_staged(record: &StagedRecord) -> Result<Vec<u8>, Error> {
     w.count_u8("the number of participants", record.legs.len())?;
     for (participant, legs) in &record.legs {
         w.text("a participant id", participant.as_str())?;
-        w.count_u8("the number of legs", legs.len())?;
-        for leg in legs {
-            w.u64(leg.account);
-            w.i64(leg.amount);
-        }
+        write_legs(&mut w, legs)?;
     }
     Ok(w.finish())
 }
@@ -351,8 +357,7 @@ pub fn decode_staged(bytes: &[u8]) -> Result<StagedRecord, Error> {
         if count == 0 || all.len() + count > LEGS_MAX {
             return Err(corrupt(format!("a staged record with {count} legs on {participant}")));
         }
-        let these =
-            (0..count).map(|_| Ok(Leg { account: r.u64()?, amount: r.i64()? })).collect::<Result<Vec<_>, Error>>()?;
+        let these = read_legs(&mut r, count)?;
         all.extend_from_slice(&these);
         if legs.insert(participant.clone(), these).is_some() {
             return Err(corrupt(format!("a staged record that names {participant} twice")));

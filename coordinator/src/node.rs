@@ -623,58 +623,21 @@ impl Node {
             saga_floors.insert(participant, sagas);
         }
         let first_position = log::position(generation, 1)?;
-        let logged = store
-            .scan_prefix(log::DECISION_PREFIX)?
-            .into_iter()
-            .map(|(key, value)| {
-                let txn = log::id_from_key(log::DECISION_PREFIX, &key)?;
-                let record = log::decode_at(&key, &value, log::decode_commit)?;
-                // A participant the directory does not name could never be
-                // told (a directory changed under a log that needs it).
-                if let Some(unknown) = record.participants.iter().find(|p| !participants.contains_key(*p)) {
-                    return Err(unknown_participant(&key, unknown));
-                }
-                Ok((txn, record))
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
-        let intents = store
-            .scan_prefix(log::INTENT_PREFIX)?
-            .into_iter()
-            .map(|(key, value)| {
-                let txn = log::id_from_key(log::INTENT_PREFIX, &key)?;
-                let record = log::decode_at(&key, &value, log::decode_intent)?;
-                if !participants.contains_key(&record.participant) {
-                    return Err(unknown_participant(&key, &record.participant));
-                }
-                Ok((txn, record))
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
-        let staged = store
-            .scan_prefix(log::STAGED_PREFIX)?
-            .into_iter()
-            .map(|(key, value)| {
-                let txn = log::id_from_key(log::STAGED_PREFIX, &key)?;
-                let record = log::decode_at(&key, &value, log::decode_staged)?;
-                if let Some(unknown) = record.legs.keys().find(|p| !participants.contains_key(*p)) {
-                    return Err(unknown_participant(&key, unknown));
-                }
-                Ok((txn, record))
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
-        let logged_sagas = store
-            .scan_prefix(log::SAGA_PREFIX)?
-            .into_iter()
-            .map(|(key, value)| {
-                let saga = log::id_from_key(log::SAGA_PREFIX, &key)?;
-                let record = log::decode_at(&key, &value, log::decode_saga)?;
-                for participant in [&record.spec.from_participant, &record.spec.to_participant] {
-                    if !participants.contains_key(participant) {
-                        return Err(unknown_participant(&key, participant));
-                    }
-                }
-                Ok((saga, record))
-            })
-            .collect::<Result<Vec<_>, Error>>()?;
+        // A participant the directory does not name could never be told (a
+        // directory changed under a log that needs it).
+        let known = |p: &Id| participants.contains_key(p);
+        let logged = read_records(store.as_ref(), log::DECISION_PREFIX, log::decode_commit, known, |record| {
+            record.participants.iter().collect()
+        })?;
+        let intents = read_records(store.as_ref(), log::INTENT_PREFIX, log::decode_intent, known, |record| {
+            vec![&record.participant]
+        })?;
+        let staged = read_records(store.as_ref(), log::STAGED_PREFIX, log::decode_staged, known, |record| {
+            record.legs.keys().collect()
+        })?;
+        let logged_sagas = read_records(store.as_ref(), log::SAGA_PREFIX, log::decode_saga, known, |record| {
+            vec![&record.spec.from_participant, &record.spec.to_participant]
+        })?;
         let mut core = Core::new(config.active_max);
         core.set_one_phase(config.one_phase_commit);
         core.set_commit_protocol(config.commit_protocol);
@@ -812,22 +775,27 @@ impl Node {
                     )));
                 }
                 // A one-phase transaction with this key whose client heard
-                // its outcome, which is being logged: that outcome.
-                let answered = self.core().answered_one_phase(key).map(|(txn, outcome, legs)| log::KeyedResult {
-                    txn: txn.clone(),
-                    outcome: outcome.clone(),
-                    fingerprint: log::fingerprint(asked, legs),
-                    expires_ms: u64::MAX,
-                });
-                // A parallel commit with this key whose client heard
+                // its outcome, which is being logged: that outcome. A
+                // parallel commit with this key whose client heard
                 // COMMITTED, not yet ended: COMMITTED.
-                let committed = self.core().committed_in_parallel(key).map(|(txn, fingerprint)| log::KeyedResult {
-                    txn: txn.clone(),
-                    outcome: Outcome::Committed,
-                    fingerprint,
-                    expires_ms: u64::MAX,
-                });
-                if let Some(earlier) = answered.or(committed) {
+                let in_memory = {
+                    let core = self.core();
+                    let answered = core.answered_one_phase(key).map(|(txn, outcome, legs)| log::KeyedResult {
+                        txn: txn.clone(),
+                        outcome: outcome.clone(),
+                        fingerprint: log::fingerprint(asked, legs),
+                        expires_ms: u64::MAX,
+                    });
+                    answered.or_else(|| {
+                        core.committed_in_parallel(key).map(|(txn, fingerprint)| log::KeyedResult {
+                            txn: txn.clone(),
+                            outcome: Outcome::Committed,
+                            fingerprint,
+                            expires_ms: u64::MAX,
+                        })
+                    })
+                };
+                if let Some(earlier) = in_memory {
                     log::same_request(key, &earlier, asked, &legs)?;
                     return Ok((earlier.txn, earlier.outcome));
                 }
@@ -2302,6 +2270,30 @@ fn new_incarnation(seed: Option<u64>, wall_clock: &tandem::clock::WallClock) -> 
 }
 
 /// The error of a log record naming a participant the directory does not.
+/// Every record under `prefix`, decoded, with the id its key ends with;
+/// fails on the first that does not decode or names a participant that is
+/// not `known` (see [`unknown_participant`]).
+fn read_records<R>(
+    store: &dyn Storage,
+    prefix: &[u8],
+    decode: fn(&[u8]) -> Result<R, Error>,
+    known: impl Fn(&Id) -> bool,
+    participants_of: impl Fn(&R) -> Vec<&Id>,
+) -> Result<Vec<(Id, R)>, Error> {
+    store
+        .scan_prefix(prefix)?
+        .into_iter()
+        .map(|(key, value)| {
+            let id = log::id_from_key(prefix, &key)?;
+            let record = log::decode_at(&key, &value, decode)?;
+            if let Some(unknown) = participants_of(&record).into_iter().find(|p| !known(p)) {
+                return Err(unknown_participant(&key, unknown));
+            }
+            Ok((id, record))
+        })
+        .collect()
+}
+
 fn unknown_participant(key: &[u8], participant: &Id) -> Error {
     Error::Fatal(format!(
         "the log record {:?} names participant {participant}, which is not in the directory (--participant); start the coordinator with the directory its log was written with",
