@@ -142,6 +142,9 @@ pub struct NodeProcess {
     probe: Security,
     child: Option<Child>,
     pub paused: bool,
+    /// Where the process serves its metrics (`--http-addr`, a port the
+    /// kernel picked at its last start).
+    pub http_addr: Option<SocketAddr>,
     /// Extra environment of the process, from its next start on (tests arm
     /// crash points with it: see [`crate::crash`]).
     pub env: Vec<(String, String)>,
@@ -184,11 +187,21 @@ impl NodeProcess {
         let stdout = child.stdout.take().expect("stdout is piped");
         let deadline = Instant::now() + ready_timeout;
         let mut lines = BufReader::new(stdout).lines();
-        let announced = tokio::time::timeout(ready_timeout, lines.next_line()).await;
+        // `http on ADDR` (its metrics), then `listening on ADDR`.
+        let mut http_addr = None;
+        let announced = tokio::time::timeout(ready_timeout, async {
+            loop {
+                match lines.next_line().await {
+                    Ok(Some(line)) if line.starts_with("http on ") => http_addr = line[8..].trim().parse().ok(),
+                    other => return other,
+                }
+            }
+        })
+        .await;
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         match announced {
-            Ok(Ok(Some(line))) if line.starts_with("listening on") => {}
+            Ok(Ok(Some(line))) if line.starts_with("listening on") => self.http_addr = http_addr,
             other => {
                 let _ = child.start_kill();
                 return Err(Error::Unavailable(format!(
@@ -382,6 +395,8 @@ impl Cluster {
                 // avoids the runtimes waking each other's idle workers.
                 "--worker-threads".into(),
                 "1".into(),
+                "--http-addr".into(),
+                "127.0.0.1:0".into(),
             ];
             args.extend(trust.flags(node));
             // Every participant knows every other (choreographed sagas send
@@ -403,6 +418,7 @@ impl Cluster {
                 probe: trust.client.clone(),
                 child: None,
                 paused: false,
+                http_addr: None,
                 env: Vec::new(),
             });
         }
@@ -418,6 +434,8 @@ impl Cluster {
             spec.log_level.clone(),
             "--worker-threads".into(),
             "1".into(),
+            "--http-addr".into(),
+            "127.0.0.1:0".into(),
         ];
         args.extend(trust.flags(NodeRef::Coordinator));
         for shard in shards {
@@ -436,6 +454,7 @@ impl Cluster {
             probe: trust.client.clone(),
             child: None,
             paused: false,
+            http_addr: None,
             env: Vec::new(),
         };
         let ClusterTrust { ca, client, operator, .. } = trust;

@@ -16,6 +16,7 @@ pub mod crash;
 pub mod domain;
 pub mod error;
 pub mod local_ca;
+pub mod metrics;
 pub mod net;
 pub mod pb;
 pub mod proxy;

@@ -3,6 +3,7 @@
 //! servers and channels are made, with their TLS and the role check (see
 //! [`crate::tls`] and [`crate::trust`]).
 
+use crate::metrics::RpcMetricsLayer;
 use crate::net::Network;
 use crate::tls::Security;
 use crate::trust::{AuthorizeLayer, Authorizer};
@@ -67,11 +68,13 @@ pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 5_000;
 /// A tonic server builder with the settings every tandem server uses: TLS
 /// with a client certificate required (unless `security` is
 /// [`Security::Insecure`]) and `authorizer` in front of every service, so a
-/// call that its caller may not make reaches no handler.
+/// call that its caller may not make reaches no handler; outside it, the
+/// RPC metrics ([`crate::metrics::RpcMetricsLayer`]), which count refused
+/// calls too.
 pub fn server_builder(
     security: &Security,
     authorizer: Authorizer,
-) -> Result<tonic::transport::Server<Stack<AuthorizeLayer, Identity>>, crate::Error> {
+) -> Result<tonic::transport::Server<Stack<AuthorizeLayer, Stack<RpcMetricsLayer, Identity>>>, crate::Error> {
     let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .concurrency_limit_per_connection(4096)
@@ -86,7 +89,7 @@ pub fn server_builder(
             .tls_config(tls)
             .map_err(|e| crate::Error::InvalidInput(format!("the TLS certificate, key or CA is refused: {e:?}")))?;
     }
-    Ok(builder.layer(AuthorizeLayer::new(authorizer)))
+    Ok(builder.layer(RpcMetricsLayer).layer(AuthorizeLayer::new(authorizer)))
 }
 
 /// How often a channel pings its connection (HTTP/2 PING), and how long it

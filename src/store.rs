@@ -421,8 +421,18 @@ impl Store {
                     }
                 }
                 write_options.set_sync(sync);
-                self.db.write_opt(batch, &write_options).map_err(Error::from)
+                let ops: usize = group.iter().map(|pending| pending.ops.len()).sum();
+                metrics::counter!("tandem_store_writes_total").increment(1);
+                metrics::counter!("tandem_store_bytes_written_total").increment(batch.size_in_bytes() as u64);
+                metrics::histogram!("tandem_store_write_group_size").record(ops as f64);
+                let started = Instant::now();
+                let written = self.db.write_opt(batch, &write_options).map_err(Error::from);
+                metrics::histogram!("tandem_store_write_seconds").record(started.elapsed().as_secs_f64());
+                written
             };
+            if sync {
+                metrics::counter!("tandem_store_fsyncs_total").increment(1);
+            }
             if let Err(error) = &result {
                 tracing::error!(%error, "a write to the store failed; this node stops acknowledging");
                 self.shared.failed.store(true, Ordering::Release);

@@ -362,6 +362,20 @@ pub enum AbortReason {
     KeyOfLostIncarnation,
 }
 
+impl AbortReason {
+    /// The reason as a metric's label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AbortReason::InsufficientFunds => "insufficient_funds",
+            AbortReason::BalanceOverflow => "balance_overflow",
+            AbortReason::UnknownAccount => "unknown_account",
+            AbortReason::ParticipantUnavailable => "participant_unavailable",
+            AbortReason::Refused => "refused",
+            AbortReason::KeyOfLostIncarnation => "key_of_lost_incarnation",
+        }
+    }
+}
+
 /// How a transaction or saga ended, with the reason it did not commit (what
 /// its client hears as `abort_reason`) and a sentence for a person.
 #[derive(Debug, Clone, PartialEq, Eq)]

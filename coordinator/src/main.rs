@@ -99,6 +99,8 @@ struct Args {
     /// Mutual TLS: the certificate names this node tandem://coordinator/ID.
     #[command(flatten)]
     tls: TlsFlags,
+    #[command(flatten)]
+    http: tandem::metrics::HttpFlags,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -156,7 +158,7 @@ async fn run(args: Args) -> Result<(), String> {
         incarnation_seed: None,
         saga_step_attempts: args.saga_step_attempts.max(1),
         saga_deadline_ms: args.saga_deadline_ms,
-        security,
+        security: security.clone(),
         network: tandem::net::Network::Tcp,
         one_phase_commit: args.one_phase_commit,
         commit_protocol: match args.commit_protocol {
@@ -166,6 +168,16 @@ async fn run(args: Args) -> Result<(), String> {
     })
     .await
     .map_err(|e| e.to_string())?;
+    if let Some(http_addr) = args.http.http_addr {
+        let observed = node.clone();
+        let bound =
+            tandem::metrics::start_http(http_addr, security, std::sync::Arc::new(move || observed.observe_gauges()))
+                .await
+                .map_err(|e| e.to_string())?;
+        tracing::info!(%bound, "serving metrics on HTTP");
+        // Before `listening on`: whoever waits for that line knows both.
+        println!("http on {bound}");
+    }
     let (listener, addr) =
         tandem::server::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     tracing::info!(node = %node_id, %addr, "coordinator serving");

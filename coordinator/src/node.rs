@@ -373,6 +373,11 @@ impl<T> BatchQueue<T> {
         true
     }
 
+    /// How many messages wait.
+    fn len(&self) -> usize {
+        self.waiting.lock().expect("batch queue lock poisoned").len()
+    }
+
     /// Up to `max` waiting messages, without waiting.
     fn take(&self, max: usize) -> Vec<T> {
         let mut waiting = self.waiting.lock().expect("batch queue lock poisoned");
@@ -752,6 +757,7 @@ impl Node {
     /// Runs one transaction to its outcome. `Err` is bad input or an
     /// unavailable coordinator; a refusal is `Ok(Outcome::Aborted)`.
     pub async fn run_transaction(&self, legs: Vec<Leg>, key: Option<Id>) -> Result<(TxnId, Outcome), Error> {
+        let started = Instant::now();
         validate_legs(&legs)?;
         self.refuse_if_store_failed()?;
         validate_balanced(&legs)?;
@@ -759,6 +765,7 @@ impl Node {
         for leg in &legs {
             by_participant.entry(self.inner.directory.owner(leg.account)?.clone()).or_default().push(*leg);
         }
+        let how = self.commit_path(by_participant.len());
         let asked = log::Asked::TwoPhaseCommit;
         let fingerprint = log::fingerprint(asked, &legs);
         let (txn, outcome, actions) = match &key {
@@ -803,10 +810,45 @@ impl Node {
             }
             None => self.begin_transaction(by_participant, None, fingerprint)?,
         };
+        metrics::counter!("tandem_transactions_begun_total").increment(1);
         self.execute(actions);
         let outcome =
             outcome.await.unwrap_or_else(|_| Err(Error::Unavailable("the coordinator is stopping".into())))?;
+        self.count_outcome(&outcome, how, started);
         Ok((txn, outcome))
+    }
+
+    /// Counts a transaction's outcome, and times it from its arrival.
+    fn count_outcome(&self, outcome: &Outcome, how: &'static str, started: Instant) {
+        let seconds = started.elapsed().as_secs_f64();
+        match outcome {
+            Outcome::Committed => {
+                metrics::counter!("tandem_transactions_committed_total", "how" => how).increment(1);
+                metrics::histogram!("tandem_transaction_duration_seconds", "outcome" => "committed", "how" => how)
+                    .record(seconds);
+            }
+            Outcome::Aborted(reason, _)
+            | Outcome::Compensated(Some(reason), _)
+            | Outcome::DeadLettered(Some(reason), _) => {
+                metrics::counter!("tandem_transactions_aborted_total", "reason" => reason.as_str()).increment(1);
+                metrics::histogram!("tandem_transaction_duration_seconds", "outcome" => "aborted", "how" => how)
+                    .record(seconds);
+            }
+            Outcome::Compensated(None, _) | Outcome::DeadLettered(None, _) => {}
+        }
+    }
+
+    /// How a transaction over `participants` participants commits here: a
+    /// metric's label.
+    fn commit_path(&self, participants: usize) -> &'static str {
+        if participants == 1 && self.inner.config.one_phase_commit {
+            "one_phase"
+        } else {
+            match self.inner.config.commit_protocol {
+                CommitProtocol::Parallel => "parallel",
+                CommitProtocol::Classic => "classic",
+            }
+        }
     }
 
     /// Carries out the core's actions; results come back into the core.
@@ -834,10 +876,9 @@ impl Node {
                     let node = self.clone();
                     tokio::spawn(async move {
                         let fingerprint = node.waiter_fingerprint(&txn);
-                        let written = match log::commit_ops(&txn, &record, fingerprint, node.expires_ms()) {
-                            Ok(ops) => node.inner.store.write(ops).await,
-                            Err(error) => Err(error),
-                        };
+                        let written = node
+                            .write_record("commit", log::commit_ops(&txn, &record, fingerprint, node.expires_ms()))
+                            .await;
                         match written {
                             Ok(()) => {
                                 let next = {
@@ -863,10 +904,7 @@ impl Node {
                     let node = self.clone();
                     tokio::spawn(async move {
                         record.fingerprint = node.waiter_fingerprint(&txn);
-                        let written = match log::staged_ops(&txn, &record) {
-                            Ok(ops) => node.inner.store.write(ops).await,
-                            Err(error) => Err(error),
-                        };
+                        let written = node.write_record("staged", log::staged_ops(&txn, &record)).await;
                         match written {
                             Ok(()) => {
                                 let next = {
@@ -893,16 +931,18 @@ impl Node {
                 Action::PersistStagedAbort { txn, idempotency_key, fingerprint, outcome } => {
                     let node = self.clone();
                     tokio::spawn(async move {
-                        let written = match log::staged_abort_ops(
-                            &txn,
-                            idempotency_key.as_ref(),
-                            &outcome,
-                            fingerprint,
-                            node.expires_ms(),
-                        ) {
-                            Ok(ops) => node.inner.store.write(ops).await,
-                            Err(error) => Err(error),
-                        };
+                        let written = node
+                            .write_record(
+                                "abort",
+                                log::staged_abort_ops(
+                                    &txn,
+                                    idempotency_key.as_ref(),
+                                    &outcome,
+                                    fingerprint,
+                                    node.expires_ms(),
+                                ),
+                            )
+                            .await;
                         match written {
                             Ok(()) => {
                                 let next = node.core().on_abort_durable(&txn, outcome);
@@ -932,10 +972,9 @@ impl Node {
                     let node = self.clone();
                     tokio::spawn(async move {
                         let fingerprint = node.waiter_fingerprint(&txn);
-                        let written = match log::abort_ops(&txn, &key, &outcome, fingerprint, node.expires_ms()) {
-                            Ok(ops) => node.inner.store.write(ops).await,
-                            Err(error) => Err(error),
-                        };
+                        let written = node
+                            .write_record("abort", log::abort_ops(&txn, &key, &outcome, fingerprint, node.expires_ms()))
+                            .await;
                         match written {
                             Ok(()) => {
                                 let next = node.core().on_abort_durable(&txn, outcome);
@@ -950,10 +989,7 @@ impl Node {
                 Action::PersistIntent { txn, record } => {
                     let node = self.clone();
                     tokio::spawn(async move {
-                        let written = match log::intent_ops(&txn, &record) {
-                            Ok(ops) => node.inner.store.write(ops).await,
-                            Err(error) => Err(error),
-                        };
+                        let written = node.write_record("intent", log::intent_ops(&txn, &record)).await;
                         match written {
                             Ok(()) => {
                                 let next = node.core().on_intent_durable(&txn);
@@ -1034,6 +1070,41 @@ impl Node {
         }
     }
 
+    /// Sets the gauges read from this node's state (before each scrape of
+    /// its metrics).
+    pub fn observe_gauges(&self) {
+        metrics::gauge!("tandem_transactions_in_flight").set(self.core().active_count() as f64);
+        metrics::gauge!("tandem_dead_letters").set(self.saga_core().dead_letters().len() as f64);
+        metrics::gauge!("tandem_store_failed").set(if self.inner.store.has_failed() { 1.0 } else { 0.0 });
+        for (participant, outbound) in &self.inner.outbound {
+            let depths = [
+                ("prepare", outbound.prepares.len()),
+                ("one_phase", outbound.one_phase.len()),
+                ("commit", outbound.commits.len()),
+                ("step", outbound.steps.len()),
+            ];
+            for (queue, depth) in depths {
+                let labels = [("participant", participant.to_string()), ("queue", queue.to_string())];
+                metrics::gauge!("tandem_outbound_queue_depth", &labels).set(depth as f64);
+            }
+        }
+    }
+
+    /// Writes one of this coordinator's records (`record` names it for the
+    /// metrics) and waits until it is fsynced.
+    async fn write_record(
+        &self,
+        record: &'static str,
+        ops: Result<Vec<tandem::store::Op>, Error>,
+    ) -> Result<(), Error> {
+        let ops = ops?;
+        let started = Instant::now();
+        let written = self.inner.store.write(ops).await;
+        metrics::histogram!("tandem_decision_write_seconds", "record" => record)
+            .record(started.elapsed().as_secs_f64());
+        written
+    }
+
     /// A coordinator whose decision log failed a write or an fsync can no
     /// longer make a decision durable: it must not start transactions whose
     /// participants would then hold prepared reservations until a restart.
@@ -1112,6 +1183,7 @@ impl Node {
     async fn drain<T, Fut>(
         self,
         participant: Id,
+        queue_name: &'static str,
         queue: fn(&Outbound) -> &BatchQueue<T>,
         batch_max: usize,
         send: fn(Node, Id, Vec<T>) -> Fut,
@@ -1120,12 +1192,19 @@ impl Node {
     {
         let outbound = self.inner.outbound[&participant].clone();
         let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT_MAX));
+        let labels = [("participant", participant.to_string()), ("queue", queue_name.to_string())];
+        let batch_size = metrics::histogram!("tandem_outbound_batch_size", &labels);
+        let call_seconds = metrics::histogram!("tandem_outbound_call_seconds", &labels);
         loop {
             let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
             let batch = queue(&outbound).next_batch(batch_max).await;
+            batch_size.record(batch.len() as f64);
             let sending = send(self.clone(), participant.clone(), batch);
+            let call_seconds = call_seconds.clone();
             tokio::spawn(async move {
+                let started = Instant::now();
                 sending.await;
+                call_seconds.record(started.elapsed().as_secs_f64());
                 drop(slot);
             });
         }
@@ -1645,11 +1724,29 @@ impl Node {
             .flat_map(|participant| {
                 let p = || participant.clone();
                 [
-                    tokio::spawn(self.clone().drain(p(), |o| &o.prepares, PREPARE_BATCH_MAX, Node::send_prepares)),
-                    tokio::spawn(self.clone().drain(p(), |o| &o.one_phase, ONE_PHASE_BATCH_MAX, Node::send_one_phases)),
-                    tokio::spawn(self.clone().drain(p(), |o| &o.commits, COMMIT_BATCH_MAX, Node::send_commits)),
+                    tokio::spawn(self.clone().drain(
+                        p(),
+                        "prepare",
+                        |o| &o.prepares,
+                        PREPARE_BATCH_MAX,
+                        Node::send_prepares,
+                    )),
+                    tokio::spawn(self.clone().drain(
+                        p(),
+                        "one_phase",
+                        |o| &o.one_phase,
+                        ONE_PHASE_BATCH_MAX,
+                        Node::send_one_phases,
+                    )),
+                    tokio::spawn(self.clone().drain(
+                        p(),
+                        "commit",
+                        |o| &o.commits,
+                        COMMIT_BATCH_MAX,
+                        Node::send_commits,
+                    )),
                     tokio::spawn(self.clone().redeliver_undeliverable(p())),
-                    tokio::spawn(self.clone().drain(p(), |o| &o.steps, STEP_BATCH_MAX, Node::send_steps)),
+                    tokio::spawn(self.clone().drain(p(), "step", |o| &o.steps, STEP_BATCH_MAX, Node::send_steps)),
                     tokio::spawn(self.clone().send_forgets(p())),
                 ]
             })

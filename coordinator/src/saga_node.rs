@@ -24,7 +24,7 @@ pub const STEP_RETRY_INITIAL_MS: u64 = 10;
 pub const STEP_RETRY_MAX_MS: u64 = 200;
 
 impl Node {
-    fn saga_core(&self) -> std::sync::MutexGuard<'_, crate::saga::SagaCore> {
+    pub(crate) fn saga_core(&self) -> std::sync::MutexGuard<'_, crate::saga::SagaCore> {
         self.inner.sagas.lock().expect("saga lock poisoned")
     }
 
@@ -160,6 +160,13 @@ impl Node {
                     });
                 }
                 SagaAction::Finish { saga, spec, outcome } => {
+                    let state = match &outcome {
+                        Outcome::Committed => "completed",
+                        Outcome::Compensated(..) => "compensated",
+                        Outcome::Aborted(..) => "aborted",
+                        Outcome::DeadLettered(..) => "dead_lettered",
+                    };
+                    metrics::counter!("tandem_sagas_finished_total", "state" => state).increment(1);
                     self.inner.saga_deadlines.lock().expect("deadline lock poisoned").remove(&saga);
                     let written =
                         self.write_terminal_record(log::saga_finish_ops(&saga, &spec, &outcome, self.expires_ms()));
@@ -179,6 +186,7 @@ impl Node {
                     });
                 }
                 SagaAction::DeadLetter { saga, record, outcome } => {
+                    metrics::counter!("tandem_sagas_finished_total", "state" => "dead_lettered").increment(1);
                     self.inner.saga_deadlines.lock().expect("deadline lock poisoned").remove(&saga);
                     info!(%saga, reason = %record.reason, parked = record.parked, "saga dead-lettered");
                     let written = self.write_terminal_record(log::dead_letter_ops(&saga, &record, &outcome));

@@ -70,6 +70,8 @@ struct Args {
     /// Mutual TLS: the certificate names this node tandem://participant/ID.
     #[command(flatten)]
     tls: TlsFlags,
+    #[command(flatten)]
+    http: tandem::metrics::HttpFlags,
 }
 
 fn parse_peer(text: &str) -> Result<(Id, String), String> {
@@ -112,11 +114,21 @@ async fn run(args: Args) -> Result<(), String> {
         idempotency_retention_ms: args.idempotency_retention,
         owned_accounts: args.accounts,
         store_free_min_bytes: args.store_free_min_mb.saturating_mul(1 << 20),
-        security,
+        security: security.clone(),
         network: tandem::net::Network::Tcp,
         wall_clock: tandem::clock::WallClock::System,
     })
     .map_err(|e| e.to_string())?;
+    if let Some(http_addr) = args.http.http_addr {
+        let observed = node.clone();
+        let bound =
+            tandem::metrics::start_http(http_addr, security, std::sync::Arc::new(move || observed.observe_gauges()))
+                .await
+                .map_err(|e| e.to_string())?;
+        tracing::info!(%bound, "serving metrics on HTTP");
+        // Before `listening on`: whoever waits for that line knows both.
+        println!("http on {bound}");
+    }
     let (listener, addr) =
         tandem::server::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     tracing::info!(node = %node_id, %addr, "participant serving");

@@ -299,6 +299,20 @@ impl Node {
         }
     }
 
+    /// Sets the gauges read from this node's state (before each scrape of
+    /// its metrics).
+    pub fn observe_gauges(&self) {
+        metrics::gauge!("tandem_store_failed").set(if self.store_is_healthy() { 0.0 } else { 1.0 });
+        let now = self.now_ms();
+        let Ok(core) = self.core() else { return };
+        metrics::gauge!("tandem_prepared_transactions").set(core.prepared_count() as f64);
+        let oldest_ms = core.prepared_at_most(1).first().map(|(_, txn)| now.saturating_sub(txn.prepared_at_ms));
+        metrics::gauge!("tandem_prepared_oldest_seconds").set(oldest_ms.unwrap_or(0) as f64 / 1_000.0);
+        metrics::gauge!("tandem_outbox_depth").set(core.outbox_len() as f64);
+        metrics::gauge!("tandem_parked_transfers").set(core.parked_transfers().len() as f64);
+        metrics::gauge!("tandem_suspense_balance").set(core.suspense() as f64);
+    }
+
     /// Whether the store is open and has not failed.
     fn store_is_healthy(&self) -> bool {
         self.inner.store.read().expect("store slot lock poisoned").as_ref().is_some_and(|store| !store.has_failed())
