@@ -270,6 +270,18 @@ async fn cluster_up(options: UpOptions) -> Result<bool, String> {
         );
     }
     let addr = cluster.coordinator.addr;
+    // Every node's metrics (docs/metrics.md), and how curl reads them.
+    let scheme = if cluster.tls_dir().is_some() { "https" } else { "http" };
+    let metrics_of = |name: String, http_addr: Option<std::net::SocketAddr>| {
+        if let Some(http_addr) = http_addr {
+            println!("  metrics of {name:<3} {scheme}://{http_addr}/metrics");
+        }
+    };
+    println!();
+    metrics_of("c1".into(), cluster.coordinator.http_addr);
+    for (i, p) in cluster.participants.iter().enumerate() {
+        metrics_of(format!("p{}", i + 1), p.http_addr);
+    }
     // How grpcurl speaks as the bench's client or operator.
     let (client, operator) = match cluster.tls_dir() {
         Some(dir) => {
@@ -278,6 +290,11 @@ async fn cluster_up(options: UpOptions) -> Result<bool, String> {
                 format!("-cacert {d}/ca.pem -cert {d}/{stem}.pem -key {d}/{stem}.key")
             };
             println!("\nMutual TLS: the CA and every certificate are in {} (client.pem: tandem://client/bench; operator.pem: tandem://operator/bench)", dir.display());
+            println!(
+                "  curl --cacert {d}/ca.pem --cert {d}/operator.pem --key {d}/operator.key https://{}/metrics",
+                cluster.coordinator.http_addr.map(|a| a.to_string()).unwrap_or_default(),
+                d = dir.display()
+            );
             (tls("client"), tls("operator"))
         }
         None => {
