@@ -7,6 +7,7 @@
 
 pub mod calibrate;
 pub mod check;
+pub mod counters;
 pub mod operator;
 pub mod postgres;
 pub mod report;

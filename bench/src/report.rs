@@ -159,6 +159,7 @@ pub fn table(report: &RunReport) -> String {
             .collect();
         let _ = writeln!(out, "{:>name_width$}: {}", r.protocol.to_string(), outcomes.join(", "));
     }
+    efficiency_table(&mut out, report);
     if !report.baselines.is_empty() || !report.skipped.is_empty() {
         let _ = writeln!(out);
     }
@@ -256,6 +257,68 @@ pub fn table(report: &RunReport) -> String {
         }
     }
     out
+}
+
+/// Per committed transfer, what the nodes' counters show (`counters.rs`):
+/// the protocol's efficiency, measured.
+fn efficiency_table(out: &mut String, report: &RunReport) {
+    let rows: Vec<&ProtocolResult> = report.results.iter().filter(|r| !r.protocol.is_baseline()).collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\nper committed transfer, from the nodes' counters (batch: mean requests per call):");
+    let header = ["protocol", "fsyncs c1", "fsyncs parts", "calls", "bytes written", "store group", "batch"];
+    let mut table: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
+    for r in rows {
+        match (&r.efficiency, &r.efficiency_missing) {
+            (Some(e), _) => {
+                let batches: Vec<String> = [
+                    ("prepare", e.prepare_batch_mean),
+                    ("commit", e.commit_batch_mean),
+                    ("1pc", e.one_phase_batch_mean),
+                    ("step", e.step_batch_mean),
+                ]
+                .iter()
+                .filter(|(_, mean)| *mean > 0.0)
+                .map(|(queue, mean)| format!("{queue} {mean:.1}"))
+                .collect();
+                table.push(vec![
+                    r.protocol.to_string(),
+                    format!("{:.2}", e.coordinator_fsyncs),
+                    format!("{:.2}", e.participant_fsyncs),
+                    format!("{:.2}", e.calls),
+                    format!("{:.0}", e.bytes_written),
+                    format!("{:.1}", e.store_group_mean),
+                    if batches.is_empty() { "-".into() } else { batches.join(", ") },
+                ]);
+            }
+            (None, why) => {
+                let mut row = vec![r.protocol.to_string()];
+                row.extend((1..header.len()).map(|_| "-".to_string()));
+                row[header.len() - 1] = format!("not measured: {}", why.as_deref().unwrap_or("no counters"));
+                table.push(row);
+            }
+        }
+    }
+    let widths: Vec<usize> =
+        (0..header.len()).map(|c| table.iter().map(|row| row[c].len()).max().unwrap_or(0)).collect();
+    for (i, row) in table.iter().enumerate() {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| {
+                if c == 0 || c == header.len() - 1 {
+                    format!("{cell:<w$}", w = widths[c])
+                } else {
+                    format!("{cell:>w$}", w = widths[c])
+                }
+            })
+            .collect();
+        let _ = writeln!(out, "{}", cells.join("  ").trim_end());
+        if i == 0 {
+            let _ = writeln!(out, "{}", widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  "));
+        }
+    }
 }
 
 /// Most orphan lines the table lists (all are in `results.json`).

@@ -4,6 +4,7 @@
 
 use crate::calibrate::{self, Calibration};
 use crate::check::{self, CheckReport};
+use crate::counters::{self, Efficiency};
 use crate::operator;
 use crate::scenario::{FaultKind, Protocol, Scenario};
 use crate::workload::{self, Recorder, Target, BUCKET_MS};
@@ -107,6 +108,10 @@ pub struct ProtocolResult {
     pub orphans: Vec<String>,
     pub crashed_nodes: Vec<String>,
     pub history_file: PathBuf,
+    /// Per committed transfer, from the nodes' counters (`counters.rs`);
+    /// `None` for a baseline, or with `efficiency_missing` saying why not.
+    pub efficiency: Option<Efficiency>,
+    pub efficiency_missing: Option<String>,
 }
 
 impl ProtocolResult {
@@ -387,10 +392,13 @@ pub async fn run_protocol(
     let progress = Arc::new(AtomicUsize::new(0));
     let bar = options.progress.then(|| progress_bar(protocol, scenario.duration_s, progress.clone()));
 
+    let mut cluster = cluster;
+    let counted_before = counters::snapshot(&mut cluster).await;
     let start = Instant::now();
     let faults = tokio::spawn(run_faults(cluster, scenario.clone(), start));
     let mut recorder = workload::drive(scenario, protocol, &target, start, progress).await;
     let (mut cluster, mut applied) = faults.await.map_err(|e| format!("the fault task failed: {e}"))?;
+    let counted_after = counters::snapshot(&mut cluster).await;
     stop.store(true, Ordering::Relaxed);
     if let Some(bar) = bar {
         let _ = bar.await;
@@ -445,6 +453,10 @@ pub async fn run_protocol(
         let _ = std::fs::remove_dir_all(&data_dir);
     }
     let committed = recorder.outcomes.get(&workload::OpOutcome::Committed).copied().unwrap_or(0);
+    let (efficiency, efficiency_missing) = match counters::efficiency(&counted_before, &counted_after, committed) {
+        Ok(efficiency) => (Some(efficiency), None),
+        Err(why) => (None, Some(why)),
+    };
     Ok(ProtocolResult {
         protocol,
         duration_s: scenario.duration_s,
@@ -467,6 +479,8 @@ pub async fn run_protocol(
         orphans,
         crashed_nodes,
         history_file,
+        efficiency,
+        efficiency_missing,
     })
 }
 

@@ -271,6 +271,8 @@ pub async fn run(
         check,
         orphans: Vec::new(),
         crashed_nodes,
+        efficiency: None,
+        efficiency_missing: None,
         history_file,
     };
     let info = BaselineInfo {
