@@ -99,6 +99,9 @@ struct Args {
     /// Mutual TLS: the certificate names this node tandem://coordinator/ID.
     #[command(flatten)]
     tls: TlsFlags,
+    /// --config FILE and --print-config (see tandem::config).
+    #[command(flatten)]
+    config: tandem::config::ConfigFlags,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -108,7 +111,7 @@ enum CommitProtocolArg {
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let args: Args = tandem::config::parse("coordinator");
     if args.audit_timeout_ms.is_some() {
         eprintln!(
             "coordinator: --audit-timeout-ms is gone: an audit no longer waits for commits in flight nor holds up new ones (it counts the decided ones it finds half applied)"

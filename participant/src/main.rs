@@ -70,6 +70,9 @@ struct Args {
     /// Mutual TLS: the certificate names this node tandem://participant/ID.
     #[command(flatten)]
     tls: TlsFlags,
+    /// --config FILE and --print-config (see tandem::config).
+    #[command(flatten)]
+    config: tandem::config::ConfigFlags,
 }
 
 fn parse_peer(text: &str) -> Result<(Id, String), String> {
@@ -78,7 +81,7 @@ fn parse_peer(text: &str) -> Result<(Id, String), String> {
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let args: Args = tandem::config::parse("participant");
     tandem::server::init_tracing(&args.log_level);
     let runtime = match tandem::server::runtime(args.worker_threads) {
         Ok(runtime) => runtime,
