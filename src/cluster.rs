@@ -170,7 +170,17 @@ impl NodeProcess {
             .append(true)
             .open(&self.log_path)
             .map_err(|e| Error::Fatal(format!("cannot open {}: {e}", self.log_path.display())))?;
-        let mut child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        // A node reads TANDEM_COORDINATOR_* / TANDEM_PARTICIPANT_* for the
+        // flags it is not given (see tandem::config): the cluster's nodes are
+        // what their arguments say, not what the caller's shell holds.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("TANDEM_COORDINATOR_") || key.starts_with("TANDEM_PARTICIPANT_") {
+                command.env_remove(key.as_ref());
+            }
+        }
+        let mut child = command
             .args(&self.args)
             .envs(self.env.iter().map(|(key, value)| (key, value)))
             .stdin(Stdio::null())

@@ -2,8 +2,9 @@
 //! types every binary uses, the error type that classifies failures, the
 //! group-committing RocksDB store, and the plumbing every server shares
 //! (health, reflection, tracing, graceful shutdown, mutual TLS and the role
-//! of every caller), and the local-cluster launcher with its link proxies
-//! and throw-away CA.
+//! of every caller, a node's configuration from flags, environment and
+//! file), and the local-cluster launcher with its link proxies and
+//! throw-away CA.
 //!
 //! Protobuf stays at the edge: the protocol cores in `coordinator` and
 //! `participant` see only the types of [`domain`]; [`pb`] and its conversions
@@ -12,6 +13,7 @@
 pub mod clock;
 pub mod cluster;
 pub mod codec;
+pub mod config;
 pub mod crash;
 pub mod domain;
 pub mod error;

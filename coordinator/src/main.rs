@@ -101,6 +101,9 @@ struct Args {
     tls: TlsFlags,
     #[command(flatten)]
     http: tandem::metrics::HttpFlags,
+    /// --config FILE and --print-config (see tandem::config).
+    #[command(flatten)]
+    config: tandem::config::ConfigFlags,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -110,7 +113,7 @@ enum CommitProtocolArg {
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let args: Args = tandem::config::parse("coordinator");
     if args.audit_timeout_ms.is_some() {
         eprintln!(
             "coordinator: --audit-timeout-ms is gone: an audit no longer waits for commits in flight nor holds up new ones (it counts the decided ones it finds half applied)"

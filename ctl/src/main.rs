@@ -287,8 +287,8 @@ enum ParkedCommand {
 }
 
 /// The command line, with environment fallbacks for the certificate paths
-/// (the shared [`TlsFlags`] have none: a node takes its certificate from
-/// its flags only).
+/// (the shared [`TlsFlags`] have none; a node's variables carry its binary's
+/// name, `TANDEM_PARTICIPANT_TLS_CERT`, so it never takes these).
 fn parse() -> Cli {
     let command = Cli::command()
         .mut_arg("tls_cert", |arg| arg.env("TANDEM_TLS_CERT"))

@@ -72,6 +72,9 @@ struct Args {
     tls: TlsFlags,
     #[command(flatten)]
     http: tandem::metrics::HttpFlags,
+    /// --config FILE and --print-config (see tandem::config).
+    #[command(flatten)]
+    config: tandem::config::ConfigFlags,
 }
 
 fn parse_peer(text: &str) -> Result<(Id, String), String> {
@@ -80,7 +83,7 @@ fn parse_peer(text: &str) -> Result<(Id, String), String> {
 }
 
 fn main() -> std::process::ExitCode {
-    let args = Args::parse();
+    let args: Args = tandem::config::parse("participant");
     tandem::server::init_tracing(&args.log_level);
     let runtime = match tandem::server::runtime(args.worker_threads) {
         Ok(runtime) => runtime,
