@@ -73,6 +73,9 @@ pub struct ClusterSpec {
     /// Plaintext links and no certificates (the nodes run with
     /// `--insecure`); by default every link is mutual TLS.
     pub insecure: bool,
+    /// Every node serves its metrics (`--http-addr 127.0.0.1:0`); false:
+    /// none records any.
+    pub metrics: bool,
 }
 
 impl ClusterSpec {
@@ -90,6 +93,7 @@ impl ClusterSpec {
             proxied_links: false,
             unopened_accounts: Default::default(),
             insecure: false,
+            metrics: true,
         }
     }
 
@@ -405,9 +409,10 @@ impl Cluster {
                 // avoids the runtimes waking each other's idle workers.
                 "--worker-threads".into(),
                 "1".into(),
-                "--http-addr".into(),
-                "127.0.0.1:0".into(),
             ];
+            if spec.metrics {
+                args.extend(["--http-addr".into(), "127.0.0.1:0".into()]);
+            }
             args.extend(trust.flags(node));
             // Every participant knows every other (choreographed sagas send
             // events between them); its entry for itself stays direct.
@@ -444,9 +449,10 @@ impl Cluster {
             spec.log_level.clone(),
             "--worker-threads".into(),
             "1".into(),
-            "--http-addr".into(),
-            "127.0.0.1:0".into(),
         ];
+        if spec.metrics {
+            args.extend(["--http-addr".into(), "127.0.0.1:0".into()]);
+        }
         args.extend(trust.flags(NodeRef::Coordinator));
         for shard in shards {
             args.push("--participant".into());

@@ -93,6 +93,10 @@ struct RunArgs {
     /// mutual TLS with a throw-away CA made for the run.
     #[arg(long)]
     insecure: bool,
+    /// Nodes without --http-addr: no metrics recorded nor served, and no
+    /// per-transfer table (to measure what the metrics cost).
+    #[arg(long)]
+    no_metrics: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -178,6 +182,7 @@ async fn run_command(args: RunArgs) -> Result<bool, String> {
         keep_data: args.keep_data,
         progress: true,
         insecure: args.insecure,
+        metrics: !args.no_metrics,
     };
     let started_unix_s = unix_now();
     let mut results = Vec::new();

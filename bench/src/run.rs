@@ -331,6 +331,8 @@ pub struct RunOptions {
     pub progress: bool,
     /// Plaintext links, no certificates (to measure what TLS costs).
     pub insecure: bool,
+    /// Nodes serve their metrics (the per-transfer table needs them).
+    pub metrics: bool,
 }
 
 pub async fn run_protocol(
@@ -351,6 +353,7 @@ pub async fn run_protocol(
     spec.participant_args = scenario.cluster.participant_args.clone();
     spec.proxied_links = scenario.needs_proxied_links();
     spec.insecure = options.insecure;
+    spec.metrics = options.metrics;
     let cluster = Cluster::start(spec).await.map_err(|e| format!("{protocol}: the cluster did not start: {e}"))?;
 
     let (fsync_p50_us, fsync_pair_p50_us) = calibrate::fsync_p50_us(&options.out_dir)?;

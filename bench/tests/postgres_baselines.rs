@@ -40,6 +40,7 @@ async fn the_postgres_baselines_commit_refuse_overdrafts_and_their_check_passes(
         keep_data: false,
         progress: false,
         insecure: false,
+        metrics: true,
     };
     for protocol in scenario.protocols.clone() {
         let (result, info) = postgres::run(&scenario, protocol, &options).await.unwrap_or_else(|skipped| {
