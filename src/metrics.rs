@@ -293,30 +293,45 @@ pub async fn serve_http(listener: TcpListener, security: Security, router: axum:
     }
 }
 
-/// rustls's server configuration for the HTTP endpoint: this node's
-/// certificate, and a client certificate of the cluster's CA required.
-fn server_tls(credentials: &crate::tls::Credentials) -> Result<rustls::ServerConfig, Error> {
+/// The CA, the certificate chain and the key of `credentials`, as rustls
+/// takes them; `side` names the use in errors.
+fn rustls_parts(
+    credentials: &crate::tls::Credentials,
+    side: &str,
+) -> Result<
+    (rustls::RootCertStore, Vec<rustls_pki_types::CertificateDer<'static>>, rustls_pki_types::PrivateKeyDer<'static>),
+    Error,
+> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let bad = |what: &str, e: String| Error::InvalidInput(format!("the HTTP endpoint's TLS: {what}: {e}"));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let bad = |what: &str, e: String| Error::InvalidInput(format!("{side}: {what}: {e}"));
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(&credentials.ca_pem) {
         roots.add(cert.map_err(|e| bad("the CA", e.to_string()))?).map_err(|e| bad("the CA", e.to_string()))?;
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| bad("the CA", e.to_string()))?;
     let chain = CertificateDer::pem_slice_iter(&credentials.cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| bad("the certificate", e.to_string()))?;
     let key = PrivateKeyDer::from_pem_slice(&credentials.key_pem).map_err(|e| bad("the key", e.to_string()))?;
+    Ok((roots, chain, key))
+}
+
+/// rustls's server configuration for the HTTP endpoint: this node's
+/// certificate, and a client certificate of the cluster's CA required.
+fn server_tls(credentials: &crate::tls::Credentials) -> Result<rustls::ServerConfig, Error> {
+    let side = "the HTTP endpoint's TLS";
+    let bad = |e: String| Error::InvalidInput(format!("{side}: {e}"));
+    let (roots, chain, key) = rustls_parts(credentials, side)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| bad(e.to_string()))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| bad("the protocol versions", e.to_string()))?
+        .map_err(|e| bad(e.to_string()))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|e| bad("the certificate", e.to_string()))?;
+        .map_err(|e| bad(e.to_string()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
@@ -329,7 +344,7 @@ pub const SCRAPE_BYTES_MAX: usize = 16 << 20;
 /// for the bench and the tests, not for a hot path).
 pub async fn scrape(addr: &str, security: &Security, timeout: Duration) -> Result<String, Error> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let unavailable = |e: String| Error::Unavailable(format!("scraping http://{addr}/metrics: {e}"));
+    let unavailable = |e: String| Error::Unavailable(format!("scraping {addr}/metrics: {e}"));
     let read = async {
         let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| unavailable(e.to_string()))?;
         let request = format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
@@ -361,25 +376,18 @@ pub async fn scrape(addr: &str, security: &Security, timeout: Duration) -> Resul
     tokio::time::timeout(timeout, read).await.map_err(|_| unavailable(format!("no answer within {timeout:?}")))?
 }
 
+/// rustls's client configuration for [`scrape`]: this process's
+/// certificate, and the node's checked against the cluster's CA.
 fn client_tls(credentials: &crate::tls::Credentials) -> Result<rustls::ClientConfig, Error> {
-    use rustls_pki_types::pem::PemObject;
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-    let bad = |what: &str, e: String| Error::InvalidInput(format!("scraping metrics over TLS: {what}: {e}"));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&credentials.ca_pem) {
-        roots.add(cert.map_err(|e| bad("the CA", e.to_string()))?).map_err(|e| bad("the CA", e.to_string()))?;
-    }
-    let chain = CertificateDer::pem_slice_iter(&credentials.cert_pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad("the certificate", e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_slice(&credentials.key_pem).map_err(|e| bad("the key", e.to_string()))?;
-    rustls::ClientConfig::builder_with_provider(provider)
+    let side = "scraping metrics over TLS";
+    let bad = |e: String| Error::InvalidInput(format!("{side}: {e}"));
+    let (roots, chain, key) = rustls_parts(credentials, side)?;
+    rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
-        .map_err(|e| bad("the protocol versions", e.to_string()))?
+        .map_err(|e| bad(e.to_string()))?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
-        .map_err(|e| bad("the certificate", e.to_string()))
+        .map_err(|e| bad(e.to_string()))
 }
 
 /// One sample of a scrape: the metric's name, its labels as written
@@ -431,6 +439,22 @@ pub struct HttpFlags {
     /// no HTTP endpoint, and nothing is recorded.
     #[arg(long, value_name = "ADDR")]
     pub http_addr: Option<std::net::SocketAddr>,
+}
+
+/// What a node's `main` does with [`HttpFlags`]: nothing without
+/// `--http-addr`; with it, [`start_http`], and the address bound printed
+/// on stdout as `http on ADDR`, before the node prints `listening on`
+/// (whoever waits for that line then knows both).
+pub async fn serve_if_asked(
+    flags: &HttpFlags,
+    security: &Security,
+    refresh: Arc<dyn Fn() + Send + Sync>,
+) -> Result<(), Error> {
+    let Some(addr) = flags.http_addr else { return Ok(()) };
+    let bound = start_http(addr, security.clone(), refresh).await?;
+    tracing::info!(%bound, "serving metrics on HTTP");
+    println!("http on {bound}");
+    Ok(())
 }
 
 /// Installs the recorder, binds `addr` and serves [`router`] there in a

@@ -122,16 +122,10 @@ async fn run(args: Args) -> Result<(), String> {
         wall_clock: tandem::clock::WallClock::System,
     })
     .map_err(|e| e.to_string())?;
-    if let Some(http_addr) = args.http.http_addr {
-        let observed = node.clone();
-        let bound =
-            tandem::metrics::start_http(http_addr, security, std::sync::Arc::new(move || observed.observe_gauges()))
-                .await
-                .map_err(|e| e.to_string())?;
-        tracing::info!(%bound, "serving metrics on HTTP");
-        // Before `listening on`: whoever waits for that line knows both.
-        println!("http on {bound}");
-    }
+    let observed = node.clone();
+    tandem::metrics::serve_if_asked(&args.http, &security, std::sync::Arc::new(move || observed.observe_gauges()))
+        .await
+        .map_err(|e| e.to_string())?;
     let (listener, addr) =
         tandem::server::bind(args.listen).await.map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     tracing::info!(node = %node_id, %addr, "participant serving");
