@@ -66,7 +66,11 @@
 //! [`READY_SERVICE`] and one [`participant_ready_service`] per participant,
 //! set by a loop that probes each participant's health with a short
 //! deadline (a paused participant holds the connection open and never
-//! answers: only the deadline shows it). Once the decision log has failed
+//! answers: only the deadline shows it). [`READY_SERVICE`] is also
+//! NOT_SERVING while transactions recovered from the log wait for their
+//! votes (parallel commit's staged records, prepared again at a restart):
+//! the coordinator is still recovering, and refuses audits until they are
+//! decided. Once the decision log has failed
 //! a write, every one of these is NOT_SERVING for good: the coordinator
 //! refuses new work and must be restarted on its data directory (unlike a
 //! participant, it does not reopen its store in process yet).
@@ -1778,6 +1782,7 @@ impl Node {
         let mut reachable: BTreeMap<Id, bool> = BTreeMap::new();
         let mut all_ready = false;
         let mut log_failure_reported = false;
+        let mut recovering_reported = false;
         loop {
             tick.tick().await;
             let probes: Vec<_> = self
@@ -1809,7 +1814,18 @@ impl Node {
                 reporter.set_service_status("", ServingStatus::NotServing).await;
                 log_failure_reported = true;
             }
-            let mut ready = !log_failed;
+            // Transactions recovered from the log whose votes are not all
+            // in (parallel commit): until they are decided, the coordinator
+            // is still recovering, and an audit is refused.
+            let recovering = self.core().recovered_undecided();
+            if (recovering > 0) != recovering_reported {
+                match recovering {
+                    0 => info!("every recovered transaction is decided"),
+                    n => info!(recovering = n, "recovered transactions wait for their votes: not ready until decided"),
+                }
+                recovering_reported = recovering > 0;
+            }
+            let mut ready = !log_failed && recovering == 0;
             for probe in probes {
                 let Ok((participant, answer)) = probe.await else {
                     ready = false;

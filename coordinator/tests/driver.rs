@@ -23,7 +23,10 @@
 //! - a restarted coordinator sends the request of each logged one-phase
 //!   intent again, whether its participant had applied it or not, and logs
 //!   the participant's first answer under the key: a retry of the key gets
-//!   it, and nothing is applied twice.
+//!   it, and nothing is applied twice;
+//! - a restarted coordinator is alive but not ready while a staged
+//!   transaction it recovered waits for a vote, and ready once it is
+//!   decided.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -850,4 +853,146 @@ async fn a_restarted_coordinator_sends_each_logged_intent_again_and_logs_the_fir
     let audit = exact_audit(&mut client).await;
     assert_eq!(posted(&audit, 2), INITIAL_BALANCE - 30, "each applied once");
     assert_eq!(posted(&audit, 3), INITIAL_BALANCE + 30);
+}
+
+/// A participant whose prepares wait until `open` turns true (its health
+/// answers SERVING all along): a recovered transaction stays undecided for
+/// as long as the test wants.
+#[derive(Clone)]
+struct Stalling {
+    node: tandem_participant::node::Node,
+    open: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Stalling {
+    async fn wait_open(&self) {
+        let mut open = self.open.clone();
+        let _ = open.wait_for(|open| *open).await;
+    }
+}
+
+participant_with! {
+    Stalling,
+    {
+        async fn prepare(&self, request: Request<pb::PrepareRequest>) -> Result<Response<pb::PrepareResponse>, Status> {
+            self.wait_open().await;
+            Participant::prepare(&self.node, request).await
+        }
+
+        async fn prepare_batch(
+            &self,
+            request: Request<pb::PrepareBatchRequest>,
+        ) -> Result<Response<pb::PrepareBatchResponse>, Status> {
+            self.wait_open().await;
+            Participant::prepare_batch(&self.node, request).await
+        }
+    }
+    commit(pb::DecisionRequest) -> pb::DecisionResponse;
+    commit_batch(pb::DecisionBatchRequest) -> pb::DecisionResponse;
+    abort(pb::DecisionRequest) -> pb::DecisionResponse;
+    open_accounts(pb::OpenAccountsRequest) -> pb::OpenAccountsResponse;
+    get_balance(pb::GetBalanceRequest) -> pb::Balance;
+    read_balances(pb::ReadBalancesRequest) -> pb::ReadBalancesResponse;
+    list_prepared(pb::ListPreparedRequest) -> pb::ListPreparedResponse;
+    resolve_in_doubt(pb::ResolveInDoubtRequest) -> pb::HeuristicDecision;
+    lookup_transaction(pb::LookupTransactionRequest) -> pb::TransactionRecord;
+    set_account_closed(pb::SetAccountClosedRequest) -> pb::Balance;
+    saga_step(pb::SagaStepRequest) -> pb::SagaStepResponse;
+    forget_sagas(pb::ForgetSagasRequest) -> pb::ForgetSagasResponse;
+    saga_step_batch(pb::SagaStepBatchRequest) -> pb::SagaStepBatchResponse;
+    start_transfer(pb::StartTransferRequest) -> pb::TransferStatus;
+    get_transfer_status(pb::GetTransferStatusRequest) -> pb::TransferStatus;
+    list_parked_transfers(pb::ListParkedTransfersRequest) -> pb::ListParkedTransfersResponse;
+    resolve_parked_transfer(pb::ResolveParkedTransferRequest) -> pb::TransferStatus;
+    deliver_event(pb::ChoreographyEvent) -> pb::DeliverEventResponse;
+    deliver_events(pb::DeliverEventsRequest) -> pb::DeliverEventsResponse;
+    commit_one_phase(pb::OnePhaseRequest) -> pb::OnePhaseResponse;
+    commit_one_phase_batch(pb::OnePhaseBatchRequest) -> pb::OnePhaseBatchResponse;
+}
+
+/// The coordinator's answer for health service `service`.
+async fn health_of(url: &str, service: &str) -> i32 {
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(tandem::server::channel(url, &Security::Insecure).unwrap());
+    let request = tonic_health::pb::HealthCheckRequest { service: service.into() };
+    health.check(request).await.map(|answer| answer.into_inner().status).unwrap_or(-1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_is_not_ready_while_it_recovers_a_staged_transaction_and_is_once_that_is_decided() {
+    use tonic_health::pb::health_check_response::ServingStatus as Answer;
+    let mut stop = Stop(Vec::new());
+    let log_disk = MemoryDisk::new();
+    let (coordinator_listener, coordinator_url) = bind().await;
+    let (listener, p1_url) = bind().await;
+    participant(0, listener, &coordinator_url, &mut stop).await;
+    // p2 answers its health at once and its prepares only once opened.
+    let (listener, _) = bind().await;
+    let p2 = participant(1, listener, &coordinator_url, &mut stop).await;
+    let (open, opened) = tokio::sync::watch::channel(false);
+    let stalling = Stalling { node: p2, open: opened };
+    let (listener, p2_url) = bind().await;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ParticipantServer<Stalling>>().await;
+    let (sender, stopped) = oneshot::channel();
+    stop.0.push(sender);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(ParticipantServer::new(stalling))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                until_stopped(stopped),
+            ),
+    );
+    // The log of a coordinator that crashed after staging a transfer from
+    // p1 to p2 (parallel commit): the restart prepares it again.
+    let incarnation = 0x0fed_cba9_8765_4321u64;
+    let txn = log::txn_id(&id("c1"), incarnation, 1, 1).unwrap();
+    let record = tandem_coordinator::core::StagedRecord {
+        idempotency_key: None,
+        position: log::position(1, 1).unwrap(),
+        fingerprint: 0,
+        legs: [
+            (id("p1"), vec![tandem::domain::Leg { account: 0, amount: -5 }]),
+            (id("p2"), vec![tandem::domain::Leg { account: ACCOUNTS_EACH, amount: 5 }]),
+        ]
+        .into_iter()
+        .collect(),
+    };
+    let store = log_disk.open().unwrap();
+    let mut ops = vec![
+        Op::Put(log::GENERATION_KEY.to_vec(), 1u64.to_le_bytes().to_vec()),
+        Op::Put(log::INCARNATION_KEY.to_vec(), incarnation.to_le_bytes().to_vec()),
+    ];
+    ops.extend(log::staged_ops(&txn, &record).unwrap());
+    store.write(ops).await.unwrap();
+    store.close();
+    drop(store);
+
+    let mut client =
+        coordinator(coordinator_listener, &coordinator_url, &[p1_url, p2_url], log_disk.clone(), 1_000, &mut stop)
+            .await;
+    // Both participants are reachable, yet the coordinator is not ready: a
+    // recovered transaction waits for its votes.
+    eventually("both participants are seen reachable", async || {
+        let p1 = health_of(&coordinator_url, &node::participant_ready_service(&id("p1"))).await;
+        let p2 = health_of(&coordinator_url, &node::participant_ready_service(&id("p2"))).await;
+        (p1 == Answer::Serving as i32 && p2 == Answer::Serving as i32).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2 * node::READY_PROBE_INTERVAL_MS)).await;
+    assert_eq!(health_of(&coordinator_url, node::READY_SERVICE).await, Answer::NotServing as i32);
+    assert_eq!(health_of(&coordinator_url, "").await, Answer::Serving as i32, "alive all along");
+
+    // p2 votes: the transaction commits, and the coordinator is ready.
+    open.send(true).unwrap();
+    eventually("the recovered transaction commits", async || {
+        (state(&mut client, txn.as_str()).await.state == pb::TransactionState::Committed as i32).then_some(())
+    })
+    .await;
+    eventually("ready once nothing recovered is undecided", async || {
+        (health_of(&coordinator_url, node::READY_SERVICE).await == Answer::Serving as i32).then_some(())
+    })
+    .await;
 }
