@@ -33,24 +33,41 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
 /// was read at (a node restarted since serves on another port).
 pub struct Snapshot {
     nodes: Vec<(String, Option<std::net::SocketAddr>, Result<Vec<Sample>, String>)>,
+    /// Each node's page as it was read, for the report's directory.
+    texts: Vec<(String, String)>,
+}
+
+impl Snapshot {
+    /// Writes each node's page to `dir/metrics-{prefix}-{node}.prom`.
+    pub fn write(&self, dir: &std::path::Path, prefix: &str) -> Result<(), String> {
+        for (node, text) in &self.texts {
+            let path = dir.join(format!("metrics-{prefix}-{node}.prom"));
+            std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
 }
 
 /// Reads every node's metrics.
 pub async fn snapshot(cluster: &mut Cluster) -> Snapshot {
     let who = cluster.operator().clone();
-    let mut nodes = Vec::new();
+    let (mut nodes, mut texts) = (Vec::new(), Vec::new());
     for node in cluster.nodes() {
         let addr = cluster.node(node).http_addr;
         let samples = match addr {
-            Some(addr) => scrape(&addr.to_string(), &who, SCRAPE_TIMEOUT)
-                .await
-                .map(|text| parse(&text))
-                .map_err(|e| format!("{node}: {e}")),
+            Some(addr) => match scrape(&addr.to_string(), &who, SCRAPE_TIMEOUT).await {
+                Ok(text) => {
+                    let samples = parse(&text);
+                    texts.push((node.to_string(), text));
+                    Ok(samples)
+                }
+                Err(e) => Err(format!("{node}: {e}")),
+            },
             None => Err(format!("{node} serves no metrics")),
         };
         nodes.push((node.to_string(), addr, samples));
     }
-    Snapshot { nodes }
+    Snapshot { nodes, texts }
 }
 
 /// Per committed transfer, from the counters' differences.

@@ -402,6 +402,7 @@ pub async fn run_protocol(
     let mut recorder = workload::drive(scenario, protocol, &target, start, progress).await;
     let (mut cluster, mut applied) = faults.await.map_err(|e| format!("the fault task failed: {e}"))?;
     let counted_after = counters::snapshot(&mut cluster).await;
+    counted_after.write(&options.out_dir, protocol.name())?;
     stop.store(true, Ordering::Relaxed);
     if let Some(bar) = bar {
         let _ = bar.await;
