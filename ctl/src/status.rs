@@ -4,7 +4,7 @@
 //! Health comes from `grpc.health.v1` (see coordinator.proto, "Health"):
 //! `""` is each node's liveness; on the coordinator,
 //! `tandem.v1.Coordinator.ready` is SERVING only while it reaches every
-//! participant, and `tandem.v1.Participant/<id>` says it for one (the
+//! participant and nothing it recovered from its log waits for votes, and `tandem.v1.Participant/<id>` says it for one (the
 //! coordinator probes each every 500 ms). The counts come from the
 //! participants' ReadBalances (totals only, one instant of each node),
 //! ListPrepared (limit 1, for the oldest in-doubt age: it lists oldest
