@@ -187,7 +187,7 @@ fn table() -> Vec<(&'static str, Node, Call, &'static [As])> {
             ),
             &[P1, P2],
         ),
-        ("ListDeadLetters", C, coordinator!(list_dead_letters, pb::ListDeadLettersRequest {}), &[Operator]),
+        ("ListDeadLetters", C, coordinator!(list_dead_letters, pb::ListDeadLettersRequest::default()), &[Operator]),
         (
             "ResolveDeadLetter",
             C,
@@ -271,7 +271,12 @@ fn table() -> Vec<(&'static str, Node, Call, &'static [As])> {
             participant!(get_transfer_status, pb::GetTransferStatusRequest { saga_id: "ch-1".into() }),
             &[Client, Operator],
         ),
-        ("ListParkedTransfers", P, participant!(list_parked_transfers, pb::ListParkedTransfersRequest {}), &[Operator]),
+        (
+            "ListParkedTransfers",
+            P,
+            participant!(list_parked_transfers, pb::ListParkedTransfersRequest::default()),
+            &[Operator],
+        ),
         (
             "ResolveParkedTransfer",
             P,

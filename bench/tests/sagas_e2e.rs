@@ -227,7 +227,7 @@ async fn a_refused_credit_is_compensated_at_once_backward_or_forward_and_says_wh
             coordinator.transfer(saga_transfer(3, to, 250, pb::Recovery::Forward, key)).await.unwrap().into_inner();
         assert_eq!(again, result);
     }
-    let listed = operator.list_dead_letters(pb::ListDeadLettersRequest {}).await.unwrap().into_inner();
+    let listed = operator.list_dead_letters(pb::ListDeadLettersRequest::default()).await.unwrap().into_inner();
     assert!(listed.dead_letters.is_empty(), "{listed:?}");
     let audit = coordinator.audit(pb::AuditRequest { include_accounts: false }).await.unwrap().into_inner();
     assert_eq!((audit.total_posted, audit.total_suspense), (cluster.spec.total_money(), 0));
@@ -331,7 +331,7 @@ async fn saga_steps_on_the_wire_keep_their_barrier_semantics() {
     assert_eq!(posted(&cluster, 1).await, BALANCE - 80);
     // No choreographed transfer is parked here; resolving an unknown one is NOT_FOUND.
     let mut p1 = cluster.participant_client(0, cluster.operator()).unwrap();
-    let parked = p1.list_parked_transfers(pb::ListParkedTransfersRequest {}).await.unwrap().into_inner().parked;
+    let parked = p1.list_parked_transfers(pb::ListParkedTransfersRequest::default()).await.unwrap().into_inner().parked;
     assert!(parked.is_empty());
     let request = pb::ResolveParkedTransferRequest { saga_id: "nope".into(), to_account: 0 };
     assert_eq!(p1.resolve_parked_transfer(request).await.unwrap_err().code(), tonic::Code::NotFound);
@@ -472,8 +472,8 @@ async fn a_refund_that_keeps_failing_is_dead_lettered_and_an_operator_resolves_i
     let mut coordinator = cluster.coordinator_client(cluster.operator()).unwrap();
     let mut client = cluster.coordinator_client(cluster.client()).unwrap();
     let mut p1 = cluster.participant_client(0, cluster.operator()).unwrap();
-    let listed = coordinator.list_dead_letters(pb::ListDeadLettersRequest {}).await.unwrap().into_inner();
-    assert_eq!(listed.dead_letters.len(), 1);
+    let listed = coordinator.list_dead_letters(pb::ListDeadLettersRequest::default()).await.unwrap().into_inner();
+    assert_eq!((listed.dead_letters.len(), listed.total), (1, 1));
     let dead = &listed.dead_letters[0];
     assert_eq!((dead.saga_id.as_str(), dead.amount, dead.parked), (result.txn_id.as_str(), 120, true));
     assert_eq!(dead.suspense_participant, "p1");
@@ -500,7 +500,7 @@ async fn a_refund_that_keeps_failing_is_dead_lettered_and_an_operator_resolves_i
     p1.set_account_closed(pb::SetAccountClosedRequest { account: 5, closed: false }).await.unwrap();
     resolve_back_to_the_source(&cluster, &result.txn_id, 5).await;
     assert!(coordinator
-        .list_dead_letters(pb::ListDeadLettersRequest {})
+        .list_dead_letters(pb::ListDeadLettersRequest::default())
         .await
         .unwrap()
         .into_inner()

@@ -192,6 +192,9 @@ pub const FORGET_LINGER_MS: u64 = 1_000;
 /// coordinator can reach every participant: SERVING when each answered its
 /// last probe in time, NOT_SERVING otherwise. `""` and `tandem.v1.Coordinator`
 /// stay liveness (this process serves).
+/// Most dead letters one ListDeadLetters lists (its default too).
+pub const LIST_DEAD_LETTERS_MAX: usize = 1_000;
+
 pub const READY_SERVICE: &str = "tandem.v1.Coordinator.ready";
 /// How often each participant's health is probed.
 pub const READY_PROBE_INTERVAL_MS: u64 = 500;
@@ -2345,9 +2348,14 @@ impl Coordinator for Node {
 
     async fn list_dead_letters(
         &self,
-        _request: Request<pb::ListDeadLettersRequest>,
+        request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
-        Ok(Response::new(pb::ListDeadLettersResponse { dead_letters: self.dead_letters() }))
+        let limit = match request.into_inner().limit as usize {
+            0 => LIST_DEAD_LETTERS_MAX,
+            n => n.min(LIST_DEAD_LETTERS_MAX),
+        };
+        let (dead_letters, total) = self.dead_letters(limit);
+        Ok(Response::new(pb::ListDeadLettersResponse { dead_letters, total }))
     }
 
     async fn resolve_dead_letter(

@@ -358,9 +358,11 @@ impl Node {
         Some(self.saga_status(saga, &record))
     }
 
-    pub(crate) fn dead_letters(&self) -> Vec<pb::SagaStatus> {
+    /// The first `limit` dead letters by saga id, and how many there are.
+    pub(crate) fn dead_letters(&self, limit: usize) -> (Vec<pb::SagaStatus>, u64) {
         let list = self.saga_core().dead_letters();
-        list.iter().map(|(saga, record)| self.saga_status(saga, record)).collect()
+        let listed = list.iter().take(limit).map(|(saga, record)| self.saga_status(saga, record)).collect();
+        (listed, list.len() as u64)
     }
 
     /// An operator releases a dead letter's parked money to `to_account`

@@ -121,7 +121,7 @@ async fn ask_participant(node: Node, timeout: Duration) -> Result<ParticipantAns
         .map(|answer| answer.into_inner())
         .map_err(|status| node.failed(rpc::LIST_PREPARED, &status));
     let parked = client
-        .list_parked_transfers(request(timeout, pb::ListParkedTransfersRequest {}))
+        .list_parked_transfers(request(timeout, pb::ListParkedTransfersRequest::default()))
         .await
         .map(|answer| answer.into_inner())
         .map_err(|status| node.failed(rpc::LIST_PARKED_TRANSFERS, &status));
@@ -167,9 +167,9 @@ pub async fn run(nodes: &Nodes) -> Result<Report, UsageError> {
                 }
                 let dead = node
                     .coordinator_client()
-                    .list_dead_letters(request(timeout, pb::ListDeadLettersRequest {}))
+                    .list_dead_letters(request(timeout, pb::ListDeadLettersRequest::default()))
                     .await
-                    .map(|answer| answer.into_inner().dead_letters)
+                    .map(|answer| answer.into_inner())
                     .map_err(|status| node.failed(rpc::LIST_DEAD_LETTERS, &status));
                 (health_word(&ready), take(Some(dead), &mut errors))
             } else {
@@ -183,14 +183,14 @@ pub async fn run(nodes: &Nodes) -> Result<Report, UsageError> {
                 findings.push(format!("the coordinator ({}) is {liveness_word}", node.url));
             } else if ready != "serving" {
                 findings.push(format!(
-                    "the coordinator is not ready ({ready}): it does not reach every participant of its directory"
+                    "the coordinator is not ready ({ready}): it does not reach every participant of its directory, or still recovers transactions from its log"
                 ));
             }
             if let Some(dead) = &dead_letters {
-                if !dead.is_empty() {
+                if dead.total > 0 {
                     findings.push(format!(
                         "{} dead letter(s) wait for an operator (tandemctl dead-letters list)",
-                        dead.len()
+                        dead.total
                     ));
                 }
             }
@@ -198,8 +198,11 @@ pub async fn run(nodes: &Nodes) -> Result<Report, UsageError> {
                 url: node.url.clone(),
                 liveness: liveness_word,
                 ready,
-                dead_letter_amount: dead_letters.as_ref().map(|dead| dead.iter().map(|d| d.amount as i128).sum()),
-                dead_letters: dead_letters.map(|dead| dead.len()),
+                // Of those listed (the first 1,000 at most).
+                dead_letter_amount: dead_letters
+                    .as_ref()
+                    .map(|dead| dead.dead_letters.iter().map(|d| d.amount as i128).sum()),
+                dead_letters: dead_letters.map(|dead| dead.total as usize),
             })
         }
     };
@@ -249,11 +252,10 @@ pub async fn run(nodes: &Nodes) -> Result<Report, UsageError> {
             }
         }
         if let Some(parked) = &parked {
-            if !parked.parked.is_empty() {
+            if parked.total > 0 {
                 findings.push(format!(
                     "participant {} has {} parked transfer(s) waiting for an operator (tandemctl parked list)",
-                    node.name,
-                    parked.parked.len()
+                    node.name, parked.total
                 ));
             }
         }
@@ -267,7 +269,7 @@ pub async fn run(nodes: &Nodes) -> Result<Report, UsageError> {
             oldest_prepared_ms: prepared.as_ref().and_then(|p| p.prepared.first().map(|t| t.prepared_for_ms)),
             orphaned: balances.as_ref().map(|b| b.orphaned_count),
             heuristic_mixed: balances.as_ref().map(|b| b.heuristic_mixed_count),
-            parked: parked.as_ref().map(|p| p.parked.len()),
+            parked: parked.as_ref().map(|p| p.total as usize),
             suspense: balances.as_ref().map(|b| b.suspense),
             transfers_in_flight: balances.as_ref().map(|b| b.transfers_in_flight),
             outbox_pending: balances.as_ref().map(|b| b.outbox_pending),

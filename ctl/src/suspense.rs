@@ -31,13 +31,14 @@ struct DeadLettersView {
 
 pub async fn list_dead_letters(nodes: &Nodes, limit: usize) -> Result<Report, UsageError> {
     let node = nodes.coordinator()?;
-    let listed = match node.coordinator_client().list_dead_letters(nodes.request(pb::ListDeadLettersRequest {})).await {
-        Ok(answer) => answer.into_inner().dead_letters,
+    let asked = pb::ListDeadLettersRequest { limit: u32::try_from(limit).unwrap_or(u32::MAX) };
+    let listed = match node.coordinator_client().list_dead_letters(nodes.request(asked)).await {
+        Ok(answer) => answer.into_inner(),
         Err(status) => return Ok(Report::failed(node.failed(rpc::LIST_DEAD_LETTERS, &status))),
     };
     let view = DeadLettersView {
-        total: listed.len(),
-        dead_letters: listed.iter().take(limit).map(SagaRecord::from).collect(),
+        total: listed.total as usize,
+        dead_letters: listed.dead_letters.iter().take(limit).map(SagaRecord::from).collect(),
         findings: Vec::new(),
     };
     let mut table = Table::new(&[
@@ -143,10 +144,13 @@ pub async fn list_parked(nodes: &Nodes, limit: usize) -> Result<Report, UsageErr
     let answers = on_each(nodes.participants()?, move |node| async move {
         let answer = node
             .participant_client()
-            .list_parked_transfers(request(timeout, pb::ListParkedTransfersRequest {}))
+            .list_parked_transfers(request(
+                timeout,
+                pb::ListParkedTransfersRequest { limit: u32::try_from(limit).unwrap_or(u32::MAX) },
+            ))
             .await
             .map_err(|status| node.failed(rpc::LIST_PARKED_TRANSFERS, &status))?;
-        Ok(answer.into_inner().parked)
+        Ok(answer.into_inner())
     })
     .await;
     let mut errors = Vec::new();
@@ -155,8 +159,8 @@ pub async fn list_parked(nodes: &Nodes, limit: usize) -> Result<Report, UsageErr
         match answer {
             Ok(parked) => participants.push(ParticipantParked {
                 participant: node.name.clone(),
-                total: parked.len(),
-                parked: parked.iter().take(limit).map(TransferView::from).collect(),
+                total: parked.total as usize,
+                parked: parked.parked.iter().take(limit).map(TransferView::from).collect(),
             }),
             Err(error) => errors.push(error),
         }

@@ -78,6 +78,8 @@ pub const QUERY_PROBE_BACKOFF_INITIAL_MS: u64 = 100;
 pub const QUERY_PROBE_BACKOFF_MAX_MS: u64 = QUERY_TIMEOUT_MS;
 /// Most transactions listed by ListPrepared.
 pub const LIST_PREPARED_MAX: usize = 1_000;
+/// Most parked transfers one ListParkedTransfers lists (its default too).
+pub const LIST_PARKED_MAX: usize = 1_000;
 /// Most prepared transactions a balance read lists (`include_prepared`,
 /// for the coordinator's audit); a node holding more answers
 /// FAILED_PRECONDITION.
@@ -1744,11 +1746,16 @@ impl Participant for Node {
 
     async fn list_parked_transfers(
         &self,
-        _request: Request<pb::ListParkedTransfersRequest>,
+        request: Request<pb::ListParkedTransfersRequest>,
     ) -> Result<Response<pb::ListParkedTransfersResponse>, Status> {
+        let limit = match request.into_inner().limit as usize {
+            0 => LIST_PARKED_MAX,
+            n => n.min(LIST_PARKED_MAX),
+        };
         let core = self.core()?;
-        let parked = core.parked_transfers().iter().map(|(saga, t)| transfer_to_pb(saga, Some(t))).collect();
-        Ok(Response::new(pb::ListParkedTransfersResponse { parked }))
+        let all = core.parked_transfers();
+        let parked = all.iter().take(limit).map(|(saga, t)| transfer_to_pb(saga, Some(t))).collect();
+        Ok(Response::new(pb::ListParkedTransfersResponse { parked, total: all.len() as u64 }))
     }
 
     async fn resolve_parked_transfer(
