@@ -27,6 +27,7 @@ pub mod rng;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod trace;
 pub mod trust;
 
 pub use error::Error;

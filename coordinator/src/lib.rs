@@ -9,6 +9,7 @@ pub mod log;
 pub mod node;
 pub mod saga;
 mod saga_node;
+mod traces;
 pub mod watermark;
 
 #[cfg(test)]

@@ -118,6 +118,7 @@ use crate::core::{AbortReason, Action, CommitProtocol, Core, Decision, OnePhaseR
 use crate::directory::{Directory, Shard};
 use crate::log;
 use crate::saga::{Recovery, SagaAction, SagaCore, SagaId};
+use crate::traces::TxnTraces;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -144,7 +145,7 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument, Span};
 
 /// The first wait before a COMMIT is redelivered; it doubles up to the max.
 pub const COMMIT_RETRY_INITIAL_MS: u64 = 10;
@@ -579,6 +580,9 @@ pub(crate) struct Inner {
     pub(crate) saga_deadlines: Mutex<HashMap<SagaId, Instant>>,
     /// Operators waiting for a dead letter's release.
     pub(crate) resolve_waiters: Mutex<HashMap<SagaId, oneshot::Sender<Result<(), Error>>>>,
+    /// Each transaction's trace context while its messages go out (empty
+    /// unless this process exports traces).
+    pub(crate) traces: TxnTraces,
 }
 
 impl Node {
@@ -689,6 +693,7 @@ impl Node {
                 sagas: Mutex::new(sagas),
                 saga_deadlines: Mutex::new(HashMap::new()),
                 resolve_waiters: Mutex::new(HashMap::new()),
+                traces: TxnTraces::default(),
                 config,
             }),
         };
@@ -818,6 +823,12 @@ impl Node {
             None => self.begin_transaction(by_participant, None, fingerprint)?,
         };
         metrics::counter!("tandem_transactions_begun_total").increment(1);
+        if tandem::trace::on() {
+            // The `transfer` span of the call (see the handlers).
+            let span = Span::current();
+            span.record("txn_id", txn.as_str());
+            self.inner.traces.keep(&txn, &span);
+        }
         self.execute(actions);
         let outcome =
             outcome.await.unwrap_or_else(|_| Err(Error::Unavailable("the coordinator is stopping".into())))?;
@@ -884,7 +895,11 @@ impl Node {
                     tokio::spawn(async move {
                         let fingerprint = node.waiter_fingerprint(&txn);
                         let written = node
-                            .write_record("commit", log::commit_ops(&txn, &record, fingerprint, node.expires_ms()))
+                            .write_record(
+                                &txn,
+                                "commit",
+                                log::commit_ops(&txn, &record, fingerprint, node.expires_ms()),
+                            )
                             .await;
                         match written {
                             Ok(()) => {
@@ -911,7 +926,7 @@ impl Node {
                     let node = self.clone();
                     tokio::spawn(async move {
                         record.fingerprint = node.waiter_fingerprint(&txn);
-                        let written = node.write_record("staged", log::staged_ops(&txn, &record)).await;
+                        let written = node.write_record(&txn, "staged", log::staged_ops(&txn, &record)).await;
                         match written {
                             Ok(()) => {
                                 let next = {
@@ -940,6 +955,7 @@ impl Node {
                     tokio::spawn(async move {
                         let written = node
                             .write_record(
+                                &txn,
                                 "abort",
                                 log::staged_abort_ops(
                                     &txn,
@@ -980,7 +996,11 @@ impl Node {
                     tokio::spawn(async move {
                         let fingerprint = node.waiter_fingerprint(&txn);
                         let written = node
-                            .write_record("abort", log::abort_ops(&txn, &key, &outcome, fingerprint, node.expires_ms()))
+                            .write_record(
+                                &txn,
+                                "abort",
+                                log::abort_ops(&txn, &key, &outcome, fingerprint, node.expires_ms()),
+                            )
                             .await;
                         match written {
                             Ok(()) => {
@@ -996,7 +1016,7 @@ impl Node {
                 Action::PersistIntent { txn, record } => {
                     let node = self.clone();
                     tokio::spawn(async move {
-                        let written = node.write_record("intent", log::intent_ops(&txn, &record)).await;
+                        let written = node.write_record(&txn, "intent", log::intent_ops(&txn, &record)).await;
                         match written {
                             Ok(()) => {
                                 let next = node.core().on_intent_durable(&txn);
@@ -1068,7 +1088,10 @@ impl Node {
                             Err(error) => Err(error),
                         };
                         match result {
-                            Ok(()) => node.core().on_end_durable(&txn),
+                            Ok(()) => {
+                                node.inner.traces.forget(&txn);
+                                node.core().on_end_durable(&txn)
+                            }
                             Err(error) => error!(%txn, %error, "writing an end record failed"),
                         }
                     });
@@ -1097,16 +1120,28 @@ impl Node {
         }
     }
 
-    /// Writes one of this coordinator's records (`record` names it for the
-    /// metrics) and waits until it is fsynced.
+    /// One span `name` per transaction of a batch call, under each one's
+    /// trace (none when this process does not export traces).
+    fn spans<'a>(&self, name: &str, txns: impl Iterator<Item = &'a TxnId>) -> Vec<Span> {
+        if !tandem::trace::on() {
+            return Vec::new();
+        }
+        txns.map(|txn| self.inner.traces.span(name, txn)).collect()
+    }
+
+    /// Writes one of `txn`'s records (`record` names it for the metrics and
+    /// its span, `log RECORD`) and waits until it is fsynced.
     async fn write_record(
         &self,
+        txn: &TxnId,
         record: &'static str,
         ops: Result<Vec<tandem::store::Op>, Error>,
     ) -> Result<(), Error> {
         let ops = ops?;
         let started = Instant::now();
-        let written = self.inner.store.write(ops).await;
+        let span =
+            if tandem::trace::on() { self.inner.traces.span(&format!("log {record}"), txn) } else { Span::none() };
+        let written = self.inner.store.write(ops).instrument(span).await;
         metrics::histogram!("tandem_decision_write_seconds", "record" => record)
             .record(started.elapsed().as_secs_f64());
         written
@@ -1236,9 +1271,11 @@ impl Node {
             let coordinator_id = self.inner.config.node_id.to_string();
             // Read now: every prepare in the batch holds it back already.
             let low_watermark = self.core().watermark(&participant);
+            let spans = self.spans("prepare", batch.iter().map(|p| &p.txn));
             let prepares = batch
                 .iter()
-                .map(|p| pb::PrepareRequest {
+                .enumerate()
+                .map(|(i, p)| pb::PrepareRequest {
                     txn_id: p.txn.to_string(),
                     coordinator_id: coordinator_id.clone(),
                     legs: p.legs.iter().copied().map(pb::Leg::from).collect(),
@@ -1246,6 +1283,7 @@ impl Node {
                     position: p.position,
                     low_watermark,
                     idempotency_key: p.idempotency_key.as_ref().map(Id::to_string).unwrap_or_default(),
+                    trace_parent: spans.get(i).map(tandem::trace::traceparent).unwrap_or_default(),
                 })
                 .collect();
             let mut client = self.client(&participant);
@@ -1302,9 +1340,11 @@ impl Node {
         let coordinator_id = self.inner.config.node_id.to_string();
         // Read now: every request in the batch holds it back already.
         let low_watermark = self.core().watermark(&participant);
+        let spans = self.spans("commit one phase", batch.iter().map(|request| &request.txn));
         let requests = batch
             .iter()
-            .map(|request| pb::OnePhaseRequest {
+            .enumerate()
+            .map(|(i, request)| pb::OnePhaseRequest {
                 txn_id: request.txn.to_string(),
                 coordinator_id: coordinator_id.clone(),
                 legs: request.legs.iter().copied().map(pb::Leg::from).collect(),
@@ -1312,6 +1352,7 @@ impl Node {
                 position: request.position,
                 low_watermark,
                 idempotency_key: request.idempotency_key.as_ref().map(Id::to_string).unwrap_or_default(),
+                trace_parent: spans.get(i).map(tandem::trace::traceparent).unwrap_or_default(),
             })
             .collect();
         let mut client = self.client(&participant);
@@ -1532,11 +1573,13 @@ impl Node {
     }
 
     async fn commit_call(&self, participant: &Id, txns: &[TxnId], timeout: Duration) -> Result<(), Status> {
+        let spans = self.spans("commit", txns.iter());
         let request = pb::DecisionBatchRequest {
             txn_ids: txns.iter().map(|t| t.to_string()).collect(),
             coordinator_id: self.inner.config.node_id.to_string(),
             coordinator_incarnation: self.inner.incarnation,
             low_watermark: self.core().watermark(participant),
+            trace_parents: spans.iter().map(tandem::trace::traceparent).collect(),
         };
         timed_call(timeout, self.client(participant).commit_batch(request)).await.map(drop)
     }
@@ -1621,13 +1664,15 @@ impl Node {
     async fn send_abort(&self, txn: &TxnId, position: u64, participant: &Id) {
         let timeout = Duration::from_millis(self.inner.config.call_timeout_ms);
         let mut client = self.client(participant);
+        let span = self.inner.traces.span("abort", txn);
         let request = pb::DecisionRequest {
             txn_id: txn.to_string(),
             coordinator_id: self.inner.config.node_id.to_string(),
             coordinator_incarnation: self.inner.incarnation,
             position,
+            trace_parent: tandem::trace::traceparent(&span),
         };
-        if let Err(status) = timed_call(timeout, client.abort(request)).await {
+        if let Err(status) = timed_call(timeout, client.abort(request)).instrument(span).await {
             debug!(%txn, %participant, error = %status.message(), "abort not delivered; the participant will ask");
         }
     }
@@ -2284,10 +2329,9 @@ fn optional_key(text: &str) -> Result<Option<Id>, Error> {
     }
 }
 
-#[tonic::async_trait]
-impl Coordinator for Node {
-    async fn transfer(&self, request: Request<pb::TransferRequest>) -> Result<Response<pb::TransactionResult>, Status> {
-        let request = request.into_inner();
+impl Node {
+    /// Transfer, inside its `transfer` span.
+    async fn transfer_call(&self, request: pb::TransferRequest) -> Result<Response<pb::TransactionResult>, Status> {
         let legs = tandem::domain::transfer_legs(request.from_account, request.to_account, request.amount)?;
         let key = optional_key(&request.idempotency_key)?;
         let (txn, outcome) = match pb::Protocol::try_from(request.protocol) {
@@ -2305,12 +2349,25 @@ impl Coordinator for Node {
         answer(&txn, outcome)
     }
 
-    async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::TransactionResult>, Status> {
-        let request = request.into_inner();
+    /// Execute, inside its `execute` span.
+    async fn execute_call(&self, request: pb::ExecuteRequest) -> Result<Response<pb::TransactionResult>, Status> {
         let legs: Vec<Leg> = request.legs.iter().map(Leg::from).collect();
         let key = optional_key(&request.idempotency_key)?;
         let (txn, outcome) = self.run_transaction(legs, key).await?;
         answer(&txn, outcome)
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for Node {
+    async fn transfer(&self, request: Request<pb::TransferRequest>) -> Result<Response<pb::TransactionResult>, Status> {
+        let span = tandem::trace::call_span("transfer", tandem::trace::from_metadata(request.metadata()));
+        self.transfer_call(request.into_inner()).instrument(span).await
+    }
+
+    async fn execute(&self, request: Request<pb::ExecuteRequest>) -> Result<Response<pb::TransactionResult>, Status> {
+        let span = tandem::trace::call_span("execute", tandem::trace::from_metadata(request.metadata()));
+        self.execute_call(request.into_inner()).instrument(span).await
     }
 
     async fn get_transaction(

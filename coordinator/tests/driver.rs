@@ -826,6 +826,7 @@ async fn a_restarted_coordinator_sends_each_logged_intent_again_and_logs_the_fir
         position: log::position(1, 1).unwrap(),
         low_watermark: 1,
         idempotency_key: "k-applied".into(),
+        trace_parent: String::new(),
     };
     let answer = Participant::commit_one_phase(&p1, Request::new(request)).await.unwrap().into_inner();
     assert_eq!(answer.outcome, pb::OnePhaseOutcome::Committed as i32, "{answer:?}");

@@ -72,6 +72,9 @@ struct Args {
     tls: TlsFlags,
     #[command(flatten)]
     http: tandem::metrics::HttpFlags,
+    /// --otlp-endpoint (see tandem::trace).
+    #[command(flatten)]
+    trace: tandem::trace::TraceFlags,
     /// --config FILE and --print-config (see tandem::config).
     #[command(flatten)]
     config: tandem::config::ConfigFlags,
@@ -84,7 +87,6 @@ fn parse_peer(text: &str) -> Result<(Id, String), String> {
 
 fn main() -> std::process::ExitCode {
     let args: Args = tandem::config::parse("participant");
-    tandem::server::init_tracing(&args.log_level);
     let runtime = match tandem::server::runtime(args.worker_threads) {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -92,7 +94,25 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(args)) {
+    // Inside the runtime: the OTLP exporter's channel lives on it.
+    let tracing = {
+        let _inside = runtime.enter();
+        tandem::trace::init(&args.log_level, "tandem-participant", &args.node_id, &args.trace)
+    };
+    let tracing = match tracing {
+        Ok(tracing) => tracing,
+        Err(error) => {
+            eprintln!("participant: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(run(args));
+    // Spans still buffered go out before the runtime stops.
+    {
+        let _inside = runtime.enter();
+        tracing.shutdown();
+    }
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("participant: {error}");

@@ -58,7 +58,7 @@ use tokio_stream::Stream;
 use tonic::transport::server::Connected;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument, Span};
 
 /// Deadline of one decision query to a coordinator.
 pub const QUERY_TIMEOUT_MS: u64 = 1_000;
@@ -326,6 +326,17 @@ impl Node {
         ops_max: usize,
         step: impl FnOnce(&mut Core, u64) -> Result<(T, Effects), Error>,
     ) -> Result<T, Error> {
+        self.apply_traced(&[], ops_max, step).await
+    }
+
+    /// [`Node::apply`] for the transactions whose spans are `traced`: each
+    /// gets a `durable write` span for the wait for the write's fsync.
+    async fn apply_traced<T>(
+        &self,
+        traced: &[Span],
+        ops_max: usize,
+        step: impl FnOnce(&mut Core, u64) -> Result<(T, Effects), Error>,
+    ) -> Result<T, Error> {
         let now_ms = self.now_ms();
         let (value, written, outbox_written) = {
             let mut core = self.core()?;
@@ -339,6 +350,8 @@ impl Node {
             let outbox_written = (fsynced && core.outbox_awaits_durability()).then(|| core.outbox_end());
             (value, written, outbox_written)
         };
+        let _durable_writes: Vec<Span> =
+            traced.iter().map(|parent| tandem::trace::child_of("durable write", parent)).collect();
         let durable =
             async move { written.await.unwrap_or_else(|_| Err(Error::Fatal("the writer thread stopped".into()))) };
         let Some(outbox_end) = outbox_written else {
@@ -479,8 +492,18 @@ impl Node {
         }
     }
 
-    pub async fn prepare(&self, txn: TxnId, coordinator: Id, legs: Vec<Leg>, stamp: Stamp) -> Result<Vote, Error> {
-        self.apply(OPS_PER_CALL_MAX + 1, |core, now| core.prepare_stamped(txn, coordinator, legs, stamp, now)).await
+    pub async fn prepare(
+        &self,
+        txn: TxnId,
+        coordinator: Id,
+        legs: Vec<Leg>,
+        stamp: Stamp,
+        traced: &[Span],
+    ) -> Result<Vote, Error> {
+        self.apply_traced(traced, OPS_PER_CALL_MAX + 1, |core, now| {
+            core.prepare_stamped(txn, coordinator, legs, stamp, now)
+        })
+        .await
     }
 
     /// Each prepare's vote, or why it is malformed; `Err` when none could be
@@ -488,8 +511,12 @@ impl Node {
     pub async fn prepare_batch(
         &self,
         prepares: Vec<Result<StampedRequest, Error>>,
+        traced: &[Span],
     ) -> Result<Vec<Result<Vote, Error>>, Error> {
-        self.apply(prepares.len() * (OPS_PER_CALL_MAX + 1), |core, now| core.prepare_batch(prepares, now)).await
+        self.apply_traced(traced, prepares.len() * (OPS_PER_CALL_MAX + 1), |core, now| {
+            core.prepare_batch(prepares, now)
+        })
+        .await
     }
 
     /// A one-phase commit ([`Core::commit_one_phase`]), answered once its
@@ -500,8 +527,12 @@ impl Node {
         coordinator: Id,
         legs: Vec<Leg>,
         stamp: Stamp,
+        traced: &[Span],
     ) -> Result<OnePhaseAnswer, Error> {
-        self.apply(OPS_PER_CALL_MAX + 1, |core, now| core.commit_one_phase(txn, coordinator, legs, stamp, now)).await
+        self.apply_traced(traced, OPS_PER_CALL_MAX + 1, |core, now| {
+            core.commit_one_phase(txn, coordinator, legs, stamp, now)
+        })
+        .await
     }
 
     /// Each one-phase commit's answer, or why it is malformed, in one write;
@@ -510,9 +541,12 @@ impl Node {
     pub async fn commit_one_phase_batch(
         &self,
         requests: Vec<Result<StampedRequest, Error>>,
+        traced: &[Span],
     ) -> Result<Vec<Result<OnePhaseAnswer, Error>>, Error> {
-        self.apply(requests.len() * (OPS_PER_CALL_MAX + 1), |core, now| core.commit_one_phase_batch(requests, now))
-            .await
+        self.apply_traced(traced, requests.len() * (OPS_PER_CALL_MAX + 1), |core, now| {
+            core.commit_one_phase_batch(requests, now)
+        })
+        .await
     }
 
     /// A batch call's items judged in one write ([`Core::judge_each`]).
@@ -529,10 +563,16 @@ impl Node {
         self.apply(OPS_PER_CALL_MAX, |core, now| Ok(((), core.commit(txn, now)?))).await
     }
 
-    pub async fn commit_batch(&self, txns: &[TxnId], coordinator: Option<&Id>, stamp: Stamp) -> Result<(), Error> {
+    pub async fn commit_batch(
+        &self,
+        txns: &[TxnId],
+        coordinator: Option<&Id>,
+        stamp: Stamp,
+        traced: &[Span],
+    ) -> Result<(), Error> {
         // The effects of the commits applied are written even when the
         // answer is an error (see `Core::commit_batch`).
-        self.apply(txns.len() * OPS_PER_CALL_MAX + 1, |core, now| {
+        self.apply_traced(traced, txns.len() * OPS_PER_CALL_MAX + 1, |core, now| {
             Ok(core.commit_batch_stamped(txns, coordinator, stamp, now))
         })
         .await?
@@ -1196,6 +1236,15 @@ fn sent_by_caller(event: Event, caller: Option<&Id>) -> Result<Event, Error> {
     }
 }
 
+/// One span `name` per item of a batch call, each under the trace context
+/// its item carried (none when this process does not export traces).
+fn item_spans<'a>(name: &str, items: impl Iterator<Item = (&'a String, &'a String)>) -> Vec<Span> {
+    if !tandem::trace::on() {
+        return Vec::new();
+    }
+    items.map(|(txn, trace_parent)| tandem::trace::remote_child(name, txn, trace_parent)).collect()
+}
+
 fn parse_prepare(request: &pb::PrepareRequest) -> Result<StampedRequest, Error> {
     parse_stamped(
         &request.txn_id,
@@ -1409,9 +1458,13 @@ fn balance_to_pb(account: AccountId, balance: &crate::core::Account) -> pb::Bala
 #[tonic::async_trait]
 impl Participant for Node {
     async fn prepare(&self, request: Request<pb::PrepareRequest>) -> Result<Response<pb::PrepareResponse>, Status> {
-        let (txn, coordinator, legs, stamp) = parse_prepare(&request.into_inner())?;
+        let request = request.into_inner();
+        let span = tandem::trace::remote_child("prepare", &request.txn_id, &request.trace_parent);
+        let (txn, coordinator, legs, stamp) = parse_prepare(&request)?;
         debug!(%txn, %coordinator, ?legs, ?stamp, "prepare received");
-        let vote = Node::prepare(self, txn.clone(), coordinator, legs, stamp).await?;
+        let vote = Node::prepare(self, txn.clone(), coordinator, legs, stamp, std::slice::from_ref(&span))
+            .instrument(span.clone())
+            .await?;
         debug!(%txn, ?vote, "prepare answered");
         Ok(Response::new(vote_to_pb(vote)))
     }
@@ -1423,8 +1476,9 @@ impl Participant for Node {
         let prepares = request.into_inner().prepares;
         check_batch_len("prepares", prepares.len(), PREPARE_BATCH_MAX)?;
         let parsed: Vec<Result<StampedRequest, Error>> = prepares.iter().map(parse_prepare).collect();
+        let spans = item_spans("prepare", prepares.iter().map(|p| (&p.txn_id, &p.trace_parent)));
         let count = parsed.len();
-        let votes = Node::prepare_batch(self, parsed)
+        let votes = Node::prepare_batch(self, parsed, &spans)
             .await?
             .into_iter()
             .map(|vote| match vote {
@@ -1445,9 +1499,13 @@ impl Participant for Node {
         &self,
         request: Request<pb::OnePhaseRequest>,
     ) -> Result<Response<pb::OnePhaseResponse>, Status> {
-        let (txn, coordinator, legs, stamp) = parse_one_phase(&request.into_inner())?;
+        let request = request.into_inner();
+        let span = tandem::trace::remote_child("commit one phase", &request.txn_id, &request.trace_parent);
+        let (txn, coordinator, legs, stamp) = parse_one_phase(&request)?;
         debug!(%txn, %coordinator, ?legs, ?stamp, "one-phase commit received");
-        let answer = Node::commit_one_phase(self, txn.clone(), coordinator, legs, stamp).await?;
+        let answer = Node::commit_one_phase(self, txn.clone(), coordinator, legs, stamp, std::slice::from_ref(&span))
+            .instrument(span.clone())
+            .await?;
         tandem::crash::point("one-phase-applied");
         debug!(%txn, ?answer, "one-phase commit answered");
         Ok(Response::new(one_phase_to_pb(answer)))
@@ -1460,8 +1518,9 @@ impl Participant for Node {
         let requests = request.into_inner().requests;
         check_batch_len("requests", requests.len(), ONE_PHASE_BATCH_MAX)?;
         let parsed: Vec<Result<StampedRequest, Error>> = requests.iter().map(parse_one_phase).collect();
+        let spans = item_spans("commit one phase", requests.iter().map(|r| (&r.txn_id, &r.trace_parent)));
         let count = parsed.len();
-        let answers = Node::commit_one_phase_batch(self, parsed)
+        let answers = Node::commit_one_phase_batch(self, parsed, &spans)
             .await?
             .into_iter()
             .map(|answer| match answer {
@@ -1480,8 +1539,10 @@ impl Participant for Node {
     }
 
     async fn commit(&self, request: Request<pb::DecisionRequest>) -> Result<Response<pb::DecisionResponse>, Status> {
-        let txn = Id::parse("txn_id", &request.into_inner().txn_id)?;
-        Node::commit(self, &txn).await?;
+        let request = request.into_inner();
+        let span = tandem::trace::remote_child("commit", &request.txn_id, &request.trace_parent);
+        let txn = Id::parse("txn_id", &request.txn_id)?;
+        Node::commit(self, &txn).instrument(span).await?;
         tandem::crash::point("commit-applied");
         debug!(%txn, "commit acknowledged");
         Ok(Response::new(pb::DecisionResponse {}))
@@ -1501,7 +1562,13 @@ impl Participant for Node {
             low_watermark: request.low_watermark,
             idempotency_key: None,
         };
-        Node::commit_batch(self, &txns, coordinator.as_ref(), stamp).await?;
+        // One context per id, or none (a mismatched list is ignored).
+        let spans = if request.trace_parents.len() == request.txn_ids.len() {
+            item_spans("commit", request.txn_ids.iter().zip(&request.trace_parents))
+        } else {
+            Vec::new()
+        };
+        Node::commit_batch(self, &txns, coordinator.as_ref(), stamp, &spans).await?;
         tandem::crash::point("commit-applied");
         debug!(count = txns.len(), first = ?txns.first(), "commit batch acknowledged");
         Ok(Response::new(pb::DecisionResponse {}))
@@ -1509,6 +1576,7 @@ impl Participant for Node {
 
     async fn abort(&self, request: Request<pb::DecisionRequest>) -> Result<Response<pb::DecisionResponse>, Status> {
         let request = request.into_inner();
+        let span = tandem::trace::remote_child("abort", &request.txn_id, &request.trace_parent);
         let txn = Id::parse("txn_id", &request.txn_id)?;
         let coordinator = parse_optional_coordinator(&request.coordinator_id)?;
         let stamp = Stamp {
@@ -1517,9 +1585,10 @@ impl Participant for Node {
             low_watermark: 0,
             idempotency_key: None,
         };
-        self.apply(OPS_PER_CALL_MAX + 1, |core, now| {
+        self.apply_traced(std::slice::from_ref(&span), OPS_PER_CALL_MAX + 1, |core, now| {
             Ok(((), core.abort_stamped(&txn, coordinator.as_ref(), stamp, now)?))
         })
+        .instrument(span.clone())
         .await?;
         debug!(%txn, "abort acknowledged");
         Ok(Response::new(pb::DecisionResponse {}))

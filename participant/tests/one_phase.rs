@@ -86,6 +86,7 @@ fn request(txn: &str, from: u64, to: u64, amount: i64, position: u64) -> pb::One
         position,
         low_watermark: 1,
         idempotency_key: String::new(),
+        trace_parent: String::new(),
     }
 }
 

@@ -150,6 +150,7 @@ async fn key_is_held_by(node: &Node, position: u64, key: &str, earlier: &str) {
         position,
         low_watermark: 1,
         idempotency_key: key.into(),
+        trace_parent: String::new(),
     };
     let vote = Participant::prepare(node, Request::new(prepare)).await.unwrap().into_inner();
     assert_eq!(
@@ -179,6 +180,7 @@ async fn a_coordinator_that_lost_its_log_is_not_believed_its_orphans_wait_for_an
             position: i,
             low_watermark: 1,
             idempotency_key: format!("key-{i}"),
+            trace_parent: String::new(),
         };
         let vote = Participant::prepare(&node, Request::new(prepare)).await.unwrap().into_inner();
         assert_eq!(vote.vote, pb::Vote::Yes as i32, "{vote:?}");
@@ -248,6 +250,7 @@ async fn a_coordinator_that_lost_its_log_is_not_believed_its_orphans_wait_for_an
         coordinator_id: "c1".into(),
         coordinator_incarnation: INCARNATION_A,
         low_watermark: 1,
+        trace_parents: Vec::new(),
     };
     Participant::commit_batch(&node, Request::new(commit.clone())).await.unwrap();
     Participant::commit_batch(&node, Request::new(commit)).await.unwrap();

@@ -1,0 +1,183 @@
+//! One transfer is one trace across the processes: the real binaries
+//! export their spans over OTLP to a collector this test runs, and the
+//! spans of one transfer from the coordinator and both participants carry
+//! the trace id the client's call named in its `traceparent` (build the
+//! binaries first: `cargo build --release --workspace`).
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
+use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tandem::cluster::{default_bin_dir, Cluster, ClusterSpec};
+use tandem::pb;
+use tonic::{Request, Response, Status};
+
+/// One span as the collector received it.
+#[derive(Clone, Debug)]
+struct Received {
+    service: String,
+    node: String,
+    name: String,
+    trace_id: String,
+    span_id: String,
+    parent_span_id: String,
+}
+
+/// An OTLP/gRPC trace collector that keeps every span it is sent.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<Received>>>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: Request<ExportTraceServiceRequest>,
+    ) -> Result<Response<ExportTraceServiceResponse>, Status> {
+        let mut kept = self.spans.lock().unwrap();
+        for resource_spans in request.into_inner().resource_spans {
+            let attribute = |key: &str| {
+                resource_spans
+                    .resource
+                    .iter()
+                    .flat_map(|r| &r.attributes)
+                    .find(|kv| kv.key == key)
+                    .and_then(|kv| kv.value.as_ref())
+                    .and_then(|v| match &v.value {
+                        Some(Value::StringValue(s)) => Some(s.clone()),
+                        _ => None,
+                    })
+                    .unwrap_or_default()
+            };
+            let (service, node) = (attribute("service.name"), attribute("service.instance.id"));
+            for scope in &resource_spans.scope_spans {
+                for span in &scope.spans {
+                    kept.push(Received {
+                        service: service.clone(),
+                        node: node.clone(),
+                        name: span.name.clone(),
+                        trace_id: hex(&span.trace_id),
+                        span_id: hex(&span.span_id),
+                        parent_span_id: hex(&span.parent_span_id),
+                    });
+                }
+            }
+        }
+        Ok(Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+/// Starts the collector on a free loopback port; its OTLP endpoint URL.
+async fn start_collector(collector: Collector) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(TraceServiceServer::new(collector))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    format!("http://{addr}")
+}
+
+/// The spans of `trace_id` received so far.
+fn of_trace(collector: &Collector, trace_id: &str) -> Vec<Received> {
+    collector.spans.lock().unwrap().iter().filter(|s| s.trace_id == trace_id).cloned().collect()
+}
+
+fn names_on(spans: &[Received], node: &str) -> BTreeSet<String> {
+    spans.iter().filter(|s| s.node == node).map(|s| s.name.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_transfers_spans_on_the_coordinator_and_both_participants_share_the_clients_trace_id() {
+    // Export every 100 ms instead of the default 5 s (the SDK's standard
+    // variable, read by every node this test starts).
+    std::env::set_var("OTEL_BSP_SCHEDULE_DELAY", "100");
+    let collector = Collector::default();
+    let endpoint = start_collector(collector.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = ClusterSpec::new(default_bin_dir(), dir.path().to_path_buf());
+    spec.participants = 2;
+    spec.accounts_per_participant = 100;
+    spec.coordinator_args = vec!["--otlp-endpoint".into(), endpoint.clone()];
+    spec.participant_args = vec!["--otlp-endpoint".into(), endpoint];
+    let cluster = Cluster::start(spec).await.expect("the cluster starts");
+    let client = cluster.client().clone();
+    let mut coordinator = cluster.coordinator_client(&client).unwrap();
+
+    // The client's own span, as a W3C-aware client names it.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let trace_id = format!("{:032x}", nanos | 1 << 100);
+    let client_span_id = "00f067aa0ba902b7";
+    let mut request =
+        Request::new(pb::TransferRequest { from_account: 1, to_account: 150, amount: 10, ..Default::default() });
+    request.metadata_mut().insert("traceparent", format!("00-{trace_id}-{client_span_id}-01").parse().unwrap());
+    let answer = coordinator.transfer(request).await.unwrap().into_inner();
+    assert_eq!(answer.outcome, pb::Outcome::Committed as i32, "{answer:?}");
+    // A transfer without a trace context: a trace of its own, not this one.
+    let other = pb::TransferRequest { from_account: 2, to_account: 160, amount: 10, ..Default::default() };
+    let answer = coordinator.transfer(other).await.unwrap().into_inner();
+    assert_eq!(answer.outcome, pb::Outcome::Committed as i32, "{answer:?}");
+
+    // Commits are delivered after the client's answer, and spans are
+    // exported in batches: wait for what the whole transfer makes.
+    let want_coordinator: BTreeSet<String> =
+        ["transfer", "log staged", "prepare", "commit"].iter().map(|s| s.to_string()).collect();
+    let want_participant: BTreeSet<String> =
+        ["prepare", "durable write", "commit"].iter().map(|s| s.to_string()).collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let spans = loop {
+        let spans = of_trace(&collector, &trace_id);
+        let others = collector.spans.lock().unwrap().iter().any(|s| s.trace_id != trace_id && s.name == "transfer");
+        let complete = others
+            && names_on(&spans, "c1").is_superset(&want_coordinator)
+            && names_on(&spans, "p1").is_superset(&want_participant)
+            && names_on(&spans, "p2").is_superset(&want_participant);
+        if complete {
+            break spans;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the transfer's spans did not all arrive within 30 s; received of its trace: {spans:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // Three processes, one trace.
+    let services: BTreeSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
+    assert_eq!(services, BTreeSet::from(["tandem-coordinator", "tandem-participant"]), "{spans:#?}");
+    // The coordinator's span of the call is the child of the client's.
+    let transfer = spans.iter().find(|s| s.node == "c1" && s.name == "transfer").unwrap();
+    assert_eq!(transfer.parent_span_id, client_span_id);
+    // Each participant's prepare is the child of the coordinator's prepare
+    // to it, which is the child of the transfer.
+    let coordinator_prepares: Vec<&Received> = spans.iter().filter(|s| s.node == "c1" && s.name == "prepare").collect();
+    assert_eq!(coordinator_prepares.len(), 2, "one prepare per participant: {spans:#?}");
+    for prepare in &coordinator_prepares {
+        assert_eq!(prepare.parent_span_id, transfer.span_id);
+    }
+    for node in ["p1", "p2"] {
+        let prepare = spans.iter().find(|s| s.node == node && s.name == "prepare").unwrap();
+        assert!(
+            coordinator_prepares.iter().any(|p| p.span_id == prepare.parent_span_id),
+            "{node}'s prepare hangs under a coordinator prepare: {spans:#?}"
+        );
+        let write = spans.iter().find(|s| s.node == node && s.name == "durable write").unwrap();
+        assert!(
+            spans.iter().any(|s| s.node == node && s.span_id == write.parent_span_id),
+            "{node}'s durable write hangs under one of its own spans: {spans:#?}"
+        );
+    }
+    // The other transfer's spans are in a trace of their own.
+    let all = collector.spans.lock().unwrap().clone();
+    let other_traces: BTreeSet<&str> =
+        all.iter().filter(|s| s.trace_id != trace_id && s.name == "transfer").map(|s| s.trace_id.as_str()).collect();
+    assert_eq!(other_traces.len(), 1, "the transfer without a context started one new trace: {all:#?}");
+}
