@@ -149,6 +149,56 @@ pub fn channel_on(
     Ok(network.connect_lazy(endpoint))
 }
 
+/// What a node's `main` does around its `run`: starts the runtime, then the
+/// log and (with `--otlp-endpoint`) the span export inside it (the
+/// exporter's channel lives on the runtime), runs `run` to its end, sends
+/// the spans still buffered, and turns the result into the exit code: 1
+/// for an error `run` returns, 2 for a refused `--otlp-endpoint`. `binary`
+/// prefixes the messages and names the service in the traces
+/// (`tandem-<binary>`).
+pub fn run_node<F>(
+    binary: &str,
+    worker_threads: Option<usize>,
+    log_level: &str,
+    node_id: &str,
+    trace: &crate::trace::TraceFlags,
+    run: F,
+) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = Result<(), String>>,
+{
+    let runtime = match runtime(worker_threads) {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("{binary}: cannot start the async runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let tracing = {
+        let _inside = runtime.enter();
+        crate::trace::init(log_level, &format!("tandem-{binary}"), node_id, trace)
+    };
+    let tracing = match tracing {
+        Ok(tracing) => tracing,
+        Err(error) => {
+            eprintln!("{binary}: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(run);
+    {
+        let _inside = runtime.enter();
+        tracing.shutdown();
+    }
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("{binary}: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// A multi-threaded tokio runtime with `worker_threads` workers (default:
 /// one per core).
 pub fn runtime(worker_threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {

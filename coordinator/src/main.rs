@@ -129,38 +129,9 @@ fn main() -> std::process::ExitCode {
         );
         return std::process::ExitCode::FAILURE;
     }
-    let runtime = match tandem::server::runtime(args.worker_threads) {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("coordinator: cannot start the async runtime: {error}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    // Inside the runtime: the OTLP exporter's channel lives on it.
-    let tracing = {
-        let _inside = runtime.enter();
-        tandem::trace::init(&args.log_level, "tandem-coordinator", &args.node_id, &args.trace)
-    };
-    let tracing = match tracing {
-        Ok(tracing) => tracing,
-        Err(error) => {
-            eprintln!("coordinator: {error}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    let result = runtime.block_on(run(args));
-    // Spans still buffered go out before the runtime stops.
-    {
-        let _inside = runtime.enter();
-        tracing.shutdown();
-    }
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("coordinator: {error}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    let (worker_threads, log_level, node_id, trace) =
+        (args.worker_threads, args.log_level.clone(), args.node_id.clone(), args.trace.clone());
+    tandem::server::run_node("coordinator", worker_threads, &log_level, &node_id, &trace, run(args))
 }
 
 async fn run(args: Args) -> Result<(), String> {

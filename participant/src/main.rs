@@ -87,38 +87,9 @@ fn parse_peer(text: &str) -> Result<(Id, String), String> {
 
 fn main() -> std::process::ExitCode {
     let args: Args = tandem::config::parse("participant");
-    let runtime = match tandem::server::runtime(args.worker_threads) {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("participant: cannot start the async runtime: {error}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    // Inside the runtime: the OTLP exporter's channel lives on it.
-    let tracing = {
-        let _inside = runtime.enter();
-        tandem::trace::init(&args.log_level, "tandem-participant", &args.node_id, &args.trace)
-    };
-    let tracing = match tracing {
-        Ok(tracing) => tracing,
-        Err(error) => {
-            eprintln!("participant: {error}");
-            return std::process::ExitCode::from(2);
-        }
-    };
-    let result = runtime.block_on(run(args));
-    // Spans still buffered go out before the runtime stops.
-    {
-        let _inside = runtime.enter();
-        tracing.shutdown();
-    }
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("participant: {error}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    let (worker_threads, log_level, node_id, trace) =
+        (args.worker_threads, args.log_level.clone(), args.node_id.clone(), args.trace.clone());
+    tandem::server::run_node("participant", worker_threads, &log_level, &node_id, &trace, run(args))
 }
 
 async fn run(args: Args) -> Result<(), String> {
