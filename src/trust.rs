@@ -344,6 +344,23 @@ impl Authorizer {
     }
 }
 
+/// An operator's decision as it is stored and logged: who made it (the
+/// certificate's identity, which the [`Authorize`] layer put in the
+/// request's extensions; "an unauthenticated operator" on a cluster
+/// without TLS) and why. The reason is required: 1 to
+/// [`REASON_STORED_LEN_MAX`](crate::domain::REASON_STORED_LEN_MAX) bytes.
+pub fn operator_decision(extensions: &tonic::Extensions, reason: &str) -> Result<String, Error> {
+    if reason.trim().is_empty() {
+        return Err(Error::InvalidInput("reason is required: who decided and why".into()));
+    }
+    crate::domain::check_text_len("reason", reason, crate::domain::REASON_STORED_LEN_MAX)?;
+    let who = match extensions.get::<Caller>() {
+        Some(caller) => caller.uri(),
+        None => "an unauthenticated operator".to_string(),
+    };
+    Ok(format!("by {who}: {reason}"))
+}
+
 /// The `tower` layer that puts an [`Authorizer`] in front of every service
 /// of a server.
 #[derive(Clone)]

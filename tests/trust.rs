@@ -191,7 +191,10 @@ fn table() -> Vec<(&'static str, Node, Call, &'static [As])> {
         (
             "ResolveDeadLetter",
             C,
-            coordinator!(resolve_dead_letter, pb::ResolveDeadLetterRequest { saga_id: "s-0".into(), to_account: 0 }),
+            coordinator!(
+                resolve_dead_letter,
+                pb::ResolveDeadLetterRequest { saga_id: "s-0".into(), to_account: 0, reason: "test".into() }
+            ),
             &[Operator],
         ),
         ("Health", C, health(), AUTHENTICATED),
@@ -282,7 +285,7 @@ fn table() -> Vec<(&'static str, Node, Call, &'static [As])> {
             P,
             participant!(
                 resolve_parked_transfer,
-                pb::ResolveParkedTransferRequest { saga_id: "ch-0".into(), to_account: 0 }
+                pb::ResolveParkedTransferRequest { saga_id: "ch-0".into(), to_account: 0, reason: "test".into() }
             ),
             &[Operator],
         ),

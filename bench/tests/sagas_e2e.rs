@@ -161,13 +161,36 @@ fn saga_transfer(from: u64, to: u64, amount: i64, recovery: pb::Recovery, key: &
 /// nothing is left in suspense.
 async fn resolve_back_to_the_source(cluster: &Cluster, saga: &str, source: u64) {
     let mut coordinator = cluster.coordinator_client(cluster.operator()).unwrap();
+    // A release without a reason is refused, and changes nothing.
+    let before = posted(cluster, source).await;
+    let status = coordinator
+        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: saga.into(), to_account: 0, reason: " ".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{}", status.message());
+    assert_eq!(posted(cluster, source).await, before);
+    let reason = "ticket 7: the customer reopened the account";
     let resolved = coordinator
-        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: saga.into(), to_account: 0 })
+        .resolve_dead_letter(pb::ResolveDeadLetterRequest {
+            saga_id: saga.into(),
+            to_account: 0,
+            reason: reason.into(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(resolved.state, pb::SagaState::Resolved as i32);
     assert_eq!(posted(cluster, source).await, BALANCE);
+    // The end record says who released it and why.
+    let ended = coordinator
+        .get_transaction(pb::GetTransactionRequest { txn_id: saga.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .saga
+        .map(|s| s.reason)
+        .unwrap_or_default();
+    assert!(ended.ends_with(&format!("; resolved by tandem://operator/bench: {reason}")), "{ended}");
     let audit = coordinator.audit(pb::AuditRequest { include_accounts: false }).await.unwrap().into_inner();
     assert_eq!((audit.total_posted, audit.total_suspense), (cluster.spec.total_money(), 0));
 }
@@ -333,7 +356,7 @@ async fn saga_steps_on_the_wire_keep_their_barrier_semantics() {
     let mut p1 = cluster.participant_client(0, cluster.operator()).unwrap();
     let parked = p1.list_parked_transfers(pb::ListParkedTransfersRequest::default()).await.unwrap().into_inner().parked;
     assert!(parked.is_empty());
-    let request = pb::ResolveParkedTransferRequest { saga_id: "nope".into(), to_account: 0 };
+    let request = pb::ResolveParkedTransferRequest { saga_id: "nope".into(), to_account: 0, reason: "test".into() };
     assert_eq!(p1.resolve_parked_transfer(request).await.unwrap_err().code(), tonic::Code::NotFound);
 }
 
@@ -487,13 +510,21 @@ async fn a_refund_that_keeps_failing_is_dead_lettered_and_an_operator_resolves_i
     assert_eq!(posted(&cluster, 5).await, BALANCE - 120);
     // Resolving to an account on another participant is refused.
     let status = coordinator
-        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: result.txn_id.clone(), to_account: 15 })
+        .resolve_dead_letter(pb::ResolveDeadLetterRequest {
+            saga_id: result.txn_id.clone(),
+            to_account: 15,
+            reason: "test".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{}", status.message());
     // Releasing into the still closed account fails and leaves the dead letter.
     let refused = coordinator
-        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: result.txn_id.clone(), to_account: 0 })
+        .resolve_dead_letter(pb::ResolveDeadLetterRequest {
+            saga_id: result.txn_id.clone(),
+            to_account: 0,
+            reason: "test".into(),
+        })
         .await;
     assert!(refused.is_err() || refused.unwrap().into_inner().state != pb::SagaState::Resolved as i32);
     // The operator reopens the account and resolves the dead letter, once.
@@ -507,7 +538,11 @@ async fn a_refund_that_keeps_failing_is_dead_lettered_and_an_operator_resolves_i
         .dead_letters
         .is_empty());
     let status = coordinator
-        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: result.txn_id, to_account: 0 })
+        .resolve_dead_letter(pb::ResolveDeadLetterRequest {
+            saga_id: result.txn_id,
+            to_account: 0,
+            reason: "test".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::NotFound);
@@ -573,7 +608,11 @@ async fn the_barriers_of_ended_sagas_are_forgotten_and_a_dead_letters_wait_for_i
     wait_for([1, 1]).await;
     // Once an operator resolves it, it is over too.
     let resolved = operator
-        .resolve_dead_letter(pb::ResolveDeadLetterRequest { saga_id: parked.txn_id, to_account: 0 })
+        .resolve_dead_letter(pb::ResolveDeadLetterRequest {
+            saga_id: parked.txn_id,
+            to_account: 0,
+            reason: "test".into(),
+        })
         .await
         .unwrap()
         .into_inner();

@@ -772,7 +772,7 @@ pub fn decode_saga(bytes: &[u8]) -> Result<SagaRecord, Error> {
     if spec.amount <= 0 || parked < 0 || parked > spec.amount {
         return Err(corrupt(format!("a saga of {} with {parked} parked", spec.amount)));
     }
-    Ok(SagaRecord { spec, stage, reason, cause, parked })
+    Ok(SagaRecord { spec, stage, reason, cause, parked, resolution: String::new() })
 }
 
 /// The ops that end a saga: its record goes, its outcome (and its key's)
@@ -894,6 +894,7 @@ mod tests {
             reason: "the credit was refused".into(),
             cause: Some(AbortReason::UnknownAccount),
             parked: 0,
+            resolution: String::new(),
         }
     }
 

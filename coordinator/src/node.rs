@@ -2419,9 +2419,10 @@ impl Coordinator for Node {
         &self,
         request: Request<pb::ResolveDeadLetterRequest>,
     ) -> Result<Response<pb::SagaStatus>, Status> {
+        let decision = tandem::trust::operator_decision(request.extensions(), &request.get_ref().reason)?;
         let request = request.into_inner();
         let saga = Id::parse("saga_id", &request.saga_id)?;
-        Ok(Response::new(self.resolve_dead_letter(&saga, request.to_account).await?))
+        Ok(Response::new(self.resolve_dead_letter(&saga, request.to_account, decision).await?))
     }
 }
 

@@ -402,7 +402,7 @@ proptest! {
                     Some((kind, phase)) => core.on_step(&id(&format!("s{s}")), kind, phase, result),
                     None => core.on_started(&id(&format!("s{s}"))),
                 },
-                SagaInput::Resolve(s, account) => core.resolve(&id(&format!("s{s}")), account).unwrap_or_default(),
+                SagaInput::Resolve(s, account) => core.resolve(&id(&format!("s{s}")), account, "by tandem://operator/t: test".into()).unwrap_or_default(),
             };
             for action in actions {
                 match action {
@@ -469,6 +469,7 @@ fn valid_log_records() -> Vec<(Decoder, Vec<u8>)> {
         reason: "refused".into(),
         cause: Some(AbortReason::UnknownAccount),
         parked: 30,
+        resolution: String::new(),
     };
     vec![
         (

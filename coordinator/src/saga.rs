@@ -179,6 +179,10 @@ pub struct SagaRecord {
     pub cause: Option<AbortReason>,
     /// Amount parked in suspense (dead letters).
     pub parked: Amount,
+    /// While an operator's release runs (stage `Releasing`): who asked and
+    /// why, for the end record. Not logged: after a crash the saga is a
+    /// dead letter again and the operator asks again.
+    pub resolution: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -378,7 +382,14 @@ impl SagaCore {
             self.marks.hold(participant, position, &saga);
         }
         self.holds.insert(saga.clone(), (position, participants));
-        let record = SagaRecord { spec, stage: Stage::Starting, reason: String::new(), cause: None, parked: 0 };
+        let record = SagaRecord {
+            spec,
+            stage: Stage::Starting,
+            reason: String::new(),
+            cause: None,
+            parked: 0,
+            resolution: String::new(),
+        };
         self.sagas.insert(saga.clone(), record.clone());
         Ok(vec![SagaAction::Persist { saga, record, fsync: true }])
     }
@@ -562,7 +573,7 @@ impl SagaCore {
                     spec: record.spec,
                     outcome: Outcome::DeadLettered(
                         record.cause,
-                        stored_reason(&format!("{}; resolved by an operator", record.reason)),
+                        stored_reason(&format!("{}; resolved {}", record.reason, record.resolution)),
                     ),
                 }];
                 actions.push(SagaAction::ResolveReply { saga: saga.clone(), result: Ok(()) });
@@ -593,7 +604,12 @@ impl SagaCore {
 
     /// An operator releases a dead letter's money to `to_account` (on the
     /// suspense participant).
-    pub fn resolve(&mut self, saga: &SagaId, to_account: AccountId) -> Result<Vec<SagaAction>, Error> {
+    pub fn resolve(
+        &mut self,
+        saga: &SagaId,
+        to_account: AccountId,
+        decision: String,
+    ) -> Result<Vec<SagaAction>, Error> {
         let record = self.sagas.get_mut(saga).ok_or_else(|| Error::NotFound(format!("no dead letter {saga}")))?;
         match record.stage {
             Stage::DeadLettered => {}
@@ -601,6 +617,7 @@ impl SagaCore {
             _ => return Err(Error::InvalidInput(format!("{saga} is not a dead letter (stage {:?})", record.stage))),
         }
         record.stage = Stage::Releasing;
+        record.resolution = decision;
         Ok(vec![SagaAction::Step {
             saga: saga.clone(),
             position: record.spec.position,

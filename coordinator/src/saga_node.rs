@@ -366,11 +366,13 @@ impl Node {
     }
 
     /// An operator releases a dead letter's parked money to `to_account`
-    /// (0: the saga's source account).
+    /// (0: the saga's source account); `decision` says who and why
+    /// ([`tandem::trust::operator_decision`]), kept in the end record.
     pub(crate) async fn resolve_dead_letter(
         &self,
         saga: &SagaId,
         to_account: AccountId,
+        decision: String,
     ) -> Result<pb::SagaStatus, Error> {
         let (record, actions) = {
             let mut core = self.saga_core();
@@ -386,7 +388,7 @@ impl Node {
             if record.parked == 0 && record.stage == Stage::DeadLettered {
                 return Err(Error::InvalidInput(format!("{saga} has nothing parked")));
             }
-            (record, core.resolve(saga, to_account)?)
+            (record, core.resolve(saga, to_account, decision.clone())?)
         };
         let (reply, answer) = oneshot::channel();
         self.inner.resolve_waiters.lock().expect("resolve lock poisoned").insert(saga.clone(), reply);
@@ -394,7 +396,7 @@ impl Node {
         self.inner.saga_deadlines.lock().expect("deadline lock poisoned").remove(saga);
         self.execute_saga(actions);
         answer.await.unwrap_or_else(|_| Err(Error::Unavailable("the coordinator is stopping".into())))?;
-        info!(%saga, to_account, "dead letter resolved");
+        info!(%saga, to_account, %decision, "dead letter resolved");
         let mut status = self.saga_status(saga, &record);
         status.state = pb::SagaState::Resolved as i32;
         status.parked = false;

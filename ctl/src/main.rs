@@ -238,8 +238,8 @@ enum DeadLettersCommand {
     /// RESOLVED (ResolveDeadLetter).
     ///
     /// Exit 1 if the answer is not RESOLVED (e.g. the account is still
-    /// closed; the answer says why). The API records no reason for this
-    /// decision.
+    /// closed; the answer says why). The saga's end record keeps the
+    /// reason with the certificate's identity.
     ///
     /// Certificate: operator only.
     Resolve {
@@ -249,6 +249,9 @@ enum DeadLettersCommand {
         /// (default: the saga's source account, which must be open).
         #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
         to_account: u64,
+        /// Why (kept with the saga's end record; 1 to 4,096 bytes).
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
     },
 }
 
@@ -269,7 +272,7 @@ enum ParkedCommand {
     ///
     /// Exit 1 if the answer is not RESOLVED. A transfer that is not parked
     /// is refused (INVALID_ARGUMENT; NOT_FOUND when unknown): exit 3. The
-    /// API records no reason for this decision.
+    /// transfer's record keeps the reason with the certificate's identity.
     ///
     /// Certificate: operator only.
     Resolve {
@@ -283,6 +286,9 @@ enum ParkedCommand {
         /// the transfer's source account, which must be open).
         #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
         to_account: u64,
+        /// Why (kept with the transfer's record; 1 to 4,096 bytes).
+        #[arg(long, value_name = "TEXT")]
+        reason: String,
     },
 }
 
@@ -316,12 +322,12 @@ async fn run(cli: Cli) -> Result<Report, UsageError> {
         Command::DeadLetters { command: DeadLettersCommand::List { limit } } => {
             suspense::list_dead_letters(&nodes, limit).await
         }
-        Command::DeadLetters { command: DeadLettersCommand::Resolve { id, to_account } } => {
-            suspense::resolve_dead_letter(&nodes, &id, to_account).await
+        Command::DeadLetters { command: DeadLettersCommand::Resolve { id, to_account, reason } } => {
+            suspense::resolve_dead_letter(&nodes, &id, to_account, &reason).await
         }
         Command::Parked { command: ParkedCommand::List { limit } } => suspense::list_parked(&nodes, limit).await,
-        Command::Parked { command: ParkedCommand::Resolve { participant, id, to_account } } => {
-            suspense::resolve_parked(&nodes, &participant, &id, to_account).await
+        Command::Parked { command: ParkedCommand::Resolve { participant, id, to_account, reason } } => {
+            suspense::resolve_parked(&nodes, &participant, &id, to_account, &reason).await
         }
         Command::Balances { account: Some(account), .. } => ledger::account(&nodes, account).await,
         Command::Balances { account: None, expected_money } => ledger::balances(&nodes, expected_money).await,

@@ -28,48 +28,48 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
 
 #[derive(Debug, Serialize)]
-struct StatusView {
+pub struct StatusView {
     /// Every node named is live and serving, the coordinator is ready, and
     /// every call answered.
-    serving: bool,
-    coordinator: Option<CoordinatorStatus>,
-    participants: Vec<ParticipantStatus>,
-    findings: Vec<String>,
+    pub serving: bool,
+    pub coordinator: Option<CoordinatorStatus>,
+    pub participants: Vec<ParticipantStatus>,
+    pub findings: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
-struct CoordinatorStatus {
-    url: String,
+pub struct CoordinatorStatus {
+    pub url: String,
     /// `serving`, `not_serving`, `unknown`, `service_unknown`, or
     /// `unreachable`.
-    liveness: String,
+    pub liveness: String,
     /// `tandem.v1.Coordinator.ready`.
-    ready: String,
+    pub ready: String,
     /// Dead letters listed (None when not asked or not answered).
-    dead_letters: Option<usize>,
+    pub dead_letters: Option<usize>,
     /// Money the dead letters hold in suspense.
-    dead_letter_amount: Option<i128>,
+    pub dead_letter_amount: Option<i128>,
 }
 
 #[derive(Debug, Serialize)]
-struct ParticipantStatus {
-    name: String,
-    url: String,
-    liveness: String,
+pub struct ParticipantStatus {
+    pub name: String,
+    pub url: String,
+    pub liveness: String,
     /// `tandem.v1.Participant/<name>` on the coordinator: whether the
     /// coordinator reaches it (None without --coordinator).
-    reached_by_coordinator: Option<String>,
-    accounts: Option<u64>,
+    pub reached_by_coordinator: Option<String>,
+    pub accounts: Option<u64>,
     /// Prepared transactions not yet decided here (in doubt or in flight).
-    prepared: Option<u64>,
+    pub prepared: Option<u64>,
     /// How long the oldest of them has been prepared.
-    oldest_prepared_ms: Option<u64>,
-    orphaned: Option<u64>,
-    heuristic_mixed: Option<u64>,
-    parked: Option<usize>,
-    suspense: Option<i64>,
-    transfers_in_flight: Option<u64>,
-    outbox_pending: Option<u64>,
+    pub oldest_prepared_ms: Option<u64>,
+    pub orphaned: Option<u64>,
+    pub heuristic_mixed: Option<u64>,
+    pub parked: Option<usize>,
+    pub suspense: Option<i64>,
+    pub transfers_in_flight: Option<u64>,
+    pub outbox_pending: Option<u64>,
 }
 
 /// What one health check said, as a word.
@@ -140,6 +140,15 @@ fn take<T>(answer: Option<Result<T, RpcError>>, errors: &mut Vec<RpcError>) -> O
 }
 
 pub async fn run(nodes: &Nodes) -> Result<Report, UsageError> {
+    let (view, errors) = build(nodes).await?;
+    let text = render(&view);
+    let findings = view.findings.clone();
+    Ok(Report::new(&view, text, findings, errors))
+}
+
+/// The view `status` prints (the console's overview shows it too), and the
+/// calls that failed.
+pub async fn build(nodes: &Nodes) -> Result<(StatusView, Vec<RpcError>), UsageError> {
     if nodes.coordinator_if_given().is_none() && nodes.participants.is_empty() {
         return Err(UsageError(
             "status needs nodes to ask: give --coordinator URL and --participant NAME=URL (or TANDEM_COORDINATOR, \
@@ -282,9 +291,7 @@ pub async fn run(nodes: &Nodes) -> Result<Report, UsageError> {
         && participants.iter().all(|p| {
             p.liveness == "serving" && p.reached_by_coordinator.as_deref().is_none_or(|word| word == "serving")
         });
-    let view = StatusView { serving, coordinator, participants, findings: findings.clone() };
-    let text = render(&view);
-    Ok(Report::new(&view, text, findings, errors))
+    Ok((StatusView { serving, coordinator, participants, findings }, errors))
 }
 
 fn render(view: &StatusView) -> String {

@@ -76,10 +76,15 @@ struct ResolvedDeadLetterView {
     findings: Vec<String>,
 }
 
-pub async fn resolve_dead_letter(nodes: &Nodes, saga_id: &str, to_account: u64) -> Result<Report, UsageError> {
+pub async fn resolve_dead_letter(
+    nodes: &Nodes,
+    saga_id: &str,
+    to_account: u64,
+    reason: &str,
+) -> Result<Report, UsageError> {
     tandem::domain::Id::parse("the saga id", saga_id).map_err(|e| UsageError(e.to_string()))?;
     let node = nodes.coordinator()?;
-    let request = pb::ResolveDeadLetterRequest { saga_id: saga_id.into(), to_account };
+    let request = pb::ResolveDeadLetterRequest { saga_id: saga_id.into(), to_account, reason: reason.into() };
     let saga = match node.coordinator_client().resolve_dead_letter(nodes.request(request)).await {
         Ok(answer) => SagaRecord::from(&answer.into_inner()),
         Err(status) => return Ok(Report::failed(node.failed(rpc::RESOLVE_DEAD_LETTER, &status))),
@@ -201,10 +206,11 @@ pub async fn resolve_parked(
     participant: &str,
     saga_id: &str,
     to_account: u64,
+    reason: &str,
 ) -> Result<Report, UsageError> {
     tandem::domain::Id::parse("the saga id", saga_id).map_err(|e| UsageError(e.to_string()))?;
     let node = nodes.participant(participant)?;
-    let request = pb::ResolveParkedTransferRequest { saga_id: saga_id.into(), to_account };
+    let request = pb::ResolveParkedTransferRequest { saga_id: saga_id.into(), to_account, reason: reason.into() };
     let transfer = match node.participant_client().resolve_parked_transfer(nodes.request(request)).await {
         Ok(answer) => TransferView::from(&answer.into_inner()),
         Err(status) => return Ok(Report::failed(node.failed(rpc::RESOLVE_PARKED_TRANSFER, &status))),

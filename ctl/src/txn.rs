@@ -14,28 +14,28 @@
 //! aborted), a participant that disagrees with the coordinator's decision,
 //! an orphaned record, a heuristic-mixed decision.
 
-use crate::nodes::{on_each, rpc, Nodes, UsageError};
+use crate::nodes::{on_each, rpc, Nodes, RpcError, UsageError};
 use crate::report::Report;
 use crate::table::{age, enum_name, flag, Align, Table};
 use serde::Serialize;
 use tandem::pb;
 
 #[derive(Debug, Serialize)]
-struct TxnView {
-    txn_id: String,
-    coordinator: Option<CoordinatorRecord>,
-    participants: Vec<ParticipantRecord>,
-    findings: Vec<String>,
+pub struct TxnView {
+    pub txn_id: String,
+    pub coordinator: Option<CoordinatorRecord>,
+    pub participants: Vec<ParticipantRecord>,
+    pub findings: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
-struct CoordinatorRecord {
+pub struct CoordinatorRecord {
     /// preparing, committing, committed, aborted, unknown.
-    state: String,
-    pending_participants: Vec<String>,
-    detail: String,
+    pub state: String,
+    pub pending_participants: Vec<String>,
+    pub detail: String,
     /// Set when the id is an orchestrated saga's.
-    saga: Option<SagaRecord>,
+    pub saga: Option<SagaRecord>,
 }
 
 #[derive(Debug, Serialize)]
@@ -70,17 +70,17 @@ impl From<&pb::SagaStatus> for SagaRecord {
 }
 
 #[derive(Debug, Serialize)]
-struct ParticipantRecord {
-    participant: String,
+pub struct ParticipantRecord {
+    pub participant: String,
     /// unknown, prepared, committed, aborted.
-    state: String,
-    coordinator_id: String,
+    pub state: String,
+    pub coordinator_id: String,
     /// 16 hex digits; empty when not known.
-    coordinator_incarnation: String,
-    position: u64,
-    orphaned: bool,
-    one_phase: bool,
-    heuristic: Option<HeuristicRecord>,
+    pub coordinator_incarnation: String,
+    pub position: u64,
+    pub orphaned: bool,
+    pub one_phase: bool,
+    pub heuristic: Option<HeuristicRecord>,
 }
 
 #[derive(Debug, Serialize)]
@@ -117,6 +117,15 @@ pub fn incarnation(incarnation: u64) -> String {
 }
 
 pub async fn get(nodes: &Nodes, txn_id: &str) -> Result<Report, UsageError> {
+    let (view, errors) = build(nodes, txn_id).await?;
+    let text = render(&view);
+    let findings = view.findings.clone();
+    Ok(Report::new(&view, text, findings, errors))
+}
+
+/// The view `txn get` prints (the console's lookup shows it too), and the
+/// calls that failed.
+pub async fn build(nodes: &Nodes, txn_id: &str) -> Result<(TxnView, Vec<RpcError>), UsageError> {
     tandem::domain::Id::parse("the transaction id", txn_id).map_err(|e| UsageError(e.to_string()))?;
     if nodes.coordinator_if_given().is_none() && nodes.participants.is_empty() {
         return Err(UsageError(
@@ -224,9 +233,7 @@ pub async fn get(nodes: &Nodes, txn_id: &str) -> Result<Report, UsageError> {
             ));
         }
     }
-    let view = TxnView { txn_id: txn_id.to_string(), coordinator, participants, findings: findings.clone() };
-    let text = render(&view);
-    Ok(Report::new(&view, text, findings, errors))
+    Ok((TxnView { txn_id: txn_id.to_string(), coordinator, participants, findings }, errors))
 }
 
 fn render(view: &TxnView) -> String {

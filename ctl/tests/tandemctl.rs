@@ -279,10 +279,18 @@ async fn an_operator_reads_and_resolves_a_real_cluster_with_tandemctl() {
     // Conservation still holds: the money is in suspense.
     let run = tandemctl(&cluster, "operator", &["--json", "audit", "--expected-money", &total_text]).await;
     assert_eq!((run.code, run.json()["suspense"].as_i64()), (0, Some(120)), "{run:?}");
-    let closed = tandemctl(&cluster, "operator", &["dead-letters", "resolve", &saga]).await;
+    let missing = tandemctl(&cluster, "operator", &["dead-letters", "resolve", &saga]).await;
+    assert_eq!(missing.code, 2, "a resolve needs --reason: {missing:?}");
+    let blank = tandemctl(&cluster, "operator", &["dead-letters", "resolve", &saga, "--reason", " "]).await;
+    assert_eq!(blank.code, 3, "a blank reason is refused by the coordinator: {blank:?}");
+    assert!(blank.stderr.contains("InvalidArgument") || blank.stderr.contains("INVALID_ARGUMENT"), "{blank:?}");
+    let closed =
+        tandemctl(&cluster, "operator", &["dead-letters", "resolve", &saga, "--reason", "ticket 7: refund"]).await;
     assert!(closed.code == 1 || closed.code == 3, "the source account is still closed: {closed:?}");
     reopen(&cluster, 0, 4).await;
-    let resolved = tandemctl(&cluster, "operator", &["--json", "dead-letters", "resolve", &saga]).await;
+    let resolved =
+        tandemctl(&cluster, "operator", &["--json", "dead-letters", "resolve", &saga, "--reason", "ticket 7: refund"])
+            .await;
     assert_eq!(resolved.code, 0, "{resolved:?}");
     assert_eq!(resolved.json()["saga"]["state"], "resolved");
     let run = tandemctl(&cluster, "operator", &["--json", "dead-letters", "list"]).await;
@@ -298,10 +306,12 @@ async fn an_operator_reads_and_resolves_a_real_cluster_with_tandemctl() {
     assert_eq!(listed["participants"][0]["parked"][0]["saga_id"], parked.as_str(), "{listed}");
     assert_eq!(listed["participants"][1]["total"], 0, "{listed}");
     reopen(&cluster, 0, 6).await;
-    let resolved =
-        tandemctl(&cluster, "operator", &["--json", "parked", "resolve", "--participant", "p1", &parked]).await;
+    let resolve = ["--json", "parked", "resolve", "--participant", "p1", &parked, "--reason", "ticket 8: refund"];
+    let resolved = tandemctl(&cluster, "operator", &resolve).await;
     assert_eq!(resolved.code, 0, "{resolved:?}");
     assert_eq!(resolved.json()["transfer"]["state"], "resolved");
+    let kept = resolved.json()["transfer"]["reason"].as_str().unwrap_or_default().to_string();
+    assert!(kept.ends_with("by tandem://operator/bench: ticket 8: refund"), "who and why are kept: {kept}");
 
     // All money back in accounts; everything settled.
     let run = tandemctl(&cluster, "operator", &["--json", "audit", "--expected-money", &total_text]).await;

@@ -1831,11 +1831,12 @@ impl Participant for Node {
         &self,
         request: Request<pb::ResolveParkedTransferRequest>,
     ) -> Result<Response<pb::TransferStatus>, Status> {
+        let decision = tandem::trust::operator_decision(request.extensions(), &request.get_ref().reason)?;
         let request = request.into_inner();
         let saga = Id::parse("saga_id", &request.saga_id)?;
         let to = (request.to_account != 0).then_some(request.to_account);
-        let resolved = self.apply(3, |core, now| core.resolve_parked_transfer(&saga, to, now)).await?;
-        info!(%saga, "parked transfer resolved by an operator");
+        let resolved = self.apply(3, |core, now| core.resolve_parked_transfer(&saga, to, &decision, now)).await?;
+        info!(%saga, %decision, "parked transfer resolved by an operator");
         Ok(Response::new(transfer_to_pb(&saga, Some(&resolved))))
     }
 

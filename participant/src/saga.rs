@@ -1910,11 +1910,14 @@ impl Core {
 
     /// An operator releases a parked transfer's money from suspense to
     /// `to_account` (`None`: the transfer's source account), in one write
-    /// of the balance, the suspense and the transfer, now RESOLVED.
+    /// of the balance, the suspense and the transfer, now RESOLVED; its
+    /// reason ends with `decision` (who and why,
+    /// [`tandem::trust::operator_decision`]).
     pub fn resolve_parked_transfer(
         &mut self,
         saga: &Id,
         to_account: Option<AccountId>,
+        decision: &str,
         now_ms: u64,
     ) -> Result<(Transfer, Effects), Error> {
         let node = self.config.node_id.clone();
@@ -1944,7 +1947,7 @@ impl Core {
             )));
         }
         let state = TransferState::Resolved(clip_text(
-            &format!("{reason}; released to account {to} by an operator"),
+            &format!("{reason}; released to account {to} {decision}"),
             REASON_STORED_LEN_MAX,
         ));
         let resolved = Transfer { state, ..transfer }.stamped(now_ms);

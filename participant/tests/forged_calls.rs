@@ -188,7 +188,11 @@ async fn forged_calls_are_refused_and_the_node_keeps_serving_and_restarts() {
     assert_eq!(balance(&mut p1.client, 1).await.posted, 60);
     let resolved = p1
         .client
-        .resolve_parked_transfer(pb::ResolveParkedTransferRequest { saga_id: "t1".into(), to_account: 0 })
+        .resolve_parked_transfer(pb::ResolveParkedTransferRequest {
+            saga_id: "t1".into(),
+            to_account: 0,
+            reason: "test".into(),
+        })
         .await
         .unwrap()
         .into_inner();

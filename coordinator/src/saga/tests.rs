@@ -195,11 +195,19 @@ fn a_failing_refund_dead_letters_and_an_operator_resolves_it() {
     let listed = core.dead_letters();
     assert_eq!((listed.len(), listed[0].1.parked), (1, 30));
     assert!(core.key_in_flight(&id("k1")).is_none(), "the client has its answer");
-    let a = core.resolve(&id("s1"), 1).unwrap();
+    let a = core.resolve(&id("s1"), 1, "by tandem://operator/t: refund".into()).unwrap();
     assert_eq!(step_of(&a), (StepKind::Release, StepPhase::Action, Retry::Attempts));
-    assert!(matches!(core.resolve(&id("s1"), 1), Err(Error::Conflict(_))));
+    assert!(matches!(core.resolve(&id("s1"), 1, "by tandem://operator/t: refund".into()), Err(Error::Conflict(_))));
     let a = core.on_step(&id("s1"), StepKind::Release, StepPhase::Action, StepResult::Applied);
     assert!(a.iter().any(|x| matches!(x, SagaAction::ResolveReply { result: Ok(()), .. })));
+    let end_reason = a.iter().find_map(|x| match x {
+        SagaAction::Finish { outcome: Outcome::DeadLettered(_, reason), .. } => Some(reason.clone()),
+        _ => None,
+    });
+    assert!(
+        end_reason.as_deref().is_some_and(|r| r.ends_with("; resolved by tandem://operator/t: refund")),
+        "the end record keeps who resolved it and why: {end_reason:?}"
+    );
     assert!(core.dead_letters().is_empty() && core.get(&id("s1")).is_none());
 }
 
@@ -220,7 +228,7 @@ fn a_failed_release_leaves_the_dead_letter_for_another_try() {
         StepResult::Refused(AbortReason::Refused, "closed".into()),
     );
     core.on_step(&id("s1"), StepKind::Debit, StepPhase::CompensateToSuspense, StepResult::Applied);
-    core.resolve(&id("s1"), 1).unwrap();
+    core.resolve(&id("s1"), 1, "by tandem://operator/t: refund".into()).unwrap();
     let a = core.on_step(
         &id("s1"),
         StepKind::Release,
@@ -328,7 +336,7 @@ fn a_saga_holds_the_participants_it_may_still_send_a_step_to() {
     core.on_step(&id("s1"), StepKind::Debit, StepPhase::CompensateToSuspense, StepResult::Applied);
     core.on_finish_written(&id("s1"));
     assert_eq!(core.holding_count(&p1), 1, "a dead letter holds its source until an operator resolves it");
-    let release = core.resolve(&id("s1"), 1).unwrap();
+    let release = core.resolve(&id("s1"), 1, "by tandem://operator/t: refund".into()).unwrap();
     assert!(matches!(&release[..], [SagaAction::Step { position: 5, .. }]));
     let finished = core.on_step(&id("s1"), StepKind::Release, StepPhase::Action, StepResult::Applied);
     assert!(finished.iter().any(|a| matches!(a, SagaAction::Finish { .. })));

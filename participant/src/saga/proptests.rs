@@ -468,7 +468,7 @@ impl Bank {
                 self.deliver(event, now);
             }
             Request::Resolve(s, to) => {
-                let result = self.core.resolve_parked_transfer(&saga(s), to, now);
+                let result = self.core.resolve_parked_transfer(&saga(s), to, "by tandem://operator/t: test", now);
                 if self.write(result).is_some() {
                     self.reached.resolved += 1;
                 }

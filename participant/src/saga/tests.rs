@@ -400,17 +400,31 @@ fn an_operator_lists_a_parked_transfer_and_releases_its_money() {
     assert_eq!(parked.len(), 1);
     assert_eq!((parked[0].0.as_str(), parked[0].1.amount), ("s1", 40));
     // Into the closed source: refused, nothing changes.
-    assert!(matches!(p1.0.resolve_parked_transfer(&id("s1"), None, 0), Err(Error::InvalidInput(_))));
+    assert!(matches!(
+        p1.0.resolve_parked_transfer(&id("s1"), None, "by tandem://operator/t: refund", 0),
+        Err(Error::InvalidInput(_))
+    ));
     assert_eq!(p1.0.suspense(), 40);
     p1.1.apply(&p1.0.set_closed(1, false).unwrap().1);
-    let (resolved, effects) = p1.0.resolve_parked_transfer(&id("s1"), None, 0).unwrap();
+    let (resolved, effects) =
+        p1.0.resolve_parked_transfer(&id("s1"), None, "by tandem://operator/t: refund", 0).unwrap();
     p1.1.apply(&effects);
-    assert!(matches!(resolved.state, TransferState::Resolved(ref r) if r.contains("account 1")));
+    assert!(
+        matches!(resolved.state, TransferState::Resolved(ref r) if r.ends_with("released to account 1 by tandem://operator/t: refund")),
+        "the record keeps who released it and why: {:?}",
+        resolved.state
+    );
     assert_eq!((p1.0.account(1).unwrap().posted, p1.0.suspense()), (100, 0));
     assert!(p1.0.parked_transfers().is_empty());
     // Once: a second resolution is refused; a restart sees the same.
-    assert!(matches!(p1.0.resolve_parked_transfer(&id("s1"), None, 0), Err(Error::InvalidInput(_))));
-    assert!(matches!(p1.0.resolve_parked_transfer(&id("nope"), None, 0), Err(Error::NotFound(_))));
+    assert!(matches!(
+        p1.0.resolve_parked_transfer(&id("s1"), None, "by tandem://operator/t: refund", 0),
+        Err(Error::InvalidInput(_))
+    ));
+    assert!(matches!(
+        p1.0.resolve_parked_transfer(&id("nope"), None, "by tandem://operator/t: refund", 0),
+        Err(Error::NotFound(_))
+    ));
     let restarted = Core::recover(config("p1"), p1.1 .0.clone(), 0).unwrap();
     assert_eq!((restarted.account(1).unwrap().posted, restarted.suspense()), (100, 0));
     assert!(matches!(restarted.transfer(&id("s1")).unwrap().state, TransferState::Resolved(_)));
@@ -530,7 +544,8 @@ mod forged {
         assert!(matches!(&answer.outcome, StepOutcome::Refused(None, r) if r.contains("parked nothing")), "{answer:?}");
         assert!(effects.ops.is_empty());
         assert_eq!((core.suspense(), core.account(2).unwrap().posted), (40, 0), "nothing taken");
-        let (resolved, effects) = core.resolve_parked_transfer(&id("t1"), None, 0).unwrap();
+        let (resolved, effects) =
+            core.resolve_parked_transfer(&id("t1"), None, "by tandem://operator/t: refund", 0).unwrap();
         disk.apply(&effects);
         assert!(matches!(resolved.state, TransferState::Resolved(_)));
         assert_eq!((core.account(1).unwrap().posted, core.suspense()), (100, 0));
@@ -583,7 +598,7 @@ mod forged {
         let (_, mut disk) = parked_transfer();
         disk.0.insert(SUSPENSE_KEY.to_vec(), 10i64.to_le_bytes().to_vec());
         let mut core = Core::recover(config("p1"), disk.0.clone(), 0).unwrap();
-        let refused = core.resolve_parked_transfer(&id("t1"), None, 0);
+        let refused = core.resolve_parked_transfer(&id("t1"), None, "by tandem://operator/t: refund", 0);
         assert!(matches!(&refused, Err(Error::Fatal(m)) if m.contains("holds 10")), "{refused:?}");
         assert_eq!((core.suspense(), core.account(1).unwrap().posted), (10, 60), "nothing changed");
         assert!(core.account(1).is_ok(), "the core still answers");
