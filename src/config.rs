@@ -19,12 +19,13 @@
 //! A flag given on the command line replaces the file's value whole (a
 //! repeatable flag's list too).
 //!
-//! Values: strings, integers (written out in decimal), booleans (a switch
+//! Values: strings, integers (written out in decimal), floats (a ratio
+//! such as `trace-sample-ratio = 0.01`), booleans (a switch
 //! like `insecure = true`, or a flag that takes true|false), and arrays of
 //! those for a repeatable flag (`peer = ["p1=http://...", "p2=http://..."]`;
 //! in the environment a repeatable flag's values are comma-separated, and so
-//! they are on the command line too: `--peer a,b` is two peers). Tables,
-//! floats and dates have no flag to go to: an error, as is an unknown key.
+//! they are on the command line too: `--peer a,b` is two peers). Tables
+//! and dates have no flag to go to: an error, as is an unknown key.
 //! Nothing read from the file reaches an `unwrap`: every bad input is an
 //! error that names the file and the key.
 //!
@@ -336,13 +337,14 @@ fn word(setting: &Setting, value: &toml::Value) -> Result<String, String> {
     Ok(word)
 }
 
-/// A string, an integer or a boolean, as it would be typed.
+/// A string, a number or a boolean, as it would be typed.
 fn scalar(value: &toml::Value) -> Result<String, String> {
     match value {
         toml::Value::String(text) => Ok(text.clone()),
         toml::Value::Integer(number) => Ok(number.to_string()),
+        toml::Value::Float(number) => Ok(number.to_string()),
         toml::Value::Boolean(on) => Ok(on.to_string()),
-        other => Err(format!("takes a string, an integer or a boolean, not {}", kind(other))),
+        other => Err(format!("takes a string, a number or a boolean, not {}", kind(other))),
     }
 }
 
@@ -412,7 +414,7 @@ fn render(
     Ok(out)
 }
 
-/// A value as TOML: an integer or a boolean where the flag parses into one
+/// A value as TOML: an integer, a float or a boolean where the flag parses into one
 /// and the text is one (`idempotency-retention`'s "24h" stays a string).
 fn typed(arg: &Arg, value: String) -> toml::Value {
     use std::any::TypeId;
@@ -437,6 +439,11 @@ fn typed(arg: &Arg, value: String) -> toml::Value {
     if type_id == TypeId::of::<bool>() {
         if let Ok(on) = value.parse::<bool>() {
             return toml::Value::Boolean(on);
+        }
+    }
+    if type_id == TypeId::of::<f64>() {
+        if let Ok(number) = value.parse::<f64>() {
+            return toml::Value::Float(number);
         }
     }
     toml::Value::String(value)
@@ -475,6 +482,9 @@ mod tests {
         worker_threads: Option<usize>,
         #[arg(long, default_value_t = true, action = ArgAction::Set)]
         one_phase_commit: bool,
+        /// A float.
+        #[arg(long, default_value_t = 1.0)]
+        sample_ratio: f64,
         /// Gone: refused by the node when given.
         #[arg(long, hide = true)]
         gone_ms: Option<String>,
@@ -535,6 +545,7 @@ timeout-ms = 42
 retention = "90m"
 worker-threads = 3
 one-phase-commit = false
+sample-ratio = 0.25
 insecure = true
 "#;
 
@@ -646,11 +657,12 @@ insecure = true
             ("insecure = \"yes\"", "`insecure` is a switch: give true or false, not a string"),
             ("timeout-ms = \"soon\"", "`timeout-ms` invalid value 'soon' for '--timeout-ms <TIMEOUT_MS>'"),
             ("timeout-ms = -1", "`timeout-ms` invalid value '-1'"),
-            ("timeout-ms = 1.5", "`timeout-ms` takes a string, an integer or a boolean, not a float"),
+            ("timeout-ms = 1.5", "`timeout-ms` invalid value '1.5'"),
+            ("sample-ratio = \"most\"", "`sample-ratio` invalid value 'most'"),
             ("retention = \"5 minutes\"", "\"5 minutes\" has no unit"),
             ("listen = true", "`listen` invalid value 'true'"),
             ("data-dir = [\"/a\", \"/b\"]", "`data-dir` takes one value, not an array"),
-            ("peer = [\"p1=x\", 2.0]", "`peer` takes a string, an integer or a boolean, not a float"),
+            ("peer = [\"p1=x\", {a = 1}]", "`peer` takes a string, a number or a boolean, not a table"),
             ("peer = [[\"p1=x\"]]", "not an array"),
             ("one-phase-commit = \"maybe\"", "`one-phase-commit` invalid value 'maybe'"),
             ("[tls]\ncert = \"x\"", "unknown key `tls`"),
@@ -711,6 +723,7 @@ insecure = true
         assert!(printed.contains("peer = [\"p2=http://h:2\", \"p3=http://h:3\"]  # flag\n"), "{printed}");
         assert!(printed.contains("timeout-ms = 42  # file\n"), "an integer: {printed}");
         assert!(printed.contains("one-phase-commit = false  # file\n"), "a boolean: {printed}");
+        assert!(printed.contains("sample-ratio = 0.25  # file\n"), "a float: {printed}");
         assert!(printed.contains("insecure = true  # file\n"), "a switch: {printed}");
         assert!(printed.contains("worker-threads = 2  # env TANDEM_CFGTEST_PRINT_WORKER_THREADS\n"), "{printed}");
         assert!(printed.contains("# tls-cert is not set\n"), "{printed}");

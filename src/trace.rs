@@ -29,6 +29,13 @@
 //! code that carries contexts checks [`on`] first and does nothing. With
 //! `--log-level debug` the spans appear in the log lines too.
 //!
+//! Sampling: `--trace-sample-ratio R` exports the share R of the traces
+//! (OpenTelemetry's parent-based sampler over a trace-id ratio): a trace
+//! the client began keeps the client's choice (its `traceparent`'s sampled
+//! flag), the coordinator chooses for the others by trace id, and the
+//! participants follow the coordinator's choice, which the `trace_parent`
+//! it sends carries. So a trace is exported whole or not at all.
+//!
 //! A trace context is advisory: a `traceparent` that is malformed or longer
 //! than [`TRACE_PARENT_LEN_MAX`] is ignored (the W3C rule), never refused,
 //! and tracing never changes what a call does.
@@ -67,7 +74,7 @@ pub fn on() -> bool {
 }
 
 /// `--otlp-endpoint`, shared by the nodes.
-#[derive(clap::Args, Debug, Clone, Default)]
+#[derive(clap::Args, Debug, Clone)]
 pub struct TraceFlags {
     /// Export spans over OTLP/gRPC to this collector, e.g.
     /// http://127.0.0.1:4317 (plaintext; the collector is reached as a
@@ -78,6 +85,27 @@ pub struct TraceFlags {
     /// exported and spans cost nothing measurable.
     #[arg(long, value_name = "URL")]
     pub otlp_endpoint: Option<String>,
+    /// The share of transfers whose traces are exported, 0 to 1 (1: every
+    /// one). A trace the client began keeps the client's choice (the
+    /// sampled flag of its traceparent); the coordinator chooses for the
+    /// others by trace id, and the participants follow the coordinator. A
+    /// span not exported still costs its bookkeeping, not the export.
+    #[arg(long, value_name = "RATIO", default_value_t = 1.0, value_parser = parse_sample_ratio, requires = "otlp_endpoint")]
+    pub trace_sample_ratio: f64,
+}
+
+impl Default for TraceFlags {
+    fn default() -> TraceFlags {
+        TraceFlags { otlp_endpoint: None, trace_sample_ratio: 1.0 }
+    }
+}
+
+/// A ratio from 0 to 1.
+fn parse_sample_ratio(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(ratio),
+        _ => Err(format!("{text:?} is not a ratio from 0 to 1 (0.01 exports one trace in a hundred)")),
+    }
 }
 
 /// What [`init`] set up: flush it before the process exits, or the last
@@ -127,7 +155,10 @@ pub fn init(level: &str, service: &str, node: &str, flags: &TraceFlags) -> Resul
         .with_service_name(service.to_string())
         .with_attribute(opentelemetry::KeyValue::new("service.instance.id", node.to_string()))
         .build();
+    use opentelemetry_sdk::trace::Sampler;
+    let sampler = Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(flags.trace_sample_ratio)));
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_sampler(sampler)
         .with_batch_exporter(exporter)
         .with_resource(resource)
         .build();
@@ -136,7 +167,7 @@ pub fn init(level: &str, service: &str, node: &str, flags: &TraceFlags) -> Resul
         .with_filter(tracing_subscriber::filter::Targets::new().with_target(TARGET, tracing::Level::DEBUG));
     let _ = tracing_subscriber::registry().with(log).with(spans).try_init();
     ON.store(true, Ordering::Relaxed);
-    tracing::info!(%endpoint, "exporting spans over OTLP");
+    tracing::info!(%endpoint, sample_ratio = flags.trace_sample_ratio, "exporting spans over OTLP");
     Ok(Tracing { provider: Some(provider) })
 }
 

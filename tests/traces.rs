@@ -1,8 +1,10 @@
 //! One transfer is one trace across the processes: the real binaries
 //! export their spans over OTLP to a collector this test runs, and the
 //! spans of one transfer from the coordinator and both participants carry
-//! the trace id the client's call named in its `traceparent` (build the
-//! binaries first: `cargo build --release --workspace`).
+//! the trace id the client's call named in its `traceparent`; with
+//! `--trace-sample-ratio`, only the traces chosen are exported, the client's
+//! choice first (build the binaries first: `cargo build --release
+//! --workspace`).
 
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
@@ -95,8 +97,10 @@ fn names_on(spans: &[Received], node: &str) -> BTreeSet<String> {
     spans.iter().filter(|s| s.node == node).map(|s| s.name.clone()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_transfers_spans_on_the_coordinator_and_both_participants_share_the_clients_trace_id() {
+/// A cluster of a coordinator and two participants exporting to a
+/// collector of this test's, each node started with `--otlp-endpoint` and
+/// `extra` flags.
+async fn traced_cluster(extra: &[&str]) -> (Cluster, Collector, tempfile::TempDir) {
     // Export every 100 ms instead of the default 5 s (the SDK's standard
     // variable, read by every node this test starts).
     std::env::set_var("OTEL_BSP_SCHEDULE_DELAY", "100");
@@ -106,49 +110,92 @@ async fn one_transfers_spans_on_the_coordinator_and_both_participants_share_the_
     let mut spec = ClusterSpec::new(default_bin_dir(), dir.path().to_path_buf());
     spec.participants = 2;
     spec.accounts_per_participant = 100;
-    spec.coordinator_args = vec!["--otlp-endpoint".into(), endpoint.clone()];
-    spec.participant_args = vec!["--otlp-endpoint".into(), endpoint];
+    let mut args = vec!["--otlp-endpoint".to_string(), endpoint];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    spec.coordinator_args = args.clone();
+    spec.participant_args = args;
     let cluster = Cluster::start(spec).await.expect("the cluster starts");
-    let client = cluster.client().clone();
-    let mut coordinator = cluster.coordinator_client(&client).unwrap();
+    (cluster, collector, dir)
+}
 
-    // The client's own span, as a W3C-aware client names it.
+/// A trace id of this run's, unique per `n`.
+fn new_trace_id(n: u128) -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let trace_id = format!("{:032x}", nanos | 1 << 100);
-    let client_span_id = "00f067aa0ba902b7";
+    format!("{:032x}", (nanos << 8 | n) | 1 << 120)
+}
+
+/// A transfer whose call carries `traceparent` (none when empty); it must
+/// commit.
+async fn transfer(cluster: &Cluster, from: u64, to: u64, traceparent: &str) {
+    let mut coordinator = cluster.coordinator_client(cluster.client()).unwrap();
     let mut request =
-        Request::new(pb::TransferRequest { from_account: 1, to_account: 150, amount: 10, ..Default::default() });
-    request.metadata_mut().insert("traceparent", format!("00-{trace_id}-{client_span_id}-01").parse().unwrap());
+        Request::new(pb::TransferRequest { from_account: from, to_account: to, amount: 10, ..Default::default() });
+    if !traceparent.is_empty() {
+        request.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
+    }
     let answer = coordinator.transfer(request).await.unwrap().into_inner();
     assert_eq!(answer.outcome, pb::Outcome::Committed as i32, "{answer:?}");
-    // A transfer without a trace context: a trace of its own, not this one.
-    let other = pb::TransferRequest { from_account: 2, to_account: 160, amount: 10, ..Default::default() };
-    let answer = coordinator.transfer(other).await.unwrap().into_inner();
-    assert_eq!(answer.outcome, pb::Outcome::Committed as i32, "{answer:?}");
+}
 
-    // Commits are delivered after the client's answer, and spans are
-    // exported in batches: wait for what the whole transfer makes.
+/// Waits until the spans of `trace_id` include every step of a two-
+/// participant transfer on all three nodes (commits are delivered after the
+/// client's answer, and spans are exported in batches), and returns them.
+async fn whole_trace(collector: &Collector, trace_id: &str) -> Vec<Received> {
     let want_coordinator: BTreeSet<String> =
         ["transfer", "log staged", "prepare", "commit"].iter().map(|s| s.to_string()).collect();
     let want_participant: BTreeSet<String> =
         ["prepare", "durable write", "commit"].iter().map(|s| s.to_string()).collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let spans = loop {
-        let spans = of_trace(&collector, &trace_id);
-        let others = collector.spans.lock().unwrap().iter().any(|s| s.trace_id != trace_id && s.name == "transfer");
-        let complete = others
-            && names_on(&spans, "c1").is_superset(&want_coordinator)
+    loop {
+        let spans = of_trace(collector, trace_id);
+        let complete = names_on(&spans, "c1").is_superset(&want_coordinator)
             && names_on(&spans, "p1").is_superset(&want_participant)
             && names_on(&spans, "p2").is_superset(&want_participant);
         if complete {
-            break spans;
+            return spans;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
             "the transfer's spans did not all arrive within 30 s; received of its trace: {spans:#?}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_sample_ratio_of_zero_only_the_traces_a_client_sampled_are_exported() {
+    let (cluster, collector, _dir) = traced_cluster(&["--trace-sample-ratio", "0"]).await;
+    // Not sampled: a call without a context (the coordinator chooses, at
+    // ratio 0), and one whose client said not sampled (flags 00).
+    transfer(&cluster, 3, 170, "").await;
+    transfer(&cluster, 4, 180, &format!("00-{}-00f067aa0ba902b7-00", new_trace_id(1))).await;
+    // Sampled by its client (flags 01): exported whole, by every node.
+    let sampled = new_trace_id(2);
+    transfer(&cluster, 5, 190, &format!("00-{sampled}-00f067aa0ba902b7-01")).await;
+    whole_trace(&collector, &sampled).await;
+    // The others ended earlier, so their spans would have been in the same
+    // or earlier batches; give a few more export intervals all the same.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let all = collector.spans.lock().unwrap().clone();
+    let others: Vec<&Received> = all.iter().filter(|s| s.trace_id != sampled).collect();
+    assert!(others.is_empty(), "only the sampled trace is exported: {others:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_transfers_spans_on_the_coordinator_and_both_participants_share_the_clients_trace_id() {
+    let (cluster, collector, _dir) = traced_cluster(&[]).await;
+    // The client's own span, as a W3C-aware client names it.
+    let trace_id = new_trace_id(0);
+    let client_span_id = "00f067aa0ba902b7";
+    transfer(&cluster, 1, 150, &format!("00-{trace_id}-{client_span_id}-01")).await;
+    // A transfer without a trace context: a trace of its own, not this one.
+    transfer(&cluster, 2, 160, "").await;
+    let spans = whole_trace(&collector, &trace_id).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !collector.spans.lock().unwrap().iter().any(|s| s.trace_id != trace_id && s.name == "transfer") {
+        assert!(tokio::time::Instant::now() < deadline, "the other transfer's span never arrived");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Three processes, one trace.
     let services: BTreeSet<&str> = spans.iter().map(|s| s.service.as_str()).collect();
