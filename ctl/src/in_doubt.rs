@@ -13,7 +13,7 @@
 //! deciding, look at what the others did (`tandemctl txn get ID`): if any
 //! participant committed it, every participant must commit it.
 
-use crate::nodes::{on_each, request, rpc, Nodes, UsageError};
+use crate::nodes::{check_reason, on_each, request, rpc, Nodes, RpcError, UsageError};
 use crate::report::Report;
 use crate::table::{age, flag, Align, Table};
 use crate::txn::{heuristic_state, incarnation};
@@ -24,60 +24,60 @@ use tandem::pb;
 pub const LIST_LIMIT_MAX: u32 = 1_000;
 
 #[derive(Debug, Serialize)]
-struct InDoubtView {
-    participants: Vec<ParticipantInDoubt>,
-    findings: Vec<String>,
+pub struct InDoubtView {
+    pub participants: Vec<ParticipantInDoubt>,
+    pub findings: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
-struct ParticipantInDoubt {
-    participant: String,
+pub struct ParticipantInDoubt {
+    pub participant: String,
     /// Prepared transactions held (listed: at most --limit).
-    total: u64,
-    orphaned: u64,
+    pub total: u64,
+    pub orphaned: u64,
     /// The longest a transaction stayed prepared before its decision
     /// arrived, among those decided since the node started.
-    longest_in_doubt_ms: u64,
-    prepared: Vec<PreparedView>,
-    heuristic: Vec<HeuristicView>,
+    pub longest_in_doubt_ms: u64,
+    pub prepared: Vec<PreparedView>,
+    pub heuristic: Vec<HeuristicView>,
 }
 
 #[derive(Debug, Serialize)]
-struct PreparedView {
-    txn_id: String,
-    coordinator_id: String,
-    coordinator_incarnation: String,
-    position: u64,
-    prepared_for_ms: u64,
-    orphaned: bool,
-    legs: Vec<LegView>,
+pub struct PreparedView {
+    pub txn_id: String,
+    pub coordinator_id: String,
+    pub coordinator_incarnation: String,
+    pub position: u64,
+    pub prepared_for_ms: u64,
+    pub orphaned: bool,
+    pub legs: Vec<LegView>,
 }
 
 #[derive(Debug, Serialize)]
-struct LegView {
-    account: u64,
-    amount: i64,
+pub struct LegView {
+    pub account: u64,
+    pub amount: i64,
 }
 
 #[derive(Debug, Serialize)]
-struct HeuristicView {
-    txn_id: String,
-    coordinator_id: String,
-    coordinator_incarnation: String,
+pub struct HeuristicView {
+    pub txn_id: String,
+    pub coordinator_id: String,
+    pub coordinator_incarnation: String,
     /// What the operator applied.
-    committed: bool,
+    pub committed: bool,
     /// decided, confirmed, mixed.
-    state: String,
-    reason: String,
-    decided_ms_ago: u64,
-    legs: Vec<LegView>,
+    pub state: String,
+    pub reason: String,
+    pub decided_ms_ago: u64,
+    pub legs: Vec<LegView>,
 }
 
 fn legs(legs: &[pb::Leg]) -> Vec<LegView> {
     legs.iter().map(|leg| LegView { account: leg.account, amount: leg.amount }).collect()
 }
 
-fn legs_text(legs: &[LegView]) -> String {
+pub fn legs_text(legs: &[LegView]) -> String {
     legs.iter().map(|leg| format!("{}:{:+}", leg.account, leg.amount)).collect::<Vec<_>>().join(" ")
 }
 
@@ -95,6 +95,15 @@ fn heuristic_view(decision: &pb::HeuristicDecision) -> HeuristicView {
 }
 
 pub async fn list(nodes: &Nodes, limit: u32) -> Result<Report, UsageError> {
+    let (view, errors) = build_list(nodes, limit).await?;
+    let text = render(&view);
+    // A list is not a check: the findings are for `status`.
+    Ok(Report::new(&view, text, Vec::new(), errors))
+}
+
+/// The view `in-doubt list` prints (the console's overview shows it too),
+/// and the calls that failed.
+pub async fn build_list(nodes: &Nodes, limit: u32) -> Result<(InDoubtView, Vec<RpcError>), UsageError> {
     if limit == 0 || limit > LIST_LIMIT_MAX {
         return Err(UsageError(format!("--limit {limit}: give 1 to {LIST_LIMIT_MAX}")));
     }
@@ -135,10 +144,7 @@ pub async fn list(nodes: &Nodes, limit: u32) -> Result<Report, UsageError> {
             Err(error) => errors.push(error),
         }
     }
-    // A list is not a check: the findings are for `status`.
-    let view = InDoubtView { participants, findings: Vec::new() };
-    let text = render(&view);
-    Ok(Report::new(&view, text, Vec::new(), errors))
+    Ok((InDoubtView { participants, findings: Vec::new() }, errors))
 }
 
 fn render(view: &InDoubtView) -> String {
@@ -214,10 +220,10 @@ fn render(view: &InDoubtView) -> String {
 }
 
 #[derive(Debug, Serialize)]
-struct ResolvedView {
-    participant: String,
-    decision: HeuristicView,
-    findings: Vec<String>,
+pub struct ResolvedView {
+    pub participant: String,
+    pub decision: HeuristicView,
+    pub findings: Vec<String>,
 }
 
 pub async fn resolve(
@@ -227,19 +233,10 @@ pub async fn resolve(
     commit: bool,
     reason: &str,
 ) -> Result<Report, UsageError> {
-    tandem::domain::Id::parse("the transaction id", txn_id).map_err(|e| UsageError(e.to_string()))?;
-    if reason.trim().is_empty() {
-        return Err(UsageError("--reason: say who decided and why (it is stored with the decision)".into()));
-    }
-    let node = nodes.participant(participant)?;
-    let request = pb::ResolveInDoubtRequest { txn_id: txn_id.into(), commit, reason: reason.into() };
-    let answer = node.participant_client().resolve_in_doubt(nodes.request(request)).await;
-    let decision = match answer {
-        Ok(answer) => answer.into_inner(),
-        Err(status) => return Ok(Report::failed(node.failed(rpc::RESOLVE_IN_DOUBT, &status))),
+    let view = match build_resolve(nodes, participant, txn_id, commit, reason).await? {
+        Ok(view) => view,
+        Err(error) => return Ok(Report::failed(error)),
     };
-    let view =
-        ResolvedView { participant: node.name.clone(), decision: heuristic_view(&decision), findings: Vec::new() };
     let text = format!(
         "{}: {} {} by heuristic decision ({}): {}\n",
         view.participant,
@@ -249,4 +246,24 @@ pub async fn resolve(
         view.decision.reason
     );
     Ok(Report::new(&view, text, Vec::new(), Vec::new()))
+}
+
+/// Asks `participant` to decide `txn_id` (ResolveInDoubt): the decision it
+/// stored, or the call's error.
+pub async fn build_resolve(
+    nodes: &Nodes,
+    participant: &str,
+    txn_id: &str,
+    commit: bool,
+    reason: &str,
+) -> Result<Result<ResolvedView, RpcError>, UsageError> {
+    tandem::domain::Id::parse("the transaction id", txn_id).map_err(|e| UsageError(e.to_string()))?;
+    check_reason(reason)?;
+    let node = nodes.participant(participant)?;
+    let request = pb::ResolveInDoubtRequest { txn_id: txn_id.into(), commit, reason: reason.into() };
+    let decision = match node.participant_client().resolve_in_doubt(nodes.request(request)).await {
+        Ok(answer) => answer.into_inner(),
+        Err(status) => return Ok(Err(node.failed(rpc::RESOLVE_IN_DOUBT, &status))),
+    };
+    Ok(Ok(ResolvedView { participant: node.name.clone(), decision: heuristic_view(&decision), findings: Vec::new() }))
 }

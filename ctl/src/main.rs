@@ -15,8 +15,11 @@
 //! Layout: [`nodes`] names the nodes and turns a failed call into an
 //! error naming node and RPC; one module per concern builds a view
 //! ([`status`], [`txn`], [`in_doubt`], [`suspense`], [`ledger`]);
-//! [`table`] renders it for people; [`report`] holds the exit codes.
+//! [`table`] renders it for people; [`report`] holds the exit codes;
+//! [`console`] serves the same views as web pages, with the resolve
+//! actions.
 
+mod console;
 mod in_doubt;
 mod ledger;
 mod nodes;
@@ -156,6 +159,22 @@ enum Command {
         #[arg(long, value_name = "N")]
         expected_money: Option<i128>,
     },
+    /// Serve the operator's console: a web page for a browser on this
+    /// machine, with the same views as these commands and the resolve
+    /// actions.
+    ///
+    /// It prints `console on http://ADDR/?token=TOKEN` and serves until
+    /// Ctrl-C: open that URL (the token, random per start, becomes an
+    /// HttpOnly cookie; a request without it is refused, 403). Pages: the
+    /// overview (live commits/s and latency from the coordinator's metrics,
+    /// nodes' health, transactions in doubt with their age, what waits for
+    /// an operator), a lookup by transaction or saga id, dead letters and
+    /// parked transfers with their resolve forms (a reason is required).
+    /// Nothing is loaded from elsewhere: it works without internet.
+    ///
+    /// It calls the nodes as the certificate given, like every command
+    /// (operator: every page and action work).
+    Console(console::ConsoleArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -225,21 +244,22 @@ enum InDoubtCommand {
 
 #[derive(Subcommand, Debug)]
 enum DeadLettersCommand {
-    /// The coordinator's dead letters: saga, accounts, amount, the
-    /// participant whose suspense holds it, and why (ListDeadLetters).
+    /// The coordinator's dead letters, oldest saga first: saga, accounts,
+    /// amount, the participant whose suspense holds it, and why
+    /// (ListDeadLetters), and how many there are in all.
     ///
     /// Certificate: operator only.
     List {
-        /// Print at most this many (ListDeadLetters itself has no limit).
-        #[arg(long, default_value_t = LIST_LIMIT_DEFAULT as usize)]
-        limit: usize,
+        /// At most this many (1 to 1000; ListDeadLetters's own limit).
+        #[arg(long, default_value_t = LIST_LIMIT_DEFAULT)]
+        limit: u32,
     },
     /// Move a dead letter's money from suspense to an account, and mark it
-    /// RESOLVED (ResolveDeadLetter).
+    /// RESOLVED (ResolveDeadLetter), with the operator's reason.
     ///
     /// Exit 1 if the answer is not RESOLVED (e.g. the account is still
-    /// closed; the answer says why). The saga's end record keeps the
-    /// reason with the certificate's identity.
+    /// closed; the answer says why). The coordinator keeps the reason and
+    /// the operator's identity in the saga's record.
     ///
     /// Certificate: operator only.
     Resolve {
@@ -249,7 +269,7 @@ enum DeadLettersCommand {
         /// (default: the saga's source account, which must be open).
         #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
         to_account: u64,
-        /// Why (kept with the saga's end record; 1 to 4,096 bytes).
+        /// Who decided and why (stored with the record; 1 to 4,096 bytes).
         #[arg(long, value_name = "TEXT")]
         reason: String,
     },
@@ -257,22 +277,25 @@ enum DeadLettersCommand {
 
 #[derive(Subcommand, Debug)]
 enum ParkedCommand {
-    /// Each participant's parked choreographed transfers: id, state, why
-    /// (ListParkedTransfers).
+    /// Each participant's parked choreographed transfers, in saga id
+    /// order: id, state, why (ListParkedTransfers), and how many each
+    /// holds in all.
     ///
     /// Certificate: operator only.
     List {
-        /// Print at most this many per participant (ListParkedTransfers
-        /// itself has no limit).
-        #[arg(long, default_value_t = LIST_LIMIT_DEFAULT as usize)]
-        limit: usize,
+        /// At most this many per participant (1 to 1000;
+        /// ListParkedTransfers's own limit).
+        #[arg(long, default_value_t = LIST_LIMIT_DEFAULT)]
+        limit: u32,
     },
     /// Release a parked transfer's money from suspense to an account, and
-    /// mark it RESOLVED (ResolveParkedTransfer).
+    /// mark it RESOLVED (ResolveParkedTransfer), with the operator's
+    /// reason.
     ///
     /// Exit 1 if the answer is not RESOLVED. A transfer that is not parked
     /// is refused (INVALID_ARGUMENT; NOT_FOUND when unknown): exit 3. The
-    /// transfer's record keeps the reason with the certificate's identity.
+    /// participant keeps the reason and the operator's identity in the
+    /// transfer's record.
     ///
     /// Certificate: operator only.
     Resolve {
@@ -286,7 +309,7 @@ enum ParkedCommand {
         /// the transfer's source account, which must be open).
         #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
         to_account: u64,
-        /// Why (kept with the transfer's record; 1 to 4,096 bytes).
+        /// Who decided and why (stored with the record; 1 to 4,096 bytes).
         #[arg(long, value_name = "TEXT")]
         reason: String,
     },
@@ -329,6 +352,7 @@ async fn run(cli: Cli) -> Result<Report, UsageError> {
         Command::Parked { command: ParkedCommand::Resolve { participant, id, to_account, reason } } => {
             suspense::resolve_parked(&nodes, &participant, &id, to_account, &reason).await
         }
+        Command::Console(args) => console::run(nodes, security, args).await,
         Command::Balances { account: Some(account), .. } => ledger::account(&nodes, account).await,
         Command::Balances { account: None, expected_money } => ledger::balances(&nodes, expected_money).await,
         Command::Audit { expected_money } => ledger::audit(&nodes, expected_money).await,

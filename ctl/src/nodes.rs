@@ -22,9 +22,25 @@ use tandem::tls::Security;
 use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 
-/// Largest answer decoded (a list of dead letters or parked transfers is
-/// not bounded by the API; 64 MiB as the bench's clients allow).
+/// Largest answer decoded (64 MiB as the bench's clients allow; a list
+/// answer holds at most 1,000 records).
 pub const DECODED_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// Longest reason an operator may give with a decision (the nodes refuse
+/// a longer one: INVALID_ARGUMENT).
+pub const REASON_BYTES_MAX: usize = 4_096;
+
+/// A decision's reason as the nodes take it: 1 to [`REASON_BYTES_MAX`]
+/// bytes, not only blanks.
+pub fn check_reason(reason: &str) -> Result<(), UsageError> {
+    if reason.trim().is_empty() {
+        return Err(UsageError("--reason: say who decided and why (it is stored with the decision)".into()));
+    }
+    if reason.len() > REASON_BYTES_MAX {
+        return Err(UsageError(format!("--reason: {} bytes; the most is {REASON_BYTES_MAX}", reason.len())));
+    }
+    Ok(())
+}
 
 /// The label of the coordinator in output and errors (its id is not known
 /// to tandemctl: nothing in the API returns it).
