@@ -245,11 +245,78 @@ struct UpOptions {
     /// throw-away CA whose certificates are written in DATA_DIR/tls/.
     #[arg(long)]
     insecure: bool,
+    /// Do not start the operator's console (`tandemctl console`, from the
+    /// same directory as the nodes' binaries, with the cluster's operator
+    /// certificate; it stops with the cluster).
+    #[arg(long)]
+    no_console: bool,
+}
+
+/// The cluster's console: `tandemctl console` as the cluster's operator,
+/// on loopback, with the coordinator's metrics for its live figures. The
+/// process and the URL (with its token) it printed.
+async fn start_console(cluster: &Cluster) -> Result<(tokio::process::Child, String), String> {
+    use tokio::io::AsyncBufReadExt;
+    let binary = cluster.spec.bin_dir.join("tandemctl");
+    if !binary.exists() {
+        return Err(format!("{} is missing; build it: cargo build --release --workspace", binary.display()));
+    }
+    let mut command = tokio::process::Command::new(&binary);
+    for variable in ["TANDEM_COORDINATOR", "TANDEM_PARTICIPANTS", "TANDEM_TLS_CERT", "TANDEM_TLS_KEY", "TANDEM_TLS_CA"]
+    {
+        command.env_remove(variable);
+    }
+    match cluster.tls_dir() {
+        Some(dir) => command
+            .arg("--tls-cert")
+            .arg(dir.join("operator.pem"))
+            .arg("--tls-key")
+            .arg(dir.join("operator.key"))
+            .arg("--tls-ca")
+            .arg(dir.join("ca.pem")),
+        None => command.arg("--insecure"),
+    };
+    command.args(["--coordinator", &cluster.coordinator.url()]);
+    for (i, p) in cluster.participants.iter().enumerate() {
+        command.arg("--participant").arg(format!("p{}={}", i + 1, p.url()));
+    }
+    command.arg("console");
+    if let Some(http_addr) = cluster.coordinator.http_addr {
+        let scheme = if cluster.tls_dir().is_some() { "https" } else { "http" };
+        command.args(["--coordinator-metrics", &format!("{scheme}://{http_addr}")]);
+    }
+    let mut child = command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+    let stdout = child.stdout.take().ok_or("the console's stdout is not piped")?;
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await;
+    // Keep draining its stdout so that it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    match line {
+        Ok(Ok(Some(line))) if line.starts_with("console on ") => Ok((child, line["console on ".len()..].to_string())),
+        other => {
+            let _ = child.start_kill();
+            Err(format!("it did not print its address ({other:?})"))
+        }
+    }
 }
 
 async fn cluster_up(options: UpOptions) -> Result<bool, String> {
-    let UpOptions { participants, accounts, initial_balance, data_dir, keep_data, bin_dir, log_level, insecure } =
-        options;
+    let UpOptions {
+        participants,
+        accounts,
+        initial_balance,
+        data_dir,
+        keep_data,
+        bin_dir,
+        log_level,
+        insecure,
+        no_console,
+    } = options;
     if participants == 0 || accounts == 0 || initial_balance < 0 {
         return Err("--participants and --accounts must be positive, --initial-balance not negative".into());
     }
@@ -337,6 +404,19 @@ async fn cluster_up(options: UpOptions) -> Result<bool, String> {
     println!("  {tandemctl} in-doubt list");
     println!("  {tandemctl} dead-letters list");
     println!("  {tandemctl} --json balances");
+    let mut console = None;
+    if !no_console {
+        match start_console(&cluster).await {
+            Ok((child, url)) => {
+                println!(
+                    "\nThe operator's console (this browser only: the token becomes a cookie; --no-console: none):"
+                );
+                println!("  {url}");
+                console = Some(child);
+            }
+            Err(why) => eprintln!("\nthe console did not start: {why}"),
+        }
+    }
     println!("\nCtrl-C stops the cluster.");
     let mut check = tokio::time::interval(Duration::from_millis(500));
     let mut crashed = Vec::new();
@@ -348,8 +428,16 @@ async fn cluster_up(options: UpOptions) -> Result<bool, String> {
                     eprintln!("{node} exited: {status}; see {}", cluster.data_dir().join(format!("{node}.log")).display());
                     crashed.push(node);
                 }
+                if let Some(Ok(Some(status))) = console.as_mut().map(|child| child.try_wait()) {
+                    eprintln!("the console exited: {status}");
+                    console = None;
+                }
             }
         }
+    }
+    if let Some(mut child) = console.take() {
+        let _ = child.start_kill();
+        let _ = child.wait().await;
     }
     cluster.stop().await;
     if !crashed.is_empty() {
