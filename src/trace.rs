@@ -21,7 +21,11 @@
 //! message: `prepare`, `commit one phase`, `commit`, `abort` (the call, as
 //! the coordinator sees it); on a participant, the same names for its
 //! handling of each item, and `durable write` under each (the wait for its
-//! record's fsync).
+//! record's fsync). An orchestrated saga's `transfer` has one span per step
+//! on the coordinator and on its participant ([`saga_step_name`]: `saga
+//! debit`, `saga credit`, `saga undo debit`, ...), carried the same way (a
+//! `trace_parent` per step). Choreographed transfers are not traced yet
+//! (their events would carry the context through the outbox).
 //!
 //! Cost when off: the spans are at DEBUG level under the target
 //! [`TARGET`], which the log's filter does not enable at its default level
@@ -240,6 +244,24 @@ pub fn traceparent(span: &Span) -> String {
     let mut carrier: HashMap<String, String> = HashMap::with_capacity(1);
     TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
     carrier.remove(TRACEPARENT).unwrap_or_default()
+}
+
+/// The span name of an orchestrated saga's step (the same on the
+/// coordinator and on the participant): `saga debit`, `saga credit`,
+/// `saga release`, and `saga undo debit` / `saga undo credit` for a
+/// compensation, `saga park debit` for one that parks the money in
+/// suspense. Values that are no step give `saga step`.
+pub fn saga_step_name(kind: i32, phase: i32) -> &'static str {
+    use crate::pb::{StepKind, StepPhase};
+    match (StepKind::try_from(kind), StepPhase::try_from(phase)) {
+        (Ok(StepKind::Debit), Ok(StepPhase::Action)) => "saga debit",
+        (Ok(StepKind::Credit), Ok(StepPhase::Action)) => "saga credit",
+        (Ok(StepKind::Release), Ok(StepPhase::Action)) => "saga release",
+        (Ok(StepKind::Debit), Ok(StepPhase::Compensation)) => "saga undo debit",
+        (Ok(StepKind::Credit), Ok(StepPhase::Compensation)) => "saga undo credit",
+        (Ok(StepKind::Debit), Ok(StepPhase::CompensateToSuspense)) => "saga park debit",
+        _ => "saga step",
+    }
 }
 
 /// The `traceparent` entry of a call's metadata ("" if absent or not

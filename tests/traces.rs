@@ -124,12 +124,16 @@ fn new_trace_id(n: u128) -> String {
     format!("{:032x}", (nanos << 8 | n) | 1 << 120)
 }
 
-/// A transfer whose call carries `traceparent` (none when empty); it must
-/// commit.
+/// A 2PC transfer whose call carries `traceparent` (none when empty); it
+/// must commit.
 async fn transfer(cluster: &Cluster, from: u64, to: u64, traceparent: &str) {
+    let request = pb::TransferRequest { from_account: from, to_account: to, amount: 10, ..Default::default() };
+    call(cluster, request, traceparent).await;
+}
+
+async fn call(cluster: &Cluster, request: pb::TransferRequest, traceparent: &str) {
     let mut coordinator = cluster.coordinator_client(cluster.client()).unwrap();
-    let mut request =
-        Request::new(pb::TransferRequest { from_account: from, to_account: to, amount: 10, ..Default::default() });
+    let mut request = Request::new(request);
     if !traceparent.is_empty() {
         request.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
     }
@@ -141,16 +145,22 @@ async fn transfer(cluster: &Cluster, from: u64, to: u64, traceparent: &str) {
 /// participant transfer on all three nodes (commits are delivered after the
 /// client's answer, and spans are exported in batches), and returns them.
 async fn whole_trace(collector: &Collector, trace_id: &str) -> Vec<Received> {
-    let want_coordinator: BTreeSet<String> =
-        ["transfer", "log staged", "prepare", "commit"].iter().map(|s| s.to_string()).collect();
-    let want_participant: BTreeSet<String> =
-        ["prepare", "durable write", "commit"].iter().map(|s| s.to_string()).collect();
+    let names = |names: &[&str]| -> BTreeSet<String> { names.iter().map(|s| s.to_string()).collect() };
+    let want = [
+        ("c1", names(&["transfer", "log staged", "prepare", "commit"])),
+        ("p1", names(&["prepare", "durable write", "commit"])),
+        ("p2", names(&["prepare", "durable write", "commit"])),
+    ];
+    wait_for_spans(collector, trace_id, &want).await
+}
+
+/// Waits until the spans of `trace_id` on each node include the names
+/// wanted there, and returns them.
+async fn wait_for_spans(collector: &Collector, trace_id: &str, want: &[(&str, BTreeSet<String>)]) -> Vec<Received> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let spans = of_trace(collector, trace_id);
-        let complete = names_on(&spans, "c1").is_superset(&want_coordinator)
-            && names_on(&spans, "p1").is_superset(&want_participant)
-            && names_on(&spans, "p2").is_superset(&want_participant);
+        let complete = want.iter().all(|(node, names)| names_on(&spans, node).is_superset(names));
         if complete {
             return spans;
         }
@@ -222,9 +232,39 @@ async fn one_transfers_spans_on_the_coordinator_and_both_participants_share_the_
             "{node}'s durable write hangs under one of its own spans: {spans:#?}"
         );
     }
+    // An orchestrated saga: each step a span on the coordinator, and the
+    // participant's span of it beneath, with its durable write.
+    let saga_trace = new_trace_id(3);
+    let saga = pb::TransferRequest {
+        from_account: 7,
+        to_account: 170,
+        amount: 10,
+        protocol: pb::Protocol::SagaOrchestrated as i32,
+        ..Default::default()
+    };
+    call(&cluster, saga, &format!("00-{saga_trace}-{client_span_id}-01")).await;
+    let names = |names: &[&str]| -> BTreeSet<String> { names.iter().map(|s| s.to_string()).collect() };
+    let want = [
+        ("c1", names(&["transfer", "saga debit", "saga credit"])),
+        ("p1", names(&["saga debit", "durable write"])),
+        ("p2", names(&["saga credit", "durable write"])),
+    ];
+    let saga_spans = wait_for_spans(&collector, &saga_trace, &want).await;
+    let saga_call = saga_spans.iter().find(|s| s.node == "c1" && s.name == "transfer").unwrap();
+    assert_eq!(saga_call.parent_span_id, client_span_id);
+    for (node, step) in [("p1", "saga debit"), ("p2", "saga credit")] {
+        let sent = saga_spans.iter().find(|s| s.node == "c1" && s.name == step).unwrap();
+        assert_eq!(sent.parent_span_id, saga_call.span_id, "{step} hangs under the call: {saga_spans:#?}");
+        let applied = saga_spans.iter().find(|s| s.node == node && s.name == step).unwrap();
+        assert_eq!(applied.parent_span_id, sent.span_id, "{node}'s {step} hangs under the coordinator's");
+    }
+
     // The other transfer's spans are in a trace of their own.
     let all = collector.spans.lock().unwrap().clone();
-    let other_traces: BTreeSet<&str> =
-        all.iter().filter(|s| s.trace_id != trace_id && s.name == "transfer").map(|s| s.trace_id.as_str()).collect();
+    let other_traces: BTreeSet<&str> = all
+        .iter()
+        .filter(|s| s.trace_id != trace_id && s.trace_id != saga_trace && s.name == "transfer")
+        .map(|s| s.trace_id.as_str())
+        .collect();
     assert_eq!(other_traces.len(), 1, "the transfer without a context started one new trace: {all:#?}");
 }

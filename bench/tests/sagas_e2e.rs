@@ -180,6 +180,7 @@ async fn resolve_back_to_the_source(cluster: &Cluster, saga: &str, source: u64) 
         .unwrap()
         .into_inner();
     assert_eq!(resolved.state, pb::SagaState::Resolved as i32);
+    assert!(resolved.reason.ends_with(&format!("; resolved by tandem://operator/bench: {reason}")), "{resolved:?}");
     assert_eq!(posted(cluster, source).await, BALANCE);
     // The end record says who released it and why.
     let ended = coordinator
@@ -187,9 +188,8 @@ async fn resolve_back_to_the_source(cluster: &Cluster, saga: &str, source: u64) 
         .await
         .unwrap()
         .into_inner()
-        .saga
-        .map(|s| s.reason)
-        .unwrap_or_default();
+        .detail;
+    assert!(ended.starts_with("finished as Resolved: "), "{ended}");
     assert!(ended.ends_with(&format!("; resolved by tandem://operator/bench: {reason}")), "{ended}");
     let audit = coordinator.audit(pb::AuditRequest { include_accounts: false }).await.unwrap().into_inner();
     assert_eq!((audit.total_posted, audit.total_suspense), (cluster.spec.total_money(), 0));

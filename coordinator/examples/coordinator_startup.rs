@@ -58,6 +58,7 @@ async fn main() {
                     outcome: log::FinishedAs::Committed,
                     idempotency_key: Some(key.clone()),
                     expires_ms,
+                    resolution: String::new(),
                 };
                 let (k, f) = (log::key(log::KEY_PREFIX, &key), log::key(log::FINISHED_PREFIX, &txn));
                 ops.push(Op::Put(log::expiry_key(expires_ms, &k), Vec::new()));

@@ -420,7 +420,12 @@ pub fn one_phase_outcome_ops(
         put_expiring(&mut ops, key(KEY_PREFIX, idem), encode_keyed(&result)?, expires_ms);
         ops.push(Op::Delete(key(INTENT_PREFIX, txn)));
     }
-    let finished = Finished { outcome: finished_as, idempotency_key: idempotency_key.cloned(), expires_ms };
+    let finished = Finished {
+        outcome: finished_as,
+        idempotency_key: idempotency_key.cloned(),
+        expires_ms,
+        resolution: String::new(),
+    };
     put_expiring(&mut ops, key(FINISHED_PREFIX, txn), encode_finished(&finished)?, expires_ms);
     Ok(ops)
 }
@@ -443,6 +448,11 @@ pub struct Finished {
     /// When the record may be deleted (Unix ms; 0: never, a record written
     /// before records expired).
     pub expires_ms: u64,
+    /// A resolved dead letter's end: why it was dead-lettered, and who
+    /// released its money and why (the operator's certificate and
+    /// reason). Empty otherwise; written only when not empty, so records
+    /// without it still read.
+    pub resolution: String,
 }
 
 impl Finished {
@@ -461,6 +471,9 @@ pub fn encode_finished(finished: &Finished) -> Result<Vec<u8>, Error> {
     });
     w.text("an idempotency key", optional_id_text(&finished.idempotency_key))?;
     w.u64(finished.expires_ms);
+    if !finished.resolution.is_empty() {
+        w.text("a resolution", &finished.resolution)?;
+    }
     Ok(w.finish())
 }
 
@@ -475,8 +488,9 @@ pub fn decode_finished(bytes: &[u8]) -> Result<Finished, Error> {
     };
     let idempotency_key = r.optional_id()?;
     let expires_ms = read_expiry(&mut r)?;
+    let resolution = if r.remaining() == 0 { String::new() } else { r.text()? };
     r.done()?;
-    Ok(Finished { outcome, idempotency_key, expires_ms })
+    Ok(Finished { outcome, idempotency_key, expires_ms, resolution })
 }
 
 /// What an idempotency key maps to.
@@ -678,7 +692,7 @@ pub fn end_ops(
             }
         }
     }
-    let finished = Finished { outcome: FinishedAs::Committed, idempotency_key, expires_ms };
+    let finished = Finished { outcome: FinishedAs::Committed, idempotency_key, expires_ms, resolution: String::new() };
     put_expiring(&mut ops, key(FINISHED_PREFIX, txn), encode_finished(&finished)?, expires_ms);
     Ok(ops)
 }
@@ -694,7 +708,12 @@ pub fn abort_ops(
     let result = KeyedResult { txn: txn.clone(), outcome: outcome.clone(), fingerprint, expires_ms };
     let mut ops = Vec::with_capacity(4);
     put_expiring(&mut ops, key(KEY_PREFIX, idem), encode_keyed(&result)?, expires_ms);
-    let finished = Finished { outcome: FinishedAs::Aborted, idempotency_key: Some(idem.clone()), expires_ms };
+    let finished = Finished {
+        outcome: FinishedAs::Aborted,
+        idempotency_key: Some(idem.clone()),
+        expires_ms,
+        resolution: String::new(),
+    };
     put_expiring(&mut ops, key(FINISHED_PREFIX, txn), encode_finished(&finished)?, expires_ms);
     Ok(ops)
 }
@@ -778,14 +797,15 @@ pub fn decode_saga(bytes: &[u8]) -> Result<SagaRecord, Error> {
 /// The ops that end a saga: its record goes, its outcome (and its key's)
 /// is remembered.
 pub fn saga_finish_ops(saga: &Id, spec: &SagaSpec, outcome: &Outcome, expires_ms: u64) -> Result<Vec<Op>, Error> {
-    let finished_as = match outcome {
-        Outcome::Committed => FinishedAs::Committed,
-        Outcome::Aborted(..) => FinishedAs::Aborted,
-        Outcome::Compensated(..) => FinishedAs::Compensated,
-        Outcome::DeadLettered(..) => FinishedAs::Resolved,
+    let (finished_as, resolution) = match outcome {
+        Outcome::Committed => (FinishedAs::Committed, String::new()),
+        Outcome::Aborted(..) => (FinishedAs::Aborted, String::new()),
+        Outcome::Compensated(..) => (FinishedAs::Compensated, String::new()),
+        Outcome::DeadLettered(_, reason) => (FinishedAs::Resolved, reason.clone()),
     };
     let mut ops = vec![Op::Delete(key(SAGA_PREFIX, saga))];
-    let finished = Finished { outcome: finished_as, idempotency_key: spec.idempotency_key.clone(), expires_ms };
+    let finished =
+        Finished { outcome: finished_as, idempotency_key: spec.idempotency_key.clone(), expires_ms, resolution };
     put_expiring(&mut ops, key(FINISHED_PREFIX, saga), encode_finished(&finished)?, expires_ms);
     if let Some(idem) = &spec.idempotency_key {
         let result =
@@ -830,7 +850,12 @@ mod tests {
         assert_eq!(decode_commit(&encode_commit(&record).unwrap()), Ok(record));
         let record = CommitRecord { participants: vec![id("p1")], idempotency_key: None, position: 0 };
         assert_eq!(decode_commit(&encode_commit(&record).unwrap()), Ok(record));
-        let finished = Finished { outcome: FinishedAs::Committed, idempotency_key: None, expires_ms: 5 };
+        let finished = Finished {
+            outcome: FinishedAs::Committed,
+            idempotency_key: None,
+            expires_ms: 5,
+            resolution: String::new(),
+        };
         assert_eq!(decode_finished(&encode_finished(&finished).unwrap()), Ok(finished));
         for outcome in [
             Outcome::Committed,
@@ -872,9 +897,31 @@ mod tests {
         let record = CommitRecord { participants: vec![id("p1")], idempotency_key: None, position: 1 << 40 | 3 };
         let bytes = encode_commit(&record).unwrap();
         assert_eq!(decode_commit(&bytes[..bytes.len() - 8]), Ok(CommitRecord { position: 0, ..record }));
-        let finished = Finished { outcome: FinishedAs::Aborted, idempotency_key: Some(id("k")), expires_ms: 77 };
+        let finished = Finished {
+            outcome: FinishedAs::Aborted,
+            idempotency_key: Some(id("k")),
+            expires_ms: 77,
+            resolution: String::new(),
+        };
         let bytes = encode_finished(&finished).unwrap();
         assert_eq!(decode_finished(&bytes[..bytes.len() - 8]), Ok(Finished { expires_ms: 0, ..finished }));
+    }
+
+    #[test]
+    fn a_resolved_saga_keeps_who_released_its_money_and_why() {
+        let finished = Finished {
+            outcome: FinishedAs::Resolved,
+            idempotency_key: None,
+            expires_ms: 77,
+            resolution: "refused; resolved by tandem://operator/ann: ticket 7".into(),
+        };
+        let bytes = encode_finished(&finished).unwrap();
+        assert_eq!(decode_finished(&bytes), Ok(finished.clone()));
+        // Without one, the record is byte for byte what was written before
+        // resolutions were kept.
+        let resolution_len = 2 + finished.resolution.len();
+        let plain = Finished { resolution: String::new(), ..finished };
+        assert_eq!(encode_finished(&plain).unwrap(), bytes[..bytes.len() - resolution_len]);
     }
 
     fn saga_record() -> SagaRecord {

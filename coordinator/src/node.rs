@@ -2241,7 +2241,10 @@ impl Node {
             match self.inner.store.get(&finished_key)? {
                 Some(bytes) => {
                     let finished = log::decode_at(&finished_key, &bytes, log::decode_finished)?;
-                    status.detail = format!("finished as {:?}", finished.outcome);
+                    status.detail = match finished.resolution.as_str() {
+                        "" => format!("finished as {:?}", finished.outcome),
+                        resolution => format!("finished as {:?}: {resolution}", finished.outcome),
+                    };
                     if finished.committed() {
                         pb::TransactionState::Committed
                     } else {

@@ -487,6 +487,7 @@ fn valid_log_records() -> Vec<(Decoder, Vec<u8>)> {
                 outcome: log::FinishedAs::Committed,
                 idempotency_key: Some(id("k")),
                 expires_ms: 1_700_000_000_000,
+                resolution: String::new(),
             })
             .unwrap(),
         ),

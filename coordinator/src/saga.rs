@@ -124,6 +124,13 @@ fn stored_reason(reason: &str) -> String {
     clip_text(reason, REASON_STORED_LEN_MAX)
 }
 
+/// A resolved dead letter's reason, in its end record and in the answer
+/// to the operator: why it was dead-lettered, then who released its money
+/// and why (`resolution`, from [`tandem::trust::operator_decision`]).
+pub(crate) fn resolved_reason(reason: &str, resolution: &str) -> String {
+    stored_reason(&format!("{reason}; resolved {resolution}"))
+}
+
 pub type SagaId = Id;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -571,10 +578,7 @@ impl SagaCore {
                 let mut actions = vec![SagaAction::Finish {
                     saga: saga.clone(),
                     spec: record.spec,
-                    outcome: Outcome::DeadLettered(
-                        record.cause,
-                        stored_reason(&format!("{}; resolved {}", record.reason, record.resolution)),
-                    ),
+                    outcome: Outcome::DeadLettered(record.cause, resolved_reason(&record.reason, &record.resolution)),
                 }];
                 actions.push(SagaAction::ResolveReply { saga: saga.clone(), result: Ok(()) });
                 actions

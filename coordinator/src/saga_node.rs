@@ -14,7 +14,7 @@ use tandem::store::Durability;
 use tandem::Error;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument, Span};
 
 /// The first wait before a failed saga step is retried; it doubles up to the
 /// max, kept short so that sagas resume soon after a participant is back
@@ -105,6 +105,12 @@ impl Node {
                 .lock()
                 .expect("waiters lock poisoned")
                 .insert(saga.clone(), Waiter { reply, fingerprint: spec.fingerprint });
+            if tandem::trace::on() {
+                // The `transfer` span of the call: the parent of its steps.
+                let span = Span::current();
+                span.record("txn_id", saga.as_str());
+                self.inner.traces.keep(&saga, &span);
+            }
             match core.begin(saga.clone(), spec) {
                 Ok(actions) => (saga, outcome, actions),
                 Err(error) => {
@@ -153,11 +159,20 @@ impl Node {
                 }
                 SagaAction::Step { saga, position, participant, kind, phase, account, amount, retry } => {
                     let node = self.clone();
-                    tokio::spawn(async move {
-                        let result =
-                            node.send_step(&saga, position, &participant, kind, phase, account, amount, retry).await;
-                        node.saga_event(|core| core.on_step(&saga, kind, phase, result));
-                    });
+                    let span = if tandem::trace::on() {
+                        self.inner.traces.span(tandem::trace::saga_step_name(pb_kind(kind), pb_phase(phase)), &saga)
+                    } else {
+                        Span::none()
+                    };
+                    tokio::spawn(
+                        async move {
+                            let result = node
+                                .send_step(&saga, position, &participant, kind, phase, account, amount, retry)
+                                .await;
+                            node.saga_event(|core| core.on_step(&saga, kind, phase, result));
+                        }
+                        .instrument(span),
+                    );
                 }
                 SagaAction::Finish { saga, spec, outcome } => {
                     let state = match &outcome {
@@ -173,6 +188,7 @@ impl Node {
                     let node = self.clone();
                     tokio::spawn(async move {
                         let result = written.await;
+                        node.inner.traces.forget(&saga);
                         if result.is_ok() {
                             // It no longer holds any saga watermark.
                             node.saga_core().on_finish_written(&saga);
@@ -280,16 +296,8 @@ impl Node {
             attempts += 1;
             let step = pb::SagaStepRequest {
                 saga_id: saga.to_string(),
-                kind: match kind {
-                    StepKind::Debit => pb::StepKind::Debit,
-                    StepKind::Credit => pb::StepKind::Credit,
-                    StepKind::Release => pb::StepKind::Release,
-                } as i32,
-                phase: match phase {
-                    StepPhase::Action => pb::StepPhase::Action,
-                    StepPhase::Compensation => pb::StepPhase::Compensation,
-                    StepPhase::CompensateToSuspense => pb::StepPhase::CompensateToSuspense,
-                } as i32,
+                kind: pb_kind(kind),
+                phase: pb_phase(phase),
                 account,
                 amount,
                 coordinator_id: self.inner.config.node_id.to_string(),
@@ -297,6 +305,8 @@ impl Node {
                 position,
                 // Stamped when the batch goes out (`send_steps`).
                 low_watermark: 0,
+                // The step's span (see `execute_saga`).
+                trace_parent: tandem::trace::traceparent(&Span::current()),
             };
             let error = match self.call_step(participant, step, timeout).await {
                 Ok(Ok(response)) => return step_result_from_pb(participant, response),
@@ -400,8 +410,28 @@ impl Node {
         let mut status = self.saga_status(saga, &record);
         status.state = pb::SagaState::Resolved as i32;
         status.parked = false;
+        // The same words as its end record.
+        status.reason = crate::saga::resolved_reason(&record.reason, &decision);
         Ok(status)
     }
+}
+
+fn pb_kind(kind: StepKind) -> i32 {
+    let kind = match kind {
+        StepKind::Debit => pb::StepKind::Debit,
+        StepKind::Credit => pb::StepKind::Credit,
+        StepKind::Release => pb::StepKind::Release,
+    };
+    kind as i32
+}
+
+fn pb_phase(phase: StepPhase) -> i32 {
+    let phase = match phase {
+        StepPhase::Action => pb::StepPhase::Action,
+        StepPhase::Compensation => pb::StepPhase::Compensation,
+        StepPhase::CompensateToSuspense => pb::StepPhase::CompensateToSuspense,
+    };
+    phase as i32
 }
 
 /// A participant's answer to a saga step, as the core takes it (its reason

@@ -552,11 +552,12 @@ impl Node {
     /// A batch call's items judged in one write ([`Core::judge_each`]).
     async fn apply_each<I, A>(
         &self,
+        traced: &[Span],
         items: Vec<Result<I, Error>>,
         ops_each: usize,
         judge: impl Fn(&mut Core, I, u64) -> Result<(A, Effects), Error>,
     ) -> Result<Vec<Result<A, Error>>, Error> {
-        self.apply(items.len() * ops_each, |core, now| Ok(core.judge_each(items, now, judge))).await
+        self.apply_traced(traced, items.len() * ops_each, |core, now| Ok(core.judge_each(items, now, judge))).await
     }
 
     pub async fn commit(&self, txn: &TxnId) -> Result<(), Error> {
@@ -1245,6 +1246,21 @@ fn item_spans<'a>(name: &str, items: impl Iterator<Item = (&'a String, &'a Strin
     items.map(|(txn, trace_parent)| tandem::trace::remote_child(name, txn, trace_parent)).collect()
 }
 
+/// A span per saga step, under the coordinator's span of it (none when
+/// this process does not export).
+fn step_spans(steps: &[pb::SagaStepRequest]) -> Vec<Span> {
+    if !tandem::trace::on() {
+        return Vec::new();
+    }
+    steps
+        .iter()
+        .map(|step| {
+            let name = tandem::trace::saga_step_name(step.kind, step.phase);
+            tandem::trace::remote_child(name, &step.saga_id, &step.trace_parent)
+        })
+        .collect()
+}
+
 fn parse_prepare(request: &pb::PrepareRequest) -> Result<StampedRequest, Error> {
     parse_stamped(
         &request.txn_id,
@@ -1767,10 +1783,12 @@ impl Participant for Node {
     }
 
     async fn saga_step(&self, request: Request<pb::SagaStepRequest>) -> Result<Response<pb::SagaStepResponse>, Status> {
-        let step = parse_step(request.into_inner())?;
+        let request = request.into_inner();
+        let spans = step_spans(std::slice::from_ref(&request));
+        let step = parse_step(request)?;
         let saga = step.0.clone();
         let answer = self
-            .apply(4, |core, now| {
+            .apply_traced(&spans, 4, |core, now| {
                 let (saga, kind, phase, account, amount, order) = step;
                 core.saga_step_ordered(saga, kind, phase, account, amount, order, now)
             })
@@ -1787,9 +1805,10 @@ impl Participant for Node {
         let steps = request.into_inner().steps;
         check_batch_len("steps", steps.len(), SAGA_STEP_BATCH_MAX)?;
         let count = steps.len();
+        let spans = step_spans(&steps);
         let parsed: Vec<Result<ParsedStep, Error>> = steps.into_iter().map(parse_step).collect();
         let answers = self
-            .apply_each(parsed, 4, |core, (saga, kind, phase, account, amount, order), now| {
+            .apply_each(&spans, parsed, 4, |core, (saga, kind, phase, account, amount, order), now| {
                 core.saga_step_ordered(saga, kind, phase, account, amount, order, now)
             })
             .await?;
@@ -1917,7 +1936,7 @@ impl Participant for Node {
         let count = events.len();
         let parsed: Vec<Result<Event, Error>> =
             events.iter().map(|event| event_from_pb(event).and_then(|e| sent_by_caller(e, caller.as_ref()))).collect();
-        let applied = self.apply_each(parsed, 4, |core, event, now| core.deliver_event(event, now)).await?;
+        let applied = self.apply_each(&[], parsed, 4, |core, event, now| core.deliver_event(event, now)).await?;
         let results = applied
             .into_iter()
             .map(|applied| match applied {
@@ -1972,6 +1991,7 @@ mod tests {
             coordinator_incarnation: incarnation,
             position: 3,
             low_watermark: 2,
+            trace_parent: String::new(),
         }
     }
 

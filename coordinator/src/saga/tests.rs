@@ -252,8 +252,14 @@ fn recovery_resends_the_step_of_each_logged_stage() {
         (Stage::Releasing, None),
     ] {
         let mut core = SagaCore::new(10);
-        let record =
-            SagaRecord { spec: spec(Recovery::Backward), stage, reason: String::new(), cause: None, parked: 30 };
+        let record = SagaRecord {
+            spec: spec(Recovery::Backward),
+            stage,
+            reason: String::new(),
+            cause: None,
+            parked: 30,
+            resolution: String::new(),
+        };
         let actions = core.recover(vec![(id("s1"), record)]);
         match expected {
             Some((kind, phase)) => {
@@ -278,6 +284,7 @@ fn a_restarted_coordinator_still_knows_why_its_saga_turned_back() {
         reason: "the credit was refused: account 1001 does not exist on p2".into(),
         cause: Some(AbortReason::UnknownAccount),
         parked: 0,
+        resolution: String::new(),
     };
     let a = core.recover(vec![(id("s1"), record)]);
     assert_eq!(step_of(&a), (StepKind::Debit, StepPhase::Compensation, Retry::Forever));
