@@ -94,7 +94,9 @@ pub struct TraceFlags {
     /// sampled flag of its traceparent); the coordinator chooses for the
     /// others by trace id, and the participants follow the coordinator. A
     /// span not exported still costs its bookkeeping, not the export.
-    #[arg(long, value_name = "RATIO", default_value_t = 1.0, value_parser = parse_sample_ratio, requires = "otlp_endpoint")]
+    /// Without --otlp-endpoint it has no effect (and is not refused, so
+    /// that the configuration --print-config shows reads back).
+    #[arg(long, value_name = "RATIO", default_value_t = 1.0, value_parser = parse_sample_ratio)]
     pub trace_sample_ratio: f64,
 }
 

@@ -119,7 +119,7 @@ fn a_bad_file_stops_it_with_exit_2() {
     for (extra, expected) in [
         ("prepare-timeout = 5\n", "unknown key `prepare-timeout`; the keys are listen, data-dir,"),
         ("saga_deadline_ms = true\n", "`saga_deadline_ms` invalid value 'true'"),
-        ("log-level = 3.5\n", "`log-level` takes a string, an integer or a boolean, not a float"),
+        ("log-level = { a = 1 }\n", "`log-level` takes a string, a number or a boolean, not a table"),
         ("[tls]\ninsecure = true\n", "unknown key `tls`"),
     ] {
         let config = config_file(dir.path(), extra);
