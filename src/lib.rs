@@ -17,6 +17,7 @@ pub mod config;
 pub mod crash;
 pub mod domain;
 pub mod error;
+pub mod health;
 pub mod local_ca;
 pub mod metrics;
 pub mod net;

@@ -96,6 +96,11 @@ pub trait Storage: Send + Sync + 'static {
     fn scan_prefix_first(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error>;
     /// Whether a write or fsync has failed; then the node must not acknowledge.
     fn has_failed(&self) -> bool;
+    /// What failed, for an operator (health, logs); `None` while the store
+    /// has not failed.
+    fn failure(&self) -> Option<String> {
+        self.has_failed().then(|| "a write or fsync failed".to_string())
+    }
     /// Stops taking writes, completes those already queued, and releases
     /// the store (it can be opened again afterwards).
     fn close(&self);
@@ -173,6 +178,8 @@ struct Shared {
     queue: Mutex<Queue>,
     wake_writer: Condvar,
     failed: AtomicBool,
+    /// The error that failed the store (set before `failed`).
+    failure: Mutex<Option<String>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -204,6 +211,10 @@ impl Storage for Store {
         Store::has_failed(self)
     }
 
+    fn failure(&self) -> Option<String> {
+        Store::failure(self)
+    }
+
     fn close(&self) {
         Store::close(self)
     }
@@ -226,6 +237,7 @@ impl Store {
                 queue: Mutex::new(Queue::default()),
                 wake_writer: Condvar::new(),
                 failed: AtomicBool::new(false),
+                failure: Mutex::new(None),
                 writer: Mutex::new(None),
             }),
         };
@@ -337,6 +349,14 @@ impl Store {
         self.shared.failed.load(Ordering::Acquire)
     }
 
+    /// The error that failed the store, if it failed.
+    pub fn failure(&self) -> Option<String> {
+        if !self.has_failed() {
+            return None;
+        }
+        self.shared.failure.lock().expect("failure lock poisoned").clone()
+    }
+
     /// Stops taking writes, writes those already queued, and waits for the
     /// writer thread to finish.
     pub fn close(&self) {
@@ -435,6 +455,9 @@ impl Store {
             }
             if let Err(error) = &result {
                 tracing::error!(%error, "a write to the store failed; this node stops acknowledging");
+                let mut failure = self.shared.failure.lock().expect("failure lock poisoned");
+                failure.get_or_insert_with(|| error.to_string());
+                drop(failure);
                 self.shared.failed.store(true, Ordering::Release);
             }
             let failed = result.is_err();

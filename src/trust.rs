@@ -218,7 +218,9 @@ pub const POLICY: &[(&str, &[Who])] = &[
     ("/tandem.v1.Participant/LookupTransaction", &[OPERATOR]),
     ("/tandem.v1.Participant/DeliverEvent", &[PARTICIPANT]),
     ("/tandem.v1.Participant/DeliverEvents", &[PARTICIPANT]),
-    // The standard services.
+    // Health, in words (GetHealth) and as the standard service.
+    ("/tandem.v1.Coordinator/GetHealth", &[Who::Authenticated]),
+    ("/tandem.v1.Participant/GetHealth", &[Who::Authenticated]),
     ("/grpc.health.v1.Health/Check", &[Who::Authenticated]),
     ("/grpc.health.v1.Health/Watch", &[Who::Authenticated]),
     ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", &[Who::Authenticated]),

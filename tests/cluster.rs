@@ -576,6 +576,11 @@ async fn a_participant_whose_disk_fills_stops_serving_and_recovers_by_itself_onc
         assert!(Instant::now() < deadline, "p1 kept saying SERVING with a full disk");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Why, in its own words: the store's error.
+    let mut p1 = cluster.participant_client(0, cluster.client()).unwrap();
+    let said = p1.get_health(pb::GetHealthRequest {}).await.unwrap().into_inner();
+    assert!(!said.live && !said.ready, "{said:?}");
+    assert!(said.reason.starts_with("the store failed ("), "{said:?}");
     // It stays down while the disk is full (it tries to reopen its store
     // after 200 ms, then backs off).
     let full_until = Instant::now() + Duration::from_millis(1_500);
@@ -590,6 +595,8 @@ async fn a_participant_whose_disk_fills_stops_serving_and_recovers_by_itself_onc
         assert!(Instant::now() < deadline, "p1 did not recover by itself once its disk had room");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let said = p1.get_health(pb::GetHealthRequest {}).await.unwrap().into_inner();
+    assert!(said.live && said.reason.is_empty(), "{said:?}");
     // A transfer from p1 to p2 commits again.
     let mut client = cluster.coordinator_client(cluster.client()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -660,6 +667,11 @@ async fn a_coordinator_whose_disk_fills_says_not_serving() {
     }
     let refused = client.transfer(transfer(3, 13, 1, "after")).await;
     assert!(refused.is_err() || refused.unwrap().get_ref().outcome != pb::Outcome::Committed as i32);
+    // GetHealth says why, with the store's error.
+    let said = client.get_health(pb::GetHealthRequest {}).await.unwrap().into_inner();
+    assert!(!said.live && !said.ready, "{said:?}");
+    assert!(said.reason.starts_with("the decision log failed ("), "{said:?}");
+    assert!(said.reason.contains("restart this coordinator"), "{said:?}");
     filler.release();
     drop(cluster);
     drop(disk);
@@ -865,10 +877,21 @@ async fn the_coordinator_readiness_says_when_a_participant_is_paused_and_when_it
     assert_eq!(health(&url, &who, "tandem.v1.Participant/p2").await, Ok(ServingStatus::Serving as i32));
     assert_eq!(health(&url, &who, "").await, Ok(ServingStatus::Serving as i32));
     assert_eq!(health(&url, &who, "tandem.v1.Coordinator").await, Ok(ServingStatus::Serving as i32));
+    // GetHealth says the same, and why.
+    let mut coordinator = cluster.coordinator_client(cluster.client()).unwrap();
+    let said = coordinator.get_health(pb::GetHealthRequest {}).await.unwrap().into_inner();
+    assert!(said.live && !said.ready, "{said:?}");
+    assert!(said.reason.contains("participant p1 does not answer as serving"), "{said:?}");
+    assert!(!said.reason.contains("p2"), "{said:?}");
 
     cluster.node(NodeRef::Participant(0)).resume();
     wait_health(&url, &who, "tandem.v1.Coordinator.ready", ServingStatus::Serving, limit).await;
     assert_eq!(health(&url, &who, "tandem.v1.Participant/p1").await, Ok(ServingStatus::Serving as i32));
+    let said = coordinator.get_health(pb::GetHealthRequest {}).await.unwrap().into_inner();
+    assert!(said.live && said.ready && said.reason.is_empty(), "{said:?}");
+    let mut p1 = cluster.participant_client(0, cluster.client()).unwrap();
+    let said = p1.get_health(pb::GetHealthRequest {}).await.unwrap().into_inner();
+    assert!(said.live && said.ready && said.reason.is_empty(), "{said:?}");
     cluster.stop().await;
 }
 

@@ -198,6 +198,7 @@ fn table() -> Vec<(&'static str, Node, Call, &'static [As])> {
             &[Operator],
         ),
         ("Health", C, health(), AUTHENTICATED),
+        ("GetHealth", C, coordinator!(get_health, pb::GetHealthRequest {}), AUTHENTICATED),
         ("Prepare", P, participant!(prepare, prepare("t-1")), &[C1]),
         (
             "PrepareBatch",
@@ -312,6 +313,7 @@ fn table() -> Vec<(&'static str, Node, Call, &'static [As])> {
             &[P1, P2],
         ),
         ("Health", P, health(), AUTHENTICATED),
+        ("GetHealth", P, participant!(get_health, pb::GetHealthRequest {}), AUTHENTICATED),
     ]
 }
 

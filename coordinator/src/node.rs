@@ -125,6 +125,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tandem::domain::{clip_text, validate_balanced, validate_legs, Id, Leg, TxnId, REASON_LEN_MAX};
+use tandem::health::Health;
 use tandem::net::Network;
 use tandem::pb;
 use tandem::pb::coordinator_server::{Coordinator, CoordinatorServer};
@@ -143,7 +144,6 @@ use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
-use tonic_health::server::HealthReporter;
 use tonic_health::ServingStatus;
 use tracing::{debug, error, info, warn, Instrument, Span};
 
@@ -567,6 +567,8 @@ pub(crate) struct Inner {
     pub(crate) participants: BTreeMap<Id, ParticipantClient<Channel>>,
     /// Health clients on the same channels, for the readiness probes.
     pub(crate) participant_health: BTreeMap<Id, HealthClient<Channel>>,
+    /// This node's own health, set once it serves (see `run_on`).
+    pub(crate) health: std::sync::OnceLock<Arc<Health>>,
     pub(crate) outbound: BTreeMap<Id, Arc<Outbound>>,
     pub(crate) waiters: Mutex<HashMap<TxnId, Waiter>>,
     /// Serialises the check of an idempotency key with the start of its
@@ -687,6 +689,7 @@ impl Node {
                 outbound: participants.keys().map(|p| (p.clone(), Arc::default())).collect(),
                 participants,
                 participant_health,
+                health: std::sync::OnceLock::new(),
                 waiters: Mutex::new(HashMap::new()),
                 keys: Mutex::new(()),
                 audits: Mutex::new(RunningAudits::default()),
@@ -1759,14 +1762,22 @@ impl Node {
         )?;
         self.execute(recovered.commits);
         self.execute_saga(recovered.sagas);
-        let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter.set_serving::<CoordinatorServer<Node>>().await;
         // Not ready until the first probes have answered.
-        health_reporter.set_service_status(READY_SERVICE, ServingStatus::NotServing).await;
+        let (health, health_service) = Health::new(
+            tandem::pb::coordinator_server::SERVICE_NAME,
+            Some(READY_SERVICE),
+            "its participants have not answered a probe yet",
+        )
+        .await;
         for participant in self.inner.participant_health.keys() {
-            health_reporter.set_service_status(participant_ready_service(participant), ServingStatus::NotServing).await;
+            health
+                .reporter()
+                .set_service_status(participant_ready_service(participant), ServingStatus::NotServing)
+                .await;
         }
-        let prober = tokio::spawn(self.clone().probe_participants(health_reporter));
+        let health = Arc::new(health);
+        let _ = self.inner.health.set(health.clone());
+        let prober = tokio::spawn(self.clone().probe_participants(health));
         let collector = tokio::spawn(self.clone().collect_garbage());
         let watermarks = tokio::spawn(self.clone().keep_watermarks());
         let senders: Vec<_> = self
@@ -1823,12 +1834,11 @@ impl Node {
     /// all at once, and reports the answers as this coordinator's readiness:
     /// [`participant_ready_service`] per participant, [`READY_SERVICE`] for
     /// all of them. A status is set (and logged) only when it changes.
-    async fn probe_participants(self, reporter: HealthReporter) {
+    async fn probe_participants(self, health: Arc<Health>) {
         let timeout = Duration::from_millis(READY_PROBE_TIMEOUT_MS);
         let mut tick = tokio::time::interval(Duration::from_millis(READY_PROBE_INTERVAL_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut reachable: BTreeMap<Id, bool> = BTreeMap::new();
-        let mut all_ready = false;
         let mut log_failure_reported = false;
         let mut recovering_reported = false;
         loop {
@@ -1855,11 +1865,13 @@ impl Node {
                     })
                 })
                 .collect();
-            let log_failed = self.inner.store.has_failed();
-            if log_failed && !log_failure_reported {
-                error!("the decision log failed: NOT_SERVING; restart this coordinator on its data directory");
-                reporter.set_not_serving::<CoordinatorServer<Node>>().await;
-                reporter.set_service_status("", ServingStatus::NotServing).await;
+            let log_failure = self.inner.store.failure();
+            if let Some(failure) = log_failure.as_ref().filter(|_| !log_failure_reported) {
+                let reason = format!(
+                    "the decision log failed ({failure}): it acknowledges nothing more; restart this coordinator on its data directory"
+                );
+                error!("{reason}: NOT_SERVING");
+                health.set_live(Err(reason)).await;
                 log_failure_reported = true;
             }
             // Transactions recovered from the log whose votes are not all
@@ -1873,13 +1885,21 @@ impl Node {
                 }
                 recovering_reported = recovering > 0;
             }
-            let mut ready = !log_failed && recovering == 0;
+            let mut not_ready = Vec::new();
+            if log_failure.is_some() {
+                not_ready.push("its decision log failed".to_string());
+            }
+            if recovering > 0 {
+                not_ready.push(format!("{recovering} transactions recovered from its log wait for their votes"));
+            }
             for probe in probes {
                 let Ok((participant, answer)) = probe.await else {
-                    ready = false;
+                    not_ready.push("a probe of a participant failed".to_string());
                     continue;
                 };
-                ready &= answer.is_ok();
+                if let Err(error) = &answer {
+                    not_ready.push(format!("participant {participant} does not answer as serving ({error})"));
+                }
                 if reachable.get(&participant) == Some(&answer.is_ok()) {
                     continue;
                 }
@@ -1893,15 +1913,17 @@ impl Node {
                         ServingStatus::NotServing
                     }
                 };
-                reporter.set_service_status(participant_ready_service(&participant), status).await;
+                health.reporter().set_service_status(participant_ready_service(&participant), status).await;
                 reachable.insert(participant, answer.is_ok());
             }
-            if ready != all_ready {
-                let status = if ready { ServingStatus::Serving } else { ServingStatus::NotServing };
-                reporter.set_service_status(READY_SERVICE, status).await;
-                all_ready = ready;
-            }
+            health.set_ready(if not_ready.is_empty() { Ok(()) } else { Err(not_ready.join("; ")) }).await;
         }
+    }
+
+    /// GetHealth's answer (UNAVAILABLE before the node serves).
+    pub fn health(&self) -> Result<pb::NodeHealth, Error> {
+        let health = self.inner.health.get().ok_or_else(|| Error::Unavailable("not serving yet".into()))?;
+        Ok(health.to_pb())
     }
 
     /// Every [`WATERMARK_INTERVAL_MS`], makes the low watermarks that rose
@@ -2400,6 +2422,10 @@ impl Coordinator for Node {
             decision: decision as i32,
             coordinator_incarnation: self.inner.incarnation,
         }))
+    }
+
+    async fn get_health(&self, _request: Request<pb::GetHealthRequest>) -> Result<Response<pb::NodeHealth>, Status> {
+        Ok(Response::new(self.health()?))
     }
 
     async fn audit(&self, request: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {

@@ -220,6 +220,7 @@ participant_with! {
     list_prepared(pb::ListPreparedRequest) -> pb::ListPreparedResponse;
     resolve_in_doubt(pb::ResolveInDoubtRequest) -> pb::HeuristicDecision;
     lookup_transaction(pb::LookupTransactionRequest) -> pb::TransactionRecord;
+    get_health(pb::GetHealthRequest) -> pb::NodeHealth;
     set_account_closed(pb::SetAccountClosedRequest) -> pb::Balance;
     saga_step(pb::SagaStepRequest) -> pb::SagaStepResponse;
     forget_sagas(pb::ForgetSagasRequest) -> pb::ForgetSagasResponse;

@@ -10,7 +10,8 @@
 //! ListPrepared (limit 1, for the oldest in-doubt age: it lists oldest
 //! first) and ListParkedTransfers, and from the coordinator's
 //! ListDeadLetters. A node that is not serving is not asked for counts (it
-//! would only answer UNAVAILABLE).
+//! would only answer UNAVAILABLE); it is asked why (GetHealth), and so is
+//! a coordinator that is not ready.
 //!
 //! Found wrong (exit 1): a node or the readiness not SERVING, a named
 //! participant the coordinator does not know, and what waits for an
@@ -45,6 +46,8 @@ pub struct CoordinatorStatus {
     pub liveness: String,
     /// `tandem.v1.Coordinator.ready`.
     pub ready: String,
+    /// Why it is not serving or not ready, in its own words (GetHealth).
+    pub reason: Option<String>,
     /// Dead letters listed (None when not asked or not answered).
     pub dead_letters: Option<usize>,
     /// Money the dead letters hold in suspense.
@@ -56,6 +59,8 @@ pub struct ParticipantStatus {
     pub name: String,
     pub url: String,
     pub liveness: String,
+    /// Why it is not serving, in its own words (GetHealth).
+    pub reason: Option<String>,
     /// `tandem.v1.Participant/<name>` on the coordinator: whether the
     /// coordinator reaches it (None without --coordinator).
     pub reached_by_coordinator: Option<String>,
@@ -96,9 +101,17 @@ async fn check(node: &Node, timeout: Duration, service: &str) -> Result<i32, Rpc
     Ok(answer.into_inner().status)
 }
 
+/// Why a node is not serving or not ready, as its GetHealth says (None
+/// when it says nothing, or does not answer: the health check's error
+/// already tells).
+fn reason_of(answer: Result<tonic::Response<pb::NodeHealth>, tonic::Status>) -> Option<String> {
+    answer.ok().map(|answer| answer.into_inner().reason).filter(|reason| !reason.is_empty())
+}
+
 /// What a participant said, call by call.
 struct ParticipantAnswers {
     liveness: Result<i32, RpcError>,
+    reason: Option<String>,
     balances: Option<Result<pb::ReadBalancesResponse, RpcError>>,
     prepared: Option<Result<pb::ListPreparedResponse, RpcError>>,
     parked: Option<Result<pb::ListParkedTransfersResponse, RpcError>>,
@@ -106,10 +119,14 @@ struct ParticipantAnswers {
 
 async fn ask_participant(node: Node, timeout: Duration) -> Result<ParticipantAnswers, RpcError> {
     let liveness = check(&node, timeout, "").await;
-    if !matches!(liveness, Ok(status) if status == ServingStatus::Serving as i32) {
-        return Ok(ParticipantAnswers { liveness, balances: None, prepared: None, parked: None });
-    }
     let mut client = node.participant_client();
+    if !matches!(liveness, Ok(status) if status == ServingStatus::Serving as i32) {
+        let reason = match liveness {
+            Ok(_) => reason_of(client.get_health(request(timeout, pb::GetHealthRequest {})).await),
+            Err(_) => None,
+        };
+        return Ok(ParticipantAnswers { liveness, reason, balances: None, prepared: None, parked: None });
+    }
     let balances = client
         .read_balances(request(timeout, pb::ReadBalancesRequest { include_accounts: false, include_prepared: false }))
         .await
@@ -125,7 +142,13 @@ async fn ask_participant(node: Node, timeout: Duration) -> Result<ParticipantAns
         .await
         .map(|answer| answer.into_inner())
         .map_err(|status| node.failed(rpc::LIST_PARKED_TRANSFERS, &status));
-    Ok(ParticipantAnswers { liveness, balances: Some(balances), prepared: Some(prepared), parked: Some(parked) })
+    Ok(ParticipantAnswers {
+        liveness,
+        reason: None,
+        balances: Some(balances),
+        prepared: Some(prepared),
+        parked: Some(parked),
+    })
 }
 
 /// Keeps an answer, or moves its error to `errors`.
@@ -186,13 +209,27 @@ pub async fn build(nodes: &Nodes) -> Result<(StatusView, Vec<RpcError>), UsageEr
                 ("unknown".to_string(), None)
             };
             let liveness_word = health_word(&liveness);
+            let reason = if liveness.is_ok() && (!serving || ready != "serving") {
+                reason_of(node.coordinator_client().get_health(request(timeout, pb::GetHealthRequest {})).await)
+            } else {
+                None
+            };
+            let because = |reason: &Option<String>, otherwise: &str| match reason {
+                Some(reason) => format!(": {reason}"),
+                None => otherwise.to_string(),
+            };
             if let Err(error) = liveness {
                 errors.push(error);
             } else if !serving {
-                findings.push(format!("the coordinator ({}) is {liveness_word}", node.url));
+                findings.push(format!("the coordinator ({}) is {liveness_word}{}", node.url, because(&reason, "")));
             } else if ready != "serving" {
                 findings.push(format!(
-                    "the coordinator is not ready ({ready}): it does not reach every participant of its directory, or still recovers transactions from its log"
+                    "the coordinator is not ready ({ready}){}",
+                    because(
+                        &reason,
+                        ": it does not reach every participant of its directory, or still recovers transactions \
+                         from its log"
+                    )
                 ));
             }
             if let Some(dead) = &dead_letters {
@@ -207,6 +244,7 @@ pub async fn build(nodes: &Nodes) -> Result<(StatusView, Vec<RpcError>), UsageEr
                 url: node.url.clone(),
                 liveness: liveness_word,
                 ready,
+                reason,
                 // Of those listed (the first 1,000 at most).
                 dead_letter_amount: dead_letters
                     .as_ref()
@@ -229,7 +267,10 @@ pub async fn build(nodes: &Nodes) -> Result<(StatusView, Vec<RpcError>), UsageEr
         let liveness = health_word(&answers.liveness);
         match &answers.liveness {
             Err(error) => errors.push(error.clone()),
-            Ok(_) if liveness != "serving" => findings.push(format!("participant {} is {liveness}", node.name)),
+            Ok(_) if liveness != "serving" => findings.push(match &answers.reason {
+                Some(reason) => format!("participant {} is {liveness}: {reason}", node.name),
+                None => format!("participant {} is {liveness}", node.name),
+            }),
             Ok(_) => {}
         }
         match reached_by_coordinator.as_deref() {
@@ -272,6 +313,7 @@ pub async fn build(nodes: &Nodes) -> Result<(StatusView, Vec<RpcError>), UsageEr
             name: node.name.clone(),
             url: node.url.clone(),
             liveness,
+            reason: answers.reason.clone(),
             reached_by_coordinator,
             accounts: balances.as_ref().map(|b| b.account_count),
             prepared: balances.as_ref().map(|b| b.prepared_count),

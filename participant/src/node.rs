@@ -41,6 +41,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 use tandem::domain::{AccountId, Amount, Id, Leg, TxnId};
+use tandem::health::Health;
 use tandem::net::Network;
 use tandem::pb;
 use tandem::pb::coordinator_client::CoordinatorClient;
@@ -210,6 +211,8 @@ struct Inner {
     transfer_waiters: Mutex<HashMap<Id, Vec<oneshot::Sender<()>>>>,
     /// Wakes the outbox relay when an event was written.
     relay_wake: Notify,
+    /// This node's own health, set once it serves (see `run_on`).
+    health: std::sync::OnceLock<Arc<Health>>,
 }
 
 impl Node {
@@ -266,6 +269,7 @@ impl Node {
                 clock_origin_ms,
                 transfer_waiters: Mutex::new(HashMap::new()),
                 relay_wake: Notify::new(),
+                health: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -313,6 +317,20 @@ impl Node {
         metrics::gauge!("tandem_outbox_depth").set(core.outbox_len() as f64);
         metrics::gauge!("tandem_parked_transfers").set(core.parked_transfers().len() as f64);
         metrics::gauge!("tandem_suspense_balance").set(core.suspense() as f64);
+    }
+
+    /// What failed the store, for health and logs.
+    fn store_failure(&self) -> String {
+        match self.inner.store.read().expect("store slot lock poisoned").as_ref() {
+            Some(store) => store.failure().unwrap_or_else(|| "no failure".into()),
+            None => "it is being reopened".into(),
+        }
+    }
+
+    /// GetHealth's answer (UNAVAILABLE before the node serves).
+    pub fn health(&self) -> Result<pb::NodeHealth, Error> {
+        let health = self.inner.health.get().ok_or_else(|| Error::Unavailable("not serving yet".into()))?;
+        Ok(health.to_pb())
     }
 
     /// Whether the store is open and has not failed.
@@ -439,10 +457,12 @@ impl Node {
     /// Watches the store: from its first failed write the node is
     /// NOT_SERVING, and the store is reopened with backoff until the disk
     /// takes writes again; then the node serves again.
-    async fn watch_store(self, health: tonic_health::server::HealthReporter) {
+    async fn watch_store(self, health: Arc<Health>) {
         let mut tick = tokio::time::interval(Duration::from_millis(STORE_CHECK_MS));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failed_since: Option<Instant> = None;
+        // What failed the store, as first seen (the reopening closes it).
+        let mut failure = String::new();
         let mut backoff_ms = STORE_REOPEN_BACKOFF_INITIAL_MS;
         let mut next_attempt = Instant::now();
         loop {
@@ -453,12 +473,13 @@ impl Node {
             let since = match failed_since {
                 Some(since) => since,
                 None => {
+                    failure = self.store_failure();
                     tracing::error!(
                         node = %self.inner.node_id,
+                        %failure,
                         "the store failed: NOT_SERVING; it will be reopened and recovered as on a restart"
                     );
-                    health.set_not_serving::<ParticipantServer<Node>>().await;
-                    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+                    health.set_live(Err(format!("the store failed ({failure}); it is reopened once its disk takes writes again (--store-free-min-mb free), and recovered as on a restart"))).await;
                     next_attempt = Instant::now() + Duration::from_millis(backoff_ms);
                     *failed_since.insert(Instant::now())
                 }
@@ -471,14 +492,18 @@ impl Node {
                     info!(node = %self.inner.node_id, down_ms = since.elapsed().as_millis() as u64, "serving again");
                     failed_since = None;
                     backoff_ms = STORE_REOPEN_BACKOFF_INITIAL_MS;
-                    health.set_serving::<ParticipantServer<Node>>().await;
-                    health.set_service_status("", tonic_health::ServingStatus::Serving).await;
+                    health.set_live(Ok(())).await;
                     self.inner.relay_wake.notify_one();
                 }
                 Err(error) => {
-                    warn!(node = %self.inner.node_id, %error, retry_in_ms = backoff_ms, "the store cannot be reopened yet");
                     backoff_ms = (backoff_ms * 2).min(STORE_REOPEN_BACKOFF_MAX_MS);
                     next_attempt = Instant::now() + Duration::from_millis(backoff_ms);
+                    warn!(node = %self.inner.node_id, %error, retry_in_ms = backoff_ms, "the store cannot be reopened yet");
+                    health
+                        .set_live(Err(format!(
+                            "the store failed ({failure}); it cannot be reopened yet: {error}; next try in {backoff_ms} ms"
+                        )))
+                        .await;
                 }
             }
         }
@@ -609,12 +634,13 @@ impl Node {
         };
         let authorizer = Authorizer::for_node(&self.inner.security, configured);
         let mut server = tandem::server::server_builder(&self.inner.security, authorizer)?;
-        let (health_reporter, health_service) = tonic_health::server::health_reporter();
-        health_reporter.set_serving::<ParticipantServer<Node>>().await;
+        let (health, health_service) = Health::new(tandem::pb::participant_server::SERVICE_NAME, None, "").await;
+        let health = Arc::new(health);
+        let _ = self.inner.health.set(health.clone());
         let resolver = tokio::spawn(self.clone().resolve_in_doubt());
         let collector = tokio::spawn(self.clone().collect_garbage());
         let relay = tokio::spawn(self.clone().relay_outbox());
-        let store_watch = tokio::spawn(self.clone().watch_store(health_reporter.clone()));
+        let store_watch = tokio::spawn(self.clone().watch_store(health));
         let result = server
             .add_service(health_service)
             .add_service(tandem::server::reflection_service(tandem::pb::participant_server::SERVICE_NAME))
@@ -1720,6 +1746,10 @@ impl Participant for Node {
             orphaned: core.orphan_count() as u64,
             heuristic,
         }))
+    }
+
+    async fn get_health(&self, _request: Request<pb::GetHealthRequest>) -> Result<Response<pb::NodeHealth>, Status> {
+        Ok(Response::new(self.health()?))
     }
 
     async fn lookup_transaction(

@@ -145,6 +145,10 @@ impl Coordinator for PausableCoordinator {
     async fn audit(&self, _: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
+
+    async fn get_health(&self, _: Request<pb::GetHealthRequest>) -> Result<Response<pb::NodeHealth>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 /// Serves a paused stand-in coordinator on a loopback port: its URL, what

@@ -85,6 +85,10 @@ impl Coordinator for Amnesiac {
     async fn audit(&self, _: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
+
+    async fn get_health(&self, _: Request<pb::GetHealthRequest>) -> Result<Response<pb::NodeHealth>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
 }
 
 async fn amnesiac_coordinator() -> (String, Arc<AtomicUsize>) {
