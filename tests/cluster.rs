@@ -187,6 +187,7 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
                 prepare("bad id!", legs(&[(1, -5)])),
                 prepare("manual-2", legs(&[(1, -1_000_000)])),
             ],
+            commits: None,
         })
         .await
         .unwrap()
@@ -203,7 +204,7 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
     );
     assert!(votes[1].reason.contains("txn_id"), "{}", votes[1].reason);
     p1_as_c1.abort(pb::DecisionRequest { txn_id: "manual-1".into(), ..Default::default() }).await.unwrap();
-    let status = p1_as_c1.prepare_batch(pb::PrepareBatchRequest { prepares: vec![] }).await.unwrap_err();
+    let status = p1_as_c1.prepare_batch(pb::PrepareBatchRequest { prepares: vec![], commits: None }).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
     // A batched commit with no ids, too many, or a malformed one is refused whole.
     for txn_ids in [vec![], vec!["t".to_string(); 1_025], vec!["ok-1".into(), "not ok".into()]] {
@@ -211,6 +212,53 @@ async fn transfers_commit_abort_and_reject_bad_input_with_clear_statuses() {
             p1_as_c1.commit_batch(pb::DecisionBatchRequest { txn_ids, ..Default::default() }).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{}", status.message());
     }
+    // COMMITs may ride on a PrepareBatch: applied before its prepares, in
+    // the same write, answered apart from the votes; a malformed list
+    // refuses the COMMITs only, and nothing of them is applied.
+    let posted_before = p1.get_balance(pb::GetBalanceRequest { account: 3 }).await.unwrap().into_inner().posted;
+    let first = p1_as_c1
+        .prepare_batch(pb::PrepareBatchRequest {
+            prepares: vec![prepare("manual-3", legs(&[(3, -7), (6, 7)]))],
+            commits: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.votes[0].vote, pb::Vote::Yes as i32, "{first:?}");
+    let commits = |ids: &[&str]| {
+        Some(pb::DecisionBatchRequest {
+            txn_ids: ids.iter().map(|id| id.to_string()).collect(),
+            coordinator_id: "c1".into(),
+            ..Default::default()
+        })
+    };
+    let refused = p1_as_c1
+        .prepare_batch(pb::PrepareBatchRequest {
+            prepares: vec![prepare("manual-4", legs(&[(3, -1), (6, 1)]))],
+            commits: commits(&["manual-3", "not ok"]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(refused.commits_refused_code, Code::InvalidArgument as i32, "{refused:?}");
+    assert!(refused.commits_refused_reason.contains("txn_ids"), "{refused:?}");
+    assert_eq!(refused.votes[0].vote, pb::Vote::Yes as i32, "the prepare is judged anyway: {refused:?}");
+    let balance = p1.get_balance(pb::GetBalanceRequest { account: 3 }).await.unwrap().into_inner();
+    assert_eq!((balance.posted, balance.reserved), (posted_before, 8), "nothing committed: {balance:?}");
+    let taken = p1_as_c1
+        .prepare_batch(pb::PrepareBatchRequest {
+            prepares: vec![prepare("manual-5", legs(&[(3, -2), (6, 2)]))],
+            commits: commits(&["manual-3", "manual-4"]),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((taken.commits_refused_code, taken.votes[0].vote), (0, pb::Vote::Yes as i32), "{taken:?}");
+    let balance = p1.get_balance(pb::GetBalanceRequest { account: 3 }).await.unwrap().into_inner();
+    assert_eq!((balance.posted, balance.reserved), (posted_before - 8, 2), "both committed once: {balance:?}");
+    let credited = p1.get_balance(pb::GetBalanceRequest { account: 6 }).await.unwrap().into_inner();
+    assert_eq!((credited.posted, credited.incoming), (INITIAL_BALANCE + 8, 2), "{credited:?}");
+    p1_as_c1.abort(pb::DecisionRequest { txn_id: "manual-5".into(), ..Default::default() }).await.unwrap();
 
     // A general transaction over three accounts on two participants.
     let result = client

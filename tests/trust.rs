@@ -203,7 +203,7 @@ fn table() -> Vec<(&'static str, Node, Call, &'static [As])> {
         (
             "PrepareBatch",
             P,
-            participant!(prepare_batch, pb::PrepareBatchRequest { prepares: vec![prepare("t-2")] }),
+            participant!(prepare_batch, pb::PrepareBatchRequest { prepares: vec![prepare("t-2")], commits: None }),
             &[C1],
         ),
         ("Commit", P, participant!(commit, pb::DecisionRequest { txn_id: "t-1".into(), ..Default::default() }), &[C1]),

@@ -181,6 +181,16 @@ pub const PREPARE_RESEND_PAUSE_MS: u64 = 100;
 /// Most one-phase commits sent to one participant in one call
 /// (`CommitOnePhaseBatch`).
 pub const ONE_PHASE_BATCH_MAX: usize = 256;
+/// How long a COMMIT waits for a prepare call to the same participant to
+/// ride on (`PrepareBatchRequest.commits`) before the commit sender takes
+/// it into a `CommitBatch` call of its own. Under load prepares go out
+/// continuously and carry every COMMIT, halving the calls and sharing the
+/// participant's write; at one client the next transfer's prepare follows
+/// within a round trip. The client has its answer already: this delays
+/// only when the participant applies the COMMIT (and so when the
+/// coordinator forgets the transaction), by at most this and the timer's
+/// resolution (1 ms).
+pub const COMMIT_LINGER_MS: u64 = 1;
 /// Most calls of one kind (prepare or commit) in flight to one participant.
 pub const BATCHES_IN_FLIGHT_MAX: usize = 4;
 /// Most saga steps sent to one participant in one call (`SagaStepBatch`).
@@ -391,6 +401,14 @@ impl<T> BatchQueue<T> {
         let mut waiting = self.waiting.lock().expect("batch queue lock poisoned");
         let count = waiting.len().min(max);
         waiting.drain(..count).collect()
+    }
+
+    /// Returns once a message waits (without taking it).
+    async fn wait_for_one(&self) {
+        while self.len() == 0 {
+            // A push between the check and here leaves a permit: no wake-up is lost.
+            self.wake.notified().await;
+        }
     }
 
     /// Up to `max` waiting messages, oldest first; waits for one.
@@ -1224,13 +1242,17 @@ impl Node {
 
     /// Drains one of `participant`'s queues for as long as the node runs:
     /// a batch goes out as soon as one of [`BATCHES_IN_FLIGHT_MAX`] call
-    /// slots is free, handled by `send` in a task of its own.
+    /// slots is free, handled by `send` in a task of its own. With a
+    /// `linger`, the first message of a batch waits that long first, and
+    /// what another sender took meanwhile (COMMITs riding on prepares) is
+    /// not sent here.
     async fn drain<T, Fut>(
         self,
         participant: Id,
         queue_name: &'static str,
         queue: fn(&Outbound) -> &BatchQueue<T>,
         batch_max: usize,
+        linger: Duration,
         send: fn(Node, Id, Vec<T>) -> Fut,
     ) where
         Fut: Future<Output = ()> + Send + 'static,
@@ -1242,7 +1264,17 @@ impl Node {
         let call_seconds = metrics::histogram!("tandem_outbound_call_seconds", &labels);
         loop {
             let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
-            let batch = queue(&outbound).next_batch(batch_max).await;
+            let batch = if linger.is_zero() {
+                queue(&outbound).next_batch(batch_max).await
+            } else {
+                queue(&outbound).wait_for_one().await;
+                tokio::time::sleep(linger).await;
+                let batch = queue(&outbound).take(batch_max);
+                if batch.is_empty() {
+                    continue;
+                }
+                batch
+            };
             batch_size.record(batch.len() as f64);
             let sending = send(self.clone(), participant.clone(), batch);
             let call_seconds = call_seconds.clone();
@@ -1289,8 +1321,47 @@ impl Node {
                     trace_parent: spans.get(i).map(tandem::trace::traceparent).unwrap_or_default(),
                 })
                 .collect();
+            // The COMMITs this participant is owed ride along: one call, one
+            // write there for both (see COMMIT_LINGER_MS).
+            let outbound = self.outbound(&participant);
+            let commits = outbound.commits.take(COMMIT_BATCH_MAX);
+            let riding = (!commits.is_empty()).then(|| {
+                let spans = self.spans("commit", commits.iter());
+                pb::DecisionBatchRequest {
+                    txn_ids: commits.iter().map(|t| t.to_string()).collect(),
+                    coordinator_id: coordinator_id.clone(),
+                    coordinator_incarnation: self.inner.incarnation,
+                    low_watermark,
+                    trace_parents: spans.iter().map(tandem::trace::traceparent).collect(),
+                }
+            });
             let mut client = self.client(&participant);
-            let answered = timed_call(timeout, client.prepare_batch(pb::PrepareBatchRequest { prepares })).await;
+            let request = pb::PrepareBatchRequest { prepares, commits: riding };
+            let answered = timed_call(timeout, client.prepare_batch(request)).await;
+            let commits_taken = match &answered {
+                Ok(response) if response.commits_refused_code == 0 => true,
+                Ok(response) => {
+                    debug!(
+                        %participant,
+                        count = commits.len(),
+                        code = response.commits_refused_code,
+                        error = %clip_text(&response.commits_refused_reason, REASON_LEN_MAX),
+                        "COMMITs riding on prepares refused; delivering them by CommitBatch"
+                    );
+                    false
+                }
+                Err(_) => false,
+            };
+            if commits_taken {
+                for txn in &commits {
+                    let next = self.core().on_commit_acked(txn, &participant);
+                    self.execute(next);
+                }
+            } else {
+                // Not acknowledged: the commit sender delivers them (again,
+                // if this call applied them: a COMMIT is applied once).
+                commits.into_iter().for_each(|txn| outbound.commits.push(txn));
+            }
             match answers_for(&batch, answered.map(|r| r.votes)) {
                 Ok(answers) => {
                     for (prepare, answer) in batch.into_iter().zip(answers) {
@@ -1792,6 +1863,7 @@ impl Node {
                         "prepare",
                         |o| &o.prepares,
                         PREPARE_BATCH_MAX,
+                        Duration::ZERO,
                         Node::send_prepares,
                     )),
                     tokio::spawn(self.clone().drain(
@@ -1799,6 +1871,7 @@ impl Node {
                         "one_phase",
                         |o| &o.one_phase,
                         ONE_PHASE_BATCH_MAX,
+                        Duration::ZERO,
                         Node::send_one_phases,
                     )),
                     tokio::spawn(self.clone().drain(
@@ -1806,10 +1879,18 @@ impl Node {
                         "commit",
                         |o| &o.commits,
                         COMMIT_BATCH_MAX,
+                        Duration::from_millis(COMMIT_LINGER_MS),
                         Node::send_commits,
                     )),
                     tokio::spawn(self.clone().redeliver_undeliverable(p())),
-                    tokio::spawn(self.clone().drain(p(), "step", |o| &o.steps, STEP_BATCH_MAX, Node::send_steps)),
+                    tokio::spawn(self.clone().drain(
+                        p(),
+                        "step",
+                        |o| &o.steps,
+                        STEP_BATCH_MAX,
+                        Duration::ZERO,
+                        Node::send_steps,
+                    )),
                     tokio::spawn(self.clone().send_forgets(p())),
                 ]
             })

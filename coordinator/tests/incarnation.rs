@@ -143,6 +143,26 @@ participant_with! {
                     low_watermark: p.low_watermark,
                 });
             }
+            let mut request = request;
+            if let Some(r) = &request.get_ref().commits {
+                // COMMITs riding on the prepares: seen as CommitBatch's are,
+                // and held back alike.
+                self.note(Seen {
+                    kind: "commit",
+                    txn_ids: r.txn_ids.clone(),
+                    coordinator_id: r.coordinator_id.clone(),
+                    incarnation: r.coordinator_incarnation,
+                    position: 0,
+                    low_watermark: r.low_watermark,
+                });
+                if self.record.lock().unwrap().commits_unavailable {
+                    request.get_mut().commits = None;
+                    let mut response = Participant::prepare_batch(&self.node, request).await?;
+                    response.get_mut().commits_refused_code = tonic::Code::Unavailable as i32;
+                    response.get_mut().commits_refused_reason = "commits are held back by the test".into();
+                    return Ok(response);
+                }
+            }
             Participant::prepare_batch(&self.node, request).await
         }
 

@@ -1128,6 +1128,30 @@ impl Core {
         (answers.into_iter().collect(), effects.with_first(observed))
     }
 
+    /// COMMITs that ride on a batch of prepares (`PrepareBatchRequest.commits`):
+    /// [`Core::commit_batch_stamped`] first, then [`Core::prepare_batch`],
+    /// in one write. The commits' answer stands apart from the votes: a
+    /// refused commit refuses no prepare, and the prepares are judged on the
+    /// state the commits left (a credit committed first is available to a
+    /// debit prepared after it). Fails as a whole, changing nothing, only
+    /// when the prepares are too many or none.
+    pub fn commit_then_prepare_batch(
+        &mut self,
+        commits: Option<(&[TxnId], Option<&Id>, Stamp)>,
+        prepares: Vec<Result<StampedRequest, Error>>,
+        now_ms: u64,
+    ) -> Result<((Result<(), Error>, Vec<Result<Vote, Error>>), Effects), Error> {
+        check_batch_len("prepares", prepares.len(), PREPARE_BATCH_MAX)?;
+        let (committed, mut effects) = match commits {
+            Some((txn_ids, coordinator, stamp)) => self.commit_batch_stamped(txn_ids, coordinator, stamp, now_ms),
+            None => (Ok(()), Effects::none()),
+        };
+        let (votes, mut prepared) = self.prepare_batch(prepares, now_ms)?;
+        effects.ops.append(&mut prepared.ops);
+        effects.durability = effects.durability.max(prepared.durability);
+        Ok(((committed, votes), effects))
+    }
+
     /// Phase two, ABORT, from a coordinator that stamps nothing (see
     /// [`Core::abort_stamped`]).
     pub fn abort(&mut self, txn_id: &TxnId, now_ms: u64) -> Result<Effects, Error> {

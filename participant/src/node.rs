@@ -544,6 +544,24 @@ impl Node {
         .await
     }
 
+    /// COMMITs delivered with a batch of prepares
+    /// ([`Core::commit_then_prepare_batch`]): the commits' answer and each
+    /// prepare's vote, once their one write is durable; `Err` when none could
+    /// be judged (the store failed or its queue is full, or the prepares are
+    /// too many).
+    pub async fn commit_then_prepare_batch(
+        &self,
+        commits: Option<(&[TxnId], Option<&Id>, Stamp)>,
+        prepares: Vec<Result<StampedRequest, Error>>,
+        traced: &[Span],
+    ) -> Result<(Result<(), Error>, Vec<Result<Vote, Error>>), Error> {
+        let commit_ops = commits.as_ref().map_or(0, |(txns, _, _)| txns.len() * OPS_PER_CALL_MAX + 1);
+        self.apply_traced(traced, commit_ops + prepares.len() * (OPS_PER_CALL_MAX + 1), |core, now| {
+            core.commit_then_prepare_batch(commits, prepares, now)
+        })
+        .await
+    }
+
     /// A one-phase commit ([`Core::commit_one_phase`]), answered once its
     /// write is durable.
     pub async fn commit_one_phase(
@@ -1414,6 +1432,48 @@ fn step_answer_to_pb(answer: StepAnswer) -> pb::SagaStepResponse {
     pb::SagaStepResponse { outcome: outcome as i32, reason, duplicate: answer.duplicate, refusal: refusal as i32 }
 }
 
+/// A `DecisionBatchRequest`'s ids, coordinator and stamp (for CommitBatch,
+/// and for the COMMITs riding on a PrepareBatch).
+fn parse_decision_batch(request: &pb::DecisionBatchRequest) -> Result<(Vec<TxnId>, Option<Id>, Stamp), Error> {
+    check_batch_len("txn_ids", request.txn_ids.len(), COMMIT_BATCH_MAX)?;
+    let txns = request.txn_ids.iter().map(|id| Id::parse("txn_ids", id)).collect::<Result<Vec<_>, _>>()?;
+    let coordinator = parse_optional_coordinator(&request.coordinator_id)?;
+    let stamp = Stamp {
+        incarnation: request.coordinator_incarnation,
+        position: 0,
+        low_watermark: request.low_watermark,
+        idempotency_key: None,
+    };
+    Ok((txns, coordinator, stamp))
+}
+
+/// A `commit` span per id of a `DecisionBatchRequest` that carries one
+/// context per id; none for a mismatched list (ignored, never refused).
+fn decision_spans(request: &pb::DecisionBatchRequest) -> Vec<Span> {
+    if request.trace_parents.len() == request.txn_ids.len() {
+        item_spans("commit", request.txn_ids.iter().zip(&request.trace_parents))
+    } else {
+        Vec::new()
+    }
+}
+
+/// A PrepareBatch's votes; a malformed prepare's is NO with
+/// REFUSAL_INVALID_REQUEST and the reason.
+fn votes_to_pb(votes: Vec<Result<Vote, Error>>) -> Vec<pb::PrepareResponse> {
+    votes
+        .into_iter()
+        .map(|vote| match vote {
+            Ok(vote) => vote_to_pb(vote),
+            Err(error) => pb::PrepareResponse {
+                vote: pb::Vote::No as i32,
+                refusal: pb::Refusal::InvalidRequest as i32,
+                reason: error.to_string(),
+                earlier_txn_id: String::new(),
+            },
+        })
+        .collect()
+}
+
 fn vote_to_pb(vote: Vote) -> pb::PrepareResponse {
     match vote {
         Vote::Yes => pb::PrepareResponse {
@@ -1515,26 +1575,44 @@ impl Participant for Node {
         &self,
         request: Request<pb::PrepareBatchRequest>,
     ) -> Result<Response<pb::PrepareBatchResponse>, Status> {
-        let prepares = request.into_inner().prepares;
+        let pb::PrepareBatchRequest { prepares, commits } = request.into_inner();
         check_batch_len("prepares", prepares.len(), PREPARE_BATCH_MAX)?;
         let parsed: Vec<Result<StampedRequest, Error>> = prepares.iter().map(parse_prepare).collect();
-        let spans = item_spans("prepare", prepares.iter().map(|p| (&p.txn_id, &p.trace_parent)));
+        let mut spans = item_spans("prepare", prepares.iter().map(|p| (&p.txn_id, &p.trace_parent)));
         let count = parsed.len();
-        let votes = Node::prepare_batch(self, parsed, &spans)
-            .await?
-            .into_iter()
-            .map(|vote| match vote {
-                Ok(vote) => vote_to_pb(vote),
-                Err(error) => pb::PrepareResponse {
-                    vote: pb::Vote::No as i32,
-                    refusal: pb::Refusal::InvalidRequest as i32,
-                    reason: error.to_string(),
-                    earlier_txn_id: String::new(),
-                },
-            })
-            .collect();
+        let votes = match commits {
+            None => Node::prepare_batch(self, parsed, &spans).await?,
+            Some(commits) => {
+                // A malformed commit list refuses the commits, not the prepares.
+                let riding = parse_decision_batch(&commits);
+                spans.extend(decision_spans(&commits));
+                let (committed, votes) = match &riding {
+                    Ok((txns, coordinator, stamp)) => {
+                        Node::commit_then_prepare_batch(
+                            self,
+                            Some((txns, coordinator.as_ref(), stamp.clone())),
+                            parsed,
+                            &spans,
+                        )
+                        .await?
+                    }
+                    Err(error) => (Err(error.clone()), Node::prepare_batch(self, parsed, &spans).await?),
+                };
+                if let Err(error) = committed {
+                    let status = Status::from(error);
+                    debug!(code = ?status.code(), error = %status.message(), "commits riding on prepares refused");
+                    return Ok(Response::new(pb::PrepareBatchResponse {
+                        votes: votes_to_pb(votes),
+                        commits_refused_code: status.code() as i32,
+                        commits_refused_reason: status.message().to_string(),
+                    }));
+                }
+                tandem::crash::point("commit-applied");
+                votes
+            }
+        };
         debug!(count, "prepare batch answered");
-        Ok(Response::new(pb::PrepareBatchResponse { votes }))
+        Ok(Response::new(pb::PrepareBatchResponse { votes: votes_to_pb(votes), ..Default::default() }))
     }
 
     async fn commit_one_phase(
@@ -1595,21 +1673,8 @@ impl Participant for Node {
         request: Request<pb::DecisionBatchRequest>,
     ) -> Result<Response<pb::DecisionResponse>, Status> {
         let request = request.into_inner();
-        check_batch_len("txn_ids", request.txn_ids.len(), COMMIT_BATCH_MAX)?;
-        let txns = request.txn_ids.iter().map(|id| Id::parse("txn_ids", id)).collect::<Result<Vec<_>, _>>()?;
-        let coordinator = parse_optional_coordinator(&request.coordinator_id)?;
-        let stamp = Stamp {
-            incarnation: request.coordinator_incarnation,
-            position: 0,
-            low_watermark: request.low_watermark,
-            idempotency_key: None,
-        };
-        // One context per id, or none (a mismatched list is ignored).
-        let spans = if request.trace_parents.len() == request.txn_ids.len() {
-            item_spans("commit", request.txn_ids.iter().zip(&request.trace_parents))
-        } else {
-            Vec::new()
-        };
+        let (txns, coordinator, stamp) = parse_decision_batch(&request)?;
+        let spans = decision_spans(&request);
         Node::commit_batch(self, &txns, coordinator.as_ref(), stamp, &spans).await?;
         tandem::crash::point("commit-applied");
         debug!(count = txns.len(), first = ?txns.first(), "commit batch acknowledged");

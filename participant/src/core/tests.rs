@@ -421,3 +421,42 @@ fn huge_timing_settings_saturate_instead_of_overflowing() {
 #[cfg(test)]
 mod one_phase;
 mod watermarks_and_heuristics;
+
+#[test]
+fn commits_riding_on_prepares_are_applied_first_in_the_same_write_and_answered_apart() {
+    let (mut core, mut disk) = setup();
+    disk.apply(&core.prepare(id("t1"), id("c1"), vec![credit(2, 50)], 0).unwrap().1);
+    let stamped = |txn: &str, legs: Vec<Leg>| Ok((id(txn), id("c1"), legs, Stamp::default()));
+    let c1 = id("c1");
+    // The credit committed first is spendable by the prepare after it.
+    let t1 = [id("t1")];
+    let ((committed, votes), effects) = core
+        .commit_then_prepare_batch(Some((&t1, Some(&c1), Stamp::default())), vec![stamped("t2", vec![debit(2, 50)])], 1)
+        .unwrap();
+    assert_eq!((committed, votes), (Ok(()), vec![Ok(Vote::Yes)]));
+    assert_eq!(effects.durability, Durability::Fsync, "the YES waits for the fsync, and the commit with it");
+    disk.apply(&effects);
+    let recovered = restart(&disk, 2);
+    assert_eq!(
+        recovered.account(2).unwrap(),
+        Account { posted: 50, reserved: 50, incoming: 0, closed: false },
+        "one write holds both: the commit and the prepare that spends it"
+    );
+
+    // A refused commit refuses no prepare, and is not applied.
+    core.abort(&id("t2"), 3).unwrap();
+    let t2 = [id("t2")];
+    let ((committed, votes), _) = core
+        .commit_then_prepare_batch(Some((&t2, Some(&c1), Stamp::default())), vec![stamped("t3", vec![debit(1, 10)])], 4)
+        .unwrap();
+    assert!(matches!(committed, Err(Error::InvalidInput(_))), "{committed:?}");
+    assert_eq!(votes, vec![Ok(Vote::Yes)]);
+    assert_eq!(core.account(2).unwrap(), Account { posted: 50, reserved: 0, incoming: 0, closed: false });
+
+    // Prepares out of bounds refuse the whole call before any commit.
+    core.prepare(id("t4"), id("c1"), vec![credit(2, 5)], 5).unwrap();
+    let t4 = [id("t4")];
+    let error = core.commit_then_prepare_batch(Some((&t4, Some(&c1), Stamp::default())), Vec::new(), 6).unwrap_err();
+    assert!(matches!(error, Error::InvalidInput(_)), "{error:?}");
+    assert_eq!(core.account(2).unwrap().incoming, 5, "t4 is still prepared, not committed");
+}
