@@ -258,3 +258,44 @@ async fn an_operator_reads_and_resolves_a_real_cluster_with_tandemctl() {
     assert_eq!(run.json()["serving"], false);
     cluster.stop().await;
 }
+
+/// `status` names why the coordinator is not ready, in the coordinator's
+/// own words (GetHealth): a participant paused with SIGSTOP, as an
+/// operator would meet it; and once it is resumed, nothing is left to say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_says_why_the_coordinator_is_not_ready_while_a_participant_is_paused() {
+    let (mut cluster, _dir) = start().await;
+    cluster.participants[1].pause();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        let run = tandemctl(&cluster, "operator", &["--json", "status"]).await;
+        let status = run.json();
+        if status["coordinator"]["ready"] != "serving" && status["coordinator"]["reason"].is_string() {
+            assert_ne!(run.code, 0, "a cluster with a node that does not answer is not a clean status: {run:?}");
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "the coordinator never said why it is not ready: {status}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    let reason = status["coordinator"]["reason"].as_str().unwrap();
+    assert!(reason.contains("p2"), "the reason names the paused participant: {status}");
+    let table = tandemctl(&cluster, "operator", &["status"]).await;
+    assert!(
+        table.stdout.contains("the coordinator is not ready") && table.stdout.contains(reason),
+        "the table's finding carries the coordinator's words:\n{}",
+        table.stdout
+    );
+
+    cluster.participants[1].resume();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let run = tandemctl(&cluster, "operator", &["--json", "status"]).await;
+        let status = run.json();
+        if run.code == 0 && status["coordinator"]["ready"] == "serving" {
+            assert!(status["coordinator"]["reason"].is_null(), "no reason once ready: {status}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the coordinator never became ready again: {status}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
