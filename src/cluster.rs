@@ -316,7 +316,30 @@ pub async fn wait_serving(url: &str, security: &Security, deadline: Instant) -> 
     Err(Error::Timeout(last))
 }
 
-fn free_port() -> Result<u16, Error> {
+/// Where [`free_port`] looks first: below Linux's default ephemeral range
+/// (32768 to 60999), which the kernel hands to outgoing connections and to
+/// binds on port 0.
+const CLUSTER_PORTS: std::ops::Range<u16> = 20_000..32_768;
+
+/// A port free now for a node to listen on. The node binds it only later,
+/// in its own process, so the port is drawn at random from
+/// [`CLUSTER_PORTS`]: one from the ephemeral range (what binding port 0
+/// gives) can be taken meanwhile by any outgoing connection on the machine
+/// (a bench's or another test's cluster making hundreds), and the node then
+/// fails to start. Falls back to port 0 if none of the draws is free.
+pub fn free_port() -> Result<u16, Error> {
+    use std::hash::{BuildHasher, Hasher};
+    let span = (CLUSTER_PORTS.end - CLUSTER_PORTS.start) as u64;
+    for attempt in 0..64u64 {
+        // std's per-process random keys, mixed with the attempt: no
+        // dependency needed for a port draw.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u64(attempt);
+        let port = CLUSTER_PORTS.start + (hasher.finish() % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     let listener = std::net::TcpListener::bind("127.0.0.1:0")
         .map_err(|e| Error::Unavailable(format!("cannot find a free port: {e}")))?;
     Ok(listener.local_addr().map_err(|e| Error::Unavailable(e.to_string()))?.port())

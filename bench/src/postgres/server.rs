@@ -153,9 +153,10 @@ pub struct Servers {
     pub notes: Vec<String>,
 }
 
+/// A port for a server started later: drawn outside the ephemeral range,
+/// as the cluster's nodes' ports are (see `tandem::cluster::free_port`).
 fn free_port() -> Result<u16, String> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("no free port: {e}"))?;
-    Ok(listener.local_addr().map_err(|e| e.to_string())?.port())
+    tandem::cluster::free_port().map_err(|e| format!("no free port: {e}"))
 }
 
 fn log_tail(path: &Path) -> String {
