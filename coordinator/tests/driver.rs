@@ -797,25 +797,28 @@ async fn commits_ride_on_the_next_prepares_to_their_participant_and_apply_once()
     // COMMIT_LINGER_MS for a prepare to ride on, and the next transfer's
     // prepares follow within a round trip (on a loaded machine some may
     // not: each COMMIT then goes alone, and the money moves the same).
-    const TRANSFERS: i64 = 40;
-    for _ in 0..TRANSFERS {
+    // At least 40, and on until one COMMIT rode (at most 400).
+    let riding = || calls.lock().unwrap().get("commits_riding").copied().unwrap_or(0);
+    let mut transfers: i64 = 0;
+    while transfers < 40 || (riding() == 0 && transfers < 400) {
         let result = client.transfer(transfer(0, ACCOUNTS_EACH, 1)).await.unwrap().into_inner();
         assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
+        transfers += 1;
     }
     eventually("every COMMIT is applied", async || {
         let audit = exact_audit(&mut client).await;
-        (audit.total_reserved == 0 && posted(&audit, ACCOUNTS_EACH) == INITIAL_BALANCE + TRANSFERS).then_some(audit)
+        (audit.total_reserved == 0 && posted(&audit, ACCOUNTS_EACH) == INITIAL_BALANCE + transfers).then_some(audit)
     })
     .await;
     let audit = exact_audit(&mut client).await;
-    assert_eq!(posted(&audit, 0), INITIAL_BALANCE - TRANSFERS, "each transfer applied once");
+    assert_eq!(posted(&audit, 0), INITIAL_BALANCE - transfers, "each transfer applied once");
     assert_eq!(audit.total_posted, 2 * ACCOUNTS_EACH as i64 * INITIAL_BALANCE, "no money made or lost");
     let calls = calls.lock().unwrap().clone();
     let riding = calls.get("commits_riding").copied().unwrap_or(0);
-    assert!(riding > 0, "no COMMIT rode on a prepare in {TRANSFERS} transfers back to back: {calls:?}");
+    assert!(riding > 0, "no COMMIT rode on a prepare in {transfers} transfers back to back: {calls:?}");
     let commit_calls = calls.get("commit_batch").copied().unwrap_or(0);
     assert!(
-        commit_calls < 2 * TRANSFERS as u64,
+        commit_calls < 2 * transfers as u64,
         "fewer COMMIT calls than COMMITs, since some rode on prepares: {calls:?}"
     );
 }
