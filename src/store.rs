@@ -229,6 +229,16 @@ impl Store {
         options.create_if_missing(true);
         options.set_max_background_jobs(2);
         options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        // Point reads that find nothing are the common case (a coordinator
+        // looks up every request's idempotency key, and most are new):
+        // bloom filters answer them without searching the memtable's skip
+        // list or reading an SST file's blocks. 10 bits a key: about 1%
+        // false positives, which then read as before.
+        let mut table = rocksdb::BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        options.set_block_based_table_factory(&table);
+        options.set_memtable_whole_key_filtering(true);
+        options.set_memtable_prefix_bloom_ratio(0.05);
         let db = DB::open(&options, path)
             .map_err(|e| Error::Fatal(format!("cannot open RocksDB at {}: {e}", path.display())))?;
         let store = Store {
