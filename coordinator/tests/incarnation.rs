@@ -84,6 +84,20 @@ struct Seen {
     low_watermark: u64,
 }
 
+impl Seen {
+    /// A batch of COMMITs, from CommitBatch or riding on a PrepareBatch.
+    fn commits(r: &pb::DecisionBatchRequest) -> Seen {
+        Seen {
+            kind: "commit",
+            txn_ids: r.txn_ids.clone(),
+            coordinator_id: r.coordinator_id.clone(),
+            incarnation: r.coordinator_incarnation,
+            position: 0,
+            low_watermark: r.low_watermark,
+        }
+    }
+}
+
 #[derive(Default)]
 struct Record {
     seen: Vec<Seen>,
@@ -147,14 +161,7 @@ participant_with! {
             if let Some(r) = &request.get_ref().commits {
                 // COMMITs riding on the prepares: seen as CommitBatch's are,
                 // and held back alike.
-                self.note(Seen {
-                    kind: "commit",
-                    txn_ids: r.txn_ids.clone(),
-                    coordinator_id: r.coordinator_id.clone(),
-                    incarnation: r.coordinator_incarnation,
-                    position: 0,
-                    low_watermark: r.low_watermark,
-                });
+                self.note(Seen::commits(r));
                 if self.record.lock().unwrap().commits_unavailable {
                     request.get_mut().commits = None;
                     let mut response = Participant::prepare_batch(&self.node, request).await?;
@@ -187,15 +194,7 @@ participant_with! {
             &self,
             request: Request<pb::DecisionBatchRequest>,
         ) -> Result<Response<pb::DecisionResponse>, Status> {
-            let r = request.get_ref();
-            self.note(Seen {
-                kind: "commit",
-                txn_ids: r.txn_ids.clone(),
-                coordinator_id: r.coordinator_id.clone(),
-                incarnation: r.coordinator_incarnation,
-                position: 0,
-                low_watermark: r.low_watermark,
-            });
+            self.note(Seen::commits(request.get_ref()));
             if self.record.lock().unwrap().commits_unavailable {
                 return Err(Status::unavailable("commits are held back by the test"));
             }
