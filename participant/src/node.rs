@@ -531,20 +531,7 @@ impl Node {
         .await
     }
 
-    /// Each prepare's vote, or why it is malformed; `Err` when none could be
-    /// judged (the store failed or its queue is full).
-    pub async fn prepare_batch(
-        &self,
-        prepares: Vec<Result<StampedRequest, Error>>,
-        traced: &[Span],
-    ) -> Result<Vec<Result<Vote, Error>>, Error> {
-        self.apply_traced(traced, prepares.len() * (OPS_PER_CALL_MAX + 1), |core, now| {
-            core.prepare_batch(prepares, now)
-        })
-        .await
-    }
-
-    /// COMMITs delivered with a batch of prepares
+    /// A batch of prepares, with the COMMITs riding on it if any
     /// ([`Core::commit_then_prepare_batch`]): the commits' answer and each
     /// prepare's vote, once their one write is durable; `Err` when none could
     /// be judged (the store failed or its queue is full, or the prepares are
@@ -1580,39 +1567,30 @@ impl Participant for Node {
         let parsed: Vec<Result<StampedRequest, Error>> = prepares.iter().map(parse_prepare).collect();
         let mut spans = item_spans("prepare", prepares.iter().map(|p| (&p.txn_id, &p.trace_parent)));
         let count = parsed.len();
-        let votes = match commits {
-            None => Node::prepare_batch(self, parsed, &spans).await?,
-            Some(commits) => {
-                // A malformed commit list refuses the commits, not the prepares.
-                let riding = parse_decision_batch(&commits);
-                spans.extend(decision_spans(&commits));
-                let (committed, votes) = match &riding {
-                    Ok((txns, coordinator, stamp)) => {
-                        Node::commit_then_prepare_batch(
-                            self,
-                            Some((txns, coordinator.as_ref(), stamp.clone())),
-                            parsed,
-                            &spans,
-                        )
-                        .await?
-                    }
-                    Err(error) => (Err(error.clone()), Node::prepare_batch(self, parsed, &spans).await?),
-                };
-                if let Err(error) = committed {
-                    let status = Status::from(error);
-                    debug!(code = ?status.code(), error = %status.message(), "commits riding on prepares refused");
-                    return Ok(Response::new(pb::PrepareBatchResponse {
-                        votes: votes_to_pb(votes),
-                        commits_refused_code: status.code() as i32,
-                        commits_refused_reason: status.message().to_string(),
-                    }));
-                }
-                tandem::crash::point("commit-applied");
-                votes
-            }
+        // A malformed commit list refuses the commits, not the prepares.
+        let (riding, malformed) = match commits.as_ref().map(parse_decision_batch) {
+            None => (None, None),
+            Some(Ok(riding)) => (Some(riding), None),
+            Some(Err(error)) => (None, Some(error)),
         };
+        if let Some(commits) = &commits {
+            spans.extend(decision_spans(commits));
+        }
+        let riding = riding.as_ref().map(|(txns, coordinator, stamp)| (&txns[..], coordinator.as_ref(), stamp.clone()));
+        let (committed, votes) = Node::commit_then_prepare_batch(self, riding, parsed, &spans).await?;
+        let mut response = pb::PrepareBatchResponse { votes: votes_to_pb(votes), ..Default::default() };
+        match malformed.map_or(committed, Err) {
+            Ok(()) if commits.is_some() => tandem::crash::point("commit-applied"),
+            Ok(()) => {}
+            Err(error) => {
+                let status = Status::from(error);
+                debug!(code = ?status.code(), error = %status.message(), "commits riding on prepares refused");
+                response.commits_refused_code = status.code() as i32;
+                response.commits_refused_reason = status.message().to_string();
+            }
+        }
         debug!(count, "prepare batch answered");
-        Ok(Response::new(pb::PrepareBatchResponse { votes: votes_to_pb(votes), ..Default::default() }))
+        Ok(Response::new(response))
     }
 
     async fn commit_one_phase(
