@@ -180,7 +180,9 @@ enum Command {
 #[derive(Subcommand, Debug)]
 enum TxnCommand {
     /// What the coordinator (GetTransaction) and every participant
-    /// (LookupTransaction) know of one transaction or orchestrated saga.
+    /// (LookupTransaction) know of one transaction or orchestrated saga;
+    /// for a choreographed transfer's saga id, its state on the participant
+    /// it started on (GetTransferStatus).
     ///
     /// UNKNOWN on the coordinator: no record (presumed aborted, or finished
     /// and collected); on a participant: never prepared there, or finished
@@ -191,7 +193,8 @@ enum TxnCommand {
     /// Certificate: operator (LookupTransaction is operator only;
     /// GetTransaction is open to clients too).
     Get {
-        /// The transaction id (as Transfer answered it), or a saga id.
+        /// The transaction id (as Transfer answered it), or a saga id
+        /// (orchestrated or choreographed).
         id: String,
     },
 }
@@ -422,6 +425,7 @@ mod tests {
             rpc::RESOLVE_IN_DOUBT,
             rpc::LIST_PARKED_TRANSFERS,
             rpc::RESOLVE_PARKED_TRANSFER,
+            rpc::GET_TRANSFER_STATUS,
             rpc::READ_BALANCES,
             rpc::GET_BALANCE,
         ];

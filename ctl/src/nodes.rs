@@ -285,6 +285,7 @@ pub mod rpc {
     pub const RESOLVE_IN_DOUBT: &str = "tandem.v1.Participant/ResolveInDoubt";
     pub const LIST_PARKED_TRANSFERS: &str = "tandem.v1.Participant/ListParkedTransfers";
     pub const RESOLVE_PARKED_TRANSFER: &str = "tandem.v1.Participant/ResolveParkedTransfer";
+    pub const GET_TRANSFER_STATUS: &str = "tandem.v1.Participant/GetTransferStatus";
     pub const READ_BALANCES: &str = "tandem.v1.Participant/ReadBalances";
     pub const GET_BALANCE: &str = "tandem.v1.Participant/GetBalance";
 }

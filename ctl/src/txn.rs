@@ -10,6 +10,12 @@
 //! coordinator's watermark passes it, so an old transaction shows UNKNOWN
 //! everywhere: that is not a fault.
 //!
+//! A choreographed transfer has no coordinator: its id is a saga id, and
+//! the participant it started on keeps its state (GetTransferStatus). So
+//! each participant is asked that too, and the ones that know the id are
+//! shown beside the rest (a parked one waits for `tandemctl parked
+//! resolve`; that is shown, not a finding, as a dead letter is).
+//!
 //! Found wrong (exit 1): participants that disagree (one committed, one
 //! aborted), a participant that disagrees with the coordinator's decision,
 //! an orphaned record, a heuristic-mixed decision.
@@ -25,7 +31,20 @@ pub struct TxnView {
     pub txn_id: String,
     pub coordinator: Option<CoordinatorRecord>,
     pub participants: Vec<ParticipantRecord>,
+    /// The participants where a choreographed transfer of this id started
+    /// (none when the id is no choreographed transfer's).
+    pub choreographed: Vec<ChoreographedRecord>,
     pub findings: Vec<String>,
+}
+
+/// A choreographed transfer as the participant it started on knows it.
+#[derive(Debug, Serialize)]
+pub struct ChoreographedRecord {
+    pub participant: String,
+    /// debited, completed, rejected, compensated, dead_lettered, resolved.
+    pub state: String,
+    pub reason: String,
+    pub terminal: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -148,6 +167,18 @@ pub async fn build(nodes: &Nodes, txn_id: &str) -> Result<(TxnView, Vec<RpcError
             Ok(answer.into_inner())
         }
     });
+    let id = txn_id.to_string();
+    let transfers = on_each(&nodes.participants, move |node| {
+        let id = id.clone();
+        async move {
+            let answer = node
+                .participant_client()
+                .get_transfer_status(crate::nodes::request(timeout, pb::GetTransferStatusRequest { saga_id: id }))
+                .await
+                .map_err(|status| node.failed(rpc::GET_TRANSFER_STATUS, &status))?;
+            Ok(answer.into_inner())
+        }
+    });
     let coordinator = match nodes.coordinator_if_given() {
         None => None,
         Some(node) => {
@@ -196,6 +227,25 @@ pub async fn build(nodes: &Nodes, txn_id: &str) -> Result<(TxnView, Vec<RpcError
             Err(error) => errors.push(error),
         }
     }
+    let mut choreographed = Vec::new();
+    for (node, answer) in transfers.await {
+        match answer {
+            Ok(status) if status.state != pb::TransferState::Unknown as i32 => {
+                choreographed.push(ChoreographedRecord {
+                    participant: node.name.clone(),
+                    state: enum_name(
+                        pb::TransferState::try_from(status.state).ok().map(|s| s.as_str_name()),
+                        "TRANSFER_STATE_",
+                        status.state,
+                    ),
+                    reason: status.reason,
+                    terminal: status.terminal,
+                })
+            }
+            Ok(_) => {}
+            Err(error) => errors.push(error),
+        }
+    }
 
     let holds = |state: &str| -> Vec<&str> {
         participants.iter().filter(|p| p.state == state).map(|p| p.participant.as_str()).collect()
@@ -233,7 +283,7 @@ pub async fn build(nodes: &Nodes, txn_id: &str) -> Result<(TxnView, Vec<RpcError
             ));
         }
     }
-    Ok((TxnView { txn_id: txn_id.to_string(), coordinator, participants, findings }, errors))
+    Ok((TxnView { txn_id: txn_id.to_string(), coordinator, participants, choreographed, findings }, errors))
 }
 
 fn render(view: &TxnView) -> String {
@@ -298,6 +348,14 @@ fn render(view: &TxnView) -> String {
             ]);
         }
         text.push_str(&table.render());
+    }
+    for t in &view.choreographed {
+        text.push_str(&format!(
+            "\nchoreographed transfer, started on {}: {}{}\n",
+            t.participant,
+            t.state,
+            if t.reason.is_empty() { String::new() } else { format!(": {}", t.reason) }
+        ));
     }
     text
 }

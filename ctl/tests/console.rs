@@ -12,19 +12,24 @@
 //! both participants; a dead letter is resolved from its form: without a
 //! reason the form is not sent (the browser) and a POST without one is
 //! refused (400, the console), with one it is RESOLVED and leaves the list.
+//! In a second cluster: a transaction in doubt (prepared while its
+//! coordinator is paused) is decided from the overview's form and its
+//! lookup shows the heuristic abort; a parked choreographed transfer is
+//! found by its saga id in the lookup and released from the parked page.
 //!
 //! Where chromedriver is not installed (scripts/setup installs Debian's
 //! `chromium` and `chromium-driver`), the test says so and returns.
 
 mod common;
 
-use common::{dead_letter, reopen, start, tandemctl, transfer, wait_committed_everywhere};
+use common::{dead_letter, parked_transfer, reopen, start, tandemctl, transfer, wait_committed_everywhere};
 use fantoccini::{Client, ClientBuilder, Locator};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
-use tandem::cluster::Cluster;
+use tandem::cluster::{Cluster, NodeRef};
 use tandem::pb;
+use tandem::trust::Role;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -41,7 +46,8 @@ struct Console {
 }
 
 impl Console {
-    async fn start(cluster: &Cluster) -> Console {
+    /// `tandemctl [GLOBAL...] console` for `cluster`.
+    async fn start(cluster: &Cluster, global: &[&str]) -> Console {
         let tls = cluster.tls_dir().expect("the cluster runs with mutual TLS");
         let metrics = cluster.coordinator.http_addr.expect("the coordinator serves its metrics");
         let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_tandemctl"));
@@ -54,7 +60,8 @@ impl Console {
             .arg(tls.join("ca.pem"))
             .args(["--coordinator", &cluster.coordinator.url()])
             .env_remove("TANDEM_COORDINATOR")
-            .env_remove("TANDEM_PARTICIPANTS");
+            .env_remove("TANDEM_PARTICIPANTS")
+            .args(global);
         for (i, participant) in cluster.participants.iter().enumerate() {
             command.arg("--participant").arg(format!("p{}={}", i + 1, participant.url()));
         }
@@ -176,7 +183,7 @@ async fn an_operator_looks_up_a_transfer_and_resolves_a_dead_letter_in_a_browser
     let saga = dead_letter(&mut cluster, (4, 14, 120)).await;
     reopen(&cluster, 0, 4).await;
 
-    let console = Console::start(&cluster).await;
+    let console = Console::start(&cluster, &[]).await;
     let addr = console.addr.as_str();
     let token = console.token.as_str();
 
@@ -288,4 +295,95 @@ async fn an_operator_looks_up_a_transfer_and_resolves_a_dead_letter_in_a_browser
     browser.close().await.unwrap();
     cluster.stop().await;
     eprintln!("the console test took {:.1} s", began.elapsed().as_secs_f64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_decides_an_in_doubt_transaction_and_releases_a_parked_transfer_in_a_browser() {
+    if !Path::new(CHROMEDRIVER).exists() {
+        eprintln!(
+            "SKIPPED: {CHROMEDRIVER} is not installed, so there is no browser to drive; scripts/setup installs \
+             Debian's chromium and chromium-driver"
+        );
+        return;
+    }
+    let began = Instant::now();
+    let (mut cluster, dir) = start().await;
+
+    // A choreographed transfer parked in p1's suspense, its source account
+    // open again (so it can be released to it).
+    let parked = parked_transfer(&mut cluster, (6, 16, 55)).await;
+    reopen(&cluster, 0, 6).await;
+    // A transaction in doubt: prepared on p1 by a stand-in for c1 (with
+    // c1's certificate) while c1 is paused, so no decision can come.
+    cluster.node(NodeRef::Coordinator).pause();
+    let as_c1 = cluster.identity(Role::Coordinator, "c1").unwrap();
+    let mut p1_as_c1 = cluster.participant_client(0, &as_c1).unwrap();
+    let vote = p1_as_c1
+        .prepare(pb::PrepareRequest {
+            txn_id: "in-doubt-1".into(),
+            coordinator_id: "c1".into(),
+            legs: vec![pb::Leg { account: 7, amount: -5 }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(vote.vote, pb::Vote::Yes as i32, "{vote:?}");
+
+    // The overview asks the paused coordinator too: a short deadline.
+    let console = Console::start(&cluster, &["--timeout-ms", "1500"]).await;
+    let (_driver, browser) = browser(&dir.path().join("chromedriver.log")).await;
+    browser.goto(&console.url).await.unwrap();
+    let row_css = "#in-doubt tr[data-participant=\"p1\"][data-txn=\"in-doubt-1\"]";
+    let row = browser.wait().at_most(Duration::from_secs(10)).for_element(Locator::Css(row_css)).await.unwrap();
+    assert!(row.text().await.unwrap().contains("7:-5"), "{}", row.text().await.unwrap());
+    // Neither an outcome nor a reason: the browser does not send the form.
+    row.find(Locator::Css("button[type=submit]")).await.unwrap().click().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(path_of(&browser).await, "/", "a form without an outcome and a reason is not sent");
+    let row = browser.find(Locator::Css(row_css)).await.unwrap();
+    row.find(Locator::Css("input[name=outcome][value=abort]")).await.unwrap().click().await.unwrap();
+    let reason = "console test: c1 is paused and never began it";
+    row.find(Locator::Css("input[name=reason]")).await.unwrap().send_keys(reason).await.unwrap();
+    row.find(Locator::Css("button[type=submit]")).await.unwrap().click().await.unwrap();
+    let message = text_of(&browser, "#message").await;
+    assert!(message.starts_with("p1: aborted in-doubt-1 by heuristic decision"), "{message}");
+    assert!(message.ends_with(reason), "{message}");
+    assert_eq!(path_of(&browser).await, "/in-doubt/resolve");
+    // Its lookup: aborted on p1, with the operator's decision beside it.
+    browser.find(Locator::LinkText("Look it up")).await.unwrap().click().await.unwrap();
+    assert_eq!(text_of(&browser, "#participants tr[data-participant=\"p1\"] .participant-state").await, "ABORTED");
+    let p1_row = text_of(&browser, "#participants tr[data-participant=\"p1\"]").await;
+    assert!(p1_row.contains(reason), "{p1_row}");
+    browser.find(Locator::LinkText("Overview")).await.unwrap().click().await.unwrap();
+    assert_eq!(text_of(&browser, "#no-in-doubt").await, "No transaction in doubt.");
+    cluster.node(NodeRef::Coordinator).resume();
+
+    // The parked transfer: listed on p1's section, found by its saga id.
+    browser.find(Locator::LinkText("Parked")).await.unwrap().click().await.unwrap();
+    let row_css = format!("tr[data-saga=\"{parked}\"]");
+    let row = browser.wait().at_most(Duration::from_secs(10)).for_element(Locator::Css(&row_css)).await.unwrap();
+    assert!(row.text().await.unwrap().contains("DEAD_LETTERED"));
+    row.find(Locator::LinkText(&parked)).await.unwrap().click().await.unwrap();
+    assert_eq!(text_of(&browser, "#choreographed tr[data-participant=\"p1\"] .transfer-state").await, "DEAD_LETTERED");
+    browser.back().await.unwrap();
+    let row = browser.wait().at_most(Duration::from_secs(10)).for_element(Locator::Css(&row_css)).await.unwrap();
+    let reason = "console test: the source account is open again";
+    row.find(Locator::Css("input[name=reason]")).await.unwrap().send_keys(reason).await.unwrap();
+    row.find(Locator::Css("button[type=submit]")).await.unwrap().click().await.unwrap();
+    let message = text_of(&browser, "#message").await;
+    assert_eq!(message, format!("p1: parked transfer {parked}: RESOLVED"));
+    assert_eq!(path_of(&browser).await, "/parked/resolve");
+    browser.find(Locator::LinkText("Back to the parked transfers")).await.unwrap().click().await.unwrap();
+    text_of(&browser, "main h1").await;
+    assert!(browser.find_all(Locator::Css(&row_css)).await.unwrap().is_empty(), "it left the list");
+    // The nodes agree: nothing parked, the money back in account 6.
+    let run = tandemctl(&cluster, "operator", &["--json", "parked", "list"]).await;
+    assert_eq!(run.json()["participants"][0]["total"], 0, "{run:?}");
+    let run = tandemctl(&cluster, "operator", &["--json", "txn", "get", &parked]).await;
+    assert_eq!(run.json()["choreographed"][0]["state"], "resolved", "{run:?}");
+
+    browser.close().await.unwrap();
+    cluster.stop().await;
+    eprintln!("the second console test took {:.1} s", began.elapsed().as_secs_f64());
 }

@@ -223,6 +223,19 @@ async fn an_operator_reads_and_resolves_a_real_cluster_with_tandemctl() {
     assert_eq!(listed["participants"][0]["total"], 1, "{listed}");
     assert_eq!(listed["participants"][0]["parked"][0]["saga_id"], parked.as_str(), "{listed}");
     assert_eq!(listed["participants"][1]["total"], 0, "{listed}");
+    // txn get finds it by its saga id on the participant it started on
+    // (no coordinator knows a choreographed transfer).
+    let run = tandemctl(&cluster, "operator", &["--json", "txn", "get", &parked]).await;
+    assert_eq!(run.code, 0, "parked is not wrong, it waits: {run:?}");
+    let found = run.json();
+    assert_eq!(found["choreographed"].as_array().map(Vec::len), Some(1), "{found}");
+    assert_eq!(
+        (found["choreographed"][0]["participant"].as_str(), found["choreographed"][0]["state"].as_str()),
+        (Some("p1"), Some("dead_lettered")),
+        "{found}"
+    );
+    let table = tandemctl(&cluster, "operator", &["txn", "get", &parked]).await;
+    assert!(table.stdout.contains("choreographed transfer, started on p1: dead_lettered"), "{table:?}");
     reopen(&cluster, 0, 6).await;
     let resolve = ["--json", "parked", "resolve", "--participant", "p1", &parked, "--reason", "ticket 8: refund"];
     let resolved = tandemctl(&cluster, "operator", &resolve).await;
@@ -230,6 +243,11 @@ async fn an_operator_reads_and_resolves_a_real_cluster_with_tandemctl() {
     assert_eq!(resolved.json()["transfer"]["state"], "resolved");
     let kept = resolved.json()["transfer"]["reason"].as_str().unwrap_or_default().to_string();
     assert!(kept.ends_with("by tandem://operator/bench: ticket 8: refund"), "who and why are kept: {kept}");
+    let run = tandemctl(&cluster, "operator", &["--json", "txn", "get", &parked]).await;
+    assert_eq!(run.json()["choreographed"][0]["state"], "resolved", "{run:?}");
+    // An id no node knows: nothing choreographed either.
+    let run = tandemctl(&cluster, "operator", &["--json", "txn", "get", "never-started"]).await;
+    assert_eq!(run.json()["choreographed"], serde_json::json!([]), "{run:?}");
 
     // All money back in accounts; everything settled.
     let run = tandemctl(&cluster, "operator", &["--json", "audit", "--expected-money", &total_text]).await;

@@ -209,11 +209,13 @@ pub fn overview(
         for t in &p.prepared {
             let _ = write!(
                 rows,
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td><td>{}</td><td>{}</td><td>\
-                 <form method=\"post\" action=\"/in-doubt/resolve\" class=\"resolve\">{}{}{}\
+                "<tr data-participant=\"{}\" data-txn=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td>\
+                 <td>{}</td><td>{}</td><td><form method=\"post\" action=\"/in-doubt/resolve\" class=\"resolve\">{}{}{}\
                  <label><input type=\"radio\" name=\"outcome\" value=\"commit\" required> commit</label>\
                  <label><input type=\"radio\" name=\"outcome\" value=\"abort\"> abort</label>{}\
                  <button type=\"submit\">Decide</button></form></td></tr>",
+                esc(&p.participant),
+                esc(&t.txn_id),
                 esc(&p.participant),
                 lookup_link(&t.txn_id),
                 esc(&t.coordinator_id),
@@ -296,6 +298,23 @@ pub fn lookup(_token: &str, id: &str, result: Option<Result<(TxnView, Vec<RpcErr
                 if let Some(saga) = &c.saga {
                     body.push_str(&saga_table(saga));
                 }
+            }
+            if !view.choreographed.is_empty() {
+                body.push_str(
+                    "<table id=\"choreographed\"><thead><tr><th>Choreographed transfer started on</th><th>State</th>\
+                     <th>Reason</th></tr></thead><tbody>",
+                );
+                for t in &view.choreographed {
+                    let _ = write!(
+                        body,
+                        "<tr data-participant=\"{}\"><td>{}</td><td class=\"transfer-state\">{}</td><td>{}</td></tr>",
+                        esc(&t.participant),
+                        esc(&t.participant),
+                        state(&t.state),
+                        esc(&t.reason)
+                    );
+                }
+                body.push_str("</tbody></table>\n");
             }
             body.push_str(
                 "<table id=\"participants\"><thead><tr><th>Participant</th><th>State</th><th>Coordinator</th>\
@@ -434,7 +453,7 @@ pub fn parked(token: &str, (view, failed): &(ParkedView, Vec<RpcError>)) -> Stri
                      pattern=\"[0-9]*\" maxlength=\"20\" placeholder=\"source\"></label>{}\
                      <button type=\"submit\">Resolve</button></form></td></tr>",
                     esc(&t.saga_id),
-                    esc(&t.saga_id),
+                    lookup_link(&t.saga_id),
                     state(&t.state),
                     esc(&t.reason),
                     hidden("csrf", token),
