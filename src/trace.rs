@@ -24,8 +24,13 @@
 //! record's fsync). An orchestrated saga's `transfer` has one span per step
 //! on the coordinator and on its participant ([`saga_step_name`]: `saga
 //! debit`, `saga credit`, `saga undo debit`, ...), carried the same way (a
-//! `trace_parent` per step). Choreographed transfers are not traced yet
-//! (their events would carry the context through the outbox).
+//! `trace_parent` per step). A choreographed transfer has no coordinator:
+//! the source participant's `choreography debit` hangs under the
+//! StartTransfer call's `traceparent`, and each event carries the context
+//! of the span that made it (`ChoreographyEvent.trace_parent`, kept with
+//! the event in the sender's outbox): the target's `choreography credit`
+//! under the debit, the source's `choreography complete` (or `choreography
+//! refund`) under the credit.
 //!
 //! Cost when off: the spans are at DEBUG level under the target
 //! [`TARGET`], which the log's filter does not enable at its default level

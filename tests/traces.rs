@@ -1,7 +1,9 @@
 //! One transfer is one trace across the processes: the real binaries
 //! export their spans over OTLP to a collector this test runs, and the
 //! spans of one transfer from the coordinator and both participants carry
-//! the trace id the client's call named in its `traceparent`; with
+//! the trace id the client's call named in its `traceparent` (a 2PC
+//! transfer, an orchestrated saga, a choreographed transfer whose events
+//! carry the trace from participant to participant); with
 //! `--trace-sample-ratio`, only the traces chosen are exported, the client's
 //! choice first (build the binaries first: `cargo build --release
 //! --workspace`).
@@ -259,11 +261,55 @@ async fn one_transfers_spans_on_the_coordinator_and_both_participants_share_the_
         assert_eq!(applied.parent_span_id, sent.span_id, "{node}'s {step} hangs under the coordinator's");
     }
 
+    // A choreographed transfer: no coordinator; the client calls p1, whose
+    // debit event carries the trace through its outbox to p2, and p2's
+    // answer carries it back: p1 debits under the client's span, p2
+    // credits under p1's debit, p1 completes under p2's credit.
+    let choreography_trace = new_trace_id(5);
+    let mut p1 = cluster.participant_client(0, cluster.client()).unwrap();
+    let mut start = Request::new(pb::StartTransferRequest {
+        saga_id: "traced-choreography".into(),
+        from_account: 8,
+        to_account: 180,
+        amount: 10,
+        target_participant: "p2".into(),
+        wait_ms: 10_000,
+    });
+    let traceparent = format!("00-{choreography_trace}-{client_span_id}-01");
+    start.metadata_mut().insert("traceparent", traceparent.parse().unwrap());
+    let started = p1.start_transfer(start).await.unwrap().into_inner();
+    assert_eq!(started.state, pb::TransferState::Completed as i32, "{started:?}");
+    let want = [
+        ("p1", names(&["choreography debit", "choreography complete", "durable write"])),
+        ("p2", names(&["choreography credit", "durable write"])),
+    ];
+    let choreography = wait_for_spans(&collector, &choreography_trace, &want).await;
+    let span = |node: &str, name: &str| {
+        choreography
+            .iter()
+            .find(|s| s.node == node && s.name == name)
+            .unwrap_or_else(|| panic!("{node} {name}: {choreography:#?}"))
+            .clone()
+    };
+    let (debit, credit, complete) =
+        (span("p1", "choreography debit"), span("p2", "choreography credit"), span("p1", "choreography complete"));
+    assert_eq!(debit.parent_span_id, client_span_id);
+    assert_eq!(credit.parent_span_id, debit.span_id, "p2's credit hangs under p1's debit: {choreography:#?}");
+    assert_eq!(complete.parent_span_id, credit.span_id, "p1's completion hangs under p2's credit: {choreography:#?}");
+    assert!(!choreography.iter().any(|s| s.node == "c1"), "no coordinator takes part: {choreography:#?}");
+    for node in ["p1", "p2"] {
+        let write = span(node, "durable write");
+        assert!(
+            choreography.iter().any(|s| s.node == node && s.span_id == write.parent_span_id),
+            "{node}'s durable write hangs under one of its own spans: {choreography:#?}"
+        );
+    }
+
     // The other transfer's spans are in a trace of their own.
     let all = collector.spans.lock().unwrap().clone();
     let other_traces: BTreeSet<&str> = all
         .iter()
-        .filter(|s| s.trace_id != trace_id && s.trace_id != saga_trace && s.name == "transfer")
+        .filter(|s| ![&trace_id, &saga_trace, &choreography_trace].contains(&&s.trace_id) && s.name == "transfer")
         .map(|s| s.trace_id.as_str())
         .collect();
     assert_eq!(other_traces.len(), 1, "the transfer without a context started one new trace: {all:#?}");

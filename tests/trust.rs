@@ -113,6 +113,7 @@ fn event(id: &str) -> pb::ChoreographyEvent {
         target_participant: "p1".into(),
         reason: String::new(),
         sequence: 0,
+        trace_parent: String::new(),
     }
 }
 

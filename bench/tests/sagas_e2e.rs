@@ -649,6 +649,7 @@ async fn a_batch_of_redelivered_events_is_dropped_by_the_inbox_and_a_malformed_o
         target_participant: "p2".into(),
         reason: String::new(),
         sequence: 1,
+        trace_parent: String::new(),
     };
     let mut malformed = debited.clone();
     malformed.version = 0;

@@ -1219,6 +1219,7 @@ pub fn event_to_pb(event: &Event) -> pb::ChoreographyEvent {
         target_participant: event.target.to_string(),
         reason: event.reason.clone(),
         sequence: event.seq,
+        trace_parent: event.trace_parent.clone(),
     }
 }
 
@@ -1249,6 +1250,12 @@ pub fn event_from_pb(event: &pb::ChoreographyEvent) -> Result<Event, Error> {
         target: Id::parse("target_participant", &event.target_participant)?,
         reason: event.reason.clone(),
         seq: event.sequence,
+        // Advisory: an oversized one is dropped, never refused.
+        trace_parent: if event.trace_parent.len() <= tandem::trace::TRACE_PARENT_LEN_MAX {
+            event.trace_parent.clone()
+        } else {
+            String::new()
+        },
     };
     event.check()?;
     Ok(event)
@@ -1266,6 +1273,30 @@ fn sent_by_caller(event: Event, caller: Option<&Id>) -> Result<Event, Error> {
         ))),
         _ => Ok(event),
     }
+}
+
+/// One span per event received, named by what it makes this node do
+/// (`choreography credit` for a debit, `choreography complete` for a
+/// credit, `choreography refund` for a rejection), under the context the
+/// event carried; each event then carries its span's context instead, so
+/// the answer the core writes for a debit hangs under it. None when this
+/// process does not export traces.
+fn event_spans(events: &mut [Result<Event, Error>]) -> Vec<Span> {
+    if !tandem::trace::on() {
+        return Vec::new();
+    }
+    let mut spans = Vec::with_capacity(events.len());
+    for event in events.iter_mut().flatten() {
+        let name = match event.kind {
+            EventKind::TransferDebited => "choreography credit",
+            EventKind::TransferCredited => "choreography complete",
+            EventKind::TransferRejected => "choreography refund",
+        };
+        let span = tandem::trace::remote_child(name, event.saga.as_str(), &event.trace_parent);
+        event.trace_parent = tandem::trace::traceparent(&span);
+        spans.push(span);
+    }
+    spans
 }
 
 /// One span `name` per item of a batch call, each under the trace context
@@ -1948,6 +1979,11 @@ impl Participant for Node {
         &self,
         request: Request<pb::StartTransferRequest>,
     ) -> Result<Response<pb::TransferStatus>, Status> {
+        let span = tandem::trace::remote_child(
+            "choreography debit",
+            &request.get_ref().saga_id,
+            tandem::trace::from_metadata(request.metadata()),
+        );
         let request = request.into_inner();
         let saga = Id::parse("saga_id", &request.saga_id)?;
         let target = Id::parse("target_participant", &request.target_participant)?;
@@ -1957,10 +1993,13 @@ impl Participant for Node {
                 self.inner.node_id
             )));
         }
+        let trace_parent = tandem::trace::traceparent(&span);
         let transfer = self
-            .apply(OPS_PER_CALL_MAX, |core, now| {
-                core.start_transfer(saga.clone(), request.from_account, request.to_account, request.amount, target, now)
+            .apply_traced(std::slice::from_ref(&span), OPS_PER_CALL_MAX, |core, now| {
+                let (from, to, amount) = (request.from_account, request.to_account, request.amount);
+                core.start_transfer(saga.clone(), from, to, amount, target, trace_parent, now)
             })
+            .instrument(span.clone())
             .await?;
         self.inner.relay_wake.notify_one();
         debug!(%saga, state = ?transfer.state, "transfer started");
@@ -2007,9 +2046,10 @@ impl Participant for Node {
         let events = request.into_inner().events;
         check_batch_len("events", events.len(), DELIVER_EVENTS_MAX)?;
         let count = events.len();
-        let parsed: Vec<Result<Event, Error>> =
+        let mut parsed: Vec<Result<Event, Error>> =
             events.iter().map(|event| event_from_pb(event).and_then(|e| sent_by_caller(e, caller.as_ref()))).collect();
-        let applied = self.apply_each(&[], parsed, 4, |core, event, now| core.deliver_event(event, now)).await?;
+        let spans = event_spans(&mut parsed);
+        let applied = self.apply_each(&spans, parsed, 4, |core, event, now| core.deliver_event(event, now)).await?;
         let results = applied
             .into_iter()
             .map(|applied| match applied {
@@ -2032,9 +2072,12 @@ impl Participant for Node {
         request: Request<pb::ChoreographyEvent>,
     ) -> Result<Response<pb::DeliverEventResponse>, Status> {
         let caller = request.extensions().get::<tandem::trust::Caller>().map(|caller| caller.name.clone());
-        let event = sent_by_caller(event_from_pb(&request.into_inner())?, caller.as_ref())?;
+        let mut event = [sent_by_caller(event_from_pb(&request.into_inner())?, caller.as_ref())];
+        let spans = event_spans(&mut event);
+        let [event] = event;
+        let event = event?;
         let id = event.id.clone();
-        let (duplicate, finished) = self.apply(4, |core, now| core.deliver_event(event, now)).await?;
+        let (duplicate, finished) = self.apply_traced(&spans, 4, |core, now| core.deliver_event(event, now)).await?;
         debug!(event = %id, duplicate, "event received");
         if let Some(saga) = finished {
             self.notify_terminal(&saga);
@@ -2092,6 +2135,7 @@ mod tests {
             target: Id::parse("p", "p2").unwrap(),
             reason: String::new(),
             seq,
+            trace_parent: String::new(),
         };
         let (p1, p3) = (Id::parse("p", "p1").unwrap(), Id::parse("p", "p3").unwrap());
         assert!(sent_by_caller(event(1), Some(&p1)).is_ok());

@@ -521,6 +521,13 @@ pub struct Event {
     /// "Deduplication with no time window"). 0: none (an event an older
     /// node wrote): the inbox drops its duplicates.
     pub seq: u64,
+    /// The W3C trace context (`traceparent`) of the span that made this
+    /// event, so the peer's handling of it joins the transfer's trace;
+    /// empty: none (this node does not export traces). Advisory: never
+    /// checked nor acted on, kept with the event in the outbox, and copied
+    /// into the answer to a debit (the driver hands a debit in with its own
+    /// span's context). A numbered event only stores one.
+    pub trace_parent: String,
 }
 
 impl Event {
@@ -887,6 +894,10 @@ pub fn encode_event(event: &Event) -> Result<Vec<u8>, Error> {
     w.text("an event's reason", &event.reason)?;
     if event.seq != 0 {
         w.u64(event.seq);
+        // Events written before they carried a trace context end before it.
+        if !event.trace_parent.is_empty() {
+            w.text("an event's trace context", &event.trace_parent)?;
+        }
     }
     Ok(w.finish())
 }
@@ -914,6 +925,7 @@ pub fn decode_event(bytes: &[u8]) -> Result<Event, Error> {
         target: r.id()?,
         reason: r.text()?,
         seq: 0,
+        trace_parent: String::new(),
     };
     // Events written before they were numbered end here.
     let seq = match r.remaining() {
@@ -923,8 +935,10 @@ pub fn decode_event(bytes: &[u8]) -> Result<Event, Error> {
             seq => seq,
         },
     };
+    // And those written before they carried a trace context, here.
+    let trace_parent = if r.remaining() == 0 { String::new() } else { r.text()? };
     r.done()?;
-    Ok(Event { seq, ..event })
+    Ok(Event { seq, trace_parent, ..event })
 }
 
 impl Core {
@@ -1582,7 +1596,8 @@ impl Core {
     /// starts a new transfer. A new transfer is refused (RESOURCE_EXHAUSTED,
     /// nothing changes) while the outbox holds [`OUTBOX_MAX`] events, or
     /// [`TRANSFERS_IN_FLIGHT_MAX`] transfers are in flight, or
-    /// [`TRANSFERS_MAX`] transfer records are held.
+    /// [`TRANSFERS_MAX`] transfer records are held. `trace_parent` goes
+    /// with the debit event ([`Event::trace_parent`]).
     pub fn start_transfer(
         &mut self,
         saga: Id,
@@ -1590,6 +1605,7 @@ impl Core {
         to: AccountId,
         amount: Amount,
         target: Id,
+        trace_parent: String,
         now_ms: u64,
     ) -> Result<(Transfer, Effects), Error> {
         if let Some(existing) = self.sagas.transfers.get(&saga) {
@@ -1657,6 +1673,7 @@ impl Core {
             target: target.clone(),
             reason: String::new(),
             seq,
+            trace_parent,
         };
         let transfer = Transfer { state: TransferState::Debited, from, to, amount, target, ended_at_ms: None };
         // Both records encoded before anything changes.
@@ -1727,6 +1744,8 @@ impl Core {
                     Some((_, reason)) => (EventKind::TransferRejected, reason),
                 };
                 let suffix = if kind == EventKind::TransferCredited { "credited" } else { "rejected" };
+                // The answer carries the debit's trace context, as the
+                // driver handed it in (its own span's).
                 let answer = Event {
                     version: EVENT_VERSION,
                     id: format!("{}:{suffix}", event.saga),

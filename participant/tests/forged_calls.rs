@@ -110,6 +110,7 @@ fn event(kind: pb::EventKind, reason: String, amount: i64) -> pb::ChoreographyEv
         target_participant: "p1".into(),
         reason,
         sequence: 0,
+        trace_parent: String::new(),
     }
 }
 

@@ -133,6 +133,7 @@ async fn a_reply_written_by_a_call_whose_client_gave_up_is_still_relayed() {
         reason: String::new(),
         // The first event p1 numbered for p2.
         sequence: 1,
+        trace_parent: String::new(),
     };
     // Polled once (the credit and its reply are written and submitted to
     // the store), then dropped before the fsync completes: what tonic does

@@ -424,7 +424,7 @@ impl Bank {
                 let target = if to_self { id("p1") } else { id("p2") };
                 let existed = self.core.transfer(&saga(s)).is_some();
                 let started = {
-                    let result = self.core.start_transfer(saga(s), from, to, amount, target, now);
+                    let result = self.core.start_transfer(saga(s), from, to, amount, target, String::new(), now);
                     self.write(result)
                 };
                 if let Some((transfer, _)) = started {
@@ -464,6 +464,7 @@ impl Bank {
                     target: id("p1"),
                     reason: "f".repeat(reason),
                     seq: 0,
+                    trace_parent: String::new(),
                 };
                 self.deliver(event, now);
             }
@@ -784,6 +785,7 @@ proptest! {
             target_participant: "p1".into(),
             reason: "r".repeat(reason),
             sequence,
+            trace_parent: String::new(),
         };
         if let Ok(event) = crate::node::event_from_pb(&wire) {
             prop_assert!(event.check().is_ok());

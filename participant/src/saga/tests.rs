@@ -229,7 +229,7 @@ fn relay(from: &mut (Core, Disk), to: &mut (Core, Disk)) -> usize {
 }
 
 fn start(source: &mut (Core, Disk), saga: &str, from: u64, to: u64, amount: i64) -> Transfer {
-    let (transfer, effects) = source.0.start_transfer(id(saga), from, to, amount, id("p2"), 0).unwrap();
+    let (transfer, effects) = source.0.start_transfer(id(saga), from, to, amount, id("p2"), String::new(), 0).unwrap();
     source.1.apply(&effects);
     source.0.mark_outbox_durable(source.0.outbox_end());
     transfer
@@ -264,14 +264,14 @@ fn a_saga_id_reused_with_other_parameters_is_refused_and_changes_nothing() {
         (1, 3, 30, "p2", "to_account 3"),
         (1, 2, 30, "p3", "target_participant p3"),
     ] {
-        let error = p1.0.start_transfer(id("s1"), from, to, amount, id(target), 0).unwrap_err();
+        let error = p1.0.start_transfer(id("s1"), from, to, amount, id(target), String::new(), 0).unwrap_err();
         let Error::FailedPrecondition(message) = &error else { panic!("{differs}: {error:?}") };
         assert_eq!(tonic::Status::from(error.clone()).code(), tonic::Code::FailedPrecondition);
         assert!(message.contains("s1") && message.contains(differs), "{differs}: {message}");
     }
     assert_eq!((p1.0.accounts().clone(), p1.0.outbox().len()), before, "nothing changed");
     // The exact retry still gets the same transfer, and writes nothing.
-    let (again, effects) = p1.0.start_transfer(id("s1"), 1, 2, 30, id("p2"), 0).unwrap();
+    let (again, effects) = p1.0.start_transfer(id("s1"), 1, 2, 30, id("p2"), String::new(), 0).unwrap();
     assert_eq!(again, first);
     assert!(effects.ops.is_empty());
 }
@@ -279,7 +279,7 @@ fn a_saga_id_reused_with_other_parameters_is_refused_and_changes_nothing() {
 #[test]
 fn an_event_is_not_relayed_before_it_is_durable() {
     let mut p1 = node("p1");
-    let (_, effects) = p1.0.start_transfer(id("s1"), 1, 2, 30, id("p2"), 0).unwrap();
+    let (_, effects) = p1.0.start_transfer(id("s1"), 1, 2, 30, id("p2"), String::new(), 0).unwrap();
     assert!(p1.0.outbox().is_empty(), "the debit and its event are not on disk yet");
     p1.1.apply(&effects);
     p1.0.mark_outbox_durable(p1.0.outbox_end());
@@ -290,7 +290,7 @@ fn an_event_is_not_relayed_before_it_is_durable() {
 fn the_relay_takes_one_peers_durable_events_in_order_in_bounded_batches() {
     let mut p1 = node("p1");
     for (i, target) in ["p2", "p3", "p2", "p2", "p3"].into_iter().enumerate() {
-        let (_, effects) = p1.0.start_transfer(id(&format!("s{i}")), 1, 2, 1, id(target), 0).unwrap();
+        let (_, effects) = p1.0.start_transfer(id(&format!("s{i}")), 1, 2, 1, id(target), String::new(), 0).unwrap();
         p1.1.apply(&effects);
     }
     assert!(p1.0.outbox_destinations().is_empty(), "nothing is on disk yet");
@@ -305,7 +305,7 @@ fn the_relay_takes_one_peers_durable_events_in_order_in_bounded_batches() {
     assert!(p1.0.outbox_batch(&id("p2"), 99, 10).is_empty());
     assert!(p1.0.outbox_batch(&id("p4"), 0, 10).is_empty());
     // An event written later waits for its fsync, after the others.
-    let (_, effects) = p1.0.start_transfer(id("s9"), 1, 2, 1, id("p2"), 0).unwrap();
+    let (_, effects) = p1.0.start_transfer(id("s9"), 1, 2, 1, id("p2"), String::new(), 0).unwrap();
     p1.1.apply(&effects);
     assert_eq!(seqs(p1.0.outbox_batch(&id("p2"), 0, 10)), vec![0, 2, 3]);
     // Delivered events leave the index with the outbox; a restart rebuilds it.
@@ -436,8 +436,11 @@ fn a_refused_debit_rejects_the_transfer_and_sends_nothing() {
     let transfer = start(&mut p1, "s1", 1, 2, 500);
     assert!(matches!(transfer.state, TransferState::Rejected(ref r) if r.contains("available")));
     assert!(p1.0.outbox().is_empty());
-    assert!(p1.0.start_transfer(id("s2"), 1, 1, 5, id("p2"), 0).is_err(), "the same account on both sides");
-    assert!(p1.0.start_transfer(id("s3"), 99, 2, 5, id("p2"), 0).is_err(), "an unknown source account");
+    assert!(
+        p1.0.start_transfer(id("s2"), 1, 1, 5, id("p2"), String::new(), 0).is_err(),
+        "the same account on both sides"
+    );
+    assert!(p1.0.start_transfer(id("s3"), 99, 2, 5, id("p2"), String::new(), 0).is_err(), "an unknown source account");
 }
 
 #[test]
@@ -454,15 +457,26 @@ fn events_round_trip_and_a_newer_version_with_a_known_kind_is_read() {
         target: id("p2"),
         reason: String::new(),
         seq: 1,
+        trace_parent: String::new(),
     };
     assert_eq!(decode_event(&encode_event(&event).unwrap()), Ok(event.clone()));
     let unnumbered = Event { seq: 0, ..event.clone() };
     assert_eq!(decode_event(&encode_event(&unnumbered).unwrap()), Ok(unnumbered));
+    // A trace context is kept with a numbered event; a record written
+    // before events carried one (the same bytes without it) reads as none.
+    let traced =
+        Event { trace_parent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(), ..event.clone() };
+    assert_eq!(decode_event(&encode_event(&traced).unwrap()), Ok(traced.clone()));
+    assert_eq!(encode_event(&traced).unwrap().len(), encode_event(&event).unwrap().len() + 2 + 55);
     let mut p2 = node("p2");
-    let ((duplicate, _), effects) = p2.0.deliver_event(event, 0).unwrap();
+    let ((duplicate, _), effects) = p2.0.deliver_event(traced.clone(), 0).unwrap();
     p2.1.apply(&effects);
     assert!(!duplicate);
     assert_eq!(p2.0.account(2).unwrap().posted, 30);
+    // The answer carries the debit's trace context back to its source.
+    p2.0.mark_outbox_durable(p2.0.outbox_end());
+    let answer = p2.0.outbox().first().cloned().expect("the credit's answer").1;
+    assert_eq!((answer.kind, answer.trace_parent), (EventKind::TransferCredited, traced.trace_parent));
 }
 
 #[test]
@@ -618,6 +632,7 @@ mod forged {
             reason,
             // The first event p2 numbered for p1.
             seq: 1,
+            trace_parent: String::new(),
         }
     }
 
@@ -658,6 +673,7 @@ mod forged {
             target: id("p2"),
             reason: String::new(),
             seq: 1,
+            trace_parent: String::new(),
         };
         for event in [
             debited(-50, "t1:debited", 1),
@@ -758,6 +774,7 @@ mod without_time_windows {
             target: id("p2"),
             reason: String::new(),
             seq,
+            trace_parent: String::new(),
         }
     }
 
@@ -771,7 +788,7 @@ mod without_time_windows {
     fn events_are_numbered_per_peer_and_a_number_survives_its_event() {
         let mut p1 = node("p1");
         for (saga, target) in [("s1", "p2"), ("s2", "p3"), ("s3", "p2")] {
-            let (_, effects) = p1.0.start_transfer(id(saga), 1, 2, 1, id(target), 0).unwrap();
+            let (_, effects) = p1.0.start_transfer(id(saga), 1, 2, 1, id(target), String::new(), 0).unwrap();
             p1.1.apply(&effects);
         }
         p1.0.mark_outbox_durable(p1.0.outbox_end());
@@ -794,7 +811,7 @@ mod without_time_windows {
         // (a power loss before its fsync): it was never relayed, so no peer
         // can have applied number 1, and the next event gets it.
         let mut p1 = node("p1");
-        let (_, lost) = p1.0.start_transfer(id("s1"), 1, 2, 1, id("p2"), 0).unwrap();
+        let (_, lost) = p1.0.start_transfer(id("s1"), 1, 2, 1, id("p2"), String::new(), 0).unwrap();
         assert!(p1.0.outbox().is_empty(), "not relayed before it is durable");
         assert!(
             lost.ops.iter().any(|op| matches!(op, Op::Put(k, _) if k.starts_with(b"q/"))),
@@ -1021,13 +1038,14 @@ mod without_time_windows {
         p1.1.apply(&p1.0.collect_sagas(1_000 + retention - 1, retention, usize::MAX));
         let mut p1 = restarted(&p1, "p1", 1_000 + retention - 1);
         p1.1.apply(&p1.0.collect_sagas(1_000 + retention - 1, retention, usize::MAX));
-        let refused = p1.0.start_transfer(id("s1"), 1, 2, 5, id("p2"), 1_000 + retention - 1);
+        let refused = p1.0.start_transfer(id("s1"), 1, 2, 5, id("p2"), String::new(), 1_000 + retention - 1);
         assert!(matches!(refused, Err(Error::FailedPrecondition(_))), "{refused:?}");
         // Past it: forgotten, on disk too, and the id starts a new transfer.
         p1.1.apply(&p1.0.collect_sagas(1_000 + retention, retention, usize::MAX));
         assert!(p1.0.transfer(&id("s1")).is_none());
         assert_eq!(keys_with(&p1.1, b"c/"), 0);
-        let (again, effects) = p1.0.start_transfer(id("s1"), 1, 2, 5, id("p2"), 1_000 + retention).unwrap();
+        let (again, effects) =
+            p1.0.start_transfer(id("s1"), 1, 2, 5, id("p2"), String::new(), 1_000 + retention).unwrap();
         p1.1.apply(&effects);
         assert_eq!(again.state, TransferState::Debited);
         assert_eq!(p1.0.account(1).unwrap().posted, 65);
@@ -1041,17 +1059,17 @@ mod without_time_windows {
         let mut p1 = (Core::new(config("p1")), Disk::default());
         p1.1.apply(&p1.0.open_accounts(&[(1, OUTBOX_MAX as i64 + 10), (2, 0)]).unwrap());
         for i in 0..OUTBOX_MAX {
-            let (_, effects) = p1.0.start_transfer(id(&format!("s{i}")), 1, 2, 1, id("p2"), 0).unwrap();
+            let (_, effects) = p1.0.start_transfer(id(&format!("s{i}")), 1, 2, 1, id("p2"), String::new(), 0).unwrap();
             p1.1.apply(&effects);
         }
         let before = p1.1 .0.len();
-        let error = p1.0.start_transfer(id("one-more"), 1, 2, 1, id("p2"), 0).unwrap_err();
+        let error = p1.0.start_transfer(id("one-more"), 1, 2, 1, id("p2"), String::new(), 0).unwrap_err();
         let Error::Busy(message) = &error else { panic!("{error:?}") };
         assert!(message.contains("one-more") && message.contains(&OUTBOX_MAX.to_string()), "{message}");
         assert_eq!(tonic::Status::from(error.clone()).code(), tonic::Code::ResourceExhausted);
         assert_eq!((p1.1 .0.len(), p1.0.account(1).unwrap().posted), (before, 10));
         // A retry of a transfer already started is still answered.
-        assert!(p1.0.start_transfer(id("s0"), 1, 2, 1, id("p2"), 0).is_ok());
+        assert!(p1.0.start_transfer(id("s0"), 1, 2, 1, id("p2"), String::new(), 0).is_ok());
         // Answers owed to peers are not refused (see OUTBOX_MAX).
         let owed =
             Event { kind: EventKind::TransferDebited, source: id("p3"), target: id("p1"), to: 2, ..debited("in", 1) };
