@@ -181,6 +181,22 @@ async fn with_a_sample_ratio_of_zero_only_the_traces_a_client_sampled_are_export
     // ratio 0), and one whose client said not sampled (flags 00).
     transfer(&cluster, 3, 170, "").await;
     transfer(&cluster, 4, 180, &format!("00-{}-00f067aa0ba902b7-00", new_trace_id(1))).await;
+    // A choreographed transfer without a context: the participant it was
+    // started on chooses, at ratio 0, and its peer follows.
+    let mut p1 = cluster.participant_client(0, cluster.client()).unwrap();
+    let started = p1
+        .start_transfer(pb::StartTransferRequest {
+            saga_id: "not-sampled".into(),
+            from_account: 6,
+            to_account: 185,
+            amount: 10,
+            target_participant: "p2".into(),
+            wait_ms: 10_000,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(started.state, pb::TransferState::Completed as i32, "{started:?}");
     // Sampled by its client (flags 01): exported whole, by every node.
     let sampled = new_trace_id(2);
     transfer(&cluster, 5, 190, &format!("00-{sampled}-00f067aa0ba902b7-01")).await;

@@ -1979,11 +1979,10 @@ impl Participant for Node {
         &self,
         request: Request<pb::StartTransferRequest>,
     ) -> Result<Response<pb::TransferStatus>, Status> {
-        let span = tandem::trace::remote_child(
-            "choreography debit",
-            &request.get_ref().saga_id,
-            tandem::trace::from_metadata(request.metadata()),
-        );
+        // The client's call is the head of the trace (no coordinator): it
+        // samples here, as the coordinator does for a Transfer.
+        let span = tandem::trace::call_span("choreography debit", tandem::trace::from_metadata(request.metadata()));
+        span.record("txn_id", request.get_ref().saga_id.as_str());
         let request = request.into_inner();
         let saga = Id::parse("saga_id", &request.saga_id)?;
         let target = Id::parse("target_participant", &request.target_participant)?;
