@@ -243,7 +243,12 @@ pub async fn build(nodes: &Nodes, txn_id: &str) -> Result<(TxnView, Vec<RpcError
                 })
             }
             Ok(_) => {}
-            Err(error) => errors.push(error),
+            // A node that failed both calls is named once, with the first.
+            Err(error) => {
+                if !errors.iter().any(|e| e.node == error.node && e.code == error.code) {
+                    errors.push(error)
+                }
+            }
         }
     }
 

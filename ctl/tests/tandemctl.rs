@@ -274,6 +274,11 @@ async fn an_operator_reads_and_resolves_a_real_cluster_with_tandemctl() {
     assert_eq!(run.code, 3, "{run:?}");
     assert!(run.stderr.contains("p2") && run.stderr.contains("UNAVAILABLE"), "{}", run.stderr);
     assert_eq!(run.json()["serving"], false);
+    // txn get asks p2 two things; it is named once, for the first.
+    let run = tandemctl(&cluster, "operator", &["txn", "get", "never-started"]).await;
+    assert_eq!(run.code, 3, "{run:?}");
+    assert_eq!(run.stderr.matches("UNAVAILABLE").count(), 1, "{}", run.stderr);
+    assert!(run.stderr.contains("p2") && run.stderr.contains("LookupTransaction"), "{}", run.stderr);
     cluster.stop().await;
 }
 
