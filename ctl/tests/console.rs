@@ -22,14 +22,13 @@
 
 mod common;
 
-use common::{dead_letter, parked_transfer, reopen, start, tandemctl, transfer, wait_committed_everywhere};
+use common::{dead_letter, in_doubt, parked_transfer, reopen, start, tandemctl, transfer, wait_committed_everywhere};
 use fantoccini::{Client, ClientBuilder, Locator};
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 use tandem::cluster::{Cluster, NodeRef};
 use tandem::pb;
-use tandem::trust::Role;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -158,17 +157,25 @@ async fn text_of(browser: &Client, css: &str) -> String {
     element.text().await.unwrap()
 }
 
+/// Whether there is no browser to drive here (says so, for the log).
+fn no_browser() -> bool {
+    let missing = !Path::new(CHROMEDRIVER).exists();
+    if missing {
+        eprintln!(
+            "SKIPPED: {CHROMEDRIVER} is not installed, so there is no browser to drive; scripts/setup installs \
+             Debian's chromium and chromium-driver"
+        );
+    }
+    missing
+}
+
 async fn path_of(browser: &Client) -> String {
     browser.current_url().await.unwrap().path().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_looks_up_a_transfer_and_resolves_a_dead_letter_in_a_browser() {
-    if !Path::new(CHROMEDRIVER).exists() {
-        eprintln!(
-            "SKIPPED: {CHROMEDRIVER} is not installed, so there is no browser to drive; scripts/setup installs \
-             Debian's chromium and chromium-driver"
-        );
+    if no_browser() {
         return;
     }
     let began = Instant::now();
@@ -299,11 +306,7 @@ async fn an_operator_looks_up_a_transfer_and_resolves_a_dead_letter_in_a_browser
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_decides_an_in_doubt_transaction_and_releases_a_parked_transfer_in_a_browser() {
-    if !Path::new(CHROMEDRIVER).exists() {
-        eprintln!(
-            "SKIPPED: {CHROMEDRIVER} is not installed, so there is no browser to drive; scripts/setup installs \
-             Debian's chromium and chromium-driver"
-        );
+    if no_browser() {
         return;
     }
     let began = Instant::now();
@@ -313,22 +316,8 @@ async fn an_operator_decides_an_in_doubt_transaction_and_releases_a_parked_trans
     // open again (so it can be released to it).
     let parked = parked_transfer(&mut cluster, (6, 16, 55)).await;
     reopen(&cluster, 0, 6).await;
-    // A transaction in doubt: prepared on p1 by a stand-in for c1 (with
-    // c1's certificate) while c1 is paused, so no decision can come.
-    cluster.node(NodeRef::Coordinator).pause();
-    let as_c1 = cluster.identity(Role::Coordinator, "c1").unwrap();
-    let mut p1_as_c1 = cluster.participant_client(0, &as_c1).unwrap();
-    let vote = p1_as_c1
-        .prepare(pb::PrepareRequest {
-            txn_id: "in-doubt-1".into(),
-            coordinator_id: "c1".into(),
-            legs: vec![pb::Leg { account: 7, amount: -5 }],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(vote.vote, pb::Vote::Yes as i32, "{vote:?}");
+    // A transaction in doubt on p1 while c1 is paused.
+    in_doubt(&mut cluster, "in-doubt-1", (7, -5)).await;
 
     // The overview asks the paused coordinator too: a short deadline.
     let console = Console::start(&cluster, &["--timeout-ms", "1500"]).await;

@@ -13,10 +13,11 @@
 
 mod common;
 
-use common::{dead_letter, parked_transfer, reopen, start, tandemctl, transfer, wait_committed_everywhere, BALANCE};
+use common::{
+    dead_letter, in_doubt, parked_transfer, reopen, start, tandemctl, transfer, wait_committed_everywhere, BALANCE,
+};
 use tandem::cluster::NodeRef;
 use tandem::pb;
-use tandem::trust::Role;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_reads_and_resolves_a_real_cluster_with_tandemctl() {
@@ -119,20 +120,7 @@ async fn an_operator_reads_and_resolves_a_real_cluster_with_tandemctl() {
     // A transaction in doubt: prepared on p1 (by a stand-in for c1, with
     // c1's name) while c1 is paused, so no decision can come. The operator
     // lists it, and aborts it heuristically, with a reason.
-    cluster.node(NodeRef::Coordinator).pause();
-    let as_c1 = cluster.identity(Role::Coordinator, "c1").unwrap();
-    let mut p1_as_c1 = cluster.participant_client(0, &as_c1).unwrap();
-    let vote = p1_as_c1
-        .prepare(pb::PrepareRequest {
-            txn_id: "in-doubt-1".into(),
-            coordinator_id: "c1".into(),
-            legs: vec![pb::Leg { account: 7, amount: -5 }],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(vote.vote, pb::Vote::Yes as i32, "{vote:?}");
+    in_doubt(&mut cluster, "in-doubt-1", (7, -5)).await;
     let run = tandemctl(&cluster, "operator", &["--json", "in-doubt", "list"]).await;
     assert_eq!(run.code, 0, "{run:?}");
     let listed = run.json();

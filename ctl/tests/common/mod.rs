@@ -8,6 +8,7 @@ use serde_json::Value;
 use std::time::{Duration, Instant};
 use tandem::cluster::{default_bin_dir, Cluster, ClusterSpec, NodeRef};
 use tandem::pb;
+use tandem::trust::Role;
 
 pub const ACCOUNTS_EACH: u64 = 10;
 pub const BALANCE: i64 = 1_000;
@@ -138,6 +139,26 @@ pub async fn dead_letter(cluster: &mut Cluster, (from, to, amount): (u64, u64, i
     let result = tokio::time::timeout(Duration::from_secs(30), saga).await.expect("the saga ends").unwrap().unwrap();
     assert_eq!(result.outcome, pb::Outcome::DeadLettered as i32, "{result:?}");
     result.txn_id
+}
+
+/// A transaction in doubt on p1: c1 is paused (it stays paused), and a
+/// stand-in with c1's certificate prepares `txn_id` there with one leg
+/// (account, amount), so no decision can come.
+pub async fn in_doubt(cluster: &mut Cluster, txn_id: &str, (account, amount): (u64, i64)) {
+    cluster.node(NodeRef::Coordinator).pause();
+    let as_c1 = cluster.identity(Role::Coordinator, "c1").unwrap();
+    let mut p1_as_c1 = cluster.participant_client(0, &as_c1).unwrap();
+    let vote = p1_as_c1
+        .prepare(pb::PrepareRequest {
+            txn_id: txn_id.into(),
+            coordinator_id: "c1".into(),
+            legs: vec![pb::Leg { account, amount }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(vote.vote, pb::Vote::Yes as i32, "{vote:?}");
 }
 
 /// A choreographed transfer from `from` (p1) to `to` (p2) that ends parked
