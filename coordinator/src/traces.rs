@@ -8,7 +8,8 @@
 //! it (see `tandem::trace`).
 //!
 //! Bounded: at most [`TRACED_MAX`] transactions; past it the oldest entry
-//! is dropped (that transaction's later spans start traces of their own),
+//! is dropped (that transaction's later spans are not made: a span opens
+//! only under a sampled context, see `tandem::trace`),
 //! never memory. An entry goes when its transaction ends (its end record),
 //! or when it is the oldest and room is needed. Empty and never touched
 //! when this process does not export traces.
