@@ -26,7 +26,7 @@ fn config(dir: &std::path::Path) -> NodeConfig {
         saga_deadline_ms: 1_000,
         security: tandem::tls::Security::Insecure,
         network: tandem::net::Network::Tcp,
-        one_phase_commit: true,
+        one_phase_commit: tandem_coordinator::core::OnePhaseCommit::Auto,
         commit_protocol: tandem_coordinator::core::CommitProtocol::Parallel,
         wall_clock: tandem::clock::WallClock::System,
         incarnation_seed: None,

@@ -169,8 +169,9 @@
 //! # One-phase commit
 //!
 //! A transaction whose legs all live on one participant needs no vote: that
-//! participant alone can decide it. [`Core::begin`] (unless one-phase
-//! commit is off, `--one-phase-commit false`) sends it there once
+//! participant alone can decide it. [`Core::begin`] (when
+//! [`Core::commits_in_one_phase`]: by default unless it carries an
+//! idempotency key under parallel commit, see below) sends it there once
 //! ([`Action::SendOnePhase`]); the participant judges it as it would a
 //! prepare, and either posts the legs and records COMMITTED in one write,
 //! fsynced before it answers, or refuses and records the refusal (with its
@@ -291,6 +292,27 @@
 //! outcome is O") and its proof at every crash point; the intent stays
 //! sequential until then, and the outcome's write stays off the client's
 //! path.
+//!
+//! **Which way a transaction on one participant goes**
+//! ([`OnePhaseCommit`], `--one-phase-commit`). Unkeyed, one-phase is the
+//! cheapest there is: one round trip, one fsync. Keyed, it costs two
+//! fsyncs in a row, and parallel commit with one participant costs one
+//! fsync's time (its staged record's and the prepare's at once) for two
+//! more messages and two more writes off the client's path (the lazy
+//! COMMIT, which under load rides on a prepare, and the end record). So by
+//! default ([`OnePhaseCommit::Auto`]) a keyed transaction on one
+//! participant goes by parallel commit, and by one phase only under
+//! classic 2PC (whose prepare and decision are two fsyncs in a row as
+//! well, with more messages). Measured with the bench's keyed transfers
+//! (2026-12-03, the same hour, two runs each): at one client, every
+//! transfer on one participant, p50 1.18–1.26 ms in one phase, 1.03–1.07
+//! ms by parallel commit; at 64 clients, half the transfers on one
+//! participant, 4,195–4,875 commits/s with keyed one-phase and
+//! 5,022–5,938 with none (there its separate queue also halved the
+//! batches: 2.3 one-phase commits a call beside 4.3 prepares, where the
+//! prepares alone go 6.5 a call). `Always` keeps the keyed one-phase
+//! path selectable (the whole-system simulation's `one-phase` scenario
+//! runs it), and all of the above holds for it unchanged.
 //!
 //! **The audit.** A one-phase transaction needs nothing from the audit: it
 //! is applied in one write at one participant, under the lock its balance
@@ -420,6 +442,36 @@ pub enum CommitProtocol {
     /// committed once it and every prepare are durable: one fsync's time on
     /// the client's path.
     Parallel,
+}
+
+/// Which transactions whose legs all live on one participant are committed
+/// in one phase (see the essay, "One-phase commit"); the others go by the
+/// [`CommitProtocol`], with one participant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnePhaseCommit {
+    /// Where it is the faster way: every one without an idempotency key;
+    /// a keyed one only under classic 2PC. A keyed one-phase commit fsyncs
+    /// its intent before its request goes, two fsyncs in a row, where
+    /// parallel commit overlaps its staged record's fsync with the
+    /// prepare's (see "Which way a transaction on one participant goes").
+    Auto,
+    /// Every one, keyed ones with their intent logged first.
+    Always,
+    /// None: every transaction by the commit protocol.
+    Off,
+}
+
+impl OnePhaseCommit {
+    /// Whether a transaction over `participants` participants, with an
+    /// idempotency key or not, is committed in one phase under `protocol`.
+    pub fn applies(self, protocol: CommitProtocol, participants: usize, keyed: bool) -> bool {
+        participants == 1
+            && match self {
+                OnePhaseCommit::Always => true,
+                OnePhaseCommit::Off => false,
+                OnePhaseCommit::Auto => !keyed || protocol == CommitProtocol::Classic,
+            }
+    }
 }
 
 /// What the log holds for a transaction committed by parallel commit from
@@ -609,13 +661,14 @@ pub struct Core {
     marks: Watermarks,
     /// Whether a transaction with one participant is committed in one phase
     /// (the default) or by classic 2PC.
-    one_phase: bool,
+    one_phase: OnePhaseCommit,
     /// How transactions over several participants are committed.
     commit_protocol: CommitProtocol,
 }
 
 impl Core {
-    /// A core that commits single-participant transactions in one phase,
+    /// A core that commits single-participant transactions in one phase
+    /// ([`OnePhaseCommit::Auto`], which under classic 2PC is all of them),
     /// and the others by classic 2PC.
     pub fn new(active_max: usize) -> Core {
         assert!(active_max > 0);
@@ -624,7 +677,7 @@ impl Core {
             keys_in_flight: HashMap::new(),
             active_max,
             marks: Watermarks::default(),
-            one_phase: true,
+            one_phase: OnePhaseCommit::Auto,
             commit_protocol: CommitProtocol::Classic,
         }
     }
@@ -636,10 +689,17 @@ impl Core {
         self.commit_protocol = protocol;
     }
 
-    /// Turns one-phase commit on or off for transactions begun from now on
-    /// (off: every transaction runs classic 2PC, as for a comparison).
-    pub fn set_one_phase(&mut self, on: bool) {
-        self.one_phase = on;
+    /// Sets which single-participant transactions begun from now on are
+    /// committed in one phase (off: every transaction runs by the commit
+    /// protocol, as for a comparison).
+    pub fn set_one_phase(&mut self, mode: OnePhaseCommit) {
+        self.one_phase = mode;
+    }
+
+    /// Whether a transaction over `participants` participants, with an
+    /// idempotency key or not, is committed in one phase when it begins.
+    pub fn commits_in_one_phase(&self, participants: usize, keyed: bool) -> bool {
+        self.one_phase.applies(self.commit_protocol, participants, keyed)
     }
 
     /// Sets where positions start (the first of this process's generation)
@@ -715,7 +775,7 @@ impl Core {
         for participant in &participants {
             self.marks.hold(participant, position, &txn);
         }
-        if self.one_phase && participants.len() == 1 {
+        if self.commits_in_one_phase(participants.len(), idempotency_key.is_some()) {
             let (participant, legs) = legs_by_participant.into_iter().next().expect("one participant");
             let (phase, action) = match &idempotency_key {
                 // The intent first (see the essay): the request goes once it is durable.
@@ -1653,10 +1713,41 @@ mod tests {
     #[test]
     fn with_one_phase_off_a_transaction_on_one_participant_runs_2pc() {
         let mut core = Core::new(10);
-        core.set_one_phase(false);
+        core.set_one_phase(OnePhaseCommit::Off);
         let actions = core.begin(id("t1"), 1, one_participant(), Some(id("k1"))).unwrap();
         assert!(matches!(&actions[..], [Action::SendPrepare { .. }]), "{actions:?}");
         assert!(matches!(core.on_vote(&id("t1"), &id("p1"), VoteResult::Yes)[..], [Action::PersistCommit { .. }]));
+    }
+
+    #[test]
+    fn by_default_a_keyed_transaction_on_one_participant_goes_by_parallel_commit_and_an_unkeyed_one_in_one_phase() {
+        let begin = |mode, protocol, key: Option<&str>| {
+            let mut core = Core::new(10);
+            core.set_one_phase(mode);
+            core.set_commit_protocol(protocol);
+            core.begin(id("t1"), 1, one_participant(), key.map(id)).unwrap()
+        };
+        use CommitProtocol::{Classic, Parallel};
+        use OnePhaseCommit::{Always, Auto};
+        // Parallel commit: the staged record's fsync and the prepare's at once.
+        let actions = begin(Auto, Parallel, Some("k1"));
+        assert!(
+            matches!(
+                &actions[..],
+                [Action::PersistStaged { .. }, Action::SendPrepare { idempotency_key: Some(_), .. }]
+            ),
+            "{actions:?}"
+        );
+        assert!(matches!(&begin(Auto, Parallel, None)[..], [Action::SendOnePhase { .. }]));
+        // Under classic 2PC one-phase is the faster way, keyed or not.
+        assert!(matches!(&begin(Auto, Classic, Some("k1"))[..], [Action::PersistIntent { .. }]));
+        assert!(matches!(&begin(Auto, Classic, None)[..], [Action::SendOnePhase { .. }]));
+        // Always: keyed ones too, their intent first.
+        assert!(matches!(&begin(Always, Parallel, Some("k1"))[..], [Action::PersistIntent { .. }]));
+        // Never for two participants.
+        let mut core = Core::new(10);
+        core.set_one_phase(Always);
+        assert!(!core.commits_in_one_phase(2, false));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use tandem::domain::Id;
 use tandem::tls::TlsFlags;
 use tandem::trust::Role;
-use tandem_coordinator::core::CommitProtocol;
+use tandem_coordinator::core::{CommitProtocol, OnePhaseCommit};
 use tandem_coordinator::directory::Shard;
 use tandem_coordinator::node::{Node, NodeConfig};
 
@@ -76,13 +76,16 @@ struct Args {
     /// Compensations are retried until they succeed
     #[arg(long, default_value_t = 30_000)]
     saga_deadline_ms: u64,
-    /// Commit a transaction whose legs all live on one participant in one
-    /// phase: one call, which the participant applies and makes durable in
-    /// one write, and no decision record here (with an idempotency key, an
-    /// intent is logged first). false: every transaction runs classic 2PC,
-    /// for a comparison.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
-    one_phase_commit: bool,
+    /// Which transactions whose legs all live on one participant are
+    /// committed in one phase: one call, which the participant applies and
+    /// makes durable in one write, and no decision record here. auto: those
+    /// without an idempotency key, and keyed ones too under classic 2PC
+    /// (a keyed one logs an intent first: two fsyncs in a row, where
+    /// parallel commit takes one fsync's time). always: keyed ones too.
+    /// off: none, every transaction by --commit-protocol, for a comparison
+    /// (true and false are read as always and off)
+    #[arg(long, value_enum, default_value_t = OnePhaseArg::Auto)]
+    one_phase_commit: OnePhaseArg,
     /// How a transaction over several participants is committed. parallel:
     /// the participants' set and legs are logged (fsynced) while the
     /// prepares run, and the transaction is committed as soon as that record
@@ -113,6 +116,15 @@ struct Args {
 enum CommitProtocolArg {
     Parallel,
     Classic,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum OnePhaseArg {
+    Auto,
+    #[value(alias = "true")]
+    Always,
+    #[value(alias = "false")]
+    Off,
 }
 
 fn main() -> std::process::ExitCode {
@@ -154,7 +166,11 @@ async fn run(args: Args) -> Result<(), String> {
         saga_deadline_ms: args.saga_deadline_ms,
         security: security.clone(),
         network: tandem::net::Network::Tcp,
-        one_phase_commit: args.one_phase_commit,
+        one_phase_commit: match args.one_phase_commit {
+            OnePhaseArg::Auto => OnePhaseCommit::Auto,
+            OnePhaseArg::Always => OnePhaseCommit::Always,
+            OnePhaseArg::Off => OnePhaseCommit::Off,
+        },
         commit_protocol: match args.commit_protocol {
             CommitProtocolArg::Parallel => CommitProtocol::Parallel,
             CommitProtocolArg::Classic => CommitProtocol::Classic,

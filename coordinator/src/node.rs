@@ -114,7 +114,9 @@
 //! that does not decode is an error naming it (at start: the coordinator
 //! does not start; while serving: INTERNAL), never a panic.
 
-use crate::core::{AbortReason, Action, CommitProtocol, Core, Decision, OnePhaseResult, Outcome, Phase, VoteResult};
+use crate::core::{
+    AbortReason, Action, CommitProtocol, Core, Decision, OnePhaseCommit, OnePhaseResult, Outcome, Phase, VoteResult,
+};
 use crate::directory::{Directory, Shard};
 use crate::log;
 use crate::saga::{Recovery, SagaAction, SagaCore, SagaId};
@@ -544,10 +546,10 @@ pub struct NodeConfig {
     pub security: Security,
     /// How its calls reach the participants: TCP, or a simulation's network.
     pub network: Network,
-    /// Whether a transaction whose legs all live on one participant is
-    /// committed in one phase (`--one-phase-commit`, default true) or by
-    /// classic 2PC (see `core.rs`).
-    pub one_phase_commit: bool,
+    /// Which transactions whose legs all live on one participant are
+    /// committed in one phase (`--one-phase-commit`, default auto; see
+    /// `core.rs`).
+    pub one_phase_commit: OnePhaseCommit,
     /// How a transaction over several participants is committed
     /// (`--commit-protocol`, default parallel; see `core.rs`).
     pub commit_protocol: CommitProtocol,
@@ -688,7 +690,7 @@ impl Node {
             one_phase_to_resend = intents.len(),
             staged_to_resolve = staged.len(),
             sagas_to_resume = logged_sagas.len(),
-            one_phase_commit = config.one_phase_commit,
+            one_phase_commit = ?config.one_phase_commit,
             commit_protocol = ?config.commit_protocol,
             "recovered the decision log"
         );
@@ -798,7 +800,7 @@ impl Node {
         for leg in &legs {
             by_participant.entry(self.inner.directory.owner(leg.account)?.clone()).or_default().push(*leg);
         }
-        let how = self.commit_path(by_participant.len());
+        let how = self.commit_path(by_participant.len(), key.is_some());
         let asked = log::Asked::TwoPhaseCommit;
         let fingerprint = log::fingerprint(asked, &legs);
         let (txn, outcome, actions) = match &key {
@@ -879,11 +881,12 @@ impl Node {
 
     /// How a transaction over `participants` participants commits here: a
     /// metric's label.
-    fn commit_path(&self, participants: usize) -> &'static str {
-        if participants == 1 && self.inner.config.one_phase_commit {
+    fn commit_path(&self, participants: usize, keyed: bool) -> &'static str {
+        let config = &self.inner.config;
+        if config.one_phase_commit.applies(config.commit_protocol, participants, keyed) {
             "one_phase"
         } else {
-            match self.inner.config.commit_protocol {
+            match config.commit_protocol {
                 CommitProtocol::Parallel => "parallel",
                 CommitProtocol::Classic => "classic",
             }

@@ -22,7 +22,7 @@
 //! its seed and minimal case, and proptest replays it first next time.
 
 use crate::core::{
-    AbortReason, Action, CommitProtocol, CommitRecord, Core, OnePhaseResult, Outcome, Phase, VoteResult,
+    AbortReason, Action, CommitProtocol, CommitRecord, Core, OnePhaseCommit, OnePhaseResult, Outcome, Phase, VoteResult,
 };
 use crate::log;
 use crate::saga::{Recovery, SagaAction, SagaCore, SagaRecord, SagaSpec, Stage, StepKind, StepPhase, StepResult};
@@ -124,9 +124,12 @@ proptest! {
     fn the_2pc_core_takes_any_sequence_of_inputs_without_a_panic(
         inputs in proptest::collection::vec(two_pc(), 1..60),
         parallel in any::<bool>(),
+        one_phase_mode in 0..3u8,
     ) {
         let mut core = Core::new(3);
         core.set_commit_protocol(if parallel { CommitProtocol::Parallel } else { CommitProtocol::Classic });
+        let one_phase_mode = [OnePhaseCommit::Auto, OnePhaseCommit::Always, OnePhaseCommit::Off][one_phase_mode as usize];
+        core.set_one_phase(one_phase_mode);
         let mut seen: BTreeMap<String, Seen> = BTreeMap::new();
         let mut next_position = 1u64;
         for input in inputs {
@@ -140,7 +143,14 @@ proptest! {
                         .iter()
                         .map(|p| (id(&format!("p{p}")), vec![Leg { account: *p as u64, amount: 1 }]))
                         .collect();
-                    let one_phase = legs.len() == 1;
+                    // The rule, written out again: one participant, and
+                    // with a key under parallel commit only if told always.
+                    let one_phase = legs.len() == 1
+                        && match one_phase_mode {
+                            OnePhaseCommit::Always => true,
+                            OnePhaseCommit::Off => false,
+                            OnePhaseCommit::Auto => key.is_none() || !parallel,
+                        };
                     let actions =
                         core.begin(id(&format!("t{t}")), next_position, legs, key.map(|k| id(&format!("k{k}"))));
                     next_position += 1;

@@ -63,7 +63,7 @@ data-dir = "{}"
 participant = ["p1=http://127.0.0.1:7101@0..1000", "p2=http://127.0.0.1:7102@1000..2000"]
 prepare_timeout_ms = 5
 idempotency-retention = "90m"
-one-phase-commit = false
+one-phase-commit = "off"
 commit-protocol = "classic"
 insecure = true
 {extra}"#,
@@ -88,7 +88,7 @@ fn print_config_shows_the_file_under_the_flags_and_reads_back() {
         "prepare-timeout-ms = 77  # flag",
         "active-max = 12  # env TANDEM_COORDINATOR_ACTIVE_MAX",
         "idempotency-retention = \"90m\"  # file",
-        "one-phase-commit = false  # file",
+        "one-phase-commit = \"off\"  # file",
         "commit-protocol = \"classic\"  # file",
         "insecure = true  # file",
     ] {

@@ -19,7 +19,9 @@
 //!   it (one-phase commit) and writes no decision record (none at all
 //!   without an idempotency key; with one, the key's outcome, its intent
 //!   gone), and a retry of the key gets its answer without another call;
-//!   with `one_phase_commit` off, the same transfer runs 2PC;
+//!   by default (`auto`) a keyed one goes by parallel commit instead (its
+//!   staged record's fsync beside the prepare's); with `one_phase_commit`
+//!   off, every such transfer runs 2PC;
 //! - a restarted coordinator sends the request of each logged one-phase
 //!   intent again, whether its participant had applied it or not, and logs
 //!   the participant's first answer under the key: a retry of the key gets
@@ -39,7 +41,7 @@ use tandem::proxy::LinkProxy;
 use tandem::store::memory::MemoryDisk;
 use tandem::store::{Disk, Op};
 use tandem::tls::Security;
-use tandem_coordinator::core::{CommitRecord, IntentRecord};
+use tandem_coordinator::core::{CommitRecord, IntentRecord, OnePhaseCommit};
 use tandem_coordinator::directory::Shard;
 use tandem_coordinator::log;
 use tandem_coordinator::node::{self, Node, NodeConfig};
@@ -124,17 +126,17 @@ async fn coordinator(
     call_timeout_ms: u64,
     stop: &mut Stop,
 ) -> CoordinatorClient<Channel> {
-    coordinator_with(listener, url, urls, log, call_timeout_ms, true, stop).await
+    coordinator_with(listener, url, urls, log, call_timeout_ms, OnePhaseCommit::Auto, stop).await
 }
 
-/// [`coordinator`], with one-phase commit on or off.
+/// [`coordinator`], with one-phase commit as `one_phase_commit` says.
 async fn coordinator_with(
     listener: TcpListener,
     url: &str,
     urls: &[String],
     log: MemoryDisk,
     call_timeout_ms: u64,
-    one_phase_commit: bool,
+    one_phase_commit: OnePhaseCommit,
     stop: &mut Stop,
 ) -> CoordinatorClient<Channel> {
     let shards = urls
@@ -693,10 +695,10 @@ participant_with! {
 }
 
 /// p1 (counting its calls) and p2, and c1 over them with one-phase commit
-/// on or off, its log on `log`.
+/// as `one_phase_commit` says, its log on `log`.
 async fn counted_cluster(
     log: MemoryDisk,
-    one_phase_commit: bool,
+    one_phase_commit: OnePhaseCommit,
     stop: &mut Stop,
 ) -> (Calls, CoordinatorClient<Channel>) {
     let (coordinator_listener, coordinator_url) = bind().await;
@@ -743,7 +745,7 @@ async fn logged_prefixes(log: &MemoryDisk) -> BTreeSet<String> {
 async fn a_transfer_on_one_participant_is_one_call_to_it_and_writes_no_decision_record() {
     let mut stop = Stop(Vec::new());
     let log = MemoryDisk::new();
-    let (calls, mut client) = counted_cluster(log.clone(), true, &mut stop).await;
+    let (calls, mut client) = counted_cluster(log.clone(), OnePhaseCommit::Always, &mut stop).await;
     let result = client.transfer(transfer(0, 1, 5)).await.unwrap().into_inner();
     assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
     assert_eq!(
@@ -792,7 +794,7 @@ async fn a_transfer_on_one_participant_is_one_call_to_it_and_writes_no_decision_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_ride_on_the_next_prepares_to_their_participant_and_apply_once() {
     let mut stop = Stop(Vec::new());
-    let (calls, mut client) = counted_cluster(MemoryDisk::new(), true, &mut stop).await;
+    let (calls, mut client) = counted_cluster(MemoryDisk::new(), OnePhaseCommit::Auto, &mut stop).await;
     // Back to back across both participants: a transfer's COMMITs wait
     // COMMIT_LINGER_MS for a prepare to ride on, and the next transfer's
     // prepares follow within a round trip (on a loaded machine some may
@@ -827,7 +829,7 @@ async fn commits_ride_on_the_next_prepares_to_their_participant_and_apply_once()
 async fn with_one_phase_commit_off_a_transfer_on_one_participant_runs_2pc() {
     let mut stop = Stop(Vec::new());
     let log = MemoryDisk::new();
-    let (calls, mut client) = counted_cluster(log.clone(), false, &mut stop).await;
+    let (calls, mut client) = counted_cluster(log.clone(), OnePhaseCommit::Off, &mut stop).await;
     let result = client.transfer(transfer(0, 1, 5)).await.unwrap().into_inner();
     assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
     eventually("the COMMIT reaches p1", async || (calls.lock().unwrap().get("commit_batch") == Some(&1)).then_some(()))
@@ -839,6 +841,36 @@ async fn with_one_phase_commit_off_a_transfer_on_one_participant_runs_2pc() {
     })
     .await;
     assert!(logged_prefixes(&log).await.contains("f/"), "classic 2PC logs its decision, then its end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn by_default_a_keyed_transfer_on_one_participant_goes_by_parallel_commit_and_an_unkeyed_one_in_one_phase() {
+    let mut stop = Stop(Vec::new());
+    let log = MemoryDisk::new();
+    let (calls, mut client) = counted_cluster(log.clone(), OnePhaseCommit::Auto, &mut stop).await;
+    let result = client.transfer(transfer(0, 1, 5)).await.unwrap().into_inner();
+    assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
+    assert_eq!(*calls.lock().unwrap(), [("commit_one_phase_batch", 1)].into(), "unkeyed: one phase");
+
+    let keyed = pb::TransferRequest { idempotency_key: "k1".into(), ..transfer(0, 1, 7) };
+    let result = client.transfer(keyed.clone()).await.unwrap().into_inner();
+    assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
+    eventually("the COMMIT reaches p1", async || (calls.lock().unwrap().get("commit_batch") == Some(&1)).then_some(()))
+        .await;
+    assert_eq!(calls.lock().unwrap().get("prepare_batch"), Some(&1), "keyed: a prepare");
+    assert_eq!(calls.lock().unwrap().get("commit_one_phase_batch"), Some(&1), "and no one-phase call");
+    eventually("the end record replaces the staged one", async || {
+        (state(&mut client, &result.txn_id).await.state == pb::TransactionState::Committed as i32).then_some(())
+    })
+    .await;
+    let prefixes = logged_prefixes(&log).await;
+    assert!(!prefixes.contains("i/") && !prefixes.contains("p/"), "no intent, no staged record left: {prefixes:?}");
+    let again = client.transfer(keyed).await.unwrap().into_inner();
+    assert_eq!((again.outcome, &again.txn_id), (result.outcome, &result.txn_id), "the key's first answer");
+    assert_eq!(calls.lock().unwrap().get("prepare_batch"), Some(&1), "and no call for the retry");
+    let audit = exact_audit(&mut client).await;
+    assert_eq!(posted(&audit, 0), INITIAL_BALANCE - 5 - 7, "each transfer applied once");
+    assert_eq!(posted(&audit, 1), INITIAL_BALANCE + 5 + 7);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

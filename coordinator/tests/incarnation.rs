@@ -336,7 +336,7 @@ impl Cluster {
             saga_deadline_ms: 5_000,
             security: Security::Insecure,
             network: tandem::net::Network::Tcp,
-            one_phase_commit: true,
+            one_phase_commit: tandem_coordinator::core::OnePhaseCommit::Auto,
             commit_protocol: tandem_coordinator::core::CommitProtocol::Parallel,
             wall_clock: clock.wall_clock(),
             incarnation_seed: None,

@@ -120,6 +120,7 @@ pub fn add_nodes(
     disks: &Disks,
     clocks: &Clocks,
     commit_protocol: tandem_coordinator::core::CommitProtocol,
+    one_phase_commit: tandem_coordinator::core::OnePhaseCommit,
 ) {
     let coordinator = tandem_coordinator::node::NodeConfig {
         node_id: id(COORDINATOR),
@@ -135,7 +136,7 @@ pub fn add_nodes(
         saga_deadline_ms: 10_000,
         security: Security::Insecure,
         network: net::network(),
-        one_phase_commit: true,
+        one_phase_commit,
         commit_protocol,
     };
     sim.host(COORDINATOR, move || {

@@ -52,7 +52,7 @@ use std::time::Duration;
 use tandem::rng::SplitMix64;
 use tandem::store::memory::MemoryDisk;
 use tandem_bench::scenario::Protocol;
-use tandem_coordinator::core::CommitProtocol;
+use tandem_coordinator::core::{CommitProtocol, OnePhaseCommit};
 
 /// What a seed runs: its workload and its faults.
 #[derive(Debug)]
@@ -83,6 +83,8 @@ pub struct Scenario {
     pub faults_until_ms: u64,
     /// How the coordinator commits transactions over several participants.
     pub commit_protocol: CommitProtocol,
+    /// Which transactions on one participant it commits in one phase.
+    pub one_phase_commit: OnePhaseCommit,
 }
 
 /// What most scenarios share; each names what it changes.
@@ -101,6 +103,7 @@ const BASE: Scenario = Scenario {
     legs: None,
     faults_until_ms: 6_000,
     commit_protocol: CommitProtocol::Parallel,
+    one_phase_commit: OnePhaseCommit::Auto,
 };
 
 const ALL_PROTOCOLS: &[Protocol] = &[Protocol::TwoPhaseCommit, Protocol::Orchestrated, Protocol::Choreographed];
@@ -175,13 +178,14 @@ pub const SCENARIOS: &[Scenario] = &[
     },
     Scenario {
         name: "one-phase",
-        about: "2PC alone, three transfers in four on one participant (one-phase commit: one request, no decision record; keyed ones log an intent), with audits, under every fault, the participants' retention (100 ms) far shorter than the faults: every key's retries get its one answer, and nothing is applied twice",
+        about: "2PC alone, three transfers in four on one participant (one-phase commit, keyed ones too: one request, no decision record; keyed ones log an intent), with audits, under every fault, the participants' retention (100 ms) far shorter than the faults: every key's retries get its one answer, and nothing is applied twice",
         faults: ALL_FAULTS,
         protocols: &[Protocol::TwoPhaseCommit],
         audits: true,
         fault_interval_ms: 500,
         finished_retention_ms: 100,
         legs: Some(&[(0, 0), (1, 1), (2, 2), (0, 1)]),
+        one_phase_commit: OnePhaseCommit::Always,
         ..BASE
     },
     Scenario {
@@ -306,7 +310,7 @@ pub fn run_seed(scenario: &'static Scenario, seed: u64) -> SeedReport {
         .max_message_latency(Duration::from_millis(latency_max_ms))
         .build();
     let clocks = Clocks(topology.node_names().into_iter().map(|name| (name, Default::default())).collect());
-    hosts::add_nodes(&mut sim, seed, &topology, &disks, &clocks, scenario.commit_protocol);
+    hosts::add_nodes(&mut sim, seed, &topology, &disks, &clocks, scenario.commit_protocol, scenario.one_phase_commit);
     let history = History::default();
     history.log(
         Duration::ZERO,
