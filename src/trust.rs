@@ -7,7 +7,7 @@
 //! given, and the caller's certificate says who it is, as a SAN URI
 //! `tandem://ROLE/NAME` (for example `tandem://coordinator/c1`). The roles:
 //!
-//! - `client`: moves money and looks it up (Transfer, Execute,
+//! - `client`: moves money and looks it up (Transfer, TransferBatch, Execute,
 //!   GetTransaction, Audit; StartTransfer and GetTransferStatus on a
 //!   participant; GetBalance);
 //! - `coordinator`: the 2PC calls (Prepare, Commit, Abort and their
@@ -185,6 +185,7 @@ const PARTICIPANT: Who = Who::ConfiguredParticipant;
 pub const POLICY: &[(&str, &[Who])] = &[
     // The coordinator.
     ("/tandem.v1.Coordinator/Transfer", &[CLIENT]),
+    ("/tandem.v1.Coordinator/TransferBatch", &[CLIENT]),
     ("/tandem.v1.Coordinator/Execute", &[CLIENT]),
     ("/tandem.v1.Coordinator/GetTransaction", &[CLIENT, OPERATOR]),
     ("/tandem.v1.Coordinator/Audit", &[CLIENT, OPERATOR]),

@@ -163,6 +163,22 @@ fn table() -> Vec<(&'static str, Node, Call, &'static [As])> {
             &[Client],
         ),
         (
+            "TransferBatch",
+            C,
+            coordinator!(
+                transfer_batch,
+                pb::TransferBatchRequest {
+                    transfers: vec![pb::TransferRequest {
+                        from_account: 0,
+                        to_account: 15,
+                        amount: 7,
+                        ..Default::default()
+                    }]
+                }
+            ),
+            &[Client],
+        ),
+        (
             "Execute",
             C,
             coordinator!(execute, pb::ExecuteRequest { legs: legs(), idempotency_key: String::new() }),

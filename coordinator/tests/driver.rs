@@ -22,6 +22,10 @@
 //!   by default (`auto`) a keyed one goes by parallel commit instead (its
 //!   staged record's fsync beside the prepare's); with `one_phase_commit`
 //!   off, every such transfer runs 2PC;
+//! - a TransferBatch runs each of its transfers as Transfer would and
+//!   answers each in its place: a bad one fails alone, a refused one is
+//!   refused alone, a key it used answers a later Transfer; an empty batch
+//!   or one past the most is refused whole and runs nothing;
 //! - a restarted coordinator sends the request of each logged one-phase
 //!   intent again, whether its participant had applied it or not, and logs
 //!   the participant's first answer under the key: a retry of the key gets
@@ -871,6 +875,51 @@ async fn by_default_a_keyed_transfer_on_one_participant_goes_by_parallel_commit_
     let audit = exact_audit(&mut client).await;
     assert_eq!(posted(&audit, 0), INITIAL_BALANCE - 5 - 7, "each transfer applied once");
     assert_eq!(posted(&audit, 1), INITIAL_BALANCE + 5 + 7);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_batch_runs_each_transfer_on_its_own_and_answers_each_in_its_place() {
+    let mut stop = Stop(Vec::new());
+    let (calls, mut client) = counted_cluster(MemoryDisk::new(), OnePhaseCommit::Auto, &mut stop).await;
+    let keyed = pb::TransferRequest { idempotency_key: "k-batch".into(), ..transfer(0, ACCOUNTS_EACH, 3) };
+    let batch = pb::TransferBatchRequest {
+        transfers: vec![
+            transfer(1, ACCOUNTS_EACH + 1, 5),
+            keyed.clone(),
+            transfer(2, 3, 0),
+            transfer(4, 5, 2 * INITIAL_BALANCE),
+            transfer(6, 7, 11),
+        ],
+    };
+    let results = client.transfer_batch(batch).await.unwrap().into_inner().results;
+    assert_eq!(results.len(), 5, "{results:?}");
+    let outcome = |i: usize| results[i].result.as_ref().map(|r| (r.outcome, r.abort_reason));
+    let committed = Some((pb::Outcome::Committed as i32, 0));
+    assert_eq!((outcome(0), outcome(1), outcome(4)), (committed, committed, committed), "{results:?}");
+    assert_eq!(results[2].result, None, "a bad transfer fails alone: {results:?}");
+    assert_eq!(results[2].status_code, Code::InvalidArgument as i32);
+    assert!(results[2].status_message.contains("amount"), "{}", results[2].status_message);
+    let refused = Some((pb::Outcome::Aborted as i32, pb::AbortReason::InsufficientFunds as i32));
+    assert_eq!(outcome(3), refused, "{results:?}");
+    // Its key answers a later Transfer with the batch's result.
+    let again = client.transfer(keyed).await.unwrap().into_inner();
+    assert_eq!(Some(&again.txn_id), results[1].result.as_ref().map(|r| &r.txn_id));
+
+    // Empty, or past the most: refused whole, and nothing runs.
+    let prepares_before = calls.lock().unwrap().get("prepare_batch").copied();
+    let status = client.transfer_batch(pb::TransferBatchRequest { transfers: Vec::new() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    let too_many = vec![transfer(0, 1, 1); node::TRANSFER_BATCH_MAX + 1];
+    let status = client.transfer_batch(pb::TransferBatchRequest { transfers: too_many }).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("256"), "{status:?}");
+    assert_eq!(calls.lock().unwrap().get("prepare_batch").copied(), prepares_before);
+    let audit = exact_audit(&mut client).await;
+    assert_eq!(posted(&audit, 0), INITIAL_BALANCE - 3, "each transfer applied once");
+    assert_eq!(posted(&audit, 1), INITIAL_BALANCE - 5);
+    assert_eq!(posted(&audit, 4), INITIAL_BALANCE, "refused");
+    assert_eq!(posted(&audit, 7), INITIAL_BALANCE + 11);
+    assert_eq!(posted(&audit, ACCOUNTS_EACH), INITIAL_BALANCE + 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

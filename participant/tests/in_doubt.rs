@@ -117,6 +117,13 @@ impl Coordinator for PausableCoordinator {
         Err(Status::unimplemented("not in this test"))
     }
 
+    async fn transfer_batch(
+        &self,
+        _: Request<pb::TransferBatchRequest>,
+    ) -> Result<Response<pb::TransferBatchResponse>, Status> {
+        Err(Status::unimplemented("not in this test"))
+    }
+
     async fn execute(&self, _: Request<pb::ExecuteRequest>) -> Result<Response<pb::TransactionResult>, Status> {
         Err(Status::unimplemented("not in this test"))
     }
