@@ -47,7 +47,9 @@ impl Calibration {
     pub fn floor_us(&self, protocol: crate::scenario::Protocol) -> f64 {
         match protocol {
             crate::scenario::Protocol::PostgresLocal | crate::scenario::Protocol::PostgresTwoPhase => 0.0,
-            crate::scenario::Protocol::TwoPhaseCommit => 2.0 * self.rtt_p50_us + self.fsync_p50_us,
+            crate::scenario::Protocol::TwoPhaseCommit | crate::scenario::Protocol::TwoPhaseCommitBatched => {
+                2.0 * self.rtt_p50_us + self.fsync_p50_us
+            }
             crate::scenario::Protocol::TwoPhaseCommitClassic => 2.0 * self.rtt_p50_us + 2.0 * self.fsync_p50_us,
             crate::scenario::Protocol::Orchestrated | crate::scenario::Protocol::Choreographed => {
                 3.0 * self.rtt_p50_us + 3.0 * self.fsync_p50_us

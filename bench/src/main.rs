@@ -42,7 +42,7 @@ struct RunArgs {
     #[arg(long, default_value = "default")]
     scenario: String,
     /// Run only this protocol (repeat for several): 2pc (parallel commit,
-    /// the coordinator's default), 2pc-classic (the coordinator run with
+    /// the coordinator's default), 2pc-batch (the same 2PC, its clients sending their transfers together in TransferBatch calls, as a batching client library does), 2pc-classic (the coordinator run with
     /// --commit-protocol classic), orchestrated, choreographed, or a
     /// PostgreSQL baseline: postgres-local (one
     /// database, one local transaction), postgres-2pc (a server per

@@ -377,6 +377,11 @@ pub async fn run_protocol(
         cluster.client(),
     )
     .map_err(|e| e.to_string())?;
+    let target = if protocol == Protocol::TwoPhaseCommitBatched {
+        target.batched(Duration::from_millis(scenario.workload.call_timeout_ms))
+    } else {
+        target
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let auditor = (scenario.workload.audit_interval_ms > 0).then(|| {
         tokio::spawn(audit_reader(

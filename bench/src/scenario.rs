@@ -18,6 +18,12 @@ pub enum Protocol {
     /// phase for a transfer on one participant).
     #[serde(rename = "2pc")]
     TwoPhaseCommit,
+    /// The same 2PC, its clients sending their transfers through a
+    /// batching client (`workload::TransferBatcher`): the concurrent
+    /// transfers of the clients that share a channel go to the coordinator
+    /// together in TransferBatch calls, each still decided alone.
+    #[serde(rename = "2pc-batch")]
+    TwoPhaseCommitBatched,
     /// 2PC with the decision logged after the votes (`--commit-protocol
     /// classic`), to compare with parallel commit in the same run.
     #[serde(rename = "2pc-classic")]
@@ -41,6 +47,7 @@ impl Protocol {
     /// Every protocol the bench knows: tandem's, then the baselines.
     pub const ALL: &'static [Protocol] = &[
         Protocol::TwoPhaseCommit,
+        Protocol::TwoPhaseCommitBatched,
         Protocol::TwoPhaseCommitClassic,
         Protocol::Orchestrated,
         Protocol::Choreographed,
@@ -54,6 +61,7 @@ impl Protocol {
     pub fn name(&self) -> &'static str {
         match self {
             Protocol::TwoPhaseCommit => "2pc",
+            Protocol::TwoPhaseCommitBatched => "2pc-batch",
             Protocol::TwoPhaseCommitClassic => "2pc-classic",
             Protocol::Orchestrated => "orchestrated",
             Protocol::Choreographed => "choreographed",
@@ -64,7 +72,7 @@ impl Protocol {
 
     /// tandem's 2PC, by either commit protocol: its audits must be exact.
     pub fn is_two_phase_commit(&self) -> bool {
-        matches!(self, Protocol::TwoPhaseCommit | Protocol::TwoPhaseCommitClassic)
+        matches!(self, Protocol::TwoPhaseCommit | Protocol::TwoPhaseCommitBatched | Protocol::TwoPhaseCommitClassic)
     }
 
     /// A baseline runs the workload against PostgreSQL, not tandem.
@@ -518,6 +526,7 @@ mod tests {
             vs.protocols,
             [
                 Protocol::TwoPhaseCommit,
+                Protocol::TwoPhaseCommitBatched,
                 Protocol::TwoPhaseCommitClassic,
                 Protocol::PostgresLocal,
                 Protocol::PostgresTwoPhase

@@ -284,6 +284,9 @@ pub struct Client {
     coordinator: CoordinatorClient<Channel>,
     participants: Vec<ParticipantClient<Channel>>,
     accounts_per_participant: u64,
+    /// Set: the coordinator's transfers go through it, in TransferBatch
+    /// calls shared with the other clients (protocol `2pc-batch`).
+    batcher: Option<TransferBatcher>,
 }
 
 impl Client {
@@ -292,6 +295,7 @@ impl Client {
             coordinator: CoordinatorClient::new(coordinator),
             participants: participants.into_iter().map(ParticipantClient::new).collect(),
             accounts_per_participant,
+            batcher: None,
         }
     }
 
@@ -312,7 +316,10 @@ impl Client {
         timeout: Duration,
     ) -> (OpOutcome, String, String) {
         match protocol {
-            Protocol::TwoPhaseCommit | Protocol::TwoPhaseCommitClassic | Protocol::Orchestrated => {
+            Protocol::TwoPhaseCommit
+            | Protocol::TwoPhaseCommitBatched
+            | Protocol::TwoPhaseCommitClassic
+            | Protocol::Orchestrated => {
                 let mut request = tonic::Request::new(pb::TransferRequest {
                     from_account: from,
                     to_account: to,
@@ -326,9 +333,14 @@ impl Client {
                     recovery: pb::Recovery::Backward as i32,
                 });
                 request.set_timeout(timeout);
-                match tokio::time::timeout(timeout, self.coordinator.transfer(request)).await {
-                    Ok(Ok(response)) => {
-                        let result = response.into_inner();
+                let answered = match &self.batcher {
+                    Some(batcher) => tokio::time::timeout(timeout, batcher.transfer(request.into_inner())).await,
+                    None => tokio::time::timeout(timeout, self.coordinator.transfer(request))
+                        .await
+                        .map(|answer| answer.map(tonic::Response::into_inner)),
+                };
+                match answered {
+                    Ok(Ok(result)) => {
                         let outcome = match pb::Outcome::try_from(result.outcome) {
                             Ok(pb::Outcome::Committed) => OpOutcome::Committed,
                             Ok(pb::Outcome::Compensated) => OpOutcome::Compensated,
@@ -404,6 +416,8 @@ pub struct Target {
     pub coordinator: Vec<Channel>,
     pub participants: Vec<Channel>,
     pub accounts_per_participant: u64,
+    /// One per coordinator channel, for protocol `2pc-batch`.
+    pub batchers: Vec<TransferBatcher>,
 }
 
 impl Target {
@@ -419,15 +433,137 @@ impl Target {
             (0..count).map(|_| tandem::server::channel(coordinator_url, who)).collect::<Result<_, _>>()?;
         let participants =
             participant_urls.iter().map(|url| tandem::server::channel(url, who)).collect::<Result<_, _>>()?;
-        Ok(Target { coordinator, participants, accounts_per_participant })
+        Ok(Target { coordinator, participants, accounts_per_participant, batchers: Vec::new() })
+    }
+
+    /// Sends the coordinator's transfers through one [`TransferBatcher`]
+    /// per channel, each call with `timeout`. Inside a tokio runtime.
+    pub fn batched(mut self, timeout: Duration) -> Target {
+        self.batchers =
+            self.coordinator.iter().map(|channel| TransferBatcher::start(channel.clone(), timeout)).collect();
+        self
     }
 
     pub fn client(&self, i: usize) -> Client {
-        Client::new(
+        let mut client = Client::new(
             self.coordinator[i % self.coordinator.len()].clone(),
             self.participants.clone(),
             self.accounts_per_participant,
-        )
+        );
+        if !self.batchers.is_empty() {
+            client.batcher = Some(self.batchers[i % self.batchers.len()].clone());
+        }
+        client
+    }
+}
+
+/// Most TransferBatch calls one batcher has in flight. While they all wait,
+/// the clients' transfers gather, and go in the next call together.
+pub const BATCH_CALLS_IN_FLIGHT_MAX: usize = 4;
+/// Most transfers one batcher holds waiting for a call (back-pressure on
+/// the clients beyond it). The coordinator takes at most 256 a call.
+pub const BATCH_QUEUE_MAX: usize = 4_096;
+/// Most transfers in one TransferBatch call (the coordinator's
+/// `TRANSFER_BATCH_MAX`).
+pub const TRANSFER_BATCH_MAX: usize = 256;
+
+/// What a client library that batches does (TigerBeetle's clients do it
+/// by default): the concurrent transfers of the clients that share it go
+/// to the coordinator in TransferBatch calls, the first at once, the
+/// others gathered while [`BATCH_CALLS_IN_FLIGHT_MAX`] calls are out. Each
+/// transfer is still decided alone, and each client still waits for its
+/// own answer; what it saves is a call per transfer (coordinator.proto,
+/// TransferBatch).
+#[derive(Clone)]
+pub struct TransferBatcher {
+    queue: tokio::sync::mpsc::Sender<Batched>,
+}
+
+struct Batched {
+    request: pb::TransferRequest,
+    answer: tokio::sync::oneshot::Sender<Result<pb::TransactionResult, tonic::Status>>,
+}
+
+impl TransferBatcher {
+    /// Starts the task that sends the batches over `channel`, each call
+    /// with `timeout`; it ends when the last clone is dropped.
+    pub fn start(channel: Channel, timeout: Duration) -> TransferBatcher {
+        let (queue, waiting) = tokio::sync::mpsc::channel(BATCH_QUEUE_MAX);
+        tokio::spawn(TransferBatcher::send_batches(waiting, CoordinatorClient::new(channel), timeout));
+        TransferBatcher { queue }
+    }
+
+    /// Sends `request` in the next batch and waits for its own answer: the
+    /// result, or the status Transfer would have answered (with the
+    /// `tandem-earlier-txn-id` metadata when the item names one), or the
+    /// batch call's own failure.
+    pub async fn transfer(&self, request: pb::TransferRequest) -> Result<pb::TransactionResult, tonic::Status> {
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        if self.queue.send(Batched { request, answer }).await.is_err() {
+            return Err(tonic::Status::unavailable("the batcher stopped"));
+        }
+        answered.await.unwrap_or_else(|_| Err(tonic::Status::unavailable("the batcher dropped the transfer")))
+    }
+
+    async fn send_batches(
+        mut waiting: tokio::sync::mpsc::Receiver<Batched>,
+        client: CoordinatorClient<Channel>,
+        timeout: Duration,
+    ) {
+        let slots = Arc::new(tokio::sync::Semaphore::new(BATCH_CALLS_IN_FLIGHT_MAX));
+        while let Some(first) = waiting.recv().await {
+            let Ok(slot) = slots.clone().acquire_owned().await else { return };
+            let mut batch = vec![first];
+            while batch.len() < TRANSFER_BATCH_MAX {
+                match waiting.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            let mut client = client.clone();
+            tokio::spawn(async move {
+                let (transfers, answers): (Vec<_>, Vec<_>) =
+                    batch.into_iter().map(|batched| (batched.request, batched.answer)).unzip();
+                let mut request = tonic::Request::new(pb::TransferBatchRequest { transfers });
+                request.set_timeout(timeout);
+                match client.transfer_batch(request).await {
+                    Ok(response) => {
+                        let results = response.into_inner().results;
+                        if results.len() != answers.len() {
+                            let status = tonic::Status::internal(format!(
+                                "{} answers to a batch of {} transfers",
+                                results.len(),
+                                answers.len()
+                            ));
+                            answers.into_iter().for_each(|answer| drop(answer.send(Err(status.clone()))));
+                        } else {
+                            for (result, answer) in results.into_iter().zip(answers) {
+                                let _ = answer.send(batch_item(result));
+                            }
+                        }
+                    }
+                    Err(status) => answers.into_iter().for_each(|answer| drop(answer.send(Err(status.clone())))),
+                }
+                drop(slot);
+            });
+        }
+    }
+}
+
+/// One item of a TransferBatch answer as Transfer would have answered it.
+fn batch_item(item: pb::TransferBatchResult) -> Result<pb::TransactionResult, tonic::Status> {
+    match (item.status_code, item.result) {
+        (0, Some(result)) => Ok(result),
+        (0, None) => Err(tonic::Status::internal("a batch item with neither a result nor a status")),
+        (code, _) => {
+            let mut status = tonic::Status::new(tonic::Code::from_i32(code), item.status_message);
+            if !item.earlier_txn_id.is_empty() {
+                if let Ok(earlier) = item.earlier_txn_id.parse() {
+                    status.metadata_mut().insert(EARLIER_TXN_METADATA, earlier);
+                }
+            }
+            Err(status)
+        }
     }
 }
 

@@ -344,3 +344,53 @@ duration_s = 0.5
     let report = read(&out.path().join("results").join("report.md"));
     assert!(report.contains("orphans of the lost coordinator incarnation, resolved by the operator"), "{report}");
 }
+
+#[test]
+fn clients_that_batch_their_transfers_send_them_in_transfer_batch_calls_and_every_invariant_holds_across_a_kill() {
+    let out = tempfile::tempdir().unwrap();
+    let results = run_scenario_without_violations(
+        out.path(),
+        r#"
+name = "batched"
+description = "2pc-batch, p1 killed and restarted"
+duration_s = 3
+seed = 13
+
+[cluster]
+participants = 2
+accounts_per_participant = 100
+initial_balance = 10000
+
+[workload]
+clients = 32
+overdraft_share = 0.05
+audit_interval_ms = 200
+
+[[fault]]
+kind = "kill"
+node = "p1"
+at_s = 1
+duration_s = 1
+"#,
+        &["2pc-batch"],
+    );
+    let result = &results[0];
+    assert_eq!(result["protocol"], "2pc-batch");
+    assert!(result["outcomes"]["committed"].as_u64().unwrap() > 100, "{result}");
+    assert!(result["outcomes"]["aborted_insufficient_funds"].as_u64().unwrap() > 0, "{result}");
+    assert_eq!(result["audits"]["wrong_total"], 0);
+    // The transfers went in batches: TransferBatch calls, fewer than the
+    // transfers, and no Transfer call.
+    let metrics = read(&out.path().join("results").join("metrics-2pc-batch-c1.prom"));
+    let calls = |method: &str| -> u64 {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("tandem_rpc_requests_total") && l.contains(&format!("method=\"{method}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    let batches = calls("/tandem.v1.Coordinator/TransferBatch");
+    assert!(batches > 0, "{metrics}");
+    assert!(batches < result["outcomes"]["committed"].as_u64().unwrap(), "{batches} calls");
+    assert_eq!(calls("/tandem.v1.Coordinator/Transfer"), 0);
+}
