@@ -160,6 +160,7 @@ pub fn table(report: &RunReport) -> String {
         let _ = writeln!(out, "{:>name_width$}: {}", r.protocol.to_string(), outcomes.join(", "));
     }
     efficiency_table(&mut out, report);
+    audit_alternation_lines(&mut out, report, name_width);
     if !report.baselines.is_empty() || !report.skipped.is_empty() {
         let _ = writeln!(out);
     }
@@ -261,6 +262,38 @@ pub fn table(report: &RunReport) -> String {
 
 /// Per committed transfer, what the nodes' counters show (`counters.rs`):
 /// the protocol's efficiency, measured.
+/// With alternating audits: each protocol's commits/s in the windows with
+/// audits against those without, measured in the same run.
+fn audit_alternation_lines(out: &mut String, report: &RunReport, name_width: usize) {
+    let measured: Vec<(&ProtocolResult, &crate::run::AuditAlternation)> =
+        report.results.iter().filter_map(|r| Some((r, r.audit_alternation.as_ref()?))).collect();
+    let Some((_, first)) = measured.first() else { return };
+    let _ = writeln!(
+        out,
+        "\naudits every {} ms in every other {} ms window, none between (the first {} ms of each window not \
+         counted); commits/s:",
+        report.scenario.workload.audit_interval_ms,
+        first.window_ms,
+        first.window_ms / 5
+    );
+    for (r, a) in measured {
+        let _ = writeln!(
+            out,
+            "{:>name_width$}: {:.0} with audits ({} windows, {} audits), {:.0} without ({} windows): {:.3} of it \
+             (each window with audits against the next: {:.2} to {:.2})",
+            r.protocol.to_string(),
+            a.with_audits_per_s,
+            a.windows_with_audits,
+            r.audits.reads,
+            a.without_audits_per_s,
+            a.windows_without,
+            a.ratio,
+            a.pair_ratio_min,
+            a.pair_ratio_max
+        );
+    }
+}
+
 fn efficiency_table(out: &mut String, report: &RunReport) {
     let rows: Vec<&ProtocolResult> = report.results.iter().filter(|r| !r.protocol.is_baseline()).collect();
     if rows.is_empty() {
@@ -592,6 +625,9 @@ pub fn write_all(report: &RunReport, dir: &Path) -> Result<PathBuf, String> {
          - *unknown* counts calls that failed or timed out during faults; after the run each is asked again with \
          its idempotency key and gets its real outcome, so the invariant check accounts for every cent.\n\
          - *audits wrong* counts audit reads whose total differed from the money in the system: 2PC must show 0.\n\
+         - With `workload.audit_alternate_ms`, audits run in every other window only, and the commits/s of \
+         the windows with audits are set against those without, in the same run: the cost of auditing with the \
+         machine's drift shared.\n\
          - *in-doubt max* is the longest a participant held a prepared transfer without knowing its outcome.\n\
          - *recovery* is how long after the fault healed the throughput came back to half its earlier level.\n\
          - Per-operation records are in the history files; everything above is in `results.json`."

@@ -45,6 +45,83 @@ pub struct AuditStats {
     pub failed: u64,
 }
 
+/// What audits cost, from one run whose audits alternate
+/// (`workload.audit_alternate_ms`): the commits/s of the windows with
+/// audits against those without. A committed transfer counts in the window
+/// its answer came in; the first fifth of every window is left out (a
+/// transfer answered then may have waited under the window before it, and
+/// an audit begun at the end of that window may still be reading), and so
+/// is a last window the run does not fill.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditAlternation {
+    pub window_ms: u64,
+    pub windows_with_audits: u64,
+    pub windows_without: u64,
+    pub with_audits_per_s: f64,
+    pub without_audits_per_s: f64,
+    /// `with_audits_per_s / without_audits_per_s`: 1 when audits cost
+    /// nothing.
+    pub ratio: f64,
+    /// The same ratio for each window with audits and the window after it:
+    /// the lowest and the highest, to show how much the machine moved
+    /// within the run.
+    pub pair_ratio_min: f64,
+    pub pair_ratio_max: f64,
+}
+
+/// Whether audits run `elapsed_ms` into the run: always without
+/// alternation (`alternate_ms` 0), else in the first window and every
+/// other one after it.
+pub(crate) fn audits_run_at(elapsed_ms: u64, alternate_ms: u64) -> bool {
+    alternate_ms == 0 || (elapsed_ms / alternate_ms) % 2 == 0
+}
+
+/// The commits/s with audits against without ([`AuditAlternation`]);
+/// `None` without alternation or without a whole window of each kind.
+pub(crate) fn audit_alternation(
+    history: &[workload::HistoryEntry],
+    alternate_ms: u64,
+    duration_s: f64,
+) -> Option<AuditAlternation> {
+    if alternate_ms == 0 {
+        return None;
+    }
+    let window_us = alternate_ms * 1_000;
+    let uncounted_us = window_us / 5;
+    let windows = (duration_s * 1e6) as u64 / window_us;
+    let windows_with_audits = windows.div_ceil(2);
+    let windows_without = windows / 2;
+    if windows_without == 0 {
+        return None;
+    }
+    // Commits counted in each window; the even ones had audits.
+    let mut commits = vec![0u64; windows as usize];
+    for entry in history.iter().filter(|e| e.outcome == workload::OpOutcome::Committed) {
+        let window = entry.end_us / window_us;
+        if window >= windows || entry.end_us % window_us < uncounted_us {
+            continue;
+        }
+        commits[window as usize] += 1;
+    }
+    let ratio = |with_audits: u64, without: u64| if without > 0 { with_audits as f64 / without as f64 } else { 0.0 };
+    let with_audits: u64 = commits.iter().step_by(2).sum();
+    let without: u64 = commits.iter().skip(1).step_by(2).sum();
+    let pair_ratios: Vec<f64> = commits.chunks_exact(2).map(|pair| ratio(pair[0], pair[1])).collect();
+    let counted_s = (window_us - uncounted_us) as f64 / 1e6;
+    let with_audits_per_s = with_audits as f64 / (windows_with_audits as f64 * counted_s);
+    let without_audits_per_s = without as f64 / (windows_without as f64 * counted_s);
+    Some(AuditAlternation {
+        window_ms: alternate_ms,
+        windows_with_audits,
+        windows_without,
+        with_audits_per_s,
+        without_audits_per_s,
+        ratio: if without_audits_per_s > 0.0 { with_audits_per_s / without_audits_per_s } else { 0.0 },
+        pair_ratio_min: pair_ratios.iter().copied().fold(f64::INFINITY, f64::min),
+        pair_ratio_max: pair_ratios.iter().copied().fold(0.0, f64::max),
+    })
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct InDoubtStats {
     /// Longest time a transaction was seen prepared without a decision.
@@ -101,6 +178,8 @@ pub struct ProtocolResult {
     pub timeline: Vec<TimelinePoint>,
     pub faults: Vec<AppliedFault>,
     pub audits: AuditStats,
+    /// With alternating audits: their cost in this run.
+    pub audit_alternation: Option<AuditAlternation>,
     pub in_doubt: InDoubtStats,
     pub check: CheckReport,
     /// After a lose-disk fault: each orphan the operator resolved, how and
@@ -225,6 +304,8 @@ async fn audit_reader(
     who: Security,
     expected: i64,
     interval: Duration,
+    alternate_ms: u64,
+    start: Instant,
     stop: Arc<AtomicBool>,
 ) -> AuditStats {
     let mut stats = AuditStats::default();
@@ -232,6 +313,9 @@ async fn audit_reader(
     let mut client = pb::coordinator_client::CoordinatorClient::new(channel);
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(interval).await;
+        if !audits_run_at(start.elapsed().as_millis() as u64, alternate_ms) {
+            continue;
+        }
         let mut request = tonic::Request::new(pb::AuditRequest { include_accounts: false });
         request.set_timeout(Duration::from_secs(3));
         match client.audit(request).await {
@@ -383,15 +467,6 @@ pub async fn run_protocol(
         target
     };
     let stop = Arc::new(AtomicBool::new(false));
-    let auditor = (scenario.workload.audit_interval_ms > 0).then(|| {
-        tokio::spawn(audit_reader(
-            cluster.coordinator.url(),
-            cluster.client().clone(),
-            cluster.spec.total_money(),
-            Duration::from_millis(scenario.workload.audit_interval_ms),
-            stop.clone(),
-        ))
-    });
     let sampler = tokio::spawn(in_doubt_sampler(
         cluster.participants.iter().map(|p| p.url()).collect(),
         cluster.operator().clone(),
@@ -403,6 +478,17 @@ pub async fn run_protocol(
     let mut cluster = cluster;
     let counted_before = counters::snapshot(&mut cluster).await;
     let start = Instant::now();
+    let auditor = (scenario.workload.audit_interval_ms > 0).then(|| {
+        tokio::spawn(audit_reader(
+            cluster.coordinator.url(),
+            cluster.client().clone(),
+            cluster.spec.total_money(),
+            Duration::from_millis(scenario.workload.audit_interval_ms),
+            scenario.workload.audit_alternate_ms,
+            start,
+            stop.clone(),
+        ))
+    });
     let faults = tokio::spawn(run_faults(cluster, scenario.clone(), start));
     let mut recorder = workload::drive(scenario, protocol, &target, start, progress).await;
     let (mut cluster, mut applied) = faults.await.map_err(|e| format!("the fault task failed: {e}"))?;
@@ -428,6 +514,8 @@ pub async fn run_protocol(
     let inside = |start_us: u64, (from, to): (u64, u64)| start_us >= from && start_us < to;
     let latency_in_faults = committed_latency(&recorder.history, |s| windows_us.iter().any(|w| inside(s, *w)));
     let latency_outside_faults = committed_latency(&recorder.history, |s| !windows_us.iter().any(|w| inside(s, *w)));
+    let audit_alternation =
+        audit_alternation(&recorder.history, scenario.workload.audit_alternate_ms, scenario.duration_s);
     for (fault, window) in applied.iter_mut().zip(&windows_us) {
         fault.latency = committed_latency(&recorder.history, |s| inside(s, *window));
     }
@@ -483,6 +571,7 @@ pub async fn run_protocol(
         timeline,
         faults: applied,
         audits,
+        audit_alternation,
         in_doubt,
         check,
         orphans,
@@ -539,4 +628,80 @@ pub(crate) fn progress_bar(protocol: Protocol, duration_s: f64, ops: Arc<AtomicU
         }
     });
     task
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::Protocol;
+    use crate::workload::{HistoryEntry, OpOutcome};
+
+    fn answered_at(end_us: u64, outcome: OpOutcome) -> HistoryEntry {
+        HistoryEntry {
+            protocol: Protocol::TwoPhaseCommit,
+            client: 0,
+            key: String::new(),
+            from: 0,
+            to: 1,
+            amount: 1,
+            start_us: end_us.saturating_sub(500),
+            end_us,
+            outcome,
+            txn_id: String::new(),
+            detail: String::new(),
+        }
+    }
+
+    #[test]
+    fn audits_run_in_the_first_window_and_every_other_one_after_it() {
+        for elapsed_ms in [0, 999, 2_000, 2_999, 4_500] {
+            assert!(audits_run_at(elapsed_ms, 1_000), "{elapsed_ms}");
+        }
+        for elapsed_ms in [1_000, 1_999, 3_000, 5_500] {
+            assert!(!audits_run_at(elapsed_ms, 1_000), "{elapsed_ms}");
+        }
+        assert!((0..10_000).step_by(7).all(|elapsed_ms| audits_run_at(elapsed_ms, 0)), "0: audits throughout");
+    }
+
+    #[test]
+    fn the_alternation_counts_commits_by_the_window_of_their_answer_past_its_first_fifth() {
+        // 1 s windows over 4.5 s: two whole windows of each kind, the half
+        // window at the end not counted.
+        let mut history = Vec::new();
+        for window in 0..5u64 {
+            // Past the first fifth: 30 commits in a window with audits, 40
+            // without (the rate the alternation must find), and one
+            // aborted transfer that never counts.
+            let counted = if window % 2 == 0 { 30 } else { 40 };
+            for i in 0..counted {
+                history.push(answered_at(window * 1_000_000 + 200_000 + i * 10_000, OpOutcome::Committed));
+            }
+            history.push(answered_at(window * 1_000_000 + 500_000, OpOutcome::AbortedInsufficientFunds));
+            // In the first fifth: left out, whatever its kind.
+            for i in 0..50 {
+                history.push(answered_at(window * 1_000_000 + i * 1_000, OpOutcome::Committed));
+            }
+        }
+        let alternation = audit_alternation(&history, 1_000, 4.5).unwrap();
+        assert_eq!((alternation.windows_with_audits, alternation.windows_without), (2, 2));
+        // 30 commits in 0.8 counted seconds of each window with audits.
+        assert!((alternation.with_audits_per_s - 37.5).abs() < 1e-9, "{alternation:?}");
+        assert!((alternation.without_audits_per_s - 50.0).abs() < 1e-9, "{alternation:?}");
+        assert!((alternation.ratio - 0.75).abs() < 1e-9, "{alternation:?}");
+        assert_eq!((alternation.pair_ratio_min, alternation.pair_ratio_max), (0.75, 0.75));
+
+        // A window without audits that ran slow (20 commits in window 3)
+        // shows in the spread.
+        history.retain(|e| {
+            !(e.end_us >= 3_000_000
+                && e.end_us < 4_000_000
+                && e.end_us % 1_000_000 >= 200_000
+                && e.end_us % 1_000_000 < 400_000)
+        });
+        let alternation = audit_alternation(&history, 1_000, 4.5).unwrap();
+        assert_eq!((alternation.pair_ratio_min, alternation.pair_ratio_max), (0.75, 30.0 / 20.0), "{alternation:?}");
+
+        assert_eq!(audit_alternation(&history, 0, 4.5), None, "no alternation");
+        assert_eq!(audit_alternation(&history, 1_000, 1.5), None, "no whole window without audits");
+    }
 }

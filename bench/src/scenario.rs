@@ -191,6 +191,14 @@ pub struct WorkloadSection {
     pub cross_share: Option<f64>,
     /// How often the audit reader reads every balance; 0 turns it off.
     pub audit_interval_ms: u64,
+    /// Audits only in every other window of this many milliseconds (the
+    /// first window audited, the next not, and so on), so that one run
+    /// measures its throughput with audits against without, the machine's
+    /// drift shared by both: the report gives the commits/s of each kind of
+    /// window and their ratio (`run::AuditAlternation`). 0, the default:
+    /// audits throughout. Needs `audit_interval_ms`, and room for two
+    /// windows of each kind in the run.
+    pub audit_alternate_ms: u64,
     /// Deadline of one client call.
     pub call_timeout_ms: u64,
 }
@@ -209,6 +217,7 @@ impl Default for WorkloadSection {
             overdraft_share: 0.0,
             cross_share: None,
             audit_interval_ms: 250,
+            audit_alternate_ms: 0,
             call_timeout_ms: 5_000,
         }
     }
@@ -389,6 +398,28 @@ impl Scenario {
         if w.call_timeout_ms == 0 {
             return Err("workload.call_timeout_ms: must be positive".into());
         }
+        if w.audit_alternate_ms > 0 {
+            if w.audit_interval_ms == 0 {
+                return Err(format!(
+                    "workload.audit_alternate_ms = {}: alternates audits with none, so it needs audit_interval_ms > 0",
+                    w.audit_alternate_ms
+                ));
+            }
+            if !(AUDIT_ALTERNATE_MS_MIN..=AUDIT_ALTERNATE_MS_MAX).contains(&w.audit_alternate_ms) {
+                return Err(format!(
+                    "workload.audit_alternate_ms = {}: must be 0 (off) or {AUDIT_ALTERNATE_MS_MIN} to \
+                     {AUDIT_ALTERNATE_MS_MAX}",
+                    w.audit_alternate_ms
+                ));
+            }
+            if (w.audit_alternate_ms * 4) as f64 > self.duration_s * 1_000.0 {
+                return Err(format!(
+                    "workload.audit_alternate_ms = {}: the run ({} s) must hold two windows with audits and two \
+                     without",
+                    w.audit_alternate_ms, self.duration_s
+                ));
+            }
+        }
         let valid_node = |name: &str| {
             name == "c1"
                 || name
@@ -469,6 +500,12 @@ impl Scenario {
     }
 }
 
+/// Bounds of `workload.audit_alternate_ms`: a window shorter than the
+/// lowest is mostly its uncounted start (`run::AuditAlternation`), one
+/// longer than the highest no longer shares the machine's drift.
+pub const AUDIT_ALTERNATE_MS_MIN: u64 = 200;
+pub const AUDIT_ALTERNATE_MS_MAX: u64 = 60_000;
+
 /// Names of the presets shipped in `bench/scenarios/`, with their text.
 pub const PRESETS: &[(&str, &str)] = &[
     ("default", include_str!("../scenarios/default.toml")),
@@ -481,6 +518,7 @@ pub const PRESETS: &[(&str, &str)] = &[
     ("lost-coordinator-disk", include_str!("../scenarios/lost-coordinator-disk.toml")),
     ("vs-postgres", include_str!("../scenarios/vs-postgres.toml")),
     ("vs-postgres-1", include_str!("../scenarios/vs-postgres-1.toml")),
+    ("audit-cost", include_str!("../scenarios/audit-cost.toml")),
 ];
 
 /// A preset by name, or a file by path.
@@ -637,5 +675,17 @@ mod tests {
             .unwrap()
             .needs_proxied_links());
         assert!(rejected("this is not toml").contains("test.toml"));
+
+        // Alternating audits need audits, a window in bounds, and room.
+        let alternate = |interval: u64, window: u64| {
+            format!("duration_s = 8\n[workload]\naudit_interval_ms = {interval}\naudit_alternate_ms = {window}")
+        };
+        let message = rejected(&alternate(0, 1_000));
+        assert!(message.contains("audit_alternate_ms") && message.contains("audit_interval_ms"), "{message}");
+        assert!(rejected(&alternate(50, 100)).contains("200 to 60000"));
+        assert!(rejected(&alternate(50, 60_001)).contains("200 to 60000"));
+        assert!(rejected(&alternate(50, 2_001)).contains("two windows"));
+        let fine = Scenario::from_toml(&alternate(50, 2_000), "test.toml").unwrap();
+        assert_eq!(fine.workload.audit_alternate_ms, 2_000);
     }
 }

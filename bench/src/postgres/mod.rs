@@ -211,19 +211,21 @@ pub async fn run(
     };
 
     let stop = Arc::new(AtomicBool::new(false));
-    let auditor = (scenario.workload.audit_interval_ms > 0).then(|| {
-        tokio::spawn(audit_reader(
-            ports.clone(),
-            layout.total(),
-            Duration::from_millis(scenario.workload.audit_interval_ms),
-            stop.clone(),
-        ))
-    });
     let sampler =
         (protocol == Protocol::PostgresTwoPhase).then(|| tokio::spawn(in_doubt_sampler(ports.clone(), stop.clone())));
     let progress = Arc::new(AtomicUsize::new(0));
     let bar = options.progress.then(|| run::progress_bar(protocol, scenario.duration_s, progress.clone()));
     let start = Instant::now();
+    let auditor = (scenario.workload.audit_interval_ms > 0).then(|| {
+        tokio::spawn(audit_reader(
+            ports.clone(),
+            layout.total(),
+            Duration::from_millis(scenario.workload.audit_interval_ms),
+            scenario.workload.audit_alternate_ms,
+            start,
+            stop.clone(),
+        ))
+    });
     let mut recorder = workload::drive_with(&scenario, protocol, |_| pool.clone(), start, progress).await;
     stop.store(true, Ordering::Relaxed);
     if let Some(bar) = bar {
@@ -238,6 +240,8 @@ pub async fn run(
         None => InDoubtStats::default(),
     };
     let latency_outside_faults = run::committed_latency(&recorder.history, |_| true);
+    let audit_alternation =
+        run::audit_alternation(&recorder.history, scenario.workload.audit_alternate_ms, scenario.duration_s);
     let (check, finished_after_run) = check(&ports, &layout, &mut recorder.history, &pool.unfinished_commits()).await;
     let crashed_nodes = servers.exited();
     servers.stop(options.keep_data).await;
@@ -267,6 +271,7 @@ pub async fn run(
         timeline: run::timeline(&recorder, scenario.duration_s),
         faults: Vec::new(),
         audits,
+        audit_alternation,
         in_doubt,
         check,
         orphans: Vec::new(),
@@ -338,7 +343,14 @@ async fn round_trip_p50_us(port: u16) -> Result<f64, String> {
 /// Reads every server's total at once, again and again, and counts totals
 /// that differ from the money in the system. One server reads one
 /// snapshot; two servers read two.
-async fn audit_reader(ports: Vec<u16>, expected: i64, interval: Duration, stop: Arc<AtomicBool>) -> AuditStats {
+async fn audit_reader(
+    ports: Vec<u16>,
+    expected: i64,
+    interval: Duration,
+    alternate_ms: u64,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+) -> AuditStats {
     let mut stats = AuditStats::default();
     let mut clients = Vec::new();
     for port in &ports {
@@ -350,6 +362,9 @@ async fn audit_reader(ports: Vec<u16>, expected: i64, interval: Duration, stop: 
     const SUM: &str = "SELECT coalesce(sum(balance), 0)::bigint FROM accounts";
     while !stop.load(Ordering::Relaxed) {
         tokio::time::sleep(interval).await;
+        if !run::audits_run_at(start.elapsed().as_millis() as u64, alternate_ms) {
+            continue;
+        }
         let reads = clients.iter().map(|c| c.query_one(SUM, &[]));
         let read = tokio::time::timeout(Duration::from_secs(3), futures_util::future::join_all(reads)).await;
         match read {
