@@ -270,8 +270,8 @@ fn audit_alternation_lines(out: &mut String, report: &RunReport, name_width: usi
     let Some((_, first)) = measured.first() else { return };
     let _ = writeln!(
         out,
-        "\naudits every {} ms in every other {} ms window, none between (the first {} ms of each window not \
-         counted); commits/s:",
+        "\naudits every {} ms in half of the {} ms windows (after one to warm up: with, without, without, with, \
+         ...; the first {} ms of each not counted); commits/s:",
         report.scenario.workload.audit_interval_ms,
         first.window_ms,
         first.window_ms / 5
@@ -280,7 +280,7 @@ fn audit_alternation_lines(out: &mut String, report: &RunReport, name_width: usi
         let _ = writeln!(
             out,
             "{:>name_width$}: {:.0} with audits ({} windows, {} audits), {:.0} without ({} windows): {:.3} of it \
-             (each window with audits against the next: {:.2} to {:.2})",
+             (within each pair of windows: {:.2} to {:.2})",
             r.protocol.to_string(),
             a.with_audits_per_s,
             a.windows_with_audits,
@@ -625,9 +625,9 @@ pub fn write_all(report: &RunReport, dir: &Path) -> Result<PathBuf, String> {
          - *unknown* counts calls that failed or timed out during faults; after the run each is asked again with \
          its idempotency key and gets its real outcome, so the invariant check accounts for every cent.\n\
          - *audits wrong* counts audit reads whose total differed from the money in the system: 2PC must show 0.\n\
-         - With `workload.audit_alternate_ms`, audits run in every other window only, and the commits/s of \
-         the windows with audits are set against those without, in the same run: the cost of auditing with the \
-         machine's drift shared.\n\
+         - With `workload.audit_alternate_ms`, audits run in half of the windows only (after one to warm up, \
+         in blocks of with, without, without, with, so that a steady drift weighs on both alike), and the \
+         commits/s of the windows with audits are set against those without, in the same run.\n\
          - *in-doubt max* is the longest a participant held a prepared transfer without knowing its outcome.\n\
          - *recovery* is how long after the fault healed the throughput came back to half its earlier level.\n\
          - Per-operation records are in the history files; everything above is in `results.json`."

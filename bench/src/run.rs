@@ -47,11 +47,17 @@ pub struct AuditStats {
 
 /// What audits cost, from one run whose audits alternate
 /// (`workload.audit_alternate_ms`): the commits/s of the windows with
-/// audits against those without. A committed transfer counts in the window
-/// its answer came in; the first fifth of every window is left out (a
-/// transfer answered then may have waited under the window before it, and
-/// an audit begun at the end of that window may still be reading), and so
-/// is a last window the run does not fill.
+/// audits against those without.
+///
+/// The first window warms the cluster up: no audits, not counted. Then the
+/// windows go in blocks of four, with audits, without, without, with
+/// (ABBA), so that a steady drift of the machine over the run weighs on
+/// both kinds alike, where plain alternation would charge it to one. A
+/// committed transfer counts in the window its answer came in; the first
+/// fifth of every window is left out (a transfer answered then may have
+/// waited under the window before it, and an audit begun at the end of
+/// that window may still be reading), and so is a last window the run
+/// does not fill.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AuditAlternation {
     pub window_ms: u64,
@@ -62,18 +68,23 @@ pub struct AuditAlternation {
     /// `with_audits_per_s / without_audits_per_s`: 1 when audits cost
     /// nothing.
     pub ratio: f64,
-    /// The same ratio for each window with audits and the window after it:
-    /// the lowest and the highest, to show how much the machine moved
+    /// The same ratio within each pair of neighbouring windows (AB, then
+    /// BA): the lowest and the highest, to show how much the machine moved
     /// within the run.
     pub pair_ratio_min: f64,
     pub pair_ratio_max: f64,
 }
 
 /// Whether audits run `elapsed_ms` into the run: always without
-/// alternation (`alternate_ms` 0), else in the first window and every
-/// other one after it.
+/// alternation (`alternate_ms` 0); else not in the first window (the
+/// warm-up), then in the first and last window of each block of four
+/// (see [`AuditAlternation`]).
 pub(crate) fn audits_run_at(elapsed_ms: u64, alternate_ms: u64) -> bool {
-    alternate_ms == 0 || (elapsed_ms / alternate_ms) % 2 == 0
+    if alternate_ms == 0 {
+        return true;
+    }
+    let window = elapsed_ms / alternate_ms;
+    window > 0 && matches!((window - 1) % 4, 0 | 3)
 }
 
 /// The commits/s with audits against without ([`AuditAlternation`]);
@@ -88,25 +99,43 @@ pub(crate) fn audit_alternation(
     }
     let window_us = alternate_ms * 1_000;
     let uncounted_us = window_us / 5;
-    let windows = (duration_s * 1e6) as u64 / window_us;
-    let windows_with_audits = windows.div_ceil(2);
-    let windows_without = windows / 2;
-    if windows_without == 0 {
+    // The whole windows after the warm-up.
+    let windows = ((duration_s * 1e6) as u64 / window_us).saturating_sub(1);
+    let audited = |window: u64| audits_run_at((window + 1) * alternate_ms, alternate_ms);
+    let windows_with_audits = (0..windows).filter(|w| audited(*w)).count() as u64;
+    let windows_without = windows - windows_with_audits;
+    if windows_with_audits == 0 || windows_without == 0 {
         return None;
     }
-    // Commits counted in each window; the even ones had audits.
     let mut commits = vec![0u64; windows as usize];
     for entry in history.iter().filter(|e| e.outcome == workload::OpOutcome::Committed) {
-        let window = entry.end_us / window_us;
+        let Some(window) = (entry.end_us / window_us).checked_sub(1) else { continue };
         if window >= windows || entry.end_us % window_us < uncounted_us {
             continue;
         }
         commits[window as usize] += 1;
     }
-    let ratio = |with_audits: u64, without: u64| if without > 0 { with_audits as f64 / without as f64 } else { 0.0 };
-    let with_audits: u64 = commits.iter().step_by(2).sum();
-    let without: u64 = commits.iter().skip(1).step_by(2).sum();
-    let pair_ratios: Vec<f64> = commits.chunks_exact(2).map(|pair| ratio(pair[0], pair[1])).collect();
+    let (mut with_audits, mut without) = (0u64, 0u64);
+    for (window, count) in commits.iter().enumerate() {
+        if audited(window as u64) {
+            with_audits += count;
+        } else {
+            without += count;
+        }
+    }
+    // AB, BA, AB, ...: the pair's audited window first or second.
+    let pair_ratios: Vec<f64> = commits
+        .chunks_exact(2)
+        .enumerate()
+        .map(|(pair, counts)| {
+            let (a, b) = if pair % 2 == 0 { (counts[0], counts[1]) } else { (counts[1], counts[0]) };
+            if b > 0 {
+                a as f64 / b as f64
+            } else {
+                0.0
+            }
+        })
+        .collect();
     let counted_s = (window_us - uncounted_us) as f64 / 1e6;
     let with_audits_per_s = with_audits as f64 / (windows_with_audits as f64 * counted_s);
     let without_audits_per_s = without as f64 / (windows_without as f64 * counted_s);
@@ -653,26 +682,25 @@ mod tests {
     }
 
     #[test]
-    fn audits_run_in_the_first_window_and_every_other_one_after_it() {
-        for elapsed_ms in [0, 999, 2_000, 2_999, 4_500] {
-            assert!(audits_run_at(elapsed_ms, 1_000), "{elapsed_ms}");
-        }
-        for elapsed_ms in [1_000, 1_999, 3_000, 5_500] {
-            assert!(!audits_run_at(elapsed_ms, 1_000), "{elapsed_ms}");
-        }
+    fn audits_run_after_a_warm_up_window_in_blocks_of_with_without_without_with() {
+        let audited: Vec<bool> = (0..10).map(|window| audits_run_at(window * 1_000 + 500, 1_000)).collect();
+        assert_eq!(audited, [false, true, false, false, true, true, false, false, true, true]);
+        assert!(!audits_run_at(999, 1_000) && audits_run_at(1_000, 1_000) && audits_run_at(1_999, 1_000));
+        assert!(!audits_run_at(2_000, 1_000));
         assert!((0..10_000).step_by(7).all(|elapsed_ms| audits_run_at(elapsed_ms, 0)), "0: audits throughout");
     }
 
     #[test]
     fn the_alternation_counts_commits_by_the_window_of_their_answer_past_its_first_fifth() {
-        // 1 s windows over 4.5 s: two whole windows of each kind, the half
+        // 1 s windows over 5.5 s: the warm-up, then A B B A, the half
         // window at the end not counted.
         let mut history = Vec::new();
-        for window in 0..5u64 {
+        for window in 0..6u64 {
             // Past the first fifth: 30 commits in a window with audits, 40
-            // without (the rate the alternation must find), and one
-            // aborted transfer that never counts.
-            let counted = if window % 2 == 0 { 30 } else { 40 };
+            // without (the rate the alternation must find; the warm-up's
+            // and the last half window's never count), and one aborted
+            // transfer that never counts.
+            let counted = if audits_run_at(window * 1_000, 1_000) { 30 } else { 40 };
             for i in 0..counted {
                 history.push(answered_at(window * 1_000_000 + 200_000 + i * 10_000, OpOutcome::Committed));
             }
@@ -682,7 +710,7 @@ mod tests {
                 history.push(answered_at(window * 1_000_000 + i * 1_000, OpOutcome::Committed));
             }
         }
-        let alternation = audit_alternation(&history, 1_000, 4.5).unwrap();
+        let alternation = audit_alternation(&history, 1_000, 5.5).unwrap();
         assert_eq!((alternation.windows_with_audits, alternation.windows_without), (2, 2));
         // 30 commits in 0.8 counted seconds of each window with audits.
         assert!((alternation.with_audits_per_s - 37.5).abs() < 1e-9, "{alternation:?}");
@@ -690,18 +718,13 @@ mod tests {
         assert!((alternation.ratio - 0.75).abs() < 1e-9, "{alternation:?}");
         assert_eq!((alternation.pair_ratio_min, alternation.pair_ratio_max), (0.75, 0.75));
 
-        // A window without audits that ran slow (20 commits in window 3)
-        // shows in the spread.
-        history.retain(|e| {
-            !(e.end_us >= 3_000_000
-                && e.end_us < 4_000_000
-                && e.end_us % 1_000_000 >= 200_000
-                && e.end_us % 1_000_000 < 400_000)
-        });
-        let alternation = audit_alternation(&history, 1_000, 4.5).unwrap();
-        assert_eq!((alternation.pair_ratio_min, alternation.pair_ratio_max), (0.75, 30.0 / 20.0), "{alternation:?}");
+        // A window without audits that ran slow (20 commits in the second
+        // pair's first window) shows in the spread.
+        history.retain(|e| !(e.end_us >= 3_200_000 && e.end_us < 3_400_000));
+        let alternation = audit_alternation(&history, 1_000, 5.5).unwrap();
+        assert_eq!((alternation.pair_ratio_min, alternation.pair_ratio_max), (0.75, 1.5), "{alternation:?}");
 
-        assert_eq!(audit_alternation(&history, 0, 4.5), None, "no alternation");
-        assert_eq!(audit_alternation(&history, 1_000, 1.5), None, "no whole window without audits");
+        assert_eq!(audit_alternation(&history, 0, 5.5), None, "no alternation");
+        assert_eq!(audit_alternation(&history, 1_000, 2.5), None, "no whole window without audits");
     }
 }

@@ -191,13 +191,13 @@ pub struct WorkloadSection {
     pub cross_share: Option<f64>,
     /// How often the audit reader reads every balance; 0 turns it off.
     pub audit_interval_ms: u64,
-    /// Audits only in every other window of this many milliseconds (the
-    /// first window audited, the next not, and so on), so that one run
-    /// measures its throughput with audits against without, the machine's
-    /// drift shared by both: the report gives the commits/s of each kind of
-    /// window and their ratio (`run::AuditAlternation`). 0, the default:
-    /// audits throughout. Needs `audit_interval_ms`, and room for two
-    /// windows of each kind in the run.
+    /// Audits in half of the windows of this many milliseconds only, so
+    /// that one run measures its throughput with audits against without,
+    /// the machine's drift shared by both: after a first window to warm up,
+    /// blocks of four windows with audits, without, without, with; the
+    /// report gives the commits/s of each kind and their ratio
+    /// (`run::AuditAlternation`). 0, the default: audits throughout. Needs
+    /// `audit_interval_ms`, and room for the warm-up and one block.
     pub audit_alternate_ms: u64,
     /// Deadline of one client call.
     pub call_timeout_ms: u64,
@@ -412,10 +412,10 @@ impl Scenario {
                     w.audit_alternate_ms
                 ));
             }
-            if (w.audit_alternate_ms * 4) as f64 > self.duration_s * 1_000.0 {
+            if (w.audit_alternate_ms * 5) as f64 > self.duration_s * 1_000.0 {
                 return Err(format!(
-                    "workload.audit_alternate_ms = {}: the run ({} s) must hold two windows with audits and two \
-                     without",
+                    "workload.audit_alternate_ms = {}: the run ({} s) must hold five windows (one to warm up, two \
+                     with audits and two without)",
                     w.audit_alternate_ms, self.duration_s
                 ));
             }
@@ -684,8 +684,8 @@ mod tests {
         assert!(message.contains("audit_alternate_ms") && message.contains("audit_interval_ms"), "{message}");
         assert!(rejected(&alternate(50, 100)).contains("200 to 60000"));
         assert!(rejected(&alternate(50, 60_001)).contains("200 to 60000"));
-        assert!(rejected(&alternate(50, 2_001)).contains("two windows"));
-        let fine = Scenario::from_toml(&alternate(50, 2_000), "test.toml").unwrap();
-        assert_eq!(fine.workload.audit_alternate_ms, 2_000);
+        assert!(rejected(&alternate(50, 1_601)).contains("five windows"));
+        let fine = Scenario::from_toml(&alternate(50, 1_600), "test.toml").unwrap();
+        assert_eq!(fine.workload.audit_alternate_ms, 1_600);
     }
 }
