@@ -284,8 +284,8 @@ pub struct Client {
     coordinator: CoordinatorClient<Channel>,
     participants: Vec<ParticipantClient<Channel>>,
     accounts_per_participant: u64,
-    /// Set: the coordinator's transfers go through it, in TransferBatch
-    /// calls shared with the other clients (protocol `2pc-batch`).
+    /// Where protocol `2pc-batch` sends its transfers: TransferBatch calls
+    /// shared with the other clients of the same batcher.
     batcher: Option<TransferBatcher>,
 }
 
@@ -297,6 +297,12 @@ impl Client {
             accounts_per_participant,
             batcher: None,
         }
+    }
+
+    /// The same client, its `2pc-batch` transfers sent through `batcher`.
+    pub fn with_batcher(mut self, batcher: TransferBatcher) -> Client {
+        self.batcher = Some(batcher);
+        self
     }
 
     fn owner(&self, account: u64) -> usize {
@@ -333,9 +339,14 @@ impl Client {
                     recovery: pb::Recovery::Backward as i32,
                 });
                 request.set_timeout(timeout);
-                let answered = match &self.batcher {
-                    Some(batcher) => tokio::time::timeout(timeout, batcher.transfer(request.into_inner())).await,
-                    None => tokio::time::timeout(timeout, self.coordinator.transfer(request))
+                // A batch's item is decided as a Transfer is: a client
+                // without a batcher (the checker, asking a key again after
+                // the run) sends a `2pc-batch` transfer alone.
+                let answered = match (protocol, &self.batcher) {
+                    (Protocol::TwoPhaseCommitBatched, Some(batcher)) => {
+                        tokio::time::timeout(timeout, batcher.transfer(request.into_inner())).await
+                    }
+                    _ => tokio::time::timeout(timeout, self.coordinator.transfer(request))
                         .await
                         .map(|answer| answer.map(tonic::Response::into_inner)),
                 };
@@ -451,7 +462,7 @@ impl Target {
             self.accounts_per_participant,
         );
         if !self.batchers.is_empty() {
-            client.batcher = Some(self.batchers[i % self.batchers.len()].clone());
+            client = client.with_batcher(self.batchers[i % self.batchers.len()].clone());
         }
         client
     }

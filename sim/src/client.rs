@@ -15,7 +15,8 @@ use tandem::pb::participant_client::ParticipantClient;
 use tandem::rng::SplitMix64;
 use tandem::tls::Security;
 use tandem_bench::check::{check_ledger, held, CheckReport, LedgerView};
-use tandem_bench::workload::{Client, HistoryEntry};
+use tandem_bench::scenario::Protocol;
+use tandem_bench::workload::{Client, HistoryEntry, TransferBatcher};
 use tonic::transport::Channel;
 
 /// Deadline of one transfer as the client waits for it.
@@ -70,7 +71,12 @@ pub async fn run(plan: Arc<ClientPlan>, history: History, outcome: Arc<Mutex<Cli
         return Ok(());
     }
     history.log(now(), "client: accounts opened".into());
-    let client = Client::new(coordinator.clone(), participant_channels.clone(), topology.accounts_per_participant);
+    let mut client = Client::new(coordinator.clone(), participant_channels.clone(), topology.accounts_per_participant);
+    // Every worker's `2pc-batch` transfers share one batcher, as the
+    // clients of one process share a batching client library.
+    if plan.scenario.protocols.contains(&Protocol::TwoPhaseCommitBatched) {
+        client = client.with_batcher(TransferBatcher::start(coordinator.clone(), Duration::from_millis(OP_TIMEOUT_MS)));
+    }
     let mut workers = Vec::new();
     for w in 0..plan.scenario.workers {
         workers.push(tokio::task::spawn_local(worker(

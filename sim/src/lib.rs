@@ -189,6 +189,15 @@ pub const SCENARIOS: &[Scenario] = &[
         ..BASE
     },
     Scenario {
+        name: "batched",
+        about: "2PC alone, half the transfers through a batching client (TransferBatch calls shared by six clients, a duplicate now and then in the same batch), with audits, under every fault: each transfer in a batch is decided and answered as if alone",
+        faults: ALL_FAULTS,
+        protocols: &[Protocol::TwoPhaseCommit, Protocol::TwoPhaseCommitBatched],
+        audits: true,
+        workers: 6,
+        ..BASE
+    },
+    Scenario {
         name: "audit-while-paused",
         about: "scripted: p3 paused for 5 s while audits loop and 2PC transfers run between p1 and p2, which must not wait for the audits",
         protocols: &[Protocol::TwoPhaseCommit],

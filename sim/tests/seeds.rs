@@ -143,6 +143,14 @@ fn one_phase_commits_under_every_fault() {
     seeds_of("one-phase");
 }
 
+/// Transfers sent in TransferBatch calls under every fault, beside
+/// transfers sent alone: each item is decided, deduplicated by its key
+/// and answered as a Transfer would be.
+#[test]
+fn batched_transfers_under_every_fault() {
+    seeds_of("batched");
+}
+
 /// A parallel commit recovered from the coordinator's log and being
 /// prepared again may have been committed before the restart and applied
 /// at one participant while another still holds it prepared: an audit then
