@@ -280,7 +280,7 @@ fn audit_alternation_lines(out: &mut String, report: &RunReport, name_width: usi
         let _ = writeln!(
             out,
             "{:>name_width$}: {:.0} with audits ({} windows, {} audits), {:.0} without ({} windows): {:.3} of it \
-             (within each pair of windows: {:.2} to {:.2})",
+             (within each pair of windows: median {:.2}, {:.2} to {:.2})",
             r.protocol.to_string(),
             a.with_audits_per_s,
             a.windows_with_audits,
@@ -288,6 +288,7 @@ fn audit_alternation_lines(out: &mut String, report: &RunReport, name_width: usi
             a.without_audits_per_s,
             a.windows_without,
             a.ratio,
+            a.pair_ratio_median,
             a.pair_ratio_min,
             a.pair_ratio_max
         );

@@ -69,9 +69,11 @@ pub struct AuditAlternation {
     /// nothing.
     pub ratio: f64,
     /// The same ratio within each pair of neighbouring windows (AB, then
-    /// BA): the lowest and the highest, to show how much the machine moved
-    /// within the run.
+    /// BA): the lowest, the median and the highest, to show how much the
+    /// machine moved within the run (a second the host took away shows in
+    /// one pair, and the median is the figure it moves least).
     pub pair_ratio_min: f64,
+    pub pair_ratio_median: f64,
     pub pair_ratio_max: f64,
 }
 
@@ -124,7 +126,7 @@ pub(crate) fn audit_alternation(
         }
     }
     // AB, BA, AB, ...: the pair's audited window first or second.
-    let pair_ratios: Vec<f64> = commits
+    let mut pair_ratios: Vec<f64> = commits
         .chunks_exact(2)
         .enumerate()
         .map(|(pair, counts)| {
@@ -136,6 +138,12 @@ pub(crate) fn audit_alternation(
             }
         })
         .collect();
+    pair_ratios.sort_by(f64::total_cmp);
+    let pair_ratio_median = match pair_ratios.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => pair_ratios[n / 2],
+        n => (pair_ratios[n / 2 - 1] + pair_ratios[n / 2]) / 2.0,
+    };
     let counted_s = (window_us - uncounted_us) as f64 / 1e6;
     let with_audits_per_s = with_audits as f64 / (windows_with_audits as f64 * counted_s);
     let without_audits_per_s = without as f64 / (windows_without as f64 * counted_s);
@@ -146,8 +154,9 @@ pub(crate) fn audit_alternation(
         with_audits_per_s,
         without_audits_per_s,
         ratio: if without_audits_per_s > 0.0 { with_audits_per_s / without_audits_per_s } else { 0.0 },
-        pair_ratio_min: pair_ratios.iter().copied().fold(f64::INFINITY, f64::min),
-        pair_ratio_max: pair_ratios.iter().copied().fold(0.0, f64::max),
+        pair_ratio_min: pair_ratios.first().copied().unwrap_or(0.0),
+        pair_ratio_median,
+        pair_ratio_max: pair_ratios.last().copied().unwrap_or(0.0),
     })
 }
 
@@ -716,13 +725,17 @@ mod tests {
         assert!((alternation.with_audits_per_s - 37.5).abs() < 1e-9, "{alternation:?}");
         assert!((alternation.without_audits_per_s - 50.0).abs() < 1e-9, "{alternation:?}");
         assert!((alternation.ratio - 0.75).abs() < 1e-9, "{alternation:?}");
-        assert_eq!((alternation.pair_ratio_min, alternation.pair_ratio_max), (0.75, 0.75));
+        assert_eq!(
+            (alternation.pair_ratio_min, alternation.pair_ratio_median, alternation.pair_ratio_max),
+            (0.75, 0.75, 0.75)
+        );
 
         // A window without audits that ran slow (20 commits in the second
         // pair's first window) shows in the spread.
         history.retain(|e| !(e.end_us >= 3_200_000 && e.end_us < 3_400_000));
         let alternation = audit_alternation(&history, 1_000, 5.5).unwrap();
-        assert_eq!((alternation.pair_ratio_min, alternation.pair_ratio_max), (0.75, 1.5), "{alternation:?}");
+        let spread = (alternation.pair_ratio_min, alternation.pair_ratio_median, alternation.pair_ratio_max);
+        assert_eq!(spread, (0.75, 1.125, 1.5), "{alternation:?}");
 
         assert_eq!(audit_alternation(&history, 0, 5.5), None, "no alternation");
         assert_eq!(audit_alternation(&history, 1_000, 2.5), None, "no whole window without audits");
