@@ -226,6 +226,18 @@ pub fn call_span(name: &str, traceparent: &str) -> Span {
     span
 }
 
+/// The span of one item of a batch call (a `transfer` of a `transfer
+/// batch`): the child of the current span (the call's), sampled with it,
+/// so that each item's transaction, with its `txn_id` and every later span
+/// of it, hangs apart under the call. Disabled when the call's span is.
+pub fn item_span(name: &str) -> Span {
+    let call = Span::current();
+    if call.is_disabled() {
+        return Span::none();
+    }
+    tracing::debug_span!(target: TARGET, parent: &call, "tandem", otel.name = name, txn_id = tracing::field::Empty)
+}
+
 /// Whether a context's span is sampled (its `traceparent`'s flag).
 fn is_sampled(context: &opentelemetry::Context) -> bool {
     use opentelemetry::trace::TraceContextExt;

@@ -250,6 +250,46 @@ async fn one_transfers_spans_on_the_coordinator_and_both_participants_share_the_
             "{node}'s durable write hangs under one of its own spans: {spans:#?}"
         );
     }
+    // A batch of two transfers: the batch call's span under the client's,
+    // each transfer a span of its own under it, with its own prepares.
+    let batch_trace = new_trace_id(7);
+    let mut coordinator = cluster.coordinator_client(cluster.client()).unwrap();
+    let item = |from: u64, to: u64| pb::TransferRequest {
+        from_account: from,
+        to_account: to,
+        amount: 10,
+        ..Default::default()
+    };
+    let mut batch = Request::new(pb::TransferBatchRequest { transfers: vec![item(9, 190), item(191, 10)] });
+    batch.metadata_mut().insert("traceparent", format!("00-{batch_trace}-{client_span_id}-01").parse().unwrap());
+    let answers = coordinator.transfer_batch(batch).await.unwrap().into_inner().results;
+    assert!(
+        answers.iter().all(|a| a.result.as_ref().is_some_and(|r| r.outcome == pb::Outcome::Committed as i32)),
+        "{answers:?}"
+    );
+    let want = [
+        ("c1", BTreeSet::from(["transfer batch".to_string(), "transfer".to_string(), "prepare".to_string()])),
+        ("p1", BTreeSet::from(["prepare".to_string()])),
+        ("p2", BTreeSet::from(["prepare".to_string()])),
+    ];
+    let mut batch_spans = wait_for_spans(&collector, &batch_trace, &want).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while batch_spans.iter().filter(|s| s.node == "c1" && s.name == "prepare").count() < 4 {
+        assert!(tokio::time::Instant::now() < deadline, "four prepares never arrived: {batch_spans:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        batch_spans = of_trace(&collector, &batch_trace);
+    }
+    let batch_call = batch_spans.iter().find(|s| s.node == "c1" && s.name == "transfer batch").unwrap();
+    assert_eq!(batch_call.parent_span_id, client_span_id);
+    let items: Vec<&Received> = batch_spans.iter().filter(|s| s.node == "c1" && s.name == "transfer").collect();
+    assert_eq!(items.len(), 2, "a span per transfer of the batch: {batch_spans:#?}");
+    for item in &items {
+        assert_eq!(item.parent_span_id, batch_call.span_id, "{batch_spans:#?}");
+        let prepares =
+            batch_spans.iter().filter(|s| s.node == "c1" && s.name == "prepare" && s.parent_span_id == item.span_id);
+        assert_eq!(prepares.count(), 2, "each transfer's two prepares hang under its own span: {batch_spans:#?}");
+    }
+
     // An orchestrated saga: each step a span on the coordinator, and the
     // participant's span of it beneath, with its durable write.
     let saga_trace = new_trace_id(3);
@@ -325,7 +365,9 @@ async fn one_transfers_spans_on_the_coordinator_and_both_participants_share_the_
     let all = collector.spans.lock().unwrap().clone();
     let other_traces: BTreeSet<&str> = all
         .iter()
-        .filter(|s| ![&trace_id, &saga_trace, &choreography_trace].contains(&&s.trace_id) && s.name == "transfer")
+        .filter(|s| {
+            ![&trace_id, &saga_trace, &choreography_trace, &batch_trace].contains(&&s.trace_id) && s.name == "transfer"
+        })
         .map(|s| s.trace_id.as_str())
         .collect();
     assert_eq!(other_traces.len(), 1, "the transfer without a context started one new trace: {all:#?}");

@@ -2505,7 +2505,15 @@ impl Node {
                 transfers.len()
             )));
         }
-        let answers = join_all(transfers.into_iter().map(|transfer| self.transfer_call(transfer)).collect()).await;
+        // Each transfer under a span of its own, the call's child (see
+        // `tandem::trace::item_span`).
+        let answers = join_all(
+            transfers
+                .into_iter()
+                .map(|transfer| self.transfer_call(transfer).instrument(tandem::trace::item_span("transfer")))
+                .collect(),
+        )
+        .await;
         let results = answers
             .into_iter()
             .map(|answer| match answer {
