@@ -89,6 +89,41 @@ pub(crate) fn audits_run_at(elapsed_ms: u64, alternate_ms: u64) -> bool {
     window > 0 && matches!((window - 1) % 4, 0 | 3)
 }
 
+/// When an audit reader reads: every `audit_interval_ms` of the
+/// scenario's workload, in the windows [`audits_run_at`] opens, until the
+/// run stops.
+pub(crate) struct AuditSchedule {
+    interval: Duration,
+    alternate_ms: u64,
+    start: Instant,
+    stop: Arc<AtomicBool>,
+}
+
+impl AuditSchedule {
+    /// `start`: when the run's workload began.
+    pub(crate) fn of(workload: &crate::scenario::WorkloadSection, start: Instant, stop: Arc<AtomicBool>) -> Self {
+        AuditSchedule {
+            interval: Duration::from_millis(workload.audit_interval_ms),
+            alternate_ms: workload.audit_alternate_ms,
+            start,
+            stop,
+        }
+    }
+
+    /// Waits until the next audit is due; `false` once the run stopped.
+    pub(crate) async fn next(&self) -> bool {
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            tokio::time::sleep(self.interval).await;
+            if audits_run_at(self.start.elapsed().as_millis() as u64, self.alternate_ms) {
+                return true;
+            }
+        }
+    }
+}
+
 /// The commits/s with audits against without ([`AuditAlternation`]);
 /// `None` without alternation or without a whole window of each kind.
 pub(crate) fn audit_alternation(
@@ -337,23 +372,11 @@ async fn run_faults(mut cluster: Cluster, scenario: Scenario, start: Instant) ->
 
 /// Reads every balance through the coordinator's audit, again and again,
 /// and counts totals that differ from the money in the system.
-async fn audit_reader(
-    cluster_url: String,
-    who: Security,
-    expected: i64,
-    interval: Duration,
-    alternate_ms: u64,
-    start: Instant,
-    stop: Arc<AtomicBool>,
-) -> AuditStats {
+async fn audit_reader(cluster_url: String, who: Security, expected: i64, schedule: AuditSchedule) -> AuditStats {
     let mut stats = AuditStats::default();
     let Ok(channel) = tandem::server::channel(&cluster_url, &who) else { return stats };
     let mut client = pb::coordinator_client::CoordinatorClient::new(channel);
-    while !stop.load(Ordering::Relaxed) {
-        tokio::time::sleep(interval).await;
-        if !audits_run_at(start.elapsed().as_millis() as u64, alternate_ms) {
-            continue;
-        }
+    while schedule.next().await {
         let mut request = tonic::Request::new(pb::AuditRequest { include_accounts: false });
         request.set_timeout(Duration::from_secs(3));
         match client.audit(request).await {
@@ -521,10 +544,7 @@ pub async fn run_protocol(
             cluster.coordinator.url(),
             cluster.client().clone(),
             cluster.spec.total_money(),
-            Duration::from_millis(scenario.workload.audit_interval_ms),
-            scenario.workload.audit_alternate_ms,
-            start,
-            stop.clone(),
+            AuditSchedule::of(&scenario.workload, start, stop.clone()),
         ))
     });
     let faults = tokio::spawn(run_faults(cluster, scenario.clone(), start));

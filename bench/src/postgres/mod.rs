@@ -220,10 +220,7 @@ pub async fn run(
         tokio::spawn(audit_reader(
             ports.clone(),
             layout.total(),
-            Duration::from_millis(scenario.workload.audit_interval_ms),
-            scenario.workload.audit_alternate_ms,
-            start,
-            stop.clone(),
+            run::AuditSchedule::of(&scenario.workload, start, stop.clone()),
         ))
     });
     let mut recorder = workload::drive_with(&scenario, protocol, |_| pool.clone(), start, progress).await;
@@ -343,14 +340,7 @@ async fn round_trip_p50_us(port: u16) -> Result<f64, String> {
 /// Reads every server's total at once, again and again, and counts totals
 /// that differ from the money in the system. One server reads one
 /// snapshot; two servers read two.
-async fn audit_reader(
-    ports: Vec<u16>,
-    expected: i64,
-    interval: Duration,
-    alternate_ms: u64,
-    start: Instant,
-    stop: Arc<AtomicBool>,
-) -> AuditStats {
+async fn audit_reader(ports: Vec<u16>, expected: i64, schedule: run::AuditSchedule) -> AuditStats {
     let mut stats = AuditStats::default();
     let mut clients = Vec::new();
     for port in &ports {
@@ -360,11 +350,7 @@ async fn audit_reader(
         }
     }
     const SUM: &str = "SELECT coalesce(sum(balance), 0)::bigint FROM accounts";
-    while !stop.load(Ordering::Relaxed) {
-        tokio::time::sleep(interval).await;
-        if !run::audits_run_at(start.elapsed().as_millis() as u64, alternate_ms) {
-            continue;
-        }
+    while schedule.next().await {
         let reads = clients.iter().map(|c| c.query_one(SUM, &[]));
         let read = tokio::time::timeout(Duration::from_secs(3), futures_util::future::join_all(reads)).await;
         match read {
