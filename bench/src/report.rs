@@ -260,8 +260,6 @@ pub fn table(report: &RunReport) -> String {
     out
 }
 
-/// Per committed transfer, what the nodes' counters show (`counters.rs`):
-/// the protocol's efficiency, measured.
 /// With alternating audits: each protocol's commits/s in the windows with
 /// audits against those without, measured in the same run.
 fn audit_alternation_lines(out: &mut String, report: &RunReport, name_width: usize) {
@@ -295,6 +293,8 @@ fn audit_alternation_lines(out: &mut String, report: &RunReport, name_width: usi
     }
 }
 
+/// Per committed transfer, what the nodes' counters show (`counters.rs`):
+/// the protocol's efficiency, measured.
 fn efficiency_table(out: &mut String, report: &RunReport) {
     let rows: Vec<&ProtocolResult> = report.results.iter().filter(|r| !r.protocol.is_baseline()).collect();
     if rows.is_empty() {
