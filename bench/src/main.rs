@@ -453,3 +453,9 @@ async fn cluster_up(options: UpOptions) -> Result<bool, String> {
     }
     Ok(crashed.is_empty())
 }
+
+/// mimalloc, as the nodes use: the bench's clients share the machine's two
+/// cores with the nodes they measure, so every cycle the client spends in
+/// glibc's malloc is taken from the system under test.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
