@@ -204,12 +204,15 @@ pub const COMMIT_LINGER_MS: u64 = 1;
 /// waits for it and goes in the next call, the smart batching of
 /// TigerBeetle's and LMAX's pipelines. Fewer calls, each larger, cost less
 /// CPU per message on both sides, and at 64 clients on this 2-core machine
-/// the CPU is what bounds throughput: against four slots, in interleaved
-/// runs of 64 clients (2026-12-03), 2PC committed 1.04–1.22 times as many
-/// transfers a second (default mix, seven pairs), 1.07–1.17 every
-/// transfer crossing, orchestrated sagas 1.05 and 1.23 (prepares rose from
-/// 6.7 to 20.2 a call, calls from 1.25 to 1.09 a transfer); at 1, 8 and 16
-/// clients the difference stayed within the noise. A call that takes
+/// the CPU is what bounds throughput. Against four, in interleaved runs at
+/// 64 clients (2026-12-03), 2PC committed 1.05 and 1.12 times as many
+/// transfers a second with the default mix, 1.12 and 1.17 with every
+/// transfer crossing (classic 2PC 1.07 and 1.10), orchestrated sagas 1.05
+/// and 1.23; two against four and one against two each gained as well
+/// (1.09–1.22 in three pairs, 1.04–1.15 in four). Prepares rose from 6.7
+/// to 20.2 a call, calls from 1.25 to 1.09 a transfer. A client that
+/// batches already (`2pc-batch`) read 0.92–1.02; at 1, 8 and 16 clients
+/// the difference stayed within the noise. A call that takes
 /// long holds back the next one to that participant only, as four busy
 /// slots did: a prepare whose deadline passes while it waits votes NO
 /// unsent.
