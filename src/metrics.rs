@@ -131,6 +131,11 @@ fn describe() {
     describe_gauge!("tandem_parked_transfers", "choreographed transfers parked for an operator");
     describe_gauge!("tandem_suspense_balance", "money held in the participant's suspense account");
     describe_gauge!("tandem_store_failed", "1 once the node's store failed a write or an fsync");
+    describe_gauge!(
+        "tandem_process_cpu_seconds",
+        Unit::Seconds,
+        "CPU time the process has used since it started (user and system), read at each scrape"
+    );
 }
 
 /// The path's label: an RPC the protos declare, or `other`.
@@ -233,6 +238,19 @@ pub struct HttpState {
     pub refresh: Arc<dyn Fn() + Send + Sync>,
 }
 
+/// CPU time this process has used since it started, user and system
+/// together (getrusage), in seconds: what a node costs the machine, which
+/// the bench divides by the transfers committed.
+pub fn process_cpu_seconds() -> Option<f64> {
+    // SAFETY: `usage` is plain old data that getrusage fills.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return None;
+    }
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Some(seconds(usage.ru_utime) + seconds(usage.ru_stime))
+}
+
 /// The routes every node serves on `--http-addr`: `GET /metrics`.
 pub fn router(state: HttpState) -> axum::Router {
     axum::Router::new().route(
@@ -241,6 +259,9 @@ pub fn router(state: HttpState) -> axum::Router {
             let state = state.clone();
             async move {
                 (state.refresh)();
+                if let Some(seconds) = process_cpu_seconds() {
+                    metrics::gauge!("tandem_process_cpu_seconds").set(seconds);
+                }
                 ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.handle.render())
             }
         }),

@@ -83,6 +83,14 @@ async fn every_node_counts_its_transactions_fsyncs_and_calls_and_only_the_cluste
     assert!(sum(&p1_metrics, "tandem_store_bytes_written_total", &[]) > 0.0);
     assert_eq!(sum(&p1_metrics, "tandem_prepared_transactions", &[]), 0.0, "nothing is left in doubt");
     assert_eq!(sum(&p1_metrics, "tandem_store_failed", &[]), 0.0);
+    // What each process cost the machine: it served calls and fsynced, so
+    // it used CPU time, and a later scrape never reads less.
+    let p1_cpu = sum(&p1_metrics, "tandem_process_cpu_seconds", &[]);
+    assert!(p1_cpu > 0.0, "p1 reports {p1_cpu} s of CPU");
+    let c1_cpu = sum(&c1, "tandem_process_cpu_seconds", &[]);
+    assert!(c1_cpu > 0.0, "c1 reports {c1_cpu} s of CPU");
+    let c1_again = metrics_of(&mut cluster, NodeRef::Coordinator, &client).await;
+    assert!(sum(&c1_again, "tandem_process_cpu_seconds", &[]) >= c1_cpu);
 
     // Without a certificate of the cluster's CA, nothing is read.
     let addr = cluster.node(NodeRef::Coordinator).http_addr.unwrap().to_string();

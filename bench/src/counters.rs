@@ -1,5 +1,6 @@
 //! What only the nodes' counters show: per committed transfer, how many
-//! fsyncs, calls and bytes the cluster spent, and how full its batches were.
+//! fsyncs, calls, bytes and CPU time the cluster spent, and how full its
+//! batches were.
 //!
 //! The bench reads every node's `/metrics` (see `docs/metrics.md`) just
 //! before the clients start and again once they stop, and divides the
@@ -81,6 +82,11 @@ pub struct Efficiency {
     pub calls: f64,
     /// Bytes every node's store wrote.
     pub bytes_written: f64,
+    /// CPU time, user and system, in microseconds: the coordinator's
+    /// process, and every participant's together. With two vCPUs, one
+    /// transfer at a time can cost at most about twice its latency.
+    pub coordinator_cpu_us: f64,
+    pub participant_cpu_us: f64,
     /// Mean operations per store write group, over every node.
     pub store_group_mean: f64,
     /// Mean requests per batch call from the coordinator, by queue.
@@ -140,6 +146,8 @@ pub fn efficiency(before: &Snapshot, after: &Snapshot, committed: u64) -> Result
         participant_fsyncs: delta("tandem_store_fsyncs_total", &[], &participant)? / per,
         calls: calls / per,
         bytes_written: delta("tandem_store_bytes_written_total", &[], &any)? / per,
+        coordinator_cpu_us: delta("tandem_process_cpu_seconds", &[], &coordinator)? * 1e6 / per,
+        participant_cpu_us: delta("tandem_process_cpu_seconds", &[], &participant)? * 1e6 / per,
         store_group_mean: mean(
             delta("tandem_store_write_group_size_sum", &[], &any)?,
             delta("tandem_store_write_group_size_count", &[], &any)?,

@@ -300,8 +300,18 @@ fn efficiency_table(out: &mut String, report: &RunReport) {
     if rows.is_empty() {
         return;
     }
-    let _ = writeln!(out, "\nper committed transfer, from the nodes' counters (batch: mean requests per call):");
-    let header = ["protocol", "fsyncs c1", "fsyncs parts", "calls", "bytes written", "store group", "batch"];
+    let _ = writeln!(out, "\nper committed transfer, from the nodes' counters (cpu: user and system time of the processes; batch: mean requests per call):");
+    let header = [
+        "protocol",
+        "fsyncs c1",
+        "fsyncs parts",
+        "calls",
+        "bytes written",
+        "cpu c1 us",
+        "cpu parts us",
+        "store group",
+        "batch",
+    ];
     let mut table: Vec<Vec<String>> = vec![header.iter().map(|h| h.to_string()).collect()];
     for r in rows {
         match (&r.efficiency, &r.efficiency_missing) {
@@ -322,6 +332,8 @@ fn efficiency_table(out: &mut String, report: &RunReport) {
                     format!("{:.2}", e.participant_fsyncs),
                     format!("{:.2}", e.calls),
                     format!("{:.0}", e.bytes_written),
+                    format!("{:.0}", e.coordinator_cpu_us),
+                    format!("{:.0}", e.participant_cpu_us),
                     format!("{:.1}", e.store_group_mean),
                     if batches.is_empty() { "-".into() } else { batches.join(", ") },
                 ]);

@@ -234,6 +234,12 @@ duration_s = 1
             assert!(delayed["count"].as_u64().unwrap() > 0, "{result}");
             assert!(delayed["p50_ms"].as_f64().unwrap() >= 50.0, "the delay did not slow the link: {delayed}");
             assert_eq!(result["audits"]["wrong_total"], 0);
+            // No node restarted: the counters give the cost per transfer,
+            // CPU time included.
+            let efficiency = &result["efficiency"];
+            assert!(efficiency["coordinator_fsyncs"].as_f64().unwrap() > 0.0, "{efficiency}");
+            assert!(efficiency["coordinator_cpu_us"].as_f64().unwrap() > 0.0, "{efficiency}");
+            assert!(efficiency["participant_cpu_us"].as_f64().unwrap() > 0.0, "{efficiency}");
         }
     }
 }
