@@ -609,7 +609,11 @@ async fn a_participant_whose_disk_fills_stops_serving_and_recovers_by_itself_onc
             return;
         }
     };
-    let cluster = start_cluster_in(dir.path(), 2, 20, 200, &["--store-free-min-mb", "8"]).await;
+    // A primed log has its room already (see --wal-prime-mb): writes fill
+    // it without asking the filesystem for more, and the full disk shows
+    // once the log must grow. 1 MiB, not the default 16, so that this load
+    // gets there within seconds.
+    let cluster = start_cluster_in(dir.path(), 2, 20, 200, &["--store-free-min-mb", "8", "--wal-prime-mb", "1"]).await;
     let serving = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
     let not_serving = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
     assert_eq!(participant_health(&cluster, 0).await, Some(serving));
@@ -688,7 +692,13 @@ async fn a_coordinator_whose_disk_fills_says_not_serving() {
             return;
         }
     };
-    let cluster = start_cluster_in(dir.path(), 2, 10, 200, &[]).await;
+    let mut spec = cluster_spec_in(dir.path(), 2, 10, 200, &[]);
+    // No primed log (the participant's test above has one): filling 16 MiB
+    // of it one transfer at a time (about 450 bytes of log each) would take
+    // this test long, and what it is about is how the coordinator reports a
+    // failed log.
+    spec.coordinator_args.extend(["--wal-prime-mb".to_string(), "0".to_string()]);
+    let cluster = Cluster::start(spec).await.expect("the cluster starts");
     let mut client = cluster.coordinator_client(cluster.client()).unwrap();
     let result = client.transfer(transfer(1, 11, 5, "before")).await.unwrap().into_inner();
     assert_eq!(result.outcome, pb::Outcome::Committed as i32, "{result:?}");
@@ -707,8 +717,8 @@ async fn a_coordinator_whose_disk_fills_says_not_serving() {
             break;
         }
         assert!(Instant::now() < deadline, "the coordinator kept saying SERVING with its log failed");
-        // Transfers write the log; those that fit in the log file's last
-        // page (or in space RocksDB preallocated) are durable and commit;
+        // Transfers write the log; those that fit in the log file (its
+        // primed, recycled room, or the last page) are durable and commit;
         // the first that does not fit fails the store.
         attempt += 1;
         let _ = client.transfer(transfer(2, 12, 1, &format!("full-{attempt}"))).await;

@@ -60,11 +60,21 @@ impl Calibration {
 
 const SAMPLES: usize = 300;
 
+/// A scratch RocksDB whose log is recycled and primed as a node's is (see
+/// `tandem::store::WAL_PRIME_BYTES_DEFAULT`): the floor is the fastest
+/// fsync this disk gives a durable write, whatever the nodes were told.
 fn scratch_db(path: &Path) -> Result<rocksdb::DB, String> {
     let mut options = rocksdb::Options::default();
     options.create_if_missing(true);
-    rocksdb::DB::open(&options, path).map_err(|e| format!("calibration RocksDB: {e}"))
+    tandem::store::set_wal_options(&mut options);
+    let db = rocksdb::DB::open(&options, path).map_err(|e| format!("calibration RocksDB: {e}"))?;
+    tandem::store::prime_wal(&db, CALIBRATION_WAL_PRIME_BYTES).map_err(|e| format!("calibration RocksDB: {e}"))?;
+    Ok(db)
 }
+
+/// Enough recycled log for the calibration's writes (a few hundred small
+/// puts), far less than a node's.
+const CALIBRATION_WAL_PRIME_BYTES: u64 = 1 << 20;
 
 fn sync_put(db: &rocksdb::DB, i: usize) -> Result<(), String> {
     let mut write_options = rocksdb::WriteOptions::default();

@@ -104,6 +104,8 @@ struct Args {
     tls: TlsFlags,
     #[command(flatten)]
     http: tandem::metrics::HttpFlags,
+    #[command(flatten)]
+    store: tandem::store::StoreFlags,
     /// --otlp-endpoint (see tandem::trace).
     #[command(flatten)]
     trace: tandem::trace::TraceFlags,
@@ -150,6 +152,7 @@ async fn run(args: Args) -> Result<(), String> {
     let shards =
         args.participants.iter().map(|p| Shard::parse(p)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
     let node_id = Id::parse("node id", &args.node_id).map_err(|e| e.to_string())?;
+    args.store.apply().map_err(|e| e.to_string())?;
     let security = args.tls.security().map_err(|e| e.to_string())?;
     security.check_node(Role::Coordinator, node_id.as_str()).map_err(|e| e.to_string())?;
     let (node, recovered) = Node::open(NodeConfig {

@@ -72,6 +72,8 @@ struct Args {
     tls: TlsFlags,
     #[command(flatten)]
     http: tandem::metrics::HttpFlags,
+    #[command(flatten)]
+    store: tandem::store::StoreFlags,
     /// --otlp-endpoint (see tandem::trace).
     #[command(flatten)]
     trace: tandem::trace::TraceFlags,
@@ -94,6 +96,7 @@ fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<(), String> {
     let node_id = Id::parse("node id", &args.node_id).map_err(|e| e.to_string())?;
+    args.store.apply().map_err(|e| e.to_string())?;
     let security = args.tls.security().map_err(|e| e.to_string())?;
     security.check_node(Role::Participant, node_id.as_str()).map_err(|e| e.to_string())?;
     let coordinators = args.coordinators.iter().map(|c| parse_peer(c)).collect::<Result<Vec<_>, _>>()?;
