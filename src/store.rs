@@ -15,6 +15,13 @@
 //!   if none comes within [`LAZY_LINGER_US`], the writer fsyncs for it;
 //! - [`Durability::Buffered`]: once its ops are written to the WAL (they
 //!   survive a crash of the process, not of the machine).
+//! - [`Durability::Deferred`]: as `Buffered`, but it does not wake the
+//!   writer: it goes with the next group the writer takes for another
+//!   submission, or within [`DEFERRED_LINGER_US`] at the latest. For
+//!   records nobody waits for (the coordinator's end records): at one
+//!   client the end record of one transaction then rides on the next one's
+//!   staged record, and the writer thread wakes once a transaction, not
+//!   twice.
 //!
 //! Writes are applied in the order they were submitted, so a caller that
 //! mutates its memory and submits under one lock keeps memory and disk in
@@ -61,6 +68,11 @@ pub const QUEUE_OPS_MAX: usize = 262_144;
 /// Longest a [`Durability::Lazy`] submission waits for another group's
 /// fsync before the writer fsyncs for it.
 pub const LAZY_LINGER_US: u64 = 1_000;
+/// Longest a [`Durability::Deferred`] submission waits for another
+/// submission's group before the writer writes it alone; and how long the
+/// writer, after a write, waits for more before it sleeps until woken (a
+/// deferred submission wakes a writer that sleeps so, and only then).
+pub const DEFERRED_LINGER_US: u64 = 2_000;
 
 /// Obsolete write-ahead log files kept to be reused (RocksDB's
 /// `recycle_log_file_num`).
@@ -182,6 +194,7 @@ pub fn prime_wal(db: &DB, bytes: u64) -> Result<(), rocksdb::Error> {
 /// merging several must ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Durability {
+    Deferred,
     Buffered,
     Lazy,
     Fsync,
@@ -292,6 +305,14 @@ struct Queue {
     pending: Vec<Pending>,
     ops_queued: usize,
     closed: bool,
+    /// Submissions in `pending` that are not [`Durability::Deferred`]: the
+    /// writer takes a group as soon as there is one.
+    urgent: usize,
+    /// When the oldest deferred submission in `pending` must be written.
+    deferred_deadline: Option<Instant>,
+    /// The writer sleeps until woken, with no deadline of its own: a
+    /// deferred submission must wake it.
+    writer_sleeps: bool,
 }
 
 struct Shared {
@@ -406,8 +427,17 @@ impl Store {
         }
         queue.ops_queued += ops.len();
         queue.pending.push(Pending { ops, durability, done });
+        let wake = if durability == Durability::Deferred {
+            queue.deferred_deadline.get_or_insert_with(|| Instant::now() + Duration::from_micros(DEFERRED_LINGER_US));
+            queue.writer_sleeps
+        } else {
+            queue.urgent += 1;
+            true
+        };
         drop(queue);
-        self.shared.wake_writer.notify_one();
+        if wake {
+            self.shared.wake_writer.notify_one();
+        }
         Ok(receiver)
     }
 
@@ -514,24 +544,36 @@ impl Store {
         // the writer must fsync for them at the latest.
         let mut parked: Vec<Completion> = Vec::new();
         let mut parked_deadline: Option<Instant> = None;
+        // Until when the writer, idle, waits with a deadline after a write
+        // (so that deferred submissions need not wake it).
+        let mut lingering_until: Option<Instant> = None;
         loop {
             let closing;
             {
                 let mut queue = self.shared.queue.lock().expect("store queue lock poisoned");
                 loop {
-                    if !queue.pending.is_empty() || (queue.closed && !parked.is_empty()) {
+                    let now = Instant::now();
+                    let due = |deadline: Option<Instant>| deadline.is_some_and(|deadline| now >= deadline);
+                    if queue.urgent > 0 || due(queue.deferred_deadline) || due(parked_deadline) {
                         break;
                     }
                     if queue.closed {
-                        return;
+                        if queue.pending.is_empty() && parked.is_empty() {
+                            return;
+                        }
+                        break;
                     }
-                    match parked_deadline {
-                        None => queue = self.shared.wake_writer.wait(queue).expect("store queue lock poisoned"),
+                    let wake_at = [parked_deadline, queue.deferred_deadline, lingering_until.filter(|until| *until > now)]
+                        .into_iter()
+                        .flatten()
+                        .min();
+                    match wake_at {
+                        None => {
+                            queue.writer_sleeps = true;
+                            queue = self.shared.wake_writer.wait(queue).expect("store queue lock poisoned");
+                            queue.writer_sleeps = false;
+                        }
                         Some(deadline) => {
-                            let now = Instant::now();
-                            if now >= deadline {
-                                break;
-                            }
                             queue = self
                                 .shared
                                 .wake_writer
@@ -555,6 +597,10 @@ impl Store {
                 }
                 group.extend(queue.pending.drain(..count));
                 queue.ops_queued -= ops_taken;
+                queue.urgent -= group.iter().filter(|pending| pending.durability != Durability::Deferred).count();
+                if !queue.pending.iter().any(|pending| pending.durability == Durability::Deferred) {
+                    queue.deferred_deadline = None;
+                }
             }
             let overdue = parked_deadline.is_some_and(|deadline| Instant::now() >= deadline) || closing;
             let sync =
@@ -616,6 +662,7 @@ impl Store {
                     let _ = pending.done.send(result.clone());
                 }
             }
+            lingering_until = Some(Instant::now() + Duration::from_micros(DEFERRED_LINGER_US));
         }
     }
 }
@@ -635,6 +682,9 @@ mod tests {
                     store
                         .submit(vec![Op::Put(b"k/same".to_vec(), i.to_be_bytes().to_vec())], Durability::Lazy)
                         .unwrap(),
+                );
+                waits.push(
+                    store.submit(vec![Op::Put(format!("d/{i:03}").into_bytes(), vec![1])], Durability::Deferred).unwrap(),
                 );
                 waits.push(
                     store.submit(vec![Op::Put(format!("k/{i:03}").into_bytes(), vec![1])], Durability::Fsync).unwrap(),
@@ -657,6 +707,8 @@ mod tests {
         assert_eq!(rows.len(), 99);
         assert!(rows.windows(2).all(|w| w[0].0 < w[1].0));
         assert_eq!(store.scan_prefix_first(b"k/0", 5).unwrap().len(), 5);
+        // Each deferred write came before a fsynced one: durable with it.
+        assert_eq!(store.scan_prefix(b"d/").unwrap().len(), 100);
     }
 
     #[tokio::test]
@@ -668,6 +720,40 @@ mod tests {
     #[tokio::test]
     async fn the_disk_in_memory_keeps_the_contract() {
         writes_are_readable_after_reopen_and_keep_their_order(Disk::Memory(memory::MemoryDisk::new())).await;
+    }
+}
+
+#[cfg(test)]
+mod deferred_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_deferred_write_completes_with_the_next_write_or_alone_after_its_linger() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for round in 0..20u8 {
+            // Followed by a fsynced write: done, at the latest, when that is.
+            let mut deferred = store.submit(vec![Op::Put(b"k".to_vec(), vec![round, 1])], Durability::Deferred).unwrap();
+            store.write(vec![Op::Put(b"s".to_vec(), vec![round])]).await.unwrap();
+            assert_eq!(deferred.try_recv(), Ok(Ok(())), "round {round}: the deferred write went with or before the fsync");
+            // Alone: written within its linger, though nothing wakes the writer.
+            let alone = store.submit(vec![Op::Put(b"k".to_vec(), vec![round, 2])], Durability::Deferred).unwrap();
+            tokio::time::timeout(Duration::from_secs(5), alone).await.unwrap().unwrap().unwrap();
+            assert_eq!(store.get(b"k").unwrap(), Some(vec![round, 2]));
+            // Then a buffered write of the same key: the order holds.
+            let deferred = store.submit(vec![Op::Put(b"k".to_vec(), vec![round, 3])], Durability::Deferred).unwrap();
+            let buffered = store.submit(vec![Op::Put(b"k".to_vec(), vec![round, 4])], Durability::Buffered).unwrap();
+            buffered.await.unwrap().unwrap();
+            deferred.await.unwrap().unwrap();
+            assert_eq!(store.get(b"k").unwrap(), Some(vec![round, 4]));
+        }
+        // Closing writes what is still deferred.
+        let deferred = store.submit(vec![Op::Put(b"last".to_vec(), vec![1])], Durability::Deferred).unwrap();
+        store.close();
+        deferred.await.unwrap().unwrap();
+        drop(store);
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.get(b"last").unwrap(), Some(vec![1]));
     }
 }
 

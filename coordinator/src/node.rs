@@ -1129,8 +1129,11 @@ impl Node {
                     tokio::spawn(async move {
                         // Unsynced: a lost end record only means commits are
                         // redelivered after a restart, and applied once.
+                        // Deferred: nobody waits for it, so it rides on the
+                        // next write rather than wake the writer (see
+                        // `tandem::store::DEFERRED_LINGER_US`).
                         let written = log::end_ops(&txn, idempotency_key, staged, node.expires_ms())
-                            .and_then(|ops| node.inner.store.submit(ops, Durability::Buffered));
+                            .and_then(|ops| node.inner.store.submit(ops, Durability::Deferred));
                         let result = match written {
                             Ok(wait) => wait.await.unwrap_or_else(|_| Err(Error::Fatal("writer stopped".into()))),
                             Err(error) => Err(error),

@@ -259,7 +259,7 @@ impl MemoryStore {
             state.write_cache(&op);
             state.unsynced.push(op);
         }
-        Ok(durability != Durability::Buffered)
+        Ok(!matches!(durability, Durability::Buffered | Durability::Deferred))
     }
 }
 
