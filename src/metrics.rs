@@ -89,6 +89,10 @@ fn describe() {
     describe_histogram!("tandem_rpc_duration_seconds", Unit::Seconds, "time to answer a gRPC call, by method");
     describe_counter!("tandem_store_writes_total", "write groups the store's writer wrote (one WriteBatch each)");
     describe_counter!("tandem_store_fsyncs_total", "fsyncs of the store's write-ahead log");
+    describe_counter!(
+        "tandem_store_writes_in_place_total",
+        "fsynced writes made by the submitting thread, the store being idle (also in tandem_store_writes_total)"
+    );
     describe_counter!("tandem_store_bytes_written_total", "bytes of keys and values the store wrote");
     describe_histogram!("tandem_store_write_group_size", "operations in one write group (one WriteBatch)");
     describe_histogram!("tandem_store_write_seconds", Unit::Seconds, "time to write one group, its fsync included");

@@ -59,16 +59,18 @@ impl Network {
     /// A lazily connecting channel on `endpoint` over this network.
     pub(crate) fn connect_lazy(&self, endpoint: tonic::transport::Endpoint) -> tonic::transport::Channel {
         match self {
-            Network::Tcp => endpoint.connect_with_connector_lazy(tower::service_fn(|uri: tonic::transport::Uri| async move {
-                let host = uri
-                    .host()
-                    .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{uri} names no host")))?;
-                let host = host.trim_start_matches('[').trim_end_matches(']');
-                let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
-                let stream = tokio::net::TcpStream::connect((host, port)).await?;
-                stream.set_nodelay(true)?;
-                Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(CoalescingStream::new(stream)))
-            })),
+            Network::Tcp => {
+                endpoint.connect_with_connector_lazy(tower::service_fn(|uri: tonic::transport::Uri| async move {
+                    let host = uri
+                        .host()
+                        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, format!("{uri} names no host")))?;
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    let port = uri.port_u16().unwrap_or(if uri.scheme_str() == Some("https") { 443 } else { 80 });
+                    let stream = tokio::net::TcpStream::connect((host, port)).await?;
+                    stream.set_nodelay(true)?;
+                    Ok::<_, io::Error>(hyper_util::rt::TokioIo::new(CoalescingStream::new(stream)))
+                }))
+            }
             Network::Dialed(dialer) => {
                 let dialer = dialer.clone();
                 endpoint.connect_with_connector_lazy(tower::service_fn(move |uri: tonic::transport::Uri| {

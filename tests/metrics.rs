@@ -80,6 +80,14 @@ async fn every_node_counts_its_transactions_fsyncs_and_calls_and_only_the_cluste
     // commits, each made durable by an fsync that may cover several.
     let fsyncs = sum(&p1_metrics, "tandem_store_fsyncs_total", &[]);
     assert!(fsyncs >= 1.0, "p1 fsynced {fsyncs} times");
+    // One transfer at a time, a participant finds its store idle and
+    // writes in place; a coordinator never does.
+    let in_place = sum(&p1_metrics, "tandem_store_writes_in_place_total", &[]);
+    assert!(
+        in_place >= 1.0 && in_place <= sum(&p1_metrics, "tandem_store_writes_total", &[]),
+        "p1 wrote {in_place} in place"
+    );
+    assert_eq!(sum(&c1, "tandem_store_writes_in_place_total", &[]), 0.0);
     assert!(sum(&p1_metrics, "tandem_store_bytes_written_total", &[]) > 0.0);
     assert_eq!(sum(&p1_metrics, "tandem_prepared_transactions", &[]), 0.0, "nothing is left in doubt");
     assert_eq!(sum(&p1_metrics, "tandem_store_failed", &[]), 0.0);

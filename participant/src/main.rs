@@ -60,6 +60,14 @@ struct Args {
     /// the data directory's filesystem has this many MiB free.
     #[arg(long, default_value_t = 64)]
     store_free_min_mb: u64,
+    /// Write an fsynced record (a prepare, a one-phase commit) on the
+    /// thread that handles the call when the store is idle, instead of
+    /// handing it to the store's writer thread and waiting to be woken:
+    /// one transaction at a time, two thread wake-ups less a write. Under
+    /// load the writer thread groups writes as before. false: always hand
+    /// writes to the writer.
+    #[arg(long, value_name = "BOOL", default_value_t = true, action = clap::ArgAction::Set)]
+    write_in_place: bool,
     /// Threads of the async runtime (default: one per core). A local cluster
     /// runs every node on one machine and gives each one thread.
     #[arg(long)]
@@ -97,6 +105,7 @@ fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> Result<(), String> {
     let node_id = Id::parse("node id", &args.node_id).map_err(|e| e.to_string())?;
     args.store.apply().map_err(|e| e.to_string())?;
+    tandem::store::set_write_in_place(args.write_in_place);
     let security = args.tls.security().map_err(|e| e.to_string())?;
     security.check_node(Role::Participant, node_id.as_str()).map_err(|e| e.to_string())?;
     let coordinators = args.coordinators.iter().map(|c| parse_peer(c)).collect::<Result<Vec<_>, _>>()?;
