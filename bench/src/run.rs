@@ -434,13 +434,22 @@ pub(crate) fn committed_latency(history: &[workload::HistoryEntry], started: imp
     Percentiles::of(&histogram)
 }
 
-/// Commits per bucket, from the per-bucket latency histograms.
+/// Commits and latency per bucket of [`BUCKET_MS`], from the history.
 pub(crate) fn timeline(recorder: &Recorder, duration_s: f64) -> Vec<TimelinePoint> {
     let buckets = ((duration_s * 1_000.0) / BUCKET_MS as f64).ceil() as usize;
-    recorder
-        .buckets
+    let mut histograms: Vec<hdrhistogram::Histogram<u64>> = (0..buckets)
+        .map(|_| hdrhistogram::Histogram::new_with_bounds(1, 120_000_000, 2).expect("valid bounds"))
+        .collect();
+    for entry in recorder.history.iter().filter(|e| e.outcome == workload::OpOutcome::Committed) {
+        // By completion: a commit counts in the throughput when it is
+        // answered (one that hangs through a fault counts after it).
+        let bucket = (entry.end_us / 1_000 / BUCKET_MS) as usize;
+        if let Some(histogram) = histograms.get_mut(bucket) {
+            histogram.saturating_record((entry.end_us - entry.start_us).max(1));
+        }
+    }
+    histograms
         .iter()
-        .take(buckets)
         .enumerate()
         .map(|(i, h)| TimelinePoint {
             t_s: (i as u64 * BUCKET_MS) as f64 / 1_000.0,
