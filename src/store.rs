@@ -481,25 +481,8 @@ impl Store {
         if queue.ops_queued + ops.len() > QUEUE_OPS_MAX {
             return Err(Error::Busy(format!("the write queue is full ({QUEUE_OPS_MAX} operations)")));
         }
-        if durability == Durability::Fsync && ops.len() <= IN_PLACE_OPS_MAX && self.may_write_in_place(&queue) {
-            queue.writing = true;
-            drop(queue);
-            let result = self.write_ops([ops.as_slice()], true);
-            if !ops.is_empty() {
-                self.shared.writes_in_place.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("tandem_store_writes_in_place_total").increment(1);
-            }
-            let mut queue = self.shared.queue.lock().expect("store queue lock poisoned");
-            queue.writing = false;
-            queue.last_write_end = Some(Instant::now());
-            // The writer waits while a write is in place; it has work only
-            // if something queued meanwhile, or the store is closing.
-            let wake = !queue.pending.is_empty() || queue.closed;
-            drop(queue);
-            if wake {
-                self.shared.wake_writer.notify_one();
-            }
-            let _ = done.send(result);
+        if self.may_write_in_place(&queue, durability, ops.len()) {
+            let _ = done.send(self.write_in_place(queue, &ops));
             return Ok(receiver);
         }
         queue.ops_queued += ops.len();
@@ -518,14 +501,39 @@ impl Store {
         Ok(receiver)
     }
 
-    /// Whether an `Fsync` submission arriving now is written in place (see
-    /// the module documentation).
-    fn may_write_in_place(&self, queue: &Queue) -> bool {
+    /// Whether a submission arriving now is written in place (see the
+    /// module documentation).
+    fn may_write_in_place(&self, queue: &Queue, durability: Durability, ops_count: usize) -> bool {
         let Some(idle) = self.shared.in_place_idle else { return false };
-        queue.pending.is_empty()
+        durability == Durability::Fsync
+            && ops_count <= IN_PLACE_OPS_MAX
+            && queue.pending.is_empty()
             && !queue.writing
             && !queue.lazy_parked
             && queue.last_write_end.is_none_or(|end| end.elapsed() >= idle)
+    }
+
+    /// Writes and fsyncs `ops` on this thread, the writer held off
+    /// meanwhile (submissions from other threads queue behind it).
+    fn write_in_place(&self, mut queue: std::sync::MutexGuard<'_, Queue>, ops: &[Op]) -> Result<(), Error> {
+        queue.writing = true;
+        drop(queue);
+        let result = self.write_ops([ops], true);
+        if !ops.is_empty() {
+            self.shared.writes_in_place.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("tandem_store_writes_in_place_total").increment(1);
+        }
+        let mut queue = self.shared.queue.lock().expect("store queue lock poisoned");
+        queue.writing = false;
+        queue.last_write_end = Some(Instant::now());
+        // The writer waits while a write is in place; it has work only if
+        // something queued meanwhile, or the store is closing.
+        let wake = !queue.pending.is_empty() || queue.closed;
+        drop(queue);
+        if wake {
+            self.shared.wake_writer.notify_one();
+        }
+        result
     }
 
     /// How many writes were made in place since the store opened.
