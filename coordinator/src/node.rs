@@ -121,7 +121,8 @@
 //! does not start; while serving: INTERNAL), never a panic.
 
 use crate::core::{
-    AbortReason, Action, CommitProtocol, Core, Decision, OnePhaseCommit, OnePhaseResult, Outcome, Phase, VoteResult,
+    AbortReason, Action, ActiveTxn, CommitProtocol, Core, Decision, OnePhaseCommit, OnePhaseResult, Outcome, Phase,
+    VoteResult,
 };
 use crate::directory::{Directory, Shard};
 use crate::log;
@@ -2342,48 +2343,7 @@ impl Node {
             return Ok(status);
         }
         if let Some(active) = self.core().get(txn) {
-            let state = match &active.phase {
-                Phase::Preparing { waiting } => {
-                    status.detail = format!("waiting for the votes of {waiting:?}");
-                    pb::TransactionState::Preparing
-                }
-                Phase::Deciding => {
-                    status.detail = "every participant voted YES; the decision is being logged".into();
-                    pb::TransactionState::Preparing
-                }
-                Phase::Committing { pending } => {
-                    status.pending_participants = pending.iter().map(|p| p.to_string()).collect();
-                    status.detail = "committed; waiting for acknowledgements".into();
-                    pb::TransactionState::Committing
-                }
-                Phase::Staging { waiting, .. } => {
-                    status.detail = if waiting.is_empty() {
-                        "parallel commit: every participant voted YES; its staged record is being logged".into()
-                    } else {
-                        format!("parallel commit: waiting for the votes of {waiting:?}")
-                    };
-                    pb::TransactionState::Preparing
-                }
-                Phase::Aborting | Phase::AbortingUnstaged { .. } => pb::TransactionState::Aborted,
-                Phase::Intending { .. } => {
-                    status.detail = "one-phase: its intent is being logged".into();
-                    pb::TransactionState::Preparing
-                }
-                Phase::OnePhase { .. } => {
-                    status.pending_participants = active.participants.iter().map(|p| p.to_string()).collect();
-                    status.detail = "one-phase: waiting for its participant's answer".into();
-                    pb::TransactionState::Preparing
-                }
-                Phase::OnePhaseLogging { outcome, .. } => {
-                    status.detail = format!("one-phase: answered {outcome:?}; its outcome is being logged");
-                    if *outcome == Outcome::Committed {
-                        pb::TransactionState::Committed
-                    } else {
-                        pb::TransactionState::Aborted
-                    }
-                }
-            };
-            status.state = state as i32;
+            active_status(active, &mut status);
             return Ok(status);
         }
         let state = if self.inner.store.get(&log::key(log::DECISION_PREFIX, txn))?.is_some() {
@@ -2817,9 +2777,88 @@ fn answers_for<I, A>(sent: &[I], answers: Result<Vec<A>, Status>) -> Result<Vec<
     Ok(answers)
 }
 
+/// What GetTransaction says of a transaction this coordinator still holds.
+fn active_status(active: &ActiveTxn, status: &mut pb::TransactionStatus) {
+    let state = match &active.phase {
+        Phase::Preparing { waiting } => {
+            status.detail = format!("waiting for the votes of {waiting:?}");
+            pb::TransactionState::Preparing
+        }
+        Phase::Deciding => {
+            status.detail = "every participant voted YES; the decision is being logged".into();
+            pb::TransactionState::Preparing
+        }
+        Phase::Committing { pending } if pending.is_empty() => {
+            // COMMITTED as the proto defines it: every participant
+            // acknowledged. The transaction stays here until its end
+            // record is written (deferred: up to
+            // `tandem::store::DEFERRED_LINGER_US`).
+            status.detail = "every participant acknowledged; its end record is being logged".into();
+            pb::TransactionState::Committed
+        }
+        Phase::Committing { pending } => {
+            status.pending_participants = pending.iter().map(|p| p.to_string()).collect();
+            status.detail = "committed; waiting for acknowledgements".into();
+            pb::TransactionState::Committing
+        }
+        Phase::Staging { waiting, .. } => {
+            status.detail = if waiting.is_empty() {
+                "parallel commit: every participant voted YES; its staged record is being logged".into()
+            } else {
+                format!("parallel commit: waiting for the votes of {waiting:?}")
+            };
+            pb::TransactionState::Preparing
+        }
+        Phase::Aborting | Phase::AbortingUnstaged { .. } => pb::TransactionState::Aborted,
+        Phase::Intending { .. } => {
+            status.detail = "one-phase: its intent is being logged".into();
+            pb::TransactionState::Preparing
+        }
+        Phase::OnePhase { .. } => {
+            status.pending_participants = active.participants.iter().map(|p| p.to_string()).collect();
+            status.detail = "one-phase: waiting for its participant's answer".into();
+            pb::TransactionState::Preparing
+        }
+        Phase::OnePhaseLogging { outcome, .. } => {
+            status.detail = format!("one-phase: answered {outcome:?}; its outcome is being logged");
+            if *outcome == Outcome::Committed {
+                pb::TransactionState::Committed
+            } else {
+                pb::TransactionState::Aborted
+            }
+        }
+    };
+    status.state = state as i32;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_transaction_every_participant_acknowledged_is_committed_while_its_end_record_is_written() {
+        let p = |id: &str| Id::parse("participant", id).unwrap();
+        let mut active = ActiveTxn {
+            position: 1,
+            participants: vec![p("p1"), p("p2")],
+            idempotency_key: None,
+            phase: Phase::Committing { pending: [p("p2")].into_iter().collect() },
+            staged: Some(7),
+            recovered: false,
+        };
+        let mut status = pb::TransactionStatus::default();
+        active_status(&active, &mut status);
+        assert_eq!(status.state, pb::TransactionState::Committing as i32);
+        assert_eq!(status.pending_participants, ["p2"]);
+        // The last acknowledgement: COMMITTED, as the proto defines it, though
+        // the coordinator holds the transaction until its end record is written.
+        active.phase = Phase::Committing { pending: BTreeSet::new() };
+        let mut status = pb::TransactionStatus::default();
+        active_status(&active, &mut status);
+        assert_eq!(status.state, pb::TransactionState::Committed as i32, "{status:?}");
+        assert!(status.pending_participants.is_empty());
+        assert!(status.detail.contains("every participant acknowledged"), "{}", status.detail);
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_lingering_batch_waits_for_its_oldest_message_not_for_one_another_sender_took() {
