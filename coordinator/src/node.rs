@@ -424,11 +424,6 @@ impl<T> BatchQueue<T> {
         self.waiting.lock().expect("batch queue lock poisoned").len()
     }
 
-    /// When the oldest waiting message was queued, if one waits.
-    fn oldest_queued_at(&self) -> Option<Instant> {
-        self.waiting.lock().expect("batch queue lock poisoned").front().map(|(queued_at, _)| *queued_at)
-    }
-
     /// Up to `max` waiting messages, without waiting.
     fn take(&self, max: usize) -> Vec<T> {
         let mut waiting = self.waiting.lock().expect("batch queue lock poisoned");
@@ -437,41 +432,32 @@ impl<T> BatchQueue<T> {
     }
 
     /// Up to `max` waiting messages, oldest first, once the oldest of them
-    /// has waited `linger`; waits for one. The linger counts from when the
-    /// oldest message *still waiting* was queued: while a sender waits,
-    /// another may take what it waited for (a COMMIT riding on a prepare),
-    /// and what was queued after that has its own linger, not the rest of
-    /// the first one's. (Counted from the first, at one client a COMMIT
-    /// queued just before the linger ended went out alone, in 9-12% of the
-    /// transfers, though the next prepare would have carried it.)
-    async fn next_batch_after(&self, max: usize, linger: Duration) -> Vec<T> {
+    /// has waited `linger` (at once with none); waits for one. The linger
+    /// counts from when the oldest message *still waiting* was queued:
+    /// while a sender waits, another may take what it waited for (a COMMIT
+    /// riding on a prepare), and what was queued after that has its own
+    /// linger, not the rest of the first one's. (Counted from the first, at
+    /// one client a COMMIT queued just before the linger ended went out
+    /// alone, in 9-12% of the transfers, though the next prepare would have
+    /// carried it.)
+    async fn next_batch(&self, max: usize, linger: Duration) -> Vec<T> {
         loop {
-            let Some(queued_at) = self.oldest_queued_at() else {
-                // A push between the check and here leaves a permit: no wake-up is lost.
-                self.wake.notified().await;
-                continue;
+            let due = {
+                let mut waiting = self.waiting.lock().expect("batch queue lock poisoned");
+                match waiting.front() {
+                    None => None,
+                    Some((queued_at, _)) if linger.is_zero() || queued_at.elapsed() >= linger => {
+                        let count = waiting.len().min(max);
+                        return waiting.drain(..count).map(|(_, item)| item).collect();
+                    }
+                    Some((queued_at, _)) => Some(*queued_at + linger),
+                }
             };
-            let due = queued_at + linger;
-            if Instant::now() < due {
-                tokio::time::sleep_until(due).await;
-                continue;
+            match due {
+                Some(due) => tokio::time::sleep_until(due).await,
+                // A push between the check and here leaves a permit: no wake-up is lost.
+                None => self.wake.notified().await,
             }
-            let batch = self.take(max);
-            if !batch.is_empty() {
-                return batch;
-            }
-        }
-    }
-
-    /// Up to `max` waiting messages, oldest first; waits for one.
-    async fn next_batch(&self, max: usize) -> Vec<T> {
-        loop {
-            let batch = self.take(max);
-            if !batch.is_empty() {
-                return batch;
-            }
-            // A push between the take and here leaves a permit: no wake-up is lost.
-            self.wake.notified().await;
         }
     }
 }
@@ -1320,11 +1306,7 @@ impl Node {
         let call_seconds = metrics::histogram!("tandem_outbound_call_seconds", &labels);
         loop {
             let slot = slots.clone().acquire_owned().await.expect("the semaphore is never closed");
-            let batch = if linger.is_zero() {
-                queue(&outbound).next_batch(batch_max).await
-            } else {
-                queue(&outbound).next_batch_after(batch_max, linger).await
-            };
+            let batch = queue(&outbound).next_batch(batch_max, linger).await;
             batch_size.record(batch.len() as f64);
             let sending = send(self.clone(), participant.clone(), batch);
             let call_seconds = call_seconds.clone();
@@ -1715,9 +1697,7 @@ impl Node {
     async fn send_forgets(self, participant: Id) {
         let outbound = self.inner.outbound[&participant].clone();
         loop {
-            let mut batch = outbound.forgets.next_batch(FORGET_BATCH_MAX).await;
-            tokio::time::sleep(Duration::from_millis(FORGET_LINGER_MS)).await;
-            batch.extend(outbound.forgets.take(FORGET_BATCH_MAX - batch.len()));
+            let batch = outbound.forgets.next_batch(FORGET_BATCH_MAX, Duration::from_millis(FORGET_LINGER_MS)).await;
             if let Err(error) = self.inner.store.sync().await {
                 warn!(%error, "the saga log cannot be synced; ended sagas are not forgotten");
                 continue;
@@ -2868,7 +2848,7 @@ mod tests {
         let drainer = tokio::spawn({
             let queue = queue.clone();
             async move {
-                let batch = queue.next_batch_after(16, linger).await;
+                let batch = queue.next_batch(16, linger).await;
                 (batch, began.elapsed())
             }
         });
@@ -2888,7 +2868,7 @@ mod tests {
         let pushed_at = Instant::now();
         tokio::time::sleep(linger / 2).await;
         queue.push(4);
-        assert_eq!(queue.next_batch_after(16, linger).await, vec![3, 4]);
+        assert_eq!(queue.next_batch(16, linger).await, vec![3, 4]);
         assert_eq!(pushed_at.elapsed(), linger);
     }
 
